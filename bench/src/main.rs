@@ -1,0 +1,386 @@
+//! `sandfleet-bench`: latency benchmarks of a real Sandfleet cluster against
+//! the tools users would otherwise pick.
+//!
+//! ```text
+//! sandfleet-bench skeleton [--runs 200] [--write bench/RESULTS.md]
+//! ```
+//!
+//! `skeleton` starts a one-coordinator, one-agent cluster through the test
+//! harness (the same binaries the tests use) and measures, in one run:
+//! raw `bwrap ... true` spawns (the floor), exec round trips of `true` in one
+//! session, create -> RUNNING, and create -> first exec of `true` completed.
+//! It prints a table with the goals (exec p50 <= 2x raw bwrap p50;
+//! create -> RUNNING p50 <= 20 ms) and, with `--write`, replaces the
+//! `## Walking skeleton` section of a results file, keeping other sections.
+
+use std::fmt::Write as _;
+use std::path::{Path, PathBuf};
+use std::process::{Command, ExitCode, Stdio};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use anyhow::{Context, Result, anyhow, bail};
+use clap::{Parser, Subcommand};
+use sandfleet::{CreateSession, ExecRequest};
+use sandfleet_chaos::testkit::percentile;
+use sandfleet_chaos::{ClusterBuilder, bins, require_sandbox_facilities};
+
+#[derive(Debug, Parser)]
+#[command(name = "sandfleet-bench", about = "Sandfleet latency benchmarks against real processes")]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Debug, Subcommand)]
+enum Cmd {
+    /// Walking-skeleton latencies: raw bwrap, exec round trip, create -> RUNNING, create -> first exec.
+    Skeleton {
+        /// Measured runs per measurement.
+        #[arg(long, default_value_t = 200)]
+        runs: usize,
+        /// Unmeasured warm-up runs before each measurement.
+        #[arg(long, default_value_t = 5)]
+        warmup: usize,
+        /// Replace the `## Walking skeleton` section of this Markdown file (created if missing).
+        #[arg(long)]
+        write: Option<PathBuf>,
+    },
+}
+
+/// The raw bubblewrap invocation the exec path is compared with.
+const BWRAP_ARGS: &[&str] = &[
+    "--unshare-all",
+    "--die-with-parent",
+    "--ro-bind",
+    "/usr",
+    "/usr",
+    "--symlink",
+    "usr/bin",
+    "/bin",
+    "--symlink",
+    "usr/lib",
+    "/lib",
+    "--symlink",
+    "usr/lib64",
+    "/lib64",
+    "--proc",
+    "/proc",
+    "--dev",
+    "/dev",
+    "true",
+];
+
+const EXEC_GOAL_RATIO: f64 = 2.0;
+const RUNNING_GOAL: Duration = Duration::from_millis(20);
+const SECTION: &str = "## Walking skeleton";
+
+#[derive(Debug)]
+struct Series {
+    name: &'static str,
+    samples: Vec<Duration>,
+}
+
+impl Series {
+    fn p50(&self) -> Duration {
+        percentile(&self.samples, 50.0)
+    }
+    fn p99(&self) -> Duration {
+        percentile(&self.samples, 99.0)
+    }
+    fn max(&self) -> Duration {
+        self.samples.iter().max().copied().unwrap_or_default()
+    }
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.cmd {
+        Cmd::Skeleton { runs, warmup, write } => {
+            if !require_sandbox_facilities() {
+                eprintln!("sandfleet-bench: the skeleton benchmark needs real sandboxes");
+                return ExitCode::from(2);
+            }
+            match skeleton(runs.max(1), warmup, write.as_deref()).await {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("sandfleet-bench: error: {e:#}");
+                    ExitCode::from(1)
+                }
+            }
+        }
+    }
+}
+
+async fn skeleton(runs: usize, warmup: usize, write: Option<&Path>) -> Result<()> {
+    eprintln!("sandfleet-bench: {runs} runs per measurement (+{warmup} warm-up)");
+
+    // (c) The floor: raw bubblewrap spawns, no Sandfleet involved.
+    let raw = tokio::task::spawn_blocking(move || raw_bwrap(runs, warmup)).await??;
+    eprintln!("  raw bwrap:            p50 {}", ms(raw.p50()));
+
+    let child_log = std::env::var("SANDFLEET_CHILD_LOG").unwrap_or_else(|_| "warn".to_string());
+    let cluster = ClusterBuilder::new().coordinators(1).agents(1).env("RUST_LOG", child_log).start().await?;
+    let client = cluster.try_client().await?;
+    let spec = |i: usize| {
+        CreateSession::new()
+            .request_id(format!("bench-{}-{i}", std::process::id()))
+            .memory_bytes(128 << 20)
+            .cpu_millis(250)
+            .pids_limit(64)
+            .ttl(Duration::from_secs(600))
+    };
+
+    // (b) Exec round trip of `true` in one warm session.
+    let created = client.create_session(spec(usize::MAX)).await.map_err(|e| anyhow!("create: {e}"))?;
+    let session =
+        client.wait_running(&created.id, Duration::from_secs(60)).await.map_err(|e| anyhow!("wait_running: {e}"))?;
+    let mut exec = Series { name: "exec round trip (`true`, warm session)", samples: Vec::with_capacity(runs) };
+    for i in 0..warmup + runs {
+        let t = Instant::now();
+        let out = client
+            .exec_collect(&session, ExecRequest::argv(["true"]))
+            .await
+            .map_err(|e| anyhow!("exec true: {e}"))?;
+        let d = t.elapsed();
+        if out.exit.exit_code != 0 {
+            bail!("exec true exited with {:?}", out.exit);
+        }
+        if i >= warmup {
+            exec.samples.push(d);
+        }
+    }
+    client.delete_session(&session.id).await.map_err(|e| anyhow!("delete: {e}"))?;
+    eprintln!("  exec round trip:      p50 {}", ms(exec.p50()));
+
+    // (d) create -> RUNNING and (a) create -> first exec completed, one fresh session per run.
+    let mut running = Series { name: "create -> RUNNING", samples: Vec::with_capacity(runs) };
+    let mut first = Series { name: "create -> first exec (`true`) completed", samples: Vec::with_capacity(runs) };
+    for i in 0..warmup + runs {
+        let t = Instant::now();
+        let s = client.create_session(spec(i)).await.map_err(|e| anyhow!("create #{i}: {e}"))?;
+        let s = client.wait_running(&s.id, Duration::from_secs(60)).await.map_err(|e| anyhow!("wait_running #{i}: {e}"))?;
+        let to_running = t.elapsed();
+        let out = client.exec_collect(&s, ExecRequest::argv(["true"])).await.map_err(|e| anyhow!("first exec #{i}: {e}"))?;
+        let to_first = t.elapsed();
+        if out.exit.exit_code != 0 {
+            bail!("first exec of true exited with {:?}", out.exit);
+        }
+        client.delete_session(&s.id).await.map_err(|e| anyhow!("delete #{i}: {e}"))?;
+        if i >= warmup {
+            running.samples.push(to_running);
+            first.samples.push(to_first);
+        }
+    }
+    eprintln!("  create -> RUNNING:    p50 {}", ms(running.p50()));
+    cluster.shutdown().await?;
+
+    let machine = machine_description();
+    let section = render(runs, &raw, &exec, &running, &first, &machine);
+    println!("{section}");
+    if let Some(path) = write {
+        write_section(path, &section)?;
+        eprintln!("sandfleet-bench: wrote the walking-skeleton section of {}", path.display());
+    }
+    Ok(())
+}
+
+fn raw_bwrap(runs: usize, warmup: usize) -> Result<Series> {
+    let bwrap = sandfleet_chaos::facilities::BWRAP;
+    let mut s = Series { name: "raw `bwrap --unshare-all ... true`", samples: Vec::with_capacity(runs) };
+    for i in 0..warmup + runs {
+        let t = Instant::now();
+        let status = Command::new(bwrap)
+            .args(BWRAP_ARGS)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .with_context(|| format!("running {bwrap}"))?;
+        let d = t.elapsed();
+        if !status.success() {
+            bail!("{bwrap} {} failed: {status}", BWRAP_ARGS.join(" "));
+        }
+        if i >= warmup {
+            s.samples.push(d);
+        }
+    }
+    Ok(s)
+}
+
+fn ms(d: Duration) -> String {
+    format!("{:.2} ms", d.as_secs_f64() * 1000.0)
+}
+
+fn render(runs: usize, raw: &Series, exec: &Series, running: &Series, first: &Series, machine: &[(String, String)]) -> String {
+    let ratio = exec.p50().as_secs_f64() / raw.p50().as_secs_f64().max(1e-9);
+    let exec_verdict = if ratio <= EXEC_GOAL_RATIO { "met" } else { "MISSED" };
+    let running_verdict = if running.p50() <= RUNNING_GOAL { "met" } else { "MISSED" };
+    let running_ratio = running.p50().as_secs_f64() / RUNNING_GOAL.as_secs_f64();
+
+    let mut out = String::new();
+    let _ = writeln!(out, "{SECTION}\n");
+    let _ = writeln!(
+        out,
+        "Produced by `sandfleet-bench skeleton --runs {runs}`: one coordinator and one agent \
+         (process runtime) on this machine, all measurements in the same run, {runs} measured runs each.\n"
+    );
+    let _ = writeln!(out, "| measurement | p50 | p99 | max | goal | vs goal |");
+    let _ = writeln!(out, "|---|---:|---:|---:|---|---|");
+    let row = |out: &mut String, s: &Series, goal: &str, verdict: String| {
+        let _ = writeln!(out, "| {} | {} | {} | {} | {goal} | {verdict} |", s.name, ms(s.p50()), ms(s.p99()), ms(s.max()));
+    };
+    row(&mut out, raw, "baseline", "1.00x".to_string());
+    row(&mut out, exec, "p50 <= 2x raw bwrap p50", format!("{ratio:.2}x raw bwrap: {exec_verdict}"));
+    row(&mut out, running, "p50 <= 20 ms", format!("{running_ratio:.2}x goal: {running_verdict}"));
+    row(&mut out, first, "-", String::new());
+    let _ = writeln!(out);
+    let _ = writeln!(
+        out,
+        "Side by side: exec p50 {} vs raw bwrap p50 {} = **{ratio:.2}x** (goal <= {EXEC_GOAL_RATIO:.0}x, {exec_verdict}); \
+         create -> RUNNING p50 {} (goal <= {} ms, {running_verdict}).\n",
+        ms(exec.p50()),
+        ms(raw.p50()),
+        ms(running.p50()),
+        RUNNING_GOAL.as_millis()
+    );
+    let _ = writeln!(out, "Machine:\n");
+    for (k, v) in machine {
+        let _ = writeln!(out, "- {k}: {v}");
+    }
+    out
+}
+
+fn machine_description() -> Vec<(String, String)> {
+    let nproc = std::thread::available_parallelism().map(|n| n.get().to_string()).unwrap_or_else(|_| "?".into());
+    let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+    let model = cpuinfo
+        .lines()
+        .find(|l| l.starts_with("model name"))
+        .and_then(|l| l.split_once(':'))
+        .map(|(_, v)| v.trim().to_string())
+        .unwrap_or_else(|| "unknown".into());
+    let meminfo = std::fs::read_to_string("/proc/meminfo").unwrap_or_default();
+    let mem = meminfo
+        .lines()
+        .find(|l| l.starts_with("MemTotal:"))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|kb| kb.parse::<f64>().ok())
+        .map(|kb| format!("{:.1} GiB", kb / 1024.0 / 1024.0))
+        .unwrap_or_else(|| "unknown".into());
+    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").map(|s| s.trim().to_string()).unwrap_or_default();
+    let bwrap = Command::new(sandfleet_chaos::facilities::BWRAP)
+        .arg("--version")
+        .output()
+        .ok()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+        .unwrap_or_else(|| "unknown".into());
+    let profile = bins::bin_dir()
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "?".into());
+    vec![
+        ("CPU".into(), format!("{model}, {nproc} CPUs (nproc)")),
+        ("Memory".into(), mem),
+        ("Kernel".into(), kernel),
+        ("cgroups".into(), sandfleet_chaos::host::cgroup_version().into()),
+        ("bubblewrap".into(), bwrap),
+        ("Binaries".into(), format!("`{profile}` profile ({})", bins::bin_dir().display())),
+        ("Date".into(), utc_now()),
+    ]
+}
+
+/// Now as `YYYY-MM-DD HH:MM UTC`, without a date library.
+fn utc_now() -> String {
+    let secs = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
+    let days = (secs / 86_400) as i64;
+    let rem = secs % 86_400;
+    // Howard Hinnant's days-to-civil algorithm.
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    format!("{y:04}-{m:02}-{d:02} {:02}:{:02} UTC", rem / 3600, (rem % 3600) / 60)
+}
+
+/// Replaces the `## Walking skeleton` section (up to the next `## ` heading)
+/// of `path`, or appends it; other sections stay as they are.
+fn write_section(path: &Path, section: &str) -> Result<()> {
+    let existing = match std::fs::read_to_string(path) {
+        Ok(s) => s,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => "# Sandfleet benchmark results\n".to_string(),
+        Err(e) => return Err(e).with_context(|| format!("reading {}", path.display())),
+    };
+    let updated = replace_section(&existing, section);
+    std::fs::write(path, updated).with_context(|| format!("writing {}", path.display()))
+}
+
+fn replace_section(doc: &str, section: &str) -> String {
+    let lines: Vec<&str> = doc.lines().collect();
+    let section = section.trim_end();
+    match lines.iter().position(|l| l.trim_end() == SECTION) {
+        Some(start) => {
+            let end = lines[start + 1..]
+                .iter()
+                .position(|l| l.starts_with("## "))
+                .map(|i| start + 1 + i)
+                .unwrap_or(lines.len());
+            let mut out = lines[..start].join("\n");
+            if !out.is_empty() {
+                out.push('\n');
+            }
+            out.push_str(section);
+            out.push('\n');
+            if end < lines.len() {
+                out.push('\n');
+                out.push_str(&lines[end..].join("\n"));
+                out.push('\n');
+            }
+            out
+        }
+        None => {
+            let mut out = doc.trim_end().to_string();
+            if !out.is_empty() {
+                out.push_str("\n\n");
+            }
+            out.push_str(section);
+            out.push('\n');
+            out
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn replaces_only_its_section() {
+        let doc = "# R\n\nintro\n\n## Walking skeleton\n\nold\n| a |\n\n## Other\n\nkeep me\n";
+        let out = replace_section(doc, "## Walking skeleton\n\nnew\n");
+        assert_eq!(out, "# R\n\nintro\n\n## Walking skeleton\n\nnew\n\n## Other\n\nkeep me\n");
+        let out = replace_section("# R\n", "## Walking skeleton\n\nnew\n");
+        assert_eq!(out, "# R\n\n## Walking skeleton\n\nnew\n");
+        let doc = "# R\n\n## Walking skeleton\n\nold\n";
+        assert_eq!(replace_section(doc, "## Walking skeleton\n\nnew"), "# R\n\n## Walking skeleton\n\nnew\n");
+    }
+
+    #[test]
+    fn dates() {
+        let d = utc_now();
+        assert!(d.ends_with(" UTC") && d.len() == "2026-01-01 00:00 UTC".len(), "{d}");
+    }
+
+    #[test]
+    fn percentiles() {
+        let v: Vec<Duration> = (1..=100).map(Duration::from_millis).collect();
+        assert_eq!(percentile(&v, 50.0), Duration::from_millis(50));
+        assert_eq!(percentile(&v, 99.0), Duration::from_millis(99));
+        assert_eq!(percentile(&v[..1], 99.0), Duration::from_millis(1));
+    }
+}

@@ -1,0 +1,949 @@
+//! Starting, stopping, crashing and restarting a real Sandfleet cluster.
+//!
+//! ```no_run
+//! # async fn t() -> anyhow::Result<()> {
+//! use sandfleet_chaos::{ClusterBuilder, Target};
+//! let mut cluster = ClusterBuilder::new().coordinators(1).agents(1).start().await?;
+//! let client = cluster.client().await;
+//! // ... use the cluster ...
+//! cluster.kill(Target::Agent(0)).await?;
+//! cluster.restart_agent(0).await?;
+//! # Ok(()) }
+//! ```
+//!
+//! Every process is started with `--listen 127.0.0.1:0`; its ready line
+//! (`{"ready":"coordinator","id":1,"addr":"..."}` or
+//! `{"ready":"agent","node_id":"n1","addr":"..."}` on stdout) tells the
+//! harness the address it got, and from then on the address is pinned: a
+//! restart passes `--listen <that address>` so that peers, agents and placed
+//! sessions that remember it still reach the process.
+//!
+//! stderr of every process goes to `<cluster dir>/<name>.log`, and anything
+//! printed on stdout after the ready line is appended there as `[stdout] ...`.
+//! When the thread is panicking as the [`Cluster`] is dropped (a failed test),
+//! the tail of every log is printed to stderr and the directory is kept.
+//!
+//! Children get `PR_SET_PDEATHSIG = SIGKILL`, so a harness that is itself
+//! killed does not leave coordinators and agents behind. The signal follows
+//! the *thread* that spawned the child: start and restart processes from the
+//! test's own task (not from a `spawn_blocking` thread, which may exit).
+
+use std::fmt;
+use std::fs::{File, OpenOptions};
+use std::io::{Read, Seek, SeekFrom, Write};
+use std::path::{Path, PathBuf};
+use std::process::{ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, anyhow, bail};
+use nix::sys::signal::{Signal, kill};
+use nix::unistd::Pid;
+use tempfile::TempDir;
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::process::{Child, Command};
+
+use crate::bins::{bin_dir, bin_path_in};
+
+/// How long a process may take to print its ready line.
+pub const DEFAULT_READY_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long a process may take to exit after SIGTERM before the harness calls it hung.
+pub const TERMINATE_TIMEOUT: Duration = Duration::from_secs(20);
+/// How many log lines are printed per process when a test fails.
+pub const LOG_TAIL_LINES: usize = 80;
+
+/// What a process is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    /// `sandfleet-coordinator`.
+    Coordinator,
+    /// `sandfleet-agent`.
+    Agent,
+}
+
+impl Role {
+    fn ready_tag(self) -> &'static str {
+        match self {
+            Role::Coordinator => "coordinator",
+            Role::Agent => "agent",
+        }
+    }
+}
+
+/// Which process of a [`Cluster`] an operation is aimed at (index into
+/// [`Cluster::coordinators`] or [`Cluster::agents`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Target {
+    /// `cluster.coordinators[i]`, Raft id `i + 1`.
+    Coordinator(usize),
+    /// `cluster.agents[i]`, node id `n{i + 1}-<suffix>`.
+    Agent(usize),
+}
+
+/// One started Sandfleet process.
+pub struct Proc {
+    /// Coordinator or agent.
+    pub role: Role,
+    /// Log name: `coordinator-1`, `agent-n1`.
+    pub name: String,
+    /// Raft id (coordinators) or node id (agents), as given on the command line.
+    pub id: String,
+    /// The gRPC address it serves on (`127.0.0.1:port`), from its ready line.
+    pub addr: String,
+    /// Its `--data-dir`.
+    pub data_dir: PathBuf,
+    /// Its command-line arguments (without the program). After the first
+    /// start `--listen` holds the bound address, so restarts keep it.
+    pub args: Vec<String>,
+    /// Where its stderr (and stdout after the ready line) goes.
+    pub log_path: PathBuf,
+    /// The parsed ready line of the latest start.
+    pub ready: serde_json::Value,
+    /// How many times it has been started.
+    pub starts: u32,
+    program: PathBuf,
+    env: Vec<(String, String)>,
+    child: Option<Child>,
+    last_exit: Option<ExitStatus>,
+}
+
+impl fmt::Debug for Proc {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Proc")
+            .field("name", &self.name)
+            .field("addr", &self.addr)
+            .field("pid", &self.pid())
+            .field("data_dir", &self.data_dir)
+            .field("log_path", &self.log_path)
+            .finish()
+    }
+}
+
+impl Proc {
+    fn new(role: Role, id: String, program: PathBuf, args: Vec<String>, data_dir: PathBuf, dir: &Path, env: Vec<(String, String)>) -> Self {
+        let name = match role {
+            Role::Coordinator => format!("coordinator-{id}"),
+            Role::Agent => format!("agent-{id}"),
+        };
+        let log_path = dir.join(format!("{name}.log"));
+        Proc {
+            role,
+            name,
+            id,
+            addr: String::new(),
+            data_dir,
+            args,
+            log_path,
+            ready: serde_json::Value::Null,
+            starts: 0,
+            program,
+            env,
+            child: None,
+            last_exit: None,
+        }
+    }
+
+    /// The host pid while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().and_then(|c| c.id())
+    }
+
+    /// Whether the process is running (reaps it if it has exited).
+    pub fn is_running(&mut self) -> bool {
+        match self.child.as_mut().map(|c| c.try_wait()) {
+            Some(Ok(None)) => true,
+            Some(Ok(Some(status))) => {
+                self.last_exit = Some(status);
+                self.child = None;
+                false
+            }
+            Some(Err(_)) => true,
+            None => false,
+        }
+    }
+
+    /// How the previous run ended, once it has.
+    pub fn last_exit(&self) -> Option<ExitStatus> {
+        self.last_exit
+    }
+
+    /// The last `lines` lines of its log.
+    pub fn log_tail(&self, lines: usize) -> String {
+        tail_file(&self.log_path, lines)
+    }
+
+    /// Sends `sig` to the process.
+    pub fn signal(&self, sig: Signal) -> Result<()> {
+        let pid = self.pid().ok_or_else(|| anyhow!("{} is not running", self.name))?;
+        kill(Pid::from_raw(pid as i32), sig).with_context(|| format!("sending {sig} to {}", self.name))
+    }
+
+    /// Starts the process and waits for its ready line.
+    async fn launch(&mut self, ready_timeout: Duration) -> Result<()> {
+        if self.is_running() {
+            bail!("{} is already running", self.name);
+        }
+        self.starts += 1;
+        let mut log = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log_path)
+            .with_context(|| format!("opening {}", self.log_path.display()))?;
+        let _ = writeln!(
+            log,
+            "===== harness: start #{} of {}: {} {}",
+            self.starts,
+            self.name,
+            self.program.display(),
+            self.args.join(" ")
+        );
+        let mut cmd = Command::new(&self.program);
+        cmd.args(&self.args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::from(log.try_clone()?))
+            .env("RUST_LOG", child_log_filter())
+            .env("RUST_BACKTRACE", "1")
+            .kill_on_drop(true);
+        for (k, v) in &self.env {
+            cmd.env(k, v);
+        }
+        // SAFETY: prctl is async-signal-safe; nothing else runs between fork and exec.
+        unsafe {
+            cmd.pre_exec(|| {
+                nix::sys::prctl::set_pdeathsig(Signal::SIGKILL).map_err(std::io::Error::from)?;
+                Ok(())
+            });
+        }
+        let mut child = cmd.spawn().with_context(|| format!("spawning {} ({})", self.name, self.program.display()))?;
+        let stdout = child.stdout.take().expect("stdout is piped");
+        let mut lines = BufReader::new(stdout).lines();
+
+        let read_ready = async {
+            while let Some(line) = lines.next_line().await? {
+                let _ = writeln!(log, "[stdout] {line}");
+                if let Ok(v) = serde_json::from_str::<serde_json::Value>(line.trim()) {
+                    if v.get("ready").is_some() {
+                        return Ok::<_, std::io::Error>(Some(v));
+                    }
+                }
+            }
+            Ok(None)
+        };
+        let outcome = tokio::time::timeout(ready_timeout, read_ready).await;
+        let ready = match outcome {
+            Ok(Ok(Some(v))) => v,
+            other => {
+                let why = match other {
+                    Err(_) => format!("did not print its ready line within {ready_timeout:?}"),
+                    Ok(Err(e)) => format!("stdout could not be read: {e}"),
+                    _ => "closed stdout without printing a ready line".to_string(),
+                };
+                let _ = child.start_kill();
+                let status = tokio::time::timeout(Duration::from_secs(5), child.wait()).await;
+                let status = match status {
+                    Ok(Ok(s)) => s.to_string(),
+                    _ => "no exit status".to_string(),
+                };
+                bail!(
+                    "{} {why} ({status}).\ncommand: {} {}\nlast log lines ({}):\n{}",
+                    self.name,
+                    self.program.display(),
+                    self.args.join(" "),
+                    self.log_path.display(),
+                    self.log_tail(LOG_TAIL_LINES)
+                );
+            }
+        };
+
+        // Keep draining stdout so the child never blocks on a full pipe.
+        tokio::spawn(async move {
+            while let Ok(Some(line)) = lines.next_line().await {
+                let _ = writeln!(log, "[stdout] {line}");
+            }
+        });
+
+        let tag = ready.get("ready").and_then(|v| v.as_str()).unwrap_or_default();
+        if tag != self.role.ready_tag() {
+            let _ = child.start_kill();
+            bail!("{} printed ready line {ready} but \"ready\" should be {:?}", self.name, self.role.ready_tag());
+        }
+        let addr = ready
+            .get("addr")
+            .and_then(|v| v.as_str())
+            .ok_or_else(|| anyhow!("{} printed ready line {ready} without a string \"addr\"", self.name))?
+            .to_string();
+        match self.role {
+            Role::Agent => {
+                let node = ready.get("node_id").and_then(|v| v.as_str()).unwrap_or_default();
+                if node != self.id {
+                    let _ = child.start_kill();
+                    bail!("{} printed ready line {ready} with node_id {node:?}, expected {:?}", self.name, self.id);
+                }
+            }
+            Role::Coordinator => {
+                let id = ready.get("id").map(|v| v.to_string()).unwrap_or_default();
+                if id.trim_matches('"') != self.id {
+                    let _ = child.start_kill();
+                    bail!("{} printed ready line {ready} with id {id}, expected {}", self.name, self.id);
+                }
+            }
+        }
+        if !self.addr.is_empty() && self.addr != addr {
+            let _ = child.start_kill();
+            bail!("{} came back on {addr}, not on its pinned address {}", self.name, self.addr);
+        }
+        self.addr = addr.clone();
+        pin_listen(&mut self.args, &addr);
+        self.ready = ready;
+        self.child = Some(child);
+        self.last_exit = None;
+        Ok(())
+    }
+
+    /// SIGKILL, then reap.
+    pub async fn kill(&mut self) -> Result<ExitStatus> {
+        let mut child = self.child.take().ok_or_else(|| anyhow!("{} is not running", self.name))?;
+        child.start_kill().with_context(|| format!("killing {}", self.name))?;
+        let status = child.wait().await.with_context(|| format!("reaping {}", self.name))?;
+        self.note(&format!("SIGKILL -> {status}"));
+        self.last_exit = Some(status);
+        Ok(status)
+    }
+
+    /// SIGTERM, then wait up to [`TERMINATE_TIMEOUT`] for a clean exit. A
+    /// process that does not exit in time is killed and reported as an error.
+    pub async fn terminate(&mut self) -> Result<ExitStatus> {
+        self.signal(Signal::SIGTERM)?;
+        let mut child = self.child.take().expect("signal() checked it runs");
+        match tokio::time::timeout(TERMINATE_TIMEOUT, child.wait()).await {
+            Ok(status) => {
+                let status = status.with_context(|| format!("reaping {}", self.name))?;
+                self.note(&format!("SIGTERM -> {status}"));
+                self.last_exit = Some(status);
+                Ok(status)
+            }
+            Err(_) => {
+                let _ = child.start_kill();
+                let status = child.wait().await.ok();
+                self.last_exit = status;
+                self.note("SIGTERM ignored; killed");
+                bail!(
+                    "{} did not exit within {TERMINATE_TIMEOUT:?} of SIGTERM (killed it).\nlast log lines:\n{}",
+                    self.name,
+                    self.log_tail(LOG_TAIL_LINES)
+                )
+            }
+        }
+    }
+
+    /// Stops without async: SIGTERM, poll up to `grace`, then SIGKILL. For `Drop`.
+    fn stop_blocking(&mut self, grace: Duration) {
+        let Some(mut child) = self.child.take() else { return };
+        if let Some(pid) = child.id() {
+            let _ = kill(Pid::from_raw(pid as i32), Signal::SIGTERM);
+        }
+        let deadline = Instant::now() + grace;
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = child.start_kill();
+        let deadline = Instant::now() + Duration::from_secs(2);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    fn note(&self, what: &str) {
+        if let Ok(mut f) = OpenOptions::new().append(true).open(&self.log_path) {
+            let _ = writeln!(f, "===== harness: {}: {what}", self.name);
+        }
+    }
+}
+
+fn pin_listen(args: &mut [String], addr: &str) {
+    if let Some(i) = args.iter().position(|a| a == "--listen") {
+        if let Some(v) = args.get_mut(i + 1) {
+            *v = addr.to_string();
+        }
+    }
+}
+
+/// Five random characters of `[a-z0-9]`, for node ids.
+fn random_suffix() -> String {
+    use rand::Rng;
+    const CHARS: &[u8] = b"abcdefghijklmnopqrstuvwxyz0123456789";
+    let mut rng = rand::rng();
+    (0..5).map(|_| CHARS[rng.random_range(0..CHARS.len())] as char).collect()
+}
+
+fn child_log_filter() -> String {
+    std::env::var("SANDFLEET_CHILD_LOG")
+        .or_else(|_| std::env::var("RUST_LOG"))
+        .unwrap_or_else(|_| "info".to_string())
+}
+
+fn tail_file(path: &Path, lines: usize) -> String {
+    let Ok(mut f) = File::open(path) else {
+        return format!("(no log at {})", path.display());
+    };
+    let len = f.metadata().map(|m| m.len()).unwrap_or(0);
+    let window = 256 * 1024;
+    if len > window {
+        let _ = f.seek(SeekFrom::Start(len - window));
+    }
+    let mut buf = Vec::new();
+    let _ = f.read_to_end(&mut buf);
+    let text = String::from_utf8_lossy(&buf);
+    let all: Vec<&str> = text.lines().collect();
+    all[all.len().saturating_sub(lines)..].join("\n")
+}
+
+/// Configures and starts a [`Cluster`].
+#[derive(Debug, Clone)]
+pub struct ClusterBuilder {
+    coordinators: usize,
+    agents: usize,
+    agent_args: Vec<String>,
+    coordinator_args: Vec<String>,
+    env: Vec<(String, String)>,
+    ready_timeout: Duration,
+    join_with_add_member: bool,
+    wait_nodes: bool,
+    bin_dir: Option<PathBuf>,
+    tmp_in: Option<PathBuf>,
+}
+
+impl Default for ClusterBuilder {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl ClusterBuilder {
+    /// One coordinator, one agent.
+    pub fn new() -> Self {
+        ClusterBuilder {
+            coordinators: 1,
+            agents: 1,
+            agent_args: Vec::new(),
+            coordinator_args: Vec::new(),
+            env: Vec::new(),
+            ready_timeout: DEFAULT_READY_TIMEOUT,
+            join_with_add_member: true,
+            wait_nodes: true,
+            bin_dir: None,
+            tmp_in: None,
+        }
+    }
+
+    /// How many coordinators (Raft ids 1..=n; the first bootstraps).
+    pub fn coordinators(mut self, n: usize) -> Self {
+        assert!(n >= 1, "a cluster needs at least one coordinator");
+        self.coordinators = n;
+        self
+    }
+
+    /// How many agents (node ids `n1-<suffix>`..=`nM-<suffix>`, the suffix random per cluster).
+    pub fn agents(mut self, n: usize) -> Self {
+        self.agents = n;
+        self
+    }
+
+    /// Extra arguments for every agent, e.g. `["--cpu", "2", "--slots", "2"]`.
+    pub fn agent_args<I, S>(mut self, args: I) -> Self
+    where
+        I: IntoIterator<Item = S>,
+        S: Into<String>,
+    {
+        self.agent_args.extend(args.into_iter().map(Into::into));
+        self
+    }
+
+    /// Extra arguments for every coordinator.
+    pub fn coordinator_args<I, S>(mut self, args: I) -> Self
+    where
+        I: IntoIterator<Item = S>,
+        S: Into<String>,
+    {
+        self.coordinator_args.extend(args.into_iter().map(Into::into));
+        self
+    }
+
+    /// An environment variable for every started process.
+    pub fn env(mut self, key: impl Into<String>, value: impl Into<String>) -> Self {
+        self.env.push((key.into(), value.into()));
+        self
+    }
+
+    /// How long each process may take to print its ready line (default 30 s).
+    pub fn ready_timeout(mut self, d: Duration) -> Self {
+        self.ready_timeout = d;
+        self
+    }
+
+    /// Whether the harness joins coordinators 2..=N by calling
+    /// `ClusterService.AddMember` on coordinator 1 (default: yes). Turn off
+    /// when the coordinators join by themselves through their arguments.
+    pub fn join_with_add_member(mut self, yes: bool) -> Self {
+        self.join_with_add_member = yes;
+        self
+    }
+
+    /// Whether `start` waits until `ListNodes` shows every agent `ready` (default: yes).
+    pub fn wait_for_nodes(mut self, yes: bool) -> Self {
+        self.wait_nodes = yes;
+        self
+    }
+
+    /// Takes the binaries from `dir` instead of [`bin_dir`] (e.g. stand-ins in
+    /// the harness's own tests).
+    pub fn bin_dir(mut self, dir: impl Into<PathBuf>) -> Self {
+        self.bin_dir = Some(dir.into());
+        self
+    }
+
+    /// Creates the cluster directory under `dir` instead of
+    /// `SANDFLEET_TEST_TMPDIR` or the system temporary directory.
+    pub fn tmp_in(mut self, dir: impl Into<PathBuf>) -> Self {
+        self.tmp_in = Some(dir.into());
+        self
+    }
+
+    /// Starts the coordinators, then the agents, and waits until the cluster is usable.
+    pub async fn start(self) -> Result<Cluster> {
+        // Panics with build instructions before anything is created.
+        let _ = self.binaries();
+        let base = self
+            .tmp_in
+            .clone()
+            .or_else(|| std::env::var_os("SANDFLEET_TEST_TMPDIR").map(PathBuf::from))
+            .unwrap_or_else(std::env::temp_dir);
+        std::fs::create_dir_all(&base).with_context(|| format!("creating {}", base.display()))?;
+        let tmp = tempfile::Builder::new()
+            .prefix("sandfleet-test-")
+            .tempdir_in(&base)
+            .with_context(|| format!("creating a cluster directory in {}", base.display()))?;
+        // The agent's sandboxes resolve their workspace as an unprivileged uid,
+        // so every ancestor of the data dirs must be traversable (tempfile makes 0700).
+        {
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(tmp.path(), std::fs::Permissions::from_mode(0o711))
+                .with_context(|| format!("chmod 0711 {}", tmp.path().display()))?;
+        }
+        let mut cluster = Cluster {
+            coordinators: Vec::new(),
+            agents: Vec::new(),
+            tmp,
+            ready_timeout: self.ready_timeout,
+        };
+        match self.start_into(&mut cluster).await {
+            Ok(()) => Ok(cluster),
+            Err(e) => {
+                // The error carries the failing process's log; keep all of them for reading.
+                let dir = cluster.keep_dir();
+                Err(e.context(format!("starting the cluster failed; logs kept in {}", dir.display())))
+            }
+        }
+    }
+
+    fn binaries(&self) -> (PathBuf, Option<PathBuf>) {
+        let bins = self.bin_dir.clone().unwrap_or_else(bin_dir);
+        let coordinator = bin_path_in(&bins, "sandfleet-coordinator");
+        let agent = if self.agents > 0 { Some(bin_path_in(&bins, "sandfleet-agent")) } else { None };
+        (coordinator, agent)
+    }
+
+    async fn start_into(&self, cluster: &mut Cluster) -> Result<()> {
+        let dir = cluster.tmp.path().to_path_buf();
+        let (coordinator_bin, agent_bin) = self.binaries();
+
+        for i in 0..self.coordinators {
+            let id = (i + 1).to_string();
+            let data_dir = dir.join(format!("coordinator-{id}"));
+            std::fs::create_dir_all(&data_dir)?;
+            let mut args: Vec<String> = vec![
+                "--id".into(),
+                id.clone(),
+                "--listen".into(),
+                "127.0.0.1:0".into(),
+                "--data-dir".into(),
+                data_dir.display().to_string(),
+            ];
+            if i == 0 {
+                args.push("--bootstrap".into());
+            }
+            args.extend(self.coordinator_args.iter().cloned());
+            let mut p =
+                Proc::new(Role::Coordinator, id, coordinator_bin.clone(), args, data_dir, &dir, self.env.clone());
+            let started = p.launch(self.ready_timeout).await;
+            cluster.coordinators.push(p);
+            started?;
+        }
+        if self.coordinators > 1 && self.join_with_add_member {
+            cluster.join_coordinators().await?;
+        }
+
+        let coordinators = cluster.coordinator_addrs().join(",");
+        if let Some(agent_bin) = agent_bin {
+            // Agents of concurrently running clusters share the host's cgroup
+            // tree (`sandfleet/<node id>/...`) and uid space, and an agent
+            // cleans up its node's cgroups when it starts; so node ids and
+            // session uid ranges are unique per cluster.
+            let suffix = random_suffix();
+            let uid_block: u32 = rand::Rng::random_range(&mut rand::rng(), 0..4000);
+            let set_uid_base = !self.agent_args.iter().any(|a| a == "--uid-base" || a.starts_with("--uid-base="));
+            for i in 0..self.agents {
+                let id = format!("n{}-{suffix}", i + 1);
+                let data_dir = dir.join(format!("agent-{id}"));
+                std::fs::create_dir_all(&data_dir)?;
+                let mut args: Vec<String> = vec![
+                    "--node-id".into(),
+                    id.clone(),
+                    "--listen".into(),
+                    "127.0.0.1:0".into(),
+                    "--data-dir".into(),
+                    data_dir.display().to_string(),
+                    "--coordinators".into(),
+                    coordinators.clone(),
+                    "--runtime".into(),
+                    "process".into(),
+                ];
+                if set_uid_base {
+                    let base = 300_000 + (uid_block * 16 + i as u32 % 16) * 1024;
+                    args.extend(["--uid-base".to_string(), base.to_string()]);
+                }
+                args.extend(self.agent_args.iter().cloned());
+                let mut p = Proc::new(Role::Agent, id, agent_bin.clone(), args, data_dir, &dir, self.env.clone());
+                let started = p.launch(self.ready_timeout).await;
+                cluster.agents.push(p);
+                started?;
+            }
+        }
+        if self.wait_nodes && self.agents > 0 {
+            cluster.wait_nodes_ready(self.ready_timeout).await?;
+        }
+        Ok(())
+    }
+}
+
+/// A running Sandfleet cluster of real processes in one temporary directory.
+///
+/// Dropping it stops every process (SIGTERM, then SIGKILL after 5 s) and
+/// removes the directory — unless the thread is panicking, in which case the
+/// log tails are printed and the directory is kept.
+pub struct Cluster {
+    /// Coordinators; `coordinators[i]` has Raft id `i + 1`.
+    pub coordinators: Vec<Proc>,
+    /// Agents; `agents[i]` has node id `n{i + 1}-<suffix>`, the suffix random per cluster.
+    pub agents: Vec<Proc>,
+    tmp: TempDir,
+    ready_timeout: Duration,
+}
+
+impl fmt::Debug for Cluster {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Cluster")
+            .field("dir", &self.tmp.path())
+            .field("coordinators", &self.coordinators)
+            .field("agents", &self.agents)
+            .finish()
+    }
+}
+
+impl Cluster {
+    /// The cluster's temporary directory (data dirs and logs).
+    pub fn dir(&self) -> &Path {
+        self.tmp.path()
+    }
+
+    /// Keeps the directory after the cluster is dropped and returns its path.
+    pub fn keep_dir(&mut self) -> PathBuf {
+        self.tmp.disable_cleanup(true);
+        self.tmp.path().to_path_buf()
+    }
+
+    /// Every coordinator address (`host:port`), in id order.
+    pub fn coordinator_addrs(&self) -> Vec<String> {
+        self.coordinators.iter().map(|c| c.addr.clone()).collect()
+    }
+
+    /// The endpoint list as the CLI takes it: `addr[,addr...]`.
+    pub fn endpoint(&self) -> String {
+        self.coordinator_addrs().join(",")
+    }
+
+    /// A connected SDK client for every coordinator.
+    ///
+    /// # Panics
+    /// When it cannot connect, printing the processes' logs.
+    pub async fn client(&self) -> sandfleet::Client {
+        match self.try_client().await {
+            Ok(c) => c,
+            Err(e) => panic!("{e:#}"),
+        }
+    }
+
+    /// A connected SDK client for every coordinator.
+    pub async fn try_client(&self) -> Result<sandfleet::Client> {
+        sandfleet::Client::connect(self.coordinator_addrs())
+            .await
+            .map_err(|e| anyhow!("connecting the SDK to {}: {e}", self.endpoint()))
+    }
+
+    /// The process `t` names.
+    pub fn proc(&self, t: Target) -> &Proc {
+        match t {
+            Target::Coordinator(i) => &self.coordinators[i],
+            Target::Agent(i) => &self.agents[i],
+        }
+    }
+
+    /// The process `t` names, mutably.
+    pub fn proc_mut(&mut self, t: Target) -> &mut Proc {
+        match t {
+            Target::Coordinator(i) => &mut self.coordinators[i],
+            Target::Agent(i) => &mut self.agents[i],
+        }
+    }
+
+    /// SIGKILL the process `t` and reap it.
+    pub async fn kill(&mut self, t: Target) -> Result<ExitStatus> {
+        self.proc_mut(t).kill().await
+    }
+
+    /// SIGTERM the process `t` and wait for it to exit (an error if it hangs).
+    pub async fn terminate(&mut self, t: Target) -> Result<ExitStatus> {
+        self.proc_mut(t).terminate().await
+    }
+
+    /// SIGKILL agent `i`.
+    pub async fn kill_agent(&mut self, i: usize) -> Result<ExitStatus> {
+        self.kill(Target::Agent(i)).await
+    }
+
+    /// SIGKILL coordinator `i`.
+    pub async fn kill_coordinator(&mut self, i: usize) -> Result<ExitStatus> {
+        self.kill(Target::Coordinator(i)).await
+    }
+
+    /// SIGTERM agent `i` and wait.
+    pub async fn terminate_agent(&mut self, i: usize) -> Result<ExitStatus> {
+        self.terminate(Target::Agent(i)).await
+    }
+
+    /// SIGTERM coordinator `i` and wait.
+    pub async fn terminate_coordinator(&mut self, i: usize) -> Result<ExitStatus> {
+        self.terminate(Target::Coordinator(i)).await
+    }
+
+    /// Starts process `t` again with the same arguments, data dir and address,
+    /// and waits for its ready line. A process that still runs is terminated first.
+    pub async fn restart(&mut self, t: Target) -> Result<()> {
+        let timeout = self.ready_timeout;
+        let p = self.proc_mut(t);
+        if p.is_running() {
+            p.terminate().await?;
+        }
+        // The old socket may linger for a moment; retry a few times if the
+        // process dies before it is ready (e.g. "address in use").
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            match p.launch(timeout).await {
+                Ok(()) => return Ok(()),
+                Err(e) if attempt < 3 && !p.is_running() => {
+                    p.note(&format!("restart attempt {attempt} failed: {e:#}; retrying"));
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    /// Restarts agent `i` and waits until the cluster lists it `ready`.
+    pub async fn restart_agent(&mut self, i: usize) -> Result<()> {
+        self.restart(Target::Agent(i)).await?;
+        self.wait_nodes_ready(self.ready_timeout).await
+    }
+
+    /// Restarts coordinator `i` and waits until the cluster answers again with
+    /// every running agent `ready`.
+    pub async fn restart_coordinator(&mut self, i: usize) -> Result<()> {
+        self.restart(Target::Coordinator(i)).await?;
+        self.wait_nodes_ready(self.ready_timeout).await
+    }
+
+    /// Waits until `ListNodes` (through any coordinator) shows every running
+    /// agent in state `ready`.
+    pub async fn wait_nodes_ready(&mut self, timeout: Duration) -> Result<()> {
+        let want: Vec<String> =
+            self.agents.iter_mut().filter_map(|a| if a.is_running() { Some(a.id.clone()) } else { None }).collect();
+        let deadline = Instant::now() + timeout;
+        loop {
+            let last;
+            match self.try_client().await {
+                Ok(client) => match client.list_nodes().await {
+                    Ok(nodes) => {
+                        let not_ready: Vec<String> = want
+                            .iter()
+                            .filter(|id| !nodes.iter().any(|n| &n.id == *id && n.state == "ready"))
+                            .cloned()
+                            .collect();
+                        if not_ready.is_empty() {
+                            return Ok(());
+                        }
+                        last = format!(
+                            "not ready: {not_ready:?}; nodes: {:?}",
+                            nodes.iter().map(|n| format!("{}={}", n.id, n.state)).collect::<Vec<_>>()
+                        );
+                    }
+                    Err(e) => last = format!("ListNodes failed: {e}"),
+                },
+                Err(e) => last = format!("{e:#}"),
+            }
+            if Instant::now() >= deadline {
+                bail!("agents not ready within {timeout:?}: {last}\n{}", self.logs(LOG_TAIL_LINES));
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// Adds coordinators 2..=N to the Raft group through coordinator 1, then
+    /// waits until every member is a voter and a leader is known.
+    async fn join_coordinators(&mut self) -> Result<()> {
+        use sandfleet_proto::v1::cluster_service_client::ClusterServiceClient;
+        use sandfleet_proto::v1::{AddMemberRequest, ClusterStatusRequest};
+
+        let first = format!("http://{}", self.coordinators[0].addr);
+        let deadline = Instant::now() + self.ready_timeout * 2;
+        for c in self.coordinators.iter().skip(1) {
+            let id: u64 = c.id.parse().expect("coordinator ids are numbers");
+            loop {
+                let result = async {
+                    let mut api = ClusterServiceClient::connect(first.clone()).await?;
+                    api.add_member(AddMemberRequest { id, address: c.addr.clone() }).await?;
+                    Ok::<_, anyhow::Error>(())
+                }
+                .await;
+                match result {
+                    Ok(()) => break,
+                    Err(e) => {
+                        let already = e
+                            .downcast_ref::<tonic::Status>()
+                            .is_some_and(|s| s.code() == tonic::Code::AlreadyExists);
+                        if already {
+                            break;
+                        }
+                        if Instant::now() >= deadline {
+                            bail!("adding coordinator {id} ({}) failed: {e:#}\n{}", c.addr, self.logs(LOG_TAIL_LINES));
+                        }
+                        tokio::time::sleep(Duration::from_millis(200)).await;
+                    }
+                }
+            }
+        }
+        let n = self.coordinators.len();
+        loop {
+            let status = async {
+                let mut api = ClusterServiceClient::connect(first.clone()).await?;
+                Ok::<_, anyhow::Error>(api.status(ClusterStatusRequest {}).await?.into_inner())
+            }
+            .await;
+            let last = match status {
+                Ok(s) if s.leader_id != 0 && s.members.iter().filter(|m| m.voter).count() == n => return Ok(()),
+                Ok(s) => format!("{s:?}"),
+                Err(e) => format!("{e:#}"),
+            };
+            if Instant::now() >= deadline {
+                bail!("coordinators did not form a {n}-voter group: {last}\n{}", self.logs(LOG_TAIL_LINES));
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+
+    /// The tail of every process's log, with headers.
+    pub fn logs(&self, lines: usize) -> String {
+        let mut out = String::new();
+        for p in self.coordinators.iter().chain(self.agents.iter()) {
+            out.push_str(&format!(
+                "----- {} (addr {}, log {}) last {lines} lines -----\n{}\n",
+                p.name,
+                p.addr,
+                p.log_path.display(),
+                p.log_tail(lines)
+            ));
+        }
+        out
+    }
+
+    /// Prints [`Cluster::logs`] to stderr.
+    pub fn print_logs(&self, lines: usize) {
+        eprintln!("{}", self.logs(lines));
+    }
+
+    /// Stops agents, then coordinators, with SIGTERM, and fails if one of them
+    /// hangs or exits with an error.
+    pub async fn shutdown(mut self) -> Result<()> {
+        let mut errors = Vec::new();
+        for i in 0..self.agents.len() {
+            if self.agents[i].is_running() {
+                match self.agents[i].terminate().await {
+                    Ok(s) if s.success() => {}
+                    Ok(s) => errors.push(format!("{} exited with {s}", self.agents[i].name)),
+                    Err(e) => errors.push(format!("{e:#}")),
+                }
+            }
+        }
+        for i in 0..self.coordinators.len() {
+            if self.coordinators[i].is_running() {
+                match self.coordinators[i].terminate().await {
+                    Ok(s) if s.success() => {}
+                    Ok(s) => errors.push(format!("{} exited with {s}", self.coordinators[i].name)),
+                    Err(e) => errors.push(format!("{e:#}")),
+                }
+            }
+        }
+        if errors.is_empty() {
+            Ok(())
+        } else {
+            let dir = self.keep_dir();
+            bail!("unclean shutdown (logs kept in {}):\n{}", dir.display(), errors.join("\n"))
+        }
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        let keep = std::env::var("SANDFLEET_KEEP_TMP").is_ok_and(|v| v == "1");
+        if std::thread::panicking() {
+            let dir = self.keep_dir();
+            eprintln!(
+                "\n===== sandfleet harness: test failed; process logs follow (all kept in {}) =====",
+                dir.display()
+            );
+            self.print_logs(LOG_TAIL_LINES);
+        } else if keep {
+            let dir = self.keep_dir();
+            eprintln!("sandfleet harness: cluster directory kept in {}", dir.display());
+        }
+        for p in self.agents.iter_mut() {
+            p.stop_blocking(Duration::from_secs(5));
+        }
+        for p in self.coordinators.iter_mut() {
+            p.stop_blocking(Duration::from_secs(5));
+        }
+        // Agents keep session cgroups across restarts by design; once the
+        // cluster is gone nobody will, so remove this cluster's nodes' trees.
+        for p in &self.agents {
+            if let Err(e) = crate::host::remove_node_cgroups(&p.id) {
+                eprintln!("sandfleet harness: could not remove the cgroups of {}: {e}", p.id);
+            }
+        }
+    }
+}

@@ -1,0 +1,140 @@
+//! The skip-or-fail gate for tests that need real sandboxes.
+//!
+//! The process runtime needs root, bubblewrap at `/usr/bin/bwrap` (and user,
+//! pid, net and mount namespaces that actually work), a Python at
+//! `/usr/bin/python3` for the tests' workloads, and cgroups the agent can
+//! create and remove. On a developer machine without them the tests print a
+//! loud banner and pass vacuously; with `SANDFLEET_REQUIRE_FACILITIES=1` (CI)
+//! a missing facility fails the test instead.
+
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::sync::OnceLock;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+/// Environment variable that turns a missing facility into a failure.
+pub const REQUIRE_ENV: &str = "SANDFLEET_REQUIRE_FACILITIES";
+
+/// The bubblewrap binary the process runtime uses.
+pub const BWRAP: &str = "/usr/bin/bwrap";
+
+/// Checks that this machine can run real sandboxes.
+///
+/// Returns `true` when everything is there. Otherwise prints
+/// `SKIPPED (facility missing): <what>` in a banner to stderr and returns
+/// `false`, and the caller returns early — unless `SANDFLEET_REQUIRE_FACILITIES=1`,
+/// in which case it panics with the same text.
+///
+/// ```no_run
+/// # async fn t() {
+/// if !sandfleet_chaos::require_sandbox_facilities() {
+///     return;
+/// }
+/// # }
+/// ```
+pub fn require_sandbox_facilities() -> bool {
+    let missing = missing_facilities();
+    if missing.is_empty() {
+        return true;
+    }
+    let what = missing.join("; ");
+    let line = "=".repeat(78);
+    let banner = format!(
+        "\n{line}\nSKIPPED (facility missing): {what}\n\
+         This test needs root, {BWRAP} with working namespaces, /usr/bin/python3 and \
+         writable cgroups.\nRun scripts/setup as root to install what is missing. \
+         Set {REQUIRE_ENV}=1 to make this a failure.\n{line}\n"
+    );
+    if std::env::var(REQUIRE_ENV).is_ok_and(|v| v == "1") {
+        panic!("{banner}");
+    }
+    eprintln!("{banner}");
+    false
+}
+
+/// What is missing for real sandboxes, one human-readable item each; empty
+/// when nothing is. Probed once per process.
+pub fn missing_facilities() -> Vec<String> {
+    static MISSING: OnceLock<Vec<String>> = OnceLock::new();
+    MISSING.get_or_init(probe).clone()
+}
+
+fn probe() -> Vec<String> {
+    let mut missing = Vec::new();
+    if !nix::unistd::geteuid().is_root() {
+        missing.push(format!("root (running as uid {})", nix::unistd::geteuid()));
+    }
+    if !is_executable(Path::new(BWRAP)) {
+        missing.push(format!("bubblewrap ({BWRAP} not found; apt-get install bubblewrap)"));
+    } else if let Err(e) = bwrap_works() {
+        missing.push(format!("working bubblewrap namespaces ({e})"));
+    }
+    if !is_executable(Path::new("/usr/bin/python3")) {
+        missing.push("python3 (/usr/bin/python3 not found; apt-get install python3)".to_string());
+    }
+    if let Err(e) = cgroups_writable() {
+        missing.push(format!("writable cgroups ({e})"));
+    }
+    missing
+}
+
+fn is_executable(p: &Path) -> bool {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::metadata(p).map(|m| m.is_file() && m.permissions().mode() & 0o111 != 0).unwrap_or(false)
+}
+
+fn bwrap_works() -> Result<(), String> {
+    let out = Command::new(BWRAP)
+        .args([
+            "--unshare-all",
+            "--die-with-parent",
+            "--ro-bind",
+            "/usr",
+            "/usr",
+            "--symlink",
+            "usr/bin",
+            "/bin",
+            "--symlink",
+            "usr/lib",
+            "/lib",
+            "--symlink",
+            "usr/lib64",
+            "/lib64",
+            "--proc",
+            "/proc",
+            "--dev",
+            "/dev",
+            "true",
+        ])
+        .stdin(Stdio::null())
+        .output()
+        .map_err(|e| format!("cannot run {BWRAP}: {e}"))?;
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(format!(
+            "`bwrap --unshare-all ... true` failed with {}: {}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr).trim()
+        ))
+    }
+}
+
+/// Creates and removes a probe cgroup in every hierarchy the agent uses.
+fn cgroups_writable() -> Result<(), String> {
+    static COUNTER: AtomicU64 = AtomicU64::new(0);
+    let name = format!("sandfleet-probe-{}-{}", std::process::id(), COUNTER.fetch_add(1, Ordering::Relaxed));
+    let roots: Vec<&str> = if Path::new("/sys/fs/cgroup/cgroup.controllers").exists() {
+        vec!["/sys/fs/cgroup"]
+    } else if Path::new("/sys/fs/cgroup/memory").is_dir() {
+        vec!["/sys/fs/cgroup/memory", "/sys/fs/cgroup/pids", "/sys/fs/cgroup/cpu"]
+    } else {
+        return Err("no cgroup v2 root and no v1 memory hierarchy under /sys/fs/cgroup".to_string());
+    };
+    for root in roots {
+        let dir = Path::new(root).join(&name);
+        std::fs::create_dir(&dir).map_err(|e| format!("cannot create a cgroup under {root}: {e}"))?;
+        std::fs::remove_dir(&dir).map_err(|e| format!("cannot remove the probe cgroup {}: {e}", dir.display()))?;
+    }
+    Ok(())
+}

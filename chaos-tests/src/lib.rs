@@ -1,0 +1,48 @@
+//! The Sandfleet test harness: owns starting real Sandfleet processes for the
+//! end-to-end tests, the benchmarks and the chaos runner.
+//!
+//! Everything here drives the *built binaries* (`sandfleet-coordinator`,
+//! `sandfleet-agent`, `sandfleet`) as separate processes, exactly as an
+//! operator would run them, and talks to them over gRPC through the SDK.
+//! Nothing links the coordinator or the agent in-process, so a test sees the
+//! same startup, shutdown and crash behaviour production does.
+//!
+//! # Layout
+//! - [`bins`]: where the binaries are ([`bin_path`]).
+//! - [`cluster`]: [`ClusterBuilder`] / [`Cluster`] / [`Proc`]: start coordinators
+//!   and agents, wait until they are ready, kill, terminate and restart them,
+//!   and print their logs when a test fails.
+//! - [`facilities`]: [`require_sandbox_facilities`], the skip-or-fail gate for
+//!   machines without root, bubblewrap or writable cgroups.
+//! - [`host`]: looking at the host from the outside: processes in `/proc`,
+//!   session cgroups under `/sys/fs/cgroup`, unique markers.
+//! - [`testkit`]: small async helpers for tests and tools (create a session and
+//!   wait for it, run a command, assert a gRPC code, retry until true).
+//!
+//! # Running
+//! Build every binary first (`cargo build --workspace --bins`), then run the
+//! tests (`cargo nextest run -p sandfleet-chaos`). `scripts/test` does both.
+//! Each test starts its own cluster in a fresh temporary directory; the
+//! processes' stderr goes to `<tmp>/<name>.log`, and when a test panics the
+//! tail of every log is printed and the directory is kept.
+//!
+//! # Environment
+//! - `SANDFLEET_BIN_DIR`: directory of the binaries (default: next to the
+//!   running test executable, i.e. `<target>/debug/`).
+//! - `SANDFLEET_REQUIRE_FACILITIES=1`: fail instead of skipping when root,
+//!   bubblewrap or writable cgroups are missing (CI sets it).
+//! - `SANDFLEET_CHILD_LOG`: `RUST_LOG` for the started processes (default:
+//!   `RUST_LOG` if set, else `info`).
+//! - `SANDFLEET_KEEP_TMP=1`: keep every cluster directory, not only failed ones.
+//! - `SANDFLEET_TEST_TMPDIR`: where cluster directories are created (default: the
+//!   system temporary directory).
+
+pub mod bins;
+pub mod cluster;
+pub mod facilities;
+pub mod host;
+pub mod testkit;
+
+pub use bins::bin_path;
+pub use cluster::{Cluster, ClusterBuilder, Proc, Role, Target};
+pub use facilities::{missing_facilities, require_sandbox_facilities};

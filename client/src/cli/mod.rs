@@ -1,0 +1,488 @@
+//! The `sandfleet` command line: argument definitions and dispatch.
+//!
+//! Part of the `sandfleet` binary (compiled into it with `#[path]`), not of
+//! the SDK library, so it may use `anyhow`.
+//!
+//! # Layout
+//! - [`args`]: value parsers (durations, quantities, `K=V`, `ID:PATH`).
+//! - [`output`]: text tables and JSON printing.
+//! - [`exec`]: `run` and `session exec` (streamed output, exit codes, cleanup).
+//! - [`session`]: the other `session` subcommands, including `cp`.
+//! - [`cluster`]: `node list` and `cluster ...`.
+//! - [`dev`]: `dev`, a coordinator plus a node agent in this process.
+
+pub mod args;
+pub mod cluster;
+pub mod dev;
+pub mod exec;
+pub mod output;
+pub mod session;
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand};
+use sandfleet::{proto, Client};
+
+use self::args::{parse_cp_spec, parse_cpu, parse_duration, parse_key_value, parse_memory, parse_state, CpSpec};
+use self::output::OutputFormat;
+
+/// Run untrusted code in Sandfleet sandboxes.
+#[derive(Debug, Parser)]
+#[command(name = "sandfleet", version, about, propagate_version = true)]
+pub struct Cli {
+    /// Coordinator endpoints, comma-separated (host:port or http://host:port).
+    #[arg(long, short = 'e', env = "SANDFLEET_ENDPOINT", default_value = "127.0.0.1:7070",
+          value_delimiter = ',', global = true)]
+    pub endpoint: Vec<String>,
+
+    /// Output format.
+    #[arg(long, short = 'o', value_enum, default_value_t = OutputFormat::Text, global = true)]
+    pub output: OutputFormat,
+
+    /// Deadline of each control-plane call (give it before the subcommand).
+    #[arg(long = "timeout", value_parser = parse_duration, default_value = "10s", value_name = "DURATION")]
+    pub request_timeout: Duration,
+
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// The subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Create a session, run one command in it, stream its output, delete the
+    /// session, and exit with the command's exit code.
+    Run(RunArgs),
+    /// Manage sessions.
+    #[command(subcommand)]
+    Session(SessionCmd),
+    /// Inspect node agents.
+    #[command(subcommand)]
+    Node(NodeCmd),
+    /// Inspect and change the coordinator cluster.
+    #[command(subcommand)]
+    Cluster(ClusterCmd),
+    /// Run a coordinator and a node agent (process runtime) in this process.
+    Dev(DevArgs),
+}
+
+/// What a session asks for.
+#[derive(Debug, Args, Clone, Default)]
+pub struct ResourceArgs {
+    /// Memory limit, e.g. 256Mi, 1Gi.
+    #[arg(long, value_parser = parse_memory, value_name = "QUANTITY")]
+    pub memory: Option<u64>,
+    /// CPU limit in cores or millicores, e.g. 0.5, 2, 250m.
+    #[arg(long, value_parser = parse_cpu, value_name = "QUANTITY")]
+    pub cpu: Option<u32>,
+    /// Maximum processes and threads.
+    #[arg(long, value_name = "N")]
+    pub pids: Option<u32>,
+    /// Sandbox template.
+    #[arg(long, value_name = "NAME")]
+    pub template: Option<String>,
+    /// Session label (repeatable).
+    #[arg(long = "label", short = 'l', value_parser = parse_key_value, value_name = "KEY=VALUE")]
+    pub labels: Vec<(String, String)>,
+}
+
+/// What to execute, for `run` and `session exec`.
+#[derive(Debug, Args, Clone)]
+pub struct ExecArgs {
+    /// Wall-clock limit of the command (server default 30s, at most 1h).
+    #[arg(long, value_parser = parse_duration, value_name = "DURATION")]
+    pub timeout: Option<Duration>,
+    /// Environment variable for the command (repeatable).
+    #[arg(long = "env", short = 'E', value_parser = parse_key_value, value_name = "KEY=VALUE")]
+    pub env: Vec<(String, String)>,
+    /// Working directory, relative to the workspace root.
+    #[arg(long, short = 'w', value_name = "DIR")]
+    pub workdir: Option<String>,
+    /// Send this terminal's standard input (at most 1 MiB) to the command.
+    #[arg(long, short = 'i')]
+    pub stdin: bool,
+    /// Run source code instead of a command.
+    #[arg(long, short = 'c', value_name = "CODE", conflicts_with = "cmd")]
+    pub code: Option<String>,
+    /// Interpreter for --code.
+    #[arg(long, value_enum, default_value_t = LanguageArg::Python, requires = "code")]
+    pub language: LanguageArg,
+    /// The command and its arguments.
+    #[arg(trailing_var_arg = true, allow_hyphen_values = true, value_name = "CMD",
+          required_unless_present = "code")]
+    pub cmd: Vec<String>,
+}
+
+/// Interpreters for `--code`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum LanguageArg {
+    /// python3 -c CODE
+    Python,
+    /// node -e CODE
+    Node,
+    /// bash -c CODE
+    Bash,
+}
+
+impl From<LanguageArg> for proto::Language {
+    fn from(l: LanguageArg) -> Self {
+        match l {
+            LanguageArg::Python => proto::Language::Python,
+            LanguageArg::Node => proto::Language::Node,
+            LanguageArg::Bash => proto::Language::Bash,
+        }
+    }
+}
+
+/// `sandfleet run`.
+#[derive(Debug, Args)]
+pub struct RunArgs {
+    #[command(flatten)]
+    pub resources: ResourceArgs,
+    /// Session time to live; a safety net should this CLI die before deleting it
+    /// (default: the command timeout plus 10 minutes).
+    #[arg(long, value_parser = parse_duration, value_name = "DURATION")]
+    pub ttl: Option<Duration>,
+    /// How long to wait for the session to start.
+    #[arg(long, value_parser = parse_duration, default_value = "60s", value_name = "DURATION")]
+    pub wait_timeout: Duration,
+    #[command(flatten)]
+    pub exec: ExecArgs,
+}
+
+/// `sandfleet session ...`.
+#[derive(Debug, Subcommand)]
+pub enum SessionCmd {
+    /// Create a session.
+    Create {
+        /// Idempotency key (default: random). Repeating a create with the same id returns the first session.
+        #[arg(long, value_name = "ID")]
+        request_id: Option<String>,
+        #[command(flatten)]
+        resources: ResourceArgs,
+        /// Time to live, e.g. 1h.
+        #[arg(long, value_parser = parse_duration, value_name = "DURATION")]
+        ttl: Option<Duration>,
+        /// Environment variable for every exec in the session (repeatable).
+        #[arg(long = "env", short = 'E', value_parser = parse_key_value, value_name = "KEY=VALUE")]
+        env: Vec<(String, String)>,
+        /// Wait until the session is running.
+        #[arg(long)]
+        wait: bool,
+        /// How long --wait waits.
+        #[arg(long, value_parser = parse_duration, default_value = "60s", value_name = "DURATION")]
+        wait_timeout: Duration,
+    },
+    /// Show one session.
+    Get {
+        /// Session id.
+        id: String,
+    },
+    /// List sessions.
+    #[command(alias = "ls")]
+    List {
+        /// Only sessions with this label (repeatable; all must match).
+        #[arg(long = "label", short = 'l', value_parser = parse_key_value, value_name = "KEY=VALUE")]
+        labels: Vec<(String, String)>,
+        /// Only sessions in this state (repeatable: any may match).
+        #[arg(long = "state", short = 's', value_parser = parse_state, value_name = "STATE")]
+        states: Vec<proto::SessionState>,
+        /// Sessions per page (1-1000).
+        #[arg(long, value_name = "N")]
+        page_size: Option<u32>,
+        /// Continue from a previous page.
+        #[arg(long, value_name = "TOKEN", conflicts_with = "all")]
+        page_token: Option<String>,
+        /// Fetch every page.
+        #[arg(long)]
+        all: bool,
+    },
+    /// Delete sessions.
+    #[command(alias = "delete")]
+    Rm {
+        /// Session ids.
+        #[arg(required = true)]
+        ids: Vec<String>,
+    },
+    /// Extend a session's expiry.
+    Renew {
+        /// Session id.
+        id: String,
+        /// New time to live from now (default: the session's own ttl).
+        #[arg(long, value_parser = parse_duration, value_name = "DURATION")]
+        ttl: Option<Duration>,
+    },
+    /// Print a session's state changes until it ends.
+    Watch {
+        /// Session id.
+        id: String,
+    },
+    /// Run a command in a session and exit with its exit code.
+    Exec {
+        /// Session id.
+        id: String,
+        #[command(flatten)]
+        exec: ExecArgs,
+    },
+    /// Copy a file into or out of a session: `cp local ID:path` or `cp ID:path local`
+    /// (`-` is stdin/stdout).
+    Cp {
+        /// Source: a local path, `-`, or ID:PATH.
+        #[arg(value_parser = parse_cp_spec)]
+        src: CpSpec,
+        /// Destination: a local path, `-`, or ID:PATH.
+        #[arg(value_parser = parse_cp_spec)]
+        dst: CpSpec,
+        /// File mode of an upload (octal, e.g. 755; default: the local file's mode).
+        #[arg(long, value_parser = parse_mode, value_name = "OCTAL")]
+        mode: Option<u32>,
+    },
+    /// List a directory of a session's workspace.
+    Files {
+        /// Session id.
+        id: String,
+        /// Directory, relative to the workspace root.
+        #[arg(default_value = "")]
+        path: String,
+    },
+}
+
+fn parse_mode(s: &str) -> Result<u32, String> {
+    let digits = s.trim_start_matches("0o");
+    u32::from_str_radix(digits, 8)
+        .ok()
+        .filter(|m| *m <= 0o7777)
+        .ok_or_else(|| format!("{s:?} is not an octal file mode like 644"))
+}
+
+/// `sandfleet node ...`.
+#[derive(Debug, Subcommand)]
+pub enum NodeCmd {
+    /// List node agents.
+    #[command(alias = "ls")]
+    List,
+}
+
+/// `sandfleet cluster ...`.
+#[derive(Debug, Subcommand)]
+pub enum ClusterCmd {
+    /// Show every coordinator (the leader's id is marked with *).
+    Status,
+    /// Add a coordinator.
+    Add {
+        /// Raft id of the new member.
+        id: u64,
+        /// Its gRPC address (host:port).
+        address: String,
+    },
+    /// Remove a coordinator.
+    Remove {
+        /// Raft id of the member.
+        id: u64,
+    },
+}
+
+/// `sandfleet dev`.
+#[derive(Debug, Args)]
+pub struct DevArgs {
+    /// Where the coordinator and the agent keep their data.
+    #[arg(long, default_value = "./.sandfleet/dev", value_name = "DIR")]
+    pub data_dir: PathBuf,
+    /// Coordinator gRPC address.
+    #[arg(long, default_value = "127.0.0.1:7070", value_name = "ADDR")]
+    pub listen: std::net::SocketAddr,
+    /// Node agent gRPC address.
+    #[arg(long, default_value = "127.0.0.1:7071", value_name = "ADDR")]
+    pub agent_listen: std::net::SocketAddr,
+}
+
+impl Cli {
+    /// Checks rules clap cannot express; the error exits with status 2 like clap's own.
+    pub fn validate(&self) -> Result<(), clap::Error> {
+        use clap::CommandFactory;
+        if let Command::Session(SessionCmd::Cp { src, dst, .. }) = &self.command {
+            if let Err(msg) = args::check_cp_pair(src, dst) {
+                return Err(Cli::command().error(clap::error::ErrorKind::ArgumentConflict, msg));
+            }
+        }
+        Ok(())
+    }
+
+    /// The log filter when `RUST_LOG` is not set.
+    pub fn default_log_filter(&self) -> &'static str {
+        match self.command {
+            Command::Dev(_) => "info",
+            _ => "warn",
+        }
+    }
+}
+
+/// Shared by every subcommand.
+pub struct Ctx {
+    pub client: Client,
+    pub output: OutputFormat,
+}
+
+/// Runs the parsed command; returns the process exit code.
+pub async fn run(cli: Cli) -> anyhow::Result<i32> {
+    if let Command::Dev(args) = cli.command {
+        return dev::run(args).await;
+    }
+    let client = Client::builder(cli.endpoint.iter().map(|e| e.trim()).filter(|e| !e.is_empty()))
+        .request_timeout(cli.request_timeout)
+        .connect()
+        .await?;
+    let ctx = Ctx { client, output: cli.output };
+    match cli.command {
+        Command::Run(args) => exec::run(&ctx, args).await,
+        Command::Session(cmd) => session::run(&ctx, cmd).await,
+        Command::Node(NodeCmd::List) => cluster::node_list(&ctx).await,
+        Command::Cluster(cmd) => cluster::run(&ctx, cmd).await,
+        Command::Dev(_) => unreachable!("handled above"),
+    }
+}
+
+/// Resolves on Ctrl-C or SIGTERM.
+pub async fn shutdown_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        match signal(SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = tokio::signal::ctrl_c() => {}
+                    _ = term.recv() => {}
+                }
+            }
+            Err(_) => {
+                let _ = tokio::signal::ctrl_c().await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+}
+
+/// The error and its causes on one line, without repeating text a message already includes.
+pub fn error_line(e: &anyhow::Error) -> String {
+    let mut line = String::new();
+    for cause in e.chain() {
+        let text = cause.to_string();
+        if line.contains(&text) {
+            continue;
+        }
+        if !line.is_empty() {
+            line.push_str(": ");
+        }
+        line.push_str(&text);
+    }
+    line
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    fn parse(args: &[&str]) -> Result<Cli, clap::Error> {
+        let cli = Cli::try_parse_from(std::iter::once("sandfleet").chain(args.iter().copied()))?;
+        cli.validate()?;
+        Ok(cli)
+    }
+
+    #[test]
+    fn clap_definition_is_consistent() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn run_parses_resources_and_command() {
+        let cli = parse(&[
+            "-e", "a:1,b:2", "--timeout", "5s", "run", "--memory", "256Mi", "--cpu", "0.5", "--env", "A=1",
+            "--label", "team=ml", "--timeout", "3s", "--", "python3", "-c", "print(1)",
+        ])
+        .expect("parses");
+        assert_eq!(cli.endpoint, ["a:1", "b:2"]);
+        assert_eq!(cli.request_timeout, Duration::from_secs(5));
+        let Command::Run(r) = cli.command else { panic!("not run") };
+        assert_eq!(r.resources.memory, Some(256 << 20));
+        assert_eq!(r.resources.cpu, Some(500));
+        assert_eq!(r.resources.labels, [("team".to_string(), "ml".to_string())]);
+        assert_eq!(r.exec.env, [("A".to_string(), "1".to_string())]);
+        assert_eq!(r.exec.timeout, Some(Duration::from_secs(3)));
+        assert_eq!(r.exec.cmd, ["python3", "-c", "print(1)"]);
+    }
+
+    #[test]
+    fn run_without_double_dash_keeps_command_flags() {
+        let cli = parse(&["run", "ls", "-la"]).expect("parses");
+        let Command::Run(r) = cli.command else { panic!("not run") };
+        assert_eq!(r.exec.cmd, ["ls", "-la"]);
+    }
+
+    #[test]
+    fn run_code_form() {
+        let cli = parse(&["run", "--code", "print(1)", "--language", "node"]).expect("parses");
+        let Command::Run(r) = cli.command else { panic!("not run") };
+        assert_eq!(r.exec.code.as_deref(), Some("print(1)"));
+        assert_eq!(r.exec.language, LanguageArg::Node);
+        // Neither a command nor code, or both: usage errors.
+        assert!(parse(&["run"]).is_err());
+        assert!(parse(&["run", "--code", "1", "--", "ls"]).is_err());
+    }
+
+    #[test]
+    fn bad_values_are_usage_errors() {
+        for args in [
+            &["run", "--memory", "lots", "--", "ls"][..],
+            &["run", "--env", "NOVALUE", "--", "ls"][..],
+            &["session", "list", "--state", "sleepy"][..],
+            &["session", "cp", "a", "b"][..],
+            &["session", "cp", "s1:", "b"][..],
+            &["session", "cp", "s1:x", "s2:y"][..],
+            &["--output", "yaml", "node", "list"][..],
+        ] {
+            let e = parse(args).err().unwrap_or_else(|| panic!("{args:?} should not parse"));
+            assert_eq!(e.exit_code(), 2, "{args:?}");
+        }
+    }
+
+    #[test]
+    fn session_subcommands() {
+        let cli = parse(&["-o", "json", "session", "list", "--label", "a=b", "--state", "running", "--all"]).expect("parses");
+        assert_eq!(cli.output, OutputFormat::Json);
+        let Command::Session(SessionCmd::List { labels, states, all, .. }) = cli.command else { panic!() };
+        assert_eq!(labels, [("a".to_string(), "b".to_string())]);
+        assert_eq!(states, [proto::SessionState::Running]);
+        assert!(all);
+
+        let cli = parse(&["session", "cp", "./local.txt", "s1:dir/x.txt"]).expect("parses");
+        let Command::Session(SessionCmd::Cp { src, dst, .. }) = cli.command else { panic!() };
+        assert_eq!(src, CpSpec::Local("./local.txt".into()));
+        assert_eq!(dst, CpSpec::Remote { id: "s1".into(), path: "dir/x.txt".into() });
+
+        let cli = parse(&["session", "exec", "s1", "--timeout", "2s", "--", "echo", "hi"]).expect("parses");
+        let Command::Session(SessionCmd::Exec { id, exec }) = cli.command else { panic!() };
+        assert_eq!(id, "s1");
+        assert_eq!(exec.cmd, ["echo", "hi"]);
+
+        assert!(parse(&["session", "rm"]).is_err());
+        assert!(parse(&["session", "create", "--ttl", "1h", "--wait", "--env", "K=V"]).is_ok());
+        assert!(parse(&["cluster", "add", "2", "10.0.0.2:7070"]).is_ok());
+        assert!(parse(&["dev", "--listen", "127.0.0.1:0"]).is_ok());
+        assert_eq!(parse_mode("755"), Ok(0o755));
+        assert!(parse_mode("9").is_err());
+    }
+
+    #[test]
+    fn error_lines_do_not_repeat() {
+        let inner = std::io::Error::other("connection refused");
+        let e = anyhow::Error::new(inner).context("cannot connect to x: connection refused");
+        assert_eq!(error_line(&e), "cannot connect to x: connection refused");
+        let e = anyhow::Error::new(std::io::Error::other("disk full")).context("writing out.txt");
+        assert_eq!(error_line(&e), "writing out.txt: disk full");
+    }
+}

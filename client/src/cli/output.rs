@@ -1,0 +1,265 @@
+//! Printing: text tables and key/value blocks, JSON, and small formatters.
+
+use std::io::Write;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use sandfleet::proto;
+use sandfleet::session::state_name;
+use sandfleet_common::quantity::format_memory;
+use serde_json::Value;
+
+/// How results are printed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum OutputFormat {
+    /// Human-readable text.
+    Text,
+    /// JSON, one document (or one object per line for `session watch`).
+    Json,
+}
+
+/// Writes text to stdout in one go.
+pub fn out(text: &str) -> std::io::Result<()> {
+    let mut stdout = std::io::stdout().lock();
+    stdout.write_all(text.as_bytes())?;
+    stdout.flush()
+}
+
+/// Prints a JSON value, pretty.
+pub fn print_json(v: &Value) -> std::io::Result<()> {
+    let mut s = serde_json::to_string_pretty(v).map_err(std::io::Error::other)?;
+    s.push('\n');
+    out(&s)
+}
+
+/// Prints a JSON value on one line (for streams of events).
+pub fn print_json_line(v: &Value) -> std::io::Result<()> {
+    let mut s = serde_json::to_string(v).map_err(std::io::Error::other)?;
+    s.push('\n');
+    out(&s)
+}
+
+/// Renders a table: left-aligned columns separated by two spaces.
+pub fn table(headers: &[&str], rows: &[Vec<String>]) -> String {
+    let mut widths: Vec<usize> = headers.iter().map(|h| h.len()).collect();
+    for row in rows {
+        for (i, cell) in row.iter().enumerate() {
+            if i < widths.len() {
+                widths[i] = widths[i].max(cell.chars().count());
+            }
+        }
+    }
+    let mut s = String::new();
+    let mut line = |cells: &mut dyn Iterator<Item = &str>| {
+        let mut l = String::new();
+        for (i, cell) in cells.enumerate() {
+            if i > 0 {
+                l.push_str("  ");
+            }
+            l.push_str(cell);
+            let pad = widths.get(i).copied().unwrap_or(0).saturating_sub(cell.chars().count());
+            l.extend(std::iter::repeat_n(' ', pad));
+        }
+        s.push_str(l.trim_end());
+        s.push('\n');
+    };
+    line(&mut headers.iter().copied());
+    for row in rows {
+        line(&mut row.iter().map(String::as_str));
+    }
+    s
+}
+
+/// Millicores as people write them: `2` for whole cores, else `500m`.
+pub fn format_cpu(millis: u32) -> String {
+    if millis % 1000 == 0 {
+        (millis / 1000).to_string()
+    } else {
+        format!("{millis}m")
+    }
+}
+
+/// A short age: `42s`, `5m`, `3h`, `2d`.
+pub fn format_age(since_ms: i64, now_ms: i64) -> String {
+    if since_ms <= 0 {
+        return "-".into();
+    }
+    let secs = (now_ms - since_ms).max(0) / 1000;
+    match secs {
+        s if s < 120 => format!("{s}s"),
+        s if s < 2 * 3600 => format!("{}m", s / 60),
+        s if s < 2 * 86400 => format!("{}h", s / 3600),
+        s => format!("{}d", s / 86400),
+    }
+}
+
+/// A Unix-ms timestamp as RFC 3339 (UTC, seconds), or `-` for 0.
+pub fn format_time(ms: i64) -> String {
+    if ms <= 0 {
+        return "-".into();
+    }
+    let t = UNIX_EPOCH + Duration::from_millis(ms as u64);
+    humantime::format_rfc3339_seconds(t).to_string()
+}
+
+/// Now, as a timestamp string.
+pub fn now_string() -> String {
+    humantime::format_rfc3339_seconds(SystemTime::now()).to_string()
+}
+
+fn or_dash(s: &str) -> &str {
+    if s.is_empty() {
+        "-"
+    } else {
+        s
+    }
+}
+
+fn sorted_pairs(m: &std::collections::HashMap<String, String>) -> String {
+    let mut v: Vec<String> = m.iter().map(|(k, v)| format!("{k}={v}")).collect();
+    v.sort();
+    if v.is_empty() {
+        "-".into()
+    } else {
+        v.join(",")
+    }
+}
+
+/// A session as a key/value block.
+pub fn session_text(s: &proto::Session) -> String {
+    let spec = s.spec.clone().unwrap_or_default();
+    let mut rows: Vec<(&str, String)> = vec![
+        ("id", s.id.clone()),
+        ("state", state_name(s.state).to_string()),
+        ("node", or_dash(&s.node_id).to_string()),
+    ];
+    if !s.node_address.is_empty() {
+        rows.push(("address", s.node_address.clone()));
+    }
+    rows.extend([
+        ("template", or_dash(&spec.template).to_string()),
+        ("cpu", format_cpu(spec.cpu_millis)),
+        ("memory", format_memory(spec.memory_bytes)),
+        ("pids", spec.pids_limit.to_string()),
+        ("labels", sorted_pairs(&spec.labels)),
+        ("created", format_time(s.created_at_ms)),
+        ("expires", format_time(s.expires_at_ms)),
+    ]);
+    if !s.pending_reason.is_empty() {
+        rows.push(("pending", s.pending_reason.clone()));
+    }
+    if !s.message.is_empty() {
+        rows.push(("message", s.message.clone()));
+    }
+    let mut out = String::new();
+    for (k, v) in rows {
+        out.push_str(&format!("{:<10}{v}\n", format!("{k}:")));
+    }
+    out
+}
+
+/// The `session list` table.
+pub fn sessions_table(sessions: &[proto::Session], now_ms: i64) -> String {
+    let rows: Vec<Vec<String>> = sessions
+        .iter()
+        .map(|s| {
+            let spec = s.spec.clone().unwrap_or_default();
+            vec![
+                s.id.clone(),
+                state_name(s.state).to_string(),
+                or_dash(&s.node_id).to_string(),
+                or_dash(&spec.template).to_string(),
+                format_cpu(spec.cpu_millis),
+                format_memory(spec.memory_bytes),
+                format_age(s.created_at_ms, now_ms),
+            ]
+        })
+        .collect();
+    table(&["ID", "STATE", "NODE", "TEMPLATE", "CPU", "MEMORY", "AGE"], &rows)
+}
+
+/// The `node list` table; CPU and MEM are `allocated/capacity`.
+pub fn nodes_table(nodes: &[proto::Node]) -> String {
+    let rows: Vec<Vec<String>> = nodes
+        .iter()
+        .map(|n| {
+            let cap = n.capacity.unwrap_or_default();
+            let used = n.allocated.unwrap_or_default();
+            let sessions = if cap.session_slots > 0 {
+                format!("{}/{}", n.session_count, cap.session_slots)
+            } else {
+                n.session_count.to_string()
+            };
+            vec![
+                n.id.clone(),
+                or_dash(&n.state).to_string(),
+                or_dash(&n.address).to_string(),
+                format!("{}/{}", format_cpu(used.cpu_millis), format_cpu(cap.cpu_millis)),
+                format!("{}/{}", format_memory(used.memory_bytes), format_memory(cap.memory_bytes)),
+                sessions,
+            ]
+        })
+        .collect();
+    table(&["ID", "STATE", "ADDRESS", "CPU", "MEM", "SESSIONS"], &rows)
+}
+
+/// The `cluster status` table; the leader's id carries a `*`.
+pub fn cluster_table(status: &proto::ClusterStatusResponse) -> String {
+    let rows: Vec<Vec<String>> = status
+        .members
+        .iter()
+        .map(|m| {
+            let id = if m.id == status.leader_id && m.id != 0 { format!("{}*", m.id) } else { m.id.to_string() };
+            let role = if m.voter || m.role == "learner" { m.role.clone() } else { format!("{} (non-voter)", m.role) };
+            vec![
+                id,
+                or_dash(&m.address).to_string(),
+                or_dash(&role).to_string(),
+                m.term.to_string(),
+                m.last_log_index.to_string(),
+                m.applied_index.to_string(),
+                or_dash(&m.state_digest.chars().take(12).collect::<String>()).to_string(),
+            ]
+        })
+        .collect();
+    let mut s = table(&["ID", "ADDRESS", "ROLE", "TERM", "LAST_LOG", "APPLIED", "DIGEST"], &rows);
+    if status.leader_id == 0 {
+        s.push_str("(no leader known)\n");
+    }
+    s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tables_align() {
+        let t = table(&["ID", "STATE"], &[vec!["a-long-id".into(), "RUNNING".into()], vec!["b".into(), "X".into()]]);
+        assert_eq!(t, "ID         STATE\na-long-id  RUNNING\nb          X\n");
+    }
+
+    #[test]
+    fn formatters() {
+        assert_eq!(format_cpu(2000), "2");
+        assert_eq!(format_cpu(500), "500m");
+        assert_eq!(format_age(1_000, 43_000), "42s");
+        assert_eq!(format_age(0, 43_000), "-");
+        assert_eq!(format_age(0 + 1, 3 * 3600 * 1000), "2h");
+        assert_eq!(format_time(0), "-");
+        assert_eq!(format_time(1_700_000_000_000), "2023-11-14T22:13:20Z");
+    }
+
+    #[test]
+    fn cluster_marks_leader() {
+        let st = proto::ClusterStatusResponse {
+            leader_id: 2,
+            members: vec![
+                proto::ClusterMember { id: 1, role: "follower".into(), voter: true, ..Default::default() },
+                proto::ClusterMember { id: 2, role: "leader".into(), voter: true, ..Default::default() },
+            ],
+        };
+        let t = cluster_table(&st);
+        assert!(t.contains("\n2*  "), "{t}");
+        assert!(t.contains("\n1   "), "{t}");
+    }
+}

@@ -1,0 +1,52 @@
+//! The Sandfleet Rust SDK (and, with the `cli` feature, the `sandfleet` CLI binary).
+//!
+//! This crate owns the client side of the `sandfleet.v1` API: connecting to
+//! several coordinators with failover, deadlines and jittered retries;
+//! idempotent session creation; waiting for a session to run; and the data
+//! plane (exec and files), which talks straight to the session's node agent
+//! with the session token and refreshes the session when the token expires or
+//! the session moves.
+//!
+//! ```no_run
+//! # async fn demo() -> Result<(), sandfleet::Error> {
+//! use std::time::Duration;
+//! use sandfleet::{Client, CreateSession, ExecRequest, Language};
+//!
+//! let client = Client::connect(["127.0.0.1:7070"]).await?;
+//! let session = client.create_session(CreateSession::new().memory_bytes(256 << 20)).await?;
+//! let session = client.wait_running(&session.id, Duration::from_secs(60)).await?;
+//! let out = client.exec_collect(&session, ExecRequest::code(Language::Python, "print(1)")).await?;
+//! assert_eq!(out.stdout, b"1\n");
+//! client.delete_session(&session.id).await?;
+//! # Ok(()) }
+//! ```
+//!
+//! # Layout
+//! - [`client`]: [`ClientBuilder`], [`Client`], connection caching, retries, control-plane calls.
+//! - [`session`]: [`CreateSession`] and session-state helpers.
+//! - [`exec`]: [`ExecRequest`], [`ExecStream`], [`ExecEvent`], [`ExecOutput`] and the exec calls.
+//! - [`files`]: upload, download, list and remove in a session's workspace.
+//! - [`retry`]: the backoff policy ([`Backoff`]).
+//! - [`json`]: JSON views of API messages (for `--output json` and logs).
+//! - [`error`]: [`Error`].
+//!
+//! The `sandfleet` binary (feature `cli`) lives in `src/bin/sandfleet.rs` with its
+//! helpers in `src/cli/`; they are part of the binary, not of this library.
+
+pub mod client;
+pub mod error;
+pub mod exec;
+pub mod files;
+pub mod json;
+pub mod retry;
+pub mod session;
+
+pub use sandfleet_proto::v1 as proto;
+pub use sandfleet_proto::v1::Language;
+
+pub use client::{Client, ClientBuilder, SessionWatch};
+pub use error::Error;
+pub use exec::{exit_code_of, ExecEvent, ExecOutput, ExecRequest, ExecStream};
+pub use files::FileStream;
+pub use retry::Backoff;
+pub use session::CreateSession;

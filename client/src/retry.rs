@@ -1,0 +1,164 @@
+//! Retry policy: which failures are worth another try, and how long to wait first.
+//!
+//! Waits use exponential backoff with *full jitter*: before retry `n` (0-based)
+//! the SDK sleeps a uniformly random time in `[0, min(cap, base * 2^n)]`, so many
+//! clients failing over at once do not hammer the next coordinator in lockstep.
+
+use std::time::Duration;
+
+/// Exponential backoff with full jitter.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Backoff {
+    /// Ceiling of the first wait.
+    pub base: Duration,
+    /// Largest wait ever.
+    pub cap: Duration,
+}
+
+impl Default for Backoff {
+    /// 50 ms doubling up to 2 s.
+    fn default() -> Self {
+        Self { base: Duration::from_millis(50), cap: Duration::from_secs(2) }
+    }
+}
+
+impl Backoff {
+    /// The upper bound of the wait before retry `attempt` (0-based): `min(cap, base * 2^attempt)`.
+    pub fn ceiling(&self, attempt: u32) -> Duration {
+        let factor = 1u32.checked_shl(attempt.min(31)).unwrap_or(u32::MAX);
+        self.base.saturating_mul(factor).min(self.cap)
+    }
+
+    /// A random wait in `[0, ceiling(attempt)]`.
+    pub fn delay(&self, attempt: u32) -> Duration {
+        let ceiling = self.ceiling(attempt);
+        let nanos = u64::try_from(ceiling.as_nanos()).unwrap_or(u64::MAX);
+        Duration::from_nanos(rand::random_range(0..=nanos))
+    }
+}
+
+/// Whether a failed call may be sent again (to the next coordinator).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum RetryPolicy {
+    /// Retry `UNAVAILABLE` and connection failures: the call is idempotent.
+    Idempotent,
+    /// Retry only when the request provably never reached a server (connection failures).
+    ConnectOnly,
+}
+
+impl RetryPolicy {
+    pub(crate) fn allows(self, status: &tonic::Status) -> bool {
+        match self {
+            RetryPolicy::Idempotent => is_unavailable(status),
+            RetryPolicy::ConnectOnly => is_connect_failure(status),
+        }
+    }
+}
+
+/// `UNAVAILABLE`, or a transport failure that tonic did not classify as such.
+pub(crate) fn is_unavailable(status: &tonic::Status) -> bool {
+    status.code() == tonic::Code::Unavailable || is_connect_failure(status) || is_broken_connection(status)
+}
+
+/// The request never left this process: the connection could not be made.
+pub(crate) fn is_connect_failure(status: &tonic::Status) -> bool {
+    // A lazily connected channel that cannot connect reports it from `ready()`,
+    // which generated clients turn into UNKNOWN "Service was not ready".
+    if status.code() == tonic::Code::Unknown && status.message().starts_with("Service was not ready") {
+        return true;
+    }
+    source_chain(status).any(|e| e.downcast_ref::<tonic::ConnectError>().is_some())
+}
+
+/// The connection broke under the call (peer reset, closed, refused).
+fn is_broken_connection(status: &tonic::Status) -> bool {
+    use std::io::ErrorKind::*;
+    source_chain(status).any(|e| {
+        e.downcast_ref::<std::io::Error>().is_some_and(|io| {
+            matches!(io.kind(), ConnectionRefused | ConnectionReset | ConnectionAborted | BrokenPipe | NotConnected)
+        })
+    })
+}
+
+/// The errors below a status, outermost first.
+pub(crate) fn source_chain(status: &tonic::Status) -> impl Iterator<Item = &(dyn std::error::Error + 'static)> {
+    let mut next = std::error::Error::source(status);
+    std::iter::from_fn(move || {
+        let cur = next?;
+        next = cur.source();
+        Some(cur)
+    })
+}
+
+/// The innermost useful text of a transport failure, e.g. "tcp connect error: Connection refused (os error 111)".
+pub(crate) fn describe_transport_failure(status: &tonic::Status) -> String {
+    let parts: Vec<String> = source_chain(status).map(|e| e.to_string()).collect();
+    let mut text = String::new();
+    for p in parts {
+        if text.contains(&p) {
+            continue;
+        }
+        if !text.is_empty() {
+            text.push_str(": ");
+        }
+        text.push_str(&p);
+    }
+    if text.is_empty() {
+        status.message().to_string()
+    } else {
+        text
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_ceiling_doubles_and_caps() {
+        let b = Backoff::default();
+        assert_eq!(b.ceiling(0), Duration::from_millis(50));
+        assert_eq!(b.ceiling(1), Duration::from_millis(100));
+        assert_eq!(b.ceiling(2), Duration::from_millis(200));
+        assert_eq!(b.ceiling(5), Duration::from_millis(1600));
+        assert_eq!(b.ceiling(6), Duration::from_secs(2));
+        assert_eq!(b.ceiling(31), Duration::from_secs(2));
+        assert_eq!(b.ceiling(u32::MAX), Duration::from_secs(2));
+    }
+
+    #[test]
+    fn backoff_delay_stays_in_bounds() {
+        let b = Backoff::default();
+        for attempt in [0, 1, 3, 8, 40, u32::MAX] {
+            let ceiling = b.ceiling(attempt);
+            for _ in 0..200 {
+                let d = b.delay(attempt);
+                assert!(d <= ceiling, "attempt {attempt}: {d:?} > {ceiling:?}");
+            }
+        }
+        // Full jitter actually spreads: 200 draws are not all equal.
+        let draws: std::collections::HashSet<Duration> = (0..200).map(|_| b.delay(4)).collect();
+        assert!(draws.len() > 10);
+    }
+
+    #[test]
+    fn huge_base_does_not_overflow() {
+        let b = Backoff { base: Duration::from_secs(u64::MAX / 2), cap: Duration::MAX };
+        assert_eq!(b.ceiling(10), Duration::MAX);
+        let _ = b.delay(10);
+    }
+
+    #[test]
+    fn classification() {
+        assert!(is_unavailable(&tonic::Status::unavailable("no leader")));
+        assert!(!is_unavailable(&tonic::Status::not_found("x")));
+        assert!(!RetryPolicy::ConnectOnly.allows(&tonic::Status::unavailable("no leader")));
+        assert!(RetryPolicy::ConnectOnly.allows(&tonic::Status::unknown("Service was not ready: x")));
+        let connect = tonic::Status::from_error(Box::new(tonic::ConnectError(Box::new(std::io::Error::from(
+            std::io::ErrorKind::ConnectionRefused,
+        )))));
+        assert_eq!(connect.code(), tonic::Code::Unavailable);
+        assert!(RetryPolicy::ConnectOnly.allows(&connect));
+        assert!(describe_transport_failure(&connect).contains("refused"), "{}", describe_transport_failure(&connect));
+    }
+}

@@ -1,0 +1,196 @@
+//! Validation of identifiers and small strings that cross the API.
+//!
+//! Every function returns a [`ValidationError`] naming the field and the rule,
+//! which servers turn into `INVALID_ARGUMENT`.
+
+use std::collections::HashMap;
+
+use crate::limits;
+
+/// A request field broke a rule. Servers answer `INVALID_ARGUMENT` (or
+/// `OUT_OF_RANGE` for limits) with this text.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ValidationError {
+    /// The field is malformed.
+    #[error("invalid {field}: {reason}")]
+    Invalid {
+        /// Which field.
+        field: &'static str,
+        /// What is wrong.
+        reason: String,
+    },
+    /// The field is over a documented limit.
+    #[error("{field} exceeds the limit of {limit}: got {got}")]
+    OverLimit {
+        /// Which field.
+        field: &'static str,
+        /// The limit, with its unit.
+        limit: String,
+        /// The value given.
+        got: String,
+    },
+}
+
+impl ValidationError {
+    /// A malformed field.
+    pub fn invalid(field: &'static str, reason: impl Into<String>) -> Self {
+        Self::Invalid { field, reason: reason.into() }
+    }
+
+    /// A field over its limit.
+    pub fn over(field: &'static str, limit: impl ToString, got: impl ToString) -> Self {
+        Self::OverLimit { field, limit: limit.to_string(), got: got.to_string() }
+    }
+}
+
+impl From<ValidationError> for tonic::Status {
+    fn from(e: ValidationError) -> Self {
+        match e {
+            ValidationError::Invalid { .. } => tonic::Status::invalid_argument(e.to_string()),
+            ValidationError::OverLimit { .. } => tonic::Status::out_of_range(e.to_string()),
+        }
+    }
+}
+
+/// A session id is a lowercase, hyphenated UUID.
+pub fn validate_session_id(id: &str) -> Result<(), ValidationError> {
+    let ok = id.len() == 36
+        && uuid::Uuid::parse_str(id).is_ok()
+        && id.bytes().all(|b| b == b'-' || b.is_ascii_digit() || (b'a'..=b'f').contains(&b));
+    if ok {
+        Ok(())
+    } else {
+        Err(ValidationError::invalid("session id", format!("{:?} is not a lowercase hyphenated UUID", truncate(id))))
+    }
+}
+
+/// A new session id.
+pub fn new_session_id() -> String {
+    uuid::Uuid::now_v7().hyphenated().to_string()
+}
+
+/// Node ids and template names are DNS labels: 1-63 of `[a-z0-9-]`, not starting or ending with `-`.
+pub fn validate_dns_label(field: &'static str, s: &str) -> Result<(), ValidationError> {
+    if s.is_empty() || s.len() > 63 {
+        return Err(ValidationError::invalid(field, format!("{:?} must be 1-63 characters", truncate(s))));
+    }
+    let ok = s.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && !s.starts_with('-')
+        && !s.ends_with('-');
+    if ok {
+        Ok(())
+    } else {
+        Err(ValidationError::invalid(
+            field,
+            format!("{:?} must be lowercase letters, digits and '-', not starting or ending with '-'", truncate(s)),
+        ))
+    }
+}
+
+/// A node id.
+pub fn validate_node_id(s: &str) -> Result<(), ValidationError> {
+    validate_dns_label("node id", s)
+}
+
+/// A template name.
+pub fn validate_template(s: &str) -> Result<(), ValidationError> {
+    validate_dns_label("template", s)
+}
+
+/// A client request id: 1-128 of `[A-Za-z0-9._:-]`.
+pub fn validate_request_id(s: &str) -> Result<(), ValidationError> {
+    if s.is_empty() {
+        return Err(ValidationError::invalid("request_id", "must not be empty; pass a unique id per logical create"));
+    }
+    if s.len() > 128 {
+        return Err(ValidationError::over("request_id", "128 characters", s.len()));
+    }
+    if !s.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b':' | b'-')) {
+        return Err(ValidationError::invalid("request_id", format!("{:?} may only hold [A-Za-z0-9._:-]", truncate(s))));
+    }
+    Ok(())
+}
+
+fn is_label_char(b: u8) -> bool {
+    b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-')
+}
+
+/// Labels: at most [`limits::MAX_LABELS`]; keys 1-63 and values 0-63 of `[A-Za-z0-9._-]`.
+pub fn validate_labels(field: &'static str, labels: &HashMap<String, String>) -> Result<(), ValidationError> {
+    if labels.len() > limits::MAX_LABELS {
+        return Err(ValidationError::over(field, format!("{} labels", limits::MAX_LABELS), labels.len()));
+    }
+    for (k, v) in labels {
+        if k.is_empty() || k.len() > 63 || !k.bytes().all(is_label_char) {
+            return Err(ValidationError::invalid(field, format!("key {:?} must be 1-63 of [A-Za-z0-9._-]", truncate(k))));
+        }
+        if v.len() > 63 || !v.bytes().all(is_label_char) {
+            return Err(ValidationError::invalid(field, format!("value of {k:?} must be 0-63 of [A-Za-z0-9._-]")));
+        }
+    }
+    Ok(())
+}
+
+/// Environment: at most [`limits::MAX_ENV_ENTRIES`]; keys `[A-Za-z_][A-Za-z0-9_]*`; no NUL in values.
+pub fn validate_env(field: &'static str, env: &HashMap<String, String>) -> Result<(), ValidationError> {
+    if env.len() > limits::MAX_ENV_ENTRIES {
+        return Err(ValidationError::over(field, format!("{} variables", limits::MAX_ENV_ENTRIES), env.len()));
+    }
+    for (k, v) in env {
+        let mut bytes = k.bytes();
+        let first_ok = matches!(bytes.next(), Some(b) if b.is_ascii_alphabetic() || b == b'_');
+        if !first_ok || !bytes.all(|b| b.is_ascii_alphanumeric() || b == b'_') || k.len() > 256 {
+            return Err(ValidationError::invalid(field, format!("key {:?} must match [A-Za-z_][A-Za-z0-9_]*", truncate(k))));
+        }
+        if v.len() > limits::MAX_ENV_VALUE_BYTES {
+            return Err(ValidationError::over(field, format!("{} bytes per value", limits::MAX_ENV_VALUE_BYTES), v.len()));
+        }
+        if v.contains('\0') {
+            return Err(ValidationError::invalid(field, format!("value of {k} contains a NUL byte")));
+        }
+    }
+    Ok(())
+}
+
+fn truncate(s: &str) -> String {
+    s.chars().take(80).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn session_ids() {
+        let id = new_session_id();
+        assert!(validate_session_id(&id).is_ok());
+        assert!(validate_session_id(&id.to_uppercase()).is_err());
+        assert!(validate_session_id("../etc").is_err());
+        assert!(validate_session_id("").is_err());
+    }
+
+    #[test]
+    fn labels_and_templates() {
+        assert!(validate_template("python").is_ok());
+        assert!(validate_template("Python").is_err());
+        assert!(validate_template("-x").is_err());
+        assert!(validate_template(&"a".repeat(64)).is_err());
+        let mut l = HashMap::new();
+        l.insert("team".to_string(), "ml".to_string());
+        assert!(validate_labels("labels", &l).is_ok());
+        l.insert("bad key".to_string(), "x".to_string());
+        assert!(validate_labels("labels", &l).is_err());
+    }
+
+    #[test]
+    fn request_ids_and_env() {
+        assert!(validate_request_id("req-1:a.b_c").is_ok());
+        assert!(validate_request_id("").is_err());
+        assert!(matches!(validate_request_id(&"a".repeat(129)), Err(ValidationError::OverLimit { .. })));
+        let mut env = HashMap::new();
+        env.insert("PATH_X".to_string(), "1".to_string());
+        assert!(validate_env("env", &env).is_ok());
+        env.insert("1BAD".to_string(), "1".to_string());
+        assert!(validate_env("env", &env).is_err());
+    }
+}

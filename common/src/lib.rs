@@ -1,0 +1,23 @@
+//! Pieces shared by every Sandfleet crate that are not part of the wire contract itself.
+//!
+//! This crate owns the rules both sides of a call must agree on: what a valid
+//! id looks like, the hard limits on requests, how resource quantities are
+//! written, how session tokens are signed and verified, and how a process sets
+//! up tracing with OpenTelemetry export.
+//!
+//! # Layout
+//! - [`ids`]: validation of session ids, node ids, templates, request ids, labels and env keys.
+//! - [`limits`]: defaults and hard limits (sizes, counts, durations).
+//! - [`quantity`]: parsing `256Mi` / `0.5` / `500m` style resource quantities.
+//! - [`token`]: Ed25519-signed, session-scoped data-plane tokens.
+//! - [`telemetry`]: `tracing` subscriber set from `RUST_LOG`, with optional OTLP export.
+//! - [`time`]: wall-clock helpers in Unix milliseconds.
+
+pub mod ids;
+pub mod limits;
+pub mod quantity;
+pub mod telemetry;
+pub mod time;
+pub mod token;
+
+pub use ids::ValidationError;

@@ -1,0 +1,84 @@
+//! `sandfleet-coordinator`: one member of the coordinator cluster.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::Parser;
+use sandfleet_coordinator::{serve, CoordinatorConfig};
+use tokio_util::sync::CancellationToken;
+
+/// A Sandfleet coordinator: Raft-replicated cluster state and the public gRPC API.
+#[derive(Debug, Parser)]
+#[command(version, about)]
+struct Args {
+    /// Raft member id, unique and non-zero.
+    #[arg(long)]
+    id: u64,
+    /// Address to listen on for gRPC (port 0 picks a free port).
+    #[arg(long, default_value = "127.0.0.1:7070")]
+    listen: SocketAddr,
+    /// Address others reach this member at (defaults to the bound address).
+    #[arg(long)]
+    advertise: Option<String>,
+    /// Directory for the RocksDB store.
+    #[arg(long)]
+    data_dir: PathBuf,
+    /// Start a new one-member cluster if this member has no state yet.
+    #[arg(long)]
+    bootstrap: bool,
+    /// Raft heartbeat interval.
+    #[arg(long, default_value = "100ms", value_parser = humantime_duration)]
+    heartbeat_interval: Duration,
+    /// Raft election timeout.
+    #[arg(long, default_value = "1s", value_parser = humantime_duration)]
+    election_timeout: Duration,
+    /// Snapshot and compact the log after this many entries.
+    #[arg(long, default_value_t = 5000)]
+    snapshot_after_entries: u64,
+}
+
+fn humantime_duration(s: &str) -> Result<Duration, String> {
+    humantime::parse_duration(s).map_err(|e| format!("invalid duration {s:?}: {e}; use e.g. 100ms, 1s, 2m"))
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    let _telemetry = sandfleet_common::telemetry::init("sandfleet-coordinator");
+    let shutdown = CancellationToken::new();
+    let config = CoordinatorConfig {
+        id: args.id,
+        listen: args.listen,
+        advertise: args.advertise,
+        data_dir: args.data_dir,
+        bootstrap: args.bootstrap,
+        heartbeat_interval: args.heartbeat_interval,
+        election_timeout: args.election_timeout,
+        snapshot_after_entries: args.snapshot_after_entries,
+        ..Default::default()
+    };
+    let coordinator = serve(config, shutdown.clone()).await.context("failed to start the coordinator")?;
+    println!("{}", serde_json::json!({"ready": "coordinator", "id": args.id, "addr": coordinator.addr().to_string()}));
+
+    let stop = shutdown.clone();
+    tokio::spawn(async move {
+        wait_for_signal().await;
+        tracing::info!("shutting down");
+        stop.cancel();
+    });
+    coordinator.join().await.context("coordinator stopped with an error")?;
+    Ok(())
+}
+
+async fn wait_for_signal() {
+    let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+        Ok(s) => s,
+        Err(_) => return std::future::pending().await,
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+}

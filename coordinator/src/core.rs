@@ -1,0 +1,253 @@
+//! The coordinator's shared core: the Raft handle, the applied state, and the
+//! two primitives every API call is built on — [`Core::propose`] (a write,
+//! forwarded to the leader when this member is not it) and
+//! [`Core::read_barrier`] (a linearizable read-index, also through the leader).
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+use std::time::Duration;
+
+use openraft::error::{ClientWriteError, RaftError};
+use sandfleet_common::token::{SessionClaims, TokenSigner};
+use sandfleet_proto::v1::{self as pb, raft_service_client::RaftServiceClient, RaftPayload};
+use serde::{Deserialize, Serialize};
+use tokio::sync::Notify;
+use tonic::transport::Channel;
+use tonic::Status;
+
+use crate::raft::store::StateHandle;
+use crate::raft::{network, typ, Raft};
+use crate::state::{Command, CommandResponse, SessionPhase, SessionRecord};
+
+/// Deadline of a forwarded write or read-index.
+const FORWARD_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long a data-plane token lives at most.
+const TOKEN_TTL_MS: i64 = 3600 * 1000;
+
+/// The answer to a forwarded proposal or read-index.
+#[derive(Debug, Serialize, Deserialize)]
+pub enum ForwardResult<T> {
+    Ok(T),
+    /// The callee is not the leader either; try this one.
+    NotLeader { leader: Option<String> },
+    Err(String),
+}
+
+/// Tunables of the control loops.
+#[derive(Debug, Clone)]
+pub struct Tunables {
+    /// How often agents are asked to heartbeat.
+    pub agent_heartbeat: Duration,
+}
+
+/// Shared by every service of one coordinator.
+pub struct Core {
+    pub id: u64,
+    pub addr: String,
+    pub raft: Raft,
+    pub state: StateHandle,
+    pub tunables: Tunables,
+    /// Last heartbeat per node, in memory only (not replicated).
+    pub heartbeats: Mutex<HashMap<String, i64>>,
+    /// Wakes the leader loop (new pending session, new node, deletion).
+    pub wake: Notify,
+    peers: Mutex<HashMap<String, RaftServiceClient<Channel>>>,
+}
+
+impl Core {
+    pub fn new(id: u64, addr: String, raft: Raft, state: StateHandle, tunables: Tunables) -> Self {
+        Self {
+            id,
+            addr,
+            raft,
+            state,
+            tunables,
+            heartbeats: Mutex::new(HashMap::new()),
+            wake: Notify::new(),
+            peers: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// True when this member currently believes it leads.
+    pub fn is_leader(&self) -> bool {
+        self.raft.metrics().borrow().current_leader == Some(self.id)
+    }
+
+    /// The current leader's address, if known.
+    pub fn leader_addr(&self) -> Option<String> {
+        let m = self.raft.metrics().borrow().clone();
+        let leader = m.current_leader?;
+        m.membership_config.membership().get_node(&leader).map(|n| n.addr.clone())
+    }
+
+    fn peer(&self, addr: &str) -> Result<RaftServiceClient<Channel>, Status> {
+        let mut peers = self.peers.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(c) = peers.get(addr) {
+            return Ok(c.clone());
+        }
+        let ch = network::channel(addr).map_err(|e| Status::internal(format!("bad leader address {addr}: {e}")))?;
+        let c = RaftServiceClient::new(ch)
+            .max_decoding_message_size(sandfleet_common::limits::MAX_GRPC_MESSAGE_BYTES)
+            .max_encoding_message_size(sandfleet_common::limits::MAX_GRPC_MESSAGE_BYTES);
+        peers.insert(addr.to_string(), c.clone());
+        Ok(c)
+    }
+
+    /// Commits a command and returns what applying it produced. On a follower
+    /// the command is forwarded to the leader, so callers never hunt for it.
+    #[tracing::instrument(level = "debug", skip_all)]
+    pub async fn propose(&self, cmd: Command) -> Result<CommandResponse, Status> {
+        match self.raft.client_write(cmd.clone()).await {
+            Ok(resp) => Ok(resp.data),
+            Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f))) => {
+                let Some(node) = f.leader_node else {
+                    return Err(Status::unavailable("no coordinator leader is elected right now; retry shortly"));
+                };
+                self.forward_propose(&node.addr, &cmd).await
+            }
+            Err(RaftError::APIError(ClientWriteError::ChangeMembershipError(e))) => Err(Status::failed_precondition(e.to_string())),
+            Err(RaftError::Fatal(e)) => Err(Status::unavailable(format!("raft stopped: {e}"))),
+        }
+    }
+
+    async fn forward_propose(&self, leader: &str, cmd: &Command) -> Result<CommandResponse, Status> {
+        let mut client = self.peer(leader)?;
+        let data = serde_json::to_vec(cmd).map_err(|e| Status::internal(e.to_string()))?;
+        let mut req = tonic::Request::new(RaftPayload { data });
+        req.set_timeout(FORWARD_TIMEOUT);
+        let resp = client
+            .propose(req)
+            .await
+            .map_err(|s| Status::unavailable(format!("forwarding to leader {leader} failed: {}", s.message())))?;
+        match serde_json::from_slice::<ForwardResult<CommandResponse>>(&resp.into_inner().data) {
+            Ok(ForwardResult::Ok(r)) => Ok(r),
+            Ok(ForwardResult::NotLeader { .. }) => Err(Status::unavailable("leadership moved while forwarding; retry")),
+            Ok(ForwardResult::Err(e)) => Err(Status::unavailable(e)),
+            Err(e) => Err(Status::internal(format!("bad forward response: {e}"))),
+        }
+    }
+
+    /// Serves a forwarded proposal on the leader.
+    pub async fn handle_forwarded_propose(&self, cmd: Command) -> ForwardResult<CommandResponse> {
+        match self.raft.client_write(cmd).await {
+            Ok(r) => ForwardResult::Ok(r.data),
+            Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f))) => {
+                ForwardResult::NotLeader { leader: f.leader_node.map(|n| n.addr) }
+            }
+            Err(e) => ForwardResult::Err(e.to_string()),
+        }
+    }
+
+    /// Waits until this member has applied everything committed before the
+    /// call started, as confirmed by the leader (read-index).
+    pub async fn read_barrier(&self, consistency: i32) -> Result<(), Status> {
+        if consistency == pb::ReadConsistency::Stale as i32 {
+            return Ok(());
+        }
+        let index = match self.raft.ensure_linearizable().await {
+            Ok(_) => return Ok(()),
+            Err(RaftError::APIError(typ::CheckIsLeaderError::ForwardToLeader(f))) => {
+                let Some(node) = f.leader_node else {
+                    return Err(Status::unavailable("no coordinator leader is elected right now; retry, or ask for a stale read"));
+                };
+                let mut client = self.peer(&node.addr)?;
+                let mut req = tonic::Request::new(RaftPayload { data: Vec::new() });
+                req.set_timeout(FORWARD_TIMEOUT);
+                let resp = client.read_index(req).await.map_err(|s| Status::unavailable(s.message().to_string()))?;
+                match serde_json::from_slice::<ForwardResult<u64>>(&resp.into_inner().data) {
+                    Ok(ForwardResult::Ok(i)) => i,
+                    Ok(_) | Err(_) => return Err(Status::unavailable("leader could not confirm a read index; retry")),
+                }
+            }
+            Err(e) => return Err(Status::unavailable(format!("cannot confirm leadership: {e}"))),
+        };
+        self.raft
+            .wait(Some(FORWARD_TIMEOUT))
+            .applied_index_at_least(Some(index), "read barrier")
+            .await
+            .map_err(|e| Status::unavailable(format!("this coordinator is lagging: {e}")))?;
+        Ok(())
+    }
+
+    /// Serves a forwarded read-index on the leader.
+    pub async fn handle_read_index(&self) -> ForwardResult<u64> {
+        match self.raft.ensure_linearizable().await {
+            Ok(id) => ForwardResult::Ok(id.map(|l| l.index).unwrap_or(0)),
+            Err(RaftError::APIError(typ::CheckIsLeaderError::ForwardToLeader(f))) => {
+                ForwardResult::NotLeader { leader: f.leader_node.map(|n| n.addr) }
+            }
+            Err(e) => ForwardResult::Err(e.to_string()),
+        }
+    }
+
+    /// The token signer, once the cluster has its key.
+    pub fn signer(&self) -> Option<TokenSigner> {
+        self.state.read(|s| (!s.signing_seed.is_empty()).then(|| TokenSigner::from_seed(&s.signing_seed).ok()).flatten())
+    }
+
+    /// Converts a record for the wire, with a fresh token when asked.
+    pub fn to_proto(&self, s: &SessionRecord, with_token: bool) -> pb::Session {
+        let node_address = s
+            .node_id
+            .as_ref()
+            .and_then(|n| self.state.read(|st| st.nodes.get(n).map(|n| n.address.clone())))
+            .unwrap_or_default();
+        let token = if with_token && !s.phase.is_terminal() {
+            self.signer()
+                .map(|signer| {
+                    signer.sign(&SessionClaims {
+                        sid: s.id.clone(),
+                        node: s.node_id.clone().unwrap_or_default(),
+                        generation: s.generation,
+                        exp_ms: s.expires_at_ms.min(crate::now_ms() + TOKEN_TTL_MS),
+                    })
+                })
+                .unwrap_or_default()
+        } else {
+            String::new()
+        };
+        pb::Session {
+            id: s.id.clone(),
+            spec: Some(pb::SessionSpec {
+                template: s.spec.template.clone(),
+                cpu_millis: s.spec.cpu_millis,
+                memory_bytes: s.spec.memory_bytes,
+                pids_limit: s.spec.pids_limit,
+                env: s.spec.env.clone().into_iter().collect(),
+                labels: s.spec.labels.clone().into_iter().collect(),
+                ttl_seconds: s.spec.ttl_seconds,
+            }),
+            state: phase_to_proto(s.phase) as i32,
+            node_id: s.node_id.clone().unwrap_or_default(),
+            node_address,
+            generation: s.generation,
+            request_id: s.request_id.clone(),
+            created_at_ms: s.created_at_ms,
+            expires_at_ms: s.expires_at_ms,
+            pending_reason: s.pending_reason.clone(),
+            message: s.message.clone(),
+            token,
+            updated_at_ms: s.updated_at_ms,
+        }
+    }
+}
+
+/// Stored phase → wire state.
+pub fn phase_to_proto(p: SessionPhase) -> pb::SessionState {
+    match p {
+        SessionPhase::Pending => pb::SessionState::Pending,
+        SessionPhase::Running => pb::SessionState::Running,
+        SessionPhase::Lost => pb::SessionState::Lost,
+        SessionPhase::Terminated => pb::SessionState::Terminated,
+        SessionPhase::Failed => pb::SessionState::Failed,
+    }
+}
+
+/// Maps an apply result that is not the expected success to a status.
+pub fn response_status(r: CommandResponse) -> Status {
+    match r {
+        CommandResponse::NotFound(id) => Status::not_found(format!("session {id} not found")),
+        CommandResponse::Rejected(why) => Status::failed_precondition(why),
+        other => Status::internal(format!("unexpected apply result {other:?}")),
+    }
+}

@@ -1,0 +1,474 @@
+//! RocksDB storage for Raft: the log store and the state machine, in one
+//! database with one column family per kind of data.
+//!
+//! | column family | key | value |
+//! |---|---|---|
+//! | `raft_log` | log index (u64 BE) | JSON entry |
+//! | `raft_meta` | `vote`, `committed`, `last_purged` | JSON |
+//! | `sm_sessions` | session id | JSON [`SessionRecord`] |
+//! | `sm_nodes` | node id | JSON [`NodeRecord`] |
+//! | `sm_request_ids` | request id | session id |
+//! | `sm_meta` | `last_applied`, `membership`, `signing_seed` | JSON |
+//! | `snapshot` | `current` | JSON [`StoredSnapshot`] |
+//!
+//! Log appends, votes and snapshots are fsynced before they are acknowledged.
+//! State-machine writes are not: on a crash, openraft replays the durable log
+//! from the durable `last_applied`, which is written in the same batch as the
+//! state it describes.
+
+use std::fmt::Debug;
+use std::io::Cursor;
+use std::ops::{Bound, RangeBounds};
+use std::path::Path;
+use std::sync::{Arc, RwLock};
+
+use openraft::storage::{LogFlushed, LogState, RaftLogStorage, RaftStateMachine, Snapshot};
+use openraft::{
+    AnyError, Entry, EntryPayload, ErrorSubject, ErrorVerb, LogId, OptionalSend, RaftLogReader, RaftSnapshotBuilder,
+    SnapshotMeta, StorageError, StorageIOError, StoredMembership, Vote,
+};
+use rocksdb::{ColumnFamilyDescriptor, Direction, IteratorMode, Options, WriteBatch, WriteOptions, DB};
+use serde::{Deserialize, Serialize};
+use tokio::sync::{broadcast, watch};
+
+use super::{Member, NodeId, TypeConfig};
+use crate::state::{ClusterState, CommandResponse, SessionRecord, Touched};
+
+type StorageResult<T> = Result<T, StorageError<NodeId>>;
+
+const CF_LOG: &str = "raft_log";
+const CF_META: &str = "raft_meta";
+const CF_SESSIONS: &str = "sm_sessions";
+const CF_NODES: &str = "sm_nodes";
+const CF_REQUEST_IDS: &str = "sm_request_ids";
+const CF_SM_META: &str = "sm_meta";
+const CF_SNAPSHOT: &str = "snapshot";
+const ALL_CFS: [&str; 7] = [CF_LOG, CF_META, CF_SESSIONS, CF_NODES, CF_REQUEST_IDS, CF_SM_META, CF_SNAPSHOT];
+
+/// Opens (or creates) the database with every column family.
+pub fn open_db(path: &Path) -> Result<Arc<DB>, rocksdb::Error> {
+    let mut opts = Options::default();
+    opts.create_if_missing(true);
+    opts.create_missing_column_families(true);
+    let cfs = ALL_CFS.iter().map(|n| ColumnFamilyDescriptor::new(*n, Options::default()));
+    Ok(Arc::new(DB::open_cf_descriptors(&opts, path, cfs)?))
+}
+
+fn sync_opts() -> WriteOptions {
+    let mut o = WriteOptions::default();
+    o.set_sync(true);
+    o
+}
+
+fn idx_key(i: u64) -> [u8; 8] {
+    i.to_be_bytes()
+}
+
+fn io_err(subject: ErrorSubject<NodeId>, verb: ErrorVerb, e: impl std::error::Error + 'static) -> StorageError<NodeId> {
+    StorageError::IO { source: StorageIOError::new(subject, verb, AnyError::new(&e)) }
+}
+
+fn read_err(e: impl std::error::Error + 'static) -> StorageError<NodeId> {
+    io_err(ErrorSubject::Store, ErrorVerb::Read, e)
+}
+
+fn write_err(e: impl std::error::Error + 'static) -> StorageError<NodeId> {
+    io_err(ErrorSubject::Store, ErrorVerb::Write, e)
+}
+
+fn cf<'a>(db: &'a DB, name: &str) -> &'a rocksdb::ColumnFamily {
+    db.cf_handle(name).expect("column family created at open")
+}
+
+fn get_json<T: for<'de> Deserialize<'de>>(db: &DB, cf_name: &str, key: &[u8]) -> StorageResult<Option<T>> {
+    match db.get_cf(cf(db, cf_name), key).map_err(read_err)? {
+        None => Ok(None),
+        Some(v) => Ok(Some(serde_json::from_slice(&v).map_err(read_err)?)),
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Log store
+// ---------------------------------------------------------------------------
+
+/// The Raft log, vote and commit index.
+#[derive(Debug, Clone)]
+pub struct LogStore {
+    db: Arc<DB>,
+}
+
+impl LogStore {
+    pub fn new(db: Arc<DB>) -> Self {
+        Self { db }
+    }
+
+    fn put_meta_sync<T: Serialize>(&self, key: &[u8], v: &T) -> StorageResult<()> {
+        let bytes = serde_json::to_vec(v).map_err(write_err)?;
+        self.db.put_cf_opt(cf(&self.db, CF_META), key, bytes, &sync_opts()).map_err(write_err)
+    }
+}
+
+impl RaftLogReader<TypeConfig> for LogStore {
+    async fn try_get_log_entries<RB: RangeBounds<u64> + Clone + Debug + OptionalSend>(
+        &mut self,
+        range: RB,
+    ) -> StorageResult<Vec<Entry<TypeConfig>>> {
+        let start = match range.start_bound() {
+            Bound::Included(x) => *x,
+            Bound::Excluded(x) => *x + 1,
+            Bound::Unbounded => 0,
+        };
+        let mut out = Vec::new();
+        let it = self.db.iterator_cf(cf(&self.db, CF_LOG), IteratorMode::From(&idx_key(start), Direction::Forward));
+        for item in it {
+            let (k, v) = item.map_err(read_err)?;
+            let idx = u64::from_be_bytes(k.as_ref().try_into().map_err(|_| read_err(std::io::Error::other("bad log key")))?);
+            if !range.contains(&idx) {
+                break;
+            }
+            out.push(serde_json::from_slice(&v).map_err(|e| io_err(ErrorSubject::Logs, ErrorVerb::Read, e))?);
+        }
+        Ok(out)
+    }
+}
+
+impl RaftLogStorage<TypeConfig> for LogStore {
+    type LogReader = Self;
+
+    async fn get_log_state(&mut self) -> StorageResult<LogState<TypeConfig>> {
+        let last = match self.db.iterator_cf(cf(&self.db, CF_LOG), IteratorMode::End).next() {
+            None => None,
+            Some(item) => {
+                let (_, v) = item.map_err(read_err)?;
+                let e: Entry<TypeConfig> = serde_json::from_slice(&v).map_err(read_err)?;
+                Some(e.log_id)
+            }
+        };
+        let last_purged: Option<LogId<NodeId>> = get_json(&self.db, CF_META, b"last_purged")?;
+        Ok(LogState { last_purged_log_id: last_purged, last_log_id: last.or(last_purged) })
+    }
+
+    async fn get_log_reader(&mut self) -> Self::LogReader {
+        self.clone()
+    }
+
+    async fn save_vote(&mut self, vote: &Vote<NodeId>) -> StorageResult<()> {
+        self.put_meta_sync(b"vote", vote)
+    }
+
+    async fn read_vote(&mut self) -> StorageResult<Option<Vote<NodeId>>> {
+        get_json(&self.db, CF_META, b"vote")
+    }
+
+    async fn save_committed(&mut self, committed: Option<LogId<NodeId>>) -> StorageResult<()> {
+        // Not fsynced: a lost commit index is recomputed by the leader.
+        let bytes = serde_json::to_vec(&committed).map_err(write_err)?;
+        self.db.put_cf(cf(&self.db, CF_META), b"committed", bytes).map_err(write_err)
+    }
+
+    async fn read_committed(&mut self) -> StorageResult<Option<LogId<NodeId>>> {
+        Ok(get_json::<Option<LogId<NodeId>>>(&self.db, CF_META, b"committed")?.flatten())
+    }
+
+    async fn append<I>(&mut self, entries: I, callback: LogFlushed<TypeConfig>) -> StorageResult<()>
+    where
+        I: IntoIterator<Item = Entry<TypeConfig>> + Send,
+        I::IntoIter: Send,
+    {
+        let mut batch = WriteBatch::default();
+        let log_cf = cf(&self.db, CF_LOG);
+        for entry in entries {
+            let bytes = serde_json::to_vec(&entry).map_err(|e| io_err(ErrorSubject::Logs, ErrorVerb::Write, e))?;
+            batch.put_cf(log_cf, idx_key(entry.log_id.index), bytes);
+        }
+        // One fsynced batch per append call: openraft batches entries under load,
+        // so a burst of writes costs one fsync.
+        let db = self.db.clone();
+        let res = tokio::task::spawn_blocking(move || db.write_opt(batch, &sync_opts()))
+            .await
+            .map_err(|e| io_err(ErrorSubject::Logs, ErrorVerb::Write, std::io::Error::other(e.to_string())))?;
+        match res {
+            Ok(()) => {
+                callback.log_io_completed(Ok(()));
+                Ok(())
+            }
+            Err(e) => {
+                let err = std::io::Error::other(e.to_string());
+                callback.log_io_completed(Err(std::io::Error::other(e.to_string())));
+                Err(io_err(ErrorSubject::Logs, ErrorVerb::Write, err))
+            }
+        }
+    }
+
+    async fn truncate(&mut self, log_id: LogId<NodeId>) -> StorageResult<()> {
+        let mut batch = WriteBatch::default();
+        batch.delete_range_cf(cf(&self.db, CF_LOG), idx_key(log_id.index), idx_key(u64::MAX));
+        self.db.write_opt(batch, &sync_opts()).map_err(|e| io_err(ErrorSubject::Logs, ErrorVerb::Delete, e))
+    }
+
+    async fn purge(&mut self, log_id: LogId<NodeId>) -> StorageResult<()> {
+        self.put_meta_sync(b"last_purged", &log_id)?;
+        let mut batch = WriteBatch::default();
+        batch.delete_range_cf(cf(&self.db, CF_LOG), idx_key(0), idx_key(log_id.index + 1));
+        self.db.write(batch).map_err(|e| io_err(ErrorSubject::Logs, ErrorVerb::Delete, e))
+    }
+}
+
+// ---------------------------------------------------------------------------
+// State machine
+// ---------------------------------------------------------------------------
+
+/// A snapshot as stored on disk and sent to lagging members.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct StoredSnapshot {
+    pub meta: SnapshotMeta<NodeId, Member>,
+    /// JSON of [`ClusterState`].
+    pub data: Vec<u8>,
+}
+
+/// Read access to the applied state, shared with the API layer.
+#[derive(Clone)]
+pub struct StateHandle {
+    state: Arc<RwLock<ClusterState>>,
+    /// Every session change, after it is applied on this member.
+    pub session_events: broadcast::Sender<SessionRecord>,
+    /// Bumped after every applied batch; watchers re-read the state.
+    pub version: watch::Sender<u64>,
+}
+
+impl StateHandle {
+    /// Runs `f` with the current state.
+    pub fn read<R>(&self, f: impl FnOnce(&ClusterState) -> R) -> R {
+        let g = self.state.read().unwrap_or_else(|p| p.into_inner());
+        f(&g)
+    }
+}
+
+/// The state machine store: the in-memory [`ClusterState`], written through to RocksDB.
+pub struct StateMachineStore {
+    db: Arc<DB>,
+    handle: StateHandle,
+    last_applied: Option<LogId<NodeId>>,
+    membership: StoredMembership<NodeId, Member>,
+}
+
+impl StateMachineStore {
+    /// Loads the state machine from its column families.
+    pub fn load(db: Arc<DB>) -> StorageResult<Self> {
+        let mut state = ClusterState::default();
+        for item in db.iterator_cf(cf(&db, CF_SESSIONS), IteratorMode::Start) {
+            let (k, v) = item.map_err(read_err)?;
+            state.sessions.insert(String::from_utf8_lossy(&k).into_owned(), serde_json::from_slice(&v).map_err(read_err)?);
+        }
+        for item in db.iterator_cf(cf(&db, CF_NODES), IteratorMode::Start) {
+            let (k, v) = item.map_err(read_err)?;
+            state.nodes.insert(String::from_utf8_lossy(&k).into_owned(), serde_json::from_slice(&v).map_err(read_err)?);
+        }
+        for item in db.iterator_cf(cf(&db, CF_REQUEST_IDS), IteratorMode::Start) {
+            let (k, v) = item.map_err(read_err)?;
+            state.request_ids.insert(String::from_utf8_lossy(&k).into_owned(), String::from_utf8_lossy(&v).into_owned());
+        }
+        state.signing_seed = get_json(&db, CF_SM_META, b"signing_seed")?.unwrap_or_default();
+        state.rebuild_indexes();
+        let last_applied = get_json::<Option<LogId<NodeId>>>(&db, CF_SM_META, b"last_applied")?.flatten();
+        let membership = get_json(&db, CF_SM_META, b"membership")?.unwrap_or_default();
+        let (session_events, _) = broadcast::channel(4096);
+        let (version, _) = watch::channel(0);
+        Ok(Self {
+            db,
+            handle: StateHandle { state: Arc::new(RwLock::new(state)), session_events, version },
+            last_applied,
+            membership,
+        })
+    }
+
+    /// The read handle for the API layer.
+    pub fn handle(&self) -> StateHandle {
+        self.handle.clone()
+    }
+
+    /// Writes the touched keys, `last_applied` and membership in one batch.
+    fn write_through(&self, state: &ClusterState, touched: &Touched) -> StorageResult<()> {
+        let db = &self.db;
+        let mut b = WriteBatch::default();
+        for id in &touched.sessions {
+            if let Some(s) = state.sessions.get(id) {
+                b.put_cf(cf(db, CF_SESSIONS), id, serde_json::to_vec(s).map_err(write_err)?);
+            }
+        }
+        for id in &touched.nodes {
+            if let Some(n) = state.nodes.get(id) {
+                b.put_cf(cf(db, CF_NODES), id, serde_json::to_vec(n).map_err(write_err)?);
+            }
+        }
+        for rid in &touched.request_ids {
+            if let Some(sid) = state.request_ids.get(rid) {
+                b.put_cf(cf(db, CF_REQUEST_IDS), rid, sid);
+            }
+        }
+        if touched.meta {
+            b.put_cf(cf(db, CF_SM_META), b"signing_seed", serde_json::to_vec(&state.signing_seed).map_err(write_err)?);
+        }
+        b.put_cf(cf(db, CF_SM_META), b"last_applied", serde_json::to_vec(&self.last_applied).map_err(write_err)?);
+        b.put_cf(cf(db, CF_SM_META), b"membership", serde_json::to_vec(&self.membership).map_err(write_err)?);
+        db.write(b).map_err(|e| io_err(ErrorSubject::StateMachine, ErrorVerb::Write, e))
+    }
+
+    /// Replaces the whole state machine (snapshot install).
+    fn replace_all(&self, state: &ClusterState) -> StorageResult<()> {
+        let db = &self.db;
+        let mut b = WriteBatch::default();
+        for name in [CF_SESSIONS, CF_NODES, CF_REQUEST_IDS] {
+            // Keys are strings; 0xff sorts after every UTF-8 byte sequence.
+            b.delete_range_cf(cf(db, name), b"".as_slice(), [0xffu8; 64].as_slice());
+        }
+        for (id, s) in &state.sessions {
+            b.put_cf(cf(db, CF_SESSIONS), id, serde_json::to_vec(s).map_err(write_err)?);
+        }
+        for (id, n) in &state.nodes {
+            b.put_cf(cf(db, CF_NODES), id, serde_json::to_vec(n).map_err(write_err)?);
+        }
+        for (rid, sid) in &state.request_ids {
+            b.put_cf(cf(db, CF_REQUEST_IDS), rid, sid);
+        }
+        b.put_cf(cf(db, CF_SM_META), b"signing_seed", serde_json::to_vec(&state.signing_seed).map_err(write_err)?);
+        b.put_cf(cf(db, CF_SM_META), b"last_applied", serde_json::to_vec(&self.last_applied).map_err(write_err)?);
+        b.put_cf(cf(db, CF_SM_META), b"membership", serde_json::to_vec(&self.membership).map_err(write_err)?);
+        db.write_opt(b, &sync_opts()).map_err(|e| io_err(ErrorSubject::StateMachine, ErrorVerb::Write, e))
+    }
+
+    fn save_snapshot(&self, snap: &StoredSnapshot) -> StorageResult<()> {
+        let bytes = serde_json::to_vec(snap).map_err(write_err)?;
+        self.db
+            .put_cf_opt(cf(&self.db, CF_SNAPSHOT), b"current", bytes, &sync_opts())
+            .map_err(|e| io_err(ErrorSubject::Snapshot(Some(snap.meta.signature())), ErrorVerb::Write, e))
+    }
+}
+
+/// Builds snapshots from a copy of the state taken under the read lock.
+pub struct SnapshotBuilder {
+    db: Arc<DB>,
+    state_json: Vec<u8>,
+    last_applied: Option<LogId<NodeId>>,
+    membership: StoredMembership<NodeId, Member>,
+}
+
+impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder {
+    async fn build_snapshot(&mut self) -> StorageResult<Snapshot<TypeConfig>> {
+        let snapshot_id = match self.last_applied {
+            Some(l) => format!("{}-{}-{}", l.leader_id, l.index, crate::now_ms()),
+            None => format!("none-{}", crate::now_ms()),
+        };
+        let meta = SnapshotMeta { last_log_id: self.last_applied, last_membership: self.membership.clone(), snapshot_id };
+        let stored = StoredSnapshot { meta: meta.clone(), data: std::mem::take(&mut self.state_json) };
+        let bytes = serde_json::to_vec(&stored).map_err(write_err)?;
+        self.db
+            .put_cf_opt(cf(&self.db, CF_SNAPSHOT), b"current", bytes, &sync_opts())
+            .map_err(|e| io_err(ErrorSubject::Snapshot(Some(meta.signature())), ErrorVerb::Write, e))?;
+        tracing::info!(snapshot = %meta.snapshot_id, "built snapshot");
+        Ok(Snapshot { meta, snapshot: Box::new(Cursor::new(stored.data)) })
+    }
+}
+
+impl RaftStateMachine<TypeConfig> for StateMachineStore {
+    type SnapshotBuilder = SnapshotBuilder;
+
+    async fn applied_state(&mut self) -> StorageResult<(Option<LogId<NodeId>>, StoredMembership<NodeId, Member>)> {
+        Ok((self.last_applied, self.membership.clone()))
+    }
+
+    async fn apply<I>(&mut self, entries: I) -> StorageResult<Vec<CommandResponse>>
+    where
+        I: IntoIterator<Item = Entry<TypeConfig>> + OptionalSend,
+        I::IntoIter: OptionalSend,
+    {
+        let mut replies = Vec::new();
+        let mut touched = Touched::default();
+        let state_arc = self.handle.state.clone();
+        let mut state = state_arc.write().unwrap_or_else(|p| p.into_inner());
+        for entry in entries {
+            self.last_applied = Some(entry.log_id);
+            match entry.payload {
+                EntryPayload::Blank => replies.push(CommandResponse::Ok),
+                EntryPayload::Normal(cmd) => replies.push(state.apply(cmd, &mut touched)),
+                EntryPayload::Membership(m) => {
+                    self.membership = StoredMembership::new(Some(entry.log_id), m);
+                    replies.push(CommandResponse::Ok);
+                }
+            }
+        }
+        self.write_through(&state, &touched)?;
+        let changed: Vec<SessionRecord> =
+            touched.sessions.iter().filter_map(|id| state.sessions.get(id).cloned()).collect();
+        drop(state);
+        for s in changed {
+            let _ = self.handle.session_events.send(s);
+        }
+        self.handle.version.send_modify(|v| *v += 1);
+        Ok(replies)
+    }
+
+    async fn get_snapshot_builder(&mut self) -> Self::SnapshotBuilder {
+        let state_json = self.handle.read(|s| serde_json::to_vec(s).unwrap_or_default());
+        SnapshotBuilder {
+            db: self.db.clone(),
+            state_json,
+            last_applied: self.last_applied,
+            membership: self.membership.clone(),
+        }
+    }
+
+    async fn begin_receiving_snapshot(&mut self) -> StorageResult<Box<Cursor<Vec<u8>>>> {
+        Ok(Box::new(Cursor::new(Vec::new())))
+    }
+
+    async fn install_snapshot(
+        &mut self,
+        meta: &SnapshotMeta<NodeId, Member>,
+        snapshot: Box<Cursor<Vec<u8>>>,
+    ) -> StorageResult<()> {
+        let data = snapshot.into_inner();
+        let mut new_state: ClusterState = serde_json::from_slice(&data)
+            .map_err(|e| io_err(ErrorSubject::Snapshot(Some(meta.signature())), ErrorVerb::Read, e))?;
+        new_state.rebuild_indexes();
+        self.last_applied = meta.last_log_id;
+        self.membership = meta.last_membership.clone();
+        self.replace_all(&new_state)?;
+        self.save_snapshot(&StoredSnapshot { meta: meta.clone(), data })?;
+        let sessions: Vec<SessionRecord> = new_state.sessions.values().cloned().collect();
+        *self.handle.state.write().unwrap_or_else(|p| p.into_inner()) = new_state;
+        for s in sessions {
+            let _ = self.handle.session_events.send(s);
+        }
+        self.handle.version.send_modify(|v| *v += 1);
+        tracing::info!(snapshot = %meta.snapshot_id, "installed snapshot");
+        Ok(())
+    }
+
+    async fn get_current_snapshot(&mut self) -> StorageResult<Option<Snapshot<TypeConfig>>> {
+        let stored: Option<StoredSnapshot> = get_json(&self.db, CF_SNAPSHOT, b"current")?;
+        Ok(stored.map(|s| Snapshot { meta: s.meta, snapshot: Box::new(Cursor::new(s.data)) }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    struct Builder;
+
+    impl openraft::testing::StoreBuilder<TypeConfig, LogStore, StateMachineStore, tempfile::TempDir> for Builder {
+        async fn build(&self) -> Result<(tempfile::TempDir, LogStore, StateMachineStore), StorageError<NodeId>> {
+            let dir = tempfile::tempdir().map_err(write_err)?;
+            let db = open_db(dir.path()).map_err(write_err)?;
+            Ok((dir, LogStore::new(db.clone()), StateMachineStore::load(db)?))
+        }
+    }
+
+    /// openraft's own storage conformance suite, against RocksDB on disk.
+    #[test]
+    fn openraft_storage_suite() -> Result<(), StorageError<NodeId>> {
+        openraft::testing::Suite::test_all(Builder)?;
+        Ok(())
+    }
+}

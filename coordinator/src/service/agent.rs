@@ -1,0 +1,160 @@
+//! AgentService: node agents register, heartbeat with session reports, and
+//! watch their assignment set.
+
+use std::pin::Pin;
+use std::sync::Arc;
+
+use futures::Stream;
+use sandfleet_common::ids;
+use sandfleet_proto::v1::{self as pb, agent_service_server::AgentService};
+use tokio_util::sync::CancellationToken;
+use tonic::{Request, Response, Status};
+
+use crate::core::Core;
+use crate::state::{ClusterState, Command, NodePhase, NodeRecord, Resources, SessionPhase};
+
+/// The AgentService implementation.
+pub struct AgentApi {
+    core: Arc<Core>,
+    shutdown: CancellationToken,
+}
+
+impl AgentApi {
+    pub fn new(core: Arc<Core>, shutdown: CancellationToken) -> Self {
+        Self { core, shutdown }
+    }
+
+    fn touch(&self, node_id: &str) {
+        self.core.heartbeats.lock().unwrap_or_else(|p| p.into_inner()).insert(node_id.to_string(), crate::now_ms());
+    }
+}
+
+/// The full assignment set of a node.
+pub fn assignments(st: &ClusterState, node_id: &str) -> Vec<pb::Assignment> {
+    let Some(ids) = st.node_sessions.get(node_id) else { return Vec::new() };
+    ids.iter()
+        .filter_map(|id| st.sessions.get(id))
+        .filter(|s| s.phase.holds_resources() && s.node_id.as_deref() == Some(node_id))
+        .map(|s| pb::Assignment {
+            session_id: s.id.clone(),
+            generation: s.generation,
+            spec: Some(pb::SessionSpec {
+                template: s.spec.template.clone(),
+                cpu_millis: s.spec.cpu_millis,
+                memory_bytes: s.spec.memory_bytes,
+                pids_limit: s.spec.pids_limit,
+                env: s.spec.env.clone().into_iter().collect(),
+                labels: s.spec.labels.clone().into_iter().collect(),
+                ttl_seconds: s.spec.ttl_seconds,
+            }),
+            expires_at_ms: s.expires_at_ms,
+        })
+        .collect()
+}
+
+#[tonic::async_trait]
+impl AgentService for AgentApi {
+    #[tracing::instrument(skip_all, fields(node = %req.get_ref().node_id))]
+    async fn register_node(&self, req: Request<pb::RegisterNodeRequest>) -> Result<Response<pb::RegisterNodeResponse>, Status> {
+        let req = req.into_inner();
+        ids::validate_node_id(&req.node_id)?;
+        ids::validate_labels("labels", &req.labels)?;
+        if req.address.parse::<std::net::SocketAddr>().is_err() && !req.address.contains(':') {
+            return Err(Status::invalid_argument(format!("invalid address {:?}: expected host:port", req.address)));
+        }
+        let cap = req.capacity.unwrap_or_default();
+        if cap.cpu_millis == 0 || cap.memory_bytes == 0 || cap.session_slots == 0 {
+            return Err(Status::invalid_argument("invalid capacity: cpu, memory and session slots must all be positive"));
+        }
+        let Some(signer) = self.core.signer() else {
+            return Err(Status::unavailable("the cluster is still initializing; retry shortly"));
+        };
+        let node = NodeRecord {
+            id: req.node_id.clone(),
+            address: req.address,
+            capacity: Resources { cpu_millis: cap.cpu_millis as u64, memory_bytes: cap.memory_bytes, slots: cap.session_slots as u64 },
+            labels: req.labels.into_iter().collect(),
+            runtimes: req.runtimes,
+            phase: NodePhase::Ready,
+            registered_at_ms: 0,
+        };
+        let unchanged = self.core.state.read(|st| {
+            st.nodes.get(&node.id).is_some_and(|n| {
+                n.address == node.address && n.capacity == node.capacity && n.labels == node.labels && n.runtimes == node.runtimes
+            })
+        });
+        if !unchanged {
+            let mut node = node;
+            node.registered_at_ms = crate::now_ms();
+            self.core.propose(Command::RegisterNode { node }).await?;
+            self.core.wake.notify_one();
+        }
+        self.touch(&req.node_id);
+        tracing::info!(node = %req.node_id, "node registered");
+        Ok(Response::new(pb::RegisterNodeResponse {
+            token_public_key: signer.public_key().to_vec(),
+            heartbeat_interval_ms: self.core.tunables.agent_heartbeat.as_millis() as u64,
+        }))
+    }
+
+    #[tracing::instrument(level = "debug", skip_all, fields(node = %req.get_ref().node_id))]
+    async fn heartbeat(&self, req: Request<pb::HeartbeatRequest>) -> Result<Response<pb::HeartbeatResponse>, Status> {
+        let req = req.into_inner();
+        ids::validate_node_id(&req.node_id)?;
+        if !self.core.state.read(|st| st.nodes.contains_key(&req.node_id)) {
+            return Err(Status::not_found(format!("node {} is not registered; register first", req.node_id)));
+        }
+        self.touch(&req.node_id);
+        for r in req.reports {
+            let phase = match pb::SessionState::try_from(r.state) {
+                Ok(pb::SessionState::Running) => SessionPhase::Running,
+                Ok(pb::SessionState::Failed) => SessionPhase::Failed,
+                _ => return Err(Status::invalid_argument(format!("invalid report state {} for session {}", r.state, r.session_id))),
+            };
+            let cmd = Command::ReportSession {
+                id: r.session_id,
+                node_id: req.node_id.clone(),
+                generation: r.generation,
+                phase,
+                message: r.message,
+                now_ms: crate::now_ms(),
+            };
+            // Stale reports are rejected by the state machine (fencing); that is not an error for the agent.
+            self.core.propose(cmd).await?;
+        }
+        let (assignments, version) =
+            self.core.state.read(|st| (assignments(st, &req.node_id), *self.core.state.version.borrow()));
+        Ok(Response::new(pb::HeartbeatResponse { assignments, assignments_version: version }))
+    }
+
+    type WatchAssignmentsStream = Pin<Box<dyn Stream<Item = Result<pb::HeartbeatResponse, Status>> + Send>>;
+
+    #[tracing::instrument(skip_all, fields(node = %req.get_ref().node_id))]
+    async fn watch_assignments(&self, req: Request<pb::WatchAssignmentsRequest>) -> Result<Response<Self::WatchAssignmentsStream>, Status> {
+        let node_id = req.into_inner().node_id;
+        ids::validate_node_id(&node_id)?;
+        let core = self.core.clone();
+        let shutdown = self.shutdown.clone();
+        let mut version = core.state.version.subscribe();
+        let (tx, rx) = tokio::sync::mpsc::channel(4);
+        tokio::spawn(async move {
+            let mut last: Option<Vec<pb::Assignment>> = None;
+            loop {
+                let (current, v) = core.state.read(|st| (assignments(st, &node_id), *version.borrow_and_update()));
+                if last.as_ref() != Some(&current) {
+                    let msg = pb::HeartbeatResponse { assignments: current.clone(), assignments_version: v };
+                    if tx.send(Ok(msg)).await.is_err() {
+                        return;
+                    }
+                    last = Some(current);
+                }
+                tokio::select! {
+                    _ = shutdown.cancelled() => return,
+                    _ = tx.closed() => return,
+                    changed = version.changed() => if changed.is_err() { return },
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx))))
+    }
+}

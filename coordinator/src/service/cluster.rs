@@ -1,0 +1,155 @@
+//! ClusterService: membership changes and cluster status. Membership changes
+//! run on the leader; a follower forwards them there.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
+use std::time::Duration;
+
+use sandfleet_proto::v1::{
+    self as pb, cluster_service_client::ClusterServiceClient, cluster_service_server::ClusterService,
+    raft_service_client::RaftServiceClient,
+};
+use tonic::{Request, Response, Status};
+
+use super::raft::member_status;
+use crate::core::Core;
+use crate::raft::{network, Member};
+
+const PEER_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// The ClusterService implementation.
+pub struct ClusterApi {
+    core: Arc<Core>,
+}
+
+impl ClusterApi {
+    pub fn new(core: Arc<Core>) -> Self {
+        Self { core }
+    }
+
+    async fn status(&self) -> pb::ClusterStatusResponse {
+        let m = self.core.raft.metrics().borrow().clone();
+        let membership = m.membership_config.membership().clone();
+        let voters: BTreeSet<u64> = membership.voter_ids().collect();
+        let mut members = Vec::new();
+        for (id, node) in membership.nodes() {
+            let status = if *id == self.core.id {
+                member_status(&self.core)
+            } else {
+                match remote_status(&node.addr).await {
+                    Ok(s) => s,
+                    Err(_) => pb::ClusterMember {
+                        id: *id,
+                        address: node.addr.clone(),
+                        role: "unreachable".into(),
+                        voter: voters.contains(id),
+                        ..Default::default()
+                    },
+                }
+            };
+            members.push(pb::ClusterMember { voter: voters.contains(id), ..status });
+        }
+        pb::ClusterStatusResponse { leader_id: m.current_leader.unwrap_or(0), members }
+    }
+
+    fn leader_client(&self) -> Result<Option<ClusterServiceClient<tonic::transport::Channel>>, Status> {
+        if self.core.is_leader() {
+            return Ok(None);
+        }
+        let addr = self.core.leader_addr().ok_or_else(|| Status::unavailable("no coordinator leader is elected right now; retry"))?;
+        let ch = network::channel(&addr).map_err(|e| Status::internal(e.to_string()))?;
+        Ok(Some(ClusterServiceClient::new(ch)))
+    }
+}
+
+async fn remote_status(addr: &str) -> Result<pb::ClusterMember, Status> {
+    let ch = network::channel(addr).map_err(|e| Status::invalid_argument(format!("invalid address {addr:?}: {e}")))?;
+    let mut req = Request::new(pb::ClusterStatusRequest {});
+    req.set_timeout(PEER_TIMEOUT);
+    Ok(RaftServiceClient::new(ch).member_status(req).await?.into_inner())
+}
+
+#[tonic::async_trait]
+impl ClusterService for ClusterApi {
+    #[tracing::instrument(skip_all)]
+    async fn status(&self, _req: Request<pb::ClusterStatusRequest>) -> Result<Response<pb::ClusterStatusResponse>, Status> {
+        Ok(Response::new(self.status().await))
+    }
+
+    #[tracing::instrument(skip_all)]
+    async fn init_cluster(&self, req: Request<pb::InitClusterRequest>) -> Result<Response<pb::InitClusterResponse>, Status> {
+        let members = req.into_inner().members;
+        if !members.contains_key(&self.core.id) {
+            return Err(Status::invalid_argument(format!("members must include this coordinator (id {})", self.core.id)));
+        }
+        let nodes: BTreeMap<u64, Member> = members.into_iter().map(|(id, addr)| (id, Member { addr })).collect();
+        self.core.raft.initialize(nodes).await.map_err(|e| Status::failed_precondition(format!("cannot initialize: {e}")))?;
+        Ok(Response::new(pb::InitClusterResponse {}))
+    }
+
+    #[tracing::instrument(skip_all, fields(id = req.get_ref().id, addr = %req.get_ref().address))]
+    async fn add_member(&self, req: Request<pb::AddMemberRequest>) -> Result<Response<pb::AddMemberResponse>, Status> {
+        if let Some(mut leader) = self.leader_client()? {
+            return leader.add_member(req.into_inner()).await;
+        }
+        let req = req.into_inner();
+        if req.id == 0 {
+            return Err(Status::invalid_argument("invalid id: member ids start at 1"));
+        }
+        let membership = self.core.raft.metrics().borrow().membership_config.membership().clone();
+        if membership.get_node(&req.id).is_some() {
+            return Err(Status::already_exists(format!("member {} is already in the cluster", req.id)));
+        }
+        if membership.nodes().any(|(_, n)| n.addr == req.address) {
+            return Err(Status::already_exists(format!("address {} already belongs to a member", req.address)));
+        }
+        // The new member must answer, and be who it says it is, before anything changes.
+        let status = remote_status(&req.address)
+            .await
+            .map_err(|s| Status::failed_precondition(format!("member {} at {} is unreachable: {}", req.id, req.address, s.message())))?;
+        if status.id != req.id {
+            return Err(Status::failed_precondition(format!(
+                "the coordinator at {} has id {}, not {}",
+                req.address, status.id, req.id
+            )));
+        }
+        self.core
+            .raft
+            .add_learner(req.id, Member { addr: req.address.clone() }, true)
+            .await
+            .map_err(|e| Status::failed_precondition(format!("cannot add learner: {e}")))?;
+        let mut voters: BTreeSet<u64> = membership.voter_ids().collect();
+        voters.insert(req.id);
+        self.core
+            .raft
+            .change_membership(voters, false)
+            .await
+            .map_err(|e| Status::failed_precondition(format!("cannot promote member: {e}")))?;
+        tracing::info!(id = req.id, addr = %req.address, "member added");
+        Ok(Response::new(pb::AddMemberResponse { status: Some(self.status().await) }))
+    }
+
+    #[tracing::instrument(skip_all, fields(id = req.get_ref().id))]
+    async fn remove_member(&self, req: Request<pb::RemoveMemberRequest>) -> Result<Response<pb::RemoveMemberResponse>, Status> {
+        if let Some(mut leader) = self.leader_client()? {
+            return leader.remove_member(req.into_inner()).await;
+        }
+        let id = req.into_inner().id;
+        let membership = self.core.raft.metrics().borrow().membership_config.membership().clone();
+        if membership.get_node(&id).is_none() {
+            return Err(Status::not_found(format!("member {id} is not in the cluster")));
+        }
+        let mut voters: BTreeSet<u64> = membership.voter_ids().collect();
+        voters.remove(&id);
+        if voters.is_empty() {
+            return Err(Status::failed_precondition(format!("member {id} is the last voter; add another member first")));
+        }
+        self.core
+            .raft
+            .change_membership(voters, false)
+            .await
+            .map_err(|e| Status::failed_precondition(format!("cannot remove member: {e}")))?;
+        tracing::info!(id, "member removed");
+        Ok(Response::new(pb::RemoveMemberResponse { status: Some(self.status().await) }))
+    }
+}

@@ -1,0 +1,84 @@
+//! RaftService: the server side of the Raft transport, plus write forwarding
+//! and read-index for followers, and this member's own status.
+
+use std::sync::Arc;
+
+use sandfleet_proto::v1::{self as pb, raft_service_server::RaftService, RaftPayload};
+use serde::Serialize;
+use tonic::{Request, Response, Status};
+
+use crate::core::Core;
+use crate::state::Command;
+
+/// The RaftService implementation.
+pub struct RaftApi {
+    core: Arc<Core>,
+}
+
+impl RaftApi {
+    pub fn new(core: Arc<Core>) -> Self {
+        Self { core }
+    }
+}
+
+fn decode<T: for<'de> serde::Deserialize<'de>>(p: &RaftPayload) -> Result<T, Status> {
+    serde_json::from_slice(&p.data).map_err(|e| Status::invalid_argument(format!("malformed raft payload: {e}")))
+}
+
+fn encode<T: Serialize>(v: &T) -> Result<Response<RaftPayload>, Status> {
+    Ok(Response::new(RaftPayload { data: serde_json::to_vec(v).map_err(|e| Status::internal(e.to_string()))? }))
+}
+
+/// This member's status, as ClusterService reports it.
+pub fn member_status(core: &Core) -> pb::ClusterMember {
+    let m = core.raft.metrics().borrow().clone();
+    let role = match m.state {
+        openraft::ServerState::Leader => "leader",
+        openraft::ServerState::Follower => "follower",
+        openraft::ServerState::Candidate => "candidate",
+        openraft::ServerState::Learner => "learner",
+        openraft::ServerState::Shutdown => "shutdown",
+    };
+    pb::ClusterMember {
+        id: core.id,
+        address: core.addr.clone(),
+        role: role.to_string(),
+        term: m.current_term,
+        last_log_index: m.last_log_index.unwrap_or(0),
+        applied_index: m.last_applied.map(|l| l.index).unwrap_or(0),
+        state_digest: core.state.read(|s| s.digest()),
+        voter: m.membership_config.membership().voter_ids().any(|v| v == core.id),
+    }
+}
+
+#[tonic::async_trait]
+impl RaftService for RaftApi {
+    async fn append_entries(&self, req: Request<RaftPayload>) -> Result<Response<RaftPayload>, Status> {
+        let rpc = decode(req.get_ref())?;
+        encode(&self.core.raft.append_entries(rpc).await)
+    }
+
+    async fn vote(&self, req: Request<RaftPayload>) -> Result<Response<RaftPayload>, Status> {
+        let rpc = decode(req.get_ref())?;
+        encode(&self.core.raft.vote(rpc).await)
+    }
+
+    async fn install_snapshot(&self, req: Request<RaftPayload>) -> Result<Response<RaftPayload>, Status> {
+        let rpc = decode(req.get_ref())?;
+        encode(&self.core.raft.install_snapshot(rpc).await)
+    }
+
+    #[tracing::instrument(level = "debug", skip_all)]
+    async fn propose(&self, req: Request<RaftPayload>) -> Result<Response<RaftPayload>, Status> {
+        let cmd: Command = decode(req.get_ref())?;
+        encode(&self.core.handle_forwarded_propose(cmd).await)
+    }
+
+    async fn read_index(&self, _req: Request<RaftPayload>) -> Result<Response<RaftPayload>, Status> {
+        encode(&self.core.handle_read_index().await)
+    }
+
+    async fn member_status(&self, _req: Request<pb::ClusterStatusRequest>) -> Result<Response<pb::ClusterMember>, Status> {
+        Ok(Response::new(member_status(&self.core)))
+    }
+}

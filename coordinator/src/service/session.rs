@@ -1,0 +1,282 @@
+//! SessionService: the public control plane for sessions.
+
+use std::collections::BTreeMap;
+use std::pin::Pin;
+use std::sync::Arc;
+
+use base64::engine::general_purpose::URL_SAFE_NO_PAD as B64;
+use base64::Engine;
+use futures::Stream;
+use sandfleet_common::{ids, limits, ValidationError};
+use sandfleet_proto::v1::{self as pb, session_service_server::SessionService};
+use tokio::sync::broadcast::error::RecvError;
+use tokio_util::sync::CancellationToken;
+use tonic::{Request, Response, Status};
+
+use crate::core::{phase_to_proto, response_status, Core};
+use crate::scheduler::{self, Unplaceable};
+use crate::state::{Command, CommandResponse, SessionPhase, SessionRecord, SpecRecord};
+
+/// The SessionService implementation.
+pub struct SessionApi {
+    core: Arc<Core>,
+    shutdown: CancellationToken,
+}
+
+impl SessionApi {
+    pub fn new(core: Arc<Core>, shutdown: CancellationToken) -> Self {
+        Self { core, shutdown }
+    }
+}
+
+/// Validates a spec and fills in defaults. Changes nothing on error.
+pub fn validate_spec(spec: Option<pb::SessionSpec>) -> Result<SpecRecord, Status> {
+    let spec = spec.unwrap_or_default();
+    let template = if spec.template.is_empty() { "default".to_string() } else { spec.template };
+    ids::validate_template(&template)?;
+    if scheduler::template_runtime(&template).is_none() {
+        return Err(Status::invalid_argument(format!(
+            "invalid template: unknown template {template:?}; known templates: {}",
+            scheduler::KNOWN_TEMPLATES
+        )));
+    }
+    let cpu_millis = if spec.cpu_millis == 0 { limits::DEFAULT_CPU_MILLIS } else { spec.cpu_millis };
+    if cpu_millis < limits::MIN_CPU_MILLIS {
+        return Err(ValidationError::invalid("cpu_millis", format!("must be at least {} mCPU", limits::MIN_CPU_MILLIS)).into());
+    }
+    let memory_bytes = if spec.memory_bytes == 0 { limits::DEFAULT_MEMORY_BYTES } else { spec.memory_bytes };
+    if memory_bytes < limits::MIN_MEMORY_BYTES {
+        return Err(ValidationError::invalid("memory_bytes", format!("must be at least {} bytes (16Mi)", limits::MIN_MEMORY_BYTES)).into());
+    }
+    let pids_limit = if spec.pids_limit == 0 { limits::DEFAULT_PIDS_LIMIT } else { spec.pids_limit };
+    if !(limits::MIN_PIDS_LIMIT..=limits::MAX_PIDS_LIMIT).contains(&pids_limit) {
+        return Err(ValidationError::invalid(
+            "pids_limit",
+            format!("must be between {} and {}", limits::MIN_PIDS_LIMIT, limits::MAX_PIDS_LIMIT),
+        )
+        .into());
+    }
+    let ttl_seconds = if spec.ttl_seconds == 0 { limits::DEFAULT_TTL_SECONDS } else { spec.ttl_seconds };
+    if ttl_seconds > limits::MAX_TTL_SECONDS {
+        return Err(ValidationError::over("ttl_seconds", format!("{} seconds", limits::MAX_TTL_SECONDS), ttl_seconds).into());
+    }
+    ids::validate_env("env", &spec.env)?;
+    ids::validate_labels("labels", &spec.labels)?;
+    Ok(SpecRecord {
+        template,
+        cpu_millis,
+        memory_bytes,
+        pids_limit,
+        env: spec.env.into_iter().collect(),
+        labels: spec.labels.into_iter().collect(),
+        ttl_seconds,
+    })
+}
+
+fn state_matches(s: &SessionRecord, states: &[i32]) -> bool {
+    states.is_empty() || states.contains(&(phase_to_proto(s.phase) as i32))
+}
+
+#[tonic::async_trait]
+impl SessionService for SessionApi {
+    #[tracing::instrument(skip_all, fields(request_id = %req.get_ref().request_id))]
+    async fn create_session(&self, req: Request<pb::CreateSessionRequest>) -> Result<Response<pb::CreateSessionResponse>, Status> {
+        let req = req.into_inner();
+        ids::validate_request_id(&req.request_id)?;
+        let spec = validate_spec(req.spec)?;
+
+        // A request id this member has already seen answers at once.
+        if let Some(existing) = self.core.state.read(|st| st.request_ids.get(&req.request_id).and_then(|id| st.sessions.get(id).cloned())) {
+            return Ok(Response::new(pb::CreateSessionResponse { session: Some(self.core.to_proto(&existing, true)), existing: true }));
+        }
+
+        // Place now when this member leads and a node fits; otherwise the
+        // session is stored unplaced and the leader loop places it.
+        let placement = self.core.state.read(|st| scheduler::place(st, &spec));
+        let (node_id, pending_reason) = match placement {
+            Err(Unplaceable::Never(why)) => return Err(Status::resource_exhausted(why)),
+            Ok(node) if self.core.is_leader() => (Some(node), "starting on its node".to_string()),
+            Ok(_) => (None, "waiting for the leader to place it".to_string()),
+            Err(Unplaceable::Wait(why)) => (None, why),
+        };
+        let now = crate::now_ms();
+        let record = SessionRecord {
+            id: ids::new_session_id(),
+            generation: u64::from(node_id.is_some()),
+            node_id,
+            phase: SessionPhase::Pending,
+            request_id: req.request_id.clone(),
+            created_at_ms: now,
+            expires_at_ms: now + (spec.ttl_seconds as i64) * 1000,
+            updated_at_ms: now,
+            pending_reason,
+            message: String::new(),
+            spec,
+        };
+        let resp = self.core.propose(Command::CreateSession { session: record }).await?;
+        self.core.wake.notify_one();
+        match resp {
+            CommandResponse::Session(s) => {
+                tracing::info!(session = %s.id, node = ?s.node_id, "session created");
+                Ok(Response::new(pb::CreateSessionResponse { session: Some(self.core.to_proto(&s, true)), existing: false }))
+            }
+            CommandResponse::Existing(s) => {
+                Ok(Response::new(pb::CreateSessionResponse { session: Some(self.core.to_proto(&s, true)), existing: true }))
+            }
+            other => Err(response_status(other)),
+        }
+    }
+
+    #[tracing::instrument(skip_all, fields(session = %req.get_ref().id))]
+    async fn get_session(&self, req: Request<pb::GetSessionRequest>) -> Result<Response<pb::GetSessionResponse>, Status> {
+        let req = req.into_inner();
+        ids::validate_session_id(&req.id)?;
+        self.core.read_barrier(req.consistency).await?;
+        let s = self
+            .core
+            .state
+            .read(|st| st.sessions.get(&req.id).cloned())
+            .ok_or_else(|| Status::not_found(format!("session {} not found", req.id)))?;
+        Ok(Response::new(pb::GetSessionResponse { session: Some(self.core.to_proto(&s, true)) }))
+    }
+
+    #[tracing::instrument(skip_all)]
+    async fn list_sessions(&self, req: Request<pb::ListSessionsRequest>) -> Result<Response<pb::ListSessionsResponse>, Status> {
+        let req = req.into_inner();
+        let page_size = match req.page_size {
+            0 => limits::DEFAULT_PAGE_SIZE,
+            n if n > limits::MAX_PAGE_SIZE => {
+                return Err(ValidationError::over("page_size", limits::MAX_PAGE_SIZE, n).into());
+            }
+            n => n,
+        } as usize;
+        ids::validate_labels("label_selector", &req.label_selector)?;
+        for s in &req.states {
+            if pb::SessionState::try_from(*s).is_err() {
+                return Err(Status::invalid_argument(format!("invalid states: unknown state value {s}")));
+            }
+        }
+        let after = if req.page_token.is_empty() {
+            None
+        } else {
+            let raw = B64.decode(&req.page_token).map_err(|_| Status::invalid_argument("invalid page_token"))?;
+            let id = String::from_utf8(raw).map_err(|_| Status::invalid_argument("invalid page_token"))?;
+            ids::validate_session_id(&id).map_err(|_| Status::invalid_argument("invalid page_token"))?;
+            Some(id)
+        };
+        self.core.read_barrier(req.consistency).await?;
+        let selector: BTreeMap<_, _> = req.label_selector.into_iter().collect();
+        let (page, more) = self.core.state.read(|st| {
+            let range = match &after {
+                Some(a) => st.sessions.range::<String, _>((std::ops::Bound::Excluded(a), std::ops::Bound::Unbounded)),
+                None => st.sessions.range::<String, _>(..),
+            };
+            let mut it = range
+                .map(|(_, s)| s)
+                .filter(|s| state_matches(s, &req.states))
+                .filter(|s| selector.iter().all(|(k, v)| s.spec.labels.get(k) == Some(v)));
+            let page: Vec<SessionRecord> = it.by_ref().take(page_size).cloned().collect();
+            (page, it.next().is_some())
+        });
+        let next_page_token = match (more, page.last()) {
+            (true, Some(last)) => B64.encode(last.id.as_bytes()),
+            _ => String::new(),
+        };
+        let sessions = page.iter().map(|s| self.core.to_proto(s, false)).collect();
+        Ok(Response::new(pb::ListSessionsResponse { sessions, next_page_token }))
+    }
+
+    #[tracing::instrument(skip_all, fields(session = %req.get_ref().id))]
+    async fn delete_session(&self, req: Request<pb::DeleteSessionRequest>) -> Result<Response<pb::DeleteSessionResponse>, Status> {
+        let req = req.into_inner();
+        ids::validate_session_id(&req.id)?;
+        let resp = self
+            .core
+            .propose(Command::TerminateSessions { ids: vec![req.id.clone()], message: "deleted by client".into(), now_ms: crate::now_ms() })
+            .await?;
+        self.core.wake.notify_one();
+        match resp {
+            CommandResponse::Sessions(mut v) if !v.is_empty() => {
+                let s = v.remove(0);
+                tracing::info!(session = %s.id, "session deleted");
+                Ok(Response::new(pb::DeleteSessionResponse { session: Some(self.core.to_proto(&s, false)) }))
+            }
+            other => Err(response_status(other)),
+        }
+    }
+
+    #[tracing::instrument(skip_all, fields(session = %req.get_ref().id))]
+    async fn renew_session(&self, req: Request<pb::RenewSessionRequest>) -> Result<Response<pb::RenewSessionResponse>, Status> {
+        let req = req.into_inner();
+        ids::validate_session_id(&req.id)?;
+        if req.ttl_seconds > limits::MAX_TTL_SECONDS {
+            return Err(ValidationError::over("ttl_seconds", format!("{} seconds", limits::MAX_TTL_SECONDS), req.ttl_seconds).into());
+        }
+        let ttl = if req.ttl_seconds == 0 {
+            self.core
+                .state
+                .read(|st| st.sessions.get(&req.id).map(|s| s.spec.ttl_seconds))
+                .ok_or_else(|| Status::not_found(format!("session {} not found", req.id)))?
+        } else {
+            req.ttl_seconds
+        };
+        let now = crate::now_ms();
+        let resp = self.core.propose(Command::RenewSession { id: req.id, expires_at_ms: now + ttl as i64 * 1000, now_ms: now }).await?;
+        match resp {
+            CommandResponse::Session(s) => Ok(Response::new(pb::RenewSessionResponse { session: Some(self.core.to_proto(&s, true)) })),
+            other => Err(response_status(other)),
+        }
+    }
+
+    type WatchSessionStream = Pin<Box<dyn Stream<Item = Result<pb::SessionEvent, Status>> + Send>>;
+
+    #[tracing::instrument(skip_all, fields(session = %req.get_ref().id))]
+    async fn watch_session(&self, req: Request<pb::WatchSessionRequest>) -> Result<Response<Self::WatchSessionStream>, Status> {
+        let id = req.into_inner().id;
+        ids::validate_session_id(&id)?;
+        // Subscribe before reading, so no change between the two is missed.
+        let mut events = self.core.state.session_events.subscribe();
+        self.core.read_barrier(pb::ReadConsistency::Linearizable as i32).await?;
+        let first = self
+            .core
+            .state
+            .read(|st| st.sessions.get(&id).cloned())
+            .ok_or_else(|| Status::not_found(format!("session {id} not found")))?;
+        let core = self.core.clone();
+        let shutdown = self.shutdown.clone();
+        let (tx, rx) = tokio::sync::mpsc::channel(16);
+        tokio::spawn(async move {
+            let mut last = first.clone();
+            if tx.send(Ok(pb::SessionEvent { session: Some(core.to_proto(&first, false)) })).await.is_err() {
+                return;
+            }
+            while !last.phase.is_terminal() {
+                let next = tokio::select! {
+                    _ = shutdown.cancelled() => {
+                        let _ = tx.send(Err(Status::unavailable("coordinator is shutting down; watch again"))).await;
+                        return;
+                    }
+                    _ = tx.closed() => return,
+                    ev = events.recv() => match ev {
+                        Ok(s) if s.id == id => s,
+                        Ok(_) => continue,
+                        // Missed events: re-read the current state.
+                        Err(RecvError::Lagged(_)) => match core.state.read(|st| st.sessions.get(&id).cloned()) {
+                            Some(s) => s,
+                            None => return,
+                        },
+                        Err(RecvError::Closed) => return,
+                    },
+                };
+                if next.updated_at_ms < last.updated_at_ms || next == last {
+                    continue;
+                }
+                last = next.clone();
+                if tx.send(Ok(pb::SessionEvent { session: Some(core.to_proto(&next, false)) })).await.is_err() {
+                    return;
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx))))
+    }
+}

@@ -1,0 +1,548 @@
+//! The replicated cluster state and the commands that change it.
+//!
+//! Everything here is deterministic: a [`Command`] carries every timestamp and
+//! every id it needs, so applying the same log on every coordinator yields the
+//! same [`ClusterState`]. The state lives in memory for reads and is written
+//! through to RocksDB by [`crate::raft::store`] on every apply.
+//!
+//! Capacity accounting is part of the state: placing a session onto a node is
+//! checked again at apply time, so two concurrent placements can never
+//! over-commit a node even though the scheduler decided them in parallel.
+
+use std::collections::{BTreeMap, HashMap};
+
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+/// A session's lifecycle state, as stored.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum SessionPhase {
+    Pending,
+    Running,
+    Lost,
+    Terminated,
+    Failed,
+}
+
+impl SessionPhase {
+    /// True for states that never change again.
+    pub fn is_terminal(self) -> bool {
+        matches!(self, SessionPhase::Terminated | SessionPhase::Failed)
+    }
+
+    /// True when the session holds resources on its node.
+    pub fn holds_resources(self) -> bool {
+        matches!(self, SessionPhase::Pending | SessionPhase::Running)
+    }
+}
+
+/// What a session asked for, with defaults filled in.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SpecRecord {
+    pub template: String,
+    pub cpu_millis: u32,
+    pub memory_bytes: u64,
+    pub pids_limit: u32,
+    pub env: BTreeMap<String, String>,
+    pub labels: BTreeMap<String, String>,
+    pub ttl_seconds: u64,
+}
+
+/// A session as stored in the state machine.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SessionRecord {
+    pub id: String,
+    pub spec: SpecRecord,
+    pub phase: SessionPhase,
+    /// The node it is placed on, if any.
+    pub node_id: Option<String>,
+    /// Placement generation; bumped on every placement.
+    pub generation: u64,
+    pub request_id: String,
+    pub created_at_ms: i64,
+    pub expires_at_ms: i64,
+    pub updated_at_ms: i64,
+    /// Why it is not running yet.
+    pub pending_reason: String,
+    /// Detail for terminal states.
+    pub message: String,
+}
+
+/// Resources in one unit system.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Resources {
+    pub cpu_millis: u64,
+    pub memory_bytes: u64,
+    pub slots: u64,
+}
+
+impl Resources {
+    /// What one session uses.
+    pub fn of(spec: &SpecRecord) -> Self {
+        Resources { cpu_millis: spec.cpu_millis as u64, memory_bytes: spec.memory_bytes, slots: 1 }
+    }
+
+    /// True when `need` fits in `self` minus `used`.
+    pub fn fits(&self, used: &Resources, need: &Resources) -> bool {
+        used.cpu_millis + need.cpu_millis <= self.cpu_millis
+            && used.memory_bytes + need.memory_bytes <= self.memory_bytes
+            && used.slots + need.slots <= self.slots
+    }
+
+    fn add(&mut self, r: &Resources) {
+        self.cpu_millis += r.cpu_millis;
+        self.memory_bytes += r.memory_bytes;
+        self.slots += r.slots;
+    }
+
+    fn sub(&mut self, r: &Resources) {
+        self.cpu_millis = self.cpu_millis.saturating_sub(r.cpu_millis);
+        self.memory_bytes = self.memory_bytes.saturating_sub(r.memory_bytes);
+        self.slots = self.slots.saturating_sub(r.slots);
+    }
+}
+
+/// A node's scheduling state, as stored.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum NodePhase {
+    Ready,
+    Down,
+    Cordoned,
+    Draining,
+}
+
+impl NodePhase {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            NodePhase::Ready => "ready",
+            NodePhase::Down => "down",
+            NodePhase::Cordoned => "cordoned",
+            NodePhase::Draining => "draining",
+        }
+    }
+}
+
+/// A registered node agent.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeRecord {
+    pub id: String,
+    pub address: String,
+    pub capacity: Resources,
+    pub labels: BTreeMap<String, String>,
+    pub runtimes: Vec<String>,
+    pub phase: NodePhase,
+    pub registered_at_ms: i64,
+}
+
+/// A state change, proposed through Raft.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub enum Command {
+    /// Sets the cluster's token signing key. Applied once; later ones are ignored.
+    InitCluster { signing_seed: Vec<u8> },
+    /// Creates a session unless its request id was already seen. When
+    /// `session.node_id` is set, the placement is re-checked against capacity.
+    CreateSession { session: SessionRecord },
+    /// Places a session onto a node with a new generation, if it still fits
+    /// and the session's generation is still `expected_generation`.
+    PlaceSession { id: String, node_id: String, expected_generation: u64, now_ms: i64 },
+    /// Records why a session cannot be placed.
+    SetPendingReason { id: String, reason: String, now_ms: i64 },
+    /// A node agent's report about a session it runs. Ignored unless it comes
+    /// from the node and generation the session is placed with (fencing).
+    ReportSession { id: String, node_id: String, generation: u64, phase: SessionPhase, message: String, now_ms: i64 },
+    /// Terminates sessions (client delete or expiry).
+    TerminateSessions { ids: Vec<String>, message: String, now_ms: i64 },
+    /// Sets a new expiry.
+    RenewSession { id: String, expires_at_ms: i64, now_ms: i64 },
+    /// Registers or updates a node.
+    RegisterNode { node: NodeRecord },
+}
+
+/// What applying a command produced.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub enum CommandResponse {
+    /// Nothing to report.
+    Ok,
+    /// The session after the change.
+    Session(SessionRecord),
+    /// A create whose request id had been seen: the first session.
+    Existing(SessionRecord),
+    /// Sessions after a batch change.
+    Sessions(Vec<SessionRecord>),
+    /// The session does not exist.
+    NotFound(String),
+    /// The command was refused; the state is unchanged.
+    Rejected(String),
+}
+
+/// The whole replicated state.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct ClusterState {
+    pub sessions: BTreeMap<String, SessionRecord>,
+    /// request id → session id.
+    pub request_ids: HashMap<String, String>,
+    pub nodes: BTreeMap<String, NodeRecord>,
+    /// Ed25519 seed for session tokens; empty until InitCluster.
+    pub signing_seed: Vec<u8>,
+    /// Resources held on each node by its Pending and Running sessions.
+    #[serde(skip)]
+    pub allocated: HashMap<String, Resources>,
+    /// Live sessions per node.
+    #[serde(skip)]
+    pub node_sessions: HashMap<String, std::collections::BTreeSet<String>>,
+}
+
+/// The keys an apply touched, so the store can write them through.
+#[derive(Debug, Default)]
+pub struct Touched {
+    pub sessions: Vec<String>,
+    pub nodes: Vec<String>,
+    pub request_ids: Vec<String>,
+    pub meta: bool,
+}
+
+impl ClusterState {
+    /// Rebuilds derived indexes after loading from disk or a snapshot.
+    pub fn rebuild_indexes(&mut self) {
+        self.allocated.clear();
+        self.node_sessions.clear();
+        let live: Vec<(String, String, Resources)> = self
+            .sessions
+            .values()
+            .filter(|s| s.phase.holds_resources())
+            .filter_map(|s| s.node_id.clone().map(|n| (n, s.id.clone(), Resources::of(&s.spec))))
+            .collect();
+        for (node, id, r) in live {
+            self.allocated.entry(node.clone()).or_default().add(&r);
+            self.node_sessions.entry(node).or_default().insert(id);
+        }
+    }
+
+    /// Resources held on a node.
+    pub fn allocated_on(&self, node: &str) -> Resources {
+        self.allocated.get(node).copied().unwrap_or_default()
+    }
+
+    fn release(&mut self, s: &SessionRecord) {
+        if let (Some(node), true) = (&s.node_id, s.phase.holds_resources()) {
+            if let Some(a) = self.allocated.get_mut(node) {
+                a.sub(&Resources::of(&s.spec));
+            }
+            if let Some(set) = self.node_sessions.get_mut(node) {
+                set.remove(&s.id);
+            }
+        }
+    }
+
+    fn hold(&mut self, s: &SessionRecord) {
+        if let (Some(node), true) = (&s.node_id, s.phase.holds_resources()) {
+            self.allocated.entry(node.clone()).or_default().add(&Resources::of(&s.spec));
+            self.node_sessions.entry(node.clone()).or_default().insert(s.id.clone());
+        }
+    }
+
+    /// True when the node exists, is ready and has room for `spec`.
+    pub fn node_fits(&self, node_id: &str, spec: &SpecRecord) -> bool {
+        match self.nodes.get(node_id) {
+            Some(n) if n.phase == NodePhase::Ready => n.capacity.fits(&self.allocated_on(node_id), &Resources::of(spec)),
+            _ => false,
+        }
+    }
+
+    /// Applies one command. Never fails: a command that cannot apply is
+    /// answered with [`CommandResponse::Rejected`] and changes nothing.
+    pub fn apply(&mut self, cmd: Command, touched: &mut Touched) -> CommandResponse {
+        match cmd {
+            Command::InitCluster { signing_seed } => {
+                if self.signing_seed.is_empty() {
+                    self.signing_seed = signing_seed;
+                    touched.meta = true;
+                }
+                CommandResponse::Ok
+            }
+            Command::CreateSession { mut session } => {
+                if let Some(existing) = self.request_ids.get(&session.request_id).and_then(|id| self.sessions.get(id)) {
+                    return CommandResponse::Existing(existing.clone());
+                }
+                if self.sessions.contains_key(&session.id) {
+                    return CommandResponse::Rejected(format!("session id {} already exists", session.id));
+                }
+                if let Some(node) = session.node_id.clone() {
+                    if !self.node_fits(&node, &session.spec) {
+                        session.node_id = None;
+                        session.generation = 0;
+                        session.pending_reason = format!("node {node} filled up before placement; waiting for capacity");
+                    }
+                }
+                self.hold(&session);
+                self.request_ids.insert(session.request_id.clone(), session.id.clone());
+                touched.request_ids.push(session.request_id.clone());
+                touched.sessions.push(session.id.clone());
+                self.sessions.insert(session.id.clone(), session.clone());
+                CommandResponse::Session(session)
+            }
+            Command::PlaceSession { id, node_id, expected_generation, now_ms } => {
+                let Some(s) = self.sessions.get(&id).cloned() else {
+                    return CommandResponse::NotFound(id);
+                };
+                if s.phase.is_terminal() || s.generation != expected_generation {
+                    return CommandResponse::Rejected(format!("session {id} changed since it was scheduled"));
+                }
+                if !self.node_fits(&node_id, &s.spec) {
+                    return CommandResponse::Rejected(format!("node {node_id} has no room for session {id}"));
+                }
+                self.release(&s);
+                let mut s = s;
+                s.node_id = Some(node_id);
+                s.generation += 1;
+                s.phase = SessionPhase::Pending;
+                s.pending_reason = "starting on its node".into();
+                s.updated_at_ms = now_ms;
+                self.hold(&s);
+                touched.sessions.push(id.clone());
+                self.sessions.insert(id, s.clone());
+                CommandResponse::Session(s)
+            }
+            Command::SetPendingReason { id, reason, now_ms } => {
+                let Some(s) = self.sessions.get_mut(&id) else {
+                    return CommandResponse::NotFound(id);
+                };
+                if s.phase.is_terminal() || s.pending_reason == reason {
+                    return CommandResponse::Session(s.clone());
+                }
+                s.pending_reason = reason;
+                s.updated_at_ms = now_ms;
+                touched.sessions.push(id);
+                CommandResponse::Session(s.clone())
+            }
+            Command::ReportSession { id, node_id, generation, phase, message, now_ms } => {
+                let Some(s) = self.sessions.get(&id).cloned() else {
+                    return CommandResponse::NotFound(id);
+                };
+                if s.phase.is_terminal() {
+                    return CommandResponse::Session(s);
+                }
+                if s.node_id.as_deref() != Some(node_id.as_str()) || s.generation != generation {
+                    return CommandResponse::Rejected(format!(
+                        "stale report for session {id}: node {node_id} generation {generation}, current {:?} generation {}",
+                        s.node_id, s.generation
+                    ));
+                }
+                let mut next = s.clone();
+                match phase {
+                    SessionPhase::Running => {
+                        next.phase = SessionPhase::Running;
+                        next.pending_reason.clear();
+                    }
+                    SessionPhase::Failed => {
+                        next.phase = SessionPhase::Failed;
+                        next.message = message;
+                    }
+                    other => return CommandResponse::Rejected(format!("agents cannot report {other:?}")),
+                }
+                if next == s {
+                    return CommandResponse::Session(s);
+                }
+                next.updated_at_ms = now_ms;
+                self.release(&s);
+                self.hold(&next);
+                touched.sessions.push(id.clone());
+                self.sessions.insert(id, next.clone());
+                CommandResponse::Session(next)
+            }
+            Command::TerminateSessions { ids, message, now_ms } => {
+                let mut out = Vec::with_capacity(ids.len());
+                let single = ids.len() == 1;
+                for id in ids {
+                    let Some(s) = self.sessions.get(&id).cloned() else {
+                        // A single delete reports NOT_FOUND; batches skip unknown ids.
+                        if single {
+                            return CommandResponse::NotFound(id);
+                        }
+                        continue;
+                    };
+                    if s.phase.is_terminal() {
+                        out.push(s);
+                        continue;
+                    }
+                    self.release(&s);
+                    let mut s = s;
+                    s.phase = SessionPhase::Terminated;
+                    s.message = message.clone();
+                    s.pending_reason.clear();
+                    s.updated_at_ms = now_ms;
+                    touched.sessions.push(id.clone());
+                    self.sessions.insert(id, s.clone());
+                    out.push(s);
+                }
+                CommandResponse::Sessions(out)
+            }
+            Command::RenewSession { id, expires_at_ms, now_ms } => {
+                let Some(s) = self.sessions.get_mut(&id) else {
+                    return CommandResponse::NotFound(id);
+                };
+                if s.phase.is_terminal() {
+                    return CommandResponse::Rejected(format!("session {id} has ended and cannot be renewed"));
+                }
+                s.expires_at_ms = expires_at_ms;
+                s.updated_at_ms = now_ms;
+                touched.sessions.push(id);
+                CommandResponse::Session(s.clone())
+            }
+            Command::RegisterNode { node } => {
+                let id = node.id.clone();
+                let phase = self.nodes.get(&id).map(|n| n.phase);
+                let mut node = node;
+                // Re-registration keeps an operator's cordon or drain; a down node comes back ready.
+                if let Some(p @ (NodePhase::Cordoned | NodePhase::Draining)) = phase {
+                    node.phase = p;
+                }
+                if self.nodes.get(&id) != Some(&node) {
+                    touched.nodes.push(id.clone());
+                    self.nodes.insert(id, node);
+                }
+                CommandResponse::Ok
+            }
+        }
+    }
+
+    /// SHA-256 over the canonical JSON of sessions and nodes: equal on every
+    /// member that applied the same log.
+    pub fn digest(&self) -> String {
+        let mut h = Sha256::new();
+        for s in self.sessions.values() {
+            h.update(serde_json::to_vec(s).unwrap_or_default());
+        }
+        for n in self.nodes.values() {
+            h.update(serde_json::to_vec(n).unwrap_or_default());
+        }
+        let mut rids: Vec<_> = self.request_ids.iter().collect();
+        rids.sort();
+        for (k, v) in rids {
+            h.update(k.as_bytes());
+            h.update(v.as_bytes());
+        }
+        h.update(&self.signing_seed);
+        hex::encode(h.finalize())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec(cpu: u32) -> SpecRecord {
+        SpecRecord {
+            template: "default".into(),
+            cpu_millis: cpu,
+            memory_bytes: 1 << 20,
+            pids_limit: 64,
+            env: Default::default(),
+            labels: Default::default(),
+            ttl_seconds: 60,
+        }
+    }
+
+    fn session(id: &str, rid: &str, node: Option<&str>, cpu: u32) -> SessionRecord {
+        SessionRecord {
+            id: id.into(),
+            spec: spec(cpu),
+            phase: SessionPhase::Pending,
+            node_id: node.map(Into::into),
+            generation: node.map(|_| 1).unwrap_or(0),
+            request_id: rid.into(),
+            created_at_ms: 1,
+            expires_at_ms: 100,
+            updated_at_ms: 1,
+            pending_reason: String::new(),
+            message: String::new(),
+        }
+    }
+
+    fn node(id: &str, cpu: u64) -> NodeRecord {
+        NodeRecord {
+            id: id.into(),
+            address: "a".into(),
+            capacity: Resources { cpu_millis: cpu, memory_bytes: 1 << 30, slots: 10 },
+            labels: Default::default(),
+            runtimes: vec!["process".into()],
+            phase: NodePhase::Ready,
+            registered_at_ms: 0,
+        }
+    }
+
+    #[test]
+    fn create_is_idempotent_on_request_id() {
+        let mut st = ClusterState::default();
+        let mut t = Touched::default();
+        let r1 = st.apply(Command::CreateSession { session: session("a", "r", None, 100) }, &mut t);
+        assert!(matches!(r1, CommandResponse::Session(_)));
+        let r2 = st.apply(Command::CreateSession { session: session("b", "r", None, 100) }, &mut t);
+        match r2 {
+            CommandResponse::Existing(s) => assert_eq!(s.id, "a"),
+            other => panic!("unexpected {other:?}"),
+        }
+        assert_eq!(st.sessions.len(), 1);
+    }
+
+    #[test]
+    fn placement_is_rechecked_at_apply_and_capacity_is_released() {
+        let mut st = ClusterState::default();
+        let mut t = Touched::default();
+        st.apply(Command::RegisterNode { node: node("n1", 1000) }, &mut t);
+        st.apply(Command::CreateSession { session: session("a", "r1", Some("n1"), 800) }, &mut t);
+        // A concurrent placement decided on the same free capacity falls back to pending.
+        let r = st.apply(Command::CreateSession { session: session("b", "r2", Some("n1"), 800) }, &mut t);
+        let CommandResponse::Session(b) = r else { panic!() };
+        assert_eq!(b.node_id, None);
+        assert!(!b.pending_reason.is_empty());
+        assert_eq!(st.allocated_on("n1").cpu_millis, 800);
+
+        st.apply(Command::TerminateSessions { ids: vec!["a".into()], message: "deleted".into(), now_ms: 2 }, &mut t);
+        assert_eq!(st.allocated_on("n1").cpu_millis, 0);
+        let r = st.apply(Command::PlaceSession { id: "b".into(), node_id: "n1".into(), expected_generation: 0, now_ms: 3 }, &mut t);
+        let CommandResponse::Session(b) = r else { panic!("{r:?}") };
+        assert_eq!(b.generation, 1);
+        assert_eq!(st.allocated_on("n1").cpu_millis, 800);
+    }
+
+    #[test]
+    fn reports_are_fenced_by_node_and_generation() {
+        let mut st = ClusterState::default();
+        let mut t = Touched::default();
+        st.apply(Command::RegisterNode { node: node("n1", 1000) }, &mut t);
+        st.apply(Command::CreateSession { session: session("a", "r1", Some("n1"), 100) }, &mut t);
+        let stale = Command::ReportSession {
+            id: "a".into(),
+            node_id: "n1".into(),
+            generation: 7,
+            phase: SessionPhase::Running,
+            message: String::new(),
+            now_ms: 2,
+        };
+        assert!(matches!(st.apply(stale, &mut t), CommandResponse::Rejected(_)));
+        let ok = Command::ReportSession {
+            id: "a".into(),
+            node_id: "n1".into(),
+            generation: 1,
+            phase: SessionPhase::Running,
+            message: String::new(),
+            now_ms: 2,
+        };
+        let CommandResponse::Session(s) = st.apply(ok, &mut t) else { panic!() };
+        assert_eq!(s.phase, SessionPhase::Running);
+    }
+
+    #[test]
+    fn digest_is_stable_across_rebuild() {
+        let mut st = ClusterState::default();
+        let mut t = Touched::default();
+        st.apply(Command::RegisterNode { node: node("n1", 1000) }, &mut t);
+        st.apply(Command::CreateSession { session: session("a", "r1", Some("n1"), 100) }, &mut t);
+        let json = serde_json::to_vec(&st).unwrap();
+        let mut back: ClusterState = serde_json::from_slice(&json).unwrap();
+        back.rebuild_indexes();
+        assert_eq!(back.digest(), st.digest());
+        assert_eq!(back.allocated_on("n1"), st.allocated_on("n1"));
+    }
+}

@@ -1,0 +1,98 @@
+//! `sandfleet-agent`: the node agent of one host.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use anyhow::{bail, Context};
+use clap::Parser;
+use sandfleet_agent::{serve, AgentConfig, RuntimeKind};
+use tokio_util::sync::CancellationToken;
+
+/// A Sandfleet node agent: runs sessions in sandboxes and serves their data plane.
+#[derive(Debug, Parser)]
+#[command(version, about)]
+struct Args {
+    /// Stable node name (lowercase letters, digits and '-').
+    #[arg(long)]
+    node_id: String,
+    /// Data-plane listen address (port 0 picks a free port).
+    #[arg(long, default_value = "127.0.0.1:7071")]
+    listen: SocketAddr,
+    /// Address clients reach this agent at (defaults to the bound address).
+    #[arg(long)]
+    advertise: Option<String>,
+    /// Directory for workspaces and runtime state.
+    #[arg(long)]
+    data_dir: PathBuf,
+    /// Coordinator addresses, comma-separated.
+    #[arg(long, value_delimiter = ',', required = true)]
+    coordinators: Vec<String>,
+    /// Runtime backend.
+    #[arg(long, value_enum, default_value = "process")]
+    runtime: RuntimeKind,
+    /// Schedulable CPU (cores like 2 or 0.5, or millicores like 1500m); default: all cores.
+    #[arg(long)]
+    cpu: Option<String>,
+    /// Schedulable memory (e.g. 8Gi); default: the host's total.
+    #[arg(long)]
+    memory: Option<String>,
+    /// Concurrent session slots.
+    #[arg(long, default_value_t = 64)]
+    slots: u32,
+    /// Node label, k=v (repeatable).
+    #[arg(long = "label")]
+    labels: Vec<String>,
+    /// First host uid given to sessions.
+    #[arg(long, default_value_t = 200_000)]
+    uid_base: u32,
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    let _telemetry = sandfleet_common::telemetry::init("sandfleet-agent");
+    let mut labels = HashMap::new();
+    for l in &args.labels {
+        let Some((k, v)) = l.split_once('=') else { bail!("invalid --label {l:?}: expected k=v") };
+        labels.insert(k.to_string(), v.to_string());
+    }
+    let cpu_millis = args.cpu.as_deref().map(sandfleet_common::quantity::parse_cpu).transpose()?.unwrap_or(0);
+    let memory_bytes = args.memory.as_deref().map(sandfleet_common::quantity::parse_memory).transpose()?.unwrap_or(0);
+    let shutdown = CancellationToken::new();
+    let stop = shutdown.clone();
+    tokio::spawn(async move {
+        wait_for_signal().await;
+        tracing::info!("shutting down");
+        stop.cancel();
+    });
+    let config = AgentConfig {
+        node_id: args.node_id.clone(),
+        listen: args.listen,
+        advertise: args.advertise,
+        data_dir: args.data_dir,
+        coordinators: args.coordinators,
+        runtime: args.runtime,
+        cpu_millis,
+        memory_bytes,
+        slots: args.slots,
+        labels,
+        uid_base: args.uid_base,
+        ..Default::default()
+    };
+    let agent = serve(config, shutdown.clone()).await.context("failed to start the agent")?;
+    println!("{}", serde_json::json!({"ready": "agent", "node_id": args.node_id, "addr": agent.addr().to_string()}));
+    agent.join().await.context("agent stopped with an error")?;
+    Ok(())
+}
+
+async fn wait_for_signal() {
+    let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+        Ok(s) => s,
+        Err(_) => return std::future::pending().await,
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+}

@@ -1,0 +1,328 @@
+//! The agent's control loop: register with the coordinators, watch the
+//! assignment set, heartbeat with session reports, and reconcile what should
+//! run against what does run.
+//!
+//! Reconciliation is level-based: every assignment message carries the full
+//! set, so a missed message is repaired by the next one. A session runs only
+//! at the newest generation assigned to this node; anything else the runtime
+//! holds is destroyed.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use rand::Rng;
+use sandfleet_common::token::TokenVerifier;
+use sandfleet_proto::v1::{self as pb, agent_service_client::AgentServiceClient};
+use tokio::sync::{Notify, RwLock};
+use tokio_util::sync::CancellationToken;
+use tonic::transport::{Channel, Endpoint};
+
+use crate::runtime::{Runtime, SandboxSpec};
+
+/// Deadline of each control-plane call.
+const CALL_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Where a local session is in its life.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum LocalPhase {
+    /// The runtime is preparing it.
+    Preparing,
+    /// Ready for exec and file calls.
+    Ready,
+    /// Could not be prepared.
+    Failed(String),
+}
+
+/// A session this agent holds.
+#[derive(Debug, Clone)]
+pub struct LocalSession {
+    pub generation: u64,
+    pub phase: LocalPhase,
+    pub expires_at_ms: i64,
+}
+
+/// State shared by the control loop and the data plane.
+pub struct AgentState {
+    pub node_id: String,
+    pub runtime: Arc<dyn Runtime>,
+    pub sessions: Mutex<HashMap<String, LocalSession>>,
+    pub verifier: RwLock<Option<TokenVerifier>>,
+    reports: Mutex<Vec<pb::SessionReport>>,
+    report_ready: Notify,
+    reconcile_lock: tokio::sync::Mutex<()>,
+}
+
+impl AgentState {
+    pub fn new(node_id: String, runtime: Arc<dyn Runtime>) -> Self {
+        Self {
+            node_id,
+            runtime,
+            sessions: Mutex::new(HashMap::new()),
+            verifier: RwLock::new(None),
+            reports: Mutex::new(Vec::new()),
+            report_ready: Notify::new(),
+            reconcile_lock: tokio::sync::Mutex::new(()),
+        }
+    }
+
+    /// The local session, if this node holds it.
+    pub fn session(&self, id: &str) -> Option<LocalSession> {
+        self.sessions.lock().unwrap_or_else(|p| p.into_inner()).get(id).cloned()
+    }
+
+    fn report(&self, r: pb::SessionReport) {
+        self.reports.lock().unwrap_or_else(|p| p.into_inner()).push(r);
+        self.report_ready.notify_one();
+    }
+
+    /// Loads what the runtime already holds (after an agent restart).
+    pub async fn rediscover(&self) -> Result<(), crate::runtime::RuntimeError> {
+        let found = self.runtime.list().await?;
+        for s in found {
+            tracing::info!(session = %s.session_id, generation = s.generation, "rediscovered session");
+            self.sessions
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .insert(s.session_id.clone(), LocalSession { generation: s.generation, phase: LocalPhase::Ready, expires_at_ms: 0 });
+            // Tell the coordinators it runs, in case the last report was lost with the old
+            // process; a report for a superseded generation is ignored by the cluster.
+            self.report(pb::SessionReport {
+                session_id: s.session_id,
+                generation: s.generation,
+                state: pb::SessionState::Running as i32,
+                message: String::new(),
+            });
+        }
+        Ok(())
+    }
+
+    /// Brings local sessions in line with the full assignment set.
+    pub async fn reconcile(self: &Arc<Self>, assignments: Vec<pb::Assignment>) {
+        let _guard = self.reconcile_lock.lock().await;
+        let desired: BTreeMap<String, pb::Assignment> = assignments.into_iter().map(|a| (a.session_id.clone(), a)).collect();
+        let (to_start, to_stop) = {
+            let mut sessions = self.sessions.lock().unwrap_or_else(|p| p.into_inner());
+            let to_stop: Vec<String> = sessions
+                .iter()
+                .filter(|(id, _)| !desired.contains_key(*id))
+                .map(|(id, _)| id.clone())
+                .collect();
+            let mut to_start = Vec::new();
+            for (id, a) in &desired {
+                match sessions.get_mut(id) {
+                    Some(local) if local.generation == a.generation => {
+                        local.expires_at_ms = a.expires_at_ms;
+                        continue;
+                    }
+                    Some(local) if local.generation > a.generation => continue, // stale assignment message
+                    _ => {
+                        sessions.insert(
+                            id.clone(),
+                            LocalSession { generation: a.generation, phase: LocalPhase::Preparing, expires_at_ms: a.expires_at_ms },
+                        );
+                        to_start.push(a.clone());
+                    }
+                }
+            }
+            for id in &to_stop {
+                sessions.remove(id);
+            }
+            (to_start, to_stop)
+        };
+        for id in to_stop {
+            match self.runtime.destroy(&id).await {
+                Ok(()) => tracing::info!(session = %id, "session stopped: no longer assigned here"),
+                Err(e) => tracing::warn!(session = %id, error = %e, "failed to destroy session"),
+            }
+        }
+        for a in to_start {
+            let this = self.clone();
+            tokio::spawn(async move { this.start(a).await });
+        }
+    }
+
+    #[tracing::instrument(skip_all, fields(session = %a.session_id, generation = a.generation))]
+    async fn start(self: Arc<Self>, a: pb::Assignment) {
+        let spec = a.spec.clone().unwrap_or_default();
+        let sandbox = SandboxSpec {
+            session_id: a.session_id.clone(),
+            generation: a.generation,
+            template: spec.template,
+            cpu_millis: spec.cpu_millis,
+            memory_bytes: spec.memory_bytes,
+            pids_limit: spec.pids_limit,
+            env: spec.env.into_iter().collect(),
+        };
+        let result = self.runtime.prepare(&sandbox).await;
+        let phase = match &result {
+            Ok(()) => LocalPhase::Ready,
+            Err(e) => LocalPhase::Failed(e.to_string()),
+        };
+        {
+            let mut sessions = self.sessions.lock().unwrap_or_else(|p| p.into_inner());
+            match sessions.get_mut(&a.session_id) {
+                Some(local) if local.generation == a.generation => local.phase = phase.clone(),
+                _ => return, // superseded or removed while preparing
+            }
+        }
+        let (state, message) = match result {
+            Ok(()) => {
+                tracing::info!("session ready");
+                (pb::SessionState::Running, String::new())
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "session failed to start");
+                (pb::SessionState::Failed, e.to_string())
+            }
+        };
+        self.report(pb::SessionReport { session_id: a.session_id, generation: a.generation, state: state as i32, message });
+    }
+}
+
+/// How the agent reaches the coordinators.
+pub struct ControlConfig {
+    pub coordinators: Vec<String>,
+    pub register: pb::RegisterNodeRequest,
+}
+
+fn channel(addr: &str) -> Result<Channel, tonic::transport::Error> {
+    let uri = if addr.contains("://") { addr.to_string() } else { format!("http://{addr}") };
+    Ok(Endpoint::from_shared(uri)?
+        .connect_timeout(Duration::from_secs(2))
+        .tcp_nodelay(true)
+        .http2_keep_alive_interval(Duration::from_secs(5))
+        .keep_alive_timeout(Duration::from_secs(5))
+        .connect_lazy())
+}
+
+fn backoff(attempt: u32) -> Duration {
+    let cap = 2_000u64.min(50 * (1u64 << attempt.min(6)));
+    Duration::from_millis(rand::rng().random_range(cap / 2..=cap))
+}
+
+/// The control loop. `registered` fires after the first successful registration.
+pub struct Control {
+    state: Arc<AgentState>,
+    config: ControlConfig,
+    clients: Vec<AgentServiceClient<Channel>>,
+    current: usize,
+}
+
+impl Control {
+    pub fn new(state: Arc<AgentState>, config: ControlConfig) -> Result<Self, tonic::transport::Error> {
+        let clients = config.coordinators.iter().map(|a| channel(a).map(AgentServiceClient::new)).collect::<Result<_, _>>()?;
+        Ok(Self { state, config, clients, current: 0 })
+    }
+
+    fn client(&self) -> AgentServiceClient<Channel> {
+        self.clients[self.current % self.clients.len()].clone()
+    }
+
+    fn rotate(&mut self) {
+        self.current = (self.current + 1) % self.clients.len();
+    }
+
+    /// Registers, retrying across coordinators until it works or `shutdown` fires.
+    pub async fn register(&mut self, shutdown: &CancellationToken) -> Option<Duration> {
+        let mut attempt = 0;
+        loop {
+            let mut req = tonic::Request::new(self.config.register.clone());
+            req.set_timeout(CALL_TIMEOUT);
+            match self.client().register_node(req).await {
+                Ok(resp) => {
+                    let resp = resp.into_inner();
+                    match TokenVerifier::from_public_key(&resp.token_public_key) {
+                        Ok(v) => *self.state.verifier.write().await = Some(v),
+                        Err(e) => tracing::error!(error = %e, "coordinator sent a bad token key"),
+                    }
+                    tracing::info!(node = %self.config.register.node_id, "registered with the coordinators");
+                    return Some(Duration::from_millis(resp.heartbeat_interval_ms.max(100)));
+                }
+                Err(status) => {
+                    tracing::warn!(error = %status, "registration failed; retrying");
+                    self.rotate();
+                }
+            }
+            attempt += 1;
+            tokio::select! {
+                _ = shutdown.cancelled() => return None,
+                _ = tokio::time::sleep(backoff(attempt)) => {}
+            }
+        }
+    }
+
+    /// Heartbeats and watches assignments until `shutdown`.
+    pub async fn run(mut self, mut interval: Duration, shutdown: CancellationToken) {
+        let watch_stop = shutdown.child_token();
+        let watcher = tokio::spawn(watch_loop(self.state.clone(), self.config.coordinators.clone(), self.config.register.node_id.clone(), watch_stop.clone()));
+        let mut failures = 0u32;
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => break,
+                _ = self.state.report_ready.notified() => {}
+                _ = tokio::time::sleep(interval) => {}
+            }
+            let reports = std::mem::take(&mut *self.state.reports.lock().unwrap_or_else(|p| p.into_inner()));
+            let mut req = tonic::Request::new(pb::HeartbeatRequest { node_id: self.config.register.node_id.clone(), reports: reports.clone() });
+            req.set_timeout(CALL_TIMEOUT);
+            match self.client().heartbeat(req).await {
+                Ok(resp) => {
+                    failures = 0;
+                    self.state.reconcile(resp.into_inner().assignments).await;
+                }
+                Err(status) => {
+                    // Keep the reports for the next attempt.
+                    self.state.reports.lock().unwrap_or_else(|p| p.into_inner()).splice(0..0, reports);
+                    failures += 1;
+                    tracing::warn!(error = %status, failures, "heartbeat failed");
+                    if status.code() == tonic::Code::NotFound {
+                        if let Some(i) = self.register(&shutdown).await {
+                            interval = i;
+                        }
+                    } else {
+                        self.rotate();
+                        tokio::time::sleep(backoff(failures)).await;
+                    }
+                }
+            }
+        }
+        watch_stop.cancel();
+        let _ = watcher.await;
+    }
+}
+
+/// Follows WatchAssignments, reconnecting across coordinators.
+async fn watch_loop(state: Arc<AgentState>, coordinators: Vec<String>, node_id: String, shutdown: CancellationToken) {
+    let mut attempt = 0u32;
+    let mut i = 0usize;
+    loop {
+        let addr = &coordinators[i % coordinators.len()];
+        i += 1;
+        let result = async {
+            let mut client = AgentServiceClient::new(channel(addr).map_err(|e| tonic::Status::unavailable(e.to_string()))?);
+            let mut stream = client.watch_assignments(pb::WatchAssignmentsRequest { node_id: node_id.clone() }).await?.into_inner();
+            loop {
+                tokio::select! {
+                    _ = shutdown.cancelled() => return Ok::<(), tonic::Status>(()),
+                    msg = stream.message() => match msg? {
+                        Some(m) => state.reconcile(m.assignments).await,
+                        None => return Err(tonic::Status::unavailable("assignment stream ended")),
+                    },
+                }
+            }
+        }
+        .await;
+        if shutdown.is_cancelled() {
+            return;
+        }
+        if let Err(e) = result {
+            tracing::debug!(error = %e, coordinator = %addr, "assignment watch broke; reconnecting");
+        }
+        attempt = attempt.saturating_add(1);
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep(backoff(attempt.min(6))) => {}
+        }
+    }
+}

@@ -1,0 +1,261 @@
+//! The data plane: ExecService and FileService, served by the agent that runs
+//! the session. Every call carries a session token signed by the cluster;
+//! the agent verifies it with the cluster's public key, checks it names this
+//! node, and refuses tokens for older placements.
+
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures::{Stream, StreamExt};
+use sandfleet_common::token::bearer_from_metadata;
+use sandfleet_common::{ids, limits, ValidationError};
+use sandfleet_proto::v1::{self as pb, exec_service_server::ExecService, file_service_server::FileService};
+use tokio::io::AsyncReadExt;
+use tonic::metadata::MetadataMap;
+use tonic::{Request, Response, Status, Streaming};
+
+use crate::control::{AgentState, LocalPhase};
+use crate::runtime::{Command, ExecEvent, ExecSpec, Language};
+use crate::workspace::{EntryKind, FsError, Workspace};
+
+/// Serves ExecService and FileService.
+#[derive(Clone)]
+pub struct DataPlane {
+    state: Arc<AgentState>,
+    output_cap: u64,
+}
+
+impl DataPlane {
+    pub fn new(state: Arc<AgentState>, output_cap: u64) -> Self {
+        Self { state, output_cap }
+    }
+
+    /// Checks the token and that the session is ready here.
+    async fn authorize(&self, md: &MetadataMap, session_id: &str) -> Result<(), Status> {
+        ids::validate_session_id(session_id)?;
+        let token = bearer_from_metadata(md)?;
+        let claims = {
+            let verifier = self.state.verifier.read().await;
+            let verifier = verifier.as_ref().ok_or_else(|| Status::unavailable("agent has not registered with the cluster yet"))?;
+            verifier.verify(token, session_id, sandfleet_common::time::now_ms())?
+        };
+        if claims.node != self.state.node_id {
+            return Err(Status::unauthenticated(format!(
+                "session token is for node {:?}, not {}; get the session again for a fresh token",
+                claims.node, self.state.node_id
+            )));
+        }
+        let local = self
+            .state
+            .session(session_id)
+            .ok_or_else(|| Status::not_found(format!("session {session_id} is not running on node {}", self.state.node_id)))?;
+        if claims.generation < local.generation {
+            return Err(Status::unauthenticated("session token is for an older placement; get the session again"));
+        }
+        match local.phase {
+            LocalPhase::Ready => Ok(()),
+            LocalPhase::Preparing => Err(Status::unavailable(format!("session {session_id} is still starting; retry"))),
+            LocalPhase::Failed(why) => Err(Status::failed_precondition(format!("session {session_id} failed to start: {why}"))),
+        }
+    }
+}
+
+fn exec_spec(req: &pb::ExecRequest, output_cap: u64) -> Result<ExecSpec, Status> {
+    let command = match &req.command {
+        Some(pb::exec_request::Command::Argv(a)) => Command::Argv(a.argv.clone()),
+        Some(pb::exec_request::Command::Code(c)) => {
+            let language = match pb::Language::try_from(c.language) {
+                Ok(pb::Language::Python) => Language::Python,
+                Ok(pb::Language::Node) => Language::Node,
+                Ok(pb::Language::Bash) => Language::Bash,
+                _ => return Err(Status::invalid_argument("invalid language: use python, node or bash")),
+            };
+            Command::Code { language, code: c.code.clone() }
+        }
+        None => return Err(Status::invalid_argument("invalid command: give argv or code")),
+    };
+    let timeout = match req.timeout_ms {
+        0 => limits::DEFAULT_EXEC_TIMEOUT,
+        ms => Duration::from_millis(ms),
+    };
+    if timeout > limits::MAX_EXEC_TIMEOUT {
+        return Err(ValidationError::over("timeout_ms", format!("{} ms", limits::MAX_EXEC_TIMEOUT.as_millis()), req.timeout_ms).into());
+    }
+    if req.stdin.len() > limits::MAX_STDIN_BYTES {
+        return Err(ValidationError::over("stdin", format!("{} bytes", limits::MAX_STDIN_BYTES), req.stdin.len()).into());
+    }
+    ids::validate_env("env", &req.env)?;
+    Ok(ExecSpec {
+        command,
+        env: req.env.clone().into_iter().collect(),
+        stdin: req.stdin.clone(),
+        workdir: req.workdir.clone(),
+        timeout,
+        output_cap,
+    })
+}
+
+type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl ExecService for DataPlane {
+    type ExecStream = BoxStream<pb::ExecResponse>;
+
+    #[tracing::instrument(skip_all, fields(session = %req.get_ref().session_id))]
+    async fn exec(&self, req: Request<pb::ExecRequest>) -> Result<Response<Self::ExecStream>, Status> {
+        self.authorize(req.metadata(), &req.get_ref().session_id).await?;
+        let req = req.into_inner();
+        let spec = exec_spec(&req, self.output_cap)?;
+        crate::exec::command_argv(&spec.command)?;
+        let (out_tx, mut out_rx) = tokio::sync::mpsc::channel::<ExecEvent>(32);
+        let (tx, rx) = tokio::sync::mpsc::channel::<Result<pb::ExecResponse, Status>>(32);
+        let runtime = self.state.runtime.clone();
+        let session_id = req.session_id.clone();
+        let run = tokio::spawn(async move { runtime.exec(&session_id, spec, out_tx).await });
+        tokio::spawn(async move {
+            while let Some(ev) = out_rx.recv().await {
+                let (stream, data) = match ev {
+                    ExecEvent::Stdout(d) => (pb::OutputStream::Stdout, d),
+                    ExecEvent::Stderr(d) => (pb::OutputStream::Stderr, d),
+                };
+                let msg = pb::ExecResponse {
+                    event: Some(pb::exec_response::Event::Output(pb::OutputChunk { stream: stream as i32, data: data.to_vec() })),
+                };
+                if tx.send(Ok(msg)).await.is_err() {
+                    // The caller hung up: dropping `out_rx` makes the runtime kill the command.
+                    return;
+                }
+            }
+            let msg = match run.await {
+                Ok(Ok(exit)) => {
+                    tracing::info!(exit_code = exit.exit_code, timed_out = exit.timed_out, oom = exit.oom_killed, "exec finished");
+                    Ok(pb::ExecResponse {
+                        event: Some(pb::exec_response::Event::Exit(pb::ExitStatus {
+                            exit_code: exit.exit_code,
+                            signal: exit.signal,
+                            duration_ms: exit.duration.as_millis() as u64,
+                            timed_out: exit.timed_out,
+                            oom_killed: exit.oom_killed,
+                            output_truncated: exit.output_truncated,
+                            message: exit.message,
+                        })),
+                    })
+                }
+                Ok(Err(e)) => Err(Status::from(e)),
+                Err(e) => Err(Status::internal(format!("exec task failed: {e}"))),
+            };
+            let _ = tx.send(msg).await;
+        });
+        Ok(Response::new(Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx))))
+    }
+}
+
+fn workspace(state: &AgentState, session_id: &str) -> Result<Workspace, Status> {
+    state.runtime.workspace(session_id).map_err(Status::from)
+}
+
+#[tonic::async_trait]
+impl FileService for DataPlane {
+    #[tracing::instrument(skip_all)]
+    async fn write_file(&self, req: Request<Streaming<pb::WriteFileRequest>>) -> Result<Response<pb::WriteFileResponse>, Status> {
+        let md = req.metadata().clone();
+        let mut stream = req.into_inner();
+        let first = stream.message().await?.ok_or_else(|| Status::invalid_argument("empty upload: the first chunk must name session_id and path"))?;
+        self.authorize(&md, &first.session_id).await?;
+        check_chunk(&first)?;
+        Workspace::check_path(&first.path)?;
+        let ws = workspace(&self.state, &first.session_id)?;
+        let mode = if first.mode == 0 { 0o644 } else { first.mode & 0o7777 };
+        let head = futures::stream::once(futures::future::ready(Ok::<Bytes, FsError>(Bytes::from(first.data))));
+        let rest = stream.map(|m| match m {
+            Ok(chunk) => {
+                if chunk.data.len() > limits::MAX_WRITE_CHUNK_BYTES {
+                    return Err(FsError::InvalidPath(format!(
+                        "chunk exceeds the limit of {} bytes: got {}",
+                        limits::MAX_WRITE_CHUNK_BYTES,
+                        chunk.data.len()
+                    )));
+                }
+                Ok(Bytes::from(chunk.data))
+            }
+            Err(status) => Err(FsError::Io(std::io::Error::other(format!("upload stream broke: {status}")))),
+        });
+        let (size, sha256) = ws.write_file(&first.path, mode, Box::pin(head.chain(rest))).await?;
+        tracing::info!(path = %first.path, size, "file written");
+        Ok(Response::new(pb::WriteFileResponse { size, sha256 }))
+    }
+
+    type ReadFileStream = BoxStream<pb::ReadFileResponse>;
+
+    #[tracing::instrument(skip_all, fields(session = %req.get_ref().session_id))]
+    async fn read_file(&self, req: Request<pb::ReadFileRequest>) -> Result<Response<Self::ReadFileStream>, Status> {
+        self.authorize(req.metadata(), &req.get_ref().session_id).await?;
+        let req = req.into_inner();
+        let ws = workspace(&self.state, &req.session_id)?;
+        let file = ws.read_file(&req.path).await?;
+        let mut file = tokio::fs::File::from(file);
+        let (tx, rx) = tokio::sync::mpsc::channel(4);
+        tokio::spawn(async move {
+            loop {
+                let mut buf = vec![0u8; limits::READ_CHUNK_BYTES];
+                match file.read(&mut buf).await {
+                    Ok(0) => return,
+                    Ok(n) => {
+                        buf.truncate(n);
+                        if tx.send(Ok(pb::ReadFileResponse { data: buf })).await.is_err() {
+                            return;
+                        }
+                    }
+                    Err(e) => {
+                        let _ = tx.send(Err(Status::internal(format!("read failed: {e}")))).await;
+                        return;
+                    }
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx))))
+    }
+
+    #[tracing::instrument(skip_all, fields(session = %req.get_ref().session_id))]
+    async fn list_files(&self, req: Request<pb::ListFilesRequest>) -> Result<Response<pb::ListFilesResponse>, Status> {
+        self.authorize(req.metadata(), &req.get_ref().session_id).await?;
+        let req = req.into_inner();
+        let ws = workspace(&self.state, &req.session_id)?;
+        let entries = ws
+            .list(&req.path)
+            .await?
+            .into_iter()
+            .map(|e| pb::FileEntry {
+                name: e.name,
+                kind: match e.kind {
+                    EntryKind::File => pb::FileKind::File,
+                    EntryKind::Directory => pb::FileKind::Directory,
+                    EntryKind::Symlink => pb::FileKind::Symlink,
+                    EntryKind::Other => pb::FileKind::Other,
+                } as i32,
+                size: e.size,
+                mode: e.mode,
+                modified_at_ms: e.modified_at_ms,
+            })
+            .collect();
+        Ok(Response::new(pb::ListFilesResponse { entries }))
+    }
+
+    #[tracing::instrument(skip_all, fields(session = %req.get_ref().session_id))]
+    async fn remove_file(&self, req: Request<pb::RemoveFileRequest>) -> Result<Response<pb::RemoveFileResponse>, Status> {
+        self.authorize(req.metadata(), &req.get_ref().session_id).await?;
+        let req = req.into_inner();
+        let ws = workspace(&self.state, &req.session_id)?;
+        ws.remove(&req.path, req.recursive).await?;
+        Ok(Response::new(pb::RemoveFileResponse {}))
+    }
+}
+
+fn check_chunk(c: &pb::WriteFileRequest) -> Result<(), Status> {
+    if c.data.len() > limits::MAX_WRITE_CHUNK_BYTES {
+        return Err(ValidationError::over("chunk", format!("{} bytes", limits::MAX_WRITE_CHUNK_BYTES), c.data.len()).into());
+    }
+    Ok(())
+}

@@ -1,0 +1,515 @@
+//! The one implementation of "run a command and stream its output", shared
+//! by every runtime backend.
+//!
+//! A backend prepares a [`tokio::process::Command`] (the bwrap wrapper, or a
+//! `docker exec`, with whatever `pre_exec` hook it needs) and hands it to
+//! [`run`] (or [`spawn`] then [`supervise`]) together with a `kill_tree`
+//! callback that kills every process the command started. This module owns
+//! the semantics the API promises and nothing backend-specific:
+//!
+//! - stdout and stderr are read concurrently and forwarded as they are read,
+//!   in chunks of at most [`OUTPUT_CHUNK_BYTES`];
+//! - stdin is written, then closed;
+//! - past `timeout` the command and its tree are killed, the exit reports
+//!   `timed_out`, exit code 137 and signal 9;
+//! - past `output_cap` bytes (stdout and stderr together) forwarding stops,
+//!   the tree is killed and the exit reports `output_truncated`;
+//! - if the receiver of the output goes away, the tree is killed;
+//! - exit codes 129..=192 (the shell / bwrap convention for "killed by
+//!   signal N") are reported with `signal = code - 128`.
+//!
+//! [`command_argv`] and [`plan_command`] turn an API command into an argv and
+//! enforce the argv limits of the API and of the kernel.
+
+use std::process::ExitStatus;
+use std::time::Duration;
+
+use bytes::Bytes;
+use sandfleet_common::limits::{MAX_ARGV, MAX_ARGV_BYTES, MAX_CODE_BYTES, OUTPUT_CHUNK_BYTES};
+use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+use tokio::process::{Child, ChildStderr, ChildStdout};
+use tokio::sync::mpsc;
+use tokio::time::Instant;
+use tracing::{debug, instrument, warn};
+
+use crate::runtime::{Command, ExecEvent, ExitInfo, Language, RuntimeError};
+
+/// The kernel's limit on one argv or environment string, including its NUL
+/// (`MAX_ARG_STRLEN`, 32 pages).
+pub const MAX_ARG_STRLEN: usize = 32 * 4096;
+
+/// How long output is still drained after the command exited, before
+/// processes that keep the pipes open are killed.
+const EXIT_DRAIN_GRACE: Duration = Duration::from_millis(500);
+/// How long output is drained after the tree was killed.
+const KILL_DRAIN_GRACE: Duration = Duration::from_secs(2);
+
+/// Validates a command and returns its argv: `Argv` as given, `Code` as
+/// `python3 -c CODE`, `node -e CODE` or `bash -c CODE`.
+///
+/// Errors name the limit that was hit. A code larger than one kernel argv
+/// string ([`MAX_ARG_STRLEN`]) is refused here; [`plan_command`] accepts it by
+/// passing the code as a file instead.
+pub fn command_argv(cmd: &Command) -> Result<Vec<String>, RuntimeError> {
+    let argv = match cmd {
+        Command::Argv(argv) => argv.clone(),
+        Command::Code { language, code } => {
+            check_code(code)?;
+            let (bin, flag) = interpreter(*language);
+            vec![bin.to_string(), flag.to_string(), code.clone()]
+        }
+    };
+    check_argv(&argv)?;
+    Ok(argv)
+}
+
+/// An argv plus, for code too large for one argv string, the code to make
+/// available read-only at the path the argv names.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CommandPlan {
+    /// What to execute.
+    pub argv: Vec<String>,
+    /// The code file content, when `argv` runs a file at `code_path`.
+    pub code_file: Option<Vec<u8>>,
+}
+
+/// Like [`command_argv`], but code larger than [`MAX_ARG_STRLEN`] (up to
+/// [`MAX_CODE_BYTES`]) becomes `python3 CODE_PATH` / `node CODE_PATH` /
+/// `bash CODE_PATH`, with the code returned in [`CommandPlan::code_file`] for
+/// the backend to place at `code_path`.
+pub fn plan_command(cmd: &Command, code_path: &str) -> Result<CommandPlan, RuntimeError> {
+    if let Command::Code { language, code } = cmd {
+        check_code(code)?;
+        if code.len() >= MAX_ARG_STRLEN {
+            let (bin, _) = interpreter(*language);
+            let argv = vec![bin.to_string(), code_path.to_string()];
+            check_argv(&argv)?;
+            return Ok(CommandPlan { argv, code_file: Some(code.as_bytes().to_vec()) });
+        }
+    }
+    Ok(CommandPlan { argv: command_argv(cmd)?, code_file: None })
+}
+
+fn interpreter(language: Language) -> (&'static str, &'static str) {
+    match language {
+        Language::Python => ("python3", "-c"),
+        Language::Node => ("node", "-e"),
+        Language::Bash => ("bash", "-c"),
+    }
+}
+
+fn check_code(code: &str) -> Result<(), RuntimeError> {
+    if code.len() > MAX_CODE_BYTES {
+        return Err(RuntimeError::InvalidArgument(format!(
+            "code exceeds the limit of {MAX_CODE_BYTES} bytes (MAX_CODE_BYTES): got {}",
+            code.len()
+        )));
+    }
+    if code.contains('\0') {
+        return Err(RuntimeError::InvalidArgument("code contains a NUL byte".to_string()));
+    }
+    Ok(())
+}
+
+fn check_argv(argv: &[String]) -> Result<(), RuntimeError> {
+    if argv.is_empty() {
+        return Err(RuntimeError::InvalidArgument("argv is empty; give at least the program name".to_string()));
+    }
+    if argv[0].is_empty() {
+        return Err(RuntimeError::InvalidArgument("argv[0] is empty".to_string()));
+    }
+    if argv.len() > MAX_ARGV {
+        return Err(RuntimeError::InvalidArgument(format!(
+            "argv exceeds the limit of {MAX_ARGV} arguments (MAX_ARGV): got {}",
+            argv.len()
+        )));
+    }
+    let total: usize = argv.iter().map(|a| a.len()).sum();
+    // Code is counted by MAX_CODE_BYTES, not by the argv budget.
+    let code_len = if argv.len() == 3 && matches!(argv[1].as_str(), "-c" | "-e") { argv[2].len() } else { 0 };
+    if total - code_len > MAX_ARGV_BYTES {
+        return Err(RuntimeError::InvalidArgument(format!(
+            "argv exceeds the limit of {MAX_ARGV_BYTES} bytes in all (MAX_ARGV_BYTES): got {total}"
+        )));
+    }
+    for (i, a) in argv.iter().enumerate() {
+        if a.contains('\0') {
+            return Err(RuntimeError::InvalidArgument(format!("argv[{i}] contains a NUL byte")));
+        }
+        if a.len() >= MAX_ARG_STRLEN {
+            return Err(RuntimeError::InvalidArgument(format!(
+                "argv[{i}] exceeds the kernel limit of {} bytes per argument (MAX_ARG_STRLEN): got {}",
+                MAX_ARG_STRLEN - 1,
+                a.len()
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// Spawns `cmd` with piped stdin/stdout/stderr and `kill_on_drop`.
+pub fn spawn(mut cmd: tokio::process::Command) -> std::io::Result<Child> {
+    cmd.stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true);
+    cmd.spawn()
+}
+
+/// Spawns `cmd` and supervises it: see [`supervise`].
+pub async fn run(
+    cmd: tokio::process::Command,
+    stdin: Vec<u8>,
+    timeout: Duration,
+    output_cap: u64,
+    out: mpsc::Sender<ExecEvent>,
+    kill_tree: impl Fn() + Send,
+) -> Result<ExitInfo, std::io::Error> {
+    let started = Instant::now();
+    let child = spawn(cmd)?;
+    supervise(child, started, stdin, timeout, output_cap, out, kill_tree).await
+}
+
+/// Why the tree was killed before the command ended on its own.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum KillReason {
+    Timeout,
+    OutputCap,
+    CallerGone,
+    Lingering,
+}
+
+/// Supervises a spawned child until it and its output are done: writes
+/// `stdin` then closes it, forwards output to `out`, enforces `timeout` and
+/// `output_cap`, and calls `kill_tree` (after SIGKILL to the child itself)
+/// whenever the command must die. `started` is when the spawn began, for
+/// the reported duration.
+#[instrument(skip_all, fields(pid = child.id()))]
+pub async fn supervise(
+    mut child: Child,
+    started: Instant,
+    stdin: Vec<u8>,
+    timeout: Duration,
+    output_cap: u64,
+    out: mpsc::Sender<ExecEvent>,
+    kill_tree: impl Fn() + Send,
+) -> Result<ExitInfo, std::io::Error> {
+    let deadline = started + timeout;
+    let mut stdout: Option<ChildStdout> = child.stdout.take();
+    let mut stderr: Option<ChildStderr> = child.stderr.take();
+    let mut stdin_pipe = child.stdin.take();
+    if stdin.is_empty() {
+        stdin_pipe = None;
+    }
+    let stdin_task = async move {
+        if let Some(mut w) = stdin_pipe {
+            // EPIPE when the command does not read its stdin is fine.
+            let _ = w.write_all(&stdin).await;
+            let _ = w.shutdown().await;
+        }
+    };
+    tokio::pin!(stdin_task);
+    let mut stdin_done = false;
+
+    let mut buf_out = vec![0u8; OUTPUT_CHUNK_BYTES];
+    let mut buf_err = vec![0u8; OUTPUT_CHUNK_BYTES];
+    let mut forwarded: u64 = 0;
+    let mut truncated = false;
+    let mut status: Option<ExitStatus> = None;
+    let mut ended_at: Option<Instant> = None;
+    let mut killed: Option<KillReason> = None;
+    // After exit or kill, output is drained until this instant at the latest.
+    let mut drain_until: Option<Instant> = None;
+
+    let kill = |child: &mut Child, why: KillReason, killed: &mut Option<KillReason>, drain_until: &mut Option<Instant>| {
+        if killed.is_none() {
+            *killed = Some(why);
+        }
+        let _ = child.start_kill();
+        kill_tree();
+        *drain_until = Some(Instant::now() + KILL_DRAIN_GRACE);
+    };
+
+    loop {
+        if status.is_some() && stdout.is_none() && stderr.is_none() {
+            break;
+        }
+        let wake_at = drain_until.unwrap_or(deadline);
+        tokio::select! {
+            r = read_some(&mut stdout, &mut buf_out), if stdout.is_some() => match r {
+                Ok(0) | Err(_) => stdout = None,
+                Ok(n) => {
+                    let data = Bytes::copy_from_slice(&buf_out[..n]);
+                    if let Some(why) = forward(&out, ExecEvent::Stdout, data, output_cap, &mut forwarded, &mut truncated, deadline).await {
+                        kill(&mut child, why, &mut killed, &mut drain_until);
+                    }
+                }
+            },
+            r = read_some(&mut stderr, &mut buf_err), if stderr.is_some() => match r {
+                Ok(0) | Err(_) => stderr = None,
+                Ok(n) => {
+                    let data = Bytes::copy_from_slice(&buf_err[..n]);
+                    if let Some(why) = forward(&out, ExecEvent::Stderr, data, output_cap, &mut forwarded, &mut truncated, deadline).await {
+                        kill(&mut child, why, &mut killed, &mut drain_until);
+                    }
+                }
+            },
+            st = child.wait(), if status.is_none() => {
+                let st = st?;
+                ended_at = Some(Instant::now());
+                status = Some(st);
+                if drain_until.is_none() {
+                    drain_until = Some(Instant::now() + EXIT_DRAIN_GRACE);
+                }
+            },
+            () = &mut stdin_task, if !stdin_done => stdin_done = true,
+            () = out.closed(), if killed.is_none() => {
+                debug!("output receiver went away; killing the command");
+                kill(&mut child, KillReason::CallerGone, &mut killed, &mut drain_until);
+            },
+            () = tokio::time::sleep_until(wake_at) => {
+                if killed.is_some() {
+                    // Killed, and the grace to drain is over: give up on the pipes.
+                    stdout = None;
+                    stderr = None;
+                    if status.is_none() {
+                        // The direct child ignores SIGKILL only if it is stuck in the kernel; wait for it.
+                        match tokio::time::timeout(KILL_DRAIN_GRACE, child.wait()).await {
+                            Ok(st) => { status = Some(st?); ended_at = Some(Instant::now()); }
+                            Err(_) => {
+                                warn!("command did not exit after SIGKILL");
+                                break;
+                            }
+                        }
+                    }
+                } else if status.is_some() {
+                    // Exited, but something it started still holds the pipes open.
+                    debug!("command exited but its pipes are still open; killing the rest of its tree");
+                    kill(&mut child, KillReason::Lingering, &mut killed, &mut drain_until);
+                } else {
+                    debug!(?timeout, "timeout expired; killing the command");
+                    kill(&mut child, KillReason::Timeout, &mut killed, &mut drain_until);
+                }
+            },
+        }
+    }
+    let duration = ended_at.unwrap_or_else(Instant::now).saturating_duration_since(started);
+    let mut info = ExitInfo { duration, output_truncated: truncated, ..ExitInfo::default() };
+    if let Some(st) = status {
+        let (code, signal) = map_status(st);
+        info.exit_code = code;
+        info.signal = signal;
+    } else {
+        info.exit_code = 137;
+        info.signal = libc::SIGKILL;
+    }
+    match killed {
+        Some(KillReason::Timeout) => {
+            info.timed_out = true;
+            info.exit_code = 137;
+            info.signal = libc::SIGKILL;
+            info.message = format!("timed out after {} (timeout_ms limit)", format_secs(timeout));
+        }
+        Some(KillReason::OutputCap) => {
+            info.message = format!("output exceeded the limit of {output_cap} bytes");
+        }
+        Some(KillReason::CallerGone) => {
+            info.message = "cancelled: the caller stopped reading the output".to_string();
+        }
+        Some(KillReason::Lingering) | None => {}
+    }
+    Ok(info)
+}
+
+async fn read_some<R: tokio::io::AsyncRead + Unpin>(r: &mut Option<R>, buf: &mut [u8]) -> std::io::Result<usize> {
+    match r {
+        Some(r) => r.read(buf).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Forwards one chunk within the cap; returns why the tree must be killed, if it must.
+async fn forward(
+    out: &mpsc::Sender<ExecEvent>,
+    make: fn(Bytes) -> ExecEvent,
+    mut data: Bytes,
+    cap: u64,
+    forwarded: &mut u64,
+    truncated: &mut bool,
+    deadline: Instant,
+) -> Option<KillReason> {
+    if *truncated {
+        return None;
+    }
+    let room = cap.saturating_sub(*forwarded);
+    let over = data.len() as u64 > room;
+    if over {
+        data.truncate(room as usize);
+    }
+    if !data.is_empty() {
+        *forwarded += data.len() as u64;
+        // A slow reader must not stretch the command past its timeout.
+        match tokio::time::timeout_at(deadline, out.send(make(data))).await {
+            Ok(Ok(())) => {}
+            Ok(Err(_)) => return Some(KillReason::CallerGone),
+            Err(_) => return Some(KillReason::Timeout),
+        }
+    }
+    if over {
+        *truncated = true;
+        return Some(KillReason::OutputCap);
+    }
+    None
+}
+
+/// Maps a wait status to (exit code, signal): 128+N for signal N, and the
+/// 129..=192 convention of shells and bwrap back to the signal.
+pub fn map_status(st: ExitStatus) -> (i32, i32) {
+    use std::os::unix::process::ExitStatusExt as _;
+    if let Some(code) = st.code() {
+        let signal = if (129..=192).contains(&code) { code - 128 } else { 0 };
+        (code, signal)
+    } else if let Some(sig) = st.signal() {
+        (128 + sig, sig)
+    } else {
+        (-1, 0)
+    }
+}
+
+fn format_secs(d: Duration) -> String {
+    let ms = d.as_millis();
+    if ms % 1000 == 0 {
+        format!("{}s", ms / 1000)
+    } else {
+        let n = format!("{:.3}", d.as_secs_f64());
+        format!("{}s", n.trim_end_matches('0'))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sh(script: &str) -> tokio::process::Command {
+        let mut c = tokio::process::Command::new("/bin/sh");
+        c.arg("-c").arg(script);
+        c
+    }
+
+    async fn collect(mut rx: mpsc::Receiver<ExecEvent>) -> (Vec<u8>, Vec<u8>) {
+        let (mut o, mut e) = (Vec::new(), Vec::new());
+        while let Some(ev) = rx.recv().await {
+            match ev {
+                ExecEvent::Stdout(b) => o.extend_from_slice(&b),
+                ExecEvent::Stderr(b) => e.extend_from_slice(&b),
+            }
+        }
+        (o, e)
+    }
+
+    #[test]
+    fn argv_forms_and_limits() {
+        let a = command_argv(&Command::Code { language: Language::Python, code: "print(1)".into() }).unwrap();
+        assert_eq!(a, vec!["python3", "-c", "print(1)"]);
+        let a = command_argv(&Command::Code { language: Language::Node, code: "1".into() }).unwrap();
+        assert_eq!(a[..2], ["node", "-e"]);
+        let a = command_argv(&Command::Code { language: Language::Bash, code: "1".into() }).unwrap();
+        assert_eq!(a[..2], ["bash", "-c"]);
+        assert!(command_argv(&Command::Argv(vec![])).is_err());
+        let e = command_argv(&Command::Argv(vec!["a\0b".into()])).unwrap_err().to_string();
+        assert!(e.contains("NUL"), "{e}");
+        let e = command_argv(&Command::Argv(vec!["x".into(); MAX_ARGV + 1])).unwrap_err().to_string();
+        assert!(e.contains("MAX_ARGV"), "{e}");
+        let e = command_argv(&Command::Argv(vec!["x".repeat(100_000); 3])).unwrap_err().to_string();
+        assert!(e.contains("MAX_ARGV_BYTES"), "{e}");
+        let e = command_argv(&Command::Code { language: Language::Bash, code: "x".repeat(MAX_CODE_BYTES + 1) })
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("MAX_CODE_BYTES"), "{e}");
+        let big = Command::Code { language: Language::Python, code: "#".repeat(200_000) };
+        assert!(command_argv(&big).unwrap_err().to_string().contains("MAX_ARG_STRLEN"));
+        let p = plan_command(&big, "/run/code").unwrap();
+        assert_eq!(p.argv, vec!["python3", "/run/code"]);
+        assert_eq!(p.code_file.unwrap().len(), 200_000);
+        let p = plan_command(&Command::Argv(vec!["true".into()]), "/run/code").unwrap();
+        assert_eq!(p, CommandPlan { argv: vec!["true".into()], code_file: None });
+    }
+
+    #[test]
+    fn status_mapping() {
+        use std::os::unix::process::ExitStatusExt as _;
+        assert_eq!(map_status(ExitStatus::from_raw(0)), (0, 0));
+        assert_eq!(map_status(ExitStatus::from_raw(3 << 8)), (3, 0));
+        assert_eq!(map_status(ExitStatus::from_raw(137 << 8)), (137, 9));
+        assert_eq!(map_status(ExitStatus::from_raw(9)), (137, 9));
+        assert_eq!(format_secs(Duration::from_millis(500)), "0.5s");
+        assert_eq!(format_secs(Duration::from_secs(2)), "2s");
+    }
+
+    #[tokio::test]
+    async fn streams_output_and_stdin() {
+        let (tx, rx) = mpsc::channel(16);
+        let h = tokio::spawn(collect(rx));
+        let info = run(sh("cat; echo err >&2; exit 3"), b"hello".to_vec(), Duration::from_secs(10), 1 << 20, tx, || {})
+            .await
+            .unwrap();
+        let (o, e) = h.await.unwrap();
+        assert_eq!(o, b"hello");
+        assert_eq!(e, b"err\n");
+        assert_eq!(info.exit_code, 3);
+        assert!(!info.timed_out && !info.output_truncated && info.message.is_empty());
+    }
+
+    #[tokio::test]
+    async fn timeout_kills() {
+        let (tx, rx) = mpsc::channel(16);
+        let h = tokio::spawn(collect(rx));
+        let t = std::time::Instant::now();
+        let info = run(sh("exec sleep 30"), vec![], Duration::from_millis(300), 1 << 20, tx, || {}).await.unwrap();
+        h.await.unwrap();
+        assert!(t.elapsed() < Duration::from_secs(5));
+        assert!(info.timed_out);
+        assert_eq!((info.exit_code, info.signal), (137, 9));
+        assert_eq!(info.message, "timed out after 0.3s (timeout_ms limit)");
+    }
+
+    #[tokio::test]
+    async fn output_cap_truncates() {
+        let (tx, rx) = mpsc::channel(16);
+        let h = tokio::spawn(collect(rx));
+        let info = run(sh("exec yes"), vec![], Duration::from_secs(20), 100_000, tx, || {}).await.unwrap();
+        let (o, _) = h.await.unwrap();
+        assert_eq!(o.len(), 100_000);
+        assert!(info.output_truncated);
+        assert_eq!(info.message, "output exceeded the limit of 100000 bytes");
+    }
+
+    #[tokio::test]
+    async fn caller_gone_kills() {
+        let (tx, rx) = mpsc::channel(1);
+        drop(rx);
+        let t = std::time::Instant::now();
+        let info = run(sh("exec sleep 30"), vec![], Duration::from_secs(20), 1 << 20, tx, || {}).await.unwrap();
+        assert!(t.elapsed() < Duration::from_secs(5));
+        assert!(info.message.contains("cancelled"), "{info:?}");
+    }
+
+    #[tokio::test]
+    async fn lingering_child_is_killed() {
+        let (tx, rx) = mpsc::channel(16);
+        let h = tokio::spawn(collect(rx));
+        let killed = std::sync::atomic::AtomicBool::new(false);
+        let t = std::time::Instant::now();
+        let info = run(sh("sleep 5 & echo done"), vec![], Duration::from_secs(20), 1 << 20, tx, || {
+            killed.store(true, std::sync::atomic::Ordering::SeqCst)
+        })
+        .await
+        .unwrap();
+        let (o, _) = h.await.unwrap();
+        assert_eq!(o, b"done\n");
+        assert_eq!(info.exit_code, 0);
+        assert!(!info.timed_out);
+        assert!(killed.load(std::sync::atomic::Ordering::SeqCst));
+        assert!(t.elapsed() < Duration::from_secs(10));
+    }
+}

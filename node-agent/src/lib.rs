@@ -1,0 +1,210 @@
+//! The Sandfleet node agent.
+//!
+//! This crate owns everything that happens on one host: registering the node
+//! with the coordinators, heartbeating, reconciling assigned sessions against
+//! what runs, running sessions through a [`runtime::Runtime`] backend, and
+//! serving the data plane (exec and files) directly to clients.
+//!
+//! # Layout
+//! - [`control`]: registration, heartbeats, the assignment watch and reconciliation.
+//! - [`dataplane`]: ExecService and FileService, with session-token checks.
+//! - [`runtime`]: the `Runtime` trait and its backends (`process`: bubblewrap + cgroups).
+//! - [`exec`]: the one implementation of exec semantics (timeout, caps, exit, OOM).
+//! - [`workspace`]: safe file operations inside a session's workspace.
+
+pub mod control;
+pub mod dataplane;
+pub mod exec;
+pub mod runtime;
+pub mod workspace;
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use sandfleet_common::limits::{self, MAX_GRPC_MESSAGE_BYTES};
+use sandfleet_proto::v1 as pb;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+use crate::control::{AgentState, Control, ControlConfig};
+use crate::runtime::process::{ProcessRuntime, ProcessRuntimeConfig};
+use crate::runtime::Runtime;
+
+/// Which runtime backend runs sessions.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+pub enum RuntimeKind {
+    /// bubblewrap plus cgroups on the host.
+    #[default]
+    Process,
+}
+
+impl RuntimeKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RuntimeKind::Process => "process",
+        }
+    }
+}
+
+/// How an agent is started.
+#[derive(Debug, Clone)]
+pub struct AgentConfig {
+    /// Stable node name (a DNS label).
+    pub node_id: String,
+    /// Data-plane listen address (port 0 picks a free port).
+    pub listen: SocketAddr,
+    /// The address clients reach this agent at; defaults to the bound address.
+    pub advertise: Option<String>,
+    /// Where session workspaces and runtime state live.
+    pub data_dir: PathBuf,
+    /// Coordinator addresses.
+    pub coordinators: Vec<String>,
+    /// The runtime backend.
+    pub runtime: RuntimeKind,
+    /// Schedulable CPU in millicores; 0 means all of the host's.
+    pub cpu_millis: u32,
+    /// Schedulable memory in bytes; 0 means the host's total.
+    pub memory_bytes: u64,
+    /// Concurrent session slots.
+    pub slots: u32,
+    /// Node labels.
+    pub labels: HashMap<String, String>,
+    /// First host uid handed to sessions (each session gets its own).
+    pub uid_base: u32,
+    /// Output cap per exec.
+    pub output_cap: u64,
+}
+
+impl Default for AgentConfig {
+    fn default() -> Self {
+        Self {
+            node_id: "node-1".into(),
+            listen: "127.0.0.1:7071".parse().expect("literal address"),
+            advertise: None,
+            data_dir: PathBuf::from("sandfleet-agent"),
+            coordinators: vec!["127.0.0.1:7070".into()],
+            runtime: RuntimeKind::Process,
+            cpu_millis: 0,
+            memory_bytes: 0,
+            slots: 64,
+            labels: HashMap::new(),
+            uid_base: 200_000,
+            output_cap: limits::DEFAULT_OUTPUT_CAP_BYTES,
+        }
+    }
+}
+
+/// An agent failed to start.
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    #[error("invalid configuration: {0}")]
+    Config(String),
+    #[error("runtime unavailable: {0}")]
+    Runtime(#[from] runtime::RuntimeError),
+    #[error("cannot listen on {addr}: {source}")]
+    Bind { addr: SocketAddr, source: std::io::Error },
+    #[error("gRPC failed: {0}")]
+    Transport(#[from] tonic::transport::Error),
+    #[error("shut down before registering with the coordinators")]
+    Cancelled,
+    #[error("task failed: {0}")]
+    Join(String),
+}
+
+/// A running agent.
+pub struct Agent {
+    addr: SocketAddr,
+    server: JoinHandle<Result<(), tonic::transport::Error>>,
+    control: JoinHandle<()>,
+}
+
+impl Agent {
+    /// The bound data-plane address.
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// Waits until the agent has stopped after the shutdown token fired.
+    pub async fn join(self) -> Result<(), AgentError> {
+        let _ = self.control.await;
+        self.server.await.map_err(|e| AgentError::Join(e.to_string()))??;
+        Ok(())
+    }
+}
+
+fn host_memory_bytes() -> u64 {
+    std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|s| s.lines().find(|l| l.starts_with("MemTotal:")).and_then(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok()))
+        .map(|kb| kb * 1024)
+        .unwrap_or(1 << 30)
+}
+
+/// Starts the runtime, the data plane and the control loop; returns once the
+/// node has registered with the coordinators.
+pub async fn serve(config: AgentConfig, shutdown: CancellationToken) -> Result<Agent, AgentError> {
+    sandfleet_common::ids::validate_node_id(&config.node_id).map_err(|e| AgentError::Config(e.to_string()))?;
+    if config.coordinators.is_empty() {
+        return Err(AgentError::Config("at least one coordinator address is required".into()));
+    }
+    if config.slots == 0 {
+        return Err(AgentError::Config("slots must be positive".into()));
+    }
+    std::fs::create_dir_all(&config.data_dir)
+        .map_err(|e| AgentError::Config(format!("cannot create data dir {}: {e}", config.data_dir.display())))?;
+    let data_dir = std::fs::canonicalize(&config.data_dir)
+        .map_err(|e| AgentError::Config(format!("cannot resolve data dir {}: {e}", config.data_dir.display())))?;
+
+    let runtime: Arc<dyn Runtime> = match config.runtime {
+        RuntimeKind::Process => Arc::new(
+            ProcessRuntime::new(ProcessRuntimeConfig {
+                data_dir: data_dir.join("process"),
+                node_id: config.node_id.clone(),
+                uid_base: config.uid_base,
+                slots: config.slots,
+                bwrap_path: PathBuf::from("/usr/bin/bwrap"),
+            })
+            .await?,
+        ),
+    };
+    let state = Arc::new(AgentState::new(config.node_id.clone(), runtime));
+    state.rediscover().await?;
+
+    let listener =
+        tokio::net::TcpListener::bind(config.listen).await.map_err(|source| AgentError::Bind { addr: config.listen, source })?;
+    let addr = listener.local_addr().map_err(|source| AgentError::Bind { addr: config.listen, source })?;
+    let advertise = config.advertise.clone().unwrap_or_else(|| addr.to_string());
+
+    let plane = dataplane::DataPlane::new(state.clone(), config.output_cap);
+    let server = tonic::transport::Server::builder()
+        .tcp_nodelay(true)
+        .trace_fn(|req| tracing::info_span!("grpc", path = %req.uri().path()))
+        .add_service(pb::exec_service_server::ExecServiceServer::new(plane.clone()).max_decoding_message_size(MAX_GRPC_MESSAGE_BYTES))
+        .add_service(pb::file_service_server::FileServiceServer::new(plane).max_decoding_message_size(MAX_GRPC_MESSAGE_BYTES));
+    let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+    let stop = shutdown.clone();
+    let server = tokio::spawn(async move { server.serve_with_incoming_shutdown(incoming, stop.cancelled_owned()).await });
+
+    let cpu_millis = if config.cpu_millis == 0 {
+        std::thread::available_parallelism().map(|n| n.get() as u32 * 1000).unwrap_or(1000)
+    } else {
+        config.cpu_millis
+    };
+    let memory_bytes = if config.memory_bytes == 0 { host_memory_bytes() } else { config.memory_bytes };
+    let register = pb::RegisterNodeRequest {
+        node_id: config.node_id.clone(),
+        address: advertise,
+        capacity: Some(pb::NodeCapacity { cpu_millis, memory_bytes, session_slots: config.slots }),
+        labels: config.labels.clone(),
+        runtimes: vec![config.runtime.as_str().to_string()],
+    };
+    let mut control = Control::new(state, ControlConfig { coordinators: config.coordinators.clone(), register })?;
+    let Some(interval) = control.register(&shutdown).await else {
+        return Err(AgentError::Cancelled);
+    };
+    let control = tokio::spawn(control.run(interval, shutdown.clone()));
+    tracing::info!(node = %config.node_id, %addr, "agent serving");
+    Ok(Agent { addr, server, control })
+}

@@ -1,0 +1,203 @@
+//! Sandbox runtimes: where and how a session's commands run.
+//!
+//! The agent drives every backend through the [`Runtime`] trait: `prepare`
+//! a session (idempotent), `exec` commands in it, `destroy` it, `list` what
+//! survived an agent restart, and reach its files through
+//! [`Runtime::workspace`]. The command-running semantics (streaming, timeout,
+//! output cap) live in [`crate::exec`] and are shared by every backend.
+//!
+//! # Layout
+//! - [`process`]: the bubblewrap + cgroups backend ([`process::ProcessRuntime`]).
+//! - [`cgroup`]: cgroup v1 / v2 management behind one enum.
+//! - [`seccomp`]: the seccomp BPF filter every sandboxed process runs under.
+//! - [`bwrap`]: building the bubblewrap argv.
+
+pub mod bwrap;
+pub mod cgroup;
+pub mod process;
+pub mod seccomp;
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+/// What a session's sandbox must look like.
+#[derive(Debug, Clone)]
+pub struct SandboxSpec {
+    /// The session id (a lowercase hyphenated UUID).
+    pub session_id: String,
+    /// Placement generation; the agent runs only the newest.
+    pub generation: u64,
+    /// Template name ("default", "python", "node", "bash" for the process runtime).
+    pub template: String,
+    /// CPU limit in millicores; 0 means the default.
+    pub cpu_millis: u32,
+    /// Memory limit in bytes, swap never allowed; 0 means the default.
+    pub memory_bytes: u64,
+    /// Maximum processes and threads; 0 means the default.
+    pub pids_limit: u32,
+    /// Environment given to every exec.
+    pub env: BTreeMap<String, String>,
+}
+
+/// What to run.
+#[derive(Debug, Clone)]
+pub enum Command {
+    /// A plain argv; argv[0] is looked up on the sandbox PATH.
+    Argv(Vec<String>),
+    /// Source code for an interpreter.
+    Code {
+        /// Which interpreter.
+        language: Language,
+        /// The source text.
+        code: String,
+    },
+}
+
+/// The interpreter of [`Command::Code`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Language {
+    /// `python3 -c CODE`
+    Python,
+    /// `node -e CODE`
+    Node,
+    /// `bash -c CODE`
+    Bash,
+}
+
+/// One command run.
+#[derive(Debug, Clone)]
+pub struct ExecSpec {
+    /// What to run.
+    pub command: Command,
+    /// Extra environment for this exec (wins over the session's).
+    pub env: BTreeMap<String, String>,
+    /// Written to stdin, which is then closed.
+    pub stdin: Vec<u8>,
+    /// Working directory relative to the workspace root; "" is the root.
+    pub workdir: String,
+    /// Wall-clock limit; zero means the default (30 s).
+    pub timeout: Duration,
+    /// Output cap (stdout and stderr together) in bytes; zero means the default (16 MiB).
+    pub output_cap: u64,
+}
+
+/// Output of a running command, in the order it was read.
+#[derive(Debug, Clone)]
+pub enum ExecEvent {
+    /// A piece of stdout (at most `OUTPUT_CHUNK_BYTES`).
+    Stdout(bytes::Bytes),
+    /// A piece of stderr (at most `OUTPUT_CHUNK_BYTES`).
+    Stderr(bytes::Bytes),
+}
+
+/// How a command ended.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct ExitInfo {
+    /// The exit code; 128+N when killed by signal N.
+    pub exit_code: i32,
+    /// The signal that ended the command, or 0.
+    pub signal: i32,
+    /// Wall-clock duration.
+    pub duration: Duration,
+    /// The timeout expired and the tree was killed.
+    pub timed_out: bool,
+    /// The kernel OOM killer ended a process of the session during the exec.
+    pub oom_killed: bool,
+    /// Output went past the cap and the command was killed.
+    pub output_truncated: bool,
+    /// Why the command did not end on its own, naming the limit hit.
+    pub message: String,
+}
+
+/// A session a runtime holds.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SessionInfo {
+    /// The session id.
+    pub session_id: String,
+    /// The generation it was last prepared with.
+    pub generation: u64,
+}
+
+/// What a runtime call could not do.
+#[derive(Debug, thiserror::Error)]
+pub enum RuntimeError {
+    /// The session was never prepared here (or was destroyed).
+    #[error("session {0} not found on this node")]
+    NotFound(String),
+    /// The request is malformed or over a limit; the text says which.
+    #[error("{0}")]
+    InvalidArgument(String),
+    /// The node cannot run sandboxes right now (bwrap missing, cgroups not writable, no free slot).
+    #[error("{0}")]
+    Unavailable(String),
+    /// A workspace file operation failed.
+    #[error(transparent)]
+    Workspace(#[from] crate::workspace::FsError),
+    /// An I/O error.
+    #[error("io error: {0}")]
+    Io(#[from] std::io::Error),
+    /// A bug or an unexpected state.
+    #[error("{0}")]
+    Internal(String),
+}
+
+impl From<RuntimeError> for tonic::Status {
+    fn from(e: RuntimeError) -> Self {
+        match e {
+            RuntimeError::NotFound(_) => tonic::Status::not_found(e.to_string()),
+            RuntimeError::InvalidArgument(_) => tonic::Status::invalid_argument(e.to_string()),
+            RuntimeError::Unavailable(_) => tonic::Status::unavailable(e.to_string()),
+            RuntimeError::Workspace(fs) => fs.into(),
+            RuntimeError::Io(_) | RuntimeError::Internal(_) => tonic::Status::internal(e.to_string()),
+        }
+    }
+}
+
+/// A sandbox backend.
+#[async_trait::async_trait]
+pub trait Runtime: Send + Sync + 'static {
+    /// The backend name reported to coordinators ("process").
+    fn kind(&self) -> &'static str;
+    /// Idempotent: creates the session's cgroup (limits set), its workspace
+    /// dir and its uid. Calling again with the same id and a higher
+    /// generation updates the recorded generation.
+    async fn prepare(&self, spec: &SandboxSpec) -> Result<(), RuntimeError>;
+    /// Runs one command in the session's sandbox, sending output chunks
+    /// (<= OUTPUT_CHUNK_BYTES each) to `out` as they are read, and returns how
+    /// it ended. If `out` is closed (caller went away) the command is killed.
+    /// NotFound if not prepared.
+    async fn exec(
+        &self,
+        session_id: &str,
+        spec: ExecSpec,
+        out: tokio::sync::mpsc::Sender<ExecEvent>,
+    ) -> Result<ExitInfo, RuntimeError>;
+    /// Kills every process of the session, removes its cgroup(s) and its
+    /// workspace dir. Idempotent (Ok if absent).
+    async fn destroy(&self, session_id: &str) -> Result<(), RuntimeError>;
+    /// The sessions this runtime holds on disk/cgroups (rediscovery after an
+    /// agent restart).
+    async fn list(&self) -> Result<Vec<SessionInfo>, RuntimeError>;
+    /// The session's workspace, for the file API. NotFound if not prepared.
+    fn workspace(&self, session_id: &str) -> Result<crate::workspace::Workspace, RuntimeError>;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn status_codes() {
+        let s: tonic::Status = RuntimeError::NotFound("x".into()).into();
+        assert_eq!(s.code(), tonic::Code::NotFound);
+        assert_eq!(s.message(), "session x not found on this node");
+        let s: tonic::Status = RuntimeError::InvalidArgument("bad".into()).into();
+        assert_eq!(s.code(), tonic::Code::InvalidArgument);
+        let s: tonic::Status = RuntimeError::Unavailable("no bwrap".into()).into();
+        assert_eq!(s.code(), tonic::Code::Unavailable);
+        let s: tonic::Status = RuntimeError::Workspace(crate::workspace::FsError::TooLarge { limit: 5 }).into();
+        assert_eq!(s.code(), tonic::Code::OutOfRange);
+        let s: tonic::Status = RuntimeError::Internal("bug".into()).into();
+        assert_eq!(s.code(), tonic::Code::Internal);
+    }
+}
