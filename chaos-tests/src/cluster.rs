@@ -35,8 +35,8 @@ use std::path::{Path, PathBuf};
 use std::process::{ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, Result, anyhow, bail};
-use nix::sys::signal::{Signal, kill};
+use anyhow::{anyhow, bail, Context, Result};
+use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 use tempfile::TempDir;
 use tokio::io::{AsyncBufReadExt, BufReader};
@@ -119,7 +119,15 @@ impl fmt::Debug for Proc {
 }
 
 impl Proc {
-    fn new(role: Role, id: String, program: PathBuf, args: Vec<String>, data_dir: PathBuf, dir: &Path, env: Vec<(String, String)>) -> Self {
+    fn new(
+        role: Role,
+        id: String,
+        program: PathBuf,
+        args: Vec<String>,
+        data_dir: PathBuf,
+        dir: &Path,
+        env: Vec<(String, String)>,
+    ) -> Self {
         let name = match role {
             Role::Coordinator => format!("coordinator-{id}"),
             Role::Agent => format!("agent-{id}"),
@@ -173,8 +181,11 @@ impl Proc {
 
     /// Sends `sig` to the process.
     pub fn signal(&self, sig: Signal) -> Result<()> {
-        let pid = self.pid().ok_or_else(|| anyhow!("{} is not running", self.name))?;
-        kill(Pid::from_raw(pid as i32), sig).with_context(|| format!("sending {sig} to {}", self.name))
+        let pid = self
+            .pid()
+            .ok_or_else(|| anyhow!("{} is not running", self.name))?;
+        kill(Pid::from_raw(pid as i32), sig)
+            .with_context(|| format!("sending {sig} to {}", self.name))
     }
 
     /// Starts the process and waits for its ready line.
@@ -214,7 +225,9 @@ impl Proc {
                 Ok(())
             });
         }
-        let mut child = cmd.spawn().with_context(|| format!("spawning {} ({})", self.name, self.program.display()))?;
+        let mut child = cmd
+            .spawn()
+            .with_context(|| format!("spawning {} ({})", self.name, self.program.display()))?;
         let stdout = child.stdout.take().expect("stdout is piped");
         let mut lines = BufReader::new(stdout).lines();
 
@@ -262,35 +275,62 @@ impl Proc {
             }
         });
 
-        let tag = ready.get("ready").and_then(|v| v.as_str()).unwrap_or_default();
+        let tag = ready
+            .get("ready")
+            .and_then(|v| v.as_str())
+            .unwrap_or_default();
         if tag != self.role.ready_tag() {
             let _ = child.start_kill();
-            bail!("{} printed ready line {ready} but \"ready\" should be {:?}", self.name, self.role.ready_tag());
+            bail!(
+                "{} printed ready line {ready} but \"ready\" should be {:?}",
+                self.name,
+                self.role.ready_tag()
+            );
         }
         let addr = ready
             .get("addr")
             .and_then(|v| v.as_str())
-            .ok_or_else(|| anyhow!("{} printed ready line {ready} without a string \"addr\"", self.name))?
+            .ok_or_else(|| {
+                anyhow!(
+                    "{} printed ready line {ready} without a string \"addr\"",
+                    self.name
+                )
+            })?
             .to_string();
         match self.role {
             Role::Agent => {
-                let node = ready.get("node_id").and_then(|v| v.as_str()).unwrap_or_default();
+                let node = ready
+                    .get("node_id")
+                    .and_then(|v| v.as_str())
+                    .unwrap_or_default();
                 if node != self.id {
                     let _ = child.start_kill();
-                    bail!("{} printed ready line {ready} with node_id {node:?}, expected {:?}", self.name, self.id);
+                    bail!(
+                        "{} printed ready line {ready} with node_id {node:?}, expected {:?}",
+                        self.name,
+                        self.id
+                    );
                 }
             }
             Role::Coordinator => {
                 let id = ready.get("id").map(|v| v.to_string()).unwrap_or_default();
                 if id.trim_matches('"') != self.id {
                     let _ = child.start_kill();
-                    bail!("{} printed ready line {ready} with id {id}, expected {}", self.name, self.id);
+                    bail!(
+                        "{} printed ready line {ready} with id {id}, expected {}",
+                        self.name,
+                        self.id
+                    );
                 }
             }
         }
         if !self.addr.is_empty() && self.addr != addr {
             let _ = child.start_kill();
-            bail!("{} came back on {addr}, not on its pinned address {}", self.name, self.addr);
+            bail!(
+                "{} came back on {addr}, not on its pinned address {}",
+                self.name,
+                self.addr
+            );
         }
         self.addr = addr.clone();
         pin_listen(&mut self.args, &addr);
@@ -302,9 +342,17 @@ impl Proc {
 
     /// SIGKILL, then reap.
     pub async fn kill(&mut self) -> Result<ExitStatus> {
-        let mut child = self.child.take().ok_or_else(|| anyhow!("{} is not running", self.name))?;
-        child.start_kill().with_context(|| format!("killing {}", self.name))?;
-        let status = child.wait().await.with_context(|| format!("reaping {}", self.name))?;
+        let mut child = self
+            .child
+            .take()
+            .ok_or_else(|| anyhow!("{} is not running", self.name))?;
+        child
+            .start_kill()
+            .with_context(|| format!("killing {}", self.name))?;
+        let status = child
+            .wait()
+            .await
+            .with_context(|| format!("reaping {}", self.name))?;
         self.note(&format!("SIGKILL -> {status}"));
         self.last_exit = Some(status);
         Ok(status)
@@ -338,7 +386,9 @@ impl Proc {
 
     /// Stops without async: SIGTERM, poll up to `grace`, then SIGKILL. For `Drop`.
     fn stop_blocking(&mut self, grace: Duration) {
-        let Some(mut child) = self.child.take() else { return };
+        let Some(mut child) = self.child.take() else {
+            return;
+        };
         if let Some(pid) = child.id() {
             let _ = kill(Pid::from_raw(pid as i32), Signal::SIGTERM);
         }
@@ -379,7 +429,9 @@ fn random_suffix() -> String {
     use rand::Rng;
     const CHARS: &[u8] = b"abcdefghijklmnopqrstuvwxyz0123456789";
     let mut rng = rand::rng();
-    (0..5).map(|_| CHARS[rng.random_range(0..CHARS.len())] as char).collect()
+    (0..5)
+        .map(|_| CHARS[rng.random_range(0..CHARS.len())] as char)
+        .collect()
 }
 
 fn child_log_filter() -> String {
@@ -471,7 +523,8 @@ impl ClusterBuilder {
         I: IntoIterator<Item = S>,
         S: Into<String>,
     {
-        self.coordinator_args.extend(args.into_iter().map(Into::into));
+        self.coordinator_args
+            .extend(args.into_iter().map(Into::into));
         self
     }
 
@@ -547,7 +600,10 @@ impl ClusterBuilder {
             Err(e) => {
                 // The error carries the failing process's log; keep all of them for reading.
                 let dir = cluster.keep_dir();
-                Err(e.context(format!("starting the cluster failed; logs kept in {}", dir.display())))
+                Err(e.context(format!(
+                    "starting the cluster failed; logs kept in {}",
+                    dir.display()
+                )))
             }
         }
     }
@@ -555,7 +611,11 @@ impl ClusterBuilder {
     fn binaries(&self) -> (PathBuf, Option<PathBuf>) {
         let bins = self.bin_dir.clone().unwrap_or_else(bin_dir);
         let coordinator = bin_path_in(&bins, "sandfleet-coordinator");
-        let agent = if self.agents > 0 { Some(bin_path_in(&bins, "sandfleet-agent")) } else { None };
+        let agent = if self.agents > 0 {
+            Some(bin_path_in(&bins, "sandfleet-agent"))
+        } else {
+            None
+        };
         (coordinator, agent)
     }
 
@@ -579,8 +639,15 @@ impl ClusterBuilder {
                 args.push("--bootstrap".into());
             }
             args.extend(self.coordinator_args.iter().cloned());
-            let mut p =
-                Proc::new(Role::Coordinator, id, coordinator_bin.clone(), args, data_dir, &dir, self.env.clone());
+            let mut p = Proc::new(
+                Role::Coordinator,
+                id,
+                coordinator_bin.clone(),
+                args,
+                data_dir,
+                &dir,
+                self.env.clone(),
+            );
             let started = p.launch(self.ready_timeout).await;
             cluster.coordinators.push(p);
             started?;
@@ -597,7 +664,10 @@ impl ClusterBuilder {
             // session uid ranges are unique per cluster.
             let suffix = random_suffix();
             let uid_block: u32 = rand::Rng::random_range(&mut rand::rng(), 0..4000);
-            let set_uid_base = !self.agent_args.iter().any(|a| a == "--uid-base" || a.starts_with("--uid-base="));
+            let set_uid_base = !self
+                .agent_args
+                .iter()
+                .any(|a| a == "--uid-base" || a.starts_with("--uid-base="));
             for i in 0..self.agents {
                 let id = format!("n{}-{suffix}", i + 1);
                 let data_dir = dir.join(format!("agent-{id}"));
@@ -619,7 +689,15 @@ impl ClusterBuilder {
                     args.extend(["--uid-base".to_string(), base.to_string()]);
                 }
                 args.extend(self.agent_args.iter().cloned());
-                let mut p = Proc::new(Role::Agent, id, agent_bin.clone(), args, data_dir, &dir, self.env.clone());
+                let mut p = Proc::new(
+                    Role::Agent,
+                    id,
+                    agent_bin.clone(),
+                    args,
+                    data_dir,
+                    &dir,
+                    self.env.clone(),
+                );
                 let started = p.launch(self.ready_timeout).await;
                 cluster.agents.push(p);
                 started?;
@@ -758,7 +836,9 @@ impl Cluster {
             match p.launch(timeout).await {
                 Ok(()) => return Ok(()),
                 Err(e) if attempt < 3 && !p.is_running() => {
-                    p.note(&format!("restart attempt {attempt} failed: {e:#}; retrying"));
+                    p.note(&format!(
+                        "restart attempt {attempt} failed: {e:#}; retrying"
+                    ));
                     tokio::time::sleep(Duration::from_millis(500)).await;
                 }
                 Err(e) => return Err(e),
@@ -782,8 +862,17 @@ impl Cluster {
     /// Waits until `ListNodes` (through any coordinator) shows every running
     /// agent in state `ready`.
     pub async fn wait_nodes_ready(&mut self, timeout: Duration) -> Result<()> {
-        let want: Vec<String> =
-            self.agents.iter_mut().filter_map(|a| if a.is_running() { Some(a.id.clone()) } else { None }).collect();
+        let want: Vec<String> = self
+            .agents
+            .iter_mut()
+            .filter_map(|a| {
+                if a.is_running() {
+                    Some(a.id.clone())
+                } else {
+                    None
+                }
+            })
+            .collect();
         let deadline = Instant::now() + timeout;
         loop {
             let last;
@@ -800,7 +889,10 @@ impl Cluster {
                         }
                         last = format!(
                             "not ready: {not_ready:?}; nodes: {:?}",
-                            nodes.iter().map(|n| format!("{}={}", n.id, n.state)).collect::<Vec<_>>()
+                            nodes
+                                .iter()
+                                .map(|n| format!("{}={}", n.id, n.state))
+                                .collect::<Vec<_>>()
                         );
                     }
                     Err(e) => last = format!("ListNodes failed: {e}"),
@@ -808,7 +900,10 @@ impl Cluster {
                 Err(e) => last = format!("{e:#}"),
             }
             if Instant::now() >= deadline {
-                bail!("agents not ready within {timeout:?}: {last}\n{}", self.logs(LOG_TAIL_LINES));
+                bail!(
+                    "agents not ready within {timeout:?}: {last}\n{}",
+                    self.logs(LOG_TAIL_LINES)
+                );
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
@@ -827,7 +922,11 @@ impl Cluster {
             loop {
                 let result = async {
                     let mut api = ClusterServiceClient::connect(first.clone()).await?;
-                    api.add_member(AddMemberRequest { id, address: c.addr.clone() }).await?;
+                    api.add_member(AddMemberRequest {
+                        id,
+                        address: c.addr.clone(),
+                    })
+                    .await?;
                     Ok::<_, anyhow::Error>(())
                 }
                 .await;
@@ -841,7 +940,11 @@ impl Cluster {
                             break;
                         }
                         if Instant::now() >= deadline {
-                            bail!("adding coordinator {id} ({}) failed: {e:#}\n{}", c.addr, self.logs(LOG_TAIL_LINES));
+                            bail!(
+                                "adding coordinator {id} ({}) failed: {e:#}\n{}",
+                                c.addr,
+                                self.logs(LOG_TAIL_LINES)
+                            );
                         }
                         tokio::time::sleep(Duration::from_millis(200)).await;
                     }
@@ -856,12 +959,17 @@ impl Cluster {
             }
             .await;
             let last = match status {
-                Ok(s) if s.leader_id != 0 && s.members.iter().filter(|m| m.voter).count() == n => return Ok(()),
+                Ok(s) if s.leader_id != 0 && s.members.iter().filter(|m| m.voter).count() == n => {
+                    return Ok(())
+                }
                 Ok(s) => format!("{s:?}"),
                 Err(e) => format!("{e:#}"),
             };
             if Instant::now() >= deadline {
-                bail!("coordinators did not form a {n}-voter group: {last}\n{}", self.logs(LOG_TAIL_LINES));
+                bail!(
+                    "coordinators did not form a {n}-voter group: {last}\n{}",
+                    self.logs(LOG_TAIL_LINES)
+                );
             }
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
@@ -913,7 +1021,11 @@ impl Cluster {
             Ok(())
         } else {
             let dir = self.keep_dir();
-            bail!("unclean shutdown (logs kept in {}):\n{}", dir.display(), errors.join("\n"))
+            bail!(
+                "unclean shutdown (logs kept in {}):\n{}",
+                dir.display(),
+                errors.join("\n")
+            )
         }
     }
 }
@@ -930,7 +1042,10 @@ impl Drop for Cluster {
             self.print_logs(LOG_TAIL_LINES);
         } else if keep {
             let dir = self.keep_dir();
-            eprintln!("sandfleet harness: cluster directory kept in {}", dir.display());
+            eprintln!(
+                "sandfleet harness: cluster directory kept in {}",
+                dir.display()
+            );
         }
         for p in self.agents.iter_mut() {
             p.stop_blocking(Duration::from_secs(5));
@@ -942,7 +1057,10 @@ impl Drop for Cluster {
         // cluster is gone nobody will, so remove this cluster's nodes' trees.
         for p in &self.agents {
             if let Err(e) = crate::host::remove_node_cgroups(&p.id) {
-                eprintln!("sandfleet harness: could not remove the cgroups of {}: {e}", p.id);
+                eprintln!(
+                    "sandfleet harness: could not remove the cgroups of {}: {e}",
+                    p.id
+                );
             }
         }
     }

@@ -9,8 +9,8 @@
 
 use std::path::Path;
 use std::process::{Command, Stdio};
-use std::sync::OnceLock;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::OnceLock;
 
 /// Environment variable that turns a missing facility into a failure.
 pub const REQUIRE_ENV: &str = "SANDFLEET_REQUIRE_FACILITIES";
@@ -48,7 +48,11 @@ pub fn require_sandbox_facilities() -> bool {
     if std::env::var(REQUIRE_ENV).is_ok_and(|v| v == "1") {
         panic!("{banner}");
     }
-    eprintln!("{banner}");
+    // Straight to fd 2: `eprintln!` would be captured (and hidden) by the test harness.
+    {
+        use std::io::Write;
+        let _ = std::io::stderr().write_all(banner.as_bytes());
+    }
     false
 }
 
@@ -65,7 +69,9 @@ fn probe() -> Vec<String> {
         missing.push(format!("root (running as uid {})", nix::unistd::geteuid()));
     }
     if !is_executable(Path::new(BWRAP)) {
-        missing.push(format!("bubblewrap ({BWRAP} not found; apt-get install bubblewrap)"));
+        missing.push(format!(
+            "bubblewrap ({BWRAP} not found; apt-get install bubblewrap)"
+        ));
     } else if let Err(e) = bwrap_works() {
         missing.push(format!("working bubblewrap namespaces ({e})"));
     }
@@ -80,7 +86,9 @@ fn probe() -> Vec<String> {
 
 fn is_executable(p: &Path) -> bool {
     use std::os::unix::fs::PermissionsExt;
-    std::fs::metadata(p).map(|m| m.is_file() && m.permissions().mode() & 0o111 != 0).unwrap_or(false)
+    std::fs::metadata(p)
+        .map(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+        .unwrap_or(false)
 }
 
 fn bwrap_works() -> Result<(), String> {
@@ -123,18 +131,30 @@ fn bwrap_works() -> Result<(), String> {
 /// Creates and removes a probe cgroup in every hierarchy the agent uses.
 fn cgroups_writable() -> Result<(), String> {
     static COUNTER: AtomicU64 = AtomicU64::new(0);
-    let name = format!("sandfleet-probe-{}-{}", std::process::id(), COUNTER.fetch_add(1, Ordering::Relaxed));
+    let name = format!(
+        "sandfleet-probe-{}-{}",
+        std::process::id(),
+        COUNTER.fetch_add(1, Ordering::Relaxed)
+    );
     let roots: Vec<&str> = if Path::new("/sys/fs/cgroup/cgroup.controllers").exists() {
         vec!["/sys/fs/cgroup"]
     } else if Path::new("/sys/fs/cgroup/memory").is_dir() {
-        vec!["/sys/fs/cgroup/memory", "/sys/fs/cgroup/pids", "/sys/fs/cgroup/cpu"]
+        vec![
+            "/sys/fs/cgroup/memory",
+            "/sys/fs/cgroup/pids",
+            "/sys/fs/cgroup/cpu",
+        ]
     } else {
-        return Err("no cgroup v2 root and no v1 memory hierarchy under /sys/fs/cgroup".to_string());
+        return Err(
+            "no cgroup v2 root and no v1 memory hierarchy under /sys/fs/cgroup".to_string(),
+        );
     };
     for root in roots {
         let dir = Path::new(root).join(&name);
-        std::fs::create_dir(&dir).map_err(|e| format!("cannot create a cgroup under {root}: {e}"))?;
-        std::fs::remove_dir(&dir).map_err(|e| format!("cannot remove the probe cgroup {}: {e}", dir.display()))?;
+        std::fs::create_dir(&dir)
+            .map_err(|e| format!("cannot create a cgroup under {root}: {e}"))?;
+        std::fs::remove_dir(&dir)
+            .map_err(|e| format!("cannot remove the probe cgroup {}: {e}", dir.display()))?;
     }
     Ok(())
 }

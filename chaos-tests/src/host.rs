@@ -57,12 +57,21 @@ pub fn process(pid: i32) -> Option<HostProcess> {
         .filter(|s| !s.is_empty())
         .map(|s| String::from_utf8_lossy(s).into_owned())
         .collect();
-    Some(HostProcess { pid, ppid, state, start_time, comm, cmdline })
+    Some(HostProcess {
+        pid,
+        ppid,
+        state,
+        start_time,
+        comm,
+        cmdline,
+    })
 }
 
 /// Every process on the host that is not a zombie.
 pub fn processes() -> Vec<HostProcess> {
-    let Ok(dir) = std::fs::read_dir("/proc") else { return Vec::new() };
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
     dir.filter_map(|e| e.ok()?.file_name().to_str()?.parse::<i32>().ok())
         .filter_map(process)
         .filter(|p| p.state != 'Z' && p.state != 'X')
@@ -73,7 +82,10 @@ pub fn processes() -> Vec<HostProcess> {
 /// excluding this process.
 pub fn processes_matching(needle: &str) -> Vec<HostProcess> {
     let me = std::process::id() as i32;
-    processes().into_iter().filter(|p| p.pid != me && p.command().contains(needle)).collect()
+    processes()
+        .into_iter()
+        .filter(|p| p.pid != me && p.command().contains(needle))
+        .collect()
 }
 
 /// Whether the process identified by `pid` and `start_time` still lives (and is not a zombie).
@@ -85,7 +97,10 @@ pub fn is_alive(pid: i32, start_time: u64) -> bool {
 pub fn processes_in_cgroup_matching(needle: &str) -> Vec<HostProcess> {
     processes()
         .into_iter()
-        .filter(|p| std::fs::read_to_string(format!("/proc/{}/cgroup", p.pid)).is_ok_and(|c| c.contains(needle)))
+        .filter(|p| {
+            std::fs::read_to_string(format!("/proc/{}/cgroup", p.pid))
+                .is_ok_and(|c| c.contains(needle))
+        })
         .collect()
 }
 
@@ -118,7 +133,9 @@ fn walk(dir: &Path, needle: &str, depth: u32, found: &mut Vec<PathBuf>) {
     if depth == 0 {
         return;
     }
-    let Ok(entries) = std::fs::read_dir(dir) else { return };
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
     for e in entries.flatten() {
         if !e.file_type().is_ok_and(|t| t.is_dir()) {
             continue;
@@ -146,7 +163,10 @@ pub fn cgroup_version() -> &'static str {
 /// hierarchy), killing anything still in them. For cleanup after a cluster
 /// whose agents are stopped; a no-op when there is nothing.
 pub fn remove_node_cgroups(node_id: &str) -> std::io::Result<()> {
-    assert!(!node_id.is_empty() && !node_id.contains('/') && node_id != "." && node_id != "..", "bad node id {node_id:?}");
+    assert!(
+        !node_id.is_empty() && !node_id.contains('/') && node_id != "." && node_id != "..",
+        "bad node id {node_id:?}"
+    );
     let mut first_error = None;
     for root in CGROUP_ROOTS {
         let dir = Path::new(root).join(node_id);
@@ -169,16 +189,25 @@ fn remove_cgroup_tree(dir: &Path) -> std::io::Result<()> {
     }
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
     loop {
-        for pid in std::fs::read_to_string(dir.join("cgroup.procs")).unwrap_or_default().lines() {
+        for pid in std::fs::read_to_string(dir.join("cgroup.procs"))
+            .unwrap_or_default()
+            .lines()
+        {
             if let Ok(pid) = pid.trim().parse::<i32>() {
-                let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL);
+                let _ = nix::sys::signal::kill(
+                    nix::unistd::Pid::from_raw(pid),
+                    nix::sys::signal::Signal::SIGKILL,
+                );
             }
         }
         match std::fs::remove_dir(dir) {
             Ok(()) => return Ok(()),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
             Err(e) if std::time::Instant::now() >= deadline => {
-                return Err(std::io::Error::new(e.kind(), format!("removing {}: {e}", dir.display())));
+                return Err(std::io::Error::new(
+                    e.kind(),
+                    format!("removing {}: {e}", dir.display()),
+                ));
             }
             Err(_) => std::thread::sleep(std::time::Duration::from_millis(20)),
         }

@@ -378,7 +378,7 @@ pub fn map_status(st: ExitStatus) -> (i32, i32) {
 
 fn format_secs(d: Duration) -> String {
     let ms = d.as_millis();
-    if ms % 1000 == 0 {
+    if ms.is_multiple_of(1000) {
         format!("{}s", ms / 1000)
     } else {
         let n = format!("{:.3}", d.as_secs_f64());

@@ -142,7 +142,21 @@ async fn run(rt: &ProcessRuntime, id: &str, spec: ExecSpec) -> Result<Ran, Runti
 }
 
 /// Host pids whose real uid is `uid` and whose argv is exactly `argv`.
+/// Live processes of `uid` running exactly `argv`, after giving processes that were
+/// just SIGKILLed up to two seconds to finish exiting (a killed process can leave its
+/// cgroup a moment before its memory, and so its cmdline, is torn down).
 fn host_procs(uid: u32, argv: &[&str]) -> Vec<i32> {
+    let deadline = Instant::now() + Duration::from_secs(2);
+    loop {
+        let found = host_procs_now(uid, argv);
+        if found.is_empty() || Instant::now() > deadline {
+            return found;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn host_procs_now(uid: u32, argv: &[&str]) -> Vec<i32> {
     let want: Vec<u8> = argv.iter().flat_map(|a| a.bytes().chain([0])).collect();
     let mut found = Vec::new();
     for e in std::fs::read_dir("/proc").unwrap().flatten() {
@@ -277,6 +291,20 @@ async fn timeout_kills_the_whole_tree() {
     let info = rt.exec(&id, bash("sleep 100"), tx).await.unwrap();
     assert!(t.elapsed() < Duration::from_secs(5));
     assert!(info.message.contains("cancelled"), "{info:?}");
+    assert!(host_procs(uid, &["sleep", "100"]).is_empty());
+
+    // Dropping the exec future (a cancelled RPC) kills the tree and removes the exec cgroup.
+    let (tx, mut rx) = mpsc::channel(8);
+    let (rt2, id2) = (rt.clone(), id.clone());
+    let task = tokio::spawn(async move { rt2.exec(&id2, bash("echo started; sleep 100"), tx).await });
+    assert!(matches!(rx.recv().await, Some(ExecEvent::Stdout(_))));
+    task.abort();
+    let _ = task.await;
+    let t = Instant::now();
+    while !(rt.cgroups().pids_recursive(&cg).unwrap().is_empty() && rt.cgroups().descendants(&cg).is_empty()) {
+        assert!(t.elapsed() < Duration::from_secs(5), "an aborted exec left processes or its cgroup behind");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     assert!(host_procs(uid, &["sleep", "100"]).is_empty());
     env.cleanup().await;
 }

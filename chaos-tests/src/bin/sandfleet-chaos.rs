@@ -22,12 +22,15 @@ use anyhow::Result;
 use clap::Parser;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
-use sandfleet::{Client, CreateSession, ExecRequest, proto};
+use sandfleet::{proto, Client, CreateSession, ExecRequest};
 use sandfleet_chaos::testkit::{list_all_sessions, state_of};
-use sandfleet_chaos::{ClusterBuilder, require_sandbox_facilities};
+use sandfleet_chaos::{require_sandbox_facilities, ClusterBuilder};
 
 #[derive(Debug, Parser)]
-#[command(name = "sandfleet-chaos", about = "Seeded workload and invariant checks against a real Sandfleet cluster")]
+#[command(
+    name = "sandfleet-chaos",
+    about = "Seeded workload and invariant checks against a real Sandfleet cluster"
+)]
 struct Args {
     /// Number of coordinators.
     #[arg(long, default_value_t = 1)]
@@ -91,7 +94,15 @@ fn spec(request_id: &str, run: &str) -> CreateSession {
         .label(RUN_LABEL, run.to_string())
 }
 
-async fn worker(id: usize, seed: u64, run: String, client: Client, ledger: Shared, until: Instant, max_live: usize) {
+async fn worker(
+    id: usize,
+    seed: u64,
+    run: String,
+    client: Client,
+    ledger: Shared,
+    until: Instant,
+    max_live: usize,
+) {
     let mut rng = StdRng::seed_from_u64(seed ^ (id as u64 + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15));
     let mut live: Vec<String> = Vec::new();
     let mut mine: Vec<(String, String)> = Vec::new();
@@ -113,13 +124,18 @@ async fn worker(id: usize, seed: u64, run: String, client: Client, ledger: Share
                     match resp.session {
                         Some(s) => {
                             if resp.existing {
-                                l.violations.push(format!("create {rid}: a fresh request id answered existing=true ({})", s.id));
+                                l.violations.push(format!(
+                                    "create {rid}: a fresh request id answered existing=true ({})",
+                                    s.id
+                                ));
                             }
                             l.acked.insert(rid.clone(), s.id.clone());
                             live.push(s.id.clone());
                             mine.push((rid, s.id));
                         }
-                        None => l.violations.push(format!("create {rid}: response without a session")),
+                        None => l
+                            .violations
+                            .push(format!("create {rid}: response without a session")),
                     }
                 }
                 Err(e) => {
@@ -149,7 +165,13 @@ async fn worker(id: usize, seed: u64, run: String, client: Client, ledger: Share
             let token = format!("{}", rng.random_range(0..1_000_000u32));
             let result = async {
                 let s = client.wait_running(&sid, Duration::from_secs(30)).await?;
-                client.exec_collect(&s, ExecRequest::argv(["echo", token.as_str()]).timeout(Duration::from_secs(20))).await
+                client
+                    .exec_collect(
+                        &s,
+                        ExecRequest::argv(["echo", token.as_str()])
+                            .timeout(Duration::from_secs(20)),
+                    )
+                    .await
             }
             .await;
             let mut l = ledger.lock().unwrap();
@@ -207,13 +229,21 @@ async fn verify(client: &Client, run: &str, ledger: &Ledger) -> Result<Vec<Strin
             tokio::time::sleep(Duration::from_millis(200)).await;
         };
         match got {
-            None => violations.push(format!("acknowledged create {rid} -> {sid} is not retrievable: {last:?}")),
+            None => violations.push(format!(
+                "acknowledged create {rid} -> {sid} is not retrievable: {last:?}"
+            )),
             Some(s) => {
                 if s.request_id != *rid {
-                    violations.push(format!("session {sid} has request id {:?}, created with {rid}", s.request_id));
+                    violations.push(format!(
+                        "session {sid} has request id {:?}, created with {rid}",
+                        s.request_id
+                    ));
                 }
                 if ledger.deleted.contains(sid) && state_of(&s) != proto::SessionState::Terminated {
-                    violations.push(format!("session {sid} was deleted but is {:?}", state_of(&s)));
+                    violations.push(format!(
+                        "session {sid} was deleted but is {:?}",
+                        state_of(&s)
+                    ));
                 }
             }
         }
@@ -221,20 +251,30 @@ async fn verify(client: &Client, run: &str, ledger: &Ledger) -> Result<Vec<Strin
     let listed = list_all_sessions(client, &[(RUN_LABEL, run)], &[]).await?;
     let mut by_rid: BTreeMap<&str, Vec<&str>> = BTreeMap::new();
     for s in &listed {
-        by_rid.entry(s.request_id.as_str()).or_default().push(s.id.as_str());
+        by_rid
+            .entry(s.request_id.as_str())
+            .or_default()
+            .push(s.id.as_str());
     }
     for (rid, ids) in &by_rid {
         if ids.len() > 1 {
-            violations.push(format!("request id {rid} produced {} sessions: {ids:?}", ids.len()));
+            violations.push(format!(
+                "request id {rid} produced {} sessions: {ids:?}",
+                ids.len()
+            ));
         }
         if !ledger.acked.contains_key(*rid) && !ledger.ambiguous.contains(*rid) {
-            violations.push(format!("session(s) {ids:?} with request id {rid} that no worker sent"));
+            violations.push(format!(
+                "session(s) {ids:?} with request id {rid} that no worker sent"
+            ));
         }
     }
     let listed_ids: BTreeSet<&str> = listed.iter().map(|s| s.id.as_str()).collect();
     for (rid, sid) in &ledger.acked {
         if !listed_ids.contains(sid.as_str()) {
-            violations.push(format!("acknowledged session {sid} ({rid}) is missing from ListSessions"));
+            violations.push(format!(
+                "acknowledged session {sid} ({rid}) is missing from ListSessions"
+            ));
         }
     }
     Ok(violations)
@@ -279,20 +319,34 @@ async fn run(args: &Args, seed: u64) -> Result<bool> {
     let until = started + args.duration;
     let mut tasks = Vec::new();
     for w in 0..args.workers {
-        tasks.push(tokio::spawn(worker(w, seed, run.clone(), client.clone(), ledger.clone(), until, args.max_live.max(1))));
+        tasks.push(tokio::spawn(worker(
+            w,
+            seed,
+            run.clone(),
+            client.clone(),
+            ledger.clone(),
+            until,
+            args.max_live.max(1),
+        )));
     }
     for t in tasks {
         t.await?;
     }
     let elapsed = started.elapsed();
 
-    let mut ledger = Arc::try_unwrap(ledger).map_err(|_| anyhow::anyhow!("workers still hold the ledger"))?.into_inner().unwrap();
+    let mut ledger = Arc::try_unwrap(ledger)
+        .map_err(|_| anyhow::anyhow!("workers still hold the ledger"))?
+        .into_inner()
+        .unwrap();
     let found = verify(&client, &run, &ledger).await?;
     ledger.violations.extend(found);
 
     println!("sandfleet-chaos: summary (seed {seed}, {elapsed:.1?})");
     for (op, n) in &ledger.ops {
-        println!("  {op:<13} {n:>6} ops, {:>4} errors", ledger.errors.get(op).copied().unwrap_or(0));
+        println!(
+            "  {op:<13} {n:>6} ops, {:>4} errors",
+            ledger.errors.get(op).copied().unwrap_or(0)
+        );
     }
     println!(
         "  acknowledged creates {}, ambiguous creates {}, acknowledged deletes {}",
@@ -303,7 +357,10 @@ async fn run(args: &Args, seed: u64) -> Result<bool> {
     if ledger.violations.is_empty() {
         println!("sandfleet-chaos: OK, no violations");
         if args.keep {
-            println!("sandfleet-chaos: cluster directory kept in {}", cluster.keep_dir().display());
+            println!(
+                "sandfleet-chaos: cluster directory kept in {}",
+                cluster.keep_dir().display()
+            );
         }
         cluster.shutdown().await?;
         Ok(true)
@@ -314,7 +371,10 @@ async fn run(args: &Args, seed: u64) -> Result<bool> {
         }
         let dir = cluster.keep_dir();
         cluster.print_logs(40);
-        println!("sandfleet-chaos: logs and data kept in {}; replay with --seed {seed}", dir.display());
+        println!(
+            "sandfleet-chaos: logs and data kept in {}; replay with --seed {seed}",
+            dir.display()
+        );
         Ok(false)
     }
 }

@@ -245,6 +245,30 @@ fn chown_tree(path: &Path, uid: u32) -> io::Result<()> {
     Ok(())
 }
 
+/// Creates (or repairs) `sessions/<sid>` (0711 root) and its workspace
+/// (0700, owned by the session uid).
+fn ensure_session_dirs(s: &Session) -> Result<(), RuntimeError> {
+    create_dir(&s.dir, 0o711)?;
+    let ws = s.workspace_dir();
+    match fs::create_dir(&ws) {
+        Ok(()) => {}
+        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
+            let m = fs::symlink_metadata(&ws)?;
+            if !m.is_dir() || (m.uid() != s.uid && m.uid() != 0) {
+                return Err(RuntimeError::Internal(format!(
+                    "{} exists with owner {}; refusing to hand it to uid {}",
+                    ws.display(),
+                    m.uid(),
+                    s.uid
+                )));
+            }
+        }
+        Err(e) => return Err(io_ctx(format!("creating {}", ws.display()), e)),
+    }
+    std::os::unix::fs::lchown(&ws, Some(s.uid), Some(s.uid)).map_err(|e| io_ctx(format!("chown {}", ws.display()), e))?;
+    set_mode(&ws, 0o700)
+}
+
 /// Validates and fills in the defaults of a sandbox spec.
 fn stored_spec(spec: &SandboxSpec) -> Result<StoredSpec, RuntimeError> {
     let template = if spec.template.is_empty() { "default".to_string() } else { spec.template.clone() };
@@ -647,6 +671,37 @@ impl ProcessRuntime {
     }
 }
 
+/// Removes an exec's leaf cgroup when the exec future is dropped before its
+/// own cleanup ran.
+struct LeafGuard {
+    cg: AnyCgroupManager,
+    leaf: String,
+    armed: bool,
+}
+
+impl Drop for LeafGuard {
+    fn drop(&mut self) {
+        if !self.armed {
+            return;
+        }
+        let cg = self.cg.clone();
+        let leaf = std::mem::take(&mut self.leaf);
+        match tokio::runtime::Handle::try_current() {
+            Ok(h) => {
+                h.spawn(async move {
+                    if let Err(e) = cg.destroy(&leaf, CGROUP_KILL_TIMEOUT).await {
+                        warn!(error = %e, cgroup = %leaf, "could not clean up the exec cgroup");
+                    }
+                });
+            }
+            Err(_) => {
+                cg.kill_once(&leaf);
+                let _ = cg.remove(&leaf);
+            }
+        }
+    }
+}
+
 fn check_bwrap(path: &Path) -> Result<(), RuntimeError> {
     let meta = fs::metadata(path)
         .map_err(|e| RuntimeError::Unavailable(format!("bubblewrap not found at {}: {e} (install the bubblewrap package)", path.display())))?;
@@ -719,7 +774,7 @@ impl Runtime for ProcessRuntime {
             s.generation.fetch_max(spec.generation, Ordering::SeqCst);
             *s.spec.lock().unwrap_or_else(|p| p.into_inner()) = stored.clone();
             // Repair whatever went missing, then apply the (possibly new) limits.
-            create_dir(&s.dir, 0o711)?;
+            ensure_session_dirs(&s)?;
             if !cg.exists(&s.cgroup) {
                 cg.create(&s.cgroup).map_err(|e| io_ctx("creating the session cgroup", e))?;
             }
@@ -737,25 +792,7 @@ impl Runtime for ProcessRuntime {
         let dir = self.sessions_dir().join(&spec.session_id);
         let s = self.session_obj(&spec.session_id, dir, slot, spec.generation, stored.clone());
         let res = (|| -> Result<(), RuntimeError> {
-            create_dir(&s.dir, 0o711)?;
-            let ws = s.workspace_dir();
-            match fs::create_dir(&ws) {
-                Ok(()) => {}
-                Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
-                    let m = fs::symlink_metadata(&ws)?;
-                    if !m.is_dir() || (m.uid() != s.uid && m.uid() != 0) {
-                        return Err(RuntimeError::Internal(format!(
-                            "{} exists with owner {}; refusing to hand it to uid {}",
-                            ws.display(),
-                            m.uid(),
-                            s.uid
-                        )));
-                    }
-                }
-                Err(e) => return Err(io_ctx(format!("creating {}", ws.display()), e)),
-            }
-            std::os::unix::fs::lchown(&ws, Some(s.uid), Some(s.uid)).map_err(|e| io_ctx(format!("chown {}", ws.display()), e))?;
-            set_mode(&ws, 0o700)?;
+            ensure_session_dirs(&s)?;
             cg.create(&s.cgroup).map_err(|e| io_ctx("creating the session cgroup", e))?;
             cg.set_limits(&s.cgroup, &stored.limits()).map_err(|e| io_ctx("setting session limits", e))?;
             self.persist(&s)
@@ -818,6 +855,9 @@ impl Runtime for ProcessRuntime {
         let n = s.exec_seq.fetch_add(1, Ordering::SeqCst);
         let leaf = format!("{}/exec-{n}", s.cgroup);
         cg.create(&leaf).map_err(|e| io_ctx("creating the exec cgroup", e))?;
+        // If this future is dropped mid-exec (the caller went away), kill_on_drop
+        // kills bwrap and the guard removes the leaf in the background.
+        let mut leaf_guard = LeafGuard { cg: cg.clone(), leaf: leaf.clone(), armed: true };
         let oom_before = cg.oom_kills(&s.cgroup);
         let forkfail_before = cg.pids_max_events(&s.cgroup);
         let started = tokio::time::Instant::now();
@@ -836,6 +876,7 @@ impl Runtime for ProcessRuntime {
             Ok(c) => c,
             Err(e) => {
                 let _ = cg.remove(&leaf);
+                leaf_guard.armed = false;
                 if e.raw_os_error() == Some(libc::E2BIG) {
                     return Err(invalid("argv and environment together are too large for the kernel (E2BIG)"));
                 }
@@ -861,6 +902,7 @@ impl Runtime for ProcessRuntime {
         if let Err(e) = cg.destroy(&leaf, CGROUP_KILL_TIMEOUT).await {
             warn!(error = %e, cgroup = %leaf, "could not clean up the exec cgroup");
         }
+        leaf_guard.armed = false;
         let mut info = result.map_err(|e| io_ctx("supervising the command", e))?;
         let oom = cg.oom_kills(&s.cgroup).saturating_sub(oom_before) + leaf_oom;
         if oom > 0 {

@@ -118,7 +118,8 @@ pub fn program() -> Result<BpfProgram, RuntimeError> {
 /// its own blocks, so instructions inserted at index 4 keep every jump valid.
 fn insert_prologue(prog: &mut BpfProgram) -> Result<(), RuntimeError> {
     use seccompiler::sock_filter;
-    const BPF_LD_W_ABS: u16 = 0x00 | 0x00 | 0x20;
+    // BPF_LD | BPF_W | BPF_ABS (the first two are 0).
+    const BPF_LD_W_ABS: u16 = 0x20;
     const BPF_JMP_JEQ_K: u16 = 0x05 | 0x10;
     const BPF_JMP_JGE_K: u16 = 0x05 | 0x30;
     const BPF_RET_K: u16 = 0x06;
