@@ -585,7 +585,6 @@ impl Client {
         let msg = proto::RemoveMemberRequest { id };
         let timeout = self.inner.request_timeout.max(MEMBERSHIP_TIMEOUT);
         self.control("remove_member", RetryPolicy::ConnectOnly, timeout, |ch, t| {
-            let msg = msg.clone();
             async move { Ok(cluster_client(ch).remove_member(with_timeout(msg, t)).await?.into_inner()) }
         })
         .instrument(tracing::debug_span!("remove_member", id))
@@ -695,7 +694,7 @@ pub(crate) fn humanize(d: Duration) -> String {
     let ms = d.as_millis();
     if ms < 1000 {
         format!("{ms}ms")
-    } else if ms % 1000 == 0 {
+    } else if ms.is_multiple_of(1000) {
         format!("{}s", ms / 1000)
     } else {
         format!("{:.1}s", d.as_secs_f64())

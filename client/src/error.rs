@@ -7,9 +7,11 @@ use crate::session::state_name;
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     /// The server (a coordinator or a node agent) answered with a gRPC status.
-    /// Displayed as `NOT_FOUND: session ... not found`.
+    /// Displayed as `NOT_FOUND: session ... not found`. (The status is not
+    /// also reported as the error's `source`, so error reporters that print
+    /// causes do not repeat the message.)
     #[error("{}: {}", code_name(.0.code()), .0.message())]
-    Status(#[from] tonic::Status),
+    Status(tonic::Status),
     /// No coordinator or agent could be reached (after every retry), or an
     /// endpoint address is malformed.
     #[error("cannot connect to {endpoint}: {source}")]
@@ -43,6 +45,12 @@ pub enum Error {
     /// Local I/O failed (reading an upload, for instance).
     #[error("i/o error: {0}")]
     Io(#[from] std::io::Error),
+}
+
+impl From<tonic::Status> for Error {
+    fn from(status: tonic::Status) -> Self {
+        Error::Status(status)
+    }
 }
 
 impl Error {
@@ -102,6 +110,7 @@ mod tests {
         assert_eq!(e.to_string(), "NOT_FOUND: session x not found");
         assert_eq!(e.code(), Some(tonic::Code::NotFound));
         assert!(e.is_not_found());
+        assert!(std::error::Error::source(&e).is_none(), "the message must not repeat in the cause chain");
 
         let e = Error::SessionFailed {
             id: "s1".into(),

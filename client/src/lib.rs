@@ -28,7 +28,7 @@
 //! - [`files`]: upload, download, list and remove in a session's workspace.
 //! - [`retry`]: the backoff policy ([`Backoff`]).
 //! - [`json`]: JSON views of API messages (for `--output json` and logs).
-//! - [`error`]: [`Error`].
+//! - [`error`]: the [`Error`] type and gRPC code names.
 //!
 //! The `sandfleet` binary (feature `cli`) lives in `src/bin/sandfleet.rs` with its
 //! helpers in `src/cli/`; they are part of the binary, not of this library.

@@ -14,12 +14,13 @@ pub const DEFAULT_TTL_SECONDS: u64 = 3600;
 
 /// Smallest memory a session may ask for (16 MiB): less cannot start an interpreter.
 pub const MIN_MEMORY_BYTES: u64 = 16 * 1024 * 1024;
-/// Largest memory a session may ask for (64 GiB).
-pub const MAX_MEMORY_BYTES: u64 = 64 * 1024 * 1024 * 1024;
+/// Largest memory a session may ask for (16 TiB). Below this, a size no node can hold is
+/// RESOURCE_EXHAUSTED at create; above it the request is OUT_OF_RANGE.
+pub const MAX_MEMORY_BYTES: u64 = 16 * 1024 * 1024 * 1024 * 1024;
 /// Smallest CPU a session may ask for, in millicores.
 pub const MIN_CPU_MILLIS: u32 = 10;
 /// Largest CPU a session may ask for, in millicores.
-pub const MAX_CPU_MILLIS: u32 = 64_000;
+pub const MAX_CPU_MILLIS: u32 = 1_024_000;
 /// Smallest pids limit.
 pub const MIN_PIDS_LIMIT: u32 = 8;
 /// Largest pids limit.

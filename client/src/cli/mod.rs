@@ -312,7 +312,8 @@ impl Cli {
     /// The log filter when `RUST_LOG` is not set.
     pub fn default_log_filter(&self) -> &'static str {
         match self.command {
-            Command::Dev(_) => "info",
+            // openraft is chatty at info.
+            Command::Dev(_) => "info,openraft=warn",
             _ => "warn",
         }
     }

@@ -5,7 +5,6 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use sandfleet::proto;
 use sandfleet::session::state_name;
-use sandfleet_common::quantity::format_memory;
 use serde_json::Value;
 
 /// How results are printed.
@@ -71,11 +70,28 @@ pub fn table(headers: &[&str], rows: &[Vec<String>]) -> String {
 
 /// Millicores as people write them: `2` for whole cores, else `500m`.
 pub fn format_cpu(millis: u32) -> String {
-    if millis % 1000 == 0 {
+    if millis.is_multiple_of(1000) {
         (millis / 1000).to_string()
     } else {
         format!("{millis}m")
     }
+}
+
+/// Bytes for people: exact binary units when they fit (`256Mi`), else one
+/// decimal of the largest unit (`23.5Gi`).
+pub fn format_memory(bytes: u64) -> String {
+    let exact = sandfleet_common::quantity::format_memory(bytes);
+    let digits = exact.trim_end_matches(|c: char| c.is_ascii_alphabetic()).len();
+    if bytes < 1024 || (exact.ends_with('i') && digits <= 4) {
+        return exact;
+    }
+    for (unit, m) in [("Ti", 1u64 << 40), ("Gi", 1 << 30), ("Mi", 1 << 20), ("Ki", 1 << 10)] {
+        if bytes >= m {
+            let v = bytes as f64 / m as f64;
+            return if (v - v.round()).abs() < 0.05 { format!("{}{unit}", v.round()) } else { format!("{v:.1}{unit}") };
+        }
+    }
+    exact
 }
 
 /// A short age: `42s`, `5m`, `3h`, `2d`.
@@ -244,8 +260,12 @@ mod tests {
         assert_eq!(format_cpu(500), "500m");
         assert_eq!(format_age(1_000, 43_000), "42s");
         assert_eq!(format_age(0, 43_000), "-");
-        assert_eq!(format_age(0 + 1, 3 * 3600 * 1000), "2h");
+        assert_eq!(format_age(1, 3 * 3600 * 1000), "2h");
         assert_eq!(format_time(0), "-");
+        assert_eq!(format_memory(256 << 20), "256Mi");
+        assert_eq!(format_memory(24_683_656 * 1024), "23.5Gi");
+        assert_eq!(format_memory(1000), "1000");
+        assert_eq!(format_memory(0), "0");
         assert_eq!(format_time(1_700_000_000_000), "2023-11-14T22:13:20Z");
     }
 

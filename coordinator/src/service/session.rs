@@ -44,7 +44,13 @@ pub fn validate_spec(spec: Option<pb::SessionSpec>) -> Result<SpecRecord, Status
     if cpu_millis < limits::MIN_CPU_MILLIS {
         return Err(ValidationError::invalid("cpu_millis", format!("must be at least {} mCPU", limits::MIN_CPU_MILLIS)).into());
     }
+    if cpu_millis > limits::MAX_CPU_MILLIS {
+        return Err(ValidationError::over("cpu_millis", format!("{} mCPU", limits::MAX_CPU_MILLIS), cpu_millis).into());
+    }
     let memory_bytes = if spec.memory_bytes == 0 { limits::DEFAULT_MEMORY_BYTES } else { spec.memory_bytes };
+    if memory_bytes > limits::MAX_MEMORY_BYTES {
+        return Err(ValidationError::over("memory_bytes", format!("{} bytes (16Ti)", limits::MAX_MEMORY_BYTES), memory_bytes).into());
+    }
     if memory_bytes < limits::MIN_MEMORY_BYTES {
         return Err(ValidationError::invalid("memory_bytes", format!("must be at least {} bytes (16Mi)", limits::MIN_MEMORY_BYTES)).into());
     }
