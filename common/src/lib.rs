@@ -11,11 +11,13 @@
 //! - [`quantity`]: parsing `256Mi` / `0.5` / `500m` style resource quantities.
 //! - [`token`]: Ed25519-signed, session-scoped data-plane tokens.
 //! - [`telemetry`]: `tracing` subscriber set from `RUST_LOG`, with optional OTLP export.
+//! - [`signal`]: the SIGINT/SIGTERM shutdown signal of the daemons.
 //! - [`time`]: wall-clock helpers in Unix milliseconds.
 
 pub mod ids;
 pub mod limits;
 pub mod quantity;
+pub mod signal;
 pub mod telemetry;
 pub mod time;
 pub mod token;

@@ -64,21 +64,10 @@ async fn main() -> anyhow::Result<()> {
 
     let stop = shutdown.clone();
     tokio::spawn(async move {
-        wait_for_signal().await;
+        sandfleet_common::signal::shutdown_signal().await;
         tracing::info!("shutting down");
         stop.cancel();
     });
     coordinator.join().await.context("coordinator stopped with an error")?;
     Ok(())
-}
-
-async fn wait_for_signal() {
-    let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-        Ok(s) => s,
-        Err(_) => return std::future::pending().await,
-    };
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
-        _ = term.recv() => {}
-    }
 }

@@ -62,7 +62,7 @@ async fn main() -> anyhow::Result<()> {
     let shutdown = CancellationToken::new();
     let stop = shutdown.clone();
     tokio::spawn(async move {
-        wait_for_signal().await;
+        sandfleet_common::signal::shutdown_signal().await;
         tracing::info!("shutting down");
         stop.cancel();
     });
@@ -84,15 +84,4 @@ async fn main() -> anyhow::Result<()> {
     println!("{}", serde_json::json!({"ready": "agent", "node_id": args.node_id, "addr": agent.addr().to_string()}));
     agent.join().await.context("agent stopped with an error")?;
     Ok(())
-}
-
-async fn wait_for_signal() {
-    let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-        Ok(s) => s,
-        Err(_) => return std::future::pending().await,
-    };
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
-        _ = term.recv() => {}
-    }
 }
