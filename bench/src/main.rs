@@ -3,7 +3,11 @@
 //!
 //! ```text
 //! sandfleet-bench skeleton [--runs 200] [--write bench/RESULTS.md]
+//! sandfleet-bench raft [--duration 10] [--clients 1,64] [--kills 10] [--write bench/RESULTS.md]
 //! ```
+//!
+//! `raft` compares a three-coordinator cluster with a three-member etcd
+//! cluster on the same machine in the same run; see [`raft`].
 //!
 //! `skeleton` starts a one-coordinator, one-agent cluster through the test
 //! harness (the same binaries the tests use) and measures, in one run:
@@ -23,6 +27,14 @@ use clap::{Parser, Subcommand};
 use sandfleet::{CreateSession, ExecRequest};
 use sandfleet_chaos::testkit::percentile;
 use sandfleet_chaos::{bins, require_sandbox_facilities, ClusterBuilder};
+
+mod raft;
+
+/// The generated client of the etcd v3 API subset in `proto/etcd_subset.proto`.
+#[allow(clippy::all)]
+mod etcdpb {
+    tonic::include_proto!("etcdserverpb");
+}
 
 #[derive(Debug, Parser)]
 #[command(
@@ -45,6 +57,24 @@ enum Cmd {
         #[arg(long, default_value_t = 5)]
         warmup: usize,
         /// Replace the `## Walking skeleton` section of this Markdown file (created if missing).
+        #[arg(long)]
+        write: Option<PathBuf>,
+    },
+    /// Raft cluster vs etcd: create/put throughput and latency, leader failover time.
+    Raft {
+        /// Seconds per load point.
+        #[arg(long, default_value_t = 10)]
+        duration: u64,
+        /// Concurrent client counts to measure.
+        #[arg(long, value_delimiter = ',', default_value = "1,64")]
+        clients: Vec<usize>,
+        /// Leader kills for the failover measurement (per system).
+        #[arg(long, default_value_t = 10)]
+        kills: usize,
+        /// The etcd server binary (Debian package etcd-server).
+        #[arg(long, default_value = "etcd")]
+        etcd: PathBuf,
+        /// Replace the `## Raft cluster vs etcd` section of this Markdown file.
         #[arg(long)]
         write: Option<PathBuf>,
     },
@@ -76,6 +106,7 @@ const BWRAP_ARGS: &[&str] = &[
 const EXEC_GOAL_RATIO: f64 = 2.0;
 const RUNNING_GOAL: Duration = Duration::from_millis(20);
 const SECTION: &str = "## Walking skeleton";
+const RAFT_SECTION: &str = "## Raft cluster vs etcd";
 
 #[derive(Debug)]
 struct Series {
@@ -99,6 +130,32 @@ impl Series {
 async fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.cmd {
+        Cmd::Raft { duration, clients, kills, etcd, write } => {
+            let settings = raft::Settings {
+                duration: Duration::from_secs(duration.max(1)),
+                clients: if clients.is_empty() { vec![1, 64] } else { clients },
+                kills,
+                etcd,
+            };
+            let result = async {
+                let report = raft::run(&settings).await?;
+                let section = raft::render(&report, &settings, RAFT_SECTION, &machine_description());
+                println!("{section}");
+                if let Some(path) = write {
+                    write_section(&path, RAFT_SECTION, &section)?;
+                    eprintln!("sandfleet-bench: wrote the {RAFT_SECTION:?} section of {}", path.display());
+                }
+                Ok::<_, anyhow::Error>(())
+            }
+            .await;
+            match result {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("sandfleet-bench: error: {e:#}");
+                    ExitCode::from(1)
+                }
+            }
+        }
         Cmd::Skeleton {
             runs,
             warmup,
@@ -220,7 +277,7 @@ async fn skeleton(runs: usize, warmup: usize, write: Option<&Path>) -> Result<()
     let section = render(runs, &raw, &exec, &running, &first, &machine);
     println!("{section}");
     if let Some(path) = write {
-        write_section(path, &section)?;
+        write_section(path, SECTION, &section)?;
         eprintln!(
             "sandfleet-bench: wrote the walking-skeleton section of {}",
             path.display()
@@ -411,9 +468,9 @@ fn utc_now() -> String {
     )
 }
 
-/// Replaces the `## Walking skeleton` section (up to the next `## ` heading)
+/// Replaces the section headed `title` (up to the next `## ` heading)
 /// of `path`, or appends it; other sections stay as they are.
-fn write_section(path: &Path, section: &str) -> Result<()> {
+fn write_section(path: &Path, title: &str, section: &str) -> Result<()> {
     let existing = match std::fs::read_to_string(path) {
         Ok(s) => s,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
@@ -421,14 +478,14 @@ fn write_section(path: &Path, section: &str) -> Result<()> {
         }
         Err(e) => return Err(e).with_context(|| format!("reading {}", path.display())),
     };
-    let updated = replace_section(&existing, section);
+    let updated = replace_section(&existing, title, section);
     std::fs::write(path, updated).with_context(|| format!("writing {}", path.display()))
 }
 
-fn replace_section(doc: &str, section: &str) -> String {
+fn replace_section(doc: &str, title: &str, section: &str) -> String {
     let lines: Vec<&str> = doc.lines().collect();
     let section = section.trim_end();
-    match lines.iter().position(|l| l.trim_end() == SECTION) {
+    match lines.iter().position(|l| l.trim_end() == title) {
         Some(start) => {
             let end = lines[start + 1..]
                 .iter()
@@ -467,16 +524,16 @@ mod tests {
     #[test]
     fn replaces_only_its_section() {
         let doc = "# R\n\nintro\n\n## Walking skeleton\n\nold\n| a |\n\n## Other\n\nkeep me\n";
-        let out = replace_section(doc, "## Walking skeleton\n\nnew\n");
+        let out = replace_section(doc, SECTION, "## Walking skeleton\n\nnew\n");
         assert_eq!(
             out,
             "# R\n\nintro\n\n## Walking skeleton\n\nnew\n\n## Other\n\nkeep me\n"
         );
-        let out = replace_section("# R\n", "## Walking skeleton\n\nnew\n");
+        let out = replace_section("# R\n", SECTION, "## Walking skeleton\n\nnew\n");
         assert_eq!(out, "# R\n\n## Walking skeleton\n\nnew\n");
         let doc = "# R\n\n## Walking skeleton\n\nold\n";
         assert_eq!(
-            replace_section(doc, "## Walking skeleton\n\nnew"),
+            replace_section(doc, SECTION, "## Walking skeleton\n\nnew"),
             "# R\n\n## Walking skeleton\n\nnew\n"
         );
     }

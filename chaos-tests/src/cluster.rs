@@ -466,6 +466,7 @@ pub struct ClusterBuilder {
     env: Vec<(String, String)>,
     ready_timeout: Duration,
     join_with_add_member: bool,
+    bootstrap: bool,
     wait_nodes: bool,
     bin_dir: Option<PathBuf>,
     tmp_in: Option<PathBuf>,
@@ -488,6 +489,7 @@ impl ClusterBuilder {
             env: Vec::new(),
             ready_timeout: DEFAULT_READY_TIMEOUT,
             join_with_add_member: true,
+            bootstrap: true,
             wait_nodes: true,
             bin_dir: None,
             tmp_in: None,
@@ -548,6 +550,14 @@ impl ClusterBuilder {
         self
     }
 
+    /// Whether coordinator 1 starts with `--bootstrap` (default: yes). Without
+    /// it the coordinators start uninitialized and unjoined (the test calls
+    /// `InitCluster`), and no agents may be asked for.
+    pub fn bootstrap(mut self, yes: bool) -> Self {
+        self.bootstrap = yes;
+        self
+    }
+
     /// Whether `start` waits until `ListNodes` shows every agent `ready` (default: yes).
     pub fn wait_for_nodes(mut self, yes: bool) -> Self {
         self.wait_nodes = yes;
@@ -594,6 +604,9 @@ impl ClusterBuilder {
             agents: Vec::new(),
             tmp,
             ready_timeout: self.ready_timeout,
+            coordinator_bin: self.binaries().0,
+            coordinator_args: self.coordinator_args.clone(),
+            env: self.env.clone(),
         };
         match self.start_into(&mut cluster).await {
             Ok(()) => Ok(cluster),
@@ -635,7 +648,7 @@ impl ClusterBuilder {
                 "--data-dir".into(),
                 data_dir.display().to_string(),
             ];
-            if i == 0 {
+            if i == 0 && self.bootstrap {
                 args.push("--bootstrap".into());
             }
             args.extend(self.coordinator_args.iter().cloned());
@@ -651,6 +664,10 @@ impl ClusterBuilder {
             let started = p.launch(self.ready_timeout).await;
             cluster.coordinators.push(p);
             started?;
+        }
+        if !self.bootstrap {
+            anyhow::ensure!(self.agents == 0, "agents need an initialized cluster; start them after InitCluster");
+            return Ok(());
         }
         if self.coordinators > 1 && self.join_with_add_member {
             cluster.join_coordinators().await?;
@@ -722,6 +739,9 @@ pub struct Cluster {
     pub agents: Vec<Proc>,
     tmp: TempDir,
     ready_timeout: Duration,
+    coordinator_bin: PathBuf,
+    coordinator_args: Vec<String>,
+    env: Vec<(String, String)>,
 }
 
 impl fmt::Debug for Cluster {
@@ -972,6 +992,112 @@ impl Cluster {
                 );
             }
             tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+
+    /// Starts one more coordinator with the next free Raft id, the builder's
+    /// coordinator arguments and no `--bootstrap`. It is not a member until
+    /// someone calls `AddMember`. Returns its index in `coordinators`.
+    pub async fn spawn_coordinator(&mut self) -> Result<usize> {
+        let index = self.coordinators.len();
+        let id = (index + 1).to_string();
+        let dir = self.tmp.path().to_path_buf();
+        let data_dir = dir.join(format!("coordinator-{id}"));
+        std::fs::create_dir_all(&data_dir)?;
+        let mut args: Vec<String> = vec![
+            "--id".into(),
+            id.clone(),
+            "--listen".into(),
+            "127.0.0.1:0".into(),
+            "--data-dir".into(),
+            data_dir.display().to_string(),
+        ];
+        args.extend(self.coordinator_args.iter().cloned());
+        let mut p = Proc::new(
+            Role::Coordinator,
+            id,
+            self.coordinator_bin.clone(),
+            args,
+            data_dir,
+            &dir,
+            self.env.clone(),
+        );
+        let started = p.launch(self.ready_timeout).await;
+        self.coordinators.push(p);
+        started?;
+        Ok(index)
+    }
+
+    /// The index in `coordinators` of the coordinator with Raft id `id`.
+    pub fn coordinator_index(&self, id: u64) -> Option<usize> {
+        self.coordinators.iter().position(|c| c.id == id.to_string())
+    }
+
+    /// Cluster status as the first running coordinator that answers reports it.
+    pub async fn status(&mut self) -> Result<sandfleet_proto::v1::ClusterStatusResponse> {
+        use sandfleet_proto::v1::cluster_service_client::ClusterServiceClient;
+        use sandfleet_proto::v1::ClusterStatusRequest;
+        let mut last = anyhow!("no coordinator is running");
+        for c in self.coordinators.iter_mut() {
+            if !c.is_running() {
+                continue;
+            }
+            let addr = format!("http://{}", c.addr);
+            let result = async {
+                let mut api = ClusterServiceClient::connect(addr).await?;
+                let mut req = tonic::Request::new(ClusterStatusRequest {});
+                req.set_timeout(Duration::from_secs(5));
+                Ok::<_, anyhow::Error>(api.status(req).await?.into_inner())
+            }
+            .await;
+            match result {
+                Ok(s) => return Ok(s),
+                Err(e) => last = e.context(format!("status from {}", c.name)),
+            }
+        }
+        Err(last)
+    }
+
+    /// Waits until a leader is known and every member reports the same
+    /// applied index and state digest (none unreachable), and returns that status.
+    pub async fn wait_converged(&mut self, timeout: Duration) -> Result<sandfleet_proto::v1::ClusterStatusResponse> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let last = match self.status().await {
+                Ok(s) => {
+                    let first = s.members.first().cloned().unwrap_or_default();
+                    let converged = s.leader_id != 0
+                        && !s.members.is_empty()
+                        && s.members.iter().all(|m| {
+                            m.role != "unreachable"
+                                && m.applied_index == first.applied_index
+                                && m.state_digest == first.state_digest
+                        });
+                    if converged {
+                        return Ok(s);
+                    }
+                    format!(
+                        "leader {}; members: {}",
+                        s.leader_id,
+                        s.members
+                            .iter()
+                            .map(|m| format!(
+                                "{}={} applied {} digest {:.12}",
+                                m.id, m.role, m.applied_index, m.state_digest
+                            ))
+                            .collect::<Vec<_>>()
+                            .join(", ")
+                    )
+                }
+                Err(e) => format!("{e:#}"),
+            };
+            if Instant::now() >= deadline {
+                bail!(
+                    "members did not converge within {timeout:?}: {last}\n{}",
+                    self.logs(LOG_TAIL_LINES)
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
         }
     }
 

@@ -565,6 +565,26 @@ impl Client {
         .await
     }
 
+    /// Initializes a new cluster whose first voters are `members` (Raft id,
+    /// `host:port`). Sent to this client's first reachable coordinator, which
+    /// must be one of the members and must not be initialized yet
+    /// (FAILED_PRECONDITION otherwise). Returns once a leader is elected.
+    pub async fn init_cluster(
+        &self,
+        members: impl IntoIterator<Item = (u64, String)>,
+    ) -> Result<proto::ClusterStatusResponse, Error> {
+        let msg = proto::InitClusterRequest { members: members.into_iter().collect() };
+        let timeout = self.inner.request_timeout.max(MEMBERSHIP_TIMEOUT);
+        self.control("init_cluster", RetryPolicy::ConnectOnly, timeout, |ch, t| {
+            let msg = msg.clone();
+            async move { Ok(cluster_client(ch).init_cluster(with_timeout(msg, t)).await?.into_inner()) }
+        })
+        .instrument(tracing::debug_span!("init_cluster"))
+        .await?
+        .status
+        .ok_or_else(|| missing("status"))
+    }
+
     /// Adds a coordinator (as a learner, then a voter once caught up).
     /// Retried only when no coordinator could be reached; its deadline is at least 60 s.
     pub async fn add_member(&self, id: u64, address: &str) -> Result<proto::ClusterStatusResponse, Error> {

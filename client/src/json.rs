@@ -70,6 +70,8 @@ pub fn member_to_json(m: &proto::ClusterMember) -> Value {
         "term": m.term,
         "last_log_index": m.last_log_index,
         "applied_index": m.applied_index,
+        "snapshot_index": m.snapshot_index,
+        "purged_index": m.purged_index,
         "state_digest": m.state_digest,
         "voter": m.voter,
     })

@@ -1,7 +1,9 @@
 //! The leader's control loop: initialises the cluster key, places pending
 //! sessions, and expires sessions past their TTL. It runs on every member and
 //! acts only while that member leads; it wakes on every state change and at
-//! least every `tick`, and stops with the shutdown token.
+//! least every `tick`, and stops with the shutdown token. A step costs what
+//! there is to do, not the size of the state: the state keeps ordered indexes
+//! of unplaced and expiring sessions.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -11,15 +13,21 @@ use tokio_util::sync::CancellationToken;
 
 use crate::core::Core;
 use crate::scheduler::{self, Unplaceable};
-use crate::state::{Command, SessionPhase};
+use crate::state::Command;
 
 /// Runs until `shutdown`.
 pub async fn run(core: Arc<Core>, tick: Duration, shutdown: CancellationToken) {
     let mut version = core.state.version.subscribe();
     loop {
         if core.is_leader() {
-            if let Err(e) = step(&core).await {
-                tracing::debug!(error = %e, "leader step failed; retrying");
+            // A step may wait on a write that cannot commit (lost quorum); shutdown must not.
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                result = step(&core) => {
+                    if let Err(e) = result {
+                        tracing::debug!(error = %e, "leader step failed; retrying");
+                    }
+                }
             }
         }
         tokio::select! {
@@ -37,28 +45,21 @@ async fn step(core: &Core) -> Result<(), tonic::Status> {
     }
 
     let now = crate::now_ms();
-    let expired: Vec<String> = core.state.read(|st| {
-        st.sessions
-            .values()
-            .filter(|s| !s.phase.is_terminal() && s.expires_at_ms <= now)
-            .map(|s| s.id.clone())
-            .collect()
-    });
+    let expired: Vec<String> = core.state.read(|st| st.expired_at(now));
     if !expired.is_empty() {
         tracing::info!(count = expired.len(), "expiring sessions past their ttl");
         core.propose(Command::TerminateSessions { ids: expired, message: "expired (ttl)".into(), now_ms: now }).await?;
     }
 
-    // Place unplaced sessions, oldest first.
-    let mut pending: Vec<_> = core.state.read(|st| {
-        st.sessions
-            .values()
-            .filter(|s| matches!(s.phase, SessionPhase::Pending | SessionPhase::Lost) && s.node_id.is_none())
-            .map(|s| (s.created_at_ms, s.id.clone(), s.generation, s.spec.clone(), s.pending_reason.clone()))
+    // Place unplaced sessions, oldest first (the index is ordered by creation).
+    let pending: Vec<_> = core.state.read(|st| {
+        st.unplaced
+            .iter()
+            .filter_map(|(_, id)| st.sessions.get(id))
+            .map(|s| (s.id.clone(), s.generation, s.spec.clone(), s.pending_reason.clone()))
             .collect()
     });
-    pending.sort_by(|a, b| (a.0, &a.1).cmp(&(b.0, &b.1)));
-    for (_, id, generation, spec, reason) in pending {
+    for (id, generation, spec, reason) in pending {
         let placement = core.state.read(|st| scheduler::place(st, &spec));
         let now = crate::now_ms();
         match placement {

@@ -45,12 +45,18 @@ pub struct CoordinatorConfig {
     pub data_dir: PathBuf,
     /// Initialise a new one-member cluster if this member's log is empty.
     pub bootstrap: bool,
+    /// Disaster recovery: drop this member's Raft log and membership, keep its
+    /// applied state, and start a new one-member cluster with it.
+    pub force_new_cluster: bool,
     /// Raft heartbeat interval.
     pub heartbeat_interval: Duration,
-    /// Raft election timeout (the minimum; the maximum is twice as long).
+    /// Raft election timeout `T`: a follower that hears nothing from the leader
+    /// for a random time in `[0.8T, T)` campaigns (see [`raft_timing`]).
     pub election_timeout: Duration,
     /// Take a snapshot (and compact the log) after this many applied entries.
     pub snapshot_after_entries: u64,
+    /// Log entries kept behind the newest snapshot.
+    pub keep_log_entries: u64,
     /// How often agents heartbeat.
     pub agent_heartbeat: Duration,
 }
@@ -63,9 +69,11 @@ impl Default for CoordinatorConfig {
             advertise: None,
             data_dir: PathBuf::from("sandfleet-coordinator"),
             bootstrap: false,
+            force_new_cluster: false,
             heartbeat_interval: Duration::from_millis(100),
             election_timeout: Duration::from_millis(1000),
             snapshot_after_entries: 5000,
+            keep_log_entries: 1000,
             agent_heartbeat: Duration::from_secs(1),
         }
     }
@@ -88,12 +96,16 @@ pub enum CoordinatorError {
     Server(#[from] tonic::transport::Error),
 }
 
+/// How long a stopping coordinator lets in-flight calls finish.
+pub const SHUTDOWN_DRAIN: Duration = Duration::from_secs(5);
+
 /// A running coordinator.
 pub struct Coordinator {
     addr: SocketAddr,
     core: Arc<core::Core>,
     server: JoinHandle<Result<(), tonic::transport::Error>>,
     leader_loop: JoinHandle<()>,
+    shutdown: CancellationToken,
 }
 
 impl Coordinator {
@@ -108,13 +120,48 @@ impl Coordinator {
     }
 
     /// Waits until the server has stopped (after the shutdown token fired), then stops Raft.
-    pub async fn join(self) -> Result<(), CoordinatorError> {
-        let served = self.server.await.map_err(|e| CoordinatorError::Raft(e.to_string()))?;
+    ///
+    /// In-flight calls get [`SHUTDOWN_DRAIN`] to finish (a write that waits for a
+    /// quorum that is gone would otherwise hold the process forever); then the
+    /// remaining connections are dropped.
+    pub async fn join(mut self) -> Result<(), CoordinatorError> {
+        let joined = tokio::select! {
+            joined = &mut self.server => Some(joined),
+            _ = self.shutdown.cancelled() => None,
+        };
+        let joined = match joined {
+            Some(joined) => Some(joined),
+            None => tokio::time::timeout(SHUTDOWN_DRAIN, &mut self.server).await.ok(),
+        };
+        let served = match joined {
+            Some(joined) => joined.map_err(|e| CoordinatorError::Raft(e.to_string()))?,
+            None => {
+                tracing::warn!(drain = ?SHUTDOWN_DRAIN, "in-flight calls did not finish; closing their connections");
+                self.server.abort();
+                Ok(())
+            }
+        };
         let _ = self.leader_loop.await;
-        self.core.raft.shutdown().await.map_err(|e| CoordinatorError::Raft(e.to_string()))?;
+        match tokio::time::timeout(SHUTDOWN_DRAIN, self.core.raft.shutdown()).await {
+            Ok(r) => r.map_err(|e| CoordinatorError::Raft(e.to_string()))?,
+            Err(_) => tracing::warn!("raft did not stop in time; exiting anyway"),
+        }
         served?;
         Ok(())
     }
+}
+
+/// openraft's `(election_timeout_min, election_timeout_max)` in ms for an
+/// election timeout `t`.
+///
+/// openraft 0.9 makes a follower whose leader was committed wait for the
+/// leader lease (`election_timeout_max`) *plus* its randomized election timeout
+/// (`[min, max)`) before it campaigns, so the two add up. With `max = t/2` and
+/// `min = 0.3 t`, a follower campaigns after `[0.8 t, t)` of silence, which is
+/// what an etcd operator means by an election timeout of `t`.
+pub fn raft_timing(t: Duration) -> (u64, u64) {
+    let t = t.as_millis() as u64;
+    (t * 3 / 10, t / 2)
 }
 
 /// Opens the store, starts Raft and the gRPC server, and returns once it is
@@ -123,13 +170,19 @@ pub async fn serve(config: CoordinatorConfig, shutdown: CancellationToken) -> Re
     if config.id == 0 {
         return Err(CoordinatorError::Config("--id must be a positive integer".into()));
     }
-    if config.election_timeout <= config.heartbeat_interval * 2 {
-        return Err(CoordinatorError::Config("the election timeout must exceed twice the heartbeat interval".into()));
+    if config.election_timeout < config.heartbeat_interval * 4 {
+        return Err(CoordinatorError::Config("the election timeout must be at least four heartbeat intervals".into()));
     }
     std::fs::create_dir_all(&config.data_dir)
         .map_err(|e| CoordinatorError::Config(format!("cannot create data dir {}: {e}", config.data_dir.display())))?;
     let db_path = config.data_dir.join("raft.rocksdb");
     let db = raft::store::open_db(&db_path).map_err(|source| CoordinatorError::Storage { path: db_path.clone(), source })?;
+    let mut config = config;
+    if config.force_new_cluster {
+        tracing::warn!(id = config.id, "--force-new-cluster: dropping the Raft log and membership, keeping the applied state");
+        raft::store::reset_for_new_cluster(&db).map_err(|source| CoordinatorError::Storage { path: db_path.clone(), source })?;
+        config.bootstrap = true;
+    }
     let log_store = raft::store::LogStore::new(db.clone());
     let sm = raft::store::StateMachineStore::load(db).map_err(|e| CoordinatorError::StateMachine(e.to_string()))?;
     let state = sm.handle();
@@ -143,10 +196,13 @@ pub async fn serve(config: CoordinatorConfig, shutdown: CancellationToken) -> Re
     let raft_config = openraft::Config {
         cluster_name: "sandfleet".into(),
         heartbeat_interval: config.heartbeat_interval.as_millis() as u64,
-        election_timeout_min: config.election_timeout.as_millis() as u64,
-        election_timeout_max: config.election_timeout.as_millis() as u64 * 2,
+        election_timeout_min: raft_timing(config.election_timeout).0,
+        election_timeout_max: raft_timing(config.election_timeout).1,
+        // Per chunk of a streamed snapshot (see raft::network).
+        install_snapshot_timeout: 2000,
         snapshot_policy: openraft::SnapshotPolicy::LogsSinceLast(config.snapshot_after_entries),
-        max_in_snapshot_log_to_keep: 500,
+        max_in_snapshot_log_to_keep: config.keep_log_entries,
+        purge_batch_size: 1,
         ..Default::default()
     }
     .validate()
@@ -180,7 +236,9 @@ pub async fn serve(config: CoordinatorConfig, shutdown: CancellationToken) -> Re
                 .max_decoding_message_size(64 * 1024 * 1024)
                 .max_encoding_message_size(64 * 1024 * 1024),
         );
-    let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+    // Nagle off on accepted connections (the builder's `tcp_nodelay` only applies
+    // to listeners tonic binds itself): small responses must not wait for a delayed ACK.
+    let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
     let stop = shutdown.clone();
     let server = tokio::spawn(async move { server.serve_with_incoming_shutdown(incoming, stop.cancelled_owned()).await });
 
@@ -198,6 +256,22 @@ pub async fn serve(config: CoordinatorConfig, shutdown: CancellationToken) -> Re
             .map_err(|e| CoordinatorError::Raft(format!("no leader after bootstrap: {e}")))?;
     }
 
+    if config.force_new_cluster {
+        // Members added later must start from this state, not from an empty
+        // one plus the new log: snapshot it and drop the log behind it.
+        raft.trigger().snapshot().await.map_err(|e| CoordinatorError::Raft(e.to_string()))?;
+        let m = raft
+            .wait(Some(Duration::from_secs(60)))
+            .metrics(|m| m.snapshot.is_some(), "restored state snapshotted")
+            .await
+            .map_err(|e| CoordinatorError::Raft(format!("cannot snapshot the restored state: {e}")))?;
+        if let Some(snapshot) = m.snapshot {
+            raft.trigger().purge_log(snapshot.index).await.map_err(|e| CoordinatorError::Raft(e.to_string()))?;
+        }
+        let sessions = core.state.read(|s| s.sessions.len());
+        tracing::warn!(sessions, "started a new one-member cluster from the restored state; remove --force-new-cluster now");
+    }
+
     let leader_loop = tokio::spawn(leader::run(core.clone(), Duration::from_millis(500), shutdown.clone()));
     if config.bootstrap {
         // Wait for the cluster key, so agents can register as soon as we report ready.
@@ -210,5 +284,5 @@ pub async fn serve(config: CoordinatorConfig, shutdown: CancellationToken) -> Re
         }
     }
     tracing::info!(id = config.id, %addr, "coordinator serving");
-    Ok(Coordinator { addr, core, server, leader_loop })
+    Ok(Coordinator { addr, core, server, leader_loop, shutdown })
 }

@@ -9,7 +9,7 @@
 //! checked again at apply time, so two concurrent placements can never
 //! over-commit a node even though the scheduler decided them in parallel.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
@@ -189,7 +189,16 @@ pub struct ClusterState {
     pub allocated: HashMap<String, Resources>,
     /// Live sessions per node.
     #[serde(skip)]
-    pub node_sessions: HashMap<String, std::collections::BTreeSet<String>>,
+    pub node_sessions: HashMap<String, BTreeSet<String>>,
+    /// Live sessions without a node, oldest first: what the leader must place.
+    #[serde(skip)]
+    pub unplaced: BTreeSet<(i64, String)>,
+    /// Live sessions by expiry time: what the leader must expire.
+    #[serde(skip)]
+    pub expiring: BTreeSet<(i64, String)>,
+    /// The expiry each live session is indexed under in `expiring`.
+    #[serde(skip)]
+    expiry_of: HashMap<String, (i64, i64)>,
 }
 
 /// The keys an apply touched, so the store can write them through.
@@ -206,6 +215,13 @@ impl ClusterState {
     pub fn rebuild_indexes(&mut self) {
         self.allocated.clear();
         self.node_sessions.clear();
+        self.unplaced.clear();
+        self.expiring.clear();
+        self.expiry_of.clear();
+        let ids: Vec<String> = self.sessions.keys().cloned().collect();
+        for id in ids {
+            self.reindex(&id);
+        }
         let live: Vec<(String, String, Resources)> = self
             .sessions
             .values()
@@ -216,6 +232,29 @@ impl ClusterState {
             self.allocated.entry(node.clone()).or_default().add(&r);
             self.node_sessions.entry(node).or_default().insert(id);
         }
+    }
+
+    /// Brings `unplaced` and `expiring` up to date for one session, so the
+    /// leader finds its work without scanning every session.
+    fn reindex(&mut self, id: &str) {
+        if let Some((created, expires)) = self.expiry_of.remove(id) {
+            self.unplaced.remove(&(created, id.to_string()));
+            self.expiring.remove(&(expires, id.to_string()));
+        }
+        let Some(s) = self.sessions.get(id) else { return };
+        if s.phase.is_terminal() {
+            return;
+        }
+        self.expiring.insert((s.expires_at_ms, s.id.clone()));
+        if s.node_id.is_none() && matches!(s.phase, SessionPhase::Pending | SessionPhase::Lost) {
+            self.unplaced.insert((s.created_at_ms, s.id.clone()));
+        }
+        self.expiry_of.insert(s.id.clone(), (s.created_at_ms, s.expires_at_ms));
+    }
+
+    /// Live sessions whose expiry is at or before `now_ms`.
+    pub fn expired_at(&self, now_ms: i64) -> Vec<String> {
+        self.expiring.range(..(now_ms.saturating_add(1), String::new())).map(|(_, id)| id.clone()).collect()
     }
 
     /// Resources held on a node.
@@ -252,6 +291,16 @@ impl ClusterState {
     /// Applies one command. Never fails: a command that cannot apply is
     /// answered with [`CommandResponse::Rejected`] and changes nothing.
     pub fn apply(&mut self, cmd: Command, touched: &mut Touched) -> CommandResponse {
+        let first = touched.sessions.len();
+        let response = self.apply_inner(cmd, touched);
+        for i in first..touched.sessions.len() {
+            let id = touched.sessions[i].clone();
+            self.reindex(&id);
+        }
+        response
+    }
+
+    fn apply_inner(&mut self, cmd: Command, touched: &mut Touched) -> CommandResponse {
         match cmd {
             Command::InitCluster { signing_seed } => {
                 if self.signing_seed.is_empty() {
@@ -544,5 +593,30 @@ mod tests {
         back.rebuild_indexes();
         assert_eq!(back.digest(), st.digest());
         assert_eq!(back.allocated_on("n1"), st.allocated_on("n1"));
+    }
+
+    #[test]
+    fn leader_work_indexes_follow_every_change() {
+        let mut st = ClusterState::default();
+        let mut t = Touched::default();
+        st.apply(Command::RegisterNode { node: node("n1", 1000) }, &mut t);
+        st.apply(Command::CreateSession { session: session("a", "r1", None, 100) }, &mut t);
+        st.apply(Command::CreateSession { session: session("b", "r2", Some("n1"), 100) }, &mut t);
+        assert_eq!(st.unplaced.iter().map(|(_, id)| id.as_str()).collect::<Vec<_>>(), ["a"]);
+        assert_eq!(st.expired_at(99), Vec::<String>::new());
+        assert_eq!(st.expired_at(100), ["a", "b"]);
+
+        st.apply(Command::PlaceSession { id: "a".into(), node_id: "n1".into(), expected_generation: 0, now_ms: 2 }, &mut t);
+        assert!(st.unplaced.is_empty());
+        st.apply(Command::RenewSession { id: "a".into(), expires_at_ms: 500, now_ms: 3 }, &mut t);
+        assert_eq!(st.expired_at(100), ["b"]);
+        st.apply(Command::TerminateSessions { ids: vec!["b".into()], message: "deleted".into(), now_ms: 4 }, &mut t);
+        assert_eq!(st.expired_at(1000), ["a"]);
+
+        let json = serde_json::to_vec(&st).unwrap();
+        let mut back: ClusterState = serde_json::from_slice(&json).unwrap();
+        back.rebuild_indexes();
+        assert_eq!(back.expiring, st.expiring);
+        assert_eq!(back.unplaced, st.unplaced);
     }
 }

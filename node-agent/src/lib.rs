@@ -183,7 +183,9 @@ pub async fn serve(config: AgentConfig, shutdown: CancellationToken) -> Result<A
         .trace_fn(|req| tracing::info_span!("grpc", path = %req.uri().path()))
         .add_service(pb::exec_service_server::ExecServiceServer::new(plane.clone()).max_decoding_message_size(MAX_GRPC_MESSAGE_BYTES))
         .add_service(pb::file_service_server::FileServiceServer::new(plane).max_decoding_message_size(MAX_GRPC_MESSAGE_BYTES));
-    let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+    // Nagle off on accepted connections (the builder's `tcp_nodelay` only applies
+    // to listeners tonic binds itself): small responses must not wait for a delayed ACK.
+    let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
     let stop = shutdown.clone();
     let server = tokio::spawn(async move { server.serve_with_incoming_shutdown(incoming, stop.cancelled_owned()).await });
 

@@ -16,10 +16,11 @@ pub async fn node_list(ctx: &Ctx) -> anyhow::Result<i32> {
     Ok(0)
 }
 
-/// `cluster status|add|remove`; each prints the resulting membership.
+/// `cluster status|init|add|remove`; each prints the resulting membership.
 pub async fn run(ctx: &Ctx, cmd: ClusterCmd) -> anyhow::Result<i32> {
     let status = match cmd {
         ClusterCmd::Status => ctx.client.cluster_status().await?,
+        ClusterCmd::Init { members } => ctx.client.init_cluster(members).await?,
         ClusterCmd::Add { id, address } => ctx.client.add_member(id, &address).await?,
         ClusterCmd::Remove { id } => ctx.client.remove_member(id).await?,
     };

@@ -269,6 +269,13 @@ pub enum NodeCmd {
 pub enum ClusterCmd {
     /// Show every coordinator (the leader's id is marked with *).
     Status,
+    /// Initialize a new cluster from coordinators started without --bootstrap.
+    /// Send it to one of them (with --endpoint); every listed member becomes a voter.
+    Init {
+        /// The initial voters as ID=HOST:PORT, including the member called.
+        #[arg(required = true, value_name = "ID=ADDR", value_parser = parse_member)]
+        members: Vec<(u64, String)>,
+    },
     /// Add a coordinator.
     Add {
         /// Raft id of the new member.
@@ -281,6 +288,20 @@ pub enum ClusterCmd {
         /// Raft id of the member.
         id: u64,
     },
+}
+
+/// `ID=HOST:PORT` of `cluster init`.
+fn parse_member(s: &str) -> Result<(u64, String), String> {
+    let (id, addr) = s.split_once('=').ok_or_else(|| format!("{s:?} is not ID=HOST:PORT"))?;
+    let id: u64 = id.trim().parse().map_err(|_| format!("member id {id:?} is not a positive integer"))?;
+    if id == 0 {
+        return Err("member ids start at 1".into());
+    }
+    let addr = addr.trim();
+    if addr.is_empty() {
+        return Err(format!("member {id} has an empty address"));
+    }
+    Ok((id, addr.to_string()))
 }
 
 /// `sandfleet dev`.

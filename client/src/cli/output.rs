@@ -233,11 +233,12 @@ pub fn cluster_table(status: &proto::ClusterStatusResponse) -> String {
                 m.term.to_string(),
                 m.last_log_index.to_string(),
                 m.applied_index.to_string(),
+                m.snapshot_index.to_string(),
                 or_dash(&m.state_digest.chars().take(12).collect::<String>()).to_string(),
             ]
         })
         .collect();
-    let mut s = table(&["ID", "ADDRESS", "ROLE", "TERM", "LAST_LOG", "APPLIED", "DIGEST"], &rows);
+    let mut s = table(&["ID", "ADDRESS", "ROLE", "TERM", "LAST_LOG", "APPLIED", "SNAPSHOT", "DIGEST"], &rows);
     if status.leader_id == 0 {
         s.push_str("(no leader known)\n");
     }

@@ -28,15 +28,25 @@ struct Args {
     /// Start a new one-member cluster if this member has no state yet.
     #[arg(long)]
     bootstrap: bool,
+    /// Disaster recovery: start a new one-member cluster from this data dir's
+    /// applied state, forgetting the old membership. Implies --bootstrap. Use
+    /// once, then drop the flag.
+    #[arg(long)]
+    force_new_cluster: bool,
     /// Raft heartbeat interval.
     #[arg(long, default_value = "100ms", value_parser = humantime_duration)]
     heartbeat_interval: Duration,
-    /// Raft election timeout.
+    /// Raft election timeout T: a follower that hears nothing from the leader
+    /// for a random time in [0.8T, T) starts an election. At least 4 heartbeats.
     #[arg(long, default_value = "1s", value_parser = humantime_duration)]
     election_timeout: Duration,
     /// Snapshot and compact the log after this many entries.
     #[arg(long, default_value_t = 5000)]
     snapshot_after_entries: u64,
+    /// Log entries kept after a snapshot, so a briefly lagging member can catch
+    /// up from the log instead of a snapshot.
+    #[arg(long, default_value_t = 1000)]
+    keep_log_entries: u64,
 }
 
 fn humantime_duration(s: &str) -> Result<Duration, String> {
@@ -48,26 +58,30 @@ async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     let _telemetry = sandfleet_common::telemetry::init("sandfleet-coordinator");
     let shutdown = CancellationToken::new();
+    // Hooked before anything else, so a SIGTERM at any point shuts down cleanly.
+    let signal = sandfleet_common::signal::shutdown_signal();
+    let stop = shutdown.clone();
+    tokio::spawn(async move {
+        signal.await;
+        tracing::info!("shutting down");
+        stop.cancel();
+    });
     let config = CoordinatorConfig {
         id: args.id,
         listen: args.listen,
         advertise: args.advertise,
         data_dir: args.data_dir,
         bootstrap: args.bootstrap,
+        force_new_cluster: args.force_new_cluster,
         heartbeat_interval: args.heartbeat_interval,
         election_timeout: args.election_timeout,
         snapshot_after_entries: args.snapshot_after_entries,
+        keep_log_entries: args.keep_log_entries,
         ..Default::default()
     };
     let coordinator = serve(config, shutdown.clone()).await.context("failed to start the coordinator")?;
     println!("{}", serde_json::json!({"ready": "coordinator", "id": args.id, "addr": coordinator.addr().to_string()}));
 
-    let stop = shutdown.clone();
-    tokio::spawn(async move {
-        sandfleet_common::signal::shutdown_signal().await;
-        tracing::info!("shutting down");
-        stop.cancel();
-    });
     coordinator.join().await.context("coordinator stopped with an error")?;
     Ok(())
 }

@@ -1,19 +1,36 @@
 //! The Raft transport over tonic: a client per peer (dialled lazily, so a peer
 //! that comes back is reached again) with a deadline on every RPC. Messages are
-//! openraft's own types, JSON-encoded inside `RaftPayload`.
+//! openraft's own types, JSON-encoded inside `RaftPayload`; snapshots are
+//! streamed as raw bytes in [`SNAPSHOT_CHUNK_BYTES`] chunks over one
+//! client-streaming call, and installed only once the whole stream arrived.
 
+use std::future::Future;
 use std::time::Duration;
 
-use openraft::error::{InstallSnapshotError, NetworkError, RemoteError, Unreachable};
+use openraft::error::{Fatal, InstallSnapshotError, NetworkError, RemoteError, ReplicationClosed, StreamingError, Unreachable};
 use openraft::network::{RPCOption, RaftNetwork, RaftNetworkFactory};
+use openraft::raft::SnapshotResponse;
+use openraft::{OptionalSend, Snapshot, SnapshotMeta, Vote};
 use sandfleet_proto::v1::raft_service_client::RaftServiceClient;
-use sandfleet_proto::v1::RaftPayload;
+use sandfleet_proto::v1::{RaftPayload, SnapshotChunk};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 use tonic::transport::{Channel, Endpoint};
 
 use super::typ::{self, RPCError, RaftError};
 use super::{Member, NodeId, TypeConfig};
+
+/// Size of one streamed snapshot chunk.
+pub const SNAPSHOT_CHUNK_BYTES: usize = 1024 * 1024;
+
+/// The header of a streamed snapshot (its first chunk).
+#[derive(Debug, Serialize, serde::Deserialize)]
+pub struct SnapshotHeader {
+    pub vote: Vote<NodeId>,
+    pub meta: SnapshotMeta<NodeId, Member>,
+    /// Total snapshot size, so the receiver can refuse a truncated stream.
+    pub size: u64,
+}
 
 /// Dials a coordinator's gRPC address lazily.
 pub fn channel(addr: &str) -> Result<Channel, tonic::transport::Error> {
@@ -70,8 +87,7 @@ impl PeerClient {
         request.set_timeout(timeout);
         let result = match which {
             "append" => client.append_entries(request).await,
-            "vote" => client.vote(request).await,
-            _ => client.install_snapshot(request).await,
+            _ => client.vote(request).await,
         };
         let response = match result {
             Ok(r) => r.into_inner(),
@@ -104,12 +120,61 @@ impl RaftNetwork<TypeConfig> for PeerClient {
         self.call("append", &rpc, ttl(&option)).await
     }
 
+    /// Never used: [`Self::full_snapshot`] streams whole snapshots instead of
+    /// openraft's chunk-per-RPC protocol.
     async fn install_snapshot(
         &mut self,
-        rpc: typ::InstallSnapshotRequest,
-        option: RPCOption,
+        _rpc: typ::InstallSnapshotRequest,
+        _option: RPCOption,
     ) -> Result<typ::InstallSnapshotResponse, RPCError<InstallSnapshotError>> {
-        self.call("snapshot", &rpc, ttl(&option)).await
+        let e = std::io::Error::other("chunked InstallSnapshot is not supported; snapshots are streamed");
+        Err(openraft::error::RPCError::Network(NetworkError::new(&e)))
+    }
+
+    async fn full_snapshot(
+        &mut self,
+        vote: Vote<NodeId>,
+        snapshot: Snapshot<TypeConfig>,
+        cancel: impl Future<Output = ReplicationClosed> + OptionalSend + 'static,
+        option: RPCOption,
+    ) -> Result<SnapshotResponse<NodeId>, StreamingError<TypeConfig, Fatal<NodeId>>> {
+        let Some(client) = self.client.as_mut() else {
+            let e = std::io::Error::other(format!("invalid peer address {}", self.addr));
+            return Err(StreamingError::Unreachable(Unreachable::new(&e)));
+        };
+        let data = (*snapshot.snapshot).into_inner();
+        let header = SnapshotHeader { vote, meta: snapshot.meta, size: data.len() as u64 };
+        let header = serde_json::to_vec(&header).map_err(|e| StreamingError::Network(NetworkError::new(&e)))?;
+        let chunks: Vec<SnapshotChunk> = if data.is_empty() {
+            vec![SnapshotChunk { header, data: Vec::new() }]
+        } else {
+            data.chunks(SNAPSHOT_CHUNK_BYTES)
+                .enumerate()
+                .map(|(i, c)| SnapshotChunk { header: if i == 0 { header.clone() } else { Vec::new() }, data: c.to_vec() })
+                .collect()
+        };
+        // The whole stream gets one segment timeout per chunk, plus one for the install.
+        let deadline = ttl(&option) * (chunks.len() as u32 + 1);
+        let mut request = tonic::Request::new(tokio_stream::iter(chunks));
+        request.set_timeout(deadline);
+        tracing::debug!(target_id = self.target, bytes = data.len(), "streaming snapshot");
+        let response = tokio::select! {
+            closed = cancel => return Err(StreamingError::Closed(closed)),
+            r = client.install_snapshot(request) => r,
+        };
+        let response = match response {
+            Ok(r) => r.into_inner(),
+            Err(status) => {
+                let e = std::io::Error::other(format!("snapshot to {}: {status}", self.addr));
+                return Err(match status.code() {
+                    tonic::Code::Unavailable | tonic::Code::Unknown => StreamingError::Unreachable(Unreachable::new(&e)),
+                    _ => StreamingError::Network(NetworkError::new(&e)),
+                });
+            }
+        };
+        let decoded: Result<SnapshotResponse<NodeId>, Fatal<NodeId>> =
+            serde_json::from_slice(&response.data).map_err(|e| StreamingError::Network(NetworkError::new(&e)))?;
+        decoded.map_err(|e| StreamingError::RemoteError(RemoteError::new(self.target, e)))
     }
 
     async fn vote(&mut self, rpc: typ::VoteRequest, option: RPCOption) -> Result<typ::VoteResponse, RPCError> {

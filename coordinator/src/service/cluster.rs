@@ -16,6 +16,21 @@ use crate::core::Core;
 use crate::raft::{network, Member};
 
 const PEER_TIMEOUT: Duration = Duration::from_secs(2);
+/// How long InitCluster waits for the new cluster's first leader.
+const INIT_LEADER_TIMEOUT: Duration = Duration::from_secs(15);
+
+/// A member address must be `host:port`.
+fn validate_address(addr: &str) -> Result<(), Status> {
+    let bad = |why: &str| Status::invalid_argument(format!("invalid member address {addr:?}: {why}; use host:port"));
+    let (host, port) = addr.rsplit_once(':').ok_or_else(|| bad("no port"))?;
+    if host.is_empty() || host.contains(|c: char| c.is_whitespace() || c == '/' || c == '@') {
+        return Err(bad("bad host"));
+    }
+    match port.parse::<u16>() {
+        Ok(p) if p > 0 => Ok(()),
+        _ => Err(bad("bad port")),
+    }
+}
 
 /// The ClusterService implementation.
 pub struct ClusterApi {
@@ -79,12 +94,35 @@ impl ClusterService for ClusterApi {
     #[tracing::instrument(skip_all)]
     async fn init_cluster(&self, req: Request<pb::InitClusterRequest>) -> Result<Response<pb::InitClusterResponse>, Status> {
         let members = req.into_inner().members;
+        if members.is_empty() {
+            return Err(Status::invalid_argument("members is empty: list every initial voter as id -> host:port"));
+        }
+        for (id, addr) in &members {
+            if *id == 0 {
+                return Err(Status::invalid_argument("invalid id: member ids start at 1"));
+            }
+            validate_address(addr)?;
+        }
         if !members.contains_key(&self.core.id) {
             return Err(Status::invalid_argument(format!("members must include this coordinator (id {})", self.core.id)));
         }
+        let mut seen = BTreeSet::new();
+        if let Some((id, addr)) = members.iter().find(|(_, a)| !seen.insert(a.as_str())) {
+            return Err(Status::invalid_argument(format!("address {addr} is given twice (again for member {id})")));
+        }
+        if self.core.raft.is_initialized().await.map_err(|e| Status::unavailable(e.to_string()))? {
+            return Err(Status::failed_precondition("this coordinator already belongs to an initialized cluster"));
+        }
         let nodes: BTreeMap<u64, Member> = members.into_iter().map(|(id, addr)| (id, Member { addr })).collect();
         self.core.raft.initialize(nodes).await.map_err(|e| Status::failed_precondition(format!("cannot initialize: {e}")))?;
-        Ok(Response::new(pb::InitClusterResponse {}))
+        self.core
+            .raft
+            .wait(Some(INIT_LEADER_TIMEOUT))
+            .metrics(|m| m.current_leader.is_some(), "leader elected")
+            .await
+            .map_err(|_| Status::deadline_exceeded("initialized, but no leader was elected in time; check that a majority of members runs"))?;
+        tracing::info!("cluster initialized");
+        Ok(Response::new(pb::InitClusterResponse { status: Some(self.status().await) }))
     }
 
     #[tracing::instrument(skip_all, fields(id = req.get_ref().id, addr = %req.get_ref().address))]
@@ -96,6 +134,7 @@ impl ClusterService for ClusterApi {
         if req.id == 0 {
             return Err(Status::invalid_argument("invalid id: member ids start at 1"));
         }
+        validate_address(&req.address)?;
         let membership = self.core.raft.metrics().borrow().membership_config.membership().clone();
         if membership.get_node(&req.id).is_some() {
             return Err(Status::already_exists(format!("member {} is already in the cluster", req.id)));

@@ -3,12 +3,18 @@
 
 use std::sync::Arc;
 
-use sandfleet_proto::v1::{self as pb, raft_service_server::RaftService, RaftPayload};
+use std::io::Cursor;
+
+use sandfleet_proto::v1::{self as pb, raft_service_server::RaftService, RaftPayload, SnapshotChunk};
 use serde::Serialize;
-use tonic::{Request, Response, Status};
+use tonic::{Request, Response, Status, Streaming};
 
 use crate::core::Core;
+use crate::raft::network::SnapshotHeader;
 use crate::state::Command;
+
+/// The largest snapshot a member accepts.
+const MAX_SNAPSHOT_BYTES: u64 = 4 * 1024 * 1024 * 1024;
 
 /// The RaftService implementation.
 pub struct RaftApi {
@@ -47,6 +53,8 @@ pub fn member_status(core: &Core) -> pb::ClusterMember {
         last_log_index: m.last_log_index.unwrap_or(0),
         applied_index: m.last_applied.map(|l| l.index).unwrap_or(0),
         state_digest: core.state.read(|s| s.digest()),
+        snapshot_index: m.snapshot.map(|l| l.index).unwrap_or(0),
+        purged_index: m.purged.map(|l| l.index).unwrap_or(0),
         voter: m.membership_config.membership().voter_ids().any(|v| v == core.id),
     }
 }
@@ -63,9 +71,41 @@ impl RaftService for RaftApi {
         encode(&self.core.raft.vote(rpc).await)
     }
 
-    async fn install_snapshot(&self, req: Request<RaftPayload>) -> Result<Response<RaftPayload>, Status> {
-        let rpc = decode(req.get_ref())?;
-        encode(&self.core.raft.install_snapshot(rpc).await)
+    #[tracing::instrument(skip_all)]
+    async fn install_snapshot(&self, req: Request<Streaming<SnapshotChunk>>) -> Result<Response<RaftPayload>, Status> {
+        let mut stream = req.into_inner();
+        let first = stream.message().await?.ok_or_else(|| Status::invalid_argument("empty snapshot stream"))?;
+        let header: SnapshotHeader = serde_json::from_slice(&first.header)
+            .map_err(|e| Status::invalid_argument(format!("malformed snapshot header: {e}")))?;
+        if header.size > MAX_SNAPSHOT_BYTES {
+            return Err(Status::resource_exhausted(format!("snapshot of {} bytes exceeds {MAX_SNAPSHOT_BYTES}", header.size)));
+        }
+        let mut data = Vec::with_capacity(header.size.min(64 * 1024 * 1024) as usize);
+        data.extend_from_slice(&first.data);
+        while let Some(chunk) = stream.message().await? {
+            if !chunk.header.is_empty() {
+                return Err(Status::invalid_argument("snapshot header repeated mid-stream"));
+            }
+            if data.len() as u64 + chunk.data.len() as u64 > header.size {
+                return Err(Status::invalid_argument("snapshot stream is longer than its header says"));
+            }
+            data.extend_from_slice(&chunk.data);
+        }
+        if data.len() as u64 != header.size {
+            return Err(Status::invalid_argument(format!(
+                "snapshot stream ended after {} of {} bytes",
+                data.len(),
+                header.size
+            )));
+        }
+        tracing::info!(
+            snapshot = %header.meta.snapshot_id,
+            last_log = ?header.meta.last_log_id.map(|l| l.index),
+            bytes = header.size,
+            "installing snapshot streamed from the leader"
+        );
+        let snapshot = openraft::Snapshot { meta: header.meta, snapshot: Box::new(Cursor::new(data)) };
+        encode(&self.core.raft.install_full_snapshot(header.vote, snapshot).await)
     }
 
     #[tracing::instrument(level = "debug", skip_all)]

@@ -60,9 +60,10 @@ async fn main() -> anyhow::Result<()> {
     let cpu_millis = args.cpu.as_deref().map(sandfleet_common::quantity::parse_cpu).transpose()?.unwrap_or(0);
     let memory_bytes = args.memory.as_deref().map(sandfleet_common::quantity::parse_memory).transpose()?.unwrap_or(0);
     let shutdown = CancellationToken::new();
+    let signal = sandfleet_common::signal::shutdown_signal();
     let stop = shutdown.clone();
     tokio::spawn(async move {
-        sandfleet_common::signal::shutdown_signal().await;
+        signal.await;
         tracing::info!("shutting down");
         stop.cancel();
     });

@@ -1,0 +1,400 @@
+//! The coordinator cluster as a replicated system: three (or more)
+//! `sandfleet-coordinator` processes on loopback, crashed with SIGKILL,
+//! restarted, re-shaped with AddMember/RemoveMember, and compared member by
+//! member (applied index and state digest) at the end of every test.
+//!
+//! Sessions are created against a real agent, so the tests need the same
+//! facilities as the skeleton tests (they print a SKIPPED banner without
+//! them, unless `SANDFLEET_REQUIRE_FACILITIES=1`).
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use sandfleet::{proto, Backoff, Client, CreateSession};
+use sandfleet_chaos::testkit::request_id;
+use sandfleet_chaos::{require_sandbox_facilities, Cluster, ClusterBuilder, Target};
+use tonic::Code;
+
+macro_rules! require_facilities {
+    () => {
+        if !require_sandbox_facilities() {
+            return;
+        }
+    };
+}
+
+const CONVERGE: Duration = Duration::from_secs(60);
+/// The bound: after the leader dies, writes succeed again within this.
+const FAILOVER_BOUND: Duration = Duration::from_secs(2);
+
+async fn start(builder: ClusterBuilder) -> Cluster {
+    match builder.start().await {
+        Ok(c) => c,
+        Err(e) => panic!("cluster did not start: {e:#}"),
+    }
+}
+
+/// Three coordinators and one agent with room for many tiny sessions.
+fn three(extra_coordinator_args: &[&str]) -> ClusterBuilder {
+    ClusterBuilder::new()
+        .coordinators(3)
+        .agents(1)
+        .agent_args(["--slots", "1000", "--cpu", "1000", "--memory", "64Gi"])
+        .coordinator_args(extra_coordinator_args.iter().copied())
+}
+
+fn tiny(rid: &str) -> CreateSession {
+    CreateSession::new()
+        .request_id(rid.to_string())
+        .memory_bytes(16 << 20)
+        .cpu_millis(10)
+        .pids_limit(16)
+        .ttl(Duration::from_secs(3600))
+}
+
+/// What the writers saw: acknowledged creates (request id → session id) and
+/// request ids whose outcome is unknown (the call failed; it may have committed).
+#[derive(Default)]
+struct Ledger {
+    acked: BTreeMap<String, String>,
+    unknown: BTreeSet<String>,
+}
+
+/// Concurrent writers creating sessions until stopped.
+struct Writers {
+    stop: Arc<AtomicBool>,
+    ledger: Arc<Mutex<Ledger>>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl Writers {
+    fn start(client: &Client, n: usize, prefix: &str) -> Writers {
+        let stop = Arc::new(AtomicBool::new(false));
+        let ledger = Arc::new(Mutex::new(Ledger::default()));
+        let tasks = (0..n)
+            .map(|w| {
+                let (client, stop, ledger) = (client.clone(), stop.clone(), ledger.clone());
+                let prefix = format!("{prefix}{w}");
+                tokio::spawn(async move {
+                    while !stop.load(Ordering::Relaxed) {
+                        let rid = request_id(&prefix);
+                        match client.create_session(tiny(&rid)).await {
+                            Ok(s) => {
+                                ledger.lock().unwrap().acked.insert(rid, s.id);
+                            }
+                            Err(e) => {
+                                ledger.lock().unwrap().unknown.insert(rid);
+                                eprintln!("writer: create failed (outcome unknown): {e}");
+                                tokio::time::sleep(Duration::from_millis(50)).await;
+                            }
+                        }
+                    }
+                })
+            })
+            .collect();
+        Writers { stop, ledger, tasks }
+    }
+
+    fn acked(&self) -> usize {
+        self.ledger.lock().unwrap().acked.len()
+    }
+
+    async fn wait_acked_at_least(&self, n: usize, timeout: Duration) {
+        let deadline = Instant::now() + timeout;
+        while self.acked() < n {
+            assert!(Instant::now() < deadline, "writers acknowledged only {} creates in {timeout:?}", self.acked());
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    async fn stop(self) -> Ledger {
+        self.stop.store(true, Ordering::Relaxed);
+        for t in self.tasks {
+            t.await.expect("writer task panicked");
+        }
+        Arc::try_unwrap(self.ledger).ok().expect("writers stopped").into_inner().unwrap()
+    }
+}
+
+/// Every acknowledged create is present with the id it was acknowledged with,
+/// no request id has two sessions, and every session traces back to a writer.
+async fn check_no_loss_no_dup(client: &Client, ledger: &Ledger, prefix: &str) {
+    let sessions = client.list_all_sessions(proto::ListSessionsRequest::default()).await.unwrap();
+    let mut by_rid: BTreeMap<&str, Vec<&str>> = BTreeMap::new();
+    for s in &sessions {
+        by_rid.entry(s.request_id.as_str()).or_default().push(s.id.as_str());
+    }
+    let dups: Vec<_> = by_rid.iter().filter(|(_, ids)| ids.len() > 1).collect();
+    assert!(dups.is_empty(), "request ids with more than one session: {dups:?}");
+    for (rid, id) in &ledger.acked {
+        match by_rid.get(rid.as_str()) {
+            Some(ids) => assert_eq!(ids, &vec![id.as_str()], "request id {rid} acknowledged as {id}"),
+            None => panic!("acknowledged create {rid} (session {id}) is missing"),
+        }
+    }
+    for rid in by_rid.keys().filter(|r| r.starts_with(prefix)) {
+        assert!(
+            ledger.acked.contains_key(*rid) || ledger.unknown.contains(*rid),
+            "session with request id {rid} was never requested"
+        );
+    }
+}
+
+fn voters(s: &proto::ClusterStatusResponse) -> BTreeSet<u64> {
+    s.members.iter().filter(|m| m.voter).map(|m| m.id).collect()
+}
+
+fn member_ids(s: &proto::ClusterStatusResponse) -> BTreeSet<u64> {
+    s.members.iter().map(|m| m.id).collect()
+}
+
+async fn leader_index(cluster: &mut Cluster) -> usize {
+    let s = cluster.wait_converged(CONVERGE).await.unwrap();
+    cluster.coordinator_index(s.leader_id).expect("the leader is one of ours")
+}
+
+/// A client that retries quickly, to measure the cluster rather than SDK backoff.
+async fn probe_client(addrs: Vec<String>) -> Client {
+    Client::builder(addrs)
+        .request_timeout(Duration::from_millis(500))
+        .max_retries(1000)
+        .backoff(Backoff { base: Duration::from_millis(10), cap: Duration::from_millis(50) })
+        .connect()
+        .await
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn leader_sigkill_during_creates_loses_nothing_and_fails_over_fast() {
+    require_facilities!();
+    let mut cluster = start(three(&[])).await;
+    let client = cluster.client().await;
+    let leader = leader_index(&mut cluster).await;
+    let before = cluster.status().await.unwrap();
+
+    let writers = Writers::start(&client, 4, "kill");
+    writers.wait_acked_at_least(30, Duration::from_secs(30)).await;
+
+    let probe = probe_client(cluster.coordinator_addrs()).await;
+    cluster.kill(Target::Coordinator(leader)).await.unwrap();
+    let killed = Instant::now();
+    let probe_rid = request_id("probe");
+    let probe_session = probe.create_session(tiny(&probe_rid)).await.expect("a write after the leader died");
+    let failover = killed.elapsed();
+    eprintln!("leader {} killed; first write committed after {failover:?}", leader + 1);
+
+    let after_kill = writers.acked();
+    writers.wait_acked_at_least(after_kill + 30, Duration::from_secs(30)).await;
+    let mut ledger = writers.stop().await;
+    ledger.acked.insert(probe_rid, probe_session.id);
+
+    let status = cluster.status().await.unwrap();
+    assert_ne!(status.leader_id, before.leader_id, "a new leader was elected");
+    assert_eq!(voters(&status), voters(&before), "a crash does not change membership");
+
+    // The killed member restarts and catches up.
+    cluster.restart(Target::Coordinator(leader)).await.unwrap();
+    let converged = cluster.wait_converged(CONVERGE).await.unwrap();
+    assert_eq!(converged.members.len(), 3);
+    check_no_loss_no_dup(&client, &ledger, "kill").await;
+    eprintln!("acked {} creates, {} with unknown outcome", ledger.acked.len(), ledger.unknown.len());
+    assert!(failover <= FAILOVER_BOUND, "writes resumed {failover:?} after the leader died; the bound is {FAILOVER_BOUND:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn members_are_added_and_removed_while_writes_run() {
+    require_facilities!();
+    // Small snapshots, so the new member also starts from a snapshot.
+    let mut cluster = start(three(&["--snapshot-after-entries", "40", "--keep-log-entries", "5"])).await;
+    let client = cluster.client().await;
+    let writers = Writers::start(&client, 3, "member");
+    writers.wait_acked_at_least(60, Duration::from_secs(30)).await;
+
+    // A fourth coordinator joins: learner first, voter once caught up.
+    let new = cluster.spawn_coordinator().await.unwrap();
+    let new_addr = cluster.coordinators[new].addr.clone();
+    let status = client.add_member(4, &new_addr).await.unwrap();
+    assert_eq!(voters(&status), BTreeSet::from([1, 2, 3, 4]));
+    let n = writers.acked();
+    writers.wait_acked_at_least(n + 20, Duration::from_secs(30)).await;
+
+    // Remove the current leader, then one more member, with writes still running.
+    let leader_id = cluster.status().await.unwrap().leader_id;
+    let status = client.remove_member(leader_id).await.unwrap();
+    assert!(!member_ids(&status).contains(&leader_id), "member {leader_id} removed: {status:?}");
+    let n = writers.acked();
+    writers.wait_acked_at_least(n + 20, Duration::from_secs(30)).await;
+    let removed = cluster.coordinator_index(leader_id).unwrap();
+    cluster.terminate(Target::Coordinator(removed)).await.unwrap();
+
+    let remaining: Vec<u64> = voters(&cluster.status().await.unwrap()).into_iter().collect();
+    let second = *remaining.iter().find(|id| **id != 4).unwrap();
+    let status = client.remove_member(second).await.unwrap();
+    assert_eq!(voters(&status).len(), 2);
+    let n = writers.acked();
+    writers.wait_acked_at_least(n + 20, Duration::from_secs(30)).await;
+    let ledger = writers.stop().await;
+    cluster.terminate(Target::Coordinator(cluster.coordinator_index(second).unwrap())).await.unwrap();
+
+    let converged = cluster.wait_converged(CONVERGE).await.unwrap();
+    assert_eq!(voters(&converged).len(), 2);
+    assert!(voters(&converged).contains(&4));
+    let new_log = std::fs::read_to_string(&cluster.coordinators[new].log_path).unwrap();
+    assert!(
+        new_log.contains("installing snapshot streamed from the leader"),
+        "the new member joined after compaction, so it started from a snapshot"
+    );
+    let survivors: Vec<String> = converged.members.iter().map(|m| m.address.clone()).collect();
+    let client = Client::connect(survivors).await.unwrap();
+    check_no_loss_no_dup(&client, &ledger, "member").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn member_that_missed_a_compaction_catches_up_through_a_snapshot() {
+    require_facilities!();
+    let mut cluster = start(three(&["--snapshot-after-entries", "30", "--keep-log-entries", "5"])).await;
+    let client = cluster.client().await;
+    let leader = leader_index(&mut cluster).await;
+    let lagging = (leader + 1) % 3;
+    let lagging_id = (lagging + 1) as u64;
+    cluster.kill(Target::Coordinator(lagging)).await.unwrap();
+    let last_seen = cluster
+        .status()
+        .await
+        .unwrap()
+        .members
+        .iter()
+        .find(|m| m.id != lagging_id)
+        .map(|m| m.last_log_index)
+        .unwrap();
+
+    // Enough writes that the survivors snapshot and purge past what the lagging member has.
+    let mut ledger = Ledger::default();
+    for i in 0..120 {
+        let rid = request_id(&format!("snap{i}-"));
+        let s = client.create_session(tiny(&rid)).await.unwrap();
+        ledger.acked.insert(rid, s.id);
+    }
+    let status = cluster.status().await.unwrap();
+    let purged = status.members.iter().filter(|m| m.id != lagging_id).map(|m| m.purged_index).min().unwrap();
+    assert!(purged > last_seen, "the survivors purged their logs up to {purged}, past {last_seen}");
+
+    cluster.restart(Target::Coordinator(lagging)).await.unwrap();
+    let converged = cluster.wait_converged(CONVERGE).await.unwrap();
+    let member = converged.members.iter().find(|m| m.id == lagging_id).unwrap();
+    assert!(member.snapshot_index >= purged, "the lagging member holds the snapshot: {member:?}");
+    let log = std::fs::read_to_string(&cluster.coordinators[lagging].log_path).unwrap();
+    assert!(log.contains("installing snapshot streamed from the leader"), "it caught up through a snapshot");
+
+    // It serves the state on its own (stale read, so it answers from its own copy).
+    let only = Client::connect([cluster.coordinators[lagging].addr.clone()]).await.unwrap();
+    let mut req = proto::ListSessionsRequest::default();
+    req.consistency = proto::ReadConsistency::Stale as i32;
+    let seen: BTreeSet<String> = only.list_all_sessions(req).await.unwrap().into_iter().map(|s| s.id).collect();
+    for (rid, id) in &ledger.acked {
+        assert!(seen.contains(id), "{rid} ({id}) missing on the restarted member");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn init_call_bootstraps_three_members() {
+    // No sandboxes here: coordinators only.
+    let mut cluster = start(ClusterBuilder::new().coordinators(3).agents(0).bootstrap(false)).await;
+    let addrs = cluster.coordinator_addrs();
+    let members: Vec<(u64, String)> = addrs.iter().enumerate().map(|(i, a)| (i as u64 + 1, a.clone())).collect();
+    let client = Client::connect([addrs[1].clone()]).await.unwrap();
+
+    // Bad input changes nothing.
+    let err = client.init_cluster(vec![(1, addrs[0].clone())]).await.unwrap_err();
+    assert_eq!(err.code(), Some(Code::InvalidArgument), "{err}");
+    let err = client.init_cluster(vec![(2, "no port".to_string())]).await.unwrap_err();
+    assert_eq!(err.code(), Some(Code::InvalidArgument), "{err}");
+
+    let status = client.init_cluster(members.clone()).await.unwrap();
+    assert_ne!(status.leader_id, 0);
+    assert_eq!(voters(&status), BTreeSet::from([1, 2, 3]));
+    let err = client.init_cluster(members).await.unwrap_err();
+    assert_eq!(err.code(), Some(Code::FailedPrecondition), "{err}");
+    cluster.wait_converged(CONVERGE).await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn membership_bad_input_is_refused_and_changes_nothing() {
+    let mut cluster = start(ClusterBuilder::new().coordinators(3).agents(0)).await;
+    let client = cluster.client().await;
+    let before = cluster.wait_converged(CONVERGE).await.unwrap();
+    let addrs = cluster.coordinator_addrs();
+
+    let cases: Vec<(&str, Code, sandfleet::Error)> = vec![
+        ("duplicate id", Code::AlreadyExists, client.add_member(2, "127.0.0.1:1").await.unwrap_err()),
+        ("duplicate address", Code::AlreadyExists, client.add_member(7, &addrs[2]).await.unwrap_err()),
+        ("unreachable address", Code::FailedPrecondition, client.add_member(7, "127.0.0.1:1").await.unwrap_err()),
+        ("id zero", Code::InvalidArgument, client.add_member(0, "127.0.0.1:9").await.unwrap_err()),
+        ("malformed address", Code::InvalidArgument, client.add_member(7, "not an address").await.unwrap_err()),
+        ("unknown member", Code::NotFound, client.remove_member(42).await.unwrap_err()),
+    ];
+    for (what, code, err) in cases {
+        assert_eq!(err.code(), Some(code), "{what}: {err}");
+        assert!(!err.to_string().is_empty());
+        let now = cluster.status().await.unwrap();
+        assert_eq!(member_ids(&now), member_ids(&before), "{what} changed membership");
+        assert_eq!(voters(&now), voters(&before), "{what} changed the voters");
+    }
+    let err = client.add_member(7, "127.0.0.1:1").await.unwrap_err();
+    assert!(err.to_string().contains("unreachable"), "{err}");
+
+    // Shrink to one voter, then removing the last one is refused.
+    client.remove_member(3).await.unwrap();
+    let status = client.remove_member(2).await.unwrap();
+    assert_eq!(voters(&status), BTreeSet::from([1]));
+    let only = Client::connect([addrs[0].clone()]).await.unwrap();
+    let err = only.remove_member(1).await.unwrap_err();
+    assert_eq!(err.code(), Some(Code::FailedPrecondition), "{err}");
+    assert!(err.to_string().contains("last voter"), "{err}");
+    let status = only.cluster_status().await.unwrap();
+    assert_eq!(voters(&status), BTreeSet::from([1]));
+    // The removed members can go; the one left is the whole cluster.
+    cluster.terminate(Target::Coordinator(1)).await.unwrap();
+    cluster.terminate(Target::Coordinator(2)).await.unwrap();
+    let converged = cluster.wait_converged(CONVERGE).await.unwrap();
+    assert_eq!(member_ids(&converged), BTreeSet::from([1]));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn whole_cluster_restores_from_one_members_data_dir() {
+    require_facilities!();
+    let mut cluster = start(three(&[])).await;
+    let client = cluster.client().await;
+    let mut ledger = Ledger::default();
+    for i in 0..20 {
+        let rid = request_id(&format!("restore{i}-"));
+        let s = client.create_session(tiny(&rid)).await.unwrap();
+        ledger.acked.insert(rid, s.id);
+    }
+    let before = cluster.wait_converged(CONVERGE).await.unwrap();
+    let digest = before.members[0].state_digest.clone();
+
+    // Lose the whole cluster; keep member 1's data dir as the backup.
+    for i in 0..3 {
+        cluster.kill(Target::Coordinator(i)).await.unwrap();
+    }
+    cluster.coordinators[0].args.push("--force-new-cluster".into());
+    cluster.restart(Target::Coordinator(0)).await.unwrap();
+
+    let restored = cluster.wait_converged(CONVERGE).await.unwrap();
+    assert_eq!(member_ids(&restored), BTreeSet::from([1]), "a new one-member cluster");
+    assert_eq!(restored.members[0].state_digest, digest, "the applied state came back as it was");
+    let only = Client::connect([cluster.coordinators[0].addr.clone()]).await.unwrap();
+    check_no_loss_no_dup(&only, &ledger, "restore").await;
+    let rid = request_id("restore-after");
+    only.create_session(tiny(&rid)).await.expect("the restored cluster takes writes");
+
+    // A fresh member joins the restored cluster and gets the restored state.
+    let new = cluster.spawn_coordinator().await.unwrap();
+    let addr = cluster.coordinators[new].addr.clone();
+    only.add_member(4, &addr).await.unwrap();
+    let converged = cluster.wait_converged(CONVERGE).await.unwrap();
+    assert_eq!(member_ids(&converged), BTreeSet::from([1, 4]));
+}
