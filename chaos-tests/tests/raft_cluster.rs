@@ -142,6 +142,23 @@ async fn check_no_loss_no_dup(client: &Client, ledger: &Ledger, prefix: &str) {
     }
 }
 
+/// RemoveMember, retried while the cluster has no leader to forward to. The
+/// SDK does not retry membership changes by itself (they are not idempotent),
+/// so right after a leader was removed a caller can see UNAVAILABLE.
+async fn remove_when_led(client: &Client, id: u64) -> proto::ClusterStatusResponse {
+    let until = Instant::now() + Duration::from_secs(20);
+    loop {
+        match client.remove_member(id).await {
+            Ok(s) => return s,
+            Err(e) if e.code() == Some(Code::Unavailable) && Instant::now() < until => {
+                eprintln!("remove {id}: {e}; retrying");
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+            Err(e) => panic!("removing member {id}: {e}"),
+        }
+    }
+}
+
 fn voters(s: &proto::ClusterStatusResponse) -> BTreeSet<u64> {
     s.members.iter().filter(|m| m.voter).map(|m| m.id).collect()
 }
@@ -222,7 +239,7 @@ async fn members_are_added_and_removed_while_writes_run() {
 
     // Remove the current leader, then one more member, with writes still running.
     let leader_id = cluster.status().await.unwrap().leader_id;
-    let status = client.remove_member(leader_id).await.unwrap();
+    let status = remove_when_led(&client, leader_id).await;
     assert!(!member_ids(&status).contains(&leader_id), "member {leader_id} removed: {status:?}");
     let n = writers.acked();
     writers.wait_acked_at_least(n + 20, Duration::from_secs(30)).await;
@@ -231,7 +248,7 @@ async fn members_are_added_and_removed_while_writes_run() {
 
     let remaining: Vec<u64> = voters(&cluster.status().await.unwrap()).into_iter().collect();
     let second = *remaining.iter().find(|id| **id != 4).unwrap();
-    let status = client.remove_member(second).await.unwrap();
+    let status = remove_when_led(&client, second).await;
     assert_eq!(voters(&status).len(), 2);
     let n = writers.acked();
     writers.wait_acked_at_least(n + 20, Duration::from_secs(30)).await;
@@ -373,8 +390,14 @@ async fn whole_cluster_restores_from_one_members_data_dir() {
         let s = client.create_session(tiny(&rid)).await.unwrap();
         ledger.acked.insert(rid, s.id);
     }
-    let before = cluster.wait_converged(CONVERGE).await.unwrap();
-    let digest = before.members[0].state_digest.clone();
+    cluster.wait_converged(CONVERGE).await.unwrap();
+    let before: BTreeSet<(String, String)> = client
+        .list_all_sessions(proto::ListSessionsRequest::default())
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|s| (s.id, s.request_id))
+        .collect();
 
     // Lose the whole cluster; keep member 1's data dir as the backup.
     for i in 0..3 {
@@ -385,8 +408,16 @@ async fn whole_cluster_restores_from_one_members_data_dir() {
 
     let restored = cluster.wait_converged(CONVERGE).await.unwrap();
     assert_eq!(member_ids(&restored), BTreeSet::from([1]), "a new one-member cluster");
-    assert_eq!(restored.members[0].state_digest, digest, "the applied state came back as it was");
     let only = Client::connect([cluster.coordinators[0].addr.clone()]).await.unwrap();
+    let after: BTreeSet<(String, String)> = only
+        .list_all_sessions(proto::ListSessionsRequest::default())
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|s| (s.id, s.request_id))
+        .collect();
+    // The agent keeps running and reporting, so compare content, not the digest.
+    assert_eq!(after, before, "every session came back");
     check_no_loss_no_dup(&only, &ledger, "restore").await;
     let rid = request_id("restore-after");
     only.create_session(tiny(&rid)).await.expect("the restored cluster takes writes");

@@ -38,6 +38,19 @@ pub enum ForwardResult<T> {
 pub struct Tunables {
     /// How often agents are asked to heartbeat.
     pub agent_heartbeat: Duration,
+    /// A node with no heartbeat for this long is declared down by the leader.
+    pub node_ttl: Duration,
+}
+
+impl Tunables {
+    /// How long an agent may go without a quorum-confirmed heartbeat before it
+    /// stops its sessions: the TTL minus two heartbeat intervals (the longest a
+    /// heartbeat call may take) minus a safety margin, so the old copies are
+    /// gone before the leader places the sessions elsewhere.
+    pub fn fence_after(&self) -> Duration {
+        let margin = Duration::from_millis(500);
+        self.node_ttl.saturating_sub(self.agent_heartbeat * 2 + margin).max(self.agent_heartbeat)
+    }
 }
 
 /// Shared by every service of one coordinator.
@@ -51,7 +64,7 @@ pub struct Core {
     pub heartbeats: Mutex<HashMap<String, i64>>,
     /// Wakes the leader loop (new pending session, new node, deletion).
     pub wake: Notify,
-    peers: Mutex<HashMap<String, RaftServiceClient<Channel>>>,
+    peers: Mutex<HashMap<String, Channel>>,
 }
 
 impl Core {
@@ -80,17 +93,21 @@ impl Core {
         m.membership_config.membership().get_node(&leader).map(|n| n.addr.clone())
     }
 
-    fn peer(&self, addr: &str) -> Result<RaftServiceClient<Channel>, Status> {
+    /// A cached, lazily connected channel to another coordinator.
+    pub fn peer_channel(&self, addr: &str) -> Result<Channel, Status> {
         let mut peers = self.peers.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(c) = peers.get(addr) {
             return Ok(c.clone());
         }
         let ch = network::channel(addr).map_err(|e| Status::internal(format!("bad leader address {addr}: {e}")))?;
-        let c = RaftServiceClient::new(ch)
+        peers.insert(addr.to_string(), ch.clone());
+        Ok(ch)
+    }
+
+    fn peer(&self, addr: &str) -> Result<RaftServiceClient<Channel>, Status> {
+        Ok(RaftServiceClient::new(self.peer_channel(addr)?)
             .max_decoding_message_size(sandfleet_common::limits::MAX_GRPC_MESSAGE_BYTES)
-            .max_encoding_message_size(sandfleet_common::limits::MAX_GRPC_MESSAGE_BYTES);
-        peers.insert(addr.to_string(), c.clone());
-        Ok(c)
+            .max_encoding_message_size(sandfleet_common::limits::MAX_GRPC_MESSAGE_BYTES))
     }
 
     /// Commits a command and returns what applying it produced. On a follower

@@ -59,6 +59,9 @@ pub struct CoordinatorConfig {
     pub keep_log_entries: u64,
     /// How often agents heartbeat.
     pub agent_heartbeat: Duration,
+    /// How long the leader waits for a heartbeat before it declares a node
+    /// down and places its sessions elsewhere (also the grace after a leader change).
+    pub node_ttl: Duration,
 }
 
 impl Default for CoordinatorConfig {
@@ -75,6 +78,7 @@ impl Default for CoordinatorConfig {
             snapshot_after_entries: 5000,
             keep_log_entries: 1000,
             agent_heartbeat: Duration::from_secs(1),
+            node_ttl: Duration::from_secs(5),
         }
     }
 }
@@ -170,6 +174,9 @@ pub async fn serve(config: CoordinatorConfig, shutdown: CancellationToken) -> Re
     if config.id == 0 {
         return Err(CoordinatorError::Config("--id must be a positive integer".into()));
     }
+    if config.node_ttl < config.agent_heartbeat * 3 {
+        return Err(CoordinatorError::Config("--node-ttl must be at least three agent heartbeat intervals".into()));
+    }
     if config.election_timeout < config.heartbeat_interval * 4 {
         return Err(CoordinatorError::Config("the election timeout must be at least four heartbeat intervals".into()));
     }
@@ -216,7 +223,7 @@ pub async fn serve(config: CoordinatorConfig, shutdown: CancellationToken) -> Re
         advertise.clone(),
         raft.clone(),
         state,
-        core::Tunables { agent_heartbeat: config.agent_heartbeat },
+        core::Tunables { agent_heartbeat: config.agent_heartbeat, node_ttl: config.node_ttl },
     ));
 
     let session = service::session::SessionApi::new(core.clone(), shutdown.clone());
@@ -272,7 +279,7 @@ pub async fn serve(config: CoordinatorConfig, shutdown: CancellationToken) -> Re
         tracing::warn!(sessions, "started a new one-member cluster from the restored state; remove --force-new-cluster now");
     }
 
-    let leader_loop = tokio::spawn(leader::run(core.clone(), Duration::from_millis(500), shutdown.clone()));
+    let leader_loop = tokio::spawn(leader::run(core.clone(), Duration::from_millis(250), shutdown.clone()));
     if config.bootstrap {
         // Wait for the cluster key, so agents can register as soon as we report ready.
         let mut v = core.state.version.subscribe();

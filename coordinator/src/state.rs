@@ -156,6 +156,12 @@ pub enum Command {
     RenewSession { id: String, expires_at_ms: i64, now_ms: i64 },
     /// Registers or updates a node.
     RegisterNode { node: NodeRecord },
+    /// The leader saw no heartbeat for `node_ttl`: the node goes down and its
+    /// live sessions become LOST and unplaced, to be placed again with a new
+    /// generation (fencing the old copies).
+    NodeDown { node_id: String, now_ms: i64 },
+    /// A down node heartbeats again: it is ready for new placements.
+    NodeUp { node_id: String, now_ms: i64 },
 }
 
 /// What applying a command produced.
@@ -452,6 +458,41 @@ impl ClusterState {
                 }
                 CommandResponse::Ok
             }
+            Command::NodeDown { node_id, now_ms } => {
+                match self.nodes.get_mut(&node_id) {
+                    None => return CommandResponse::Rejected(format!("node {node_id} is not registered")),
+                    Some(n) if n.phase == NodePhase::Down => return CommandResponse::Sessions(Vec::new()),
+                    Some(n) => n.phase = NodePhase::Down,
+                }
+                touched.nodes.push(node_id.clone());
+                let ids: Vec<String> = self.node_sessions.get(&node_id).map(|s| s.iter().cloned().collect()).unwrap_or_default();
+                let mut lost = Vec::with_capacity(ids.len());
+                for id in ids {
+                    let Some(s) = self.sessions.get(&id).cloned() else { continue };
+                    if !s.phase.holds_resources() || s.node_id.as_deref() != Some(node_id.as_str()) {
+                        continue;
+                    }
+                    self.release(&s);
+                    let mut s = s;
+                    s.phase = SessionPhase::Lost;
+                    s.node_id = None;
+                    s.pending_reason = format!("node {node_id} stopped heartbeating; placing it again");
+                    s.updated_at_ms = now_ms;
+                    touched.sessions.push(id.clone());
+                    self.sessions.insert(id, s.clone());
+                    lost.push(s);
+                }
+                CommandResponse::Sessions(lost)
+            }
+            Command::NodeUp { node_id, now_ms: _ } => match self.nodes.get_mut(&node_id) {
+                None => CommandResponse::Rejected(format!("node {node_id} is not registered")),
+                Some(n) if n.phase != NodePhase::Down => CommandResponse::Ok,
+                Some(n) => {
+                    n.phase = NodePhase::Ready;
+                    touched.nodes.push(node_id);
+                    CommandResponse::Ok
+                }
+            },
         }
     }
 

@@ -51,6 +51,13 @@ pub struct AgentState {
     reports: Mutex<Vec<pb::SessionReport>>,
     report_ready: Notify,
     reconcile_lock: tokio::sync::Mutex<()>,
+    /// When a leader with a quorum last answered a heartbeat.
+    last_contact: Mutex<std::time::Instant>,
+    /// Stop every session after this long without contact (0: never), as the cluster says.
+    fence_after_ms: std::sync::atomic::AtomicU64,
+    /// True while cut off: sessions were stopped and assignment pushes from a
+    /// possibly stale coordinator are ignored until a heartbeat succeeds again.
+    fenced: std::sync::atomic::AtomicBool,
 }
 
 impl AgentState {
@@ -63,6 +70,49 @@ impl AgentState {
             reports: Mutex::new(Vec::new()),
             report_ready: Notify::new(),
             reconcile_lock: tokio::sync::Mutex::new(()),
+            last_contact: Mutex::new(std::time::Instant::now()),
+            fence_after_ms: std::sync::atomic::AtomicU64::new(0),
+            fenced: std::sync::atomic::AtomicBool::new(false),
+        }
+    }
+
+    /// True while the agent is cut off from a quorum and has stopped its sessions.
+    pub fn is_fenced(&self) -> bool {
+        self.fenced.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    /// A leader holding a quorum answered: the agent may run sessions again.
+    fn contact(&self) {
+        *self.last_contact.lock().unwrap_or_else(|p| p.into_inner()) = std::time::Instant::now();
+        if self.fenced.swap(false, std::sync::atomic::Ordering::SeqCst) {
+            tracing::warn!("back in contact with a leader; following its assignments again");
+        }
+    }
+
+    /// Stops every session when the agent has been cut off for `fence_after`:
+    /// by then the cluster is about to place them elsewhere, and two live
+    /// copies of a session must never run.
+    async fn fence_if_cut_off(&self) {
+        let fence_after = self.fence_after_ms.load(std::sync::atomic::Ordering::SeqCst);
+        if fence_after == 0 || self.is_fenced() {
+            return;
+        }
+        let silent = self.last_contact.lock().unwrap_or_else(|p| p.into_inner()).elapsed();
+        if silent < Duration::from_millis(fence_after) {
+            return;
+        }
+        let _guard = self.reconcile_lock.lock().await;
+        self.fenced.store(true, std::sync::atomic::Ordering::SeqCst);
+        let ids: Vec<String> = self.sessions.lock().unwrap_or_else(|p| p.into_inner()).drain().map(|(id, _)| id).collect();
+        tracing::error!(
+            silent_ms = silent.as_millis() as u64,
+            sessions = ids.len(),
+            "cut off from a coordinator quorum; stopping every session (fencing)"
+        );
+        for id in ids {
+            if let Err(e) = self.runtime.destroy(&id).await {
+                tracing::warn!(session = %id, error = %e, "failed to destroy a fenced session");
+            }
         }
     }
 
@@ -236,7 +286,13 @@ impl Control {
                         Ok(v) => *self.state.verifier.write().await = Some(v),
                         Err(e) => tracing::error!(error = %e, "coordinator sent a bad token key"),
                     }
-                    tracing::info!(node = %self.config.register.node_id, "registered with the coordinators");
+                    self.state.fence_after_ms.store(resp.fence_after_ms, std::sync::atomic::Ordering::SeqCst);
+                    self.state.contact();
+                    tracing::info!(
+                        node = %self.config.register.node_id,
+                        fence_after_ms = resp.fence_after_ms,
+                        "registered with the coordinators"
+                    );
                     return Some(Duration::from_millis(resp.heartbeat_interval_ms.max(100)));
                 }
                 Err(status) => {
@@ -256,6 +312,17 @@ impl Control {
     pub async fn run(mut self, mut interval: Duration, shutdown: CancellationToken) {
         let watch_stop = shutdown.child_token();
         let watcher = tokio::spawn(watch_loop(self.state.clone(), self.config.coordinators.clone(), self.config.register.node_id.clone(), watch_stop.clone()));
+        let fencer = {
+            let (state, stop) = (self.state.clone(), watch_stop.clone());
+            tokio::spawn(async move {
+                loop {
+                    tokio::select! {
+                        _ = stop.cancelled() => return,
+                        _ = tokio::time::sleep(Duration::from_millis(100)) => state.fence_if_cut_off().await,
+                    }
+                }
+            })
+        };
         let mut failures = 0u32;
         loop {
             tokio::select! {
@@ -263,12 +330,17 @@ impl Control {
                 _ = self.state.report_ready.notified() => {}
                 _ = tokio::time::sleep(interval) => {}
             }
+            // After a freeze (SIGSTOP, a stalled VM) the fence check comes first: a
+            // heartbeat must not revive copies the cluster has already replaced.
+            self.state.fence_if_cut_off().await;
             let reports = std::mem::take(&mut *self.state.reports.lock().unwrap_or_else(|p| p.into_inner()));
             let mut req = tonic::Request::new(pb::HeartbeatRequest { node_id: self.config.register.node_id.clone(), reports: reports.clone() });
-            req.set_timeout(CALL_TIMEOUT);
+            // Two intervals at most: the cluster's fence_after assumes it.
+            req.set_timeout(CALL_TIMEOUT.min(interval * 2));
             match self.client().heartbeat(req).await {
                 Ok(resp) => {
                     failures = 0;
+                    self.state.contact();
                     self.state.reconcile(resp.into_inner().assignments).await;
                 }
                 Err(status) => {
@@ -289,6 +361,7 @@ impl Control {
         }
         watch_stop.cancel();
         let _ = watcher.await;
+        let _ = fencer.await;
     }
 }
 
@@ -306,7 +379,9 @@ async fn watch_loop(state: Arc<AgentState>, coordinators: Vec<String>, node_id: 
                 tokio::select! {
                     _ = shutdown.cancelled() => return Ok::<(), tonic::Status>(()),
                     msg = stream.message() => match msg? {
-                        Some(m) => state.reconcile(m.assignments).await,
+                        // While fenced, only a heartbeat (answered with a quorum) may restart sessions.
+                        Some(m) if !state.is_fenced() => state.reconcile(m.assignments).await,
+                        Some(_) => {}
                         None => return Err(tonic::Status::unavailable("assignment stream ended")),
                     },
                 }

@@ -47,6 +47,13 @@ struct Args {
     /// up from the log instead of a snapshot.
     #[arg(long, default_value_t = 1000)]
     keep_log_entries: u64,
+    /// How often node agents heartbeat.
+    #[arg(long, default_value = "1s", value_parser = humantime_duration)]
+    agent_heartbeat: Duration,
+    /// A node that has not heartbeated for this long is declared down and its
+    /// sessions are placed elsewhere. At least three heartbeat intervals.
+    #[arg(long, default_value = "5s", value_parser = humantime_duration)]
+    node_ttl: Duration,
 }
 
 fn humantime_duration(s: &str) -> Result<Duration, String> {
@@ -77,6 +84,8 @@ async fn main() -> anyhow::Result<()> {
         election_timeout: args.election_timeout,
         snapshot_after_entries: args.snapshot_after_entries,
         keep_log_entries: args.keep_log_entries,
+        agent_heartbeat: args.agent_heartbeat,
+        node_ttl: args.node_ttl,
         ..Default::default()
     };
     let coordinator = serve(config, shutdown.clone()).await.context("failed to start the coordinator")?;

@@ -13,6 +13,9 @@ use tonic::{Request, Response, Status};
 use crate::core::Core;
 use crate::state::{ClusterState, Command, NodePhase, NodeRecord, Resources, SessionPhase};
 
+/// Deadline of a heartbeat forwarded to the leader.
+const HEARTBEAT_FORWARD_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2);
+
 /// The AgentService implementation.
 pub struct AgentApi {
     core: Arc<Core>,
@@ -94,6 +97,8 @@ impl AgentService for AgentApi {
         Ok(Response::new(pb::RegisterNodeResponse {
             token_public_key: signer.public_key().to_vec(),
             heartbeat_interval_ms: self.core.tunables.agent_heartbeat.as_millis() as u64,
+            node_ttl_ms: self.core.tunables.node_ttl.as_millis() as u64,
+            fence_after_ms: self.core.tunables.fence_after().as_millis() as u64,
         }))
     }
 
@@ -101,10 +106,38 @@ impl AgentService for AgentApi {
     async fn heartbeat(&self, req: Request<pb::HeartbeatRequest>) -> Result<Response<pb::HeartbeatResponse>, Status> {
         let req = req.into_inner();
         ids::validate_node_id(&req.node_id)?;
+        // Liveness lives in the leader's memory, so heartbeats go there.
+        if !self.core.is_leader() {
+            let leader = self
+                .core
+                .leader_addr()
+                .ok_or_else(|| Status::unavailable("no coordinator leader is elected right now; retry"))?;
+            let mut client = pb::agent_service_client::AgentServiceClient::new(self.core.peer_channel(&leader)?);
+            let mut forwarded = Request::new(req);
+            forwarded.set_timeout(HEARTBEAT_FORWARD_TIMEOUT);
+            return client
+                .heartbeat(forwarded)
+                .await
+                .map_err(|s| if s.code() == tonic::Code::NotFound { s } else { Status::unavailable(format!("forwarding the heartbeat to leader {leader} failed: {}", s.message())) });
+        }
         if !self.core.state.read(|st| st.nodes.contains_key(&req.node_id)) {
             return Err(Status::not_found(format!("node {} is not registered; register first", req.node_id)));
         }
+        // Answer only while a quorum follows this leader: an agent that gets no
+        // answer for `fence_after` stops its sessions, which is what makes
+        // placing them elsewhere safe. A leader cut off in a minority must not
+        // keep such an agent alive.
+        self.core
+            .raft
+            .ensure_linearizable()
+            .await
+            .map_err(|e| Status::unavailable(format!("this leader cannot confirm a quorum: {e}")))?;
         self.touch(&req.node_id);
+        if self.core.state.read(|st| st.nodes.get(&req.node_id).is_some_and(|n| n.phase == NodePhase::Down)) {
+            tracing::info!(node = %req.node_id, "node heartbeats again; marking it ready");
+            self.core.propose(Command::NodeUp { node_id: req.node_id.clone(), now_ms: crate::now_ms() }).await?;
+            self.core.wake.notify_one();
+        }
         for r in req.reports {
             let phase = match pb::SessionState::try_from(r.state) {
                 Ok(pb::SessionState::Running) => SessionPhase::Running,

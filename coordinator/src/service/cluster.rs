@@ -16,6 +16,8 @@ use crate::core::Core;
 use crate::raft::{network, Member};
 
 const PEER_TIMEOUT: Duration = Duration::from_secs(2);
+/// Deadline of a membership change forwarded to the leader.
+const MEMBERSHIP_FORWARD_TIMEOUT: Duration = Duration::from_secs(60);
 /// How long InitCluster waits for the new cluster's first leader.
 const INIT_LEADER_TIMEOUT: Duration = Duration::from_secs(15);
 
@@ -77,6 +79,23 @@ impl ClusterApi {
     }
 }
 
+/// A membership change forwarded to the leader, with a deadline.
+fn forwarded<T>(msg: T) -> Request<T> {
+    let mut req = Request::new(msg);
+    req.set_timeout(MEMBERSHIP_FORWARD_TIMEOUT);
+    req
+}
+
+/// The leader's own answers pass through; a leader that cannot be reached is UNAVAILABLE.
+fn forward_error(s: Status) -> Status {
+    match s.code() {
+        tonic::Code::Unavailable | tonic::Code::Unknown | tonic::Code::Cancelled => {
+            Status::unavailable(format!("the leader could not be reached: {}; retry", s.message()))
+        }
+        _ => s,
+    }
+}
+
 async fn remote_status(addr: &str) -> Result<pb::ClusterMember, Status> {
     let ch = network::channel(addr).map_err(|e| Status::invalid_argument(format!("invalid address {addr:?}: {e}")))?;
     let mut req = Request::new(pb::ClusterStatusRequest {});
@@ -128,7 +147,7 @@ impl ClusterService for ClusterApi {
     #[tracing::instrument(skip_all, fields(id = req.get_ref().id, addr = %req.get_ref().address))]
     async fn add_member(&self, req: Request<pb::AddMemberRequest>) -> Result<Response<pb::AddMemberResponse>, Status> {
         if let Some(mut leader) = self.leader_client()? {
-            return leader.add_member(req.into_inner()).await;
+            return leader.add_member(forwarded(req.into_inner())).await.map_err(forward_error);
         }
         let req = req.into_inner();
         if req.id == 0 {
@@ -171,7 +190,7 @@ impl ClusterService for ClusterApi {
     #[tracing::instrument(skip_all, fields(id = req.get_ref().id))]
     async fn remove_member(&self, req: Request<pb::RemoveMemberRequest>) -> Result<Response<pb::RemoveMemberResponse>, Status> {
         if let Some(mut leader) = self.leader_client()? {
-            return leader.remove_member(req.into_inner()).await;
+            return leader.remove_member(forwarded(req.into_inner())).await.map_err(forward_error);
         }
         let id = req.into_inner().id;
         let membership = self.core.raft.metrics().borrow().membership_config.membership().clone();

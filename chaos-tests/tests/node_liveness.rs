@@ -1,0 +1,153 @@
+//! Node liveness, rescheduling and fencing with real processes: an agent that
+//! dies or freezes loses its sessions to another node (LOST, then placed again
+//! with generation + 1), and an agent cut off from the coordinators stops its
+//! own copies before they are placed elsewhere.
+//!
+//! The coordinators run with a short node TTL (`--agent-heartbeat 500ms
+//! --node-ttl 3s`, so agents fence after 1.5 s) to keep the tests quick.
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+use nix::sys::signal::Signal;
+use sandfleet::{proto, Client};
+use sandfleet_chaos::host;
+use sandfleet_chaos::testkit::{create_running, exec_python, small_session, state_of, stdout};
+use sandfleet_chaos::{require_sandbox_facilities, Cluster, ClusterBuilder, Target};
+
+macro_rules! require_facilities {
+    () => {
+        if !require_sandbox_facilities() {
+            return;
+        }
+    };
+}
+
+const NODE_TTL: Duration = Duration::from_secs(3);
+/// Generous bound for "placed again and RUNNING" after the TTL (debug build, busy CI).
+const MOVE_SLACK: Duration = Duration::from_secs(12);
+
+async fn two_nodes() -> Cluster {
+    let builder = ClusterBuilder::new()
+        .coordinators(1)
+        .agents(2)
+        .coordinator_args(["--agent-heartbeat", "500ms", "--node-ttl", "3s"]);
+    match builder.start().await {
+        Ok(c) => c,
+        Err(e) => panic!("cluster did not start: {e:#}"),
+    }
+}
+
+/// Four running sessions, spread over both nodes; returns them by node.
+async fn spread_sessions(client: &Client) -> BTreeMap<String, Vec<proto::Session>> {
+    let mut by_node: BTreeMap<String, Vec<proto::Session>> = BTreeMap::new();
+    for i in 0..4 {
+        let s = create_running(client, small_session(&format!("live{i}"))).await.unwrap();
+        by_node.entry(s.node_id.clone()).or_default().push(s);
+    }
+    assert_eq!(by_node.len(), 2, "spread placement uses both nodes: {:?}", by_node.keys());
+    by_node
+}
+
+fn agent_index(cluster: &Cluster, node_id: &str) -> usize {
+    cluster.agents.iter().position(|a| a.id == node_id).expect("a node of this cluster")
+}
+
+/// Waits until every session in `moved` runs on `to` with a newer generation.
+async fn wait_moved(client: &Client, moved: &[proto::Session], to: &str, deadline: Duration) -> Vec<proto::Session> {
+    let until = Instant::now() + deadline;
+    loop {
+        let mut now = Vec::new();
+        for s in moved {
+            now.push(client.get_session(&s.id).await.unwrap());
+        }
+        let done = now.iter().zip(moved).all(|(n, old)| {
+            state_of(n) == proto::SessionState::Running && n.node_id == to && n.generation > old.generation
+        });
+        if done {
+            return now;
+        }
+        assert!(
+            Instant::now() < until,
+            "sessions not running on {to} with a new generation within {deadline:?}: {:?}",
+            now.iter().map(|s| (s.id.clone(), s.state, s.node_id.clone(), s.generation, s.pending_reason.clone())).collect::<Vec<_>>()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+async fn node_state(client: &Client, node_id: &str) -> String {
+    client.list_nodes().await.unwrap().into_iter().find(|n| n.id == node_id).map(|n| n.state).unwrap_or_default()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sessions_of_a_killed_agent_run_elsewhere_with_a_new_generation() {
+    require_facilities!();
+    let mut cluster = two_nodes().await;
+    let client = cluster.client().await;
+    let by_node = spread_sessions(&client).await;
+    let (dead, victims) = by_node.iter().next().map(|(n, v)| (n.clone(), v.clone())).unwrap();
+    let (alive, kept) = by_node.iter().nth(1).map(|(n, v)| (n.clone(), v.clone())).unwrap();
+
+    cluster.kill(Target::Agent(agent_index(&cluster, &dead))).await.unwrap();
+    let killed = Instant::now();
+    let moved = wait_moved(&client, &victims, &alive, NODE_TTL + MOVE_SLACK).await;
+    let took = killed.elapsed();
+    eprintln!("{} sessions of {dead} running on {alive} {took:?} after SIGKILL", moved.len());
+    assert!(took >= NODE_TTL - Duration::from_millis(600), "not moved before the node TTL ran out ({took:?})");
+    assert_eq!(node_state(&client, &dead).await, "down");
+
+    // The moved sessions work on their new node (fresh token for the new generation).
+    for s in &moved {
+        let out = exec_python(&client, s, "print(6*7)", Duration::from_secs(30)).await.unwrap();
+        assert_eq!(stdout(&out).trim(), "42");
+    }
+    // Sessions of the surviving node were not touched.
+    for s in &kept {
+        let now = client.get_session(&s.id).await.unwrap();
+        assert_eq!((now.node_id.as_str(), now.generation), (alive.as_str(), s.generation));
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_frozen_agent_loses_its_sessions_and_stops_its_old_copies() {
+    require_facilities!();
+    let cluster = two_nodes().await;
+    let client = cluster.client().await;
+    let by_node = spread_sessions(&client).await;
+    let (frozen, victims) = by_node.iter().next().map(|(n, v)| (n.clone(), v.clone())).unwrap();
+    let alive = by_node.keys().nth(1).unwrap().clone();
+    let idx = agent_index(&cluster, &frozen);
+    let old_cgroups: Vec<_> = victims
+        .iter()
+        .flat_map(|s| host::cgroup_dirs_matching(&s.id))
+        .filter(|p| p.to_string_lossy().contains(&frozen))
+        .collect();
+    assert!(!old_cgroups.is_empty(), "the sessions have cgroups on {frozen}");
+
+    cluster.proc(Target::Agent(idx)).signal(Signal::SIGSTOP).unwrap();
+    wait_moved(&client, &victims, &alive, NODE_TTL + MOVE_SLACK).await;
+    assert_eq!(node_state(&client, &frozen).await, "down");
+
+    // Thawed, the old agent finds itself cut off for longer than fence_after:
+    // it stops its copies at once, then heartbeats and is ready again.
+    cluster.proc(Target::Agent(idx)).signal(Signal::SIGCONT).unwrap();
+    let until = Instant::now() + Duration::from_secs(20);
+    loop {
+        let left: Vec<_> = old_cgroups.iter().filter(|p| p.exists()).collect();
+        let state = node_state(&client, &frozen).await;
+        if left.is_empty() && state == "ready" {
+            break;
+        }
+        assert!(Instant::now() < until, "after SIGCONT: old copies left {left:?}, node {state}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // Exactly one copy of each moved session: its cgroups exist only on the new node.
+    for s in &victims {
+        let dirs = host::cgroup_dirs_matching(&s.id);
+        assert!(dirs.iter().all(|p| !p.to_string_lossy().contains(&frozen)), "{dirs:?}");
+        assert!(dirs.iter().any(|p| p.to_string_lossy().contains(&alive)), "{dirs:?}");
+    }
+    let log = std::fs::read_to_string(&cluster.agents[idx].log_path).unwrap();
+    assert!(log.contains("stopping every session (fencing)"), "the thawed agent fenced itself");
+}
