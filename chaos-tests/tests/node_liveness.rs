@@ -151,3 +151,29 @@ async fn a_frozen_agent_loses_its_sessions_and_stops_its_old_copies() {
     let log = std::fs::read_to_string(&cluster.agents[idx].log_path).unwrap();
     assert!(log.contains("stopping every session (fencing)"), "the thawed agent fenced itself");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cordoned_node_gets_no_new_sessions() {
+    require_facilities!();
+    let cluster = two_nodes().await;
+    let client = cluster.client().await;
+    let (a, b) = (cluster.agents[0].id.clone(), cluster.agents[1].id.clone());
+
+    let node = client.cordon_node(&a, true).await.unwrap();
+    assert_eq!(node.state, "cordoned");
+    assert_eq!(client.cordon_node(&a, true).await.unwrap().state, "cordoned", "cordoning twice is fine");
+    for i in 0..3 {
+        let s = create_running(&client, small_session(&format!("cordon{i}"))).await.unwrap();
+        assert_eq!(s.node_id, b, "nothing new lands on the cordoned node");
+    }
+    assert_eq!(client.cordon_node(&a, false).await.unwrap().state, "ready");
+    let s = create_running(&client, small_session("uncordoned")).await.unwrap();
+    assert_eq!(s.node_id, a, "spread placement prefers the emptier, uncordoned node");
+
+    // Bad input changes nothing.
+    let err = client.cordon_node("no-such-node", true).await.unwrap_err();
+    assert_eq!(err.code(), Some(tonic::Code::NotFound), "{err}");
+    let err = client.cordon_node("Bad Id!", true).await.unwrap_err();
+    assert_eq!(err.code(), Some(tonic::Code::InvalidArgument), "{err}");
+    assert_eq!(node_state(&client, &a).await, "ready");
+}

@@ -556,6 +556,20 @@ impl Client {
         Ok(resp.nodes)
     }
 
+    /// Stops new placements on a node (`cordoned = true`) or allows them again.
+    /// Sessions already on it keep running. Idempotent, so it is retried.
+    pub async fn cordon_node(&self, node_id: &str, cordoned: bool) -> Result<proto::Node, Error> {
+        let msg = proto::CordonNodeRequest { node_id: node_id.to_string(), cordoned };
+        self.control("cordon_node", RetryPolicy::Idempotent, self.inner.request_timeout, |ch, t| {
+            let msg = msg.clone();
+            async move { Ok(node_client(ch).cordon_node(with_timeout(msg, t)).await?.into_inner()) }
+        })
+        .instrument(tracing::debug_span!("cordon_node", node_id, cordoned))
+        .await?
+        .node
+        .ok_or_else(|| missing("node"))
+    }
+
     /// Status of every coordinator.
     pub async fn cluster_status(&self) -> Result<proto::ClusterStatusResponse, Error> {
         self.control("cluster_status", RetryPolicy::Idempotent, self.inner.request_timeout, |ch, t| async move {

@@ -162,6 +162,8 @@ pub enum Command {
     NodeDown { node_id: String, now_ms: i64 },
     /// A down node heartbeats again: it is ready for new placements.
     NodeUp { node_id: String, now_ms: i64 },
+    /// An operator stops (or resumes) new placements on a node.
+    CordonNode { node_id: String, cordoned: bool },
 }
 
 /// What applying a command produced.
@@ -484,6 +486,20 @@ impl ClusterState {
                 }
                 CommandResponse::Sessions(lost)
             }
+            Command::CordonNode { node_id, cordoned } => match self.nodes.get_mut(&node_id) {
+                None => CommandResponse::NotFound(node_id),
+                Some(n) if n.phase == NodePhase::Down => {
+                    CommandResponse::Rejected(format!("node {node_id} is down; cordon or uncordon it once it is back"))
+                }
+                Some(n) => {
+                    let phase = if cordoned { NodePhase::Cordoned } else { NodePhase::Ready };
+                    if n.phase != phase {
+                        n.phase = phase;
+                        touched.nodes.push(node_id);
+                    }
+                    CommandResponse::Ok
+                }
+            },
             Command::NodeUp { node_id, now_ms: _ } => match self.nodes.get_mut(&node_id) {
                 None => CommandResponse::Rejected(format!("node {node_id} is not registered")),
                 Some(n) if n.phase != NodePhase::Down => CommandResponse::Ok,

@@ -16,6 +16,16 @@ pub async fn node_list(ctx: &Ctx) -> anyhow::Result<i32> {
     Ok(0)
 }
 
+/// `node cordon|uncordon ID`: prints the node after the change.
+pub async fn node_cordon(ctx: &Ctx, id: &str, cordoned: bool) -> anyhow::Result<i32> {
+    let node = ctx.client.cordon_node(id, cordoned).await?;
+    match ctx.output {
+        OutputFormat::Json => print_json(&json::node_to_json(&node))?,
+        OutputFormat::Text => out(&nodes_table(std::slice::from_ref(&node)))?,
+    }
+    Ok(0)
+}
+
 /// `cluster status|init|add|remove`; each prints the resulting membership.
 pub async fn run(ctx: &Ctx, cmd: ClusterCmd) -> anyhow::Result<i32> {
     let status = match cmd {

@@ -262,6 +262,16 @@ pub enum NodeCmd {
     /// List node agents.
     #[command(alias = "ls")]
     List,
+    /// Stop placing new sessions on a node (running sessions stay).
+    Cordon {
+        /// Node id.
+        id: String,
+    },
+    /// Allow new sessions on a cordoned node again.
+    Uncordon {
+        /// Node id.
+        id: String,
+    },
 }
 
 /// `sandfleet cluster ...`.
@@ -360,6 +370,8 @@ pub async fn run(cli: Cli) -> anyhow::Result<i32> {
         Command::Run(args) => exec::run(&ctx, args).await,
         Command::Session(cmd) => session::run(&ctx, cmd).await,
         Command::Node(NodeCmd::List) => cluster::node_list(&ctx).await,
+        Command::Node(NodeCmd::Cordon { id }) => cluster::node_cordon(&ctx, &id, true).await,
+        Command::Node(NodeCmd::Uncordon { id }) => cluster::node_cordon(&ctx, &id, false).await,
         Command::Cluster(cmd) => cluster::run(&ctx, cmd).await,
         Command::Dev(_) => unreachable!("handled above"),
     }

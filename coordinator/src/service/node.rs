@@ -1,11 +1,14 @@
-//! NodeService: node listing for operators.
+//! NodeService: node listing and cordoning for operators.
 
 use std::sync::Arc;
 
 use sandfleet_proto::v1::{self as pb, node_service_server::NodeService};
 use tonic::{Request, Response, Status};
 
+use sandfleet_common::ids;
+
 use crate::core::Core;
+use crate::state::{ClusterState, Command, CommandResponse, NodeRecord};
 
 /// The NodeService implementation.
 pub struct NodeApi {
@@ -23,33 +26,47 @@ impl NodeService for NodeApi {
     #[tracing::instrument(skip_all)]
     async fn list_nodes(&self, _req: Request<pb::ListNodesRequest>) -> Result<Response<pb::ListNodesResponse>, Status> {
         let seen = self.core.heartbeats.lock().unwrap_or_else(|p| p.into_inner()).clone();
-        let nodes = self.core.state.read(|st| {
-            st.nodes
-                .values()
-                .map(|n| {
-                    let used = st.allocated_on(&n.id);
-                    pb::Node {
-                        id: n.id.clone(),
-                        address: n.address.clone(),
-                        capacity: Some(pb::NodeCapacity {
-                            cpu_millis: n.capacity.cpu_millis as u32,
-                            memory_bytes: n.capacity.memory_bytes,
-                            session_slots: n.capacity.slots as u32,
-                        }),
-                        allocated: Some(pb::NodeCapacity {
-                            cpu_millis: used.cpu_millis as u32,
-                            memory_bytes: used.memory_bytes,
-                            session_slots: used.slots as u32,
-                        }),
-                        labels: n.labels.clone().into_iter().collect(),
-                        state: n.phase.as_str().to_string(),
-                        last_heartbeat_ms: seen.get(&n.id).copied().unwrap_or(0),
-                        session_count: st.node_sessions.get(&n.id).map(|s| s.len() as u32).unwrap_or(0),
-                        runtimes: n.runtimes.clone(),
-                    }
-                })
-                .collect()
-        });
+        let nodes = self.core.state.read(|st| st.nodes.values().map(|n| node_to_proto(st, n, &seen)).collect());
         Ok(Response::new(pb::ListNodesResponse { nodes }))
+    }
+
+    #[tracing::instrument(skip_all, fields(node = %req.get_ref().node_id, cordoned = req.get_ref().cordoned))]
+    async fn cordon_node(&self, req: Request<pb::CordonNodeRequest>) -> Result<Response<pb::CordonNodeResponse>, Status> {
+        let req = req.into_inner();
+        ids::validate_node_id(&req.node_id)?;
+        match self.core.propose(Command::CordonNode { node_id: req.node_id.clone(), cordoned: req.cordoned }).await? {
+            CommandResponse::Ok => {}
+            CommandResponse::NotFound(id) => return Err(Status::not_found(format!("node {id} is not registered"))),
+            CommandResponse::Rejected(why) => return Err(Status::failed_precondition(why)),
+            other => return Err(Status::internal(format!("unexpected apply result {other:?}"))),
+        }
+        self.core.wake.notify_one();
+        tracing::info!(node = %req.node_id, cordoned = req.cordoned, "node cordon changed");
+        let seen = self.core.heartbeats.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        let node = self.core.state.read(|st| st.nodes.get(&req.node_id).map(|n| node_to_proto(st, n, &seen)));
+        Ok(Response::new(pb::CordonNodeResponse { node }))
+    }
+}
+
+fn node_to_proto(st: &ClusterState, n: &NodeRecord, seen: &std::collections::HashMap<String, i64>) -> pb::Node {
+    let used = st.allocated_on(&n.id);
+    pb::Node {
+        id: n.id.clone(),
+        address: n.address.clone(),
+        capacity: Some(pb::NodeCapacity {
+            cpu_millis: n.capacity.cpu_millis as u32,
+            memory_bytes: n.capacity.memory_bytes,
+            session_slots: n.capacity.slots as u32,
+        }),
+        allocated: Some(pb::NodeCapacity {
+            cpu_millis: used.cpu_millis as u32,
+            memory_bytes: used.memory_bytes,
+            session_slots: used.slots as u32,
+        }),
+        labels: n.labels.clone().into_iter().collect(),
+        state: n.phase.as_str().to_string(),
+        last_heartbeat_ms: seen.get(&n.id).copied().unwrap_or(0),
+        session_count: st.node_sessions.get(&n.id).map(|s| s.len() as u32).unwrap_or(0),
+        runtimes: n.runtimes.clone(),
     }
 }
