@@ -294,9 +294,17 @@ async fn member_that_missed_a_compaction_catches_up_through_a_snapshot() {
         let s = client.create_session(tiny(&rid)).await.unwrap();
         ledger.acked.insert(rid, s.id);
     }
-    let status = cluster.status().await.unwrap();
-    let purged = status.members.iter().filter(|m| m.id != lagging_id).map(|m| m.purged_index).min().unwrap();
-    assert!(purged > last_seen, "the survivors purged their logs up to {purged}, past {last_seen}");
+    // Snapshots are built and logs purged in the background: wait for both survivors.
+    let until = Instant::now() + Duration::from_secs(30);
+    let purged = loop {
+        let status = cluster.status().await.unwrap();
+        let purged = status.members.iter().filter(|m| m.id != lagging_id).map(|m| m.purged_index).min().unwrap();
+        if purged > last_seen {
+            break purged;
+        }
+        assert!(Instant::now() < until, "the survivors purged their logs only up to {purged}, not past {last_seen}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
 
     cluster.restart(Target::Coordinator(lagging)).await.unwrap();
     let converged = cluster.wait_converged(CONVERGE).await.unwrap();
