@@ -209,12 +209,30 @@ impl AgentState {
             Ok(()) => LocalPhase::Ready,
             Err(e) => LocalPhase::Failed(e.to_string()),
         };
-        {
+        let removed = {
             let mut sessions = self.sessions.lock().unwrap_or_else(|p| p.into_inner());
             match sessions.get_mut(&a.session_id) {
-                Some(local) if local.generation == a.generation => local.phase = phase.clone(),
-                _ => return, // superseded or removed while preparing
+                Some(local) if local.generation == a.generation => {
+                    local.phase = phase.clone();
+                    false
+                }
+                Some(_) => return, // superseded by a newer generation, which has its own start
+                None => true,
             }
+        };
+        if removed {
+            // Unassigned (or fenced) while preparing: the reconcile that dropped it
+            // found nothing to destroy yet, so undo the prepare here. Under the
+            // reconcile lock, so a newer assignment cannot slip in between.
+            let _guard = self.reconcile_lock.lock().await;
+            let reassigned = self.sessions.lock().unwrap_or_else(|p| p.into_inner()).contains_key(&a.session_id);
+            if !reassigned {
+                match self.runtime.destroy(&a.session_id).await {
+                    Ok(()) => tracing::info!("session removed while it was being prepared; cleaned up"),
+                    Err(e) => tracing::warn!(error = %e, "failed to clean up a session removed while preparing"),
+                }
+            }
+            return;
         }
         let (state, message) = match result {
             Ok(()) => {

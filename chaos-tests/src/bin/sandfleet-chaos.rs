@@ -11,7 +11,16 @@
 //! id may have produced two sessions, no session may appear that nobody
 //! asked for, and acknowledged deletes must be TERMINATED. A violation exits
 //! with status 1; rerun with the printed seed to replay the same operation
-//! sequence per worker. (Faults — kills, restarts, partitions — come later.)
+//! sequence per worker and the same fault schedule.
+//!
+//! With `--faults`, a nemesis injects one fault every `--fault-interval`,
+//! chosen by the seed: SIGKILL of the leader, a follower or an agent (restarted
+//! a few seconds later), or SIGSTOP of an agent or the leader (SIGCONT later).
+//! After the workload the faults are healed and the runner also checks that
+//! every coordinator converged to the same state digest, that every live
+//! acknowledged session is RUNNING again, and that no session has a copy
+//! (cgroups) on any node other than the one it is placed on.
+//! Not yet: network partitions and a linearizability checker.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::process::ExitCode;
@@ -53,9 +62,135 @@ struct Args {
     /// Extra arguments for every agent (repeat, e.g. --agent-arg=--slots --agent-arg=16).
     #[arg(long = "agent-arg", allow_hyphen_values = true)]
     agent_args: Vec<String>,
+    /// Extra arguments for every coordinator (repeat). Without any, the runner
+    /// uses a 500ms agent heartbeat and a 3s node TTL so faults heal quickly.
+    #[arg(long = "coordinator-arg", allow_hyphen_values = true)]
+    coordinator_args: Vec<String>,
+    /// Inject faults (kills and freezes of coordinators and agents) during the workload.
+    #[arg(long)]
+    faults: bool,
+    /// Time between two faults.
+    #[arg(long, default_value = "6s", value_parser = humantime::parse_duration)]
+    fault_interval: Duration,
     /// Keep the cluster directory (logs, data) even when everything passes.
     #[arg(long)]
     keep: bool,
+}
+
+/// One fault of the schedule.
+#[derive(Debug, Clone, Copy)]
+enum Fault {
+    KillLeader,
+    KillFollower,
+    KillAgent,
+    FreezeAgent,
+    FreezeLeader,
+}
+
+/// Injects the seeded fault schedule until `until`, healing each fault before
+/// the next; returns the schedule as it happened.
+async fn nemesis(cluster: &mut sandfleet_chaos::Cluster, seed: u64, interval: Duration, until: Instant) -> Vec<String> {
+    use nix::sys::signal::Signal;
+    use sandfleet_chaos::Target;
+    let mut rng = StdRng::seed_from_u64(seed ^ 0x6E65_6D65_7369_73);
+    let start = Instant::now();
+    let mut log = Vec::new();
+    let note = |log: &mut Vec<String>, what: String| {
+        let line = format!("t+{:>6.1}s {what}", start.elapsed().as_secs_f64());
+        println!("sandfleet-chaos: fault {line}");
+        log.push(line);
+    };
+    tokio::time::sleep(interval / 2).await;
+    while Instant::now() + interval < until {
+        let choices: &[Fault] = if cluster.coordinators.len() >= 3 {
+            &[Fault::KillLeader, Fault::KillFollower, Fault::KillAgent, Fault::FreezeAgent, Fault::FreezeLeader]
+        } else {
+            &[Fault::KillAgent, Fault::FreezeAgent]
+        };
+        let fault = choices[rng.random_range(0..choices.len())];
+        let down_for = Duration::from_millis(rng.random_range(1500..4500));
+        let leader = match cluster.status().await {
+            Ok(s) => cluster.coordinator_index(s.leader_id),
+            Err(_) => None,
+        };
+        let target = match fault {
+            Fault::KillLeader | Fault::FreezeLeader => leader.map(Target::Coordinator),
+            Fault::KillFollower => {
+                let followers: Vec<usize> = (0..cluster.coordinators.len()).filter(|i| Some(*i) != leader).collect();
+                (!followers.is_empty()).then(|| Target::Coordinator(followers[rng.random_range(0..followers.len())]))
+            }
+            Fault::KillAgent | Fault::FreezeAgent => Some(Target::Agent(rng.random_range(0..cluster.agents.len()))),
+        };
+        let Some(target) = target else {
+            note(&mut log, format!("{fault:?}: no target (no leader known); skipped"));
+            tokio::time::sleep(interval).await;
+            continue;
+        };
+        let name = cluster.proc(target).name.clone();
+        match fault {
+            Fault::KillLeader | Fault::KillFollower | Fault::KillAgent => {
+                let r = cluster.kill(target).await;
+                note(&mut log, format!("{fault:?}: SIGKILL {name} ({r:?}), restart in {down_for:.1?}"));
+                tokio::time::sleep(down_for).await;
+                let r = cluster.restart(target).await;
+                note(&mut log, format!("restart {name}: {}", if r.is_ok() { "ok".to_string() } else { format!("{r:?}") }));
+            }
+            Fault::FreezeAgent | Fault::FreezeLeader => {
+                let r = cluster.proc(target).signal(Signal::SIGSTOP);
+                note(&mut log, format!("{fault:?}: SIGSTOP {name} ({r:?}) for {down_for:.1?}"));
+                tokio::time::sleep(down_for).await;
+                let r = cluster.proc(target).signal(Signal::SIGCONT);
+                note(&mut log, format!("SIGCONT {name} ({r:?})"));
+            }
+        }
+        tokio::time::sleep(interval.saturating_sub(down_for)).await;
+    }
+    log
+}
+
+/// After the faults: all coordinators agree, live sessions run again, and no
+/// session has a copy on a node it is not placed on.
+async fn verify_after_faults(cluster: &mut sandfleet_chaos::Cluster, client: &Client, run: &str, ledger: &Ledger) -> Vec<String> {
+    let mut violations = Vec::new();
+    if let Err(e) = cluster.wait_converged(Duration::from_secs(60)).await {
+        violations.push(format!("coordinators did not converge to one state digest: {e:#}"));
+    }
+    let live: Vec<&String> = ledger.acked.values().filter(|sid| !ledger.deleted.contains(*sid)).collect();
+    for sid in &live {
+        if let Err(e) = client.wait_running(sid, Duration::from_secs(60)).await {
+            violations.push(format!("live session {sid} is not RUNNING again after the faults: {e}"));
+        }
+    }
+    // Give agents one fencing window to stop superseded copies, then look.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let nodes: Vec<String> = cluster.agents.iter().map(|a| a.id.clone()).collect();
+    let Ok(sessions) = list_all_sessions(client, &[(RUN_LABEL, run)], &[]).await else {
+        violations.push("cannot list sessions after the faults".into());
+        return violations;
+    };
+    for s in &sessions {
+        let dirs = sandfleet_chaos::host::cgroup_dirs_matching(&s.id);
+        let copies: BTreeSet<&String> =
+            nodes.iter().filter(|n| dirs.iter().any(|d| d.to_string_lossy().contains(n.as_str()))).collect();
+        let running = state_of(s) == proto::SessionState::Running;
+        let ok = if running {
+            copies.len() == 1 && copies.contains(&s.node_id)
+        } else if s.state == proto::SessionState::Terminated as i32 || s.state == proto::SessionState::Failed as i32 {
+            copies.is_empty()
+        } else {
+            copies.len() <= 1
+        };
+        if !ok {
+            violations.push(format!(
+                "session {} ({:?} on {:?}, generation {}) has copies on {copies:?}",
+                s.id,
+                state_of(s),
+                s.node_id,
+                s.generation
+            ));
+        }
+    }
+    violations
 }
 
 #[derive(Debug, Default)]
@@ -123,11 +258,17 @@ async fn worker(
                     l.op("create", true);
                     match resp.session {
                         Some(s) => {
-                            if resp.existing {
+                            // existing=true on a fresh request id means the SDK retried
+                            // after an attempt that committed but whose answer was lost
+                            // (a fault): correct, as long as it is this request's session.
+                            if s.request_id != rid {
                                 l.violations.push(format!(
-                                    "create {rid}: a fresh request id answered existing=true ({})",
-                                    s.id
+                                    "create {rid}: answered with session {} of request id {:?}",
+                                    s.id, s.request_id
                                 ));
+                            }
+                            if resp.existing {
+                                l.op("create-retried-by-sdk", true);
                             }
                             l.acked.insert(rid.clone(), s.id.clone());
                             live.push(s.id.clone());
@@ -300,10 +441,16 @@ async fn main() -> ExitCode {
 }
 
 async fn run(args: &Args, seed: u64) -> Result<bool> {
+    let coordinator_args = if args.coordinator_args.is_empty() {
+        vec!["--agent-heartbeat".to_string(), "500ms".into(), "--node-ttl".into(), "3s".into()]
+    } else {
+        args.coordinator_args.clone()
+    };
     let mut cluster = ClusterBuilder::new()
         .coordinators(args.coordinators)
         .agents(args.agents)
         .agent_args(args.agent_args.clone())
+        .coordinator_args(coordinator_args)
         .start()
         .await?;
     println!(
@@ -329,6 +476,11 @@ async fn run(args: &Args, seed: u64) -> Result<bool> {
             args.max_live.max(1),
         )));
     }
+    let schedule = if args.faults {
+        nemesis(&mut cluster, seed, args.fault_interval, until).await
+    } else {
+        Vec::new()
+    };
     for t in tasks {
         t.await?;
     }
@@ -340,6 +492,10 @@ async fn run(args: &Args, seed: u64) -> Result<bool> {
         .unwrap();
     let found = verify(&client, &run, &ledger).await?;
     ledger.violations.extend(found);
+    if args.faults {
+        let found = verify_after_faults(&mut cluster, &client, &run, &ledger).await;
+        ledger.violations.extend(found);
+    }
 
     println!("sandfleet-chaos: summary (seed {seed}, {elapsed:.1?})");
     for (op, n) in &ledger.ops {
@@ -349,10 +505,11 @@ async fn run(args: &Args, seed: u64) -> Result<bool> {
         );
     }
     println!(
-        "  acknowledged creates {}, ambiguous creates {}, acknowledged deletes {}",
+        "  acknowledged creates {}, ambiguous creates {}, acknowledged deletes {}, faults {}",
         ledger.acked.len(),
         ledger.ambiguous.len(),
-        ledger.deleted.len()
+        ledger.deleted.len(),
+        schedule.iter().filter(|l| l.contains("SIGKILL") || l.contains("SIGSTOP")).count()
     );
     if ledger.violations.is_empty() {
         println!("sandfleet-chaos: OK, no violations");
@@ -368,6 +525,12 @@ async fn run(args: &Args, seed: u64) -> Result<bool> {
         println!("sandfleet-chaos: {} VIOLATION(S):", ledger.violations.len());
         for v in &ledger.violations {
             println!("  - {v}");
+        }
+        if !schedule.is_empty() {
+            println!("sandfleet-chaos: fault schedule (seed {seed}):");
+            for line in &schedule {
+                println!("  {line}");
+            }
         }
         let dir = cluster.keep_dir();
         cluster.print_logs(40);

@@ -322,6 +322,14 @@ impl AnyCgroupManager {
         Ok(())
     }
 
+    /// Sets only `pids.max` on `rel`.
+    pub fn set_pids_max(&self, rel: &str, max: u64) -> io::Result<()> {
+        match self {
+            Self::V1(m) => write_file(&m.pids.join(rel).join("pids.max"), &max.to_string()),
+            Self::V2(m) => write_file(&m.root.join(rel).join("pids.max"), &max.to_string()),
+        }
+    }
+
     /// The `cgroup.procs` files a process writes "0" to in order to join `rel`.
     pub fn procs_files(&self, rel: &str) -> Vec<PathBuf> {
         self.bases().iter().map(|b| b.join(rel).join("cgroup.procs")).collect()

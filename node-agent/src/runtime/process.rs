@@ -98,6 +98,17 @@ impl ProcessRuntimeConfig {
     }
 }
 
+/// Extra pids.max on the session cgroup, above `pids_limit`.
+///
+/// Measured on this kernel (6.18, cgroup v1): the pids charge of a process that
+/// ran in a pid namespace (bwrap --unshare-pid) is released some seconds after
+/// the process was reaped, even once its cgroup is removed. Back-to-back execs
+/// of `true` accumulated 40 such charges in the session cgroup with no task
+/// left, and at pids_limit 64 the 65th quick exec could not fork. The per-exec
+/// leaf keeps the exact `pids_limit` (a fork bomb in one exec stops there); the
+/// session level only absorbs the lingering charges.
+const PIDS_TEARDOWN_HEADROOM: u32 = 512;
+
 /// What is persisted of a session's spec besides its generation.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 struct StoredSpec {
@@ -109,8 +120,14 @@ struct StoredSpec {
 }
 
 impl StoredSpec {
+    /// The session cgroup's limits. Its pids.max has [`PIDS_TEARDOWN_HEADROOM`]
+    /// on top of `pids_limit`; each exec's leaf gets `pids_limit` itself.
     fn limits(&self) -> Limits {
-        Limits { memory_bytes: self.memory_bytes, cpu_millis: self.cpu_millis, pids_limit: self.pids_limit }
+        Limits {
+            memory_bytes: self.memory_bytes,
+            cpu_millis: self.cpu_millis,
+            pids_limit: self.pids_limit.saturating_add(PIDS_TEARDOWN_HEADROOM),
+        }
     }
 
     fn defaults() -> Self {
@@ -855,6 +872,10 @@ impl Runtime for ProcessRuntime {
         let n = s.exec_seq.fetch_add(1, Ordering::SeqCst);
         let leaf = format!("{}/exec-{n}", s.cgroup);
         cg.create(&leaf).map_err(|e| io_ctx("creating the exec cgroup", e))?;
+        if let Err(e) = cg.set_pids_max(&leaf, u64::from(stored.pids_limit)) {
+            // Without it the session-level limit (with its headroom) still holds.
+            warn!(error = %e, cgroup = %leaf, "could not set the exec's pids limit");
+        }
         // If this future is dropped mid-exec (the caller went away), kill_on_drop
         // kills bwrap and the guard removes the leaf in the background.
         let mut leaf_guard = LeafGuard { cg: cg.clone(), leaf: leaf.clone(), armed: true };
