@@ -237,6 +237,7 @@ async fn worker(
     ledger: Shared,
     until: Instant,
     max_live: usize,
+    faults: bool,
 ) {
     let mut rng = StdRng::seed_from_u64(seed ^ (id as u64 + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15));
     let mut live: Vec<String> = Vec::new();
@@ -318,6 +319,9 @@ async fn worker(
             let mut l = ledger.lock().unwrap();
             l.op("exec", result.is_ok());
             match result {
+                // Under faults a session's copy can be stopped mid-exec (its node was
+                // declared down, or the agent fenced itself): the exec dies with SIGKILL.
+                Ok(out) if faults && out.exit.signal == 9 => l.op("exec-killed-by-fault", true),
                 Ok(out) => {
                     let text = String::from_utf8_lossy(&out.stdout).into_owned();
                     if out.exit.exit_code != 0 || text != format!("{token}\n") {
@@ -474,6 +478,7 @@ async fn run(args: &Args, seed: u64) -> Result<bool> {
             ledger.clone(),
             until,
             args.max_live.max(1),
+            args.faults,
         )));
     }
     let schedule = if args.faults {
