@@ -9,7 +9,8 @@
 //! HTTP/2 connection, as the SDK does.
 //!
 //! Sessions need a node that fits them; the benchmark registers one large
-//! node through `AgentService.RegisterNode` with no agent behind it. Nothing
+//! node through `AgentService.RegisterNode` with no agent behind it (and runs
+//! the coordinators with `--node-ttl 1h` so that node stays ready). Nothing
 //! runs the sessions: this measures the control plane's commit path only.
 
 use std::collections::BTreeMap;
@@ -51,6 +52,18 @@ pub struct Load {
 impl Load {
     pub fn throughput(&self) -> f64 {
         self.ops as f64 / self.elapsed.as_secs_f64().max(1e-9)
+    }
+
+    /// One progress line on stderr.
+    fn print(&self, system: &str, what: &str) {
+        eprintln!(
+            "  {system:<9} {:>2} clients: {:>8.0} {what}/s, p50 {:.2} ms, p99 {:.2} ms, {} errors",
+            self.clients,
+            self.throughput(),
+            ms(percentile(&self.latencies, 50.0)),
+            ms(percentile(&self.latencies, 99.0)),
+            self.errors
+        );
     }
 }
 
@@ -117,7 +130,16 @@ pub async fn run(settings: &Settings) -> Result<Report> {
 
 async fn sandfleet_side(settings: &Settings) -> Result<(Vec<Load>, Vec<Duration>)> {
     let child_log = std::env::var("SANDFLEET_CHILD_LOG").unwrap_or_else(|_| "warn".to_string());
-    let mut cluster = ClusterBuilder::new().coordinators(3).agents(0).env("RUST_LOG", child_log).start().await?;
+    // The benchmark's node has no agent behind it, so it never heartbeats: a
+    // one-hour node TTL keeps it ready (with the default 5 s it would be
+    // declared down mid-run and creates would turn into PENDING sessions).
+    let mut cluster = ClusterBuilder::new()
+        .coordinators(3)
+        .agents(0)
+        .coordinator_args(["--node-ttl", "1h"])
+        .env("RUST_LOG", child_log)
+        .start()
+        .await?;
     let status = cluster.wait_converged(Duration::from_secs(60)).await?;
     let leader = status
         .members
@@ -150,13 +172,7 @@ async fn sandfleet_side(settings: &Settings) -> Result<(Vec<Load>, Vec<Duration>
             }
         };
         let load = drive(n, settings.duration, op).await;
-        eprintln!(
-            "  sandfleet, {n:>2} clients: {:>8.0} creates/s, p50 {:.2} ms, p99 {:.2} ms, {} errors",
-            load.throughput(),
-            ms(percentile(&load.latencies, 50.0)),
-            ms(percentile(&load.latencies, 99.0)),
-            load.errors
-        );
+        load.print("sandfleet", "creates");
         loads.push(load);
     }
 
@@ -364,13 +380,7 @@ async fn etcd_side(settings: &Settings, value_bytes: usize) -> Result<(Vec<Load>
             }
         };
         let load = drive(n, settings.duration, op).await;
-        eprintln!(
-            "  etcd,      {n:>2} clients: {:>8.0} puts/s,    p50 {:.2} ms, p99 {:.2} ms, {} errors",
-            load.throughput(),
-            ms(percentile(&load.latencies, 50.0)),
-            ms(percentile(&load.latencies, 99.0)),
-            load.errors
-        );
+        load.print("etcd", "puts");
         loads.push(load);
     }
 
@@ -487,7 +497,7 @@ pub fn render(r: &Report, settings: &Settings, section: &str, machine: &[(String
          `etcd` members ({}) on loopback on this machine, in the same run, fsync on, heartbeat 100 ms, election \
          timeout 1 s. Each load point runs {} s after a 1 s warm-up; clients share one HTTP/2 connection to the leader. \
          Ours: `CreateSession` through the SDK (a Raft entry of {} B). etcd: `KV.Put` of a {} B value. No agent runs \
-         the sessions (a registered node with no agent): this is the commit path only.\n",
+         the sessions (a registered node with no agent, coordinators at `--node-ttl 1h`): this is the commit path only.\n",
         settings.duration.as_secs(),
         settings.kills,
         r.etcd_version,

@@ -634,36 +634,10 @@ impl ClusterBuilder {
 
     async fn start_into(&self, cluster: &mut Cluster) -> Result<()> {
         let dir = cluster.tmp.path().to_path_buf();
-        let (coordinator_bin, agent_bin) = self.binaries();
+        let (_, agent_bin) = self.binaries();
 
         for i in 0..self.coordinators {
-            let id = (i + 1).to_string();
-            let data_dir = dir.join(format!("coordinator-{id}"));
-            std::fs::create_dir_all(&data_dir)?;
-            let mut args: Vec<String> = vec![
-                "--id".into(),
-                id.clone(),
-                "--listen".into(),
-                "127.0.0.1:0".into(),
-                "--data-dir".into(),
-                data_dir.display().to_string(),
-            ];
-            if i == 0 && self.bootstrap {
-                args.push("--bootstrap".into());
-            }
-            args.extend(self.coordinator_args.iter().cloned());
-            let mut p = Proc::new(
-                Role::Coordinator,
-                id,
-                coordinator_bin.clone(),
-                args,
-                data_dir,
-                &dir,
-                self.env.clone(),
-            );
-            let started = p.launch(self.ready_timeout).await;
-            cluster.coordinators.push(p);
-            started?;
+            cluster.launch_coordinator(i == 0 && self.bootstrap).await?;
         }
         if !self.bootstrap {
             anyhow::ensure!(self.agents == 0, "agents need an initialized cluster; start them after InitCluster");
@@ -999,6 +973,13 @@ impl Cluster {
     /// coordinator arguments and no `--bootstrap`. It is not a member until
     /// someone calls `AddMember`. Returns its index in `coordinators`.
     pub async fn spawn_coordinator(&mut self) -> Result<usize> {
+        self.launch_coordinator(false).await
+    }
+
+    /// Starts coordinator `coordinators.len() + 1` (optionally with
+    /// `--bootstrap`) and waits for its ready line; the process is kept even
+    /// when it fails to start, so its log is printed.
+    async fn launch_coordinator(&mut self, bootstrap: bool) -> Result<usize> {
         let index = self.coordinators.len();
         let id = (index + 1).to_string();
         let dir = self.tmp.path().to_path_buf();
@@ -1012,6 +993,9 @@ impl Cluster {
             "--data-dir".into(),
             data_dir.display().to_string(),
         ];
+        if bootstrap {
+            args.push("--bootstrap".into());
+        }
         args.extend(self.coordinator_args.iter().cloned());
         let mut p = Proc::new(
             Role::Coordinator,

@@ -159,6 +159,12 @@ async fn remove_when_led(client: &Client, id: u64) -> proto::ClusterStatusRespon
     }
 }
 
+/// (session id, request id) of every session.
+async fn session_keys(client: &Client) -> BTreeSet<(String, String)> {
+    let all = client.list_all_sessions(proto::ListSessionsRequest::default()).await.unwrap();
+    all.into_iter().map(|s| (s.id, s.request_id)).collect()
+}
+
 fn voters(s: &proto::ClusterStatusResponse) -> BTreeSet<u64> {
     s.members.iter().filter(|m| m.voter).map(|m| m.id).collect()
 }
@@ -399,13 +405,7 @@ async fn whole_cluster_restores_from_one_members_data_dir() {
         ledger.acked.insert(rid, s.id);
     }
     cluster.wait_converged(CONVERGE).await.unwrap();
-    let before: BTreeSet<(String, String)> = client
-        .list_all_sessions(proto::ListSessionsRequest::default())
-        .await
-        .unwrap()
-        .into_iter()
-        .map(|s| (s.id, s.request_id))
-        .collect();
+    let before = session_keys(&client).await;
 
     // Lose the whole cluster; keep member 1's data dir as the backup.
     for i in 0..3 {
@@ -417,13 +417,7 @@ async fn whole_cluster_restores_from_one_members_data_dir() {
     let restored = cluster.wait_converged(CONVERGE).await.unwrap();
     assert_eq!(member_ids(&restored), BTreeSet::from([1]), "a new one-member cluster");
     let only = Client::connect([cluster.coordinators[0].addr.clone()]).await.unwrap();
-    let after: BTreeSet<(String, String)> = only
-        .list_all_sessions(proto::ListSessionsRequest::default())
-        .await
-        .unwrap()
-        .into_iter()
-        .map(|s| (s.id, s.request_id))
-        .collect();
+    let after = session_keys(&only).await;
     // The agent keeps running and reporting, so compare content, not the digest.
     assert_eq!(after, before, "every session came back");
     check_no_loss_no_dup(&only, &ledger, "restore").await;
