@@ -55,7 +55,7 @@ impl Load {
     }
 
     /// One progress line on stderr.
-    fn print(&self, system: &str, what: &str) {
+    pub(crate) fn print(&self, system: &str, what: &str) {
         eprintln!(
             "  {system:<9} {:>2} clients: {:>8.0} {what}/s, p50 {:.2} ms, p99 {:.2} ms, {} errors",
             self.clients,
@@ -78,7 +78,7 @@ pub struct Report {
     pub etcd_version: String,
 }
 
-fn spec(rid: String) -> CreateSession {
+pub(crate) fn spec(rid: String) -> CreateSession {
     CreateSession::new()
         .request_id(rid)
         .memory_bytes(16 << 20)
@@ -100,6 +100,11 @@ fn entry_bytes() -> usize {
             env: Default::default(),
             labels: Default::default(),
             ttl_seconds: 3600,
+            node_selector: Default::default(),
+            idle_timeout_seconds: 0,
+            lost_after_ms: 0,
+            max_attempts: 0,
+            backoff_ms: 0,
         },
         phase: SessionPhase::Pending,
         node_id: Some("bench-node".into()),
@@ -110,6 +115,10 @@ fn entry_bytes() -> usize {
         updated_at_ms: 1_790_000_000_000,
         pending_reason: "starting on its node".into(),
         message: String::new(),
+        restarts: 0,
+        not_before_ms: 0,
+        moved_from: None,
+        renewed_at_ms: 0,
     };
     serde_json::to_vec(&Cmd::CreateSession { session: record }).map(|v| v.len()).unwrap_or(512)
 }
@@ -205,7 +214,7 @@ async fn sandfleet_side(settings: &Settings) -> Result<(Vec<Load>, Vec<Duration>
     Ok((loads, failovers))
 }
 
-async fn register_paper_node(addr: &str) -> Result<()> {
+pub(crate) async fn register_paper_node(addr: &str) -> Result<()> {
     let mut api = pb::agent_service_client::AgentServiceClient::new(channel(addr)?);
     let mut req = tonic::Request::new(pb::RegisterNodeRequest {
         node_id: "bench-node".into(),
@@ -424,7 +433,7 @@ async fn etcd_side(settings: &Settings, value_bytes: usize) -> Result<(Vec<Load>
 
 /// Runs `clients` loops of `op` for `duration` (after a one-second warm-up
 /// whose operations are not counted) and collects latencies.
-async fn drive<F, Fut>(clients: usize, duration: Duration, op: F) -> Load
+pub(crate) async fn drive<F, Fut>(clients: usize, duration: Duration, op: F) -> Load
 where
     F: Fn() -> Fut + Clone + Send + 'static,
     Fut: std::future::Future<Output = Result<()>> + Send,

@@ -556,6 +556,21 @@ impl Client {
         Ok(resp.nodes)
     }
 
+    /// Starts draining a node: no new placements, and its sessions move to
+    /// other nodes, `max_parallel` at a time; after `deadline` the rest move
+    /// at once. Follow progress in [`list_nodes`](Self::list_nodes)' `drain`.
+    pub async fn drain_node(&self, node_id: &str, deadline: Duration, max_parallel: u32) -> Result<proto::Node, Error> {
+        let msg = proto::DrainNodeRequest { node_id: node_id.to_string(), deadline_seconds: ceil_secs(deadline).max(1), max_parallel };
+        self.control("drain_node", RetryPolicy::Idempotent, self.inner.request_timeout, |ch, t| {
+            let msg = msg.clone();
+            async move { Ok(node_client(ch).drain_node(with_timeout(msg, t)).await?.into_inner()) }
+        })
+        .instrument(tracing::debug_span!("drain_node", node_id, max_parallel))
+        .await?
+        .node
+        .ok_or_else(|| missing("node"))
+    }
+
     /// Stops new placements on a node (`cordoned = true`) or allows them again.
     /// Sessions already on it keep running. Idempotent, so it is retried.
     pub async fn cordon_node(&self, node_id: &str, cordoned: bool) -> Result<proto::Node, Error> {

@@ -19,6 +19,13 @@ pub fn spec_to_json(spec: &proto::SessionSpec) -> Value {
         "env": spec.env,
         "labels": spec.labels,
         "ttl_seconds": spec.ttl_seconds,
+        "node_selector": spec.node_selector,
+        "idle_timeout_seconds": spec.idle_timeout_seconds,
+        "restart_policy": spec.restart_policy.as_ref().map(|p| json!({
+            "lost_after_ms": p.lost_after_ms,
+            "max_attempts": p.max_attempts,
+            "backoff_ms": p.backoff_ms,
+        })),
     })
 }
 
@@ -37,6 +44,8 @@ pub fn session_to_json(s: &proto::Session) -> Value {
         "expires_at_ms": s.expires_at_ms,
         "pending_reason": s.pending_reason,
         "message": s.message,
+        "restarts": s.restarts,
+        "not_before_ms": s.not_before_ms,
         "token": s.token,
     })
 }
@@ -58,6 +67,13 @@ pub fn node_to_json(n: &proto::Node) -> Value {
         "last_heartbeat_ms": n.last_heartbeat_ms,
         "session_count": n.session_count,
         "runtimes": n.runtimes,
+        "drain": n.drain.as_ref().map(|d| json!({
+            "started_at_ms": d.started_at_ms,
+            "deadline_ms": d.deadline_ms,
+            "max_parallel": d.max_parallel,
+            "remaining": d.remaining,
+            "moving": d.moving,
+        })),
     })
 }
 

@@ -72,6 +72,40 @@ impl CreateSession {
         self
     }
 
+    /// Requires a node label (repeatable): only nodes carrying every selected
+    /// label can run the session.
+    pub fn node_selector(mut self, key: impl Into<String>, value: impl Into<String>) -> Self {
+        self.spec.node_selector.insert(key.into(), value.into());
+        self
+    }
+
+    /// Ends the session after this long without exec or file calls (whole
+    /// seconds, rounded up).
+    pub fn idle_timeout(mut self, idle: Duration) -> Self {
+        self.spec.idle_timeout_seconds = ceil_secs(idle);
+        self
+    }
+
+    /// How long the session's node may be silent before the session is
+    /// declared LOST and placed elsewhere (default: the cluster's node TTL).
+    pub fn lost_after(mut self, d: Duration) -> Self {
+        self.spec.restart_policy.get_or_insert_with(Default::default).lost_after_ms = d.as_millis() as u64;
+        self
+    }
+
+    /// How many times the session may be placed again after losing its node
+    /// (0: without limit).
+    pub fn max_attempts(mut self, n: u32) -> Self {
+        self.spec.restart_policy.get_or_insert_with(Default::default).max_attempts = n;
+        self
+    }
+
+    /// Delay before the first placement after a loss; it doubles per loss, up to 60 s.
+    pub fn restart_backoff(mut self, d: Duration) -> Self {
+        self.spec.restart_policy.get_or_insert_with(Default::default).backoff_ms = d.as_millis() as u64;
+        self
+    }
+
     /// Adds an environment variable given to every exec in the session.
     pub fn env(mut self, key: impl Into<String>, value: impl Into<String>) -> Self {
         self.spec.env.insert(key.into(), value.into());

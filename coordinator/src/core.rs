@@ -40,16 +40,40 @@ pub struct Tunables {
     pub agent_heartbeat: Duration,
     /// A node with no heartbeat for this long is declared down by the leader.
     pub node_ttl: Duration,
+    /// Node silence after which a session without its own `lost_after` is
+    /// LOST and placed elsewhere (the cluster default; normally `node_ttl`).
+    pub lost_after: Duration,
+    /// How the scheduler picks nodes.
+    pub placement: crate::scheduler::PlacementOptions,
+    /// Most placements per Raft entry.
+    pub placement_batch: usize,
 }
 
 impl Tunables {
     /// How long an agent may go without a quorum-confirmed heartbeat before it
-    /// stops its sessions: the TTL minus two heartbeat intervals (the longest a
-    /// heartbeat call may take) minus a safety margin, so the old copies are
-    /// gone before the leader places the sessions elsewhere.
+    /// stops its sessions: the cluster's lost-after time minus two heartbeat
+    /// intervals (the longest a heartbeat call may take) minus a safety
+    /// margin, so the old copies are gone before the leader places the
+    /// sessions elsewhere.
     pub fn fence_after(&self) -> Duration {
+        self.fence_for(self.lost_after)
+    }
+
+    /// The same for a session with its own `lost_after`.
+    pub fn fence_for(&self, lost_after: Duration) -> Duration {
         let margin = Duration::from_millis(500);
-        self.node_ttl.saturating_sub(self.agent_heartbeat * 2 + margin).max(self.agent_heartbeat)
+        lost_after.saturating_sub(self.agent_heartbeat * 2 + margin).max(self.agent_heartbeat)
+    }
+
+    /// The shortest `lost_after` a session may ask for: its agent must be able
+    /// to fence itself in time (two heartbeats and a margin) with a heartbeat to spare.
+    pub fn min_lost_after(&self) -> Duration {
+        self.agent_heartbeat * 3 + Duration::from_millis(500)
+    }
+
+    /// A session's effective `lost_after`.
+    pub fn lost_after_of(&self, spec: &crate::state::SpecRecord) -> Duration {
+        if spec.lost_after_ms == 0 { self.lost_after } else { Duration::from_millis(spec.lost_after_ms) }
     }
 }
 
@@ -62,6 +86,15 @@ pub struct Core {
     pub tunables: Tunables,
     /// Last heartbeat per node, in memory only (not replicated).
     pub heartbeats: Mutex<HashMap<String, i64>>,
+    /// Last data-plane use per session as agents report it, in memory only
+    /// (for idle timeouts; a new leader starts everyone at its first term).
+    pub activity: Mutex<HashMap<String, i64>>,
+    /// When this member last started leading (Unix ms); idle timeouts never
+    /// count from before it.
+    pub lead_since_ms: std::sync::atomic::AtomicI64,
+    /// Coalesces the quorum checks of concurrent heartbeats: the instant the
+    /// last successful check started.
+    pub quorum_checked: tokio::sync::Mutex<Option<std::time::Instant>>,
     /// Wakes the leader loop (new pending session, new node, deletion).
     pub wake: Notify,
     peers: Mutex<HashMap<String, Channel>>,
@@ -76,6 +109,9 @@ impl Core {
             state,
             tunables,
             heartbeats: Mutex::new(HashMap::new()),
+            activity: Mutex::new(HashMap::new()),
+            lead_since_ms: std::sync::atomic::AtomicI64::new(0),
+            quorum_checked: tokio::sync::Mutex::new(None),
             wake: Notify::new(),
             peers: Mutex::new(HashMap::new()),
         }
@@ -225,15 +261,7 @@ impl Core {
         };
         pb::Session {
             id: s.id.clone(),
-            spec: Some(pb::SessionSpec {
-                template: s.spec.template.clone(),
-                cpu_millis: s.spec.cpu_millis,
-                memory_bytes: s.spec.memory_bytes,
-                pids_limit: s.spec.pids_limit,
-                env: s.spec.env.clone().into_iter().collect(),
-                labels: s.spec.labels.clone().into_iter().collect(),
-                ttl_seconds: s.spec.ttl_seconds,
-            }),
+            spec: Some(spec_to_proto(&s.spec)),
             state: phase_to_proto(s.phase) as i32,
             node_id: s.node_id.clone().unwrap_or_default(),
             node_address,
@@ -245,7 +273,30 @@ impl Core {
             message: s.message.clone(),
             token,
             updated_at_ms: s.updated_at_ms,
+            restarts: s.restarts,
+            not_before_ms: s.not_before_ms,
         }
+    }
+}
+
+/// A stored spec for the wire.
+pub fn spec_to_proto(spec: &crate::state::SpecRecord) -> pb::SessionSpec {
+    let policy = spec.lost_after_ms != 0 || spec.max_attempts != 0 || spec.backoff_ms != 0;
+    pb::SessionSpec {
+        template: spec.template.clone(),
+        cpu_millis: spec.cpu_millis,
+        memory_bytes: spec.memory_bytes,
+        pids_limit: spec.pids_limit,
+        env: spec.env.clone().into_iter().collect(),
+        labels: spec.labels.clone().into_iter().collect(),
+        ttl_seconds: spec.ttl_seconds,
+        node_selector: spec.node_selector.clone().into_iter().collect(),
+        idle_timeout_seconds: spec.idle_timeout_seconds,
+        restart_policy: policy.then(|| pb::RestartPolicy {
+            lost_after_ms: spec.lost_after_ms,
+            max_attempts: spec.max_attempts,
+            backoff_ms: spec.backoff_ms,
+        }),
     }
 }
 

@@ -62,6 +62,16 @@ pub struct CoordinatorConfig {
     /// How long the leader waits for a heartbeat before it declares a node
     /// down and places its sessions elsewhere (also the grace after a leader change).
     pub node_ttl: Duration,
+    /// Node silence after which a session without its own `lost_after` is
+    /// placed elsewhere; `None` means `node_ttl`. Agents cut off from a quorum
+    /// stop their sessions before this passes.
+    pub lost_after: Option<Duration>,
+    /// How the scheduler scores nodes.
+    pub placement_strategy: scheduler::Strategy,
+    /// Feasible nodes scored per placement (best-of-K); 0 scores all.
+    pub placement_candidates: usize,
+    /// Most placements per Raft entry.
+    pub placement_batch: usize,
 }
 
 impl Default for CoordinatorConfig {
@@ -79,6 +89,10 @@ impl Default for CoordinatorConfig {
             keep_log_entries: 1000,
             agent_heartbeat: Duration::from_secs(1),
             node_ttl: Duration::from_secs(5),
+            lost_after: None,
+            placement_strategy: scheduler::Strategy::Spread,
+            placement_candidates: 16,
+            placement_batch: 1024,
         }
     }
 }
@@ -177,6 +191,14 @@ pub async fn serve(config: CoordinatorConfig, shutdown: CancellationToken) -> Re
     if config.node_ttl < config.agent_heartbeat * 3 {
         return Err(CoordinatorError::Config("--node-ttl must be at least three agent heartbeat intervals".into()));
     }
+    if config.lost_after.is_some_and(|l| l < config.agent_heartbeat * 3 + Duration::from_millis(500)) {
+        return Err(CoordinatorError::Config(
+            "--lost-after must be at least three agent heartbeat intervals plus 500ms (agents must fence themselves first)".into(),
+        ));
+    }
+    if config.placement_batch == 0 {
+        return Err(CoordinatorError::Config("--placement-batch must be at least 1".into()));
+    }
     if config.election_timeout < config.heartbeat_interval * 4 {
         return Err(CoordinatorError::Config("the election timeout must be at least four heartbeat intervals".into()));
     }
@@ -223,7 +245,13 @@ pub async fn serve(config: CoordinatorConfig, shutdown: CancellationToken) -> Re
         advertise.clone(),
         raft.clone(),
         state,
-        core::Tunables { agent_heartbeat: config.agent_heartbeat, node_ttl: config.node_ttl },
+        core::Tunables {
+            agent_heartbeat: config.agent_heartbeat,
+            node_ttl: config.node_ttl,
+            lost_after: config.lost_after.unwrap_or(config.node_ttl),
+            placement: scheduler::PlacementOptions { strategy: config.placement_strategy, candidates: config.placement_candidates },
+            placement_batch: config.placement_batch,
+        },
     ));
 
     let session = service::session::SessionApi::new(core.clone(), shutdown.clone());

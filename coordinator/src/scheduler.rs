@@ -1,12 +1,27 @@
 //! Placement: which node a session goes to.
 //!
-//! Filters drop nodes that are not ready, lack the session's runtime, or lack
-//! free CPU, memory or a session slot. Among the rest the emptiest node wins
-//! (spread). A session that fits no node now but would fit an empty one waits
-//! as PENDING with the reason; one that would fit no registered node even when
-//! empty is refused at create with RESOURCE_EXHAUSTED.
+//! Filters drop nodes that are not ready (down, cordoned or draining), lack
+//! the session's runtime, do not carry the labels of its `node_selector`, or
+//! lack free CPU, memory or a session slot. Among the rest the best score wins:
+//! the emptiest node (spread, the default) or the fullest node that still fits
+//! (bin-pack). On a large fleet the scheduler does not score every node: it
+//! walks the ready nodes from a random start and stops after `candidates`
+//! feasible ones (best-of-K, as Nomad and Sparrow do).
+//!
+//! A [`Placer`] places many sessions against one view of the state and counts
+//! what it already handed out, so the leader can batch a whole round of
+//! placements into one Raft entry. The state machine checks every placement
+//! again at apply time, so a stale decision is skipped, never over-commits.
+//!
+//! A session that fits no node now but might later waits as PENDING with the
+//! reason; one that no registered node could hold even when empty is refused
+//! at create with RESOURCE_EXHAUSTED.
 
-use crate::state::{ClusterState, NodePhase, Resources, SpecRecord};
+use std::collections::{BTreeMap, HashMap};
+
+use rand::Rng;
+
+use crate::state::{ClusterState, NodePhase, NodeRecord, Resources, SpecRecord};
 
 /// Templates the cluster knows, and the runtime each one needs.
 pub fn template_runtime(template: &str) -> Option<&'static str> {
@@ -28,53 +43,189 @@ pub enum Unplaceable {
     Never(String),
 }
 
-/// Picks a node for `spec`.
-pub fn place(state: &ClusterState, spec: &SpecRecord) -> Result<String, Unplaceable> {
-    let runtime = template_runtime(&spec.template).unwrap_or("process");
-    let need = Resources::of(spec);
-    if state.nodes.is_empty() {
-        return Err(Unplaceable::Wait("no node agent has registered yet".into()));
+/// How the scheduler scores feasible nodes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+pub enum Strategy {
+    /// Prefer the emptiest node (lowest peak utilisation after placement).
+    #[default]
+    Spread,
+    /// Prefer the fullest node that still fits, keeping others empty.
+    Binpack,
+}
+
+/// Scheduler settings, per cluster.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PlacementOptions {
+    pub strategy: Strategy,
+    /// Feasible nodes to score per placement; 0 scores every node.
+    pub candidates: usize,
+}
+
+impl Default for PlacementOptions {
+    fn default() -> Self {
+        PlacementOptions { strategy: Strategy::Spread, candidates: 16 }
     }
-    let with_runtime: Vec<_> = state.nodes.values().filter(|n| n.runtimes.iter().any(|r| r == runtime)).collect();
-    if with_runtime.is_empty() {
-        return Err(Unplaceable::Wait(format!("no registered node offers the {runtime} runtime")));
+}
+
+/// Places one session (create-time placement).
+pub fn place(state: &ClusterState, spec: &SpecRecord, opts: PlacementOptions) -> Result<String, Unplaceable> {
+    Placer::new(state, opts).place(spec)
+}
+
+/// Places sessions against one view of the state, remembering what it
+/// already gave out.
+pub struct Placer<'a> {
+    state: &'a ClusterState,
+    opts: PlacementOptions,
+    ready: Vec<&'a NodeRecord>,
+    /// Resources handed out by this placer, on top of `state.allocated`.
+    given: HashMap<&'a str, Resources>,
+    /// Shapes (runtime, selector hash, resources) already found to fit
+    /// nowhere in this round, with the reason.
+    failed: HashMap<(&'static str, u64, Resources), Unplaceable>,
+    rng: rand::rngs::ThreadRng,
+}
+
+impl<'a> Placer<'a> {
+    pub fn new(state: &'a ClusterState, opts: PlacementOptions) -> Self {
+        let ready = state.nodes.values().filter(|n| n.phase == NodePhase::Ready).collect();
+        Placer { state, opts, ready, given: HashMap::new(), failed: HashMap::new(), rng: rand::rng() }
     }
-    let empty = Resources::default();
-    if !with_runtime.iter().any(|n| n.capacity.fits(&empty, &need)) {
-        let biggest = with_runtime.iter().map(|n| n.capacity).max_by_key(|c| (c.memory_bytes, c.cpu_millis)).unwrap_or_default();
-        return Err(Unplaceable::Never(format!(
-            "no node can ever fit {} mCPU and {} bytes of memory; the largest node offers {} mCPU and {} bytes",
-            need.cpu_millis, need.memory_bytes, biggest.cpu_millis, biggest.memory_bytes
-        )));
-    }
-    let mut best: Option<(f64, &str)> = None;
-    let mut not_ready = 0;
-    for n in &with_runtime {
-        if n.phase != NodePhase::Ready {
-            not_ready += 1;
-            continue;
+
+    fn used(&self, node: &str) -> Resources {
+        let mut used = self.state.allocated_on(node);
+        if let Some(g) = self.given.get(node) {
+            used.cpu_millis += g.cpu_millis;
+            used.memory_bytes += g.memory_bytes;
+            used.slots += g.slots;
         }
-        let used = state.allocated_on(&n.id);
-        if !n.capacity.fits(&used, &need) {
-            continue;
+        used
+    }
+
+    /// Picks a node for `spec` and counts it as taken.
+    pub fn place(&mut self, spec: &SpecRecord) -> Result<String, Unplaceable> {
+        let runtime = template_runtime(&spec.template).unwrap_or("process");
+        let need = Resources::of(spec);
+        let shape = (runtime, selector_hash(&spec.node_selector), need);
+        // Capacity only shrinks within a round, so a shape that fit nowhere still fits nowhere.
+        if let Some(why) = self.failed.get(&shape) {
+            return Err(why.clone());
         }
-        // Spread: the lowest peak utilisation after placement wins; ties go to the lowest id.
-        let frac = |u: u64, c: u64| if c == 0 { 1.0 } else { u as f64 / c as f64 };
-        let score = frac(used.cpu_millis + need.cpu_millis, n.capacity.cpu_millis)
-            .max(frac(used.memory_bytes + need.memory_bytes, n.capacity.memory_bytes))
-            .max(frac(used.slots + 1, n.capacity.slots));
-        if best.is_none_or(|(b, _)| score < b) {
-            best = Some((score, &n.id));
+        let n = self.ready.len();
+        let limit = if self.opts.candidates == 0 { n } else { self.opts.candidates };
+        let start = if n == 0 { 0 } else { self.rng.random_range(0..n) };
+        let mut best: Option<(f64, &'a NodeRecord)> = None;
+        let mut feasible = 0;
+        for k in 0..n {
+            let node = self.ready[(start + k) % n];
+            if !node_matches(node, runtime, &spec.node_selector) {
+                continue;
+            }
+            let used = self.used(&node.id);
+            if !node.capacity.fits(&used, &need) {
+                continue;
+            }
+            let frac = |u: u64, c: u64| if c == 0 { 1.0 } else { u as f64 / c as f64 };
+            let peak = frac(used.cpu_millis + need.cpu_millis, node.capacity.cpu_millis)
+                .max(frac(used.memory_bytes + need.memory_bytes, node.capacity.memory_bytes))
+                .max(frac(used.slots + 1, node.capacity.slots));
+            let score = match self.opts.strategy {
+                Strategy::Spread => peak,
+                Strategy::Binpack => -peak,
+            };
+            if best.is_none_or(|(b, bn)| score < b || (score == b && node.id < bn.id)) {
+                best = Some((score, node));
+            }
+            feasible += 1;
+            if feasible >= limit {
+                break;
+            }
+        }
+        match best {
+            Some((_, node)) => {
+                let g = self.given.entry(node.id.as_str()).or_default();
+                g.cpu_millis += need.cpu_millis;
+                g.memory_bytes += need.memory_bytes;
+                g.slots += need.slots;
+                Ok(node.id.clone())
+            }
+            None => {
+                let why = self.explain(runtime, &spec.node_selector, &need);
+                self.failed.insert(shape, why.clone());
+                Err(why)
+            }
         }
     }
-    match best {
-        Some((_, id)) => Ok(id.to_string()),
-        None if not_ready == with_runtime.len() => Err(Unplaceable::Wait("no node is ready".into())),
-        None => Err(Unplaceable::Wait(format!(
-            "waiting for capacity: no ready node has {} mCPU, {} bytes of memory and a free session slot",
-            need.cpu_millis, need.memory_bytes
-        ))),
+
+    /// Why no node fits: a count of nodes per reason, like the Kubernetes scheduler's.
+    fn explain(&self, runtime: &str, selector: &BTreeMap<String, String>, need: &Resources) -> Unplaceable {
+        let nodes = &self.state.nodes;
+        if nodes.is_empty() {
+            return Unplaceable::Wait("no node agent has registered yet".into());
+        }
+        let eligible: Vec<&NodeRecord> = nodes.values().filter(|n| node_matches(n, runtime, selector)).collect();
+        if eligible.is_empty() {
+            let with_runtime = nodes.values().filter(|n| n.runtimes.iter().any(|r| r == runtime)).count();
+            return Unplaceable::Wait(if with_runtime == 0 {
+                format!("no registered node offers the {runtime} runtime")
+            } else {
+                format!("none of the {with_runtime} nodes with the {runtime} runtime carries the labels {}", show_labels(selector))
+            });
+        }
+        let empty = Resources::default();
+        if !eligible.iter().any(|n| n.capacity.fits(&empty, need)) {
+            let biggest = eligible.iter().map(|n| n.capacity).max_by_key(|c| (c.memory_bytes, c.cpu_millis)).unwrap_or_default();
+            return Unplaceable::Never(format!(
+                "no node can ever fit {} mCPU and {} bytes of memory; the largest eligible node offers {} mCPU and {} bytes",
+                need.cpu_millis, need.memory_bytes, biggest.cpu_millis, biggest.memory_bytes
+            ));
+        }
+        let (mut down, mut cordoned, mut draining, mut full) = (0, 0, 0, 0);
+        for n in &eligible {
+            match n.phase {
+                NodePhase::Down => down += 1,
+                NodePhase::Cordoned => cordoned += 1,
+                NodePhase::Draining => draining += 1,
+                NodePhase::Ready => full += 1,
+            }
+        }
+        let mut parts = Vec::new();
+        for (count, what) in [(full, "lack free capacity"), (down, "are down"), (cordoned, "are cordoned"), (draining, "are draining")] {
+            if count > 0 {
+                parts.push(format!("{count} {what}"));
+            }
+        }
+        let filtered = nodes.len() - eligible.len();
+        if filtered > 0 {
+            parts.push(format!("{filtered} lack the {runtime} runtime or the selected labels"));
+        }
+        let prefix = if full == 0 && down + cordoned + draining > 0 { "no node is ready" } else { "waiting for capacity" };
+        Unplaceable::Wait(format!(
+            "{prefix}: 0/{} nodes can take {} mCPU, {} bytes of memory and a session slot: {}",
+            nodes.len(),
+            need.cpu_millis,
+            need.memory_bytes,
+            parts.join(", ")
+        ))
     }
+}
+
+fn selector_hash(selector: &BTreeMap<String, String>) -> u64 {
+    use std::hash::{Hash, Hasher};
+    if selector.is_empty() {
+        return 0;
+    }
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    selector.hash(&mut h);
+    h.finish()
+}
+
+fn node_matches(node: &NodeRecord, runtime: &str, selector: &BTreeMap<String, String>) -> bool {
+    node.runtimes.iter().any(|r| r == runtime) && selector.iter().all(|(k, v)| node.labels.get(k) == Some(v))
+}
+
+fn show_labels(labels: &BTreeMap<String, String>) -> String {
+    labels.iter().map(|(k, v)| format!("{k}={v}")).collect::<Vec<_>>().join(",")
 }
 
 #[cfg(test)]
@@ -91,6 +242,7 @@ mod tests {
             runtimes: vec!["process".into()],
             phase: NodePhase::Ready,
             registered_at_ms: 0,
+            drain: None,
         }
     }
 
@@ -103,22 +255,82 @@ mod tests {
             env: Default::default(),
             labels: Default::default(),
             ttl_seconds: 60,
+            node_selector: Default::default(),
+            idle_timeout_seconds: 0,
+            lost_after_ms: 0,
+            max_attempts: 0,
+            backoff_ms: 0,
         }
     }
+
+    const ALL: PlacementOptions = PlacementOptions { strategy: Strategy::Spread, candidates: 0 };
 
     #[test]
     fn spreads_waits_and_refuses() {
         let mut st = ClusterState::default();
-        assert!(matches!(place(&st, &spec(100)), Err(Unplaceable::Wait(_))));
+        assert!(matches!(place(&st, &spec(100), ALL), Err(Unplaceable::Wait(_))));
         let mut t = Touched::default();
         st.apply(Command::RegisterNode { node: node("a", 2000, 4) }, &mut t);
         st.apply(Command::RegisterNode { node: node("b", 2000, 4) }, &mut t);
-        assert!(matches!(place(&st, &spec(4000)), Err(Unplaceable::Never(_))));
-        let first = place(&st, &spec(1500)).unwrap();
+        assert!(matches!(place(&st, &spec(4000), ALL), Err(Unplaceable::Never(_))));
+        let first = place(&st, &spec(1500), ALL).unwrap();
         st.allocated.insert(first.clone(), Resources { cpu_millis: 1500, memory_bytes: 1 << 20, slots: 1 });
-        let second = place(&st, &spec(100)).unwrap();
+        let second = place(&st, &spec(100), ALL).unwrap();
         assert_ne!(first, second, "spread places on the emptier node");
         st.allocated.insert(second, Resources { cpu_millis: 1500, memory_bytes: 1 << 20, slots: 1 });
-        assert!(matches!(place(&st, &spec(1000)), Err(Unplaceable::Wait(r)) if r.contains("waiting for capacity")));
+        assert!(matches!(place(&st, &spec(1000), ALL), Err(Unplaceable::Wait(r)) if r.contains("waiting for capacity") && r.contains("2 lack free capacity")));
+    }
+
+    #[test]
+    fn binpack_fills_one_node_first() {
+        let mut st = ClusterState::default();
+        let mut t = Touched::default();
+        st.apply(Command::RegisterNode { node: node("a", 4000, 10) }, &mut t);
+        st.apply(Command::RegisterNode { node: node("b", 4000, 10) }, &mut t);
+        let opts = PlacementOptions { strategy: Strategy::Binpack, candidates: 0 };
+        let mut p = Placer::new(&st, opts);
+        let got: Vec<String> = (0..4).map(|_| p.place(&spec(1000)).unwrap()).collect();
+        assert!(got.iter().all(|n| n == &got[0]), "bin-pack keeps to one node until it is full: {got:?}");
+        assert_ne!(p.place(&spec(1000)).unwrap(), got[0], "the fifth goes to the other node");
+        let mut p = Placer::new(&st, ALL);
+        let got: Vec<String> = (0..4).map(|_| p.place(&spec(1000)).unwrap()).collect();
+        assert_eq!(got.iter().filter(|n| *n == "a").count(), 2, "spread alternates: {got:?}");
+    }
+
+    #[test]
+    fn node_selector_runtime_and_phase_filter_nodes() {
+        let mut st = ClusterState::default();
+        let mut t = Touched::default();
+        let mut gpu = node("gpu", 4000, 10);
+        gpu.labels.insert("zone".into(), "b".into());
+        st.apply(Command::RegisterNode { node: node("plain", 4000, 10) }, &mut t);
+        st.apply(Command::RegisterNode { node: gpu }, &mut t);
+        let mut s = spec(100);
+        s.node_selector.insert("zone".into(), "b".into());
+        for _ in 0..10 {
+            assert_eq!(place(&st, &s, ALL).unwrap(), "gpu");
+        }
+        s.node_selector.insert("zone".into(), "c".into());
+        assert!(matches!(place(&st, &s, ALL), Err(Unplaceable::Wait(r)) if r.contains("carries the labels zone=c")));
+        st.apply(Command::CordonNode { node_id: "plain".into(), cordoned: true }, &mut t);
+        st.apply(Command::NodeDown { node_id: "gpu".into(), now_ms: 1, keep: vec![] }, &mut t);
+        assert!(matches!(place(&st, &spec(100), ALL), Err(Unplaceable::Wait(r)) if r.starts_with("no node is ready") && r.contains("1 are down") && r.contains("1 are cordoned")));
+    }
+
+    #[test]
+    fn a_batch_never_overcommits_and_best_of_k_stays_feasible() {
+        let mut st = ClusterState::default();
+        let mut t = Touched::default();
+        for i in 0..200 {
+            st.apply(Command::RegisterNode { node: node(&format!("n{i:03}"), 1000, 3) }, &mut t);
+        }
+        let mut p = Placer::new(&st, PlacementOptions { strategy: Strategy::Spread, candidates: 4 });
+        let mut per_node: HashMap<String, u64> = HashMap::new();
+        for _ in 0..600 {
+            *per_node.entry(p.place(&spec(300)).unwrap()).or_default() += 1;
+        }
+        assert_eq!(per_node.len(), 200);
+        assert!(per_node.values().all(|&c| c == 3), "every slot used exactly once");
+        assert!(matches!(p.place(&spec(300)), Err(Unplaceable::Wait(_))), "the 601st finds no room");
     }
 }

@@ -46,7 +46,25 @@ pub struct SpecRecord {
     pub env: BTreeMap<String, String>,
     pub labels: BTreeMap<String, String>,
     pub ttl_seconds: u64,
+    /// Node labels a node must carry to run the session.
+    #[serde(default)]
+    pub node_selector: BTreeMap<String, String>,
+    /// End the session after this long without data-plane use; 0 = never.
+    #[serde(default)]
+    pub idle_timeout_seconds: u64,
+    /// Node silence after which the session is LOST; 0 = the node TTL.
+    #[serde(default)]
+    pub lost_after_ms: u64,
+    /// Placements allowed after losses; 0 = unlimited.
+    #[serde(default)]
+    pub max_attempts: u32,
+    /// Delay before the first placement after a loss; doubles per loss.
+    #[serde(default)]
+    pub backoff_ms: u64,
 }
+
+/// Longest restart backoff, however many losses.
+pub const MAX_BACKOFF_MS: u64 = 60_000;
 
 /// A session as stored in the state machine.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -66,10 +84,22 @@ pub struct SessionRecord {
     pub pending_reason: String,
     /// Detail for terminal states.
     pub message: String,
+    /// Times it was queued for placement again after losing its node.
+    #[serde(default)]
+    pub restarts: u32,
+    /// A lost session is not placed before this time (restart backoff).
+    #[serde(default)]
+    pub not_before_ms: i64,
+    /// Set while a drain moves it off this node, until it runs elsewhere.
+    #[serde(default)]
+    pub moved_from: Option<String>,
+    /// Last renewal; idle timeouts count from here at the latest.
+    #[serde(default)]
+    pub renewed_at_ms: i64,
 }
 
 /// Resources in one unit system.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub struct Resources {
     pub cpu_millis: u64,
     pub memory_bytes: u64,
@@ -132,6 +162,36 @@ pub struct NodeRecord {
     pub runtimes: Vec<String>,
     pub phase: NodePhase,
     pub registered_at_ms: i64,
+    /// Set while the node drains.
+    #[serde(default)]
+    pub drain: Option<DrainRecord>,
+}
+
+/// A drain in progress.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DrainRecord {
+    pub started_at_ms: i64,
+    /// After this the remaining sessions move all at once.
+    pub deadline_ms: i64,
+    /// Sessions of this node allowed to be moving at a time.
+    pub max_parallel: u32,
+}
+
+/// One placement in a [`Command::PlaceSessions`] batch.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Placement {
+    pub id: String,
+    pub node_id: String,
+    pub expected_generation: u64,
+}
+
+/// One session report in a [`Command::ReportSessions`] batch.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Report {
+    pub id: String,
+    pub generation: u64,
+    pub phase: SessionPhase,
+    pub message: String,
 }
 
 /// A state change, proposed through Raft.
@@ -158,12 +218,34 @@ pub enum Command {
     RegisterNode { node: NodeRecord },
     /// The leader saw no heartbeat for `node_ttl`: the node goes down and its
     /// live sessions become LOST and unplaced, to be placed again with a new
-    /// generation (fencing the old copies).
-    NodeDown { node_id: String, now_ms: i64 },
+    /// generation (fencing the old copies), except those in `keep`, whose own
+    /// `lost_after` is longer (they follow with `SessionsLost`).
+    NodeDown {
+        node_id: String,
+        now_ms: i64,
+        #[serde(default)]
+        keep: Vec<String>,
+    },
     /// A down node heartbeats again: it is ready for new placements.
     NodeUp { node_id: String, now_ms: i64 },
-    /// An operator stops (or resumes) new placements on a node.
+    /// An operator stops (or resumes) new placements on a node. Uncordoning
+    /// also ends a drain.
     CordonNode { node_id: String, cordoned: bool },
+    /// Many placements in one entry; each is checked like `PlaceSession` and
+    /// the ones that no longer fit are skipped.
+    PlaceSessions { placements: Vec<Placement>, now_ms: i64 },
+    /// Many pending reasons in one entry.
+    SetPendingReasons { reasons: Vec<(String, String)>, now_ms: i64 },
+    /// A node's reports in one entry, fenced one by one like `ReportSession`.
+    ReportSessions { node_id: String, reports: Vec<Report>, now_ms: i64 },
+    /// Sessions on `node_id` whose own `lost_after` passed: LOST (or FAILED
+    /// when out of attempts), to be placed again.
+    SessionsLost { node_id: String, ids: Vec<String>, now_ms: i64 },
+    /// Starts (or updates) a drain: no new placements, sessions move off.
+    DrainNode { node_id: String, drain: DrainRecord },
+    /// Moves sessions off a draining node: they become unplaced and are placed
+    /// elsewhere with a new generation, which stops the old copy.
+    MoveSessions { node_id: String, ids: Vec<String>, now_ms: i64 },
 }
 
 /// What applying a command produced.
@@ -207,6 +289,18 @@ pub struct ClusterState {
     /// The expiry each live session is indexed under in `expiring`.
     #[serde(skip)]
     expiry_of: HashMap<String, (i64, i64)>,
+    /// Live sessions with an idle timeout.
+    #[serde(skip)]
+    pub idle: BTreeSet<String>,
+    /// Per draining node: its sessions moved off that do not run elsewhere yet.
+    #[serde(skip)]
+    pub moving: HashMap<String, BTreeSet<String>>,
+    #[serde(skip)]
+    moving_of: HashMap<String, String>,
+    /// Bumped whenever a node's assignment set may have changed, so each
+    /// agent's watch recomputes only its own node's set when it changed.
+    #[serde(skip)]
+    pub node_versions: HashMap<String, u64>,
 }
 
 /// The keys an apply touched, so the store can write them through.
@@ -226,6 +320,9 @@ impl ClusterState {
         self.unplaced.clear();
         self.expiring.clear();
         self.expiry_of.clear();
+        self.idle.clear();
+        self.moving.clear();
+        self.moving_of.clear();
         let ids: Vec<String> = self.sessions.keys().cloned().collect();
         for id in ids {
             self.reindex(&id);
@@ -249,7 +346,19 @@ impl ClusterState {
             self.unplaced.remove(&(created, id.to_string()));
             self.expiring.remove(&(expires, id.to_string()));
         }
+        self.idle.remove(id);
+        if let Some(from) = self.moving_of.remove(id) {
+            if let Some(set) = self.moving.get_mut(&from) {
+                set.remove(id);
+                if set.is_empty() {
+                    self.moving.remove(&from);
+                }
+            }
+        }
         let Some(s) = self.sessions.get(id) else { return };
+        if let Some(node) = &s.node_id {
+            *self.node_versions.entry(node.clone()).or_default() += 1;
+        }
         if s.phase.is_terminal() {
             return;
         }
@@ -257,7 +366,19 @@ impl ClusterState {
         if s.node_id.is_none() && matches!(s.phase, SessionPhase::Pending | SessionPhase::Lost) {
             self.unplaced.insert((s.created_at_ms, s.id.clone()));
         }
+        if s.spec.idle_timeout_seconds > 0 {
+            self.idle.insert(s.id.clone());
+        }
+        if let (Some(from), false) = (&s.moved_from, s.phase == SessionPhase::Running) {
+            self.moving.entry(from.clone()).or_default().insert(s.id.clone());
+            self.moving_of.insert(s.id.clone(), from.clone());
+        }
         self.expiry_of.insert(s.id.clone(), (s.created_at_ms, s.expires_at_ms));
+    }
+
+    /// The version of a node's assignment set (see `node_versions`).
+    pub fn node_version(&self, node: &str) -> u64 {
+        self.node_versions.get(node).copied().unwrap_or_default()
     }
 
     /// Live sessions whose expiry is at or before `now_ms`.
@@ -271,6 +392,9 @@ impl ClusterState {
     }
 
     fn release(&mut self, s: &SessionRecord) {
+        if let Some(node) = &s.node_id {
+            *self.node_versions.entry(node.clone()).or_default() += 1;
+        }
         if let (Some(node), true) = (&s.node_id, s.phase.holds_resources()) {
             if let Some(a) = self.allocated.get_mut(node) {
                 a.sub(&Resources::of(&s.spec));
@@ -339,26 +463,81 @@ impl ClusterState {
                 CommandResponse::Session(session)
             }
             Command::PlaceSession { id, node_id, expected_generation, now_ms } => {
-                let Some(s) = self.sessions.get(&id).cloned() else {
-                    return CommandResponse::NotFound(id);
-                };
-                if s.phase.is_terminal() || s.generation != expected_generation {
-                    return CommandResponse::Rejected(format!("session {id} changed since it was scheduled"));
+                self.place_one(Placement { id, node_id, expected_generation }, now_ms, touched)
+            }
+            Command::PlaceSessions { placements, now_ms } => {
+                let mut placed = Vec::with_capacity(placements.len());
+                for p in placements {
+                    if let CommandResponse::Session(s) = self.place_one(p, now_ms, touched) {
+                        placed.push(s);
+                    }
                 }
-                if !self.node_fits(&node_id, &s.spec) {
-                    return CommandResponse::Rejected(format!("node {node_id} has no room for session {id}"));
+                CommandResponse::Sessions(placed)
+            }
+            Command::SetPendingReasons { reasons, now_ms } => {
+                for (id, reason) in reasons {
+                    if let Some(s) = self.sessions.get_mut(&id) {
+                        if !s.phase.is_terminal() && s.pending_reason != reason {
+                            s.pending_reason = reason;
+                            s.updated_at_ms = now_ms;
+                            touched.sessions.push(id);
+                        }
+                    }
                 }
-                self.release(&s);
-                let mut s = s;
-                s.node_id = Some(node_id);
-                s.generation += 1;
-                s.phase = SessionPhase::Pending;
-                s.pending_reason = "starting on its node".into();
-                s.updated_at_ms = now_ms;
-                self.hold(&s);
-                touched.sessions.push(id.clone());
-                self.sessions.insert(id, s.clone());
-                CommandResponse::Session(s)
+                CommandResponse::Ok
+            }
+            Command::ReportSessions { node_id, reports, now_ms } => {
+                for r in reports {
+                    // Stale reports are fenced off one by one; the rest apply.
+                    let _ = self.report_one(r, &node_id, now_ms, touched);
+                }
+                CommandResponse::Ok
+            }
+            Command::SessionsLost { node_id, ids, now_ms } => {
+                let mut out = Vec::with_capacity(ids.len());
+                for id in ids {
+                    if let Some(s) = self.lose(&id, &node_id, now_ms, touched) {
+                        out.push(s);
+                    }
+                }
+                CommandResponse::Sessions(out)
+            }
+            Command::DrainNode { node_id, drain } => match self.nodes.get_mut(&node_id) {
+                None => CommandResponse::NotFound(node_id),
+                Some(n) if n.phase == NodePhase::Down => {
+                    CommandResponse::Rejected(format!("node {node_id} is down; its sessions are placed elsewhere already"))
+                }
+                Some(n) => {
+                    // A repeated drain keeps its start time and updates the rest.
+                    let started_at_ms = n.drain.map_or(drain.started_at_ms, |d| d.started_at_ms);
+                    n.phase = NodePhase::Draining;
+                    n.drain = Some(DrainRecord { started_at_ms, ..drain });
+                    touched.nodes.push(node_id);
+                    CommandResponse::Ok
+                }
+            },
+            Command::MoveSessions { node_id, ids, now_ms } => {
+                if self.nodes.get(&node_id).is_none_or(|n| n.phase != NodePhase::Draining) {
+                    return CommandResponse::Rejected(format!("node {node_id} is not draining"));
+                }
+                let mut out = Vec::with_capacity(ids.len());
+                for id in ids {
+                    let Some(s) = self.sessions.get(&id).cloned() else { continue };
+                    if !s.phase.holds_resources() || s.node_id.as_deref() != Some(node_id.as_str()) {
+                        continue;
+                    }
+                    self.release(&s);
+                    let mut s = s;
+                    s.phase = SessionPhase::Pending;
+                    s.node_id = None;
+                    s.moved_from = Some(node_id.clone());
+                    s.pending_reason = format!("moving off draining node {node_id}");
+                    s.updated_at_ms = now_ms;
+                    touched.sessions.push(id.clone());
+                    self.sessions.insert(id, s.clone());
+                    out.push(s);
+                }
+                CommandResponse::Sessions(out)
             }
             Command::SetPendingReason { id, reason, now_ms } => {
                 let Some(s) = self.sessions.get_mut(&id) else {
@@ -373,39 +552,7 @@ impl ClusterState {
                 CommandResponse::Session(s.clone())
             }
             Command::ReportSession { id, node_id, generation, phase, message, now_ms } => {
-                let Some(s) = self.sessions.get(&id).cloned() else {
-                    return CommandResponse::NotFound(id);
-                };
-                if s.phase.is_terminal() {
-                    return CommandResponse::Session(s);
-                }
-                if s.node_id.as_deref() != Some(node_id.as_str()) || s.generation != generation {
-                    return CommandResponse::Rejected(format!(
-                        "stale report for session {id}: node {node_id} generation {generation}, current {:?} generation {}",
-                        s.node_id, s.generation
-                    ));
-                }
-                let mut next = s.clone();
-                match phase {
-                    SessionPhase::Running => {
-                        next.phase = SessionPhase::Running;
-                        next.pending_reason.clear();
-                    }
-                    SessionPhase::Failed => {
-                        next.phase = SessionPhase::Failed;
-                        next.message = message;
-                    }
-                    other => return CommandResponse::Rejected(format!("agents cannot report {other:?}")),
-                }
-                if next == s {
-                    return CommandResponse::Session(s);
-                }
-                next.updated_at_ms = now_ms;
-                self.release(&s);
-                self.hold(&next);
-                touched.sessions.push(id.clone());
-                self.sessions.insert(id, next.clone());
-                CommandResponse::Session(next)
+                self.report_one(Report { id, generation, phase, message }, &node_id, now_ms, touched)
             }
             Command::TerminateSessions { ids, message, now_ms } => {
                 let mut out = Vec::with_capacity(ids.len());
@@ -443,6 +590,7 @@ impl ClusterState {
                 }
                 s.expires_at_ms = expires_at_ms;
                 s.updated_at_ms = now_ms;
+                s.renewed_at_ms = now_ms;
                 touched.sessions.push(id);
                 CommandResponse::Session(s.clone())
             }
@@ -453,6 +601,7 @@ impl ClusterState {
                 // Re-registration keeps an operator's cordon or drain; a down node comes back ready.
                 if let Some(p @ (NodePhase::Cordoned | NodePhase::Draining)) = phase {
                     node.phase = p;
+                    node.drain = self.nodes.get(&id).and_then(|n| n.drain);
                 }
                 if self.nodes.get(&id) != Some(&node) {
                     touched.nodes.push(id.clone());
@@ -460,29 +609,22 @@ impl ClusterState {
                 }
                 CommandResponse::Ok
             }
-            Command::NodeDown { node_id, now_ms } => {
+            Command::NodeDown { node_id, now_ms, keep } => {
                 match self.nodes.get_mut(&node_id) {
                     None => return CommandResponse::Rejected(format!("node {node_id} is not registered")),
                     Some(n) if n.phase == NodePhase::Down => return CommandResponse::Sessions(Vec::new()),
-                    Some(n) => n.phase = NodePhase::Down,
+                    Some(n) => {
+                        n.phase = NodePhase::Down;
+                        n.drain = None;
+                    }
                 }
                 touched.nodes.push(node_id.clone());
                 let ids: Vec<String> = self.node_sessions.get(&node_id).map(|s| s.iter().cloned().collect()).unwrap_or_default();
                 let mut lost = Vec::with_capacity(ids.len());
-                for id in ids {
-                    let Some(s) = self.sessions.get(&id).cloned() else { continue };
-                    if !s.phase.holds_resources() || s.node_id.as_deref() != Some(node_id.as_str()) {
-                        continue;
+                for id in ids.into_iter().filter(|id| !keep.contains(id)) {
+                    if let Some(s) = self.lose(&id, &node_id, now_ms, touched) {
+                        lost.push(s);
                     }
-                    self.release(&s);
-                    let mut s = s;
-                    s.phase = SessionPhase::Lost;
-                    s.node_id = None;
-                    s.pending_reason = format!("node {node_id} stopped heartbeating; placing it again");
-                    s.updated_at_ms = now_ms;
-                    touched.sessions.push(id.clone());
-                    self.sessions.insert(id, s.clone());
-                    lost.push(s);
                 }
                 CommandResponse::Sessions(lost)
             }
@@ -493,8 +635,9 @@ impl ClusterState {
                 }
                 Some(n) => {
                     let phase = if cordoned { NodePhase::Cordoned } else { NodePhase::Ready };
-                    if n.phase != phase {
+                    if n.phase != phase || n.drain.is_some() {
                         n.phase = phase;
+                        n.drain = None;
                         touched.nodes.push(node_id);
                     }
                     CommandResponse::Ok
@@ -510,6 +653,108 @@ impl ClusterState {
                 }
             },
         }
+    }
+
+    fn place_one(&mut self, p: Placement, now_ms: i64, touched: &mut Touched) -> CommandResponse {
+        let Placement { id, node_id, expected_generation } = p;
+        let Some(s) = self.sessions.get(&id).cloned() else {
+            return CommandResponse::NotFound(id);
+        };
+        if s.phase.is_terminal() || s.generation != expected_generation || s.node_id.is_some() {
+            return CommandResponse::Rejected(format!("session {id} changed since it was scheduled"));
+        }
+        if !self.node_fits(&node_id, &s.spec) {
+            return CommandResponse::Rejected(format!("node {node_id} has no room for session {id}"));
+        }
+        self.release(&s);
+        let mut s = s;
+        s.node_id = Some(node_id);
+        s.generation += 1;
+        s.phase = SessionPhase::Pending;
+        s.pending_reason = "starting on its node".into();
+        s.not_before_ms = 0;
+        s.updated_at_ms = now_ms;
+        self.hold(&s);
+        touched.sessions.push(id.clone());
+        self.sessions.insert(id, s.clone());
+        CommandResponse::Session(s)
+    }
+
+    fn report_one(&mut self, r: Report, node_id: &str, now_ms: i64, touched: &mut Touched) -> CommandResponse {
+        let Report { id, generation, phase, message } = r;
+        let Some(s) = self.sessions.get(&id).cloned() else {
+            return CommandResponse::NotFound(id);
+        };
+        if s.phase.is_terminal() {
+            return CommandResponse::Session(s);
+        }
+        if s.node_id.as_deref() != Some(node_id) || s.generation != generation {
+            return CommandResponse::Rejected(format!(
+                "stale report for session {id}: node {node_id} generation {generation}, current {:?} generation {}",
+                s.node_id, s.generation
+            ));
+        }
+        let mut next = s.clone();
+        match phase {
+            SessionPhase::Running => {
+                next.phase = SessionPhase::Running;
+                next.pending_reason.clear();
+                next.moved_from = None;
+            }
+            SessionPhase::Failed => {
+                next.phase = SessionPhase::Failed;
+                next.message = message;
+            }
+            other => return CommandResponse::Rejected(format!("agents cannot report {other:?}")),
+        }
+        if next == s {
+            return CommandResponse::Session(s);
+        }
+        next.updated_at_ms = now_ms;
+        self.release(&s);
+        self.hold(&next);
+        touched.sessions.push(id.clone());
+        self.sessions.insert(id, next.clone());
+        CommandResponse::Session(next)
+    }
+
+    /// A live session on `node_id` lost its node: LOST and unplaced, with its
+    /// restart backoff, or FAILED when it has no attempts left.
+    fn lose(&mut self, id: &str, node_id: &str, now_ms: i64, touched: &mut Touched) -> Option<SessionRecord> {
+        let s = self.sessions.get(id).cloned()?;
+        if !s.phase.holds_resources() || s.node_id.as_deref() != Some(node_id) {
+            return None;
+        }
+        self.release(&s);
+        let mut s = s;
+        s.node_id = None;
+        s.moved_from = None;
+        s.updated_at_ms = now_ms;
+        if s.spec.max_attempts > 0 && s.restarts >= s.spec.max_attempts {
+            s.phase = SessionPhase::Failed;
+            s.pending_reason.clear();
+            s.message = format!(
+                "lost with node {node_id}; not placed again: all {} restart attempts are used up",
+                s.spec.max_attempts
+            );
+        } else {
+            s.phase = SessionPhase::Lost;
+            s.restarts += 1;
+            let backoff = if s.spec.backoff_ms == 0 {
+                0
+            } else {
+                s.spec.backoff_ms.saturating_mul(1 << (s.restarts - 1).min(16)).min(MAX_BACKOFF_MS)
+            };
+            s.not_before_ms = if backoff == 0 { 0 } else { now_ms + backoff as i64 };
+            s.pending_reason = if backoff == 0 {
+                format!("node {node_id} stopped heartbeating; placing it again")
+            } else {
+                format!("node {node_id} stopped heartbeating; placing it again after a {backoff} ms backoff")
+            };
+        }
+        touched.sessions.push(id.to_string());
+        self.sessions.insert(id.to_string(), s.clone());
+        Some(s)
     }
 
     /// SHA-256 over the canonical JSON of sessions and nodes: equal on every
@@ -546,6 +791,11 @@ mod tests {
             env: Default::default(),
             labels: Default::default(),
             ttl_seconds: 60,
+            node_selector: Default::default(),
+            idle_timeout_seconds: 0,
+            lost_after_ms: 0,
+            max_attempts: 0,
+            backoff_ms: 0,
         }
     }
 
@@ -562,6 +812,10 @@ mod tests {
             updated_at_ms: 1,
             pending_reason: String::new(),
             message: String::new(),
+            restarts: 0,
+            not_before_ms: 0,
+            moved_from: None,
+            renewed_at_ms: 0,
         }
     }
 
@@ -574,6 +828,7 @@ mod tests {
             runtimes: vec!["process".into()],
             phase: NodePhase::Ready,
             registered_at_ms: 0,
+            drain: None,
         }
     }
 
@@ -675,5 +930,90 @@ mod tests {
         back.rebuild_indexes();
         assert_eq!(back.expiring, st.expiring);
         assert_eq!(back.unplaced, st.unplaced);
+    }
+
+    fn running(st: &mut ClusterState, t: &mut Touched, id: &str, node: &str) {
+        let generation = st.sessions[id].generation;
+        let r = Report { id: id.into(), generation, phase: SessionPhase::Running, message: String::new() };
+        st.apply(Command::ReportSessions { node_id: node.into(), reports: vec![r], now_ms: 2 }, t);
+        assert_eq!(st.sessions[id].phase, SessionPhase::Running);
+    }
+
+    #[test]
+    fn lost_sessions_back_off_and_fail_when_out_of_attempts() {
+        let mut st = ClusterState::default();
+        let mut t = Touched::default();
+        st.apply(Command::RegisterNode { node: node("n1", 1000) }, &mut t);
+        st.apply(Command::RegisterNode { node: node("n2", 1000) }, &mut t);
+        let mut a = session("a", "r1", Some("n1"), 100);
+        a.spec.max_attempts = 1;
+        a.spec.backoff_ms = 400;
+        st.apply(Command::CreateSession { session: a }, &mut t);
+        running(&mut st, &mut t, "a", "n1");
+
+        let CommandResponse::Sessions(lost) = st.apply(Command::NodeDown { node_id: "n1".into(), now_ms: 10, keep: vec![] }, &mut t) else {
+            panic!()
+        };
+        assert_eq!(lost.len(), 1);
+        let a = &st.sessions["a"];
+        assert_eq!((a.phase, a.restarts, a.not_before_ms, a.node_id.as_deref()), (SessionPhase::Lost, 1, 410, None));
+        assert!(st.unplaced.iter().any(|(_, id)| id == "a"));
+        assert_eq!(st.allocated_on("n1").cpu_millis, 0);
+
+        st.apply(Command::PlaceSessions { placements: vec![Placement { id: "a".into(), node_id: "n2".into(), expected_generation: 1 }], now_ms: 420 }, &mut t);
+        assert_eq!((st.sessions["a"].generation, st.sessions["a"].not_before_ms), (2, 0));
+        // The second loss exceeds max_attempts = 1: FAILED, not placed again.
+        st.apply(Command::SessionsLost { node_id: "n2".into(), ids: vec!["a".into()], now_ms: 500 }, &mut t);
+        let a = &st.sessions["a"];
+        assert_eq!(a.phase, SessionPhase::Failed);
+        assert!(a.message.contains("restart attempts"), "{}", a.message);
+        assert!(st.unplaced.is_empty());
+        assert_eq!(st.allocated_on("n2").cpu_millis, 0);
+    }
+
+    #[test]
+    fn node_down_keeps_sessions_with_a_longer_lost_after() {
+        let mut st = ClusterState::default();
+        let mut t = Touched::default();
+        st.apply(Command::RegisterNode { node: node("n1", 1000) }, &mut t);
+        st.apply(Command::CreateSession { session: session("a", "r1", Some("n1"), 100) }, &mut t);
+        st.apply(Command::CreateSession { session: session("b", "r2", Some("n1"), 100) }, &mut t);
+        st.apply(Command::NodeDown { node_id: "n1".into(), now_ms: 10, keep: vec!["b".into()] }, &mut t);
+        assert_eq!(st.sessions["a"].phase, SessionPhase::Lost);
+        assert_eq!(st.sessions["b"].phase, SessionPhase::Pending);
+        assert_eq!(st.sessions["b"].node_id.as_deref(), Some("n1"));
+        // A stale report from the down node's old copy of a cannot revive it.
+        let r = Report { id: "a".into(), generation: 1, phase: SessionPhase::Running, message: String::new() };
+        st.apply(Command::ReportSessions { node_id: "n1".into(), reports: vec![r], now_ms: 11 }, &mut t);
+        assert_eq!(st.sessions["a"].phase, SessionPhase::Lost);
+        st.apply(Command::SessionsLost { node_id: "n1".into(), ids: vec!["b".into()], now_ms: 20 }, &mut t);
+        assert_eq!(st.sessions["b"].phase, SessionPhase::Lost);
+    }
+
+    #[test]
+    fn drain_moves_sessions_and_tracks_them_until_running_elsewhere() {
+        let mut st = ClusterState::default();
+        let mut t = Touched::default();
+        st.apply(Command::RegisterNode { node: node("n1", 1000) }, &mut t);
+        st.apply(Command::RegisterNode { node: node("n2", 1000) }, &mut t);
+        st.apply(Command::CreateSession { session: session("a", "r1", Some("n1"), 100) }, &mut t);
+        let v0 = st.node_version("n1");
+        let drain = DrainRecord { started_at_ms: 5, deadline_ms: 100, max_parallel: 1 };
+        assert_eq!(st.apply(Command::DrainNode { node_id: "n1".into(), drain }, &mut t), CommandResponse::Ok);
+        assert!(!st.node_fits("n1", &spec(1)), "a draining node takes no new sessions");
+        st.apply(Command::MoveSessions { node_id: "n1".into(), ids: vec!["a".into()], now_ms: 6 }, &mut t);
+        assert!(st.node_version("n1") > v0, "the old node's watch must see the session go");
+        assert_eq!(st.moving["n1"].len(), 1);
+        assert!(st.node_sessions["n1"].is_empty());
+        st.apply(Command::PlaceSessions { placements: vec![Placement { id: "a".into(), node_id: "n2".into(), expected_generation: 1 }], now_ms: 7 }, &mut t);
+        assert_eq!(st.moving["n1"].len(), 1, "still moving until it runs");
+        running(&mut st, &mut t, "a", "n2");
+        assert!(!st.moving.contains_key("n1"));
+        assert_eq!(st.sessions["a"].generation, 2);
+        // Re-registering keeps the drain; uncordoning ends it.
+        st.apply(Command::RegisterNode { node: node("n1", 2000) }, &mut t);
+        assert_eq!(st.nodes["n1"].drain.map(|d| d.started_at_ms), Some(5));
+        st.apply(Command::CordonNode { node_id: "n1".into(), cordoned: false }, &mut t);
+        assert_eq!((st.nodes["n1"].phase, st.nodes["n1"].drain), (NodePhase::Ready, None));
     }
 }

@@ -40,7 +40,30 @@ pub struct LocalSession {
     pub generation: u64,
     pub phase: LocalPhase,
     pub expires_at_ms: i64,
+    /// Stop it after this long without a quorum-confirmed heartbeat; 0 = the node's.
+    pub fence_after_ms: u64,
+    /// End it after this long without exec or file calls; 0 = never.
+    pub idle_timeout_ms: u64,
+    /// Last exec or file call, or when it was assigned or renewed (Unix ms).
+    pub last_active_ms: i64,
 }
+
+impl LocalSession {
+    fn new(a: &pb::Assignment, now_ms: i64) -> Self {
+        LocalSession {
+            generation: a.generation,
+            phase: LocalPhase::Preparing,
+            expires_at_ms: a.expires_at_ms,
+            fence_after_ms: a.fence_after_ms,
+            idle_timeout_ms: a.spec.as_ref().map_or(0, |s| s.idle_timeout_seconds.saturating_mul(1000)),
+            last_active_ms: now_ms,
+        }
+    }
+}
+
+/// How long past its end a cut-off agent lets a session run before it ends
+/// it itself (the coordinators' clocks may differ a little from ours).
+const SELF_EXPIRY_GRACE_MS: i64 = 1000;
 
 /// State shared by the control loop and the data plane.
 pub struct AgentState {
@@ -58,6 +81,10 @@ pub struct AgentState {
     /// True while cut off: sessions were stopped and assignment pushes from a
     /// possibly stale coordinator are ignored until a heartbeat succeeds again.
     fenced: std::sync::atomic::AtomicBool,
+    /// The heartbeat interval the cluster asked for (ms).
+    heartbeat_ms: std::sync::atomic::AtomicU64,
+    /// Sessions used since the last heartbeat, with the time of last use.
+    activity: Mutex<HashMap<String, i64>>,
 }
 
 impl AgentState {
@@ -73,7 +100,27 @@ impl AgentState {
             last_contact: Mutex::new(std::time::Instant::now()),
             fence_after_ms: std::sync::atomic::AtomicU64::new(0),
             fenced: std::sync::atomic::AtomicBool::new(false),
+            heartbeat_ms: std::sync::atomic::AtomicU64::new(1000),
+            activity: Mutex::new(HashMap::new()),
         }
+    }
+
+    /// Records an exec or file call on a session (for idle timeouts).
+    pub fn touch(&self, session_id: &str) {
+        let now = sandfleet_common::time::now_ms();
+        if let Some(s) = self.sessions.lock().unwrap_or_else(|p| p.into_inner()).get_mut(session_id) {
+            s.last_active_ms = now;
+        } else {
+            return;
+        }
+        self.activity.lock().unwrap_or_else(|p| p.into_inner()).insert(session_id.to_string(), now);
+    }
+
+    fn take_activity(&self) -> Vec<pb::SessionActivity> {
+        std::mem::take(&mut *self.activity.lock().unwrap_or_else(|p| p.into_inner()))
+            .into_iter()
+            .map(|(session_id, last_active_ms)| pb::SessionActivity { session_id, last_active_ms })
+            .collect()
     }
 
     /// True while the agent is cut off from a quorum and has stopped its sessions.
@@ -89,29 +136,62 @@ impl AgentState {
         }
     }
 
-    /// Stops every session when the agent has been cut off for `fence_after`:
-    /// by then the cluster is about to place them elsewhere, and two live
-    /// copies of a session must never run.
+    /// Enforces what the cluster cannot while this agent is cut off from a
+    /// quorum: a session whose fence time (its own `lost_after` less two
+    /// heartbeats and a margin, or the node's `fence_after`) has passed is
+    /// stopped, because the cluster is about to place it elsewhere and two
+    /// live copies must never run; and a session past its TTL or idle timeout
+    /// is ended, as the coordinators would have done.
     async fn fence_if_cut_off(&self) {
-        let fence_after = self.fence_after_ms.load(std::sync::atomic::Ordering::SeqCst);
-        if fence_after == 0 || self.is_fenced() {
-            return;
+        let node_fence = self.fence_after_ms.load(std::sync::atomic::Ordering::SeqCst);
+        if node_fence == 0 {
+            return; // not registered yet
         }
         let silent = self.last_contact.lock().unwrap_or_else(|p| p.into_inner()).elapsed();
-        if silent < Duration::from_millis(fence_after) {
+        let silent_ms = silent.as_millis() as u64;
+        let heartbeat_ms = self.heartbeat_ms.load(std::sync::atomic::Ordering::SeqCst);
+        // Connected: the coordinators enforce lifetimes and placements.
+        if silent_ms < heartbeat_ms.saturating_mul(2) {
+            return;
+        }
+        let now = sandfleet_common::time::now_ms();
+        let due: Vec<(String, &'static str)> = {
+            let sessions = self.sessions.lock().unwrap_or_else(|p| p.into_inner());
+            sessions
+                .iter()
+                .filter_map(|(id, s)| {
+                    let fence = if s.fence_after_ms == 0 { node_fence } else { s.fence_after_ms };
+                    let why = if silent_ms >= fence {
+                        "cut off from a coordinator quorum (fencing)"
+                    } else if s.expires_at_ms > 0 && now > s.expires_at_ms + SELF_EXPIRY_GRACE_MS {
+                        "past its ttl while cut off"
+                    } else if s.idle_timeout_ms > 0 && now - s.last_active_ms > s.idle_timeout_ms as i64 + SELF_EXPIRY_GRACE_MS {
+                        "past its idle timeout while cut off"
+                    } else {
+                        return None;
+                    };
+                    Some((id.clone(), why))
+                })
+                .collect()
+        };
+        // Past the node's fence time (or having fenced any session), assignment
+        // pushes from a possibly stale coordinator are ignored until a heartbeat
+        // that a quorum backs succeeds.
+        let fence = silent_ms >= node_fence || due.iter().any(|(_, why)| why.ends_with("(fencing)"));
+        if due.is_empty() && (!fence || self.is_fenced()) {
             return;
         }
         let _guard = self.reconcile_lock.lock().await;
-        self.fenced.store(true, std::sync::atomic::Ordering::SeqCst);
-        let ids: Vec<String> = self.sessions.lock().unwrap_or_else(|p| p.into_inner()).drain().map(|(id, _)| id).collect();
-        tracing::error!(
-            silent_ms = silent.as_millis() as u64,
-            sessions = ids.len(),
-            "cut off from a coordinator quorum; stopping every session (fencing)"
-        );
-        for id in ids {
+        if fence && !self.fenced.swap(true, std::sync::atomic::Ordering::SeqCst) {
+            tracing::error!(silent_ms, "cut off from a coordinator quorum; fencing: ignoring assignment pushes until a heartbeat succeeds");
+        }
+        for (id, why) in due {
+            if self.sessions.lock().unwrap_or_else(|p| p.into_inner()).remove(&id).is_none() {
+                continue;
+            }
+            tracing::error!(session = %id, silent_ms, "stopping session: {why}");
             if let Err(e) = self.runtime.destroy(&id).await {
-                tracing::warn!(session = %id, error = %e, "failed to destroy a fenced session");
+                tracing::warn!(session = %id, error = %e, "failed to destroy a session");
             }
         }
     }
@@ -134,7 +214,17 @@ impl AgentState {
             self.sessions
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())
-                .insert(s.session_id.clone(), LocalSession { generation: s.generation, phase: LocalPhase::Ready, expires_at_ms: 0 });
+                .insert(
+                    s.session_id.clone(),
+                    LocalSession {
+                        generation: s.generation,
+                        phase: LocalPhase::Ready,
+                        expires_at_ms: 0,
+                        fence_after_ms: 0,
+                        idle_timeout_ms: 0,
+                        last_active_ms: sandfleet_common::time::now_ms(),
+                    },
+                );
             // Tell the coordinators it runs, in case the last report was lost with the old
             // process; a report for a superseded generation is ignored by the cluster.
             self.report(pb::SessionReport {
@@ -159,18 +249,23 @@ impl AgentState {
                 .map(|(id, _)| id.clone())
                 .collect();
             let mut to_start = Vec::new();
+            let now = sandfleet_common::time::now_ms();
             for (id, a) in &desired {
                 match sessions.get_mut(id) {
                     Some(local) if local.generation == a.generation => {
+                        if local.expires_at_ms != a.expires_at_ms {
+                            // Renewed: renewal also restarts the idle clock.
+                            local.last_active_ms = local.last_active_ms.max(now);
+                        }
+                        let fresh = LocalSession::new(a, now);
                         local.expires_at_ms = a.expires_at_ms;
+                        local.fence_after_ms = fresh.fence_after_ms;
+                        local.idle_timeout_ms = fresh.idle_timeout_ms;
                         continue;
                     }
                     Some(local) if local.generation > a.generation => continue, // stale assignment message
                     _ => {
-                        sessions.insert(
-                            id.clone(),
-                            LocalSession { generation: a.generation, phase: LocalPhase::Preparing, expires_at_ms: a.expires_at_ms },
-                        );
+                        sessions.insert(id.clone(), LocalSession::new(a, now));
                         to_start.push(a.clone());
                     }
                 }
@@ -305,6 +400,7 @@ impl Control {
                         Err(e) => tracing::error!(error = %e, "coordinator sent a bad token key"),
                     }
                     self.state.fence_after_ms.store(resp.fence_after_ms, std::sync::atomic::Ordering::SeqCst);
+                    self.state.heartbeat_ms.store(resp.heartbeat_interval_ms.max(100), std::sync::atomic::Ordering::SeqCst);
                     self.state.contact();
                     tracing::info!(
                         node = %self.config.register.node_id,
@@ -352,7 +448,12 @@ impl Control {
             // heartbeat must not revive copies the cluster has already replaced.
             self.state.fence_if_cut_off().await;
             let reports = std::mem::take(&mut *self.state.reports.lock().unwrap_or_else(|p| p.into_inner()));
-            let mut req = tonic::Request::new(pb::HeartbeatRequest { node_id: self.config.register.node_id.clone(), reports: reports.clone() });
+            let activity = self.state.take_activity();
+            let mut req = tonic::Request::new(pb::HeartbeatRequest {
+                node_id: self.config.register.node_id.clone(),
+                reports: reports.clone(),
+                activity: activity.clone(),
+            });
             // Two intervals at most: the cluster's fence_after assumes it.
             req.set_timeout(CALL_TIMEOUT.min(interval * 2));
             match self.client().heartbeat(req).await {
@@ -362,8 +463,15 @@ impl Control {
                     self.state.reconcile(resp.into_inner().assignments).await;
                 }
                 Err(status) => {
-                    // Keep the reports for the next attempt.
+                    // Keep the reports and activity for the next attempt.
                     self.state.reports.lock().unwrap_or_else(|p| p.into_inner()).splice(0..0, reports);
+                    {
+                        let mut pending = self.state.activity.lock().unwrap_or_else(|p| p.into_inner());
+                        for a in activity {
+                            let e = pending.entry(a.session_id).or_insert(a.last_active_ms);
+                            *e = (*e).max(a.last_active_ms);
+                        }
+                    }
                     failures += 1;
                     tracing::warn!(error = %status, failures, "heartbeat failed");
                     if status.code() == tonic::Code::NotFound {

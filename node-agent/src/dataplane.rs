@@ -55,7 +55,10 @@ impl DataPlane {
             return Err(Status::unauthenticated("session token is for an older placement; get the session again"));
         }
         match local.phase {
-            LocalPhase::Ready => Ok(()),
+            LocalPhase::Ready => {
+                self.state.touch(session_id);
+                Ok(())
+            }
             LocalPhase::Preparing => Err(Status::unavailable(format!("session {session_id} is still starting; retry"))),
             LocalPhase::Failed(why) => Err(Status::failed_precondition(format!("session {session_id} failed to start: {why}"))),
         }
@@ -113,7 +116,13 @@ impl ExecService for DataPlane {
         let (tx, rx) = tokio::sync::mpsc::channel::<Result<pb::ExecResponse, Status>>(32);
         let runtime = self.state.runtime.clone();
         let session_id = req.session_id.clone();
-        let run = tokio::spawn(async move { runtime.exec(&session_id, spec, out_tx).await });
+        let state = self.state.clone();
+        let run = tokio::spawn(async move {
+            let result = runtime.exec(&session_id, spec, out_tx).await;
+            // A long exec counts as activity until it ends.
+            state.touch(&session_id);
+            result
+        });
         tokio::spawn(async move {
             while let Some(ev) = out_rx.recv().await {
                 let (stream, data) = match ev {

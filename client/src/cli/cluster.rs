@@ -26,6 +26,58 @@ pub async fn node_cordon(ctx: &Ctx, id: &str, cordoned: bool) -> anyhow::Result<
     Ok(0)
 }
 
+/// `node drain ID`: starts the drain, then (unless detached) follows it and
+/// prints progress to stderr until no session is left on the node. Exits 0
+/// when drained, 1 when the node stopped draining (uncordoned, or down),
+/// 2 when `wait_timeout` passed first (the drain goes on).
+pub async fn node_drain(
+    ctx: &Ctx,
+    id: &str,
+    deadline: std::time::Duration,
+    max_parallel: u32,
+    detach: bool,
+    wait_timeout: std::time::Duration,
+) -> anyhow::Result<i32> {
+    let mut node = ctx.client.drain_node(id, deadline, max_parallel).await?;
+    let started = std::time::Instant::now();
+    let mut last = None;
+    let code = loop {
+        let progress = node.drain.as_ref().map(|d| (d.remaining, d.moving));
+        if detach {
+            break 0;
+        }
+        match progress {
+            None => {
+                eprintln!("node {id} is {} and no longer draining", node.state);
+                break 1;
+            }
+            Some((0, 0)) => {
+                eprintln!("node {id} is drained");
+                break 0;
+            }
+            Some(p) if last != Some(p) => {
+                eprintln!("node {id}: {} sessions left, {} moving", p.0, p.1);
+                last = Some(p);
+            }
+            Some(_) => {}
+        }
+        if started.elapsed() > wait_timeout {
+            eprintln!("stopped following after {}; the drain goes on", humantime::format_duration(wait_timeout));
+            break 2;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+        node = match ctx.client.list_nodes().await?.into_iter().find(|n| n.id == id) {
+            Some(n) => n,
+            None => anyhow::bail!("node {id} disappeared while draining"),
+        };
+    };
+    match ctx.output {
+        OutputFormat::Json => print_json(&json::node_to_json(&node))?,
+        OutputFormat::Text => out(&nodes_table(std::slice::from_ref(&node)))?,
+    }
+    Ok(code)
+}
+
 /// `cluster status|init|add|remove`; each prints the resulting membership.
 pub async fn run(ctx: &Ctx, cmd: ClusterCmd) -> anyhow::Result<i32> {
     let status = match cmd {

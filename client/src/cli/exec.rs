@@ -36,6 +36,21 @@ pub fn apply_resources(mut c: CreateSession, r: &ResourceArgs) -> CreateSession 
     for (k, v) in &r.labels {
         c = c.label(k.clone(), v.clone());
     }
+    for (k, v) in &r.node_selector {
+        c = c.node_selector(k.clone(), v.clone());
+    }
+    if let Some(d) = r.idle_timeout {
+        c = c.idle_timeout(d);
+    }
+    if let Some(d) = r.lost_after {
+        c = c.lost_after(d);
+    }
+    if let Some(n) = r.max_attempts {
+        c = c.max_attempts(n);
+    }
+    if let Some(d) = r.restart_backoff {
+        c = c.restart_backoff(d);
+    }
     c
 }
 
@@ -218,8 +233,17 @@ mod tests {
             pids: Some(32),
             template: Some("python".into()),
             labels: vec![("a".into(), "b".into())],
+            node_selector: vec![("zone".into(), "b".into())],
+            idle_timeout: Some(Duration::from_secs(90)),
+            lost_after: Some(Duration::from_secs(12)),
+            max_attempts: Some(3),
+            restart_backoff: Some(Duration::from_millis(500)),
         };
         let c = apply_resources(CreateSession::new(), &r);
+        assert_eq!(c.spec.node_selector["zone"], "b");
+        assert_eq!(c.spec.idle_timeout_seconds, 90);
+        let p = c.spec.restart_policy.clone().unwrap();
+        assert_eq!((p.lost_after_ms, p.max_attempts, p.backoff_ms), (12_000, 3, 500));
         assert_eq!(c.spec.memory_bytes, 1 << 30);
         assert_eq!(c.spec.cpu_millis, 250);
         assert_eq!(c.spec.pids_limit, 32);

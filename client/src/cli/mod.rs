@@ -85,6 +85,21 @@ pub struct ResourceArgs {
     /// Session label (repeatable).
     #[arg(long = "label", short = 'l', value_parser = parse_key_value, value_name = "KEY=VALUE")]
     pub labels: Vec<(String, String)>,
+    /// Run only on nodes carrying this label (repeatable).
+    #[arg(long = "node-selector", value_parser = parse_key_value, value_name = "KEY=VALUE")]
+    pub node_selector: Vec<(String, String)>,
+    /// End the session after this long without exec or file calls, e.g. 10m.
+    #[arg(long, value_parser = parse_duration, value_name = "DURATION")]
+    pub idle_timeout: Option<Duration>,
+    /// Node silence after which the session is placed elsewhere (default: the cluster's node TTL).
+    #[arg(long, value_parser = parse_duration, value_name = "DURATION")]
+    pub lost_after: Option<Duration>,
+    /// Placements allowed after losing a node before the session fails (0: unlimited).
+    #[arg(long, value_name = "N")]
+    pub max_attempts: Option<u32>,
+    /// Delay before placing a lost session again; doubles per loss, up to 60s.
+    #[arg(long, value_parser = parse_duration, value_name = "DURATION")]
+    pub restart_backoff: Option<Duration>,
 }
 
 /// What to execute, for `run` and `session exec`.
@@ -267,10 +282,28 @@ pub enum NodeCmd {
         /// Node id.
         id: String,
     },
-    /// Allow new sessions on a cordoned node again.
+    /// Allow new sessions on a cordoned or drained node again (ends a drain).
     Uncordon {
         /// Node id.
         id: String,
+    },
+    /// Move every session off a node, a few at a time, and place no new ones
+    /// on it. Follows progress until the node is empty.
+    Drain {
+        /// Node id.
+        id: String,
+        /// After this long, move every remaining session at once.
+        #[arg(long, value_parser = parse_duration, default_value = "1h", value_name = "DURATION")]
+        deadline: Duration,
+        /// How many of the node's sessions may be moving at a time.
+        #[arg(long, default_value_t = 1, value_name = "N")]
+        max_parallel: u32,
+        /// Start the drain and return without following it.
+        #[arg(long)]
+        detach: bool,
+        /// How long to follow before giving up (the drain goes on).
+        #[arg(long, value_parser = parse_duration, default_value = "2h", value_name = "DURATION")]
+        wait_timeout: Duration,
     },
 }
 
@@ -372,6 +405,9 @@ pub async fn run(cli: Cli) -> anyhow::Result<i32> {
         Command::Node(NodeCmd::List) => cluster::node_list(&ctx).await,
         Command::Node(NodeCmd::Cordon { id }) => cluster::node_cordon(&ctx, &id, true).await,
         Command::Node(NodeCmd::Uncordon { id }) => cluster::node_cordon(&ctx, &id, false).await,
+        Command::Node(NodeCmd::Drain { id, deadline, max_parallel, detach, wait_timeout }) => {
+            cluster::node_drain(&ctx, &id, deadline, max_parallel, detach, wait_timeout).await
+        }
         Command::Cluster(cmd) => cluster::run(&ctx, cmd).await,
         Command::Dev(_) => unreachable!("handled above"),
     }

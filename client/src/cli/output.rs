@@ -160,6 +160,18 @@ pub fn session_text(s: &proto::Session) -> String {
         ("created", format_time(s.created_at_ms)),
         ("expires", format_time(s.expires_at_ms)),
     ]);
+    if !spec.node_selector.is_empty() {
+        rows.push(("selector", sorted_pairs(&spec.node_selector)));
+    }
+    if spec.idle_timeout_seconds > 0 {
+        rows.push(("idle", format!("{}s", spec.idle_timeout_seconds)));
+    }
+    if let Some(p) = &spec.restart_policy {
+        rows.push(("restart", format!("lost after {} ms, max attempts {}, backoff {} ms", p.lost_after_ms, p.max_attempts, p.backoff_ms)));
+    }
+    if s.restarts > 0 {
+        rows.push(("restarts", s.restarts.to_string()));
+    }
     if !s.pending_reason.is_empty() {
         rows.push(("pending", s.pending_reason.clone()));
     }
@@ -205,9 +217,13 @@ pub fn nodes_table(nodes: &[proto::Node]) -> String {
             } else {
                 n.session_count.to_string()
             };
+            let state = match &n.drain {
+                Some(d) => format!("{} ({} left, {} moving)", n.state, d.remaining, d.moving),
+                None => or_dash(&n.state).to_string(),
+            };
             vec![
                 n.id.clone(),
-                or_dash(&n.state).to_string(),
+                state,
                 or_dash(&n.address).to_string(),
                 format!("{}/{}", format_cpu(used.cpu_millis), format_cpu(cap.cpu_millis)),
                 format!("{}/{}", format_memory(used.memory_bytes), format_memory(cap.memory_bytes)),

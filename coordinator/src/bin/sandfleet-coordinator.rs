@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::Parser;
+use sandfleet_coordinator::scheduler::Strategy;
 use sandfleet_coordinator::{serve, CoordinatorConfig};
 use tokio_util::sync::CancellationToken;
 
@@ -54,6 +55,23 @@ struct Args {
     /// sessions are placed elsewhere. At least three heartbeat intervals.
     #[arg(long, default_value = "5s", value_parser = humantime_duration)]
     node_ttl: Duration,
+    /// Node silence after which a session is declared LOST and placed
+    /// elsewhere, unless the session sets its own restart_policy.lost_after_ms.
+    /// Agents cut off from a quorum stop their sessions shortly before this.
+    /// Defaults to --node-ttl.
+    #[arg(long, value_parser = humantime_duration)]
+    lost_after: Option<Duration>,
+    /// How the scheduler picks among nodes that fit: spread (emptiest first)
+    /// or binpack (fullest first).
+    #[arg(long, value_enum, default_value_t = Strategy::Spread)]
+    placement: Strategy,
+    /// Score at most this many feasible nodes per placement, found from a
+    /// random start (best-of-K); 0 scores every node.
+    #[arg(long, default_value_t = 16)]
+    placement_candidates: usize,
+    /// Most placements committed in one Raft entry.
+    #[arg(long, default_value_t = 1024)]
+    placement_batch: usize,
 }
 
 fn humantime_duration(s: &str) -> Result<Duration, String> {
@@ -86,6 +104,10 @@ async fn main() -> anyhow::Result<()> {
         keep_log_entries: args.keep_log_entries,
         agent_heartbeat: args.agent_heartbeat,
         node_ttl: args.node_ttl,
+        lost_after: args.lost_after,
+        placement_strategy: args.placement,
+        placement_candidates: args.placement_candidates,
+        placement_batch: args.placement_batch,
         ..Default::default()
     };
     let coordinator = serve(config, shutdown.clone()).await.context("failed to start the coordinator")?;

@@ -10,8 +10,8 @@ use sandfleet_proto::v1::{self as pb, agent_service_server::AgentService};
 use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status};
 
-use crate::core::Core;
-use crate::state::{ClusterState, Command, NodePhase, NodeRecord, Resources, SessionPhase};
+use crate::core::{spec_to_proto, Core, Tunables};
+use crate::state::{ClusterState, Command, NodePhase, NodeRecord, Report, Resources, SessionPhase};
 
 /// Deadline of a heartbeat forwarded to the leader.
 const HEARTBEAT_FORWARD_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2);
@@ -27,13 +27,32 @@ impl AgentApi {
         Self { core, shutdown }
     }
 
+    /// Confirms that this leader still holds a quorum (read-index). Concurrent
+    /// heartbeats share one check: a check that started after a heartbeat
+    /// arrived, or at most 50 ms before, answers for it.
+    async fn confirm_quorum(&self) -> Result<(), Status> {
+        let arrived = std::time::Instant::now();
+        let mut last = self.core.quorum_checked.lock().await;
+        if last.is_some_and(|t| t + std::time::Duration::from_millis(50) >= arrived) {
+            return Ok(());
+        }
+        let started = std::time::Instant::now();
+        self.core
+            .raft
+            .ensure_linearizable()
+            .await
+            .map_err(|e| Status::unavailable(format!("this leader cannot confirm a quorum: {e}")))?;
+        *last = Some(started);
+        Ok(())
+    }
+
     fn touch(&self, node_id: &str) {
         self.core.heartbeats.lock().unwrap_or_else(|p| p.into_inner()).insert(node_id.to_string(), crate::now_ms());
     }
 }
 
 /// The full assignment set of a node.
-pub fn assignments(st: &ClusterState, node_id: &str) -> Vec<pb::Assignment> {
+pub fn assignments(st: &ClusterState, tunables: &Tunables, node_id: &str) -> Vec<pb::Assignment> {
     let Some(ids) = st.node_sessions.get(node_id) else { return Vec::new() };
     ids.iter()
         .filter_map(|id| st.sessions.get(id))
@@ -41,16 +60,13 @@ pub fn assignments(st: &ClusterState, node_id: &str) -> Vec<pb::Assignment> {
         .map(|s| pb::Assignment {
             session_id: s.id.clone(),
             generation: s.generation,
-            spec: Some(pb::SessionSpec {
-                template: s.spec.template.clone(),
-                cpu_millis: s.spec.cpu_millis,
-                memory_bytes: s.spec.memory_bytes,
-                pids_limit: s.spec.pids_limit,
-                env: s.spec.env.clone().into_iter().collect(),
-                labels: s.spec.labels.clone().into_iter().collect(),
-                ttl_seconds: s.spec.ttl_seconds,
-            }),
+            spec: Some(spec_to_proto(&s.spec)),
             expires_at_ms: s.expires_at_ms,
+            fence_after_ms: if s.spec.lost_after_ms == 0 {
+                0
+            } else {
+                tunables.fence_for(std::time::Duration::from_millis(s.spec.lost_after_ms)).as_millis() as u64
+            },
         })
         .collect()
 }
@@ -80,6 +96,7 @@ impl AgentService for AgentApi {
             runtimes: req.runtimes,
             phase: NodePhase::Ready,
             registered_at_ms: 0,
+            drain: None,
         };
         let unchanged = self.core.state.read(|st| {
             st.nodes.get(&node.id).is_some_and(|n| {
@@ -127,36 +144,40 @@ impl AgentService for AgentApi {
         // answer for `fence_after` stops its sessions, which is what makes
         // placing them elsewhere safe. A leader cut off in a minority must not
         // keep such an agent alive.
-        self.core
-            .raft
-            .ensure_linearizable()
-            .await
-            .map_err(|e| Status::unavailable(format!("this leader cannot confirm a quorum: {e}")))?;
+        self.confirm_quorum().await?;
         self.touch(&req.node_id);
+        if !req.activity.is_empty() {
+            let mut act = self.core.activity.lock().unwrap_or_else(|p| p.into_inner());
+            let now = crate::now_ms();
+            for a in &req.activity {
+                // An agent's clock may run ahead; never record activity in the future.
+                let at = a.last_active_ms.min(now);
+                let e = act.entry(a.session_id.clone()).or_insert(at);
+                *e = (*e).max(at);
+            }
+        }
         if self.core.state.read(|st| st.nodes.get(&req.node_id).is_some_and(|n| n.phase == NodePhase::Down)) {
             tracing::info!(node = %req.node_id, "node heartbeats again; marking it ready");
             self.core.propose(Command::NodeUp { node_id: req.node_id.clone(), now_ms: crate::now_ms() }).await?;
             self.core.wake.notify_one();
         }
+        let mut reports = Vec::with_capacity(req.reports.len());
         for r in req.reports {
             let phase = match pb::SessionState::try_from(r.state) {
                 Ok(pb::SessionState::Running) => SessionPhase::Running,
                 Ok(pb::SessionState::Failed) => SessionPhase::Failed,
                 _ => return Err(Status::invalid_argument(format!("invalid report state {} for session {}", r.state, r.session_id))),
             };
-            let cmd = Command::ReportSession {
-                id: r.session_id,
-                node_id: req.node_id.clone(),
-                generation: r.generation,
-                phase,
-                message: r.message,
-                now_ms: crate::now_ms(),
-            };
-            // Stale reports are rejected by the state machine (fencing); that is not an error for the agent.
+            reports.push(Report { id: r.session_id, generation: r.generation, phase, message: r.message });
+        }
+        if !reports.is_empty() {
+            // One entry for all of them. Stale reports are fenced off by the
+            // state machine one by one; that is not an error for the agent.
+            let cmd = Command::ReportSessions { node_id: req.node_id.clone(), reports, now_ms: crate::now_ms() };
             self.core.propose(cmd).await?;
         }
         let (assignments, version) =
-            self.core.state.read(|st| (assignments(st, &req.node_id), *self.core.state.version.borrow()));
+            self.core.state.read(|st| (assignments(st, &self.core.tunables, &req.node_id), *self.core.state.version.borrow()));
         Ok(Response::new(pb::HeartbeatResponse { assignments, assignments_version: version }))
     }
 
@@ -172,8 +193,21 @@ impl AgentService for AgentApi {
         let (tx, rx) = tokio::sync::mpsc::channel(4);
         tokio::spawn(async move {
             let mut last: Option<Vec<pb::Assignment>> = None;
+            let mut seen_node_version = None;
             loop {
-                let (current, v) = core.state.read(|st| (assignments(st, &node_id), *version.borrow_and_update()));
+                // Most changes concern other nodes: recompute only when this node's set may have changed.
+                let node_version = core.state.read(|st| st.node_version(&node_id));
+                let _ = version.borrow_and_update();
+                if seen_node_version == Some(node_version) {
+                    tokio::select! {
+                        _ = shutdown.cancelled() => return,
+                        _ = tx.closed() => return,
+                        changed = version.changed() => if changed.is_err() { return },
+                    }
+                    continue;
+                }
+                seen_node_version = Some(node_version);
+                let (current, v) = core.state.read(|st| (assignments(st, &core.tunables, &node_id), *version.borrow()));
                 if last.as_ref() != Some(&current) {
                     let msg = pb::HeartbeatResponse { assignments: current.clone(), assignments_version: v };
                     if tx.send(Ok(msg)).await.is_err() {

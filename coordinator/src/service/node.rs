@@ -5,10 +5,10 @@ use std::sync::Arc;
 use sandfleet_proto::v1::{self as pb, node_service_server::NodeService};
 use tonic::{Request, Response, Status};
 
-use sandfleet_common::ids;
+use sandfleet_common::{ids, ValidationError};
 
 use crate::core::Core;
-use crate::state::{ClusterState, Command, CommandResponse, NodeRecord};
+use crate::state::{ClusterState, Command, CommandResponse, DrainRecord, NodeRecord};
 
 /// The NodeService implementation.
 pub struct NodeApi {
@@ -46,7 +46,45 @@ impl NodeService for NodeApi {
         let node = self.core.state.read(|st| st.nodes.get(&req.node_id).map(|n| node_to_proto(st, n, &seen)));
         Ok(Response::new(pb::CordonNodeResponse { node }))
     }
+
+    #[tracing::instrument(skip_all, fields(node = %req.get_ref().node_id))]
+    async fn drain_node(&self, req: Request<pb::DrainNodeRequest>) -> Result<Response<pb::DrainNodeResponse>, Status> {
+        let req = req.into_inner();
+        ids::validate_node_id(&req.node_id)?;
+        let deadline_seconds = match req.deadline_seconds {
+            0 => DEFAULT_DRAIN_DEADLINE_SECONDS,
+            n if n > MAX_DRAIN_DEADLINE_SECONDS => {
+                return Err(ValidationError::over("deadline_seconds", format!("{MAX_DRAIN_DEADLINE_SECONDS} seconds"), n).into())
+            }
+            n => n,
+        };
+        let max_parallel = match req.max_parallel {
+            0 => 1,
+            n if n > MAX_DRAIN_PARALLEL => return Err(ValidationError::over("max_parallel", MAX_DRAIN_PARALLEL, n).into()),
+            n => n,
+        };
+        let now = crate::now_ms();
+        let drain = DrainRecord { started_at_ms: now, deadline_ms: now + deadline_seconds as i64 * 1000, max_parallel };
+        match self.core.propose(Command::DrainNode { node_id: req.node_id.clone(), drain }).await? {
+            CommandResponse::Ok => {}
+            CommandResponse::NotFound(id) => return Err(Status::not_found(format!("node {id} is not registered"))),
+            CommandResponse::Rejected(why) => return Err(Status::failed_precondition(why)),
+            other => return Err(Status::internal(format!("unexpected apply result {other:?}"))),
+        }
+        self.core.wake.notify_one();
+        tracing::info!(node = %req.node_id, deadline_seconds, max_parallel, "node drain started");
+        let seen = self.core.heartbeats.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        let node = self.core.state.read(|st| st.nodes.get(&req.node_id).map(|n| node_to_proto(st, n, &seen)));
+        Ok(Response::new(pb::DrainNodeResponse { node }))
+    }
 }
+
+/// Drain deadline when the request gives none.
+const DEFAULT_DRAIN_DEADLINE_SECONDS: u64 = 3600;
+/// Longest drain deadline.
+const MAX_DRAIN_DEADLINE_SECONDS: u64 = 86_400;
+/// Most sessions of one node moving at a time.
+const MAX_DRAIN_PARALLEL: u32 = 1000;
 
 fn node_to_proto(st: &ClusterState, n: &NodeRecord, seen: &std::collections::HashMap<String, i64>) -> pb::Node {
     let used = st.allocated_on(&n.id);
@@ -68,5 +106,12 @@ fn node_to_proto(st: &ClusterState, n: &NodeRecord, seen: &std::collections::Has
         last_heartbeat_ms: seen.get(&n.id).copied().unwrap_or(0),
         session_count: st.node_sessions.get(&n.id).map(|s| s.len() as u32).unwrap_or(0),
         runtimes: n.runtimes.clone(),
+        drain: n.drain.map(|d| pb::DrainStatus {
+            started_at_ms: d.started_at_ms,
+            deadline_ms: d.deadline_ms,
+            max_parallel: d.max_parallel,
+            remaining: st.node_sessions.get(&n.id).map_or(0, |s| s.len() as u32),
+            moving: st.moving.get(&n.id).map_or(0, |s| s.len() as u32),
+        }),
     }
 }

@@ -13,9 +13,9 @@ use tokio::sync::broadcast::error::RecvError;
 use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status};
 
-use crate::core::{phase_to_proto, response_status, Core};
+use crate::core::{phase_to_proto, response_status, Core, Tunables};
 use crate::scheduler::{self, Unplaceable};
-use crate::state::{Command, CommandResponse, SessionPhase, SessionRecord, SpecRecord};
+use crate::state::{Command, CommandResponse, SessionPhase, SessionRecord, SpecRecord, MAX_BACKOFF_MS};
 
 /// The SessionService implementation.
 pub struct SessionApi {
@@ -29,8 +29,13 @@ impl SessionApi {
     }
 }
 
+/// Most restart attempts a session may ask for.
+const MAX_RESTART_ATTEMPTS: u32 = 1000;
+/// Longest `lost_after` a session may ask for.
+const MAX_LOST_AFTER_MS: u64 = 3_600_000;
+
 /// Validates a spec and fills in defaults. Changes nothing on error.
-pub fn validate_spec(spec: Option<pb::SessionSpec>) -> Result<SpecRecord, Status> {
+pub fn validate_spec(spec: Option<pb::SessionSpec>, tunables: &Tunables) -> Result<SpecRecord, Status> {
     let spec = spec.unwrap_or_default();
     let template = if spec.template.is_empty() { "default".to_string() } else { spec.template };
     ids::validate_template(&template)?;
@@ -68,6 +73,30 @@ pub fn validate_spec(spec: Option<pb::SessionSpec>) -> Result<SpecRecord, Status
     }
     ids::validate_env("env", &spec.env)?;
     ids::validate_labels("labels", &spec.labels)?;
+    ids::validate_labels("node_selector", &spec.node_selector)?;
+    if spec.idle_timeout_seconds > limits::MAX_TTL_SECONDS {
+        return Err(ValidationError::over("idle_timeout_seconds", format!("{} seconds", limits::MAX_TTL_SECONDS), spec.idle_timeout_seconds).into());
+    }
+    let policy = spec.restart_policy.unwrap_or_default();
+    if policy.lost_after_ms != 0 {
+        let min = tunables.min_lost_after().as_millis() as u64;
+        if policy.lost_after_ms < min {
+            return Err(ValidationError::invalid(
+                "restart_policy.lost_after_ms",
+                format!("must be 0 (the cluster default) or at least {min} ms (three agent heartbeats and a margin)"),
+            )
+            .into());
+        }
+        if policy.lost_after_ms > MAX_LOST_AFTER_MS {
+            return Err(ValidationError::over("restart_policy.lost_after_ms", format!("{MAX_LOST_AFTER_MS} ms"), policy.lost_after_ms).into());
+        }
+    }
+    if policy.max_attempts > MAX_RESTART_ATTEMPTS {
+        return Err(ValidationError::over("restart_policy.max_attempts", MAX_RESTART_ATTEMPTS, policy.max_attempts).into());
+    }
+    if policy.backoff_ms > MAX_BACKOFF_MS {
+        return Err(ValidationError::over("restart_policy.backoff_ms", format!("{MAX_BACKOFF_MS} ms"), policy.backoff_ms).into());
+    }
     Ok(SpecRecord {
         template,
         cpu_millis,
@@ -76,6 +105,11 @@ pub fn validate_spec(spec: Option<pb::SessionSpec>) -> Result<SpecRecord, Status
         env: spec.env.into_iter().collect(),
         labels: spec.labels.into_iter().collect(),
         ttl_seconds,
+        node_selector: spec.node_selector.into_iter().collect(),
+        idle_timeout_seconds: spec.idle_timeout_seconds,
+        lost_after_ms: policy.lost_after_ms,
+        max_attempts: policy.max_attempts,
+        backoff_ms: policy.backoff_ms,
     })
 }
 
@@ -89,7 +123,7 @@ impl SessionService for SessionApi {
     async fn create_session(&self, req: Request<pb::CreateSessionRequest>) -> Result<Response<pb::CreateSessionResponse>, Status> {
         let req = req.into_inner();
         ids::validate_request_id(&req.request_id)?;
-        let spec = validate_spec(req.spec)?;
+        let spec = validate_spec(req.spec, &self.core.tunables)?;
 
         // A request id this member has already seen answers at once.
         if let Some(existing) = self.core.state.read(|st| st.request_ids.get(&req.request_id).and_then(|id| st.sessions.get(id).cloned())) {
@@ -98,7 +132,7 @@ impl SessionService for SessionApi {
 
         // Place now when this member leads and a node fits; otherwise the
         // session is stored unplaced and the leader loop places it.
-        let placement = self.core.state.read(|st| scheduler::place(st, &spec));
+        let placement = self.core.state.read(|st| scheduler::place(st, &spec, self.core.tunables.placement));
         let (node_id, pending_reason) = match placement {
             Err(Unplaceable::Never(why)) => return Err(Status::resource_exhausted(why)),
             Ok(node) if self.core.is_leader() => (Some(node), "starting on its node".to_string()),
@@ -118,6 +152,10 @@ impl SessionService for SessionApi {
             pending_reason,
             message: String::new(),
             spec,
+            restarts: 0,
+            not_before_ms: 0,
+            moved_from: None,
+            renewed_at_ms: 0,
         };
         let resp = self.core.propose(Command::CreateSession { session: record }).await?;
         self.core.wake.notify_one();

@@ -48,6 +48,9 @@ struct Args {
     uid_base: u32,
 }
 
+/// The label every node carries with its own name.
+const NODE_NAME_LABEL: &str = "sandfleet.node";
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
@@ -57,6 +60,9 @@ async fn main() -> anyhow::Result<()> {
         let Some((k, v)) = l.split_once('=') else { bail!("invalid --label {l:?}: expected k=v") };
         labels.insert(k.to_string(), v.to_string());
     }
+    // Every node carries its own name, so a session can be pinned to one node
+    // with `--node-selector sandfleet.node=NAME` (like kubernetes.io/hostname).
+    labels.entry(NODE_NAME_LABEL.to_string()).or_insert_with(|| args.node_id.clone());
     let cpu_millis = args.cpu.as_deref().map(sandfleet_common::quantity::parse_cpu).transpose()?.unwrap_or(0);
     let memory_bytes = args.memory.as_deref().map(sandfleet_common::quantity::parse_memory).transpose()?.unwrap_or(0);
     let shutdown = CancellationToken::new();
