@@ -101,6 +101,7 @@ fn entry_bytes() -> usize {
             labels: Default::default(),
             ttl_seconds: 3600,
             node_selector: Default::default(),
+            runtime: String::new(),
             idle_timeout_seconds: 0,
             lost_after_ms: 0,
             max_attempts: 0,

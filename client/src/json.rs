@@ -20,6 +20,7 @@ pub fn spec_to_json(spec: &proto::SessionSpec) -> Value {
         "labels": spec.labels,
         "ttl_seconds": spec.ttl_seconds,
         "node_selector": spec.node_selector,
+        "runtime": spec.runtime,
         "idle_timeout_seconds": spec.idle_timeout_seconds,
         "restart_policy": spec.restart_policy.as_ref().map(|p| json!({
             "lost_after_ms": p.lost_after_ms,

@@ -79,6 +79,13 @@ impl CreateSession {
         self
     }
 
+    /// Requires a runtime ("process", "docker", "kubernetes"); by default any
+    /// runtime offering the template will do.
+    pub fn runtime(mut self, runtime: impl Into<String>) -> Self {
+        self.spec.runtime = runtime.into();
+        self
+    }
+
     /// Ends the session after this long without exec or file calls (whole
     /// seconds, rounded up).
     pub fn idle_timeout(mut self, idle: Duration) -> Self {

@@ -291,6 +291,7 @@ pub fn spec_to_proto(spec: &crate::state::SpecRecord) -> pb::SessionSpec {
         labels: spec.labels.clone().into_iter().collect(),
         ttl_seconds: spec.ttl_seconds,
         node_selector: spec.node_selector.clone().into_iter().collect(),
+        runtime: spec.runtime.clone(),
         idle_timeout_seconds: spec.idle_timeout_seconds,
         restart_policy: policy.then(|| pb::RestartPolicy {
             lost_after_ms: spec.lost_after_ms,

@@ -23,16 +23,27 @@ use rand::Rng;
 
 use crate::state::{ClusterState, NodePhase, NodeRecord, Resources, SpecRecord};
 
-/// Templates the cluster knows, and the runtime each one needs.
-pub fn template_runtime(template: &str) -> Option<&'static str> {
+/// The runtimes a node agent can offer.
+pub const RUNTIMES: [&str; 3] = ["process", "docker", "kubernetes"];
+
+/// Templates the cluster knows, and the runtimes that offer each one.
+pub fn template_runtimes(template: &str) -> Option<&'static [&'static str]> {
     match template {
-        "default" | "python" | "node" | "bash" => Some("process"),
+        "default" | "python" | "node" | "bash" => Some(&RUNTIMES),
         _ => None,
     }
 }
 
 /// Names of the known templates, for error messages.
 pub const KNOWN_TEMPLATES: &str = "default, python, node, bash";
+
+/// The runtimes a spec may run in: the one it names, or any offering its template.
+fn runtimes_for(spec: &SpecRecord) -> &'static [&'static str] {
+    match RUNTIMES.iter().position(|r| *r == spec.runtime) {
+        Some(i) => &RUNTIMES[i..=i],
+        None => template_runtimes(&spec.template).unwrap_or(&RUNTIMES[..1]),
+    }
+}
 
 /// Why a session cannot be placed.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -82,7 +93,7 @@ pub struct Placer<'a> {
     given: HashMap<&'a str, Resources>,
     /// Shapes (runtime, selector hash, resources) already found to fit
     /// nowhere in this round, with the reason.
-    failed: HashMap<(&'static str, u64, Resources), Unplaceable>,
+    failed: HashMap<(&'static [&'static str], u64, Resources), Unplaceable>,
     rng: rand::rngs::ThreadRng,
 }
 
@@ -104,7 +115,7 @@ impl<'a> Placer<'a> {
 
     /// Picks a node for `spec` and counts it as taken.
     pub fn place(&mut self, spec: &SpecRecord) -> Result<String, Unplaceable> {
-        let runtime = template_runtime(&spec.template).unwrap_or("process");
+        let runtime = runtimes_for(spec);
         let need = Resources::of(spec);
         let shape = (runtime, selector_hash(&spec.node_selector), need);
         // Capacity only shrinks within a round, so a shape that fit nowhere still fits nowhere.
@@ -158,18 +169,19 @@ impl<'a> Placer<'a> {
     }
 
     /// Why no node fits: a count of nodes per reason, like the Kubernetes scheduler's.
-    fn explain(&self, runtime: &str, selector: &BTreeMap<String, String>, need: &Resources) -> Unplaceable {
+    fn explain(&self, runtime: &[&str], selector: &BTreeMap<String, String>, need: &Resources) -> Unplaceable {
+        let runtime_names = runtime.join(" or ");
         let nodes = &self.state.nodes;
         if nodes.is_empty() {
             return Unplaceable::Wait("no node agent has registered yet".into());
         }
         let eligible: Vec<&NodeRecord> = nodes.values().filter(|n| node_matches(n, runtime, selector)).collect();
         if eligible.is_empty() {
-            let with_runtime = nodes.values().filter(|n| n.runtimes.iter().any(|r| r == runtime)).count();
+            let with_runtime = nodes.values().filter(|n| n.runtimes.iter().any(|r| runtime.contains(&r.as_str()))).count();
             return Unplaceable::Wait(if with_runtime == 0 {
-                format!("no registered node offers the {runtime} runtime")
+                format!("no registered node offers the {runtime_names} runtime")
             } else {
-                format!("none of the {with_runtime} nodes with the {runtime} runtime carries the labels {}", show_labels(selector))
+                format!("none of the {with_runtime} nodes with the {runtime_names} runtime carries the labels {}", show_labels(selector))
             });
         }
         let empty = Resources::default();
@@ -197,7 +209,7 @@ impl<'a> Placer<'a> {
         }
         let filtered = nodes.len() - eligible.len();
         if filtered > 0 {
-            parts.push(format!("{filtered} lack the {runtime} runtime or the selected labels"));
+            parts.push(format!("{filtered} lack the {runtime_names} runtime or the selected labels"));
         }
         let prefix = if full == 0 && down + cordoned + draining > 0 { "no node is ready" } else { "waiting for capacity" };
         Unplaceable::Wait(format!(
@@ -220,8 +232,8 @@ fn selector_hash(selector: &BTreeMap<String, String>) -> u64 {
     h.finish()
 }
 
-fn node_matches(node: &NodeRecord, runtime: &str, selector: &BTreeMap<String, String>) -> bool {
-    node.runtimes.iter().any(|r| r == runtime) && selector.iter().all(|(k, v)| node.labels.get(k) == Some(v))
+fn node_matches(node: &NodeRecord, runtimes: &[&str], selector: &BTreeMap<String, String>) -> bool {
+    node.runtimes.iter().any(|r| runtimes.contains(&r.as_str())) && selector.iter().all(|(k, v)| node.labels.get(k) == Some(v))
 }
 
 fn show_labels(labels: &BTreeMap<String, String>) -> String {
@@ -256,6 +268,7 @@ mod tests {
             labels: Default::default(),
             ttl_seconds: 60,
             node_selector: Default::default(),
+            runtime: String::new(),
             idle_timeout_seconds: 0,
             lost_after_ms: 0,
             max_attempts: 0,

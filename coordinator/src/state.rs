@@ -49,6 +49,9 @@ pub struct SpecRecord {
     /// Node labels a node must carry to run the session.
     #[serde(default)]
     pub node_selector: BTreeMap<String, String>,
+    /// The runtime it must run in; empty = any that offers the template.
+    #[serde(default)]
+    pub runtime: String,
     /// End the session after this long without data-plane use; 0 = never.
     #[serde(default)]
     pub idle_timeout_seconds: u64,
@@ -792,6 +795,7 @@ mod tests {
             labels: Default::default(),
             ttl_seconds: 60,
             node_selector: Default::default(),
+            runtime: String::new(),
             idle_timeout_seconds: 0,
             lost_after_ms: 0,
             max_attempts: 0,

@@ -36,6 +36,9 @@ pub fn apply_resources(mut c: CreateSession, r: &ResourceArgs) -> CreateSession 
     for (k, v) in &r.labels {
         c = c.label(k.clone(), v.clone());
     }
+    if let Some(rt) = &r.runtime {
+        c = c.runtime(rt.clone());
+    }
     for (k, v) in &r.node_selector {
         c = c.node_selector(k.clone(), v.clone());
     }
@@ -233,6 +236,7 @@ mod tests {
             pids: Some(32),
             template: Some("python".into()),
             labels: vec![("a".into(), "b".into())],
+            runtime: None,
             node_selector: vec![("zone".into(), "b".into())],
             idle_timeout: Some(Duration::from_secs(90)),
             lost_after: Some(Duration::from_secs(12)),

@@ -85,6 +85,9 @@ pub struct ResourceArgs {
     /// Session label (repeatable).
     #[arg(long = "label", short = 'l', value_parser = parse_key_value, value_name = "KEY=VALUE")]
     pub labels: Vec<(String, String)>,
+    /// Runtime to run in: process, docker or kubernetes (default: any offering the template).
+    #[arg(long, value_name = "RUNTIME")]
+    pub runtime: Option<String>,
     /// Run only on nodes carrying this label (repeatable).
     #[arg(long = "node-selector", value_parser = parse_key_value, value_name = "KEY=VALUE")]
     pub node_selector: Vec<(String, String)>,

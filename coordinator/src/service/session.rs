@@ -39,7 +39,10 @@ pub fn validate_spec(spec: Option<pb::SessionSpec>, tunables: &Tunables) -> Resu
     let spec = spec.unwrap_or_default();
     let template = if spec.template.is_empty() { "default".to_string() } else { spec.template };
     ids::validate_template(&template)?;
-    if scheduler::template_runtime(&template).is_none() {
+    if !spec.runtime.is_empty() && !scheduler::RUNTIMES.contains(&spec.runtime.as_str()) {
+        return Err(ValidationError::invalid("runtime", format!("unknown runtime {:?}; use one of {}", spec.runtime, scheduler::RUNTIMES.join(", "))).into());
+    }
+    if scheduler::template_runtimes(&template).is_none() {
         return Err(Status::invalid_argument(format!(
             "invalid template: unknown template {template:?}; known templates: {}",
             scheduler::KNOWN_TEMPLATES
@@ -106,6 +109,7 @@ pub fn validate_spec(spec: Option<pb::SessionSpec>, tunables: &Tunables) -> Resu
         labels: spec.labels.into_iter().collect(),
         ttl_seconds,
         node_selector: spec.node_selector.into_iter().collect(),
+        runtime: spec.runtime,
         idle_timeout_seconds: spec.idle_timeout_seconds,
         lost_after_ms: policy.lost_after_ms,
         max_attempts: policy.max_attempts,
