@@ -11,12 +11,27 @@
 //! # Ok(()) }
 //! ```
 //!
-//! Every process is started with `--listen 127.0.0.1:0`; its ready line
+//! # Network
+//! Where the machine allows it (root, `ip`, `nsenter`, `iptables`), every
+//! process runs in its own network namespace on a per-cluster bridge
+//! (see [`crate::netns`]): coordinator `i` at `10.X.Y.(11+i)`, agent `i` at
+//! `10.X.Y.(101+i)`, and the harness and its SDK clients on the host reach
+//! all of them through the bridge at `10.X.Y.1`. That makes network
+//! partitions possible: [`Cluster::partition`], [`Cluster::isolate_agent`],
+//! [`Cluster::isolate_coordinator`], [`Cluster::heal`]. Elsewhere the cluster
+//! falls back to `127.0.0.1` with a loud warning, and partition calls fail with
+//! [`PartitionsUnavailable`](crate::netns::PartitionsUnavailable) ([`Cluster::can_partition`]
+//! says so up front); with `SANDFLEET_REQUIRE_FACILITIES=1` the fallback is an
+//! error instead. [`ClusterBuilder::network`] or `SANDFLEET_NETWORK=loopback|netns`
+//! choose explicitly.
+//!
+//! Every process is started with `--listen <its address>:0`; its ready line
 //! (`{"ready":"coordinator","id":1,"addr":"..."}` or
 //! `{"ready":"agent","node_id":"n1","addr":"..."}` on stdout) tells the
 //! harness the address it got, and from then on the address is pinned: a
 //! restart passes `--listen <that address>` so that peers, agents and placed
-//! sessions that remember it still reach the process.
+//! sessions that remember it still reach the process. A restarted process
+//! comes back in the same namespace, so cut links stay cut across restarts.
 //!
 //! stderr of every process goes to `<cluster dir>/<name>.log`, and anything
 //! printed on stdout after the ready line is appended there as `[stdout] ...`.
@@ -43,6 +58,7 @@ use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
 
 use crate::bins::{bin_dir, bin_path_in};
+use crate::netns::{NetHost, Network, NetworkChoice, NetworkMode, PartitionsUnavailable};
 
 /// How long a process may take to print its ready line.
 pub const DEFAULT_READY_TIMEOUT: Duration = Duration::from_secs(30);
@@ -87,8 +103,11 @@ pub struct Proc {
     pub name: String,
     /// Raft id (coordinators) or node id (agents), as given on the command line.
     pub id: String,
-    /// The gRPC address it serves on (`127.0.0.1:port`), from its ready line.
+    /// The gRPC address it serves on (`10.X.Y.N:port` in its namespace, or
+    /// `127.0.0.1:port` on loopback), from its ready line.
     pub addr: String,
+    /// Its network namespace, when the cluster runs in namespaces.
+    pub netns: Option<NetHost>,
     /// Its `--data-dir`.
     pub data_dir: PathBuf,
     /// Its command-line arguments (without the program). After the first
@@ -138,6 +157,7 @@ impl Proc {
             name,
             id,
             addr: String::new(),
+            netns: None,
             data_dir,
             args,
             log_path,
@@ -199,15 +219,29 @@ impl Proc {
             .append(true)
             .open(&self.log_path)
             .with_context(|| format!("opening {}", self.log_path.display()))?;
+        let netns_prefix = self
+            .netns
+            .as_ref()
+            .map(|h| format!("nsenter --net={} ", h.ns_path().display()))
+            .unwrap_or_default();
         let _ = writeln!(
             log,
-            "===== harness: start #{} of {}: {} {}",
+            "===== harness: start #{} of {}: {netns_prefix}{} {}",
             self.starts,
             self.name,
             self.program.display(),
             self.args.join(" ")
         );
-        let mut cmd = Command::new(&self.program);
+        // nsenter joins the namespace and execs the binary: same pid, so
+        // signals and PR_SET_PDEATHSIG reach the binary itself.
+        let mut cmd = match &self.netns {
+            Some(h) => {
+                let mut c = Command::new(crate::netns::nsenter());
+                c.arg(format!("--net={}", h.ns_path().display())).arg(&self.program);
+                c
+            }
+            None => Command::new(&self.program),
+        };
         cmd.args(&self.args)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
@@ -258,7 +292,7 @@ impl Proc {
                     _ => "no exit status".to_string(),
                 };
                 bail!(
-                    "{} {why} ({status}).\ncommand: {} {}\nlast log lines ({}):\n{}",
+                    "{} {why} ({status}).\ncommand: {netns_prefix}{} {}\nlast log lines ({}):\n{}",
                     self.name,
                     self.program.display(),
                     self.args.join(" "),
@@ -424,6 +458,23 @@ fn pin_listen(args: &mut [String], addr: &str) {
     }
 }
 
+/// The [`Network`] key of a process: `c1`.. for coordinators, `a1`.. for agents.
+fn net_key(t: Target) -> String {
+    match t {
+        Target::Coordinator(i) => format!("c{}", i + 1),
+        Target::Agent(i) => format!("a{}", i + 1),
+    }
+}
+
+fn target_of(key: &str) -> Option<Target> {
+    let n: usize = key.get(1..)?.parse().ok()?;
+    match key.as_bytes().first()? {
+        b'c' => Some(Target::Coordinator(n.checked_sub(1)?)),
+        b'a' => Some(Target::Agent(n.checked_sub(1)?)),
+        _ => None,
+    }
+}
+
 /// Five random characters of `[a-z0-9]`, for node ids.
 fn random_suffix() -> String {
     use rand::Rng;
@@ -470,6 +521,7 @@ pub struct ClusterBuilder {
     wait_nodes: bool,
     bin_dir: Option<PathBuf>,
     tmp_in: Option<PathBuf>,
+    network: NetworkChoice,
 }
 
 impl Default for ClusterBuilder {
@@ -493,6 +545,7 @@ impl ClusterBuilder {
             wait_nodes: true,
             bin_dir: None,
             tmp_in: None,
+            network: NetworkChoice::Auto,
         }
     }
 
@@ -578,6 +631,59 @@ impl ClusterBuilder {
         self
     }
 
+    /// How the processes are connected (default [`NetworkChoice::Auto`]:
+    /// a network namespace per process where possible, see the module docs).
+    pub fn network(mut self, choice: NetworkChoice) -> Self {
+        self.network = choice;
+        self
+    }
+
+    /// Picks the network per [`ClusterBuilder::network`], the environment and the machine.
+    fn make_network(&self) -> Result<(NetworkMode, Option<Network>, String)> {
+        let require = std::env::var(crate::facilities::REQUIRE_ENV).is_ok_and(|v| v == "1");
+        let choice = match self.network {
+            NetworkChoice::Auto => match std::env::var(crate::netns::NETWORK_ENV).as_deref() {
+                Ok("loopback") => NetworkChoice::Loopback,
+                Ok("netns") => NetworkChoice::Namespaces,
+                Ok(other) if !other.is_empty() => bail!(
+                    "{}={other:?}: expected \"loopback\" or \"netns\"",
+                    crate::netns::NETWORK_ENV
+                ),
+                _ => NetworkChoice::Auto,
+            },
+            c => c,
+        };
+        match choice {
+            NetworkChoice::Loopback => Ok((
+                NetworkMode::Loopback,
+                None,
+                "the cluster was built for loopback".to_string(),
+            )),
+            NetworkChoice::Namespaces => {
+                let net = Network::create().context("creating the cluster's network namespaces")?;
+                Ok((NetworkMode::Namespaces, Some(net), String::new()))
+            }
+            NetworkChoice::Auto => {
+                let made = match crate::netns::unavailable_reason() {
+                    Some(why) => Err(anyhow!("missing {why}")),
+                    None => Network::create(),
+                };
+                match made {
+                    Ok(net) => Ok((NetworkMode::Namespaces, Some(net), String::new())),
+                    Err(e) if require => Err(e.context(format!(
+                        "network namespaces (for partitions) are unavailable and {}=1",
+                        crate::facilities::REQUIRE_ENV
+                    ))),
+                    Err(e) => {
+                        let why = format!("{e:#}");
+                        crate::netns::warn_loopback(&why);
+                        Ok((NetworkMode::Loopback, None, why))
+                    }
+                }
+            }
+        }
+    }
+
     /// Starts the coordinators, then the agents, and waits until the cluster is usable.
     pub async fn start(self) -> Result<Cluster> {
         // Panics with build instructions before anything is created.
@@ -599,9 +705,13 @@ impl ClusterBuilder {
             std::fs::set_permissions(tmp.path(), std::fs::Permissions::from_mode(0o711))
                 .with_context(|| format!("chmod 0711 {}", tmp.path().display()))?;
         }
+        let (network_mode, net, loopback_reason) = self.make_network()?;
         let mut cluster = Cluster {
             coordinators: Vec::new(),
             agents: Vec::new(),
+            net,
+            network_mode,
+            loopback_reason,
             tmp,
             ready_timeout: self.ready_timeout,
             coordinator_bin: self.binaries().0,
@@ -663,11 +773,16 @@ impl ClusterBuilder {
                 let id = format!("n{}-{suffix}", i + 1);
                 let data_dir = dir.join(format!("agent-{id}"));
                 std::fs::create_dir_all(&data_dir)?;
+                let netns = cluster.add_netns(Target::Agent(i))?;
+                let listen = match &netns {
+                    Some(h) => format!("{}:0", h.ip),
+                    None => "127.0.0.1:0".to_string(),
+                };
                 let mut args: Vec<String> = vec![
                     "--node-id".into(),
                     id.clone(),
                     "--listen".into(),
-                    "127.0.0.1:0".into(),
+                    listen,
                     "--data-dir".into(),
                     data_dir.display().to_string(),
                     "--coordinators".into(),
@@ -689,6 +804,7 @@ impl ClusterBuilder {
                     &dir,
                     self.env.clone(),
                 );
+                p.netns = netns;
                 let started = p.launch(self.ready_timeout).await;
                 cluster.agents.push(p);
                 started?;
@@ -711,6 +827,9 @@ pub struct Cluster {
     pub coordinators: Vec<Proc>,
     /// Agents; `agents[i]` has node id `n{i + 1}-<suffix>`, the suffix random per cluster.
     pub agents: Vec<Proc>,
+    net: Option<Network>,
+    network_mode: NetworkMode,
+    loopback_reason: String,
     tmp: TempDir,
     ready_timeout: Duration,
     coordinator_bin: PathBuf,
@@ -722,6 +841,8 @@ impl fmt::Debug for Cluster {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Cluster")
             .field("dir", &self.tmp.path())
+            .field("network", &self.network_mode)
+            .field("bridge", &self.net.as_ref().map(|n| n.bridge().to_string()))
             .field("coordinators", &self.coordinators)
             .field("agents", &self.agents)
             .finish()
@@ -985,11 +1106,16 @@ impl Cluster {
         let dir = self.tmp.path().to_path_buf();
         let data_dir = dir.join(format!("coordinator-{id}"));
         std::fs::create_dir_all(&data_dir)?;
+        let netns = self.add_netns(Target::Coordinator(index))?;
+        let listen = match &netns {
+            Some(h) => format!("{}:0", h.ip),
+            None => "127.0.0.1:0".to_string(),
+        };
         let mut args: Vec<String> = vec![
             "--id".into(),
             id.clone(),
             "--listen".into(),
-            "127.0.0.1:0".into(),
+            listen,
             "--data-dir".into(),
             data_dir.display().to_string(),
         ];
@@ -1006,10 +1132,160 @@ impl Cluster {
             &dir,
             self.env.clone(),
         );
+        p.netns = netns;
         let started = p.launch(self.ready_timeout).await;
         self.coordinators.push(p);
         started?;
         Ok(index)
+    }
+
+    /// Creates the namespace of `t` when the cluster runs in namespaces.
+    fn add_netns(&mut self, t: Target) -> Result<Option<NetHost>> {
+        match self.net.as_mut() {
+            Some(net) => Ok(Some(net.add_host(&net_key(t))?)),
+            None => Ok(None),
+        }
+    }
+
+    /// How the processes are connected.
+    pub fn network_mode(&self) -> NetworkMode {
+        self.network_mode
+    }
+
+    /// Whether [`Cluster::partition`] and friends work (the cluster runs in namespaces).
+    pub fn can_partition(&self) -> bool {
+        self.net.is_some()
+    }
+
+    /// The cluster's network, when it runs in namespaces.
+    pub fn network(&self) -> Option<&Network> {
+        self.net.as_ref()
+    }
+
+    /// The namespace address of `t` (`10.X.Y.N`), when the cluster runs in namespaces.
+    pub fn ip(&self, t: Target) -> Option<std::net::Ipv4Addr> {
+        self.net.as_ref()?.host(&net_key(t)).map(|h| h.ip)
+    }
+
+    fn net_mut(&mut self) -> Result<&mut Network> {
+        let why = self.loopback_reason.clone();
+        self.net
+            .as_mut()
+            .ok_or_else(|| anyhow::Error::new(PartitionsUnavailable(why)))
+    }
+
+    fn check_target(&self, t: Target) -> Result<()> {
+        let ok = match t {
+            Target::Coordinator(i) => i < self.coordinators.len(),
+            Target::Agent(i) => i < self.agents.len(),
+        };
+        anyhow::ensure!(ok, "{t:?} is not a process of this cluster");
+        Ok(())
+    }
+
+    /// Cuts every link between `t` and each of `from` (both directions: packets
+    /// are dropped, so connections hang and connects time out, as in a real
+    /// partition). Links to anyone else, including the harness and its SDK
+    /// clients on the host, stay up. Cutting an already cut link is a no-op.
+    /// The cut lasts until healed, across kills and restarts of either side.
+    ///
+    /// Fails with [`PartitionsUnavailable`] on a loopback cluster.
+    pub async fn partition(&mut self, t: Target, from: &[Target]) -> Result<()> {
+        self.check_target(t)?;
+        for &o in from {
+            self.check_target(o)?;
+        }
+        let net = self.net_mut()?;
+        for &o in from {
+            net.cut(&net_key(t), &net_key(o))
+                .with_context(|| format!("cutting {t:?} from {o:?}"))?;
+        }
+        let names: Vec<String> = from.iter().map(|o| self.proc(*o).name.clone()).collect();
+        if !names.is_empty() {
+            self.proc(t).note(&format!("network: cut off from {}", names.join(", ")));
+            let me = self.proc(t).name.clone();
+            for &o in from {
+                self.proc(o).note(&format!("network: cut off from {me}"));
+            }
+        }
+        Ok(())
+    }
+
+    /// Cuts agent `i` off from every coordinator. The agent can still be
+    /// reached by clients on the host (its data plane), as when a node loses
+    /// its control-plane network: it stops hearing from the cluster, fences
+    /// itself after `fence_after`, and the leader declares it down after `node_ttl`.
+    pub async fn isolate_agent(&mut self, i: usize) -> Result<()> {
+        let all: Vec<Target> = (0..self.coordinators.len()).map(Target::Coordinator).collect();
+        self.partition(Target::Agent(i), &all).await
+    }
+
+    /// Cuts coordinator `i` off from every other coordinator (a Raft minority
+    /// of one). Agents and clients can still reach it: the harder case, where
+    /// a deposed leader keeps answering. It must not confirm reads or commit
+    /// writes, agents talking to it get no heartbeat answers and move on to
+    /// another coordinator, and the majority elects a new leader.
+    pub async fn isolate_coordinator(&mut self, i: usize) -> Result<()> {
+        let others: Vec<Target> = (0..self.coordinators.len())
+            .filter(|j| *j != i)
+            .map(Target::Coordinator)
+            .collect();
+        self.partition(Target::Coordinator(i), &others).await
+    }
+
+    /// Cuts coordinator `i` off from everyone: the other coordinators, every
+    /// agent and the clients on the host (as if its machine left the network).
+    pub async fn isolate_coordinator_fully(&mut self, i: usize) -> Result<()> {
+        let others: Vec<Target> = (0..self.coordinators.len())
+            .filter(|j| *j != i)
+            .map(Target::Coordinator)
+            .chain((0..self.agents.len()).map(Target::Agent))
+            .collect();
+        self.partition(Target::Coordinator(i), &others).await?;
+        let key = net_key(Target::Coordinator(i));
+        self.net_mut()?
+            .cut(&key, crate::netns::HOST_KEY)
+            .context("cutting the host's clients off")?;
+        self.proc(Target::Coordinator(i)).note("network: cut off from the host's clients");
+        Ok(())
+    }
+
+    /// Heals every cut link. A no-op (Ok) on a loopback cluster, which has none.
+    pub async fn heal(&mut self) -> Result<()> {
+        let Some(net) = self.net.as_mut() else {
+            return Ok(());
+        };
+        let had = !net.cuts().is_empty();
+        net.heal_all()?;
+        if had {
+            for p in self.coordinators.iter().chain(self.agents.iter()) {
+                p.note("network: healed");
+            }
+        }
+        Ok(())
+    }
+
+    /// Heals every cut link of `t`. A no-op (Ok) on a loopback cluster.
+    pub async fn heal_target(&mut self, t: Target) -> Result<()> {
+        let Some(net) = self.net.as_mut() else {
+            return Ok(());
+        };
+        net.heal_host(&net_key(t))?;
+        self.proc(t).note("network: links healed");
+        Ok(())
+    }
+
+    /// The cut links, as pairs of processes (the host's clients are not listed).
+    pub fn partitions(&self) -> Vec<(Target, Target)> {
+        self.net
+            .as_ref()
+            .map(|n| {
+                n.cuts()
+                    .iter()
+                    .filter_map(|(a, b)| Some((target_of(a)?, target_of(b)?)))
+                    .collect()
+            })
+            .unwrap_or_default()
     }
 
     /// The index in `coordinators` of the coordinator with Raft id `id`.
@@ -1040,6 +1316,29 @@ impl Cluster {
             }
         }
         Err(last)
+    }
+
+    /// Cluster status as coordinator `i` itself reports it (its own view of the
+    /// leader and the members), with a 5 s deadline.
+    pub async fn status_of(&self, i: usize) -> Result<sandfleet_proto::v1::ClusterStatusResponse> {
+        use sandfleet_proto::v1::cluster_service_client::ClusterServiceClient;
+        use sandfleet_proto::v1::ClusterStatusRequest;
+        let c = self
+            .coordinators
+            .get(i)
+            .ok_or_else(|| anyhow!("no coordinator {i}"))?;
+        let endpoint = tonic::transport::Endpoint::from_shared(format!("http://{}", c.addr))?
+            .connect_timeout(Duration::from_secs(2));
+        let result = async {
+            let mut api = ClusterServiceClient::new(endpoint.connect().await?);
+            let mut req = tonic::Request::new(ClusterStatusRequest {});
+            req.set_timeout(Duration::from_secs(5));
+            Ok::<_, anyhow::Error>(api.status(req).await?.into_inner())
+        };
+        tokio::time::timeout(Duration::from_secs(8), result)
+            .await
+            .map_err(|_| anyhow!("no status from {} within 8 s", c.name))?
+            .with_context(|| format!("status from {}", c.name))
     }
 
     /// Waits until a leader is known and every member reports the same
@@ -1109,6 +1408,12 @@ impl Cluster {
     /// hangs or exits with an error.
     pub async fn shutdown(mut self) -> Result<()> {
         let mut errors = Vec::new();
+        // Cut links could keep a process waiting on a peer while it shuts down.
+        if let Some(net) = self.net.as_mut() {
+            if let Err(e) = net.heal_all() {
+                errors.push(format!("healing the network before shutdown: {e:#}"));
+            }
+        }
         for i in 0..self.agents.len() {
             if self.agents[i].is_running() {
                 match self.agents[i].terminate().await {
@@ -1157,6 +1462,10 @@ impl Drop for Cluster {
                 dir.display()
             );
         }
+        // Cut links could keep a process waiting on a peer while it shuts down.
+        if let Some(net) = self.net.as_mut() {
+            let _ = net.heal_all();
+        }
         for p in self.agents.iter_mut() {
             p.stop_blocking(Duration::from_secs(5));
         }
@@ -1172,6 +1481,10 @@ impl Drop for Cluster {
                     p.id
                 );
             }
+        }
+        // Namespaces, veths, bridge and FORWARD rule, once nobody is in them.
+        if let Some(mut net) = self.net.take() {
+            net.teardown();
         }
     }
 }

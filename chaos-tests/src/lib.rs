@@ -16,6 +16,8 @@
 //!   machines without root, bubblewrap or writable cgroups.
 //! - [`host`]: looking at the host from the outside: processes in `/proc`,
 //!   session cgroups under `/sys/fs/cgroup`, unique markers.
+//! - [`netns`]: a network namespace per process on a per-cluster bridge, so
+//!   that [`Cluster::partition`] can cut links (loopback where that is impossible).
 //! - [`testkit`]: small async helpers for tests and tools (create a session and
 //!   wait for it, run a command, assert a gRPC code, retry until true).
 //!
@@ -36,13 +38,18 @@
 //! - `SANDFLEET_KEEP_TMP=1`: keep every cluster directory, not only failed ones.
 //! - `SANDFLEET_TEST_TMPDIR`: where cluster directories are created (default: the
 //!   system temporary directory).
+//! - `SANDFLEET_NETWORK=loopback|netns`: force the network of every cluster
+//!   (default: namespaces where possible, else loopback with a warning; see [`netns`]).
 
 pub mod bins;
 pub mod cluster;
 pub mod facilities;
 pub mod host;
+pub mod linearizability;
+pub mod netns;
 pub mod testkit;
 
 pub use bins::bin_path;
 pub use cluster::{Cluster, ClusterBuilder, Proc, Role, Target};
 pub use facilities::{missing_facilities, require_sandbox_facilities};
+pub use netns::{NetworkChoice, NetworkMode, PartitionsUnavailable};

@@ -21,6 +21,10 @@ use crate::state::{Command, CommandResponse, SessionPhase, SessionRecord};
 
 /// Deadline of a forwarded write or read-index.
 const FORWARD_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long a write or read-index may wait for a quorum before the caller is
+/// told to retry elsewhere. A leader cut off from the other coordinators
+/// keeps believing it leads; without this bound its callers would hang.
+pub const QUORUM_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long a data-plane token lives at most.
 const TOKEN_TTL_MS: i64 = 3600 * 1000;
 
@@ -150,7 +154,7 @@ impl Core {
     /// the command is forwarded to the leader, so callers never hunt for it.
     #[tracing::instrument(level = "debug", skip_all)]
     pub async fn propose(&self, cmd: Command) -> Result<CommandResponse, Status> {
-        match self.raft.client_write(cmd.clone()).await {
+        match self.write_here(cmd.clone()).await? {
             Ok(resp) => Ok(resp.data),
             Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f))) => {
                 let Some(node) = f.leader_node else {
@@ -161,6 +165,34 @@ impl Core {
             Err(RaftError::APIError(ClientWriteError::ChangeMembershipError(e))) => Err(Status::failed_precondition(e.to_string())),
             Err(RaftError::Fatal(e)) => Err(Status::unavailable(format!("raft stopped: {e}"))),
         }
+    }
+
+    /// Commits a command only if this member leads; never forwards. The
+    /// leader loop uses it: its decisions (a node is down, a session is lost)
+    /// rest on the leader's own in-memory view and must not be carried out by
+    /// another leader after this one was deposed.
+    pub async fn propose_as_leader(&self, cmd: Command) -> Result<CommandResponse, Status> {
+        match self.write_here(cmd).await? {
+            Ok(resp) => Ok(resp.data),
+            Err(RaftError::APIError(ClientWriteError::ForwardToLeader(_))) => {
+                Err(Status::unavailable("this coordinator is no longer the leader; the new leader decides afresh"))
+            }
+            Err(RaftError::APIError(ClientWriteError::ChangeMembershipError(e))) => Err(Status::failed_precondition(e.to_string())),
+            Err(RaftError::Fatal(e)) => Err(Status::unavailable(format!("raft stopped: {e}"))),
+        }
+    }
+
+    /// `client_write` bounded by [`QUORUM_TIMEOUT`].
+    async fn write_here(
+        &self,
+        cmd: Command,
+    ) -> Result<Result<openraft::raft::ClientWriteResponse<crate::raft::TypeConfig>, typ::RaftError<typ::ClientWriteError>>, Status> {
+        tokio::time::timeout(QUORUM_TIMEOUT, self.raft.client_write(cmd)).await.map_err(|_| {
+            Status::unavailable(format!(
+                "the write did not commit within {QUORUM_TIMEOUT:?}: this coordinator may be cut off from its quorum; retry, \
+                 preferably on another coordinator (creates are idempotent on their request id)"
+            ))
+        })
     }
 
     async fn forward_propose(&self, leader: &str, cmd: &Command) -> Result<CommandResponse, Status> {
@@ -182,7 +214,11 @@ impl Core {
 
     /// Serves a forwarded proposal on the leader.
     pub async fn handle_forwarded_propose(&self, cmd: Command) -> ForwardResult<CommandResponse> {
-        match self.raft.client_write(cmd).await {
+        let written = match self.write_here(cmd).await {
+            Ok(w) => w,
+            Err(status) => return ForwardResult::Err(status.message().to_string()),
+        };
+        match written {
             Ok(r) => ForwardResult::Ok(r.data),
             Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f))) => {
                 ForwardResult::NotLeader { leader: f.leader_node.map(|n| n.addr) }
@@ -197,7 +233,10 @@ impl Core {
         if consistency == pb::ReadConsistency::Stale as i32 {
             return Ok(());
         }
-        let index = match self.raft.ensure_linearizable().await {
+        let confirmed = tokio::time::timeout(QUORUM_TIMEOUT, self.raft.ensure_linearizable())
+            .await
+            .map_err(|_| Status::unavailable(format!("no quorum confirmed the read within {QUORUM_TIMEOUT:?}; retry on another coordinator")))?;
+        let index = match confirmed {
             Ok(_) => return Ok(()),
             Err(RaftError::APIError(typ::CheckIsLeaderError::ForwardToLeader(f))) => {
                 let Some(node) = f.leader_node else {
@@ -224,7 +263,10 @@ impl Core {
 
     /// Serves a forwarded read-index on the leader.
     pub async fn handle_read_index(&self) -> ForwardResult<u64> {
-        match self.raft.ensure_linearizable().await {
+        let Ok(confirmed) = tokio::time::timeout(QUORUM_TIMEOUT, self.raft.ensure_linearizable()).await else {
+            return ForwardResult::Err(format!("no quorum confirmed the read within {QUORUM_TIMEOUT:?}"));
+        };
+        match confirmed {
             Ok(id) => ForwardResult::Ok(id.map(|l| l.index).unwrap_or(0)),
             Err(RaftError::APIError(typ::CheckIsLeaderError::ForwardToLeader(f))) => {
                 ForwardResult::NotLeader { leader: f.leader_node.map(|n| n.addr) }

@@ -71,7 +71,7 @@ pub async fn run(core: Arc<Core>, tick: Duration, shutdown: CancellationToken) {
 
 async fn step(core: &Core) -> Result<(), tonic::Status> {
     if core.state.read(|s| s.signing_seed.is_empty()) {
-        core.propose(Command::InitCluster { signing_seed: TokenSigner::generate().seed().to_vec() }).await?;
+        core.propose_as_leader(Command::InitCluster { signing_seed: TokenSigner::generate().seed().to_vec() }).await?;
     }
     liveness(core).await?;
     lifetimes(core).await?;
@@ -114,14 +114,14 @@ async fn liveness(core: &Core) -> Result<(), tonic::Status> {
         if phase != NodePhase::Down && silent_ms > ttl {
             tracing::warn!(node = %node_id, silent_ms, kept = keep.len(), "no heartbeat within the node TTL; declaring the node down");
             let cmd = Command::NodeDown { node_id: node_id.clone(), now_ms: now, keep };
-            if let CommandResponse::Sessions(lost) = core.propose(cmd).await? {
+            if let CommandResponse::Sessions(lost) = core.propose_as_leader(cmd).await? {
                 if !lost.is_empty() {
                     tracing::warn!(node = %node_id, sessions = lost.len(), "sessions lost with their node; placing them again");
                 }
             }
         } else if !due.is_empty() {
             tracing::warn!(node = %node_id, silent_ms, sessions = due.len(), "sessions past their lost_after; placing them again");
-            core.propose(Command::SessionsLost { node_id, ids: due, now_ms: now }).await?;
+            core.propose_as_leader(Command::SessionsLost { node_id, ids: due, now_ms: now }).await?;
         }
     }
     Ok(())
@@ -133,7 +133,7 @@ async fn lifetimes(core: &Core) -> Result<(), tonic::Status> {
     let expired: Vec<String> = core.state.read(|st| st.expired_at(now));
     if !expired.is_empty() {
         tracing::info!(count = expired.len(), "expiring sessions past their ttl");
-        core.propose(Command::TerminateSessions { ids: expired, message: "expired (ttl)".into(), now_ms: now }).await?;
+        core.propose_as_leader(Command::TerminateSessions { ids: expired, message: "expired (ttl)".into(), now_ms: now }).await?;
     }
     let lead_since = core.lead_since_ms.load(Ordering::Relaxed);
     let idle: Vec<String> = {
@@ -155,7 +155,7 @@ async fn lifetimes(core: &Core) -> Result<(), tonic::Status> {
     };
     if !idle.is_empty() {
         tracing::info!(count = idle.len(), "ending sessions past their idle timeout");
-        let ended = core.propose(Command::TerminateSessions { ids: idle.clone(), message: "expired (idle timeout)".into(), now_ms: now }).await?;
+        let ended = core.propose_as_leader(Command::TerminateSessions { ids: idle.clone(), message: "expired (idle timeout)".into(), now_ms: now }).await?;
         if matches!(ended, CommandResponse::Sessions(_)) {
             let mut activity = core.activity.lock().unwrap_or_else(|p| p.into_inner());
             for id in idle {
@@ -186,7 +186,7 @@ async fn drains(core: &Core) -> Result<(), tonic::Status> {
     });
     for (node_id, ids) in moves {
         tracing::info!(node = %node_id, sessions = ids.len(), "moving sessions off a draining node");
-        core.propose(Command::MoveSessions { node_id, ids, now_ms: now }).await?;
+        core.propose_as_leader(Command::MoveSessions { node_id, ids, now_ms: now }).await?;
     }
     Ok(())
 }
@@ -219,10 +219,10 @@ async fn place(core: &Core) -> Result<(), tonic::Status> {
     });
     let batch = core.tunables.placement_batch.max(1);
     for chunk in placements.chunks(batch) {
-        core.propose(Command::PlaceSessions { placements: chunk.to_vec(), now_ms: now }).await?;
+        core.propose_as_leader(Command::PlaceSessions { placements: chunk.to_vec(), now_ms: now }).await?;
     }
     for chunk in reasons.chunks(batch) {
-        core.propose(Command::SetPendingReasons { reasons: chunk.to_vec(), now_ms: now }).await?;
+        core.propose_as_leader(Command::SetPendingReasons { reasons: chunk.to_vec(), now_ms: now }).await?;
     }
     Ok(())
 }

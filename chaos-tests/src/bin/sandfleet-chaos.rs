@@ -3,27 +3,60 @@
 //!
 //! ```text
 //! sandfleet-chaos --coordinators 3 --agents 2 --duration 30s --seed 42
+//! sandfleet-chaos --coordinators 3 --agents 2 --duration 2m --faults
+//! sandfleet-chaos --smoke            # the CI preset: every fault kind once, ~2 minutes
+//! sandfleet-chaos --cleanup-network  # remove leftovers of crashed runs, then exit
 //! ```
 //!
-//! Workers create, re-send (idempotent retry), exec in and delete sessions,
-//! each from its own RNG derived from the seed. At the end every create the
-//! cluster acknowledged must be retrievable with its request id, no request
-//! id may have produced two sessions, no session may appear that nobody
-//! asked for, and acknowledged deletes must be TERMINATED. A violation exits
-//! with status 1; rerun with the printed seed to replay the same operation
-//! sequence per worker and the same fault schedule.
+//! Workers create, re-send (idempotent retry), get, exec in and delete
+//! sessions, each from its own RNG derived from the seed. Every create, get
+//! and delete is recorded in a history that is checked for linearizability at
+//! the end (`sandfleet_chaos::linearizability`). Also at the end, every create
+//! the cluster acknowledged must be retrievable with its request id, no
+//! request id may have produced two sessions, no session may appear that
+//! nobody asked for, and acknowledged deletes must be TERMINATED. A violation
+//! exits with status 1; rerun with the printed seed to replay the same
+//! operation sequence per worker and the same fault schedule.
 //!
 //! With `--faults`, a nemesis injects one fault every `--fault-interval`,
-//! chosen by the seed: SIGKILL of the leader, a follower or an agent (restarted
-//! a few seconds later), or SIGSTOP of an agent or the leader (SIGCONT later).
+//! chosen by the seed:
+//! - SIGKILL of the leader, a follower or an agent (restarted a few seconds later);
+//! - SIGSTOP of an agent or the leader (SIGCONT later);
+//! - a network partition of an agent from every coordinator, or of one
+//!   coordinator (the leader half the time) from the other coordinators
+//!   (healed later). Partitions need the cluster in network namespaces (root,
+//!   `ip`, `nsenter`, `iptables`); on loopback they are skipped with a message.
+//!
+//! Most agent kills and agent partitions last until the node's sessions run
+//! elsewhere: every live session that was on the node must be RUNNING on
+//! another node, with a newer generation, within `--move-deadline` (default
+//! node TTL + 7 s, so 10 s with the default `--node-ttl 3s`), and at that moment
+//! its old copy must be gone (no process left in its cgroup on the old node;
+//! after a partition, no cgroup left at all: the agent fenced itself first).
+//! The other agent faults are short, to exercise the paths where the node
+//! comes back before it is declared down.
+//!
 //! After the workload the faults are healed and the runner also checks that
 //! every coordinator converged to the same state digest, that every live
 //! acknowledged session is RUNNING again, and that no session has a copy
 //! (cgroups) on any node other than the one it is placed on.
-//! Not yet: network partitions and a linearizability checker.
+//!
+//! `--smoke` is `--coordinators 3 --agents 2 --workers 3 --max-live 3 --faults
+//! --fault-interval 5s` with a schedule of two rounds of every fault kind, each
+//! round in an order drawn from the seed (in the first round every agent kill
+//! and agent partition waits for the node's sessions to move); the workload
+//! runs until the schedule is done, about 100 s in all with startup and checks.
+//! Before an agent fault whose moves are checked, the nemesis makes sure two
+//! sessions of its own ("anchors", never deleted) run on that node, since the
+//! workers' sessions often live shorter than a node TTL. Without the sandbox
+//! facilities the smoke run prints SKIPPED and exits 0, unless
+//! `SANDFLEET_REQUIRE_FACILITIES=1`; on loopback (no namespaces) it skips the
+//! partition faults with a warning, or fails when facilities are required.
+//! `scripts/test` runs it after the tests.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::process::ExitCode;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -32,8 +65,9 @@ use clap::Parser;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use sandfleet::{proto, Client, CreateSession, ExecRequest};
+use sandfleet_chaos::linearizability::{Call, CheckResult, EndedBy, History, Outcome, Ret};
 use sandfleet_chaos::testkit::{list_all_sessions, state_of};
-use sandfleet_chaos::{require_sandbox_facilities, ClusterBuilder};
+use sandfleet_chaos::{require_sandbox_facilities, Cluster, ClusterBuilder, Target};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -41,24 +75,25 @@ use sandfleet_chaos::{require_sandbox_facilities, ClusterBuilder};
     about = "Seeded workload and invariant checks against a real Sandfleet cluster"
 )]
 struct Args {
-    /// Number of coordinators.
-    #[arg(long, default_value_t = 1)]
-    coordinators: usize,
-    /// Number of node agents.
-    #[arg(long, default_value_t = 1)]
-    agents: usize,
-    /// How long the workload runs (e.g. 30s, 5m).
-    #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
-    duration: Duration,
+    /// Number of coordinators [default: 1; --smoke: 3].
+    #[arg(long)]
+    coordinators: Option<usize>,
+    /// Number of node agents [default: 1; --smoke: 2].
+    #[arg(long)]
+    agents: Option<usize>,
+    /// How long the workload runs (e.g. 30s, 5m) [default: 30s; --smoke: until
+    /// every fault kind was injected once].
+    #[arg(long, value_parser = humantime::parse_duration)]
+    duration: Option<Duration>,
     /// RNG seed; random when not given. Printed either way.
     #[arg(long)]
     seed: Option<u64>,
-    /// Concurrent workers.
-    #[arg(long, default_value_t = 4)]
-    workers: usize,
-    /// Most live sessions per worker.
-    #[arg(long, default_value_t = 4)]
-    max_live: usize,
+    /// Concurrent workers [default: 4; --smoke: 3].
+    #[arg(long)]
+    workers: Option<usize>,
+    /// Most live sessions per worker [default: 4; --smoke: 3].
+    #[arg(long)]
+    max_live: Option<usize>,
     /// Extra arguments for every agent (repeat, e.g. --agent-arg=--slots --agent-arg=16).
     #[arg(long = "agent-arg", allow_hyphen_values = true)]
     agent_args: Vec<String>,
@@ -66,91 +101,546 @@ struct Args {
     /// uses a 500ms agent heartbeat and a 3s node TTL so faults heal quickly.
     #[arg(long = "coordinator-arg", allow_hyphen_values = true)]
     coordinator_args: Vec<String>,
-    /// Inject faults (kills and freezes of coordinators and agents) during the workload.
+    /// Inject faults (kills, freezes and network partitions) during the workload.
     #[arg(long)]
     faults: bool,
-    /// Time between two faults.
-    #[arg(long, default_value = "6s", value_parser = humantime::parse_duration)]
-    fault_interval: Duration,
+    /// Time between two faults [default: 6s; --smoke: 5s].
+    #[arg(long, value_parser = humantime::parse_duration)]
+    fault_interval: Option<Duration>,
+    /// How long after an agent is killed or cut off its sessions may take to
+    /// run elsewhere [default: node TTL + 7s].
+    #[arg(long, value_parser = humantime::parse_duration)]
+    move_deadline: Option<Duration>,
+    /// The CI preset: 3 coordinators, 2 agents, faults, every fault kind twice (~100 s).
+    #[arg(long)]
+    smoke: bool,
+    /// Remove network namespaces, bridges and iptables rules left by crashed
+    /// runs (whose owner process is gone), then exit.
+    #[arg(long)]
+    cleanup_network: bool,
     /// Keep the cluster directory (logs, data) even when everything passes.
     #[arg(long)]
     keep: bool,
 }
 
+/// [`Args`] with the defaults of the chosen mode applied.
+#[derive(Debug, Clone)]
+struct Settings {
+    coordinators: usize,
+    agents: usize,
+    duration: Option<Duration>,
+    workers: usize,
+    max_live: usize,
+    faults: bool,
+    fault_interval: Duration,
+    smoke: bool,
+    node_ttl: Duration,
+    move_deadline: Duration,
+    coordinator_args: Vec<String>,
+}
+
+impl Settings {
+    fn from(args: &Args) -> Settings {
+        let smoke = args.smoke;
+        let coordinator_args = if args.coordinator_args.is_empty() {
+            vec!["--agent-heartbeat".to_string(), "500ms".into(), "--node-ttl".into(), "3s".into()]
+        } else {
+            args.coordinator_args.clone()
+        };
+        let node_ttl = flag_duration(&coordinator_args, "--node-ttl").unwrap_or(Duration::from_secs(5));
+        Settings {
+            coordinators: args.coordinators.unwrap_or(if smoke { 3 } else { 1 }),
+            agents: args.agents.unwrap_or(if smoke { 2 } else { 1 }),
+            duration: args.duration.or(if smoke { None } else { Some(Duration::from_secs(30)) }),
+            workers: args.workers.unwrap_or(if smoke { 3 } else { 4 }),
+            max_live: args.max_live.unwrap_or(if smoke { 3 } else { 4 }).max(1),
+            faults: args.faults || smoke,
+            fault_interval: args.fault_interval.unwrap_or(Duration::from_secs(if smoke { 5 } else { 6 })),
+            smoke,
+            node_ttl,
+            move_deadline: args.move_deadline.unwrap_or(node_ttl + Duration::from_secs(7)),
+            coordinator_args,
+        }
+    }
+}
+
+/// The value of `--flag X` or `--flag=X` in `args`, as a duration.
+fn flag_duration(args: &[String], flag: &str) -> Option<Duration> {
+    let mut it = args.iter();
+    while let Some(a) = it.next() {
+        let v = if a == flag {
+            it.next().cloned()
+        } else {
+            a.strip_prefix(&format!("{flag}=")).map(str::to_string)
+        };
+        if let Some(v) = v {
+            return humantime::parse_duration(&v).ok();
+        }
+    }
+    None
+}
+
 /// One fault of the schedule.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 enum Fault {
     KillLeader,
     KillFollower,
     KillAgent,
     FreezeAgent,
     FreezeLeader,
+    PartitionAgent,
+    PartitionCoordinator,
 }
 
-/// Injects the seeded fault schedule until `until`, healing each fault before
-/// the next; returns the schedule as it happened.
-async fn nemesis(cluster: &mut sandfleet_chaos::Cluster, seed: u64, interval: Duration, until: Instant) -> Vec<String> {
-    use nix::sys::signal::Signal;
-    use sandfleet_chaos::Target;
+const ALL_FAULTS: [Fault; 7] = [
+    Fault::KillLeader,
+    Fault::KillFollower,
+    Fault::KillAgent,
+    Fault::FreezeAgent,
+    Fault::FreezeLeader,
+    Fault::PartitionAgent,
+    Fault::PartitionCoordinator,
+];
+
+/// What the nemesis did.
+#[derive(Debug, Default)]
+struct Schedule {
+    /// One line per event, with its time.
+    lines: Vec<String>,
+    /// Faults injected (not skipped), per kind.
+    injected: BTreeMap<Fault, u32>,
+    /// Faults of the plan that could not be injected, per kind.
+    skipped: BTreeMap<Fault, u32>,
+    /// How long the moved sessions took, over all checked agent faults.
+    move_times: Vec<Duration>,
+}
+
+/// The nemesis's view of the workload: what it needs to check moves.
+struct NemesisCtx<'a> {
+    client: &'a Client,
+    ledger: &'a Shared,
+    history: &'a History,
+    run: &'a str,
+    seed: u64,
+    settings: &'a Settings,
+}
+
+/// The least time between the end of one fault and the start of the next.
+const CALM: Duration = Duration::from_millis(1500);
+
+/// The client id of the nemesis's own operations in the history.
+const NEMESIS_CLIENT: u64 = 0;
+/// Sessions the nemesis keeps on a node before killing or cutting it off, so
+/// that the move check has something to move even when the workers' sessions
+/// churn faster than a node TTL.
+const ANCHORS_PER_FAULT: usize = 2;
+
+/// Injects the seeded fault schedule, healing each fault before the next:
+/// until `until` (drawing each fault from the seed), or in smoke mode through
+/// two seeded permutations of every fault kind. Returns the schedule as it happened.
+async fn nemesis(cluster: &mut Cluster, ctx: &NemesisCtx<'_>, seed: u64, until: Option<Instant>) -> Schedule {
+    let interval = ctx.settings.fault_interval;
     let mut rng = StdRng::seed_from_u64(seed ^ 0x6E65_6D65_7369_73);
     let start = Instant::now();
-    let mut log = Vec::new();
-    let note = |log: &mut Vec<String>, what: String| {
+    let mut sched = Schedule::default();
+    let note = |sched: &mut Schedule, what: String| {
         let line = format!("t+{:>6.1}s {what}", start.elapsed().as_secs_f64());
         println!("sandfleet-chaos: fault {line}");
-        log.push(line);
+        sched.lines.push(line);
     };
+    let many_coordinators = cluster.coordinators.len() >= 3;
+    let choices: Vec<Fault> = if many_coordinators {
+        ALL_FAULTS.to_vec()
+    } else {
+        vec![Fault::KillAgent, Fault::FreezeAgent, Fault::PartitionAgent]
+    };
+    // Smoke: two rounds of every kind, each in a seeded order; in the first
+    // round agent kills and partitions are long (their sessions must move).
+    // A skipped fault is retried later (twice at most).
+    let mut plan: std::collections::VecDeque<Planned> = Default::default();
+    if ctx.settings.smoke {
+        for round in 0..2 {
+            let mut kinds = choices.clone();
+            for i in (1..kinds.len()).rev() {
+                kinds.swap(i, rng.random_range(0..=i));
+            }
+            plan.extend(kinds.into_iter().map(|fault| Planned { fault, force_long: round == 0, retries: 0 }));
+        }
+        note(&mut sched, format!("smoke plan: {:?}", plan.iter().map(|p| p.fault).collect::<Vec<_>>()));
+    }
+    if !cluster.can_partition() {
+        note(
+            &mut sched,
+            format!(
+                "WARNING: the cluster runs on {}: partition faults will be skipped",
+                cluster.network_mode()
+            ),
+        );
+    }
+    let mut anchors = 0u64;
     tokio::time::sleep(interval / 2).await;
-    while Instant::now() + interval < until {
-        let choices: &[Fault] = if cluster.coordinators.len() >= 3 {
-            &[Fault::KillLeader, Fault::KillFollower, Fault::KillAgent, Fault::FreezeAgent, Fault::FreezeLeader]
-        } else {
-            &[Fault::KillAgent, Fault::FreezeAgent]
-        };
-        let fault = choices[rng.random_range(0..choices.len())];
+    loop {
+        let fault_started = Instant::now();
+        // The same draws every round, whatever happens, so the schedule replays from the seed.
+        let drawn = choices[rng.random_range(0..choices.len())];
         let down_for = Duration::from_millis(rng.random_range(1500..4500));
+        let pick: u64 = rng.random();
+        let long = rng.random_bool(0.75);
+        let extra = Duration::from_millis(rng.random_range(1000..3000));
+        let short = Duration::from_millis(rng.random_range(1000..2800));
+        let to_leader = rng.random_bool(0.5);
+        let planned = if ctx.settings.smoke {
+            match plan.pop_front() {
+                Some(p) => p,
+                None => break,
+            }
+        } else {
+            if until.is_some_and(|u| Instant::now() + interval >= u) {
+                break;
+            }
+            Planned { fault: drawn, force_long: false, retries: 0 }
+        };
+        let fault = planned.fault;
+        let long = long || planned.force_long;
         let leader = match cluster.status().await {
             Ok(s) => cluster.coordinator_index(s.leader_id),
             Err(_) => None,
         };
+        let followers: Vec<usize> = (0..cluster.coordinators.len()).filter(|i| Some(*i) != leader).collect();
+        let agent = (pick % cluster.agents.len().max(1) as u64) as usize;
         let target = match fault {
             Fault::KillLeader | Fault::FreezeLeader => leader.map(Target::Coordinator),
             Fault::KillFollower => {
-                let followers: Vec<usize> = (0..cluster.coordinators.len()).filter(|i| Some(*i) != leader).collect();
-                (!followers.is_empty()).then(|| Target::Coordinator(followers[rng.random_range(0..followers.len())]))
+                (!followers.is_empty()).then(|| Target::Coordinator(followers[(pick % followers.len() as u64) as usize]))
             }
-            Fault::KillAgent | Fault::FreezeAgent => Some(Target::Agent(rng.random_range(0..cluster.agents.len()))),
+            Fault::PartitionCoordinator => {
+                if to_leader || followers.is_empty() {
+                    leader.map(Target::Coordinator)
+                } else {
+                    Some(Target::Coordinator(followers[(pick % followers.len() as u64) as usize]))
+                }
+            }
+            Fault::KillAgent | Fault::FreezeAgent | Fault::PartitionAgent => {
+                (!cluster.agents.is_empty()).then_some(Target::Agent(agent))
+            }
         };
-        let Some(target) = target else {
-            note(&mut log, format!("{fault:?}: no target (no leader known); skipped"));
+        let partition = matches!(fault, Fault::PartitionAgent | Fault::PartitionCoordinator);
+        let skip_reason = if partition && !cluster.can_partition() {
+            Some(format!("network partitions are unavailable ({})", cluster.network_mode()))
+        } else if target.is_none() {
+            Some("no target (no leader known)".to_string())
+        } else {
+            None
+        };
+        if let Some(why) = skip_reason {
+            note(&mut sched, format!("{fault:?}: {why}; skipped"));
+            *sched.skipped.entry(fault).or_default() += 1;
+            if ctx.settings.smoke && !partition && planned.retries < 2 {
+                plan.push_back(Planned { retries: planned.retries + 1, ..planned });
+            }
             tokio::time::sleep(interval).await;
             continue;
-        };
+        }
+        let target = target.expect("checked above");
         let name = cluster.proc(target).name.clone();
+        *sched.injected.entry(fault).or_default() += 1;
         match fault {
-            Fault::KillLeader | Fault::KillFollower | Fault::KillAgent => {
+            Fault::KillLeader | Fault::KillFollower => {
                 let r = cluster.kill(target).await;
-                note(&mut log, format!("{fault:?}: SIGKILL {name} ({r:?}), restart in {down_for:.1?}"));
+                note(&mut sched, format!("{fault:?}: SIGKILL {name} ({r:?}), restart in {down_for:.1?}"));
                 tokio::time::sleep(down_for).await;
                 let r = cluster.restart(target).await;
-                note(&mut log, format!("restart {name}: {}", if r.is_ok() { "ok".to_string() } else { format!("{r:?}") }));
+                note(&mut sched, format!("restart {name}: {}", if r.is_ok() { "ok".to_string() } else { format!("{r:?}") }));
+            }
+            Fault::KillAgent | Fault::PartitionAgent => {
+                let Target::Agent(i) = target else { unreachable!() };
+                let node = cluster.agents[i].id.clone();
+                // Sessions can only move when another agent runs.
+                let others_up = cluster.agents.len() > 1;
+                let check = long && others_up;
+                if check {
+                    if let Some(why) = ensure_anchors(ctx, &node, &mut anchors).await {
+                        note(&mut sched, why);
+                    }
+                }
+                let victims = if check { sessions_on(ctx, &node).await } else { Vec::new() };
+                let injected = Instant::now();
+                let (what, r) = if fault == Fault::KillAgent {
+                    (format!("SIGKILL {name}"), cluster.kill(target).await.map(|s| s.to_string()))
+                } else {
+                    (
+                        format!("cut {name} off from every coordinator"),
+                        cluster.isolate_agent(i).await.map(|_| "ok".to_string()),
+                    )
+                };
+                let hold = if check {
+                    format!("until its {} session(s) run elsewhere (deadline {:.1?}), then {extra:.1?}", victims.len(), ctx.settings.move_deadline)
+                } else if long {
+                    format!("{:.1?} (no other agent: no move check)", ctx.settings.move_deadline)
+                } else {
+                    format!("{short:.1?} (short)")
+                };
+                let r = r.unwrap_or_else(|e| format!("{e:#}"));
+                note(&mut sched, format!("{fault:?}: {what} ({r}), for {hold}"));
+                if check {
+                    let report = watch_moves(ctx, &node, &victims, injected, fault == Fault::PartitionAgent).await;
+                    note(&mut sched, report.summary.clone());
+                    sched.move_times.extend(report.times.iter().copied());
+                    if !report.violations.is_empty() {
+                        let mut l = ctx.ledger.lock().unwrap();
+                        for v in report.violations {
+                            l.violations.push(format!("{v} [fault {fault:?} at t+{:.1}s]", (injected - start).as_secs_f64()));
+                        }
+                    }
+                    tokio::time::sleep(extra).await;
+                } else if long {
+                    tokio::time::sleep(ctx.settings.move_deadline).await;
+                } else {
+                    tokio::time::sleep(short).await;
+                }
+                let r = if fault == Fault::KillAgent {
+                    cluster.restart(target).await
+                } else {
+                    cluster.heal_target(target).await
+                };
+                let verb = if fault == Fault::KillAgent { "restart" } else { "heal" };
+                note(&mut sched, format!("{verb} {name}: {}", if r.is_ok() { "ok".to_string() } else { format!("{r:?}") }));
             }
             Fault::FreezeAgent | Fault::FreezeLeader => {
+                use nix::sys::signal::Signal;
                 let r = cluster.proc(target).signal(Signal::SIGSTOP);
-                note(&mut log, format!("{fault:?}: SIGSTOP {name} ({r:?}) for {down_for:.1?}"));
+                note(&mut sched, format!("{fault:?}: SIGSTOP {name} ({r:?}) for {down_for:.1?}"));
                 tokio::time::sleep(down_for).await;
                 let r = cluster.proc(target).signal(Signal::SIGCONT);
-                note(&mut log, format!("SIGCONT {name} ({r:?})"));
+                note(&mut sched, format!("SIGCONT {name} ({r:?})"));
+            }
+            Fault::PartitionCoordinator => {
+                let Target::Coordinator(i) = target else { unreachable!() };
+                let role = if Some(i) == leader { "leader" } else { "follower" };
+                let r = cluster.isolate_coordinator(i).await;
+                note(
+                    &mut sched,
+                    format!("{fault:?}: cut {name} ({role}) off from the other coordinators ({r:?}) for {down_for:.1?}"),
+                );
+                tokio::time::sleep(down_for).await;
+                let r = cluster.heal_target(target).await;
+                note(&mut sched, format!("heal {name}: {}", if r.is_ok() { "ok".to_string() } else { format!("{r:?}") }));
             }
         }
-        tokio::time::sleep(interval.saturating_sub(down_for)).await;
+        // At least a moment of calm after each heal, so that a fault does not
+        // hit a node that is still coming back from the previous one.
+        tokio::time::sleep(interval.saturating_sub(fault_started.elapsed()).max(CALM)).await;
     }
-    log
+    if let Err(e) = cluster.heal().await {
+        note(&mut sched, format!("final heal failed: {e:#}"));
+    }
+    sched
+}
+
+/// A fault of the smoke plan.
+#[derive(Debug, Clone, Copy)]
+struct Planned {
+    fault: Fault,
+    /// Agent kills and partitions last until the sessions moved.
+    force_long: bool,
+    retries: u32,
+}
+
+/// Creates sessions (recorded like the workers' ones, never deleted) until
+/// [`ANCHORS_PER_FAULT`] of the run's live sessions run on `node`, a few
+/// attempts at most. Returns a note when it could not.
+async fn ensure_anchors(ctx: &NemesisCtx<'_>, node: &str, counter: &mut u64) -> Option<String> {
+    let deadline = Instant::now() + Duration::from_secs(15);
+    for _ in 0..8 {
+        let have = sessions_on(ctx, node)
+            .await
+            .iter()
+            .filter(|s| s.request_id.contains("-anchor-") && state_of(s) == proto::SessionState::Running)
+            .count();
+        if have >= ANCHORS_PER_FAULT || Instant::now() >= deadline {
+            return None;
+        }
+        *counter += 1;
+        let rid = format!("chaos-{}-anchor-{counter}", ctx.seed);
+        let op = ctx.history.invoke(NEMESIS_CLIENT, Call::Create { request_id: rid.clone() });
+        let r = ctx.client.create_session_full(spec(&rid, ctx.run)).await;
+        match &r {
+            Ok(resp) => match &resp.session {
+                Some(s) => ctx.history.complete(op, Outcome::Ok(Ret::Created { session_id: s.id.clone() })),
+                None => ctx.history.complete(op, Outcome::Unknown),
+            },
+            Err(e) => ctx.history.complete(op, outcome_of(e)),
+        }
+        let sid = {
+            let mut l = ctx.ledger.lock().unwrap();
+            l.op("anchor-create", r.is_ok());
+            match r.ok().and_then(|resp| resp.session) {
+                Some(s) => {
+                    l.acked.insert(rid, s.id.clone());
+                    s.id
+                }
+                None => {
+                    l.ambiguous.insert(rid);
+                    continue;
+                }
+            }
+        };
+        let _ = ctx.client.wait_running(&sid, Duration::from_secs(10)).await;
+    }
+    let have = sessions_on(ctx, node).await.iter().filter(|s| s.request_id.contains("-anchor-")).count();
+    (have < ANCHORS_PER_FAULT).then(|| format!("only {have} anchor session(s) on {node} before the fault"))
+}
+
+/// The run's live sessions placed on `node` right now.
+async fn sessions_on(ctx: &NemesisCtx<'_>, node: &str) -> Vec<proto::Session> {
+    match list_all_sessions(ctx.client, &[(RUN_LABEL, ctx.run)], &[]).await {
+        Ok(all) => all
+            .into_iter()
+            .filter(|s| s.node_id == node && !is_terminal(s))
+            .collect(),
+        Err(e) => {
+            eprintln!("sandfleet-chaos: nemesis: cannot list the sessions on {node}: {e:#}");
+            Vec::new()
+        }
+    }
+}
+
+fn is_terminal(s: &proto::Session) -> bool {
+    matches!(state_of(s), proto::SessionState::Terminated | proto::SessionState::Failed)
+}
+
+struct MoveReport {
+    summary: String,
+    times: Vec<Duration>,
+    violations: Vec<String>,
+}
+
+/// Live processes whose cgroup is the copy of session `sid` on `node`.
+fn copy_processes(node: &str, sid: &str) -> Vec<i32> {
+    sandfleet_chaos::host::processes_in_cgroup_matching(sid)
+        .into_iter()
+        .filter(|p| {
+            std::fs::read_to_string(format!("/proc/{}/cgroup", p.pid))
+                .is_ok_and(|c| c.lines().any(|l| l.contains(node) && l.contains(sid)))
+        })
+        .map(|p| p.pid)
+        .collect()
+}
+
+/// The invariant "the sessions of a dead or cut-off node run elsewhere within
+/// a deadline": waits until every victim is RUNNING on another node with a
+/// newer generation (or was deleted by a client), and checks that its old
+/// copy is gone at that moment.
+async fn watch_moves(
+    ctx: &NemesisCtx<'_>,
+    node: &str,
+    victims: &[proto::Session],
+    injected: Instant,
+    partition: bool,
+) -> MoveReport {
+    let deadline = ctx.settings.move_deadline;
+    let mut pending: Vec<&proto::Session> = victims.iter().collect();
+    let mut times = Vec::new();
+    let mut violations = Vec::new();
+    let mut deleted = 0;
+    let mut last: BTreeMap<String, String> = BTreeMap::new();
+    while !pending.is_empty() {
+        let mut still = Vec::new();
+        for old in pending {
+            if ctx.ledger.lock().unwrap().delete_sent.contains(&old.id) {
+                deleted += 1;
+                continue;
+            }
+            let now = match ctx.client.get_session(&old.id).await {
+                Ok(s) => s,
+                Err(e) => {
+                    last.insert(old.id.clone(), format!("GetSession failed: {e}"));
+                    still.push(old);
+                    continue;
+                }
+            };
+            let took = injected.elapsed();
+            if state_of(&now) == proto::SessionState::Running && now.node_id != node && now.generation > old.generation {
+                times.push(took);
+                let pids = copy_processes(node, &old.id);
+                if !pids.is_empty() {
+                    violations.push(format!(
+                        "session {} runs on {} (generation {}) {took:.2?} after the fault while its old copy on {node} \
+                         still has processes {pids:?}",
+                        old.id, now.node_id, now.generation
+                    ));
+                }
+                if partition {
+                    let dirs: Vec<_> = sandfleet_chaos::host::cgroup_dirs_matching(&old.id)
+                        .into_iter()
+                        .filter(|d| d.to_string_lossy().contains(node))
+                        .collect();
+                    if !dirs.is_empty() {
+                        violations.push(format!(
+                            "session {} runs on {} (generation {}) {took:.2?} after {node} was cut off, but the cut-off \
+                             node still has its copy (did not fence first): {dirs:?}",
+                            old.id, now.node_id, now.generation
+                        ));
+                    }
+                }
+                continue;
+            }
+            if is_terminal(&now) && !ctx.ledger.lock().unwrap().delete_sent.contains(&old.id) {
+                violations.push(format!(
+                    "session {} of {node} ended ({:?}: {:?}) {took:.2?} after the fault instead of running elsewhere",
+                    old.id,
+                    state_of(&now),
+                    now.message
+                ));
+                continue;
+            }
+            last.insert(
+                old.id.clone(),
+                format!(
+                    "{:?} on {:?} generation {} (was {}), pending reason {:?}",
+                    state_of(&now),
+                    now.node_id,
+                    now.generation,
+                    old.generation,
+                    now.pending_reason
+                ),
+            );
+            still.push(old);
+        }
+        pending = still;
+        if pending.is_empty() {
+            break;
+        }
+        if injected.elapsed() >= deadline {
+            for old in &pending {
+                violations.push(format!(
+                    "session {} of {node} is not RUNNING on another node {:.2?} after the node was {} \
+                     (deadline {deadline:.1?}): {}",
+                    old.id,
+                    injected.elapsed(),
+                    if partition { "cut off" } else { "killed" },
+                    last.get(&old.id).map(String::as_str).unwrap_or("never read")
+                ));
+            }
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let max = times.iter().max().copied();
+    let summary = format!(
+        "moves: {} of {} session(s) of {node} RUNNING elsewhere{}{}{}",
+        times.len(),
+        victims.len(),
+        max.map(|m| format!(", the last {m:.2?} after the fault")).unwrap_or_default(),
+        if deleted > 0 { format!(", {deleted} deleted by a client meanwhile") } else { String::new() },
+        if violations.is_empty() { String::new() } else { format!(", {} VIOLATION(S)", violations.len()) }
+    );
+    MoveReport { summary, times, violations }
 }
 
 /// After the faults: all coordinators agree, live sessions run again, and no
 /// session has a copy on a node it is not placed on.
-async fn verify_after_faults(cluster: &mut sandfleet_chaos::Cluster, client: &Client, run: &str, ledger: &Ledger) -> Vec<String> {
+async fn verify_after_faults(cluster: &mut Cluster, client: &Client, run: &str, ledger: &Ledger) -> Vec<String> {
     let mut violations = Vec::new();
     if let Err(e) = cluster.wait_converged(Duration::from_secs(60)).await {
         violations.push(format!("coordinators did not converge to one state digest: {e:#}"));
@@ -160,6 +650,10 @@ async fn verify_after_faults(cluster: &mut sandfleet_chaos::Cluster, client: &Cl
         // A session whose delete failed stays live until its TTL; expiry is not a fault.
         if let Ok(s) = client.get_session(sid).await {
             if state_of(&s) == proto::SessionState::Terminated && s.message.contains("expired") {
+                continue;
+            }
+            // A delete whose answer was lost may still have happened.
+            if state_of(&s) == proto::SessionState::Terminated && ledger.delete_sent.contains(*sid) {
                 continue;
             }
         }
@@ -207,6 +701,8 @@ struct Ledger {
     ambiguous: BTreeSet<String>,
     /// session ids whose delete the cluster acknowledged.
     deleted: BTreeSet<String>,
+    /// session ids a delete was sent for (acknowledged or not).
+    delete_sent: BTreeSet<String>,
     violations: Vec<String>,
     ops: BTreeMap<&'static str, u64>,
     errors: BTreeMap<&'static str, u64>,
@@ -235,31 +731,62 @@ fn spec(request_id: &str, run: &str) -> CreateSession {
         .label(RUN_LABEL, run.to_string())
 }
 
-async fn worker(
-    id: usize,
+/// How a failed call goes into the history: `Failed` only when the server
+/// definitely rejected it (so it cannot have taken effect), else `Unknown`.
+fn outcome_of(e: &sandfleet::Error) -> Outcome {
+    use tonic::Code::*;
+    match e.code() {
+        Some(InvalidArgument | AlreadyExists | FailedPrecondition | PermissionDenied | Unauthenticated | OutOfRange | Unimplemented) => {
+            Outcome::Failed
+        }
+        _ => Outcome::Unknown,
+    }
+}
+
+fn ended_of(s: &proto::Session) -> Option<EndedBy> {
+    is_terminal(s).then(|| EndedBy::from_message(&s.message))
+}
+
+/// One worker's fixed inputs.
+#[derive(Clone)]
+struct WorkerCtx {
     seed: u64,
     run: String,
     client: Client,
     ledger: Shared,
-    until: Instant,
+    history: History,
+    stop: Arc<AtomicBool>,
     max_live: usize,
     faults: bool,
-) {
+}
+
+async fn worker(id: usize, ctx: WorkerCtx) {
+    let WorkerCtx { seed, run, client, ledger, history, stop, max_live, faults } = ctx;
+    let me = id as u64 + 1;
     let mut rng = StdRng::seed_from_u64(seed ^ (id as u64 + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15));
     let mut live: Vec<String> = Vec::new();
     let mut mine: Vec<(String, String)> = Vec::new();
     let mut n = 0u64;
-    while Instant::now() < until {
+    while !stop.load(Ordering::Relaxed) {
         n += 1;
         let roll = rng.random_range(0..100);
         if roll < 40 || live.is_empty() {
             if live.len() >= max_live {
                 let i = rng.random_range(0..live.len());
-                delete(&client, &ledger, live.swap_remove(i)).await;
+                delete(&client, &ledger, &history, me, live.swap_remove(i)).await;
                 continue;
             }
             let rid = format!("chaos-{seed}-w{id}-{n}");
-            match client.create_session_full(spec(&rid, &run)).await {
+            let op = history.invoke(me, Call::Create { request_id: rid.clone() });
+            let r = client.create_session_full(spec(&rid, &run)).await;
+            match &r {
+                Ok(resp) => match &resp.session {
+                    Some(s) => history.complete(op, Outcome::Ok(Ret::Created { session_id: s.id.clone() })),
+                    None => history.complete(op, Outcome::Unknown),
+                },
+                Err(e) => history.complete(op, outcome_of(e)),
+            }
+            match r {
                 Ok(resp) => {
                     let mut l = ledger.lock().unwrap();
                     l.op("create", true);
@@ -296,7 +823,15 @@ async fn worker(
         } else if roll < 50 && !mine.is_empty() {
             // An idempotent retry of an acknowledged create.
             let (rid, sid) = mine[rng.random_range(0..mine.len())].clone();
+            let op = history.invoke(me, Call::Create { request_id: rid.clone() });
             let r = client.create_session_full(spec(&rid, &run)).await;
+            match &r {
+                Ok(resp) => match &resp.session {
+                    Some(s) => history.complete(op, Outcome::Ok(Ret::Created { session_id: s.id.clone() })),
+                    None => history.complete(op, Outcome::Unknown),
+                },
+                Err(e) => history.complete(op, outcome_of(e)),
+            }
             let mut l = ledger.lock().unwrap();
             l.op("retry-create", r.is_ok());
             if let Ok(resp) = r {
@@ -308,7 +843,24 @@ async fn worker(
                     ));
                 }
             }
-        } else if roll < 80 {
+        } else if roll < 62 && !mine.is_empty() {
+            // A linearizable read of one of this worker's sessions, live or deleted.
+            let (_, sid) = mine[rng.random_range(0..mine.len())].clone();
+            let op = history.invoke(me, Call::Get { session_id: sid.clone() });
+            let r = client.get_session(&sid).await;
+            match &r {
+                Ok(s) => history.complete(op, Outcome::Ok(Ret::Found { ended: ended_of(s) })),
+                Err(e) if e.code() == Some(tonic::Code::NotFound) => history.complete(op, Outcome::Ok(Ret::NotFound)),
+                Err(e) => history.complete(op, outcome_of(e)),
+            }
+            let mut l = ledger.lock().unwrap();
+            l.op("get", r.is_ok());
+            if let Ok(s) = &r {
+                if s.id != sid {
+                    l.violations.push(format!("get {sid}: answered with session {}", s.id));
+                }
+            }
+        } else if roll < 82 {
             let sid = live[rng.random_range(0..live.len())].clone();
             let token = format!("{}", rng.random_range(0..1_000_000u32));
             let result = async {
@@ -342,13 +894,20 @@ async fn worker(
             }
         } else {
             let i = rng.random_range(0..live.len());
-            delete(&client, &ledger, live.swap_remove(i)).await;
+            delete(&client, &ledger, &history, me, live.swap_remove(i)).await;
         }
     }
 }
 
-async fn delete(client: &Client, ledger: &Shared, sid: String) {
+async fn delete(client: &Client, ledger: &Shared, history: &History, me: u64, sid: String) {
+    ledger.lock().unwrap().delete_sent.insert(sid.clone());
+    let op = history.invoke(me, Call::Delete { session_id: sid.clone() });
     let r = client.delete_session(&sid).await;
+    match &r {
+        Ok(s) => history.complete(op, Outcome::Ok(Ret::Deleted { ended: ended_of(s) })),
+        Err(e) if e.code() == Some(tonic::Code::NotFound) => history.complete(op, Outcome::Ok(Ret::NotFound)),
+        Err(e) => history.complete(op, outcome_of(e)),
+    }
     let mut l = ledger.lock().unwrap();
     l.op("delete", r.is_ok());
     match r {
@@ -431,16 +990,88 @@ async fn verify(client: &Client, run: &str, ledger: &Ledger) -> Result<Vec<Strin
     Ok(violations)
 }
 
+/// Runs the linearizability check off the async threads; a non-`Ok` verdict is a violation.
+async fn check_history(history: &History) -> (String, Option<String>) {
+    let h = history.clone();
+    let started = Instant::now();
+    let verdict = tokio::task::spawn_blocking(move || h.check()).await;
+    let took = started.elapsed();
+    let n = history.len();
+    match verdict {
+        Ok(CheckResult::Ok) => (format!("linearizable ({n} operations, checked in {took:.1?})"), None),
+        Ok(other) => {
+            let mut text = other.to_string();
+            if text.len() > 20_000 {
+                let mut end = 20_000;
+                while !text.is_char_boundary(end) {
+                    end -= 1;
+                }
+                text.truncate(end);
+                text.push_str("\n... (truncated)");
+            }
+            (
+                format!("NOT shown linearizable ({n} operations, {took:.1?})"),
+                Some(format!("linearizability check of {n} create/get/delete operations: {text}")),
+            )
+        }
+        Err(e) => (format!("checker crashed: {e}"), Some(format!("linearizability checker crashed: {e}"))),
+    }
+}
+
+/// Resolves on SIGINT or SIGTERM, with the signal's name.
+async fn interrupted() -> &'static str {
+    use tokio::signal::unix::{signal, SignalKind};
+    let (Ok(mut int), Ok(mut term)) = (signal(SignalKind::interrupt()), signal(SignalKind::terminate())) else {
+        return std::future::pending().await;
+    };
+    tokio::select! {
+        _ = int.recv() => "SIGINT",
+        _ = term.recv() => "SIGTERM",
+    }
+}
+
+fn facilities_required() -> bool {
+    std::env::var(sandfleet_chaos::facilities::REQUIRE_ENV).is_ok_and(|v| v == "1")
+}
+
 #[tokio::main]
 async fn main() -> ExitCode {
     let args = Args::parse();
+    if args.cleanup_network {
+        return match sandfleet_chaos::netns::cleanup_stale() {
+            Ok(removed) => {
+                for r in &removed {
+                    println!("sandfleet-chaos: removed {r}");
+                }
+                println!("sandfleet-chaos: {} stale network(s) removed", removed.len());
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("sandfleet-chaos: error: {e:#}");
+                ExitCode::from(2)
+            }
+        };
+    }
     let seed = args.seed.unwrap_or_else(|| rand::rng().random());
-    println!("sandfleet-chaos: seed {seed} (replay with --seed {seed})");
+    println!("sandfleet-chaos: seed {seed} (replay with --seed {seed}{})", if args.smoke { " --smoke" } else { "" });
     if !require_sandbox_facilities() {
         eprintln!("sandfleet-chaos: cannot run without the sandbox facilities above");
+        if args.smoke {
+            // Like the tests: skipped (and said so loudly) unless facilities are required.
+            println!("sandfleet-chaos: smoke run SKIPPED (facility missing)");
+            return ExitCode::SUCCESS;
+        }
         return ExitCode::from(2);
     }
-    match run(&args, seed).await {
+    let started = Instant::now();
+    // On SIGINT/SIGTERM the run is dropped, and with it the cluster: its
+    // processes are stopped and its namespaces, bridge and rules removed.
+    let result = tokio::select! {
+        r = run(&args, seed) => r,
+        sig = interrupted() => Err(anyhow::anyhow!("interrupted by {sig}; cluster stopped and cleaned up")),
+    };
+    println!("sandfleet-chaos: wall time {:.1?}", started.elapsed());
+    match result {
         Ok(true) => ExitCode::SUCCESS,
         Ok(false) => ExitCode::from(1),
         Err(e) => {
@@ -451,47 +1082,69 @@ async fn main() -> ExitCode {
 }
 
 async fn run(args: &Args, seed: u64) -> Result<bool> {
-    let coordinator_args = if args.coordinator_args.is_empty() {
-        vec!["--agent-heartbeat".to_string(), "500ms".into(), "--node-ttl".into(), "3s".into()]
-    } else {
-        args.coordinator_args.clone()
-    };
+    let settings = Settings::from(args);
     let mut cluster = ClusterBuilder::new()
-        .coordinators(args.coordinators)
-        .agents(args.agents)
+        .coordinators(settings.coordinators)
+        .agents(settings.agents)
         .agent_args(args.agent_args.clone())
-        .coordinator_args(coordinator_args)
+        .coordinator_args(settings.coordinator_args.clone())
         .start()
         .await?;
     println!(
-        "sandfleet-chaos: cluster of {} coordinator(s) and {} agent(s) up in {}",
-        args.coordinators,
-        args.agents,
-        cluster.dir().display()
+        "sandfleet-chaos: cluster of {} coordinator(s) and {} agent(s) up in {} ({}{})",
+        settings.coordinators,
+        settings.agents,
+        cluster.dir().display(),
+        cluster.network_mode(),
+        cluster.network().map(|n| format!(", bridge {} at {}", n.bridge(), n.gateway())).unwrap_or_default()
     );
+    if settings.faults {
+        println!(
+            "sandfleet-chaos: faults every {:.1?}; node TTL {:.1?}, move deadline {:.1?}",
+            settings.fault_interval, settings.node_ttl, settings.move_deadline
+        );
+    }
+    if settings.smoke && !cluster.can_partition() {
+        if facilities_required() {
+            anyhow::bail!("the smoke run needs network namespaces for its partition faults");
+        }
+        println!("sandfleet-chaos: WARNING: partitions unavailable; the smoke run skips its partition faults");
+    }
     let client = cluster.try_client().await?;
     let run = seed.to_string();
     let ledger: Shared = Arc::default();
+    let history = History::new();
+    let stop = Arc::new(AtomicBool::new(false));
     let started = Instant::now();
-    let until = started + args.duration;
+    let until = settings.duration.map(|d| started + d);
     let mut tasks = Vec::new();
-    for w in 0..args.workers {
-        tasks.push(tokio::spawn(worker(
-            w,
-            seed,
-            run.clone(),
-            client.clone(),
-            ledger.clone(),
-            until,
-            args.max_live.max(1),
-            args.faults,
-        )));
-    }
-    let schedule = if args.faults {
-        nemesis(&mut cluster, seed, args.fault_interval, until).await
-    } else {
-        Vec::new()
+    let ctx = WorkerCtx {
+        seed,
+        run: run.clone(),
+        client: client.clone(),
+        ledger: ledger.clone(),
+        history: history.clone(),
+        stop: stop.clone(),
+        max_live: settings.max_live,
+        faults: settings.faults,
     };
+    for w in 0..settings.workers {
+        tasks.push(tokio::spawn(worker(w, ctx.clone())));
+    }
+    drop(ctx);
+    let schedule = if settings.faults {
+        let nctx = NemesisCtx { client: &client, ledger: &ledger, history: &history, run: &run, seed, settings: &settings };
+        let s = nemesis(&mut cluster, &nctx, seed, until).await;
+        // A little load after the last heal.
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        s
+    } else {
+        Schedule::default()
+    };
+    if let Some(u) = until {
+        tokio::time::sleep_until(u.into()).await;
+    }
+    stop.store(true, Ordering::Relaxed);
     for t in tasks {
         t.await?;
     }
@@ -503,25 +1156,50 @@ async fn run(args: &Args, seed: u64) -> Result<bool> {
         .unwrap();
     let found = verify(&client, &run, &ledger).await?;
     ledger.violations.extend(found);
-    if args.faults {
+    if settings.faults {
         let found = verify_after_faults(&mut cluster, &client, &run, &ledger).await;
         ledger.violations.extend(found);
     }
+    let (lin_summary, lin_violation) = check_history(&history).await;
+    ledger.violations.extend(lin_violation);
+    if settings.smoke {
+        let wanted: Vec<Fault> = if settings.coordinators >= 3 {
+            ALL_FAULTS.to_vec()
+        } else {
+            vec![Fault::KillAgent, Fault::FreezeAgent, Fault::PartitionAgent]
+        };
+        for k in wanted {
+            let partition = matches!(k, Fault::PartitionAgent | Fault::PartitionCoordinator);
+            if !schedule.injected.contains_key(&k) && !(partition && !cluster.can_partition()) {
+                ledger.violations.push(format!("smoke schedule incomplete: {k:?} was never injected"));
+            }
+        }
+    }
 
-    println!("sandfleet-chaos: summary (seed {seed}, {elapsed:.1?})");
+    println!("sandfleet-chaos: summary (seed {seed}, workload {elapsed:.1?})");
     for (op, n) in &ledger.ops {
         println!(
-            "  {op:<13} {n:>6} ops, {:>4} errors",
+            "  {op:<21} {n:>6} ops, {:>4} errors",
             ledger.errors.get(op).copied().unwrap_or(0)
         );
     }
+    let injected: u32 = schedule.injected.values().sum();
+    let skipped: u32 = schedule.skipped.values().sum();
     println!(
-        "  acknowledged creates {}, ambiguous creates {}, acknowledged deletes {}, faults {}",
+        "  acknowledged creates {}, ambiguous creates {}, acknowledged deletes {}, faults {injected} ({}), skipped {skipped}",
         ledger.acked.len(),
         ledger.ambiguous.len(),
         ledger.deleted.len(),
-        schedule.iter().filter(|l| l.contains("SIGKILL") || l.contains("SIGSTOP")).count()
+        schedule.injected.iter().map(|(k, n)| format!("{k:?} x{n}")).collect::<Vec<_>>().join(", ")
     );
+    if let Some(max) = schedule.move_times.iter().max() {
+        println!(
+            "  sessions moved off killed/cut-off nodes: {}, slowest {max:.2?} (deadline {:.1?})",
+            schedule.move_times.len(),
+            settings.move_deadline
+        );
+    }
+    println!("  history: {lin_summary}");
     if ledger.violations.is_empty() {
         println!("sandfleet-chaos: OK, no violations");
         if args.keep {
@@ -533,21 +1211,22 @@ async fn run(args: &Args, seed: u64) -> Result<bool> {
         cluster.shutdown().await?;
         Ok(true)
     } else {
-        println!("sandfleet-chaos: {} VIOLATION(S):", ledger.violations.len());
+        println!("sandfleet-chaos: {} VIOLATION(S) (seed {seed}):", ledger.violations.len());
         for v in &ledger.violations {
             println!("  - {v}");
         }
-        if !schedule.is_empty() {
+        if !schedule.lines.is_empty() {
             println!("sandfleet-chaos: fault schedule (seed {seed}):");
-            for line in &schedule {
+            for line in &schedule.lines {
                 println!("  {line}");
             }
         }
         let dir = cluster.keep_dir();
         cluster.print_logs(40);
         println!(
-            "sandfleet-chaos: logs and data kept in {}; replay with --seed {seed}",
-            dir.display()
+            "sandfleet-chaos: logs and data kept in {}; replay with --seed {seed}{}",
+            dir.display(),
+            if args.smoke { " --smoke" } else { "" }
         );
         Ok(false)
     }

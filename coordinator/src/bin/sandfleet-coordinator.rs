@@ -113,6 +113,18 @@ async fn main() -> anyhow::Result<()> {
     let coordinator = serve(config, shutdown.clone()).await.context("failed to start the coordinator")?;
     println!("{}", serde_json::json!({"ready": "coordinator", "id": args.id, "addr": coordinator.addr().to_string()}));
 
-    coordinator.join().await.context("coordinator stopped with an error")?;
-    Ok(())
+    let result = coordinator.join().await.context("coordinator stopped with an error");
+    // Everything acknowledged is on disk (the Raft log is fsynced before an
+    // ack). Leave without running C++ static destructors: RocksDB's background
+    // threads may still hold its mutexes, and destroying them under those
+    // threads aborts the process ("pthread lock: Invalid argument").
+    if let Err(e) = &result {
+        eprintln!("Error: {e:#}");
+    }
+    drop(_telemetry); // flushes spans still queued for export
+    use std::io::Write as _;
+    let _ = std::io::stdout().flush();
+    let _ = std::io::stderr().flush();
+    // SAFETY: _exit ends the process at once; nothing runs after it.
+    unsafe { libc::_exit(i32::from(result.is_err())) }
 }

@@ -37,10 +37,9 @@ impl AgentApi {
             return Ok(());
         }
         let started = std::time::Instant::now();
-        self.core
-            .raft
-            .ensure_linearizable()
+        tokio::time::timeout(self.core.tunables.agent_heartbeat * 2, self.core.raft.ensure_linearizable())
             .await
+            .map_err(|_| Status::unavailable("this leader could not confirm a quorum in time"))?
             .map_err(|e| Status::unavailable(format!("this leader cannot confirm a quorum: {e}")))?;
         *last = Some(started);
         Ok(())
