@@ -300,6 +300,11 @@ pub struct ClusterState {
     pub moving: HashMap<String, BTreeSet<String>>,
     #[serde(skip)]
     moving_of: HashMap<String, String>,
+    /// The Raft log index this state reflects. The same index means the same
+    /// state on every member, so agents use it to order assignment sets that
+    /// come from different coordinators.
+    #[serde(skip)]
+    pub applied_index: u64,
     /// Bumped whenever a node's assignment set may have changed, so each
     /// agent's watch recomputes only its own node's set when it changed.
     #[serde(skip)]

@@ -85,6 +85,8 @@ pub struct AgentState {
     heartbeat_ms: std::sync::atomic::AtomicU64,
     /// Sessions used since the last heartbeat, with the time of last use.
     activity: Mutex<HashMap<String, i64>>,
+    /// Raft index of the newest assignment set followed.
+    assignments_version: std::sync::atomic::AtomicU64,
 }
 
 impl AgentState {
@@ -102,6 +104,7 @@ impl AgentState {
             fenced: std::sync::atomic::AtomicBool::new(false),
             heartbeat_ms: std::sync::atomic::AtomicU64::new(1000),
             activity: Mutex::new(HashMap::new()),
+            assignments_version: std::sync::atomic::AtomicU64::new(0),
         }
     }
 
@@ -237,9 +240,22 @@ impl AgentState {
         Ok(())
     }
 
-    /// Brings local sessions in line with the full assignment set.
-    pub async fn reconcile(self: &Arc<Self>, assignments: Vec<pb::Assignment>) {
+    /// Brings local sessions in line with the full assignment set, computed
+    /// by a coordinator at Raft index `version`. A set older than one already
+    /// followed (from a lagging coordinator) is ignored: following it would
+    /// stop sessions that were placed here since, and start them again empty.
+    /// `pushed` sets (from a watch stream) are also ignored while fenced.
+    pub async fn reconcile(self: &Arc<Self>, assignments: Vec<pb::Assignment>, version: u64, pushed: bool) {
         let _guard = self.reconcile_lock.lock().await;
+        if pushed && self.is_fenced() {
+            return;
+        }
+        let seen = self.assignments_version.load(std::sync::atomic::Ordering::SeqCst);
+        if version < seen {
+            tracing::debug!(version, seen, "ignoring an older assignment set");
+            return;
+        }
+        self.assignments_version.store(version, std::sync::atomic::Ordering::SeqCst);
         let desired: BTreeMap<String, pb::Assignment> = assignments.into_iter().map(|a| (a.session_id.clone(), a)).collect();
         let (to_start, to_stop) = {
             let mut sessions = self.sessions.lock().unwrap_or_else(|p| p.into_inner());
@@ -460,7 +476,8 @@ impl Control {
                 Ok(resp) => {
                     failures = 0;
                     self.state.contact();
-                    self.state.reconcile(resp.into_inner().assignments).await;
+                    let resp = resp.into_inner();
+                    self.state.reconcile(resp.assignments, resp.assignments_version, false).await;
                 }
                 Err(status) => {
                     // Keep the reports and activity for the next attempt.
@@ -506,7 +523,7 @@ async fn watch_loop(state: Arc<AgentState>, coordinators: Vec<String>, node_id: 
                     _ = shutdown.cancelled() => return Ok::<(), tonic::Status>(()),
                     msg = stream.message() => match msg? {
                         // While fenced, only a heartbeat (answered with a quorum) may restart sessions.
-                        Some(m) if !state.is_fenced() => state.reconcile(m.assignments).await,
+                        Some(m) if !state.is_fenced() => state.reconcile(m.assignments, m.assignments_version, true).await,
                         Some(_) => {}
                         None => return Err(tonic::Status::unavailable("assignment stream ended")),
                     },

@@ -307,6 +307,7 @@ impl StateMachineStore {
         state.signing_seed = get_json(&db, CF_SM_META, b"signing_seed")?.unwrap_or_default();
         state.rebuild_indexes();
         let last_applied = get_json::<Option<LogId<NodeId>>>(&db, CF_SM_META, b"last_applied")?.flatten();
+        state.applied_index = last_applied.map_or(0, |l| l.index);
         let membership = get_json(&db, CF_SM_META, b"membership")?.unwrap_or_default();
         let (session_events, _) = broadcast::channel(4096);
         let (version, _) = watch::channel(0);
@@ -433,6 +434,7 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
                 }
             }
         }
+        state.applied_index = self.last_applied.map_or(0, |l| l.index);
         self.write_through(&state, &touched)?;
         let changed: Vec<SessionRecord> =
             touched.sessions.iter().filter_map(|id| state.sessions.get(id).cloned()).collect();
@@ -467,6 +469,7 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
         let mut new_state: ClusterState = serde_json::from_slice(&data)
             .map_err(|e| io_err(ErrorSubject::Snapshot(Some(meta.signature())), ErrorVerb::Read, e))?;
         new_state.rebuild_indexes();
+        new_state.applied_index = meta.last_log_id.map_or(0, |l| l.index);
         self.last_applied = meta.last_log_id;
         self.membership = meta.last_membership.clone();
         self.replace_all(&new_state)?;

@@ -175,8 +175,7 @@ impl AgentService for AgentApi {
             let cmd = Command::ReportSessions { node_id: req.node_id.clone(), reports, now_ms: crate::now_ms() };
             self.core.propose(cmd).await?;
         }
-        let (assignments, version) =
-            self.core.state.read(|st| (assignments(st, &self.core.tunables, &req.node_id), *self.core.state.version.borrow()));
+        let (assignments, version) = self.core.state.read(|st| (assignments(st, &self.core.tunables, &req.node_id), st.applied_index));
         Ok(Response::new(pb::HeartbeatResponse { assignments, assignments_version: version }))
     }
 
@@ -206,7 +205,7 @@ impl AgentService for AgentApi {
                     continue;
                 }
                 seen_node_version = Some(node_version);
-                let (current, v) = core.state.read(|st| (assignments(st, &core.tunables, &node_id), *version.borrow()));
+                let (current, v) = core.state.read(|st| (assignments(st, &core.tunables, &node_id), st.applied_index));
                 if last.as_ref() != Some(&current) {
                     let msg = pb::HeartbeatResponse { assignments: current.clone(), assignments_version: v };
                     if tx.send(Ok(msg)).await.is_err() {
