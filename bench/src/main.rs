@@ -4,7 +4,15 @@
 //! ```text
 //! sandfleet-bench skeleton [--runs 200] [--write bench/RESULTS.md]
 //! sandfleet-bench raft [--duration 10] [--clients 1,64] [--kills 10] [--write bench/RESULTS.md]
+//! sandfleet-bench placement [--sessions 20000] [--agents 1000] [--write bench/RESULTS.md]
+//! sandfleet-bench failover [--kills 20] [--sessions-per-agent 10] [--write bench/RESULTS.md]
+//! sandfleet-bench docker [--creates 20] [--execs 200] [--pool 2] [--write bench/RESULTS.md]
 //! ```
+//!
+//! `placement` measures placements per second with 1,000 simulated agents
+//! against the cluster's raw commit rate; see [`placement`]. `failover`
+//! measures SIGKILL of an agent -> its sessions RUNNING elsewhere; see
+//! [`failover`].
 //!
 //! `raft` compares a three-coordinator cluster with a three-member etcd
 //! cluster on the same machine in the same run; see [`raft`].
@@ -28,6 +36,9 @@ use sandfleet::{CreateSession, ExecRequest};
 use sandfleet_chaos::testkit::percentile;
 use sandfleet_chaos::{bins, require_sandbox_facilities, ClusterBuilder};
 
+mod docker;
+mod failover;
+mod placement;
 mod raft;
 
 /// The generated client of the etcd v3 API subset in `proto/etcd_subset.proto`.
@@ -48,6 +59,25 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Cmd {
+    /// Docker runtime vs plain Docker: cold create vs `docker run --rm IMAGE true`, warm-pool
+    /// create, exec round trip vs `docker exec CONTAINER true`.
+    Docker {
+        /// Measured creates of each kind.
+        #[arg(long, default_value_t = 20)]
+        creates: usize,
+        /// Measured exec round trips.
+        #[arg(long, default_value_t = 200)]
+        execs: usize,
+        /// Warm-up runs before each measurement.
+        #[arg(long, default_value_t = 3)]
+        warmup: usize,
+        /// Warm pool size of the warm-create agent.
+        #[arg(long, default_value_t = 2)]
+        pool: u32,
+        /// Replace the section in this results file (e.g. bench/RESULTS.md).
+        #[arg(long)]
+        write: Option<PathBuf>,
+    },
     /// Walking-skeleton latencies: raw bwrap, exec round trip, create -> RUNNING, create -> first exec.
     Skeleton {
         /// Measured runs per measurement.
@@ -75,6 +105,72 @@ enum Cmd {
         #[arg(long, default_value = "etcd")]
         etcd: PathBuf,
         /// Replace the `## Raft cluster vs etcd` section of this Markdown file.
+        #[arg(long)]
+        write: Option<PathBuf>,
+    },
+    /// Placements per second: N PENDING sessions, then 1,000 simulated agents register; vs the raw commit rate.
+    Placement {
+        /// Sessions to place.
+        #[arg(long, default_value_t = 20_000)]
+        sessions: usize,
+        /// Simulated node agents (in this process, real AgentService protocol, no sandboxes).
+        #[arg(long, default_value_t = 1000)]
+        agents: usize,
+        /// Concurrent clients creating the PENDING sessions (setup, not measured).
+        #[arg(long, default_value_t = 64)]
+        create_clients: usize,
+        /// HTTP/2 connections per coordinator shared by the simulated agents.
+        #[arg(long, default_value_t = 4)]
+        connections: usize,
+        /// Clients of the commit-rate anchor (single-session creates, as `bench raft`).
+        #[arg(long, default_value_t = 64)]
+        anchor_clients: usize,
+        /// Seconds of the commit-rate anchor.
+        #[arg(long, default_value_t = 10)]
+        anchor_duration: u64,
+        /// Seconds of the steady-state heartbeat window after placement.
+        #[arg(long, default_value_t = 10)]
+        steady: u64,
+        /// Give up after this many seconds without every session RUNNING.
+        #[arg(long, default_value_t = 600)]
+        timeout: u64,
+        /// Start agent i on coordinator i mod 3 (the real agent starts on the first one listed).
+        #[arg(long)]
+        spread: bool,
+        /// What starts the clock: uncordoning the registered, cordoned nodes, or the agents registering.
+        #[arg(long, value_enum, default_value = "uncordon")]
+        start: placement::Start,
+        /// Session slots of each simulated node (the real agent's default).
+        #[arg(long, default_value_t = 64)]
+        slots: u32,
+        /// An extra argument for the measured cluster's coordinators (repeatable), e.g. `--coordinator-arg=--placement-batch=256`.
+        #[arg(long = "coordinator-arg", allow_hyphen_values = true)]
+        coordinator_args: Vec<String>,
+        /// Replace the `## Placement throughput` section of this Markdown file.
+        #[arg(long)]
+        write: Option<PathBuf>,
+    },
+    /// Agent SIGKILL -> its sessions RUNNING on another node, real binaries.
+    Failover {
+        /// Agent kills (round-robin over the agents).
+        #[arg(long, default_value_t = 20)]
+        kills: usize,
+        /// Real agents.
+        #[arg(long, default_value_t = 3)]
+        agents: usize,
+        /// Sessions per agent before each kill.
+        #[arg(long, default_value_t = 10)]
+        sessions_per_agent: usize,
+        /// The coordinators' --agent-heartbeat.
+        #[arg(long, default_value = "1s", value_parser = humantime::parse_duration)]
+        agent_heartbeat: Duration,
+        /// The coordinators' --node-ttl.
+        #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
+        node_ttl: Duration,
+        /// ListSessions poll interval while waiting.
+        #[arg(long, default_value = "20ms", value_parser = humantime::parse_duration)]
+        poll: Duration,
+        /// Replace the `## Agent failover` section of this Markdown file.
         #[arg(long)]
         write: Option<PathBuf>,
     },
@@ -107,6 +203,9 @@ const EXEC_GOAL_RATIO: f64 = 2.0;
 const RUNNING_GOAL: Duration = Duration::from_millis(20);
 const SECTION: &str = "## Walking skeleton";
 const RAFT_SECTION: &str = "## Raft cluster vs etcd";
+const PLACEMENT_SECTION: &str = "## Placement throughput";
+const FAILOVER_SECTION: &str = "## Agent failover";
+const DOCKER_SECTION: &str = "## Docker runtime vs Docker";
 
 #[derive(Debug)]
 struct Series {
@@ -130,6 +229,93 @@ impl Series {
 async fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.cmd {
+        Cmd::Docker { creates, execs, warmup, pool, write } => {
+            loopback_unless_chosen();
+            let settings = docker::Settings { creates: creates.max(1), execs: execs.max(1), warmup, pool: pool.max(1) };
+            let result = async {
+                let report = docker::run(&settings).await?;
+                let section = docker::render(&report, &settings, DOCKER_SECTION, &machine_description());
+                println!("{section}");
+                if let Some(path) = write {
+                    write_section(&path, DOCKER_SECTION, &section)?;
+                    eprintln!("sandfleet-bench: wrote the {DOCKER_SECTION:?} section of {}", path.display());
+                }
+                Ok::<_, anyhow::Error>(())
+            }
+            .await;
+            exit_code(result)
+        }
+        Cmd::Placement {
+            sessions,
+            agents,
+            create_clients,
+            connections,
+            anchor_clients,
+            anchor_duration,
+            steady,
+            timeout,
+            spread,
+            start,
+            slots,
+            coordinator_args,
+            write,
+        } => {
+            loopback_unless_chosen();
+            let settings = placement::Settings {
+                sessions: sessions.max(1),
+                agents: agents.max(1),
+                create_clients: create_clients.max(1),
+                connections: connections.max(1),
+                anchor_clients: anchor_clients.max(1),
+                anchor_duration: Duration::from_secs(anchor_duration.max(1)),
+                steady: Duration::from_secs(steady.max(1)),
+                timeout: Duration::from_secs(timeout.max(1)),
+                spread,
+                start,
+                slots: slots.max(1),
+                coordinator_args,
+            };
+            let result = async {
+                let report = placement::run(&settings).await?;
+                let section = placement::render(&report, &settings, PLACEMENT_SECTION, &machine_description());
+                println!("{section}");
+                if let Some(path) = write {
+                    write_section(&path, PLACEMENT_SECTION, &section)?;
+                    eprintln!("sandfleet-bench: wrote the {PLACEMENT_SECTION:?} section of {}", path.display());
+                }
+                Ok::<_, anyhow::Error>(())
+            }
+            .await;
+            exit_code(result)
+        }
+        Cmd::Failover { kills, agents, sessions_per_agent, agent_heartbeat, node_ttl, poll, write } => {
+            loopback_unless_chosen();
+            if !require_sandbox_facilities() {
+                eprintln!("sandfleet-bench: the failover benchmark needs real sandboxes");
+                return ExitCode::from(2);
+            }
+            let settings = failover::Settings {
+                kills: kills.max(1),
+                agents: agents.max(2),
+                sessions_per_agent: sessions_per_agent.max(1),
+                agent_heartbeat,
+                node_ttl,
+                poll,
+                timeout: Duration::from_secs(60),
+            };
+            let result = async {
+                let report = failover::run(&settings).await?;
+                let section = failover::render(&report, &settings, FAILOVER_SECTION, &machine_description());
+                println!("{section}");
+                if let Some(path) = write {
+                    write_section(&path, FAILOVER_SECTION, &section)?;
+                    eprintln!("sandfleet-bench: wrote the {FAILOVER_SECTION:?} section of {}", path.display());
+                }
+                Ok::<_, anyhow::Error>(())
+            }
+            .await;
+            exit_code(result)
+        }
         Cmd::Raft { duration, clients, kills, etcd, write } => {
             let settings = raft::Settings {
                 duration: Duration::from_secs(duration.max(1)),
@@ -172,6 +358,26 @@ async fn main() -> ExitCode {
                     ExitCode::from(1)
                 }
             }
+        }
+    }
+}
+
+/// Runs the harness's clusters on loopback (as `raft` and the published
+/// figures are) unless `SANDFLEET_NETWORK` chooses otherwise: the harness
+/// would otherwise put every process in its own network namespace.
+fn loopback_unless_chosen() {
+    if std::env::var_os("SANDFLEET_NETWORK").is_none() {
+        // Before any task of ours runs; the runtime's idle workers read no environment.
+        std::env::set_var("SANDFLEET_NETWORK", "loopback");
+    }
+}
+
+fn exit_code(result: Result<()>) -> ExitCode {
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("sandfleet-bench: error: {e:#}");
+            ExitCode::from(1)
         }
     }
 }

@@ -21,18 +21,21 @@
 //! [`command_argv`] and [`plan_command`] turn an API command into an argv and
 //! enforce the argv limits of the API and of the kernel.
 
+use std::collections::{BTreeMap, HashMap};
 use std::process::ExitStatus;
 use std::time::Duration;
 
 use bytes::Bytes;
-use sandfleet_common::limits::{MAX_ARGV, MAX_ARGV_BYTES, MAX_CODE_BYTES, OUTPUT_CHUNK_BYTES};
+use sandfleet_common::limits::{self, MAX_ARGV, MAX_ARGV_BYTES, MAX_CODE_BYTES, OUTPUT_CHUNK_BYTES};
+use sandfleet_common::ids;
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use tokio::process::{Child, ChildStderr, ChildStdout};
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tracing::{debug, instrument, warn};
 
-use crate::runtime::{Command, ExecEvent, ExitInfo, Language, RuntimeError};
+use crate::runtime::{Command, ExecEvent, ExecSpec, ExitInfo, Language, RuntimeError};
+use crate::workspace::{FsError, Workspace};
 
 /// The kernel's limit on one argv or environment string, including its NUL
 /// (`MAX_ARG_STRLEN`, 32 pages).
@@ -145,6 +148,86 @@ fn check_argv(argv: &[String]) -> Result<(), RuntimeError> {
         }
     }
     Ok(())
+}
+
+/// An exec request checked against every limit of the API, ready to run.
+#[derive(Debug, Clone)]
+pub struct ValidatedExec {
+    /// What to execute (and the code file, for large code).
+    pub plan: CommandPlan,
+    /// The wall-clock limit (the default filled in).
+    pub timeout: Duration,
+    /// The output cap (the default filled in).
+    pub output_cap: u64,
+    /// The working directory, relative to the workspace root, normalised.
+    pub workdir: std::path::PathBuf,
+}
+
+/// Validates an exec request the same way for every backend: the command
+/// (argv and code limits), the exec env, stdin size, timeout and the
+/// workdir's lexical rules. `code_path` is where large code is placed
+/// inside the sandbox. Whether the workdir exists is checked by the caller
+/// against the workspace ([`check_workdir`]).
+pub fn validate(spec: &ExecSpec, code_path: &str) -> Result<ValidatedExec, RuntimeError> {
+    let plan = plan_command(&spec.command, code_path)?;
+    validate_env("exec env", &spec.env)?;
+    if spec.stdin.len() > limits::MAX_STDIN_BYTES {
+        return Err(RuntimeError::InvalidArgument(format!(
+            "stdin exceeds the limit of {} bytes (MAX_STDIN_BYTES): got {}",
+            limits::MAX_STDIN_BYTES,
+            spec.stdin.len()
+        )));
+    }
+    let timeout = if spec.timeout.is_zero() { limits::DEFAULT_EXEC_TIMEOUT } else { spec.timeout };
+    if timeout > limits::MAX_EXEC_TIMEOUT {
+        return Err(RuntimeError::InvalidArgument(format!(
+            "timeout exceeds the limit of {} s (MAX_EXEC_TIMEOUT): got {} ms",
+            limits::MAX_EXEC_TIMEOUT.as_secs(),
+            timeout.as_millis()
+        )));
+    }
+    let output_cap = if spec.output_cap == 0 { limits::DEFAULT_OUTPUT_CAP_BYTES } else { spec.output_cap };
+    let workdir = Workspace::check_path(&spec.workdir).map_err(|e| match e {
+        FsError::InvalidPath(m) => RuntimeError::InvalidArgument(format!("workdir: {m}")),
+        other => RuntimeError::Workspace(other),
+    })?;
+    Ok(ValidatedExec { plan, timeout, output_cap, workdir })
+}
+
+/// Checks that `workdir` is a directory inside the workspace (not reached
+/// through an escaping symlink).
+pub async fn check_workdir(ws: &Workspace, workdir: &str) -> Result<(), RuntimeError> {
+    match ws.is_dir(workdir).await {
+        Ok(true) => Ok(()),
+        Ok(false) => Err(RuntimeError::InvalidArgument(format!("workdir {workdir:?} is not a directory in the workspace"))),
+        Err(FsError::Escape(_)) => Err(RuntimeError::InvalidArgument(format!("workdir {workdir:?} leads outside the workspace"))),
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// Validates an environment map (names and sizes), naming `field` in errors.
+pub fn validate_env(field: &'static str, env: &BTreeMap<String, String>) -> Result<(), RuntimeError> {
+    let map: HashMap<String, String> = env.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+    ids::validate_env(field, &map).map_err(|e| RuntimeError::InvalidArgument(e.to_string()))
+}
+
+/// Adds what the session's limits did to a finished exec: `oom_kills` OOM
+/// kills (sets `oom_killed`) and `refused_forks` forks refused at the pids
+/// limit, each with a message naming the limit.
+pub fn note_limits(info: &mut ExitInfo, oom_kills: u64, memory_bytes: u64, refused_forks: u64, pids_limit: u32) {
+    if oom_kills > 0 {
+        info.oom_killed = true;
+        let msg = format!(
+            "out of memory: the kernel OOM killer ended a process because the session reached its memory limit of {} bytes ({}, memory_bytes)",
+            memory_bytes,
+            sandfleet_common::quantity::format_memory(memory_bytes)
+        );
+        info.message = if info.message.is_empty() { msg } else { format!("{}; {msg}", info.message) };
+    }
+    if refused_forks > 0 {
+        let msg = format!("{refused_forks} fork(s) refused: the session reached its pids limit of {pids_limit} (pids_limit)");
+        info.message = if info.message.is_empty() { msg } else { format!("{}; {msg}", info.message) };
+    }
 }
 
 /// Spawns `cmd` with piped stdin/stdout/stderr and `kill_on_drop`.

@@ -8,13 +8,16 @@
 //! # Layout
 //! - [`control`]: registration, heartbeats, the assignment watch and reconciliation.
 //! - [`dataplane`]: ExecService and FileService, with session-token checks.
-//! - [`runtime`]: the `Runtime` trait and its backends (`process`: bubblewrap + cgroups).
+//! - [`runtime`]: the `Runtime` trait and its backends (`process`: bubblewrap + cgroups;
+//!   `docker`: a hardened container per session with bubblewrap inside).
+//! - [`executor`]: `sandfleet-executor`, which runs execs inside a container, and its client.
 //! - [`exec`]: the one implementation of exec semantics (timeout, caps, exit, OOM).
 //! - [`workspace`]: safe file operations inside a session's workspace.
 
 pub mod control;
 pub mod dataplane;
 pub mod exec;
+pub mod executor;
 pub mod runtime;
 pub mod workspace;
 
@@ -29,6 +32,7 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 use crate::control::{AgentState, Control, ControlConfig};
+use crate::runtime::docker::{DockerRuntime, DockerRuntimeConfig};
 use crate::runtime::process::{ProcessRuntime, ProcessRuntimeConfig};
 use crate::runtime::Runtime;
 
@@ -38,12 +42,15 @@ pub enum RuntimeKind {
     /// bubblewrap plus cgroups on the host.
     #[default]
     Process,
+    /// A hardened container per session (through the Docker engine), bubblewrap inside it.
+    Docker,
 }
 
 impl RuntimeKind {
     pub fn as_str(self) -> &'static str {
         match self {
             RuntimeKind::Process => "process",
+            RuntimeKind::Docker => "docker",
         }
     }
 }
@@ -75,6 +82,10 @@ pub struct AgentConfig {
     pub uid_base: u32,
     /// Output cap per exec.
     pub output_cap: u64,
+    /// Docker runtime: template name → image (empty: every template on the default image).
+    pub docker_templates: std::collections::BTreeMap<String, String>,
+    /// Docker runtime: template name → idle containers to keep ready.
+    pub warm_pool: std::collections::BTreeMap<String, u32>,
 }
 
 impl Default for AgentConfig {
@@ -92,6 +103,8 @@ impl Default for AgentConfig {
             labels: HashMap::new(),
             uid_base: 200_000,
             output_cap: limits::DEFAULT_OUTPUT_CAP_BYTES,
+            docker_templates: std::collections::BTreeMap::new(),
+            warm_pool: std::collections::BTreeMap::new(),
         }
     }
 }
@@ -118,6 +131,8 @@ pub struct Agent {
     addr: SocketAddr,
     server: JoinHandle<Result<(), tonic::transport::Error>>,
     control: JoinHandle<()>,
+    /// Runtime cleanup at shutdown (the docker runtime's idle pool containers).
+    cleanup: Option<JoinHandle<()>>,
 }
 
 impl Agent {
@@ -129,6 +144,9 @@ impl Agent {
     /// Waits until the agent has stopped after the shutdown token fired.
     pub async fn join(self) -> Result<(), AgentError> {
         let _ = self.control.await;
+        if let Some(c) = self.cleanup {
+            let _ = c.await;
+        }
         self.server.await.map_err(|e| AgentError::Join(e.to_string()))??;
         Ok(())
     }
@@ -157,6 +175,7 @@ pub async fn serve(config: AgentConfig, shutdown: CancellationToken) -> Result<A
     let data_dir = std::fs::canonicalize(&config.data_dir)
         .map_err(|e| AgentError::Config(format!("cannot resolve data dir {}: {e}", config.data_dir.display())))?;
 
+    let mut cleanup = None;
     let runtime: Arc<dyn Runtime> = match config.runtime {
         RuntimeKind::Process => Arc::new(
             ProcessRuntime::new(ProcessRuntimeConfig {
@@ -168,6 +187,22 @@ pub async fn serve(config: AgentConfig, shutdown: CancellationToken) -> Result<A
             })
             .await?,
         ),
+        RuntimeKind::Docker => {
+            let mut cfg = DockerRuntimeConfig::new(data_dir.join("docker"), config.node_id.clone());
+            cfg.uid_base = config.uid_base;
+            cfg.slots = config.slots;
+            cfg.templates.extend(config.docker_templates.clone());
+            cfg.warm_pool = config.warm_pool.clone();
+            let docker = DockerRuntime::new(cfg).await?;
+            let (rt, stop) = (docker.clone(), shutdown.clone());
+            cleanup = Some(tokio::spawn(async move {
+                stop.cancelled().await;
+                if let Err(e) = rt.stop_pool().await {
+                    tracing::warn!(error = %e, "could not remove the warm pool's containers at shutdown");
+                }
+            }));
+            Arc::new(docker)
+        }
     };
     let state = Arc::new(AgentState::new(config.node_id.clone(), runtime));
     state.rediscover().await?;
@@ -208,5 +243,5 @@ pub async fn serve(config: AgentConfig, shutdown: CancellationToken) -> Result<A
     };
     let control = tokio::spawn(control.run(interval, shutdown.clone()));
     tracing::info!(node = %config.node_id, %addr, "agent serving");
-    Ok(Agent { addr, server, control })
+    Ok(Agent { addr, server, control, cleanup })
 }

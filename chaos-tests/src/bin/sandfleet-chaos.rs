@@ -47,7 +47,8 @@
 //! and agent partition waits for the node's sessions to move); the workload
 //! runs until the schedule is done, about 100 s in all with startup and checks.
 //! Before an agent fault whose moves are checked, the nemesis makes sure two
-//! sessions of its own ("anchors", never deleted) run on that node, since the
+//! sessions of its own ("anchors", never deleted by the runner; a 90 s TTL ends
+//! them) run on that node, since the
 //! workers' sessions often live shorter than a node TTL. Without the sandbox
 //! facilities the smoke run prints SKIPPED and exits 0, unless
 //! `SANDFLEET_REQUIRE_FACILITIES=1`; on loopback (no namespaces) it skips the
@@ -446,7 +447,8 @@ struct Planned {
     retries: u32,
 }
 
-/// Creates sessions (recorded like the workers' ones, never deleted) until
+/// Creates sessions (recorded like the workers' ones, never deleted, ended by
+/// their short TTL) until
 /// [`ANCHORS_PER_FAULT`] of the run's live sessions run on `node`, a few
 /// attempts at most. Returns a note when it could not.
 async fn ensure_anchors(ctx: &NemesisCtx<'_>, node: &str, counter: &mut u64) -> Option<String> {
@@ -463,7 +465,7 @@ async fn ensure_anchors(ctx: &NemesisCtx<'_>, node: &str, counter: &mut u64) -> 
         *counter += 1;
         let rid = format!("chaos-{}-anchor-{counter}", ctx.seed);
         let op = ctx.history.invoke(NEMESIS_CLIENT, Call::Create { request_id: rid.clone() });
-        let r = ctx.client.create_session_full(spec(&rid, ctx.run)).await;
+        let r = ctx.client.create_session_full(spec(&rid, ctx.run).ttl(ANCHOR_TTL)).await;
         match &r {
             Ok(resp) => match &resp.session {
                 Some(s) => ctx.history.complete(op, Outcome::Ok(Ret::Created { session_id: s.id.clone() })),
@@ -668,10 +670,10 @@ async fn verify_after_faults(cluster: &mut Cluster, client: &Client, run: &str, 
         violations.push("cannot list sessions after the faults".into());
         return violations;
     };
-    for s in &sessions {
+    let copies_ok = |s: &proto::Session| {
         let dirs = sandfleet_chaos::host::cgroup_dirs_matching(&s.id);
-        let copies: BTreeSet<&String> =
-            nodes.iter().filter(|n| dirs.iter().any(|d| d.to_string_lossy().contains(n.as_str()))).collect();
+        let copies: BTreeSet<String> =
+            nodes.iter().filter(|n| dirs.iter().any(|d| d.to_string_lossy().contains(n.as_str()))).cloned().collect();
         let running = state_of(s) == proto::SessionState::Running;
         let ok = if running {
             copies.len() == 1 && copies.contains(&s.node_id)
@@ -680,11 +682,25 @@ async fn verify_after_faults(cluster: &mut Cluster, client: &Client, run: &str, 
         } else {
             copies.len() <= 1
         };
+        (ok, copies)
+    };
+    for s in &sessions {
+        let (mut ok, mut copies) = copies_ok(s);
+        let mut s = s.clone();
+        if !ok {
+            // The list is a moment old: a session may have expired (TTL) or its
+            // teardown may still be running. Look again before calling it a violation.
+            tokio::time::sleep(Duration::from_secs(2)).await;
+            if let Ok(now) = client.get_session(&s.id).await {
+                s = now;
+            }
+            (ok, copies) = copies_ok(&s);
+        }
         if !ok {
             violations.push(format!(
                 "session {} ({:?} on {:?}, generation {}) has copies on {copies:?}",
                 s.id,
-                state_of(s),
+                state_of(&s),
                 s.node_id,
                 s.generation
             ));
@@ -730,6 +746,10 @@ fn spec(request_id: &str, run: &str) -> CreateSession {
         .ttl(Duration::from_secs(900))
         .label(RUN_LABEL, run.to_string())
 }
+
+/// Anchors are only needed until their fault's move check (at most the move
+/// deadline); a short TTL keeps them from filling the nodes over a long run.
+const ANCHOR_TTL: Duration = Duration::from_secs(90);
 
 /// How a failed call goes into the history: `Failed` only when the server
 /// definitely rejected it (so it cannot have taken effect), else `Unknown`.

@@ -28,8 +28,8 @@ struct Args {
     /// Coordinator addresses, comma-separated.
     #[arg(long, value_delimiter = ',', required = true)]
     coordinators: Vec<String>,
-    /// Runtime backend.
-    #[arg(long, value_enum, default_value = "process")]
+    /// Runtime backend (given twice, the last one counts).
+    #[arg(long, value_enum, default_value = "process", overrides_with = "runtime")]
     runtime: RuntimeKind,
     /// Schedulable CPU (cores like 2 or 0.5, or millicores like 1500m); default: all cores.
     #[arg(long)]
@@ -46,6 +46,13 @@ struct Args {
     /// First host uid given to sessions.
     #[arg(long, default_value_t = 200_000)]
     uid_base: u32,
+    /// Docker runtime: keep N idle containers of TEMPLATE ready, TEMPLATE=N (repeatable).
+    #[arg(long = "warm-pool", value_name = "TEMPLATE=N")]
+    warm_pool: Vec<String>,
+    /// Docker runtime: run TEMPLATE on IMAGE, TEMPLATE=IMAGE (repeatable; default: every
+    /// template on sandfleet/sandbox:latest, built by deploy/images/build-sandbox-image).
+    #[arg(long = "template-image", value_name = "TEMPLATE=IMAGE")]
+    template_images: Vec<String>,
 }
 
 /// The label every node carries with its own name.
@@ -63,6 +70,23 @@ async fn main() -> anyhow::Result<()> {
     // Every node carries its own name, so a session can be pinned to one node
     // with `--node-selector sandfleet.node=NAME` (like kubernetes.io/hostname).
     labels.entry(NODE_NAME_LABEL.to_string()).or_insert_with(|| args.node_id.clone());
+    let mut warm_pool = std::collections::BTreeMap::new();
+    for w in &args.warm_pool {
+        let Some((t, n)) = w.split_once('=') else { bail!("invalid --warm-pool {w:?}: expected TEMPLATE=N") };
+        let n: u32 = n.parse().with_context(|| format!("invalid --warm-pool {w:?}: N must be a non-negative integer"))?;
+        warm_pool.insert(t.to_string(), n);
+    }
+    let mut docker_templates = std::collections::BTreeMap::new();
+    for w in &args.template_images {
+        let Some((t, img)) = w.split_once('=') else { bail!("invalid --template-image {w:?}: expected TEMPLATE=IMAGE") };
+        if t.is_empty() || img.is_empty() {
+            bail!("invalid --template-image {w:?}: template and image must not be empty");
+        }
+        docker_templates.insert(t.to_string(), img.to_string());
+    }
+    if args.runtime != RuntimeKind::Docker && (!warm_pool.is_empty() || !docker_templates.is_empty()) {
+        bail!("--warm-pool and --template-image apply to --runtime docker only");
+    }
     let cpu_millis = args.cpu.as_deref().map(sandfleet_common::quantity::parse_cpu).transpose()?.unwrap_or(0);
     let memory_bytes = args.memory.as_deref().map(sandfleet_common::quantity::parse_memory).transpose()?.unwrap_or(0);
     let shutdown = CancellationToken::new();
@@ -85,6 +109,8 @@ async fn main() -> anyhow::Result<()> {
         slots: args.slots,
         labels,
         uid_base: args.uid_base,
+        warm_pool,
+        docker_templates,
         ..Default::default()
     };
     let agent = serve(config, shutdown.clone()).await.context("failed to start the agent")?;

@@ -205,6 +205,182 @@ pub fn build(a: &BwrapArgs<'_>) -> Vec<OsString> {
     v
 }
 
+/// The files of the sandbox's `/etc` (the agent writes them to a directory
+/// and [`RootLayout::detect`] binds them).
+pub const ETC_FILES: [(&str, &str); 5] = [
+    ("passwd", "root:x:0:0:root:/nonexistent:/usr/sbin/nologin\nsandbox:x:1000:1000::/workspace:/bin/sh\nnobody:x:65534:65534:nobody:/nonexistent:/usr/sbin/nologin\n"),
+    ("group", "root:x:0:\nsandbox:x:1000:\nnogroup:x:65534:\n"),
+    ("hostname", "sandbox\n"),
+    ("hosts", "127.0.0.1\tlocalhost sandbox\n::1\tlocalhost ip6-localhost ip6-loopback\n"),
+    ("nsswitch.conf", "passwd: files\ngroup: files\nhosts: files\n"),
+];
+
+/// Writes [`ETC_FILES`] into `dir` (created 0755 if missing), atomically each.
+pub fn write_etc_files(dir: &Path) -> std::io::Result<()> {
+    use std::io::Write as _;
+    use std::os::unix::fs::PermissionsExt as _;
+    std::fs::create_dir_all(dir)?;
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o755))?;
+    for (name, content) in ETC_FILES {
+        let path = dir.join(name);
+        let tmp = dir.join(format!(".{name}.tmp"));
+        let mut f = std::fs::OpenOptions::new().write(true).create(true).truncate(true).open(&tmp)?;
+        f.write_all(content.as_bytes())?;
+        f.set_permissions(std::fs::Permissions::from_mode(0o644))?;
+        f.sync_all()?;
+        std::fs::rename(&tmp, &path)?;
+    }
+    Ok(())
+}
+
+/// A sealed memfd holding `data`, positioned at 0, close-on-exec.
+pub fn sealed_memfd(name: &std::ffi::CStr, data: &[u8]) -> std::io::Result<std::fs::File> {
+    use std::io::{Seek as _, Write as _};
+    use std::os::fd::{AsRawFd as _, FromRawFd as _};
+    // SAFETY: name is a valid C string; flags are plain integers.
+    let fd = unsafe { libc::memfd_create(name.as_ptr(), libc::MFD_CLOEXEC | libc::MFD_ALLOW_SEALING) };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: fd was just returned by memfd_create and is owned by nobody else.
+    let mut f = unsafe { std::fs::File::from_raw_fd(fd) };
+    f.write_all(data)?;
+    f.rewind()?;
+    let seals = libc::F_SEAL_SEAL | libc::F_SEAL_SHRINK | libc::F_SEAL_GROW | libc::F_SEAL_WRITE;
+    // SAFETY: fcntl on our fd with integer arguments.
+    if unsafe { libc::fcntl(f.as_raw_fd(), libc::F_ADD_SEALS, seals) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(f)
+}
+
+/// Everything needed to start one sandboxed command with [`spawn`].
+pub struct Launch<'a> {
+    /// The bubblewrap binary.
+    pub bwrap_path: &'a Path,
+    /// The sandbox root.
+    pub layout: &'a RootLayout,
+    /// The seccomp program ([`super::seccomp::filter_bytes`]).
+    pub filter: &'a [u8],
+    /// The workspace directory, bound at [`WORKSPACE_DIR`].
+    pub workspace: &'a Path,
+    /// Working directory relative to the workspace (validated).
+    pub workdir: &'a Path,
+    /// The complete environment of the command.
+    pub env: &'a BTreeMap<String, String>,
+    /// What to execute.
+    pub argv: &'a [String],
+    /// Code to place read-only at [`CODE_PATH`].
+    pub code: Option<&'a [u8]>,
+    /// `cgroup.procs` files the child writes itself into before exec (needs root).
+    pub procs_files: &'a [PathBuf],
+    /// Become this uid/gid (no supplementary groups) before exec; `None`
+    /// keeps the caller's ids (the executor already runs unprivileged).
+    pub run_as: Option<u32>,
+    /// Put bwrap in a process group of its own, so the whole group can be killed.
+    pub own_process_group: bool,
+}
+
+/// Spawns bwrap for one command: seccomp (and code) memfds are handed over
+/// by fd number, every other fd is closed on exec, core dumps are off, the
+/// child joins the given cgroups and drops to `run_as`, and its
+/// `oom_score_adj` is raised to 1000 so the OOM killer picks the command,
+/// not its supervisor. Returns the child (with `kill_on_drop`, piped stdio)
+/// and the fds that must stay open until it has started.
+///
+/// The `pre_exec` hook makes async-signal-safe syscalls only.
+pub fn spawn(l: &Launch<'_>) -> std::io::Result<(tokio::process::Child, Vec<std::fs::File>)> {
+    use std::io;
+    use std::os::fd::AsRawFd as _;
+    let mut keep = Vec::new();
+    let mut procs_fds: Vec<RawFd> = Vec::new();
+    for p in l.procs_files {
+        let f = std::fs::OpenOptions::new()
+            .write(true)
+            .open(p)
+            .map_err(|e| io::Error::new(e.kind(), format!("opening {}: {e}", p.display())))?;
+        procs_fds.push(f.as_raw_fd());
+        keep.push(f);
+    }
+    let seccomp = sealed_memfd(c"sandfleet-seccomp", l.filter)?;
+    let seccomp_fd = seccomp.as_raw_fd();
+    keep.push(seccomp);
+    let code_fd = match l.code {
+        Some(c) => {
+            let f = sealed_memfd(c"sandfleet-code", c)?;
+            let fd = f.as_raw_fd();
+            keep.push(f);
+            Some(fd)
+        }
+        None => None,
+    };
+    let args = build(&BwrapArgs {
+        layout: l.layout,
+        workspace: l.workspace,
+        workdir: l.workdir,
+        env: l.env,
+        seccomp_fd,
+        code_fd,
+        argv: l.argv,
+    });
+    let mut cmd = tokio::process::Command::new(l.bwrap_path);
+    cmd.args(args).env_clear().current_dir("/");
+    if l.own_process_group {
+        cmd.process_group(0);
+    }
+    let run_as = l.run_as;
+    let hook = move || -> io::Result<()> {
+        // Only async-signal-safe calls from here on: we are between fork and exec.
+        // SAFETY: every call takes plain integers or pointers to static data.
+        unsafe {
+            for &fd in &procs_fds {
+                if libc::write(fd, b"0".as_ptr().cast(), 1) != 1 {
+                    return Err(io::Error::last_os_error());
+                }
+            }
+            // Nothing the supervisor holds may leak into the sandbox, whatever a library forgot.
+            libc::syscall(libc::SYS_close_range, 3u32, u32::MAX, libc::CLOSE_RANGE_CLOEXEC);
+            for fd in [Some(seccomp_fd), code_fd].into_iter().flatten() {
+                if libc::fcntl(fd, libc::F_SETFD, 0) != 0 {
+                    return Err(io::Error::last_os_error());
+                }
+            }
+            let no_core = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+            if libc::setrlimit(libc::RLIMIT_CORE, &no_core) != 0 {
+                return Err(io::Error::last_os_error());
+            }
+            // Best effort: raising the score needs no privilege.
+            let adj = libc::open(c"/proc/self/oom_score_adj".as_ptr(), libc::O_WRONLY | libc::O_CLOEXEC);
+            if adj >= 0 {
+                libc::write(adj, b"1000".as_ptr().cast(), 4);
+                libc::close(adj);
+            }
+            if let Some(uid) = run_as {
+                let gid = uid;
+                if libc::setgroups(0, std::ptr::null()) != 0 {
+                    return Err(io::Error::last_os_error());
+                }
+                if libc::setgid(gid) != 0 {
+                    return Err(io::Error::last_os_error());
+                }
+                if libc::setuid(uid) != 0 {
+                    return Err(io::Error::last_os_error());
+                }
+                if libc::getuid() != uid || libc::geteuid() != uid || libc::getegid() != gid {
+                    return Err(io::Error::from_raw_os_error(libc::EPERM));
+                }
+            }
+        }
+        Ok(())
+    };
+    // SAFETY: the hook only makes async-signal-safe syscalls and touches no allocator or lock.
+    unsafe {
+        cmd.pre_exec(hook);
+    }
+    let child = crate::exec::spawn(cmd)?;
+    Ok((child, keep))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -246,5 +422,15 @@ mod tests {
         // The command comes last, after "--", so it cannot add bwrap options.
         let dd = s.iter().position(|a| a == "--").unwrap();
         assert_eq!(&s[dd + 1..], &argv[..]);
+    }
+
+    #[test]
+    fn memfd_is_sealed_and_rewound() {
+        use std::io::Write as _;
+        let mut f = sealed_memfd(c"t", b"abc").unwrap();
+        let mut s = String::new();
+        std::io::Read::read_to_string(&mut f, &mut s).unwrap();
+        assert_eq!(s, "abc");
+        assert!(f.write_all(b"x").is_err());
     }
 }

@@ -8,17 +8,21 @@
 //!
 //! # Layout
 //! - [`process`]: the bubblewrap + cgroups backend ([`process::ProcessRuntime`]).
+//! - [`docker`]: a hardened container per session, bubblewrap inside it ([`docker::DockerRuntime`]).
 //! - [`cgroup`]: cgroup v1 / v2 management behind one enum.
 //! - [`seccomp`]: the seccomp BPF filter every sandboxed process runs under.
 //! - [`bwrap`]: building the bubblewrap argv.
 
 pub mod bwrap;
 pub mod cgroup;
+pub mod docker;
 pub mod process;
 pub mod seccomp;
 
 use std::collections::BTreeMap;
 use std::time::Duration;
+
+use sandfleet_common::limits;
 
 /// What a session's sandbox must look like.
 #[derive(Debug, Clone)]
@@ -37,6 +41,60 @@ pub struct SandboxSpec {
     pub pids_limit: u32,
     /// Environment given to every exec.
     pub env: BTreeMap<String, String>,
+}
+
+/// A [`SandboxSpec`] checked against the limits, with defaults filled in.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct ResolvedSpec {
+    /// A template name the runtime offers.
+    pub template: String,
+    /// CPU limit in millicores.
+    pub cpu_millis: u32,
+    /// Memory limit in bytes (swap never allowed).
+    pub memory_bytes: u64,
+    /// Maximum processes and threads of one exec.
+    pub pids_limit: u32,
+    /// Environment given to every exec.
+    pub env: BTreeMap<String, String>,
+}
+
+/// Validates a sandbox spec and fills in its defaults; `templates` are the
+/// names the `runtime` offers. Shared by every backend.
+pub fn resolve_spec(spec: &SandboxSpec, templates: &[&str], runtime: &str) -> Result<ResolvedSpec, RuntimeError> {
+    let template = if spec.template.is_empty() { "default".to_string() } else { spec.template.clone() };
+    if !templates.contains(&template.as_str()) {
+        return Err(RuntimeError::InvalidArgument(format!(
+            "unknown template {:?}; the {runtime} runtime offers {}",
+            template.chars().take(64).collect::<String>(),
+            templates.join(", ")
+        )));
+    }
+    let cpu_millis = if spec.cpu_millis == 0 { limits::DEFAULT_CPU_MILLIS } else { spec.cpu_millis };
+    let memory_bytes = if spec.memory_bytes == 0 { limits::DEFAULT_MEMORY_BYTES } else { spec.memory_bytes };
+    let pids_limit = if spec.pids_limit == 0 { limits::DEFAULT_PIDS_LIMIT } else { spec.pids_limit };
+    if !(limits::MIN_CPU_MILLIS..=limits::MAX_CPU_MILLIS).contains(&cpu_millis) {
+        return Err(RuntimeError::InvalidArgument(format!(
+            "cpu_millis {cpu_millis} is outside the allowed range {}..={}",
+            limits::MIN_CPU_MILLIS,
+            limits::MAX_CPU_MILLIS
+        )));
+    }
+    if !(limits::MIN_MEMORY_BYTES..=limits::MAX_MEMORY_BYTES).contains(&memory_bytes) {
+        return Err(RuntimeError::InvalidArgument(format!(
+            "memory_bytes {memory_bytes} is outside the allowed range {}..={}",
+            limits::MIN_MEMORY_BYTES,
+            limits::MAX_MEMORY_BYTES
+        )));
+    }
+    if !(limits::MIN_PIDS_LIMIT..=limits::MAX_PIDS_LIMIT).contains(&pids_limit) {
+        return Err(RuntimeError::InvalidArgument(format!(
+            "pids_limit {pids_limit} is outside the allowed range {}..={}",
+            limits::MIN_PIDS_LIMIT,
+            limits::MAX_PIDS_LIMIT
+        )));
+    }
+    crate::exec::validate_env("env", &spec.env)?;
+    Ok(ResolvedSpec { template, cpu_millis, memory_bytes, pids_limit, env: spec.env.clone() })
 }
 
 /// What to run.

@@ -37,10 +37,8 @@
 //! a session's slot is recovered from its workspace owner.
 
 use std::collections::{BTreeMap, HashMap};
-use std::ffi::CStr;
 use std::fs;
-use std::io::{self, Seek as _, Write as _};
-use std::os::fd::{AsRawFd as _, FromRawFd as _, RawFd};
+use std::io::{self, Write as _};
 use std::os::unix::fs::{MetadataExt as _, PermissionsExt as _};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -52,11 +50,11 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, RwLock};
 use tracing::{debug, info, instrument, warn};
 
-use super::bwrap::{self, BwrapArgs, RootLayout};
+use super::bwrap::{self, RootLayout};
 use super::cgroup::{AnyCgroupManager, Limits};
 use super::{seccomp, ExecEvent, ExecSpec, ExitInfo, Runtime, RuntimeError, SandboxSpec, SessionInfo};
 use crate::exec;
-use crate::workspace::{FsError, Workspace};
+use crate::workspace::Workspace;
 
 /// Default first host uid of session slots.
 pub const DEFAULT_UID_BASE: u32 = 200_000;
@@ -230,25 +228,6 @@ fn write_atomic(path: &Path, data: &[u8], mode: u32) -> Result<(), RuntimeError>
     res.map_err(|e| io_ctx(format!("writing {}", path.display()), e))
 }
 
-/// A sealed memfd holding `data`, positioned at 0, close-on-exec.
-fn sealed_memfd(name: &CStr, data: &[u8]) -> io::Result<fs::File> {
-    // SAFETY: name is a valid C string; flags are plain integers.
-    let fd = unsafe { libc::memfd_create(name.as_ptr(), libc::MFD_CLOEXEC | libc::MFD_ALLOW_SEALING) };
-    if fd < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    // SAFETY: fd was just returned by memfd_create and is owned by nobody else.
-    let mut f = unsafe { fs::File::from_raw_fd(fd) };
-    f.write_all(data)?;
-    f.rewind()?;
-    let seals = libc::F_SEAL_SEAL | libc::F_SEAL_SHRINK | libc::F_SEAL_GROW | libc::F_SEAL_WRITE;
-    // SAFETY: fcntl on our fd with integer arguments.
-    if unsafe { libc::fcntl(f.as_raw_fd(), libc::F_ADD_SEALS, seals) } != 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(f)
-}
-
 /// Changes the owner of a tree without following symlinks. Only called at
 /// startup, when no sandboxed process can race it.
 fn chown_tree(path: &Path, uid: u32) -> io::Result<()> {
@@ -288,45 +267,8 @@ fn ensure_session_dirs(s: &Session) -> Result<(), RuntimeError> {
 
 /// Validates and fills in the defaults of a sandbox spec.
 fn stored_spec(spec: &SandboxSpec) -> Result<StoredSpec, RuntimeError> {
-    let template = if spec.template.is_empty() { "default".to_string() } else { spec.template.clone() };
-    if !TEMPLATES.contains(&template.as_str()) {
-        return Err(invalid(format!(
-            "unknown template {:?}; the process runtime offers {}",
-            template.chars().take(64).collect::<String>(),
-            TEMPLATES.join(", ")
-        )));
-    }
-    let cpu_millis = if spec.cpu_millis == 0 { limits::DEFAULT_CPU_MILLIS } else { spec.cpu_millis };
-    let memory_bytes = if spec.memory_bytes == 0 { limits::DEFAULT_MEMORY_BYTES } else { spec.memory_bytes };
-    let pids_limit = if spec.pids_limit == 0 { limits::DEFAULT_PIDS_LIMIT } else { spec.pids_limit };
-    if !(limits::MIN_CPU_MILLIS..=limits::MAX_CPU_MILLIS).contains(&cpu_millis) {
-        return Err(invalid(format!(
-            "cpu_millis {cpu_millis} is outside the allowed range {}..={}",
-            limits::MIN_CPU_MILLIS,
-            limits::MAX_CPU_MILLIS
-        )));
-    }
-    if !(limits::MIN_MEMORY_BYTES..=limits::MAX_MEMORY_BYTES).contains(&memory_bytes) {
-        return Err(invalid(format!(
-            "memory_bytes {memory_bytes} is outside the allowed range {}..={}",
-            limits::MIN_MEMORY_BYTES,
-            limits::MAX_MEMORY_BYTES
-        )));
-    }
-    if !(limits::MIN_PIDS_LIMIT..=limits::MAX_PIDS_LIMIT).contains(&pids_limit) {
-        return Err(invalid(format!(
-            "pids_limit {pids_limit} is outside the allowed range {}..={}",
-            limits::MIN_PIDS_LIMIT,
-            limits::MAX_PIDS_LIMIT
-        )));
-    }
-    validate_env("env", &spec.env)?;
-    Ok(StoredSpec { template, cpu_millis, memory_bytes, pids_limit, env: spec.env.clone() })
-}
-
-fn validate_env(field: &'static str, env: &BTreeMap<String, String>) -> Result<(), RuntimeError> {
-    let map: HashMap<String, String> = env.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
-    ids::validate_env(field, &map).map_err(|e| invalid(e.to_string()))
+    let r = super::resolve_spec(spec, &TEMPLATES, "process")?;
+    Ok(StoredSpec { template: r.template, cpu_millis: r.cpu_millis, memory_bytes: r.memory_bytes, pids_limit: r.pids_limit, env: r.env })
 }
 
 fn validate_session_id(id: &str) -> Result<(), RuntimeError> {
@@ -334,13 +276,7 @@ fn validate_session_id(id: &str) -> Result<(), RuntimeError> {
 }
 
 /// The files of the sandbox's `/etc`.
-const ETC_FILES: [(&str, &str); 5] = [
-    ("passwd", "root:x:0:0:root:/nonexistent:/usr/sbin/nologin\nsandbox:x:1000:1000::/workspace:/bin/sh\nnobody:x:65534:65534:nobody:/nonexistent:/usr/sbin/nologin\n"),
-    ("group", "root:x:0:\nsandbox:x:1000:\nnogroup:x:65534:\n"),
-    ("hostname", "sandbox\n"),
-    ("hosts", "127.0.0.1\tlocalhost sandbox\n::1\tlocalhost ip6-localhost ip6-loopback\n"),
-    ("nsswitch.conf", "passwd: files\ngroup: files\nhosts: files\n"),
-];
+const ETC_FILES: [(&str, &str); 5] = bwrap::ETC_FILES;
 
 impl ProcessRuntime {
     /// Checks bubblewrap and cgroups, creates the node's cgroup root and
@@ -600,8 +536,7 @@ impl ProcessRuntime {
     }
 
     /// Spawns bwrap for `argv` as host `uid`, joining the cgroups whose
-    /// `cgroup.procs` are given. Returns the child and the fds that must stay
-    /// open until it has started (dropping them after the spawn is fine).
+    /// `cgroup.procs` are given (see [`bwrap::spawn`]).
     #[allow(clippy::too_many_arguments)]
     fn spawn_sandbox(
         &self,
@@ -613,79 +548,21 @@ impl ProcessRuntime {
         procs_files: &[PathBuf],
         uid: u32,
     ) -> io::Result<(tokio::process::Child, Vec<fs::File>)> {
-        let mut keep = Vec::new();
-        let mut procs_fds: Vec<RawFd> = Vec::new();
-        for p in procs_files {
-            let f = fs::OpenOptions::new().write(true).open(p).map_err(|e| io::Error::new(e.kind(), format!("opening {}: {e}", p.display())))?;
-            procs_fds.push(f.as_raw_fd());
-            keep.push(f);
-        }
-        let seccomp = sealed_memfd(c"sandfleet-seccomp", &self.inner.filter)?;
-        let seccomp_fd = seccomp.as_raw_fd();
-        keep.push(seccomp);
-        let code_fd = match code {
-            Some(c) => {
-                let f = sealed_memfd(c"sandfleet-code", c)?;
-                let fd = f.as_raw_fd();
-                keep.push(f);
-                Some(fd)
-            }
-            None => None,
-        };
-        let args = bwrap::build(&BwrapArgs { layout: &self.inner.layout, workspace, workdir, env, seccomp_fd, code_fd, argv });
-        let mut cmd = tokio::process::Command::new(&self.inner.cfg.bwrap_path);
-        cmd.args(args).env_clear().current_dir("/");
-        let gid = uid;
-        let hook = move || -> io::Result<()> {
-            // Only async-signal-safe calls from here on: we are between fork and exec.
-            // SAFETY: every call takes plain integers or pointers to static data.
-            unsafe {
-                for &fd in &procs_fds {
-                    if libc::write(fd, b"0".as_ptr().cast(), 1) != 1 {
-                        return Err(io::Error::last_os_error());
-                    }
-                }
-                // Nothing the agent holds may leak into the sandbox, whatever a library forgot.
-                libc::syscall(libc::SYS_close_range, 3u32, u32::MAX, libc::CLOSE_RANGE_CLOEXEC);
-                for fd in [Some(seccomp_fd), code_fd].into_iter().flatten() {
-                    if libc::fcntl(fd, libc::F_SETFD, 0) != 0 {
-                        return Err(io::Error::last_os_error());
-                    }
-                }
-                let no_core = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
-                if libc::setrlimit(libc::RLIMIT_CORE, &no_core) != 0 {
-                    return Err(io::Error::last_os_error());
-                }
-                if libc::setgroups(0, std::ptr::null()) != 0 {
-                    return Err(io::Error::last_os_error());
-                }
-                if libc::setgid(gid) != 0 {
-                    return Err(io::Error::last_os_error());
-                }
-                if libc::setuid(uid) != 0 {
-                    return Err(io::Error::last_os_error());
-                }
-                if libc::getuid() != uid || libc::geteuid() != uid || libc::getegid() != gid {
-                    return Err(io::Error::from_raw_os_error(libc::EPERM));
-                }
-            }
-            Ok(())
-        };
-        // SAFETY: the hook only makes async-signal-safe syscalls and touches no allocator or lock.
-        unsafe {
-            cmd.pre_exec(hook);
-        }
-        let child = exec::spawn(cmd)?;
-        Ok((child, keep))
+        bwrap::spawn(&bwrap::Launch {
+            bwrap_path: &self.inner.cfg.bwrap_path,
+            layout: &self.inner.layout,
+            filter: &self.inner.filter,
+            workspace,
+            workdir,
+            env,
+            argv,
+            code,
+            procs_files,
+            run_as: Some(uid),
+            own_process_group: false,
+        })
     }
 
-    fn oom_message(memory_bytes: u64) -> String {
-        format!(
-            "out of memory: the kernel OOM killer ended a process because the session reached its memory limit of {} bytes ({}, memory_bytes)",
-            memory_bytes,
-            sandfleet_common::quantity::format_memory(memory_bytes)
-        )
-    }
 }
 
 /// Removes an exec's leaf cgroup when the exec future is dropped before its
@@ -828,37 +705,11 @@ impl Runtime for ProcessRuntime {
     #[instrument(skip(self, spec, out), fields(session = %session_id))]
     async fn exec(&self, session_id: &str, spec: ExecSpec, out: mpsc::Sender<ExecEvent>) -> Result<ExitInfo, RuntimeError> {
         validate_session_id(session_id)?;
-        let plan = exec::plan_command(&spec.command, bwrap::CODE_PATH)?;
-        validate_env("exec env", &spec.env)?;
-        if spec.stdin.len() > limits::MAX_STDIN_BYTES {
-            return Err(invalid(format!(
-                "stdin exceeds the limit of {} bytes (MAX_STDIN_BYTES): got {}",
-                limits::MAX_STDIN_BYTES,
-                spec.stdin.len()
-            )));
-        }
-        let timeout = if spec.timeout.is_zero() { limits::DEFAULT_EXEC_TIMEOUT } else { spec.timeout };
-        if timeout > limits::MAX_EXEC_TIMEOUT {
-            return Err(invalid(format!(
-                "timeout exceeds the limit of {} s (MAX_EXEC_TIMEOUT): got {} ms",
-                limits::MAX_EXEC_TIMEOUT.as_secs(),
-                timeout.as_millis()
-            )));
-        }
-        let output_cap = if spec.output_cap == 0 { limits::DEFAULT_OUTPUT_CAP_BYTES } else { spec.output_cap };
-        let workdir = Workspace::check_path(&spec.workdir).map_err(|e| match e {
-            FsError::InvalidPath(m) => invalid(format!("workdir: {m}")),
-            other => RuntimeError::Workspace(other),
-        })?;
+        let exec::ValidatedExec { plan, timeout, output_cap, workdir } = exec::validate(&spec, bwrap::CODE_PATH)?;
 
         let s = self.get(session_id)?;
         let ws = Workspace::new(s.workspace_dir(), s.uid, s.uid);
-        match ws.is_dir(&spec.workdir).await {
-            Ok(true) => {}
-            Ok(false) => return Err(invalid(format!("workdir {:?} is not a directory in the workspace", spec.workdir))),
-            Err(FsError::Escape(_)) => return Err(invalid(format!("workdir {:?} leads outside the workspace", spec.workdir))),
-            Err(e) => return Err(e.into()),
-        }
+        exec::check_workdir(&ws, &spec.workdir).await?;
         let stored = s.spec();
         let mut env = bwrap::base_env();
         env.extend(stored.env.clone());
@@ -926,19 +777,8 @@ impl Runtime for ProcessRuntime {
         leaf_guard.armed = false;
         let mut info = result.map_err(|e| io_ctx("supervising the command", e))?;
         let oom = cg.oom_kills(&s.cgroup).saturating_sub(oom_before) + leaf_oom;
-        if oom > 0 {
-            info.oom_killed = true;
-            let msg = Self::oom_message(stored.memory_bytes);
-            info.message = if info.message.is_empty() { msg } else { format!("{}; {msg}", info.message) };
-        }
         let forkfail = cg.pids_max_events(&s.cgroup).saturating_sub(forkfail_before) + leaf_forkfail;
-        if forkfail > 0 {
-            let msg = format!(
-                "{forkfail} fork(s) refused: the session reached its pids limit of {} (pids_limit)",
-                stored.pids_limit
-            );
-            info.message = if info.message.is_empty() { msg } else { format!("{}; {msg}", info.message) };
-        }
+        exec::note_limits(&mut info, oom, stored.memory_bytes, forkfail, stored.pids_limit);
         debug!(exit_code = info.exit_code, signal = info.signal, duration_ms = info.duration.as_millis() as u64, "exec ended");
         Ok(info)
     }
@@ -1019,12 +859,4 @@ mod tests {
         assert_eq!(stored_spec(&ok).unwrap().pids_limit, 64);
     }
 
-    #[test]
-    fn memfd_is_sealed_and_rewound() {
-        let mut f = sealed_memfd(c"t", b"abc").unwrap();
-        let mut s = String::new();
-        io::Read::read_to_string(&mut f, &mut s).unwrap();
-        assert_eq!(s, "abc");
-        assert!(f.write_all(b"x").is_err());
-    }
 }

@@ -1,0 +1,1003 @@
+//! The docker runtime: one hardened container per session, and inside it
+//! `sandfleet-executor` running every exec under bubblewrap (two layers).
+//!
+//! This module owns the containers' lifecycle through bollard: creating and
+//! starting them ([`hardening`] builds the create body), the optional warm
+//! pool, finding them again by label after an agent restart, removing
+//! orphans, and forwarding execs to the executor over the Unix socket in the
+//! session's run directory ([`crate::executor`]). File operations use the
+//! same [`Workspace`] code as the process runtime on the host side of the
+//! workspace bind mount.
+//!
+//! # On disk
+//! `<data_dir>/boxes/<box>/workspace` (0700, the session uid) is bound at
+//! `/workspace`; `<data_dir>/boxes/<box>/run` (0700, the session uid) at
+//! `/sandfleet` and holds the executor's socket; `<data_dir>/boxes/<box>/session.json`
+//! (root, 0600) records the session a box serves. `<data_dir>/seccomp.json`
+//! is the profile given to the engine. A box is a container plus these
+//! directories; its name is the container's name.
+//!
+//! # Uids
+//! Each box runs as its own host uid `uid_base + slot`, so even an escape
+//! from both layers lands as a nobody that cannot read other workspaces.
+//!
+//! # Warm pool
+//! `warm_pool` keeps, per template, that many idle started containers with
+//! the template's default limits. A create takes one (recording the claim in
+//! `session.json` and changing the limits with `docker update` only when the
+//! session asks for others); a claimed container is never handed out again:
+//! it is removed with its session. A background task refills the pool.
+//!
+//! # Restarts
+//! [`DockerRuntime::new`] lists the containers labelled with this node: a
+//! container whose box records a session (or that carries a session label)
+//! is that session again (started if it had stopped); every other one (an
+//! unclaimed pool container, a half-created box) is removed. A session's box
+//! directory whose container is gone gets a new container over the same
+//! workspace; other directories without a container are removed. Sessions
+//! the cluster no longer assigns are then destroyed by the agent's first
+//! reconcile. The `sandfleet.generation` label is the generation a container
+//! was created for; `session.json` holds the current one.
+
+pub mod hardening;
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::fs;
+use std::io;
+use std::os::unix::fs::PermissionsExt as _;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, Weak};
+use std::time::Duration;
+
+use bollard::models::ContainerUpdateBody;
+use bollard::query_parameters::{CreateContainerOptions, ListContainersOptions, RemoveContainerOptions};
+use bollard::Docker;
+use sandfleet_common::ids;
+use serde::{Deserialize, Serialize};
+use tokio::sync::{mpsc, Notify, RwLock};
+use tracing::{debug, info, instrument, warn};
+
+use self::hardening::{ContainerPlan, LABEL_BOX, LABEL_GENERATION, LABEL_NODE, LABEL_POOL, LABEL_SESSION, LABEL_SLOT};
+use super::{resolve_spec, ExecEvent, ExecSpec, ExitInfo, ResolvedSpec, Runtime, RuntimeError, SandboxSpec, SessionInfo};
+use crate::executor::{self, WireExec, SOCKET_NAME};
+use crate::workspace::Workspace;
+
+/// The image every template uses unless configured otherwise.
+pub const DEFAULT_IMAGE: &str = "sandfleet/sandbox:latest";
+/// Templates the docker runtime offers by default (all on [`DEFAULT_IMAGE`]).
+pub const TEMPLATES: [&str; 4] = ["default", "python", "node", "bash"];
+/// The command that builds the image.
+pub const BUILD_IMAGE_HINT: &str = "deploy/images/build-sandbox-image (from the repository root, after cargo build)";
+/// Timeout of one Docker API call.
+pub const DOCKER_CALL_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long a started container may take until its executor answers.
+const EXECUTOR_READY_TIMEOUT: Duration = Duration::from_secs(20);
+/// Grace on top of an exec's timeout before the agent gives up on the executor.
+const EXEC_GRACE: Duration = Duration::from_secs(30);
+
+/// Configuration of [`DockerRuntime`].
+#[derive(Debug, Clone)]
+pub struct DockerRuntimeConfig {
+    /// Where boxes live.
+    pub data_dir: PathBuf,
+    /// This node's id; labels its containers.
+    pub node_id: String,
+    /// First host uid of the session slots.
+    pub uid_base: u32,
+    /// Number of slots (pool containers included).
+    pub slots: u32,
+    /// Template name → image.
+    pub templates: BTreeMap<String, String>,
+    /// Template name → idle containers to keep ready.
+    pub warm_pool: BTreeMap<String, u32>,
+}
+
+impl DockerRuntimeConfig {
+    /// Defaults: every template on [`DEFAULT_IMAGE`], no warm pool.
+    pub fn new(data_dir: impl Into<PathBuf>, node_id: impl Into<String>) -> Self {
+        Self {
+            data_dir: data_dir.into(),
+            node_id: node_id.into(),
+            uid_base: 300_000,
+            slots: 256,
+            templates: TEMPLATES.iter().map(|t| (t.to_string(), DEFAULT_IMAGE.to_string())).collect(),
+            warm_pool: BTreeMap::new(),
+        }
+    }
+}
+
+/// What `session.json` holds.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct SessionRecord {
+    session_id: String,
+    generation: u64,
+    spec: ResolvedSpec,
+}
+
+/// A container with its directories, serving one session or waiting in the pool.
+struct BoxState {
+    name: String,
+    slot: u32,
+    uid: u32,
+    dir: PathBuf,
+    /// The limits the container currently has.
+    limits: Mutex<ResolvedSpec>,
+}
+
+impl BoxState {
+    fn workspace_dir(&self) -> PathBuf {
+        self.dir.join("workspace")
+    }
+    fn run_dir(&self) -> PathBuf {
+        self.dir.join("run")
+    }
+    fn socket(&self) -> PathBuf {
+        self.run_dir().join(SOCKET_NAME)
+    }
+    fn limits(&self) -> ResolvedSpec {
+        self.limits.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+}
+
+struct Session {
+    id: String,
+    bx: Arc<BoxState>,
+    generation: AtomicU64,
+    spec: Mutex<ResolvedSpec>,
+    /// `true` while execs may start; destroy takes the write lock.
+    alive: RwLock<bool>,
+}
+
+impl Session {
+    fn spec(&self) -> ResolvedSpec {
+        self.spec.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+}
+
+#[derive(Default)]
+struct Tables {
+    sessions: HashMap<String, Arc<Session>>,
+    /// Idle started pool boxes per template.
+    pool: HashMap<String, Vec<Arc<BoxState>>>,
+    /// Slots of boxes that exist or are being created.
+    slots: HashSet<u32>,
+    /// Pool boxes being created, per template.
+    pool_pending: HashMap<String, u32>,
+}
+
+struct Inner {
+    cfg: DockerRuntimeConfig,
+    docker: Docker,
+    seccomp_json: String,
+    tables: Mutex<Tables>,
+    /// Per-session locks: prepare and destroy of one session never overlap.
+    locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+    refill: Arc<Notify>,
+    /// Set by [`DockerRuntime::remove_all`]: the pool stops refilling.
+    stopped: std::sync::atomic::AtomicBool,
+}
+
+/// The docker runtime. Cheap to clone.
+#[derive(Clone)]
+pub struct DockerRuntime {
+    inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for DockerRuntime {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DockerRuntime").field("data_dir", &self.inner.cfg.data_dir).field("node_id", &self.inner.cfg.node_id).finish()
+    }
+}
+
+fn invalid(msg: impl Into<String>) -> RuntimeError {
+    RuntimeError::InvalidArgument(msg.into())
+}
+
+fn io_ctx(what: impl std::fmt::Display, e: io::Error) -> RuntimeError {
+    RuntimeError::Io(io::Error::new(e.kind(), format!("{what}: {e}")))
+}
+
+fn engine(what: &str, e: bollard::errors::Error) -> RuntimeError {
+    RuntimeError::Unavailable(format!("docker engine: {what}: {e}"))
+}
+
+fn is_not_found(e: &bollard::errors::Error) -> bool {
+    matches!(e, bollard::errors::Error::DockerResponseServerError { status_code: 404, .. })
+}
+
+/// Runs one Docker call with [`DOCKER_CALL_TIMEOUT`].
+async fn call<T>(what: &str, fut: impl std::future::Future<Output = Result<T, bollard::errors::Error>>) -> Result<T, RuntimeError> {
+    match tokio::time::timeout(DOCKER_CALL_TIMEOUT, fut).await {
+        Ok(Ok(v)) => Ok(v),
+        Ok(Err(e)) => Err(engine(what, e)),
+        Err(_) => Err(RuntimeError::Unavailable(format!("docker engine: {what}: no answer within {} s", DOCKER_CALL_TIMEOUT.as_secs()))),
+    }
+}
+
+/// Like [`call`], but a 404 is `Ok(None)`.
+async fn call_opt<T>(
+    what: &str,
+    fut: impl std::future::Future<Output = Result<T, bollard::errors::Error>>,
+) -> Result<Option<T>, RuntimeError> {
+    match tokio::time::timeout(DOCKER_CALL_TIMEOUT, fut).await {
+        Ok(Ok(v)) => Ok(Some(v)),
+        Ok(Err(e)) if is_not_found(&e) => Ok(None),
+        Ok(Err(e)) => Err(engine(what, e)),
+        Err(_) => Err(RuntimeError::Unavailable(format!("docker engine: {what}: no answer within {} s", DOCKER_CALL_TIMEOUT.as_secs()))),
+    }
+}
+
+fn create_dir(path: &Path, mode: u32, uid: Option<u32>) -> Result<(), RuntimeError> {
+    match fs::create_dir(path) {
+        Ok(()) => {}
+        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
+        Err(e) => return Err(io_ctx(format!("creating {}", path.display()), e)),
+    }
+    let meta = fs::symlink_metadata(path).map_err(|e| io_ctx(format!("stat {}", path.display()), e))?;
+    if !meta.is_dir() {
+        return Err(RuntimeError::Internal(format!("{} exists and is not a directory", path.display())));
+    }
+    if let Some(uid) = uid {
+        std::os::unix::fs::lchown(path, Some(uid), Some(uid)).map_err(|e| io_ctx(format!("chown {}", path.display()), e))?;
+    }
+    fs::set_permissions(path, fs::Permissions::from_mode(mode)).map_err(|e| io_ctx(format!("chmod {}", path.display()), e))
+}
+
+fn write_atomic(path: &Path, data: &[u8], mode: u32) -> Result<(), RuntimeError> {
+    use std::io::Write as _;
+    let tmp = path.with_extension("tmp");
+    let res = (|| -> io::Result<()> {
+        let mut f = fs::OpenOptions::new().write(true).create(true).truncate(true).open(&tmp)?;
+        f.write_all(data)?;
+        f.set_permissions(fs::Permissions::from_mode(mode))?;
+        f.sync_all()?;
+        fs::rename(&tmp, path)
+    })();
+    res.map_err(|e| io_ctx(format!("writing {}", path.display()), e))
+}
+
+fn read_record(dir: &Path) -> Option<SessionRecord> {
+    let b = fs::read(dir.join("session.json")).ok()?;
+    serde_json::from_slice(&b).ok()
+}
+
+fn random_suffix() -> String {
+    use rand::Rng as _;
+    let n: u64 = rand::rng().random();
+    format!("{n:016x}")
+}
+
+impl DockerRuntime {
+    /// Connects to the engine, checks the images, writes the seccomp profile,
+    /// reconciles the containers of this node and starts the warm pool.
+    #[instrument(skip(cfg), fields(node = %cfg.node_id, data_dir = %cfg.data_dir.display()))]
+    pub async fn new(cfg: DockerRuntimeConfig) -> Result<Self, RuntimeError> {
+        ids::validate_node_id(&cfg.node_id).map_err(|e| invalid(e.to_string()))?;
+        if cfg.slots == 0 {
+            return Err(invalid("slots must be at least 1"));
+        }
+        if cfg.uid_base < 1000 || cfg.uid_base.checked_add(cfg.slots).is_none_or(|end| end > u32::MAX - 2) {
+            return Err(invalid(format!("uid_base {} with {} slots is not a usable unprivileged uid range", cfg.uid_base, cfg.slots)));
+        }
+        if cfg.templates.is_empty() {
+            return Err(invalid("the docker runtime needs at least one template"));
+        }
+        for (t, n) in &cfg.warm_pool {
+            if !cfg.templates.contains_key(t) {
+                return Err(invalid(format!("warm pool for unknown template {t:?}")));
+            }
+            if *n > cfg.slots {
+                return Err(invalid(format!("warm pool of {n} for {t:?} exceeds the {} slots", cfg.slots)));
+            }
+        }
+        // SAFETY: geteuid has no preconditions.
+        if unsafe { libc::geteuid() } != 0 {
+            return Err(RuntimeError::Unavailable(
+                "the docker runtime must run as root (it gives each session's files their own host uid)".to_string(),
+            ));
+        }
+        let docker = Docker::connect_with_local_defaults()
+            .map_err(|e| RuntimeError::Unavailable(format!("cannot reach the Docker engine: {e} (is dockerd running? DOCKER_HOST?)")))?
+            .with_timeout(DOCKER_CALL_TIMEOUT);
+        let docker = match tokio::time::timeout(DOCKER_CALL_TIMEOUT, docker.negotiate_version()).await {
+            Ok(Ok(d)) => d,
+            Ok(Err(e)) => return Err(RuntimeError::Unavailable(format!("the Docker engine does not answer: {e} (is dockerd running?)"))),
+            Err(_) => return Err(RuntimeError::Unavailable("the Docker engine did not answer within 30 s".into())),
+        };
+        call("ping", docker.ping()).await?;
+        let images: HashSet<&String> = cfg.templates.values().collect();
+        for image in images {
+            if call_opt("inspecting the sandbox image", docker.inspect_image(image)).await?.is_none() {
+                return Err(RuntimeError::Unavailable(format!(
+                    "sandbox image {image} is not present in the Docker engine; build it with {BUILD_IMAGE_HINT}"
+                )));
+            }
+        }
+
+        fs::create_dir_all(&cfg.data_dir).map_err(|e| io_ctx(format!("creating {}", cfg.data_dir.display()), e))?;
+        let data_dir = fs::canonicalize(&cfg.data_dir).map_err(|e| io_ctx(format!("resolving {}", cfg.data_dir.display()), e))?;
+        create_dir(&data_dir.join("boxes"), 0o711, None)?;
+        let profile = hardening::seccomp_profile();
+        let seccomp_json = profile.to_string();
+        write_atomic(
+            &data_dir.join("seccomp.json"),
+            serde_json::to_string_pretty(&profile).unwrap_or_default().as_bytes(),
+            0o644,
+        )?;
+        let cfg = DockerRuntimeConfig { data_dir, ..cfg };
+        let rt = Self {
+            inner: Arc::new(Inner {
+                cfg,
+                docker,
+                seccomp_json,
+                tables: Mutex::new(Tables::default()),
+                locks: Mutex::new(HashMap::new()),
+                refill: Arc::new(Notify::new()),
+                stopped: std::sync::atomic::AtomicBool::new(false),
+            }),
+        };
+        rt.rediscover().await?;
+        if !rt.inner.cfg.warm_pool.is_empty() {
+            tokio::spawn(pool_task(Arc::downgrade(&rt.inner), rt.inner.refill.clone()));
+        }
+        Ok(rt)
+    }
+
+    /// The configuration in use.
+    pub fn config(&self) -> &DockerRuntimeConfig {
+        &self.inner.cfg
+    }
+
+    /// The bollard client (tests inspect containers with it).
+    pub fn docker(&self) -> &Docker {
+        &self.inner.docker
+    }
+
+    /// The container name of a session held here.
+    pub fn container_name(&self, session_id: &str) -> Option<String> {
+        self.tables().sessions.get(session_id).map(|s| s.bx.name.clone())
+    }
+
+    /// The host uid of a session held here.
+    pub fn session_uid(&self, session_id: &str) -> Option<u32> {
+        self.tables().sessions.get(session_id).map(|s| s.bx.uid)
+    }
+
+    /// Idle pool containers of a template.
+    pub fn pool_size(&self, template: &str) -> usize {
+        self.tables().pool.get(template).map_or(0, Vec::len)
+    }
+
+    /// Waits until every template's pool is full (or `timeout` passes); returns whether it is.
+    pub async fn wait_pool_full(&self, timeout: Duration) -> bool {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            let full = self.inner.cfg.warm_pool.iter().all(|(t, n)| self.pool_size(t) >= *n as usize);
+            if full {
+                return true;
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return false;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Stops refilling the warm pool and removes its idle containers (agent
+    /// shutdown). Sessions keep running; a restarted agent finds them again.
+    pub async fn stop_pool(&self) -> Result<(), RuntimeError> {
+        self.inner.stopped.store(true, Ordering::SeqCst);
+        self.inner.refill.notify_one();
+        // A pool container being created right now lands in the pool; wait for it.
+        let t = tokio::time::Instant::now();
+        while self.tables().pool_pending.values().any(|n| *n > 0) && t.elapsed() < DOCKER_CALL_TIMEOUT * 2 {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let pool: Vec<Arc<BoxState>> = self.tables().pool.drain().flat_map(|(_, v)| v).collect();
+        for bx in pool {
+            self.remove_box(&bx.name, &bx.dir).await?;
+            self.tables().slots.remove(&bx.slot);
+        }
+        Ok(())
+    }
+
+    /// Stops the warm pool and destroys every session and pool container of
+    /// this node (tests, decommissioning).
+    pub async fn remove_all(&self) -> Result<(), RuntimeError> {
+        self.stop_pool().await?;
+        let ids: Vec<String> = self.tables().sessions.keys().cloned().collect();
+        for id in ids {
+            self.destroy(&id).await?;
+        }
+        Ok(())
+    }
+
+    fn tables(&self) -> std::sync::MutexGuard<'_, Tables> {
+        self.inner.tables.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn session_lock(&self, id: &str) -> Arc<tokio::sync::Mutex<()>> {
+        self.inner.locks.lock().unwrap_or_else(|p| p.into_inner()).entry(id.to_string()).or_default().clone()
+    }
+
+    fn get(&self, id: &str) -> Result<Arc<Session>, RuntimeError> {
+        self.tables().sessions.get(id).cloned().ok_or_else(|| RuntimeError::NotFound(id.to_string()))
+    }
+
+    fn boxes_dir(&self) -> PathBuf {
+        self.inner.cfg.data_dir.join("boxes")
+    }
+
+    fn image_of(&self, template: &str) -> Result<&str, RuntimeError> {
+        self.inner.cfg.templates.get(template).map(String::as_str).ok_or_else(|| {
+            invalid(format!(
+                "unknown template {:?}; the docker runtime offers {}",
+                template.chars().take(64).collect::<String>(),
+                self.template_names().join(", ")
+            ))
+        })
+    }
+
+    fn template_names(&self) -> Vec<&str> {
+        self.inner.cfg.templates.keys().map(String::as_str).collect()
+    }
+
+    fn reserve_slot(&self) -> Result<u32, RuntimeError> {
+        let mut t = self.tables();
+        let slot = (0..self.inner.cfg.slots)
+            .find(|s| !t.slots.contains(s))
+            .ok_or_else(|| RuntimeError::Unavailable(format!("no free session slot: all {} slots of this node are in use", self.inner.cfg.slots)))?;
+        t.slots.insert(slot);
+        Ok(slot)
+    }
+
+    fn release_slot(&self, slot: u32) {
+        self.tables().slots.remove(&slot);
+    }
+
+    fn new_box(&self, slot: u32, limits: ResolvedSpec) -> Result<BoxState, RuntimeError> {
+        let name = format!("sandfleet-{}-{}", self.inner.cfg.node_id, random_suffix());
+        let dir = self.boxes_dir().join(&name);
+        let uid = self.inner.cfg.uid_base + slot;
+        create_dir(&dir, 0o711, None)?;
+        create_dir(&dir.join("workspace"), 0o700, Some(uid))?;
+        create_dir(&dir.join("run"), 0o700, Some(uid))?;
+        Ok(BoxState { name, slot, uid, dir, limits: Mutex::new(limits) })
+    }
+
+    /// Creates and starts the container of `bx` and waits for its executor.
+    async fn start_box(&self, bx: &BoxState, labels: HashMap<String, String>) -> Result<(), RuntimeError> {
+        let limits = bx.limits();
+        let image = self.image_of(&limits.template)?.to_string();
+        let mut labels = labels;
+        labels.insert(LABEL_NODE.into(), self.inner.cfg.node_id.clone());
+        labels.insert(LABEL_BOX.into(), bx.name.clone());
+        labels.insert(LABEL_SLOT.into(), bx.slot.to_string());
+        let body = hardening::container_body(&ContainerPlan {
+            image: &image,
+            uid: bx.uid,
+            limits: &limits,
+            workspace_dir: &bx.workspace_dir(),
+            run_dir: &bx.run_dir(),
+            labels,
+            seccomp_json: &self.inner.seccomp_json,
+        });
+        let d = &self.inner.docker;
+        let created = call(
+            "creating the container",
+            d.create_container(Some(CreateContainerOptions { name: Some(bx.name.clone()), ..Default::default() }), body),
+        )
+        .await?;
+        for w in &created.warnings {
+            // An option the engine did not apply is a hardening gap: say so loudly.
+            warn!(container = %bx.name, warning = %w, "the Docker engine warned about the container configuration");
+        }
+        call("starting the container", d.start_container(&bx.name, None)).await?;
+        self.wait_ready(bx).await
+    }
+
+    async fn wait_ready(&self, bx: &BoxState) -> Result<(), RuntimeError> {
+        let started = tokio::time::Instant::now();
+        let sock = bx.socket();
+        let mut delay = Duration::from_millis(1);
+        let mut checks = 0u32;
+        loop {
+            match executor::ping(&sock).await {
+                Ok(v) if v == executor::PROTOCOL_VERSION => {
+                    debug!(container = %bx.name, elapsed_ms = started.elapsed().as_millis() as u64, "executor ready");
+                    return Ok(());
+                }
+                Ok(v) => {
+                    return Err(RuntimeError::Unavailable(format!(
+                        "the executor in the sandbox image speaks protocol {v}, this agent {}; rebuild the image with {BUILD_IMAGE_HINT}",
+                        executor::PROTOCOL_VERSION
+                    )))
+                }
+                Err(e) => {
+                    if started.elapsed() > EXECUTOR_READY_TIMEOUT {
+                        return Err(RuntimeError::Unavailable(format!(
+                            "the executor of container {} did not answer within {} s: {e} (see `docker logs {}`)",
+                            bx.name,
+                            EXECUTOR_READY_TIMEOUT.as_secs(),
+                            bx.name
+                        )));
+                    }
+                }
+            }
+            checks += 1;
+            // Every ~50 checks, make sure the container has not died.
+            if checks % 50 == 0 {
+                if let Some(c) = call_opt("inspecting the container", self.inner.docker.inspect_container(&bx.name, None)).await? {
+                    let st = c.state.unwrap_or_default();
+                    if st.running != Some(true) {
+                        return Err(RuntimeError::Unavailable(format!(
+                            "container {} exited (code {}) before its executor answered; see `docker logs {}`",
+                            bx.name,
+                            st.exit_code.unwrap_or(-1),
+                            bx.name
+                        )));
+                    }
+                }
+            }
+            tokio::time::sleep(delay).await;
+            delay = (delay * 2).min(Duration::from_millis(20));
+        }
+    }
+
+    /// Starts the box's container again if the engine says it is not running.
+    async fn ensure_running(&self, bx: &BoxState) -> Result<(), RuntimeError> {
+        let c = call_opt("inspecting the container", self.inner.docker.inspect_container(&bx.name, None))
+            .await?
+            .ok_or_else(|| RuntimeError::Unavailable(format!("container {} no longer exists", bx.name)))?;
+        if c.state.and_then(|s| s.running) != Some(true) {
+            info!(container = %bx.name, "session container is not running; starting it again");
+            call("starting the container", self.inner.docker.start_container(&bx.name, None)).await?;
+        }
+        self.wait_ready(bx).await
+    }
+
+    async fn remove_container(&self, name: &str) -> Result<(), RuntimeError> {
+        call_opt(
+            "removing a container",
+            self.inner.docker.remove_container(name, Some(RemoveContainerOptions { force: true, v: true, ..Default::default() })),
+        )
+        .await?;
+        Ok(())
+    }
+
+    async fn remove_box(&self, name: &str, dir: &Path) -> Result<(), RuntimeError> {
+        self.remove_container(name).await?;
+        match fs::remove_dir_all(dir) {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(io_ctx(format!("removing {}", dir.display()), e)),
+        }
+    }
+
+    fn persist(&self, s: &Session) -> Result<(), RuntimeError> {
+        let rec = SessionRecord { session_id: s.id.clone(), generation: s.generation.load(Ordering::SeqCst), spec: s.spec() };
+        let json = serde_json::to_vec_pretty(&rec).map_err(|e| RuntimeError::Internal(format!("encoding the session record: {e}")))?;
+        write_atomic(&s.bx.dir.join("session.json"), &json, 0o600)
+    }
+
+    /// Applies `limits` to a running container when they differ from what it has.
+    async fn relimit(&self, bx: &BoxState, limits: &ResolvedSpec) -> Result<(), RuntimeError> {
+        let current = bx.limits();
+        if (current.cpu_millis, current.memory_bytes, current.pids_limit) == (limits.cpu_millis, limits.memory_bytes, limits.pids_limit) {
+            return Ok(());
+        }
+        let (memory, period, quota, pids) = hardening::resources(limits);
+        // Raising memory must raise memory+swap first and lowering must lower memory first;
+        // the engine applies both in the right order when given together.
+        let body = ContainerUpdateBody {
+            memory: Some(memory),
+            memory_swap: Some(memory),
+            cpu_period: Some(period),
+            cpu_quota: Some(quota),
+            pids_limit: Some(pids),
+            ..Default::default()
+        };
+        call("updating the container's limits", self.inner.docker.update_container(&bx.name, body)).await?;
+        *bx.limits.lock().unwrap_or_else(|p| p.into_inner()) = limits.clone();
+        Ok(())
+    }
+
+    /// Creates one pool box for `template` and adds it to the pool.
+    async fn add_pool_box(&self, template: &str) -> Result<(), RuntimeError> {
+        let defaults = resolve_spec(
+            &SandboxSpec {
+                session_id: String::new(),
+                generation: 0,
+                template: template.to_string(),
+                cpu_millis: 0,
+                memory_bytes: 0,
+                pids_limit: 0,
+                env: BTreeMap::new(),
+            },
+            &self.template_names(),
+            "docker",
+        )?;
+        let slot = self.reserve_slot()?;
+        let bx = match self.new_box(slot, defaults) {
+            Ok(b) => b,
+            Err(e) => {
+                self.release_slot(slot);
+                return Err(e);
+            }
+        };
+        let labels = HashMap::from([(LABEL_POOL.to_string(), template.to_string())]);
+        if let Err(e) = self.start_box(&bx, labels).await {
+            let _ = self.remove_box(&bx.name, &bx.dir).await;
+            self.release_slot(slot);
+            return Err(e);
+        }
+        debug!(container = %bx.name, template, "pool container ready");
+        self.tables().pool.entry(template.to_string()).or_default().push(Arc::new(bx));
+        Ok(())
+    }
+
+    /// Rebuilds the tables from the containers labelled with this node.
+    async fn rediscover(&self) -> Result<(), RuntimeError> {
+        let d = &self.inner.docker;
+        let filters = HashMap::from([("label".to_string(), vec![format!("{LABEL_NODE}={}", self.inner.cfg.node_id)])]);
+        let list = call(
+            "listing this node's containers",
+            d.list_containers(Some(ListContainersOptions { all: true, filters: Some(filters), ..Default::default() })),
+        )
+        .await?;
+        let mut kept: HashSet<String> = HashSet::new();
+        for c in list {
+            let labels = c.labels.clone().unwrap_or_default();
+            let Some(name) = c.names.as_ref().and_then(|n| n.first()).map(|n| n.trim_start_matches('/').to_string()) else {
+                continue;
+            };
+            let box_name = labels.get(LABEL_BOX).cloned().unwrap_or_default();
+            let valid_box = box_name == name && name.starts_with(&format!("sandfleet-{}-", self.inner.cfg.node_id));
+            let dir = self.boxes_dir().join(&name);
+            let slot = labels.get(LABEL_SLOT).and_then(|s| s.parse::<u32>().ok()).filter(|s| *s < self.inner.cfg.slots);
+            let record = if valid_box { read_record(&dir) } else { None };
+            let record = record.or_else(|| {
+                // A cold-created container whose record was lost: its labels still say which session.
+                let sid = labels.get(LABEL_SESSION)?;
+                let generation = labels.get(LABEL_GENERATION)?.parse().ok()?;
+                let template = labels.get("sandfleet.template").cloned().unwrap_or_else(|| "default".into());
+                let spec = resolve_spec(
+                    &SandboxSpec {
+                        session_id: sid.clone(),
+                        generation,
+                        template,
+                        cpu_millis: 0,
+                        memory_bytes: 0,
+                        pids_limit: 0,
+                        env: BTreeMap::new(),
+                    },
+                    &self.template_names(),
+                    "docker",
+                )
+                .ok()?;
+                Some(SessionRecord { session_id: sid.clone(), generation, spec })
+            });
+            let usable = valid_box && dir.join("workspace").is_dir();
+            let slot_free = slot.is_some_and(|s| !self.tables().slots.contains(&s));
+            match (record, slot) {
+                (Some(rec), Some(slot)) if usable && slot_free && ids::validate_session_id(&rec.session_id).is_ok() => {
+                    let running = c.state == Some(bollard::models::ContainerSummaryStateEnum::RUNNING);
+                    let bx = BoxState { name: name.clone(), slot, uid: self.inner.cfg.uid_base + slot, dir, limits: Mutex::new(rec.spec.clone()) };
+                    if !running {
+                        info!(container = %name, session = %rec.session_id, "restarting a stopped session container");
+                        let restarted = match call("starting the container", d.start_container(&name, None)).await {
+                            Ok(()) => self.wait_ready(&bx).await,
+                            Err(e) => Err(e),
+                        };
+                        if let Err(e) = restarted {
+                            warn!(container = %name, error = %e, "cannot restart the session container; removing it");
+                            self.remove_box(&name, &bx.dir).await?;
+                            continue;
+                        }
+                    }
+                    info!(container = %name, session = %rec.session_id, generation = rec.generation, "rediscovered session container");
+                    let s = Session {
+                        id: rec.session_id.clone(),
+                        bx: Arc::new(bx),
+                        generation: AtomicU64::new(rec.generation),
+                        spec: Mutex::new(rec.spec),
+                        alive: RwLock::new(true),
+                    };
+                    let mut t = self.tables();
+                    t.slots.insert(slot);
+                    t.sessions.insert(rec.session_id, Arc::new(s));
+                    kept.insert(name);
+                }
+                _ => {
+                    info!(container = %name, pool = labels.get(LABEL_POOL).map(String::as_str).unwrap_or(""), "removing an orphaned container of this node");
+                    self.remove_container(&name).await?;
+                    if valid_box {
+                        let _ = fs::remove_dir_all(&dir);
+                    }
+                }
+            }
+        }
+        // Box directories without a container: a session's box (its container was removed
+        // behind our back) gets a new container over the same workspace; anything else goes.
+        let rd = fs::read_dir(self.boxes_dir()).map_err(|e| io_ctx("reading the boxes dir", e))?;
+        for e in rd {
+            let e = e?;
+            let name = e.file_name().to_string_lossy().into_owned();
+            if kept.contains(&name) {
+                continue;
+            }
+            let dir = e.path();
+            if name.starts_with(&format!("sandfleet-{}-", self.inner.cfg.node_id)) {
+                if let Some(rec) = read_record(&dir) {
+                    match self.recreate_box(&name, &dir, rec).await {
+                        Ok(true) => continue,
+                        Ok(false) => {}
+                        Err(e) => {
+                            // Kept for the next start: the workspace is the session's data.
+                            warn!(dir = %dir.display(), error = %e, "cannot recreate the container of a session's box; keeping its directory");
+                            continue;
+                        }
+                    }
+                }
+            }
+            warn!(dir = %dir.display(), "removing a box directory without a container");
+            let _ = fs::remove_dir_all(&dir);
+        }
+        info!(sessions = self.tables().sessions.len(), "containers reconciled");
+        Ok(())
+    }
+}
+
+impl DockerRuntime {
+    /// Creates a new container for a session whose box directory survived but
+    /// whose container did not; its slot comes from the workspace's owner.
+    /// `Ok(false)` when the box cannot be reused.
+    async fn recreate_box(&self, name: &str, dir: &Path, rec: SessionRecord) -> Result<bool, RuntimeError> {
+        use std::os::unix::fs::MetadataExt as _;
+        if ids::validate_session_id(&rec.session_id).is_err() || self.tables().sessions.contains_key(&rec.session_id) {
+            return Ok(false);
+        }
+        let Ok(meta) = fs::symlink_metadata(dir.join("workspace")) else { return Ok(false) };
+        let Some(slot) = meta.uid().checked_sub(self.inner.cfg.uid_base).filter(|s| *s < self.inner.cfg.slots) else {
+            return Ok(false);
+        };
+        if !meta.is_dir() || !self.tables().slots.insert(slot) {
+            return Ok(false);
+        }
+        let bx = Arc::new(BoxState {
+            name: name.to_string(),
+            slot,
+            uid: self.inner.cfg.uid_base + slot,
+            dir: dir.to_path_buf(),
+            limits: Mutex::new(rec.spec.clone()),
+        });
+        create_dir(&bx.run_dir(), 0o700, Some(bx.uid))?;
+        let labels = HashMap::from([
+            (LABEL_SESSION.to_string(), rec.session_id.clone()),
+            (LABEL_GENERATION.to_string(), rec.generation.to_string()),
+            ("sandfleet.template".to_string(), rec.spec.template.clone()),
+        ]);
+        if let Err(e) = self.start_box(&bx, labels).await {
+            let _ = self.remove_container(name).await;
+            // The slot stays reserved: its uid still owns the kept workspace.
+            return Err(e);
+        }
+        info!(container = %name, session = %rec.session_id, "recreated the container of a session whose container was gone; its workspace is kept");
+        let s = Session {
+            id: rec.session_id.clone(),
+            bx,
+            generation: AtomicU64::new(rec.generation),
+            spec: Mutex::new(rec.spec),
+            alive: RwLock::new(true),
+        };
+        self.tables().sessions.insert(rec.session_id, Arc::new(s));
+        Ok(true)
+    }
+}
+
+/// Keeps the warm pool filled until the runtime is dropped.
+async fn pool_task(inner: Weak<Inner>, refill: Arc<Notify>) {
+    let mut failures = 0u32;
+    loop {
+        let Some(strong) = inner.upgrade() else { return };
+        if strong.stopped.load(Ordering::SeqCst) {
+            return;
+        }
+        let rt = DockerRuntime { inner: strong };
+        let wanted: Vec<(String, u32)> = rt.inner.cfg.warm_pool.iter().map(|(t, n)| (t.clone(), *n)).collect();
+        let mut next: Option<String> = None;
+        {
+            let mut t = rt.tables();
+            for (tpl, n) in &wanted {
+                let have = t.pool.get(tpl).map_or(0, Vec::len) as u32 + t.pool_pending.get(tpl).copied().unwrap_or(0);
+                if have < *n {
+                    *t.pool_pending.entry(tpl.clone()).or_default() += 1;
+                    next = Some(tpl.clone());
+                    break;
+                }
+            }
+        }
+        match next {
+            Some(tpl) => {
+                let res = rt.add_pool_box(&tpl).await;
+                if let Some(p) = rt.tables().pool_pending.get_mut(&tpl) {
+                    *p = p.saturating_sub(1);
+                }
+                match res {
+                    Ok(()) => failures = 0,
+                    Err(e) => {
+                        failures += 1;
+                        warn!(template = %tpl, error = %e, "could not add a warm pool container");
+                        let backoff = Duration::from_millis(200 * u64::from(failures.min(25)));
+                        drop(rt);
+                        tokio::time::sleep(backoff).await;
+                    }
+                }
+            }
+            None => {
+                drop(rt);
+                let notified = refill.notified();
+                tokio::select! {
+                    () = notified => {}
+                    () = tokio::time::sleep(Duration::from_secs(1)) => {}
+                }
+            }
+        }
+    }
+}
+
+#[async_trait::async_trait]
+impl Runtime for DockerRuntime {
+    fn kind(&self) -> &'static str {
+        "docker"
+    }
+
+    #[instrument(skip(self, spec), fields(session = %spec.session_id, generation = spec.generation))]
+    async fn prepare(&self, spec: &SandboxSpec) -> Result<(), RuntimeError> {
+        ids::validate_session_id(&spec.session_id).map_err(|e| invalid(e.to_string()))?;
+        let resolved = resolve_spec(spec, &self.template_names(), "docker")?;
+        let lock = self.session_lock(&spec.session_id);
+        let _guard = lock.lock().await;
+        let existing = self.tables().sessions.get(&spec.session_id).cloned();
+        if let Some(s) = existing {
+            s.generation.fetch_max(spec.generation, Ordering::SeqCst);
+            if s.spec().template != resolved.template {
+                warn!(old = %s.spec().template, new = %resolved.template, "a session cannot change its template in place; keeping its container");
+            }
+            self.relimit(&s.bx, &resolved).await?;
+            *s.spec.lock().unwrap_or_else(|p| p.into_inner()) = resolved;
+            self.persist(&s)?;
+            debug!("session already prepared; updated");
+            return Ok(());
+        }
+
+        // Warm pool first.
+        let pooled = self.tables().pool.get_mut(&resolved.template).and_then(Vec::pop);
+        if let Some(bx) = pooled {
+            self.inner.refill.notify_one();
+            let s = Session {
+                id: spec.session_id.clone(),
+                bx: bx.clone(),
+                generation: AtomicU64::new(spec.generation),
+                spec: Mutex::new(resolved.clone()),
+                alive: RwLock::new(true),
+            };
+            let claimed = async {
+                self.persist(&s)?;
+                self.relimit(&bx, &resolved).await
+            }
+            .await;
+            if let Err(e) = claimed {
+                warn!(container = %bx.name, error = %e, "claiming a pool container failed; removing it");
+                let _ = self.remove_box(&bx.name, &bx.dir).await;
+                self.release_slot(bx.slot);
+                return Err(e);
+            }
+            info!(container = %bx.name, "session prepared from the warm pool");
+            self.tables().sessions.insert(spec.session_id.clone(), Arc::new(s));
+            return Ok(());
+        }
+
+        // Cold create.
+        let slot = self.reserve_slot()?;
+        let bx = match self.new_box(slot, resolved.clone()) {
+            Ok(b) => Arc::new(b),
+            Err(e) => {
+                self.release_slot(slot);
+                return Err(e);
+            }
+        };
+        let s = Session {
+            id: spec.session_id.clone(),
+            bx: bx.clone(),
+            generation: AtomicU64::new(spec.generation),
+            spec: Mutex::new(resolved.clone()),
+            alive: RwLock::new(true),
+        };
+        let labels = HashMap::from([
+            (LABEL_SESSION.to_string(), spec.session_id.clone()),
+            (LABEL_GENERATION.to_string(), spec.generation.to_string()),
+            ("sandfleet.template".to_string(), resolved.template.clone()),
+        ]);
+        let res = async {
+            self.persist(&s)?;
+            self.start_box(&bx, labels).await
+        }
+        .await;
+        if let Err(e) = res {
+            warn!(error = %e, "prepare failed; rolling back");
+            let _ = self.remove_box(&bx.name, &bx.dir).await;
+            self.release_slot(slot);
+            return Err(e);
+        }
+        info!(container = %bx.name, uid = bx.uid, "session prepared");
+        self.tables().sessions.insert(spec.session_id.clone(), Arc::new(s));
+        Ok(())
+    }
+
+    #[instrument(skip(self, spec, out), fields(session = %session_id))]
+    async fn exec(&self, session_id: &str, spec: ExecSpec, out: mpsc::Sender<ExecEvent>) -> Result<ExitInfo, RuntimeError> {
+        ids::validate_session_id(session_id).map_err(|e| invalid(e.to_string()))?;
+        // Checked here too, so a bad request gets its precise error without a round trip.
+        let v = crate::exec::validate(&spec, super::bwrap::CODE_PATH)?;
+        let s = self.get(session_id)?;
+        let alive = s.alive.read().await;
+        if !*alive {
+            return Err(RuntimeError::NotFound(session_id.to_string()));
+        }
+        let stored = s.spec();
+        let req = WireExec::new(&spec, &stored.env, stored.memory_bytes, stored.pids_limit);
+        let sock = s.bx.socket();
+        let conn = match executor::connect(&sock).await {
+            Ok(c) => c,
+            Err(first) => {
+                // Ask the engine rather than trust our table: a container that stopped (killed,
+                // host restart) is started again; its workspace is on the host and survives.
+                warn!(container = %s.bx.name, error = %first, "the executor is not reachable; checking the container");
+                self.ensure_running(&s.bx).await.map_err(|e| RuntimeError::Unavailable(format!("{first}; restarting the container failed: {e}")))?;
+                executor::connect(&sock).await?
+            }
+        };
+        drop(alive);
+        executor::exec_on(conn, req, out, v.timeout + EXEC_GRACE).await
+    }
+
+    #[instrument(skip(self), fields(session = %session_id))]
+    async fn destroy(&self, session_id: &str) -> Result<(), RuntimeError> {
+        ids::validate_session_id(session_id).map_err(|e| invalid(e.to_string()))?;
+        let lock = self.session_lock(session_id);
+        let _guard = lock.lock().await;
+        let Some(s) = self.tables().sessions.get(session_id).cloned() else {
+            return Ok(());
+        };
+        *s.alive.write().await = false;
+        self.remove_box(&s.bx.name, &s.bx.dir).await?;
+        {
+            let mut t = self.tables();
+            t.sessions.remove(session_id);
+            // Freed last: a new box cannot get this uid while files of the old one exist.
+            t.slots.remove(&s.bx.slot);
+        }
+        self.inner.locks.lock().unwrap_or_else(|p| p.into_inner()).remove(session_id);
+        info!(container = %s.bx.name, "session destroyed");
+        Ok(())
+    }
+
+    async fn list(&self) -> Result<Vec<SessionInfo>, RuntimeError> {
+        let mut v: Vec<SessionInfo> = self
+            .tables()
+            .sessions
+            .values()
+            .map(|s| SessionInfo { session_id: s.id.clone(), generation: s.generation.load(Ordering::SeqCst) })
+            .collect();
+        v.sort_by(|a, b| a.session_id.cmp(&b.session_id));
+        Ok(v)
+    }
+
+    fn workspace(&self, session_id: &str) -> Result<Workspace, RuntimeError> {
+        ids::validate_session_id(session_id).map_err(|e| invalid(e.to_string()))?;
+        let s = self.get(session_id)?;
+        Ok(Workspace::new(s.bx.workspace_dir(), s.bx.uid, s.bx.uid))
+    }
+}

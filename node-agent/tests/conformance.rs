@@ -1,0 +1,915 @@
+//! One conformance suite, run against both runtimes: the process runtime
+//! (bubblewrap + cgroups on the host) and the docker runtime (a hardened
+//! container per session, bubblewrap inside it). Each case is written once
+//! and instantiated in `mod process` and `mod docker`.
+//!
+//! Cases: exit codes, timeout, OOM, fork bomb, no network, no host files, a
+//! file round trip, path traversal and symlink escape (plus seccomp and the
+//! output cap). The docker-only tests at the end check every hardening field
+//! with `docker inspect`, that bwrap runs inside the hardened container, the
+//! warm pool, and that restarting the agent leaves no orphaned container.
+//!
+//! Facilities: the process runtime needs root, /usr/bin/bwrap and writable
+//! cgroups; the docker runtime needs a Docker engine and the sandbox image,
+//! which the tests build with deploy/images/build-sandbox-image (cached by
+//! content hash). When one is missing a test prints `SKIPPED` and passes,
+//! unless SANDFLEET_REQUIRE_FACILITIES=1 (CI), which makes it fail.
+//!
+//! The tests of this file run one at a time, across processes too (nextest
+//! runs each test in its own process): a file lock serializes them, since
+//! OOM, fork-bomb and timeout cases are timing-sensitive on two cores.
+
+use std::collections::BTreeMap;
+use std::os::unix::fs::MetadataExt as _;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use sandfleet_agent::runtime::docker::{DockerRuntime, DockerRuntimeConfig};
+use sandfleet_agent::runtime::process::{ProcessRuntime, ProcessRuntimeConfig};
+use sandfleet_agent::runtime::{Command, ExecEvent, ExecSpec, ExitInfo, Language, Runtime, RuntimeError, SandboxSpec};
+use sandfleet_agent::workspace::FsError;
+use sandfleet_common::ids::new_session_id;
+use tokio::sync::mpsc;
+
+const REQUIRE_ENV: &str = "SANDFLEET_REQUIRE_FACILITIES";
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    Process,
+    Docker,
+}
+
+/// Skips (prints a banner, returns None) or, under SANDFLEET_REQUIRE_FACILITIES=1, fails.
+fn missing(what: &str) -> Option<Env> {
+    let line = "=".repeat(78);
+    let banner = format!("\n{line}\nSKIPPED (facility missing): {what}\nSet {REQUIRE_ENV}=1 to make this a failure.\n{line}\n");
+    if std::env::var(REQUIRE_ENV).is_ok_and(|v| v == "1") {
+        panic!("{banner}");
+    }
+    use std::io::Write as _;
+    let _ = std::io::stderr().write_all(banner.as_bytes());
+    None
+}
+
+/// An exclusive lock across the test processes of this file.
+struct SerialLock {
+    _file: std::fs::File,
+}
+
+async fn serial() -> SerialLock {
+    tokio::task::spawn_blocking(|| {
+        let f = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open("/tmp/sandfleet-conformance.lock")
+            .expect("lock file");
+        use std::os::fd::AsRawFd as _;
+        // SAFETY: flock on an fd we own.
+        let rc = unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX) };
+        assert_eq!(rc, 0, "flock");
+        SerialLock { _file: f }
+    })
+    .await
+    .expect("lock task")
+}
+
+enum Backend {
+    Process(ProcessRuntime),
+    Docker(DockerRuntime),
+}
+
+struct Env {
+    rt: Arc<dyn Runtime>,
+    backend: Backend,
+    data_dir: PathBuf,
+    _dir: tempfile::TempDir,
+    _lock: SerialLock,
+}
+
+impl Drop for Env {
+    /// Best effort when a test failed half way: no container of the test may outlive it.
+    fn drop(&mut self) {
+        if let Backend::Docker(d) = &self.backend {
+            let prefix = format!("sandfleet-{}", d.config().node_id);
+            for name in docker_names("label=sandfleet.node") {
+                if name.starts_with(&prefix) {
+                    let _ = std::process::Command::new("docker").args(["rm", "-f", &name]).output();
+                }
+            }
+        }
+    }
+}
+
+impl Env {
+    fn uid(&self, id: &str) -> u32 {
+        match &self.backend {
+            Backend::Process(p) => p.session_uid(id).expect("session uid"),
+            Backend::Docker(d) => d.session_uid(id).expect("session uid"),
+        }
+    }
+
+    async fn cleanup(self) {
+        match &self.backend {
+            Backend::Process(p) => p.remove_all().await.expect("remove_all"),
+            Backend::Docker(d) => d.remove_all().await.expect("remove_all"),
+        }
+    }
+}
+
+fn process_missing() -> Option<String> {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        return Some("the process runtime tests need root".into());
+    }
+    if !Path::new("/usr/bin/bwrap").exists() {
+        return Some("/usr/bin/bwrap is not installed".into());
+    }
+    let v2 = Path::new("/sys/fs/cgroup/cgroup.controllers").exists();
+    let v1 = ["memory", "cpu", "pids"].iter().all(|c| Path::new("/sys/fs/cgroup").join(c).join("cgroup.procs").exists());
+    if !v1 && !v2 {
+        return Some("no cgroup v1 (memory, cpu, pids) or v2 hierarchy at /sys/fs/cgroup".into());
+    }
+    None
+}
+
+fn repo_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("workspace root").to_path_buf()
+}
+
+/// The exact command that builds the image for these tests.
+fn build_command() -> String {
+    format!(
+        "{}/deploy/images/build-sandbox-image --executor {}",
+        repo_root().display(),
+        env!("CARGO_BIN_EXE_sandfleet-executor")
+    )
+}
+
+/// Checks the engine and builds (or finds, by content hash) the sandbox
+/// image with this build's executor; returns its tag.
+fn docker_image() -> Result<String, String> {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        return Err("the docker runtime tests need root".into());
+    }
+    let info = std::process::Command::new("timeout").args(["60", "docker", "info", "--format", "{{.ServerVersion}}"]).output();
+    match info {
+        Ok(o) if o.status.success() => {}
+        Ok(o) => return Err(format!("the Docker engine is not answering: {}", String::from_utf8_lossy(&o.stderr).trim())),
+        Err(e) => return Err(format!("cannot run the docker CLI: {e}")),
+    }
+    let out = std::process::Command::new(repo_root().join("deploy/images/build-sandbox-image"))
+        .args(["--executor", env!("CARGO_BIN_EXE_sandfleet-executor"), "--print-tag"])
+        .output()
+        .map_err(|e| format!("cannot run {}: {e}", build_command()))?;
+    if !out.status.success() {
+        return Err(format!(
+            "building the sandbox image failed; run it by hand: {}\n{}",
+            build_command(),
+            String::from_utf8_lossy(&out.stderr)
+        ));
+    }
+    let tag = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    if tag.is_empty() {
+        return Err(format!("the image build printed no tag; run {}", build_command()));
+    }
+    Ok(tag)
+}
+
+fn docker_config(dir: &Path, tag: &str, uid_base: u32, image: &str) -> DockerRuntimeConfig {
+    let mut cfg = DockerRuntimeConfig::new(dir.join("data"), format!("t-{tag}-{}", std::process::id()));
+    cfg.uid_base = uid_base;
+    cfg.slots = 8;
+    for v in cfg.templates.values_mut() {
+        *v = image.to_string();
+    }
+    cfg
+}
+
+/// A fresh runtime of `kind` with its own data dir, node id and uid range.
+async fn setup(kind: Kind, tag: &str, uid_base: u32) -> Option<Env> {
+    let lock = serial().await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let t = Instant::now();
+    let (rt, backend, data_dir): (Arc<dyn Runtime>, Backend, PathBuf) = match kind {
+        Kind::Process => {
+            if let Some(why) = process_missing() {
+                return missing(&why);
+            }
+            let cfg = ProcessRuntimeConfig {
+                data_dir: dir.path().join("data"),
+                node_id: format!("t-{tag}-{}", std::process::id()),
+                uid_base,
+                slots: 8,
+                bwrap_path: PathBuf::from("/usr/bin/bwrap"),
+            };
+            let rt = ProcessRuntime::new(cfg).await.expect("ProcessRuntime::new on a host that has root, bwrap and cgroups");
+            let data_dir = rt.config().data_dir.clone();
+            (Arc::new(rt.clone()), Backend::Process(rt), data_dir)
+        }
+        Kind::Docker => {
+            let image = match docker_image() {
+                Ok(i) => i,
+                Err(why) => return missing(&why),
+            };
+            let cfg = docker_config(dir.path(), tag, uid_base + 400_000, &image);
+            let rt = DockerRuntime::new(cfg).await.expect("DockerRuntime::new with an engine and the image");
+            let data_dir = rt.config().data_dir.clone();
+            (Arc::new(rt.clone()), Backend::Docker(rt), data_dir)
+        }
+    };
+    eprintln!("{kind:?} runtime ready in {:?}", t.elapsed());
+    Some(Env { rt, backend, data_dir, _dir: dir, _lock: lock })
+}
+
+fn sandbox(id: &str) -> SandboxSpec {
+    SandboxSpec {
+        session_id: id.to_string(),
+        generation: 1,
+        template: "default".into(),
+        cpu_millis: 1000,
+        memory_bytes: 256 << 20,
+        pids_limit: 64,
+        env: BTreeMap::new(),
+    }
+}
+
+fn code(language: Language, code: &str) -> ExecSpec {
+    ExecSpec {
+        command: Command::Code { language, code: code.to_string() },
+        env: BTreeMap::new(),
+        stdin: vec![],
+        workdir: String::new(),
+        timeout: Duration::from_secs(20),
+        output_cap: 0,
+    }
+}
+
+fn bash(script: &str) -> ExecSpec {
+    code(Language::Bash, script)
+}
+
+struct Ran {
+    info: ExitInfo,
+    stdout: String,
+    stderr: String,
+    chunks: usize,
+}
+
+async fn run(rt: &dyn Runtime, id: &str, spec: ExecSpec) -> Result<Ran, RuntimeError> {
+    let (tx, mut rx) = mpsc::channel(64);
+    let reader = tokio::spawn(async move {
+        let (mut o, mut e, mut n) = (Vec::new(), Vec::new(), 0);
+        while let Some(ev) = rx.recv().await {
+            n += 1;
+            match ev {
+                ExecEvent::Stdout(b) => {
+                    assert!(b.len() <= sandfleet_common::limits::OUTPUT_CHUNK_BYTES);
+                    o.extend_from_slice(&b)
+                }
+                ExecEvent::Stderr(b) => e.extend_from_slice(&b),
+            }
+        }
+        (o, e, n)
+    });
+    let info = rt.exec(id, spec, tx).await;
+    let (o, e, chunks) = reader.await.expect("reader");
+    let info = info?;
+    Ok(Ran { info, stdout: String::from_utf8_lossy(&o).into_owned(), stderr: String::from_utf8_lossy(&e).into_owned(), chunks })
+}
+
+/// Live host processes of `uid` running exactly `argv` (after a grace for
+/// processes that were just killed).
+fn host_procs(uid: u32, argv: &[&str]) -> Vec<i32> {
+    let deadline = Instant::now() + Duration::from_secs(3);
+    loop {
+        let want: Vec<u8> = argv.iter().flat_map(|a| a.bytes().chain([0])).collect();
+        let mut found = Vec::new();
+        for e in std::fs::read_dir("/proc").unwrap().flatten() {
+            let Ok(pid) = e.file_name().to_string_lossy().parse::<i32>() else { continue };
+            let Ok(meta) = std::fs::metadata(e.path()) else { continue };
+            if meta.uid() != uid {
+                continue;
+            }
+            if std::fs::read(e.path().join("cmdline")).map(|c| c == want).unwrap_or(false) {
+                found.push(pid);
+            }
+        }
+        if found.is_empty() || Instant::now() > deadline {
+            return found;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+// ---------------------------------------------------------------------------
+// The cases
+// ---------------------------------------------------------------------------
+
+async fn exit_codes(kind: Kind) {
+    let Some(env) = setup(kind, "exit", 310_000).await else { return };
+    let rt = env.rt.as_ref();
+    let id = new_session_id();
+    let t = Instant::now();
+    rt.prepare(&sandbox(&id)).await.unwrap();
+    eprintln!("{kind:?}: prepare took {:?}", t.elapsed());
+
+    let r = run(rt, &id, code(Language::Python, "print(6*7)")).await.unwrap();
+    assert_eq!(r.stdout, "42\n", "stderr: {}", r.stderr);
+    assert_eq!((r.info.exit_code, r.info.signal), (0, 0));
+    assert!(!r.info.timed_out && !r.info.oom_killed && !r.info.output_truncated && r.info.message.is_empty(), "{:?}", r.info);
+    let r = run(rt, &id, code(Language::Node, "console.log(6*7)")).await.unwrap();
+    assert_eq!(r.stdout, "42\n", "stderr: {}", r.stderr);
+    let r = run(rt, &id, bash("echo out; echo err >&2; exit 7")).await.unwrap();
+    assert_eq!((r.stdout.as_str(), r.stderr.as_str()), ("out\n", "err\n"));
+    assert_eq!((r.info.exit_code, r.info.signal), (7, 0));
+    let r = run(rt, &id, bash("kill -9 $$")).await.unwrap();
+    assert_eq!((r.info.exit_code, r.info.signal), (137, 9));
+
+    let mut spec = ExecSpec { command: Command::Argv(vec!["cat".into()]), stdin: b"from stdin".to_vec(), ..bash("") };
+    spec.env.insert("X".into(), "1".into());
+    let r = run(rt, &id, spec).await.unwrap();
+    assert_eq!(r.stdout, "from stdin");
+    let mut spec = bash("echo \"$PATH|$HOME|$LANG|$TMPDIR|$X|$(id -u):$(id -g)|$(hostname)|$(pwd)\"");
+    spec.env.insert("X".into(), "exec-env".into());
+    let r = run(rt, &id, spec).await.unwrap();
+    assert_eq!(r.stdout, "/usr/local/bin:/usr/bin:/bin|/workspace|C.UTF-8|/tmp|exec-env|1000:1000|sandbox|/workspace\n", "{}", r.stderr);
+
+    let (mut total, mut inside) = (Duration::ZERO, Duration::ZERO);
+    for _ in 0..10 {
+        let t = Instant::now();
+        let r = run(rt, &id, ExecSpec { command: Command::Argv(vec!["true".into()]), ..bash("") }).await.unwrap();
+        total += t.elapsed();
+        inside += r.info.duration;
+        assert_eq!(r.info.exit_code, 0);
+    }
+    eprintln!("{kind:?}: exec of `true` round trip {:?} on average, of which spawn to exit {:?}", total / 10, inside / 10);
+
+    let other = new_session_id();
+    assert!(matches!(run(rt, &other, bash("true")).await, Err(RuntimeError::NotFound(_))));
+    assert!(matches!(run(rt, "../x", bash("true")).await, Err(RuntimeError::InvalidArgument(_))));
+    assert!(matches!(run(rt, &id, ExecSpec { command: Command::Argv(vec![]), ..bash("") }).await, Err(RuntimeError::InvalidArgument(_))));
+    let mut bad = sandbox(&new_session_id());
+    bad.template = "gpu".into();
+    let e = rt.prepare(&bad).await.unwrap_err();
+    assert!(e.to_string().contains("unknown template"), "{e}");
+    env.cleanup().await;
+}
+
+async fn timeout(kind: Kind) {
+    let Some(env) = setup(kind, "timeout", 310_100).await else { return };
+    let rt = env.rt.as_ref();
+    let id = new_session_id();
+    rt.prepare(&sandbox(&id)).await.unwrap();
+    let uid = env.uid(&id);
+    let mut spec = bash("sleep 100 & sleep 100");
+    spec.timeout = Duration::from_millis(500);
+    let t = Instant::now();
+    let r = run(rt, &id, spec).await.unwrap();
+    let took = t.elapsed();
+    assert!(r.info.timed_out, "{:?}", r.info);
+    assert_eq!((r.info.exit_code, r.info.signal), (137, 9));
+    assert_eq!(r.info.message, "timed out after 0.5s (timeout_ms limit)");
+    assert!(took < Duration::from_secs(5), "took {took:?}");
+    assert!(host_procs(uid, &["sleep", "100"]).is_empty(), "a `sleep 100` of uid {uid} survived the timeout");
+
+    // The caller going away kills the command too.
+    let (tx, mut rx) = mpsc::channel(8);
+    let rt2 = env.rt.clone();
+    let id2 = id.clone();
+    let task = tokio::spawn(async move { rt2.exec(&id2, bash("echo started; sleep 100"), tx).await });
+    assert!(matches!(rx.recv().await, Some(ExecEvent::Stdout(_))));
+    drop(rx);
+    task.abort();
+    let _ = task.await;
+    assert!(host_procs(uid, &["sleep", "100"]).is_empty(), "a cancelled exec left its process behind");
+    env.cleanup().await;
+}
+
+async fn oom(kind: Kind) {
+    let Some(env) = setup(kind, "oom", 310_200).await else { return };
+    let rt = env.rt.as_ref();
+    let id = new_session_id();
+    let mut spec = sandbox(&id);
+    spec.memory_bytes = 64 << 20;
+    rt.prepare(&spec).await.unwrap();
+    let r = run(rt, &id, code(Language::Python, "x = b'a' * (300 * 1024 * 1024)\nprint('survived', len(x))")).await.unwrap();
+    assert!(r.info.oom_killed, "{:?} stdout={} stderr={}", r.info, r.stdout, r.stderr);
+    assert!(!r.stdout.contains("survived"));
+    assert_eq!(r.info.signal, 9);
+    assert!(r.info.message.contains("67108864") && r.info.message.contains("64Mi"), "{}", r.info.message);
+    let r = run(rt, &id, code(Language::Python, "print(1)")).await.unwrap();
+    assert_eq!(r.stdout, "1\n", "the session must survive an OOM kill: {}", r.stderr);
+    assert!(!r.info.oom_killed);
+    env.cleanup().await;
+}
+
+async fn fork_bomb(kind: Kind) {
+    let Some(env) = setup(kind, "bomb", 310_300).await else { return };
+    let rt = env.rt.as_ref();
+    let id = new_session_id();
+    let mut spec = sandbox(&id);
+    spec.pids_limit = 16;
+    rt.prepare(&spec).await.unwrap();
+    let mut spec = bash("bomb() { bomb | bomb & }; bomb; sleep 100");
+    spec.timeout = Duration::from_secs(3);
+    let t = Instant::now();
+    let r = run(rt, &id, spec).await.unwrap();
+    eprintln!("{kind:?}: fork bomb ended after {:?}: {:?}", t.elapsed(), r.info);
+    assert!(t.elapsed() < Duration::from_secs(15));
+    assert!(r.info.timed_out);
+    assert!(r.info.message.contains("pids limit of 16 (pids_limit)"), "pids.max never refused a fork: {}", r.info.message);
+    // The session runs commands again at once.
+    let t = Instant::now();
+    loop {
+        match run(rt, &id, bash("echo alive")).await {
+            Ok(r) if r.stdout == "alive\n" => break,
+            other => {
+                assert!(t.elapsed() < Duration::from_secs(10), "the session did not recover from the fork bomb: {:?}", other.map(|r| r.stderr));
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        }
+    }
+    eprintln!("{kind:?}: recovered after {:?}", t.elapsed());
+    env.cleanup().await;
+}
+
+async fn no_network(kind: Kind) {
+    let Some(env) = setup(kind, "net", 310_400).await else { return };
+    let rt = env.rt.as_ref();
+    let id = new_session_id();
+    rt.prepare(&sandbox(&id)).await.unwrap();
+    let listener = std::net::TcpListener::bind("0.0.0.0:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let py = format!(
+        r#"
+import socket
+for addr in [("127.0.0.1", {port}), ("172.17.0.1", {port}), ("1.1.1.1", 53), ("10.0.0.1", 80)]:
+    s = socket.socket()
+    s.settimeout(2)
+    try:
+        s.connect(addr)
+        print("CONNECTED", addr)
+    except OSError as e:
+        print("blocked", addr, e.errno)
+import os
+print(sorted(os.listdir("/sys/class/net")) if os.path.exists("/sys/class/net") else "no-sys")
+"#
+    );
+    let r = run(rt, &id, code(Language::Python, &py)).await.unwrap();
+    assert!(!r.stdout.contains("CONNECTED"), "{}", r.stdout);
+    assert_eq!(r.stdout.matches("blocked").count(), 4, "{} {}", r.stdout, r.stderr);
+    listener.set_nonblocking(true).unwrap();
+    assert!(listener.accept().is_err(), "the host listener saw a connection");
+    // No network tools either.
+    let r = run(rt, &id, bash("for t in curl wget nc ping; do command -v $t && echo HAS-$t; done; echo done")).await.unwrap();
+    if kind == Kind::Docker {
+        assert_eq!(r.stdout, "done\n", "network tools in the image: {}", r.stdout);
+    }
+    env.cleanup().await;
+}
+
+async fn no_host_files(kind: Kind) {
+    let Some(env) = setup(kind, "hostfs", 310_500).await else { return };
+    let rt = env.rt.as_ref();
+    let id = new_session_id();
+    rt.prepare(&sandbox(&id)).await.unwrap();
+    let data_dir = env.data_dir.display().to_string();
+    let script = format!(
+        r#"
+for p in /root /home /var /run/user /sys /etc/shadow /etc/sudoers /etc/ssh "{data_dir}" /work /sandfleet /proc/1/root/etc/shadow; do
+  if [ -e "$p" ] || ls "$p" >/dev/null 2>&1; then echo "VISIBLE $p"; fi
+done
+cat /etc/shadow 2>/dev/null && echo READ-SHADOW
+grep -c . /etc/passwd
+cat /proc/self/status | grep -E '^(CapEff|NoNewPrivs|Seccomp):'
+echo "fds: $(ls /proc/self/fd | tr '\n' ' ')"
+"#
+    );
+    let r = run(rt, &id, bash(&script)).await.unwrap();
+    assert!(r.stdout.contains("fds: 0 1 2 3 \n"), "fds leaked into the sandbox: {}", r.stdout);
+    assert!(!r.stdout.contains("VISIBLE") && !r.stdout.contains("READ-SHADOW"), "{}", r.stdout);
+    assert_eq!(r.stdout.lines().next(), Some("3"), "the sandbox /etc/passwd is not the agent's: {}", r.stdout);
+    assert!(r.stdout.contains("CapEff:\t0000000000000000"), "{}", r.stdout);
+    assert!(r.stdout.contains("NoNewPrivs:\t1"), "{}", r.stdout);
+    assert!(r.stdout.contains("Seccomp:\t2"), "{}", r.stdout);
+    // Dangerous syscalls are refused by the inner filter.
+    let py = r#"
+import ctypes
+libc = ctypes.CDLL(None, use_errno=True)
+def call(name, *args):
+    ctypes.set_errno(0)
+    r = getattr(libc, name)(*args)
+    return r, ctypes.get_errno()
+print("ptrace", *call("ptrace", 0, 0, None, None))
+print("unshare", *call("unshare", 0x10000000))
+print("mount", *call("mount", b"none", b"/tmp", b"tmpfs", 0, None))
+"#;
+    let r = run(rt, &id, code(Language::Python, py)).await.unwrap();
+    for name in ["ptrace", "unshare", "mount"] {
+        assert!(r.stdout.contains(&format!("{name} -1 {}\n", libc::EPERM)), "{name}: {} {}", r.stdout, r.stderr);
+    }
+    env.cleanup().await;
+}
+
+async fn file_round_trip(kind: Kind) {
+    let Some(env) = setup(kind, "files", 310_600).await else { return };
+    let rt = env.rt.as_ref();
+    let id = new_session_id();
+    rt.prepare(&sandbox(&id)).await.unwrap();
+    let ws = rt.workspace(&id).unwrap();
+    let uid = env.uid(&id);
+    let payload: Vec<u8> = (0..200_000u32).map(|i| (i % 251) as u8).collect();
+    let chunks = futures::stream::iter(vec![
+        Ok::<_, FsError>(Bytes::from(payload[..100_000].to_vec())),
+        Ok(Bytes::from(payload[100_000..].to_vec())),
+    ]);
+    ws.write_file("src/data.bin", 0o644, chunks).await.unwrap();
+    assert_eq!(std::fs::metadata(ws.root().join("src/data.bin")).unwrap().uid(), uid);
+    // The sandbox sees the exact bytes, and writes a file the API reads back.
+    let py = "import hashlib\nd=open('data.bin','rb').read()\nprint(len(d), hashlib.sha256(d).hexdigest())\nopen('out.txt','w').write('written inside')";
+    let mut spec = code(Language::Python, py);
+    spec.workdir = "src".into();
+    let r = run(rt, &id, spec).await.unwrap();
+    use sha2::Digest as _;
+    let want = format!("200000 {}\n", hex::encode(sha2::Sha256::digest(&payload)));
+    assert_eq!(r.stdout, want, "{}", r.stderr);
+    let back = sandfleet_agent::workspace::read_to_vec(&ws, "src/out.txt").await.unwrap();
+    assert_eq!(back, b"written inside");
+    assert_eq!(std::fs::metadata(ws.root().join("src/out.txt")).unwrap().uid(), uid);
+    let names: Vec<String> = ws.list("src").await.unwrap().into_iter().map(|e| e.name).collect();
+    assert!(names.contains(&"data.bin".to_string()) && names.contains(&"out.txt".to_string()), "{names:?}");
+    ws.remove("src", true).await.unwrap();
+    let r = run(rt, &id, bash("ls -A")).await.unwrap();
+    assert_eq!(r.stdout, "");
+    env.cleanup().await;
+}
+
+async fn traversal_and_symlinks(kind: Kind) {
+    let Some(env) = setup(kind, "escape", 310_700).await else { return };
+    let rt = env.rt.as_ref();
+    let id = new_session_id();
+    rt.prepare(&sandbox(&id)).await.unwrap();
+    let ws = rt.workspace(&id).unwrap();
+    // Lexical traversal.
+    for bad in ["../etc/passwd", "/etc/passwd", "a/../../x"] {
+        assert!(matches!(ws.read_file(bad).await, Err(FsError::InvalidPath(_))), "{bad}");
+        let chunks = futures::stream::iter(vec![Ok::<_, FsError>(Bytes::from_static(b"x"))]);
+        assert!(matches!(ws.write_file(bad, 0o644, chunks).await, Err(FsError::InvalidPath(_))), "{bad}");
+    }
+    // Symlinks planted by sandboxed code.
+    let r = run(rt, &id, bash("ln -s /etc/passwd passwd; ln -s / root; ln -s ../../../../../../etc up; mkdir d; ln -s d inside; echo ok > d/f; echo ok")).await.unwrap();
+    assert_eq!(r.stdout, "ok\n", "{}", r.stderr);
+    for esc in ["passwd", "root/etc/shadow", "up/shadow"] {
+        match ws.read_file(esc).await {
+            Err(FsError::Escape(_)) | Err(FsError::NotFound(_)) => {}
+            other => panic!("{esc}: expected an escape error, got {:?}", other.map(|_| "a file")),
+        }
+    }
+    let chunks = futures::stream::iter(vec![Ok::<_, FsError>(Bytes::from_static(b"pwned"))]);
+    assert!(ws.write_file("root/tmp/pwned", 0o644, chunks).await.is_err());
+    assert!(!Path::new("/tmp/pwned").exists());
+    let chunks = futures::stream::iter(vec![Ok::<_, FsError>(Bytes::from_static(b"x"))]);
+    assert!(ws.write_file("passwd", 0o644, chunks).await.is_err(), "wrote through a final symlink");
+    // A symlink that stays inside is followed.
+    assert_eq!(sandfleet_agent::workspace::read_to_vec(&ws, "inside/f").await.unwrap(), b"ok\n");
+    // workdir through an escaping symlink.
+    let mut spec = bash("pwd");
+    spec.workdir = "root".into();
+    assert!(matches!(run(rt, &id, spec).await, Err(RuntimeError::InvalidArgument(_))));
+    let mut spec = bash("pwd");
+    spec.workdir = "../".into();
+    assert!(matches!(run(rt, &id, spec).await, Err(RuntimeError::InvalidArgument(_))));
+    env.cleanup().await;
+}
+
+async fn output_cap_and_large_code(kind: Kind) {
+    let Some(env) = setup(kind, "cap", 310_800).await else { return };
+    let rt = env.rt.as_ref();
+    let id = new_session_id();
+    rt.prepare(&sandbox(&id)).await.unwrap();
+    let mut spec = bash("yes");
+    spec.output_cap = 100_000;
+    let r = run(rt, &id, spec).await.unwrap();
+    assert_eq!(r.stdout.len(), 100_000);
+    assert!(r.chunks >= 2);
+    assert!(r.info.output_truncated);
+    assert_eq!(r.info.message, "output exceeded the limit of 100000 bytes");
+    let big = format!("#{}\nprint('big', len(open('/run/sandfleet/code').read()))\n", "x".repeat(200_000));
+    let r = run(rt, &id, code(Language::Python, &big)).await.unwrap();
+    assert_eq!(r.stdout, format!("big {}\n", big.len()), "{}", r.stderr);
+    env.cleanup().await;
+}
+
+macro_rules! conformance {
+    ($($name:ident),* $(,)?) => {
+        mod process {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() {
+                    super::$name(super::Kind::Process).await
+                }
+            )*
+        }
+        mod docker {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() {
+                    super::$name(super::Kind::Docker).await
+                }
+            )*
+        }
+    };
+}
+
+conformance!(exit_codes, timeout, oom, fork_bomb, no_network, no_host_files, file_round_trip, traversal_and_symlinks, output_cap_and_large_code);
+
+// ---------------------------------------------------------------------------
+// Docker only
+// ---------------------------------------------------------------------------
+
+fn docker_inspect(name: &str) -> serde_json::Value {
+    let out = std::process::Command::new("docker").args(["inspect", name]).output().expect("docker inspect");
+    assert!(out.status.success(), "docker inspect {name}: {}", String::from_utf8_lossy(&out.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("inspect json");
+    v[0].clone()
+}
+
+/// Names of the containers matching every `--filter` (separated by `&`).
+fn docker_names(filters: &str) -> Vec<String> {
+    let mut cmd = std::process::Command::new("docker");
+    cmd.args(["ps", "-a", "--format", "{{.Names}}"]);
+    for f in filters.split('&') {
+        cmd.args(["--filter", f]);
+    }
+    let out = cmd.output().expect("docker ps");
+    String::from_utf8_lossy(&out.stdout).lines().map(str::to_string).filter(|l| !l.is_empty()).collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn docker_inspect_shows_every_hardening_field() {
+    let Some(env) = setup(Kind::Docker, "inspect", 311_000).await else { return };
+    let Backend::Docker(d) = &env.backend else { unreachable!() };
+    let id = new_session_id();
+    let mut spec = sandbox(&id);
+    spec.generation = 4;
+    spec.cpu_millis = 500;
+    spec.memory_bytes = 128 << 20;
+    spec.pids_limit = 50;
+    d.prepare(&spec).await.unwrap();
+    let name = d.container_name(&id).unwrap();
+    let uid = d.session_uid(&id).unwrap();
+    let c = docker_inspect(&name);
+    let h = &c["HostConfig"];
+    eprintln!("HostConfig: {}", serde_json::to_string(h).unwrap().chars().filter(|_| true).take(3000).collect::<String>());
+    assert_eq!(h["Memory"], 128 << 20);
+    assert_eq!(h["MemorySwap"], 128 << 20, "memory+swap must equal memory (no swap)");
+    assert_eq!(h["CpuPeriod"], 100_000);
+    assert_eq!(h["CpuQuota"], 50_000);
+    assert_eq!(h["PidsLimit"], 50 + 32);
+    assert_eq!(h["NetworkMode"], "none");
+    assert_eq!(h["CapDrop"], serde_json::json!(["ALL"]));
+    assert!(h["CapAdd"].is_null() || h["CapAdd"] == serde_json::json!([]));
+    assert_eq!(h["Privileged"], false);
+    let sec: Vec<String> = h["SecurityOpt"].as_array().unwrap().iter().map(|v| v.as_str().unwrap().to_string()).collect();
+    assert!(sec.iter().any(|s| s == "no-new-privileges:true" || s == "no-new-privileges"), "{sec:?}");
+    let profile = sec.iter().find_map(|s| s.strip_prefix("seccomp=")).expect("a seccomp profile");
+    let profile: serde_json::Value = serde_json::from_str(profile).expect("profile json");
+    assert_eq!(profile["defaultAction"], "SCMP_ACT_ERRNO");
+    assert!(!profile.to_string().contains("\"ptrace\""));
+    assert_eq!(h["ReadonlyRootfs"], true);
+    let tmp = h["Tmpfs"]["/tmp"].as_str().expect("tmpfs /tmp");
+    for opt in ["noexec", "nosuid", "size="] {
+        assert!(tmp.contains(opt), "/tmp options {tmp}");
+    }
+    let binds: Vec<String> = h["Binds"].as_array().unwrap().iter().map(|v| v.as_str().unwrap().to_string()).collect();
+    assert!(binds.iter().any(|b| b.ends_with(":/workspace:rw")), "{binds:?}");
+    assert!(binds.iter().any(|b| b.ends_with(":/sandfleet:rw")), "{binds:?}");
+    assert_eq!(h["LogConfig"]["Type"], "json-file");
+    assert_eq!(h["LogConfig"]["Config"]["max-size"], "10m");
+    assert_eq!(h["LogConfig"]["Config"]["max-file"], "3");
+    assert_eq!(h["Init"], true);
+    let cfg = &c["Config"];
+    assert_eq!(cfg["User"], format!("{uid}:{uid}"));
+    assert_ne!(uid, 0);
+    assert_eq!(cfg["Labels"]["sandfleet.session"], id.as_str());
+    assert_eq!(cfg["Labels"]["sandfleet.generation"], "4");
+    assert_eq!(cfg["Labels"]["sandfleet.node"], d.config().node_id.as_str());
+    assert_eq!(c["State"]["Running"], true);
+
+    // The container really runs that way: executor as the session uid with no
+    // capabilities, no-new-privs and the seccomp filter (mode 2), read-only root.
+    let out = std::process::Command::new("docker")
+        .args(["exec", &name, "sh", "-c", "id -u; grep -E '^(CapEff|NoNewPrivs|Seccomp):' /proc/1/status; touch /x 2>&1 || true; ls /sys/class/net"])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+    eprintln!("inside the container: {text}");
+    assert!(text.starts_with(&format!("{uid}\n")), "{text}");
+    assert!(text.contains("CapEff:\t0000000000000000") && text.contains("NoNewPrivs:\t1") && text.contains("Seccomp:\t2"), "{text}");
+    assert!(text.contains("Read-only file system"), "{text}");
+    assert!(!text.contains("eth0"), "the container has a network interface: {text}");
+
+    // And bwrap works inside it: a second, nested sandbox with its own pid namespace.
+    let r = run(d, &id, bash("echo $$; echo kept > kept.txt")).await.unwrap();
+    assert!(r.stdout.starts_with("2\n") || r.stdout.starts_with("1\n"), "not in a fresh pid namespace: {}", r.stdout);
+
+    // A container that dies (killed from outside) is started again on the next exec,
+    // with its workspace.
+    let out = std::process::Command::new("docker").args(["kill", &name]).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let r = run(d, &id, bash("cat kept.txt")).await.unwrap();
+    assert_eq!(r.stdout, "kept\n", "{}", r.stderr);
+    env.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn warm_pool_serves_creates_and_never_reuses_a_container() {
+    let Some(env) = setup(Kind::Docker, "pool", 311_100).await else { return };
+    let Backend::Docker(first) = &env.backend else { unreachable!() };
+    // A second runtime on its own data dir and node id, with a warm pool.
+    let mut cfg = first.config().clone();
+    cfg.node_id = format!("{}-pool", cfg.node_id);
+    cfg.data_dir = env._dir.path().join("pool-data");
+    cfg.uid_base += 100;
+    cfg.warm_pool = BTreeMap::from([("python".to_string(), 2)]);
+    let d = DockerRuntime::new(cfg).await.unwrap();
+    assert!(d.wait_pool_full(Duration::from_secs(60)).await, "the pool never filled");
+    let pooled_before = docker_names(&format!("label=sandfleet.pool=python&label=sandfleet.node={}", d.config().node_id));
+    assert_eq!(pooled_before.len(), 2, "{pooled_before:?}");
+
+    let a = new_session_id();
+    let mut spec = sandbox(&a);
+    spec.template = "python".into();
+    spec.memory_bytes = 0;
+    spec.cpu_millis = 0;
+    spec.pids_limit = 0;
+    let t = Instant::now();
+    d.prepare(&spec).await.unwrap();
+    let warm = t.elapsed();
+    eprintln!("warm create took {warm:?}");
+    let name_a = d.container_name(&a).unwrap();
+    assert!(pooled_before.contains(&name_a), "session A did not get a pool container");
+    let r = run(&d, &a, code(Language::Python, "print('warm')")).await.unwrap();
+    assert_eq!(r.stdout, "warm\n", "{}", r.stderr);
+    // Limits other than the template's defaults are applied to the claimed container.
+    let b = new_session_id();
+    let mut spec_b = spec.clone();
+    spec_b.session_id = b.clone();
+    spec_b.memory_bytes = 96 << 20;
+    d.prepare(&spec_b).await.unwrap();
+    let name_b = d.container_name(&b).unwrap();
+    assert_eq!(docker_inspect(&name_b)["HostConfig"]["Memory"], 96 << 20);
+
+    // Destroying A removes its container: it never goes back to the pool.
+    d.destroy(&a).await.unwrap();
+    assert!(docker_names(&format!("name={name_a}")).is_empty(), "a claimed container outlived its session");
+    assert!(d.wait_pool_full(Duration::from_secs(60)).await, "the pool did not refill");
+    let c = new_session_id();
+    let mut spec_c = spec.clone();
+    spec_c.session_id = c.clone();
+    d.prepare(&spec_c).await.unwrap();
+    let name_c = d.container_name(&c).unwrap();
+    assert_ne!(name_c, name_a);
+    assert_ne!(name_c, name_b);
+    d.remove_all().await.unwrap();
+    drop(d);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    env.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn agent_restart_reconciles_and_leaves_no_orphan() {
+    let Some(env) = setup(Kind::Docker, "restart", 311_200).await else { return };
+    let Backend::Docker(first) = &env.backend else { unreachable!() };
+    let mut cfg = first.config().clone();
+    cfg.warm_pool = BTreeMap::from([("default".to_string(), 1)]);
+    let node = cfg.node_id.clone();
+    let rt = DockerRuntime::new(cfg.clone()).await.unwrap();
+    assert!(rt.wait_pool_full(Duration::from_secs(60)).await);
+    let keep = new_session_id();
+    let gone = new_session_id();
+    let mut spec = sandbox(&keep);
+    spec.generation = 7;
+    spec.env.insert("FROM_SESSION".into(), "yes".into());
+    rt.prepare(&spec).await.unwrap();
+    rt.prepare(&sandbox(&gone)).await.unwrap();
+    let r = run(&rt, &keep, bash("echo keep > kept.txt; echo ok")).await.unwrap();
+    assert_eq!(r.stdout, "ok\n");
+    // One container was claimed from the pool, which refills: 3 containers of this node.
+    assert!(rt.wait_pool_full(Duration::from_secs(60)).await);
+    let before = docker_names(&format!("label=sandfleet.node={node}"));
+    assert_eq!(before.len(), 3, "{before:?}");
+    // A half-created container (the agent died between create and start).
+    let stray = format!("sandfleet-{node}-stray");
+    let out = std::process::Command::new("docker")
+        .args(["create", "--name", &stray, "--label", &format!("sandfleet.node={node}"), "--network", "none"])
+        .arg(d_image(first))
+        .arg("true")
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+
+    // The agent dies (no cleanup runs) and starts again, without a pool this time.
+    drop(rt);
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    cfg.warm_pool.clear();
+    let rt = Arc::new(DockerRuntime::new(cfg.clone()).await.unwrap());
+    let listed = rt.list().await.unwrap();
+    let ids: Vec<&str> = listed.iter().map(|s| s.session_id.as_str()).collect();
+    assert_eq!(listed.len(), 2, "{listed:?}");
+    assert!(ids.contains(&keep.as_str()) && ids.contains(&gone.as_str()));
+    assert_eq!(listed.iter().find(|s| s.session_id == keep).unwrap().generation, 7);
+    let after = docker_names(&format!("label=sandfleet.node={node}"));
+    assert_eq!(after.len(), 2, "the pool container and the stray one must be removed: {after:?}");
+
+    // The agent's reconcile: the cluster assigns only `keep`; `gone` is an orphan.
+    let state = Arc::new(sandfleet_agent::control::AgentState::new(node.clone(), rt.clone() as Arc<dyn Runtime>));
+    state.rediscover().await.unwrap();
+    let assignment = sandfleet_proto::v1::Assignment {
+        session_id: keep.clone(),
+        generation: 7,
+        spec: Some(sandfleet_proto::v1::SessionSpec { template: "default".into(), ..Default::default() }),
+        ..Default::default()
+    };
+    state.reconcile(vec![assignment], 1, false).await;
+    let t = Instant::now();
+    while docker_names(&format!("label=sandfleet.node={node}")).len() != 1 {
+        assert!(t.elapsed() < Duration::from_secs(30), "the orphaned session's container was not removed");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let r = run(rt.as_ref(), &keep, bash("cat kept.txt; echo $FROM_SESSION")).await.unwrap();
+    assert_eq!(r.stdout, "keep\nyes\n", "{}", r.stderr);
+
+    // The container is removed behind the agent's back; at the next start the
+    // session gets a new container over the same workspace.
+    let name = rt.container_name(&keep).unwrap();
+    let out = std::process::Command::new("docker").args(["rm", "-f", &name]).output().unwrap();
+    assert!(out.status.success());
+    drop(state);
+    drop(rt);
+    let rt = Arc::new(DockerRuntime::new(cfg.clone()).await.unwrap());
+    assert_eq!(rt.list().await.unwrap().len(), 1);
+    let r = run(rt.as_ref(), &keep, bash("cat kept.txt; echo $FROM_SESSION")).await.unwrap();
+    assert_eq!(r.stdout, "keep\nyes\n", "{}", r.stderr);
+    rt.remove_all().await.unwrap();
+    assert!(docker_names(&format!("label=sandfleet.node={node}")).is_empty());
+    env.cleanup().await;
+}
+
+fn d_image(d: &DockerRuntime) -> String {
+    d.config().templates.values().next().cloned().expect("an image")
+}
+
+/// The real `sandfleet-agent` process, SIGKILLed: its warm-pool containers are
+/// orphans when it starts again (without a pool), and are removed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killed_agent_process_leaves_no_orphan_after_restart() {
+    let Some(env) = setup(Kind::Docker, "kill", 311_300).await else { return };
+    let Backend::Docker(first) = &env.backend else { unreachable!() };
+    let node = format!("{}-proc", first.config().node_id);
+    let data_dir = env._dir.path().join("agent-data");
+    let image = d_image(first);
+    // No coordinator answers at this address: the agent starts its runtime (and pool)
+    // and keeps trying to register, which is all this test needs.
+    let start = |pool: bool| {
+        let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_sandfleet-agent"));
+        cmd.args(["--node-id", &node, "--listen", "127.0.0.1:0", "--coordinators", "127.0.0.1:1", "--runtime", "docker"])
+            .arg("--data-dir")
+            .arg(&data_dir)
+            .args(["--uid-base", "712000", "--slots", "4"])
+            .args(["--template-image", &format!("default={image}")])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null());
+        if pool {
+            cmd.args(["--warm-pool", "default=2"]);
+        }
+        cmd.spawn().expect("spawning sandfleet-agent")
+    };
+    let filter = format!("label=sandfleet.node={node}");
+    let mut agent = start(true);
+    let t = Instant::now();
+    while docker_names(&filter).len() < 2 {
+        assert!(t.elapsed() < Duration::from_secs(60), "the agent's warm pool never filled");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    agent.kill().unwrap(); // SIGKILL: no cleanup runs
+    agent.wait().unwrap();
+    assert_eq!(docker_names(&filter).len(), 2, "the pool containers outlive a killed agent (until it restarts)");
+
+    let mut agent = start(false);
+    let t = Instant::now();
+    while !docker_names(&filter).is_empty() {
+        assert!(t.elapsed() < Duration::from_secs(60), "the restarted agent left orphaned containers: {:?}", docker_names(&filter));
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    agent.kill().unwrap();
+    agent.wait().unwrap();
+    for name in docker_names(&filter) {
+        let _ = std::process::Command::new("docker").args(["rm", "-f", &name]).output();
+    }
+    env.cleanup().await;
+}
