@@ -587,7 +587,13 @@ async fn watch_moves(
                 }
                 continue;
             }
-            if is_terminal(&now) && !ctx.ledger.lock().unwrap().delete_sent.contains(&old.id) {
+            // A session deleted by a client, or ended by its TTL (anchors live
+            // 90 s), has nothing left to move.
+            if is_terminal(&now) && (ctx.ledger.lock().unwrap().delete_sent.contains(&old.id) || now.message.contains("expired")) {
+                deleted += 1;
+                continue;
+            }
+            if is_terminal(&now) {
                 violations.push(format!(
                     "session {} of {node} ended ({:?}: {:?}) {took:.2?} after the fault instead of running elsewhere",
                     old.id,
@@ -634,7 +640,7 @@ async fn watch_moves(
         times.len(),
         victims.len(),
         max.map(|m| format!(", the last {m:.2?} after the fault")).unwrap_or_default(),
-        if deleted > 0 { format!(", {deleted} deleted by a client meanwhile") } else { String::new() },
+        if deleted > 0 { format!(", {deleted} deleted or expired meanwhile") } else { String::new() },
         if violations.is_empty() { String::new() } else { format!(", {} VIOLATION(S)", violations.len()) }
     );
     MoveReport { summary, times, violations }
