@@ -7,7 +7,11 @@
 //! sandfleet-bench placement [--sessions 20000] [--agents 1000] [--write bench/RESULTS.md]
 //! sandfleet-bench failover [--kills 20] [--sessions-per-agent 10] [--write bench/RESULTS.md]
 //! sandfleet-bench docker [--creates 20] [--execs 200] [--pool 2] [--write bench/RESULTS.md]
+//! sandfleet-bench workspace [--files 1000] [--total-mib 100] [--runs 3] [--write bench/RESULTS.md]
 //! ```
+//!
+//! `workspace` compares the agent's workspace sync and restore with
+//! `aws s3 sync` on the same S3 server; see [`workspace`].
 //!
 //! `placement` measures placements per second with 1,000 simulated agents
 //! against the cluster's raw commit rate; see [`placement`]. `failover`
@@ -40,6 +44,7 @@ mod docker;
 mod failover;
 mod placement;
 mod raft;
+mod workspace;
 
 /// The generated client of the etcd v3 API subset in `proto/etcd_subset.proto`.
 #[allow(clippy::all)]
@@ -59,6 +64,21 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Cmd {
+    /// Workspace sync and restore (1,000 files, 100 MiB) vs `aws s3 sync` on the same S3 server.
+    Workspace {
+        /// Files in the workspace.
+        #[arg(long, default_value_t = 1000)]
+        files: usize,
+        /// Total size in MiB.
+        #[arg(long, default_value_t = 100)]
+        total_mib: u64,
+        /// Repetitions (the median is reported).
+        #[arg(long, default_value_t = 3)]
+        runs: usize,
+        /// Replace the section in this results file (e.g. bench/RESULTS.md).
+        #[arg(long)]
+        write: Option<PathBuf>,
+    },
     /// Docker runtime vs plain Docker: cold create vs `docker run --rm IMAGE true`, warm-pool
     /// create, exec round trip vs `docker exec CONTAINER true`.
     Docker {
@@ -206,6 +226,7 @@ const RAFT_SECTION: &str = "## Raft cluster vs etcd";
 const PLACEMENT_SECTION: &str = "## Placement throughput";
 const FAILOVER_SECTION: &str = "## Agent failover";
 const DOCKER_SECTION: &str = "## Docker runtime vs Docker";
+const WORKSPACE_SECTION: &str = "## Workspace sync vs aws s3 sync";
 
 #[derive(Debug)]
 struct Series {
@@ -229,6 +250,21 @@ impl Series {
 async fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.cmd {
+        Cmd::Workspace { files, total_mib, runs, write } => {
+            let settings = workspace::Settings { files: files.max(100), total_mib: total_mib.max(1), runs: runs.max(1) };
+            let result = async {
+                let report = workspace::run(&settings).await?;
+                let section = workspace::render(&report, &settings, WORKSPACE_SECTION, &machine_description());
+                println!("{section}");
+                if let Some(path) = write {
+                    write_section(&path, WORKSPACE_SECTION, &section)?;
+                    eprintln!("sandfleet-bench: wrote the {WORKSPACE_SECTION:?} section of {}", path.display());
+                }
+                Ok::<_, anyhow::Error>(())
+            }
+            .await;
+            exit_code(result)
+        }
         Cmd::Docker { creates, execs, warmup, pool, write } => {
             loopback_unless_chosen();
             let settings = docker::Settings { creates: creates.max(1), execs: execs.max(1), warmup, pool: pool.max(1) };

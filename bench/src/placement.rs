@@ -154,6 +154,8 @@ pub struct Report {
     pub min_per_node: usize,
     pub max_per_node: usize,
     pub nodes_used: usize,
+    /// Nodes holding as many sessions as they have slots.
+    pub nodes_full: usize,
     pub placing_beats: Beats,
     pub steady_beats: Beats,
     pub watch_reconnects: u64,
@@ -411,6 +413,7 @@ pub async fn run(settings: &Settings) -> Result<Report> {
         min_per_node: per_node.iter().copied().min().unwrap_or(0),
         max_per_node: per_node.iter().copied().max().unwrap_or(0),
         nodes_used: per_node.iter().filter(|n| **n > 0).count(),
+        nodes_full: per_node.iter().filter(|n| **n >= settings.slots as usize).count(),
         placing_beats,
         steady_beats,
         watch_reconnects,
@@ -1037,8 +1040,14 @@ pub fn render(r: &Report, settings: &Settings, section: &str, machine: &[(String
     );
     let _ = writeln!(
         out,
-        "| sessions per node (min / max over {} nodes, {} used) | {} / {} | - |",
-        settings.agents, r.nodes_used, r.min_per_node, r.max_per_node
+        "| sessions per node (min / max over {} nodes, {} used, {} full at {} slots) | {} / {} | even spread: {} |",
+        settings.agents,
+        r.nodes_used,
+        r.nodes_full,
+        settings.slots,
+        r.min_per_node,
+        r.max_per_node,
+        r.created.div_ceil(settings.agents)
     );
     let beat_row = |out: &mut String, what: &str, b: &Beats| {
         let _ = writeln!(

@@ -794,7 +794,15 @@ impl ClusterBuilder {
                     let base = 300_000 + (uid_block * 16 + i as u32 % 16) * 1024;
                     args.extend(["--uid-base".to_string(), base.to_string()]);
                 }
-                args.extend(self.agent_args.iter().cloned());
+                // Agents of one cluster share a local workspace store (like a shared
+                // mount), so a session placed again elsewhere finds its files.
+                if !self.agent_args.iter().any(|a| a.starts_with("--workspace-store")) {
+                    args.extend(["--workspace-store-dir".to_string(), dir.join("workspace-store").display().to_string()]);
+                }
+                // `{host}` stands for the host's address as the agents reach it (the
+                // bridge's gateway in namespaces, else loopback): for servers a test runs.
+                let host = cluster.host_ip().to_string();
+                args.extend(self.agent_args.iter().map(|a| a.replace("{host}", &host)));
                 let mut p = Proc::new(
                     Role::Agent,
                     id,
@@ -1148,6 +1156,12 @@ impl Cluster {
     }
 
     /// How the processes are connected.
+    /// The host's address as the cluster's processes reach it: the bridge's
+    /// gateway when they run in namespaces, else 127.0.0.1.
+    pub fn host_ip(&self) -> std::net::Ipv4Addr {
+        self.net.as_ref().map(|n| n.gateway()).unwrap_or(std::net::Ipv4Addr::LOCALHOST)
+    }
+
     pub fn network_mode(&self) -> NetworkMode {
         self.network_mode
     }

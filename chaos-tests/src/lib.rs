@@ -18,6 +18,8 @@
 //!   session cgroups under `/sys/fs/cgroup`, unique markers.
 //! - [`netns`]: a network namespace per process on a per-cluster bridge, so
 //!   that [`Cluster::partition`] can cut links (loopback where that is impossible).
+//! - [`s3`]: [`s3::S3Server`], a real S3-compatible server (s3s-fs) in its own
+//!   process, for workspace-store tests, the chaos runner and the benchmarks.
 //! - [`testkit`]: small async helpers for tests and tools (create a session and
 //!   wait for it, run a command, assert a gRPC code, retry until true).
 //!
@@ -47,6 +49,7 @@ pub mod facilities;
 pub mod host;
 pub mod linearizability;
 pub mod netns;
+pub mod s3;
 pub mod testkit;
 
 pub use bins::bin_path;

@@ -275,6 +275,54 @@ impl Client {
         .await?;
         Ok(())
     }
+
+    /// Copies the workspace's changes to the node's workspace store and
+    /// returns when they are durable there (a barrier: what was written
+    /// before the call survives the loss of the node). Syncs also happen on
+    /// their own after execs and file changes, every sync interval, and when
+    /// the session stops. `FailedPrecondition` when the node keeps no durable
+    /// copy, `Unavailable` while the store cannot be reached (the agent keeps retrying).
+    pub async fn sync_workspace(&self, session: &proto::Session) -> Result<proto::SyncWorkspaceResponse, Error> {
+        // A sync of a large workspace can take a while: allow several request timeouts.
+        let timeout = self.request_timeout() * 10;
+        self.data_call(session, "sync_workspace", |t| {
+            let msg = proto::SyncWorkspaceRequest { session_id: t.session_id.clone() };
+            async move {
+                bounded(timeout, "sync_workspace", async move {
+                    let req = t.request(msg, Some(timeout));
+                    Ok(file_client(t.channel).sync_workspace(req).await?.into_inner())
+                })
+                .await
+            }
+        })
+        .instrument(tracing::debug_span!("sync_workspace", session = %session.id))
+        .await
+    }
+
+    /// A presigned URL that downloads `path` straight from the workspace
+    /// store (S3) for `expires_in` (zero: 15 minutes; at most 7 days).
+    pub async fn download_url(
+        &self,
+        session: &proto::Session,
+        path: &str,
+        expires_in: std::time::Duration,
+    ) -> Result<proto::GetDownloadUrlResponse, Error> {
+        check_path(path)?;
+        let timeout = self.request_timeout() * 10;
+        let secs = u32::try_from(expires_in.as_secs()).unwrap_or(u32::MAX);
+        self.data_call(session, "get_download_url", |t| {
+            let msg = proto::GetDownloadUrlRequest { session_id: t.session_id.clone(), path: path.to_string(), expires_in_seconds: secs };
+            async move {
+                bounded(timeout, "get_download_url", async move {
+                    let req = t.request(msg, Some(timeout));
+                    Ok(file_client(t.channel).get_download_url(req).await?.into_inner())
+                })
+                .await
+            }
+        })
+        .instrument(tracing::debug_span!("get_download_url", session = %session.id, path))
+        .await
+    }
 }
 
 #[cfg(test)]

@@ -252,6 +252,27 @@ impl FileService for Fake {
         self.with(|s| s.commits.retain(|c| c.0 != path));
         Ok(Response::new(proto::RemoveFileResponse {}))
     }
+
+    async fn sync_workspace(
+        &self,
+        req: Request<proto::SyncWorkspaceRequest>,
+    ) -> Result<Response<proto::SyncWorkspaceResponse>, Status> {
+        self.check_token(&req)?;
+        let files = self.with(|s| s.commits.len() as u64);
+        Ok(Response::new(proto::SyncWorkspaceResponse { files, store: "fake".into(), ..Default::default() }))
+    }
+
+    async fn get_download_url(
+        &self,
+        req: Request<proto::GetDownloadUrlRequest>,
+    ) -> Result<Response<proto::GetDownloadUrlResponse>, Status> {
+        self.check_token(&req)?;
+        let r = req.into_inner();
+        Ok(Response::new(proto::GetDownloadUrlResponse {
+            url: format!("http://store.invalid/{}?expires={}", r.path, r.expires_in_seconds),
+            ..Default::default()
+        }))
+    }
 }
 
 async fn start(fake: Fake) -> SocketAddr {
@@ -479,6 +500,11 @@ async fn files_round_trip_in_chunks() {
     let err = c.read_file_bytes(&s, "small.txt").await.expect_err("gone");
     assert!(err.is_not_found());
     assert!(matches!(c.write_file_bytes(&s, "", vec![]).await, Err(Error::InvalidArgument(_))));
+    // Workspace sync and presigned URLs go to the session's agent with its token.
+    assert_eq!(c.sync_workspace(&s).await.expect("sync").files, 3);
+    let url = c.download_url(&s, "big.bin", Duration::from_secs(90)).await.expect("url");
+    assert_eq!(url.url, "http://store.invalid/big.bin?expires=90");
+    assert!(matches!(c.download_url(&s, "", Duration::ZERO).await, Err(Error::InvalidArgument(_))));
 }
 
 /// Yields `ok_bytes` bytes, then fails.

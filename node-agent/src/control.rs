@@ -19,6 +19,8 @@ use tokio_util::sync::CancellationToken;
 use tonic::transport::{Channel, Endpoint};
 
 use crate::runtime::{Runtime, SandboxSpec};
+use crate::store::sync::Syncer;
+use crate::store::StoreError;
 
 /// Deadline of each control-plane call.
 const CALL_TIMEOUT: Duration = Duration::from_secs(5);
@@ -87,6 +89,27 @@ pub struct AgentState {
     activity: Mutex<HashMap<String, i64>>,
     /// Raft index of the newest assignment set followed.
     assignments_version: std::sync::atomic::AtomicU64,
+    /// Keeps workspaces in the durable store (None: workspaces live and die with the node).
+    pub syncer: Option<Arc<Syncer>>,
+    /// Coordinator addresses, to ask whether a session that left this node ended for good.
+    pub coordinators: Vec<String>,
+    /// Sessions being taken off this node (final sync, destroy) right now.
+    stopping: Mutex<std::collections::HashSet<String>>,
+}
+
+/// Longest a stopping session's final workspace sync may hold up its stop.
+const FINAL_SYNC_TIMEOUT: Duration = Duration::from_secs(30);
+/// Longest the final sync of a session fenced off a cut-off node may take:
+/// the cluster places it elsewhere soon after.
+const FENCE_SYNC_TIMEOUT: Duration = Duration::from_secs(3);
+
+/// Why a session leaves this node.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Leaving {
+    /// No longer assigned here: moved elsewhere, or ended (the cluster says which).
+    Unassigned,
+    /// Stopped by the agent itself while cut off from the coordinators.
+    Fenced,
 }
 
 impl AgentState {
@@ -105,7 +128,84 @@ impl AgentState {
             heartbeat_ms: std::sync::atomic::AtomicU64::new(1000),
             activity: Mutex::new(HashMap::new()),
             assignments_version: std::sync::atomic::AtomicU64::new(0),
+            syncer: None,
+            coordinators: Vec::new(),
+            stopping: Mutex::new(std::collections::HashSet::new()),
         }
+    }
+
+    /// Asks for a workspace sync of the session soon (after an exec or a file change).
+    pub fn trigger_sync(&self, session_id: &str) {
+        if let Some(s) = &self.syncer {
+            s.trigger(session_id);
+        }
+    }
+
+    /// Takes sessions off this node. Their processes are killed first (a copy
+    /// must never run beside its replacement); then each workspace is synced
+    /// one last time (sealed, for the copy that replaces it) or, for a session
+    /// that ended for good, removed from the store; then the runtime destroys
+    /// what is left. A start of the same session waits until this is done.
+    async fn leave(self: &Arc<Self>, ids: Vec<String>, why: Leaving) {
+        if ids.is_empty() {
+            return;
+        }
+        self.stopping.lock().unwrap_or_else(|p| p.into_inner()).extend(ids.iter().cloned());
+        if let Some(syncer) = &self.syncer {
+            for id in &ids {
+                if let Err(e) = self.runtime.stop(id).await {
+                    tracing::warn!(session = %id, error = %e, "failed to stop a session's processes");
+                }
+            }
+            let timeout = if why == Leaving::Fenced { FENCE_SYNC_TIMEOUT } else { FINAL_SYNC_TIMEOUT };
+            futures::future::join_all(ids.iter().map(|id| async move {
+                if why == Leaving::Unassigned && self.ended_for_good(id).await {
+                    if let Err(e) = syncer.delete(id).await {
+                        tracing::warn!(session = %id, error = %e, "could not remove the ended session's workspace from the store");
+                    }
+                } else if let Err(e) = syncer.finish(id, true, timeout).await {
+                    tracing::error!(session = %id, error = %e, "final workspace sync failed; the next copy restores the last completed sync");
+                }
+            }))
+            .await;
+        }
+        for id in &ids {
+            match self.runtime.destroy(id).await {
+                Ok(()) if why == Leaving::Unassigned => tracing::info!(session = %id, "session stopped: no longer assigned here"),
+                Ok(()) => {}
+                Err(e) => tracing::warn!(session = %id, error = %e, "failed to destroy a session"),
+            }
+            self.stopping.lock().unwrap_or_else(|p| p.into_inner()).remove(id);
+        }
+    }
+
+    /// Waits (bounded) while an earlier copy of the session is being taken off this node.
+    async fn wait_not_stopping(&self, id: &str) {
+        let deadline = tokio::time::Instant::now() + FINAL_SYNC_TIMEOUT + Duration::from_secs(30);
+        while self.stopping.lock().unwrap_or_else(|p| p.into_inner()).contains(id) && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// True when the cluster says the session is over (deleted, expired or
+    /// failed) rather than moved. Unknown (no coordinator answers) counts as
+    /// moved, so a workspace is never deleted on a guess.
+    async fn ended_for_good(&self, id: &str) -> bool {
+        use sandfleet_proto::v1::session_service_client::SessionServiceClient;
+        for addr in &self.coordinators {
+            let Ok(ch) = channel(addr) else { continue };
+            let mut req = tonic::Request::new(pb::GetSessionRequest { id: id.to_string(), ..Default::default() });
+            req.set_timeout(Duration::from_secs(2));
+            match SessionServiceClient::new(ch).get_session(req).await {
+                Ok(resp) => {
+                    let state = resp.into_inner().session.map(|s| s.state).unwrap_or_default();
+                    return matches!(pb::SessionState::try_from(state), Ok(pb::SessionState::Terminated | pb::SessionState::Failed));
+                }
+                Err(s) if s.code() == tonic::Code::NotFound => return true,
+                Err(_) => continue,
+            }
+        }
+        false
     }
 
     /// Records an exec or file call on a session (for idle timeouts).
@@ -145,7 +245,7 @@ impl AgentState {
     /// stopped, because the cluster is about to place it elsewhere and two
     /// live copies must never run; and a session past its TTL or idle timeout
     /// is ended, as the coordinators would have done.
-    async fn fence_if_cut_off(&self) {
+    async fn fence_if_cut_off(self: &Arc<Self>) {
         let node_fence = self.fence_after_ms.load(std::sync::atomic::Ordering::SeqCst);
         if node_fence == 0 {
             return; // not registered yet
@@ -188,15 +288,15 @@ impl AgentState {
         if fence && !self.fenced.swap(true, std::sync::atomic::Ordering::SeqCst) {
             tracing::error!(silent_ms, "cut off from a coordinator quorum; fencing: ignoring assignment pushes until a heartbeat succeeds");
         }
+        let mut leaving = Vec::new();
         for (id, why) in due {
             if self.sessions.lock().unwrap_or_else(|p| p.into_inner()).remove(&id).is_none() {
                 continue;
             }
             tracing::error!(session = %id, silent_ms, "stopping session: {why}");
-            if let Err(e) = self.runtime.destroy(&id).await {
-                tracing::warn!(session = %id, error = %e, "failed to destroy a session");
-            }
+            leaving.push(id);
         }
+        self.leave(leaving, Leaving::Fenced).await;
     }
 
     /// The local session, if this node holds it.
@@ -228,6 +328,12 @@ impl AgentState {
                         last_active_ms: sandfleet_common::time::now_ms(),
                     },
                 );
+            if let Some(syncer) = &self.syncer {
+                match self.runtime.workspace(&s.session_id) {
+                    Ok(ws) => syncer.attach(&s.session_id, s.generation, ws).await,
+                    Err(e) => tracing::warn!(session = %s.session_id, error = %e, "rediscovered session has no workspace to sync"),
+                }
+            }
             // Tell the coordinators it runs, in case the last report was lost with the old
             // process; a report for a superseded generation is ignored by the cluster.
             self.report(pb::SessionReport {
@@ -291,15 +397,48 @@ impl AgentState {
             }
             (to_start, to_stop)
         };
-        for id in to_stop {
-            match self.runtime.destroy(&id).await {
-                Ok(()) => tracing::info!(session = %id, "session stopped: no longer assigned here"),
-                Err(e) => tracing::warn!(session = %id, error = %e, "failed to destroy session"),
-            }
+        if self.syncer.is_none() {
+            self.leave(to_stop, Leaving::Unassigned).await;
+        } else if !to_stop.is_empty() {
+            // Final syncs can take a while: off the reconcile lock. Their processes
+            // are killed first thing, and a new start of the same id waits for them.
+            self.stopping.lock().unwrap_or_else(|p| p.into_inner()).extend(to_stop.iter().cloned());
+            let this = self.clone();
+            tokio::spawn(async move { this.leave(to_stop, Leaving::Unassigned).await });
         }
         for a in to_start {
             let this = self.clone();
             tokio::spawn(async move { this.start(a).await });
+        }
+    }
+
+    /// Fills the new sandbox's workspace from the store before the session
+    /// reports RUNNING. A store that cannot be reached is retried (with
+    /// backoff) for as long as the session stays assigned here: reporting it
+    /// FAILED would end it, and its files are still safe in the store.
+    async fn restore(&self, syncer: &Arc<Syncer>, a: &pb::Assignment) -> Result<(), crate::runtime::RuntimeError> {
+        let ws = self.runtime.workspace(&a.session_id)?;
+        let mut attempt = 0u32;
+        loop {
+            match syncer.restore(&a.session_id, a.generation, ws.clone(), a.handoff).await {
+                Ok(stats) => {
+                    tracing::info!(files = stats.files, bytes = stats.bytes, "workspace restored from the store");
+                    return Ok(());
+                }
+                Err(e @ (StoreError::Corrupt(_) | StoreError::Superseded { .. })) => {
+                    return Err(crate::runtime::RuntimeError::Internal(format!("cannot restore the workspace: {e}")));
+                }
+                Err(e) => {
+                    attempt += 1;
+                    let still_here = self.session(&a.session_id).is_some_and(|s| s.generation == a.generation);
+                    if !still_here {
+                        return Err(crate::runtime::RuntimeError::Unavailable(format!("unassigned while restoring: {e}")));
+                    }
+                    let wait = Duration::from_millis((250u64 << attempt.min(7)).min(30_000));
+                    tracing::error!(error = %e, attempt, retry_in = ?wait, "cannot restore the workspace yet; retrying");
+                    tokio::time::sleep(wait).await;
+                }
+            }
         }
     }
 
@@ -315,7 +454,20 @@ impl AgentState {
             pids_limit: spec.pids_limit,
             env: spec.env.into_iter().collect(),
         };
-        let result = self.runtime.prepare(&sandbox).await;
+        self.wait_not_stopping(&a.session_id).await;
+        let mut result = self.runtime.prepare(&sandbox).await;
+        if matches!(result, Err(crate::runtime::RuntimeError::Unavailable(_))) && !self.stopping.lock().unwrap_or_else(|p| p.into_inner()).is_empty() {
+            // The slot (or uid) it needs is held by a session still being taken off
+            // this node (its final workspace sync): wait for those, then try again.
+            let deadline = tokio::time::Instant::now() + FINAL_SYNC_TIMEOUT + Duration::from_secs(30);
+            while !self.stopping.lock().unwrap_or_else(|p| p.into_inner()).is_empty() && tokio::time::Instant::now() < deadline {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            result = self.runtime.prepare(&sandbox).await;
+        }
+        if let (Ok(()), Some(syncer)) = (&result, &self.syncer) {
+            result = self.restore(syncer, &a).await;
+        }
         let phase = match &result {
             Ok(()) => LocalPhase::Ready,
             Err(e) => LocalPhase::Failed(e.to_string()),
@@ -338,6 +490,9 @@ impl AgentState {
             let _guard = self.reconcile_lock.lock().await;
             let reassigned = self.sessions.lock().unwrap_or_else(|p| p.into_inner()).contains_key(&a.session_id);
             if !reassigned {
+                if let Some(syncer) = &self.syncer {
+                    let _ = syncer.finish(&a.session_id, false, Duration::ZERO).await;
+                }
                 match self.runtime.destroy(&a.session_id).await {
                     Ok(()) => tracing::info!("session removed while it was being prepared; cleaned up"),
                     Err(e) => tracing::warn!(error = %e, "failed to clean up a session removed while preparing"),

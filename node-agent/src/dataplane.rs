@@ -121,6 +121,8 @@ impl ExecService for DataPlane {
             let result = runtime.exec(&session_id, spec, out_tx).await;
             // A long exec counts as activity until it ends.
             state.touch(&session_id);
+            // Whatever the command wrote goes to the workspace store soon.
+            state.trigger_sync(&session_id);
             result
         });
         tokio::spawn(async move {
@@ -161,6 +163,22 @@ impl ExecService for DataPlane {
     }
 }
 
+/// Longest a SyncWorkspace or GetDownloadUrl call waits for its sync.
+const SYNC_DEADLINE: Duration = Duration::from_secs(300);
+/// Longest a presigned URL may work (the S3 limit for SigV4).
+const MAX_PRESIGN_SECONDS: u64 = 7 * 24 * 3600;
+
+impl DataPlane {
+    fn syncer(&self) -> Result<&Arc<crate::store::sync::Syncer>, Status> {
+        self.state.syncer.as_ref().ok_or_else(|| {
+            Status::failed_precondition(format!(
+                "node {} keeps no durable workspace copy; start its agent with --workspace-store local|s3",
+                self.state.node_id
+            ))
+        })
+    }
+}
+
 fn workspace(state: &AgentState, session_id: &str) -> Result<Workspace, Status> {
     state.runtime.workspace(session_id).map_err(Status::from)
 }
@@ -193,6 +211,7 @@ impl FileService for DataPlane {
         });
         let (size, sha256) = ws.write_file(&first.path, mode, Box::pin(head.chain(rest))).await?;
         tracing::info!(path = %first.path, size, "file written");
+        self.state.trigger_sync(&first.session_id);
         Ok(Response::new(pb::WriteFileResponse { size, sha256 }))
     }
 
@@ -258,7 +277,60 @@ impl FileService for DataPlane {
         let req = req.into_inner();
         let ws = workspace(&self.state, &req.session_id)?;
         ws.remove(&req.path, req.recursive).await?;
+        self.state.trigger_sync(&req.session_id);
         Ok(Response::new(pb::RemoveFileResponse {}))
+    }
+
+    #[tracing::instrument(skip_all, fields(session = %req.get_ref().session_id))]
+    async fn sync_workspace(&self, req: Request<pb::SyncWorkspaceRequest>) -> Result<Response<pb::SyncWorkspaceResponse>, Status> {
+        self.authorize(req.metadata(), &req.get_ref().session_id).await?;
+        let req = req.into_inner();
+        let syncer = self.syncer()?;
+        let stats = tokio::time::timeout(SYNC_DEADLINE, syncer.sync_now(&req.session_id))
+            .await
+            .map_err(|_| Status::deadline_exceeded(format!("the workspace sync did not finish within {SYNC_DEADLINE:?}; it goes on in the background")))??;
+        tracing::info!(files = stats.files, uploaded = stats.transferred_files, version = stats.version, "workspace synced on request");
+        Ok(Response::new(pb::SyncWorkspaceResponse {
+            files: stats.files,
+            bytes: stats.bytes,
+            uploaded_files: stats.transferred_files,
+            uploaded_bytes: stats.transferred_bytes,
+            manifest_version: stats.version,
+            store: syncer.store().describe(),
+        }))
+    }
+
+    #[tracing::instrument(skip_all, fields(session = %req.get_ref().session_id))]
+    async fn get_download_url(&self, req: Request<pb::GetDownloadUrlRequest>) -> Result<Response<pb::GetDownloadUrlResponse>, Status> {
+        self.authorize(req.metadata(), &req.get_ref().session_id).await?;
+        let req = req.into_inner();
+        let rel = Workspace::check_path(&req.path)?;
+        if rel.as_os_str().is_empty() {
+            return Err(Status::invalid_argument("path is empty; name a file inside the workspace"));
+        }
+        let ttl = match req.expires_in_seconds {
+            0 => Duration::from_secs(15 * 60),
+            s if u64::from(s) > MAX_PRESIGN_SECONDS => {
+                return Err(ValidationError::over("expires_in_seconds", MAX_PRESIGN_SECONDS, s).into());
+            }
+            s => Duration::from_secs(u64::from(s)),
+        };
+        let syncer = self.syncer()?;
+        // Refuse links and directories before any work; the sync then pins the content.
+        let ws = workspace(&self.state, &req.session_id)?;
+        drop(ws.read_file(&req.path).await?);
+        let path = rel.to_string_lossy().into_owned();
+        let (hash, size) = tokio::time::timeout(SYNC_DEADLINE, syncer.blob_of(&req.session_id, &path))
+            .await
+            .map_err(|_| Status::deadline_exceeded(format!("the workspace sync did not finish within {SYNC_DEADLINE:?}")))??;
+        let name = rel.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+        let url = syncer.store().presign_blob(&req.session_id, &hash, &name, ttl).await?;
+        Ok(Response::new(pb::GetDownloadUrlResponse {
+            url,
+            expires_at_ms: sandfleet_common::time::now_ms() + ttl.as_millis() as i64,
+            size,
+            sha256: hash,
+        }))
     }
 }
 

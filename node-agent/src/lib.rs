@@ -13,12 +13,15 @@
 //! - [`executor`]: `sandfleet-executor`, which runs execs inside a container, and its client.
 //! - [`exec`]: the one implementation of exec semantics (timeout, caps, exit, OOM).
 //! - [`workspace`]: safe file operations inside a session's workspace.
+//! - [`store`]: the `WorkspaceStore` trait (local directory, S3) and the sync
+//!   engine that keeps workspaces durable across nodes.
 
 pub mod control;
 pub mod dataplane;
 pub mod exec;
 pub mod executor;
 pub mod runtime;
+pub mod store;
 pub mod workspace;
 
 use std::collections::HashMap;
@@ -86,6 +89,10 @@ pub struct AgentConfig {
     pub docker_templates: std::collections::BTreeMap<String, String>,
     /// Docker runtime: template name → idle containers to keep ready.
     pub warm_pool: std::collections::BTreeMap<String, u32>,
+    /// Where workspaces are kept durably (default: nowhere).
+    pub store: store::StoreConfig,
+    /// How workspaces are synced to the store.
+    pub sync: store::sync::SyncConfig,
 }
 
 impl Default for AgentConfig {
@@ -105,6 +112,8 @@ impl Default for AgentConfig {
             output_cap: limits::DEFAULT_OUTPUT_CAP_BYTES,
             docker_templates: std::collections::BTreeMap::new(),
             warm_pool: std::collections::BTreeMap::new(),
+            store: store::StoreConfig::None,
+            sync: store::sync::SyncConfig::default(),
         }
     }
 }
@@ -124,6 +133,8 @@ pub enum AgentError {
     Cancelled,
     #[error("task failed: {0}")]
     Join(String),
+    #[error("workspace store: {0}")]
+    Store(#[from] store::StoreError),
 }
 
 /// A running agent.
@@ -133,6 +144,7 @@ pub struct Agent {
     control: JoinHandle<()>,
     /// Runtime cleanup at shutdown (the docker runtime's idle pool containers).
     cleanup: Option<JoinHandle<()>>,
+    syncer: Option<Arc<store::sync::Syncer>>,
 }
 
 impl Agent {
@@ -144,6 +156,10 @@ impl Agent {
     /// Waits until the agent has stopped after the shutdown token fired.
     pub async fn join(self) -> Result<(), AgentError> {
         let _ = self.control.await;
+        if let Some(s) = &self.syncer {
+            // Sessions outlive the agent process; their latest changes go to the store first.
+            s.sync_all(std::time::Duration::from_secs(10)).await;
+        }
         if let Some(c) = self.cleanup {
             let _ = c.await;
         }
@@ -204,7 +220,17 @@ pub async fn serve(config: AgentConfig, shutdown: CancellationToken) -> Result<A
             Arc::new(docker)
         }
     };
-    let state = Arc::new(AgentState::new(config.node_id.clone(), runtime));
+    let syncer = match store::open(&config.store).await? {
+        Some(store) => {
+            tracing::info!(store = %store.describe(), "keeping workspaces in the store");
+            Some(store::sync::Syncer::new(store, config.sync.clone(), shutdown.child_token()))
+        }
+        None => None,
+    };
+    let mut state = AgentState::new(config.node_id.clone(), runtime);
+    state.syncer = syncer.clone();
+    state.coordinators = config.coordinators.clone();
+    let state = Arc::new(state);
     state.rediscover().await?;
 
     let listener =
@@ -243,5 +269,5 @@ pub async fn serve(config: AgentConfig, shutdown: CancellationToken) -> Result<A
     };
     let control = tokio::spawn(control.run(interval, shutdown.clone()));
     tracing::info!(node = %config.node_id, %addr, "agent serving");
-    Ok(Agent { addr, server, control, cleanup })
+    Ok(Agent { addr, server, control, cleanup, syncer })
 }

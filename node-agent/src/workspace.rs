@@ -117,7 +117,7 @@ pub struct Workspace {
 }
 
 /// Prefix of the temporary files uploads are written to before the rename.
-const TEMP_PREFIX: &str = ".sandfleet-upload-";
+pub(crate) const TEMP_PREFIX: &str = ".sandfleet-upload-";
 
 impl Workspace {
     /// A workspace rooted at `root`, whose files belong to host `uid`/`gid`.

@@ -68,6 +68,7 @@ use rand::{Rng, SeedableRng};
 use sandfleet::{proto, Client, CreateSession, ExecRequest};
 use sandfleet_chaos::linearizability::{Call, CheckResult, EndedBy, History, Outcome, Ret};
 use sandfleet_chaos::testkit::{list_all_sessions, state_of};
+use sandfleet_chaos::s3::S3Server;
 use sandfleet_chaos::{require_sandbox_facilities, Cluster, ClusterBuilder, Target};
 
 #[derive(Debug, Parser)]
@@ -115,6 +116,10 @@ struct Args {
     /// The CI preset: 3 coordinators, 2 agents, faults, every fault kind twice (~100 s).
     #[arg(long)]
     smoke: bool,
+    /// Where agents keep workspaces: `s3` (a test S3 server the runner starts)
+    /// or `local` (a directory the agents share) [default: s3].
+    #[arg(long, default_value = "s3", value_parser = ["s3", "local"])]
+    workspace_store: String,
     /// Remove network namespaces, bridges and iptables rules left by crashed
     /// runs (whose owner process is gone), then exit.
     #[arg(long)]
@@ -214,6 +219,8 @@ struct Schedule {
     skipped: BTreeMap<Fault, u32>,
     /// How long the moved sessions took, over all checked agent faults.
     move_times: Vec<Duration>,
+    /// Sessions whose planted workspace files were checked after a move.
+    markers_checked: usize,
 }
 
 /// The nemesis's view of the workload: what it needs to check moves.
@@ -365,6 +372,11 @@ async fn nemesis(cluster: &mut Cluster, ctx: &NemesisCtx<'_>, seed: u64, until: 
                     }
                 }
                 let victims = if check { sessions_on(ctx, &node).await } else { Vec::new() };
+                // Before a kill: files in some sessions' workspaces, made durable, must come back.
+                let markers = if check && fault == Fault::KillAgent { plant_markers(ctx, &victims).await } else { Vec::new() };
+                if !markers.is_empty() {
+                    note(&mut sched, format!("planted workspace markers in {} session(s) on {node}", markers.len()));
+                }
                 let injected = Instant::now();
                 let (what, r) = if fault == Fault::KillAgent {
                     (format!("SIGKILL {name}"), cluster.kill(target).await.map(|s| s.to_string()))
@@ -387,6 +399,13 @@ async fn nemesis(cluster: &mut Cluster, ctx: &NemesisCtx<'_>, seed: u64, until: 
                     let report = watch_moves(ctx, &node, &victims, injected, fault == Fault::PartitionAgent).await;
                     note(&mut sched, report.summary.clone());
                     sched.move_times.extend(report.times.iter().copied());
+                    let (checked, mut lost) = check_markers(ctx, &markers).await;
+                    if !markers.is_empty() {
+                        note(&mut sched, format!("workspace markers: {checked} of {} restored intact on the new node", markers.len()));
+                        sched.markers_checked += checked;
+                    }
+                    let mut report = report;
+                    report.violations.append(&mut lost);
                     if !report.violations.is_empty() {
                         let mut l = ctx.ledger.lock().unwrap();
                         for v in report.violations {
@@ -509,6 +528,93 @@ async fn sessions_on(ctx: &NemesisCtx<'_>, node: &str) -> Vec<proto::Session> {
 
 fn is_terminal(s: &proto::Session) -> bool {
     matches!(state_of(s), proto::SessionState::Terminated | proto::SessionState::Failed)
+}
+
+/// A file planted in a session's workspace before its node is killed.
+struct Marker {
+    session: proto::Session,
+    path: String,
+    content: Vec<u8>,
+}
+
+/// Writes a marker file (through the file API, then copied by an exec) into
+/// up to two of the runner's own anchor sessions and syncs their workspaces.
+/// A session whose calls fail (another fault may be under way) is left out.
+async fn plant_markers(ctx: &NemesisCtx<'_>, victims: &[proto::Session]) -> Vec<Marker> {
+    let mut out = Vec::new();
+    for s in victims.iter().filter(|s| s.request_id.contains("-anchor-") && state_of(s) == proto::SessionState::Running).take(2) {
+        let content: Vec<u8> = format!("marker {} {}\n", s.id, rand::random::<u64>()).into_bytes();
+        let planted = async {
+            ctx.client.write_file_bytes(s, "chaos/marker.txt", content.clone()).await?;
+            let out = ctx
+                .client
+                .exec_collect(s, ExecRequest::argv(["cp", "chaos/marker.txt", "chaos/marker-exec.txt"]).timeout(Duration::from_secs(10)))
+                .await?;
+            if !out.success() {
+                return Err(sandfleet::Error::InvalidArgument(format!("cp failed: {}", out.stderr_str())));
+            }
+            ctx.client.sync_workspace(s).await?;
+            Ok::<_, sandfleet::Error>(())
+        };
+        match tokio::time::timeout(Duration::from_secs(20), planted).await {
+            Ok(Ok(())) => out.push(Marker { session: s.clone(), path: "chaos/marker.txt".into(), content }),
+            Ok(Err(e)) => eprintln!("sandfleet-chaos: nemesis: could not plant a marker in {}: {e}", s.id),
+            Err(_) => eprintln!("sandfleet-chaos: nemesis: planting a marker in {} timed out", s.id),
+        }
+    }
+    out
+}
+
+/// After the move check: every marked session now running elsewhere must have
+/// both marker files, byte for byte. Returns how many were checked and the violations.
+async fn check_markers(ctx: &NemesisCtx<'_>, markers: &[Marker]) -> (usize, Vec<String>) {
+    let mut checked = 0;
+    let mut violations = Vec::new();
+    for m in markers {
+        let now = match ctx.client.get_session(&m.session.id).await {
+            Ok(s) => s,
+            Err(e) => {
+                eprintln!("sandfleet-chaos: nemesis: cannot get {}: {e}", m.session.id);
+                continue;
+            }
+        };
+        if state_of(&now) != proto::SessionState::Running || now.generation <= m.session.generation {
+            continue; // ended by its TTL, or not moved: nothing to restore (the move check judges moves)
+        }
+        checked += 1;
+        for path in [m.path.as_str(), "chaos/marker-exec.txt"] {
+            let mut last = String::new();
+            let mut ok = false;
+            // The new copy may still be starting right after the move check saw it RUNNING.
+            for _ in 0..10 {
+                match ctx.client.read_file_bytes(&now, path).await {
+                    Ok(b) if b == m.content => {
+                        ok = true;
+                        break;
+                    }
+                    Ok(b) => {
+                        last = format!("content differs ({} bytes)", b.len());
+                        break;
+                    }
+                    Err(e) if e.code() == Some(tonic::Code::Unavailable) => {
+                        last = e.to_string();
+                        tokio::time::sleep(Duration::from_millis(500)).await;
+                    }
+                    Err(e) => {
+                        last = e.to_string();
+                        break;
+                    }
+                }
+            }
+            if !ok {
+                violations.push(format!(
+                    "workspace of session {} not restored on {} (generation {}): {path}: {last}",
+                    m.session.id, now.node_id, now.generation
+                ));
+            }
+        }
+    }
+    (checked, violations)
 }
 
 struct MoveReport {
@@ -1109,13 +1215,22 @@ async fn main() -> ExitCode {
 
 async fn run(args: &Args, seed: u64) -> Result<bool> {
     let settings = Settings::from(args);
-    let mut cluster = ClusterBuilder::new()
+    // Workspaces go to a real S3 server (s3s-fs, its own process) unless asked otherwise.
+    let s3_dir = tempfile::tempdir()?;
+    let s3 = if args.workspace_store == "s3" { Some(S3Server::start(s3_dir.path()).await?) } else { None };
+    let mut builder = ClusterBuilder::new()
         .coordinators(settings.coordinators)
         .agents(settings.agents)
         .agent_args(args.agent_args.clone())
-        .coordinator_args(settings.coordinator_args.clone())
-        .start()
-        .await?;
+        .coordinator_args(settings.coordinator_args.clone());
+    if let Some(s3) = &s3 {
+        builder = builder.agent_args(s3.agent_args("chaos"));
+        for (k, v) in S3Server::env() {
+            builder = builder.env(k, v);
+        }
+        println!("sandfleet-chaos: workspaces in a test S3 server on port {}", s3.port());
+    }
+    let mut cluster = builder.start().await?;
     println!(
         "sandfleet-chaos: cluster of {} coordinator(s) and {} agent(s) up in {} ({}{})",
         settings.coordinators,
@@ -1200,6 +1315,10 @@ async fn run(args: &Args, seed: u64) -> Result<bool> {
                 ledger.violations.push(format!("smoke schedule incomplete: {k:?} was never injected"));
             }
         }
+        // The SIGKILL-and-restore scenario must have run at least once.
+        if schedule.markers_checked == 0 {
+            ledger.violations.push("smoke schedule incomplete: no workspace was checked after an agent kill".into());
+        }
     }
 
     println!("sandfleet-chaos: summary (seed {seed}, workload {elapsed:.1?})");
@@ -1224,6 +1343,9 @@ async fn run(args: &Args, seed: u64) -> Result<bool> {
             schedule.move_times.len(),
             settings.move_deadline
         );
+    }
+    if schedule.markers_checked > 0 {
+        println!("  workspaces restored intact after agent kills: {} session(s) checked", schedule.markers_checked);
     }
     println!("  history: {lin_summary}");
     if ledger.violations.is_empty() {

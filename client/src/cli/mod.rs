@@ -256,6 +256,23 @@ pub enum SessionCmd {
         #[arg(long, value_parser = parse_mode, value_name = "OCTAL")]
         mode: Option<u32>,
     },
+    /// Copy a session's workspace changes to its node's workspace store now;
+    /// returns when they are durable there.
+    Sync {
+        /// Session id.
+        id: String,
+    },
+    /// Print a presigned URL that downloads a workspace file straight from the
+    /// workspace store (S3 stores only).
+    Url {
+        /// Session id.
+        id: String,
+        /// File path, relative to the workspace root.
+        path: String,
+        /// How long the URL works (at most 7d).
+        #[arg(long, value_parser = parse_duration, value_name = "DURATION", default_value = "15m")]
+        expires_in: Duration,
+    },
     /// List a directory of a session's workspace.
     Files {
         /// Session id.

@@ -78,6 +78,39 @@ pub async fn run(ctx: &Ctx, cmd: SessionCmd) -> anyhow::Result<i32> {
         SessionCmd::Watch { id } => watch(ctx, &id).await,
         SessionCmd::Exec { id, exec } => session_exec(ctx, &id, exec).await,
         SessionCmd::Cp { src, dst, mode } => copy(ctx, src, dst, mode).await,
+        SessionCmd::Sync { id } => {
+            let session = ctx.client.get_session(&id).await?;
+            let r = ctx.client.sync_workspace(&session).await?;
+            match ctx.output {
+                OutputFormat::Json => print_json(&serde_json::json!({
+                    "files": r.files,
+                    "bytes": r.bytes,
+                    "uploaded_files": r.uploaded_files,
+                    "uploaded_bytes": r.uploaded_bytes,
+                    "manifest_version": r.manifest_version,
+                    "store": r.store,
+                }))?,
+                OutputFormat::Text => out(&format!(
+                    "synced {} files ({} bytes) to {}: uploaded {} files ({} bytes), manifest version {}\n",
+                    r.files, r.bytes, r.store, r.uploaded_files, r.uploaded_bytes, r.manifest_version
+                ))?,
+            }
+            Ok(0)
+        }
+        SessionCmd::Url { id, path, expires_in } => {
+            let session = ctx.client.get_session(&id).await?;
+            let r = ctx.client.download_url(&session, &path, expires_in).await?;
+            match ctx.output {
+                OutputFormat::Json => print_json(&serde_json::json!({
+                    "url": r.url,
+                    "expires_at_ms": r.expires_at_ms,
+                    "size": r.size,
+                    "sha256": r.sha256,
+                }))?,
+                OutputFormat::Text => out(&format!("{}\n", r.url))?,
+            }
+            Ok(0)
+        }
         SessionCmd::Files { id, path } => {
             let session = ctx.client.get_session(&id).await?;
             let entries = ctx.client.list_files(&session, &path).await?;

@@ -6,6 +6,9 @@ use std::path::PathBuf;
 
 use anyhow::{bail, Context};
 use clap::Parser;
+use sandfleet_agent::store::s3::S3Config;
+use sandfleet_agent::store::sync::SyncConfig;
+use sandfleet_agent::store::StoreConfig;
 use sandfleet_agent::{serve, AgentConfig, RuntimeKind};
 use tokio_util::sync::CancellationToken;
 
@@ -53,6 +56,48 @@ struct Args {
     /// template on sandfleet/sandbox:latest, built by deploy/images/build-sandbox-image).
     #[arg(long = "template-image", value_name = "TEMPLATE=IMAGE")]
     template_images: Vec<String>,
+    /// Where session workspaces are kept durably, so a session placed again
+    /// on another node finds its files: a local directory (shared mounts
+    /// work), S3, or none.
+    #[arg(long, value_enum, default_value = "local")]
+    workspace_store: StoreKind,
+    /// Directory of the local workspace store [default: DATA_DIR/workspace-store].
+    #[arg(long)]
+    workspace_store_dir: Option<PathBuf>,
+    /// S3 endpoint URL, for S3-compatible services (default: AWS for the region).
+    /// Credentials come from the standard AWS chain (AWS_ACCESS_KEY_ID, ...), never from flags.
+    #[arg(long)]
+    s3_endpoint: Option<String>,
+    /// S3 bucket of the workspaces (must exist).
+    #[arg(long)]
+    s3_bucket: Option<String>,
+    /// Key prefix; a session's workspace lives under PREFIX/SESSION_ID/.
+    #[arg(long, default_value = "workspaces")]
+    s3_prefix: String,
+    /// S3 region.
+    #[arg(long, env = "AWS_REGION", default_value = "us-east-1")]
+    s3_region: String,
+    /// Path-style S3 addressing (ENDPOINT/BUCKET/KEY), which most S3-compatible servers need.
+    #[arg(long)]
+    s3_path_style: bool,
+    /// Sync each running session's workspace at least this often (besides
+    /// after every exec and file change, and when the session stops).
+    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+    sync_interval: std::time::Duration,
+    /// Keep a deleted session's workspace in the store instead of removing it.
+    #[arg(long)]
+    retain_workspaces: bool,
+}
+
+/// `--workspace-store` values.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum StoreKind {
+    /// No durable copy: a workspace lives and dies with its node.
+    None,
+    /// A directory on this host (or a shared mount).
+    Local,
+    /// An S3 bucket (any S3-compatible service).
+    S3,
 }
 
 /// The label every node carries with its own name.
@@ -87,6 +132,39 @@ async fn main() -> anyhow::Result<()> {
     if args.runtime != RuntimeKind::Docker && (!warm_pool.is_empty() || !docker_templates.is_empty()) {
         bail!("--warm-pool and --template-image apply to --runtime docker only");
     }
+    let s3_flags = args.s3_endpoint.is_some() || args.s3_bucket.is_some() || args.s3_path_style;
+    let store = match args.workspace_store {
+        StoreKind::None | StoreKind::Local if s3_flags => bail!("--s3-* flags need --workspace-store s3"),
+        StoreKind::None => StoreConfig::None,
+        StoreKind::Local => StoreConfig::Local {
+            root: args.workspace_store_dir.clone().unwrap_or_else(|| args.data_dir.join("workspace-store")),
+        },
+        StoreKind::S3 => {
+            if args.workspace_store_dir.is_some() {
+                bail!("--workspace-store-dir applies to --workspace-store local only");
+            }
+            let Some(bucket) = args.s3_bucket.clone().filter(|b| !b.is_empty()) else {
+                bail!("--workspace-store s3 needs --s3-bucket");
+            };
+            if let Some(e) = &args.s3_endpoint {
+                if !(e.starts_with("http://") || e.starts_with("https://")) {
+                    bail!("invalid --s3-endpoint {e:?}: expected an http:// or https:// URL");
+                }
+            }
+            StoreConfig::S3(S3Config {
+                endpoint: args.s3_endpoint.clone(),
+                region: args.s3_region.clone(),
+                bucket,
+                prefix: args.s3_prefix.clone(),
+                path_style: args.s3_path_style,
+                ..Default::default()
+            })
+        }
+    };
+    if args.sync_interval < std::time::Duration::from_millis(100) {
+        bail!("--sync-interval must be at least 100ms");
+    }
+    let sync = SyncConfig { interval: args.sync_interval, retain_on_delete: args.retain_workspaces, ..Default::default() };
     let cpu_millis = args.cpu.as_deref().map(sandfleet_common::quantity::parse_cpu).transpose()?.unwrap_or(0);
     let memory_bytes = args.memory.as_deref().map(sandfleet_common::quantity::parse_memory).transpose()?.unwrap_or(0);
     let shutdown = CancellationToken::new();
@@ -111,6 +189,8 @@ async fn main() -> anyhow::Result<()> {
         uid_base: args.uid_base,
         warm_pool,
         docker_templates,
+        store,
+        sync,
         ..Default::default()
     };
     let agent = serve(config, shutdown.clone()).await.context("failed to start the agent")?;

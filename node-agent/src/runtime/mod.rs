@@ -230,6 +230,10 @@ pub trait Runtime: Send + Sync + 'static {
         spec: ExecSpec,
         out: tokio::sync::mpsc::Sender<ExecEvent>,
     ) -> Result<ExitInfo, RuntimeError>;
+    /// Kills every process of the session and refuses new execs, but keeps
+    /// its workspace on disk (for a last sync to the workspace store);
+    /// [`Runtime::destroy`] removes the rest. Idempotent (Ok if absent).
+    async fn stop(&self, session_id: &str) -> Result<(), RuntimeError>;
     /// Kills every process of the session, removes its cgroup(s) and its
     /// workspace dir. Idempotent (Ok if absent).
     async fn destroy(&self, session_id: &str) -> Result<(), RuntimeError>;

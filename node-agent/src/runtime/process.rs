@@ -784,6 +784,16 @@ impl Runtime for ProcessRuntime {
     }
 
     #[instrument(skip(self), fields(session = %session_id))]
+    async fn stop(&self, session_id: &str) -> Result<(), RuntimeError> {
+        validate_session_id(session_id)?;
+        let _admin = self.inner.admin.lock().await;
+        let s = self.lock_sessions().get(session_id).cloned();
+        if let Some(s) = s {
+            *s.alive.write().await = false;
+        }
+        self.inner.cgroups.destroy(&self.session_cgroup(session_id), CGROUP_KILL_TIMEOUT).await
+    }
+
     async fn destroy(&self, session_id: &str) -> Result<(), RuntimeError> {
         validate_session_id(session_id)?;
         let _admin = self.inner.admin.lock().await;

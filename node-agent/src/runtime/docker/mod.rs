@@ -964,6 +964,18 @@ impl Runtime for DockerRuntime {
     }
 
     #[instrument(skip(self), fields(session = %session_id))]
+    async fn stop(&self, session_id: &str) -> Result<(), RuntimeError> {
+        ids::validate_session_id(session_id).map_err(|e| invalid(e.to_string()))?;
+        let lock = self.session_lock(session_id);
+        let _guard = lock.lock().await;
+        let Some(s) = self.tables().sessions.get(session_id).cloned() else {
+            return Ok(());
+        };
+        *s.alive.write().await = false;
+        // The container goes (every process in it); its workspace directory on the host stays.
+        self.remove_container(&s.bx.name).await
+    }
+
     async fn destroy(&self, session_id: &str) -> Result<(), RuntimeError> {
         ids::validate_session_id(session_id).map_err(|e| invalid(e.to_string()))?;
         let lock = self.session_lock(session_id);
