@@ -196,6 +196,7 @@ async fn drains(core: &Core) -> Result<(), tonic::Status> {
 /// nowhere get their reason recorded, also in one entry.
 async fn place(core: &Core) -> Result<(), tonic::Status> {
     let now = crate::now_ms();
+    let reason_budget = core.tunables.placement_batch.max(1);
     let (placements, reasons) = core.state.read(|st| {
         let mut placer = Placer::new(st, core.tunables.placement);
         let mut placements = Vec::new();
@@ -209,7 +210,11 @@ async fn place(core: &Core) -> Result<(), tonic::Status> {
             match placer.place(&s.spec) {
                 Ok(node_id) => placements.push(Placement { id: id.clone(), node_id, expected_generation: s.generation }),
                 Err(Unplaceable::Wait(why) | Unplaceable::Never(why)) => {
-                    if why != s.pending_reason {
+                    // At most one entry of reasons per round, oldest sessions first:
+                    // while nodes come and go every waiting session's reason (its
+                    // counts) changes each round, and rewriting all of them through
+                    // Raft every round would crowd out the placements themselves.
+                    if why != s.pending_reason && reasons.len() < reason_budget {
                         reasons.push((id.clone(), why));
                     }
                 }
