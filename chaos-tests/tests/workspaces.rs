@@ -118,6 +118,10 @@ async fn sigkilled_agent_session_resumes_elsewhere_with_every_file() {
     .await
     .unwrap();
     assert_eq!(stdout(&out).trim(), "ok", "{out:?}");
+    // The agent holds S3 credentials; nothing in the sandbox can read them.
+    let out = exec_argv(&t.client, &s, ["sh", "-c", "env; cat /proc/*/environ 2>/dev/null | tr '\\0' '\\n'"], EXEC).await.unwrap();
+    let seen = format!("{}{}", stdout(&out), String::from_utf8_lossy(&out.stderr));
+    assert!(!seen.contains(sandfleet_chaos::s3::SECRET_KEY) && !seen.contains("AWS_"), "credentials visible in the sandbox: {seen}");
     let synced = t.client.sync_workspace(&s).await.unwrap();
     assert_eq!(synced.files, 3, "{synced:?}");
     assert!(synced.store.starts_with("s3://"), "{synced:?}");
@@ -234,6 +238,28 @@ async fn s3_outage_is_reported_and_retried_then_delete_removes_the_prefix() {
     .await
     .unwrap();
     let _ = &mut t.cluster;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn drain_hands_the_workspace_over_without_an_explicit_sync() {
+    require_facilities!();
+    // A long sync interval: the last write reaches the store only through the sync its exec
+    // triggers, racing the drain, or the old copy's final, sealed sync, which the new copy waits for.
+    let t = setup(2, &["--sync-interval", "1h"]).await;
+    let s = create_running(&t.client, small_session("ws-drain")).await.unwrap();
+    t.client.write_file_bytes(&s, "early.txt", b"early".to_vec()).await.unwrap();
+    t.client.sync_workspace(&s).await.unwrap();
+    // Written after the last sync, then the node is drained at once.
+    let out = exec_argv(&t.client, &s, ["sh", "-c", "seq 1 5000 > late.txt"], EXEC).await.unwrap();
+    assert!(out.success(), "{out:?}");
+    t.client.drain_node(&s.node_id, Duration::from_secs(60), 1).await.unwrap();
+    let moved = wait_moved(&t.client, &s, Duration::from_secs(40)).await;
+    assert_eq!(t.client.read_file_bytes(&moved, "early.txt").await.unwrap(), b"early");
+    let late = t.client.read_file_bytes(&moved, "late.txt").await.unwrap();
+    let want: String = (1..=5000).map(|i| format!("{i}\n")).collect();
+    assert_eq!(String::from_utf8(late).unwrap(), want);
+    let m = stored_manifest(&t.s3, &s.id).unwrap();
+    assert_eq!(m["generation"].as_u64(), Some(moved.generation), "the new copy claimed the workspace");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

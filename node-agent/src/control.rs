@@ -142,10 +142,12 @@ impl AgentState {
     }
 
     /// Takes sessions off this node. Their processes are killed first (a copy
-    /// must never run beside its replacement); then each workspace is synced
-    /// one last time (sealed, for the copy that replaces it) or, for a session
-    /// that ended for good, removed from the store; then the runtime destroys
-    /// what is left. A start of the same session waits until this is done.
+    /// must never run beside its replacement); then each workspace gets a
+    /// last, sealed sync (for the copy that replaces it); then the runtime
+    /// destroys what is left, freeing the slot. Only after that, off this
+    /// path, the cluster is asked whether the session ended for good, and if
+    /// so its prefix is removed from the store. A start of the same session
+    /// waits until the destroy is done.
     async fn leave(self: &Arc<Self>, ids: Vec<String>, why: Leaving) {
         if ids.is_empty() {
             return;
@@ -159,11 +161,7 @@ impl AgentState {
             }
             let timeout = if why == Leaving::Fenced { FENCE_SYNC_TIMEOUT } else { FINAL_SYNC_TIMEOUT };
             futures::future::join_all(ids.iter().map(|id| async move {
-                if why == Leaving::Unassigned && self.ended_for_good(id).await {
-                    if let Err(e) = syncer.delete(id).await {
-                        tracing::warn!(session = %id, error = %e, "could not remove the ended session's workspace from the store");
-                    }
-                } else if let Err(e) = syncer.finish(id, true, timeout).await {
+                if let Err(e) = syncer.finish(id, true, timeout).await {
                     tracing::error!(session = %id, error = %e, "final workspace sync failed; the next copy restores the last completed sync");
                 }
             }))
@@ -176,6 +174,18 @@ impl AgentState {
                 Err(e) => tracing::warn!(session = %id, error = %e, "failed to destroy a session"),
             }
             self.stopping.lock().unwrap_or_else(|p| p.into_inner()).remove(id);
+        }
+        if let (Some(syncer), Leaving::Unassigned) = (&self.syncer, why) {
+            let (this, syncer) = (self.clone(), syncer.clone());
+            tokio::spawn(async move {
+                for id in ids {
+                    if this.ended_for_good(&id).await {
+                        if let Err(e) = syncer.delete(&id).await {
+                            tracing::warn!(session = %id, error = %e, "could not remove the ended session's workspace from the store");
+                        }
+                    }
+                }
+            });
         }
     }
 
@@ -456,13 +466,15 @@ impl AgentState {
         };
         self.wait_not_stopping(&a.session_id).await;
         let mut result = self.runtime.prepare(&sandbox).await;
-        if matches!(result, Err(crate::runtime::RuntimeError::Unavailable(_))) && !self.stopping.lock().unwrap_or_else(|p| p.into_inner()).is_empty() {
-            // The slot (or uid) it needs is held by a session still being taken off
-            // this node (its final workspace sync): wait for those, then try again.
-            let deadline = tokio::time::Instant::now() + FINAL_SYNC_TIMEOUT + Duration::from_secs(30);
-            while !self.stopping.lock().unwrap_or_else(|p| p.into_inner()).is_empty() && tokio::time::Instant::now() < deadline {
-                tokio::time::sleep(Duration::from_millis(50)).await;
-            }
+        // The slot it needs may be held by a session still being taken off this
+        // node (its final workspace sync): try again as those finish.
+        let deadline = tokio::time::Instant::now() + FINAL_SYNC_TIMEOUT + Duration::from_secs(5);
+        while matches!(result, Err(crate::runtime::RuntimeError::Unavailable(_)))
+            && !self.stopping.lock().unwrap_or_else(|p| p.into_inner()).is_empty()
+            && tokio::time::Instant::now() < deadline
+            && self.session(&a.session_id).is_some_and(|s| s.generation == a.generation)
+        {
+            tokio::time::sleep(Duration::from_millis(50)).await;
             result = self.runtime.prepare(&sandbox).await;
         }
         if let (Ok(()), Some(syncer)) = (&result, &self.syncer) {

@@ -89,7 +89,8 @@ pub struct AgentConfig {
     pub docker_templates: std::collections::BTreeMap<String, String>,
     /// Docker runtime: template name → idle containers to keep ready.
     pub warm_pool: std::collections::BTreeMap<String, u32>,
-    /// Where workspaces are kept durably (default: nowhere).
+    /// Where workspaces are kept durably (the library default: nowhere; the
+    /// `sandfleet-agent` binary and `sandfleet dev` default to a local directory).
     pub store: store::StoreConfig,
     /// How workspaces are synced to the store.
     pub sync: store::sync::SyncConfig,

@@ -53,9 +53,11 @@ pub async fn run(args: DevArgs) -> anyhow::Result<i32> {
             node_id: dev_node_id(),
             listen: args.agent_listen,
             advertise: None,
-            data_dir: agent_dir,
             coordinators: vec![endpoint.to_string()],
             runtime: RuntimeKind::Process,
+            // Workspaces kept in a local store, as the agent binary does by default.
+            store: sandfleet_agent::store::StoreConfig::Local { root: agent_dir.join("workspace-store") },
+            data_dir: agent_dir,
             ..Default::default()
         },
         shutdown.clone(),

@@ -82,7 +82,8 @@ struct Args {
     s3_path_style: bool,
     /// Sync each running session's workspace at least this often (besides
     /// after every exec and file change, and when the session stops).
-    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+    /// Given twice, the last one counts.
+    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration, overrides_with = "sync_interval")]
     sync_interval: std::time::Duration,
     /// Keep a deleted session's workspace in the store instead of removing it.
     #[arg(long)]

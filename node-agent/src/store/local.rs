@@ -56,8 +56,8 @@ fn atomic_write(dest: &Path, write: impl FnOnce(&mut std::fs::File) -> Result<()
     result
 }
 
-fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T, StoreError> + Send + 'static) -> impl std::future::Future<Output = Result<T, StoreError>> {
-    async move { tokio::task::spawn_blocking(f).await.map_err(|e| StoreError::Io(std::io::Error::other(e.to_string())))? }
+async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T, StoreError> + Send + 'static) -> Result<T, StoreError> {
+    tokio::task::spawn_blocking(f).await.map_err(|e| StoreError::Io(std::io::Error::other(e.to_string())))?
 }
 
 #[async_trait::async_trait]

@@ -294,7 +294,7 @@ impl WorkspaceStore for S3Store {
         for chunk in hashes.chunks(1000) {
             let ids = chunk
                 .iter()
-                .map(|h| Ok(ObjectIdentifier::builder().key(self.blob_key(session, h)?).build().map_err(|e| StoreError::Corrupt(e.to_string()))?))
+                .map(|h| ObjectIdentifier::builder().key(self.blob_key(session, h)?).build().map_err(|e| StoreError::Corrupt(e.to_string())))
                 .collect::<Result<Vec<_>, StoreError>>()?;
             let delete = Delete::builder().set_objects(Some(ids)).quiet(true).build().map_err(|e| StoreError::Corrupt(e.to_string()))?;
             self.client

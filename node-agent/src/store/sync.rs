@@ -632,7 +632,7 @@ impl Syncer {
         let name = Path::new(path).file_name().map(|n| n.to_os_string()).ok_or_else(|| StoreError::Corrupt(format!("{path:?} has no name")))?;
         blocking(move || {
             let r = (|| -> Result<(), StoreError> {
-                std_file.set_permissions(std::fs::Permissions::from(std::os::unix::fs::PermissionsExt::from_mode(mode & 0o7777 & !0o6000)))?;
+                std_file.set_permissions(std::os::unix::fs::PermissionsExt::from_mode(mode & 0o7777 & !0o6000))?;
                 std::os::unix::fs::fchown(&std_file, Some(uid), Some(gid))?;
                 let mtime = SystemTime::UNIX_EPOCH + Duration::from_nanos(mtime_ns.max(0) as u64);
                 std_file.set_times(std::fs::FileTimes::new().set_modified(mtime))?;
