@@ -153,6 +153,8 @@ impl AgentState {
             return;
         }
         self.stopping.lock().unwrap_or_else(|p| p.into_inner()).extend(ids.iter().cloned());
+        // Per id: may the store hold something of it (then an ended session's prefix is removed)?
+        let mut stored = vec![false; ids.len()];
         if let Some(syncer) = &self.syncer {
             for id in &ids {
                 if let Err(e) = self.runtime.stop(id).await {
@@ -160,9 +162,13 @@ impl AgentState {
                 }
             }
             let timeout = if why == Leaving::Fenced { FENCE_SYNC_TIMEOUT } else { FINAL_SYNC_TIMEOUT };
-            futures::future::join_all(ids.iter().map(|id| async move {
-                if let Err(e) = syncer.finish(id, true, timeout).await {
-                    tracing::error!(session = %id, error = %e, "final workspace sync failed; the next copy restores the last completed sync");
+            stored = futures::future::join_all(ids.iter().map(|id| async move {
+                match syncer.finish(id, true, timeout).await {
+                    Ok(stored) => stored,
+                    Err(e) => {
+                        tracing::error!(session = %id, error = %e, "final workspace sync failed; the next copy restores the last completed sync");
+                        true
+                    }
                 }
             }))
             .await;
@@ -177,6 +183,10 @@ impl AgentState {
         }
         if let (Some(syncer), Leaving::Unassigned) = (&self.syncer, why) {
             let (this, syncer) = (self.clone(), syncer.clone());
+            let ids: Vec<String> = ids.into_iter().zip(stored).filter(|(_, stored)| *stored).map(|(id, _)| id).collect();
+            if ids.is_empty() {
+                return;
+            }
             tokio::spawn(async move {
                 for id in ids {
                     if this.ended_for_good(&id).await {
@@ -340,7 +350,7 @@ impl AgentState {
                 );
             if let Some(syncer) = &self.syncer {
                 match self.runtime.workspace(&s.session_id) {
-                    Ok(ws) => syncer.attach(&s.session_id, s.generation, ws).await,
+                    Ok(ws) => syncer.attach(&s.session_id, s.generation, ws),
                     Err(e) => tracing::warn!(session = %s.session_id, error = %e, "rediscovered session has no workspace to sync"),
                 }
             }

@@ -119,6 +119,19 @@ impl S3Store {
         })
     }
 
+    /// Deletes keys with DeleteObjects, 1,000 (the S3 limit) per request.
+    async fn delete_keys(&self, keys: Vec<String>, what: &str) -> Result<(), StoreError> {
+        for chunk in keys.chunks(1000) {
+            let ids = chunk
+                .iter()
+                .map(|k| ObjectIdentifier::builder().key(k).build().map_err(|e| StoreError::Corrupt(e.to_string())))
+                .collect::<Result<Vec<_>, _>>()?;
+            let delete = Delete::builder().set_objects(Some(ids)).quiet(true).build().map_err(|e| StoreError::Corrupt(e.to_string()))?;
+            self.client.delete_objects().bucket(&self.bucket).delete(delete).send().await.map_err(|e| unavailable(what, e))?;
+        }
+        Ok(())
+    }
+
     fn session_prefix(&self, session: &str) -> Result<String, StoreError> {
         validate_session(session)?;
         Ok(if self.prefix.is_empty() { format!("{session}/") } else { format!("{}/{session}/", self.prefix) })
@@ -291,21 +304,8 @@ impl WorkspaceStore for S3Store {
     }
 
     async fn delete_blobs(&self, session: &str, hashes: &[String]) -> Result<(), StoreError> {
-        for chunk in hashes.chunks(1000) {
-            let ids = chunk
-                .iter()
-                .map(|h| ObjectIdentifier::builder().key(self.blob_key(session, h)?).build().map_err(|e| StoreError::Corrupt(e.to_string())))
-                .collect::<Result<Vec<_>, StoreError>>()?;
-            let delete = Delete::builder().set_objects(Some(ids)).quiet(true).build().map_err(|e| StoreError::Corrupt(e.to_string()))?;
-            self.client
-                .delete_objects()
-                .bucket(&self.bucket)
-                .delete(delete)
-                .send()
-                .await
-                .map_err(|e| unavailable("delete blobs", e))?;
-        }
-        Ok(())
+        let keys = hashes.iter().map(|h| self.blob_key(session, h)).collect::<Result<Vec<_>, _>>()?;
+        self.delete_keys(keys, "delete blobs").await
     }
 
     async fn delete_session(&self, session: &str) -> Result<(), StoreError> {
@@ -322,24 +322,8 @@ impl WorkspaceStore for S3Store {
         let mut pages = self.client.list_objects_v2().bucket(&self.bucket).prefix(&prefix).into_paginator().send();
         while let Some(page) = pages.next().await {
             let page = page.map_err(|e| unavailable("list session objects", e))?;
-            let ids = page
-                .contents()
-                .iter()
-                .filter_map(|o| o.key())
-                .filter(|k| k.starts_with(&prefix))
-                .map(|k| ObjectIdentifier::builder().key(k).build().map_err(|e| StoreError::Corrupt(e.to_string())))
-                .collect::<Result<Vec<_>, _>>()?;
-            if ids.is_empty() {
-                continue;
-            }
-            let delete = Delete::builder().set_objects(Some(ids)).quiet(true).build().map_err(|e| StoreError::Corrupt(e.to_string()))?;
-            self.client
-                .delete_objects()
-                .bucket(&self.bucket)
-                .delete(delete)
-                .send()
-                .await
-                .map_err(|e| unavailable("delete session objects", e))?;
+            let keys: Vec<String> = page.contents().iter().filter_map(|o| o.key()).filter(|k| k.starts_with(&prefix)).map(str::to_string).collect();
+            self.delete_keys(keys, "delete session objects").await?;
         }
         Ok(())
     }

@@ -94,6 +94,10 @@ struct SessionSync {
     status: Mutex<SyncStatus>,
     stop: CancellationToken,
     superseded: std::sync::atomic::AtomicBool,
+    /// Read the stored manifest at the first sync (a session rediscovered after an agent restart).
+    seed: std::sync::atomic::AtomicBool,
+    /// The store may hold something of this session (so an ended session's prefix must be removed).
+    stored: std::sync::atomic::AtomicBool,
 }
 
 /// Syncs every session of this agent to one store.
@@ -182,19 +186,19 @@ impl Syncer {
 
     /// Starts syncing a session that survived an agent restart (its files are
     /// on disk already); the stored manifest, if readable, seeds the hash cache.
-    pub async fn attach(self: &Arc<Self>, session: &str, generation: u64, workspace: Workspace) {
-        let current = match self.read_manifest(session).await {
-            Ok(m) => m.filter(|m| m.generation <= generation),
-            Err(e) => {
-                warn!(session, error = %e, "could not read the stored manifest; the next sync uploads every file");
-                None
-            }
-        };
-        self.track(session, generation, workspace, current);
+    pub fn attach(self: &Arc<Self>, session: &str, generation: u64, workspace: Workspace) {
+        // The stored manifest seeds the hash cache at the first sync, not here:
+        // an agent restart must not wait on the store once per session.
+        let s = self.track(session, generation, workspace, None);
+        s.seed.store(true, std::sync::atomic::Ordering::SeqCst);
+        s.stored.store(true, std::sync::atomic::Ordering::SeqCst);
     }
 
-    fn track(self: &Arc<Self>, session: &str, generation: u64, workspace: Workspace, current: Option<Manifest>) {
+    fn track(self: &Arc<Self>, session: &str, generation: u64, workspace: Workspace, current: Option<Manifest>) -> Arc<SessionSync> {
+        let stored = current.is_some();
         let s = Arc::new(SessionSync {
+            seed: std::sync::atomic::AtomicBool::new(false),
+            stored: std::sync::atomic::AtomicBool::new(stored),
             generation,
             workspace,
             current: tokio::sync::Mutex::new(current),
@@ -206,7 +210,8 @@ impl Syncer {
         if let Some(old) = self.sessions.lock().unwrap_or_else(|p| p.into_inner()).insert(session.to_string(), s.clone()) {
             old.stop.cancel();
         }
-        tokio::spawn(self.clone().sync_loop(session.to_string(), s));
+        tokio::spawn(self.clone().sync_loop(session.to_string(), s.clone()));
+        s
     }
 
     /// Asks for a sync of the session soon (after an exec or a file change).
@@ -249,16 +254,20 @@ impl Syncer {
     /// Stops syncing a session that leaves this node. With `seal`, a final
     /// sync (bounded by `timeout`) writes a sealed manifest first, for the
     /// copy that replaces it. Returns the final sync's error, if any.
-    pub async fn finish(&self, session: &str, seal: bool, timeout: Duration) -> Result<(), StoreError> {
-        let Some(s) = self.sessions.lock().unwrap_or_else(|p| p.into_inner()).remove(session) else { return Ok(()) };
+    /// Returns whether the store may hold anything of the session (an empty
+    /// workspace that was never synced leaves nothing to seal or delete).
+    pub async fn finish(&self, session: &str, seal: bool, timeout: Duration) -> Result<bool, StoreError> {
+        let Some(s) = self.sessions.lock().unwrap_or_else(|p| p.into_inner()).remove(session) else { return Ok(true) };
         s.stop.cancel();
         if !seal || s.superseded.load(std::sync::atomic::Ordering::SeqCst) {
-            return Ok(());
+            return Ok(true);
         }
         match tokio::time::timeout(timeout, self.sync_session(session, &s, true)).await {
             Ok(Ok(stats)) => {
-                info!(session, version = stats.version, files = stats.files, "final workspace sync done (sealed)");
-                Ok(())
+                if !stats.unchanged {
+                    info!(session, version = stats.version, files = stats.files, "final workspace sync done (sealed)");
+                }
+                Ok(s.stored.load(std::sync::atomic::Ordering::SeqCst))
             }
             Ok(Err(e)) => Err(e),
             Err(_) => Err(StoreError::Unavailable(format!("final sync did not finish within {timeout:?}"))),
@@ -342,6 +351,12 @@ impl Syncer {
             return Err(StoreError::Superseded { session: session.into(), current: s.generation + 1, ours: s.generation });
         }
         let mut current = s.current.lock().await;
+        if current.is_none() && s.seed.swap(false, std::sync::atomic::Ordering::SeqCst) {
+            match self.read_manifest(session).await {
+                Ok(m) => *current = m.filter(|m| m.generation <= s.generation),
+                Err(e) => warn!(session, error = %e, "could not read the stored manifest; this sync uploads every file"),
+            }
+        }
         let prev: HashMap<String, ManifestEntry> =
             current.as_ref().map(|m| m.entries.iter().map(|e| (e.path().to_string(), e.clone())).collect()).unwrap_or_default();
         let known: HashSet<String> = current.as_ref().map(blobs_of).unwrap_or_default();
@@ -388,7 +403,10 @@ impl Syncer {
         if changed.load(std::sync::atomic::Ordering::SeqCst) {
             s.trigger.notify_one();
         }
-        let same = current.as_ref().is_some_and(|m| m.entries == results && m.sealed == seal);
+        // Nothing stored and nothing to store (an empty workspace never synced): no writes.
+        let same = current.as_ref().map_or(results.is_empty() && !s.stored.load(std::sync::atomic::Ordering::SeqCst), |m| {
+            m.entries == results && m.sealed == seal
+        });
         if same {
             stats.unchanged = true;
             stats.version = current.as_ref().map_or(0, |m| m.version);
@@ -411,6 +429,7 @@ impl Syncer {
             written_at_ms: now_ms(),
             entries: results,
         };
+        s.stored.store(true, std::sync::atomic::Ordering::SeqCst);
         self.store.put_manifest(session, next.to_bytes()).await?;
         stats.version = version;
         // Only now may blobs that the old manifest named go.
