@@ -95,6 +95,8 @@ pub struct AgentState {
     pub coordinators: Vec<String>,
     /// Sessions being taken off this node (final sync, destroy) right now.
     stopping: Mutex<std::collections::HashSet<String>>,
+    /// Channels to `coordinators`, made on first use.
+    coordinator_channels: std::sync::OnceLock<Vec<Channel>>,
 }
 
 /// Longest a stopping session's final workspace sync may hold up its stop.
@@ -131,6 +133,7 @@ impl AgentState {
             syncer: None,
             coordinators: Vec::new(),
             stopping: Mutex::new(std::collections::HashSet::new()),
+            coordinator_channels: std::sync::OnceLock::new(),
         }
     }
 
@@ -212,8 +215,9 @@ impl AgentState {
     /// moved, so a workspace is never deleted on a guess.
     async fn ended_for_good(&self, id: &str) -> bool {
         use sandfleet_proto::v1::session_service_client::SessionServiceClient;
-        for addr in &self.coordinators {
-            let Ok(ch) = channel(addr) else { continue };
+        // Lazy channels, made once and reused: this runs for every session that leaves.
+        let channels = self.coordinator_channels.get_or_init(|| self.coordinators.iter().filter_map(|a| channel(a).ok()).collect());
+        for ch in channels.iter().cloned() {
             let mut req = tonic::Request::new(pb::GetSessionRequest { id: id.to_string(), ..Default::default() });
             req.set_timeout(Duration::from_secs(2));
             match SessionServiceClient::new(ch).get_session(req).await {
