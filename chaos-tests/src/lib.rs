@@ -19,7 +19,8 @@
 //! - [`netns`]: a network namespace per process on a per-cluster bridge, so
 //!   that [`Cluster::partition`] can cut links (loopback where that is impossible).
 //! - [`s3`]: [`s3::S3Server`], a real S3-compatible server (s3s-fs) in its own
-//!   process, for workspace-store tests, the chaos runner and the benchmarks.
+//!   process, for workspace-store tests, the chaos runner and the benchmarks;
+//!   [`s3fs`] is its storage (s3s-fs that lists by prefix and prunes empty directories).
 //! - [`testkit`]: small async helpers for tests and tools (create a session and
 //!   wait for it, run a command, assert a gRPC code, retry until true).
 //!
@@ -50,9 +51,10 @@ pub mod host;
 pub mod linearizability;
 pub mod netns;
 pub mod s3;
+pub mod s3fs;
 pub mod testkit;
 
 pub use bins::bin_path;
 pub use cluster::{Cluster, ClusterBuilder, Proc, Role, Target};
-pub use facilities::{missing_facilities, require_sandbox_facilities};
+pub use facilities::{missing_facilities, require_docker, require_sandbox_facilities};
 pub use netns::{NetworkChoice, NetworkMode, PartitionsUnavailable};

@@ -63,6 +63,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::Result;
 use clap::Parser;
+use futures::StreamExt as _;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use sandfleet::{proto, Client, CreateSession, ExecRequest};
@@ -539,10 +540,21 @@ struct Marker {
 
 /// Writes a marker file (through the file API, then copied by an exec) into
 /// up to two of the runner's own anchor sessions and syncs their workspaces.
+/// Milliseconds since the Unix epoch (session expiry times use it).
+fn now_ms() -> i64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64)
+}
+
 /// A session whose calls fail (another fault may be under way) is left out.
 async fn plant_markers(ctx: &NemesisCtx<'_>, victims: &[proto::Session]) -> Vec<Marker> {
     let mut out = Vec::new();
-    for s in victims.iter().filter(|s| s.request_id.contains("-anchor-") && state_of(s) == proto::SessionState::Running).take(2) {
+    // Only anchors with time to live left: one that its TTL ends during the check has nothing to restore.
+    let live_until = now_ms() + 40_000;
+    for s in victims
+        .iter()
+        .filter(|s| s.request_id.contains("-anchor-") && state_of(s) == proto::SessionState::Running && s.expires_at_ms > live_until)
+        .take(2)
+    {
         let content: Vec<u8> = format!("marker {} {}\n", s.id, rand::random::<u64>()).into_bytes();
         let planted = async {
             ctx.client.write_file_bytes(s, "chaos/marker.txt", content.clone()).await?;
@@ -607,6 +619,14 @@ async fn check_markers(ctx: &NemesisCtx<'_>, markers: &[Marker]) -> (usize, Vec<
                 }
             }
             if !ok {
+                // Ended meanwhile (its TTL, or a client): its files went with it, as they should.
+                if let Ok(after) = ctx.client.get_session(&m.session.id).await {
+                    if is_terminal(&after) {
+                        eprintln!("sandfleet-chaos: nemesis: {} ended during its marker check ({}); not counted", m.session.id, after.message);
+                        checked -= 1;
+                        break;
+                    }
+                }
                 violations.push(format!(
                     "workspace of session {} not restored on {} (generation {}): {path}: {last}",
                     m.session.id, now.node_id, now.generation
@@ -760,21 +780,29 @@ async fn verify_after_faults(cluster: &mut Cluster, client: &Client, run: &str, 
         violations.push(format!("coordinators did not converge to one state digest: {e:#}"));
     }
     let live: Vec<&String> = ledger.acked.values().filter(|sid| !ledger.deleted.contains(*sid)).collect();
-    for sid in &live {
-        // A session whose delete failed stays live until its TTL; expiry is not a fault.
-        if let Ok(s) = client.get_session(sid).await {
-            if state_of(&s) == proto::SessionState::Terminated && s.message.contains("expired") {
-                continue;
+    // Checked 32 at a time, each with its own 60 s: one slow session must not hold up the rest.
+    let not_running: Vec<String> = futures::stream::iter(live)
+        .map(|sid| async move {
+            // A session whose delete failed stays live until its TTL; expiry is not a fault.
+            if let Ok(s) = client.get_session(sid).await {
+                if state_of(&s) == proto::SessionState::Terminated && s.message.contains("expired") {
+                    return None;
+                }
+                // A delete whose answer was lost may still have happened.
+                if state_of(&s) == proto::SessionState::Terminated && ledger.delete_sent.contains(sid) {
+                    return None;
+                }
             }
-            // A delete whose answer was lost may still have happened.
-            if state_of(&s) == proto::SessionState::Terminated && ledger.delete_sent.contains(*sid) {
-                continue;
+            match client.wait_running(sid, Duration::from_secs(60)).await {
+                Ok(_) => None,
+                Err(e) => Some(format!("live session {sid} is not RUNNING again after the faults: {e}")),
             }
-        }
-        if let Err(e) = client.wait_running(sid, Duration::from_secs(60)).await {
-            violations.push(format!("live session {sid} is not RUNNING again after the faults: {e}"));
-        }
-    }
+        })
+        .buffer_unordered(32)
+        .filter_map(|v| async move { v })
+        .collect()
+        .await;
+    violations.extend(not_running);
     // Give agents one fencing window to stop superseded copies, then look.
     tokio::time::sleep(Duration::from_secs(3)).await;
     let nodes: Vec<String> = cluster.agents.iter().map(|a| a.id.clone()).collect();

@@ -1,5 +1,5 @@
 //! `sandfleet-s3-server`: an S3-compatible server on a local directory
-//! (s3s-fs), for the workspace-store tests, the chaos runner and the
+//! (s3s-fs, listing by prefix: see `sandfleet_chaos::s3fs`), for the workspace-store tests, the chaos runner and the
 //! benchmarks. Test support only: it is not part of a deployment.
 //!
 //! Prints one JSON ready line (`{"ready":"s3","addr":"127.0.0.1:PORT"}`) once
@@ -46,7 +46,7 @@ async fn main() -> anyhow::Result<()> {
         }
         std::fs::create_dir_all(args.root.join(b))?;
     }
-    let fs = s3s_fs::FileSystem::new(&args.root).map_err(|e| anyhow::anyhow!("cannot serve {}: {e:?}", args.root.display()))?;
+    let fs = sandfleet_chaos::s3fs::PrefixFs::new(&args.root).map_err(|e| anyhow::anyhow!("cannot serve {}: {e}", args.root.display()))?;
     let service = {
         let mut b = S3ServiceBuilder::new(fs);
         b.set_auth(SimpleAuth::from_single(args.access_key.clone(), args.secret_key.clone()));
