@@ -8,7 +8,7 @@
 //! | `sm_sessions` | session id | JSON [`SessionRecord`] |
 //! | `sm_nodes` | node id | JSON [`NodeRecord`] |
 //! | `sm_request_ids` | request id | session id |
-//! | `sm_meta` | `last_applied`, `membership`, `signing_seed` | JSON |
+//! | `sm_meta` | `last_applied`, `membership`, `signing_seed`, `scheduler_paused` | JSON |
 //! | `snapshot` | `current` | JSON [`StoredSnapshot`] |
 //!
 //! Log appends, votes and snapshots are fsynced before they are acknowledged.
@@ -120,15 +120,35 @@ fn get_json<T: for<'de> Deserialize<'de>>(db: &DB, cf_name: &str, key: &[u8]) ->
 #[derive(Debug, Clone)]
 pub struct LogStore {
     db: Arc<DB>,
-    syncer: std::sync::mpsc::Sender<LogFlushed<TypeConfig>>,
+    syncer: Arc<WalSyncer>,
+}
+
+/// The WAL syncer thread's queue, shared by every clone of a [`LogStore`].
+/// When the last clone goes, the queue closes and the drop *joins* the
+/// thread, so its handle on the database is released before the drop
+/// returns. (A detached thread closing RocksDB while the process exits
+/// destroys RocksDB's static objects under it: SIGSEGV at exit.)
+#[derive(Debug)]
+struct WalSyncer {
+    queue: Option<std::sync::mpsc::Sender<LogFlushed<TypeConfig>>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Drop for WalSyncer {
+    fn drop(&mut self) {
+        self.queue.take();
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
 }
 
 impl LogStore {
     pub fn new(db: Arc<DB>) -> Self {
         let (syncer, pending) = std::sync::mpsc::channel::<LogFlushed<TypeConfig>>();
         let wal = db.clone();
-        // Exits when the last LogStore clone (and so the last sender) is dropped.
-        std::thread::Builder::new()
+        // Exits when the last LogStore clone (and so the sender) is dropped; see WalSyncer.
+        let thread = std::thread::Builder::new()
             .name("raft-wal-sync".into())
             .spawn(move || {
                 while let Ok(first) = pending.recv() {
@@ -144,7 +164,7 @@ impl LogStore {
                 }
             })
             .expect("spawning the raft WAL sync thread");
-        Self { db, syncer }
+        Self { db, syncer: Arc::new(WalSyncer { queue: Some(syncer), thread: Some(thread) }) }
     }
 
     fn put_meta_sync<T: Serialize>(&self, key: &[u8], v: &T) -> StorageResult<()> {
@@ -228,7 +248,8 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         }
         // Readable now; durable once the syncer has synced the WAL past it.
         self.db.write(batch).map_err(|e| io_err(ErrorSubject::Logs, ErrorVerb::Write, e))?;
-        if let Err(std::sync::mpsc::SendError(callback)) = self.syncer.send(callback) {
+        let queue = self.syncer.queue.as_ref().expect("the queue lives as long as the LogStore");
+        if let Err(std::sync::mpsc::SendError(callback)) = queue.send(callback) {
             // The syncer is gone (only while shutting down): sync here instead.
             let result = self.db.flush_wal(true);
             callback.log_io_completed(result.map_err(|e| std::io::Error::other(e.to_string())));
@@ -305,6 +326,7 @@ impl StateMachineStore {
             state.request_ids.insert(String::from_utf8_lossy(&k).into_owned(), String::from_utf8_lossy(&v).into_owned());
         }
         state.signing_seed = get_json(&db, CF_SM_META, b"signing_seed")?.unwrap_or_default();
+        state.scheduler_paused = get_json(&db, CF_SM_META, b"scheduler_paused")?.unwrap_or_default();
         state.rebuild_indexes();
         let last_applied = get_json::<Option<LogId<NodeId>>>(&db, CF_SM_META, b"last_applied")?.flatten();
         state.applied_index = last_applied.map_or(0, |l| l.index);
@@ -345,6 +367,7 @@ impl StateMachineStore {
         }
         if touched.meta {
             b.put_cf(cf(db, CF_SM_META), b"signing_seed", serde_json::to_vec(&state.signing_seed).map_err(write_err)?);
+            b.put_cf(cf(db, CF_SM_META), b"scheduler_paused", serde_json::to_vec(&state.scheduler_paused).map_err(write_err)?);
         }
         b.put_cf(cf(db, CF_SM_META), b"last_applied", serde_json::to_vec(&self.last_applied).map_err(write_err)?);
         b.put_cf(cf(db, CF_SM_META), b"membership", serde_json::to_vec(&self.membership).map_err(write_err)?);
@@ -369,6 +392,7 @@ impl StateMachineStore {
             b.put_cf(cf(db, CF_REQUEST_IDS), rid, sid);
         }
         b.put_cf(cf(db, CF_SM_META), b"signing_seed", serde_json::to_vec(&state.signing_seed).map_err(write_err)?);
+        b.put_cf(cf(db, CF_SM_META), b"scheduler_paused", serde_json::to_vec(&state.scheduler_paused).map_err(write_err)?);
         b.put_cf(cf(db, CF_SM_META), b"last_applied", serde_json::to_vec(&self.last_applied).map_err(write_err)?);
         b.put_cf(cf(db, CF_SM_META), b"membership", serde_json::to_vec(&self.membership).map_err(write_err)?);
         db.write_opt(b, &sync_opts()).map_err(|e| io_err(ErrorSubject::StateMachine, ErrorVerb::Write, e))
