@@ -157,8 +157,9 @@ enum Cmd {
         /// Start agent i on coordinator i mod 3 (the real agent starts on the first one listed).
         #[arg(long)]
         spread: bool,
-        /// What starts the clock: uncordoning the registered, cordoned nodes, or the agents registering.
-        #[arg(long, value_enum, default_value = "uncordon")]
+        /// What starts the clock: resuming the paused scheduler (every node ready, every session
+        /// queued), uncordoning the registered, cordoned nodes, or the agents registering.
+        #[arg(long, value_enum, default_value = "resume")]
         start: placement::Start,
         /// Session slots of each simulated node (the real agent's default).
         #[arg(long, default_value_t = 64)]

@@ -79,6 +79,11 @@ pub struct Settings {
 /// What starts the clock.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum Start {
+    /// The agents are registered, heartbeating and watching, every node ready,
+    /// and placement is paused (`ClusterService.SetSchedulerPaused`) while the
+    /// sessions are created; the clock starts with the one call that resumes
+    /// it. This measures placement alone: all capacity and all work are there.
+    Resume,
     /// The agents are registered, heartbeating and watching before the sessions
     /// are created, with every node cordoned; the clock starts as they are
     /// all uncordoned (concurrently, `--create-clients` at a time).
@@ -143,7 +148,8 @@ pub struct Report {
     pub heartbeat_interval: Duration,
     pub node_ttl: Duration,
     pub registered_after: Option<Duration>,
-    /// Start::Uncordon: how long uncordoning every node took (inside the clock).
+    /// Start::Uncordon: how long uncordoning every node took (inside the clock);
+    /// Start::Resume: when the resume call was answered.
     pub uncordon_took: Option<Duration>,
     pub all_placed: Duration,
     pub all_running: Duration,
@@ -217,8 +223,8 @@ pub async fn run(settings: &Settings) -> Result<Report> {
     let nodes: Vec<String> = pool.agents.iter().map(|a| a.node_id.clone()).collect();
 
     let mut tasks = Vec::new();
-    if settings.start == Start::Uncordon {
-        // Every agent registered, heartbeating and watching, every node cordoned.
+    if matches!(settings.start, Start::Uncordon | Start::Resume) {
+        // Every agent registered, heartbeating and watching.
         tasks.extend(spawn_agents(&pool));
         let deadline = Instant::now() + Duration::from_secs(120);
         while pool.registered.load(Ordering::Relaxed) < settings.agents {
@@ -228,6 +234,14 @@ pub async fn run(settings: &Settings) -> Result<Report> {
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
+    }
+    if settings.start == Start::Resume {
+        client.set_scheduler_paused(true).await.map_err(|e| anyhow!("pausing the scheduler: {e}"))?;
+        let ready = client.list_nodes().await.map_err(|e| anyhow!("ListNodes: {e}"))?.iter().filter(|n| n.state == "ready").count();
+        eprintln!("  {} agents registered, {ready} nodes ready, scheduler paused", settings.agents);
+    }
+    if settings.start == Start::Uncordon {
+        // Every node cordoned.
         let t = Instant::now();
         cordon_all(&client, &nodes, true, settings.create_clients).await?;
         // A node that missed heartbeats for a TTL comes back "ready", not
@@ -262,6 +276,18 @@ pub async fn run(settings: &Settings) -> Result<Report> {
     );
     eprintln!("    cpu while creating: {}", create_cpu.line());
     let n_sessions = created.len();
+    if settings.start == Start::Resume {
+        let status = client.cluster_status().await.map_err(|e| anyhow!("cluster status: {e}"))?;
+        let placed: usize = client.list_nodes().await.map_err(|e| anyhow!("ListNodes: {e}"))?.iter().map(|n| n.session_count as usize).sum();
+        if !status.scheduler_paused || placed > 0 || status.unplaced_sessions as usize != n_sessions {
+            stop.cancel();
+            bail!(
+                "before the clock: scheduler paused {}, {placed} sessions placed, {} unplaced of {n_sessions}",
+                status.scheduler_paused,
+                status.unplaced_sessions
+            );
+        }
+    }
     if settings.start == Start::Uncordon {
         // Nothing may have been placed before the clock (a node that flapped down and
         // up during the creates would be ready again).
@@ -286,6 +312,13 @@ pub async fn run(settings: &Settings) -> Result<Report> {
         Start::Register => {
             tasks.extend(spawn_agents(&pool));
             None
+        }
+        Start::Resume => {
+            let client = client.clone();
+            Some(tokio::spawn(async move {
+                client.set_scheduler_paused(false).await.map_err(|e| anyhow!("resuming the scheduler: {e}"))?;
+                Ok::<_, anyhow::Error>(t0.elapsed())
+            }))
         }
         Start::Uncordon => {
             let (client, nodes, n) = (client.clone(), nodes.clone(), settings.create_clients);
@@ -985,6 +1018,15 @@ pub fn render(r: &Report, settings: &Settings, section: &str, machine: &[(String
             settings.create_clients,
             r.uncordon_took.map(|d| format!("{:.2} s", d.as_secs_f64())).unwrap_or_else(|| "?".into())
         ),
+        Start::Resume => format!(
+            "The agents register first and every node is ready; placement is paused \
+             (`ClusterService.SetSchedulerPaused`, `sandfleet cluster scheduler pause`) and {} sessions are created \
+             PENDING (\"scheduling is paused\"); then the clock starts with the one call that resumes placement \
+             (answered {} after the start). All capacity and all work are there when the clock starts, so this \
+             measures placement itself.",
+            settings.sessions,
+            r.uncordon_took.map(|d| format!("{:.3} s", d.as_secs_f64())).unwrap_or_else(|| "?".into())
+        ),
         Start::Register => format!(
             "{} sessions are created PENDING with no node registered; then the clock starts and every agent registers \
              at once (all registered {} after the start).",
@@ -1006,6 +1048,7 @@ pub fn render(r: &Report, settings: &Settings, section: &str, machine: &[(String
         settings.sessions,
         settings.agents,
         match settings.start {
+            Start::Resume => "resume",
             Start::Uncordon => "uncordon",
             Start::Register => "register",
         },

@@ -297,3 +297,53 @@ async fn a_cut_off_agent_ends_expired_and_idle_sessions_itself() {
     let out = exec_python(&client, &k, "print(6*7)", Duration::from_secs(30)).await.unwrap();
     assert_eq!(stdout(&out).trim(), "42");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn paused_scheduler_queues_sessions_and_resume_places_them() {
+    require_facilities!();
+    let cluster = cluster(1).await;
+    let client = cluster.client().await;
+    let running = create_running(&client, small_session("before-pause")).await.unwrap();
+
+    // Paused through the CLI, as an operator would.
+    let out = tokio::process::Command::new(sandfleet_chaos::bin_path("sandfleet"))
+        .args(["--endpoint", &cluster.endpoint(), "--output", "json", "cluster", "scheduler", "pause"])
+        .stdin(std::process::Stdio::null())
+        .output()
+        .await
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["paused"], true, "{v}");
+
+    let queued: Vec<proto::Session> = {
+        let mut v = Vec::new();
+        for i in 0..3 {
+            v.push(client.create_session(small_session(&format!("queued{i}"))).await.unwrap());
+        }
+        v
+    };
+    // Nothing is placed while paused, every waiting session says why, and what ran goes on.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    for q in &queued {
+        let s = client.get_session(&q.id).await.unwrap();
+        assert_eq!((state_of(&s), s.node_id.as_str(), s.generation), (proto::SessionState::Pending, "", 0), "{s:?}");
+        assert!(s.pending_reason.contains("scheduling is paused"), "{}", s.pending_reason);
+    }
+    let status = client.cluster_status().await.unwrap();
+    assert!(status.scheduler_paused);
+    assert_eq!(status.unplaced_sessions, 3);
+    let out = exec_python(&client, &running, "print('still here')", Duration::from_secs(30)).await.unwrap();
+    assert_eq!(stdout(&out), "still here\n");
+    // Idempotent.
+    assert!(client.set_scheduler_paused(true).await.unwrap().paused);
+
+    let r = client.set_scheduler_paused(false).await.unwrap();
+    assert!(!r.paused);
+    for q in &queued {
+        let s = client.wait_running(&q.id, Duration::from_secs(30)).await.unwrap();
+        assert_eq!(s.generation, 1, "{s:?}");
+    }
+    let status = client.cluster_status().await.unwrap();
+    assert_eq!((status.scheduler_paused, status.unplaced_sessions), (false, 0));
+}

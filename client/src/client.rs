@@ -594,6 +594,18 @@ impl Client {
         .await
     }
 
+    /// Pauses (`true`) or resumes (`false`) placement cluster-wide. While
+    /// paused, new sessions and sessions that lost their node stay PENDING and
+    /// drains move nothing; running sessions are untouched. Idempotent, so it
+    /// is retried like a read.
+    pub async fn set_scheduler_paused(&self, paused: bool) -> Result<proto::SetSchedulerPausedResponse, Error> {
+        self.control("set_scheduler_paused", RetryPolicy::Idempotent, self.inner.request_timeout, |ch, t| async move {
+            Ok(cluster_client(ch).set_scheduler_paused(with_timeout(proto::SetSchedulerPausedRequest { paused }, t)).await?.into_inner())
+        })
+        .instrument(tracing::debug_span!("set_scheduler_paused", paused))
+        .await
+    }
+
     /// Initializes a new cluster whose first voters are `members` (Raft id,
     /// `host:port`). Sent to this client's first reachable coordinator, which
     /// must be one of the members and must not be initialized yet

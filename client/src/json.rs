@@ -99,6 +99,8 @@ pub fn cluster_status_to_json(s: &proto::ClusterStatusResponse) -> Value {
     json!({
         "leader_id": s.leader_id,
         "members": s.members.iter().map(member_to_json).collect::<Vec<_>>(),
+        "scheduler_paused": s.scheduler_paused,
+        "unplaced_sessions": s.unplaced_sessions,
     })
 }
 
@@ -167,9 +169,12 @@ mod tests {
         let st = proto::ClusterStatusResponse {
             leader_id: 1,
             members: vec![proto::ClusterMember { id: 1, role: "leader".into(), voter: true, ..Default::default() }],
+            scheduler_paused: true,
+            unplaced_sessions: 3,
         };
         let v = cluster_status_to_json(&st);
         assert_eq!(v["leader_id"], 1);
+        assert_eq!((v["scheduler_paused"].as_bool(), v["unplaced_sessions"].as_u64()), (Some(true), Some(3)));
         assert_eq!(v["members"][0]["role"], "leader");
         let e = proto::FileEntry { name: "a".into(), kind: proto::FileKind::Directory as i32, ..Default::default() };
         assert_eq!(file_entry_to_json(&e)["kind"], "DIRECTORY");

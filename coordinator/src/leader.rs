@@ -18,6 +18,9 @@ use crate::core::Core;
 use crate::scheduler::{Placer, Unplaceable};
 use crate::state::{Command, CommandResponse, NodePhase, Placement};
 
+/// The pending reason of every unplaced session while placement is paused.
+pub const PAUSED_REASON: &str = "scheduling is paused by an operator (sandfleet cluster scheduler resume)";
+
 /// Runs until `shutdown`.
 pub async fn run(core: Arc<Core>, tick: Duration, shutdown: CancellationToken) {
     let mut version = core.state.version.subscribe();
@@ -169,6 +172,10 @@ async fn lifetimes(core: &Core) -> Result<(), tonic::Status> {
 /// Moves sessions off draining nodes: at most `max_parallel` of a node's
 /// sessions are on their way at a time; past the deadline, all of them go.
 async fn drains(core: &Core) -> Result<(), tonic::Status> {
+    // A moved session needs a placement; while placement is paused it stays where it is.
+    if core.state.read(|st| st.scheduler_paused) {
+        return Ok(());
+    }
     let now = crate::now_ms();
     let moves: Vec<(String, Vec<String>)> = core.state.read(|st| {
         st.nodes
@@ -193,7 +200,8 @@ async fn drains(core: &Core) -> Result<(), tonic::Status> {
 
 /// Places unplaced sessions, oldest first (the index is ordered by creation),
 /// in batches of up to `placement_batch` per Raft entry. Sessions that fit
-/// nowhere get their reason recorded, also in one entry.
+/// nowhere get their reason recorded, also in one entry. While an operator
+/// has paused placement, sessions only get that as their reason.
 async fn place(core: &Core) -> Result<(), tonic::Status> {
     let now = crate::now_ms();
     let reason_budget = core.tunables.placement_batch.max(1);
@@ -203,6 +211,12 @@ async fn place(core: &Core) -> Result<(), tonic::Status> {
         let mut reasons = Vec::new();
         for (_, id) in &st.unplaced {
             let Some(s) = st.sessions.get(id) else { continue };
+            if st.scheduler_paused {
+                if s.pending_reason != PAUSED_REASON && reasons.len() < reason_budget {
+                    reasons.push((id.clone(), PAUSED_REASON.to_string()));
+                }
+                continue;
+            }
             // Lost sessions in restart backoff wait; the tick brings the loop back.
             if s.not_before_ms > now {
                 continue;

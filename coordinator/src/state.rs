@@ -249,6 +249,8 @@ pub enum Command {
     /// Moves sessions off a draining node: they become unplaced and are placed
     /// elsewhere with a new generation, which stops the old copy.
     MoveSessions { node_id: String, ids: Vec<String>, now_ms: i64 },
+    /// An operator pauses (or resumes) placement cluster-wide.
+    SetSchedulerPaused { paused: bool },
 }
 
 /// What applying a command produced.
@@ -277,6 +279,9 @@ pub struct ClusterState {
     pub nodes: BTreeMap<String, NodeRecord>,
     /// Ed25519 seed for session tokens; empty until InitCluster.
     pub signing_seed: Vec<u8>,
+    /// Placement paused by an operator: unplaced sessions wait, drains do not start moves.
+    #[serde(default)]
+    pub scheduler_paused: bool,
     /// Resources held on each node by its Pending and Running sessions.
     #[serde(skip)]
     pub allocated: HashMap<String, Resources>,
@@ -449,6 +454,13 @@ impl ClusterState {
                 }
                 CommandResponse::Ok
             }
+            Command::SetSchedulerPaused { paused } => {
+                if self.scheduler_paused != paused {
+                    self.scheduler_paused = paused;
+                    touched.meta = true;
+                }
+                CommandResponse::Ok
+            }
             Command::CreateSession { mut session } => {
                 if let Some(existing) = self.request_ids.get(&session.request_id).and_then(|id| self.sessions.get(id)) {
                     return CommandResponse::Existing(existing.clone());
@@ -457,7 +469,12 @@ impl ClusterState {
                     return CommandResponse::Rejected(format!("session id {} already exists", session.id));
                 }
                 if let Some(node) = session.node_id.clone() {
-                    if !self.node_fits(&node, &session.spec) {
+                    if self.scheduler_paused {
+                        // Paused after the service chose a node: the session waits like any other.
+                        session.node_id = None;
+                        session.generation = 0;
+                        session.pending_reason = crate::leader::PAUSED_REASON.to_string();
+                    } else if !self.node_fits(&node, &session.spec) {
                         session.node_id = None;
                         session.generation = 0;
                         session.pending_reason = format!("node {node} filled up before placement; waiting for capacity");
@@ -671,6 +688,9 @@ impl ClusterState {
         if s.phase.is_terminal() || s.generation != expected_generation || s.node_id.is_some() {
             return CommandResponse::Rejected(format!("session {id} changed since it was scheduled"));
         }
+        if self.scheduler_paused {
+            return CommandResponse::Rejected("scheduling is paused".into());
+        }
         if !self.node_fits(&node_id, &s.spec) {
             return CommandResponse::Rejected(format!("node {node_id} has no room for session {id}"));
         }
@@ -782,6 +802,7 @@ impl ClusterState {
             h.update(v.as_bytes());
         }
         h.update(&self.signing_seed);
+        h.update([u8::from(self.scheduler_paused)]);
         hex::encode(h.finalize())
     }
 }
@@ -1024,5 +1045,28 @@ mod tests {
         assert_eq!(st.nodes["n1"].drain.map(|d| d.started_at_ms), Some(5));
         st.apply(Command::CordonNode { node_id: "n1".into(), cordoned: false }, &mut t);
         assert_eq!((st.nodes["n1"].phase, st.nodes["n1"].drain), (NodePhase::Ready, None));
+    }
+
+    #[test]
+    fn paused_scheduler_places_nothing_until_resumed() {
+        let mut st = ClusterState::default();
+        let mut t = Touched::default();
+        st.apply(Command::RegisterNode { node: node("n1", 1000) }, &mut t);
+        st.apply(Command::SetSchedulerPaused { paused: true }, &mut t);
+        assert!(t.meta, "the pause is persisted with the state machine's meta");
+        // A create that the service placed before the pause committed waits instead.
+        let r = st.apply(Command::CreateSession { session: session("a", "r1", Some("n1"), 100) }, &mut t);
+        let CommandResponse::Session(a) = r else { panic!("{r:?}") };
+        assert_eq!((a.node_id.as_deref(), a.generation), (None, 0));
+        assert_eq!(a.pending_reason, crate::leader::PAUSED_REASON);
+        assert_eq!(st.allocated_on("n1").cpu_millis, 0);
+        let r = st.apply(Command::PlaceSession { id: "a".into(), node_id: "n1".into(), expected_generation: 0, now_ms: 2 }, &mut t);
+        assert!(matches!(r, CommandResponse::Rejected(_)), "{r:?}");
+        let before = st.digest();
+        st.apply(Command::SetSchedulerPaused { paused: false }, &mut t);
+        assert_ne!(st.digest(), before, "the pause is part of the replicated state");
+        let r = st.apply(Command::PlaceSession { id: "a".into(), node_id: "n1".into(), expected_generation: 0, now_ms: 3 }, &mut t);
+        let CommandResponse::Session(a) = r else { panic!("{r:?}") };
+        assert_eq!((a.node_id.as_deref(), a.generation), (Some("n1"), 1));
     }
 }

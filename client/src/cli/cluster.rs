@@ -79,8 +79,21 @@ pub async fn node_drain(
 }
 
 /// `cluster status|init|add|remove`; each prints the resulting membership.
+/// `cluster scheduler pause|resume` prints the setting and the waiting count.
 pub async fn run(ctx: &Ctx, cmd: ClusterCmd) -> anyhow::Result<i32> {
     let status = match cmd {
+        ClusterCmd::Scheduler(s) => {
+            let r = ctx.client.set_scheduler_paused(matches!(s, super::SchedulerCmd::Pause)).await?;
+            match ctx.output {
+                OutputFormat::Json => print_json(&serde_json::json!({"paused": r.paused, "unplaced_sessions": r.unplaced_sessions}))?,
+                OutputFormat::Text => out(&format!(
+                    "scheduling {}; {} sessions waiting for a node\n",
+                    if r.paused { "paused" } else { "resumed" },
+                    r.unplaced_sessions
+                ))?,
+            }
+            return Ok(0);
+        }
         ClusterCmd::Status => ctx.client.cluster_status().await?,
         ClusterCmd::Init { members } => ctx.client.init_cluster(members).await?,
         ClusterCmd::Add { id, address } => ctx.client.add_member(id, &address).await?,

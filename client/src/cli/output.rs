@@ -258,6 +258,12 @@ pub fn cluster_table(status: &proto::ClusterStatusResponse) -> String {
     if status.leader_id == 0 {
         s.push_str("(no leader known)\n");
     }
+    if status.scheduler_paused {
+        s.push_str(&format!(
+            "scheduling is PAUSED ({} sessions waiting); resume with: sandfleet cluster scheduler resume\n",
+            status.unplaced_sessions
+        ));
+    }
     s
 }
 
@@ -294,9 +300,13 @@ mod tests {
                 proto::ClusterMember { id: 1, role: "follower".into(), voter: true, ..Default::default() },
                 proto::ClusterMember { id: 2, role: "leader".into(), voter: true, ..Default::default() },
             ],
+            ..Default::default()
         };
         let t = cluster_table(&st);
         assert!(t.contains("\n2*  "), "{t}");
         assert!(t.contains("\n1   "), "{t}");
+        assert!(!t.contains("PAUSED"), "{t}");
+        let paused = cluster_table(&proto::ClusterStatusResponse { scheduler_paused: true, unplaced_sessions: 7, ..st });
+        assert!(paused.contains("scheduling is PAUSED (7 sessions waiting)"), "{paused}");
     }
 }

@@ -13,6 +13,7 @@ use tonic::{Request, Response, Status};
 
 use super::raft::member_status;
 use crate::core::Core;
+use crate::state::{Command, CommandResponse};
 use crate::raft::{network, Member};
 
 const PEER_TIMEOUT: Duration = Duration::from_secs(2);
@@ -66,7 +67,8 @@ impl ClusterApi {
             };
             members.push(pb::ClusterMember { voter: voters.contains(id), ..status });
         }
-        pb::ClusterStatusResponse { leader_id: m.current_leader.unwrap_or(0), members }
+        let (scheduler_paused, unplaced) = self.core.state.read(|st| (st.scheduler_paused, st.unplaced.len() as u64));
+        pb::ClusterStatusResponse { leader_id: m.current_leader.unwrap_or(0), members, scheduler_paused, unplaced_sessions: unplaced }
     }
 
     fn leader_client(&self) -> Result<Option<ClusterServiceClient<tonic::transport::Channel>>, Status> {
@@ -209,5 +211,21 @@ impl ClusterService for ClusterApi {
             .map_err(|e| Status::failed_precondition(format!("cannot remove member: {e}")))?;
         tracing::info!(id, "member removed");
         Ok(Response::new(pb::RemoveMemberResponse { status: Some(self.status().await) }))
+    }
+
+    #[tracing::instrument(skip_all, fields(paused = req.get_ref().paused))]
+    async fn set_scheduler_paused(
+        &self,
+        req: Request<pb::SetSchedulerPausedRequest>,
+    ) -> Result<Response<pb::SetSchedulerPausedResponse>, Status> {
+        let paused = req.into_inner().paused;
+        match self.core.propose(Command::SetSchedulerPaused { paused }).await? {
+            CommandResponse::Ok => {}
+            other => return Err(Status::internal(format!("unexpected apply result {other:?}"))),
+        }
+        self.core.wake.notify_one();
+        let unplaced = self.core.state.read(|st| st.unplaced.len() as u64);
+        tracing::info!(paused, unplaced, "scheduler {}", if paused { "paused" } else { "resumed" });
+        Ok(Response::new(pb::SetSchedulerPausedResponse { paused, unplaced_sessions: unplaced }))
     }
 }

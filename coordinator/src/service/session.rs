@@ -136,9 +136,11 @@ impl SessionService for SessionApi {
 
         // Place now when this member leads and a node fits; otherwise the
         // session is stored unplaced and the leader loop places it.
-        let placement = self.core.state.read(|st| scheduler::place(st, &spec, self.core.tunables.placement));
+        let (placement, paused) =
+            self.core.state.read(|st| (scheduler::place(st, &spec, self.core.tunables.placement), st.scheduler_paused));
         let (node_id, pending_reason) = match placement {
             Err(Unplaceable::Never(why)) => return Err(Status::resource_exhausted(why)),
+            _ if paused => (None, crate::leader::PAUSED_REASON.to_string()),
             Ok(node) if self.core.is_leader() => (Some(node), "starting on its node".to_string()),
             Ok(_) => (None, "waiting for the leader to place it".to_string()),
             Err(Unplaceable::Wait(why)) => (None, why),
