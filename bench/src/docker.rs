@@ -15,14 +15,13 @@
 //! p50 ≤ 30 ms; exec p50 ≤ 1/5 of `docker exec`.
 
 use std::fmt::Write as _;
-use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context, Result};
 use sandfleet::{CreateSession, ExecRequest};
 use sandfleet_chaos::testkit::percentile;
-use sandfleet_chaos::{bins, ClusterBuilder};
+use sandfleet_chaos::ClusterBuilder;
 
 /// What to run.
 #[derive(Debug, Clone)]
@@ -97,25 +96,7 @@ fn docker(args: &[&str]) -> Result<String> {
 
 /// Builds (or finds, by content hash) the sandbox image with this build's executor.
 fn image() -> Result<String> {
-    let root = Path::new(env!("CARGO_MANIFEST_DIR")).parent().context("workspace root")?.to_path_buf();
-    let script = root.join("deploy/images/build-sandbox-image");
-    let executor = bins::bin_path("sandfleet-executor");
-    let out = Command::new(&script)
-        .arg("--executor")
-        .arg(&executor)
-        .arg("--print-tag")
-        .stdin(Stdio::null())
-        .output()
-        .with_context(|| format!("running {}", script.display()))?;
-    if !out.status.success() {
-        bail!(
-            "building the sandbox image failed; run {} --executor {}:\n{}",
-            script.display(),
-            executor.display(),
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
-    Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
+    sandfleet_chaos::facilities::build_sandbox_image().map_err(anyhow::Error::msg)
 }
 
 fn spec(i: usize, tag: &str) -> CreateSession {

@@ -37,12 +37,43 @@ pub fn require_sandbox_facilities() -> bool {
     if missing.is_empty() {
         return true;
     }
-    let what = missing.join("; ");
+    skip_or_fail(
+        &missing.join("; "),
+        &format!(
+            "This test needs root, {BWRAP} with working namespaces, /usr/bin/python3 and \
+             writable cgroups.\nRun scripts/setup as root to install what is missing."
+        ),
+    )
+}
+
+/// Checks that a Docker engine answers (`docker info`) and that we are root
+/// (the docker runtime's sessions own host uids). Same contract as
+/// [`require_sandbox_facilities`]: a loud banner and `false`, or a panic under
+/// `SANDFLEET_REQUIRE_FACILITIES=1`.
+pub fn require_docker() -> bool {
+    static MISSING: OnceLock<Option<String>> = OnceLock::new();
+    let missing = MISSING.get_or_init(|| {
+        if !nix::unistd::geteuid().is_root() {
+            return Some(format!("root (running as uid {})", nix::unistd::geteuid()));
+        }
+        match Command::new("timeout").args(["60", "docker", "info", "--format", "{{.ServerVersion}}"]).output() {
+            Ok(o) if o.status.success() => None,
+            Ok(o) => Some(format!("a Docker engine (docker info: {})", String::from_utf8_lossy(&o.stderr).trim())),
+            Err(e) => Some(format!("the docker CLI ({e})")),
+        }
+    });
+    match missing {
+        None => true,
+        Some(what) => skip_or_fail(what, "This test needs a running Docker engine and root."),
+    }
+}
+
+/// Prints the SKIPPED banner and returns `false`, or panics with it when
+/// `SANDFLEET_REQUIRE_FACILITIES=1`.
+fn skip_or_fail(what: &str, help: &str) -> bool {
     let line = "=".repeat(78);
     let banner = format!(
-        "\n{line}\nSKIPPED (facility missing): {what}\n\
-         This test needs root, {BWRAP} with working namespaces, /usr/bin/python3 and \
-         writable cgroups.\nRun scripts/setup as root to install what is missing. \
+        "\n{line}\nSKIPPED (facility missing): {what}\n{help} \
          Set {REQUIRE_ENV}=1 to make this a failure.\n{line}\n"
     );
     if std::env::var(REQUIRE_ENV).is_ok_and(|v| v == "1") {
@@ -157,4 +188,37 @@ fn cgroups_writable() -> Result<(), String> {
             .map_err(|e| format!("cannot remove the probe cgroup {}: {e}", dir.display()))?;
     }
     Ok(())
+}
+
+/// Builds (or finds, by content hash) the sandbox image with this build's
+/// `sandfleet-executor` through `deploy/images/build-sandbox-image`, which
+/// also tags it `sandfleet/sandbox:latest`, the image every template of
+/// `sandfleet-agent --runtime docker` uses by default. Returns its tag, or
+/// the error with the command to rerun by hand. Built once per process.
+pub fn build_sandbox_image() -> Result<String, String> {
+    static TAG: OnceLock<Result<String, String>> = OnceLock::new();
+    TAG.get_or_init(|| {
+        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/images/build-sandbox-image");
+        let executor = crate::bins::bin_path("sandfleet-executor");
+        let how = format!("{} --executor {}", script.display(), executor.display());
+        let out = Command::new(&script)
+            .arg("--executor")
+            .arg(&executor)
+            .arg("--print-tag")
+            .stdin(Stdio::null())
+            .output()
+            .map_err(|e| format!("cannot run {how}: {e}"))?;
+        let tag = String::from_utf8_lossy(&out.stdout).trim().to_string();
+        if !out.status.success() || tag.is_empty() {
+            return Err(format!("building the sandbox image failed ({how}):\n{}", String::from_utf8_lossy(&out.stderr)));
+        }
+        Ok(tag)
+    })
+    .clone()
+}
+
+/// [`build_sandbox_image`] for tests (call [`require_docker`] first): a
+/// failed build fails the test.
+pub fn sandbox_image() -> String {
+    build_sandbox_image().unwrap_or_else(|e| panic!("{e}"))
 }

@@ -3,7 +3,8 @@
 //! agent, a 100 MiB workspace round-trips exactly, sessions never see each
 //! other's files, symlinks that point outside are stored as links and never
 //! followed, an S3 outage is reported and retried without losing anything,
-//! and deleting a session removes its prefix (unless retention is on).
+//! and deleting a session removes its prefix (unless retention is on). The
+//! same holds on the docker runtime, whose old copy's commands die with its agent.
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -227,12 +228,14 @@ async fn s3_outage_is_reported_and_retried_then_delete_removes_the_prefix() {
     expect_code("url of a missing file", t.client.download_url(&s, "nope.txt", Duration::ZERO).await, tonic::Code::NotFound);
     expect_code("url out of the workspace", t.client.download_url(&s, "../x", Duration::ZERO).await, tonic::Code::InvalidArgument);
 
-    // Deleting the session removes its prefix.
+    // Deleting the session removes its prefix, and the test server leaves no empty directory behind
+    // (so its prefix lists stay proportional to what is live).
     assert!(session_dir(&t.s3, &s.id).exists());
     t.client.delete_session(&s.id).await.unwrap();
     eventually("prefix removed after delete", Duration::from_secs(30), || async {
         let left = files_under(&session_dir(&t.s3, &s.id));
         anyhow::ensure!(left.is_empty(), "still there: {left:?}");
+        anyhow::ensure!(!session_dir(&t.s3, &s.id).exists(), "empty directories left: {:?}", session_dir(&t.s3, &s.id));
         Ok(())
     })
     .await
@@ -310,4 +313,87 @@ async fn http_get(url: &str) -> Vec<u8> {
         return out;
     }
     body
+}
+
+/// Processes in a container, as `docker top` shows them (command names).
+fn container_commands(name: &str) -> Vec<String> {
+    // docker top needs a PID column.
+    let out = std::process::Command::new("docker").args(["top", name, "-eo", "pid,comm"]).output().unwrap();
+    assert!(out.status.success(), "docker top {name}: {}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8_lossy(&out.stdout).lines().skip(1).filter_map(|l| l.split_whitespace().nth(1)).map(str::to_string).collect()
+}
+
+fn containers(filters: &[String]) -> Vec<String> {
+    let mut args = vec!["ps".to_string(), "-a".into(), "--format".into(), "{{.Names}}".into()];
+    for f in filters {
+        args.extend(["--filter".to_string(), f.clone()]);
+    }
+    let out = std::process::Command::new("docker").args(&args).output().unwrap();
+    String::from_utf8_lossy(&out.stdout).lines().map(str::to_string).collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn docker_runtime_session_resumes_elsewhere_with_its_files_and_its_old_commands_die() {
+    require_facilities!();
+    if !sandfleet_chaos::require_docker() {
+        return;
+    }
+    let image = sandfleet_chaos::facilities::sandbox_image();
+    let mut t = setup(2, &["--runtime", "docker", "--template-image", &format!("default={image}")]).await;
+    let s = create_running(&t.client, small_session("ws-docker")).await.unwrap();
+    // The killed agent never comes back to remove its container: remove every container of
+    // this session when the test ends, whatever happens.
+    struct RemoveContainers(String);
+    impl Drop for RemoveContainers {
+        fn drop(&mut self) {
+            for name in containers(&[format!("label=sandfleet.session={}", self.0)]) {
+                let _ = std::process::Command::new("docker").args(["rm", "-f", &name]).output();
+            }
+        }
+    }
+    let _cleanup = RemoveContainers(s.id.clone());
+    t.client.write_file_bytes(&s, "api.txt", b"through the API\n".to_vec()).await.unwrap();
+    let out = exec_argv(&t.client, &s, ["sh", "-c", "mkdir -p out && echo from-the-container > out/exec.txt && ln -s /etc/shadow leak"], EXEC)
+        .await
+        .unwrap();
+    assert!(out.success(), "{out:?}");
+    t.client.sync_workspace(&s).await.unwrap();
+
+    // A command still running when its agent dies: the executor sees the agent's
+    // connection close and kills it, so the old container runs nothing once the
+    // session is placed elsewhere.
+    let long = {
+        let (client, s) = (t.client.clone(), s.clone());
+        tokio::spawn(async move { exec_argv(&client, &s, ["sh", "-c", "while :; do sleep 0.2; done"], Duration::from_secs(120)).await })
+    };
+    let old_container = containers(&[format!("label=sandfleet.session={}", s.id), format!("label=sandfleet.node={}", s.node_id)]);
+    assert_eq!(old_container.len(), 1, "{old_container:?}");
+    eventually("the long command runs", Duration::from_secs(20), || async {
+        let cmds = container_commands(&old_container[0]);
+        anyhow::ensure!(cmds.iter().any(|c| c == "sleep"), "{cmds:?}");
+        Ok(())
+    })
+    .await
+    .unwrap();
+
+    let old = agent_index(&t.cluster, &s.node_id);
+    t.cluster.kill_agent(old).await.unwrap();
+    eventually("the old copy's command is killed with its agent", Duration::from_secs(5), || async {
+        let cmds = container_commands(&old_container[0]);
+        anyhow::ensure!(!cmds.iter().any(|c| c == "sleep" || c == "sh" || c == "bwrap"), "{cmds:?}");
+        Ok(())
+    })
+    .await
+    .unwrap();
+    let moved = wait_moved(&t.client, &s, Duration::from_secs(30)).await;
+    assert_eq!(t.client.read_file_bytes(&moved, "api.txt").await.unwrap(), b"through the API\n");
+    let out = exec_argv(&t.client, &moved, ["sh", "-c", "cat out/exec.txt; readlink leak; id -u"], EXEC).await.unwrap();
+    let text = stdout(&out);
+    let lines: Vec<&str> = text.lines().map(str::trim).collect();
+    assert_eq!(&lines[..2], ["from-the-container", "/etc/shadow"], "{out:?}");
+    assert_ne!(lines[2], "0", "runs as a non-root user: {out:?}");
+    // It runs in a container of the other node.
+    let new_container = containers(&[format!("label=sandfleet.session={}", s.id), format!("label=sandfleet.node={}", moved.node_id)]);
+    assert_eq!(new_container.len(), 1, "{new_container:?}");
+    let _ = long.await;
 }

@@ -1,5 +1,6 @@
 //! `sandfleet dev`: a coordinator (Raft id 1, bootstrapped) and a node agent
-//! with the process runtime, in this process, for local development.
+//! (process runtime by default, `--runtime docker` for containers), in this
+//! process, for local development.
 //!
 //! Prints `sandfleet dev ready: endpoint http://<addr>` on stdout once both are
 //! up; Ctrl-C or SIGTERM stops both and exits 0.
@@ -54,7 +55,10 @@ pub async fn run(args: DevArgs) -> anyhow::Result<i32> {
             listen: args.agent_listen,
             advertise: None,
             coordinators: vec![endpoint.to_string()],
-            runtime: RuntimeKind::Process,
+            runtime: match args.runtime {
+                super::DevRuntime::Process => RuntimeKind::Process,
+                super::DevRuntime::Docker => RuntimeKind::Docker,
+            },
             // Workspaces kept in a local store, as the agent binary does by default.
             store: sandfleet_agent::store::StoreConfig::Local { root: agent_dir.join("workspace-store") },
             data_dir: agent_dir,
@@ -73,7 +77,7 @@ pub async fn run(args: DevArgs) -> anyhow::Result<i32> {
             anyhow::bail!("starting the node agent on {}: {e}", args.agent_listen);
         }
     };
-    tracing::info!(addr = %agent.addr(), "node agent up and registered");
+    tracing::info!(addr = %agent.addr(), runtime = ?args.runtime, "node agent up and registered");
 
     super::output::out(&format!("sandfleet dev ready: endpoint http://{endpoint}\n"))?;
     eprintln!("export SANDFLEET_ENDPOINT={endpoint}");

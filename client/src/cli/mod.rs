@@ -351,6 +351,19 @@ pub enum ClusterCmd {
         /// Raft id of the member.
         id: u64,
     },
+    /// Pause or resume placement cluster-wide.
+    #[command(subcommand)]
+    Scheduler(SchedulerCmd),
+}
+
+/// `sandfleet cluster scheduler ...`.
+#[derive(Debug, Subcommand)]
+pub enum SchedulerCmd {
+    /// Stop placing sessions: new and displaced sessions wait PENDING, drains
+    /// move nothing; running sessions go on.
+    Pause,
+    /// Place again; waiting sessions are placed at once.
+    Resume,
 }
 
 /// `ID=HOST:PORT` of `cluster init`.
@@ -379,6 +392,20 @@ pub struct DevArgs {
     /// Node agent gRPC address.
     #[arg(long, default_value = "127.0.0.1:7071", value_name = "ADDR")]
     pub agent_listen: std::net::SocketAddr,
+    /// How the node agent runs sessions: bubblewrap and cgroups on this host,
+    /// or a hardened container per session (needs the Docker engine and the
+    /// image built by deploy/images/build-sandbox-image).
+    #[arg(long, value_enum, default_value = "process")]
+    pub runtime: DevRuntime,
+}
+
+/// `sandfleet dev --runtime`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum DevRuntime {
+    /// bubblewrap plus cgroups on the host (the default).
+    Process,
+    /// A hardened container per session, bubblewrap inside it.
+    Docker,
 }
 
 impl Cli {

@@ -32,7 +32,8 @@ pub const TMP_SIZE_BYTES: u64 = 64 * 1024 * 1024;
 /// Hostname inside the sandbox.
 pub const HOSTNAME: &str = "sandbox";
 
-/// Host files exposed read-only under `/etc` when they exist.
+/// Host files exposed read-only under `/etc` when they exist (copied into the
+/// sandbox's `/etc` directory when the layout is detected).
 pub const HOST_ETC_FILES: [&str; 3] = ["ld.so.cache", "localtime", "alternatives"];
 
 /// One entry of the sandbox root mirrored from the host.
@@ -59,8 +60,13 @@ pub enum RootEntry {
 pub struct RootLayout {
     /// `/usr`, `/bin`, `/lib*`, `/sbin`.
     pub system: Vec<RootEntry>,
-    /// Files under `/etc`: `(host source, name under /etc)`.
-    pub etc: Vec<(PathBuf, String)>,
+    /// The directory bound read-only as `/etc`: the generated files plus
+    /// copies of [`HOST_ETC_FILES`]. One bind instead of one per file: each
+    /// bind costs bwrap a mount, a remount and a mountinfo parse, and eight
+    /// of them were ~3 ms of every exec.
+    pub etc_dir: PathBuf,
+    /// What `/etc` holds, sorted (for logs and tests).
+    pub etc_names: Vec<String>,
 }
 
 impl RootLayout {
@@ -88,23 +94,59 @@ impl RootLayout {
                 _ => {}
             }
         }
-        let mut etc = Vec::new();
-        let mut names: Vec<String> = std::fs::read_dir(etc_dir)?
-            .filter_map(|e| e.ok())
-            .filter_map(|e| e.file_name().into_string().ok())
-            .collect();
-        names.sort();
-        for n in names {
-            etc.push((etc_dir.join(&n), n));
-        }
         for n in HOST_ETC_FILES {
-            let p = host_root.join("etc").join(n);
-            if p.exists() && !etc.iter().any(|(_, have)| have == n) {
-                etc.push((p, n.to_string()));
+            let src = host_root.join("etc").join(n);
+            if std::fs::symlink_metadata(&src).is_ok() && !ETC_FILES.iter().any(|(have, _)| *have == n) {
+                copy_etc_entry(&src, &etc_dir.join(n))?;
             }
         }
-        Ok(Self { system, etc })
+        let mut etc_names: Vec<String> = std::fs::read_dir(etc_dir)?
+            .filter_map(|e| e.ok())
+            .filter_map(|e| e.file_name().into_string().ok())
+            .filter(|n| !n.starts_with('.'))
+            .collect();
+        etc_names.sort();
+        Ok(Self { system, etc_dir: etc_dir.to_path_buf(), etc_names })
     }
+}
+
+/// Copies a host `/etc` entry into the sandbox's `/etc` directory, replacing
+/// an older copy: a symlink as a symlink (its target resolves inside the
+/// sandbox), a file by content (mode 0644), a directory one level deep (the
+/// `alternatives` directory is a flat set of symlinks). Nothing else is kept.
+fn copy_etc_entry(src: &Path, dest: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::PermissionsExt as _;
+    let meta = std::fs::symlink_metadata(src)?;
+    let tmp = dest.with_file_name(format!(".{}.new", dest.file_name().and_then(|n| n.to_str()).unwrap_or("entry")));
+    let _ = std::fs::remove_dir_all(&tmp);
+    let _ = std::fs::remove_file(&tmp);
+    if meta.file_type().is_symlink() {
+        std::os::unix::fs::symlink(std::fs::read_link(src)?, &tmp)?;
+    } else if meta.is_file() {
+        std::fs::copy(src, &tmp)?;
+        std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o644))?;
+    } else if meta.is_dir() {
+        std::fs::create_dir(&tmp)?;
+        std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o755))?;
+        for e in std::fs::read_dir(src)? {
+            let e = e?;
+            let ft = e.file_type()?;
+            let to = tmp.join(e.file_name());
+            if ft.is_symlink() {
+                std::os::unix::fs::symlink(std::fs::read_link(e.path())?, &to)?;
+            } else if ft.is_file() {
+                std::fs::copy(e.path(), &to)?;
+                std::fs::set_permissions(&to, std::fs::Permissions::from_mode(0o644))?;
+            }
+        }
+    } else {
+        return Ok(());
+    }
+    // Replace the old copy (a directory cannot be renamed over; remove it first).
+    if std::fs::symlink_metadata(dest).is_ok_and(|m| m.is_dir()) {
+        std::fs::remove_dir_all(dest)?;
+    }
+    std::fs::rename(&tmp, dest)
 }
 
 /// Everything one bwrap invocation needs.
@@ -178,12 +220,9 @@ pub fn build(a: &BwrapArgs<'_>) -> Vec<OsString> {
             }
         }
     }
-    v.extend(["--perms", "0755", "--dir", "/etc"].map(OsString::from));
-    for (src, name) in &a.layout.etc {
-        v.push("--ro-bind".into());
-        v.push(src.into());
-        v.push(format!("/etc/{name}").into());
-    }
+    v.push("--ro-bind".into());
+    v.push(a.layout.etc_dir.clone().into());
+    v.push("/etc".into());
     v.extend(["--proc", "/proc", "--dev", "/dev", "--size"].map(OsString::from));
     v.push(TMP_SIZE_BYTES.to_string().into());
     v.extend(["--perms", "1777", "--tmpfs", "/tmp", "--bind"].map(OsString::from));
@@ -399,8 +438,12 @@ mod tests {
         let layout = RootLayout::detect_from(host.path(), etc.path()).unwrap();
         assert!(layout.system.contains(&RootEntry::Symlink { target: "usr/bin".into(), dest: "/bin".into() }));
         assert!(layout.system.contains(&RootEntry::RoBind { src: host.path().join("lib"), dest: "/lib".into() }));
-        let names: Vec<_> = layout.etc.iter().map(|(_, n)| n.as_str()).collect();
-        assert_eq!(names, vec!["passwd", "ld.so.cache"]);
+        assert_eq!(layout.etc_names, vec!["ld.so.cache", "passwd"]);
+        // Host entries are copies in the bound directory; the host's secrets are not.
+        assert!(etc.path().join("ld.so.cache").is_file());
+        assert!(!etc.path().join("shadow").exists());
+        // Detecting again (an agent restart) replaces the copies.
+        RootLayout::detect_from(host.path(), etc.path()).unwrap();
 
         let env = base_env();
         let argv = vec!["python3".to_string(), "-c".to_string(), "--bind / /x".to_string()];
@@ -419,6 +462,7 @@ mod tests {
         assert!(joined.contains("--bind /data/s/workspace /workspace"), "{joined}");
         assert!(joined.contains("--seccomp 5 -- python3 -c --bind / /x"), "{joined}");
         assert!(!joined.contains("shadow"));
+        assert!(joined.contains(&format!("--ro-bind {} /etc", etc.path().display())), "{joined}");
         // The command comes last, after "--", so it cannot add bwrap options.
         let dd = s.iter().position(|a| a == "--").unwrap();
         assert_eq!(&s[dd + 1..], &argv[..]);

@@ -1,0 +1,159 @@
+//! `sandfleet dev`: the one-process cluster of the Quickstart, started as the
+//! real binary, with each runtime: it prints its endpoint, runs code in a
+//! sandbox (in a hardened container with `--runtime docker`) and stops cleanly
+//! on SIGTERM.
+
+use std::io::{BufRead, BufReader};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use sandfleet_chaos::testkit::{create_running, exec_argv, stdout};
+use sandfleet_chaos::{bin_path, require_docker, require_sandbox_facilities};
+
+const EXEC: Duration = Duration::from_secs(60);
+
+/// A running `sandfleet dev`, killed if the test panics.
+struct Dev {
+    child: Option<Child>,
+    endpoint: String,
+    log: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl Dev {
+    /// Starts `sandfleet dev` on free ports and waits for its ready line.
+    fn start(extra: &[&str]) -> Dev {
+        let dir = tempfile::tempdir().unwrap();
+        let log = dir.path().join("dev.log");
+        let mut child = Command::new(bin_path("sandfleet"))
+            .args(["dev", "--listen", "127.0.0.1:0", "--agent-listen", "127.0.0.1:0", "--data-dir"])
+            .arg(dir.path().join("data"))
+            .args(extra)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .expect("starting sandfleet dev");
+        let out = child.stdout.take().unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(out).lines().map_while(Result::ok) {
+                let _ = tx.send(line);
+            }
+        });
+        let deadline = Instant::now() + Duration::from_secs(120);
+        let endpoint = loop {
+            match rx.recv_timeout(Duration::from_millis(200)) {
+                Ok(line) => {
+                    if let Some(e) = line.strip_prefix("sandfleet dev ready: endpoint ") {
+                        break e.trim_start_matches("http://").to_string();
+                    }
+                }
+                Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {}
+                Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => {
+                    let status = child.wait().unwrap();
+                    panic!("sandfleet dev exited ({status}) before it was ready:\n{}", std::fs::read_to_string(&log).unwrap_or_default());
+                }
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                panic!("sandfleet dev not ready within 120 s:\n{}", std::fs::read_to_string(&log).unwrap_or_default());
+            }
+        };
+        Dev { child: Some(child), endpoint, log, _dir: dir }
+    }
+
+    async fn client(&self) -> sandfleet::Client {
+        sandfleet::Client::connect(vec![self.endpoint.clone()]).await.expect("connecting to sandfleet dev")
+    }
+
+    /// SIGTERM, then the exit status (killed after 30 s).
+    fn stop(&mut self) -> std::process::ExitStatus {
+        let mut child = self.child.take().unwrap();
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(child.id() as i32), nix::sys::signal::Signal::SIGTERM).unwrap();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Some(status) = child.try_wait().unwrap() {
+                return status;
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                panic!("sandfleet dev did not stop within 30 s of SIGTERM:\n{}", self.logs());
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    fn logs(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for Dev {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+            eprintln!("--- sandfleet dev log ---\n{}", self.logs());
+        }
+    }
+}
+
+/// Containers the docker runtime made for a session.
+fn containers_of(session: &str) -> Vec<String> {
+    let out = Command::new("docker")
+        .args(["ps", "-a", "--format", "{{.Names}}", "--filter", &format!("label=sandfleet.session={session}")])
+        .output()
+        .expect("docker ps");
+    assert!(out.status.success(), "docker ps: {}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8_lossy(&out.stdout).lines().map(str::to_string).collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dev_runs_code_in_a_process_sandbox_and_stops_on_sigterm() {
+    if !require_sandbox_facilities() {
+        return;
+    }
+    let mut dev = Dev::start(&[]);
+    let client = dev.client().await;
+    let s = create_running(&client, sandfleet::CreateSession::new().template("python")).await.unwrap();
+    let out = exec_argv(&client, &s, ["python3", "-c", "print(6*7)"], EXEC).await.unwrap();
+    assert_eq!(stdout(&out), "42\n", "{out:?}");
+    if docker_answers() {
+        assert!(containers_of(&s.id).is_empty(), "the process runtime made a container");
+    }
+    let status = dev.stop();
+    assert!(status.success(), "sandfleet dev exited with {status} after SIGTERM:\n{}", dev.logs());
+}
+
+/// `docker` answers (no banner: only used for an extra check).
+fn docker_answers() -> bool {
+    Command::new("docker").arg("version").stdout(Stdio::null()).stderr(Stdio::null()).status().is_ok_and(|s| s.success())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dev_with_the_docker_runtime_runs_code_in_a_container() {
+    if !require_sandbox_facilities() || !require_docker() {
+        return;
+    }
+    // The image `sandfleet dev --runtime docker` uses (sandfleet/sandbox:latest), with this
+    // build's executor; cached by content hash, so usually instant.
+    sandfleet_chaos::facilities::sandbox_image();
+
+    let mut dev = Dev::start(&["--runtime", "docker"]);
+    let client = dev.client().await;
+    let s = create_running(&client, sandfleet::CreateSession::new().template("python")).await.unwrap();
+    let names = containers_of(&s.id);
+    assert_eq!(names.len(), 1, "one container for session {}: {names:?}\n{}", s.id, dev.logs());
+    let out = exec_argv(&client, &s, ["python3", "-c", "print(6*7)"], EXEC).await.unwrap();
+    assert_eq!(stdout(&out), "42\n", "{out:?}");
+    client.delete_session(&s.id).await.unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !containers_of(&s.id).is_empty() {
+        assert!(Instant::now() < deadline, "the container of a deleted session is still there:\n{}", dev.logs());
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let status = dev.stop();
+    assert!(status.success(), "sandfleet dev exited with {status} after SIGTERM:\n{}", dev.logs());
+}
