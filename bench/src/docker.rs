@@ -87,7 +87,11 @@ fn ms(d: Duration) -> String {
 }
 
 fn docker(args: &[&str]) -> Result<String> {
-    let out = Command::new("docker").args(args).stdin(Stdio::null()).output().with_context(|| format!("running docker {}", args.join(" ")))?;
+    let out = Command::new("docker")
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .with_context(|| format!("running docker {}", args.join(" ")))?;
     if !out.status.success() {
         bail!("docker {} failed: {}", args.join(" "), String::from_utf8_lossy(&out.stderr).trim());
     }
@@ -119,7 +123,10 @@ pub async fn run(s: &Settings) -> Result<Report> {
     for i in 0..s.warmup + s.creates {
         let img = image.clone();
         let t = Instant::now();
-        tokio::task::spawn_blocking(move || docker(&["run", "--rm", "--network", "none", "--entrypoint", "true", &img])).await??;
+        tokio::task::spawn_blocking(move || {
+            docker(&["run", "--rm", "--network", "none", "--entrypoint", "true", &img])
+        })
+        .await??;
         if i >= s.warmup {
             docker_run.samples.push(t.elapsed());
         }
@@ -130,7 +137,12 @@ pub async fn run(s: &Settings) -> Result<Report> {
     let cluster = ClusterBuilder::new()
         .coordinators(1)
         .agents(1)
-        .agent_args(["--runtime".to_string(), "docker".to_string(), "--template-image".to_string(), format!("python={image}")])
+        .agent_args([
+            "--runtime".to_string(),
+            "docker".to_string(),
+            "--template-image".to_string(),
+            format!("python={image}"),
+        ])
         .env("RUST_LOG", child_log.clone())
         .start()
         .await?;
@@ -139,7 +151,8 @@ pub async fn run(s: &Settings) -> Result<Report> {
     for i in 0..s.warmup + s.creates {
         let t = Instant::now();
         let c = client.create_session(spec(i, "cold")).await.map_err(|e| anyhow!("create: {e}"))?;
-        let sess = client.wait_running(&c.id, Duration::from_secs(60)).await.map_err(|e| anyhow!("wait_running: {e}"))?;
+        let sess =
+            client.wait_running(&c.id, Duration::from_secs(60)).await.map_err(|e| anyhow!("wait_running: {e}"))?;
         let d = t.elapsed();
         client.delete_session(&sess.id).await.map_err(|e| anyhow!("delete: {e}"))?;
         if i >= s.warmup {
@@ -203,7 +216,8 @@ pub async fn run(s: &Settings) -> Result<Report> {
     for i in 0..s.warmup + s.creates {
         let t = Instant::now();
         let c = client.create_session(spec(i, "warm")).await.map_err(|e| anyhow!("create: {e}"))?;
-        let sess = client.wait_running(&c.id, Duration::from_secs(60)).await.map_err(|e| anyhow!("wait_running: {e}"))?;
+        let sess =
+            client.wait_running(&c.id, Duration::from_secs(60)).await.map_err(|e| anyhow!("wait_running: {e}"))?;
         let d = t.elapsed();
         client.delete_session(&sess.id).await.map_err(|e| anyhow!("delete: {e}"))?;
         if i >= s.warmup {

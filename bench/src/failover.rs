@@ -170,7 +170,12 @@ pub async fn run(settings: &Settings) -> Result<Report> {
             }
             tokio::time::sleep(settings.poll).await;
         };
-        let kill = Kill { victim: victim_node.clone(), sessions: on_victim.len(), detected: detected.unwrap_or(running), running };
+        let kill = Kill {
+            victim: victim_node.clone(),
+            sessions: on_victim.len(),
+            detected: detected.unwrap_or(running),
+            running,
+        };
         eprintln!(
             "  kill {:>2}/{}: {} ({} sessions, killed {:.0} ms after they were RUNNING): detected {:.0} ms, all RUNNING elsewhere {:.0} ms",
             k + 1,
@@ -196,7 +201,8 @@ async fn wait_all_running(client: &Client, ids: &[String], timeout: Duration) ->
     loop {
         let all = list_all_sessions(client, &[], LIVE).await?;
         let by_id: HashMap<String, pb::Session> = all.into_iter().map(|s| (s.id.clone(), s)).collect();
-        let running = ids.iter().filter(|id| by_id.get(*id).is_some_and(|s| state_of(s) == pb::SessionState::Running)).count();
+        let running =
+            ids.iter().filter(|id| by_id.get(*id).is_some_and(|s| state_of(s) == pb::SessionState::Running)).count();
         if running == ids.len() {
             return Ok(by_id.into_iter().filter(|(id, _)| ids.contains(id)).collect());
         }

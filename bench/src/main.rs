@@ -53,10 +53,7 @@ mod etcdpb {
 }
 
 #[derive(Debug, Parser)]
-#[command(
-    name = "sandfleet-bench",
-    about = "Sandfleet latency benchmarks against real processes"
-)]
+#[command(name = "sandfleet-bench", about = "Sandfleet latency benchmarks against real processes")]
 struct Cli {
     #[command(subcommand)]
     cmd: Cmd,
@@ -252,7 +249,8 @@ async fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.cmd {
         Cmd::Workspace { files, total_mib, runs, write } => {
-            let settings = workspace::Settings { files: files.max(100), total_mib: total_mib.max(1), runs: runs.max(1) };
+            let settings =
+                workspace::Settings { files: files.max(100), total_mib: total_mib.max(1), runs: runs.max(1) };
             let result = async {
                 let report = workspace::run(&settings).await?;
                 let section = workspace::render(&report, &settings, WORKSPACE_SECTION, &machine_description());
@@ -379,11 +377,7 @@ async fn main() -> ExitCode {
                 }
             }
         }
-        Cmd::Skeleton {
-            runs,
-            warmup,
-            write,
-        } => {
+        Cmd::Skeleton { runs, warmup, write } => {
             if !require_sandbox_facilities() {
                 eprintln!("sandfleet-bench: the skeleton benchmark needs real sandboxes");
                 return ExitCode::from(2);
@@ -427,12 +421,7 @@ async fn skeleton(runs: usize, warmup: usize, write: Option<&Path>) -> Result<()
     eprintln!("  raw bwrap:            p50 {}", ms(raw.p50()));
 
     let child_log = std::env::var("SANDFLEET_CHILD_LOG").unwrap_or_else(|_| "warn".to_string());
-    let cluster = ClusterBuilder::new()
-        .coordinators(1)
-        .agents(1)
-        .env("RUST_LOG", child_log)
-        .start()
-        .await?;
+    let cluster = ClusterBuilder::new().coordinators(1).agents(1).env("RUST_LOG", child_log).start().await?;
     let client = cluster.try_client().await?;
     let spec = |i: usize| {
         CreateSession::new()
@@ -444,24 +433,14 @@ async fn skeleton(runs: usize, warmup: usize, write: Option<&Path>) -> Result<()
     };
 
     // (b) Exec round trip of `true` in one warm session.
-    let created = client
-        .create_session(spec(usize::MAX))
-        .await
-        .map_err(|e| anyhow!("create: {e}"))?;
-    let session = client
-        .wait_running(&created.id, Duration::from_secs(60))
-        .await
-        .map_err(|e| anyhow!("wait_running: {e}"))?;
-    let mut exec = Series {
-        name: "exec round trip (`true`, warm session)",
-        samples: Vec::with_capacity(runs),
-    };
+    let created = client.create_session(spec(usize::MAX)).await.map_err(|e| anyhow!("create: {e}"))?;
+    let session =
+        client.wait_running(&created.id, Duration::from_secs(60)).await.map_err(|e| anyhow!("wait_running: {e}"))?;
+    let mut exec = Series { name: "exec round trip (`true`, warm session)", samples: Vec::with_capacity(runs) };
     for i in 0..warmup + runs {
         let t = Instant::now();
-        let out = client
-            .exec_collect(&session, ExecRequest::argv(["true"]))
-            .await
-            .map_err(|e| anyhow!("exec true: {e}"))?;
+        let out =
+            client.exec_collect(&session, ExecRequest::argv(["true"])).await.map_err(|e| anyhow!("exec true: {e}"))?;
         let d = t.elapsed();
         if out.exit.exit_code != 0 {
             bail!("exec true exited with {:?}", out.exit);
@@ -470,44 +449,25 @@ async fn skeleton(runs: usize, warmup: usize, write: Option<&Path>) -> Result<()
             exec.samples.push(d);
         }
     }
-    client
-        .delete_session(&session.id)
-        .await
-        .map_err(|e| anyhow!("delete: {e}"))?;
+    client.delete_session(&session.id).await.map_err(|e| anyhow!("delete: {e}"))?;
     eprintln!("  exec round trip:      p50 {}", ms(exec.p50()));
 
     // (d) create -> RUNNING and (a) create -> first exec completed, one fresh session per run.
-    let mut running = Series {
-        name: "create -> RUNNING",
-        samples: Vec::with_capacity(runs),
-    };
-    let mut first = Series {
-        name: "create -> first exec (`true`) completed",
-        samples: Vec::with_capacity(runs),
-    };
+    let mut running = Series { name: "create -> RUNNING", samples: Vec::with_capacity(runs) };
+    let mut first = Series { name: "create -> first exec (`true`) completed", samples: Vec::with_capacity(runs) };
     for i in 0..warmup + runs {
         let t = Instant::now();
-        let s = client
-            .create_session(spec(i))
-            .await
-            .map_err(|e| anyhow!("create #{i}: {e}"))?;
-        let s = client
-            .wait_running(&s.id, Duration::from_secs(60))
-            .await
-            .map_err(|e| anyhow!("wait_running #{i}: {e}"))?;
+        let s = client.create_session(spec(i)).await.map_err(|e| anyhow!("create #{i}: {e}"))?;
+        let s =
+            client.wait_running(&s.id, Duration::from_secs(60)).await.map_err(|e| anyhow!("wait_running #{i}: {e}"))?;
         let to_running = t.elapsed();
-        let out = client
-            .exec_collect(&s, ExecRequest::argv(["true"]))
-            .await
-            .map_err(|e| anyhow!("first exec #{i}: {e}"))?;
+        let out =
+            client.exec_collect(&s, ExecRequest::argv(["true"])).await.map_err(|e| anyhow!("first exec #{i}: {e}"))?;
         let to_first = t.elapsed();
         if out.exit.exit_code != 0 {
             bail!("first exec of true exited with {:?}", out.exit);
         }
-        client
-            .delete_session(&s.id)
-            .await
-            .map_err(|e| anyhow!("delete #{i}: {e}"))?;
+        client.delete_session(&s.id).await.map_err(|e| anyhow!("delete #{i}: {e}"))?;
         if i >= warmup {
             running.samples.push(to_running);
             first.samples.push(to_first);
@@ -521,20 +481,14 @@ async fn skeleton(runs: usize, warmup: usize, write: Option<&Path>) -> Result<()
     println!("{section}");
     if let Some(path) = write {
         write_section(path, SECTION, &section)?;
-        eprintln!(
-            "sandfleet-bench: wrote the walking-skeleton section of {}",
-            path.display()
-        );
+        eprintln!("sandfleet-bench: wrote the walking-skeleton section of {}", path.display());
     }
     Ok(())
 }
 
 fn raw_bwrap(runs: usize, warmup: usize) -> Result<Series> {
     let bwrap = sandfleet_chaos::facilities::BWRAP;
-    let mut s = Series {
-        name: "raw `bwrap --unshare-all ... true`",
-        samples: Vec::with_capacity(runs),
-    };
+    let mut s = Series { name: "raw `bwrap --unshare-all ... true`", samples: Vec::with_capacity(runs) };
     for i in 0..warmup + runs {
         let t = Instant::now();
         let status = Command::new(bwrap)
@@ -568,16 +522,8 @@ fn render(
     machine: &[(String, String)],
 ) -> String {
     let ratio = exec.p50().as_secs_f64() / raw.p50().as_secs_f64().max(1e-9);
-    let exec_verdict = if ratio <= EXEC_GOAL_RATIO {
-        "met"
-    } else {
-        "MISSED"
-    };
-    let running_verdict = if running.p50() <= RUNNING_GOAL {
-        "met"
-    } else {
-        "MISSED"
-    };
+    let exec_verdict = if ratio <= EXEC_GOAL_RATIO { "met" } else { "MISSED" };
+    let running_verdict = if running.p50() <= RUNNING_GOAL { "met" } else { "MISSED" };
     let running_ratio = running.p50().as_secs_f64() / RUNNING_GOAL.as_secs_f64();
 
     let mut out = String::new();
@@ -590,28 +536,12 @@ fn render(
     let _ = writeln!(out, "| measurement | p50 | p99 | max | goal | vs goal |");
     let _ = writeln!(out, "|---|---:|---:|---:|---|---|");
     let row = |out: &mut String, s: &Series, goal: &str, verdict: String| {
-        let _ = writeln!(
-            out,
-            "| {} | {} | {} | {} | {goal} | {verdict} |",
-            s.name,
-            ms(s.p50()),
-            ms(s.p99()),
-            ms(s.max())
-        );
+        let _ =
+            writeln!(out, "| {} | {} | {} | {} | {goal} | {verdict} |", s.name, ms(s.p50()), ms(s.p99()), ms(s.max()));
     };
     row(&mut out, raw, "baseline", "1.00x".to_string());
-    row(
-        &mut out,
-        exec,
-        "p50 <= 2x raw bwrap p50",
-        format!("{ratio:.2}x raw bwrap: {exec_verdict}"),
-    );
-    row(
-        &mut out,
-        running,
-        "p50 <= 20 ms",
-        format!("{running_ratio:.2}x goal: {running_verdict}"),
-    );
+    row(&mut out, exec, "p50 <= 2x raw bwrap p50", format!("{ratio:.2}x raw bwrap: {exec_verdict}"));
+    row(&mut out, running, "p50 <= 20 ms", format!("{running_ratio:.2}x goal: {running_verdict}"));
     row(&mut out, first, "-", String::new());
     let _ = writeln!(out);
     let _ = writeln!(
@@ -631,9 +561,7 @@ fn render(
 }
 
 fn machine_description() -> Vec<(String, String)> {
-    let nproc = std::thread::available_parallelism()
-        .map(|n| n.get().to_string())
-        .unwrap_or_else(|_| "?".into());
+    let nproc = std::thread::available_parallelism().map(|n| n.get().to_string()).unwrap_or_else(|_| "?".into());
     let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
     let model = cpuinfo
         .lines()
@@ -649,9 +577,8 @@ fn machine_description() -> Vec<(String, String)> {
         .and_then(|kb| kb.parse::<f64>().ok())
         .map(|kb| format!("{:.1} GiB", kb / 1024.0 / 1024.0))
         .unwrap_or_else(|| "unknown".into());
-    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease")
-        .map(|s| s.trim().to_string())
-        .unwrap_or_default();
+    let kernel =
+        std::fs::read_to_string("/proc/sys/kernel/osrelease").map(|s| s.trim().to_string()).unwrap_or_default();
     let bwrap = Command::new(sandfleet_chaos::facilities::BWRAP)
         .arg("--version")
         .output()
@@ -661,37 +588,22 @@ fn machine_description() -> Vec<(String, String)> {
     let load = std::fs::read_to_string("/proc/loadavg")
         .map(|l| l.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
         .unwrap_or_else(|_| "unknown".into());
-    let profile = bins::bin_dir()
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_else(|| "?".into());
+    let profile = bins::bin_dir().file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "?".into());
     vec![
         ("CPU".into(), format!("{model}, {nproc} CPUs (nproc)")),
         ("Memory".into(), mem),
-        (
-            "Load average (1/5/15 min) when the table was written".into(),
-            load,
-        ),
+        ("Load average (1/5/15 min) when the table was written".into(), load),
         ("Kernel".into(), kernel),
-        (
-            "cgroups".into(),
-            sandfleet_chaos::host::cgroup_version().into(),
-        ),
+        ("cgroups".into(), sandfleet_chaos::host::cgroup_version().into()),
         ("bubblewrap".into(), bwrap),
-        (
-            "Binaries".into(),
-            format!("`{profile}` profile ({})", bins::bin_dir().display()),
-        ),
+        ("Binaries".into(), format!("`{profile}` profile ({})", bins::bin_dir().display())),
         ("Date".into(), utc_now()),
     ]
 }
 
 /// Now as `YYYY-MM-DD HH:MM UTC`, without a date library.
 fn utc_now() -> String {
-    let secs = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0);
+    let secs = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
     let days = (secs / 86_400) as i64;
     let rem = secs % 86_400;
     // Howard Hinnant's days-to-civil algorithm.
@@ -704,11 +616,7 @@ fn utc_now() -> String {
     let d = doy - (153 * mp + 2) / 5 + 1;
     let m = if mp < 10 { mp + 3 } else { mp - 9 };
     let y = yoe + era * 400 + i64::from(m <= 2);
-    format!(
-        "{y:04}-{m:02}-{d:02} {:02}:{:02} UTC",
-        rem / 3600,
-        (rem % 3600) / 60
-    )
+    format!("{y:04}-{m:02}-{d:02} {:02}:{:02} UTC", rem / 3600, (rem % 3600) / 60)
 }
 
 /// Replaces the section headed `title` (up to the next `## ` heading)
@@ -716,9 +624,7 @@ fn utc_now() -> String {
 fn write_section(path: &Path, title: &str, section: &str) -> Result<()> {
     let existing = match std::fs::read_to_string(path) {
         Ok(s) => s,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            "# Sandfleet benchmark results\n".to_string()
-        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => "# Sandfleet benchmark results\n".to_string(),
         Err(e) => return Err(e).with_context(|| format!("reading {}", path.display())),
     };
     let updated = replace_section(&existing, title, section);
@@ -768,26 +674,17 @@ mod tests {
     fn replaces_only_its_section() {
         let doc = "# R\n\nintro\n\n## Walking skeleton\n\nold\n| a |\n\n## Other\n\nkeep me\n";
         let out = replace_section(doc, SECTION, "## Walking skeleton\n\nnew\n");
-        assert_eq!(
-            out,
-            "# R\n\nintro\n\n## Walking skeleton\n\nnew\n\n## Other\n\nkeep me\n"
-        );
+        assert_eq!(out, "# R\n\nintro\n\n## Walking skeleton\n\nnew\n\n## Other\n\nkeep me\n");
         let out = replace_section("# R\n", SECTION, "## Walking skeleton\n\nnew\n");
         assert_eq!(out, "# R\n\n## Walking skeleton\n\nnew\n");
         let doc = "# R\n\n## Walking skeleton\n\nold\n";
-        assert_eq!(
-            replace_section(doc, SECTION, "## Walking skeleton\n\nnew"),
-            "# R\n\n## Walking skeleton\n\nnew\n"
-        );
+        assert_eq!(replace_section(doc, SECTION, "## Walking skeleton\n\nnew"), "# R\n\n## Walking skeleton\n\nnew\n");
     }
 
     #[test]
     fn dates() {
         let d = utc_now();
-        assert!(
-            d.ends_with(" UTC") && d.len() == "2026-01-01 00:00 UTC".len(),
-            "{d}"
-        );
+        assert!(d.ends_with(" UTC") && d.len() == "2026-01-01 00:00 UTC".len(), "{d}");
     }
 
     #[test]

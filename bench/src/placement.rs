@@ -106,15 +106,14 @@ pub struct Cpu {
 impl Cpu {
     fn line(&self) -> String {
         let wall = self.wall.as_secs_f64().max(1e-9);
-        let mut line = self
-            .procs
-            .iter()
-            .map(|(n, s)| format!("{n} {:.0}%", s / wall * 100.0))
-            .collect::<Vec<_>>()
-            .join(", ");
+        let mut line =
+            self.procs.iter().map(|(n, s)| format!("{n} {:.0}%", s / wall * 100.0)).collect::<Vec<_>>().join(", ");
         let ((l0, t0), (l1, t1)) = self.leader;
         if (l0, t0) != (l1, t1) {
-            let _ = write!(line, " (LEADER CHANGED in this phase: coordinator-{l0} term {t0} -> coordinator-{l1} term {t1})");
+            let _ = write!(
+                line,
+                " (LEADER CHANGED in this phase: coordinator-{l0} term {t0} -> coordinator-{l1} term {t1})"
+            );
         }
         line
     }
@@ -230,14 +229,24 @@ pub async fn run(settings: &Settings) -> Result<Report> {
         while pool.registered.load(Ordering::Relaxed) < settings.agents {
             if Instant::now() >= deadline {
                 stop.cancel();
-                bail!("only {} of {} agents registered within 120 s", pool.registered.load(Ordering::Relaxed), settings.agents);
+                bail!(
+                    "only {} of {} agents registered within 120 s",
+                    pool.registered.load(Ordering::Relaxed),
+                    settings.agents
+                );
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
     }
     if settings.start == Start::Resume {
         client.set_scheduler_paused(true).await.map_err(|e| anyhow!("pausing the scheduler: {e}"))?;
-        let ready = client.list_nodes().await.map_err(|e| anyhow!("ListNodes: {e}"))?.iter().filter(|n| n.state == "ready").count();
+        let ready = client
+            .list_nodes()
+            .await
+            .map_err(|e| anyhow!("ListNodes: {e}"))?
+            .iter()
+            .filter(|n| n.state == "ready")
+            .count();
         eprintln!("  {} agents registered, {ready} nodes ready, scheduler paused", settings.agents);
     }
     if settings.start == Start::Uncordon {
@@ -249,19 +258,27 @@ pub async fn run(settings: &Settings) -> Result<Report> {
         let deadline = Instant::now() + Duration::from_secs(60);
         loop {
             let listed = client.list_nodes().await.map_err(|e| anyhow!("ListNodes: {e}"))?;
-            let loose: Vec<String> = listed.iter().filter(|n| n.state != "cordoned" && n.state != "down").map(|n| n.id.clone()).collect();
+            let loose: Vec<String> =
+                listed.iter().filter(|n| n.state != "cordoned" && n.state != "down").map(|n| n.id.clone()).collect();
             let down = listed.iter().filter(|n| n.state == "down").count();
             if loose.is_empty() && down == 0 {
                 break;
             }
             if Instant::now() >= deadline {
-                bail!("{} nodes not cordoned and {down} down 60 s after cordoning (is the machine overloaded?)", loose.len());
+                bail!(
+                    "{} nodes not cordoned and {down} down 60 s after cordoning (is the machine overloaded?)",
+                    loose.len()
+                );
             }
             eprintln!("  {} nodes not cordoned, {down} down; cordoning again", loose.len());
             cordon_all(&client, &loose, true, settings.create_clients).await?;
             tokio::time::sleep(Duration::from_millis(500)).await;
         }
-        eprintln!("  {} agents registered and cordoned ({:.1} s to cordon)", settings.agents, t.elapsed().as_secs_f64());
+        eprintln!(
+            "  {} agents registered and cordoned ({:.1} s to cordon)",
+            settings.agents,
+            t.elapsed().as_secs_f64()
+        );
     }
 
     let mark = cpu_probe.sample().await;
@@ -278,7 +295,13 @@ pub async fn run(settings: &Settings) -> Result<Report> {
     let n_sessions = created.len();
     if settings.start == Start::Resume {
         let status = client.cluster_status().await.map_err(|e| anyhow!("cluster status: {e}"))?;
-        let placed: usize = client.list_nodes().await.map_err(|e| anyhow!("ListNodes: {e}"))?.iter().map(|n| n.session_count as usize).sum();
+        let placed: usize = client
+            .list_nodes()
+            .await
+            .map_err(|e| anyhow!("ListNodes: {e}"))?
+            .iter()
+            .map(|n| n.session_count as usize)
+            .sum();
         if !status.scheduler_paused || placed > 0 || status.unplaced_sessions as usize != n_sessions {
             stop.cancel();
             bail!(
@@ -354,17 +377,14 @@ pub async fn run(settings: &Settings) -> Result<Report> {
         }
         if Instant::now() >= deadline {
             stop.cancel();
-            bail!(
-                "only {placed} of {} sessions placed and {running} RUNNING after {:?}",
-                n_sessions,
-                settings.timeout
-            );
+            bail!("only {placed} of {} sessions placed and {running} RUNNING after {:?}", n_sessions, settings.timeout);
         }
     };
     let placing_window = all_running;
     let placing_cpu = cpu_probe.since(&mark).await;
     let placing_beats = pool.beats.window(t0, t0 + placing_window);
-    let registered_after = pool.registered_at.lock().unwrap_or_else(|p| p.into_inner()).map(|t| t.saturating_duration_since(t0));
+    let registered_after =
+        pool.registered_at.lock().unwrap_or_else(|p| p.into_inner()).map(|t| t.saturating_duration_since(t0));
     eprintln!(
         "  all {} placed after {:.3} s ({:.0} placements/s), all RUNNING after {:.3} s",
         n_sessions,
@@ -405,7 +425,8 @@ pub async fn run(settings: &Settings) -> Result<Report> {
     let verified_running = running.iter().filter(|s| want.contains(&s.id)).count();
     eprintln!("  ListSessions: {verified_running} of {} RUNNING", want.len());
 
-    let per_node: Vec<usize> = pool.agents.iter().map(|a| a.held.lock().unwrap_or_else(|p| p.into_inner()).len()).collect();
+    let per_node: Vec<usize> =
+        pool.agents.iter().map(|a| a.held.lock().unwrap_or_else(|p| p.into_inner()).len()).collect();
     let (via_watch, via_heartbeat, replaced) = pool.tracker.sources();
 
     stop.cancel();
@@ -506,7 +527,10 @@ async fn cordon_all(client: &Client, nodes: &[String], cordoned: bool, clients: 
                 loop {
                     let i = next.fetch_add(1, Ordering::Relaxed);
                     let Some(node) = nodes.get(i) else { return Ok::<_, anyhow::Error>(()) };
-                    client.cordon_node(node, cordoned).await.map_err(|e| anyhow!("CordonNode {node} {cordoned}: {e}"))?;
+                    client
+                        .cordon_node(node, cordoned)
+                        .await
+                        .map_err(|e| anyhow!("CordonNode {node} {cordoned}: {e}"))?;
                 }
             })
         })
@@ -600,7 +624,11 @@ impl CpuProbe {
 
     async fn sample(&self) -> CpuMark {
         let leader = self.leader().await;
-        CpuMark { at: Instant::now(), secs: self.procs.iter().map(|(_, p)| cpu_seconds(*p).unwrap_or(0.0)).collect(), leader }
+        CpuMark {
+            at: Instant::now(),
+            secs: self.procs.iter().map(|(_, p)| cpu_seconds(*p).unwrap_or(0.0)).collect(),
+            leader,
+        }
     }
 
     async fn since(&self, mark: &CpuMark) -> Cpu {
@@ -648,7 +676,8 @@ impl BeatLog {
             .filter(|(t, _)| *t >= from && *t <= to)
             .map(|(_, d)| *d)
             .collect();
-        let failed = self.failures.lock().unwrap_or_else(|p| p.into_inner()).iter().filter(|t| **t >= from && **t <= to).count();
+        let failed =
+            self.failures.lock().unwrap_or_else(|p| p.into_inner()).iter().filter(|t| **t >= from && **t <= to).count();
         Beats { window: to - from, ok: latencies.len() as u64, failed: failed as u64, latencies }
     }
 }
@@ -865,7 +894,9 @@ impl Pool {
 fn backoff(attempt: u32) -> Duration {
     let cap = 2_000u64.min(50 * (1u64 << attempt.min(6)));
     // Deterministic jitter is enough here: spread by the attempt's low bits and the clock.
-    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.subsec_nanos()).unwrap_or(0) as u64;
+    let nanos =
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.subsec_nanos()).unwrap_or(0)
+            as u64;
     Duration::from_millis(cap / 2 + nanos % (cap / 2 + 1))
 }
 
@@ -1130,13 +1161,18 @@ pub fn render(r: &Report, settings: &Settings, section: &str, machine: &[(String
     let _ = writeln!(out, "- creating PENDING sessions: {}", r.create_cpu.line());
     let _ = writeln!(out, "- placing (clock running): {}", r.placing_cpu.line());
     let _ = writeln!(out, "- steady state, heartbeats only: {}\n", r.steady_cpu.line());
-    let changed: Vec<&str> = [("creating", &r.create_cpu), ("placing", &r.placing_cpu), ("steady state", &r.steady_cpu)]
-        .into_iter()
-        .filter(|(_, c)| c.leader_changed())
-        .map(|(n, _)| n)
-        .collect();
+    let changed: Vec<&str> =
+        [("creating", &r.create_cpu), ("placing", &r.placing_cpu), ("steady state", &r.steady_cpu)]
+            .into_iter()
+            .filter(|(_, c)| c.leader_changed())
+            .map(|(n, _)| n)
+            .collect();
     if !changed.is_empty() {
-        let _ = writeln!(out, "**The Raft leader changed while {}** (an overloaded leader missed its heartbeats).\n", changed.join(", "));
+        let _ = writeln!(
+            out,
+            "**The Raft leader changed while {}** (an overloaded leader missed its heartbeats).\n",
+            changed.join(", ")
+        );
     }
     let _ = writeln!(out, "Machine:\n");
     for (k, v) in machine {

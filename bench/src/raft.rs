@@ -234,11 +234,9 @@ pub(crate) async fn register_paper_node(addr: &str) -> Result<()> {
 // ---------------------------------------------------------------------------
 
 async fn etcd_version(etcd: &Path) -> Result<String> {
-    let out = Command::new(etcd)
-        .arg("--version")
-        .output()
-        .await
-        .with_context(|| format!("running {} --version (install the etcd-server package: bench/setup)", etcd.display()))?;
+    let out = Command::new(etcd).arg("--version").output().await.with_context(|| {
+        format!("running {} --version (install the etcd-server package: bench/setup)", etcd.display())
+    })?;
     let text = String::from_utf8_lossy(&out.stdout);
     Ok(text.lines().next().unwrap_or("etcd").trim().to_string())
 }
@@ -283,7 +281,8 @@ struct Etcd {
 impl Etcd {
     async fn start(bin: &Path) -> Result<Etcd> {
         let dir = tempfile::Builder::new().prefix("sandfleet-bench-etcd-").tempdir()?;
-        let ports: Vec<(u16, u16)> = (0..3).map(|_| Ok::<_, anyhow::Error>((free_port()?, free_port()?))).collect::<Result<_>>()?;
+        let ports: Vec<(u16, u16)> =
+            (0..3).map(|_| Ok::<_, anyhow::Error>((free_port()?, free_port()?))).collect::<Result<_>>()?;
         let cluster: Vec<String> =
             ports.iter().enumerate().map(|(i, (_, peer))| format!("e{}=http://127.0.0.1:{peer}", i + 1)).collect();
         let mut members = Vec::new();
@@ -365,7 +364,12 @@ async fn etcd_status(addr: &str) -> Result<etcdpb::StatusResponse> {
     Ok(api.status(req).await?.into_inner())
 }
 
-async fn etcd_put(kv: &mut etcdpb::kv_client::KvClient<Channel>, key: Vec<u8>, value: Vec<u8>, timeout: Duration) -> Result<()> {
+async fn etcd_put(
+    kv: &mut etcdpb::kv_client::KvClient<Channel>,
+    key: Vec<u8>,
+    value: Vec<u8>,
+    timeout: Duration,
+) -> Result<()> {
     let mut req = tonic::Request::new(etcdpb::PutRequest { key, value, ..Default::default() });
     req.set_timeout(timeout);
     kv.put(req).await?;
@@ -411,7 +415,10 @@ async fn etcd_side(settings: &Settings, value_bytes: usize) -> Result<(Vec<Load>
         loop {
             let c = &mut clients[i % 3];
             i += 1;
-            if etcd_put(c, format!("bench/failover/{k}").into_bytes(), value.clone(), Duration::from_millis(500)).await.is_ok() {
+            if etcd_put(c, format!("bench/failover/{k}").into_bytes(), value.clone(), Duration::from_millis(500))
+                .await
+                .is_ok()
+            {
                 break;
             }
             if t.elapsed() > Duration::from_secs(60) {
@@ -550,7 +557,10 @@ pub fn render(r: &Report, settings: &Settings, section: &str, machine: &[(String
             v.len()
         )
     };
-    let _ = writeln!(out, "Leader failover, SIGKILL of the leader to the first successful write (client retrying every 10-50 ms):\n");
+    let _ = writeln!(
+        out,
+        "Leader failover, SIGKILL of the leader to the first successful write (client retrying every 10-50 ms):\n"
+    );
     let _ = writeln!(out, "- sandfleet: {}", stat(&r.ours_failover));
     let _ = writeln!(out, "- etcd: {}\n", stat(&r.etcd_failover));
     let _ = writeln!(out, "Machine:\n");

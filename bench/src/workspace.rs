@@ -104,7 +104,10 @@ fn aws(args: &[&str], endpoint: &str, config: &Path) -> Result<Duration> {
 fn same_tree(a: &Path, b: &Path) -> Result<()> {
     let out = Command::new("diff").arg("-r").arg(a).arg(b).output()?;
     if !out.status.success() {
-        bail!("restored tree differs from the original: {}", String::from_utf8_lossy(&out.stdout).lines().take(5).collect::<Vec<_>>().join("; "));
+        bail!(
+            "restored tree differs from the original: {}",
+            String::from_utf8_lossy(&out.stdout).lines().take(5).collect::<Vec<_>>().join("; ")
+        );
     }
     Ok(())
 }
@@ -119,7 +122,11 @@ pub async fn run(s: &Settings) -> Result<Report> {
     eprintln!("sandfleet-bench: workspace of {} files, {} MiB", s.files, bytes >> 20);
     let aws_config = tmp.path().join("aws-config");
     std::fs::write(&aws_config, "[default]\ns3 =\n  addressing_style = path\n  max_concurrent_requests = 10\n")?;
-    let aws_version = Command::new("aws").arg("--version").output().map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string()).unwrap_or_default();
+    let aws_version = Command::new("aws")
+        .arg("--version")
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+        .unwrap_or_default();
     // The SDK takes credentials from the standard chain: the environment here.
     std::env::set_var("AWS_ACCESS_KEY_ID", ACCESS_KEY);
     std::env::set_var("AWS_SECRET_ACCESS_KEY", SECRET_KEY);
@@ -219,7 +226,11 @@ pub fn render(r: &Report, s: &Settings, title: &str, machine: &[(String, String)
     let _ = writeln!(out, "|---|---|---|---|---|");
     let row = |out: &mut String, what: &str, a: Duration, b: Duration, with_rate: bool| {
         let verdict = if a <= b { "met" } else { "MISSED" };
-        let (ra, rb) = if with_rate { (format!(" ({:.0} MiB/s)", rate(a)), format!(" ({:.0} MiB/s)", rate(b))) } else { Default::default() };
+        let (ra, rb) = if with_rate {
+            (format!(" ({:.0} MiB/s)", rate(a)), format!(" ({:.0} MiB/s)", rate(b)))
+        } else {
+            Default::default()
+        };
         let _ = writeln!(
             out,
             "| {what} | {:.2?}{ra} | {:.2?}{rb} | {:.2}x | as fast or faster: {verdict} |",

@@ -16,14 +16,8 @@ pub fn bin_dir() -> PathBuf {
         return PathBuf::from(dir);
     }
     let exe = std::env::current_exe().expect("cannot find the path of the running executable");
-    let mut dir = exe
-        .parent()
-        .expect("the running executable has no parent directory")
-        .to_path_buf();
-    if matches!(
-        dir.file_name().and_then(|n| n.to_str()),
-        Some("deps" | "examples")
-    ) {
+    let mut dir = exe.parent().expect("the running executable has no parent directory").to_path_buf();
+    if matches!(dir.file_name().and_then(|n| n.to_str()), Some("deps" | "examples")) {
         dir.pop();
     }
     dir

@@ -201,11 +201,8 @@ impl Proc {
 
     /// Sends `sig` to the process.
     pub fn signal(&self, sig: Signal) -> Result<()> {
-        let pid = self
-            .pid()
-            .ok_or_else(|| anyhow!("{} is not running", self.name))?;
-        kill(Pid::from_raw(pid as i32), sig)
-            .with_context(|| format!("sending {sig} to {}", self.name))
+        let pid = self.pid().ok_or_else(|| anyhow!("{} is not running", self.name))?;
+        kill(Pid::from_raw(pid as i32), sig).with_context(|| format!("sending {sig} to {}", self.name))
     }
 
     /// Starts the process and waits for its ready line.
@@ -219,11 +216,8 @@ impl Proc {
             .append(true)
             .open(&self.log_path)
             .with_context(|| format!("opening {}", self.log_path.display()))?;
-        let netns_prefix = self
-            .netns
-            .as_ref()
-            .map(|h| format!("nsenter --net={} ", h.ns_path().display()))
-            .unwrap_or_default();
+        let netns_prefix =
+            self.netns.as_ref().map(|h| format!("nsenter --net={} ", h.ns_path().display())).unwrap_or_default();
         let _ = writeln!(
             log,
             "===== harness: start #{} of {}: {netns_prefix}{} {}",
@@ -259,9 +253,7 @@ impl Proc {
                 Ok(())
             });
         }
-        let mut child = cmd
-            .spawn()
-            .with_context(|| format!("spawning {} ({})", self.name, self.program.display()))?;
+        let mut child = cmd.spawn().with_context(|| format!("spawning {} ({})", self.name, self.program.display()))?;
         let stdout = child.stdout.take().expect("stdout is piped");
         let mut lines = BufReader::new(stdout).lines();
 
@@ -309,62 +301,35 @@ impl Proc {
             }
         });
 
-        let tag = ready
-            .get("ready")
-            .and_then(|v| v.as_str())
-            .unwrap_or_default();
+        let tag = ready.get("ready").and_then(|v| v.as_str()).unwrap_or_default();
         if tag != self.role.ready_tag() {
             let _ = child.start_kill();
-            bail!(
-                "{} printed ready line {ready} but \"ready\" should be {:?}",
-                self.name,
-                self.role.ready_tag()
-            );
+            bail!("{} printed ready line {ready} but \"ready\" should be {:?}", self.name, self.role.ready_tag());
         }
         let addr = ready
             .get("addr")
             .and_then(|v| v.as_str())
-            .ok_or_else(|| {
-                anyhow!(
-                    "{} printed ready line {ready} without a string \"addr\"",
-                    self.name
-                )
-            })?
+            .ok_or_else(|| anyhow!("{} printed ready line {ready} without a string \"addr\"", self.name))?
             .to_string();
         match self.role {
             Role::Agent => {
-                let node = ready
-                    .get("node_id")
-                    .and_then(|v| v.as_str())
-                    .unwrap_or_default();
+                let node = ready.get("node_id").and_then(|v| v.as_str()).unwrap_or_default();
                 if node != self.id {
                     let _ = child.start_kill();
-                    bail!(
-                        "{} printed ready line {ready} with node_id {node:?}, expected {:?}",
-                        self.name,
-                        self.id
-                    );
+                    bail!("{} printed ready line {ready} with node_id {node:?}, expected {:?}", self.name, self.id);
                 }
             }
             Role::Coordinator => {
                 let id = ready.get("id").map(|v| v.to_string()).unwrap_or_default();
                 if id.trim_matches('"') != self.id {
                     let _ = child.start_kill();
-                    bail!(
-                        "{} printed ready line {ready} with id {id}, expected {}",
-                        self.name,
-                        self.id
-                    );
+                    bail!("{} printed ready line {ready} with id {id}, expected {}", self.name, self.id);
                 }
             }
         }
         if !self.addr.is_empty() && self.addr != addr {
             let _ = child.start_kill();
-            bail!(
-                "{} came back on {addr}, not on its pinned address {}",
-                self.name,
-                self.addr
-            );
+            bail!("{} came back on {addr}, not on its pinned address {}", self.name, self.addr);
         }
         self.addr = addr.clone();
         pin_listen(&mut self.args, &addr);
@@ -376,17 +341,9 @@ impl Proc {
 
     /// SIGKILL, then reap.
     pub async fn kill(&mut self) -> Result<ExitStatus> {
-        let mut child = self
-            .child
-            .take()
-            .ok_or_else(|| anyhow!("{} is not running", self.name))?;
-        child
-            .start_kill()
-            .with_context(|| format!("killing {}", self.name))?;
-        let status = child
-            .wait()
-            .await
-            .with_context(|| format!("reaping {}", self.name))?;
+        let mut child = self.child.take().ok_or_else(|| anyhow!("{} is not running", self.name))?;
+        child.start_kill().with_context(|| format!("killing {}", self.name))?;
+        let status = child.wait().await.with_context(|| format!("reaping {}", self.name))?;
         self.note(&format!("SIGKILL -> {status}"));
         self.last_exit = Some(status);
         Ok(status)
@@ -480,15 +437,11 @@ fn random_suffix() -> String {
     use rand::Rng;
     const CHARS: &[u8] = b"abcdefghijklmnopqrstuvwxyz0123456789";
     let mut rng = rand::rng();
-    (0..5)
-        .map(|_| CHARS[rng.random_range(0..CHARS.len())] as char)
-        .collect()
+    (0..5).map(|_| CHARS[rng.random_range(0..CHARS.len())] as char).collect()
 }
 
 fn child_log_filter() -> String {
-    std::env::var("SANDFLEET_CHILD_LOG")
-        .or_else(|_| std::env::var("RUST_LOG"))
-        .unwrap_or_else(|_| "info".to_string())
+    std::env::var("SANDFLEET_CHILD_LOG").or_else(|_| std::env::var("RUST_LOG")).unwrap_or_else(|_| "info".to_string())
 }
 
 fn tail_file(path: &Path, lines: usize) -> String {
@@ -578,8 +531,7 @@ impl ClusterBuilder {
         I: IntoIterator<Item = S>,
         S: Into<String>,
     {
-        self.coordinator_args
-            .extend(args.into_iter().map(Into::into));
+        self.coordinator_args.extend(args.into_iter().map(Into::into));
         self
     }
 
@@ -645,20 +597,17 @@ impl ClusterBuilder {
             NetworkChoice::Auto => match std::env::var(crate::netns::NETWORK_ENV).as_deref() {
                 Ok("loopback") => NetworkChoice::Loopback,
                 Ok("netns") => NetworkChoice::Namespaces,
-                Ok(other) if !other.is_empty() => bail!(
-                    "{}={other:?}: expected \"loopback\" or \"netns\"",
-                    crate::netns::NETWORK_ENV
-                ),
+                Ok(other) if !other.is_empty() => {
+                    bail!("{}={other:?}: expected \"loopback\" or \"netns\"", crate::netns::NETWORK_ENV)
+                }
                 _ => NetworkChoice::Auto,
             },
             c => c,
         };
         match choice {
-            NetworkChoice::Loopback => Ok((
-                NetworkMode::Loopback,
-                None,
-                "the cluster was built for loopback".to_string(),
-            )),
+            NetworkChoice::Loopback => {
+                Ok((NetworkMode::Loopback, None, "the cluster was built for loopback".to_string()))
+            }
             NetworkChoice::Namespaces => {
                 let net = Network::create().context("creating the cluster's network namespaces")?;
                 Ok((NetworkMode::Namespaces, Some(net), String::new()))
@@ -723,10 +672,7 @@ impl ClusterBuilder {
             Err(e) => {
                 // The error carries the failing process's log; keep all of them for reading.
                 let dir = cluster.keep_dir();
-                Err(e.context(format!(
-                    "starting the cluster failed; logs kept in {}",
-                    dir.display()
-                )))
+                Err(e.context(format!("starting the cluster failed; logs kept in {}", dir.display())))
             }
         }
     }
@@ -734,11 +680,7 @@ impl ClusterBuilder {
     fn binaries(&self) -> (PathBuf, Option<PathBuf>) {
         let bins = self.bin_dir.clone().unwrap_or_else(bin_dir);
         let coordinator = bin_path_in(&bins, "sandfleet-coordinator");
-        let agent = if self.agents > 0 {
-            Some(bin_path_in(&bins, "sandfleet-agent"))
-        } else {
-            None
-        };
+        let agent = if self.agents > 0 { Some(bin_path_in(&bins, "sandfleet-agent")) } else { None };
         (coordinator, agent)
     }
 
@@ -765,10 +707,7 @@ impl ClusterBuilder {
             // session uid ranges are unique per cluster.
             let suffix = random_suffix();
             let uid_block: u32 = rand::Rng::random_range(&mut rand::rng(), 0..4000);
-            let set_uid_base = !self
-                .agent_args
-                .iter()
-                .any(|a| a == "--uid-base" || a.starts_with("--uid-base="));
+            let set_uid_base = !self.agent_args.iter().any(|a| a == "--uid-base" || a.starts_with("--uid-base="));
             for i in 0..self.agents {
                 let id = format!("n{}-{suffix}", i + 1);
                 let data_dir = dir.join(format!("agent-{id}"));
@@ -797,21 +736,16 @@ impl ClusterBuilder {
                 // Agents of one cluster share a local workspace store (like a shared
                 // mount), so a session placed again elsewhere finds its files.
                 if !self.agent_args.iter().any(|a| a.starts_with("--workspace-store")) {
-                    args.extend(["--workspace-store-dir".to_string(), dir.join("workspace-store").display().to_string()]);
+                    args.extend([
+                        "--workspace-store-dir".to_string(),
+                        dir.join("workspace-store").display().to_string(),
+                    ]);
                 }
                 // `{host}` stands for the host's address as the agents reach it (the
                 // bridge's gateway in namespaces, else loopback): for servers a test runs.
                 let host = cluster.host_ip().to_string();
                 args.extend(self.agent_args.iter().map(|a| a.replace("{host}", &host)));
-                let mut p = Proc::new(
-                    Role::Agent,
-                    id,
-                    agent_bin.clone(),
-                    args,
-                    data_dir,
-                    &dir,
-                    self.env.clone(),
-                );
+                let mut p = Proc::new(Role::Agent, id, agent_bin.clone(), args, data_dir, &dir, self.env.clone());
                 p.netns = netns;
                 let started = p.launch(self.ready_timeout).await;
                 cluster.agents.push(p);
@@ -959,9 +893,7 @@ impl Cluster {
             match p.launch(timeout).await {
                 Ok(()) => return Ok(()),
                 Err(e) if attempt < 3 && !p.is_running() => {
-                    p.note(&format!(
-                        "restart attempt {attempt} failed: {e:#}; retrying"
-                    ));
+                    p.note(&format!("restart attempt {attempt} failed: {e:#}; retrying"));
                     tokio::time::sleep(Duration::from_millis(500)).await;
                 }
                 Err(e) => return Err(e),
@@ -985,17 +917,8 @@ impl Cluster {
     /// Waits until `ListNodes` (through any coordinator) shows every running
     /// agent in state `ready`.
     pub async fn wait_nodes_ready(&mut self, timeout: Duration) -> Result<()> {
-        let want: Vec<String> = self
-            .agents
-            .iter_mut()
-            .filter_map(|a| {
-                if a.is_running() {
-                    Some(a.id.clone())
-                } else {
-                    None
-                }
-            })
-            .collect();
+        let want: Vec<String> =
+            self.agents.iter_mut().filter_map(|a| if a.is_running() { Some(a.id.clone()) } else { None }).collect();
         let deadline = Instant::now() + timeout;
         loop {
             let last;
@@ -1012,10 +935,7 @@ impl Cluster {
                         }
                         last = format!(
                             "not ready: {not_ready:?}; nodes: {:?}",
-                            nodes
-                                .iter()
-                                .map(|n| format!("{}={}", n.id, n.state))
-                                .collect::<Vec<_>>()
+                            nodes.iter().map(|n| format!("{}={}", n.id, n.state)).collect::<Vec<_>>()
                         );
                     }
                     Err(e) => last = format!("ListNodes failed: {e}"),
@@ -1023,10 +943,7 @@ impl Cluster {
                 Err(e) => last = format!("{e:#}"),
             }
             if Instant::now() >= deadline {
-                bail!(
-                    "agents not ready within {timeout:?}: {last}\n{}",
-                    self.logs(LOG_TAIL_LINES)
-                );
+                bail!("agents not ready within {timeout:?}: {last}\n{}", self.logs(LOG_TAIL_LINES));
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
@@ -1045,29 +962,20 @@ impl Cluster {
             loop {
                 let result = async {
                     let mut api = ClusterServiceClient::connect(first.clone()).await?;
-                    api.add_member(AddMemberRequest {
-                        id,
-                        address: c.addr.clone(),
-                    })
-                    .await?;
+                    api.add_member(AddMemberRequest { id, address: c.addr.clone() }).await?;
                     Ok::<_, anyhow::Error>(())
                 }
                 .await;
                 match result {
                     Ok(()) => break,
                     Err(e) => {
-                        let already = e
-                            .downcast_ref::<tonic::Status>()
-                            .is_some_and(|s| s.code() == tonic::Code::AlreadyExists);
+                        let already =
+                            e.downcast_ref::<tonic::Status>().is_some_and(|s| s.code() == tonic::Code::AlreadyExists);
                         if already {
                             break;
                         }
                         if Instant::now() >= deadline {
-                            bail!(
-                                "adding coordinator {id} ({}) failed: {e:#}\n{}",
-                                c.addr,
-                                self.logs(LOG_TAIL_LINES)
-                            );
+                            bail!("adding coordinator {id} ({}) failed: {e:#}\n{}", c.addr, self.logs(LOG_TAIL_LINES));
                         }
                         tokio::time::sleep(Duration::from_millis(200)).await;
                     }
@@ -1082,17 +990,12 @@ impl Cluster {
             }
             .await;
             let last = match status {
-                Ok(s) if s.leader_id != 0 && s.members.iter().filter(|m| m.voter).count() == n => {
-                    return Ok(())
-                }
+                Ok(s) if s.leader_id != 0 && s.members.iter().filter(|m| m.voter).count() == n => return Ok(()),
                 Ok(s) => format!("{s:?}"),
                 Err(e) => format!("{e:#}"),
             };
             if Instant::now() >= deadline {
-                bail!(
-                    "coordinators did not form a {n}-voter group: {last}\n{}",
-                    self.logs(LOG_TAIL_LINES)
-                );
+                bail!("coordinators did not form a {n}-voter group: {last}\n{}", self.logs(LOG_TAIL_LINES));
             }
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
@@ -1131,15 +1034,8 @@ impl Cluster {
             args.push("--bootstrap".into());
         }
         args.extend(self.coordinator_args.iter().cloned());
-        let mut p = Proc::new(
-            Role::Coordinator,
-            id,
-            self.coordinator_bin.clone(),
-            args,
-            data_dir,
-            &dir,
-            self.env.clone(),
-        );
+        let mut p =
+            Proc::new(Role::Coordinator, id, self.coordinator_bin.clone(), args, data_dir, &dir, self.env.clone());
         p.netns = netns;
         let started = p.launch(self.ready_timeout).await;
         self.coordinators.push(p);
@@ -1183,9 +1079,7 @@ impl Cluster {
 
     fn net_mut(&mut self) -> Result<&mut Network> {
         let why = self.loopback_reason.clone();
-        self.net
-            .as_mut()
-            .ok_or_else(|| anyhow::Error::new(PartitionsUnavailable(why)))
+        self.net.as_mut().ok_or_else(|| anyhow::Error::new(PartitionsUnavailable(why)))
     }
 
     fn check_target(&self, t: Target) -> Result<()> {
@@ -1211,8 +1105,7 @@ impl Cluster {
         }
         let net = self.net_mut()?;
         for &o in from {
-            net.cut(&net_key(t), &net_key(o))
-                .with_context(|| format!("cutting {t:?} from {o:?}"))?;
+            net.cut(&net_key(t), &net_key(o)).with_context(|| format!("cutting {t:?} from {o:?}"))?;
         }
         let names: Vec<String> = from.iter().map(|o| self.proc(*o).name.clone()).collect();
         if !names.is_empty() {
@@ -1240,10 +1133,7 @@ impl Cluster {
     /// writes, agents talking to it get no heartbeat answers and move on to
     /// another coordinator, and the majority elects a new leader.
     pub async fn isolate_coordinator(&mut self, i: usize) -> Result<()> {
-        let others: Vec<Target> = (0..self.coordinators.len())
-            .filter(|j| *j != i)
-            .map(Target::Coordinator)
-            .collect();
+        let others: Vec<Target> = (0..self.coordinators.len()).filter(|j| *j != i).map(Target::Coordinator).collect();
         self.partition(Target::Coordinator(i), &others).await
     }
 
@@ -1257,9 +1147,7 @@ impl Cluster {
             .collect();
         self.partition(Target::Coordinator(i), &others).await?;
         let key = net_key(Target::Coordinator(i));
-        self.net_mut()?
-            .cut(&key, crate::netns::HOST_KEY)
-            .context("cutting the host's clients off")?;
+        self.net_mut()?.cut(&key, crate::netns::HOST_KEY).context("cutting the host's clients off")?;
         self.proc(Target::Coordinator(i)).note("network: cut off from the host's clients");
         Ok(())
     }
@@ -1293,12 +1181,7 @@ impl Cluster {
     pub fn partitions(&self) -> Vec<(Target, Target)> {
         self.net
             .as_ref()
-            .map(|n| {
-                n.cuts()
-                    .iter()
-                    .filter_map(|(a, b)| Some((target_of(a)?, target_of(b)?)))
-                    .collect()
-            })
+            .map(|n| n.cuts().iter().filter_map(|(a, b)| Some((target_of(a)?, target_of(b)?))).collect())
             .unwrap_or_default()
     }
 
@@ -1337,10 +1220,7 @@ impl Cluster {
     pub async fn status_of(&self, i: usize) -> Result<sandfleet_proto::v1::ClusterStatusResponse> {
         use sandfleet_proto::v1::cluster_service_client::ClusterServiceClient;
         use sandfleet_proto::v1::ClusterStatusRequest;
-        let c = self
-            .coordinators
-            .get(i)
-            .ok_or_else(|| anyhow!("no coordinator {i}"))?;
+        let c = self.coordinators.get(i).ok_or_else(|| anyhow!("no coordinator {i}"))?;
         let endpoint = tonic::transport::Endpoint::from_shared(format!("http://{}", c.addr))?
             .connect_timeout(Duration::from_secs(2));
         let result = async {
@@ -1389,10 +1269,7 @@ impl Cluster {
                 Err(e) => format!("{e:#}"),
             };
             if Instant::now() >= deadline {
-                bail!(
-                    "members did not converge within {timeout:?}: {last}\n{}",
-                    self.logs(LOG_TAIL_LINES)
-                );
+                bail!("members did not converge within {timeout:?}: {last}\n{}", self.logs(LOG_TAIL_LINES));
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
@@ -1450,11 +1327,7 @@ impl Cluster {
             Ok(())
         } else {
             let dir = self.keep_dir();
-            bail!(
-                "unclean shutdown (logs kept in {}):\n{}",
-                dir.display(),
-                errors.join("\n")
-            )
+            bail!("unclean shutdown (logs kept in {}):\n{}", dir.display(), errors.join("\n"))
         }
     }
 }
@@ -1471,10 +1344,7 @@ impl Drop for Cluster {
             self.print_logs(LOG_TAIL_LINES);
         } else if keep {
             let dir = self.keep_dir();
-            eprintln!(
-                "sandfleet harness: cluster directory kept in {}",
-                dir.display()
-            );
+            eprintln!("sandfleet harness: cluster directory kept in {}", dir.display());
         }
         // Cut links could keep a process waiting on a peer while it shuts down.
         if let Some(net) = self.net.as_mut() {
@@ -1490,10 +1360,7 @@ impl Drop for Cluster {
         // cluster is gone nobody will, so remove this cluster's nodes' trees.
         for p in &self.agents {
             if let Err(e) = crate::host::remove_node_cgroups(&p.id) {
-                eprintln!(
-                    "sandfleet harness: could not remove the cgroups of {}: {e}",
-                    p.id
-                );
+                eprintln!("sandfleet harness: could not remove the cgroups of {}: {e}", p.id);
             }
         }
         // Namespaces, veths, bridge and FORWARD rule, once nobody is in them.

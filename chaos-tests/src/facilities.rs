@@ -100,9 +100,7 @@ fn probe() -> Vec<String> {
         missing.push(format!("root (running as uid {})", nix::unistd::geteuid()));
     }
     if !is_executable(Path::new(BWRAP)) {
-        missing.push(format!(
-            "bubblewrap ({BWRAP} not found; apt-get install bubblewrap)"
-        ));
+        missing.push(format!("bubblewrap ({BWRAP} not found; apt-get install bubblewrap)"));
     } else if let Err(e) = bwrap_works() {
         missing.push(format!("working bubblewrap namespaces ({e})"));
     }
@@ -117,9 +115,7 @@ fn probe() -> Vec<String> {
 
 fn is_executable(p: &Path) -> bool {
     use std::os::unix::fs::PermissionsExt;
-    std::fs::metadata(p)
-        .map(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
-        .unwrap_or(false)
+    std::fs::metadata(p).map(|m| m.is_file() && m.permissions().mode() & 0o111 != 0).unwrap_or(false)
 }
 
 fn bwrap_works() -> Result<(), String> {
@@ -162,30 +158,18 @@ fn bwrap_works() -> Result<(), String> {
 /// Creates and removes a probe cgroup in every hierarchy the agent uses.
 fn cgroups_writable() -> Result<(), String> {
     static COUNTER: AtomicU64 = AtomicU64::new(0);
-    let name = format!(
-        "sandfleet-probe-{}-{}",
-        std::process::id(),
-        COUNTER.fetch_add(1, Ordering::Relaxed)
-    );
+    let name = format!("sandfleet-probe-{}-{}", std::process::id(), COUNTER.fetch_add(1, Ordering::Relaxed));
     let roots: Vec<&str> = if Path::new("/sys/fs/cgroup/cgroup.controllers").exists() {
         vec!["/sys/fs/cgroup"]
     } else if Path::new("/sys/fs/cgroup/memory").is_dir() {
-        vec![
-            "/sys/fs/cgroup/memory",
-            "/sys/fs/cgroup/pids",
-            "/sys/fs/cgroup/cpu",
-        ]
+        vec!["/sys/fs/cgroup/memory", "/sys/fs/cgroup/pids", "/sys/fs/cgroup/cpu"]
     } else {
-        return Err(
-            "no cgroup v2 root and no v1 memory hierarchy under /sys/fs/cgroup".to_string(),
-        );
+        return Err("no cgroup v2 root and no v1 memory hierarchy under /sys/fs/cgroup".to_string());
     };
     for root in roots {
         let dir = Path::new(root).join(&name);
-        std::fs::create_dir(&dir)
-            .map_err(|e| format!("cannot create a cgroup under {root}: {e}"))?;
-        std::fs::remove_dir(&dir)
-            .map_err(|e| format!("cannot remove the probe cgroup {}: {e}", dir.display()))?;
+        std::fs::create_dir(&dir).map_err(|e| format!("cannot create a cgroup under {root}: {e}"))?;
+        std::fs::remove_dir(&dir).map_err(|e| format!("cannot remove the probe cgroup {}: {e}", dir.display()))?;
     }
     Ok(())
 }
@@ -210,7 +194,10 @@ pub fn build_sandbox_image() -> Result<String, String> {
             .map_err(|e| format!("cannot run {how}: {e}"))?;
         let tag = String::from_utf8_lossy(&out.stdout).trim().to_string();
         if !out.status.success() || tag.is_empty() {
-            return Err(format!("building the sandbox image failed ({how}):\n{}", String::from_utf8_lossy(&out.stderr)));
+            return Err(format!(
+                "building the sandbox image failed ({how}):\n{}",
+                String::from_utf8_lossy(&out.stderr)
+            ));
         }
         Ok(tag)
     })

@@ -52,19 +52,9 @@ pub fn process(pid: i32) -> Option<HostProcess> {
     let ppid = rest.get(1)?.parse().ok()?;
     let start_time = rest.get(19)?.parse().ok()?;
     let raw = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
-    let cmdline = raw
-        .split(|b| *b == 0)
-        .filter(|s| !s.is_empty())
-        .map(|s| String::from_utf8_lossy(s).into_owned())
-        .collect();
-    Some(HostProcess {
-        pid,
-        ppid,
-        state,
-        start_time,
-        comm,
-        cmdline,
-    })
+    let cmdline =
+        raw.split(|b| *b == 0).filter(|s| !s.is_empty()).map(|s| String::from_utf8_lossy(s).into_owned()).collect();
+    Some(HostProcess { pid, ppid, state, start_time, comm, cmdline })
 }
 
 /// Every process on the host that is not a zombie.
@@ -82,10 +72,7 @@ pub fn processes() -> Vec<HostProcess> {
 /// excluding this process.
 pub fn processes_matching(needle: &str) -> Vec<HostProcess> {
     let me = std::process::id() as i32;
-    processes()
-        .into_iter()
-        .filter(|p| p.pid != me && p.command().contains(needle))
-        .collect()
+    processes().into_iter().filter(|p| p.pid != me && p.command().contains(needle)).collect()
 }
 
 /// Whether the process identified by `pid` and `start_time` still lives (and is not a zombie).
@@ -97,10 +84,7 @@ pub fn is_alive(pid: i32, start_time: u64) -> bool {
 pub fn processes_in_cgroup_matching(needle: &str) -> Vec<HostProcess> {
     processes()
         .into_iter()
-        .filter(|p| {
-            std::fs::read_to_string(format!("/proc/{}/cgroup", p.pid))
-                .is_ok_and(|c| c.contains(needle))
-        })
+        .filter(|p| std::fs::read_to_string(format!("/proc/{}/cgroup", p.pid)).is_ok_and(|c| c.contains(needle)))
         .collect()
 }
 
@@ -189,25 +173,16 @@ fn remove_cgroup_tree(dir: &Path) -> std::io::Result<()> {
     }
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
     loop {
-        for pid in std::fs::read_to_string(dir.join("cgroup.procs"))
-            .unwrap_or_default()
-            .lines()
-        {
+        for pid in std::fs::read_to_string(dir.join("cgroup.procs")).unwrap_or_default().lines() {
             if let Ok(pid) = pid.trim().parse::<i32>() {
-                let _ = nix::sys::signal::kill(
-                    nix::unistd::Pid::from_raw(pid),
-                    nix::sys::signal::Signal::SIGKILL,
-                );
+                let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL);
             }
         }
         match std::fs::remove_dir(dir) {
             Ok(()) => return Ok(()),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
             Err(e) if std::time::Instant::now() >= deadline => {
-                return Err(std::io::Error::new(
-                    e.kind(),
-                    format!("removing {}: {e}", dir.display()),
-                ));
+                return Err(std::io::Error::new(e.kind(), format!("removing {}: {e}", dir.display())));
             }
             Err(_) => std::thread::sleep(std::time::Duration::from_millis(20)),
         }

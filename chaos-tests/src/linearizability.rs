@@ -139,12 +139,7 @@ pub trait Model {
     /// checker itself covers the possibility that the operation never took
     /// effect, and does not linearize an unknown-outcome operation at a point
     /// where its step returns the state unchanged (it stays pending instead).
-    fn step(
-        &self,
-        state: &Self::State,
-        input: &Self::Input,
-        output: Option<&Self::Output>,
-    ) -> Option<Self::State>;
+    fn step(&self, state: &Self::State, input: &Self::Input, output: Option<&Self::Output>) -> Option<Self::State>;
 }
 
 /// One operation of a history, as the checker sees it.
@@ -206,9 +201,7 @@ impl CheckConfig {
 
 impl Default for CheckConfig {
     fn default() -> Self {
-        Self {
-            max_steps_per_key: Self::DEFAULT_MAX_STEPS_PER_KEY,
-        }
+        Self { max_steps_per_key: Self::DEFAULT_MAX_STEPS_PER_KEY }
     }
 }
 
@@ -256,10 +249,7 @@ impl fmt::Display for CheckResult {
             CheckResult::Illegal { key, explanation } => {
                 write!(f, "not linearizable ({key}):\n{explanation}")
             }
-            CheckResult::Unknown {
-                keys,
-                max_steps_per_key,
-            } => write!(
+            CheckResult::Unknown { keys, max_steps_per_key } => write!(
                 f,
                 "unknown: the search gave up after {max_steps_per_key} steps on {} key(s): {}",
                 keys.len(),
@@ -270,10 +260,7 @@ impl fmt::Display for CheckResult {
 }
 
 /// Checks `ops` against `model` with the default [`CheckConfig`].
-pub fn check_operations<M: Model>(
-    model: &M,
-    ops: &[Operation<M::Input, M::Output>],
-) -> CheckResult {
+pub fn check_operations<M: Model>(model: &M, ops: &[Operation<M::Input, M::Output>]) -> CheckResult {
     check_operations_with(model, ops, &CheckConfig::default())
 }
 
@@ -310,10 +297,7 @@ pub fn check_operations_with<M: Model>(
     if out_of_budget.is_empty() {
         CheckResult::Ok
     } else {
-        CheckResult::Unknown {
-            keys: out_of_budget,
-            max_steps_per_key: config.max_steps_per_key,
-        }
+        CheckResult::Unknown { keys: out_of_budget, max_steps_per_key: config.max_steps_per_key }
     }
 }
 
@@ -377,9 +361,7 @@ impl EntryList {
         for (i, op) in ops.iter().enumerate() {
             events.push((false, op.call, false, i));
             match &op.completion {
-                Completion::Returned { at, .. } => {
-                    events.push((false, (*at).max(op.call), true, i))
-                }
+                Completion::Returned { at, .. } => events.push((false, (*at).max(op.call), true, i)),
                 Completion::Failed | Completion::Unknown => {
                     events.push((true, Duration::ZERO, true, i));
                 }
@@ -397,14 +379,9 @@ impl EntryList {
             .iter()
             .map(|&(infinite, _, is_return, op)| {
                 if is_return {
-                    Entry::Return {
-                        definite: !infinite,
-                    }
+                    Entry::Return { definite: !infinite }
                 } else {
-                    Entry::Call {
-                        op,
-                        ret: return_node[op],
-                    }
+                    Entry::Call { op, ret: return_node[op] }
                 }
             })
             .collect();
@@ -412,19 +389,9 @@ impl EntryList {
         // Nodes 0..len in order, then the head.
         let len = events.len();
         let head = len;
-        let prev = (0..=len)
-            .map(|node| node.checked_sub(1).unwrap_or(head))
-            .collect();
-        let next = (1..=len)
-            .map(|after| (after < len).then_some(after))
-            .chain([(len > 0).then_some(0)])
-            .collect();
-        EntryList {
-            entries,
-            prev,
-            next,
-            head,
-        }
+        let prev = (0..=len).map(|node| node.checked_sub(1).unwrap_or(head)).collect();
+        let next = (1..=len).map(|after| (after < len).then_some(after)).chain([(len > 0).then_some(0)]).collect();
+        EntryList { entries, prev, next, head }
     }
 
     fn first(&self) -> Option<usize> {
@@ -510,12 +477,7 @@ fn search<M: Model>(model: &M, ops: &[&Operation<M::Input, M::Output>], budget: 
                 match accepted {
                     Some(next_state) => {
                         let before = std::mem::replace(&mut state, next_state);
-                        stack.push(Choice {
-                            call: node,
-                            ret,
-                            op,
-                            before,
-                        });
+                        stack.push(Choice { call: node, ret, op, before });
                         list.lift(node, ret);
                         if stack.len() > longest.len() {
                             longest = stack.iter().map(|c| c.op).collect();
@@ -553,17 +515,9 @@ fn describe<I: Debug, O: Debug>(number: usize, op: &Operation<I, O>) -> String {
     let (until, answer) = match &op.completion {
         Completion::Returned { at, output } => (seconds(*at), format!("{output:?}")),
         Completion::Failed => ("failed".to_owned(), "(did not take effect)".to_owned()),
-        Completion::Unknown => (
-            "?".to_owned(),
-            "unknown (may or may not have taken effect)".to_owned(),
-        ),
+        Completion::Unknown => ("?".to_owned(), "unknown (may or may not have taken effect)".to_owned()),
     };
-    format!(
-        "#{number} client {} [{}, {until}] {:?} -> {answer}",
-        op.client,
-        seconds(op.call),
-        op.input
-    )
+    format!("#{number} client {} [{}, {until}] {:?} -> {answer}", op.client, seconds(op.call), op.input)
 }
 
 /// The explanation of an illegal key: its operations, and the longest
@@ -600,10 +554,7 @@ fn explain<M: Model>(
     for &i in longest {
         let op = ops[i];
         let Some(next) = model.step(&state, &op.input, op.completion.output()) else {
-            let _ = writeln!(
-                out,
-                "  (the model rejects the next step on replay: it is not deterministic)"
-            );
+            let _ = writeln!(out, "  (the model rejects the next step on replay: it is not deterministic)");
             return out;
         };
         state = next;
@@ -804,10 +755,7 @@ impl Model for SessionModel {
             (Call::Get { .. }, None) => Some(state.clone()),
             (Call::Get { .. }, Some(Ret::Found { ended })) => match (state, ended) {
                 (Live { .. }, None) => Some(Live { id }),
-                (Live { .. }, Some(EndedBy::Spontaneous)) => Some(Ended {
-                    id,
-                    by: EndedBy::Spontaneous,
-                }),
+                (Live { .. }, Some(EndedBy::Spontaneous)) => Some(Ended { id, by: EndedBy::Spontaneous }),
                 (Ended { by, .. }, Some(seen)) if by == seen => Some(Ended { id, by: *by }),
                 _ => None,
             },
@@ -815,10 +763,7 @@ impl Model for SessionModel {
             // live session (leaving it out covers "it had expired first").
             (Call::Delete { .. }, None) => Some(match state {
                 NotCreated => NotCreated,
-                Live { .. } => Ended {
-                    id,
-                    by: EndedBy::Client,
-                },
+                Live { .. } => Ended { id, by: EndedBy::Client },
                 Ended { by, .. } => Ended { id, by: *by },
             }),
             (Call::Delete { .. }, Some(Ret::Deleted { ended: Some(seen) })) => match state {
@@ -830,10 +775,7 @@ impl Model for SessionModel {
             // A live session in a delete's answer, or an answer of the wrong
             // kind for the call.
             (Call::Delete { .. }, Some(Ret::Deleted { ended: None }))
-            | (
-                Call::Create { .. },
-                Some(Ret::Found { .. } | Ret::NotFound | Ret::Deleted { .. }),
-            )
+            | (Call::Create { .. }, Some(Ret::Found { .. } | Ret::NotFound | Ret::Deleted { .. }))
             | (Call::Get { .. }, Some(Ret::Created { .. } | Ret::Deleted { .. }))
             | (Call::Delete { .. }, Some(Ret::Created { .. } | Ret::Found { .. })) => None,
         }
@@ -894,22 +836,14 @@ impl Default for History {
 impl History {
     /// An empty history whose clock starts now.
     pub fn new() -> Self {
-        History {
-            shared: Arc::new(Shared {
-                origin: Instant::now(),
-                ops: Mutex::new(Vec::new()),
-            }),
-        }
+        History { shared: Arc::new(Shared { origin: Instant::now(), ops: Mutex::new(Vec::new()) }) }
     }
 
     /// The recorded calls. A panic elsewhere while the lock was held cannot
     /// leave them inconsistent (each change is one push or one assignment),
     /// so a poisoned lock is used as is.
     fn ops(&self) -> std::sync::MutexGuard<'_, Vec<Recorded>> {
-        self.shared
-            .ops
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
+        self.shared.ops.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
     /// Records that `client` is about to make `call`; returns the handle to
@@ -917,12 +851,7 @@ impl History {
     pub fn invoke(&self, client: u64, call: Call) -> OpId {
         let invoked = self.shared.origin.elapsed();
         let mut ops = self.ops();
-        ops.push(Recorded {
-            client,
-            call,
-            invoked,
-            completion: None,
-        });
+        ops.push(Recorded { client, call, invoked, completion: None });
         OpId(ops.len() - 1)
     }
 
@@ -1003,20 +932,11 @@ fn session_owners(records: &[Recorded]) -> HashMap<&str, (&str, usize)> {
 /// `r` as an [`Operation`] of `key`; never completed counts as unknown.
 fn to_operation(r: &Recorded, key: String) -> Operation<Call, Ret> {
     let completion = match &r.completion {
-        Some((at, Outcome::Ok(ret))) => Completion::Returned {
-            at: *at,
-            output: ret.clone(),
-        },
+        Some((at, Outcome::Ok(ret))) => Completion::Returned { at: *at, output: ret.clone() },
         Some((_, Outcome::Failed)) => Completion::Failed,
         Some((_, Outcome::Unknown)) | None => Completion::Unknown,
     };
-    Operation {
-        key,
-        client: r.client,
-        input: r.call.clone(),
-        call: r.invoked,
-        completion,
-    }
+    Operation { key, client: r.client, input: r.call.clone(), call: r.invoked, completion }
 }
 
 fn to_operations(records: &[Recorded]) -> Vec<Operation<Call, Ret>> {
@@ -1026,12 +946,10 @@ fn to_operations(records: &[Recorded]) -> Vec<Operation<Call, Ret>> {
         .map(|r| {
             let key = match &r.call {
                 Call::Create { request_id } => request_key(request_id),
-                Call::Get { session_id } | Call::Delete { session_id } => {
-                    match owners.get(session_id.as_str()) {
-                        Some((request_id, _)) => request_key(request_id),
-                        None => session_key(session_id),
-                    }
-                }
+                Call::Get { session_id } | Call::Delete { session_id } => match owners.get(session_id.as_str()) {
+                    Some((request_id, _)) => request_key(request_id),
+                    None => session_key(session_id),
+                },
             };
             to_operation(r, key)
         })
@@ -1073,24 +991,16 @@ mod tests {
     // ----- building histories with explicit times (milliseconds) -----
 
     fn create(request_id: &str) -> Call {
-        Call::Create {
-            request_id: request_id.into(),
-        }
+        Call::Create { request_id: request_id.into() }
     }
     fn get(session_id: &str) -> Call {
-        Call::Get {
-            session_id: session_id.into(),
-        }
+        Call::Get { session_id: session_id.into() }
     }
     fn delete(session_id: &str) -> Call {
-        Call::Delete {
-            session_id: session_id.into(),
-        }
+        Call::Delete { session_id: session_id.into() }
     }
     fn created(session_id: &str) -> Outcome {
-        Outcome::Ok(Ret::Created {
-            session_id: session_id.into(),
-        })
+        Outcome::Ok(Ret::Created { session_id: session_id.into() })
     }
     fn live() -> Outcome {
         Outcome::Ok(Ret::Found { ended: None })
@@ -1122,12 +1032,7 @@ mod tests {
 
         /// A call that never completed.
         fn pending(mut self, client: u64, call: Call, from: u64) -> Self {
-            self.0.push(Recorded {
-                client,
-                call,
-                invoked: Duration::from_millis(from),
-                completion: None,
-            });
+            self.0.push(Recorded { client, call, invoked: Duration::from_millis(from), completion: None });
             self
         }
 
@@ -1142,11 +1047,7 @@ mod tests {
 
     #[track_caller]
     fn assert_ok(result: CheckResult) {
-        assert_eq!(
-            result,
-            CheckResult::Ok,
-            "expected linearizable, got: {result}"
-        );
+        assert_eq!(result, CheckResult::Ok, "expected linearizable, got: {result}");
     }
 
     #[track_caller]
@@ -1216,9 +1117,7 @@ mod tests {
     #[test]
     fn stale_read_is_illegal() {
         // Client 1's create was acknowledged before client 2 asked.
-        let script = Script::default()
-            .op(1, create("r1"), 0, 1, created("s1"))
-            .op(2, get("s1"), 2, 3, not_found());
+        let script = Script::default().op(1, create("r1"), 0, 1, created("s1")).op(2, get("s1"), 2, 3, not_found());
         let explanation = assert_illegal(script.check(), "request r1");
         assert!(explanation.contains("#1 client 2"), "{explanation}");
         assert!(explanation.contains("NotFound"), "{explanation}");
@@ -1243,29 +1142,22 @@ mod tests {
             .op(4, get("s1"), 6, 7, live());
         let explanation = assert_illegal(script.check(), "request r1");
         assert!(explanation.contains("(2 of 4 operations)"), "{explanation}");
-        assert!(
-            explanation.contains("No extension of that prefix linearizes #2"),
-            "{explanation}"
-        );
+        assert!(explanation.contains("No extension of that prefix linearizes #2"), "{explanation}");
 
         // A delete that says it never existed.
-        let script = Script::default()
-            .op(1, create("r1"), 0, 1, created("s1"))
-            .op(2, delete("s1"), 2, 3, not_found());
+        let script = Script::default().op(1, create("r1"), 0, 1, created("s1")).op(2, delete("s1"), 2, 3, not_found());
         assert_illegal(script.check(), "request r1");
     }
 
     #[test]
     fn create_retry_with_different_session_id_is_illegal() {
-        let script = Script::default()
-            .op(1, create("r1"), 0, 1, created("s1"))
-            .op(1, create("r1"), 2, 3, created("s2"));
+        let script =
+            Script::default().op(1, create("r1"), 0, 1, created("s1")).op(1, create("r1"), 2, 3, created("s2"));
         assert_illegal(script.check(), "request r1");
 
         // Concurrent retries cannot disagree either.
-        let script = Script::default()
-            .op(1, create("r1"), 0, 10, created("s1"))
-            .op(2, create("r1"), 1, 9, created("s2"));
+        let script =
+            Script::default().op(1, create("r1"), 0, 10, created("s1")).op(2, create("r1"), 1, 9, created("s2"));
         assert_illegal(script.check(), "request r1");
 
         // Nor after the session was deleted.
@@ -1280,10 +1172,13 @@ mod tests {
     fn unknown_create_that_later_appears_is_ok() {
         // The get sees the session before any create of r1 was acknowledged:
         // only the unknown create can explain it.
-        let script = Script::default()
-            .op(1, create("r1"), 0, 1, Outcome::Unknown)
-            .op(2, get("s1"), 2, 3, live())
-            .op(1, create("r1"), 4, 5, created("s1"));
+        let script = Script::default().op(1, create("r1"), 0, 1, Outcome::Unknown).op(2, get("s1"), 2, 3, live()).op(
+            1,
+            create("r1"),
+            4,
+            5,
+            created("s1"),
+        );
         assert_ok(script.check());
 
         // The same with a create that never completed, seen ended later.
@@ -1295,21 +1190,13 @@ mod tests {
         assert_ok(script.check());
 
         // Without the unknown create, the early get is a violation.
-        let script = Script::default().op(2, get("s1"), 2, 3, live()).op(
-            1,
-            create("r1"),
-            4,
-            5,
-            created("s1"),
-        );
+        let script = Script::default().op(2, get("s1"), 2, 3, live()).op(1, create("r1"), 4, 5, created("s1"));
         assert_illegal(script.check(), "request r1");
     }
 
     #[test]
     fn unknown_create_that_never_appears_is_ok() {
-        let script = Script::default()
-            .op(1, create("r1"), 0, 1, Outcome::Unknown)
-            .pending(2, create("r2"), 0);
+        let script = Script::default().op(1, create("r1"), 0, 1, Outcome::Unknown).pending(2, create("r2"), 0);
         assert_ok(script.check());
 
         // Not there at the first get; the retry then creates it.
@@ -1331,19 +1218,13 @@ mod tests {
             input,
             call: Duration::from_millis(from),
             completion: match output {
-                Some(output) => Completion::Returned {
-                    at: Duration::from_millis(to),
-                    output,
-                },
+                Some(output) => Completion::Returned { at: Duration::from_millis(to), output },
                 None => Completion::Unknown,
             },
         };
         let found = || Some(Ret::Found { ended: None });
-        let mut ops = vec![
-            op(1, create("r1"), 0, 1, None),
-            op(2, get("s1"), 2, 3, found()),
-            op(3, get("s1"), 4, 5, found()),
-        ];
+        let mut ops =
+            vec![op(1, create("r1"), 0, 1, None), op(2, get("s1"), 2, 3, found()), op(3, get("s1"), 4, 5, found())];
         assert_ok(check_operations(&SessionModel, &ops));
         ops.push(op(3, get("s2"), 6, 7, found()));
         assert_illegal(check_operations(&SessionModel, &ops), "k");
@@ -1395,9 +1276,8 @@ mod tests {
 
     #[test]
     fn client_end_without_delete_is_illegal() {
-        let script = Script::default()
-            .op(1, create("r1"), 0, 1, created("s1"))
-            .op(2, get("s1"), 2, 3, ended(EndedBy::Client));
+        let script =
+            Script::default().op(1, create("r1"), 0, 1, created("s1")).op(2, get("s1"), 2, 3, ended(EndedBy::Client));
         assert_illegal(script.check(), "request r1");
 
         // A delete that failed definitely does not explain it either...
@@ -1417,27 +1297,19 @@ mod tests {
 
     #[test]
     fn delete_answering_live_session_is_illegal() {
-        let script = Script::default()
-            .op(1, create("r1"), 0, 1, created("s1"))
-            .op(
-                1,
-                delete("s1"),
-                2,
-                3,
-                Outcome::Ok(Ret::Deleted { ended: None }),
-            );
+        let script = Script::default().op(1, create("r1"), 0, 1, created("s1")).op(
+            1,
+            delete("s1"),
+            2,
+            3,
+            Outcome::Ok(Ret::Deleted { ended: None }),
+        );
         assert_illegal(script.check(), "request r1");
     }
 
     #[test]
     fn unknown_session_id_has_its_own_key() {
-        let script = Script::default().op(1, get("ghost"), 0, 1, not_found()).op(
-            1,
-            delete("ghost"),
-            2,
-            3,
-            not_found(),
-        );
+        let script = Script::default().op(1, get("ghost"), 0, 1, not_found()).op(1, delete("ghost"), 2, 3, not_found());
         assert_ok(script.check());
 
         let script = Script::default().op(1, get("ghost"), 0, 1, live());
@@ -1446,14 +1318,10 @@ mod tests {
 
     #[test]
     fn session_id_returned_for_two_request_ids_is_illegal() {
-        let script = Script::default()
-            .op(1, create("r1"), 0, 1, created("s1"))
-            .op(2, create("r2"), 2, 3, created("s1"));
+        let script =
+            Script::default().op(1, create("r1"), 0, 1, created("s1")).op(2, create("r2"), 2, 3, created("s1"));
         let explanation = assert_illegal(script.check(), "session s1");
-        assert!(
-            explanation.contains("\n  #0 client 1") && explanation.contains("\n  #1 client 2"),
-            "{explanation}"
-        );
+        assert!(explanation.contains("\n  #0 client 1") && explanation.contains("\n  #1 client 2"), "{explanation}");
     }
 
     #[test]
@@ -1482,21 +1350,12 @@ mod tests {
         }
         assert_eq!(
             script.check_with_budget(5),
-            CheckResult::Unknown {
-                keys: vec!["request r1".to_owned()],
-                max_steps_per_key: 5
-            }
+            CheckResult::Unknown { keys: vec!["request r1".to_owned()], max_steps_per_key: 5 }
         );
         assert_ok(script.check());
 
         // Illegal on another key wins over unknown.
-        let script = script.op(1, create("r2"), 200, 201, created("s2")).op(
-            1,
-            get("s2"),
-            202,
-            203,
-            not_found(),
-        );
+        let script = script.op(1, create("r2"), 200, 201, created("s2")).op(1, get("s2"), 202, 203, not_found());
         assert_illegal(script.check_with_budget(5), "request r2");
     }
 
@@ -1537,17 +1396,9 @@ mod tests {
             client,
             input,
             call: Duration::from_millis(from),
-            completion: Completion::Returned {
-                at: Duration::from_millis(to),
-                output,
-            },
+            completion: Completion::Returned { at: Duration::from_millis(to), output },
         };
-        let mut ops = vec![
-            op(1, Some(1), 0, 10, 0),
-            op(2, None, 1, 2, 0),
-            op(3, None, 3, 4, 1),
-            op(2, None, 5, 6, 1),
-        ];
+        let mut ops = vec![op(1, Some(1), 0, 10, 0), op(2, None, 1, 2, 0), op(3, None, 3, 4, 1), op(2, None, 5, 6, 1)];
         assert_ok(check_operations(&Register, &ops));
         // A read of the old value after a read of the new one.
         ops.push(op(3, None, 7, 8, 0));
@@ -1573,10 +1424,7 @@ mod tests {
                             _ => Call::Delete { session_id },
                         };
                         let op = history.invoke(client, call.clone());
-                        let ret = server
-                            .lock()
-                            .unwrap_or_else(PoisonError::into_inner)
-                            .apply(&call);
+                        let ret = server.lock().unwrap_or_else(PoisonError::into_inner).apply(&call);
                         history.complete(op, Outcome::Ok(ret));
                     }
                 })
@@ -1592,10 +1440,7 @@ mod tests {
         let op = history.invoke(99, delete("s-r0"));
         assert_eq!(op.index(), 8 * 150);
         assert_ok(history.check());
-        assert_eq!(
-            history.operations()[op.index()].completion,
-            Completion::Unknown
-        );
+        assert_eq!(history.operations()[op.index()].completion, Completion::Unknown);
     }
 
     // ----- a simulated linearizable service -----
@@ -1649,14 +1494,11 @@ mod tests {
             match call {
                 Call::Create { request_id } => {
                     if let Some(session_id) = self.by_request.get(request_id) {
-                        return Ret::Created {
-                            session_id: session_id.clone(),
-                        };
+                        return Ret::Created { session_id: session_id.clone() };
                     }
                     self.next_id += 1;
                     let session_id = format!("s{}", self.next_id);
-                    self.by_request
-                        .insert(request_id.clone(), session_id.clone());
+                    self.by_request.insert(request_id.clone(), session_id.clone());
                     self.sessions.insert(session_id.clone(), None);
                     Ret::Created { session_id }
                 }
@@ -1676,12 +1518,8 @@ mod tests {
 
         /// A TTL expiry of some live session.
         fn expire_one(&mut self, rng: &mut XorShift) {
-            let live: Vec<String> = self
-                .sessions
-                .iter()
-                .filter(|(_, e)| e.is_none())
-                .map(|(id, _)| id.clone())
-                .collect();
+            let live: Vec<String> =
+                self.sessions.iter().filter(|(_, e)| e.is_none()).map(|(id, _)| id.clone()).collect();
             if let Some(id) = rng.pick(&live) {
                 self.sessions.insert(id.clone(), Some(EndedBy::Spontaneous));
             }
@@ -1721,25 +1559,14 @@ mod tests {
     ///
     /// With `request_ids_max: Some(n)`, all creates use one of `n` request ids, so
     /// that many clients work on the same few keys at once.
-    fn simulate(
-        seed: u64,
-        clients: usize,
-        total: usize,
-        request_ids_max: Option<usize>,
-    ) -> Vec<Recorded> {
+    fn simulate(seed: u64, clients: usize, total: usize, request_ids_max: Option<usize>) -> Vec<Recorded> {
         let mut rng = XorShift::new(seed);
         let mut server = SimServer::default();
         let mut records: Vec<Recorded> = Vec::new();
         let mut request_ids: Vec<String> = Vec::new();
         let mut known_sessions: Vec<String> = Vec::new();
         let mut sim: Vec<SimClient> = (0..clients)
-            .map(|_| SimClient {
-                at: rng.below(50),
-                phase: Phase::Idle,
-                record: 0,
-                fate: Fate::Answered,
-                answer: None,
-            })
+            .map(|_| SimClient { at: rng.below(50), phase: Phase::Idle, record: 0, fate: Fate::Answered, answer: None })
             .collect();
 
         while records.len() < total {
@@ -1785,8 +1612,7 @@ mod tests {
                     if rng.percent(4) {
                         // Rejected or never sent: no effect, known failure.
                         let done = now + 1 + rng.below(50);
-                        records[client.record].completion =
-                            Some((Duration::from_micros(done), Outcome::Failed));
+                        records[client.record].completion = Some((Duration::from_micros(done), Outcome::Failed));
                         client.at = done + rng.below(100);
                     } else {
                         client.fate = match rng.below(100) {
@@ -1801,9 +1627,7 @@ mod tests {
                 Phase::Sent => {
                     client.answer = match client.fate {
                         Fate::LostBeforeEffect => None,
-                        Fate::Answered | Fate::LostAfterEffect => {
-                            Some(server.apply(&records[client.record].call))
-                        }
+                        Fate::Answered | Fate::LostAfterEffect => Some(server.apply(&records[client.record].call)),
                     };
                     if rng.percent(3) {
                         server.expire_one(&mut rng);
@@ -1837,9 +1661,7 @@ mod tests {
     fn corrupt_one_read(records: &mut [Recorded]) -> String {
         let mut acknowledged: BTreeMap<&str, (Duration, &str)> = BTreeMap::new();
         for r in records.iter() {
-            if let (Some((at, _)), Some((request_id, session_id))) =
-                (&r.completion, acknowledged_create(r))
-            {
+            if let (Some((at, _)), Some((request_id, session_id))) = (&r.completion, acknowledged_create(r)) {
                 let earliest = acknowledged.entry(session_id).or_insert((*at, request_id));
                 earliest.0 = earliest.0.min(*at);
             }
@@ -1855,10 +1677,7 @@ mod tests {
                 _ => None,
             })
             .collect();
-        assert!(
-            !candidates.is_empty(),
-            "the simulation produced no read to corrupt"
-        );
+        assert!(!candidates.is_empty(), "the simulation produced no read to corrupt");
         let (index, key) = candidates[candidates.len() / 2].clone();
         if let Some((_, outcome)) = &mut records[index].completion {
             *outcome = Outcome::Ok(Ret::NotFound);
@@ -1870,15 +1689,11 @@ mod tests {
     fn randomized_linearizable_history_is_ok_and_corrupted_read_is_illegal() {
         // Many keys with a few clients each, and a few keys that 12 clients
         // share (so hundreds of operations per key, many of them concurrent).
-        let runs = (1..=6)
-            .map(|seed| (seed, 16, 3000, None))
-            .chain((7..=8).map(|seed| (seed, 12, 1500, Some(3))));
+        let runs = (1..=6).map(|seed| (seed, 16, 3000, None)).chain((7..=8).map(|seed| (seed, 12, 1500, Some(3))));
         for (seed, clients, total, request_ids_max) in runs {
             let mut records = simulate(seed, clients, total, request_ids_max);
-            let unknown = records
-                .iter()
-                .filter(|r| !matches!(r.completion, Some((_, Outcome::Ok(_) | Outcome::Failed))))
-                .count();
+            let unknown =
+                records.iter().filter(|r| !matches!(r.completion, Some((_, Outcome::Ok(_) | Outcome::Failed)))).count();
             let mut per_key: BTreeMap<String, usize> = BTreeMap::new();
             for op in to_operations(&records) {
                 *per_key.entry(op.key).or_default() += 1;

@@ -127,9 +127,8 @@ pub fn warn_loopback(why: &str) {
 }
 
 fn find_tool(name: &str) -> Option<PathBuf> {
-    let mut dirs: Vec<PathBuf> = std::env::var_os("PATH")
-        .map(|p| std::env::split_paths(&p).collect())
-        .unwrap_or_default();
+    let mut dirs: Vec<PathBuf> =
+        std::env::var_os("PATH").map(|p| std::env::split_paths(&p).collect()).unwrap_or_default();
     for d in ["/usr/sbin", "/sbin", "/usr/bin", "/bin"] {
         dirs.push(PathBuf::from(d));
     }
@@ -157,12 +156,7 @@ fn run(program: &str, args: &[&str]) -> Result<String> {
     if out.status.success() {
         Ok(String::from_utf8_lossy(&out.stdout).into_owned())
     } else {
-        bail!(
-            "`{program} {}` failed ({}): {}",
-            args.join(" "),
-            out.status,
-            String::from_utf8_lossy(&out.stderr).trim()
-        )
+        bail!("`{program} {}` failed ({}): {}", args.join(" "), out.status, String::from_utf8_lossy(&out.stderr).trim())
     }
 }
 
@@ -276,10 +270,9 @@ fn owner_alive(path: &Path) -> bool {
         return false;
     };
     let mut it = text.split_whitespace();
-    let (Some(pid), Some(start)) = (
-        it.next().and_then(|s| s.parse::<i32>().ok()),
-        it.next().and_then(|s| s.parse::<u64>().ok()),
-    ) else {
+    let (Some(pid), Some(start)) =
+        (it.next().and_then(|s| s.parse::<i32>().ok()), it.next().and_then(|s| s.parse::<u64>().ok()))
+    else {
         // Written in one call right after creation; empty only for an instant.
         return std::fs::metadata(path)
             .and_then(|m| m.modified())
@@ -390,12 +383,7 @@ pub fn cleanup_stale() -> Result<Vec<String>> {
         .iter()
         .filter_map(|n| ns_id(n))
         .chain(links.iter().filter_map(|l| link_id(l)))
-        .chain(rules.iter().filter_map(|r| {
-            r.split_whitespace()
-                .skip_while(|w| *w != "-i")
-                .nth(1)
-                .and_then(link_id)
-        }))
+        .chain(rules.iter().filter_map(|r| r.split_whitespace().skip_while(|w| *w != "-i").nth(1).and_then(link_id)))
         .map(str::to_string)
         .collect();
     if let Ok(dir) = std::fs::read_dir(STATE_DIR) {
@@ -544,10 +532,7 @@ impl Network {
         if let Some(h) = self.host(key) {
             return Ok(h.clone());
         }
-        let n: u16 = key
-            .get(1..)
-            .and_then(|n| n.parse().ok())
-            .ok_or_else(|| anyhow!("bad host key {key:?}"))?;
+        let n: u16 = key.get(1..).and_then(|n| n.parse().ok()).ok_or_else(|| anyhow!("bad host key {key:?}"))?;
         let last = match key.as_bytes()[0] {
             b'c' if (1..=89).contains(&n) => 10 + n,
             b'a' if (1..=150).contains(&n) => 100 + n,
@@ -588,9 +573,7 @@ impl Network {
     }
 
     fn cut_index(&self, a: &str, b: &str) -> Option<usize> {
-        self.cuts
-            .iter()
-            .position(|c| (c.a == a && c.b == b) || (c.a == b && c.b == a))
+        self.cuts.iter().position(|c| (c.a == a && c.b == b) || (c.a == b && c.b == a))
     }
 
     /// The two rules (without the command) that cut off `ip`.
@@ -655,12 +638,8 @@ impl Network {
 
     /// Restores every cut link of `key`.
     pub fn heal_host(&mut self, key: &str) -> Result<()> {
-        let pairs: Vec<(String, String)> = self
-            .cuts
-            .iter()
-            .filter(|c| c.a == key || c.b == key)
-            .map(|c| (c.a.clone(), c.b.clone()))
-            .collect();
+        let pairs: Vec<(String, String)> =
+            self.cuts.iter().filter(|c| c.a == key || c.b == key).map(|c| (c.a.clone(), c.b.clone())).collect();
         for (a, b) in pairs {
             self.restore(&a, &b)?;
         }

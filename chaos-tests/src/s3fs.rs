@@ -90,7 +90,8 @@ impl PrefixFs {
     }
 
     fn bucket_root(&self, bucket: &str) -> S3Result<PathBuf> {
-        let rel = relative(bucket).filter(|p| p.components().count() == 1).ok_or_else(|| s3_error!(InvalidBucketName))?;
+        let rel =
+            relative(bucket).filter(|p| p.components().count() == 1).ok_or_else(|| s3_error!(InvalidBucketName))?;
         let path = self.root.join(rel);
         if !path.is_dir() {
             return Err(s3_error!(NoSuchBucket));
@@ -219,7 +220,10 @@ impl S3 for PrefixFs {
         self.inner.delete_bucket(req).await
     }
 
-    async fn get_bucket_location(&self, req: S3Request<GetBucketLocationInput>) -> S3Result<S3Response<GetBucketLocationOutput>> {
+    async fn get_bucket_location(
+        &self,
+        req: S3Request<GetBucketLocationInput>,
+    ) -> S3Result<S3Response<GetBucketLocationOutput>> {
         self.inner.get_bucket_location(req).await
     }
 
@@ -254,7 +258,10 @@ impl S3 for PrefixFs {
         self.inner.upload_part(req).await
     }
 
-    async fn upload_part_copy(&self, req: S3Request<UploadPartCopyInput>) -> S3Result<S3Response<UploadPartCopyOutput>> {
+    async fn upload_part_copy(
+        &self,
+        req: S3Request<UploadPartCopyInput>,
+    ) -> S3Result<S3Response<UploadPartCopyOutput>> {
         let _shared = self.prune.read().await;
         self.inner.upload_part_copy(req).await
     }

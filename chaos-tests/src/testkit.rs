@@ -17,19 +17,11 @@ pub fn request_id(prefix: &str) -> String {
 
 /// Creates a session and waits until it is RUNNING (with node address and token).
 pub async fn create_running(client: &Client, spec: CreateSession) -> Result<proto::Session> {
-    let created = client
-        .create_session(spec)
-        .await
-        .map_err(|e| anyhow!("CreateSession failed: {e}"))?;
+    let created = client.create_session(spec).await.map_err(|e| anyhow!("CreateSession failed: {e}"))?;
     client
         .wait_running(&created.id, RUNNING_TIMEOUT)
         .await
-        .map_err(|e| {
-            anyhow!(
-                "session {} did not become RUNNING within {RUNNING_TIMEOUT:?}: {e}",
-                created.id
-            )
-        })
+        .map_err(|e| anyhow!("session {} did not become RUNNING within {RUNNING_TIMEOUT:?}: {e}", created.id))
 }
 
 /// A small default spec with a fresh request id: 256 MiB, half a core, 128 pids, 10 min TTL.
@@ -68,10 +60,7 @@ pub async fn exec_python(
     timeout: Duration,
 ) -> Result<ExecOutput> {
     client
-        .exec_collect(
-            session,
-            ExecRequest::code(proto::Language::Python, code).timeout(timeout),
-        )
+        .exec_collect(session, ExecRequest::code(proto::Language::Python, code).timeout(timeout))
         .await
         .map_err(|e| anyhow!("python exec in {} failed: {e}", session.id))
 }
@@ -88,12 +77,7 @@ pub fn stderr(out: &ExecOutput) -> String {
 
 /// A one-line description of an exec result, for assertion messages.
 pub fn describe(out: &ExecOutput) -> String {
-    format!(
-        "exit={:?} stdout={:?} stderr={:?}",
-        out.exit,
-        truncate(&stdout(out), 2000),
-        truncate(&stderr(out), 2000)
-    )
+    format!("exit={:?} stdout={:?} stderr={:?}", out.exit, truncate(&stdout(out), 2000), truncate(&stderr(out), 2000))
 }
 
 fn truncate(s: &str, n: usize) -> String {
@@ -113,20 +97,11 @@ fn truncate(s: &str, n: usize) -> String {
 /// # Panics
 /// When it succeeded or failed with another code.
 #[track_caller]
-pub fn expect_code<T: Debug>(
-    what: &str,
-    result: Result<T, sandfleet::Error>,
-    code: tonic::Code,
-) -> sandfleet::Error {
+pub fn expect_code<T: Debug>(what: &str, result: Result<T, sandfleet::Error>, code: tonic::Code) -> sandfleet::Error {
     match result {
         Ok(v) => panic!("{what}: expected {code:?}, but the call succeeded with {v:?}"),
         Err(e) => {
-            assert_eq!(
-                e.code(),
-                Some(code),
-                "{what}: expected gRPC code {code:?}, got {:?}: {e}",
-                e.code()
-            );
+            assert_eq!(e.code(), Some(code), "{what}: expected gRPC code {code:?}, got {:?}: {e}", e.code());
             e
         }
     }
@@ -180,19 +155,13 @@ pub async fn list_all_sessions(
     let mut page_token = String::new();
     loop {
         let req = proto::ListSessionsRequest {
-            label_selector: selector
-                .iter()
-                .map(|(k, v)| (k.to_string(), v.to_string()))
-                .collect(),
+            label_selector: selector.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
             states: states.iter().map(|s| *s as i32).collect(),
             page_size: 1000,
             page_token: page_token.clone(),
             ..Default::default()
         };
-        let resp = client
-            .list_sessions(req)
-            .await
-            .map_err(|e| anyhow!("ListSessions failed: {e}"))?;
+        let resp = client.list_sessions(req).await.map_err(|e| anyhow!("ListSessions failed: {e}"))?;
         all.extend(resp.sessions);
         if resp.next_page_token.is_empty() {
             return Ok(all);
@@ -231,15 +200,10 @@ pub mod raw {
     use tonic::{Request, Status};
 
     async fn channel(node_address: &str) -> Result<Channel, Status> {
-        let uri = if node_address.contains("://") {
-            node_address.to_string()
-        } else {
-            format!("http://{node_address}")
-        };
+        let uri =
+            if node_address.contains("://") { node_address.to_string() } else { format!("http://{node_address}") };
         tonic::transport::Endpoint::from_shared(uri)
-            .map_err(|e| {
-                Status::invalid_argument(format!("bad node address {node_address:?}: {e}"))
-            })?
+            .map_err(|e| Status::invalid_argument(format!("bad node address {node_address:?}: {e}")))?
             .connect()
             .await
             .map_err(|e| Status::unavailable(format!("cannot connect to {node_address}: {e}")))
@@ -290,10 +254,7 @@ pub mod raw {
         path: &str,
     ) -> Result<Vec<u8>, Status> {
         let mut api = FileServiceClient::new(channel(node_address).await?);
-        let msg = proto::ReadFileRequest {
-            session_id: session_id.to_string(),
-            path: path.to_string(),
-        };
+        let msg = proto::ReadFileRequest { session_id: session_id.to_string(), path: path.to_string() };
         let mut stream = api.read_file(authed(msg, token)?).await?.into_inner();
         let mut out = Vec::new();
         while let Some(m) = stream.message().await? {
@@ -314,17 +275,9 @@ pub mod raw {
         let mut msgs = Vec::new();
         for (i, data) in chunks.into_iter().enumerate() {
             msgs.push(if i == 0 {
-                proto::WriteFileRequest {
-                    session_id: session_id.to_string(),
-                    path: path.to_string(),
-                    mode: 0,
-                    data,
-                }
+                proto::WriteFileRequest { session_id: session_id.to_string(), path: path.to_string(), mode: 0, data }
             } else {
-                proto::WriteFileRequest {
-                    data,
-                    ..Default::default()
-                }
+                proto::WriteFileRequest { data, ..Default::default() }
             });
         }
         if msgs.is_empty() {
@@ -334,10 +287,7 @@ pub mod raw {
                 ..Default::default()
             });
         }
-        Ok(api
-            .write_file(authed(futures::stream::iter(msgs), token)?)
-            .await?
-            .into_inner())
+        Ok(api.write_file(authed(futures::stream::iter(msgs), token)?).await?.into_inner())
     }
 
     /// Lists a directory.
@@ -348,24 +298,13 @@ pub mod raw {
         path: &str,
     ) -> Result<Vec<proto::FileEntry>, Status> {
         let mut api = FileServiceClient::new(channel(node_address).await?);
-        let msg = proto::ListFilesRequest {
-            session_id: session_id.to_string(),
-            path: path.to_string(),
-        };
-        Ok(api
-            .list_files(authed(msg, token)?)
-            .await?
-            .into_inner()
-            .entries)
+        let msg = proto::ListFilesRequest { session_id: session_id.to_string(), path: path.to_string() };
+        Ok(api.list_files(authed(msg, token)?).await?.into_inner().entries)
     }
 
     /// Asserts that `result` is an error with one of `codes`, and returns it.
     #[track_caller]
-    pub fn expect_one_of<T: std::fmt::Debug>(
-        what: &str,
-        result: Result<T, Status>,
-        codes: &[tonic::Code],
-    ) -> Status {
+    pub fn expect_one_of<T: std::fmt::Debug>(what: &str, result: Result<T, Status>, codes: &[tonic::Code]) -> Status {
         match result {
             Ok(v) => panic!("{what}: expected one of {codes:?}, but the call succeeded with {v:?}"),
             Err(s) => {
@@ -382,21 +321,11 @@ pub mod raw {
 
     /// Asserts that `result` is an error with exactly `code`, and returns it.
     #[track_caller]
-    pub fn expect_status<T: std::fmt::Debug>(
-        what: &str,
-        result: Result<T, Status>,
-        code: tonic::Code,
-    ) -> Status {
+    pub fn expect_status<T: std::fmt::Debug>(what: &str, result: Result<T, Status>, code: tonic::Code) -> Status {
         match result {
             Ok(v) => panic!("{what}: expected {code:?}, but the call succeeded with {v:?}"),
             Err(s) => {
-                assert_eq!(
-                    s.code(),
-                    code,
-                    "{what}: expected {code:?}, got {:?}: {}",
-                    s.code(),
-                    s.message()
-                );
+                assert_eq!(s.code(), code, "{what}: expected {code:?}, got {:?}: {}", s.code(), s.message());
                 s
             }
         }

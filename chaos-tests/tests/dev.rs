@@ -53,7 +53,10 @@ impl Dev {
                 Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {}
                 Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => {
                     let status = child.wait().unwrap();
-                    panic!("sandfleet dev exited ({status}) before it was ready:\n{}", std::fs::read_to_string(&log).unwrap_or_default());
+                    panic!(
+                        "sandfleet dev exited ({status}) before it was ready:\n{}",
+                        std::fs::read_to_string(&log).unwrap_or_default()
+                    );
                 }
             }
             if Instant::now() > deadline {
@@ -71,7 +74,8 @@ impl Dev {
     /// SIGTERM, then the exit status (killed after 30 s).
     fn stop(&mut self) -> std::process::ExitStatus {
         let mut child = self.child.take().unwrap();
-        nix::sys::signal::kill(nix::unistd::Pid::from_raw(child.id() as i32), nix::sys::signal::Signal::SIGTERM).unwrap();
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(child.id() as i32), nix::sys::signal::Signal::SIGTERM)
+            .unwrap();
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
             if let Some(status) = child.try_wait().unwrap() {
@@ -129,7 +133,12 @@ async fn dev_runs_code_in_a_process_sandbox_and_stops_on_sigterm() {
 
 /// `docker` answers (no banner: only used for an extra check).
 fn docker_answers() -> bool {
-    Command::new("docker").arg("version").stdout(Stdio::null()).stderr(Stdio::null()).status().is_ok_and(|s| s.success())
+    Command::new("docker")
+        .arg("version")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

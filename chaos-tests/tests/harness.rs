@@ -52,10 +52,7 @@ while True:
 "#;
 
 fn fake_bins() -> TempDir {
-    let dir = tempfile::Builder::new()
-        .prefix("sandfleet-fake-bins-")
-        .tempdir()
-        .unwrap();
+    let dir = tempfile::Builder::new().prefix("sandfleet-fake-bins-").tempdir().unwrap();
     for name in ["sandfleet-coordinator", "sandfleet-agent"] {
         let p = dir.path().join(name);
         std::fs::write(&p, FAKE).unwrap();
@@ -65,11 +62,7 @@ fn fake_bins() -> TempDir {
 }
 
 fn python_available() -> bool {
-    let ok = std::process::Command::new("python3")
-        .arg("-c")
-        .arg("pass")
-        .status()
-        .is_ok_and(|s| s.success());
+    let ok = std::process::Command::new("python3").arg("-c").arg("pass").status().is_ok_and(|s| s.success());
     if !ok {
         eprintln!("SKIPPED (facility missing): python3 on PATH, needed by the stand-in binaries");
     }
@@ -77,9 +70,7 @@ fn python_available() -> bool {
 }
 
 fn starts(data_dir: &Path) -> usize {
-    std::fs::read_to_string(data_dir.join("starts"))
-        .map(|s| s.lines().count())
-        .unwrap_or(0)
+    std::fs::read_to_string(data_dir.join("starts")).map(|s| s.lines().count()).unwrap_or(0)
 }
 
 #[tokio::test]
@@ -102,82 +93,33 @@ async fn starts_kills_terminates_and_restarts_processes() {
 
     assert_eq!(c.coordinators.len(), 2);
     assert_eq!(c.agents.len(), 2);
-    assert!(
-        c.coordinators[0].args.contains(&"--bootstrap".to_string()),
-        "{:?}",
-        c.coordinators[0].args
-    );
-    assert!(
-        !c.coordinators[1].args.contains(&"--bootstrap".to_string()),
-        "{:?}",
-        c.coordinators[1].args
-    );
-    assert_eq!(
-        c.endpoint(),
-        format!("{},{}", c.coordinators[0].addr, c.coordinators[1].addr)
-    );
+    assert!(c.coordinators[0].args.contains(&"--bootstrap".to_string()), "{:?}", c.coordinators[0].args);
+    assert!(!c.coordinators[1].args.contains(&"--bootstrap".to_string()), "{:?}", c.coordinators[1].args);
+    assert_eq!(c.endpoint(), format!("{},{}", c.coordinators[0].addr, c.coordinators[1].addr));
     for a in &c.agents {
-        let i = a
-            .args
-            .iter()
-            .position(|x| x == "--coordinators")
-            .expect("agents get --coordinators");
+        let i = a.args.iter().position(|x| x == "--coordinators").expect("agents get --coordinators");
         assert_eq!(a.args[i + 1], c.endpoint());
-        assert!(
-            a.args
-                .windows(2)
-                .any(|w| w[0] == "--runtime" && w[1] == "process"),
-            "{:?}",
-            a.args
-        );
+        assert!(a.args.windows(2).any(|w| w[0] == "--runtime" && w[1] == "process"), "{:?}", a.args);
     }
     assert!(c.agents[1].id.starts_with("n2-"), "{}", c.agents[1].id);
     assert_eq!(c.agents[1].ready["node_id"], c.agents[1].id.as_str());
-    assert_eq!(
-        &c.agents[0].id[2..],
-        &c.agents[1].id[2..],
-        "one suffix per cluster"
-    );
+    assert_eq!(&c.agents[0].id[2..], &c.agents[1].id[2..], "one suffix per cluster");
     let uid_base = |a: &sandfleet_chaos::Proc| {
-        let i = a
-            .args
-            .iter()
-            .position(|x| x == "--uid-base")
-            .expect("agents get a --uid-base");
+        let i = a.args.iter().position(|x| x == "--uid-base").expect("agents get a --uid-base");
         a.args[i + 1].parse::<u32>().unwrap()
     };
-    assert!(
-        uid_base(&c.agents[1]) >= uid_base(&c.agents[0]) + 1024,
-        "agents get disjoint uid ranges"
-    );
+    assert!(uid_base(&c.agents[1]) >= uid_base(&c.agents[0]) + 1024, "agents get disjoint uid ranges");
     {
         use std::os::unix::fs::PermissionsExt;
         let mode = std::fs::metadata(c.dir()).unwrap().permissions().mode() & 0o777;
-        assert_eq!(
-            mode & 0o001,
-            0o001,
-            "the cluster dir is traversable by session uids: {mode:o}"
-        );
+        assert_eq!(mode & 0o001, 0o001, "the cluster dir is traversable by session uids: {mode:o}");
     }
     for p in c.coordinators.iter().chain(c.agents.iter()) {
         assert!(!p.addr.ends_with(":0"), "{p:?}");
-        assert!(
-            p.args.contains(&p.addr),
-            "--listen is pinned to the bound address: {:?}",
-            p.args
-        );
-        TcpStream::connect(&p.addr)
-            .unwrap_or_else(|e| panic!("{} does not listen on {}: {e}", p.name, p.addr));
-        assert!(
-            p.log_tail(20).contains("starting with"),
-            "stderr goes to the log: {}",
-            p.log_tail(20)
-        );
-        assert!(
-            p.log_tail(20).contains("[stdout] not json, ignored"),
-            "stdout goes to the log: {}",
-            p.log_tail(20)
-        );
+        assert!(p.args.contains(&p.addr), "--listen is pinned to the bound address: {:?}", p.args);
+        TcpStream::connect(&p.addr).unwrap_or_else(|e| panic!("{} does not listen on {}: {e}", p.name, p.addr));
+        assert!(p.log_tail(20).contains("starting with"), "stderr goes to the log: {}", p.log_tail(20));
+        assert!(p.log_tail(20).contains("[stdout] not json, ignored"), "stdout goes to the log: {}", p.log_tail(20));
     }
 
     // SIGKILL and restart on the same address and data dir.
@@ -188,11 +130,7 @@ async fn starts_kills_terminates_and_restarts_processes() {
     c.restart(Target::Agent(0)).await.unwrap();
     assert_eq!(c.agents[0].addr, addr);
     assert_eq!(c.agents[0].starts, 2);
-    assert_eq!(
-        starts(&c.agents[0].data_dir),
-        2,
-        "the same data dir is reused"
-    );
+    assert_eq!(starts(&c.agents[0].data_dir), 2, "the same data dir is reused");
     TcpStream::connect(&addr).unwrap();
 
     // SIGTERM is a clean exit; restart keeps the address.
@@ -208,27 +146,16 @@ async fn starts_kills_terminates_and_restarts_processes() {
     assert_eq!(c.coordinators[0].starts, 2);
 
     // Dropping the cluster stops every process and removes the directory.
-    let pids: Vec<i32> = c
-        .coordinators
-        .iter()
-        .chain(c.agents.iter())
-        .map(|p| p.pid().expect("running") as i32)
-        .collect();
+    let pids: Vec<i32> =
+        c.coordinators.iter().chain(c.agents.iter()).map(|p| p.pid().expect("running") as i32).collect();
     let dir = c.dir().to_path_buf();
     drop(c);
     let deadline = Instant::now() + Duration::from_secs(10);
-    while pids
-        .iter()
-        .any(|p| host::process(*p).is_some_and(|p| p.state != 'Z'))
-        && Instant::now() < deadline
-    {
+    while pids.iter().any(|p| host::process(*p).is_some_and(|p| p.state != 'Z')) && Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     for pid in pids {
-        assert!(
-            host::process(pid).is_none_or(|p| p.state == 'Z'),
-            "pid {pid} survived the cluster's drop"
-        );
+        assert!(host::process(pid).is_none_or(|p| p.state == 'Z'), "pid {pid} survived the cluster's drop");
     }
     assert!(!dir.exists(), "the cluster directory is removed");
 }
@@ -250,16 +177,9 @@ async fn a_process_that_never_gets_ready_fails_the_start_with_its_log() {
         .await
         .expect_err("a hanging process must fail the start");
     let msg = format!("{err:#}");
-    assert!(
-        started.elapsed() < Duration::from_secs(15),
-        "took {:?}",
-        started.elapsed()
-    );
+    assert!(started.elapsed() < Duration::from_secs(15), "took {:?}", started.elapsed());
     assert!(msg.contains("did not print its ready line within"), "{msg}");
-    assert!(
-        msg.contains("fake coordinator starting"),
-        "the error carries the log tail: {msg}"
-    );
+    assert!(msg.contains("fake coordinator starting"), "the error carries the log tail: {msg}");
     assert!(msg.contains("logs kept in"), "{msg}");
 }
 
@@ -289,19 +209,9 @@ fn binaries_are_looked_up_next_to_the_test_executable() {
         return;
     }
     let dir = bins::bin_dir();
-    assert_ne!(
-        dir.file_name().and_then(|n| n.to_str()),
-        Some("deps"),
-        "{}",
-        dir.display()
-    );
+    assert_ne!(dir.file_name().and_then(|n| n.to_str()), Some("deps"), "{}", dir.display());
     let exe = std::env::current_exe().unwrap();
-    assert!(
-        exe.starts_with(&dir),
-        "{} is not under {}",
-        exe.display(),
-        dir.display()
-    );
+    assert!(exe.starts_with(&dir), "{} is not under {}", exe.display(), dir.display());
 }
 
 #[test]
@@ -311,9 +221,6 @@ fn sandbox_facility_probe_answers() {
         assert!(sandfleet_chaos::require_sandbox_facilities());
     } else {
         let missing = sandfleet_chaos::missing_facilities();
-        assert_eq!(
-            sandfleet_chaos::require_sandbox_facilities(),
-            missing.is_empty()
-        );
+        assert_eq!(sandfleet_chaos::require_sandbox_facilities(), missing.is_empty());
     }
 }

@@ -28,10 +28,12 @@ const NODE_TTL: Duration = Duration::from_secs(3);
 const MOVE_SLACK: Duration = Duration::from_secs(12);
 
 async fn two_nodes() -> Cluster {
-    let builder = ClusterBuilder::new()
-        .coordinators(1)
-        .agents(2)
-        .coordinator_args(["--agent-heartbeat", "500ms", "--node-ttl", "3s"]);
+    let builder = ClusterBuilder::new().coordinators(1).agents(2).coordinator_args([
+        "--agent-heartbeat",
+        "500ms",
+        "--node-ttl",
+        "3s",
+    ]);
     match builder.start().await {
         Ok(c) => c,
         Err(e) => panic!("cluster did not start: {e:#}"),
@@ -70,7 +72,9 @@ async fn wait_moved(client: &Client, moved: &[proto::Session], to: &str, deadlin
         assert!(
             Instant::now() < until,
             "sessions not running on {to} with a new generation within {deadline:?}: {:?}",
-            now.iter().map(|s| (s.id.clone(), s.state, s.node_id.clone(), s.generation, s.pending_reason.clone())).collect::<Vec<_>>()
+            now.iter()
+                .map(|s| (s.id.clone(), s.state, s.node_id.clone(), s.generation, s.pending_reason.clone()))
+                .collect::<Vec<_>>()
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }

@@ -71,7 +71,9 @@ async fn wait_moved(client: &Client, moved: &[proto::Session], to: &str, deadlin
         assert!(
             Instant::now() < until,
             "sessions not running on {to} with a new generation within {deadline:?}: {:?}",
-            now.iter().map(|s| (s.id.clone(), s.state, s.node_id.clone(), s.generation, s.pending_reason.clone())).collect::<Vec<_>>()
+            now.iter()
+                .map(|s| (s.id.clone(), s.state, s.node_id.clone(), s.generation, s.pending_reason.clone()))
+                .collect::<Vec<_>>()
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
@@ -124,9 +126,7 @@ async fn an_isolated_agent_loses_its_sessions_to_another_node_and_returns_after_
     for s in &victims {
         let left: Vec<_> = host::processes_in_cgroup_matching(&s.id)
             .into_iter()
-            .filter(|p| {
-                std::fs::read_to_string(format!("/proc/{}/cgroup", p.pid)).is_ok_and(|c| c.contains(&cut))
-            })
+            .filter(|p| std::fs::read_to_string(format!("/proc/{}/cgroup", p.pid)).is_ok_and(|c| c.contains(&cut)))
             .collect();
         assert!(left.is_empty(), "old copy of {} still has processes on {cut}: {left:?}", s.id);
     }
@@ -196,7 +196,8 @@ async fn an_isolated_leader_is_replaced_by_the_majority_and_converges_after_the_
     assert!(majority.contains(&cluster.coordinator_index(new_leader).unwrap()));
 
     // Writes succeed through the majority.
-    let majority_client = Client::connect(majority.iter().map(|i| cluster.coordinators[*i].addr.clone())).await.unwrap();
+    let majority_client =
+        Client::connect(majority.iter().map(|i| cluster.coordinators[*i].addr.clone())).await.unwrap();
     let during = create_running(&majority_client, small_session("during")).await.unwrap();
     majority_client.delete_session(&before.id).await.unwrap();
 
@@ -270,7 +271,11 @@ async fn cuts_are_exact_iptables_rules_and_everything_is_removed_on_drop() {
     let links = sh("ip -o link show");
     for h in &hosts {
         assert!(!netns.contains(&h.ns), "namespace {} left behind: {netns}", h.ns);
-        assert!(!links.contains(&format!("{}@", h.veth)) && !links.contains(&format!("{}:", h.veth)), "veth {} left", h.veth);
+        assert!(
+            !links.contains(&format!("{}@", h.veth)) && !links.contains(&format!("{}:", h.veth)),
+            "veth {} left",
+            h.veth
+        );
     }
     assert!(!links.contains(&format!("{bridge}:")), "bridge {bridge} left: {links}");
     assert!(!sh("iptables -w -S FORWARD").contains(&bridge), "FORWARD rule of {bridge} left");

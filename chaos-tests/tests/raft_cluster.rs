@@ -223,7 +223,10 @@ async fn leader_sigkill_during_creates_loses_nothing_and_fails_over_fast() {
     assert_eq!(converged.members.len(), 3);
     check_no_loss_no_dup(&client, &ledger, "kill").await;
     eprintln!("acked {} creates, {} with unknown outcome", ledger.acked.len(), ledger.unknown.len());
-    assert!(failover <= FAILOVER_BOUND, "writes resumed {failover:?} after the leader died; the bound is {FAILOVER_BOUND:?}");
+    assert!(
+        failover <= FAILOVER_BOUND,
+        "writes resumed {failover:?} after the leader died; the bound is {FAILOVER_BOUND:?}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -283,15 +286,8 @@ async fn member_that_missed_a_compaction_catches_up_through_a_snapshot() {
     let lagging = (leader + 1) % 3;
     let lagging_id = (lagging + 1) as u64;
     cluster.kill(Target::Coordinator(lagging)).await.unwrap();
-    let last_seen = cluster
-        .status()
-        .await
-        .unwrap()
-        .members
-        .iter()
-        .find(|m| m.id != lagging_id)
-        .map(|m| m.last_log_index)
-        .unwrap();
+    let last_seen =
+        cluster.status().await.unwrap().members.iter().find(|m| m.id != lagging_id).map(|m| m.last_log_index).unwrap();
 
     // Enough writes that the survivors snapshot and purge past what the lagging member has.
     let mut ledger = Ledger::default();

@@ -23,10 +23,12 @@ macro_rules! require_facilities {
 }
 
 async fn cluster(agents: usize) -> Cluster {
-    let builder = ClusterBuilder::new()
-        .coordinators(1)
-        .agents(agents)
-        .coordinator_args(["--agent-heartbeat", "500ms", "--node-ttl", "3s"]);
+    let builder = ClusterBuilder::new().coordinators(1).agents(agents).coordinator_args([
+        "--agent-heartbeat",
+        "500ms",
+        "--node-ttl",
+        "3s",
+    ]);
     match builder.start().await {
         Ok(c) => c,
         Err(e) => panic!("cluster did not start: {e:#}"),
@@ -139,14 +141,21 @@ async fn drain_moves_sessions_at_most_max_parallel_at_a_time() {
     assert!(moves.iter().all(|l| l.contains("sessions=1")), "{moves:#?}");
     for s in &sessions {
         let now = client.get_session(&s.id).await.unwrap();
-        assert_eq!((state_of(&now), now.node_id.as_str(), now.generation), (proto::SessionState::Running, b.as_str(), s.generation + 1));
+        assert_eq!(
+            (state_of(&now), now.node_id.as_str(), now.generation),
+            (proto::SessionState::Running, b.as_str(), s.generation + 1)
+        );
         let out = exec_python(&client, &now, "print(6*7)", Duration::from_secs(30)).await.unwrap();
         assert_eq!(stdout(&out).trim(), "42");
     }
     // The old copies are gone from the drained node, and nothing new lands there.
     wait_until("old copies removed", Duration::from_secs(10), || async {
         let left: Vec<_> = old_cgroups.iter().filter(|p| p.exists()).collect();
-        if left.is_empty() { Ok(()) } else { Err(format!("{left:?}")) }
+        if left.is_empty() {
+            Ok(())
+        } else {
+            Err(format!("{left:?}"))
+        }
     })
     .await;
     let s = client.create_session(on_node("after-drain", &a)).await.unwrap();
@@ -173,7 +182,8 @@ async fn restart_policy_lost_after_and_attempts() {
     client.cordon_node(&b, false).await.unwrap();
 
     // Bad policies are refused.
-    let err = client.create_session(small_session("too-eager").lost_after(Duration::from_millis(200))).await.unwrap_err();
+    let err =
+        client.create_session(small_session("too-eager").lost_after(Duration::from_millis(200))).await.unwrap_err();
     assert_eq!(err.code(), Some(tonic::Code::InvalidArgument), "{err}");
     let err = client.create_session(small_session("too-many").max_attempts(1_000_000)).await.unwrap_err();
     assert_eq!(err.code(), Some(tonic::Code::OutOfRange), "{err}");
@@ -183,17 +193,29 @@ async fn restart_policy_lost_after_and_attempts() {
     // The default session moves after the node TTL; the patient one waits for its 9 s.
     wait_until("quick session running on b", Duration::from_secs(15), || async {
         let s = client.get_session(&quick.id).await.map_err(|e| e.to_string())?;
-        if state_of(&s) == proto::SessionState::Running && s.node_id == b { Ok(()) } else { Err(format!("{s:?}")) }
+        if state_of(&s) == proto::SessionState::Running && s.node_id == b {
+            Ok(())
+        } else {
+            Err(format!("{s:?}"))
+        }
     })
     .await;
     let quick_moved = killed.elapsed();
     let p = client.get_session(&patient.id).await.unwrap();
     if killed.elapsed() < Duration::from_secs(8) {
-        assert_eq!((p.node_id.as_str(), p.generation), (a.as_str(), patient.generation), "lost_after 9s keeps it on {a} for now");
+        assert_eq!(
+            (p.node_id.as_str(), p.generation),
+            (a.as_str(), patient.generation),
+            "lost_after 9s keeps it on {a} for now"
+        );
     }
     wait_until("patient session running on b", Duration::from_secs(20), || async {
         let s = client.get_session(&patient.id).await.map_err(|e| e.to_string())?;
-        if state_of(&s) == proto::SessionState::Running && s.node_id == b { Ok(()) } else { Err(format!("{s:?}")) }
+        if state_of(&s) == proto::SessionState::Running && s.node_id == b {
+            Ok(())
+        } else {
+            Err(format!("{s:?}"))
+        }
     })
     .await;
     let patient_moved = killed.elapsed();
@@ -206,13 +228,21 @@ async fn restart_policy_lost_after_and_attempts() {
     cluster.restart(Target::Agent(agent_index(&cluster, &a))).await.unwrap();
     wait_until("a ready again", Duration::from_secs(20), || async {
         let n = node(&client, &a).await;
-        if n.state == "ready" { Ok(()) } else { Err(n.state) }
+        if n.state == "ready" {
+            Ok(())
+        } else {
+            Err(n.state)
+        }
     })
     .await;
     cluster.kill(Target::Agent(agent_index(&cluster, &b))).await.unwrap();
     wait_until("quick session failed", Duration::from_secs(15), || async {
         let s = client.get_session(&quick.id).await.map_err(|e| e.to_string())?;
-        if state_of(&s) == proto::SessionState::Failed { Ok(()) } else { Err(format!("{s:?}")) }
+        if state_of(&s) == proto::SessionState::Failed {
+            Ok(())
+        } else {
+            Err(format!("{s:?}"))
+        }
     })
     .await;
     let q = client.get_session(&quick.id).await.unwrap();
@@ -239,7 +269,11 @@ async fn idle_sessions_end_and_use_keeps_them_alive() {
     // Nothing of it is left on the node.
     wait_until("idle session cleaned up", Duration::from_secs(10), || async {
         let dirs = host::cgroup_dirs_matching(&idle.id);
-        if dirs.is_empty() { Ok(()) } else { Err(format!("{dirs:?}")) }
+        if dirs.is_empty() {
+            Ok(())
+        } else {
+            Err(format!("{dirs:?}"))
+        }
     })
     .await;
 }
@@ -250,18 +284,25 @@ async fn a_cut_off_agent_ends_expired_and_idle_sessions_itself() {
     let cluster = cluster(1).await;
     let client = cluster.client().await;
     // Long lost_after, so fencing does not stop them first.
-    let ttl = create_running(&client, small_session("ttl").ttl(Duration::from_secs(4)).lost_after(Duration::from_secs(600)))
-        .await
-        .unwrap();
+    let ttl =
+        create_running(&client, small_session("ttl").ttl(Duration::from_secs(4)).lost_after(Duration::from_secs(600)))
+            .await
+            .unwrap();
     let idle = create_running(
         &client,
-        small_session("idle").idle_timeout(Duration::from_secs(3)).ttl(Duration::from_secs(600)).lost_after(Duration::from_secs(600)),
+        small_session("idle")
+            .idle_timeout(Duration::from_secs(3))
+            .ttl(Duration::from_secs(600))
+            .lost_after(Duration::from_secs(600)),
     )
     .await
     .unwrap();
-    let keep = create_running(&client, small_session("keep").ttl(Duration::from_secs(600)).lost_after(Duration::from_secs(600)))
-        .await
-        .unwrap();
+    let keep = create_running(
+        &client,
+        small_session("keep").ttl(Duration::from_secs(600)).lost_after(Duration::from_secs(600)),
+    )
+    .await
+    .unwrap();
     let dirs = |id: &str| host::cgroup_dirs_matching(id);
     assert!(!dirs(&ttl.id).is_empty() && !dirs(&idle.id).is_empty());
 
@@ -270,7 +311,12 @@ async fn a_cut_off_agent_ends_expired_and_idle_sessions_itself() {
     let frozen = Instant::now();
     let until = frozen + Duration::from_secs(15);
     while !(dirs(&ttl.id).is_empty() && dirs(&idle.id).is_empty()) {
-        assert!(Instant::now() < until, "the cut-off agent did not end them: ttl {:?} idle {:?}", dirs(&ttl.id), dirs(&idle.id));
+        assert!(
+            Instant::now() < until,
+            "the cut-off agent did not end them: ttl {:?} idle {:?}",
+            dirs(&ttl.id),
+            dirs(&idle.id)
+        );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     let took = frozen.elapsed();
@@ -278,7 +324,10 @@ async fn a_cut_off_agent_ends_expired_and_idle_sessions_itself() {
     cluster.proc(Target::Coordinator(0)).signal(Signal::SIGCONT).unwrap();
     eprintln!("cut-off agent ended the expired and idle sessions {took:?} after losing the coordinator");
     let log = std::fs::read_to_string(&cluster.agents[0].log_path).unwrap();
-    assert!(log.contains("past its ttl while cut off") && log.contains("past its idle timeout while cut off"), "agent log says why");
+    assert!(
+        log.contains("past its ttl while cut off") && log.contains("past its idle timeout while cut off"),
+        "agent log says why"
+    );
 
     // Back in contact, the coordinator agrees: both ended, the third runs.
     wait_until("coordinator ends them too", Duration::from_secs(20), || async {

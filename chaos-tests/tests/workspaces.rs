@@ -11,7 +11,9 @@ use std::time::{Duration, Instant};
 
 use sandfleet::{proto, Client};
 use sandfleet_chaos::s3::S3Server;
-use sandfleet_chaos::testkit::{create_running, eventually, exec_argv, exec_python, expect_code, small_session, state_of, stdout};
+use sandfleet_chaos::testkit::{
+    create_running, eventually, exec_argv, exec_python, expect_code, small_session, state_of, stdout,
+};
 use sandfleet_chaos::{require_sandbox_facilities, Cluster, ClusterBuilder, NetworkChoice, Target};
 
 macro_rules! require_facilities {
@@ -120,9 +122,14 @@ async fn sigkilled_agent_session_resumes_elsewhere_with_every_file() {
     .unwrap();
     assert_eq!(stdout(&out).trim(), "ok", "{out:?}");
     // The agent holds S3 credentials; nothing in the sandbox can read them.
-    let out = exec_argv(&t.client, &s, ["sh", "-c", "env; cat /proc/*/environ 2>/dev/null | tr '\\0' '\\n'"], EXEC).await.unwrap();
+    let out = exec_argv(&t.client, &s, ["sh", "-c", "env; cat /proc/*/environ 2>/dev/null | tr '\\0' '\\n'"], EXEC)
+        .await
+        .unwrap();
     let seen = format!("{}{}", stdout(&out), String::from_utf8_lossy(&out.stderr));
-    assert!(!seen.contains(sandfleet_chaos::s3::SECRET_KEY) && !seen.contains("AWS_"), "credentials visible in the sandbox: {seen}");
+    assert!(
+        !seen.contains(sandfleet_chaos::s3::SECRET_KEY) && !seen.contains("AWS_"),
+        "credentials visible in the sandbox: {seen}"
+    );
     let synced = t.client.sync_workspace(&s).await.unwrap();
     assert_eq!(synced.files, 3, "{synced:?}");
     assert!(synced.store.starts_with("s3://"), "{synced:?}");
@@ -145,9 +152,14 @@ async fn sigkilled_agent_session_resumes_elsewhere_with_every_file() {
         t.client.read_file_bytes(&moved, "data.bin").await.unwrap(),
         (0..200_000u32).flat_map(|i| i.to_le_bytes()).collect::<Vec<u8>>()
     );
-    let out = exec_argv(&t.client, &moved, ["sh", "-c", "cat out/deep/result.txt; readlink escape todo-link; test -d empty && echo dir"], EXEC)
-        .await
-        .unwrap();
+    let out = exec_argv(
+        &t.client,
+        &moved,
+        ["sh", "-c", "cat out/deep/result.txt; readlink escape todo-link; test -d empty && echo dir"],
+        EXEC,
+    )
+    .await
+    .unwrap();
     assert_eq!(stdout(&out), "42\n/etc/passwd\nnotes/todo.txt\ndir\n", "{out:?}");
     // The restored copy keeps syncing under the new generation.
     t.client.write_file_bytes(&moved, "after.txt", b"new node".to_vec()).await.unwrap();
@@ -186,9 +198,14 @@ async fn large_workspace_round_trips_and_sessions_are_isolated() {
     let old = agent_index(&t.cluster, &a.node_id);
     t.cluster.kill_agent(old).await.unwrap();
     let moved = wait_moved(&t.client, &a, Duration::from_secs(60)).await;
-    let out = exec_python(&t.client, &moved, "import hashlib\nprint(hashlib.sha256(open('big.bin','rb').read()).hexdigest())", EXEC)
-        .await
-        .unwrap();
+    let out = exec_python(
+        &t.client,
+        &moved,
+        "import hashlib\nprint(hashlib.sha256(open('big.bin','rb').read()).hexdigest())",
+        EXEC,
+    )
+    .await
+    .unwrap();
     assert_eq!(stdout(&out).trim(), want);
     let _ = &mut t.cluster;
 }
@@ -225,8 +242,16 @@ async fn s3_outage_is_reported_and_retried_then_delete_removes_the_prefix() {
     assert!(url.url.starts_with(&t.s3.endpoint()) || url.url.contains(&format!(":{}/", t.s3.port())), "{url:?}");
     let body = http_get(&url.url).await;
     assert_eq!(body, b"written while S3 was down");
-    expect_code("url of a missing file", t.client.download_url(&s, "nope.txt", Duration::ZERO).await, tonic::Code::NotFound);
-    expect_code("url out of the workspace", t.client.download_url(&s, "../x", Duration::ZERO).await, tonic::Code::InvalidArgument);
+    expect_code(
+        "url of a missing file",
+        t.client.download_url(&s, "nope.txt", Duration::ZERO).await,
+        tonic::Code::NotFound,
+    );
+    expect_code(
+        "url out of the workspace",
+        t.client.download_url(&s, "../x", Duration::ZERO).await,
+        tonic::Code::InvalidArgument,
+    );
 
     // Deleting the session removes its prefix, and the test server leaves no empty directory behind
     // (so its prefix lists stay proportional to what is live).
@@ -291,7 +316,9 @@ async fn http_get(url: &str) -> Vec<u8> {
     let rest = url.strip_prefix("http://").expect("http URL");
     let (host, path) = rest.split_at(rest.find('/').unwrap());
     let mut sock = tokio::net::TcpStream::connect(host).await.unwrap();
-    sock.write_all(format!("GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n").as_bytes()).await.unwrap();
+    sock.write_all(format!("GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n").as_bytes())
+        .await
+        .unwrap();
     let mut raw = Vec::new();
     sock.read_to_end(&mut raw).await.unwrap();
     let split = raw.windows(4).position(|w| w == b"\r\n\r\n").expect("HTTP response");
@@ -320,7 +347,12 @@ fn container_commands(name: &str) -> Vec<String> {
     // docker top needs a PID column.
     let out = std::process::Command::new("docker").args(["top", name, "-eo", "pid,comm"]).output().unwrap();
     assert!(out.status.success(), "docker top {name}: {}", String::from_utf8_lossy(&out.stderr));
-    String::from_utf8_lossy(&out.stdout).lines().skip(1).filter_map(|l| l.split_whitespace().nth(1)).map(str::to_string).collect()
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .skip(1)
+        .filter_map(|l| l.split_whitespace().nth(1))
+        .map(str::to_string)
+        .collect()
 }
 
 fn containers(filters: &[String]) -> Vec<String> {
@@ -353,9 +385,14 @@ async fn docker_runtime_session_resumes_elsewhere_with_its_files_and_its_old_com
     }
     let _cleanup = RemoveContainers(s.id.clone());
     t.client.write_file_bytes(&s, "api.txt", b"through the API\n".to_vec()).await.unwrap();
-    let out = exec_argv(&t.client, &s, ["sh", "-c", "mkdir -p out && echo from-the-container > out/exec.txt && ln -s /etc/shadow leak"], EXEC)
-        .await
-        .unwrap();
+    let out = exec_argv(
+        &t.client,
+        &s,
+        ["sh", "-c", "mkdir -p out && echo from-the-container > out/exec.txt && ln -s /etc/shadow leak"],
+        EXEC,
+    )
+    .await
+    .unwrap();
     assert!(out.success(), "{out:?}");
     t.client.sync_workspace(&s).await.unwrap();
 
@@ -364,9 +401,12 @@ async fn docker_runtime_session_resumes_elsewhere_with_its_files_and_its_old_com
     // session is placed elsewhere.
     let long = {
         let (client, s) = (t.client.clone(), s.clone());
-        tokio::spawn(async move { exec_argv(&client, &s, ["sh", "-c", "while :; do sleep 0.2; done"], Duration::from_secs(120)).await })
+        tokio::spawn(async move {
+            exec_argv(&client, &s, ["sh", "-c", "while :; do sleep 0.2; done"], Duration::from_secs(120)).await
+        })
     };
-    let old_container = containers(&[format!("label=sandfleet.session={}", s.id), format!("label=sandfleet.node={}", s.node_id)]);
+    let old_container =
+        containers(&[format!("label=sandfleet.session={}", s.id), format!("label=sandfleet.node={}", s.node_id)]);
     assert_eq!(old_container.len(), 1, "{old_container:?}");
     eventually("the long command runs", Duration::from_secs(20), || async {
         let cmds = container_commands(&old_container[0]);
@@ -393,7 +433,8 @@ async fn docker_runtime_session_resumes_elsewhere_with_its_files_and_its_old_com
     assert_eq!(&lines[..2], ["from-the-container", "/etc/shadow"], "{out:?}");
     assert_ne!(lines[2], "0", "runs as a non-root user: {out:?}");
     // It runs in a container of the other node.
-    let new_container = containers(&[format!("label=sandfleet.session={}", s.id), format!("label=sandfleet.node={}", moved.node_id)]);
+    let new_container =
+        containers(&[format!("label=sandfleet.session={}", s.id), format!("label=sandfleet.node={}", moved.node_id)]);
     assert_eq!(new_container.len(), 1, "{new_container:?}");
     let _ = long.await;
 }

@@ -96,13 +96,8 @@ impl ClientBuilder {
     /// Builds the client. Connections are made lazily on first use, so this
     /// only fails for an empty or malformed endpoint list.
     pub async fn connect(self) -> Result<Client, Error> {
-        let coordinators: Vec<String> = self
-            .endpoints
-            .iter()
-            .map(|e| e.trim())
-            .filter(|e| !e.is_empty())
-            .map(normalize_endpoint)
-            .collect();
+        let coordinators: Vec<String> =
+            self.endpoints.iter().map(|e| e.trim()).filter(|e| !e.is_empty()).map(normalize_endpoint).collect();
         if coordinators.is_empty() {
             return Err(Error::InvalidArgument("no coordinator endpoint given".into()));
         }
@@ -342,7 +337,8 @@ impl Client {
 
     /// One session, with a fresh data-plane token (linearizable read).
     pub async fn get_session(&self, id: &str) -> Result<proto::Session, Error> {
-        let msg = proto::GetSessionRequest { id: id.to_string(), consistency: proto::ReadConsistency::Linearizable as i32 };
+        let msg =
+            proto::GetSessionRequest { id: id.to_string(), consistency: proto::ReadConsistency::Linearizable as i32 };
         self.control("get_session", RetryPolicy::Idempotent, self.inner.request_timeout, |ch, t| {
             let msg = msg.clone();
             async move { Ok(session_client(ch).get_session(with_timeout(msg, t)).await?.into_inner()) }
@@ -560,7 +556,11 @@ impl Client {
     /// other nodes, `max_parallel` at a time; after `deadline` the rest move
     /// at once. Follow progress in [`list_nodes`](Self::list_nodes)' `drain`.
     pub async fn drain_node(&self, node_id: &str, deadline: Duration, max_parallel: u32) -> Result<proto::Node, Error> {
-        let msg = proto::DrainNodeRequest { node_id: node_id.to_string(), deadline_seconds: ceil_secs(deadline).max(1), max_parallel };
+        let msg = proto::DrainNodeRequest {
+            node_id: node_id.to_string(),
+            deadline_seconds: ceil_secs(deadline).max(1),
+            max_parallel,
+        };
         self.control("drain_node", RetryPolicy::Idempotent, self.inner.request_timeout, |ch, t| {
             let msg = msg.clone();
             async move { Ok(node_client(ch).drain_node(with_timeout(msg, t)).await?.into_inner()) }
@@ -600,7 +600,10 @@ impl Client {
     /// is retried like a read.
     pub async fn set_scheduler_paused(&self, paused: bool) -> Result<proto::SetSchedulerPausedResponse, Error> {
         self.control("set_scheduler_paused", RetryPolicy::Idempotent, self.inner.request_timeout, |ch, t| async move {
-            Ok(cluster_client(ch).set_scheduler_paused(with_timeout(proto::SetSchedulerPausedRequest { paused }, t)).await?.into_inner())
+            Ok(cluster_client(ch)
+                .set_scheduler_paused(with_timeout(proto::SetSchedulerPausedRequest { paused }, t))
+                .await?
+                .into_inner())
         })
         .instrument(tracing::debug_span!("set_scheduler_paused", paused))
         .await
@@ -645,8 +648,8 @@ impl Client {
     pub async fn remove_member(&self, id: u64) -> Result<proto::ClusterStatusResponse, Error> {
         let msg = proto::RemoveMemberRequest { id };
         let timeout = self.inner.request_timeout.max(MEMBERSHIP_TIMEOUT);
-        self.control("remove_member", RetryPolicy::ConnectOnly, timeout, |ch, t| {
-            async move { Ok(cluster_client(ch).remove_member(with_timeout(msg, t)).await?.into_inner()) }
+        self.control("remove_member", RetryPolicy::ConnectOnly, timeout, |ch, t| async move {
+            Ok(cluster_client(ch).remove_member(with_timeout(msg, t)).await?.into_inner())
         })
         .instrument(tracing::debug_span!("remove_member", id))
         .await?

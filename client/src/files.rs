@@ -311,7 +311,11 @@ impl Client {
         let timeout = self.request_timeout() * 10;
         let secs = u32::try_from(expires_in.as_secs()).unwrap_or(u32::MAX);
         self.data_call(session, "get_download_url", |t| {
-            let msg = proto::GetDownloadUrlRequest { session_id: t.session_id.clone(), path: path.to_string(), expires_in_seconds: secs };
+            let msg = proto::GetDownloadUrlRequest {
+                session_id: t.session_id.clone(),
+                path: path.to_string(),
+                expires_in_seconds: secs,
+            };
             async move {
                 bounded(timeout, "get_download_url", async move {
                     let req = t.request(msg, Some(timeout));

@@ -148,10 +148,7 @@ pub fn parse_state(s: &str) -> Option<proto::SessionState> {
 
 /// True for states a session never leaves (TERMINATED, FAILED).
 pub fn is_terminal(state: i32) -> bool {
-    matches!(
-        proto::SessionState::try_from(state),
-        Ok(proto::SessionState::Terminated | proto::SessionState::Failed)
-    )
+    matches!(proto::SessionState::try_from(state), Ok(proto::SessionState::Terminated | proto::SessionState::Failed))
 }
 
 #[cfg(test)]

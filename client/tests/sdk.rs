@@ -216,10 +216,7 @@ impl FileService for Fake {
 
     type ReadFileStream = BoxStream<'static, Result<proto::ReadFileResponse, Status>>;
 
-    async fn read_file(
-        &self,
-        req: Request<proto::ReadFileRequest>,
-    ) -> Result<Response<Self::ReadFileStream>, Status> {
+    async fn read_file(&self, req: Request<proto::ReadFileRequest>) -> Result<Response<Self::ReadFileStream>, Status> {
         self.check_token(&req)?;
         let path = req.get_ref().path.clone();
         let data = self
@@ -470,10 +467,7 @@ async fn files_round_trip_in_chunks() {
     let resp = c.write_file_bytes(&s, "a/bytes.bin", data.clone()).await.expect("write bytes");
     assert_eq!(resp.size, data.len() as u64);
 
-    let resp = c
-        .write_file(&s, "a/stream.bin", std::io::Cursor::new(data.clone()), 0o600)
-        .await
-        .expect("write stream");
+    let resp = c.write_file(&s, "a/stream.bin", std::io::Cursor::new(data.clone()), 0o600).await.expect("write stream");
     assert_eq!(resp.size, data.len() as u64);
 
     let small = c.write_file(&s, "small.txt", &b"hello"[..], 0).await.expect("write small");

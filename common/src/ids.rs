@@ -122,7 +122,10 @@ pub fn validate_labels(field: &'static str, labels: &HashMap<String, String>) ->
     }
     for (k, v) in labels {
         if k.is_empty() || k.len() > 63 || !k.bytes().all(is_label_char) {
-            return Err(ValidationError::invalid(field, format!("key {:?} must be 1-63 of [A-Za-z0-9._-]", truncate(k))));
+            return Err(ValidationError::invalid(
+                field,
+                format!("key {:?} must be 1-63 of [A-Za-z0-9._-]", truncate(k)),
+            ));
         }
         if v.len() > 63 || !v.bytes().all(is_label_char) {
             return Err(ValidationError::invalid(field, format!("value of {k:?} must be 0-63 of [A-Za-z0-9._-]")));
@@ -140,10 +143,17 @@ pub fn validate_env(field: &'static str, env: &HashMap<String, String>) -> Resul
         let mut bytes = k.bytes();
         let first_ok = matches!(bytes.next(), Some(b) if b.is_ascii_alphabetic() || b == b'_');
         if !first_ok || !bytes.all(|b| b.is_ascii_alphanumeric() || b == b'_') || k.len() > 256 {
-            return Err(ValidationError::invalid(field, format!("key {:?} must match [A-Za-z_][A-Za-z0-9_]*", truncate(k))));
+            return Err(ValidationError::invalid(
+                field,
+                format!("key {:?} must match [A-Za-z_][A-Za-z0-9_]*", truncate(k)),
+            ));
         }
         if v.len() > limits::MAX_ENV_VALUE_BYTES {
-            return Err(ValidationError::over(field, format!("{} bytes per value", limits::MAX_ENV_VALUE_BYTES), v.len()));
+            return Err(ValidationError::over(
+                field,
+                format!("{} bytes per value", limits::MAX_ENV_VALUE_BYTES),
+                v.len(),
+            ));
         }
         if v.contains('\0') {
             return Err(ValidationError::invalid(field, format!("value of {k} contains a NUL byte")));

@@ -37,9 +37,7 @@ pub fn init(service_name: &'static str) -> TelemetryGuard {
         let resource = opentelemetry_sdk::Resource::builder().with_service_name(service_name).build();
         Some(SdkTracerProvider::builder().with_batch_exporter(exporter).with_resource(resource).build())
     });
-    let otel = provider
-        .as_ref()
-        .map(|p| tracing_opentelemetry::layer().with_tracer(p.tracer(service_name)));
+    let otel = provider.as_ref().map(|p| tracing_opentelemetry::layer().with_tracer(p.tracer(service_name)));
 
     let _ = tracing_subscriber::registry().with(filter).with(fmt).with(otel).try_init();
     TelemetryGuard { provider }

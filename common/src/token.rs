@@ -126,8 +126,8 @@ impl TokenVerifier {
         let sig = B64.decode(sig).map_err(|_| TokenError::Malformed)?;
         let sig = Signature::from_slice(&sig).map_err(|_| TokenError::Malformed)?;
         self.key.verify(signed.as_bytes(), &sig).map_err(|_| TokenError::BadSignature)?;
-        let claims: SessionClaims =
-            serde_json::from_slice(&B64.decode(payload).map_err(|_| TokenError::Malformed)?).map_err(|_| TokenError::Malformed)?;
+        let claims: SessionClaims = serde_json::from_slice(&B64.decode(payload).map_err(|_| TokenError::Malformed)?)
+            .map_err(|_| TokenError::Malformed)?;
         if claims.exp_ms <= now_ms {
             return Err(TokenError::Expired);
         }

@@ -33,7 +33,9 @@ const TOKEN_TTL_MS: i64 = 3600 * 1000;
 pub enum ForwardResult<T> {
     Ok(T),
     /// The callee is not the leader either; try this one.
-    NotLeader { leader: Option<String> },
+    NotLeader {
+        leader: Option<String>,
+    },
     Err(String),
 }
 
@@ -77,7 +79,11 @@ impl Tunables {
 
     /// A session's effective `lost_after`.
     pub fn lost_after_of(&self, spec: &crate::state::SpecRecord) -> Duration {
-        if spec.lost_after_ms == 0 { self.lost_after } else { Duration::from_millis(spec.lost_after_ms) }
+        if spec.lost_after_ms == 0 {
+            self.lost_after
+        } else {
+            Duration::from_millis(spec.lost_after_ms)
+        }
     }
 }
 
@@ -162,7 +168,9 @@ impl Core {
                 };
                 self.forward_propose(&node.addr, &cmd).await
             }
-            Err(RaftError::APIError(ClientWriteError::ChangeMembershipError(e))) => Err(Status::failed_precondition(e.to_string())),
+            Err(RaftError::APIError(ClientWriteError::ChangeMembershipError(e))) => {
+                Err(Status::failed_precondition(e.to_string()))
+            }
             Err(RaftError::Fatal(e)) => Err(Status::unavailable(format!("raft stopped: {e}"))),
         }
     }
@@ -177,7 +185,9 @@ impl Core {
             Err(RaftError::APIError(ClientWriteError::ForwardToLeader(_))) => {
                 Err(Status::unavailable("this coordinator is no longer the leader; the new leader decides afresh"))
             }
-            Err(RaftError::APIError(ClientWriteError::ChangeMembershipError(e))) => Err(Status::failed_precondition(e.to_string())),
+            Err(RaftError::APIError(ClientWriteError::ChangeMembershipError(e))) => {
+                Err(Status::failed_precondition(e.to_string()))
+            }
             Err(RaftError::Fatal(e)) => Err(Status::unavailable(format!("raft stopped: {e}"))),
         }
     }
@@ -186,7 +196,10 @@ impl Core {
     async fn write_here(
         &self,
         cmd: Command,
-    ) -> Result<Result<openraft::raft::ClientWriteResponse<crate::raft::TypeConfig>, typ::RaftError<typ::ClientWriteError>>, Status> {
+    ) -> Result<
+        Result<openraft::raft::ClientWriteResponse<crate::raft::TypeConfig>, typ::RaftError<typ::ClientWriteError>>,
+        Status,
+    > {
         tokio::time::timeout(QUORUM_TIMEOUT, self.raft.client_write(cmd)).await.map_err(|_| {
             Status::unavailable(format!(
                 "the write did not commit within {QUORUM_TIMEOUT:?}: this coordinator may be cut off from its quorum; retry, \
@@ -233,14 +246,18 @@ impl Core {
         if consistency == pb::ReadConsistency::Stale as i32 {
             return Ok(());
         }
-        let confirmed = tokio::time::timeout(QUORUM_TIMEOUT, self.raft.ensure_linearizable())
-            .await
-            .map_err(|_| Status::unavailable(format!("no quorum confirmed the read within {QUORUM_TIMEOUT:?}; retry on another coordinator")))?;
+        let confirmed = tokio::time::timeout(QUORUM_TIMEOUT, self.raft.ensure_linearizable()).await.map_err(|_| {
+            Status::unavailable(format!(
+                "no quorum confirmed the read within {QUORUM_TIMEOUT:?}; retry on another coordinator"
+            ))
+        })?;
         let index = match confirmed {
             Ok(_) => return Ok(()),
             Err(RaftError::APIError(typ::CheckIsLeaderError::ForwardToLeader(f))) => {
                 let Some(node) = f.leader_node else {
-                    return Err(Status::unavailable("no coordinator leader is elected right now; retry, or ask for a stale read"));
+                    return Err(Status::unavailable(
+                        "no coordinator leader is elected right now; retry, or ask for a stale read",
+                    ));
                 };
                 let mut client = self.peer(&node.addr)?;
                 let mut req = tonic::Request::new(RaftPayload { data: Vec::new() });
@@ -277,7 +294,8 @@ impl Core {
 
     /// The token signer, once the cluster has its key.
     pub fn signer(&self) -> Option<TokenSigner> {
-        self.state.read(|s| (!s.signing_seed.is_empty()).then(|| TokenSigner::from_seed(&s.signing_seed).ok()).flatten())
+        self.state
+            .read(|s| (!s.signing_seed.is_empty()).then(|| TokenSigner::from_seed(&s.signing_seed).ok()).flatten())
     }
 
     /// Converts a record for the wire, with a fresh token when asked.

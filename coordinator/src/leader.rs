@@ -34,7 +34,10 @@ pub async fn run(core: Arc<Core>, tick: Duration, shutdown: CancellationToken) {
             // same grace as a new leader instead of declaring every node down.
             let stalled = last_round.elapsed() > core.tunables.node_ttl / 2;
             if stalled && led_term == Some(term) {
-                tracing::warn!(stalled_ms = last_round.elapsed().as_millis() as u64, "the leader loop stalled; granting nodes a fresh TTL");
+                tracing::warn!(
+                    stalled_ms = last_round.elapsed().as_millis() as u64,
+                    "the leader loop stalled; granting nodes a fresh TTL"
+                );
             }
             if led_term != Some(term) || stalled {
                 // A new leader knows no heartbeat yet: every node gets a full
@@ -90,7 +93,8 @@ async fn liveness(core: &Core) -> Result<(), tonic::Status> {
     let ttl = core.tunables.node_ttl.as_millis() as i64;
     // The shortest silence that can matter: the smallest lost_after allowed.
     let floor = core.tunables.min_lost_after().min(core.tunables.node_ttl).as_millis() as i64;
-    let nodes: Vec<(String, NodePhase)> = core.state.read(|st| st.nodes.values().map(|n| (n.id.clone(), n.phase)).collect());
+    let nodes: Vec<(String, NodePhase)> =
+        core.state.read(|st| st.nodes.values().map(|n| (n.id.clone(), n.phase)).collect());
     let silent: Vec<(String, NodePhase, i64)> = {
         let mut hb = core.heartbeats.lock().unwrap_or_else(|p| p.into_inner());
         nodes
@@ -105,14 +109,17 @@ async fn liveness(core: &Core) -> Result<(), tonic::Status> {
         // Sessions on the node whose own lost_after has not passed yet are kept.
         let (due, keep): (Vec<String>, Vec<String>) = core.state.read(|st| {
             let ids = st.node_sessions.get(&node_id).cloned().unwrap_or_default();
-            ids.into_iter().filter_map(|id| st.sessions.get(&id)).fold((Vec::new(), Vec::new()), |(mut due, mut keep), s| {
-                if silent_ms > core.tunables.lost_after_of(&s.spec).as_millis() as i64 {
-                    due.push(s.id.clone());
-                } else {
-                    keep.push(s.id.clone());
-                }
-                (due, keep)
-            })
+            ids.into_iter().filter_map(|id| st.sessions.get(&id)).fold(
+                (Vec::new(), Vec::new()),
+                |(mut due, mut keep), s| {
+                    if silent_ms > core.tunables.lost_after_of(&s.spec).as_millis() as i64 {
+                        due.push(s.id.clone());
+                    } else {
+                        keep.push(s.id.clone());
+                    }
+                    (due, keep)
+                },
+            )
         });
         if phase != NodePhase::Down && silent_ms > ttl {
             tracing::warn!(node = %node_id, silent_ms, kept = keep.len(), "no heartbeat within the node TTL; declaring the node down");
@@ -136,7 +143,12 @@ async fn lifetimes(core: &Core) -> Result<(), tonic::Status> {
     let expired: Vec<String> = core.state.read(|st| st.expired_at(now));
     if !expired.is_empty() {
         tracing::info!(count = expired.len(), "expiring sessions past their ttl");
-        core.propose_as_leader(Command::TerminateSessions { ids: expired, message: "expired (ttl)".into(), now_ms: now }).await?;
+        core.propose_as_leader(Command::TerminateSessions {
+            ids: expired,
+            message: "expired (ttl)".into(),
+            now_ms: now,
+        })
+        .await?;
     }
     let lead_since = core.lead_since_ms.load(Ordering::Relaxed);
     let idle: Vec<String> = {
@@ -146,10 +158,11 @@ async fn lifetimes(core: &Core) -> Result<(), tonic::Status> {
                 .iter()
                 .filter_map(|id| st.sessions.get(id))
                 .filter(|s| {
-                    let last = [s.created_at_ms, s.renewed_at_ms, lead_since, activity.get(&s.id).copied().unwrap_or(0)]
-                        .into_iter()
-                        .max()
-                        .unwrap_or(0);
+                    let last =
+                        [s.created_at_ms, s.renewed_at_ms, lead_since, activity.get(&s.id).copied().unwrap_or(0)]
+                            .into_iter()
+                            .max()
+                            .unwrap_or(0);
                     now - last > (s.spec.idle_timeout_seconds as i64) * 1000
                 })
                 .map(|s| s.id.clone())
@@ -158,7 +171,13 @@ async fn lifetimes(core: &Core) -> Result<(), tonic::Status> {
     };
     if !idle.is_empty() {
         tracing::info!(count = idle.len(), "ending sessions past their idle timeout");
-        let ended = core.propose_as_leader(Command::TerminateSessions { ids: idle.clone(), message: "expired (idle timeout)".into(), now_ms: now }).await?;
+        let ended = core
+            .propose_as_leader(Command::TerminateSessions {
+                ids: idle.clone(),
+                message: "expired (idle timeout)".into(),
+                now_ms: now,
+            })
+            .await?;
         if matches!(ended, CommandResponse::Sessions(_)) {
             let mut activity = core.activity.lock().unwrap_or_else(|p| p.into_inner());
             for id in idle {
@@ -185,7 +204,11 @@ async fn drains(core: &Core) -> Result<(), tonic::Status> {
                 let drain = n.drain?;
                 let on_node = st.node_sessions.get(&n.id)?;
                 let moving = st.moving.get(&n.id).map_or(0, |m| m.len());
-                let allowed = if now >= drain.deadline_ms { on_node.len() } else { (drain.max_parallel as usize).saturating_sub(moving) };
+                let allowed = if now >= drain.deadline_ms {
+                    on_node.len()
+                } else {
+                    (drain.max_parallel as usize).saturating_sub(moving)
+                };
                 let ids: Vec<String> = on_node.iter().take(allowed).cloned().collect();
                 (!ids.is_empty()).then(|| (n.id.clone(), ids))
             })
@@ -222,7 +245,9 @@ async fn place(core: &Core) -> Result<(), tonic::Status> {
                 continue;
             }
             match placer.place(&s.spec) {
-                Ok(node_id) => placements.push(Placement { id: id.clone(), node_id, expected_generation: s.generation }),
+                Ok(node_id) => {
+                    placements.push(Placement { id: id.clone(), node_id, expected_generation: s.generation })
+                }
                 Err(Unplaceable::Wait(why) | Unplaceable::Never(why)) => {
                     // At most one entry of reasons per round, oldest sessions first:
                     // while nodes come and go every waiting session's reason (its

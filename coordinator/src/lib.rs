@@ -205,11 +205,16 @@ pub async fn serve(config: CoordinatorConfig, shutdown: CancellationToken) -> Re
     std::fs::create_dir_all(&config.data_dir)
         .map_err(|e| CoordinatorError::Config(format!("cannot create data dir {}: {e}", config.data_dir.display())))?;
     let db_path = config.data_dir.join("raft.rocksdb");
-    let db = raft::store::open_db(&db_path).map_err(|source| CoordinatorError::Storage { path: db_path.clone(), source })?;
+    let db =
+        raft::store::open_db(&db_path).map_err(|source| CoordinatorError::Storage { path: db_path.clone(), source })?;
     let mut config = config;
     if config.force_new_cluster {
-        tracing::warn!(id = config.id, "--force-new-cluster: dropping the Raft log and membership, keeping the applied state");
-        raft::store::reset_for_new_cluster(&db).map_err(|source| CoordinatorError::Storage { path: db_path.clone(), source })?;
+        tracing::warn!(
+            id = config.id,
+            "--force-new-cluster: dropping the Raft log and membership, keeping the applied state"
+        );
+        raft::store::reset_for_new_cluster(&db)
+            .map_err(|source| CoordinatorError::Storage { path: db_path.clone(), source })?;
         config.bootstrap = true;
     }
     let log_store = raft::store::LogStore::new(db.clone());
@@ -249,7 +254,10 @@ pub async fn serve(config: CoordinatorConfig, shutdown: CancellationToken) -> Re
             agent_heartbeat: config.agent_heartbeat,
             node_ttl: config.node_ttl,
             lost_after: config.lost_after.unwrap_or(config.node_ttl),
-            placement: scheduler::PlacementOptions { strategy: config.placement_strategy, candidates: config.placement_candidates },
+            placement: scheduler::PlacementOptions {
+                strategy: config.placement_strategy,
+                candidates: config.placement_candidates,
+            },
             placement_batch: config.placement_batch,
         },
     ));
@@ -265,7 +273,9 @@ pub async fn serve(config: CoordinatorConfig, shutdown: CancellationToken) -> Re
         )
         .add_service(pb::agent_service_server::AgentServiceServer::new(agent))
         .add_service(pb::node_service_server::NodeServiceServer::new(service::node::NodeApi::new(core.clone())))
-        .add_service(pb::cluster_service_server::ClusterServiceServer::new(service::cluster::ClusterApi::new(core.clone())))
+        .add_service(pb::cluster_service_server::ClusterServiceServer::new(service::cluster::ClusterApi::new(
+            core.clone(),
+        )))
         .add_service(
             pb::raft_service_server::RaftServiceServer::new(service::raft::RaftApi::new(core.clone()))
                 .max_decoding_message_size(64 * 1024 * 1024)
@@ -275,7 +285,8 @@ pub async fn serve(config: CoordinatorConfig, shutdown: CancellationToken) -> Re
     // to listeners tonic binds itself): small responses must not wait for a delayed ACK.
     let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
     let stop = shutdown.clone();
-    let server = tokio::spawn(async move { server.serve_with_incoming_shutdown(incoming, stop.cancelled_owned()).await });
+    let server =
+        tokio::spawn(async move { server.serve_with_incoming_shutdown(incoming, stop.cancelled_owned()).await });
 
     if config.bootstrap {
         let initialized = raft.is_initialized().await.map_err(|e| CoordinatorError::Raft(e.to_string()))?;
@@ -304,7 +315,10 @@ pub async fn serve(config: CoordinatorConfig, shutdown: CancellationToken) -> Re
             raft.trigger().purge_log(snapshot.index).await.map_err(|e| CoordinatorError::Raft(e.to_string()))?;
         }
         let sessions = core.state.read(|s| s.sessions.len());
-        tracing::warn!(sessions, "started a new one-member cluster from the restored state; remove --force-new-cluster now");
+        tracing::warn!(
+            sessions,
+            "started a new one-member cluster from the restored state; remove --force-new-cluster now"
+        );
     }
 
     let leader_loop = tokio::spawn(leader::run(core.clone(), Duration::from_millis(250), shutdown.clone()));

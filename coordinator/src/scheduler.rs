@@ -177,16 +177,21 @@ impl<'a> Placer<'a> {
         }
         let eligible: Vec<&NodeRecord> = nodes.values().filter(|n| node_matches(n, runtime, selector)).collect();
         if eligible.is_empty() {
-            let with_runtime = nodes.values().filter(|n| n.runtimes.iter().any(|r| runtime.contains(&r.as_str()))).count();
+            let with_runtime =
+                nodes.values().filter(|n| n.runtimes.iter().any(|r| runtime.contains(&r.as_str()))).count();
             return Unplaceable::Wait(if with_runtime == 0 {
                 format!("no registered node offers the {runtime_names} runtime")
             } else {
-                format!("none of the {with_runtime} nodes with the {runtime_names} runtime carries the labels {}", show_labels(selector))
+                format!(
+                    "none of the {with_runtime} nodes with the {runtime_names} runtime carries the labels {}",
+                    show_labels(selector)
+                )
             });
         }
         let empty = Resources::default();
         if !eligible.iter().any(|n| n.capacity.fits(&empty, need)) {
-            let biggest = eligible.iter().map(|n| n.capacity).max_by_key(|c| (c.memory_bytes, c.cpu_millis)).unwrap_or_default();
+            let biggest =
+                eligible.iter().map(|n| n.capacity).max_by_key(|c| (c.memory_bytes, c.cpu_millis)).unwrap_or_default();
             return Unplaceable::Never(format!(
                 "no node can ever fit {} mCPU and {} bytes of memory; the largest eligible node offers {} mCPU and {} bytes",
                 need.cpu_millis, need.memory_bytes, biggest.cpu_millis, biggest.memory_bytes
@@ -202,7 +207,9 @@ impl<'a> Placer<'a> {
             }
         }
         let mut parts = Vec::new();
-        for (count, what) in [(full, "lack free capacity"), (down, "are down"), (cordoned, "are cordoned"), (draining, "are draining")] {
+        for (count, what) in
+            [(full, "lack free capacity"), (down, "are down"), (cordoned, "are cordoned"), (draining, "are draining")]
+        {
             if count > 0 {
                 parts.push(format!("{count} {what}"));
             }
@@ -211,7 +218,8 @@ impl<'a> Placer<'a> {
         if filtered > 0 {
             parts.push(format!("{filtered} lack the {runtime_names} runtime or the selected labels"));
         }
-        let prefix = if full == 0 && down + cordoned + draining > 0 { "no node is ready" } else { "waiting for capacity" };
+        let prefix =
+            if full == 0 && down + cordoned + draining > 0 { "no node is ready" } else { "waiting for capacity" };
         Unplaceable::Wait(format!(
             "{prefix}: 0/{} nodes can take {} mCPU, {} bytes of memory and a session slot: {}",
             nodes.len(),
@@ -233,7 +241,8 @@ fn selector_hash(selector: &BTreeMap<String, String>) -> u64 {
 }
 
 fn node_matches(node: &NodeRecord, runtimes: &[&str], selector: &BTreeMap<String, String>) -> bool {
-    node.runtimes.iter().any(|r| runtimes.contains(&r.as_str())) && selector.iter().all(|(k, v)| node.labels.get(k) == Some(v))
+    node.runtimes.iter().any(|r| runtimes.contains(&r.as_str()))
+        && selector.iter().all(|(k, v)| node.labels.get(k) == Some(v))
 }
 
 fn show_labels(labels: &BTreeMap<String, String>) -> String {
@@ -291,7 +300,9 @@ mod tests {
         let second = place(&st, &spec(100), ALL).unwrap();
         assert_ne!(first, second, "spread places on the emptier node");
         st.allocated.insert(second, Resources { cpu_millis: 1500, memory_bytes: 1 << 20, slots: 1 });
-        assert!(matches!(place(&st, &spec(1000), ALL), Err(Unplaceable::Wait(r)) if r.contains("waiting for capacity") && r.contains("2 lack free capacity")));
+        assert!(
+            matches!(place(&st, &spec(1000), ALL), Err(Unplaceable::Wait(r)) if r.contains("waiting for capacity") && r.contains("2 lack free capacity"))
+        );
     }
 
     #[test]
@@ -327,7 +338,9 @@ mod tests {
         assert!(matches!(place(&st, &s, ALL), Err(Unplaceable::Wait(r)) if r.contains("carries the labels zone=c")));
         st.apply(Command::CordonNode { node_id: "plain".into(), cordoned: true }, &mut t);
         st.apply(Command::NodeDown { node_id: "gpu".into(), now_ms: 1, keep: vec![] }, &mut t);
-        assert!(matches!(place(&st, &spec(100), ALL), Err(Unplaceable::Wait(r)) if r.starts_with("no node is ready") && r.contains("1 are down") && r.contains("1 are cordoned")));
+        assert!(
+            matches!(place(&st, &spec(100), ALL), Err(Unplaceable::Wait(r)) if r.starts_with("no node is ready") && r.contains("1 are down") && r.contains("1 are cordoned"))
+        );
     }
 
     #[test]

@@ -428,7 +428,9 @@ impl ClusterState {
     /// True when the node exists, is ready and has room for `spec`.
     pub fn node_fits(&self, node_id: &str, spec: &SpecRecord) -> bool {
         match self.nodes.get(node_id) {
-            Some(n) if n.phase == NodePhase::Ready => n.capacity.fits(&self.allocated_on(node_id), &Resources::of(spec)),
+            Some(n) if n.phase == NodePhase::Ready => {
+                n.capacity.fits(&self.allocated_on(node_id), &Resources::of(spec))
+            }
             _ => false,
         }
     }
@@ -477,7 +479,8 @@ impl ClusterState {
                     } else if !self.node_fits(&node, &session.spec) {
                         session.node_id = None;
                         session.generation = 0;
-                        session.pending_reason = format!("node {node} filled up before placement; waiting for capacity");
+                        session.pending_reason =
+                            format!("node {node} filled up before placement; waiting for capacity");
                     }
                 }
                 self.hold(&session);
@@ -529,9 +532,9 @@ impl ClusterState {
             }
             Command::DrainNode { node_id, drain } => match self.nodes.get_mut(&node_id) {
                 None => CommandResponse::NotFound(node_id),
-                Some(n) if n.phase == NodePhase::Down => {
-                    CommandResponse::Rejected(format!("node {node_id} is down; its sessions are placed elsewhere already"))
-                }
+                Some(n) if n.phase == NodePhase::Down => CommandResponse::Rejected(format!(
+                    "node {node_id} is down; its sessions are placed elsewhere already"
+                )),
                 Some(n) => {
                     // A repeated drain keeps its start time and updates the rest.
                     let started_at_ms = n.drain.map_or(drain.started_at_ms, |d| d.started_at_ms);
@@ -644,7 +647,8 @@ impl ClusterState {
                     }
                 }
                 touched.nodes.push(node_id.clone());
-                let ids: Vec<String> = self.node_sessions.get(&node_id).map(|s| s.iter().cloned().collect()).unwrap_or_default();
+                let ids: Vec<String> =
+                    self.node_sessions.get(&node_id).map(|s| s.iter().cloned().collect()).unwrap_or_default();
                 let mut lost = Vec::with_capacity(ids.len());
                 for id in ids.into_iter().filter(|id| !keep.contains(id)) {
                     if let Some(s) = self.lose(&id, &node_id, now_ms, touched) {
@@ -891,7 +895,10 @@ mod tests {
 
         st.apply(Command::TerminateSessions { ids: vec!["a".into()], message: "deleted".into(), now_ms: 2 }, &mut t);
         assert_eq!(st.allocated_on("n1").cpu_millis, 0);
-        let r = st.apply(Command::PlaceSession { id: "b".into(), node_id: "n1".into(), expected_generation: 0, now_ms: 3 }, &mut t);
+        let r = st.apply(
+            Command::PlaceSession { id: "b".into(), node_id: "n1".into(), expected_generation: 0, now_ms: 3 },
+            &mut t,
+        );
         let CommandResponse::Session(b) = r else { panic!("{r:?}") };
         assert_eq!(b.generation, 1);
         assert_eq!(st.allocated_on("n1").cpu_millis, 800);
@@ -948,7 +955,10 @@ mod tests {
         assert_eq!(st.expired_at(99), Vec::<String>::new());
         assert_eq!(st.expired_at(100), ["a", "b"]);
 
-        st.apply(Command::PlaceSession { id: "a".into(), node_id: "n1".into(), expected_generation: 0, now_ms: 2 }, &mut t);
+        st.apply(
+            Command::PlaceSession { id: "a".into(), node_id: "n1".into(), expected_generation: 0, now_ms: 2 },
+            &mut t,
+        );
         assert!(st.unplaced.is_empty());
         st.apply(Command::RenewSession { id: "a".into(), expires_at_ms: 500, now_ms: 3 }, &mut t);
         assert_eq!(st.expired_at(100), ["b"]);
@@ -981,7 +991,9 @@ mod tests {
         st.apply(Command::CreateSession { session: a }, &mut t);
         running(&mut st, &mut t, "a", "n1");
 
-        let CommandResponse::Sessions(lost) = st.apply(Command::NodeDown { node_id: "n1".into(), now_ms: 10, keep: vec![] }, &mut t) else {
+        let CommandResponse::Sessions(lost) =
+            st.apply(Command::NodeDown { node_id: "n1".into(), now_ms: 10, keep: vec![] }, &mut t)
+        else {
             panic!()
         };
         assert_eq!(lost.len(), 1);
@@ -990,7 +1002,13 @@ mod tests {
         assert!(st.unplaced.iter().any(|(_, id)| id == "a"));
         assert_eq!(st.allocated_on("n1").cpu_millis, 0);
 
-        st.apply(Command::PlaceSessions { placements: vec![Placement { id: "a".into(), node_id: "n2".into(), expected_generation: 1 }], now_ms: 420 }, &mut t);
+        st.apply(
+            Command::PlaceSessions {
+                placements: vec![Placement { id: "a".into(), node_id: "n2".into(), expected_generation: 1 }],
+                now_ms: 420,
+            },
+            &mut t,
+        );
         assert_eq!((st.sessions["a"].generation, st.sessions["a"].not_before_ms), (2, 0));
         // The second loss exceeds max_attempts = 1: FAILED, not placed again.
         st.apply(Command::SessionsLost { node_id: "n2".into(), ids: vec!["a".into()], now_ms: 500 }, &mut t);
@@ -1035,7 +1053,13 @@ mod tests {
         assert!(st.node_version("n1") > v0, "the old node's watch must see the session go");
         assert_eq!(st.moving["n1"].len(), 1);
         assert!(st.node_sessions["n1"].is_empty());
-        st.apply(Command::PlaceSessions { placements: vec![Placement { id: "a".into(), node_id: "n2".into(), expected_generation: 1 }], now_ms: 7 }, &mut t);
+        st.apply(
+            Command::PlaceSessions {
+                placements: vec![Placement { id: "a".into(), node_id: "n2".into(), expected_generation: 1 }],
+                now_ms: 7,
+            },
+            &mut t,
+        );
         assert_eq!(st.moving["n1"].len(), 1, "still moving until it runs");
         running(&mut st, &mut t, "a", "n2");
         assert!(!st.moving.contains_key("n1"));
@@ -1060,12 +1084,18 @@ mod tests {
         assert_eq!((a.node_id.as_deref(), a.generation), (None, 0));
         assert_eq!(a.pending_reason, crate::leader::PAUSED_REASON);
         assert_eq!(st.allocated_on("n1").cpu_millis, 0);
-        let r = st.apply(Command::PlaceSession { id: "a".into(), node_id: "n1".into(), expected_generation: 0, now_ms: 2 }, &mut t);
+        let r = st.apply(
+            Command::PlaceSession { id: "a".into(), node_id: "n1".into(), expected_generation: 0, now_ms: 2 },
+            &mut t,
+        );
         assert!(matches!(r, CommandResponse::Rejected(_)), "{r:?}");
         let before = st.digest();
         st.apply(Command::SetSchedulerPaused { paused: false }, &mut t);
         assert_ne!(st.digest(), before, "the pause is part of the replicated state");
-        let r = st.apply(Command::PlaceSession { id: "a".into(), node_id: "n1".into(), expected_generation: 0, now_ms: 3 }, &mut t);
+        let r = st.apply(
+            Command::PlaceSession { id: "a".into(), node_id: "n1".into(), expected_generation: 0, now_ms: 3 },
+            &mut t,
+        );
         let CommandResponse::Session(a) = r else { panic!("{r:?}") };
         assert_eq!((a.node_id.as_deref(), a.generation), (Some("n1"), 1));
     }

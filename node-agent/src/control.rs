@@ -178,7 +178,9 @@ impl AgentState {
         }
         for id in &ids {
             match self.runtime.destroy(id).await {
-                Ok(()) if why == Leaving::Unassigned => tracing::info!(session = %id, "session stopped: no longer assigned here"),
+                Ok(()) if why == Leaving::Unassigned => {
+                    tracing::info!(session = %id, "session stopped: no longer assigned here")
+                }
                 Ok(()) => {}
                 Err(e) => tracing::warn!(session = %id, error = %e, "failed to destroy a session"),
             }
@@ -186,7 +188,8 @@ impl AgentState {
         }
         if let (Some(syncer), Leaving::Unassigned) = (&self.syncer, why) {
             let (this, syncer) = (self.clone(), syncer.clone());
-            let ids: Vec<String> = ids.into_iter().zip(stored).filter(|(_, stored)| *stored).map(|(id, _)| id).collect();
+            let ids: Vec<String> =
+                ids.into_iter().zip(stored).filter(|(_, stored)| *stored).map(|(id, _)| id).collect();
             if ids.is_empty() {
                 return;
             }
@@ -205,7 +208,9 @@ impl AgentState {
     /// Waits (bounded) while an earlier copy of the session is being taken off this node.
     async fn wait_not_stopping(&self, id: &str) {
         let deadline = tokio::time::Instant::now() + FINAL_SYNC_TIMEOUT + Duration::from_secs(30);
-        while self.stopping.lock().unwrap_or_else(|p| p.into_inner()).contains(id) && tokio::time::Instant::now() < deadline {
+        while self.stopping.lock().unwrap_or_else(|p| p.into_inner()).contains(id)
+            && tokio::time::Instant::now() < deadline
+        {
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }
@@ -216,14 +221,19 @@ impl AgentState {
     async fn ended_for_good(&self, id: &str) -> bool {
         use sandfleet_proto::v1::session_service_client::SessionServiceClient;
         // Lazy channels, made once and reused: this runs for every session that leaves.
-        let channels = self.coordinator_channels.get_or_init(|| self.coordinators.iter().filter_map(|a| channel(a).ok()).collect());
+        let channels = self
+            .coordinator_channels
+            .get_or_init(|| self.coordinators.iter().filter_map(|a| channel(a).ok()).collect());
         for ch in channels.iter().cloned() {
             let mut req = tonic::Request::new(pb::GetSessionRequest { id: id.to_string(), ..Default::default() });
             req.set_timeout(Duration::from_secs(2));
             match SessionServiceClient::new(ch).get_session(req).await {
                 Ok(resp) => {
                     let state = resp.into_inner().session.map(|s| s.state).unwrap_or_default();
-                    return matches!(pb::SessionState::try_from(state), Ok(pb::SessionState::Terminated | pb::SessionState::Failed));
+                    return matches!(
+                        pb::SessionState::try_from(state),
+                        Ok(pb::SessionState::Terminated | pb::SessionState::Failed)
+                    );
                 }
                 Err(s) if s.code() == tonic::Code::NotFound => return true,
                 Err(_) => continue,
@@ -292,7 +302,9 @@ impl AgentState {
                         "cut off from a coordinator quorum (fencing)"
                     } else if s.expires_at_ms > 0 && now > s.expires_at_ms + SELF_EXPIRY_GRACE_MS {
                         "past its ttl while cut off"
-                    } else if s.idle_timeout_ms > 0 && now - s.last_active_ms > s.idle_timeout_ms as i64 + SELF_EXPIRY_GRACE_MS {
+                    } else if s.idle_timeout_ms > 0
+                        && now - s.last_active_ms > s.idle_timeout_ms as i64 + SELF_EXPIRY_GRACE_MS
+                    {
                         "past its idle timeout while cut off"
                     } else {
                         return None;
@@ -310,7 +322,10 @@ impl AgentState {
         }
         let _guard = self.reconcile_lock.lock().await;
         if fence && !self.fenced.swap(true, std::sync::atomic::Ordering::SeqCst) {
-            tracing::error!(silent_ms, "cut off from a coordinator quorum; fencing: ignoring assignment pushes until a heartbeat succeeds");
+            tracing::error!(
+                silent_ms,
+                "cut off from a coordinator quorum; fencing: ignoring assignment pushes until a heartbeat succeeds"
+            );
         }
         let mut leaving = Vec::new();
         for (id, why) in due {
@@ -338,24 +353,23 @@ impl AgentState {
         let found = self.runtime.list().await?;
         for s in found {
             tracing::info!(session = %s.session_id, generation = s.generation, "rediscovered session");
-            self.sessions
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .insert(
-                    s.session_id.clone(),
-                    LocalSession {
-                        generation: s.generation,
-                        phase: LocalPhase::Ready,
-                        expires_at_ms: 0,
-                        fence_after_ms: 0,
-                        idle_timeout_ms: 0,
-                        last_active_ms: sandfleet_common::time::now_ms(),
-                    },
-                );
+            self.sessions.lock().unwrap_or_else(|p| p.into_inner()).insert(
+                s.session_id.clone(),
+                LocalSession {
+                    generation: s.generation,
+                    phase: LocalPhase::Ready,
+                    expires_at_ms: 0,
+                    fence_after_ms: 0,
+                    idle_timeout_ms: 0,
+                    last_active_ms: sandfleet_common::time::now_ms(),
+                },
+            );
             if let Some(syncer) = &self.syncer {
                 match self.runtime.workspace(&s.session_id) {
                     Ok(ws) => syncer.attach(&s.session_id, s.generation, ws),
-                    Err(e) => tracing::warn!(session = %s.session_id, error = %e, "rediscovered session has no workspace to sync"),
+                    Err(e) => {
+                        tracing::warn!(session = %s.session_id, error = %e, "rediscovered session has no workspace to sync")
+                    }
                 }
             }
             // Tell the coordinators it runs, in case the last report was lost with the old
@@ -386,14 +400,12 @@ impl AgentState {
             return;
         }
         self.assignments_version.store(version, std::sync::atomic::Ordering::SeqCst);
-        let desired: BTreeMap<String, pb::Assignment> = assignments.into_iter().map(|a| (a.session_id.clone(), a)).collect();
+        let desired: BTreeMap<String, pb::Assignment> =
+            assignments.into_iter().map(|a| (a.session_id.clone(), a)).collect();
         let (to_start, to_stop) = {
             let mut sessions = self.sessions.lock().unwrap_or_else(|p| p.into_inner());
-            let to_stop: Vec<String> = sessions
-                .iter()
-                .filter(|(id, _)| !desired.contains_key(*id))
-                .map(|(id, _)| id.clone())
-                .collect();
+            let to_stop: Vec<String> =
+                sessions.iter().filter(|(id, _)| !desired.contains_key(*id)).map(|(id, _)| id.clone()).collect();
             let mut to_start = Vec::new();
             let now = sandfleet_common::time::now_ms();
             for (id, a) in &desired {
@@ -456,7 +468,9 @@ impl AgentState {
                     attempt += 1;
                     let still_here = self.session(&a.session_id).is_some_and(|s| s.generation == a.generation);
                     if !still_here {
-                        return Err(crate::runtime::RuntimeError::Unavailable(format!("unassigned while restoring: {e}")));
+                        return Err(crate::runtime::RuntimeError::Unavailable(format!(
+                            "unassigned while restoring: {e}"
+                        )));
                     }
                     let wait = Duration::from_millis((250u64 << attempt.min(7)).min(30_000));
                     tracing::error!(error = %e, attempt, retry_in = ?wait, "cannot restore the workspace yet; retrying");
@@ -536,7 +550,12 @@ impl AgentState {
                 (pb::SessionState::Failed, e.to_string())
             }
         };
-        self.report(pb::SessionReport { session_id: a.session_id, generation: a.generation, state: state as i32, message });
+        self.report(pb::SessionReport {
+            session_id: a.session_id,
+            generation: a.generation,
+            state: state as i32,
+            message,
+        });
     }
 }
 
@@ -571,7 +590,8 @@ pub struct Control {
 
 impl Control {
     pub fn new(state: Arc<AgentState>, config: ControlConfig) -> Result<Self, tonic::transport::Error> {
-        let clients = config.coordinators.iter().map(|a| channel(a).map(AgentServiceClient::new)).collect::<Result<_, _>>()?;
+        let clients =
+            config.coordinators.iter().map(|a| channel(a).map(AgentServiceClient::new)).collect::<Result<_, _>>()?;
         Ok(Self { state, config, clients, current: 0 })
     }
 
@@ -597,7 +617,9 @@ impl Control {
                         Err(e) => tracing::error!(error = %e, "coordinator sent a bad token key"),
                     }
                     self.state.fence_after_ms.store(resp.fence_after_ms, std::sync::atomic::Ordering::SeqCst);
-                    self.state.heartbeat_ms.store(resp.heartbeat_interval_ms.max(100), std::sync::atomic::Ordering::SeqCst);
+                    self.state
+                        .heartbeat_ms
+                        .store(resp.heartbeat_interval_ms.max(100), std::sync::atomic::Ordering::SeqCst);
                     self.state.contact();
                     tracing::info!(
                         node = %self.config.register.node_id,
@@ -622,7 +644,12 @@ impl Control {
     /// Heartbeats and watches assignments until `shutdown`.
     pub async fn run(mut self, mut interval: Duration, shutdown: CancellationToken) {
         let watch_stop = shutdown.child_token();
-        let watcher = tokio::spawn(watch_loop(self.state.clone(), self.config.coordinators.clone(), self.config.register.node_id.clone(), watch_stop.clone()));
+        let watcher = tokio::spawn(watch_loop(
+            self.state.clone(),
+            self.config.coordinators.clone(),
+            self.config.register.node_id.clone(),
+            watch_stop.clone(),
+        ));
         let fencer = {
             let (state, stop) = (self.state.clone(), watch_stop.clone());
             tokio::spawn(async move {

@@ -38,7 +38,9 @@ impl DataPlane {
         let token = bearer_from_metadata(md)?;
         let claims = {
             let verifier = self.state.verifier.read().await;
-            let verifier = verifier.as_ref().ok_or_else(|| Status::unavailable("agent has not registered with the cluster yet"))?;
+            let verifier = verifier
+                .as_ref()
+                .ok_or_else(|| Status::unavailable("agent has not registered with the cluster yet"))?;
             verifier.verify(token, session_id, sandfleet_common::time::now_ms())?
         };
         if claims.node != self.state.node_id {
@@ -47,10 +49,9 @@ impl DataPlane {
                 claims.node, self.state.node_id
             )));
         }
-        let local = self
-            .state
-            .session(session_id)
-            .ok_or_else(|| Status::not_found(format!("session {session_id} is not running on node {}", self.state.node_id)))?;
+        let local = self.state.session(session_id).ok_or_else(|| {
+            Status::not_found(format!("session {session_id} is not running on node {}", self.state.node_id))
+        })?;
         if claims.generation < local.generation {
             return Err(Status::unauthenticated("session token is for an older placement; get the session again"));
         }
@@ -60,7 +61,9 @@ impl DataPlane {
                 Ok(())
             }
             LocalPhase::Preparing => Err(Status::unavailable(format!("session {session_id} is still starting; retry"))),
-            LocalPhase::Failed(why) => Err(Status::failed_precondition(format!("session {session_id} failed to start: {why}"))),
+            LocalPhase::Failed(why) => {
+                Err(Status::failed_precondition(format!("session {session_id} failed to start: {why}")))
+            }
         }
     }
 }
@@ -84,10 +87,17 @@ fn exec_spec(req: &pb::ExecRequest, output_cap: u64) -> Result<ExecSpec, Status>
         ms => Duration::from_millis(ms),
     };
     if timeout > limits::MAX_EXEC_TIMEOUT {
-        return Err(ValidationError::over("timeout_ms", format!("{} ms", limits::MAX_EXEC_TIMEOUT.as_millis()), req.timeout_ms).into());
+        return Err(ValidationError::over(
+            "timeout_ms",
+            format!("{} ms", limits::MAX_EXEC_TIMEOUT.as_millis()),
+            req.timeout_ms,
+        )
+        .into());
     }
     if req.stdin.len() > limits::MAX_STDIN_BYTES {
-        return Err(ValidationError::over("stdin", format!("{} bytes", limits::MAX_STDIN_BYTES), req.stdin.len()).into());
+        return Err(
+            ValidationError::over("stdin", format!("{} bytes", limits::MAX_STDIN_BYTES), req.stdin.len()).into()
+        );
     }
     ids::validate_env("env", &req.env)?;
     Ok(ExecSpec {
@@ -132,7 +142,10 @@ impl ExecService for DataPlane {
                     ExecEvent::Stderr(d) => (pb::OutputStream::Stderr, d),
                 };
                 let msg = pb::ExecResponse {
-                    event: Some(pb::exec_response::Event::Output(pb::OutputChunk { stream: stream as i32, data: data.to_vec() })),
+                    event: Some(pb::exec_response::Event::Output(pb::OutputChunk {
+                        stream: stream as i32,
+                        data: data.to_vec(),
+                    })),
                 };
                 if tx.send(Ok(msg)).await.is_err() {
                     // The caller hung up: dropping `out_rx` makes the runtime kill the command.
@@ -141,7 +154,12 @@ impl ExecService for DataPlane {
             }
             let msg = match run.await {
                 Ok(Ok(exit)) => {
-                    tracing::info!(exit_code = exit.exit_code, timed_out = exit.timed_out, oom = exit.oom_killed, "exec finished");
+                    tracing::info!(
+                        exit_code = exit.exit_code,
+                        timed_out = exit.timed_out,
+                        oom = exit.oom_killed,
+                        "exec finished"
+                    );
                     Ok(pb::ExecResponse {
                         event: Some(pb::exec_response::Event::Exit(pb::ExitStatus {
                             exit_code: exit.exit_code,
@@ -186,10 +204,16 @@ fn workspace(state: &AgentState, session_id: &str) -> Result<Workspace, Status> 
 #[tonic::async_trait]
 impl FileService for DataPlane {
     #[tracing::instrument(skip_all)]
-    async fn write_file(&self, req: Request<Streaming<pb::WriteFileRequest>>) -> Result<Response<pb::WriteFileResponse>, Status> {
+    async fn write_file(
+        &self,
+        req: Request<Streaming<pb::WriteFileRequest>>,
+    ) -> Result<Response<pb::WriteFileResponse>, Status> {
         let md = req.metadata().clone();
         let mut stream = req.into_inner();
-        let first = stream.message().await?.ok_or_else(|| Status::invalid_argument("empty upload: the first chunk must name session_id and path"))?;
+        let first = stream
+            .message()
+            .await?
+            .ok_or_else(|| Status::invalid_argument("empty upload: the first chunk must name session_id and path"))?;
         self.authorize(&md, &first.session_id).await?;
         check_chunk(&first)?;
         Workspace::check_path(&first.path)?;
@@ -272,7 +296,10 @@ impl FileService for DataPlane {
     }
 
     #[tracing::instrument(skip_all, fields(session = %req.get_ref().session_id))]
-    async fn remove_file(&self, req: Request<pb::RemoveFileRequest>) -> Result<Response<pb::RemoveFileResponse>, Status> {
+    async fn remove_file(
+        &self,
+        req: Request<pb::RemoveFileRequest>,
+    ) -> Result<Response<pb::RemoveFileResponse>, Status> {
         self.authorize(req.metadata(), &req.get_ref().session_id).await?;
         let req = req.into_inner();
         let ws = workspace(&self.state, &req.session_id)?;
@@ -282,14 +309,24 @@ impl FileService for DataPlane {
     }
 
     #[tracing::instrument(skip_all, fields(session = %req.get_ref().session_id))]
-    async fn sync_workspace(&self, req: Request<pb::SyncWorkspaceRequest>) -> Result<Response<pb::SyncWorkspaceResponse>, Status> {
+    async fn sync_workspace(
+        &self,
+        req: Request<pb::SyncWorkspaceRequest>,
+    ) -> Result<Response<pb::SyncWorkspaceResponse>, Status> {
         self.authorize(req.metadata(), &req.get_ref().session_id).await?;
         let req = req.into_inner();
         let syncer = self.syncer()?;
-        let stats = tokio::time::timeout(SYNC_DEADLINE, syncer.sync_now(&req.session_id))
-            .await
-            .map_err(|_| Status::deadline_exceeded(format!("the workspace sync did not finish within {SYNC_DEADLINE:?}; it goes on in the background")))??;
-        tracing::info!(files = stats.files, uploaded = stats.transferred_files, version = stats.version, "workspace synced on request");
+        let stats = tokio::time::timeout(SYNC_DEADLINE, syncer.sync_now(&req.session_id)).await.map_err(|_| {
+            Status::deadline_exceeded(format!(
+                "the workspace sync did not finish within {SYNC_DEADLINE:?}; it goes on in the background"
+            ))
+        })??;
+        tracing::info!(
+            files = stats.files,
+            uploaded = stats.transferred_files,
+            version = stats.version,
+            "workspace synced on request"
+        );
         Ok(Response::new(pb::SyncWorkspaceResponse {
             files: stats.files,
             bytes: stats.bytes,
@@ -301,7 +338,10 @@ impl FileService for DataPlane {
     }
 
     #[tracing::instrument(skip_all, fields(session = %req.get_ref().session_id))]
-    async fn get_download_url(&self, req: Request<pb::GetDownloadUrlRequest>) -> Result<Response<pb::GetDownloadUrlResponse>, Status> {
+    async fn get_download_url(
+        &self,
+        req: Request<pb::GetDownloadUrlRequest>,
+    ) -> Result<Response<pb::GetDownloadUrlResponse>, Status> {
         self.authorize(req.metadata(), &req.get_ref().session_id).await?;
         let req = req.into_inner();
         let rel = Workspace::check_path(&req.path)?;
@@ -320,9 +360,10 @@ impl FileService for DataPlane {
         let ws = workspace(&self.state, &req.session_id)?;
         drop(ws.read_file(&req.path).await?);
         let path = rel.to_string_lossy().into_owned();
-        let (hash, size) = tokio::time::timeout(SYNC_DEADLINE, syncer.blob_of(&req.session_id, &path))
-            .await
-            .map_err(|_| Status::deadline_exceeded(format!("the workspace sync did not finish within {SYNC_DEADLINE:?}")))??;
+        let (hash, size) =
+            tokio::time::timeout(SYNC_DEADLINE, syncer.blob_of(&req.session_id, &path)).await.map_err(|_| {
+                Status::deadline_exceeded(format!("the workspace sync did not finish within {SYNC_DEADLINE:?}"))
+            })??;
         let name = rel.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
         let url = syncer.store().presign_blob(&req.session_id, &hash, &name, ttl).await?;
         Ok(Response::new(pb::GetDownloadUrlResponse {
@@ -336,7 +377,9 @@ impl FileService for DataPlane {
 
 fn check_chunk(c: &pb::WriteFileRequest) -> Result<(), Status> {
     if c.data.len() > limits::MAX_WRITE_CHUNK_BYTES {
-        return Err(ValidationError::over("chunk", format!("{} bytes", limits::MAX_WRITE_CHUNK_BYTES), c.data.len()).into());
+        return Err(
+            ValidationError::over("chunk", format!("{} bytes", limits::MAX_WRITE_CHUNK_BYTES), c.data.len()).into()
+        );
     }
     Ok(())
 }

@@ -26,8 +26,8 @@ use std::process::ExitStatus;
 use std::time::Duration;
 
 use bytes::Bytes;
-use sandfleet_common::limits::{self, MAX_ARGV, MAX_ARGV_BYTES, MAX_CODE_BYTES, OUTPUT_CHUNK_BYTES};
 use sandfleet_common::ids;
+use sandfleet_common::limits::{self, MAX_ARGV, MAX_ARGV_BYTES, MAX_CODE_BYTES, OUTPUT_CHUNK_BYTES};
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use tokio::process::{Child, ChildStderr, ChildStdout};
 use tokio::sync::mpsc;
@@ -199,8 +199,12 @@ pub fn validate(spec: &ExecSpec, code_path: &str) -> Result<ValidatedExec, Runti
 pub async fn check_workdir(ws: &Workspace, workdir: &str) -> Result<(), RuntimeError> {
     match ws.is_dir(workdir).await {
         Ok(true) => Ok(()),
-        Ok(false) => Err(RuntimeError::InvalidArgument(format!("workdir {workdir:?} is not a directory in the workspace"))),
-        Err(FsError::Escape(_)) => Err(RuntimeError::InvalidArgument(format!("workdir {workdir:?} leads outside the workspace"))),
+        Ok(false) => {
+            Err(RuntimeError::InvalidArgument(format!("workdir {workdir:?} is not a directory in the workspace")))
+        }
+        Err(FsError::Escape(_)) => {
+            Err(RuntimeError::InvalidArgument(format!("workdir {workdir:?} leads outside the workspace")))
+        }
         Err(e) => Err(e.into()),
     }
 }
@@ -225,7 +229,8 @@ pub fn note_limits(info: &mut ExitInfo, oom_kills: u64, memory_bytes: u64, refus
         info.message = if info.message.is_empty() { msg } else { format!("{}; {msg}", info.message) };
     }
     if refused_forks > 0 {
-        let msg = format!("{refused_forks} fork(s) refused: the session reached its pids limit of {pids_limit} (pids_limit)");
+        let msg =
+            format!("{refused_forks} fork(s) refused: the session reached its pids limit of {pids_limit} (pids_limit)");
         info.message = if info.message.is_empty() { msg } else { format!("{}; {msg}", info.message) };
     }
 }
@@ -304,14 +309,15 @@ pub async fn supervise(
     // After exit or kill, output is drained until this instant at the latest.
     let mut drain_until: Option<Instant> = None;
 
-    let kill = |child: &mut Child, why: KillReason, killed: &mut Option<KillReason>, drain_until: &mut Option<Instant>| {
-        if killed.is_none() {
-            *killed = Some(why);
-        }
-        let _ = child.start_kill();
-        kill_tree();
-        *drain_until = Some(Instant::now() + KILL_DRAIN_GRACE);
-    };
+    let kill =
+        |child: &mut Child, why: KillReason, killed: &mut Option<KillReason>, drain_until: &mut Option<Instant>| {
+            if killed.is_none() {
+                *killed = Some(why);
+            }
+            let _ = child.start_kill();
+            kill_tree();
+            *drain_until = Some(Instant::now() + KILL_DRAIN_GRACE);
+        };
 
     loop {
         if status.is_some() && stdout.is_none() && stderr.is_none() {

@@ -278,9 +278,9 @@ impl From<&RuntimeError> for WireError {
             RuntimeError::InvalidArgument(_) => "invalid_argument",
             RuntimeError::NotFound(_) => "not_found",
             RuntimeError::Unavailable(_) => "unavailable",
-            RuntimeError::Workspace(crate::workspace::FsError::InvalidPath(_) | crate::workspace::FsError::Escape(_)) => {
-                "invalid_argument"
-            }
+            RuntimeError::Workspace(
+                crate::workspace::FsError::InvalidPath(_) | crate::workspace::FsError::Escape(_),
+            ) => "invalid_argument",
             RuntimeError::Workspace(_) | RuntimeError::Io(_) | RuntimeError::Internal(_) => "internal",
         };
         Self { kind: kind.to_string(), message: e.to_string() }
@@ -300,7 +300,8 @@ impl From<WireError> for RuntimeError {
 
 /// Writes one frame.
 pub async fn write_frame<W: tokio::io::AsyncWrite + Unpin>(w: &mut W, kind: Frame, payload: &[u8]) -> io::Result<()> {
-    let len = u32::try_from(payload.len()).map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "frame too large"))?;
+    let len =
+        u32::try_from(payload.len()).map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "frame too large"))?;
     let mut head = [0u8; 5];
     head[0] = kind as u8;
     head[1..].copy_from_slice(&len.to_be_bytes());
@@ -318,10 +319,14 @@ pub async fn read_frame<R: tokio::io::AsyncRead + Unpin>(r: &mut R) -> io::Resul
         Err(e) => return Err(e),
     }
     r.read_exact(&mut head[1..]).await?;
-    let kind = Frame::from_u8(head[0]).ok_or_else(|| io::Error::new(io::ErrorKind::InvalidData, format!("unknown frame kind {}", head[0])))?;
+    let kind = Frame::from_u8(head[0])
+        .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidData, format!("unknown frame kind {}", head[0])))?;
     let len = u32::from_be_bytes([head[1], head[2], head[3], head[4]]) as usize;
     if len > MAX_FRAME_BYTES {
-        return Err(io::Error::new(io::ErrorKind::InvalidData, format!("frame of {len} bytes exceeds {MAX_FRAME_BYTES}")));
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!("frame of {len} bytes exceeds {MAX_FRAME_BYTES}"),
+        ));
     }
     let mut buf = vec![0u8; len];
     r.read_exact(&mut buf).await?;
@@ -366,7 +371,9 @@ pub async fn connect(path: &Path) -> Result<UnixStream, RuntimeError> {
                 path.display()
             )))
         }
-        Err(e) => return Err(unavailable(format!("the session's executor is not listening at {}: {e}", path.display()))),
+        Err(e) => {
+            return Err(unavailable(format!("the session's executor is not listening at {}: {e}", path.display())))
+        }
     }
     let stream = UnixStream::connect(&short)
         .await
@@ -382,7 +389,8 @@ pub async fn ping(path: &Path) -> Result<u32, RuntimeError> {
     write_frame(&mut s, Frame::Request, &json(&Request::Ping)).await.map_err(proto_err)?;
     match read_frame(&mut s).await.map_err(proto_err)? {
         Some((Frame::Pong, b)) => {
-            let p: Pong = serde_json::from_slice(&b).map_err(|e| RuntimeError::Internal(format!("bad pong from the executor: {e}")))?;
+            let p: Pong = serde_json::from_slice(&b)
+                .map_err(|e| RuntimeError::Internal(format!("bad pong from the executor: {e}")))?;
             Ok(p.protocol)
         }
         other => Err(RuntimeError::Internal(format!("unexpected answer to ping: {:?}", other.map(|(k, _)| k)))),
@@ -392,13 +400,24 @@ pub async fn ping(path: &Path) -> Result<u32, RuntimeError> {
 /// Runs one exec through the executor at `path`, forwarding output to `out`.
 /// If `out` closes, the connection is dropped and the executor kills the command.
 /// `deadline` bounds the whole call (the exec's own timeout plus a grace).
-pub async fn exec(path: &Path, req: WireExec, out: mpsc::Sender<ExecEvent>, deadline: Duration) -> Result<ExitInfo, RuntimeError> {
+pub async fn exec(
+    path: &Path,
+    req: WireExec,
+    out: mpsc::Sender<ExecEvent>,
+    deadline: Duration,
+) -> Result<ExitInfo, RuntimeError> {
     exec_on(connect(path).await?, req, out, deadline).await
 }
 
 /// Like [`exec`], on a connection from [`connect`].
-pub async fn exec_on(mut s: UnixStream, req: WireExec, out: mpsc::Sender<ExecEvent>, deadline: Duration) -> Result<ExitInfo, RuntimeError> {
-    let io_err = |e: io::Error| RuntimeError::Unavailable(format!("lost the connection to the session's executor: {e}"));
+pub async fn exec_on(
+    mut s: UnixStream,
+    req: WireExec,
+    out: mpsc::Sender<ExecEvent>,
+    deadline: Duration,
+) -> Result<ExitInfo, RuntimeError> {
+    let io_err =
+        |e: io::Error| RuntimeError::Unavailable(format!("lost the connection to the session's executor: {e}"));
     write_frame(&mut s, Frame::Request, &json(&Request::Exec(req))).await.map_err(io_err)?;
     let run = async {
         loop {
@@ -487,8 +506,13 @@ struct Server {
 
 /// Prepares the sandbox root and the seccomp filter, binds the socket and
 /// serves until `shutdown` fires. Calls `ready` once the socket accepts.
-pub async fn serve(cfg: ExecutorConfig, shutdown: tokio_util::sync::CancellationToken, ready: impl FnOnce(&Path)) -> Result<(), RuntimeError> {
-    bwrap::write_etc_files(&cfg.etc_dir).map_err(|e| RuntimeError::Unavailable(format!("writing {}: {e}", cfg.etc_dir.display())))?;
+pub async fn serve(
+    cfg: ExecutorConfig,
+    shutdown: tokio_util::sync::CancellationToken,
+    ready: impl FnOnce(&Path),
+) -> Result<(), RuntimeError> {
+    bwrap::write_etc_files(&cfg.etc_dir)
+        .map_err(|e| RuntimeError::Unavailable(format!("writing {}: {e}", cfg.etc_dir.display())))?;
     let layout = RootLayout::detect(&cfg.etc_dir)?;
     let filter = seccomp::filter_bytes()?;
     let cgroups = match AnyCgroupManager::detect() {
@@ -506,7 +530,8 @@ pub async fn serve(cfg: ExecutorConfig, shutdown: tokio_util::sync::Cancellation
         Err(e) if e.kind() == io::ErrorKind::NotFound => {}
         Err(e) => return Err(RuntimeError::Unavailable(format!("removing a stale {}: {e}", sock.display()))),
     }
-    let listener = UnixListener::bind(&sock).map_err(|e| RuntimeError::Unavailable(format!("binding {}: {e}", sock.display())))?;
+    let listener =
+        UnixListener::bind(&sock).map_err(|e| RuntimeError::Unavailable(format!("binding {}: {e}", sock.display())))?;
     let server = Arc::new(Server { cfg, layout, filter, cgroups, uid, gid });
     info!(socket = %sock.display(), uid, "executor serving");
     ready(&sock);
@@ -616,7 +641,9 @@ impl Server {
         })
         .map_err(|e| {
             if e.raw_os_error() == Some(libc::E2BIG) {
-                RuntimeError::InvalidArgument("argv and environment together are too large for the kernel (E2BIG)".into())
+                RuntimeError::InvalidArgument(
+                    "argv and environment together are too large for the kernel (E2BIG)".into(),
+                )
             } else {
                 RuntimeError::Unavailable(format!("starting bwrap: {e}"))
             }

@@ -172,7 +172,11 @@ impl Agent {
 fn host_memory_bytes() -> u64 {
     std::fs::read_to_string("/proc/meminfo")
         .ok()
-        .and_then(|s| s.lines().find(|l| l.starts_with("MemTotal:")).and_then(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok()))
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("MemTotal:"))
+                .and_then(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
+        })
         .map(|kb| kb * 1024)
         .unwrap_or(1 << 30)
 }
@@ -234,8 +238,9 @@ pub async fn serve(config: AgentConfig, shutdown: CancellationToken) -> Result<A
     let state = Arc::new(state);
     state.rediscover().await?;
 
-    let listener =
-        tokio::net::TcpListener::bind(config.listen).await.map_err(|source| AgentError::Bind { addr: config.listen, source })?;
+    let listener = tokio::net::TcpListener::bind(config.listen)
+        .await
+        .map_err(|source| AgentError::Bind { addr: config.listen, source })?;
     let addr = listener.local_addr().map_err(|source| AgentError::Bind { addr: config.listen, source })?;
     let advertise = config.advertise.clone().unwrap_or_else(|| addr.to_string());
 
@@ -243,13 +248,19 @@ pub async fn serve(config: AgentConfig, shutdown: CancellationToken) -> Result<A
     let server = tonic::transport::Server::builder()
         .tcp_nodelay(true)
         .trace_fn(|req| tracing::info_span!("grpc", path = %req.uri().path()))
-        .add_service(pb::exec_service_server::ExecServiceServer::new(plane.clone()).max_decoding_message_size(MAX_GRPC_MESSAGE_BYTES))
-        .add_service(pb::file_service_server::FileServiceServer::new(plane).max_decoding_message_size(MAX_GRPC_MESSAGE_BYTES));
+        .add_service(
+            pb::exec_service_server::ExecServiceServer::new(plane.clone())
+                .max_decoding_message_size(MAX_GRPC_MESSAGE_BYTES),
+        )
+        .add_service(
+            pb::file_service_server::FileServiceServer::new(plane).max_decoding_message_size(MAX_GRPC_MESSAGE_BYTES),
+        );
     // Nagle off on accepted connections (the builder's `tcp_nodelay` only applies
     // to listeners tonic binds itself): small responses must not wait for a delayed ACK.
     let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
     let stop = shutdown.clone();
-    let server = tokio::spawn(async move { server.serve_with_incoming_shutdown(incoming, stop.cancelled_owned()).await });
+    let server =
+        tokio::spawn(async move { server.serve_with_incoming_shutdown(incoming, stop.cancelled_owned()).await });
 
     let cpu_millis = if config.cpu_millis == 0 {
         std::thread::available_parallelism().map(|n| n.get() as u32 * 1000).unwrap_or(1000)

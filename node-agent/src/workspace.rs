@@ -325,7 +325,11 @@ impl Workspace {
         let path_s = path.to_string();
         blocking(move || {
             let root = this.open_root()?;
-            let dir = if rel.as_os_str().is_empty() { root } else { root.open_dir(&rel).map_err(|e| map_io_dir(e, &path_s))? };
+            let dir = if rel.as_os_str().is_empty() {
+                root
+            } else {
+                root.open_dir(&rel).map_err(|e| map_io_dir(e, &path_s))?
+            };
             let mut entries = Vec::new();
             for ent in dir.entries()? {
                 let ent = ent?;
@@ -381,7 +385,8 @@ impl Workspace {
         let path_s = path.to_string();
         blocking(move || {
             let root = this.open_root()?;
-            let name = rel.file_name().ok_or_else(|| FsError::InvalidPath(format!("path {path_s:?} has no file name")))?;
+            let name =
+                rel.file_name().ok_or_else(|| FsError::InvalidPath(format!("path {path_s:?} has no file name")))?;
             let parent_rel = rel.parent().unwrap_or(Path::new(""));
             let parent = if parent_rel.as_os_str().is_empty() {
                 root
@@ -491,7 +496,9 @@ fn check_write_target(parent: &Dir, name: &OsStr, path: &str) -> Result<(), FsEr
 /// plain fchown refuses).
 fn fchown_dir(d: &Dir, uid: u32, gid: u32) -> io::Result<()> {
     // SAFETY: fchownat on a valid fd with an empty, NUL-terminated path and AT_EMPTY_PATH.
-    let rc = unsafe { libc::fchownat(d.as_raw_fd(), c"".as_ptr(), uid, gid, libc::AT_EMPTY_PATH | libc::AT_SYMLINK_NOFOLLOW) };
+    let rc = unsafe {
+        libc::fchownat(d.as_raw_fd(), c"".as_ptr(), uid, gid, libc::AT_EMPTY_PATH | libc::AT_SYMLINK_NOFOLLOW)
+    };
     if rc != 0 {
         return Err(io::Error::last_os_error());
     }
@@ -543,9 +550,7 @@ fn map_io_dir(e: io::Error, path: &str) -> FsError {
 }
 
 async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T, FsError> + Send + 'static) -> Result<T, FsError> {
-    tokio::task::spawn_blocking(f)
-        .await
-        .map_err(|e| FsError::Io(io::Error::other(format!("file task failed: {e}"))))?
+    tokio::task::spawn_blocking(f).await.map_err(|e| FsError::Io(io::Error::other(format!("file task failed: {e}"))))?
 }
 
 fn truncate(s: &str) -> String {
@@ -660,7 +665,11 @@ mod tests {
         std::os::unix::fs::symlink(&outside, root.join("abs-evil")).unwrap();
         let w = ws(&root);
 
-        assert!(matches!(w.read_file("evil/passwd").await, Err(FsError::Escape(_))), "{:?}", w.read_file("evil/passwd").await);
+        assert!(
+            matches!(w.read_file("evil/passwd").await, Err(FsError::Escape(_))),
+            "{:?}",
+            w.read_file("evil/passwd").await
+        );
         assert!(matches!(w.read_file("rel-evil").await, Err(FsError::Escape(_))));
         assert!(matches!(w.read_file("abs-evil").await, Err(FsError::Escape(_))));
         assert!(matches!(w.list("evil").await, Err(FsError::Escape(_))));
@@ -715,7 +724,10 @@ mod tests {
         let names: Vec<_> = w.list("").await.unwrap().into_iter().map(|e| e.name).collect();
         assert_eq!(names, vec!["f"]);
         // A failing stream leaves nothing either.
-        let chunks = futures::stream::iter(vec![Ok(Bytes::from_static(b"01")), Err(FsError::Io(io::Error::other("client went away")))]);
+        let chunks = futures::stream::iter(vec![
+            Ok(Bytes::from_static(b"01")),
+            Err(FsError::Io(io::Error::other("client went away"))),
+        ]);
         assert!(w.write_file("g", 0, chunks).await.is_err());
         let names: Vec<_> = w.list("").await.unwrap().into_iter().map(|e| e.name).collect();
         assert_eq!(names, vec!["f"]);
@@ -726,7 +738,9 @@ mod tests {
         let tmp = tempfile::tempdir().unwrap();
         let w = ws(tmp.path());
         nix::unistd::mkfifo(&tmp.path().join("pipe"), nix::sys::stat::Mode::from_bits_truncate(0o644)).unwrap();
-        let r = tokio::time::timeout(std::time::Duration::from_secs(5), w.read_file("pipe")).await.expect("read_file hung on a FIFO");
+        let r = tokio::time::timeout(std::time::Duration::from_secs(5), w.read_file("pipe"))
+            .await
+            .expect("read_file hung on a FIFO");
         assert!(matches!(r, Err(FsError::NotAFile(_))));
         let l = w.list("").await.unwrap();
         assert_eq!(l[0].kind, EntryKind::Other);

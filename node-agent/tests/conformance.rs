@@ -44,7 +44,8 @@ enum Kind {
 /// Skips (prints a banner, returns None) or, under SANDFLEET_REQUIRE_FACILITIES=1, fails.
 fn missing(what: &str) -> Option<Env> {
     let line = "=".repeat(78);
-    let banner = format!("\n{line}\nSKIPPED (facility missing): {what}\nSet {REQUIRE_ENV}=1 to make this a failure.\n{line}\n");
+    let banner =
+        format!("\n{line}\nSKIPPED (facility missing): {what}\nSet {REQUIRE_ENV}=1 to make this a failure.\n{line}\n");
     if std::env::var(REQUIRE_ENV).is_ok_and(|v| v == "1") {
         panic!("{banner}");
     }
@@ -128,7 +129,8 @@ fn process_missing() -> Option<String> {
         return Some("/usr/bin/bwrap is not installed".into());
     }
     let v2 = Path::new("/sys/fs/cgroup/cgroup.controllers").exists();
-    let v1 = ["memory", "cpu", "pids"].iter().all(|c| Path::new("/sys/fs/cgroup").join(c).join("cgroup.procs").exists());
+    let v1 =
+        ["memory", "cpu", "pids"].iter().all(|c| Path::new("/sys/fs/cgroup").join(c).join("cgroup.procs").exists());
     if !v1 && !v2 {
         return Some("no cgroup v1 (memory, cpu, pids) or v2 hierarchy at /sys/fs/cgroup".into());
     }
@@ -155,10 +157,13 @@ fn docker_image() -> Result<String, String> {
     if unsafe { libc::geteuid() } != 0 {
         return Err("the docker runtime tests need root".into());
     }
-    let info = std::process::Command::new("timeout").args(["60", "docker", "info", "--format", "{{.ServerVersion}}"]).output();
+    let info =
+        std::process::Command::new("timeout").args(["60", "docker", "info", "--format", "{{.ServerVersion}}"]).output();
     match info {
         Ok(o) if o.status.success() => {}
-        Ok(o) => return Err(format!("the Docker engine is not answering: {}", String::from_utf8_lossy(&o.stderr).trim())),
+        Ok(o) => {
+            return Err(format!("the Docker engine is not answering: {}", String::from_utf8_lossy(&o.stderr).trim()))
+        }
         Err(e) => return Err(format!("cannot run the docker CLI: {e}")),
     }
     let out = std::process::Command::new(repo_root().join("deploy/images/build-sandbox-image"))
@@ -206,7 +211,8 @@ async fn setup(kind: Kind, tag: &str, uid_base: u32) -> Option<Env> {
                 slots: 8,
                 bwrap_path: PathBuf::from("/usr/bin/bwrap"),
             };
-            let rt = ProcessRuntime::new(cfg).await.expect("ProcessRuntime::new on a host that has root, bwrap and cgroups");
+            let rt =
+                ProcessRuntime::new(cfg).await.expect("ProcessRuntime::new on a host that has root, bwrap and cgroups");
             let data_dir = rt.config().data_dir.clone();
             (Arc::new(rt.clone()), Backend::Process(rt), data_dir)
         }
@@ -278,7 +284,12 @@ async fn run(rt: &dyn Runtime, id: &str, spec: ExecSpec) -> Result<Ran, RuntimeE
     let info = rt.exec(id, spec, tx).await;
     let (o, e, chunks) = reader.await.expect("reader");
     let info = info?;
-    Ok(Ran { info, stdout: String::from_utf8_lossy(&o).into_owned(), stderr: String::from_utf8_lossy(&e).into_owned(), chunks })
+    Ok(Ran {
+        info,
+        stdout: String::from_utf8_lossy(&o).into_owned(),
+        stderr: String::from_utf8_lossy(&e).into_owned(),
+        chunks,
+    })
 }
 
 /// Live host processes of `uid` running exactly `argv` (after a grace for
@@ -320,7 +331,11 @@ async fn exit_codes(kind: Kind) {
     let r = run(rt, &id, code(Language::Python, "print(6*7)")).await.unwrap();
     assert_eq!(r.stdout, "42\n", "stderr: {}", r.stderr);
     assert_eq!((r.info.exit_code, r.info.signal), (0, 0));
-    assert!(!r.info.timed_out && !r.info.oom_killed && !r.info.output_truncated && r.info.message.is_empty(), "{:?}", r.info);
+    assert!(
+        !r.info.timed_out && !r.info.oom_killed && !r.info.output_truncated && r.info.message.is_empty(),
+        "{:?}",
+        r.info
+    );
     let r = run(rt, &id, code(Language::Node, "console.log(6*7)")).await.unwrap();
     assert_eq!(r.stdout, "42\n", "stderr: {}", r.stderr);
     let r = run(rt, &id, bash("echo out; echo err >&2; exit 7")).await.unwrap();
@@ -336,7 +351,11 @@ async fn exit_codes(kind: Kind) {
     let mut spec = bash("echo \"$PATH|$HOME|$LANG|$TMPDIR|$X|$(id -u):$(id -g)|$(hostname)|$(pwd)\"");
     spec.env.insert("X".into(), "exec-env".into());
     let r = run(rt, &id, spec).await.unwrap();
-    assert_eq!(r.stdout, "/usr/local/bin:/usr/bin:/bin|/workspace|C.UTF-8|/tmp|exec-env|1000:1000|sandbox|/workspace\n", "{}", r.stderr);
+    assert_eq!(
+        r.stdout, "/usr/local/bin:/usr/bin:/bin|/workspace|C.UTF-8|/tmp|exec-env|1000:1000|sandbox|/workspace\n",
+        "{}",
+        r.stderr
+    );
 
     let (mut total, mut inside) = (Duration::ZERO, Duration::ZERO);
     for _ in 0..10 {
@@ -346,12 +365,19 @@ async fn exit_codes(kind: Kind) {
         inside += r.info.duration;
         assert_eq!(r.info.exit_code, 0);
     }
-    eprintln!("{kind:?}: exec of `true` round trip {:?} on average, of which spawn to exit {:?}", total / 10, inside / 10);
+    eprintln!(
+        "{kind:?}: exec of `true` round trip {:?} on average, of which spawn to exit {:?}",
+        total / 10,
+        inside / 10
+    );
 
     let other = new_session_id();
     assert!(matches!(run(rt, &other, bash("true")).await, Err(RuntimeError::NotFound(_))));
     assert!(matches!(run(rt, "../x", bash("true")).await, Err(RuntimeError::InvalidArgument(_))));
-    assert!(matches!(run(rt, &id, ExecSpec { command: Command::Argv(vec![]), ..bash("") }).await, Err(RuntimeError::InvalidArgument(_))));
+    assert!(matches!(
+        run(rt, &id, ExecSpec { command: Command::Argv(vec![]), ..bash("") }).await,
+        Err(RuntimeError::InvalidArgument(_))
+    ));
     let mut bad = sandbox(&new_session_id());
     bad.template = "gpu".into();
     let e = rt.prepare(&bad).await.unwrap_err();
@@ -396,7 +422,9 @@ async fn oom(kind: Kind) {
     let mut spec = sandbox(&id);
     spec.memory_bytes = 64 << 20;
     rt.prepare(&spec).await.unwrap();
-    let r = run(rt, &id, code(Language::Python, "x = b'a' * (300 * 1024 * 1024)\nprint('survived', len(x))")).await.unwrap();
+    let r = run(rt, &id, code(Language::Python, "x = b'a' * (300 * 1024 * 1024)\nprint('survived', len(x))"))
+        .await
+        .unwrap();
     assert!(r.info.oom_killed, "{:?} stdout={} stderr={}", r.info, r.stdout, r.stderr);
     assert!(!r.stdout.contains("survived"));
     assert_eq!(r.info.signal, 9);
@@ -421,14 +449,22 @@ async fn fork_bomb(kind: Kind) {
     eprintln!("{kind:?}: fork bomb ended after {:?}: {:?}", t.elapsed(), r.info);
     assert!(t.elapsed() < Duration::from_secs(15));
     assert!(r.info.timed_out);
-    assert!(r.info.message.contains("pids limit of 16 (pids_limit)"), "pids.max never refused a fork: {}", r.info.message);
+    assert!(
+        r.info.message.contains("pids limit of 16 (pids_limit)"),
+        "pids.max never refused a fork: {}",
+        r.info.message
+    );
     // The session runs commands again at once.
     let t = Instant::now();
     loop {
         match run(rt, &id, bash("echo alive")).await {
             Ok(r) if r.stdout == "alive\n" => break,
             other => {
-                assert!(t.elapsed() < Duration::from_secs(10), "the session did not recover from the fork bomb: {:?}", other.map(|r| r.stderr));
+                assert!(
+                    t.elapsed() < Duration::from_secs(10),
+                    "the session did not recover from the fork bomb: {:?}",
+                    other.map(|r| r.stderr)
+                );
                 tokio::time::sleep(Duration::from_millis(200)).await;
             }
         }
@@ -465,7 +501,9 @@ print(sorted(os.listdir("/sys/class/net")) if os.path.exists("/sys/class/net") e
     listener.set_nonblocking(true).unwrap();
     assert!(listener.accept().is_err(), "the host listener saw a connection");
     // No network tools either.
-    let r = run(rt, &id, bash("for t in curl wget nc ping; do command -v $t && echo HAS-$t; done; echo done")).await.unwrap();
+    let r = run(rt, &id, bash("for t in curl wget nc ping; do command -v $t && echo HAS-$t; done; echo done"))
+        .await
+        .unwrap();
     if kind == Kind::Docker {
         assert_eq!(r.stdout, "done\n", "network tools in the image: {}", r.stdout);
     }
@@ -625,7 +663,17 @@ macro_rules! conformance {
     };
 }
 
-conformance!(exit_codes, timeout, oom, fork_bomb, no_network, no_host_files, file_round_trip, traversal_and_symlinks, output_cap_and_large_code);
+conformance!(
+    exit_codes,
+    timeout,
+    oom,
+    fork_bomb,
+    no_network,
+    no_host_files,
+    file_round_trip,
+    traversal_and_symlinks,
+    output_cap_and_large_code
+);
 
 // ---------------------------------------------------------------------------
 // Docker only
@@ -664,7 +712,10 @@ async fn docker_inspect_shows_every_hardening_field() {
     let uid = d.session_uid(&id).unwrap();
     let c = docker_inspect(&name);
     let h = &c["HostConfig"];
-    eprintln!("HostConfig: {}", serde_json::to_string(h).unwrap().chars().filter(|_| true).take(3000).collect::<String>());
+    eprintln!(
+        "HostConfig: {}",
+        serde_json::to_string(h).unwrap().chars().filter(|_| true).take(3000).collect::<String>()
+    );
     assert_eq!(h["Memory"], 128 << 20);
     assert_eq!(h["MemorySwap"], 128 << 20, "memory+swap must equal memory (no swap)");
     assert_eq!(h["CpuPeriod"], 100_000);
@@ -674,7 +725,8 @@ async fn docker_inspect_shows_every_hardening_field() {
     assert_eq!(h["CapDrop"], serde_json::json!(["ALL"]));
     assert!(h["CapAdd"].is_null() || h["CapAdd"] == serde_json::json!([]));
     assert_eq!(h["Privileged"], false);
-    let sec: Vec<String> = h["SecurityOpt"].as_array().unwrap().iter().map(|v| v.as_str().unwrap().to_string()).collect();
+    let sec: Vec<String> =
+        h["SecurityOpt"].as_array().unwrap().iter().map(|v| v.as_str().unwrap().to_string()).collect();
     assert!(sec.iter().any(|s| s == "no-new-privileges:true" || s == "no-new-privileges"), "{sec:?}");
     let profile = sec.iter().find_map(|s| s.strip_prefix("seccomp=")).expect("a seccomp profile");
     let profile: serde_json::Value = serde_json::from_str(profile).expect("profile json");
@@ -703,13 +755,22 @@ async fn docker_inspect_shows_every_hardening_field() {
     // The container really runs that way: executor as the session uid with no
     // capabilities, no-new-privs and the seccomp filter (mode 2), read-only root.
     let out = std::process::Command::new("docker")
-        .args(["exec", &name, "sh", "-c", "id -u; grep -E '^(CapEff|NoNewPrivs|Seccomp):' /proc/1/status; touch /x 2>&1 || true; ls /sys/class/net"])
+        .args([
+            "exec",
+            &name,
+            "sh",
+            "-c",
+            "id -u; grep -E '^(CapEff|NoNewPrivs|Seccomp):' /proc/1/status; touch /x 2>&1 || true; ls /sys/class/net",
+        ])
         .output()
         .unwrap();
     let text = String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
     eprintln!("inside the container: {text}");
     assert!(text.starts_with(&format!("{uid}\n")), "{text}");
-    assert!(text.contains("CapEff:\t0000000000000000") && text.contains("NoNewPrivs:\t1") && text.contains("Seccomp:\t2"), "{text}");
+    assert!(
+        text.contains("CapEff:\t0000000000000000") && text.contains("NoNewPrivs:\t1") && text.contains("Seccomp:\t2"),
+        "{text}"
+    );
     assert!(text.contains("Read-only file system"), "{text}");
     assert!(!text.contains("eth0"), "the container has a network interface: {text}");
 
@@ -738,7 +799,8 @@ async fn warm_pool_serves_creates_and_never_reuses_a_container() {
     cfg.warm_pool = BTreeMap::from([("python".to_string(), 2)]);
     let d = DockerRuntime::new(cfg).await.unwrap();
     assert!(d.wait_pool_full(Duration::from_secs(60)).await, "the pool never filled");
-    let pooled_before = docker_names(&format!("label=sandfleet.pool=python&label=sandfleet.node={}", d.config().node_id));
+    let pooled_before =
+        docker_names(&format!("label=sandfleet.pool=python&label=sandfleet.node={}", d.config().node_id));
     assert_eq!(pooled_before.len(), 2, "{pooled_before:?}");
 
     let a = new_session_id();
@@ -877,13 +939,22 @@ async fn killed_agent_process_leaves_no_orphan_after_restart() {
     // and keeps trying to register, which is all this test needs.
     let start = |pool: bool| {
         let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_sandfleet-agent"));
-        cmd.args(["--node-id", &node, "--listen", "127.0.0.1:0", "--coordinators", "127.0.0.1:1", "--runtime", "docker"])
-            .arg("--data-dir")
-            .arg(&data_dir)
-            .args(["--uid-base", "712000", "--slots", "4"])
-            .args(["--template-image", &format!("default={image}")])
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null());
+        cmd.args([
+            "--node-id",
+            &node,
+            "--listen",
+            "127.0.0.1:0",
+            "--coordinators",
+            "127.0.0.1:1",
+            "--runtime",
+            "docker",
+        ])
+        .arg("--data-dir")
+        .arg(&data_dir)
+        .args(["--uid-base", "712000", "--slots", "4"])
+        .args(["--template-image", &format!("default={image}")])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null());
         if pool {
             cmd.args(["--warm-pool", "default=2"]);
         }
@@ -903,7 +974,11 @@ async fn killed_agent_process_leaves_no_orphan_after_restart() {
     let mut agent = start(false);
     let t = Instant::now();
     while !docker_names(&filter).is_empty() {
-        assert!(t.elapsed() < Duration::from_secs(60), "the restarted agent left orphaned containers: {:?}", docker_names(&filter));
+        assert!(
+            t.elapsed() < Duration::from_secs(60),
+            "the restarted agent left orphaned containers: {:?}",
+            docker_names(&filter)
+        );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     agent.kill().unwrap();

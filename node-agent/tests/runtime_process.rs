@@ -29,7 +29,8 @@ fn skip_reason() -> Option<String> {
         return Some("/usr/bin/bwrap is not installed".into());
     }
     let v2 = Path::new("/sys/fs/cgroup/cgroup.controllers").exists();
-    let v1 = ["memory", "cpu", "pids"].iter().all(|c| Path::new("/sys/fs/cgroup").join(c).join("cgroup.procs").exists());
+    let v1 =
+        ["memory", "cpu", "pids"].iter().all(|c| Path::new("/sys/fs/cgroup").join(c).join("cgroup.procs").exists());
     if !v1 && !v2 {
         return Some("no cgroup v1 (memory, cpu, pids) or v2 hierarchy at /sys/fs/cgroup".into());
     }
@@ -80,7 +81,8 @@ async fn setup(tag: &str, uid_base: u32) -> Option<Env> {
         bwrap_path: PathBuf::from("/usr/bin/bwrap"),
     };
     let t = Instant::now();
-    let rt = ProcessRuntime::new(cfg.clone()).await.expect("ProcessRuntime::new on a host that has root, bwrap and cgroups");
+    let rt =
+        ProcessRuntime::new(cfg.clone()).await.expect("ProcessRuntime::new on a host that has root, bwrap and cgroups");
     eprintln!("ProcessRuntime::new took {:?} (cgroup v{})", t.elapsed(), rt.cgroups().version());
     Some(Env { rt, cfg, _dir: dir })
 }
@@ -138,7 +140,12 @@ async fn run(rt: &ProcessRuntime, id: &str, spec: ExecSpec) -> Result<Ran, Runti
     let info = rt.exec(id, spec, tx).await;
     let (o, e, chunks) = reader.await.expect("reader");
     let info = info?;
-    Ok(Ran { info, stdout: String::from_utf8_lossy(&o).into_owned(), stderr: String::from_utf8_lossy(&e).into_owned(), chunks })
+    Ok(Ran {
+        info,
+        stdout: String::from_utf8_lossy(&o).into_owned(),
+        stderr: String::from_utf8_lossy(&e).into_owned(),
+        chunks,
+    })
 }
 
 /// Host pids whose real uid is `uid` and whose argv is exactly `argv`.
@@ -203,7 +210,11 @@ async fn python_node_bash_and_exit_codes() {
     let mut spec = bash("echo \"$PATH|$HOME|$LANG|$TMPDIR|$X|$(id -u):$(id -g)|$(hostname)|$(pwd)\"");
     spec.env.insert("X".into(), "exec-env".into());
     let r = run(rt, &id, spec).await.unwrap();
-    assert_eq!(r.stdout, "/usr/local/bin:/usr/bin:/bin|/workspace|C.UTF-8|/tmp|exec-env|1000:1000|sandbox|/workspace\n", "{}", r.stderr);
+    assert_eq!(
+        r.stdout, "/usr/local/bin:/usr/bin:/bin|/workspace|C.UTF-8|/tmp|exec-env|1000:1000|sandbox|/workspace\n",
+        "{}",
+        r.stderr
+    );
 
     // Round trip of `true`.
     let mut total = Duration::ZERO;
@@ -219,7 +230,10 @@ async fn python_node_bash_and_exit_codes() {
     let other = new_session_id();
     assert!(matches!(run(rt, &other, bash("true")).await, Err(RuntimeError::NotFound(_))));
     assert!(matches!(run(rt, "../x", bash("true")).await, Err(RuntimeError::InvalidArgument(_))));
-    assert!(matches!(run(rt, &id, ExecSpec { command: Command::Argv(vec![]), ..bash("") }).await, Err(RuntimeError::InvalidArgument(_))));
+    assert!(matches!(
+        run(rt, &id, ExecSpec { command: Command::Argv(vec![]), ..bash("") }).await,
+        Err(RuntimeError::InvalidArgument(_))
+    ));
     env.cleanup().await;
 }
 
@@ -243,7 +257,8 @@ async fn workdir_files_and_large_code() {
     assert_eq!(r.stdout, "from file\n", "{}", r.stderr);
 
     // Files written by the sandbox are the session's and visible to the file API.
-    let r = run(rt, &id, bash("mkdir -p out && echo hi > out/x.txt && touch /usr/x 2>/dev/null || echo ro")).await.unwrap();
+    let r =
+        run(rt, &id, bash("mkdir -p out && echo hi > out/x.txt && touch /usr/x 2>/dev/null || echo ro")).await.unwrap();
     assert_eq!(r.stdout, "ro\n");
     let entries = ws.list("out").await.unwrap();
     assert_eq!(entries.len(), 1);
@@ -318,7 +333,9 @@ async fn memory_limit_oom_kills() {
     let mut spec = sandbox(&id);
     spec.memory_bytes = 64 << 20;
     rt.prepare(&spec).await.unwrap();
-    let r = run(rt, &id, code(Language::Python, "x = b'a' * (300 * 1024 * 1024)\nprint('survived', len(x))")).await.unwrap();
+    let r = run(rt, &id, code(Language::Python, "x = b'a' * (300 * 1024 * 1024)\nprint('survived', len(x))"))
+        .await
+        .unwrap();
     assert!(r.info.oom_killed, "{:?} stdout={} stderr={}", r.info, r.stdout, r.stderr);
     assert!(!r.stdout.contains("survived"));
     assert_eq!(r.info.signal, 9);
@@ -349,7 +366,11 @@ async fn fork_bomb_is_held_by_the_pids_limit() {
     assert!(t.elapsed() < Duration::from_secs(15));
     let cg = rt.session_cgroup(&id);
     assert!(r.info.timed_out);
-    assert!(r.info.message.contains("pids limit of 16 (pids_limit)"), "pids.max never refused a fork: {}", r.info.message);
+    assert!(
+        r.info.message.contains("pids limit of 16 (pids_limit)"),
+        "pids.max never refused a fork: {}",
+        r.info.message
+    );
     let peak = rt.cgroups().dir("pids", &cg).join("pids.peak");
     if let Ok(p) = std::fs::read_to_string(&peak) {
         let p: u64 = p.trim().parse().unwrap();
@@ -494,9 +515,16 @@ print("keyctl", *call("syscall", 250 if os.uname().machine == "x86_64" else 219,
         assert!(r.stdout.contains(&format!("{name} -1 {eperm}\n")), "{name}: {} {}", r.stdout, r.stderr);
     }
     // Threads still work (clone3 -> ENOSYS falls back to clone).
-    let r = run(rt, &id, code(Language::Python, "import threading\nt=threading.Thread(target=print, args=('thread ok',))\nt.start(); t.join()"))
-        .await
-        .unwrap();
+    let r = run(
+        rt,
+        &id,
+        code(
+            Language::Python,
+            "import threading\nt=threading.Thread(target=print, args=('thread ok',))\nt.start(); t.join()",
+        ),
+    )
+    .await
+    .unwrap();
     assert_eq!(r.stdout, "thread ok\n", "{}", r.stderr);
     env.cleanup().await;
 }

@@ -68,15 +68,12 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use sandfleet::{proto, Client, CreateSession, ExecRequest};
 use sandfleet_chaos::linearizability::{Call, CheckResult, EndedBy, History, Outcome, Ret};
-use sandfleet_chaos::testkit::{list_all_sessions, state_of};
 use sandfleet_chaos::s3::S3Server;
+use sandfleet_chaos::testkit::{list_all_sessions, state_of};
 use sandfleet_chaos::{require_sandbox_facilities, Cluster, ClusterBuilder, Target};
 
 #[derive(Debug, Parser)]
-#[command(
-    name = "sandfleet-chaos",
-    about = "Seeded workload and invariant checks against a real Sandfleet cluster"
-)]
+#[command(name = "sandfleet-chaos", about = "Seeded workload and invariant checks against a real Sandfleet cluster")]
 struct Args {
     /// Number of coordinators [default: 1; --smoke: 3].
     #[arg(long)]
@@ -175,11 +172,7 @@ impl Settings {
 fn flag_duration(args: &[String], flag: &str) -> Option<Duration> {
     let mut it = args.iter();
     while let Some(a) = it.next() {
-        let v = if a == flag {
-            it.next().cloned()
-        } else {
-            a.strip_prefix(&format!("{flag}=")).map(str::to_string)
-        };
+        let v = if a == flag { it.next().cloned() } else { a.strip_prefix(&format!("{flag}=")).map(str::to_string) };
         if let Some(v) = v {
             return humantime::parse_duration(&v).ok();
         }
@@ -280,10 +273,7 @@ async fn nemesis(cluster: &mut Cluster, ctx: &NemesisCtx<'_>, seed: u64, until: 
     if !cluster.can_partition() {
         note(
             &mut sched,
-            format!(
-                "WARNING: the cluster runs on {}: partition faults will be skipped",
-                cluster.network_mode()
-            ),
+            format!("WARNING: the cluster runs on {}: partition faults will be skipped", cluster.network_mode()),
         );
     }
     let mut anchors = 0u64;
@@ -319,9 +309,8 @@ async fn nemesis(cluster: &mut Cluster, ctx: &NemesisCtx<'_>, seed: u64, until: 
         let agent = (pick % cluster.agents.len().max(1) as u64) as usize;
         let target = match fault {
             Fault::KillLeader | Fault::FreezeLeader => leader.map(Target::Coordinator),
-            Fault::KillFollower => {
-                (!followers.is_empty()).then(|| Target::Coordinator(followers[(pick % followers.len() as u64) as usize]))
-            }
+            Fault::KillFollower => (!followers.is_empty())
+                .then(|| Target::Coordinator(followers[(pick % followers.len() as u64) as usize])),
             Fault::PartitionCoordinator => {
                 if to_leader || followers.is_empty() {
                     leader.map(Target::Coordinator)
@@ -359,7 +348,10 @@ async fn nemesis(cluster: &mut Cluster, ctx: &NemesisCtx<'_>, seed: u64, until: 
                 note(&mut sched, format!("{fault:?}: SIGKILL {name} ({r:?}), restart in {down_for:.1?}"));
                 tokio::time::sleep(down_for).await;
                 let r = cluster.restart(target).await;
-                note(&mut sched, format!("restart {name}: {}", if r.is_ok() { "ok".to_string() } else { format!("{r:?}") }));
+                note(
+                    &mut sched,
+                    format!("restart {name}: {}", if r.is_ok() { "ok".to_string() } else { format!("{r:?}") }),
+                );
             }
             Fault::KillAgent | Fault::PartitionAgent => {
                 let Target::Agent(i) = target else { unreachable!() };
@@ -374,7 +366,8 @@ async fn nemesis(cluster: &mut Cluster, ctx: &NemesisCtx<'_>, seed: u64, until: 
                 }
                 let victims = if check { sessions_on(ctx, &node).await } else { Vec::new() };
                 // Before a kill: files in some sessions' workspaces, made durable, must come back.
-                let markers = if check && fault == Fault::KillAgent { plant_markers(ctx, &victims).await } else { Vec::new() };
+                let markers =
+                    if check && fault == Fault::KillAgent { plant_markers(ctx, &victims).await } else { Vec::new() };
                 if !markers.is_empty() {
                     note(&mut sched, format!("planted workspace markers in {} session(s) on {node}", markers.len()));
                 }
@@ -388,7 +381,11 @@ async fn nemesis(cluster: &mut Cluster, ctx: &NemesisCtx<'_>, seed: u64, until: 
                     )
                 };
                 let hold = if check {
-                    format!("until its {} session(s) run elsewhere (deadline {:.1?}), then {extra:.1?}", victims.len(), ctx.settings.move_deadline)
+                    format!(
+                        "until its {} session(s) run elsewhere (deadline {:.1?}), then {extra:.1?}",
+                        victims.len(),
+                        ctx.settings.move_deadline
+                    )
                 } else if long {
                     format!("{:.1?} (no other agent: no move check)", ctx.settings.move_deadline)
                 } else {
@@ -402,7 +399,13 @@ async fn nemesis(cluster: &mut Cluster, ctx: &NemesisCtx<'_>, seed: u64, until: 
                     sched.move_times.extend(report.times.iter().copied());
                     let (checked, mut lost) = check_markers(ctx, &markers).await;
                     if !markers.is_empty() {
-                        note(&mut sched, format!("workspace markers: {checked} of {} restored intact on the new node", markers.len()));
+                        note(
+                            &mut sched,
+                            format!(
+                                "workspace markers: {checked} of {} restored intact on the new node",
+                                markers.len()
+                            ),
+                        );
                         sched.markers_checked += checked;
                     }
                     let mut report = report;
@@ -410,7 +413,8 @@ async fn nemesis(cluster: &mut Cluster, ctx: &NemesisCtx<'_>, seed: u64, until: 
                     if !report.violations.is_empty() {
                         let mut l = ctx.ledger.lock().unwrap();
                         for v in report.violations {
-                            l.violations.push(format!("{v} [fault {fault:?} at t+{:.1}s]", (injected - start).as_secs_f64()));
+                            l.violations
+                                .push(format!("{v} [fault {fault:?} at t+{:.1}s]", (injected - start).as_secs_f64()));
                         }
                     }
                     tokio::time::sleep(extra).await;
@@ -425,7 +429,10 @@ async fn nemesis(cluster: &mut Cluster, ctx: &NemesisCtx<'_>, seed: u64, until: 
                     cluster.heal_target(target).await
                 };
                 let verb = if fault == Fault::KillAgent { "restart" } else { "heal" };
-                note(&mut sched, format!("{verb} {name}: {}", if r.is_ok() { "ok".to_string() } else { format!("{r:?}") }));
+                note(
+                    &mut sched,
+                    format!("{verb} {name}: {}", if r.is_ok() { "ok".to_string() } else { format!("{r:?}") }),
+                );
             }
             Fault::FreezeAgent | Fault::FreezeLeader => {
                 use nix::sys::signal::Signal;
@@ -441,11 +448,16 @@ async fn nemesis(cluster: &mut Cluster, ctx: &NemesisCtx<'_>, seed: u64, until: 
                 let r = cluster.isolate_coordinator(i).await;
                 note(
                     &mut sched,
-                    format!("{fault:?}: cut {name} ({role}) off from the other coordinators ({r:?}) for {down_for:.1?}"),
+                    format!(
+                        "{fault:?}: cut {name} ({role}) off from the other coordinators ({r:?}) for {down_for:.1?}"
+                    ),
                 );
                 tokio::time::sleep(down_for).await;
                 let r = cluster.heal_target(target).await;
-                note(&mut sched, format!("heal {name}: {}", if r.is_ok() { "ok".to_string() } else { format!("{r:?}") }));
+                note(
+                    &mut sched,
+                    format!("heal {name}: {}", if r.is_ok() { "ok".to_string() } else { format!("{r:?}") }),
+                );
             }
         }
         // At least a moment of calm after each heal, so that a fault does not
@@ -516,10 +528,7 @@ async fn ensure_anchors(ctx: &NemesisCtx<'_>, node: &str, counter: &mut u64) -> 
 /// The run's live sessions placed on `node` right now.
 async fn sessions_on(ctx: &NemesisCtx<'_>, node: &str) -> Vec<proto::Session> {
     match list_all_sessions(ctx.client, &[(RUN_LABEL, ctx.run)], &[]).await {
-        Ok(all) => all
-            .into_iter()
-            .filter(|s| s.node_id == node && !is_terminal(s))
-            .collect(),
+        Ok(all) => all.into_iter().filter(|s| s.node_id == node && !is_terminal(s)).collect(),
         Err(e) => {
             eprintln!("sandfleet-chaos: nemesis: cannot list the sessions on {node}: {e:#}");
             Vec::new()
@@ -552,7 +561,11 @@ async fn plant_markers(ctx: &NemesisCtx<'_>, victims: &[proto::Session]) -> Vec<
     let live_until = now_ms() + 40_000;
     for s in victims
         .iter()
-        .filter(|s| s.request_id.contains("-anchor-") && state_of(s) == proto::SessionState::Running && s.expires_at_ms > live_until)
+        .filter(|s| {
+            s.request_id.contains("-anchor-")
+                && state_of(s) == proto::SessionState::Running
+                && s.expires_at_ms > live_until
+        })
         .take(2)
     {
         let content: Vec<u8> = format!("marker {} {}\n", s.id, rand::random::<u64>()).into_bytes();
@@ -560,7 +573,11 @@ async fn plant_markers(ctx: &NemesisCtx<'_>, victims: &[proto::Session]) -> Vec<
             ctx.client.write_file_bytes(s, "chaos/marker.txt", content.clone()).await?;
             let out = ctx
                 .client
-                .exec_collect(s, ExecRequest::argv(["cp", "chaos/marker.txt", "chaos/marker-exec.txt"]).timeout(Duration::from_secs(10)))
+                .exec_collect(
+                    s,
+                    ExecRequest::argv(["cp", "chaos/marker.txt", "chaos/marker-exec.txt"])
+                        .timeout(Duration::from_secs(10)),
+                )
                 .await?;
             if !out.success() {
                 return Err(sandfleet::Error::InvalidArgument(format!("cp failed: {}", out.stderr_str())));
@@ -622,7 +639,10 @@ async fn check_markers(ctx: &NemesisCtx<'_>, markers: &[Marker]) -> (usize, Vec<
                 // Ended meanwhile (its TTL, or a client): its files went with it, as they should.
                 if let Ok(after) = ctx.client.get_session(&m.session.id).await {
                     if is_terminal(&after) {
-                        eprintln!("sandfleet-chaos: nemesis: {} ended during its marker check ({}); not counted", m.session.id, after.message);
+                        eprintln!(
+                            "sandfleet-chaos: nemesis: {} ended during its marker check ({}); not counted",
+                            m.session.id, after.message
+                        );
                         checked -= 1;
                         break;
                     }
@@ -688,7 +708,8 @@ async fn watch_moves(
                 }
             };
             let took = injected.elapsed();
-            if state_of(&now) == proto::SessionState::Running && now.node_id != node && now.generation > old.generation {
+            if state_of(&now) == proto::SessionState::Running && now.node_id != node && now.generation > old.generation
+            {
                 times.push(took);
                 let pids = copy_processes(node, &old.id);
                 if !pids.is_empty() {
@@ -715,7 +736,9 @@ async fn watch_moves(
             }
             // A session deleted by a client, or ended by its TTL (anchors live
             // 90 s), has nothing left to move.
-            if is_terminal(&now) && (ctx.ledger.lock().unwrap().delete_sent.contains(&old.id) || now.message.contains("expired")) {
+            if is_terminal(&now)
+                && (ctx.ledger.lock().unwrap().delete_sent.contains(&old.id) || now.message.contains("expired"))
+            {
                 deleted += 1;
                 continue;
             }
@@ -896,9 +919,10 @@ const ANCHOR_TTL: Duration = Duration::from_secs(90);
 fn outcome_of(e: &sandfleet::Error) -> Outcome {
     use tonic::Code::*;
     match e.code() {
-        Some(InvalidArgument | AlreadyExists | FailedPrecondition | PermissionDenied | Unauthenticated | OutOfRange | Unimplemented) => {
-            Outcome::Failed
-        }
+        Some(
+            InvalidArgument | AlreadyExists | FailedPrecondition | PermissionDenied | Unauthenticated | OutOfRange
+            | Unimplemented,
+        ) => Outcome::Failed,
         _ => Outcome::Unknown,
     }
 }
@@ -968,9 +992,7 @@ async fn worker(id: usize, ctx: WorkerCtx) {
                             live.push(s.id.clone());
                             mine.push((rid, s.id));
                         }
-                        None => l
-                            .violations
-                            .push(format!("create {rid}: response without a session")),
+                        None => l.violations.push(format!("create {rid}: response without a session")),
                     }
                 }
                 Err(e) => {
@@ -1026,11 +1048,7 @@ async fn worker(id: usize, ctx: WorkerCtx) {
             let result = async {
                 let s = client.wait_running(&sid, Duration::from_secs(30)).await?;
                 client
-                    .exec_collect(
-                        &s,
-                        ExecRequest::argv(["echo", token.as_str()])
-                            .timeout(Duration::from_secs(20)),
-                    )
+                    .exec_collect(&s, ExecRequest::argv(["echo", token.as_str()]).timeout(Duration::from_secs(20)))
                     .await
             }
             .await;
@@ -1099,21 +1117,13 @@ async fn verify(client: &Client, run: &str, ledger: &Ledger) -> Result<Vec<Strin
             tokio::time::sleep(Duration::from_millis(200)).await;
         };
         match got {
-            None => violations.push(format!(
-                "acknowledged create {rid} -> {sid} is not retrievable: {last:?}"
-            )),
+            None => violations.push(format!("acknowledged create {rid} -> {sid} is not retrievable: {last:?}")),
             Some(s) => {
                 if s.request_id != *rid {
-                    violations.push(format!(
-                        "session {sid} has request id {:?}, created with {rid}",
-                        s.request_id
-                    ));
+                    violations.push(format!("session {sid} has request id {:?}, created with {rid}", s.request_id));
                 }
                 if ledger.deleted.contains(sid) && state_of(&s) != proto::SessionState::Terminated {
-                    violations.push(format!(
-                        "session {sid} was deleted but is {:?}",
-                        state_of(&s)
-                    ));
+                    violations.push(format!("session {sid} was deleted but is {:?}", state_of(&s)));
                 }
             }
         }
@@ -1121,30 +1131,20 @@ async fn verify(client: &Client, run: &str, ledger: &Ledger) -> Result<Vec<Strin
     let listed = list_all_sessions(client, &[(RUN_LABEL, run)], &[]).await?;
     let mut by_rid: BTreeMap<&str, Vec<&str>> = BTreeMap::new();
     for s in &listed {
-        by_rid
-            .entry(s.request_id.as_str())
-            .or_default()
-            .push(s.id.as_str());
+        by_rid.entry(s.request_id.as_str()).or_default().push(s.id.as_str());
     }
     for (rid, ids) in &by_rid {
         if ids.len() > 1 {
-            violations.push(format!(
-                "request id {rid} produced {} sessions: {ids:?}",
-                ids.len()
-            ));
+            violations.push(format!("request id {rid} produced {} sessions: {ids:?}", ids.len()));
         }
         if !ledger.acked.contains_key(*rid) && !ledger.ambiguous.contains(*rid) {
-            violations.push(format!(
-                "session(s) {ids:?} with request id {rid} that no worker sent"
-            ));
+            violations.push(format!("session(s) {ids:?} with request id {rid} that no worker sent"));
         }
     }
     let listed_ids: BTreeSet<&str> = listed.iter().map(|s| s.id.as_str()).collect();
     for (rid, sid) in &ledger.acked {
         if !listed_ids.contains(sid.as_str()) {
-            violations.push(format!(
-                "acknowledged session {sid} ({rid}) is missing from ListSessions"
-            ));
+            violations.push(format!("acknowledged session {sid} ({rid}) is missing from ListSessions"));
         }
     }
     Ok(violations)
@@ -1302,7 +1302,8 @@ async fn run(args: &Args, seed: u64) -> Result<bool> {
     }
     drop(ctx);
     let schedule = if settings.faults {
-        let nctx = NemesisCtx { client: &client, ledger: &ledger, history: &history, run: &run, seed, settings: &settings };
+        let nctx =
+            NemesisCtx { client: &client, ledger: &ledger, history: &history, run: &run, seed, settings: &settings };
         let s = nemesis(&mut cluster, &nctx, seed, until).await;
         // A little load after the last heal.
         tokio::time::sleep(Duration::from_secs(2)).await;
@@ -1319,10 +1320,8 @@ async fn run(args: &Args, seed: u64) -> Result<bool> {
     }
     let elapsed = started.elapsed();
 
-    let mut ledger = Arc::try_unwrap(ledger)
-        .map_err(|_| anyhow::anyhow!("workers still hold the ledger"))?
-        .into_inner()
-        .unwrap();
+    let mut ledger =
+        Arc::try_unwrap(ledger).map_err(|_| anyhow::anyhow!("workers still hold the ledger"))?.into_inner().unwrap();
     let found = verify(&client, &run, &ledger).await?;
     ledger.violations.extend(found);
     if settings.faults {
@@ -1351,10 +1350,7 @@ async fn run(args: &Args, seed: u64) -> Result<bool> {
 
     println!("sandfleet-chaos: summary (seed {seed}, workload {elapsed:.1?})");
     for (op, n) in &ledger.ops {
-        println!(
-            "  {op:<21} {n:>6} ops, {:>4} errors",
-            ledger.errors.get(op).copied().unwrap_or(0)
-        );
+        println!("  {op:<21} {n:>6} ops, {:>4} errors", ledger.errors.get(op).copied().unwrap_or(0));
     }
     let injected: u32 = schedule.injected.values().sum();
     let skipped: u32 = schedule.skipped.values().sum();
@@ -1379,10 +1375,7 @@ async fn run(args: &Args, seed: u64) -> Result<bool> {
     if ledger.violations.is_empty() {
         println!("sandfleet-chaos: OK, no violations");
         if args.keep {
-            println!(
-                "sandfleet-chaos: cluster directory kept in {}",
-                cluster.keep_dir().display()
-            );
+            println!("sandfleet-chaos: cluster directory kept in {}", cluster.keep_dir().display());
         }
         cluster.shutdown().await?;
         Ok(true)

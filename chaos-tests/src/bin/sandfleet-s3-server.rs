@@ -46,13 +46,16 @@ async fn main() -> anyhow::Result<()> {
         }
         std::fs::create_dir_all(args.root.join(b))?;
     }
-    let fs = sandfleet_chaos::s3fs::PrefixFs::new(&args.root).map_err(|e| anyhow::anyhow!("cannot serve {}: {e}", args.root.display()))?;
+    let fs = sandfleet_chaos::s3fs::PrefixFs::new(&args.root)
+        .map_err(|e| anyhow::anyhow!("cannot serve {}: {e}", args.root.display()))?;
     let service = {
         let mut b = S3ServiceBuilder::new(fs);
         b.set_auth(SimpleAuth::from_single(args.access_key.clone(), args.secret_key.clone()));
         b.build()
     };
-    let listener = tokio::net::TcpListener::bind(args.listen).await.with_context(|| format!("cannot listen on {}", args.listen))?;
+    let listener = tokio::net::TcpListener::bind(args.listen)
+        .await
+        .with_context(|| format!("cannot listen on {}", args.listen))?;
     let addr = listener.local_addr()?;
     println!("{}", serde_json::json!({"ready": "s3", "addr": addr.to_string()}));
     let http = ConnBuilder::new(TokioExecutor::new());

@@ -85,7 +85,9 @@ pub async fn run(ctx: &Ctx, cmd: ClusterCmd) -> anyhow::Result<i32> {
         ClusterCmd::Scheduler(s) => {
             let r = ctx.client.set_scheduler_paused(matches!(s, super::SchedulerCmd::Pause)).await?;
             match ctx.output {
-                OutputFormat::Json => print_json(&serde_json::json!({"paused": r.paused, "unplaced_sessions": r.unplaced_sessions}))?,
+                OutputFormat::Json => {
+                    print_json(&serde_json::json!({"paused": r.paused, "unplaced_sessions": r.unplaced_sessions}))?
+                }
                 OutputFormat::Text => out(&format!(
                     "scheduling {}; {} sessions waiting for a node\n",
                     if r.paused { "paused" } else { "resumed" },

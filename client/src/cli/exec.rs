@@ -75,13 +75,11 @@ pub async fn build_request(args: &ExecArgs) -> anyhow::Result<ExecRequest> {
     if args.stdin {
         let limit = sandfleet_common::limits::MAX_STDIN_BYTES;
         let mut data = Vec::new();
-        tokio::io::stdin()
-            .take(limit as u64 + 1)
-            .read_to_end(&mut data)
-            .await
-            .context("reading standard input")?;
+        tokio::io::stdin().take(limit as u64 + 1).read_to_end(&mut data).await.context("reading standard input")?;
         if data.len() > limit {
-            anyhow::bail!("standard input is over the exec limit of {limit} bytes; upload it with `session cp` instead");
+            anyhow::bail!(
+                "standard input is over the exec limit of {limit} bytes; upload it with `session cp` instead"
+            );
         }
         req = req.stdin(data);
     }

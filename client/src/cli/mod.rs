@@ -32,8 +32,14 @@ use self::output::OutputFormat;
 #[command(name = "sandfleet", version, about, propagate_version = true)]
 pub struct Cli {
     /// Coordinator endpoints, comma-separated (host:port or http://host:port).
-    #[arg(long, short = 'e', env = "SANDFLEET_ENDPOINT", default_value = "127.0.0.1:7070",
-          value_delimiter = ',', global = true)]
+    #[arg(
+        long,
+        short = 'e',
+        env = "SANDFLEET_ENDPOINT",
+        default_value = "127.0.0.1:7070",
+        value_delimiter = ',',
+        global = true
+    )]
     pub endpoint: Vec<String>,
 
     /// Output format.
@@ -127,8 +133,7 @@ pub struct ExecArgs {
     #[arg(long, value_enum, default_value_t = LanguageArg::Python, requires = "code")]
     pub language: LanguageArg,
     /// The command and its arguments.
-    #[arg(trailing_var_arg = true, allow_hyphen_values = true, value_name = "CMD",
-          required_unless_present = "code")]
+    #[arg(trailing_var_arg = true, allow_hyphen_values = true, value_name = "CMD", required_unless_present = "code")]
     pub cmd: Vec<String>,
 }
 
@@ -497,8 +502,25 @@ mod tests {
     #[test]
     fn run_parses_resources_and_command() {
         let cli = parse(&[
-            "-e", "a:1,b:2", "--timeout", "5s", "run", "--memory", "256Mi", "--cpu", "0.5", "--env", "A=1",
-            "--label", "team=ml", "--timeout", "3s", "--", "python3", "-c", "print(1)",
+            "-e",
+            "a:1,b:2",
+            "--timeout",
+            "5s",
+            "run",
+            "--memory",
+            "256Mi",
+            "--cpu",
+            "0.5",
+            "--env",
+            "A=1",
+            "--label",
+            "team=ml",
+            "--timeout",
+            "3s",
+            "--",
+            "python3",
+            "-c",
+            "print(1)",
         ])
         .expect("parses");
         assert_eq!(cli.endpoint, ["a:1", "b:2"]);
@@ -548,7 +570,8 @@ mod tests {
 
     #[test]
     fn session_subcommands() {
-        let cli = parse(&["-o", "json", "session", "list", "--label", "a=b", "--state", "running", "--all"]).expect("parses");
+        let cli =
+            parse(&["-o", "json", "session", "list", "--label", "a=b", "--state", "running", "--all"]).expect("parses");
         assert_eq!(cli.output, OutputFormat::Json);
         let Command::Session(SessionCmd::List { labels, states, all, .. }) = cli.command else { panic!() };
         assert_eq!(labels, [("a".to_string(), "b".to_string())]);

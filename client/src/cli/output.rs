@@ -167,7 +167,10 @@ pub fn session_text(s: &proto::Session) -> String {
         rows.push(("idle", format!("{}s", spec.idle_timeout_seconds)));
     }
     if let Some(p) = &spec.restart_policy {
-        rows.push(("restart", format!("lost after {} ms, max attempts {}, backoff {} ms", p.lost_after_ms, p.max_attempts, p.backoff_ms)));
+        rows.push((
+            "restart",
+            format!("lost after {} ms, max attempts {}, backoff {} ms", p.lost_after_ms, p.max_attempts, p.backoff_ms),
+        ));
     }
     if s.restarts > 0 {
         rows.push(("restarts", s.restarts.to_string()));
@@ -306,7 +309,8 @@ mod tests {
         assert!(t.contains("\n2*  "), "{t}");
         assert!(t.contains("\n1   "), "{t}");
         assert!(!t.contains("PAUSED"), "{t}");
-        let paused = cluster_table(&proto::ClusterStatusResponse { scheduler_paused: true, unplaced_sessions: 7, ..st });
+        let paused =
+            cluster_table(&proto::ClusterStatusResponse { scheduler_paused: true, unplaced_sessions: 7, ..st });
         assert!(paused.contains("scheduling is PAUSED (7 sessions waiting)"), "{paused}");
     }
 }

@@ -243,8 +243,7 @@ async fn upload(ctx: &Ctx, src: CpSpec, id: &str, path: &str, mode: Option<u32>)
     let session = ctx.client.get_session(id).await?;
     let (resp, path) = match src {
         CpSpec::Local(local) => {
-            let file =
-                tokio::fs::File::open(&local).await.with_context(|| format!("opening {}", local.display()))?;
+            let file = tokio::fs::File::open(&local).await.with_context(|| format!("opening {}", local.display()))?;
             let meta = file.metadata().await.with_context(|| format!("reading {}", local.display()))?;
             if meta.is_dir() {
                 anyhow::bail!("{} is a directory; only files can be copied", local.display());
@@ -326,9 +325,7 @@ async fn download(ctx: &Ctx, id: &str, path: &str, dst: CpSpec) -> anyhow::Resul
                 OutputFormat::Json => print_json(&json!({
                     "session_id": id, "path": path, "local": target.display().to_string(), "size": size,
                 }))?,
-                OutputFormat::Text => {
-                    out(&format!("read {size} bytes from {id}:{path} into {}\n", target.display()))?
-                }
+                OutputFormat::Text => out(&format!("read {size} bytes from {id}:{path} into {}\n", target.display()))?,
             }
             Ok(0)
         }

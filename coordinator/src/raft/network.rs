@@ -7,7 +7,9 @@
 use std::future::Future;
 use std::time::Duration;
 
-use openraft::error::{Fatal, InstallSnapshotError, NetworkError, RemoteError, ReplicationClosed, StreamingError, Unreachable};
+use openraft::error::{
+    Fatal, InstallSnapshotError, NetworkError, RemoteError, ReplicationClosed, StreamingError, Unreachable,
+};
 use openraft::network::{RPCOption, RaftNetwork, RaftNetworkFactory};
 use openraft::raft::SnapshotResponse;
 use openraft::{OptionalSend, Snapshot, SnapshotMeta, Vote};
@@ -34,7 +36,11 @@ pub struct SnapshotHeader {
 
 /// Dials a coordinator's gRPC address lazily.
 pub fn channel(addr: &str) -> Result<Channel, tonic::transport::Error> {
-    let uri = if addr.starts_with("http://") || addr.starts_with("https://") { addr.to_string() } else { format!("http://{addr}") };
+    let uri = if addr.starts_with("http://") || addr.starts_with("https://") {
+        addr.to_string()
+    } else {
+        format!("http://{addr}")
+    };
     Ok(Endpoint::from_shared(uri)?
         .connect_timeout(Duration::from_millis(500))
         .tcp_nodelay(true)
@@ -150,7 +156,10 @@ impl RaftNetwork<TypeConfig> for PeerClient {
         } else {
             data.chunks(SNAPSHOT_CHUNK_BYTES)
                 .enumerate()
-                .map(|(i, c)| SnapshotChunk { header: if i == 0 { header.clone() } else { Vec::new() }, data: c.to_vec() })
+                .map(|(i, c)| SnapshotChunk {
+                    header: if i == 0 { header.clone() } else { Vec::new() },
+                    data: c.to_vec(),
+                })
                 .collect()
         };
         // The whole stream gets one segment timeout per chunk, plus one for the install.
@@ -167,7 +176,9 @@ impl RaftNetwork<TypeConfig> for PeerClient {
             Err(status) => {
                 let e = std::io::Error::other(format!("snapshot to {}: {status}", self.addr));
                 return Err(match status.code() {
-                    tonic::Code::Unavailable | tonic::Code::Unknown => StreamingError::Unreachable(Unreachable::new(&e)),
+                    tonic::Code::Unavailable | tonic::Code::Unknown => {
+                        StreamingError::Unreachable(Unreachable::new(&e))
+                    }
                     _ => StreamingError::Network(NetworkError::new(&e)),
                 });
             }

@@ -187,7 +187,8 @@ impl RaftLogReader<TypeConfig> for LogStore {
         let it = self.db.iterator_cf(cf(&self.db, CF_LOG), IteratorMode::From(&idx_key(start), Direction::Forward));
         for item in it {
             let (k, v) = item.map_err(read_err)?;
-            let idx = u64::from_be_bytes(k.as_ref().try_into().map_err(|_| read_err(std::io::Error::other("bad log key")))?);
+            let idx =
+                u64::from_be_bytes(k.as_ref().try_into().map_err(|_| read_err(std::io::Error::other("bad log key")))?);
             if !range.contains(&idx) {
                 break;
             }
@@ -315,7 +316,9 @@ impl StateMachineStore {
         let mut state = ClusterState::default();
         for item in db.iterator_cf(cf(&db, CF_SESSIONS), IteratorMode::Start) {
             let (k, v) = item.map_err(read_err)?;
-            state.sessions.insert(String::from_utf8_lossy(&k).into_owned(), serde_json::from_slice(&v).map_err(read_err)?);
+            state
+                .sessions
+                .insert(String::from_utf8_lossy(&k).into_owned(), serde_json::from_slice(&v).map_err(read_err)?);
         }
         for item in db.iterator_cf(cf(&db, CF_NODES), IteratorMode::Start) {
             let (k, v) = item.map_err(read_err)?;
@@ -323,7 +326,9 @@ impl StateMachineStore {
         }
         for item in db.iterator_cf(cf(&db, CF_REQUEST_IDS), IteratorMode::Start) {
             let (k, v) = item.map_err(read_err)?;
-            state.request_ids.insert(String::from_utf8_lossy(&k).into_owned(), String::from_utf8_lossy(&v).into_owned());
+            state
+                .request_ids
+                .insert(String::from_utf8_lossy(&k).into_owned(), String::from_utf8_lossy(&v).into_owned());
         }
         state.signing_seed = get_json(&db, CF_SM_META, b"signing_seed")?.unwrap_or_default();
         state.scheduler_paused = get_json(&db, CF_SM_META, b"scheduler_paused")?.unwrap_or_default();
@@ -367,7 +372,11 @@ impl StateMachineStore {
         }
         if touched.meta {
             b.put_cf(cf(db, CF_SM_META), b"signing_seed", serde_json::to_vec(&state.signing_seed).map_err(write_err)?);
-            b.put_cf(cf(db, CF_SM_META), b"scheduler_paused", serde_json::to_vec(&state.scheduler_paused).map_err(write_err)?);
+            b.put_cf(
+                cf(db, CF_SM_META),
+                b"scheduler_paused",
+                serde_json::to_vec(&state.scheduler_paused).map_err(write_err)?,
+            );
         }
         b.put_cf(cf(db, CF_SM_META), b"last_applied", serde_json::to_vec(&self.last_applied).map_err(write_err)?);
         b.put_cf(cf(db, CF_SM_META), b"membership", serde_json::to_vec(&self.membership).map_err(write_err)?);
@@ -392,7 +401,11 @@ impl StateMachineStore {
             b.put_cf(cf(db, CF_REQUEST_IDS), rid, sid);
         }
         b.put_cf(cf(db, CF_SM_META), b"signing_seed", serde_json::to_vec(&state.signing_seed).map_err(write_err)?);
-        b.put_cf(cf(db, CF_SM_META), b"scheduler_paused", serde_json::to_vec(&state.scheduler_paused).map_err(write_err)?);
+        b.put_cf(
+            cf(db, CF_SM_META),
+            b"scheduler_paused",
+            serde_json::to_vec(&state.scheduler_paused).map_err(write_err)?,
+        );
         b.put_cf(cf(db, CF_SM_META), b"last_applied", serde_json::to_vec(&self.last_applied).map_err(write_err)?);
         b.put_cf(cf(db, CF_SM_META), b"membership", serde_json::to_vec(&self.membership).map_err(write_err)?);
         db.write_opt(b, &sync_opts()).map_err(|e| io_err(ErrorSubject::StateMachine, ErrorVerb::Write, e))
@@ -420,7 +433,8 @@ impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder {
             Some(l) => format!("{}-{}-{}", l.leader_id, l.index, crate::now_ms()),
             None => format!("none-{}", crate::now_ms()),
         };
-        let meta = SnapshotMeta { last_log_id: self.last_applied, last_membership: self.membership.clone(), snapshot_id };
+        let meta =
+            SnapshotMeta { last_log_id: self.last_applied, last_membership: self.membership.clone(), snapshot_id };
         let stored = StoredSnapshot { meta: meta.clone(), data: std::mem::take(&mut self.state_json) };
         let bytes = serde_json::to_vec(&stored).map_err(write_err)?;
         self.db

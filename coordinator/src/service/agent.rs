@@ -74,7 +74,10 @@ pub fn assignments(st: &ClusterState, tunables: &Tunables, node_id: &str) -> Vec
 #[tonic::async_trait]
 impl AgentService for AgentApi {
     #[tracing::instrument(skip_all, fields(node = %req.get_ref().node_id))]
-    async fn register_node(&self, req: Request<pb::RegisterNodeRequest>) -> Result<Response<pb::RegisterNodeResponse>, Status> {
+    async fn register_node(
+        &self,
+        req: Request<pb::RegisterNodeRequest>,
+    ) -> Result<Response<pb::RegisterNodeResponse>, Status> {
         let req = req.into_inner();
         ids::validate_node_id(&req.node_id)?;
         ids::validate_labels("labels", &req.labels)?;
@@ -83,7 +86,9 @@ impl AgentService for AgentApi {
         }
         let cap = req.capacity.unwrap_or_default();
         if cap.cpu_millis == 0 || cap.memory_bytes == 0 || cap.session_slots == 0 {
-            return Err(Status::invalid_argument("invalid capacity: cpu, memory and session slots must all be positive"));
+            return Err(Status::invalid_argument(
+                "invalid capacity: cpu, memory and session slots must all be positive",
+            ));
         }
         let Some(signer) = self.core.signer() else {
             return Err(Status::unavailable("the cluster is still initializing; retry shortly"));
@@ -91,7 +96,11 @@ impl AgentService for AgentApi {
         let node = NodeRecord {
             id: req.node_id.clone(),
             address: req.address,
-            capacity: Resources { cpu_millis: cap.cpu_millis as u64, memory_bytes: cap.memory_bytes, slots: cap.session_slots as u64 },
+            capacity: Resources {
+                cpu_millis: cap.cpu_millis as u64,
+                memory_bytes: cap.memory_bytes,
+                slots: cap.session_slots as u64,
+            },
             labels: req.labels.into_iter().collect(),
             runtimes: req.runtimes,
             phase: NodePhase::Ready,
@@ -100,7 +109,10 @@ impl AgentService for AgentApi {
         };
         let unchanged = self.core.state.read(|st| {
             st.nodes.get(&node.id).is_some_and(|n| {
-                n.address == node.address && n.capacity == node.capacity && n.labels == node.labels && n.runtimes == node.runtimes
+                n.address == node.address
+                    && n.capacity == node.capacity
+                    && n.labels == node.labels
+                    && n.runtimes == node.runtimes
             })
         });
         if !unchanged {
@@ -132,10 +144,13 @@ impl AgentService for AgentApi {
             let mut client = pb::agent_service_client::AgentServiceClient::new(self.core.peer_channel(&leader)?);
             let mut forwarded = Request::new(req);
             forwarded.set_timeout(HEARTBEAT_FORWARD_TIMEOUT);
-            return client
-                .heartbeat(forwarded)
-                .await
-                .map_err(|s| if s.code() == tonic::Code::NotFound { s } else { Status::unavailable(format!("forwarding the heartbeat to leader {leader} failed: {}", s.message())) });
+            return client.heartbeat(forwarded).await.map_err(|s| {
+                if s.code() == tonic::Code::NotFound {
+                    s
+                } else {
+                    Status::unavailable(format!("forwarding the heartbeat to leader {leader} failed: {}", s.message()))
+                }
+            });
         }
         if !self.core.state.read(|st| st.nodes.contains_key(&req.node_id)) {
             return Err(Status::not_found(format!("node {} is not registered; register first", req.node_id)));
@@ -166,7 +181,12 @@ impl AgentService for AgentApi {
             let phase = match pb::SessionState::try_from(r.state) {
                 Ok(pb::SessionState::Running) => SessionPhase::Running,
                 Ok(pb::SessionState::Failed) => SessionPhase::Failed,
-                _ => return Err(Status::invalid_argument(format!("invalid report state {} for session {}", r.state, r.session_id))),
+                _ => {
+                    return Err(Status::invalid_argument(format!(
+                        "invalid report state {} for session {}",
+                        r.state, r.session_id
+                    )))
+                }
             };
             reports.push(Report { id: r.session_id, generation: r.generation, phase, message: r.message });
         }
@@ -176,14 +196,18 @@ impl AgentService for AgentApi {
             let cmd = Command::ReportSessions { node_id: req.node_id.clone(), reports, now_ms: crate::now_ms() };
             self.core.propose(cmd).await?;
         }
-        let (assignments, version) = self.core.state.read(|st| (assignments(st, &self.core.tunables, &req.node_id), st.applied_index));
+        let (assignments, version) =
+            self.core.state.read(|st| (assignments(st, &self.core.tunables, &req.node_id), st.applied_index));
         Ok(Response::new(pb::HeartbeatResponse { assignments, assignments_version: version }))
     }
 
     type WatchAssignmentsStream = Pin<Box<dyn Stream<Item = Result<pb::HeartbeatResponse, Status>> + Send>>;
 
     #[tracing::instrument(skip_all, fields(node = %req.get_ref().node_id))]
-    async fn watch_assignments(&self, req: Request<pb::WatchAssignmentsRequest>) -> Result<Response<Self::WatchAssignmentsStream>, Status> {
+    async fn watch_assignments(
+        &self,
+        req: Request<pb::WatchAssignmentsRequest>,
+    ) -> Result<Response<Self::WatchAssignmentsStream>, Status> {
         let node_id = req.into_inner().node_id;
         ids::validate_node_id(&node_id)?;
         let core = self.core.clone();

@@ -13,8 +13,8 @@ use tonic::{Request, Response, Status};
 
 use super::raft::member_status;
 use crate::core::Core;
-use crate::state::{Command, CommandResponse};
 use crate::raft::{network, Member};
+use crate::state::{Command, CommandResponse};
 
 const PEER_TIMEOUT: Duration = Duration::from_secs(2);
 /// Deadline of a membership change forwarded to the leader.
@@ -68,14 +68,22 @@ impl ClusterApi {
             members.push(pb::ClusterMember { voter: voters.contains(id), ..status });
         }
         let (scheduler_paused, unplaced) = self.core.state.read(|st| (st.scheduler_paused, st.unplaced.len() as u64));
-        pb::ClusterStatusResponse { leader_id: m.current_leader.unwrap_or(0), members, scheduler_paused, unplaced_sessions: unplaced }
+        pb::ClusterStatusResponse {
+            leader_id: m.current_leader.unwrap_or(0),
+            members,
+            scheduler_paused,
+            unplaced_sessions: unplaced,
+        }
     }
 
     fn leader_client(&self) -> Result<Option<ClusterServiceClient<tonic::transport::Channel>>, Status> {
         if self.core.is_leader() {
             return Ok(None);
         }
-        let addr = self.core.leader_addr().ok_or_else(|| Status::unavailable("no coordinator leader is elected right now; retry"))?;
+        let addr = self
+            .core
+            .leader_addr()
+            .ok_or_else(|| Status::unavailable("no coordinator leader is elected right now; retry"))?;
         let ch = network::channel(&addr).map_err(|e| Status::internal(e.to_string()))?;
         Ok(Some(ClusterServiceClient::new(ch)))
     }
@@ -108,12 +116,18 @@ async fn remote_status(addr: &str) -> Result<pb::ClusterMember, Status> {
 #[tonic::async_trait]
 impl ClusterService for ClusterApi {
     #[tracing::instrument(skip_all)]
-    async fn status(&self, _req: Request<pb::ClusterStatusRequest>) -> Result<Response<pb::ClusterStatusResponse>, Status> {
+    async fn status(
+        &self,
+        _req: Request<pb::ClusterStatusRequest>,
+    ) -> Result<Response<pb::ClusterStatusResponse>, Status> {
         Ok(Response::new(self.status().await))
     }
 
     #[tracing::instrument(skip_all)]
-    async fn init_cluster(&self, req: Request<pb::InitClusterRequest>) -> Result<Response<pb::InitClusterResponse>, Status> {
+    async fn init_cluster(
+        &self,
+        req: Request<pb::InitClusterRequest>,
+    ) -> Result<Response<pb::InitClusterResponse>, Status> {
         let members = req.into_inner().members;
         if members.is_empty() {
             return Err(Status::invalid_argument("members is empty: list every initial voter as id -> host:port"));
@@ -125,7 +139,10 @@ impl ClusterService for ClusterApi {
             validate_address(addr)?;
         }
         if !members.contains_key(&self.core.id) {
-            return Err(Status::invalid_argument(format!("members must include this coordinator (id {})", self.core.id)));
+            return Err(Status::invalid_argument(format!(
+                "members must include this coordinator (id {})",
+                self.core.id
+            )));
         }
         let mut seen = BTreeSet::new();
         if let Some((id, addr)) = members.iter().find(|(_, a)| !seen.insert(a.as_str())) {
@@ -135,13 +152,21 @@ impl ClusterService for ClusterApi {
             return Err(Status::failed_precondition("this coordinator already belongs to an initialized cluster"));
         }
         let nodes: BTreeMap<u64, Member> = members.into_iter().map(|(id, addr)| (id, Member { addr })).collect();
-        self.core.raft.initialize(nodes).await.map_err(|e| Status::failed_precondition(format!("cannot initialize: {e}")))?;
+        self.core
+            .raft
+            .initialize(nodes)
+            .await
+            .map_err(|e| Status::failed_precondition(format!("cannot initialize: {e}")))?;
         self.core
             .raft
             .wait(Some(INIT_LEADER_TIMEOUT))
             .metrics(|m| m.current_leader.is_some(), "leader elected")
             .await
-            .map_err(|_| Status::deadline_exceeded("initialized, but no leader was elected in time; check that a majority of members runs"))?;
+            .map_err(|_| {
+                Status::deadline_exceeded(
+                    "initialized, but no leader was elected in time; check that a majority of members runs",
+                )
+            })?;
         tracing::info!("cluster initialized");
         Ok(Response::new(pb::InitClusterResponse { status: Some(self.status().await) }))
     }
@@ -164,9 +189,9 @@ impl ClusterService for ClusterApi {
             return Err(Status::already_exists(format!("address {} already belongs to a member", req.address)));
         }
         // The new member must answer, and be who it says it is, before anything changes.
-        let status = remote_status(&req.address)
-            .await
-            .map_err(|s| Status::failed_precondition(format!("member {} at {} is unreachable: {}", req.id, req.address, s.message())))?;
+        let status = remote_status(&req.address).await.map_err(|s| {
+            Status::failed_precondition(format!("member {} at {} is unreachable: {}", req.id, req.address, s.message()))
+        })?;
         if status.id != req.id {
             return Err(Status::failed_precondition(format!(
                 "the coordinator at {} has id {}, not {}",
@@ -190,7 +215,10 @@ impl ClusterService for ClusterApi {
     }
 
     #[tracing::instrument(skip_all, fields(id = req.get_ref().id))]
-    async fn remove_member(&self, req: Request<pb::RemoveMemberRequest>) -> Result<Response<pb::RemoveMemberResponse>, Status> {
+    async fn remove_member(
+        &self,
+        req: Request<pb::RemoveMemberRequest>,
+    ) -> Result<Response<pb::RemoveMemberResponse>, Status> {
         if let Some(mut leader) = self.leader_client()? {
             return leader.remove_member(forwarded(req.into_inner())).await.map_err(forward_error);
         }
@@ -202,7 +230,9 @@ impl ClusterService for ClusterApi {
         let mut voters: BTreeSet<u64> = membership.voter_ids().collect();
         voters.remove(&id);
         if voters.is_empty() {
-            return Err(Status::failed_precondition(format!("member {id} is the last voter; add another member first")));
+            return Err(Status::failed_precondition(format!(
+                "member {id} is the last voter; add another member first"
+            )));
         }
         self.core
             .raft

@@ -31,7 +31,10 @@ impl NodeService for NodeApi {
     }
 
     #[tracing::instrument(skip_all, fields(node = %req.get_ref().node_id, cordoned = req.get_ref().cordoned))]
-    async fn cordon_node(&self, req: Request<pb::CordonNodeRequest>) -> Result<Response<pb::CordonNodeResponse>, Status> {
+    async fn cordon_node(
+        &self,
+        req: Request<pb::CordonNodeRequest>,
+    ) -> Result<Response<pb::CordonNodeResponse>, Status> {
         let req = req.into_inner();
         ids::validate_node_id(&req.node_id)?;
         match self.core.propose(Command::CordonNode { node_id: req.node_id.clone(), cordoned: req.cordoned }).await? {
@@ -54,13 +57,20 @@ impl NodeService for NodeApi {
         let deadline_seconds = match req.deadline_seconds {
             0 => DEFAULT_DRAIN_DEADLINE_SECONDS,
             n if n > MAX_DRAIN_DEADLINE_SECONDS => {
-                return Err(ValidationError::over("deadline_seconds", format!("{MAX_DRAIN_DEADLINE_SECONDS} seconds"), n).into())
+                return Err(ValidationError::over(
+                    "deadline_seconds",
+                    format!("{MAX_DRAIN_DEADLINE_SECONDS} seconds"),
+                    n,
+                )
+                .into())
             }
             n => n,
         };
         let max_parallel = match req.max_parallel {
             0 => 1,
-            n if n > MAX_DRAIN_PARALLEL => return Err(ValidationError::over("max_parallel", MAX_DRAIN_PARALLEL, n).into()),
+            n if n > MAX_DRAIN_PARALLEL => {
+                return Err(ValidationError::over("max_parallel", MAX_DRAIN_PARALLEL, n).into())
+            }
             n => n,
         };
         let now = crate::now_ms();

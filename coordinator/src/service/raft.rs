@@ -78,7 +78,10 @@ impl RaftService for RaftApi {
         let header: SnapshotHeader = serde_json::from_slice(&first.header)
             .map_err(|e| Status::invalid_argument(format!("malformed snapshot header: {e}")))?;
         if header.size > MAX_SNAPSHOT_BYTES {
-            return Err(Status::resource_exhausted(format!("snapshot of {} bytes exceeds {MAX_SNAPSHOT_BYTES}", header.size)));
+            return Err(Status::resource_exhausted(format!(
+                "snapshot of {} bytes exceeds {MAX_SNAPSHOT_BYTES}",
+                header.size
+            )));
         }
         let mut data = Vec::with_capacity(header.size.min(64 * 1024 * 1024) as usize);
         data.extend_from_slice(&first.data);
@@ -118,7 +121,10 @@ impl RaftService for RaftApi {
         encode(&self.core.handle_read_index().await)
     }
 
-    async fn member_status(&self, _req: Request<pb::ClusterStatusRequest>) -> Result<Response<pb::ClusterMember>, Status> {
+    async fn member_status(
+        &self,
+        _req: Request<pb::ClusterStatusRequest>,
+    ) -> Result<Response<pb::ClusterMember>, Status> {
         Ok(Response::new(member_status(&self.core)))
     }
 }

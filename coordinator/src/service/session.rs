@@ -40,7 +40,11 @@ pub fn validate_spec(spec: Option<pb::SessionSpec>, tunables: &Tunables) -> Resu
     let template = if spec.template.is_empty() { "default".to_string() } else { spec.template };
     ids::validate_template(&template)?;
     if !spec.runtime.is_empty() && !scheduler::RUNTIMES.contains(&spec.runtime.as_str()) {
-        return Err(ValidationError::invalid("runtime", format!("unknown runtime {:?}; use one of {}", spec.runtime, scheduler::RUNTIMES.join(", "))).into());
+        return Err(ValidationError::invalid(
+            "runtime",
+            format!("unknown runtime {:?}; use one of {}", spec.runtime, scheduler::RUNTIMES.join(", ")),
+        )
+        .into());
     }
     if scheduler::template_runtimes(&template).is_none() {
         return Err(Status::invalid_argument(format!(
@@ -50,17 +54,30 @@ pub fn validate_spec(spec: Option<pb::SessionSpec>, tunables: &Tunables) -> Resu
     }
     let cpu_millis = if spec.cpu_millis == 0 { limits::DEFAULT_CPU_MILLIS } else { spec.cpu_millis };
     if cpu_millis < limits::MIN_CPU_MILLIS {
-        return Err(ValidationError::invalid("cpu_millis", format!("must be at least {} mCPU", limits::MIN_CPU_MILLIS)).into());
+        return Err(ValidationError::invalid(
+            "cpu_millis",
+            format!("must be at least {} mCPU", limits::MIN_CPU_MILLIS),
+        )
+        .into());
     }
     if cpu_millis > limits::MAX_CPU_MILLIS {
         return Err(ValidationError::over("cpu_millis", format!("{} mCPU", limits::MAX_CPU_MILLIS), cpu_millis).into());
     }
     let memory_bytes = if spec.memory_bytes == 0 { limits::DEFAULT_MEMORY_BYTES } else { spec.memory_bytes };
     if memory_bytes > limits::MAX_MEMORY_BYTES {
-        return Err(ValidationError::over("memory_bytes", format!("{} bytes (16Ti)", limits::MAX_MEMORY_BYTES), memory_bytes).into());
+        return Err(ValidationError::over(
+            "memory_bytes",
+            format!("{} bytes (16Ti)", limits::MAX_MEMORY_BYTES),
+            memory_bytes,
+        )
+        .into());
     }
     if memory_bytes < limits::MIN_MEMORY_BYTES {
-        return Err(ValidationError::invalid("memory_bytes", format!("must be at least {} bytes (16Mi)", limits::MIN_MEMORY_BYTES)).into());
+        return Err(ValidationError::invalid(
+            "memory_bytes",
+            format!("must be at least {} bytes (16Mi)", limits::MIN_MEMORY_BYTES),
+        )
+        .into());
     }
     let pids_limit = if spec.pids_limit == 0 { limits::DEFAULT_PIDS_LIMIT } else { spec.pids_limit };
     if !(limits::MIN_PIDS_LIMIT..=limits::MAX_PIDS_LIMIT).contains(&pids_limit) {
@@ -72,13 +89,20 @@ pub fn validate_spec(spec: Option<pb::SessionSpec>, tunables: &Tunables) -> Resu
     }
     let ttl_seconds = if spec.ttl_seconds == 0 { limits::DEFAULT_TTL_SECONDS } else { spec.ttl_seconds };
     if ttl_seconds > limits::MAX_TTL_SECONDS {
-        return Err(ValidationError::over("ttl_seconds", format!("{} seconds", limits::MAX_TTL_SECONDS), ttl_seconds).into());
+        return Err(
+            ValidationError::over("ttl_seconds", format!("{} seconds", limits::MAX_TTL_SECONDS), ttl_seconds).into()
+        );
     }
     ids::validate_env("env", &spec.env)?;
     ids::validate_labels("labels", &spec.labels)?;
     ids::validate_labels("node_selector", &spec.node_selector)?;
     if spec.idle_timeout_seconds > limits::MAX_TTL_SECONDS {
-        return Err(ValidationError::over("idle_timeout_seconds", format!("{} seconds", limits::MAX_TTL_SECONDS), spec.idle_timeout_seconds).into());
+        return Err(ValidationError::over(
+            "idle_timeout_seconds",
+            format!("{} seconds", limits::MAX_TTL_SECONDS),
+            spec.idle_timeout_seconds,
+        )
+        .into());
     }
     let policy = spec.restart_policy.unwrap_or_default();
     if policy.lost_after_ms != 0 {
@@ -91,14 +115,26 @@ pub fn validate_spec(spec: Option<pb::SessionSpec>, tunables: &Tunables) -> Resu
             .into());
         }
         if policy.lost_after_ms > MAX_LOST_AFTER_MS {
-            return Err(ValidationError::over("restart_policy.lost_after_ms", format!("{MAX_LOST_AFTER_MS} ms"), policy.lost_after_ms).into());
+            return Err(ValidationError::over(
+                "restart_policy.lost_after_ms",
+                format!("{MAX_LOST_AFTER_MS} ms"),
+                policy.lost_after_ms,
+            )
+            .into());
         }
     }
     if policy.max_attempts > MAX_RESTART_ATTEMPTS {
-        return Err(ValidationError::over("restart_policy.max_attempts", MAX_RESTART_ATTEMPTS, policy.max_attempts).into());
+        return Err(
+            ValidationError::over("restart_policy.max_attempts", MAX_RESTART_ATTEMPTS, policy.max_attempts).into()
+        );
     }
     if policy.backoff_ms > MAX_BACKOFF_MS {
-        return Err(ValidationError::over("restart_policy.backoff_ms", format!("{MAX_BACKOFF_MS} ms"), policy.backoff_ms).into());
+        return Err(ValidationError::over(
+            "restart_policy.backoff_ms",
+            format!("{MAX_BACKOFF_MS} ms"),
+            policy.backoff_ms,
+        )
+        .into());
     }
     Ok(SpecRecord {
         template,
@@ -124,14 +160,22 @@ fn state_matches(s: &SessionRecord, states: &[i32]) -> bool {
 #[tonic::async_trait]
 impl SessionService for SessionApi {
     #[tracing::instrument(skip_all, fields(request_id = %req.get_ref().request_id))]
-    async fn create_session(&self, req: Request<pb::CreateSessionRequest>) -> Result<Response<pb::CreateSessionResponse>, Status> {
+    async fn create_session(
+        &self,
+        req: Request<pb::CreateSessionRequest>,
+    ) -> Result<Response<pb::CreateSessionResponse>, Status> {
         let req = req.into_inner();
         ids::validate_request_id(&req.request_id)?;
         let spec = validate_spec(req.spec, &self.core.tunables)?;
 
         // A request id this member has already seen answers at once.
-        if let Some(existing) = self.core.state.read(|st| st.request_ids.get(&req.request_id).and_then(|id| st.sessions.get(id).cloned())) {
-            return Ok(Response::new(pb::CreateSessionResponse { session: Some(self.core.to_proto(&existing, true)), existing: true }));
+        if let Some(existing) =
+            self.core.state.read(|st| st.request_ids.get(&req.request_id).and_then(|id| st.sessions.get(id).cloned()))
+        {
+            return Ok(Response::new(pb::CreateSessionResponse {
+                session: Some(self.core.to_proto(&existing, true)),
+                existing: true,
+            }));
         }
 
         // Place now when this member leads and a node fits; otherwise the
@@ -168,17 +212,24 @@ impl SessionService for SessionApi {
         match resp {
             CommandResponse::Session(s) => {
                 tracing::info!(session = %s.id, node = ?s.node_id, "session created");
-                Ok(Response::new(pb::CreateSessionResponse { session: Some(self.core.to_proto(&s, true)), existing: false }))
+                Ok(Response::new(pb::CreateSessionResponse {
+                    session: Some(self.core.to_proto(&s, true)),
+                    existing: false,
+                }))
             }
-            CommandResponse::Existing(s) => {
-                Ok(Response::new(pb::CreateSessionResponse { session: Some(self.core.to_proto(&s, true)), existing: true }))
-            }
+            CommandResponse::Existing(s) => Ok(Response::new(pb::CreateSessionResponse {
+                session: Some(self.core.to_proto(&s, true)),
+                existing: true,
+            })),
             other => Err(response_status(other)),
         }
     }
 
     #[tracing::instrument(skip_all, fields(session = %req.get_ref().id))]
-    async fn get_session(&self, req: Request<pb::GetSessionRequest>) -> Result<Response<pb::GetSessionResponse>, Status> {
+    async fn get_session(
+        &self,
+        req: Request<pb::GetSessionRequest>,
+    ) -> Result<Response<pb::GetSessionResponse>, Status> {
         let req = req.into_inner();
         ids::validate_session_id(&req.id)?;
         self.core.read_barrier(req.consistency).await?;
@@ -191,7 +242,10 @@ impl SessionService for SessionApi {
     }
 
     #[tracing::instrument(skip_all)]
-    async fn list_sessions(&self, req: Request<pb::ListSessionsRequest>) -> Result<Response<pb::ListSessionsResponse>, Status> {
+    async fn list_sessions(
+        &self,
+        req: Request<pb::ListSessionsRequest>,
+    ) -> Result<Response<pb::ListSessionsResponse>, Status> {
         let req = req.into_inner();
         let page_size = match req.page_size {
             0 => limits::DEFAULT_PAGE_SIZE,
@@ -237,12 +291,19 @@ impl SessionService for SessionApi {
     }
 
     #[tracing::instrument(skip_all, fields(session = %req.get_ref().id))]
-    async fn delete_session(&self, req: Request<pb::DeleteSessionRequest>) -> Result<Response<pb::DeleteSessionResponse>, Status> {
+    async fn delete_session(
+        &self,
+        req: Request<pb::DeleteSessionRequest>,
+    ) -> Result<Response<pb::DeleteSessionResponse>, Status> {
         let req = req.into_inner();
         ids::validate_session_id(&req.id)?;
         let resp = self
             .core
-            .propose(Command::TerminateSessions { ids: vec![req.id.clone()], message: "deleted by client".into(), now_ms: crate::now_ms() })
+            .propose(Command::TerminateSessions {
+                ids: vec![req.id.clone()],
+                message: "deleted by client".into(),
+                now_ms: crate::now_ms(),
+            })
             .await?;
         self.core.wake.notify_one();
         match resp {
@@ -256,11 +317,19 @@ impl SessionService for SessionApi {
     }
 
     #[tracing::instrument(skip_all, fields(session = %req.get_ref().id))]
-    async fn renew_session(&self, req: Request<pb::RenewSessionRequest>) -> Result<Response<pb::RenewSessionResponse>, Status> {
+    async fn renew_session(
+        &self,
+        req: Request<pb::RenewSessionRequest>,
+    ) -> Result<Response<pb::RenewSessionResponse>, Status> {
         let req = req.into_inner();
         ids::validate_session_id(&req.id)?;
         if req.ttl_seconds > limits::MAX_TTL_SECONDS {
-            return Err(ValidationError::over("ttl_seconds", format!("{} seconds", limits::MAX_TTL_SECONDS), req.ttl_seconds).into());
+            return Err(ValidationError::over(
+                "ttl_seconds",
+                format!("{} seconds", limits::MAX_TTL_SECONDS),
+                req.ttl_seconds,
+            )
+            .into());
         }
         let ttl = if req.ttl_seconds == 0 {
             self.core
@@ -271,9 +340,14 @@ impl SessionService for SessionApi {
             req.ttl_seconds
         };
         let now = crate::now_ms();
-        let resp = self.core.propose(Command::RenewSession { id: req.id, expires_at_ms: now + ttl as i64 * 1000, now_ms: now }).await?;
+        let resp = self
+            .core
+            .propose(Command::RenewSession { id: req.id, expires_at_ms: now + ttl as i64 * 1000, now_ms: now })
+            .await?;
         match resp {
-            CommandResponse::Session(s) => Ok(Response::new(pb::RenewSessionResponse { session: Some(self.core.to_proto(&s, true)) })),
+            CommandResponse::Session(s) => {
+                Ok(Response::new(pb::RenewSessionResponse { session: Some(self.core.to_proto(&s, true)) }))
+            }
             other => Err(response_status(other)),
         }
     }
@@ -281,7 +355,10 @@ impl SessionService for SessionApi {
     type WatchSessionStream = Pin<Box<dyn Stream<Item = Result<pb::SessionEvent, Status>> + Send>>;
 
     #[tracing::instrument(skip_all, fields(session = %req.get_ref().id))]
-    async fn watch_session(&self, req: Request<pb::WatchSessionRequest>) -> Result<Response<Self::WatchSessionStream>, Status> {
+    async fn watch_session(
+        &self,
+        req: Request<pb::WatchSessionRequest>,
+    ) -> Result<Response<Self::WatchSessionStream>, Status> {
         let id = req.into_inner().id;
         ids::validate_session_id(&id)?;
         // Subscribe before reading, so no change between the two is missed.

@@ -119,12 +119,15 @@ async fn main() -> anyhow::Result<()> {
     let mut warm_pool = std::collections::BTreeMap::new();
     for w in &args.warm_pool {
         let Some((t, n)) = w.split_once('=') else { bail!("invalid --warm-pool {w:?}: expected TEMPLATE=N") };
-        let n: u32 = n.parse().with_context(|| format!("invalid --warm-pool {w:?}: N must be a non-negative integer"))?;
+        let n: u32 =
+            n.parse().with_context(|| format!("invalid --warm-pool {w:?}: N must be a non-negative integer"))?;
         warm_pool.insert(t.to_string(), n);
     }
     let mut docker_templates = std::collections::BTreeMap::new();
     for w in &args.template_images {
-        let Some((t, img)) = w.split_once('=') else { bail!("invalid --template-image {w:?}: expected TEMPLATE=IMAGE") };
+        let Some((t, img)) = w.split_once('=') else {
+            bail!("invalid --template-image {w:?}: expected TEMPLATE=IMAGE")
+        };
         if t.is_empty() || img.is_empty() {
             bail!("invalid --template-image {w:?}: template and image must not be empty");
         }
@@ -165,7 +168,8 @@ async fn main() -> anyhow::Result<()> {
     if args.sync_interval < std::time::Duration::from_millis(100) {
         bail!("--sync-interval must be at least 100ms");
     }
-    let sync = SyncConfig { interval: args.sync_interval, retain_on_delete: args.retain_workspaces, ..Default::default() };
+    let sync =
+        SyncConfig { interval: args.sync_interval, retain_on_delete: args.retain_workspaces, ..Default::default() };
     let cpu_millis = args.cpu.as_deref().map(sandfleet_common::quantity::parse_cpu).transpose()?.unwrap_or(0);
     let memory_bytes = args.memory.as_deref().map(sandfleet_common::quantity::parse_memory).transpose()?.unwrap_or(0);
     let shutdown = CancellationToken::new();

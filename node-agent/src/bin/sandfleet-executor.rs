@@ -54,9 +54,16 @@ fn main() -> anyhow::Result<()> {
             }
             stop.cancel();
         });
-        let cfg = ExecutorConfig { run_dir: args.run_dir, workspace: args.workspace, bwrap_path: args.bwrap, etc_dir: args.etc_dir };
-        serve(cfg, shutdown, |sock| eprintln!("{}", serde_json::json!({"ready": "executor", "socket": sock.display().to_string()})))
-            .await
-            .context("executor failed")
+        let cfg = ExecutorConfig {
+            run_dir: args.run_dir,
+            workspace: args.workspace,
+            bwrap_path: args.bwrap,
+            etc_dir: args.etc_dir,
+        };
+        serve(cfg, shutdown, |sock| {
+            eprintln!("{}", serde_json::json!({"ready": "executor", "socket": sock.display().to_string()}))
+        })
+        .await
+        .context("executor failed")
     })
 }

@@ -80,7 +80,10 @@ impl RootLayout {
     pub fn detect_from(host_root: &Path, etc_dir: &Path) -> Result<Self, RuntimeError> {
         let usr = host_root.join("usr");
         if !usr.is_dir() {
-            return Err(RuntimeError::Unavailable(format!("{} is missing; the sandbox root is built from it", usr.display())));
+            return Err(RuntimeError::Unavailable(format!(
+                "{} is missing; the sandbox root is built from it",
+                usr.display()
+            )));
         }
         let mut system = vec![RootEntry::RoBind { src: usr, dest: "/usr".to_string() }];
         for name in ["bin", "sbin", "lib", "lib32", "lib64", "libx32"] {
@@ -170,15 +173,10 @@ pub struct BwrapArgs<'a> {
 
 /// The base environment of every command; session and exec env are applied on top.
 pub fn base_env() -> BTreeMap<String, String> {
-    [
-        ("PATH", "/usr/local/bin:/usr/bin:/bin"),
-        ("HOME", WORKSPACE_DIR),
-        ("LANG", "C.UTF-8"),
-        ("TMPDIR", "/tmp"),
-    ]
-    .into_iter()
-    .map(|(k, v)| (k.to_string(), v.to_string()))
-    .collect()
+    [("PATH", "/usr/local/bin:/usr/bin:/bin"), ("HOME", WORKSPACE_DIR), ("LANG", "C.UTF-8"), ("TMPDIR", "/tmp")]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect()
 }
 
 /// The bwrap arguments (without the bwrap path itself).

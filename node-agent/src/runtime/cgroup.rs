@@ -173,7 +173,8 @@ impl AnyCgroupManager {
     pub fn detect_at(root: &Path) -> Result<Self, RuntimeError> {
         let controllers = root.join("cgroup.controllers");
         if controllers.exists() {
-            let text = fs::read_to_string(&controllers).map_err(|e| unavailable(format!("cannot read {}: {e}", controllers.display())))?;
+            let text = fs::read_to_string(&controllers)
+                .map_err(|e| unavailable(format!("cannot read {}: {e}", controllers.display())))?;
             let have: BTreeSet<&str> = text.split_whitespace().collect();
             let missing: Vec<&str> = ["memory", "cpu", "pids"].into_iter().filter(|c| !have.contains(c)).collect();
             if !missing.is_empty() {
@@ -198,7 +199,8 @@ impl AnyCgroupManager {
             }
             dirs.push(dir);
         }
-        let [memory, cpu, pids]: [PathBuf; 3] = dirs.try_into().map_err(|_| RuntimeError::Internal("controller count".into()))?;
+        let [memory, cpu, pids]: [PathBuf; 3] =
+            dirs.try_into().map_err(|_| RuntimeError::Internal("controller count".into()))?;
         Ok(Self::V1(V1Manager { memory, cpu, pids }))
     }
 
@@ -469,7 +471,8 @@ impl AnyCgroupManager {
 fn enable_v2_controllers(dir: &Path, is_root: bool) -> Result<(), RuntimeError> {
     let sc = dir.join("cgroup.subtree_control");
     let current = fs::read_to_string(&sc).unwrap_or_default();
-    let need: Vec<&str> = ["memory", "cpu", "pids"].into_iter().filter(|c| !current.split_whitespace().any(|x| x == *c)).collect();
+    let need: Vec<&str> =
+        ["memory", "cpu", "pids"].into_iter().filter(|c| !current.split_whitespace().any(|x| x == *c)).collect();
     if need.is_empty() {
         return Ok(());
     }

@@ -199,7 +199,8 @@ fn io_ctx(what: impl std::fmt::Display, e: io::Error) -> RuntimeError {
 }
 
 fn set_mode(path: &Path, mode: u32) -> Result<(), RuntimeError> {
-    fs::set_permissions(path, fs::Permissions::from_mode(mode)).map_err(|e| io_ctx(format!("chmod {}", path.display()), e))
+    fs::set_permissions(path, fs::Permissions::from_mode(mode))
+        .map_err(|e| io_ctx(format!("chmod {}", path.display()), e))
 }
 
 fn create_dir(path: &Path, mode: u32) -> Result<(), RuntimeError> {
@@ -261,14 +262,21 @@ fn ensure_session_dirs(s: &Session) -> Result<(), RuntimeError> {
         }
         Err(e) => return Err(io_ctx(format!("creating {}", ws.display()), e)),
     }
-    std::os::unix::fs::lchown(&ws, Some(s.uid), Some(s.uid)).map_err(|e| io_ctx(format!("chown {}", ws.display()), e))?;
+    std::os::unix::fs::lchown(&ws, Some(s.uid), Some(s.uid))
+        .map_err(|e| io_ctx(format!("chown {}", ws.display()), e))?;
     set_mode(&ws, 0o700)
 }
 
 /// Validates and fills in the defaults of a sandbox spec.
 fn stored_spec(spec: &SandboxSpec) -> Result<StoredSpec, RuntimeError> {
     let r = super::resolve_spec(spec, &TEMPLATES, "process")?;
-    Ok(StoredSpec { template: r.template, cpu_millis: r.cpu_millis, memory_bytes: r.memory_bytes, pids_limit: r.pids_limit, env: r.env })
+    Ok(StoredSpec {
+        template: r.template,
+        cpu_millis: r.cpu_millis,
+        memory_bytes: r.memory_bytes,
+        pids_limit: r.pids_limit,
+        env: r.env,
+    })
 }
 
 fn validate_session_id(id: &str) -> Result<(), RuntimeError> {
@@ -310,7 +318,8 @@ impl ProcessRuntime {
 
         // Data layout.
         fs::create_dir_all(&cfg.data_dir).map_err(|e| io_ctx(format!("creating {}", cfg.data_dir.display()), e))?;
-        let data_dir = fs::canonicalize(&cfg.data_dir).map_err(|e| io_ctx(format!("resolving {}", cfg.data_dir.display()), e))?;
+        let data_dir =
+            fs::canonicalize(&cfg.data_dir).map_err(|e| io_ctx(format!("resolving {}", cfg.data_dir.display()), e))?;
         make_traversable(&data_dir)?;
         let etc_dir = data_dir.join("rootfs-etc");
         create_dir(&etc_dir, 0o755)?;
@@ -396,8 +405,13 @@ impl ProcessRuntime {
     }
 
     fn persist(&self, s: &Session) -> Result<(), RuntimeError> {
-        write_atomic(&s.dir.join("generation"), format!("{}\n", s.generation.load(Ordering::SeqCst)).as_bytes(), 0o600)?;
-        let json = serde_json::to_vec_pretty(&s.spec()).map_err(|e| RuntimeError::Internal(format!("encoding spec: {e}")))?;
+        write_atomic(
+            &s.dir.join("generation"),
+            format!("{}\n", s.generation.load(Ordering::SeqCst)).as_bytes(),
+            0o600,
+        )?;
+        let json =
+            serde_json::to_vec_pretty(&s.spec()).map_err(|e| RuntimeError::Internal(format!("encoding spec: {e}")))?;
         write_atomic(&s.dir.join("spec.json"), &json, 0o600)
     }
 
@@ -425,7 +439,8 @@ impl ProcessRuntime {
                     continue;
                 }
             };
-            let generation = fs::read_to_string(dir.join("generation")).ok().and_then(|g| g.trim().parse().ok()).unwrap_or(0);
+            let generation =
+                fs::read_to_string(dir.join("generation")).ok().and_then(|g| g.trim().parse().ok()).unwrap_or(0);
             let spec = fs::read(dir.join("spec.json"))
                 .ok()
                 .and_then(|b| serde_json::from_slice::<StoredSpec>(&b).ok())
@@ -516,13 +531,15 @@ impl ProcessRuntime {
             err
         });
         let uid = self.inner.cfg.uid_base;
-        let res = self
-            .spawn_sandbox(&probe_dir, Path::new(""), &bwrap::base_env(), &argv, None, &[], uid)
-            .map_err(|e| RuntimeError::Unavailable(format!("cannot start bwrap {}: {e}", self.inner.cfg.bwrap_path.display())))?;
+        let res =
+            self.spawn_sandbox(&probe_dir, Path::new(""), &bwrap::base_env(), &argv, None, &[], uid).map_err(|e| {
+                RuntimeError::Unavailable(format!("cannot start bwrap {}: {e}", self.inner.cfg.bwrap_path.display()))
+            })?;
         let (child, _fds) = res;
-        let info = exec::supervise(child, tokio::time::Instant::now(), vec![], Duration::from_secs(20), 64 * 1024, tx, || {})
-            .await
-            .map_err(|e| RuntimeError::Unavailable(format!("running the bwrap probe: {e}")))?;
+        let info =
+            exec::supervise(child, tokio::time::Instant::now(), vec![], Duration::from_secs(20), 64 * 1024, tx, || {})
+                .await
+                .map_err(|e| RuntimeError::Unavailable(format!("running the bwrap probe: {e}")))?;
         let output = collect.await.unwrap_or_default();
         if info.exit_code != 0 || info.timed_out {
             return Err(RuntimeError::Unavailable(format!(
@@ -562,7 +579,6 @@ impl ProcessRuntime {
             own_process_group: false,
         })
     }
-
 }
 
 /// Removes an exec's leaf cgroup when the exec future is dropped before its
@@ -597,8 +613,12 @@ impl Drop for LeafGuard {
 }
 
 fn check_bwrap(path: &Path) -> Result<(), RuntimeError> {
-    let meta = fs::metadata(path)
-        .map_err(|e| RuntimeError::Unavailable(format!("bubblewrap not found at {}: {e} (install the bubblewrap package)", path.display())))?;
+    let meta = fs::metadata(path).map_err(|e| {
+        RuntimeError::Unavailable(format!(
+            "bubblewrap not found at {}: {e} (install the bubblewrap package)",
+            path.display()
+        ))
+    })?;
     if !meta.is_file() {
         return Err(RuntimeError::Unavailable(format!("bubblewrap at {} is not a regular file", path.display())));
     }
@@ -623,7 +643,10 @@ fn warn_on_uid_overlap(base: u32, slots: u32) {
         let (Some(name), Some(_), Some(uid)) = (f.next(), f.next(), f.next()) else { continue };
         if let Ok(uid) = uid.parse::<u32>() {
             if uid >= base && uid - base < slots {
-                warn!(user = name, uid, "a host account uses a uid of the session range; sessions should have uids of their own");
+                warn!(
+                    user = name,
+                    uid, "a host account uses a uid of the session range; sessions should have uids of their own"
+                );
             }
         }
     }
@@ -682,7 +705,12 @@ impl Runtime for ProcessRuntime {
             let sessions = self.lock_sessions();
             self.free_slot(&sessions)
         }
-        .ok_or_else(|| RuntimeError::Unavailable(format!("no free session slot: all {} slots of this node are in use", self.inner.cfg.slots)))?;
+        .ok_or_else(|| {
+            RuntimeError::Unavailable(format!(
+                "no free session slot: all {} slots of this node are in use",
+                self.inner.cfg.slots
+            ))
+        })?;
         let dir = self.sessions_dir().join(&spec.session_id);
         let s = self.session_obj(&spec.session_id, dir, slot, spec.generation, stored.clone());
         let res = (|| -> Result<(), RuntimeError> {
@@ -703,7 +731,12 @@ impl Runtime for ProcessRuntime {
     }
 
     #[instrument(skip(self, spec, out), fields(session = %session_id))]
-    async fn exec(&self, session_id: &str, spec: ExecSpec, out: mpsc::Sender<ExecEvent>) -> Result<ExitInfo, RuntimeError> {
+    async fn exec(
+        &self,
+        session_id: &str,
+        spec: ExecSpec,
+        out: mpsc::Sender<ExecEvent>,
+    ) -> Result<ExitInfo, RuntimeError> {
         validate_session_id(session_id)?;
         let exec::ValidatedExec { plan, timeout, output_cap, workdir } = exec::validate(&spec, bwrap::CODE_PATH)?;
 
@@ -770,7 +803,8 @@ impl Runtime for ProcessRuntime {
 
         // Whatever happened, nothing of this exec may outlive it.
         // v1 counts OOM kills and refused forks in the leaf only; v2 also in the session.
-        let (leaf_oom, leaf_forkfail) = if cg.version() == 1 { (cg.oom_kills(&leaf), cg.pids_max_events(&leaf)) } else { (0, 0) };
+        let (leaf_oom, leaf_forkfail) =
+            if cg.version() == 1 { (cg.oom_kills(&leaf), cg.pids_max_events(&leaf)) } else { (0, 0) };
         if let Err(e) = cg.destroy(&leaf, CGROUP_KILL_TIMEOUT).await {
             warn!(error = %e, cgroup = %leaf, "could not clean up the exec cgroup");
         }
@@ -779,7 +813,12 @@ impl Runtime for ProcessRuntime {
         let oom = cg.oom_kills(&s.cgroup).saturating_sub(oom_before) + leaf_oom;
         let forkfail = cg.pids_max_events(&s.cgroup).saturating_sub(forkfail_before) + leaf_forkfail;
         exec::note_limits(&mut info, oom, stored.memory_bytes, forkfail, stored.pids_limit);
-        debug!(exit_code = info.exit_code, signal = info.signal, duration_ms = info.duration.as_millis() as u64, "exec ended");
+        debug!(
+            exit_code = info.exit_code,
+            signal = info.signal,
+            duration_ms = info.duration.as_millis() as u64,
+            "exec ended"
+        );
         Ok(info)
     }
 
@@ -868,5 +907,4 @@ mod tests {
         ok.pids_limit = 64;
         assert_eq!(stored_spec(&ok).unwrap().pids_limit, 64);
     }
-
 }

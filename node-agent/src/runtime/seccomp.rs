@@ -15,7 +15,9 @@
 
 use std::collections::BTreeMap;
 
-use seccompiler::{BpfProgram, SeccompAction, SeccompCmpArgLen, SeccompCmpOp, SeccompCondition, SeccompFilter, SeccompRule};
+use seccompiler::{
+    BpfProgram, SeccompAction, SeccompCmpArgLen, SeccompCmpOp, SeccompCondition, SeccompFilter, SeccompRule,
+};
 
 use super::RuntimeError;
 
@@ -97,11 +99,13 @@ const CLONE_NS_FLAGS: [i32; 7] = [
 pub fn program() -> Result<BpfProgram, RuntimeError> {
     let err = |e: &dyn std::fmt::Display| RuntimeError::Internal(format!("building the seccomp filter: {e}"));
     let arch = std::env::consts::ARCH.try_into().map_err(|e: seccompiler::BackendError| err(&e))?;
-    let mut rules: BTreeMap<i64, Vec<SeccompRule>> = denied_syscalls().into_iter().map(|(_, nr)| (nr, vec![])).collect();
+    let mut rules: BTreeMap<i64, Vec<SeccompRule>> =
+        denied_syscalls().into_iter().map(|(_, nr)| (nr, vec![])).collect();
     let mut clone_rules = Vec::new();
     for flag in CLONE_NS_FLAGS {
         let flag = flag as u32 as u64;
-        let cond = SeccompCondition::new(0, SeccompCmpArgLen::Qword, SeccompCmpOp::MaskedEq(flag), flag).map_err(|e| err(&e))?;
+        let cond = SeccompCondition::new(0, SeccompCmpArgLen::Qword, SeccompCmpOp::MaskedEq(flag), flag)
+            .map_err(|e| err(&e))?;
         clone_rules.push(SeccompRule::new(vec![cond]).map_err(|e| err(&e))?);
     }
     rules.insert(libc::SYS_clone, clone_rules);
@@ -198,17 +202,23 @@ mod tests {
                     // SAFETY: raw syscalls with integer arguments; the denied ones fail.
                     unsafe {
                         *libc::__errno_location() = 0;
-                        if libc::syscall(libc::SYS_ptrace, libc::PTRACE_TRACEME, 0, 0, 0) != -1 || *libc::__errno_location() != libc::EPERM {
+                        if libc::syscall(libc::SYS_ptrace, libc::PTRACE_TRACEME, 0, 0, 0) != -1
+                            || *libc::__errno_location() != libc::EPERM
+                        {
                             return 12;
                         }
-                        if libc::syscall(libc::SYS_unshare, libc::CLONE_NEWUSER) != -1 || *libc::__errno_location() != libc::EPERM {
+                        if libc::syscall(libc::SYS_unshare, libc::CLONE_NEWUSER) != -1
+                            || *libc::__errno_location() != libc::EPERM
+                        {
                             return 13;
                         }
                         if libc::syscall(libc::SYS_clone3, 0, 0) != -1 || *libc::__errno_location() != libc::ENOSYS {
                             return 14;
                         }
                         #[cfg(target_arch = "x86_64")]
-                        if libc::syscall(0x4000_0000 | 101, 0, 0, 0, 0) != -1 || *libc::__errno_location() != libc::EPERM {
+                        if libc::syscall(0x4000_0000 | 101, 0, 0, 0, 0) != -1
+                            || *libc::__errno_location() != libc::EPERM
+                        {
                             return 15;
                         }
                         if libc::syscall(libc::SYS_getpid) <= 0 {

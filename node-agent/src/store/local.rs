@@ -39,7 +39,10 @@ impl LocalStore {
 }
 
 /// Writes `write`'s output to a temporary file beside `dest`, fsyncs it and renames it into place.
-fn atomic_write(dest: &Path, write: impl FnOnce(&mut std::fs::File) -> Result<(), StoreError>) -> Result<(), StoreError> {
+fn atomic_write(
+    dest: &Path,
+    write: impl FnOnce(&mut std::fs::File) -> Result<(), StoreError>,
+) -> Result<(), StoreError> {
     let dir = dest.parent().ok_or_else(|| StoreError::Corrupt(format!("{} has no parent", dest.display())))?;
     std::fs::create_dir_all(dir)?;
     let tmp = dir.join(format!(".tmp-{:016x}", rand::random::<u64>()));
@@ -56,7 +59,9 @@ fn atomic_write(dest: &Path, write: impl FnOnce(&mut std::fs::File) -> Result<()
     result
 }
 
-async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T, StoreError> + Send + 'static) -> Result<T, StoreError> {
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, StoreError> + Send + 'static,
+) -> Result<T, StoreError> {
     tokio::task::spawn_blocking(f).await.map_err(|e| StoreError::Io(std::io::Error::other(e.to_string())))?
 }
 
@@ -110,11 +115,17 @@ impl WorkspaceStore for LocalStore {
         .await
     }
 
-    async fn get_blob(&self, session: &str, hash: &str) -> Result<BoxStream<'static, Result<Bytes, StoreError>>, StoreError> {
+    async fn get_blob(
+        &self,
+        session: &str,
+        hash: &str,
+    ) -> Result<BoxStream<'static, Result<Bytes, StoreError>>, StoreError> {
         let p = self.blob_path(session, hash)?;
         let f = match tokio::fs::File::open(&p).await {
             Ok(f) => f,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Err(StoreError::NotFound(format!("blob {hash} of {session}"))),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                return Err(StoreError::NotFound(format!("blob {hash} of {session}")))
+            }
             Err(e) => return Err(e.into()),
         };
         Ok(tokio_util::io::ReaderStream::with_capacity(f, 1 << 20).map(|r| r.map_err(StoreError::from)).boxed())
@@ -139,7 +150,13 @@ impl WorkspaceStore for LocalStore {
         }
     }
 
-    async fn presign_blob(&self, _session: &str, _hash: &str, _filename: &str, _ttl: Duration) -> Result<String, StoreError> {
+    async fn presign_blob(
+        &self,
+        _session: &str,
+        _hash: &str,
+        _filename: &str,
+        _ttl: Duration,
+    ) -> Result<String, StoreError> {
         Err(StoreError::Unsupported(
             "the local workspace store cannot presign download URLs; read the file through ReadFile, or run the agent with --workspace-store s3".into(),
         ))

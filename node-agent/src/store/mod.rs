@@ -111,14 +111,24 @@ pub trait WorkspaceStore: Send + Sync + 'static {
     /// Stores blob `hash` (hex SHA-256 of the content).
     async fn put_blob(&self, session: &str, hash: &str, body: BlobBody) -> Result<(), StoreError>;
     /// Streams blob `hash`; the caller checks the hash.
-    async fn get_blob(&self, session: &str, hash: &str) -> Result<BoxStream<'static, Result<Bytes, StoreError>>, StoreError>;
+    async fn get_blob(
+        &self,
+        session: &str,
+        hash: &str,
+    ) -> Result<BoxStream<'static, Result<Bytes, StoreError>>, StoreError>;
     /// Deletes blobs (missing ones are fine).
     async fn delete_blobs(&self, session: &str, hashes: &[String]) -> Result<(), StoreError>;
     /// Deletes everything under the session's prefix.
     async fn delete_session(&self, session: &str) -> Result<(), StoreError>;
     /// A URL that downloads blob `hash` without credentials until `ttl` passes,
     /// offered to the client as `filename`.
-    async fn presign_blob(&self, session: &str, hash: &str, filename: &str, ttl: Duration) -> Result<String, StoreError>;
+    async fn presign_blob(
+        &self,
+        session: &str,
+        hash: &str,
+        filename: &str,
+        ttl: Duration,
+    ) -> Result<String, StoreError>;
 }
 
 /// One workspace entry in a [`Manifest`].
@@ -158,7 +168,9 @@ impl ManifestEntry {
     /// The entry's workspace path.
     pub fn path(&self) -> &str {
         match self {
-            ManifestEntry::File { path, .. } | ManifestEntry::Dir { path, .. } | ManifestEntry::Symlink { path, .. } => path,
+            ManifestEntry::File { path, .. }
+            | ManifestEntry::Dir { path, .. }
+            | ManifestEntry::Symlink { path, .. } => path,
         }
     }
 }
@@ -190,10 +202,13 @@ impl Manifest {
     /// corrupt manifest can never make a restore write outside the workspace.
     pub fn parse(session: &str, body: &[u8]) -> Result<Manifest, StoreError> {
         if body.len() > MAX_MANIFEST_BYTES {
-            return Err(StoreError::Corrupt(format!("manifest of {session} is {} bytes, over the {MAX_MANIFEST_BYTES} limit", body.len())));
+            return Err(StoreError::Corrupt(format!(
+                "manifest of {session} is {} bytes, over the {MAX_MANIFEST_BYTES} limit",
+                body.len()
+            )));
         }
-        let m: Manifest =
-            serde_json::from_slice(body).map_err(|e| StoreError::Corrupt(format!("manifest of {session} does not parse: {e}")))?;
+        let m: Manifest = serde_json::from_slice(body)
+            .map_err(|e| StoreError::Corrupt(format!("manifest of {session} does not parse: {e}")))?;
         if m.format != 1 {
             return Err(StoreError::Corrupt(format!("manifest of {session} has unknown format {}", m.format)));
         }
@@ -218,7 +233,12 @@ impl Manifest {
 /// Checks a path read from the store: relative, '/'-separated, no empty,
 /// `.` or `..` components, no NUL, within [`sandfleet_common::limits::MAX_PATH_BYTES`].
 pub fn validate_key_path(path: &str) -> Result<(), StoreError> {
-    let bad = |why: &str| Err(StoreError::Corrupt(format!("refusing stored path {:?}: {why}", path.chars().take(128).collect::<String>())));
+    let bad = |why: &str| {
+        Err(StoreError::Corrupt(format!(
+            "refusing stored path {:?}: {why}",
+            path.chars().take(128).collect::<String>()
+        )))
+    };
     if path.is_empty() {
         return bad("empty");
     }
@@ -322,16 +342,31 @@ mod tests {
             sealed: false,
             version: 1,
             written_at_ms: 0,
-            entries: vec![ManifestEntry::File { path: "ok.txt".into(), size: 1, mode: 0o644, mtime_ns: 0, sha256: "0".repeat(64) }],
+            entries: vec![ManifestEntry::File {
+                path: "ok.txt".into(),
+                size: 1,
+                mode: 0o644,
+                mtime_ns: 0,
+                sha256: "0".repeat(64),
+            }],
         };
         assert_eq!(Manifest::parse(sid, &m.to_bytes()).unwrap(), m);
         m.entries.push(ManifestEntry::Dir { path: "../../etc".into(), mode: 0o755 });
         let err = Manifest::parse(sid, &m.to_bytes()).unwrap_err();
         assert!(err.to_string().contains("'..'"), "{err}");
         m.entries.pop();
-        m.entries.push(ManifestEntry::File { path: "x".into(), size: 1, mode: 0o644, mtime_ns: 0, sha256: "../../x".into() });
+        m.entries.push(ManifestEntry::File {
+            path: "x".into(),
+            size: 1,
+            mode: 0o644,
+            mtime_ns: 0,
+            sha256: "../../x".into(),
+        });
         assert!(Manifest::parse(sid, &m.to_bytes()).is_err());
         m.entries.pop();
-        assert!(Manifest::parse("0190b8f2-1c3d-7e4f-8a9b-0c1d2e3f4a5c", &m.to_bytes()).is_err(), "a manifest under another session's prefix");
+        assert!(
+            Manifest::parse("0190b8f2-1c3d-7e4f-8a9b-0c1d2e3f4a5c", &m.to_bytes()).is_err(),
+            "a manifest under another session's prefix"
+        );
     }
 }

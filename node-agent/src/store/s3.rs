@@ -70,7 +70,9 @@ where
     StoreError::Unavailable(format!("{what}: {}", DisplayErrorContext(&e)))
 }
 
-fn join_part(r: Option<Result<Result<CompletedPart, StoreError>, tokio::task::JoinError>>) -> Result<CompletedPart, StoreError> {
+fn join_part(
+    r: Option<Result<Result<CompletedPart, StoreError>, tokio::task::JoinError>>,
+) -> Result<CompletedPart, StoreError> {
     match r {
         Some(Ok(part)) => part,
         Some(Err(e)) => Err(StoreError::Io(std::io::Error::other(e.to_string()))),
@@ -99,7 +101,11 @@ impl S3Store {
                     .operation_attempt_timeout(Duration::from_secs(120))
                     .build(),
             )
-            .retry_config(aws_config::retry::RetryConfig::standard().with_max_attempts(4).with_initial_backoff(Duration::from_millis(200)))
+            .retry_config(
+                aws_config::retry::RetryConfig::standard()
+                    .with_max_attempts(4)
+                    .with_initial_backoff(Duration::from_millis(200)),
+            )
             .load()
             .await;
         let mut b = aws_sdk_s3::config::Builder::from(&shared)
@@ -126,8 +132,18 @@ impl S3Store {
                 .iter()
                 .map(|k| ObjectIdentifier::builder().key(k).build().map_err(|e| StoreError::Corrupt(e.to_string())))
                 .collect::<Result<Vec<_>, _>>()?;
-            let delete = Delete::builder().set_objects(Some(ids)).quiet(true).build().map_err(|e| StoreError::Corrupt(e.to_string()))?;
-            self.client.delete_objects().bucket(&self.bucket).delete(delete).send().await.map_err(|e| unavailable(what, e))?;
+            let delete = Delete::builder()
+                .set_objects(Some(ids))
+                .quiet(true)
+                .build()
+                .map_err(|e| StoreError::Corrupt(e.to_string()))?;
+            self.client
+                .delete_objects()
+                .bucket(&self.bucket)
+                .delete(delete)
+                .send()
+                .await
+                .map_err(|e| unavailable(what, e))?;
         }
         Ok(())
     }
@@ -142,7 +158,14 @@ impl S3Store {
         Ok(format!("{}blobs/{hash}", self.session_prefix(session)?))
     }
 
-    async fn put_multipart(&self, key: &str, hash: &str, file: Arc<std::fs::File>, size: u64, path: &str) -> Result<(), StoreError> {
+    async fn put_multipart(
+        &self,
+        key: &str,
+        hash: &str,
+        file: Arc<std::fs::File>,
+        size: u64,
+        path: &str,
+    ) -> Result<(), StoreError> {
         let upload = self
             .client
             .create_multipart_upload()
@@ -151,7 +174,10 @@ impl S3Store {
             .send()
             .await
             .map_err(|e| unavailable("start multipart upload", e))?;
-        let upload_id = upload.upload_id().ok_or_else(|| StoreError::Unavailable("no upload id in CreateMultipartUpload".into()))?.to_string();
+        let upload_id = upload
+            .upload_id()
+            .ok_or_else(|| StoreError::Unavailable("no upload id in CreateMultipartUpload".into()))?
+            .to_string();
         let result = self.upload_parts(key, &upload_id, hash, file, size, path).await;
         match result {
             Ok(parts) => {
@@ -167,7 +193,14 @@ impl S3Store {
                 Ok(())
             }
             Err(e) => {
-                let _ = self.client.abort_multipart_upload().bucket(&self.bucket).key(key).upload_id(&upload_id).send().await;
+                let _ = self
+                    .client
+                    .abort_multipart_upload()
+                    .bucket(&self.bucket)
+                    .key(key)
+                    .upload_id(&upload_id)
+                    .send()
+                    .await;
                 Err(e)
             }
         }
@@ -198,12 +231,19 @@ impl S3Store {
             })
             .await
             .map_err(|e| StoreError::Io(std::io::Error::other(e.to_string())))?
-            .map_err(|e| if e.kind() == std::io::ErrorKind::UnexpectedEof { StoreError::Changed(path.to_string()) } else { e.into() })?;
+            .map_err(|e| {
+                if e.kind() == std::io::ErrorKind::UnexpectedEof {
+                    StoreError::Changed(path.to_string())
+                } else {
+                    e.into()
+                }
+            })?;
             hasher.update(&data);
             while inflight.len() >= self.part_concurrency {
                 parts.push(join_part(inflight.join_next().await)?);
             }
-            let (client, bucket, key, upload_id) = (self.client.clone(), self.bucket.clone(), key.to_string(), upload_id.to_string());
+            let (client, bucket, key, upload_id) =
+                (self.client.clone(), self.bucket.clone(), key.to_string(), upload_id.to_string());
             let number = i as i32 + 1;
             inflight.spawn(async move {
                 let out = client
@@ -243,7 +283,8 @@ impl WorkspaceStore for S3Store {
         let key = format!("{}manifest.json", self.session_prefix(session)?);
         match self.client.get_object().bucket(&self.bucket).key(&key).send().await {
             Ok(out) => {
-                let body = out.body.collect().await.map_err(|e| StoreError::Unavailable(format!("read manifest: {e}")))?;
+                let body =
+                    out.body.collect().await.map_err(|e| StoreError::Unavailable(format!("read manifest: {e}")))?;
                 Ok(Some(body.into_bytes()))
             }
             Err(e) if e.as_service_error().is_some_and(|s| s.is_no_such_key()) => Ok(None),
@@ -283,7 +324,11 @@ impl WorkspaceStore for S3Store {
         }
     }
 
-    async fn get_blob(&self, session: &str, hash: &str) -> Result<BoxStream<'static, Result<Bytes, StoreError>>, StoreError> {
+    async fn get_blob(
+        &self,
+        session: &str,
+        hash: &str,
+    ) -> Result<BoxStream<'static, Result<Bytes, StoreError>>, StoreError> {
         let key = self.blob_key(session, hash)?;
         let out = match self.client.get_object().bucket(&self.bucket).key(&key).send().await {
             Ok(out) => out,
@@ -322,15 +367,28 @@ impl WorkspaceStore for S3Store {
         let mut pages = self.client.list_objects_v2().bucket(&self.bucket).prefix(&prefix).into_paginator().send();
         while let Some(page) = pages.next().await {
             let page = page.map_err(|e| unavailable("list session objects", e))?;
-            let keys: Vec<String> = page.contents().iter().filter_map(|o| o.key()).filter(|k| k.starts_with(&prefix)).map(str::to_string).collect();
+            let keys: Vec<String> = page
+                .contents()
+                .iter()
+                .filter_map(|o| o.key())
+                .filter(|k| k.starts_with(&prefix))
+                .map(str::to_string)
+                .collect();
             self.delete_keys(keys, "delete session objects").await?;
         }
         Ok(())
     }
 
-    async fn presign_blob(&self, session: &str, hash: &str, filename: &str, ttl: Duration) -> Result<String, StoreError> {
+    async fn presign_blob(
+        &self,
+        session: &str,
+        hash: &str,
+        filename: &str,
+        ttl: Duration,
+    ) -> Result<String, StoreError> {
         let key = self.blob_key(session, hash)?;
-        let cfg = aws_sdk_s3::presigning::PresigningConfig::expires_in(ttl).map_err(|e| StoreError::Unsupported(e.to_string()))?;
+        let cfg = aws_sdk_s3::presigning::PresigningConfig::expires_in(ttl)
+            .map_err(|e| StoreError::Unsupported(e.to_string()))?;
         // Quote-safe file name for Content-Disposition.
         let name: String = filename.chars().filter(|c| !c.is_control() && *c != '"' && *c != '\\').collect();
         let req = self

@@ -54,7 +54,12 @@ pub struct SyncConfig {
 
 impl Default for SyncConfig {
     fn default() -> Self {
-        Self { interval: Duration::from_secs(10), retain_on_delete: false, concurrency: 8, handoff_wait: Duration::from_secs(30) }
+        Self {
+            interval: Duration::from_secs(10),
+            retain_on_delete: false,
+            concurrency: 8,
+            handoff_wait: Duration::from_secs(30),
+        }
     }
 }
 
@@ -116,7 +121,9 @@ fn io_err(e: impl std::fmt::Display) -> StoreError {
     StoreError::Io(std::io::Error::other(e.to_string()))
 }
 
-async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T, StoreError> + Send + 'static) -> Result<T, StoreError> {
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, StoreError> + Send + 'static,
+) -> Result<T, StoreError> {
     tokio::task::spawn_blocking(f).await.map_err(io_err)?
 }
 
@@ -140,7 +147,13 @@ impl Syncer {
     /// copy is being stopped on a live node) it first waits, up to the
     /// configured handoff wait, for that copy's final, sealed manifest.
     #[tracing::instrument(skip(self, workspace), fields(session = %session))]
-    pub async fn restore(self: &Arc<Self>, session: &str, generation: u64, workspace: Workspace, handoff: bool) -> Result<SyncStats, StoreError> {
+    pub async fn restore(
+        self: &Arc<Self>,
+        session: &str,
+        generation: u64,
+        workspace: Workspace,
+        handoff: bool,
+    ) -> Result<SyncStats, StoreError> {
         let started = Instant::now();
         let mut stats = SyncStats::default();
         // Generation 1 is the first placement: nothing can be in the store yet.
@@ -162,7 +175,11 @@ impl Syncer {
         };
         if let Some(m) = &manifest {
             if m.generation > generation {
-                return Err(StoreError::Superseded { session: session.to_string(), current: m.generation, ours: generation });
+                return Err(StoreError::Superseded {
+                    session: session.to_string(),
+                    current: m.generation,
+                    ours: generation,
+                });
             }
             stats = self.download(session, m, &workspace).await?;
         }
@@ -179,7 +196,12 @@ impl Syncer {
             stats.version = m.version;
             Some(m)
         };
-        info!(files = stats.transferred_files, bytes = stats.transferred_bytes, elapsed_ms = started.elapsed().as_millis() as u64, "workspace restored");
+        info!(
+            files = stats.transferred_files,
+            bytes = stats.transferred_bytes,
+            elapsed_ms = started.elapsed().as_millis() as u64,
+            "workspace restored"
+        );
         self.track(session, generation, workspace, claimed);
         Ok(stats)
     }
@@ -194,7 +216,13 @@ impl Syncer {
         s.stored.store(true, std::sync::atomic::Ordering::SeqCst);
     }
 
-    fn track(self: &Arc<Self>, session: &str, generation: u64, workspace: Workspace, current: Option<Manifest>) -> Arc<SessionSync> {
+    fn track(
+        self: &Arc<Self>,
+        session: &str,
+        generation: u64,
+        workspace: Workspace,
+        current: Option<Manifest>,
+    ) -> Arc<SessionSync> {
         let stored = current.is_some();
         let s = Arc::new(SessionSync {
             seed: std::sync::atomic::AtomicBool::new(false),
@@ -207,7 +235,9 @@ impl Syncer {
             stop: self.shutdown.child_token(),
             superseded: std::sync::atomic::AtomicBool::new(false),
         });
-        if let Some(old) = self.sessions.lock().unwrap_or_else(|p| p.into_inner()).insert(session.to_string(), s.clone()) {
+        if let Some(old) =
+            self.sessions.lock().unwrap_or_else(|p| p.into_inner()).insert(session.to_string(), s.clone())
+        {
             old.stop.cancel();
         }
         tokio::spawn(self.clone().sync_loop(session.to_string(), s.clone()));
@@ -276,8 +306,13 @@ impl Syncer {
 
     /// Syncs every session once (agent shutdown), each bounded by `timeout`.
     pub async fn sync_all(&self, timeout: Duration) {
-        let all: Vec<(String, Arc<SessionSync>)> =
-            self.sessions.lock().unwrap_or_else(|p| p.into_inner()).iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+        let all: Vec<(String, Arc<SessionSync>)> = self
+            .sessions
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
         futures::future::join_all(all.into_iter().map(|(id, s)| async move {
             match tokio::time::timeout(timeout, self.sync_session(&id, &s, false)).await {
                 Ok(Ok(_)) => {}
@@ -305,7 +340,11 @@ impl Syncer {
     async fn sync_loop(self: Arc<Self>, session: String, s: Arc<SessionSync>) {
         let mut failures = 0u32;
         loop {
-            let wait = if failures == 0 { self.config.interval } else { Duration::from_millis((500u64 << failures.min(6)).min(30_000)) };
+            let wait = if failures == 0 {
+                self.config.interval
+            } else {
+                Duration::from_millis((500u64 << failures.min(6)).min(30_000))
+            };
             tokio::select! {
                 _ = s.stop.cancelled() => return,
                 _ = s.trigger.notified() => {}
@@ -348,17 +387,25 @@ impl Syncer {
     /// One sync of one session (serialized per session by the `current` lock).
     async fn sync_session(&self, session: &str, s: &SessionSync, seal: bool) -> Result<SyncStats, StoreError> {
         if s.superseded.load(std::sync::atomic::Ordering::SeqCst) {
-            return Err(StoreError::Superseded { session: session.into(), current: s.generation + 1, ours: s.generation });
+            return Err(StoreError::Superseded {
+                session: session.into(),
+                current: s.generation + 1,
+                ours: s.generation,
+            });
         }
         let mut current = s.current.lock().await;
         if current.is_none() && s.seed.swap(false, std::sync::atomic::Ordering::SeqCst) {
             match self.read_manifest(session).await {
                 Ok(m) => *current = m.filter(|m| m.generation <= s.generation),
-                Err(e) => warn!(session, error = %e, "could not read the stored manifest; this sync uploads every file"),
+                Err(e) => {
+                    warn!(session, error = %e, "could not read the stored manifest; this sync uploads every file")
+                }
             }
         }
-        let prev: HashMap<String, ManifestEntry> =
-            current.as_ref().map(|m| m.entries.iter().map(|e| (e.path().to_string(), e.clone())).collect()).unwrap_or_default();
+        let prev: HashMap<String, ManifestEntry> = current
+            .as_ref()
+            .map(|m| m.entries.iter().map(|e| (e.path().to_string(), e.clone())).collect())
+            .unwrap_or_default();
         let known: HashSet<String> = current.as_ref().map(blobs_of).unwrap_or_default();
         let root = s.workspace.root().to_path_buf();
         let prev_for_scan = prev.clone();
@@ -377,7 +424,11 @@ impl Syncer {
                         // version this time; another sync follows soon.
                         Err(StoreError::Changed(path)) => {
                             changed_ref.store(true, std::sync::atomic::Ordering::SeqCst);
-                            Ok(prev_ref.get(&path).filter(|e| matches!(e, ManifestEntry::File { .. })).cloned().map(|e| (e, 0)))
+                            Ok(prev_ref
+                                .get(&path)
+                                .filter(|e| matches!(e, ManifestEntry::File { .. }))
+                                .cloned()
+                                .map(|e| (e, 0)))
                         }
                         other => other,
                     }
@@ -404,9 +455,10 @@ impl Syncer {
             s.trigger.notify_one();
         }
         // Nothing stored and nothing to store (an empty workspace never synced): no writes.
-        let same = current.as_ref().map_or(results.is_empty() && !s.stored.load(std::sync::atomic::Ordering::SeqCst), |m| {
-            m.entries == results && m.sealed == seal
-        });
+        let same =
+            current.as_ref().map_or(results.is_empty() && !s.stored.load(std::sync::atomic::Ordering::SeqCst), |m| {
+                m.entries == results && m.sealed == seal
+            });
         if same {
             stats.unchanged = true;
             stats.version = current.as_ref().map_or(0, |m| m.version);
@@ -416,7 +468,11 @@ impl Syncer {
         let stored = self.read_manifest(session).await?;
         if let Some(m) = &stored {
             if m.generation > s.generation {
-                return Err(StoreError::Superseded { session: session.into(), current: m.generation, ours: s.generation });
+                return Err(StoreError::Superseded {
+                    session: session.into(),
+                    current: m.generation,
+                    ours: s.generation,
+                });
             }
         }
         let version = stored.as_ref().map_or(0, |m| m.version).max(current.as_ref().map_or(0, |m| m.version)) + 1;
@@ -466,7 +522,13 @@ impl Syncer {
         let opened = blocking(move || open_nofollow(&root, &p)).await?;
         let Some((file, meta_size, meta_mode, meta_mtime)) = opened else { return Ok(None) };
         let file = Arc::new(file);
-        let entry = |sha256: String, size: u64| ManifestEntry::File { path: path.clone(), size, mode: meta_mode, mtime_ns: meta_mtime, sha256 };
+        let entry = |sha256: String, size: u64| ManifestEntry::File {
+            path: path.clone(),
+            size,
+            mode: meta_mode,
+            mtime_ns: meta_mtime,
+            sha256,
+        };
         if meta_size <= PART_BYTES {
             let f = file.clone();
             let data = blocking(move || {
@@ -480,7 +542,8 @@ impl Syncer {
             }
             let hash = hex::encode(Sha256::digest(&data));
             let len = data.len() as u64;
-            let fresh = !known.contains(&hash) && uploaded.lock().unwrap_or_else(|p| p.into_inner()).insert(hash.clone());
+            let fresh =
+                !known.contains(&hash) && uploaded.lock().unwrap_or_else(|p| p.into_inner()).insert(hash.clone());
             if fresh {
                 self.store.put_blob(session, &hash, BlobBody::Bytes(Bytes::from(data))).await?;
             }
@@ -521,8 +584,11 @@ impl Syncer {
         let mut stats = SyncStats { version: m.version, ..Default::default() };
         let root_path = ws.root().to_path_buf();
         let (uid, gid) = (ws.uid(), ws.gid());
-        let dirs: Vec<(String, u32)> =
-            m.entries.iter().filter_map(|e| if let ManifestEntry::Dir { path, mode } = e { Some((path.clone(), *mode)) } else { None }).collect();
+        let dirs: Vec<(String, u32)> = m
+            .entries
+            .iter()
+            .filter_map(|e| if let ManifestEntry::Dir { path, mode } = e { Some((path.clone(), *mode)) } else { None })
+            .collect();
         let rp = root_path.clone();
         blocking(move || {
             let root = open_root(&rp)?;
@@ -536,7 +602,9 @@ impl Syncer {
             .entries
             .iter()
             .filter_map(|e| match e {
-                ManifestEntry::File { path, size, mode, mtime_ns, sha256 } => Some((path.clone(), *size, *mode, *mtime_ns, sha256.clone())),
+                ManifestEntry::File { path, size, mode, mtime_ns, sha256 } => {
+                    Some((path.clone(), *size, *mode, *mtime_ns, sha256.clone()))
+                }
                 _ => None,
             })
             .collect();
@@ -553,8 +621,17 @@ impl Syncer {
         stats.bytes = sizes.iter().sum();
         stats.transferred_files = stats.files;
         stats.transferred_bytes = stats.bytes;
-        let links: Vec<(String, String)> =
-            m.entries.iter().filter_map(|e| if let ManifestEntry::Symlink { path, target } = e { Some((path.clone(), target.clone())) } else { None }).collect();
+        let links: Vec<(String, String)> = m
+            .entries
+            .iter()
+            .filter_map(|e| {
+                if let ManifestEntry::Symlink { path, target } = e {
+                    Some((path.clone(), target.clone()))
+                } else {
+                    None
+                }
+            })
+            .collect();
         blocking(move || {
             let root = open_root(&root_path)?;
             for (path, target) in links {
@@ -566,7 +643,8 @@ impl Syncer {
                     }
                     None => root.try_clone()?,
                 };
-                let name = rel.file_name().ok_or_else(|| StoreError::Corrupt(format!("symlink {path:?} has no name")))?;
+                let name =
+                    rel.file_name().ok_or_else(|| StoreError::Corrupt(format!("symlink {path:?} has no name")))?;
                 let cname = std::ffi::CString::new(std::os::unix::ffi::OsStrExt::as_bytes(name)).map_err(io_err)?;
                 let ctarget = std::ffi::CString::new(target.as_bytes()).map_err(io_err)?;
                 // symlinkat/fchownat relative to the parent's handle: nothing is followed.
@@ -637,7 +715,9 @@ impl Syncer {
                 tokio::io::AsyncWriteExt::write_all(&mut out, &chunk).await?;
             }
             if got != size || hex::encode(hasher.finalize()) != sha256 {
-                return Err(StoreError::Corrupt(format!("blob {sha256} for {path:?} does not match its manifest entry")));
+                return Err(StoreError::Corrupt(format!(
+                    "blob {sha256} for {path:?} does not match its manifest entry"
+                )));
             }
             tokio::io::AsyncWriteExt::flush(&mut out).await?;
             Ok(())
@@ -648,7 +728,10 @@ impl Syncer {
             return Err(e);
         }
         let std_file = out.into_std().await;
-        let name = Path::new(path).file_name().map(|n| n.to_os_string()).ok_or_else(|| StoreError::Corrupt(format!("{path:?} has no name")))?;
+        let name = Path::new(path)
+            .file_name()
+            .map(|n| n.to_os_string())
+            .ok_or_else(|| StoreError::Corrupt(format!("{path:?} has no name")))?;
         blocking(move || {
             let r = (|| -> Result<(), StoreError> {
                 std_file.set_permissions(std::os::unix::fs::PermissionsExt::from_mode(mode & 0o7777 & !0o6000))?;
@@ -680,11 +763,22 @@ fn record(s: &SessionSync, r: &Result<SyncStats, StoreError>) {
 }
 
 fn empty_manifest(session: &str, generation: u64) -> Manifest {
-    Manifest { format: 1, session_id: session.into(), generation, sealed: false, version: 0, written_at_ms: 0, entries: Vec::new() }
+    Manifest {
+        format: 1,
+        session_id: session.into(),
+        generation,
+        sealed: false,
+        version: 0,
+        written_at_ms: 0,
+        entries: Vec::new(),
+    }
 }
 
 fn blobs_of(m: &Manifest) -> HashSet<String> {
-    m.entries.iter().filter_map(|e| if let ManifestEntry::File { sha256, .. } = e { Some(sha256.clone()) } else { None }).collect()
+    m.entries
+        .iter()
+        .filter_map(|e| if let ManifestEntry::File { sha256, .. } = e { Some(sha256.clone()) } else { None })
+        .collect()
 }
 
 fn open_root(root: &Path) -> Result<Dir, StoreError> {
@@ -731,7 +825,12 @@ fn open_nofollow(root: &Path, rel: &str) -> Result<Option<(std::fs::File, u64, u
         return Ok(None);
     }
     use std::os::unix::fs::MetadataExt as _;
-    Ok(Some((f, meta.len(), meta.mode() & 0o7777, meta.mtime().saturating_mul(1_000_000_000).saturating_add(meta.mtime_nsec()))))
+    Ok(Some((
+        f,
+        meta.len(),
+        meta.mode() & 0o7777,
+        meta.mtime().saturating_mul(1_000_000_000).saturating_add(meta.mtime_nsec()),
+    )))
 }
 
 /// A workspace entry as the scan found it.
@@ -763,7 +862,13 @@ fn scan(root: &Path, prev: &HashMap<String, ManifestEntry>) -> Result<Vec<Scanne
     Ok(out.into_values().collect())
 }
 
-fn walk(dir: &Dir, base: &str, prev: &HashMap<String, ManifestEntry>, out: &mut BTreeMap<String, Scanned>, depth: usize) -> Result<(), StoreError> {
+fn walk(
+    dir: &Dir,
+    base: &str,
+    prev: &HashMap<String, ManifestEntry>,
+    out: &mut BTreeMap<String, Scanned>,
+    depth: usize,
+) -> Result<(), StoreError> {
     if depth > 256 {
         return Err(StoreError::Corrupt(format!("directory {base:?} is nested too deep to sync")));
     }
@@ -816,7 +921,9 @@ fn walk(dir: &Dir, base: &str, prev: &HashMap<String, ManifestEntry>, out: &mut 
             let mtime_ns = meta.mtime().saturating_mul(1_000_000_000).saturating_add(meta.mtime_nsec());
             let (size, mode) = (meta.len(), meta.mode() & 0o7777);
             let hash = match prev.get(&path) {
-                Some(ManifestEntry::File { size: s, mtime_ns: m, mode: md, sha256, .. }) if *s == size && *m == mtime_ns && *md == mode => {
+                Some(ManifestEntry::File { size: s, mtime_ns: m, mode: md, sha256, .. })
+                    if *s == size && *m == mtime_ns && *md == mode =>
+                {
                     Some(sha256.clone())
                 }
                 _ => None,

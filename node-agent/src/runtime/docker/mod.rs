@@ -59,7 +59,9 @@ use tokio::sync::{mpsc, Notify, RwLock};
 use tracing::{debug, info, instrument, warn};
 
 use self::hardening::{ContainerPlan, LABEL_BOX, LABEL_GENERATION, LABEL_NODE, LABEL_POOL, LABEL_SESSION, LABEL_SLOT};
-use super::{resolve_spec, ExecEvent, ExecSpec, ExitInfo, ResolvedSpec, Runtime, RuntimeError, SandboxSpec, SessionInfo};
+use super::{
+    resolve_spec, ExecEvent, ExecSpec, ExitInfo, ResolvedSpec, Runtime, RuntimeError, SandboxSpec, SessionInfo,
+};
 use crate::executor::{self, WireExec, SOCKET_NAME};
 use crate::workspace::Workspace;
 
@@ -186,7 +188,10 @@ pub struct DockerRuntime {
 
 impl std::fmt::Debug for DockerRuntime {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("DockerRuntime").field("data_dir", &self.inner.cfg.data_dir).field("node_id", &self.inner.cfg.node_id).finish()
+        f.debug_struct("DockerRuntime")
+            .field("data_dir", &self.inner.cfg.data_dir)
+            .field("node_id", &self.inner.cfg.node_id)
+            .finish()
     }
 }
 
@@ -207,11 +212,17 @@ fn is_not_found(e: &bollard::errors::Error) -> bool {
 }
 
 /// Runs one Docker call with [`DOCKER_CALL_TIMEOUT`].
-async fn call<T>(what: &str, fut: impl std::future::Future<Output = Result<T, bollard::errors::Error>>) -> Result<T, RuntimeError> {
+async fn call<T>(
+    what: &str,
+    fut: impl std::future::Future<Output = Result<T, bollard::errors::Error>>,
+) -> Result<T, RuntimeError> {
     match tokio::time::timeout(DOCKER_CALL_TIMEOUT, fut).await {
         Ok(Ok(v)) => Ok(v),
         Ok(Err(e)) => Err(engine(what, e)),
-        Err(_) => Err(RuntimeError::Unavailable(format!("docker engine: {what}: no answer within {} s", DOCKER_CALL_TIMEOUT.as_secs()))),
+        Err(_) => Err(RuntimeError::Unavailable(format!(
+            "docker engine: {what}: no answer within {} s",
+            DOCKER_CALL_TIMEOUT.as_secs()
+        ))),
     }
 }
 
@@ -224,7 +235,10 @@ async fn call_opt<T>(
         Ok(Ok(v)) => Ok(Some(v)),
         Ok(Err(e)) if is_not_found(&e) => Ok(None),
         Ok(Err(e)) => Err(engine(what, e)),
-        Err(_) => Err(RuntimeError::Unavailable(format!("docker engine: {what}: no answer within {} s", DOCKER_CALL_TIMEOUT.as_secs()))),
+        Err(_) => Err(RuntimeError::Unavailable(format!(
+            "docker engine: {what}: no answer within {} s",
+            DOCKER_CALL_TIMEOUT.as_secs()
+        ))),
     }
 }
 
@@ -239,9 +253,11 @@ fn create_dir(path: &Path, mode: u32, uid: Option<u32>) -> Result<(), RuntimeErr
         return Err(RuntimeError::Internal(format!("{} exists and is not a directory", path.display())));
     }
     if let Some(uid) = uid {
-        std::os::unix::fs::lchown(path, Some(uid), Some(uid)).map_err(|e| io_ctx(format!("chown {}", path.display()), e))?;
+        std::os::unix::fs::lchown(path, Some(uid), Some(uid))
+            .map_err(|e| io_ctx(format!("chown {}", path.display()), e))?;
     }
-    fs::set_permissions(path, fs::Permissions::from_mode(mode)).map_err(|e| io_ctx(format!("chmod {}", path.display()), e))
+    fs::set_permissions(path, fs::Permissions::from_mode(mode))
+        .map_err(|e| io_ctx(format!("chmod {}", path.display()), e))
 }
 
 fn write_atomic(path: &Path, data: &[u8], mode: u32) -> Result<(), RuntimeError> {
@@ -278,7 +294,10 @@ impl DockerRuntime {
             return Err(invalid("slots must be at least 1"));
         }
         if cfg.uid_base < 1000 || cfg.uid_base.checked_add(cfg.slots).is_none_or(|end| end > u32::MAX - 2) {
-            return Err(invalid(format!("uid_base {} with {} slots is not a usable unprivileged uid range", cfg.uid_base, cfg.slots)));
+            return Err(invalid(format!(
+                "uid_base {} with {} slots is not a usable unprivileged uid range",
+                cfg.uid_base, cfg.slots
+            )));
         }
         if cfg.templates.is_empty() {
             return Err(invalid("the docker runtime needs at least one template"));
@@ -298,11 +317,19 @@ impl DockerRuntime {
             ));
         }
         let docker = Docker::connect_with_local_defaults()
-            .map_err(|e| RuntimeError::Unavailable(format!("cannot reach the Docker engine: {e} (is dockerd running? DOCKER_HOST?)")))?
+            .map_err(|e| {
+                RuntimeError::Unavailable(format!(
+                    "cannot reach the Docker engine: {e} (is dockerd running? DOCKER_HOST?)"
+                ))
+            })?
             .with_timeout(DOCKER_CALL_TIMEOUT);
         let docker = match tokio::time::timeout(DOCKER_CALL_TIMEOUT, docker.negotiate_version()).await {
             Ok(Ok(d)) => d,
-            Ok(Err(e)) => return Err(RuntimeError::Unavailable(format!("the Docker engine does not answer: {e} (is dockerd running?)"))),
+            Ok(Err(e)) => {
+                return Err(RuntimeError::Unavailable(format!(
+                    "the Docker engine does not answer: {e} (is dockerd running?)"
+                )))
+            }
             Err(_) => return Err(RuntimeError::Unavailable("the Docker engine did not answer within 30 s".into())),
         };
         call("ping", docker.ping()).await?;
@@ -316,7 +343,8 @@ impl DockerRuntime {
         }
 
         fs::create_dir_all(&cfg.data_dir).map_err(|e| io_ctx(format!("creating {}", cfg.data_dir.display()), e))?;
-        let data_dir = fs::canonicalize(&cfg.data_dir).map_err(|e| io_ctx(format!("resolving {}", cfg.data_dir.display()), e))?;
+        let data_dir =
+            fs::canonicalize(&cfg.data_dir).map_err(|e| io_ctx(format!("resolving {}", cfg.data_dir.display()), e))?;
         create_dir(&data_dir.join("boxes"), 0o711, None)?;
         let profile = hardening::seccomp_profile();
         let seccomp_json = profile.to_string();
@@ -445,9 +473,12 @@ impl DockerRuntime {
 
     fn reserve_slot(&self) -> Result<u32, RuntimeError> {
         let mut t = self.tables();
-        let slot = (0..self.inner.cfg.slots)
-            .find(|s| !t.slots.contains(s))
-            .ok_or_else(|| RuntimeError::Unavailable(format!("no free session slot: all {} slots of this node are in use", self.inner.cfg.slots)))?;
+        let slot = (0..self.inner.cfg.slots).find(|s| !t.slots.contains(s)).ok_or_else(|| {
+            RuntimeError::Unavailable(format!(
+                "no free session slot: all {} slots of this node are in use",
+                self.inner.cfg.slots
+            ))
+        })?;
         t.slots.insert(slot);
         Ok(slot)
     }
@@ -486,7 +517,10 @@ impl DockerRuntime {
         let d = &self.inner.docker;
         let created = call(
             "creating the container",
-            d.create_container(Some(CreateContainerOptions { name: Some(bx.name.clone()), ..Default::default() }), body),
+            d.create_container(
+                Some(CreateContainerOptions { name: Some(bx.name.clone()), ..Default::default() }),
+                body,
+            ),
         )
         .await?;
         for w in &created.warnings {
@@ -528,7 +562,9 @@ impl DockerRuntime {
             checks += 1;
             // Every ~50 checks, make sure the container has not died.
             if checks % 50 == 0 {
-                if let Some(c) = call_opt("inspecting the container", self.inner.docker.inspect_container(&bx.name, None)).await? {
+                if let Some(c) =
+                    call_opt("inspecting the container", self.inner.docker.inspect_container(&bx.name, None)).await?
+                {
                     let st = c.state.unwrap_or_default();
                     if st.running != Some(true) {
                         return Err(RuntimeError::Unavailable(format!(
@@ -560,7 +596,9 @@ impl DockerRuntime {
     async fn remove_container(&self, name: &str) -> Result<(), RuntimeError> {
         call_opt(
             "removing a container",
-            self.inner.docker.remove_container(name, Some(RemoveContainerOptions { force: true, v: true, ..Default::default() })),
+            self.inner
+                .docker
+                .remove_container(name, Some(RemoveContainerOptions { force: true, v: true, ..Default::default() })),
         )
         .await?;
         Ok(())
@@ -576,15 +614,19 @@ impl DockerRuntime {
     }
 
     fn persist(&self, s: &Session) -> Result<(), RuntimeError> {
-        let rec = SessionRecord { session_id: s.id.clone(), generation: s.generation.load(Ordering::SeqCst), spec: s.spec() };
-        let json = serde_json::to_vec_pretty(&rec).map_err(|e| RuntimeError::Internal(format!("encoding the session record: {e}")))?;
+        let rec =
+            SessionRecord { session_id: s.id.clone(), generation: s.generation.load(Ordering::SeqCst), spec: s.spec() };
+        let json = serde_json::to_vec_pretty(&rec)
+            .map_err(|e| RuntimeError::Internal(format!("encoding the session record: {e}")))?;
         write_atomic(&s.bx.dir.join("session.json"), &json, 0o600)
     }
 
     /// Applies `limits` to a running container when they differ from what it has.
     async fn relimit(&self, bx: &BoxState, limits: &ResolvedSpec) -> Result<(), RuntimeError> {
         let current = bx.limits();
-        if (current.cpu_millis, current.memory_bytes, current.pids_limit) == (limits.cpu_millis, limits.memory_bytes, limits.pids_limit) {
+        if (current.cpu_millis, current.memory_bytes, current.pids_limit)
+            == (limits.cpu_millis, limits.memory_bytes, limits.pids_limit)
+        {
             return Ok(());
         }
         let (memory, period, quota, pids) = hardening::resources(limits);
@@ -649,7 +691,8 @@ impl DockerRuntime {
         let mut kept: HashSet<String> = HashSet::new();
         for c in list {
             let labels = c.labels.clone().unwrap_or_default();
-            let Some(name) = c.names.as_ref().and_then(|n| n.first()).map(|n| n.trim_start_matches('/').to_string()) else {
+            let Some(name) = c.names.as_ref().and_then(|n| n.first()).map(|n| n.trim_start_matches('/').to_string())
+            else {
                 continue;
             };
             let box_name = labels.get(LABEL_BOX).cloned().unwrap_or_default();
@@ -683,7 +726,13 @@ impl DockerRuntime {
             match (record, slot) {
                 (Some(rec), Some(slot)) if usable && slot_free && ids::validate_session_id(&rec.session_id).is_ok() => {
                     let running = c.state == Some(bollard::models::ContainerSummaryStateEnum::RUNNING);
-                    let bx = BoxState { name: name.clone(), slot, uid: self.inner.cfg.uid_base + slot, dir, limits: Mutex::new(rec.spec.clone()) };
+                    let bx = BoxState {
+                        name: name.clone(),
+                        slot,
+                        uid: self.inner.cfg.uid_base + slot,
+                        dir,
+                        limits: Mutex::new(rec.spec.clone()),
+                    };
                     if !running {
                         info!(container = %name, session = %rec.session_id, "restarting a stopped session container");
                         let restarted = match call("starting the container", d.start_container(&name, None)).await {
@@ -937,7 +986,12 @@ impl Runtime for DockerRuntime {
     }
 
     #[instrument(skip(self, spec, out), fields(session = %session_id))]
-    async fn exec(&self, session_id: &str, spec: ExecSpec, out: mpsc::Sender<ExecEvent>) -> Result<ExitInfo, RuntimeError> {
+    async fn exec(
+        &self,
+        session_id: &str,
+        spec: ExecSpec,
+        out: mpsc::Sender<ExecEvent>,
+    ) -> Result<ExitInfo, RuntimeError> {
         ids::validate_session_id(session_id).map_err(|e| invalid(e.to_string()))?;
         // Checked here too, so a bad request gets its precise error without a round trip.
         let v = crate::exec::validate(&spec, super::bwrap::CODE_PATH)?;
@@ -955,7 +1009,9 @@ impl Runtime for DockerRuntime {
                 // Ask the engine rather than trust our table: a container that stopped (killed,
                 // host restart) is started again; its workspace is on the host and survives.
                 warn!(container = %s.bx.name, error = %first, "the executor is not reachable; checking the container");
-                self.ensure_running(&s.bx).await.map_err(|e| RuntimeError::Unavailable(format!("{first}; restarting the container failed: {e}")))?;
+                self.ensure_running(&s.bx)
+                    .await
+                    .map_err(|e| RuntimeError::Unavailable(format!("{first}; restarting the container failed: {e}")))?;
                 executor::connect(&sock).await?
             }
         };
