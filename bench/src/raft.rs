@@ -93,19 +93,12 @@ fn entry_bytes() -> usize {
     let record = SessionRecord {
         id: format!("s-{}", "0".repeat(26)),
         spec: SpecRecord {
-            template: "default".into(),
             cpu_millis: 10,
+            cpu_request_millis: 10,
             memory_bytes: 16 << 20,
             pids_limit: 16,
-            env: Default::default(),
-            labels: Default::default(),
             ttl_seconds: 3600,
-            node_selector: Default::default(),
-            runtime: String::new(),
-            idle_timeout_seconds: 0,
-            lost_after_ms: 0,
-            max_attempts: 0,
-            backoff_ms: 0,
+            ..Default::default()
         },
         phase: SessionPhase::Pending,
         node_id: Some("bench-node".into()),

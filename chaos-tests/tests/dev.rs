@@ -166,3 +166,43 @@ async fn dev_with_the_docker_runtime_runs_code_in_a_container() {
     let status = dev.stop();
     assert!(status.success(), "sandfleet dev exited with {status} after SIGTERM:\n{}", dev.logs());
 }
+
+/// A default session reserves a CPU request (100m), not its 1-core limit, and
+/// `dev` offers four times the cores: a 2-core machine runs dozens at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dev_runs_dozens_of_default_sessions_on_a_small_machine() {
+    if !require_sandbox_facilities() {
+        return;
+    }
+    const SESSIONS: usize = 30;
+    let node_id = format!("dev-dozens-{}", sandfleet_chaos::host::nonce());
+    let mut dev = Dev::start(&["--node-id", &node_id]);
+    let client = dev.client().await;
+    let node = client.list_nodes().await.unwrap().into_iter().find(|n| n.id == node_id).expect("the dev node");
+    let cores = std::thread::available_parallelism().unwrap().get() as u32;
+    assert_eq!(node.capacity.unwrap().cpu_millis, cores * 1000 * 4, "dev offers 4x its cores");
+
+    let mut ids = Vec::new();
+    for _ in 0..SESSIONS {
+        let s = client.create_session(sandfleet::CreateSession::new().ttl(Duration::from_secs(600))).await.unwrap();
+        let spec = s.spec.clone().unwrap();
+        assert_eq!((spec.cpu_millis, spec.cpu_request_millis), (1000, 100), "the defaults in force");
+        ids.push(s.id);
+    }
+    let mut running = Vec::new();
+    for id in &ids {
+        match client.wait_running(id, Duration::from_secs(120)).await {
+            Ok(s) => running.push(s),
+            Err(e) => panic!("session {id} of {SESSIONS} did not run: {e}\n{}", dev.logs()),
+        }
+    }
+    for s in [&running[0], &running[SESSIONS / 2], &running[SESSIONS - 1]] {
+        let out = exec_argv(&client, s, ["python3", "-c", "print(6*7)"], EXEC).await.unwrap();
+        assert_eq!(stdout(&out), "42\n", "{out:?}");
+    }
+    for id in &ids {
+        client.delete_session(id).await.unwrap();
+    }
+    let status = dev.stop();
+    assert!(status.success(), "sandfleet dev exited with {status} after SIGTERM:\n{}", dev.logs());
+}

@@ -326,6 +326,9 @@ impl Client {
     /// created the session.
     pub async fn create_session_full(&self, req: CreateSession) -> Result<proto::CreateSessionResponse, Error> {
         let span = tracing::debug_span!("create_session", request_id = %req.request_id);
+        // The server's own checks, so a bad spec fails here with the code the
+        // server would give, without a round trip.
+        req.validate()?;
         let msg = req.into_proto();
         self.control("create_session", RetryPolicy::Idempotent, self.inner.request_timeout, |ch, t| {
             let msg = msg.clone();

@@ -48,6 +48,13 @@ impl CreateSession {
         self
     }
 
+    /// Sets the CPU the session reserves on its node for placement, in
+    /// millicores (a Kubernetes CPU request; at most the CPU limit).
+    pub fn cpu_request_millis(mut self, millis: u32) -> Self {
+        self.spec.cpu_request_millis = millis;
+        self
+    }
+
     /// Sets the memory limit in bytes.
     pub fn memory_bytes(mut self, bytes: u64) -> Self {
         self.spec.memory_bytes = bytes;
@@ -79,8 +86,9 @@ impl CreateSession {
         self
     }
 
-    /// Requires a runtime ("process", "docker", "kubernetes"); by default any
-    /// runtime offering the template will do.
+    /// Requires a runtime ("process" or "docker", see
+    /// [`sandfleet_common::spec::Runtime`]); by default any runtime offering
+    /// the template will do.
     pub fn runtime(mut self, runtime: impl Into<String>) -> Self {
         self.spec.runtime = runtime.into();
         self
@@ -117,6 +125,19 @@ impl CreateSession {
     pub fn env(mut self, key: impl Into<String>, value: impl Into<String>) -> Self {
         self.spec.env.insert(key.into(), value.into());
         self
+    }
+
+    /// The wire request.
+    /// Runs the checks the server runs on a create (the shared definition in
+    /// [`sandfleet_common::spec`]); the error carries the server's status code.
+    /// Bounds that depend on the cluster's settings are left to the server.
+    pub fn validate(&self) -> Result<(), crate::Error> {
+        let check = || -> Result<(), sandfleet_common::ValidationError> {
+            sandfleet_common::ids::validate_request_id(&self.request_id)?;
+            sandfleet_common::spec::SessionSpec::from_proto(self.spec.clone(), &Default::default())?;
+            Ok(())
+        };
+        check().map_err(|e| crate::Error::Status(e.into()))
     }
 
     /// The wire request.

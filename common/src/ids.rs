@@ -8,7 +8,7 @@ use std::collections::HashMap;
 use crate::limits;
 
 /// A request field broke a rule. Servers answer `INVALID_ARGUMENT` (or
-/// `OUT_OF_RANGE` for limits) with this text.
+/// `OUT_OF_RANGE` for limits and ranges) with this text.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum ValidationError {
     /// The field is malformed.
@@ -29,12 +29,27 @@ pub enum ValidationError {
         /// The value given.
         got: String,
     },
+    /// The field is outside its documented range (below its least or above its most).
+    #[error("{field} is out of range: got {got}, allowed {allowed}")]
+    OutOfRange {
+        /// Which field.
+        field: &'static str,
+        /// The allowed range, with its unit.
+        allowed: String,
+        /// The value given.
+        got: String,
+    },
 }
 
 impl ValidationError {
     /// A malformed field.
     pub fn invalid(field: &'static str, reason: impl Into<String>) -> Self {
         Self::Invalid { field, reason: reason.into() }
+    }
+
+    /// A field outside its range.
+    pub fn out_of_range(field: &'static str, allowed: impl ToString, got: impl ToString) -> Self {
+        Self::OutOfRange { field, allowed: allowed.to_string(), got: got.to_string() }
     }
 
     /// A field over its limit.
@@ -47,7 +62,9 @@ impl From<ValidationError> for tonic::Status {
     fn from(e: ValidationError) -> Self {
         match e {
             ValidationError::Invalid { .. } => tonic::Status::invalid_argument(e.to_string()),
-            ValidationError::OverLimit { .. } => tonic::Status::out_of_range(e.to_string()),
+            ValidationError::OverLimit { .. } | ValidationError::OutOfRange { .. } => {
+                tonic::Status::out_of_range(e.to_string())
+            }
         }
     }
 }
@@ -135,7 +152,12 @@ pub fn validate_labels(field: &'static str, labels: &HashMap<String, String>) ->
 }
 
 /// Environment: at most [`limits::MAX_ENV_ENTRIES`]; keys `[A-Za-z_][A-Za-z0-9_]*`; no NUL in values.
-pub fn validate_env(field: &'static str, env: &HashMap<String, String>) -> Result<(), ValidationError> {
+pub fn validate_env<'a, I>(field: &'static str, env: I) -> Result<(), ValidationError>
+where
+    I: IntoIterator<Item = (&'a String, &'a String)>,
+    I::IntoIter: ExactSizeIterator,
+{
+    let env = env.into_iter();
     if env.len() > limits::MAX_ENV_ENTRIES {
         return Err(ValidationError::over(field, format!("{} variables", limits::MAX_ENV_ENTRIES), env.len()));
     }

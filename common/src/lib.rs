@@ -6,18 +6,24 @@
 //! up tracing with OpenTelemetry export.
 //!
 //! # Layout
+//! - [`backoff`]: exponential backoff with jitter, for every retry loop.
+//! - [`grpc`]: the gRPC channel factory (address rule, timeouts per kind of peer).
 //! - [`ids`]: validation of session ids, node ids, templates, request ids, labels and env keys.
 //! - [`limits`]: defaults and hard limits (sizes, counts, durations).
+//! - [`spec`]: the one definition of a session spec: runtimes, templates, defaults, range checks.
 //! - [`quantity`]: parsing `256Mi` / `0.5` / `500m` style resource quantities.
 //! - [`token`]: Ed25519-signed, session-scoped data-plane tokens.
 //! - [`telemetry`]: `tracing` subscriber set from `RUST_LOG`, with optional OTLP export.
 //! - [`signal`]: the SIGINT/SIGTERM shutdown signal of the daemons.
 //! - [`time`]: wall-clock helpers in Unix milliseconds.
 
+pub mod backoff;
+pub mod grpc;
 pub mod ids;
 pub mod limits;
 pub mod quantity;
 pub mod signal;
+pub mod spec;
 pub mod telemetry;
 pub mod time;
 pub mod token;

@@ -3,8 +3,14 @@
 
 use std::time::Duration;
 
-/// Default CPU for a session, in millicores.
+/// Default CPU limit for a session, in millicores.
 pub const DEFAULT_CPU_MILLIS: u32 = 1000;
+/// Default CPU a session reserves on its node for placement, in millicores,
+/// when it gives neither a CPU limit nor a request. Sandboxes are mostly idle,
+/// so a default session reserves a tenth of a core and may burst to its limit
+/// (as Kubernetes separates requests from limits). A session that sets only
+/// `cpu_millis` reserves all of it.
+pub const DEFAULT_CPU_REQUEST_MILLIS: u32 = 100;
 /// Default memory for a session, in bytes (512 MiB).
 pub const DEFAULT_MEMORY_BYTES: u64 = 512 * 1024 * 1024;
 /// Default pids limit for a session.
@@ -27,6 +33,12 @@ pub const MIN_PIDS_LIMIT: u32 = 8;
 pub const MAX_PIDS_LIMIT: u32 = 32_768;
 /// Longest session time to live (7 days).
 pub const MAX_TTL_SECONDS: u64 = 7 * 24 * 3600;
+/// Longest `restart_policy.lost_after_ms` (one hour).
+pub const MAX_LOST_AFTER_MS: u64 = 3_600_000;
+/// Most restart attempts a session may ask for.
+pub const MAX_RESTART_ATTEMPTS: u32 = 1000;
+/// Longest restart backoff, however many losses (also the cap of its doubling).
+pub const MAX_RESTART_BACKOFF_MS: u64 = 60_000;
 /// Most env entries in a spec or an exec.
 pub const MAX_ENV_ENTRIES: usize = 128;
 /// Longest env value, in bytes.

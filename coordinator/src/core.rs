@@ -321,7 +321,7 @@ impl Core {
         };
         pb::Session {
             id: s.id.clone(),
-            spec: Some(spec_to_proto(&s.spec)),
+            spec: Some(s.spec.to_proto()),
             state: phase_to_proto(s.phase) as i32,
             node_id: s.node_id.clone().unwrap_or_default(),
             node_address,
@@ -336,28 +336,6 @@ impl Core {
             restarts: s.restarts,
             not_before_ms: s.not_before_ms,
         }
-    }
-}
-
-/// A stored spec for the wire.
-pub fn spec_to_proto(spec: &crate::state::SpecRecord) -> pb::SessionSpec {
-    let policy = spec.lost_after_ms != 0 || spec.max_attempts != 0 || spec.backoff_ms != 0;
-    pb::SessionSpec {
-        template: spec.template.clone(),
-        cpu_millis: spec.cpu_millis,
-        memory_bytes: spec.memory_bytes,
-        pids_limit: spec.pids_limit,
-        env: spec.env.clone().into_iter().collect(),
-        labels: spec.labels.clone().into_iter().collect(),
-        ttl_seconds: spec.ttl_seconds,
-        node_selector: spec.node_selector.clone().into_iter().collect(),
-        runtime: spec.runtime.clone(),
-        idle_timeout_seconds: spec.idle_timeout_seconds,
-        restart_policy: policy.then(|| pb::RestartPolicy {
-            lost_after_ms: spec.lost_after_ms,
-            max_attempts: spec.max_attempts,
-            backoff_ms: spec.backoff_ms,
-        }),
     }
 }
 

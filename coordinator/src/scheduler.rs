@@ -21,29 +21,9 @@ use std::collections::{BTreeMap, HashMap};
 
 use rand::Rng;
 
+use sandfleet_common::spec::Runtime;
+
 use crate::state::{ClusterState, NodePhase, NodeRecord, Resources, SpecRecord};
-
-/// The runtimes a node agent can offer.
-pub const RUNTIMES: [&str; 3] = ["process", "docker", "kubernetes"];
-
-/// Templates the cluster knows, and the runtimes that offer each one.
-pub fn template_runtimes(template: &str) -> Option<&'static [&'static str]> {
-    match template {
-        "default" | "python" | "node" | "bash" => Some(&RUNTIMES),
-        _ => None,
-    }
-}
-
-/// Names of the known templates, for error messages.
-pub const KNOWN_TEMPLATES: &str = "default, python, node, bash";
-
-/// The runtimes a spec may run in: the one it names, or any offering its template.
-fn runtimes_for(spec: &SpecRecord) -> &'static [&'static str] {
-    match RUNTIMES.iter().position(|r| *r == spec.runtime) {
-        Some(i) => &RUNTIMES[i..=i],
-        None => template_runtimes(&spec.template).unwrap_or(&RUNTIMES[..1]),
-    }
-}
 
 /// Why a session cannot be placed.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -93,7 +73,7 @@ pub struct Placer<'a> {
     given: HashMap<&'a str, Resources>,
     /// Shapes (runtime, selector hash, resources) already found to fit
     /// nowhere in this round, with the reason.
-    failed: HashMap<(&'static [&'static str], u64, Resources), Unplaceable>,
+    failed: HashMap<(&'static [Runtime], u64, Resources), Unplaceable>,
     rng: rand::rngs::ThreadRng,
 }
 
@@ -115,7 +95,7 @@ impl<'a> Placer<'a> {
 
     /// Picks a node for `spec` and counts it as taken.
     pub fn place(&mut self, spec: &SpecRecord) -> Result<String, Unplaceable> {
-        let runtime = runtimes_for(spec);
+        let runtime = spec.runtimes();
         let need = Resources::of(spec);
         let shape = (runtime, selector_hash(&spec.node_selector), need);
         // Capacity only shrinks within a round, so a shape that fit nowhere still fits nowhere.
@@ -169,16 +149,15 @@ impl<'a> Placer<'a> {
     }
 
     /// Why no node fits: a count of nodes per reason, like the Kubernetes scheduler's.
-    fn explain(&self, runtime: &[&str], selector: &BTreeMap<String, String>, need: &Resources) -> Unplaceable {
-        let runtime_names = runtime.join(" or ");
+    fn explain(&self, runtime: &[Runtime], selector: &BTreeMap<String, String>, need: &Resources) -> Unplaceable {
+        let runtime_names = runtime.iter().map(|r| r.as_str()).collect::<Vec<_>>().join(" or ");
         let nodes = &self.state.nodes;
         if nodes.is_empty() {
             return Unplaceable::Wait("no node agent has registered yet".into());
         }
         let eligible: Vec<&NodeRecord> = nodes.values().filter(|n| node_matches(n, runtime, selector)).collect();
         if eligible.is_empty() {
-            let with_runtime =
-                nodes.values().filter(|n| n.runtimes.iter().any(|r| runtime.contains(&r.as_str()))).count();
+            let with_runtime = nodes.values().filter(|n| n.runtimes.iter().any(|r| runtime.contains(r))).count();
             return Unplaceable::Wait(if with_runtime == 0 {
                 format!("no registered node offers the {runtime_names} runtime")
             } else {
@@ -240,9 +219,8 @@ fn selector_hash(selector: &BTreeMap<String, String>) -> u64 {
     h.finish()
 }
 
-fn node_matches(node: &NodeRecord, runtimes: &[&str], selector: &BTreeMap<String, String>) -> bool {
-    node.runtimes.iter().any(|r| runtimes.contains(&r.as_str()))
-        && selector.iter().all(|(k, v)| node.labels.get(k) == Some(v))
+fn node_matches(node: &NodeRecord, runtimes: &[Runtime], selector: &BTreeMap<String, String>) -> bool {
+    node.runtimes.iter().any(|r| runtimes.contains(r)) && selector.iter().all(|(k, v)| node.labels.get(k) == Some(v))
 }
 
 fn show_labels(labels: &BTreeMap<String, String>) -> String {
@@ -260,7 +238,7 @@ mod tests {
             address: "x".into(),
             capacity: Resources { cpu_millis: cpu, memory_bytes: 1 << 30, slots },
             labels: Default::default(),
-            runtimes: vec!["process".into()],
+            runtimes: vec![Runtime::Process],
             phase: NodePhase::Ready,
             registered_at_ms: 0,
             drain: None,
@@ -269,19 +247,12 @@ mod tests {
 
     fn spec(cpu: u32) -> SpecRecord {
         SpecRecord {
-            template: "default".into(),
             cpu_millis: cpu,
+            cpu_request_millis: cpu,
             memory_bytes: 1 << 20,
             pids_limit: 64,
-            env: Default::default(),
-            labels: Default::default(),
             ttl_seconds: 60,
-            node_selector: Default::default(),
-            runtime: String::new(),
-            idle_timeout_seconds: 0,
-            lost_after_ms: 0,
-            max_attempts: 0,
-            backoff_ms: 0,
+            ..Default::default()
         }
     }
 

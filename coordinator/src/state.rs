@@ -36,38 +36,9 @@ impl SessionPhase {
     }
 }
 
-/// What a session asked for, with defaults filled in.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct SpecRecord {
-    pub template: String,
-    pub cpu_millis: u32,
-    pub memory_bytes: u64,
-    pub pids_limit: u32,
-    pub env: BTreeMap<String, String>,
-    pub labels: BTreeMap<String, String>,
-    pub ttl_seconds: u64,
-    /// Node labels a node must carry to run the session.
-    #[serde(default)]
-    pub node_selector: BTreeMap<String, String>,
-    /// The runtime it must run in; empty = any that offers the template.
-    #[serde(default)]
-    pub runtime: String,
-    /// End the session after this long without data-plane use; 0 = never.
-    #[serde(default)]
-    pub idle_timeout_seconds: u64,
-    /// Node silence after which the session is LOST; 0 = the node TTL.
-    #[serde(default)]
-    pub lost_after_ms: u64,
-    /// Placements allowed after losses; 0 = unlimited.
-    #[serde(default)]
-    pub max_attempts: u32,
-    /// Delay before the first placement after a loss; doubles per loss.
-    #[serde(default)]
-    pub backoff_ms: u64,
-}
-
-/// Longest restart backoff, however many losses.
-pub const MAX_BACKOFF_MS: u64 = 60_000;
+/// What a session asked for, with defaults filled in: the one definition of
+/// a session spec, in `sandfleet-common`.
+pub use sandfleet_common::spec::SessionSpec as SpecRecord;
 
 /// A session as stored in the state machine.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -112,7 +83,7 @@ pub struct Resources {
 impl Resources {
     /// What one session uses.
     pub fn of(spec: &SpecRecord) -> Self {
-        Resources { cpu_millis: spec.cpu_millis as u64, memory_bytes: spec.memory_bytes, slots: 1 }
+        Resources { cpu_millis: spec.cpu_reserved_millis() as u64, memory_bytes: spec.memory_bytes, slots: 1 }
     }
 
     /// True when `need` fits in `self` minus `used`.
@@ -162,7 +133,7 @@ pub struct NodeRecord {
     pub address: String,
     pub capacity: Resources,
     pub labels: BTreeMap<String, String>,
-    pub runtimes: Vec<String>,
+    pub runtimes: Vec<sandfleet_common::spec::Runtime>,
     pub phase: NodePhase,
     pub registered_at_ms: i64,
     /// Set while the node drains.
@@ -775,7 +746,10 @@ impl ClusterState {
             let backoff = if s.spec.backoff_ms == 0 {
                 0
             } else {
-                s.spec.backoff_ms.saturating_mul(1 << (s.restarts - 1).min(16)).min(MAX_BACKOFF_MS)
+                s.spec
+                    .backoff_ms
+                    .saturating_mul(1 << (s.restarts - 1).min(16))
+                    .min(sandfleet_common::limits::MAX_RESTART_BACKOFF_MS)
             };
             s.not_before_ms = if backoff == 0 { 0 } else { now_ms + backoff as i64 };
             s.pending_reason = if backoff == 0 {
@@ -817,19 +791,12 @@ mod tests {
 
     fn spec(cpu: u32) -> SpecRecord {
         SpecRecord {
-            template: "default".into(),
             cpu_millis: cpu,
+            cpu_request_millis: cpu,
             memory_bytes: 1 << 20,
             pids_limit: 64,
-            env: Default::default(),
-            labels: Default::default(),
             ttl_seconds: 60,
-            node_selector: Default::default(),
-            runtime: String::new(),
-            idle_timeout_seconds: 0,
-            lost_after_ms: 0,
-            max_attempts: 0,
-            backoff_ms: 0,
+            ..Default::default()
         }
     }
 
@@ -859,7 +826,7 @@ mod tests {
             address: "a".into(),
             capacity: Resources { cpu_millis: cpu, memory_bytes: 1 << 30, slots: 10 },
             labels: Default::default(),
-            runtimes: vec!["process".into()],
+            runtimes: vec![sandfleet_common::spec::Runtime::Process],
             phase: NodePhase::Ready,
             registered_at_ms: 0,
             drain: None,

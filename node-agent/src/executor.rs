@@ -275,7 +275,7 @@ impl From<WireExit> for ExitInfo {
 impl From<&RuntimeError> for WireError {
     fn from(e: &RuntimeError) -> Self {
         let kind = match e {
-            RuntimeError::InvalidArgument(_) => "invalid_argument",
+            RuntimeError::InvalidArgument(_) | RuntimeError::Validation(_) => "invalid_argument",
             RuntimeError::NotFound(_) => "not_found",
             RuntimeError::Unavailable(_) => "unavailable",
             RuntimeError::Workspace(

@@ -39,24 +39,12 @@ use crate::runtime::docker::{DockerRuntime, DockerRuntimeConfig};
 use crate::runtime::process::{ProcessRuntime, ProcessRuntimeConfig};
 use crate::runtime::Runtime;
 
-/// Which runtime backend runs sessions.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
-pub enum RuntimeKind {
-    /// bubblewrap plus cgroups on the host.
-    #[default]
-    Process,
-    /// A hardened container per session (through the Docker engine), bubblewrap inside it.
-    Docker,
-}
+/// Which runtime backend runs sessions: the one list of runtimes, in `sandfleet-common`.
+pub use sandfleet_common::spec::Runtime as RuntimeKind;
 
-impl RuntimeKind {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            RuntimeKind::Process => "process",
-            RuntimeKind::Docker => "docker",
-        }
-    }
-}
+/// The CPU overcommit of `sandfleet dev`: four times the cores, as E2B's
+/// scheduler overcommits CPU by default.
+pub const DEV_CPU_OVERCOMMIT: f64 = 4.0;
 
 /// How an agent is started.
 #[derive(Debug, Clone)]
@@ -73,8 +61,12 @@ pub struct AgentConfig {
     pub coordinators: Vec<String>,
     /// The runtime backend.
     pub runtime: RuntimeKind,
-    /// Schedulable CPU in millicores; 0 means all of the host's.
+    /// Schedulable CPU in millicores; 0 means all of the host's, times `cpu_overcommit`.
     pub cpu_millis: u32,
+    /// How many times its cores a node offers for placement when `cpu_millis`
+    /// is 0 (sessions reserve their CPU request, and idle sandboxes use little).
+    /// 1.0 offers exactly the cores; `sandfleet dev` uses [`DEV_CPU_OVERCOMMIT`].
+    pub cpu_overcommit: f64,
     /// Schedulable memory in bytes; 0 means the host's total.
     pub memory_bytes: u64,
     /// Concurrent session slots.
@@ -86,9 +78,9 @@ pub struct AgentConfig {
     /// Output cap per exec.
     pub output_cap: u64,
     /// Docker runtime: template name → image (empty: every template on the default image).
-    pub docker_templates: std::collections::BTreeMap<String, String>,
+    pub docker_templates: std::collections::BTreeMap<sandfleet_common::spec::Template, String>,
     /// Docker runtime: template name → idle containers to keep ready.
-    pub warm_pool: std::collections::BTreeMap<String, u32>,
+    pub warm_pool: std::collections::BTreeMap<sandfleet_common::spec::Template, u32>,
     /// Where workspaces are kept durably (the library default: nowhere; the
     /// `sandfleet-agent` binary and `sandfleet dev` default to a local directory).
     pub store: store::StoreConfig,
@@ -106,6 +98,7 @@ impl Default for AgentConfig {
             coordinators: vec!["127.0.0.1:7070".into()],
             runtime: RuntimeKind::Process,
             cpu_millis: 0,
+            cpu_overcommit: 1.0,
             memory_bytes: 0,
             slots: 64,
             labels: HashMap::new(),
@@ -263,7 +256,8 @@ pub async fn serve(config: AgentConfig, shutdown: CancellationToken) -> Result<A
         tokio::spawn(async move { server.serve_with_incoming_shutdown(incoming, stop.cancelled_owned()).await });
 
     let cpu_millis = if config.cpu_millis == 0 {
-        std::thread::available_parallelism().map(|n| n.get() as u32 * 1000).unwrap_or(1000)
+        let cores = std::thread::available_parallelism().map(|n| n.get() as f64).unwrap_or(1.0);
+        (cores * 1000.0 * config.cpu_overcommit.max(1.0)) as u32
     } else {
         config.cpu_millis
     };

@@ -31,6 +31,7 @@ use sandfleet_agent::runtime::process::{ProcessRuntime, ProcessRuntimeConfig};
 use sandfleet_agent::runtime::{Command, ExecEvent, ExecSpec, ExitInfo, Language, Runtime, RuntimeError, SandboxSpec};
 use sandfleet_agent::workspace::FsError;
 use sandfleet_common::ids::new_session_id;
+use sandfleet_common::spec::Template;
 use tokio::sync::mpsc;
 
 const REQUIRE_ENV: &str = "SANDFLEET_REQUIRE_FACILITIES";
@@ -796,7 +797,7 @@ async fn warm_pool_serves_creates_and_never_reuses_a_container() {
     cfg.node_id = format!("{}-pool", cfg.node_id);
     cfg.data_dir = env._dir.path().join("pool-data");
     cfg.uid_base += 100;
-    cfg.warm_pool = BTreeMap::from([("python".to_string(), 2)]);
+    cfg.warm_pool = BTreeMap::from([(Template::Python, 2)]);
     let d = DockerRuntime::new(cfg).await.unwrap();
     assert!(d.wait_pool_full(Duration::from_secs(60)).await, "the pool never filled");
     let pooled_before =
@@ -848,7 +849,7 @@ async fn agent_restart_reconciles_and_leaves_no_orphan() {
     let Some(env) = setup(Kind::Docker, "restart", 311_200).await else { return };
     let Backend::Docker(first) = &env.backend else { unreachable!() };
     let mut cfg = first.config().clone();
-    cfg.warm_pool = BTreeMap::from([("default".to_string(), 1)]);
+    cfg.warm_pool = BTreeMap::from([(Template::Default, 1)]);
     let node = cfg.node_id.clone();
     let rt = DockerRuntime::new(cfg.clone()).await.unwrap();
     assert!(rt.wait_pool_full(Duration::from_secs(60)).await);

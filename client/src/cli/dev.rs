@@ -59,6 +59,8 @@ pub async fn run(args: DevArgs) -> anyhow::Result<i32> {
                 super::DevRuntime::Process => RuntimeKind::Process,
                 super::DevRuntime::Docker => RuntimeKind::Docker,
             },
+            // A laptop runs dozens of mostly idle sandboxes: offer 4x the cores.
+            cpu_overcommit: sandfleet_agent::DEV_CPU_OVERCOMMIT,
             // Workspaces kept in a local store, as the agent binary does by default.
             store: sandfleet_agent::store::StoreConfig::Local { root: agent_dir.join("workspace-store") },
             data_dir: agent_dir,

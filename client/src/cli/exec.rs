@@ -27,6 +27,9 @@ pub fn apply_resources(mut c: CreateSession, r: &ResourceArgs) -> CreateSession 
     if let Some(cpu) = r.cpu {
         c = c.cpu_millis(cpu);
     }
+    if let Some(cpu) = r.cpu_request {
+        c = c.cpu_request_millis(cpu);
+    }
     if let Some(p) = r.pids {
         c = c.pids_limit(p);
     }
@@ -231,6 +234,7 @@ mod tests {
         let r = ResourceArgs {
             memory: Some(1 << 30),
             cpu: Some(250),
+            cpu_request: Some(100),
             pids: Some(32),
             template: Some("python".into()),
             labels: vec![("a".into(), "b".into())],
@@ -243,6 +247,7 @@ mod tests {
         };
         let c = apply_resources(CreateSession::new(), &r);
         assert_eq!(c.spec.node_selector["zone"], "b");
+        assert_eq!((c.spec.cpu_millis, c.spec.cpu_request_millis), (250, 100));
         assert_eq!(c.spec.idle_timeout_seconds, 90);
         let p = c.spec.restart_policy.clone().unwrap();
         assert_eq!((p.lost_after_ms, p.max_attempts, p.backoff_ms), (12_000, 3, 500));

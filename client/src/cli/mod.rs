@@ -82,6 +82,10 @@ pub struct ResourceArgs {
     /// CPU limit in cores or millicores, e.g. 0.5, 2, 250m.
     #[arg(long, value_parser = parse_cpu, value_name = "QUANTITY")]
     pub cpu: Option<u32>,
+    /// CPU reserved on the node for placement (at most --cpu); default: --cpu
+    /// when given, else 100m.
+    #[arg(long, value_parser = parse_cpu, value_name = "QUANTITY")]
+    pub cpu_request: Option<u32>,
     /// Maximum processes and threads.
     #[arg(long, value_name = "N")]
     pub pids: Option<u32>,
@@ -91,7 +95,7 @@ pub struct ResourceArgs {
     /// Session label (repeatable).
     #[arg(long = "label", short = 'l', value_parser = parse_key_value, value_name = "KEY=VALUE")]
     pub labels: Vec<(String, String)>,
-    /// Runtime to run in: process, docker or kubernetes (default: any offering the template).
+    /// Runtime to run in: process or docker (default: any offering the template).
     #[arg(long, value_name = "RUNTIME")]
     pub runtime: Option<String>,
     /// Run only on nodes carrying this label (repeatable).

@@ -154,6 +154,7 @@ pub fn session_text(s: &proto::Session) -> String {
     rows.extend([
         ("template", or_dash(&spec.template).to_string()),
         ("cpu", format_cpu(spec.cpu_millis)),
+        ("cpu request", format_cpu(spec.cpu_request_millis)),
         ("memory", format_memory(spec.memory_bytes)),
         ("pids", spec.pids_limit.to_string()),
         ("labels", sorted_pairs(&spec.labels)),

@@ -17,7 +17,7 @@ use sandfleet_proto::v1::raft_service_client::RaftServiceClient;
 use sandfleet_proto::v1::{RaftPayload, SnapshotChunk};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Channel;
 
 use super::typ::{self, RPCError, RaftError};
 use super::{Member, NodeId, TypeConfig};
@@ -36,17 +36,7 @@ pub struct SnapshotHeader {
 
 /// Dials a coordinator's gRPC address lazily.
 pub fn channel(addr: &str) -> Result<Channel, tonic::transport::Error> {
-    let uri = if addr.starts_with("http://") || addr.starts_with("https://") {
-        addr.to_string()
-    } else {
-        format!("http://{addr}")
-    };
-    Ok(Endpoint::from_shared(uri)?
-        .connect_timeout(Duration::from_millis(500))
-        .tcp_nodelay(true)
-        .http2_keep_alive_interval(Duration::from_secs(5))
-        .keep_alive_timeout(Duration::from_secs(5))
-        .connect_lazy())
+    sandfleet_common::grpc::lazy_channel(addr, sandfleet_common::grpc::ChannelOptions::RAFT)
 }
 
 /// Creates one [`PeerClient`] per target.

@@ -370,7 +370,15 @@ impl StateMachineStore {
                 b.put_cf(cf(db, CF_REQUEST_IDS), rid, sid);
             }
         }
-        if touched.meta {
+        self.put_meta(&mut b, state, touched.meta)?;
+        db.write(b).map_err(|e| io_err(ErrorSubject::StateMachine, ErrorVerb::Write, e))
+    }
+
+    /// Adds the applied position and membership to `b`, and the cluster-wide
+    /// settings (signing seed, scheduler pause) when `settings` changed.
+    fn put_meta(&self, b: &mut WriteBatch, state: &ClusterState, settings: bool) -> StorageResult<()> {
+        let db = &self.db;
+        if settings {
             b.put_cf(cf(db, CF_SM_META), b"signing_seed", serde_json::to_vec(&state.signing_seed).map_err(write_err)?);
             b.put_cf(
                 cf(db, CF_SM_META),
@@ -380,7 +388,7 @@ impl StateMachineStore {
         }
         b.put_cf(cf(db, CF_SM_META), b"last_applied", serde_json::to_vec(&self.last_applied).map_err(write_err)?);
         b.put_cf(cf(db, CF_SM_META), b"membership", serde_json::to_vec(&self.membership).map_err(write_err)?);
-        db.write(b).map_err(|e| io_err(ErrorSubject::StateMachine, ErrorVerb::Write, e))
+        Ok(())
     }
 
     /// Replaces the whole state machine (snapshot install).
@@ -400,14 +408,7 @@ impl StateMachineStore {
         for (rid, sid) in &state.request_ids {
             b.put_cf(cf(db, CF_REQUEST_IDS), rid, sid);
         }
-        b.put_cf(cf(db, CF_SM_META), b"signing_seed", serde_json::to_vec(&state.signing_seed).map_err(write_err)?);
-        b.put_cf(
-            cf(db, CF_SM_META),
-            b"scheduler_paused",
-            serde_json::to_vec(&state.scheduler_paused).map_err(write_err)?,
-        );
-        b.put_cf(cf(db, CF_SM_META), b"last_applied", serde_json::to_vec(&self.last_applied).map_err(write_err)?);
-        b.put_cf(cf(db, CF_SM_META), b"membership", serde_json::to_vec(&self.membership).map_err(write_err)?);
+        self.put_meta(&mut b, state, true)?;
         db.write_opt(b, &sync_opts()).map_err(|e| io_err(ErrorSubject::StateMachine, ErrorVerb::Write, e))
     }
 

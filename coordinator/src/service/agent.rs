@@ -10,7 +10,7 @@ use sandfleet_proto::v1::{self as pb, agent_service_server::AgentService};
 use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status};
 
-use crate::core::{spec_to_proto, Core, Tunables};
+use crate::core::{Core, Tunables};
 use crate::state::{ClusterState, Command, NodePhase, NodeRecord, Report, Resources, SessionPhase};
 
 /// Deadline of a heartbeat forwarded to the leader.
@@ -59,7 +59,7 @@ pub fn assignments(st: &ClusterState, tunables: &Tunables, node_id: &str) -> Vec
         .map(|s| pb::Assignment {
             session_id: s.id.clone(),
             generation: s.generation,
-            spec: Some(spec_to_proto(&s.spec)),
+            spec: Some(s.spec.to_proto()),
             expires_at_ms: s.expires_at_ms,
             fence_after_ms: if s.spec.lost_after_ms == 0 {
                 0
@@ -90,6 +90,8 @@ impl AgentService for AgentApi {
                 "invalid capacity: cpu, memory and session slots must all be positive",
             ));
         }
+        let runtimes =
+            req.runtimes.iter().map(|r| r.parse::<sandfleet_common::spec::Runtime>()).collect::<Result<Vec<_>, _>>()?;
         let Some(signer) = self.core.signer() else {
             return Err(Status::unavailable("the cluster is still initializing; retry shortly"));
         };
@@ -102,7 +104,7 @@ impl AgentService for AgentApi {
                 slots: cap.session_slots as u64,
             },
             labels: req.labels.into_iter().collect(),
-            runtimes: req.runtimes,
+            runtimes,
             phase: NodePhase::Ready,
             registered_at_ms: 0,
             drain: None,

@@ -115,7 +115,7 @@ fn node_to_proto(st: &ClusterState, n: &NodeRecord, seen: &std::collections::Has
         state: n.phase.as_str().to_string(),
         last_heartbeat_ms: seen.get(&n.id).copied().unwrap_or(0),
         session_count: st.node_sessions.get(&n.id).map(|s| s.len() as u32).unwrap_or(0),
-        runtimes: n.runtimes.clone(),
+        runtimes: n.runtimes.iter().map(|r| r.to_string()).collect(),
         drain: n.drain.map(|d| pb::DrainStatus {
             started_at_ms: d.started_at_ms,
             deadline_ms: d.deadline_ms,

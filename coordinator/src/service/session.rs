@@ -7,6 +7,7 @@ use std::sync::Arc;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD as B64;
 use base64::Engine;
 use futures::Stream;
+use sandfleet_common::spec::ClusterBounds;
 use sandfleet_common::{ids, limits, ValidationError};
 use sandfleet_proto::v1::{self as pb, session_service_server::SessionService};
 use tokio::sync::broadcast::error::RecvError;
@@ -15,7 +16,7 @@ use tonic::{Request, Response, Status};
 
 use crate::core::{phase_to_proto, response_status, Core, Tunables};
 use crate::scheduler::{self, Unplaceable};
-use crate::state::{Command, CommandResponse, SessionPhase, SessionRecord, SpecRecord, MAX_BACKOFF_MS};
+use crate::state::{Command, CommandResponse, SessionPhase, SessionRecord, SpecRecord};
 
 /// The SessionService implementation.
 pub struct SessionApi {
@@ -29,128 +30,28 @@ impl SessionApi {
     }
 }
 
-/// Most restart attempts a session may ask for.
-const MAX_RESTART_ATTEMPTS: u32 = 1000;
-/// Longest `lost_after` a session may ask for.
-const MAX_LOST_AFTER_MS: u64 = 3_600_000;
-
-/// Validates a spec and fills in defaults. Changes nothing on error.
+/// Checks a client's spec and fills in its defaults, with the cluster's own
+/// bounds: the one definition in [`sandfleet_common::spec`]. Changes nothing.
 pub fn validate_spec(spec: Option<pb::SessionSpec>, tunables: &Tunables) -> Result<SpecRecord, Status> {
-    let spec = spec.unwrap_or_default();
-    let template = if spec.template.is_empty() { "default".to_string() } else { spec.template };
-    ids::validate_template(&template)?;
-    if !spec.runtime.is_empty() && !scheduler::RUNTIMES.contains(&spec.runtime.as_str()) {
-        return Err(ValidationError::invalid(
-            "runtime",
-            format!("unknown runtime {:?}; use one of {}", spec.runtime, scheduler::RUNTIMES.join(", ")),
-        )
-        .into());
+    let bounds = ClusterBounds { min_lost_after_ms: tunables.min_lost_after().as_millis() as u64 };
+    Ok(SpecRecord::from_proto(spec.unwrap_or_default(), &bounds)?)
+}
+
+/// The answer to a create whose request id names an existing session: that
+/// session when the spec is the same, ALREADY_EXISTS naming the fields that
+/// differ otherwise (the idempotency-key rule of payment APIs).
+fn existing_answer(existing: &SessionRecord, request_id: &str, spec: &SpecRecord) -> Result<(), Status> {
+    let differ = existing.spec.differing_fields(spec);
+    if differ.is_empty() {
+        Ok(())
+    } else {
+        Err(Status::already_exists(format!(
+            "request_id {request_id:?} was already used to create session {} with a different spec \
+             (differing fields: {}); retry with the same spec, or use a new request_id for a new session",
+            existing.id,
+            differ.join(", ")
+        )))
     }
-    if scheduler::template_runtimes(&template).is_none() {
-        return Err(Status::invalid_argument(format!(
-            "invalid template: unknown template {template:?}; known templates: {}",
-            scheduler::KNOWN_TEMPLATES
-        )));
-    }
-    let cpu_millis = if spec.cpu_millis == 0 { limits::DEFAULT_CPU_MILLIS } else { spec.cpu_millis };
-    if cpu_millis < limits::MIN_CPU_MILLIS {
-        return Err(ValidationError::invalid(
-            "cpu_millis",
-            format!("must be at least {} mCPU", limits::MIN_CPU_MILLIS),
-        )
-        .into());
-    }
-    if cpu_millis > limits::MAX_CPU_MILLIS {
-        return Err(ValidationError::over("cpu_millis", format!("{} mCPU", limits::MAX_CPU_MILLIS), cpu_millis).into());
-    }
-    let memory_bytes = if spec.memory_bytes == 0 { limits::DEFAULT_MEMORY_BYTES } else { spec.memory_bytes };
-    if memory_bytes > limits::MAX_MEMORY_BYTES {
-        return Err(ValidationError::over(
-            "memory_bytes",
-            format!("{} bytes (16Ti)", limits::MAX_MEMORY_BYTES),
-            memory_bytes,
-        )
-        .into());
-    }
-    if memory_bytes < limits::MIN_MEMORY_BYTES {
-        return Err(ValidationError::invalid(
-            "memory_bytes",
-            format!("must be at least {} bytes (16Mi)", limits::MIN_MEMORY_BYTES),
-        )
-        .into());
-    }
-    let pids_limit = if spec.pids_limit == 0 { limits::DEFAULT_PIDS_LIMIT } else { spec.pids_limit };
-    if !(limits::MIN_PIDS_LIMIT..=limits::MAX_PIDS_LIMIT).contains(&pids_limit) {
-        return Err(ValidationError::invalid(
-            "pids_limit",
-            format!("must be between {} and {}", limits::MIN_PIDS_LIMIT, limits::MAX_PIDS_LIMIT),
-        )
-        .into());
-    }
-    let ttl_seconds = if spec.ttl_seconds == 0 { limits::DEFAULT_TTL_SECONDS } else { spec.ttl_seconds };
-    if ttl_seconds > limits::MAX_TTL_SECONDS {
-        return Err(
-            ValidationError::over("ttl_seconds", format!("{} seconds", limits::MAX_TTL_SECONDS), ttl_seconds).into()
-        );
-    }
-    ids::validate_env("env", &spec.env)?;
-    ids::validate_labels("labels", &spec.labels)?;
-    ids::validate_labels("node_selector", &spec.node_selector)?;
-    if spec.idle_timeout_seconds > limits::MAX_TTL_SECONDS {
-        return Err(ValidationError::over(
-            "idle_timeout_seconds",
-            format!("{} seconds", limits::MAX_TTL_SECONDS),
-            spec.idle_timeout_seconds,
-        )
-        .into());
-    }
-    let policy = spec.restart_policy.unwrap_or_default();
-    if policy.lost_after_ms != 0 {
-        let min = tunables.min_lost_after().as_millis() as u64;
-        if policy.lost_after_ms < min {
-            return Err(ValidationError::invalid(
-                "restart_policy.lost_after_ms",
-                format!("must be 0 (the cluster default) or at least {min} ms (three agent heartbeats and a margin)"),
-            )
-            .into());
-        }
-        if policy.lost_after_ms > MAX_LOST_AFTER_MS {
-            return Err(ValidationError::over(
-                "restart_policy.lost_after_ms",
-                format!("{MAX_LOST_AFTER_MS} ms"),
-                policy.lost_after_ms,
-            )
-            .into());
-        }
-    }
-    if policy.max_attempts > MAX_RESTART_ATTEMPTS {
-        return Err(
-            ValidationError::over("restart_policy.max_attempts", MAX_RESTART_ATTEMPTS, policy.max_attempts).into()
-        );
-    }
-    if policy.backoff_ms > MAX_BACKOFF_MS {
-        return Err(ValidationError::over(
-            "restart_policy.backoff_ms",
-            format!("{MAX_BACKOFF_MS} ms"),
-            policy.backoff_ms,
-        )
-        .into());
-    }
-    Ok(SpecRecord {
-        template,
-        cpu_millis,
-        memory_bytes,
-        pids_limit,
-        env: spec.env.into_iter().collect(),
-        labels: spec.labels.into_iter().collect(),
-        ttl_seconds,
-        node_selector: spec.node_selector.into_iter().collect(),
-        runtime: spec.runtime,
-        idle_timeout_seconds: spec.idle_timeout_seconds,
-        lost_after_ms: policy.lost_after_ms,
-        max_attempts: policy.max_attempts,
-        backoff_ms: policy.backoff_ms,
-    })
 }
 
 fn state_matches(s: &SessionRecord, states: &[i32]) -> bool {
@@ -172,6 +73,7 @@ impl SessionService for SessionApi {
         if let Some(existing) =
             self.core.state.read(|st| st.request_ids.get(&req.request_id).and_then(|id| st.sessions.get(id).cloned()))
         {
+            existing_answer(&existing, &req.request_id, &spec)?;
             return Ok(Response::new(pb::CreateSessionResponse {
                 session: Some(self.core.to_proto(&existing, true)),
                 existing: true,
@@ -201,7 +103,7 @@ impl SessionService for SessionApi {
             updated_at_ms: now,
             pending_reason,
             message: String::new(),
-            spec,
+            spec: spec.clone(),
             restarts: 0,
             not_before_ms: 0,
             moved_from: None,
@@ -217,10 +119,14 @@ impl SessionService for SessionApi {
                     existing: false,
                 }))
             }
-            CommandResponse::Existing(s) => Ok(Response::new(pb::CreateSessionResponse {
-                session: Some(self.core.to_proto(&s, true)),
-                existing: true,
-            })),
+            CommandResponse::Existing(s) => {
+                // Another create with this request id committed first.
+                existing_answer(&s, &req.request_id, &spec)?;
+                Ok(Response::new(pb::CreateSessionResponse {
+                    session: Some(self.core.to_proto(&s, true)),
+                    existing: true,
+                }))
+            }
             other => Err(response_status(other)),
         }
     }

@@ -10,6 +10,7 @@ use sandfleet_agent::store::s3::S3Config;
 use sandfleet_agent::store::sync::SyncConfig;
 use sandfleet_agent::store::StoreConfig;
 use sandfleet_agent::{serve, AgentConfig, RuntimeKind};
+use sandfleet_common::spec::Template;
 use tokio_util::sync::CancellationToken;
 
 /// A Sandfleet node agent: runs sessions in sandboxes and serves their data plane.
@@ -34,9 +35,14 @@ struct Args {
     /// Runtime backend (given twice, the last one counts).
     #[arg(long, value_enum, default_value = "process", overrides_with = "runtime")]
     runtime: RuntimeKind,
-    /// Schedulable CPU (cores like 2 or 0.5, or millicores like 1500m); default: all cores.
+    /// Schedulable CPU (cores like 2 or 0.5, or millicores like 1500m); default: all cores
+    /// times --cpu-overcommit.
     #[arg(long)]
     cpu: Option<String>,
+    /// Without --cpu, offer this many times the host's cores for placement. Sessions
+    /// reserve their CPU request (100m by default) and may burst to their limit.
+    #[arg(long, default_value_t = 1.0, value_name = "FACTOR")]
+    cpu_overcommit: f64,
     /// Schedulable memory (e.g. 8Gi); default: the host's total.
     #[arg(long)]
     memory: Option<String>,
@@ -116,12 +122,16 @@ async fn main() -> anyhow::Result<()> {
     // Every node carries its own name, so a session can be pinned to one node
     // with `--node-selector sandfleet.node=NAME` (like kubernetes.io/hostname).
     labels.entry(NODE_NAME_LABEL.to_string()).or_insert_with(|| args.node_id.clone());
+    if !(1.0..=64.0).contains(&args.cpu_overcommit) {
+        bail!("invalid --cpu-overcommit {}: must be between 1 and 64", args.cpu_overcommit);
+    }
     let mut warm_pool = std::collections::BTreeMap::new();
     for w in &args.warm_pool {
         let Some((t, n)) = w.split_once('=') else { bail!("invalid --warm-pool {w:?}: expected TEMPLATE=N") };
         let n: u32 =
             n.parse().with_context(|| format!("invalid --warm-pool {w:?}: N must be a non-negative integer"))?;
-        warm_pool.insert(t.to_string(), n);
+        let t: Template = t.parse().with_context(|| format!("invalid --warm-pool {w:?}"))?;
+        warm_pool.insert(t, n);
     }
     let mut docker_templates = std::collections::BTreeMap::new();
     for w in &args.template_images {
@@ -131,7 +141,8 @@ async fn main() -> anyhow::Result<()> {
         if t.is_empty() || img.is_empty() {
             bail!("invalid --template-image {w:?}: template and image must not be empty");
         }
-        docker_templates.insert(t.to_string(), img.to_string());
+        let t: Template = t.parse().with_context(|| format!("invalid --template-image {w:?}"))?;
+        docker_templates.insert(t, img.to_string());
     }
     if args.runtime != RuntimeKind::Docker && (!warm_pool.is_empty() || !docker_templates.is_empty()) {
         bail!("--warm-pool and --template-image apply to --runtime docker only");
@@ -188,6 +199,7 @@ async fn main() -> anyhow::Result<()> {
         coordinators: args.coordinators,
         runtime: args.runtime,
         cpu_millis,
+        cpu_overcommit: args.cpu_overcommit,
         memory_bytes,
         slots: args.slots,
         labels,

@@ -16,13 +16,12 @@
 pub mod bwrap;
 pub mod cgroup;
 pub mod docker;
+mod fsutil;
 pub mod process;
 pub mod seccomp;
 
 use std::collections::BTreeMap;
 use std::time::Duration;
-
-use sandfleet_common::limits;
 
 /// What a session's sandbox must look like.
 #[derive(Debug, Clone)]
@@ -31,7 +30,7 @@ pub struct SandboxSpec {
     pub session_id: String,
     /// Placement generation; the agent runs only the newest.
     pub generation: u64,
-    /// Template name ("default", "python", "node", "bash" for the process runtime).
+    /// Template name (one of [`Template::ALL`]); empty means the default.
     pub template: String,
     /// CPU limit in millicores; 0 means the default.
     pub cpu_millis: u32,
@@ -43,58 +42,28 @@ pub struct SandboxSpec {
     pub env: BTreeMap<String, String>,
 }
 
-/// A [`SandboxSpec`] checked against the limits, with defaults filled in.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-pub struct ResolvedSpec {
-    /// A template name the runtime offers.
-    pub template: String,
-    /// CPU limit in millicores.
-    pub cpu_millis: u32,
-    /// Memory limit in bytes (swap never allowed).
-    pub memory_bytes: u64,
-    /// Maximum processes and threads of one exec.
-    pub pids_limit: u32,
-    /// Environment given to every exec.
-    pub env: BTreeMap<String, String>,
-}
+/// A [`SandboxSpec`] checked against the limits, with defaults filled in:
+/// the one definition in [`sandfleet_common::spec`].
+pub use sandfleet_common::spec::SandboxSpec as ResolvedSpec;
+use sandfleet_common::spec::Template;
 
-/// Validates a sandbox spec and fills in its defaults; `templates` are the
-/// names the `runtime` offers. Shared by every backend.
-pub fn resolve_spec(spec: &SandboxSpec, templates: &[&str], runtime: &str) -> Result<ResolvedSpec, RuntimeError> {
-    let template = if spec.template.is_empty() { "default".to_string() } else { spec.template.clone() };
-    if !templates.contains(&template.as_str()) {
+/// Checks a sandbox spec and fills in its defaults, with the checks every
+/// Sandfleet component shares ([`ResolvedSpec::resolve`]); then checks that
+/// `runtime` offers its template (`offers`). Shared by every backend.
+pub fn resolve_spec(
+    spec: &SandboxSpec,
+    runtime: sandfleet_common::spec::Runtime,
+    offers: impl Fn(Template) -> bool,
+) -> Result<ResolvedSpec, RuntimeError> {
+    let r =
+        ResolvedSpec::resolve(&spec.template, spec.cpu_millis, spec.memory_bytes, spec.pids_limit, spec.env.clone())?;
+    if !offers(r.template) {
         return Err(RuntimeError::InvalidArgument(format!(
-            "unknown template {:?}; the {runtime} runtime offers {}",
-            template.chars().take(64).collect::<String>(),
-            templates.join(", ")
+            "template {} is not offered by the {runtime} runtime of this node",
+            r.template
         )));
     }
-    let cpu_millis = if spec.cpu_millis == 0 { limits::DEFAULT_CPU_MILLIS } else { spec.cpu_millis };
-    let memory_bytes = if spec.memory_bytes == 0 { limits::DEFAULT_MEMORY_BYTES } else { spec.memory_bytes };
-    let pids_limit = if spec.pids_limit == 0 { limits::DEFAULT_PIDS_LIMIT } else { spec.pids_limit };
-    if !(limits::MIN_CPU_MILLIS..=limits::MAX_CPU_MILLIS).contains(&cpu_millis) {
-        return Err(RuntimeError::InvalidArgument(format!(
-            "cpu_millis {cpu_millis} is outside the allowed range {}..={}",
-            limits::MIN_CPU_MILLIS,
-            limits::MAX_CPU_MILLIS
-        )));
-    }
-    if !(limits::MIN_MEMORY_BYTES..=limits::MAX_MEMORY_BYTES).contains(&memory_bytes) {
-        return Err(RuntimeError::InvalidArgument(format!(
-            "memory_bytes {memory_bytes} is outside the allowed range {}..={}",
-            limits::MIN_MEMORY_BYTES,
-            limits::MAX_MEMORY_BYTES
-        )));
-    }
-    if !(limits::MIN_PIDS_LIMIT..=limits::MAX_PIDS_LIMIT).contains(&pids_limit) {
-        return Err(RuntimeError::InvalidArgument(format!(
-            "pids_limit {pids_limit} is outside the allowed range {}..={}",
-            limits::MIN_PIDS_LIMIT,
-            limits::MAX_PIDS_LIMIT
-        )));
-    }
-    crate::exec::validate_env("env", &spec.env)?;
-    Ok(ResolvedSpec { template, cpu_millis, memory_bytes, pids_limit, env: spec.env.clone() })
+    Ok(r)
 }
 
 /// What to run.
@@ -182,9 +151,13 @@ pub enum RuntimeError {
     /// The session was never prepared here (or was destroyed).
     #[error("session {0} not found on this node")]
     NotFound(String),
-    /// The request is malformed or over a limit; the text says which.
+    /// The request is malformed; the text says which.
     #[error("{0}")]
     InvalidArgument(String),
+    /// A spec field is malformed or out of its range (the shared checks of
+    /// `sandfleet_common::spec`).
+    #[error(transparent)]
+    Validation(#[from] sandfleet_common::ValidationError),
     /// The node cannot run sandboxes right now (bwrap missing, cgroups not writable, no free slot).
     #[error("{0}")]
     Unavailable(String),
@@ -205,6 +178,7 @@ impl From<RuntimeError> for tonic::Status {
             RuntimeError::NotFound(_) => tonic::Status::not_found(e.to_string()),
             RuntimeError::InvalidArgument(_) => tonic::Status::invalid_argument(e.to_string()),
             RuntimeError::Unavailable(_) => tonic::Status::unavailable(e.to_string()),
+            RuntimeError::Validation(v) => v.into(),
             RuntimeError::Workspace(fs) => fs.into(),
             RuntimeError::Io(_) | RuntimeError::Internal(_) => tonic::Status::internal(e.to_string()),
         }
@@ -214,8 +188,8 @@ impl From<RuntimeError> for tonic::Status {
 /// A sandbox backend.
 #[async_trait::async_trait]
 pub trait Runtime: Send + Sync + 'static {
-    /// The backend name reported to coordinators ("process").
-    fn kind(&self) -> &'static str;
+    /// The runtime this backend is, as reported to coordinators.
+    fn kind(&self) -> sandfleet_common::spec::Runtime;
     /// Idempotent: creates the session's cgroup (limits set), its workspace
     /// dir and its uid. Calling again with the same id and a higher
     /// generation updates the recorded generation.

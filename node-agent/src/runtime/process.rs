@@ -38,21 +38,21 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::fs;
-use std::io::{self, Write as _};
+use std::io;
 use std::os::unix::fs::{MetadataExt as _, PermissionsExt as _};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use sandfleet_common::{ids, limits};
-use serde::{Deserialize, Serialize};
+use sandfleet_common::ids;
 use tokio::sync::{mpsc, RwLock};
 use tracing::{debug, info, instrument, warn};
 
 use super::bwrap::{self, RootLayout};
 use super::cgroup::{AnyCgroupManager, Limits};
-use super::{seccomp, ExecEvent, ExecSpec, ExitInfo, Runtime, RuntimeError, SandboxSpec, SessionInfo};
+use super::fsutil::{create_dir, invalid, io_ctx, set_mode, write_atomic};
+use super::{seccomp, ExecEvent, ExecSpec, ExitInfo, ResolvedSpec, Runtime, RuntimeError, SandboxSpec, SessionInfo};
 use crate::exec;
 use crate::workspace::Workspace;
 
@@ -62,8 +62,6 @@ pub const DEFAULT_UID_BASE: u32 = 200_000;
 pub const DEFAULT_SLOTS: u32 = 256;
 /// Default bubblewrap binary.
 pub const DEFAULT_BWRAP_PATH: &str = "/usr/bin/bwrap";
-/// Templates the process runtime offers (all the same sandbox).
-pub const TEMPLATES: [&str; 4] = ["default", "python", "node", "bash"];
 
 /// How long killing and removing a cgroup may take.
 const CGROUP_KILL_TIMEOUT: Duration = Duration::from_secs(10);
@@ -107,35 +105,13 @@ impl ProcessRuntimeConfig {
 /// session level only absorbs the lingering charges.
 const PIDS_TEARDOWN_HEADROOM: u32 = 512;
 
-/// What is persisted of a session's spec besides its generation.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-struct StoredSpec {
-    template: String,
-    cpu_millis: u32,
-    memory_bytes: u64,
-    pids_limit: u32,
-    env: BTreeMap<String, String>,
-}
-
-impl StoredSpec {
-    /// The session cgroup's limits. Its pids.max has [`PIDS_TEARDOWN_HEADROOM`]
-    /// on top of `pids_limit`; each exec's leaf gets `pids_limit` itself.
-    fn limits(&self) -> Limits {
-        Limits {
-            memory_bytes: self.memory_bytes,
-            cpu_millis: self.cpu_millis,
-            pids_limit: self.pids_limit.saturating_add(PIDS_TEARDOWN_HEADROOM),
-        }
-    }
-
-    fn defaults() -> Self {
-        Self {
-            template: "default".to_string(),
-            cpu_millis: limits::DEFAULT_CPU_MILLIS,
-            memory_bytes: limits::DEFAULT_MEMORY_BYTES,
-            pids_limit: limits::DEFAULT_PIDS_LIMIT,
-            env: BTreeMap::new(),
-        }
+/// The session cgroup's limits. Its pids.max has [`PIDS_TEARDOWN_HEADROOM`]
+/// on top of `pids_limit`; each exec's leaf gets `pids_limit` itself.
+fn session_limits(spec: &ResolvedSpec) -> Limits {
+    Limits {
+        memory_bytes: spec.memory_bytes,
+        cpu_millis: spec.cpu_millis,
+        pids_limit: spec.pids_limit.saturating_add(PIDS_TEARDOWN_HEADROOM),
     }
 }
 
@@ -146,7 +122,7 @@ struct Session {
     dir: PathBuf,
     cgroup: String,
     generation: AtomicU64,
-    spec: Mutex<StoredSpec>,
+    spec: Mutex<ResolvedSpec>,
     /// `true` while the session may start execs; destroy takes the write lock.
     alive: RwLock<bool>,
     exec_seq: AtomicU64,
@@ -157,7 +133,7 @@ impl Session {
         self.dir.join("workspace")
     }
 
-    fn spec(&self) -> StoredSpec {
+    fn spec(&self) -> ResolvedSpec {
         self.spec.lock().unwrap_or_else(|p| p.into_inner()).clone()
     }
 }
@@ -190,45 +166,6 @@ impl std::fmt::Debug for ProcessRuntime {
     }
 }
 
-fn invalid(msg: impl Into<String>) -> RuntimeError {
-    RuntimeError::InvalidArgument(msg.into())
-}
-
-fn io_ctx(what: impl std::fmt::Display, e: io::Error) -> RuntimeError {
-    RuntimeError::Io(io::Error::new(e.kind(), format!("{what}: {e}")))
-}
-
-fn set_mode(path: &Path, mode: u32) -> Result<(), RuntimeError> {
-    fs::set_permissions(path, fs::Permissions::from_mode(mode))
-        .map_err(|e| io_ctx(format!("chmod {}", path.display()), e))
-}
-
-fn create_dir(path: &Path, mode: u32) -> Result<(), RuntimeError> {
-    match fs::create_dir(path) {
-        Ok(()) => {}
-        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
-        Err(e) => return Err(io_ctx(format!("creating {}", path.display()), e)),
-    }
-    let meta = fs::symlink_metadata(path).map_err(|e| io_ctx(format!("stat {}", path.display()), e))?;
-    if !meta.is_dir() {
-        return Err(RuntimeError::Internal(format!("{} exists and is not a directory", path.display())));
-    }
-    set_mode(path, mode)
-}
-
-/// Writes a file atomically (temp + rename).
-fn write_atomic(path: &Path, data: &[u8], mode: u32) -> Result<(), RuntimeError> {
-    let tmp = path.with_extension("tmp");
-    let res = (|| -> io::Result<()> {
-        let mut f = fs::OpenOptions::new().write(true).create(true).truncate(true).open(&tmp)?;
-        f.write_all(data)?;
-        f.set_permissions(fs::Permissions::from_mode(mode))?;
-        f.sync_all()?;
-        fs::rename(&tmp, path)
-    })();
-    res.map_err(|e| io_ctx(format!("writing {}", path.display()), e))
-}
-
 /// Changes the owner of a tree without following symlinks. Only called at
 /// startup, when no sandboxed process can race it.
 fn chown_tree(path: &Path, uid: u32) -> io::Result<()> {
@@ -245,7 +182,7 @@ fn chown_tree(path: &Path, uid: u32) -> io::Result<()> {
 /// Creates (or repairs) `sessions/<sid>` (0711 root) and its workspace
 /// (0700, owned by the session uid).
 fn ensure_session_dirs(s: &Session) -> Result<(), RuntimeError> {
-    create_dir(&s.dir, 0o711)?;
+    create_dir(&s.dir, 0o711, None)?;
     let ws = s.workspace_dir();
     match fs::create_dir(&ws) {
         Ok(()) => {}
@@ -267,16 +204,10 @@ fn ensure_session_dirs(s: &Session) -> Result<(), RuntimeError> {
     set_mode(&ws, 0o700)
 }
 
-/// Validates and fills in the defaults of a sandbox spec.
-fn stored_spec(spec: &SandboxSpec) -> Result<StoredSpec, RuntimeError> {
-    let r = super::resolve_spec(spec, &TEMPLATES, "process")?;
-    Ok(StoredSpec {
-        template: r.template,
-        cpu_millis: r.cpu_millis,
-        memory_bytes: r.memory_bytes,
-        pids_limit: r.pids_limit,
-        env: r.env,
-    })
+/// Validates and fills in the defaults of a sandbox spec (the process
+/// runtime offers every template: they are all the same sandbox).
+fn stored_spec(spec: &SandboxSpec) -> Result<ResolvedSpec, RuntimeError> {
+    super::resolve_spec(spec, sandfleet_common::spec::Runtime::Process, |_| true)
 }
 
 fn validate_session_id(id: &str) -> Result<(), RuntimeError> {
@@ -322,14 +253,14 @@ impl ProcessRuntime {
             fs::canonicalize(&cfg.data_dir).map_err(|e| io_ctx(format!("resolving {}", cfg.data_dir.display()), e))?;
         make_traversable(&data_dir)?;
         let etc_dir = data_dir.join("rootfs-etc");
-        create_dir(&etc_dir, 0o755)?;
+        create_dir(&etc_dir, 0o755, None)?;
         for (name, content) in ETC_FILES {
             write_atomic(&etc_dir.join(name), content.as_bytes(), 0o644)?;
         }
         let sessions_dir = data_dir.join("sessions");
-        create_dir(&sessions_dir, 0o711)?;
+        create_dir(&sessions_dir, 0o711, None)?;
         let probe_dir = data_dir.join("probe");
-        create_dir(&probe_dir, 0o755)?;
+        create_dir(&probe_dir, 0o755, None)?;
 
         let layout = RootLayout::detect(&etc_dir)?;
         let filter = seccomp::filter_bytes()?;
@@ -419,7 +350,7 @@ impl ProcessRuntime {
     /// and removes cgroups that belong to no session.
     async fn rediscover(&self) -> Result<(), RuntimeError> {
         let cg = &self.inner.cgroups;
-        let mut found: Vec<(String, PathBuf, u32, u64, StoredSpec)> = Vec::new();
+        let mut found: Vec<(String, PathBuf, u32, u64, ResolvedSpec)> = Vec::new();
         let rd = fs::read_dir(self.sessions_dir()).map_err(|e| io_ctx("reading the sessions dir", e))?;
         for e in rd {
             let e = e?;
@@ -443,8 +374,8 @@ impl ProcessRuntime {
                 fs::read_to_string(dir.join("generation")).ok().and_then(|g| g.trim().parse().ok()).unwrap_or(0);
             let spec = fs::read(dir.join("spec.json"))
                 .ok()
-                .and_then(|b| serde_json::from_slice::<StoredSpec>(&b).ok())
-                .unwrap_or_else(StoredSpec::defaults);
+                .and_then(|b| serde_json::from_slice::<ResolvedSpec>(&b).ok())
+                .unwrap_or_else(ResolvedSpec::default);
             found.push((id, dir, owner, generation, spec));
         }
         found.sort_by(|a, b| a.0.cmp(&b.0));
@@ -479,7 +410,7 @@ impl ProcessRuntime {
             if !cg.exists(&s.cgroup) {
                 cg.create(&s.cgroup).map_err(|e| io_ctx("recreating a session cgroup", e))?;
             }
-            cg.set_limits(&s.cgroup, &s.spec().limits()).map_err(|e| io_ctx("setting session limits", e))?;
+            cg.set_limits(&s.cgroup, &session_limits(&s.spec())).map_err(|e| io_ctx("setting session limits", e))?;
             for leaf in cg.descendants(&s.cgroup) {
                 cg.destroy(&leaf, CGROUP_KILL_TIMEOUT).await?;
             }
@@ -500,7 +431,7 @@ impl ProcessRuntime {
         Ok(())
     }
 
-    fn session_obj(&self, id: &str, dir: PathBuf, slot: u32, generation: u64, spec: StoredSpec) -> Session {
+    fn session_obj(&self, id: &str, dir: PathBuf, slot: u32, generation: u64, spec: ResolvedSpec) -> Session {
         Session {
             id: id.to_string(),
             slot,
@@ -676,8 +607,8 @@ fn make_traversable(data_dir: &Path) -> Result<(), RuntimeError> {
 
 #[async_trait::async_trait]
 impl Runtime for ProcessRuntime {
-    fn kind(&self) -> &'static str {
-        "process"
+    fn kind(&self) -> sandfleet_common::spec::Runtime {
+        sandfleet_common::spec::Runtime::Process
     }
 
     #[instrument(skip(self, spec), fields(session = %spec.session_id, generation = spec.generation))]
@@ -695,7 +626,7 @@ impl Runtime for ProcessRuntime {
             if !cg.exists(&s.cgroup) {
                 cg.create(&s.cgroup).map_err(|e| io_ctx("creating the session cgroup", e))?;
             }
-            cg.set_limits(&s.cgroup, &stored.limits()).map_err(|e| io_ctx("setting session limits", e))?;
+            cg.set_limits(&s.cgroup, &session_limits(&stored)).map_err(|e| io_ctx("setting session limits", e))?;
             self.persist(&s)?;
             debug!("session already prepared; updated");
             return Ok(());
@@ -716,7 +647,7 @@ impl Runtime for ProcessRuntime {
         let res = (|| -> Result<(), RuntimeError> {
             ensure_session_dirs(&s)?;
             cg.create(&s.cgroup).map_err(|e| io_ctx("creating the session cgroup", e))?;
-            cg.set_limits(&s.cgroup, &stored.limits()).map_err(|e| io_ctx("setting session limits", e))?;
+            cg.set_limits(&s.cgroup, &session_limits(&stored)).map_err(|e| io_ctx("setting session limits", e))?;
             self.persist(&s)
         })();
         if let Err(e) = res {
@@ -892,7 +823,7 @@ mod tests {
     #[test]
     fn spec_defaults_and_limits() {
         let s = stored_spec(&spec("x")).unwrap();
-        assert_eq!(s, StoredSpec::defaults());
+        assert_eq!(s, ResolvedSpec::default());
         let mut bad = spec("x");
         bad.memory_bytes = 1024;
         assert!(stored_spec(&bad).unwrap_err().to_string().contains("memory_bytes"));
@@ -901,7 +832,12 @@ mod tests {
         assert!(stored_spec(&bad).unwrap_err().to_string().contains("unknown template"));
         let mut bad = spec("x");
         bad.env.insert("1X".into(), "v".into());
-        assert!(matches!(stored_spec(&bad), Err(RuntimeError::InvalidArgument(_))));
+        let e = tonic::Status::from(stored_spec(&bad).unwrap_err());
+        assert_eq!(e.code(), tonic::Code::InvalidArgument, "{e}");
+        let mut bad = spec("x");
+        bad.pids_limit = 1_000_000;
+        let e = tonic::Status::from(stored_spec(&bad).unwrap_err());
+        assert_eq!(e.code(), tonic::Code::OutOfRange, "the coordinator's code for the same value: {e}");
         let mut ok = spec("x");
         ok.template = "python".into();
         ok.pids_limit = 64;

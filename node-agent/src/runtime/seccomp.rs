@@ -168,6 +168,22 @@ pub fn filter_bytes() -> Result<Vec<u8>, RuntimeError> {
 }
 
 #[cfg(test)]
+mod docs_tests {
+    /// docs/security.md lists every denied syscall, so the documented filter
+    /// cannot fall behind the real one.
+    #[test]
+    fn the_security_doc_names_every_denied_syscall() {
+        let doc = include_str!("../../../docs/security.md");
+        let row = doc.lines().find(|l| l.starts_with("| seccomp |")).expect("the seccomp row of docs/security.md");
+        let words: std::collections::HashSet<&str> =
+            row.split(|c: char| !(c.is_ascii_alphanumeric() || c == '_')).collect();
+        let missing: Vec<&str> =
+            super::denied_syscalls().into_iter().map(|(name, _)| name).filter(|name| !words.contains(name)).collect();
+        assert!(missing.is_empty(), "docs/security.md's seccomp row lacks {missing:?}");
+    }
+}
+
+#[cfg(test)]
 mod tests {
     use super::*;
 

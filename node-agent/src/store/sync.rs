@@ -24,6 +24,7 @@ use std::time::{Duration, Instant, SystemTime};
 use bytes::Bytes;
 use cap_std::fs::{Dir, MetadataExt as _, OpenOptions, OpenOptionsExt as _, PermissionsExt as _};
 use futures::{StreamExt as _, TryStreamExt as _};
+use sandfleet_common::backoff::Backoff;
 use sha2::{Digest as _, Sha256};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
@@ -31,6 +32,8 @@ use tracing::{debug, info, warn};
 use super::{BlobBody, Manifest, ManifestEntry, StoreError, WorkspaceStore, PART_BYTES};
 use crate::workspace::Workspace;
 
+/// Waits between failed syncs of one session: 1 s doubling to 30 s, jittered.
+const SYNC_RETRY: Backoff = Backoff::new(Duration::from_secs(1), Duration::from_secs(30)).with_floor_percent(50);
 /// A triggered background sync starts this long after its trigger, so a
 /// burst of execs or writes becomes one sync.
 const TRIGGER_COALESCE: Duration = Duration::from_millis(200);
@@ -340,11 +343,7 @@ impl Syncer {
     async fn sync_loop(self: Arc<Self>, session: String, s: Arc<SessionSync>) {
         let mut failures = 0u32;
         loop {
-            let wait = if failures == 0 {
-                self.config.interval
-            } else {
-                Duration::from_millis((500u64 << failures.min(6)).min(30_000))
-            };
+            let wait = if failures == 0 { self.config.interval } else { SYNC_RETRY.delay(failures - 1) };
             tokio::select! {
                 _ = s.stop.cancelled() => return,
                 _ = s.trigger.notified() => {}

@@ -567,7 +567,7 @@ mod tests {
     #[test]
     fn body_has_every_hardening_option() {
         let limits = ResolvedSpec {
-            template: "python".into(),
+            template: sandfleet_common::spec::Template::Python,
             cpu_millis: 500,
             memory_bytes: 256 << 20,
             pids_limit: 64,

@@ -44,7 +44,6 @@ pub mod hardening;
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fs;
 use std::io;
-use std::os::unix::fs::PermissionsExt as _;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, Weak};
@@ -53,12 +52,15 @@ use std::time::Duration;
 use bollard::models::ContainerUpdateBody;
 use bollard::query_parameters::{CreateContainerOptions, ListContainersOptions, RemoveContainerOptions};
 use bollard::Docker;
+use sandfleet_common::backoff::Backoff;
 use sandfleet_common::ids;
+use sandfleet_common::spec::Template;
 use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, Notify, RwLock};
 use tracing::{debug, info, instrument, warn};
 
 use self::hardening::{ContainerPlan, LABEL_BOX, LABEL_GENERATION, LABEL_NODE, LABEL_POOL, LABEL_SESSION, LABEL_SLOT};
+use super::fsutil::{create_dir, invalid, io_ctx, write_atomic};
 use super::{
     resolve_spec, ExecEvent, ExecSpec, ExitInfo, ResolvedSpec, Runtime, RuntimeError, SandboxSpec, SessionInfo,
 };
@@ -67,14 +69,14 @@ use crate::workspace::Workspace;
 
 /// The image every template uses unless configured otherwise.
 pub const DEFAULT_IMAGE: &str = "sandfleet/sandbox:latest";
-/// Templates the docker runtime offers by default (all on [`DEFAULT_IMAGE`]).
-pub const TEMPLATES: [&str; 4] = ["default", "python", "node", "bash"];
 /// The command that builds the image.
 pub const BUILD_IMAGE_HINT: &str = "deploy/images/build-sandbox-image (from the repository root, after cargo build)";
 /// Timeout of one Docker API call.
 pub const DOCKER_CALL_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long a started container may take until its executor answers.
 const EXECUTOR_READY_TIMEOUT: Duration = Duration::from_secs(20);
+/// Waits between failed warm-pool container creates: 200 ms doubling to 5 s.
+const POOL_RETRY: Backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(5)).with_floor_percent(50);
 /// Grace on top of an exec's timeout before the agent gives up on the executor.
 const EXEC_GRACE: Duration = Duration::from_secs(30);
 
@@ -89,10 +91,10 @@ pub struct DockerRuntimeConfig {
     pub uid_base: u32,
     /// Number of slots (pool containers included).
     pub slots: u32,
-    /// Template name → image.
-    pub templates: BTreeMap<String, String>,
-    /// Template name → idle containers to keep ready.
-    pub warm_pool: BTreeMap<String, u32>,
+    /// Template → image. The runtime offers exactly these templates.
+    pub templates: BTreeMap<Template, String>,
+    /// Template → idle containers to keep ready.
+    pub warm_pool: BTreeMap<Template, u32>,
 }
 
 impl DockerRuntimeConfig {
@@ -103,7 +105,7 @@ impl DockerRuntimeConfig {
             node_id: node_id.into(),
             uid_base: 300_000,
             slots: 256,
-            templates: TEMPLATES.iter().map(|t| (t.to_string(), DEFAULT_IMAGE.to_string())).collect(),
+            templates: Template::ALL.iter().map(|t| (*t, DEFAULT_IMAGE.to_string())).collect(),
             warm_pool: BTreeMap::new(),
         }
     }
@@ -152,6 +154,17 @@ struct Session {
 }
 
 impl Session {
+    /// A live session of `spec` in `bx`.
+    fn new(spec: &SandboxSpec, bx: Arc<BoxState>, resolved: ResolvedSpec) -> Self {
+        Session {
+            id: spec.session_id.clone(),
+            bx,
+            generation: AtomicU64::new(spec.generation),
+            spec: Mutex::new(resolved),
+            alive: RwLock::new(true),
+        }
+    }
+
     fn spec(&self) -> ResolvedSpec {
         self.spec.lock().unwrap_or_else(|p| p.into_inner()).clone()
     }
@@ -161,11 +174,11 @@ impl Session {
 struct Tables {
     sessions: HashMap<String, Arc<Session>>,
     /// Idle started pool boxes per template.
-    pool: HashMap<String, Vec<Arc<BoxState>>>,
+    pool: HashMap<Template, Vec<Arc<BoxState>>>,
     /// Slots of boxes that exist or are being created.
     slots: HashSet<u32>,
     /// Pool boxes being created, per template.
-    pool_pending: HashMap<String, u32>,
+    pool_pending: HashMap<Template, u32>,
 }
 
 struct Inner {
@@ -193,14 +206,6 @@ impl std::fmt::Debug for DockerRuntime {
             .field("node_id", &self.inner.cfg.node_id)
             .finish()
     }
-}
-
-fn invalid(msg: impl Into<String>) -> RuntimeError {
-    RuntimeError::InvalidArgument(msg.into())
-}
-
-fn io_ctx(what: impl std::fmt::Display, e: io::Error) -> RuntimeError {
-    RuntimeError::Io(io::Error::new(e.kind(), format!("{what}: {e}")))
 }
 
 fn engine(what: &str, e: bollard::errors::Error) -> RuntimeError {
@@ -240,37 +245,6 @@ async fn call_opt<T>(
             DOCKER_CALL_TIMEOUT.as_secs()
         ))),
     }
-}
-
-fn create_dir(path: &Path, mode: u32, uid: Option<u32>) -> Result<(), RuntimeError> {
-    match fs::create_dir(path) {
-        Ok(()) => {}
-        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
-        Err(e) => return Err(io_ctx(format!("creating {}", path.display()), e)),
-    }
-    let meta = fs::symlink_metadata(path).map_err(|e| io_ctx(format!("stat {}", path.display()), e))?;
-    if !meta.is_dir() {
-        return Err(RuntimeError::Internal(format!("{} exists and is not a directory", path.display())));
-    }
-    if let Some(uid) = uid {
-        std::os::unix::fs::lchown(path, Some(uid), Some(uid))
-            .map_err(|e| io_ctx(format!("chown {}", path.display()), e))?;
-    }
-    fs::set_permissions(path, fs::Permissions::from_mode(mode))
-        .map_err(|e| io_ctx(format!("chmod {}", path.display()), e))
-}
-
-fn write_atomic(path: &Path, data: &[u8], mode: u32) -> Result<(), RuntimeError> {
-    use std::io::Write as _;
-    let tmp = path.with_extension("tmp");
-    let res = (|| -> io::Result<()> {
-        let mut f = fs::OpenOptions::new().write(true).create(true).truncate(true).open(&tmp)?;
-        f.write_all(data)?;
-        f.set_permissions(fs::Permissions::from_mode(mode))?;
-        f.sync_all()?;
-        fs::rename(&tmp, path)
-    })();
-    res.map_err(|e| io_ctx(format!("writing {}", path.display()), e))
 }
 
 fn read_record(dir: &Path) -> Option<SessionRecord> {
@@ -393,15 +367,15 @@ impl DockerRuntime {
     }
 
     /// Idle pool containers of a template.
-    pub fn pool_size(&self, template: &str) -> usize {
-        self.tables().pool.get(template).map_or(0, Vec::len)
+    pub fn pool_size(&self, template: Template) -> usize {
+        self.tables().pool.get(&template).map_or(0, Vec::len)
     }
 
     /// Waits until every template's pool is full (or `timeout` passes); returns whether it is.
     pub async fn wait_pool_full(&self, timeout: Duration) -> bool {
         let deadline = tokio::time::Instant::now() + timeout;
         loop {
-            let full = self.inner.cfg.warm_pool.iter().all(|(t, n)| self.pool_size(t) >= *n as usize);
+            let full = self.inner.cfg.warm_pool.iter().all(|(t, n)| self.pool_size(*t) >= *n as usize);
             if full {
                 return true;
             }
@@ -457,18 +431,18 @@ impl DockerRuntime {
         self.inner.cfg.data_dir.join("boxes")
     }
 
-    fn image_of(&self, template: &str) -> Result<&str, RuntimeError> {
-        self.inner.cfg.templates.get(template).map(String::as_str).ok_or_else(|| {
-            invalid(format!(
-                "unknown template {:?}; the docker runtime offers {}",
-                template.chars().take(64).collect::<String>(),
-                self.template_names().join(", ")
-            ))
-        })
+    fn image_of(&self, template: Template) -> Result<&str, RuntimeError> {
+        self.inner
+            .cfg
+            .templates
+            .get(&template)
+            .map(String::as_str)
+            .ok_or_else(|| invalid(format!("template {template} is not offered by the docker runtime of this node")))
     }
 
-    fn template_names(&self) -> Vec<&str> {
-        self.inner.cfg.templates.keys().map(String::as_str).collect()
+    /// Checks a sandbox spec against the shared rules and this node's templates.
+    fn resolve(&self, spec: &SandboxSpec) -> Result<ResolvedSpec, RuntimeError> {
+        resolve_spec(spec, sandfleet_common::spec::Runtime::Docker, |t| self.inner.cfg.templates.contains_key(&t))
     }
 
     fn reserve_slot(&self) -> Result<u32, RuntimeError> {
@@ -500,7 +474,7 @@ impl DockerRuntime {
     /// Creates and starts the container of `bx` and waits for its executor.
     async fn start_box(&self, bx: &BoxState, labels: HashMap<String, String>) -> Result<(), RuntimeError> {
         let limits = bx.limits();
-        let image = self.image_of(&limits.template)?.to_string();
+        let image = self.image_of(limits.template)?.to_string();
         let mut labels = labels;
         labels.insert(LABEL_NODE.into(), self.inner.cfg.node_id.clone());
         labels.insert(LABEL_BOX.into(), bx.name.clone());
@@ -646,20 +620,16 @@ impl DockerRuntime {
     }
 
     /// Creates one pool box for `template` and adds it to the pool.
-    async fn add_pool_box(&self, template: &str) -> Result<(), RuntimeError> {
-        let defaults = resolve_spec(
-            &SandboxSpec {
-                session_id: String::new(),
-                generation: 0,
-                template: template.to_string(),
-                cpu_millis: 0,
-                memory_bytes: 0,
-                pids_limit: 0,
-                env: BTreeMap::new(),
-            },
-            &self.template_names(),
-            "docker",
-        )?;
+    async fn add_pool_box(&self, template: Template) -> Result<(), RuntimeError> {
+        let defaults = self.resolve(&SandboxSpec {
+            session_id: String::new(),
+            generation: 0,
+            template: template.to_string(),
+            cpu_millis: 0,
+            memory_bytes: 0,
+            pids_limit: 0,
+            env: BTreeMap::new(),
+        })?;
         let slot = self.reserve_slot()?;
         let bx = match self.new_box(slot, defaults) {
             Ok(b) => b,
@@ -674,8 +644,8 @@ impl DockerRuntime {
             self.release_slot(slot);
             return Err(e);
         }
-        debug!(container = %bx.name, template, "pool container ready");
-        self.tables().pool.entry(template.to_string()).or_default().push(Arc::new(bx));
+        debug!(container = %bx.name, %template, "pool container ready");
+        self.tables().pool.entry(template).or_default().push(Arc::new(bx));
         Ok(())
     }
 
@@ -705,8 +675,8 @@ impl DockerRuntime {
                 let sid = labels.get(LABEL_SESSION)?;
                 let generation = labels.get(LABEL_GENERATION)?.parse().ok()?;
                 let template = labels.get("sandfleet.template").cloned().unwrap_or_else(|| "default".into());
-                let spec = resolve_spec(
-                    &SandboxSpec {
+                let spec = self
+                    .resolve(&SandboxSpec {
                         session_id: sid.clone(),
                         generation,
                         template,
@@ -714,11 +684,8 @@ impl DockerRuntime {
                         memory_bytes: 0,
                         pids_limit: 0,
                         env: BTreeMap::new(),
-                    },
-                    &self.template_names(),
-                    "docker",
-                )
-                .ok()?;
+                    })
+                    .ok()?;
                 Some(SessionRecord { session_id: sid.clone(), generation, spec })
             });
             let usable = valid_box && dir.join("workspace").is_dir();
@@ -825,7 +792,7 @@ impl DockerRuntime {
         let labels = HashMap::from([
             (LABEL_SESSION.to_string(), rec.session_id.clone()),
             (LABEL_GENERATION.to_string(), rec.generation.to_string()),
-            ("sandfleet.template".to_string(), rec.spec.template.clone()),
+            ("sandfleet.template".to_string(), rec.spec.template.to_string()),
         ]);
         if let Err(e) = self.start_box(&bx, labels).await {
             let _ = self.remove_container(name).await;
@@ -854,22 +821,22 @@ async fn pool_task(inner: Weak<Inner>, refill: Arc<Notify>) {
             return;
         }
         let rt = DockerRuntime { inner: strong };
-        let wanted: Vec<(String, u32)> = rt.inner.cfg.warm_pool.iter().map(|(t, n)| (t.clone(), *n)).collect();
-        let mut next: Option<String> = None;
+        let wanted: Vec<(Template, u32)> = rt.inner.cfg.warm_pool.iter().map(|(t, n)| (*t, *n)).collect();
+        let mut next: Option<Template> = None;
         {
             let mut t = rt.tables();
             for (tpl, n) in &wanted {
                 let have = t.pool.get(tpl).map_or(0, Vec::len) as u32 + t.pool_pending.get(tpl).copied().unwrap_or(0);
                 if have < *n {
-                    *t.pool_pending.entry(tpl.clone()).or_default() += 1;
-                    next = Some(tpl.clone());
+                    *t.pool_pending.entry(*tpl).or_default() += 1;
+                    next = Some(*tpl);
                     break;
                 }
             }
         }
         match next {
             Some(tpl) => {
-                let res = rt.add_pool_box(&tpl).await;
+                let res = rt.add_pool_box(tpl).await;
                 if let Some(p) = rt.tables().pool_pending.get_mut(&tpl) {
                     *p = p.saturating_sub(1);
                 }
@@ -878,7 +845,7 @@ async fn pool_task(inner: Weak<Inner>, refill: Arc<Notify>) {
                     Err(e) => {
                         failures += 1;
                         warn!(template = %tpl, error = %e, "could not add a warm pool container");
-                        let backoff = Duration::from_millis(200 * u64::from(failures.min(25)));
+                        let backoff = POOL_RETRY.delay(failures - 1);
                         drop(rt);
                         tokio::time::sleep(backoff).await;
                     }
@@ -898,14 +865,14 @@ async fn pool_task(inner: Weak<Inner>, refill: Arc<Notify>) {
 
 #[async_trait::async_trait]
 impl Runtime for DockerRuntime {
-    fn kind(&self) -> &'static str {
-        "docker"
+    fn kind(&self) -> sandfleet_common::spec::Runtime {
+        sandfleet_common::spec::Runtime::Docker
     }
 
     #[instrument(skip(self, spec), fields(session = %spec.session_id, generation = spec.generation))]
     async fn prepare(&self, spec: &SandboxSpec) -> Result<(), RuntimeError> {
         ids::validate_session_id(&spec.session_id).map_err(|e| invalid(e.to_string()))?;
-        let resolved = resolve_spec(spec, &self.template_names(), "docker")?;
+        let resolved = self.resolve(spec)?;
         let lock = self.session_lock(&spec.session_id);
         let _guard = lock.lock().await;
         let existing = self.tables().sessions.get(&spec.session_id).cloned();
@@ -925,13 +892,7 @@ impl Runtime for DockerRuntime {
         let pooled = self.tables().pool.get_mut(&resolved.template).and_then(Vec::pop);
         if let Some(bx) = pooled {
             self.inner.refill.notify_one();
-            let s = Session {
-                id: spec.session_id.clone(),
-                bx: bx.clone(),
-                generation: AtomicU64::new(spec.generation),
-                spec: Mutex::new(resolved.clone()),
-                alive: RwLock::new(true),
-            };
+            let s = Session::new(spec, bx.clone(), resolved.clone());
             let claimed = async {
                 self.persist(&s)?;
                 self.relimit(&bx, &resolved).await
@@ -957,17 +918,11 @@ impl Runtime for DockerRuntime {
                 return Err(e);
             }
         };
-        let s = Session {
-            id: spec.session_id.clone(),
-            bx: bx.clone(),
-            generation: AtomicU64::new(spec.generation),
-            spec: Mutex::new(resolved.clone()),
-            alive: RwLock::new(true),
-        };
+        let s = Session::new(spec, bx.clone(), resolved.clone());
         let labels = HashMap::from([
             (LABEL_SESSION.to_string(), spec.session_id.clone()),
             (LABEL_GENERATION.to_string(), spec.generation.to_string()),
-            ("sandfleet.template".to_string(), resolved.template.clone()),
+            ("sandfleet.template".to_string(), resolved.template.to_string()),
         ]);
         let res = async {
             self.persist(&s)?;

@@ -1,0 +1,79 @@
+//! The gRPC channel factory every Sandfleet client side uses (the SDK, the
+//! agent's link to the coordinators, the coordinators' Raft and forwarding
+//! links, tests and benchmarks): one rule for addresses, and one set of
+//! timeouts per kind of peer.
+
+use std::time::Duration;
+
+use tonic::transport::{Channel, Endpoint};
+
+/// `host:port` becomes `http://host:port`; a URI with a scheme is kept as it is.
+pub fn normalize_uri(addr: &str) -> String {
+    let addr = addr.trim().trim_end_matches('/');
+    if addr.contains("://") {
+        addr.to_string()
+    } else {
+        format!("http://{addr}")
+    }
+}
+
+/// How a channel treats its peer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ChannelOptions {
+    /// How long one TCP connect may take.
+    pub connect_timeout: Duration,
+    /// HTTP/2 keep-alive ping interval.
+    pub keep_alive_interval: Duration,
+    /// How long a keep-alive ping may go unanswered before the connection is dropped.
+    pub keep_alive_timeout: Duration,
+}
+
+impl ChannelOptions {
+    /// Between cluster members on one network: a dead peer is noticed within seconds.
+    pub const CLUSTER: ChannelOptions = ChannelOptions {
+        connect_timeout: Duration::from_secs(2),
+        keep_alive_interval: Duration::from_secs(5),
+        keep_alive_timeout: Duration::from_secs(5),
+    };
+    /// Between Raft members: a connect must fail well inside an election timeout.
+    pub const RAFT: ChannelOptions = ChannelOptions { connect_timeout: Duration::from_millis(500), ..Self::CLUSTER };
+    /// From clients, across networks that may be slow.
+    pub const CLIENT: ChannelOptions = ChannelOptions {
+        connect_timeout: Duration::from_secs(5),
+        keep_alive_interval: Duration::from_secs(20),
+        keep_alive_timeout: Duration::from_secs(10),
+    };
+}
+
+/// An endpoint for `addr` (see [`normalize_uri`]) with `opts`, Nagle off.
+pub fn endpoint(addr: &str, opts: ChannelOptions) -> Result<Endpoint, tonic::transport::Error> {
+    Ok(Endpoint::from_shared(normalize_uri(addr))?
+        .connect_timeout(opts.connect_timeout)
+        .tcp_nodelay(true)
+        .http2_keep_alive_interval(opts.keep_alive_interval)
+        .keep_alive_timeout(opts.keep_alive_timeout))
+}
+
+/// A channel to `addr` that connects on first use (and reconnects after a failure).
+pub fn lazy_channel(addr: &str, opts: ChannelOptions) -> Result<Channel, tonic::transport::Error> {
+    Ok(endpoint(addr, opts)?.connect_lazy())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn addresses_get_a_scheme_once() {
+        assert_eq!(normalize_uri("127.0.0.1:7070"), "http://127.0.0.1:7070");
+        assert_eq!(normalize_uri(" http://h:1/ "), "http://h:1");
+        assert_eq!(normalize_uri("https://h:1"), "https://h:1");
+        assert_eq!(normalize_uri("[::1]:7070"), "http://[::1]:7070");
+    }
+
+    #[tokio::test]
+    async fn a_bad_address_is_an_error_not_a_panic() {
+        assert!(endpoint("http://bad host:1", ChannelOptions::CLIENT).is_err());
+        assert!(lazy_channel("127.0.0.1:1", ChannelOptions::RAFT).is_ok());
+    }
+}
