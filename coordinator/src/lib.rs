@@ -10,11 +10,13 @@
 //! - [`raft`]: openraft types, the RocksDB stores, the tonic transport.
 //! - [`core`]: proposals (forwarded to the leader), read barriers, tokens.
 //! - [`scheduler`]: which node a session goes to, or why it waits.
-//! - [`leader`]: the leader loop (cluster key, placement, expiry).
+//! - [`plan`]: the leader's decisions (liveness, lifetimes, drains, placement) as pure functions.
+//! - [`leader`]: the leader loop that runs the planners and proposes what they decide.
 //! - [`service`]: the gRPC services.
 
 pub mod core;
 pub mod leader;
+pub mod plan;
 pub mod raft;
 pub mod scheduler;
 pub mod service;
