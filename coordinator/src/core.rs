@@ -329,7 +329,7 @@ impl Core {
             request_id: s.request_id.clone(),
             created_at_ms: s.created_at_ms,
             expires_at_ms: s.expires_at_ms,
-            pending_reason: s.pending_reason.clone(),
+            pending_reason: s.pending_reason.to_string(),
             message: s.message.clone(),
             token,
             updated_at_ms: s.updated_at_ms,

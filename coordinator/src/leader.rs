@@ -20,9 +20,6 @@ use crate::core::Core;
 use crate::plan;
 use crate::state::{Command, CommandResponse};
 
-/// The pending reason of every unplaced session while placement is paused.
-pub const PAUSED_REASON: &str = "scheduling is paused by an operator (sandfleet cluster scheduler resume)";
-
 /// Runs until `shutdown`.
 pub async fn run(core: Arc<Core>, tick: Duration, shutdown: CancellationToken) {
     let mut version = core.state.version.subscribe();

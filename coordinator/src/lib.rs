@@ -10,12 +10,14 @@
 //! - [`raft`]: openraft types, the RocksDB stores, the tonic transport.
 //! - [`core`]: proposals (forwarded to the leader), read barriers, tokens.
 //! - [`scheduler`]: which node a session goes to, or why it waits.
+//! - [`pending`]: why a session waits, as stored and as clients read it.
 //! - [`plan`]: the leader's decisions (liveness, lifetimes, drains, placement) as pure functions.
 //! - [`leader`]: the leader loop that runs the planners and proposes what they decide.
 //! - [`service`]: the gRPC services.
 
 pub mod core;
 pub mod leader;
+pub mod pending;
 pub mod plan;
 pub mod raft;
 pub mod scheduler;

@@ -9,9 +9,8 @@
 use std::collections::{BTreeSet, HashMap};
 
 use crate::core::Tunables;
-use crate::leader::PAUSED_REASON;
 use crate::scheduler::{Placer, Unplaceable};
-use crate::state::{ClusterState, Command, NodePhase, Placement};
+use crate::state::{ClusterState, Command, NodePhase, PendingReason, Placement};
 
 /// Message of a session ended past its TTL.
 pub const EXPIRED_TTL: &str = "expired (ttl)";
@@ -136,8 +135,8 @@ pub fn plan_placement(st: &ClusterState, tunables: &Tunables, now_ms: i64) -> Ve
     for (_, id) in &st.unplaced {
         let Some(s) = st.sessions.get(id) else { continue };
         if st.scheduler_paused {
-            if s.pending_reason != PAUSED_REASON && reasons.len() < batch {
-                reasons.push((id.clone(), PAUSED_REASON.to_string()));
+            if s.pending_reason != PendingReason::Paused && reasons.len() < batch {
+                reasons.push((id.clone(), PendingReason::Paused));
             }
             continue;
         }
@@ -630,7 +629,7 @@ mod tests {
         assert!(plan_drains(&c.st, 1_000).is_empty(), "not even past the drain's deadline");
         let cmds = c.placement(1_000);
         assert!(
-            matches!(&cmds[..], [Command::SetPendingReasons { reasons, .. }] if reasons.len() == 1 && reasons[0].0 == "b" && reasons[0].1 == PAUSED_REASON),
+            matches!(&cmds[..], [Command::SetPendingReasons { reasons, .. }] if reasons.len() == 1 && reasons[0].0 == "b" && reasons[0].1 == PendingReason::Paused),
             "{cmds:?}"
         );
         c.apply_all(cmds);
@@ -675,7 +674,7 @@ mod tests {
         let cmds = plan_placement(&c.st, &t, 10);
         assert!(
             matches!(&cmds[..], [Command::SetPendingReasons { reasons, .. }] if reasons.iter().map(|(id, _)| id.as_str()).collect::<Vec<_>>() == ["s0", "s1"]
-                && reasons.iter().all(|(_, r)| r == "no node agent has registered yet")),
+                && reasons.iter().all(|(_, r)| *r == PendingReason::NoNodes)),
             "{cmds:?}"
         );
         c.apply_all(cmds);
@@ -701,13 +700,13 @@ mod tests {
         assert_eq!(c.phase("pinned").1, Some("mars"));
         assert_eq!(c.phase("any").1, Some("mars"), "a cordoned node gets no new sessions");
         assert_eq!(c.phase("nowhere").1, None);
-        assert!(c.st.sessions["nowhere"].pending_reason.contains("carries the labels zone=venus"));
+        assert!(c.st.sessions["nowhere"].pending_reason.to_string().contains("carries the labels zone=venus"));
         c.apply(Command::CordonNode { node_id: "mars".into(), cordoned: true });
         c.session("later", None, 3, |_| {});
         c.round(20);
         assert_eq!(c.phase("later").1, None);
         assert!(
-            c.st.sessions["later"].pending_reason.starts_with("no node is ready"),
+            c.st.sessions["later"].pending_reason.to_string().starts_with("no node is ready"),
             "{}",
             c.st.sessions["later"].pending_reason
         );
@@ -780,7 +779,7 @@ mod tests {
         assert_eq!(c.st.allocated_on("n1").slots, 10);
         let waiting: Vec<&str> = c.st.unplaced.iter().map(|(_, id)| id.as_str()).collect();
         assert_eq!(waiting, ["s10", "s11"]);
-        assert!(c.st.sessions["s10"].pending_reason.starts_with("waiting for capacity"));
+        assert!(c.st.sessions["s10"].pending_reason.to_string().starts_with("waiting for capacity"));
         c.apply(Command::TerminateSessions { ids: vec!["s00".into()], message: "deleted".into(), now_ms: 200 });
         c.round(200);
         assert_eq!(c.phase("s10").1, Some("n1"));
