@@ -207,14 +207,6 @@ pub enum Command {
     /// Creates a session unless its request id was already seen. When
     /// `session.node_id` is set, the placement is re-checked against capacity.
     CreateSession { session: SessionRecord },
-    /// Places a session onto a node with a new generation, if it still fits
-    /// and the session's generation is still `expected_generation`.
-    PlaceSession { id: String, node_id: String, expected_generation: u64, now_ms: i64 },
-    /// Records why a session cannot be placed.
-    SetPendingReason { id: String, reason: PendingReason, now_ms: i64 },
-    /// A node agent's report about a session it runs. Ignored unless it comes
-    /// from the node and generation the session is placed with (fencing).
-    ReportSession { id: String, node_id: String, generation: u64, phase: SessionPhase, message: String, now_ms: i64 },
     /// Terminates sessions (client delete or expiry).
     TerminateSessions { ids: Vec<String>, message: String, now_ms: i64 },
     /// Sets a new expiry.
@@ -236,12 +228,14 @@ pub enum Command {
     /// An operator stops (or resumes) new placements on a node. Uncordoning
     /// also ends a drain.
     CordonNode { node_id: String, cordoned: bool },
-    /// Many placements in one entry; each is checked like `PlaceSession` and
-    /// the ones that no longer fit are skipped.
+    /// Places sessions onto nodes, each with a new generation if it still
+    /// fits and the session's generation is still `expected_generation`; the
+    /// others are skipped.
     PlaceSessions { placements: Vec<Placement>, now_ms: i64 },
-    /// Many pending reasons in one entry.
+    /// Records why sessions cannot be placed.
     SetPendingReasons { reasons: Vec<(String, PendingReason)>, now_ms: i64 },
-    /// A node's reports in one entry, fenced one by one like `ReportSession`.
+    /// A node agent's reports about sessions it runs. Each is ignored unless
+    /// it comes from the node and generation the session is placed with (fencing).
     ReportSessions { node_id: String, reports: Vec<Report>, now_ms: i64 },
     /// Sessions on `node_id` whose own `lost_after` passed: LOST (or FAILED
     /// when out of attempts), to be placed again.
@@ -491,9 +485,6 @@ impl ClusterState {
                 self.sessions.insert(session.id.clone(), session.clone());
                 CommandResponse::Session(session)
             }
-            Command::PlaceSession { id, node_id, expected_generation, now_ms } => {
-                self.place_one(Placement { id, node_id, expected_generation }, now_ms, touched)
-            }
             Command::PlaceSessions { placements, now_ms } => {
                 let mut placed = Vec::with_capacity(placements.len());
                 for p in placements {
@@ -567,21 +558,6 @@ impl ClusterState {
                     out.push(s);
                 }
                 CommandResponse::Sessions(out)
-            }
-            Command::SetPendingReason { id, reason, now_ms } => {
-                let Some(s) = self.sessions.get_mut(&id) else {
-                    return CommandResponse::NotFound(id);
-                };
-                if s.phase.is_terminal() || s.pending_reason == reason {
-                    return CommandResponse::Session(s.clone());
-                }
-                s.pending_reason = reason;
-                s.updated_at_ms = now_ms;
-                touched.sessions.push(id);
-                CommandResponse::Session(s.clone())
-            }
-            Command::ReportSession { id, node_id, generation, phase, message, now_ms } => {
-                self.report_one(Report { id, generation, phase, message }, &node_id, now_ms, touched)
             }
             Command::TerminateSessions { ids, message, now_ms } => {
                 let mut out = Vec::with_capacity(ids.len());
@@ -863,6 +839,14 @@ mod tests {
         }
     }
 
+    /// A one-placement batch, as the leader proposes it.
+    fn place(id: &str, node: &str, expected_generation: u64, now_ms: i64) -> Command {
+        Command::PlaceSessions {
+            placements: vec![Placement { id: id.into(), node_id: node.into(), expected_generation }],
+            now_ms,
+        }
+    }
+
     #[test]
     fn create_is_idempotent_on_request_id() {
         let mut st = ClusterState::default();
@@ -917,12 +901,9 @@ mod tests {
 
         st.apply(Command::TerminateSessions { ids: vec!["a".into()], message: "deleted".into(), now_ms: 2 }, &mut t);
         assert_eq!(st.allocated_on("n1").cpu_millis, 0);
-        let r = st.apply(
-            Command::PlaceSession { id: "b".into(), node_id: "n1".into(), expected_generation: 0, now_ms: 3 },
-            &mut t,
-        );
-        let CommandResponse::Session(b) = r else { panic!("{r:?}") };
-        assert_eq!(b.generation, 1);
+        let r = st.apply(place("b", "n1", 0, 3), &mut t);
+        let CommandResponse::Sessions(placed) = r else { panic!("{r:?}") };
+        assert_eq!(placed.iter().map(|b| (b.id.as_str(), b.generation)).collect::<Vec<_>>(), [("b", 1)]);
         assert_eq!(st.allocated_on("n1").cpu_millis, 800);
     }
 
@@ -932,25 +913,27 @@ mod tests {
         let mut t = Touched::default();
         st.apply(Command::RegisterNode { node: node("n1", 1000) }, &mut t);
         st.apply(Command::CreateSession { session: session("a", "r1", Some("n1"), 100) }, &mut t);
-        let stale = Command::ReportSession {
-            id: "a".into(),
+        let report = |generation| Command::ReportSessions {
             node_id: "n1".into(),
-            generation: 7,
-            phase: SessionPhase::Running,
-            message: String::new(),
+            reports: vec![Report { id: "a".into(), generation, phase: SessionPhase::Running, message: String::new() }],
             now_ms: 2,
         };
-        assert!(matches!(st.apply(stale, &mut t), CommandResponse::Rejected(_)));
-        let ok = Command::ReportSession {
-            id: "a".into(),
-            node_id: "n1".into(),
-            generation: 1,
-            phase: SessionPhase::Running,
-            message: String::new(),
+        st.apply(report(7), &mut t);
+        assert_eq!(st.sessions["a"].phase, SessionPhase::Pending, "a stale generation's report is ignored");
+        let other = Command::ReportSessions {
+            node_id: "n2".into(),
+            reports: vec![Report {
+                id: "a".into(),
+                generation: 1,
+                phase: SessionPhase::Running,
+                message: String::new(),
+            }],
             now_ms: 2,
         };
-        let CommandResponse::Session(s) = st.apply(ok, &mut t) else { panic!() };
-        assert_eq!(s.phase, SessionPhase::Running);
+        st.apply(other, &mut t);
+        assert_eq!(st.sessions["a"].phase, SessionPhase::Pending, "another node's report is ignored");
+        st.apply(report(1), &mut t);
+        assert_eq!(st.sessions["a"].phase, SessionPhase::Running);
     }
 
     #[test]
@@ -977,10 +960,7 @@ mod tests {
         assert_eq!(st.expired_at(99), Vec::<String>::new());
         assert_eq!(st.expired_at(100), ["a", "b"]);
 
-        st.apply(
-            Command::PlaceSession { id: "a".into(), node_id: "n1".into(), expected_generation: 0, now_ms: 2 },
-            &mut t,
-        );
+        st.apply(place("a", "n1", 0, 2), &mut t);
         assert!(st.unplaced.is_empty());
         st.apply(Command::RenewSession { id: "a".into(), expires_at_ms: 500, now_ms: 3 }, &mut t);
         assert_eq!(st.expired_at(100), ["b"]);
@@ -1106,19 +1086,14 @@ mod tests {
         assert_eq!((a.node_id.as_deref(), a.generation), (None, 0));
         assert_eq!(a.pending_reason, PendingReason::Paused);
         assert_eq!(st.allocated_on("n1").cpu_millis, 0);
-        let r = st.apply(
-            Command::PlaceSession { id: "a".into(), node_id: "n1".into(), expected_generation: 0, now_ms: 2 },
-            &mut t,
-        );
-        assert!(matches!(r, CommandResponse::Rejected(_)), "{r:?}");
+        let r = st.apply(place("a", "n1", 0, 2), &mut t);
+        assert_eq!(r, CommandResponse::Sessions(vec![]), "nothing is placed while paused");
+        assert_eq!(st.sessions["a"].node_id, None);
         let before = st.digest();
         st.apply(Command::SetSchedulerPaused { paused: false }, &mut t);
         assert_ne!(st.digest(), before, "the pause is part of the replicated state");
-        let r = st.apply(
-            Command::PlaceSession { id: "a".into(), node_id: "n1".into(), expected_generation: 0, now_ms: 3 },
-            &mut t,
-        );
-        let CommandResponse::Session(a) = r else { panic!("{r:?}") };
+        st.apply(place("a", "n1", 0, 3), &mut t);
+        let a = &st.sessions["a"];
         assert_eq!((a.node_id.as_deref(), a.generation), (Some("n1"), 1));
     }
 }
