@@ -17,6 +17,7 @@ use sandfleet_common::token::TokenSigner;
 use tokio_util::sync::CancellationToken;
 
 use crate::core::Core;
+use crate::error::CoreError;
 use crate::plan;
 use crate::state::{Command, CommandResponse};
 
@@ -74,7 +75,7 @@ pub async fn run(core: Arc<Core>, tick: Duration, shutdown: CancellationToken) {
     }
 }
 
-async fn step(core: &Core) -> Result<(), tonic::Status> {
+async fn step(core: &Core) -> Result<(), CoreError> {
     if core.state.read(|s| s.signing_seed.is_empty()) {
         core.propose_as_leader(Command::InitCluster { signing_seed: TokenSigner::generate().seed().to_vec() }).await?;
     }
@@ -106,7 +107,7 @@ async fn step(core: &Core) -> Result<(), tonic::Status> {
 
 /// Proposes planned commands in order, stopping at the first that fails, and
 /// logs what each did.
-async fn propose_all(core: &Core, commands: Vec<Command>) -> Result<(), tonic::Status> {
+async fn propose_all(core: &Core, commands: Vec<Command>) -> Result<(), CoreError> {
     for cmd in commands {
         log_planned(&cmd);
         let ended = match &cmd {

@@ -13,8 +13,9 @@ use tokio::sync::broadcast::error::RecvError;
 use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status};
 
-use crate::core::{phase_to_proto, response_status, Core, Tunables};
+use crate::core::{phase_to_proto, Core, Tunables};
 use crate::scheduler::{self, Unplaceable};
+use crate::service::response_status;
 use crate::state::{Command, CommandResponse, PendingReason, SessionPhase, SessionRecord, SpecRecord, MAX_BACKOFF_MS};
 
 /// The SessionService implementation.
