@@ -81,22 +81,25 @@ async fn step(core: &Core) -> Result<(), CoreError> {
     }
     // Each round reads the state as the previous round's commands left it.
     let now = crate::now_ms();
-    let heartbeats = {
+    let planned = {
         let mut hb = core.heartbeats.lock().unwrap_or_else(|p| p.into_inner());
-        // A node this leader never heard from gets a full TTL from now.
         core.state.read(|st| {
+            // A node this leader never heard from gets a full TTL from now.
             for id in st.nodes.keys() {
                 hb.entry(id.clone()).or_insert(now);
             }
-        });
-        hb.clone()
+            plan::plan_liveness(st, &core.tunables, &hb, now)
+        })
     };
-    propose_all(core, core.state.read(|st| plan::plan_liveness(st, &core.tunables, &heartbeats, now))).await?;
+    propose_all(core, planned).await?;
 
     let now = crate::now_ms();
     let lead_since = core.lead_since_ms.load(Ordering::Relaxed);
-    let activity = core.activity.lock().unwrap_or_else(|p| p.into_inner()).clone();
-    propose_all(core, core.state.read(|st| plan::plan_lifetimes(st, &activity, lead_since, now))).await?;
+    let planned = {
+        let activity = core.activity.lock().unwrap_or_else(|p| p.into_inner());
+        core.state.read(|st| plan::plan_lifetimes(st, &activity, lead_since, now))
+    };
+    propose_all(core, planned).await?;
 
     let now = crate::now_ms();
     propose_all(core, core.state.read(|st| plan::plan_drains(st, now))).await?;
