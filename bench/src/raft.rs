@@ -89,7 +89,7 @@ pub(crate) fn spec(rid: String) -> CreateSession {
 
 /// The size of one session-create Raft entry's command, as the log stores it.
 fn entry_bytes() -> usize {
-    use sandfleet_coordinator::state::{Command as Cmd, SessionPhase, SessionRecord, SpecRecord};
+    use sandfleet_coordinator::state::{Command as Cmd, PendingReason, SessionPhase, SessionRecord, SpecRecord};
     let record = SessionRecord {
         id: format!("s-{}", "0".repeat(26)),
         spec: SpecRecord {
@@ -107,7 +107,7 @@ fn entry_bytes() -> usize {
         created_at_ms: 1_790_000_000_000,
         expires_at_ms: 1_790_003_600_000,
         updated_at_ms: 1_790_000_000_000,
-        pending_reason: "starting on its node".into(),
+        pending_reason: PendingReason::Starting,
         message: String::new(),
         restarts: 0,
         not_before_ms: 0,

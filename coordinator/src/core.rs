@@ -13,8 +13,8 @@ use sandfleet_proto::v1::{self as pb, raft_service_client::RaftServiceClient, Ra
 use serde::{Deserialize, Serialize};
 use tokio::sync::Notify;
 use tonic::transport::Channel;
-use tonic::Status;
 
+use crate::error::CoreError;
 use crate::raft::store::StateHandle;
 use crate::raft::{network, typ, Raft};
 use crate::state::{Command, CommandResponse, SessionPhase, SessionRecord};
@@ -140,17 +140,17 @@ impl Core {
     }
 
     /// A cached, lazily connected channel to another coordinator.
-    pub fn peer_channel(&self, addr: &str) -> Result<Channel, Status> {
+    pub fn peer_channel(&self, addr: &str) -> Result<Channel, CoreError> {
         let mut peers = self.peers.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(c) = peers.get(addr) {
             return Ok(c.clone());
         }
-        let ch = network::channel(addr).map_err(|e| Status::internal(format!("bad leader address {addr}: {e}")))?;
+        let ch = network::channel(addr).map_err(|e| CoreError::Internal(format!("bad leader address {addr}: {e}")))?;
         peers.insert(addr.to_string(), ch.clone());
         Ok(ch)
     }
 
-    fn peer(&self, addr: &str) -> Result<RaftServiceClient<Channel>, Status> {
+    fn peer(&self, addr: &str) -> Result<RaftServiceClient<Channel>, CoreError> {
         Ok(RaftServiceClient::new(self.peer_channel(addr)?)
             .max_decoding_message_size(sandfleet_common::limits::MAX_GRPC_MESSAGE_BYTES)
             .max_encoding_message_size(sandfleet_common::limits::MAX_GRPC_MESSAGE_BYTES))
@@ -159,19 +159,19 @@ impl Core {
     /// Commits a command and returns what applying it produced. On a follower
     /// the command is forwarded to the leader, so callers never hunt for it.
     #[tracing::instrument(level = "debug", skip_all)]
-    pub async fn propose(&self, cmd: Command) -> Result<CommandResponse, Status> {
+    pub async fn propose(&self, cmd: Command) -> Result<CommandResponse, CoreError> {
         match self.write_here(cmd.clone()).await? {
             Ok(resp) => Ok(resp.data),
             Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f))) => {
                 let Some(node) = f.leader_node else {
-                    return Err(Status::unavailable("no coordinator leader is elected right now; retry shortly"));
+                    return Err(CoreError::NoLeader);
                 };
                 self.forward_propose(&node.addr, &cmd).await
             }
             Err(RaftError::APIError(ClientWriteError::ChangeMembershipError(e))) => {
-                Err(Status::failed_precondition(e.to_string()))
+                Err(CoreError::Membership(e.to_string()))
             }
-            Err(RaftError::Fatal(e)) => Err(Status::unavailable(format!("raft stopped: {e}"))),
+            Err(RaftError::Fatal(e)) => Err(CoreError::RaftStopped(e.to_string())),
         }
     }
 
@@ -179,16 +179,14 @@ impl Core {
     /// leader loop uses it: its decisions (a node is down, a session is lost)
     /// rest on the leader's own in-memory view and must not be carried out by
     /// another leader after this one was deposed.
-    pub async fn propose_as_leader(&self, cmd: Command) -> Result<CommandResponse, Status> {
+    pub async fn propose_as_leader(&self, cmd: Command) -> Result<CommandResponse, CoreError> {
         match self.write_here(cmd).await? {
             Ok(resp) => Ok(resp.data),
-            Err(RaftError::APIError(ClientWriteError::ForwardToLeader(_))) => {
-                Err(Status::unavailable("this coordinator is no longer the leader; the new leader decides afresh"))
-            }
+            Err(RaftError::APIError(ClientWriteError::ForwardToLeader(_))) => Err(CoreError::NotLeader),
             Err(RaftError::APIError(ClientWriteError::ChangeMembershipError(e))) => {
-                Err(Status::failed_precondition(e.to_string()))
+                Err(CoreError::Membership(e.to_string()))
             }
-            Err(RaftError::Fatal(e)) => Err(Status::unavailable(format!("raft stopped: {e}"))),
+            Err(RaftError::Fatal(e)) => Err(CoreError::RaftStopped(e.to_string())),
         }
     }
 
@@ -198,30 +196,29 @@ impl Core {
         cmd: Command,
     ) -> Result<
         Result<openraft::raft::ClientWriteResponse<crate::raft::TypeConfig>, typ::RaftError<typ::ClientWriteError>>,
-        Status,
+        CoreError,
     > {
-        tokio::time::timeout(QUORUM_TIMEOUT, self.raft.client_write(cmd)).await.map_err(|_| {
-            Status::unavailable(format!(
-                "the write did not commit within {QUORUM_TIMEOUT:?}: this coordinator may be cut off from its quorum; retry, \
-                 preferably on another coordinator (creates are idempotent on their request id)"
-            ))
-        })
+        tokio::time::timeout(QUORUM_TIMEOUT, self.raft.client_write(cmd))
+            .await
+            .map_err(|_| CoreError::WriteTimeout(QUORUM_TIMEOUT))
     }
 
-    async fn forward_propose(&self, leader: &str, cmd: &Command) -> Result<CommandResponse, Status> {
+    async fn forward_propose(&self, leader: &str, cmd: &Command) -> Result<CommandResponse, CoreError> {
         let mut client = self.peer(leader)?;
-        let data = serde_json::to_vec(cmd).map_err(|e| Status::internal(e.to_string()))?;
+        let data = serde_json::to_vec(cmd).map_err(|e| CoreError::Internal(e.to_string()))?;
         let mut req = tonic::Request::new(RaftPayload { data });
         req.set_timeout(FORWARD_TIMEOUT);
         let resp = client
             .propose(req)
             .await
-            .map_err(|s| Status::unavailable(format!("forwarding to leader {leader} failed: {}", s.message())))?;
+            .map_err(|s| CoreError::Unavailable(format!("forwarding to leader {leader} failed: {}", s.message())))?;
         match serde_json::from_slice::<ForwardResult<CommandResponse>>(&resp.into_inner().data) {
             Ok(ForwardResult::Ok(r)) => Ok(r),
-            Ok(ForwardResult::NotLeader { .. }) => Err(Status::unavailable("leadership moved while forwarding; retry")),
-            Ok(ForwardResult::Err(e)) => Err(Status::unavailable(e)),
-            Err(e) => Err(Status::internal(format!("bad forward response: {e}"))),
+            Ok(ForwardResult::NotLeader { .. }) => {
+                Err(CoreError::Unavailable("leadership moved while forwarding; retry".into()))
+            }
+            Ok(ForwardResult::Err(e)) => Err(CoreError::Unavailable(e)),
+            Err(e) => Err(CoreError::Internal(format!("bad forward response: {e}"))),
         }
     }
 
@@ -229,7 +226,7 @@ impl Core {
     pub async fn handle_forwarded_propose(&self, cmd: Command) -> ForwardResult<CommandResponse> {
         let written = match self.write_here(cmd).await {
             Ok(w) => w,
-            Err(status) => return ForwardResult::Err(status.message().to_string()),
+            Err(e) => return ForwardResult::Err(e.to_string()),
         };
         match written {
             Ok(r) => ForwardResult::Ok(r.data),
@@ -242,39 +239,39 @@ impl Core {
 
     /// Waits until this member has applied everything committed before the
     /// call started, as confirmed by the leader (read-index).
-    pub async fn read_barrier(&self, consistency: i32) -> Result<(), Status> {
+    pub async fn read_barrier(&self, consistency: i32) -> Result<(), CoreError> {
         if consistency == pb::ReadConsistency::Stale as i32 {
             return Ok(());
         }
-        let confirmed = tokio::time::timeout(QUORUM_TIMEOUT, self.raft.ensure_linearizable()).await.map_err(|_| {
-            Status::unavailable(format!(
-                "no quorum confirmed the read within {QUORUM_TIMEOUT:?}; retry on another coordinator"
-            ))
-        })?;
+        let confirmed = tokio::time::timeout(QUORUM_TIMEOUT, self.raft.ensure_linearizable())
+            .await
+            .map_err(|_| CoreError::ReadTimeout(QUORUM_TIMEOUT))?;
         let index = match confirmed {
             Ok(_) => return Ok(()),
             Err(RaftError::APIError(typ::CheckIsLeaderError::ForwardToLeader(f))) => {
                 let Some(node) = f.leader_node else {
-                    return Err(Status::unavailable(
-                        "no coordinator leader is elected right now; retry, or ask for a stale read",
+                    return Err(CoreError::Unavailable(
+                        "no coordinator leader is elected right now; retry, or ask for a stale read".into(),
                     ));
                 };
                 let mut client = self.peer(&node.addr)?;
                 let mut req = tonic::Request::new(RaftPayload { data: Vec::new() });
                 req.set_timeout(FORWARD_TIMEOUT);
-                let resp = client.read_index(req).await.map_err(|s| Status::unavailable(s.message().to_string()))?;
+                let resp = client.read_index(req).await.map_err(|s| CoreError::Unavailable(s.message().to_string()))?;
                 match serde_json::from_slice::<ForwardResult<u64>>(&resp.into_inner().data) {
                     Ok(ForwardResult::Ok(i)) => i,
-                    Ok(_) | Err(_) => return Err(Status::unavailable("leader could not confirm a read index; retry")),
+                    Ok(_) | Err(_) => {
+                        return Err(CoreError::Unavailable("leader could not confirm a read index; retry".into()))
+                    }
                 }
             }
-            Err(e) => return Err(Status::unavailable(format!("cannot confirm leadership: {e}"))),
+            Err(e) => return Err(CoreError::Unavailable(format!("cannot confirm leadership: {e}"))),
         };
         self.raft
             .wait(Some(FORWARD_TIMEOUT))
             .applied_index_at_least(Some(index), "read barrier")
             .await
-            .map_err(|e| Status::unavailable(format!("this coordinator is lagging: {e}")))?;
+            .map_err(|e| CoreError::Lagging(e.to_string()))?;
         Ok(())
     }
 
@@ -329,7 +326,7 @@ impl Core {
             request_id: s.request_id.clone(),
             created_at_ms: s.created_at_ms,
             expires_at_ms: s.expires_at_ms,
-            pending_reason: s.pending_reason.clone(),
+            pending_reason: s.pending_reason.to_string(),
             message: s.message.clone(),
             token,
             updated_at_ms: s.updated_at_ms,
@@ -347,14 +344,5 @@ pub fn phase_to_proto(p: SessionPhase) -> pb::SessionState {
         SessionPhase::Lost => pb::SessionState::Lost,
         SessionPhase::Terminated => pb::SessionState::Terminated,
         SessionPhase::Failed => pb::SessionState::Failed,
-    }
-}
-
-/// Maps an apply result that is not the expected success to a status.
-pub fn response_status(r: CommandResponse) -> Status {
-    match r {
-        CommandResponse::NotFound(id) => Status::not_found(format!("session {id} not found")),
-        CommandResponse::Rejected(why) => Status::failed_precondition(why),
-        other => Status::internal(format!("unexpected apply result {other:?}")),
     }
 }

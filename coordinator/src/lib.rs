@@ -9,12 +9,18 @@
 //! - [`state`]: the replicated state, its commands and their deterministic apply.
 //! - [`raft`]: openraft types, the RocksDB stores, the tonic transport.
 //! - [`core`]: proposals (forwarded to the leader), read barriers, tokens.
+//! - [`error`]: the core's error type, mapped to gRPC statuses only in [`service`].
 //! - [`scheduler`]: which node a session goes to, or why it waits.
-//! - [`leader`]: the leader loop (cluster key, placement, expiry).
+//! - [`pending`]: why a session waits, as stored and as clients read it.
+//! - [`plan`]: the leader's decisions (liveness, lifetimes, drains, placement) as pure functions.
+//! - [`leader`]: the leader loop that runs the planners and proposes what they decide.
 //! - [`service`]: the gRPC services.
 
 pub mod core;
+pub mod error;
 pub mod leader;
+pub mod pending;
+pub mod plan;
 pub mod raft;
 pub mod scheduler;
 pub mod service;

@@ -23,15 +23,16 @@ use rand::Rng;
 
 use sandfleet_common::spec::Runtime;
 
-use crate::state::{ClusterState, NodePhase, NodeRecord, Resources, SpecRecord};
+use crate::pending::NoRoom;
+use crate::state::{ClusterState, NodePhase, NodeRecord, PendingReason, Resources, SpecRecord};
 
 /// Why a session cannot be placed.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Unplaceable {
     /// Wait: some node could take it once capacity frees up or a node comes back.
-    Wait(String),
+    Wait(PendingReason),
     /// Never: no registered node could hold it even when empty.
-    Never(String),
+    Never(PendingReason),
 }
 
 /// How the scheduler scores feasible nodes.
@@ -150,62 +151,48 @@ impl<'a> Placer<'a> {
 
     /// Why no node fits: a count of nodes per reason, like the Kubernetes scheduler's.
     fn explain(&self, runtime: &[Runtime], selector: &BTreeMap<String, String>, need: &Resources) -> Unplaceable {
-        let runtime_names = runtime.iter().map(|r| r.as_str()).collect::<Vec<_>>().join(" or ");
+        let runtimes = runtime.iter().map(|r| r.as_str()).collect::<Vec<_>>().join(" or ");
         let nodes = &self.state.nodes;
         if nodes.is_empty() {
-            return Unplaceable::Wait("no node agent has registered yet".into());
+            return Unplaceable::Wait(PendingReason::NoNodes);
         }
         let eligible: Vec<&NodeRecord> = nodes.values().filter(|n| node_matches(n, runtime, selector)).collect();
         if eligible.is_empty() {
             let with_runtime = nodes.values().filter(|n| n.runtimes.iter().any(|r| runtime.contains(r))).count();
             return Unplaceable::Wait(if with_runtime == 0 {
-                format!("no registered node offers the {runtime_names} runtime")
+                PendingReason::NoRuntime { runtimes }
             } else {
-                format!(
-                    "none of the {with_runtime} nodes with the {runtime_names} runtime carries the labels {}",
-                    show_labels(selector)
-                )
+                PendingReason::NoLabels { nodes: with_runtime, runtimes, labels: show_labels(selector) }
             });
         }
         let empty = Resources::default();
         if !eligible.iter().any(|n| n.capacity.fits(&empty, need)) {
             let biggest =
                 eligible.iter().map(|n| n.capacity).max_by_key(|c| (c.memory_bytes, c.cpu_millis)).unwrap_or_default();
-            return Unplaceable::Never(format!(
-                "no node can ever fit {} mCPU and {} bytes of memory; the largest eligible node offers {} mCPU and {} bytes",
-                need.cpu_millis, need.memory_bytes, biggest.cpu_millis, biggest.memory_bytes
-            ));
+            return Unplaceable::Never(PendingReason::NeverFits {
+                cpu_millis: need.cpu_millis,
+                memory_bytes: need.memory_bytes,
+                largest_cpu_millis: biggest.cpu_millis,
+                largest_memory_bytes: biggest.memory_bytes,
+            });
         }
-        let (mut down, mut cordoned, mut draining, mut full) = (0, 0, 0, 0);
+        let mut room = NoRoom {
+            nodes: nodes.len(),
+            cpu_millis: need.cpu_millis,
+            memory_bytes: need.memory_bytes,
+            filtered: nodes.len() - eligible.len(),
+            runtimes,
+            ..Default::default()
+        };
         for n in &eligible {
             match n.phase {
-                NodePhase::Down => down += 1,
-                NodePhase::Cordoned => cordoned += 1,
-                NodePhase::Draining => draining += 1,
-                NodePhase::Ready => full += 1,
+                NodePhase::Down => room.down += 1,
+                NodePhase::Cordoned => room.cordoned += 1,
+                NodePhase::Draining => room.draining += 1,
+                NodePhase::Ready => room.full += 1,
             }
         }
-        let mut parts = Vec::new();
-        for (count, what) in
-            [(full, "lack free capacity"), (down, "are down"), (cordoned, "are cordoned"), (draining, "are draining")]
-        {
-            if count > 0 {
-                parts.push(format!("{count} {what}"));
-            }
-        }
-        let filtered = nodes.len() - eligible.len();
-        if filtered > 0 {
-            parts.push(format!("{filtered} lack the {runtime_names} runtime or the selected labels"));
-        }
-        let prefix =
-            if full == 0 && down + cordoned + draining > 0 { "no node is ready" } else { "waiting for capacity" };
-        Unplaceable::Wait(format!(
-            "{prefix}: 0/{} nodes can take {} mCPU, {} bytes of memory and a session slot: {}",
-            nodes.len(),
-            need.cpu_millis,
-            need.memory_bytes,
-            parts.join(", ")
-        ))
+        Unplaceable::Wait(PendingReason::NoRoom(room))
     }
 }
 
@@ -272,7 +259,7 @@ mod tests {
         assert_ne!(first, second, "spread places on the emptier node");
         st.allocated.insert(second, Resources { cpu_millis: 1500, memory_bytes: 1 << 20, slots: 1 });
         assert!(
-            matches!(place(&st, &spec(1000), ALL), Err(Unplaceable::Wait(r)) if r.contains("waiting for capacity") && r.contains("2 lack free capacity"))
+            matches!(place(&st, &spec(1000), ALL), Err(Unplaceable::Wait(r)) if r.to_string().contains("waiting for capacity") && r.to_string().contains("2 lack free capacity"))
         );
     }
 
@@ -306,11 +293,13 @@ mod tests {
             assert_eq!(place(&st, &s, ALL).unwrap(), "gpu");
         }
         s.node_selector.insert("zone".into(), "c".into());
-        assert!(matches!(place(&st, &s, ALL), Err(Unplaceable::Wait(r)) if r.contains("carries the labels zone=c")));
+        assert!(
+            matches!(place(&st, &s, ALL), Err(Unplaceable::Wait(r)) if r.to_string().contains("carries the labels zone=c"))
+        );
         st.apply(Command::CordonNode { node_id: "plain".into(), cordoned: true }, &mut t);
         st.apply(Command::NodeDown { node_id: "gpu".into(), now_ms: 1, keep: vec![] }, &mut t);
         assert!(
-            matches!(place(&st, &spec(100), ALL), Err(Unplaceable::Wait(r)) if r.starts_with("no node is ready") && r.contains("1 are down") && r.contains("1 are cordoned"))
+            matches!(place(&st, &spec(100), ALL), Err(Unplaceable::Wait(r)) if r.to_string().starts_with("no node is ready") && r.to_string().contains("1 are down") && r.to_string().contains("1 are cordoned"))
         );
     }
 

@@ -14,6 +14,8 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
+pub use crate::pending::PendingReason;
+
 /// A session's lifecycle state, as stored.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub enum SessionPhase {
@@ -55,7 +57,7 @@ pub struct SessionRecord {
     pub expires_at_ms: i64,
     pub updated_at_ms: i64,
     /// Why it is not running yet.
-    pub pending_reason: String,
+    pub pending_reason: PendingReason,
     /// Detail for terminal states.
     pub message: String,
     /// Times it was queued for placement again after losing its node.
@@ -176,14 +178,6 @@ pub enum Command {
     /// Creates a session unless its request id was already seen. When
     /// `session.node_id` is set, the placement is re-checked against capacity.
     CreateSession { session: SessionRecord },
-    /// Places a session onto a node with a new generation, if it still fits
-    /// and the session's generation is still `expected_generation`.
-    PlaceSession { id: String, node_id: String, expected_generation: u64, now_ms: i64 },
-    /// Records why a session cannot be placed.
-    SetPendingReason { id: String, reason: String, now_ms: i64 },
-    /// A node agent's report about a session it runs. Ignored unless it comes
-    /// from the node and generation the session is placed with (fencing).
-    ReportSession { id: String, node_id: String, generation: u64, phase: SessionPhase, message: String, now_ms: i64 },
     /// Terminates sessions (client delete or expiry).
     TerminateSessions { ids: Vec<String>, message: String, now_ms: i64 },
     /// Sets a new expiry.
@@ -205,12 +199,14 @@ pub enum Command {
     /// An operator stops (or resumes) new placements on a node. Uncordoning
     /// also ends a drain.
     CordonNode { node_id: String, cordoned: bool },
-    /// Many placements in one entry; each is checked like `PlaceSession` and
-    /// the ones that no longer fit are skipped.
+    /// Places sessions onto nodes, each with a new generation if it still
+    /// fits and the session's generation is still `expected_generation`; the
+    /// others are skipped.
     PlaceSessions { placements: Vec<Placement>, now_ms: i64 },
-    /// Many pending reasons in one entry.
-    SetPendingReasons { reasons: Vec<(String, String)>, now_ms: i64 },
-    /// A node's reports in one entry, fenced one by one like `ReportSession`.
+    /// Records why sessions cannot be placed.
+    SetPendingReasons { reasons: Vec<(String, PendingReason)>, now_ms: i64 },
+    /// A node agent's reports about sessions it runs. Each is ignored unless
+    /// it comes from the node and generation the session is placed with (fencing).
     ReportSessions { node_id: String, reports: Vec<Report>, now_ms: i64 },
     /// Sessions on `node_id` whose own `lost_after` passed: LOST (or FAILED
     /// when out of attempts), to be placed again.
@@ -446,12 +442,11 @@ impl ClusterState {
                         // Paused after the service chose a node: the session waits like any other.
                         session.node_id = None;
                         session.generation = 0;
-                        session.pending_reason = crate::leader::PAUSED_REASON.to_string();
+                        session.pending_reason = PendingReason::Paused;
                     } else if !self.node_fits(&node, &session.spec) {
                         session.node_id = None;
                         session.generation = 0;
-                        session.pending_reason =
-                            format!("node {node} filled up before placement; waiting for capacity");
+                        session.pending_reason = PendingReason::FilledUp { node };
                     }
                 }
                 self.hold(&session);
@@ -460,9 +455,6 @@ impl ClusterState {
                 touched.sessions.push(session.id.clone());
                 self.sessions.insert(session.id.clone(), session.clone());
                 CommandResponse::Session(session)
-            }
-            Command::PlaceSession { id, node_id, expected_generation, now_ms } => {
-                self.place_one(Placement { id, node_id, expected_generation }, now_ms, touched)
             }
             Command::PlaceSessions { placements, now_ms } => {
                 let mut placed = Vec::with_capacity(placements.len());
@@ -530,28 +522,13 @@ impl ClusterState {
                     s.phase = SessionPhase::Pending;
                     s.node_id = None;
                     s.moved_from = Some(node_id.clone());
-                    s.pending_reason = format!("moving off draining node {node_id}");
+                    s.pending_reason = PendingReason::Moving { node: node_id.clone() };
                     s.updated_at_ms = now_ms;
                     touched.sessions.push(id.clone());
                     self.sessions.insert(id, s.clone());
                     out.push(s);
                 }
                 CommandResponse::Sessions(out)
-            }
-            Command::SetPendingReason { id, reason, now_ms } => {
-                let Some(s) = self.sessions.get_mut(&id) else {
-                    return CommandResponse::NotFound(id);
-                };
-                if s.phase.is_terminal() || s.pending_reason == reason {
-                    return CommandResponse::Session(s.clone());
-                }
-                s.pending_reason = reason;
-                s.updated_at_ms = now_ms;
-                touched.sessions.push(id);
-                CommandResponse::Session(s.clone())
-            }
-            Command::ReportSession { id, node_id, generation, phase, message, now_ms } => {
-                self.report_one(Report { id, generation, phase, message }, &node_id, now_ms, touched)
             }
             Command::TerminateSessions { ids, message, now_ms } => {
                 let mut out = Vec::with_capacity(ids.len());
@@ -572,7 +549,7 @@ impl ClusterState {
                     let mut s = s;
                     s.phase = SessionPhase::Terminated;
                     s.message = message.clone();
-                    s.pending_reason.clear();
+                    s.pending_reason = PendingReason::None;
                     s.updated_at_ms = now_ms;
                     touched.sessions.push(id.clone());
                     self.sessions.insert(id, s.clone());
@@ -674,7 +651,7 @@ impl ClusterState {
         s.node_id = Some(node_id);
         s.generation += 1;
         s.phase = SessionPhase::Pending;
-        s.pending_reason = "starting on its node".into();
+        s.pending_reason = PendingReason::Starting;
         s.not_before_ms = 0;
         s.updated_at_ms = now_ms;
         self.hold(&s);
@@ -701,7 +678,7 @@ impl ClusterState {
         match phase {
             SessionPhase::Running => {
                 next.phase = SessionPhase::Running;
-                next.pending_reason.clear();
+                next.pending_reason = PendingReason::None;
                 next.moved_from = None;
             }
             SessionPhase::Failed => {
@@ -735,7 +712,7 @@ impl ClusterState {
         s.updated_at_ms = now_ms;
         if s.spec.max_attempts > 0 && s.restarts >= s.spec.max_attempts {
             s.phase = SessionPhase::Failed;
-            s.pending_reason.clear();
+            s.pending_reason = PendingReason::None;
             s.message = format!(
                 "lost with node {node_id}; not placed again: all {} restart attempts are used up",
                 s.spec.max_attempts
@@ -752,11 +729,7 @@ impl ClusterState {
                     .min(sandfleet_common::limits::MAX_RESTART_BACKOFF_MS)
             };
             s.not_before_ms = if backoff == 0 { 0 } else { now_ms + backoff as i64 };
-            s.pending_reason = if backoff == 0 {
-                format!("node {node_id} stopped heartbeating; placing it again")
-            } else {
-                format!("node {node_id} stopped heartbeating; placing it again after a {backoff} ms backoff")
-            };
+            s.pending_reason = PendingReason::NodeLost { node: node_id.to_string(), backoff_ms: backoff };
         }
         touched.sessions.push(id.to_string());
         self.sessions.insert(id.to_string(), s.clone());
@@ -811,7 +784,7 @@ mod tests {
             created_at_ms: 1,
             expires_at_ms: 100,
             updated_at_ms: 1,
-            pending_reason: String::new(),
+            pending_reason: PendingReason::None,
             message: String::new(),
             restarts: 0,
             not_before_ms: 0,
@@ -833,6 +806,14 @@ mod tests {
         }
     }
 
+    /// A one-placement batch, as the leader proposes it.
+    fn place(id: &str, node: &str, expected_generation: u64, now_ms: i64) -> Command {
+        Command::PlaceSessions {
+            placements: vec![Placement { id: id.into(), node_id: node.into(), expected_generation }],
+            now_ms,
+        }
+    }
+
     #[test]
     fn create_is_idempotent_on_request_id() {
         let mut st = ClusterState::default();
@@ -848,6 +829,31 @@ mod tests {
     }
 
     #[test]
+    fn records_and_commands_with_the_old_text_reasons_still_load() {
+        // Before PendingReason, the log and snapshots held the reason text.
+        let mut old = serde_json::to_value(session("a", "r1", None, 100)).unwrap();
+        old["pending_reason"] = "node n1 stopped heartbeating; placing it again".into();
+        let s: SessionRecord = serde_json::from_value(old).unwrap();
+        assert_eq!(s.pending_reason.to_string(), "node n1 stopped heartbeating; placing it again");
+        let cmd = r#"{"SetPendingReasons":{"reasons":[["a","waiting for capacity: 0/1 nodes"],["b",""]],"now_ms":5}}"#;
+        let Command::SetPendingReasons { reasons, now_ms: 5 } = serde_json::from_str::<Command>(cmd).unwrap() else {
+            panic!()
+        };
+        assert_eq!(reasons[0].1.to_string(), "waiting for capacity: 0/1 nodes");
+        assert!(reasons[1].1.is_none());
+        // And what is written now reads back as the same typed reason.
+        let mut st = ClusterState::default();
+        let mut t = Touched::default();
+        st.apply(Command::RegisterNode { node: node("n1", 1000) }, &mut t);
+        st.apply(Command::CreateSession { session: session("a", "r1", Some("n1"), 100) }, &mut t);
+        st.apply(Command::NodeDown { node_id: "n1".into(), now_ms: 10, keep: vec![] }, &mut t);
+        let mut back: ClusterState = serde_json::from_slice(&serde_json::to_vec(&st).unwrap()).unwrap();
+        back.rebuild_indexes();
+        assert_eq!(back.sessions["a"].pending_reason, PendingReason::NodeLost { node: "n1".into(), backoff_ms: 0 });
+        assert_eq!(back.digest(), st.digest());
+    }
+
+    #[test]
     fn placement_is_rechecked_at_apply_and_capacity_is_released() {
         let mut st = ClusterState::default();
         let mut t = Touched::default();
@@ -857,17 +863,14 @@ mod tests {
         let r = st.apply(Command::CreateSession { session: session("b", "r2", Some("n1"), 800) }, &mut t);
         let CommandResponse::Session(b) = r else { panic!() };
         assert_eq!(b.node_id, None);
-        assert!(!b.pending_reason.is_empty());
+        assert_eq!(b.pending_reason, PendingReason::FilledUp { node: "n1".into() });
         assert_eq!(st.allocated_on("n1").cpu_millis, 800);
 
         st.apply(Command::TerminateSessions { ids: vec!["a".into()], message: "deleted".into(), now_ms: 2 }, &mut t);
         assert_eq!(st.allocated_on("n1").cpu_millis, 0);
-        let r = st.apply(
-            Command::PlaceSession { id: "b".into(), node_id: "n1".into(), expected_generation: 0, now_ms: 3 },
-            &mut t,
-        );
-        let CommandResponse::Session(b) = r else { panic!("{r:?}") };
-        assert_eq!(b.generation, 1);
+        let r = st.apply(place("b", "n1", 0, 3), &mut t);
+        let CommandResponse::Sessions(placed) = r else { panic!("{r:?}") };
+        assert_eq!(placed.iter().map(|b| (b.id.as_str(), b.generation)).collect::<Vec<_>>(), [("b", 1)]);
         assert_eq!(st.allocated_on("n1").cpu_millis, 800);
     }
 
@@ -877,25 +880,27 @@ mod tests {
         let mut t = Touched::default();
         st.apply(Command::RegisterNode { node: node("n1", 1000) }, &mut t);
         st.apply(Command::CreateSession { session: session("a", "r1", Some("n1"), 100) }, &mut t);
-        let stale = Command::ReportSession {
-            id: "a".into(),
+        let report = |generation| Command::ReportSessions {
             node_id: "n1".into(),
-            generation: 7,
-            phase: SessionPhase::Running,
-            message: String::new(),
+            reports: vec![Report { id: "a".into(), generation, phase: SessionPhase::Running, message: String::new() }],
             now_ms: 2,
         };
-        assert!(matches!(st.apply(stale, &mut t), CommandResponse::Rejected(_)));
-        let ok = Command::ReportSession {
-            id: "a".into(),
-            node_id: "n1".into(),
-            generation: 1,
-            phase: SessionPhase::Running,
-            message: String::new(),
+        st.apply(report(7), &mut t);
+        assert_eq!(st.sessions["a"].phase, SessionPhase::Pending, "a stale generation's report is ignored");
+        let other = Command::ReportSessions {
+            node_id: "n2".into(),
+            reports: vec![Report {
+                id: "a".into(),
+                generation: 1,
+                phase: SessionPhase::Running,
+                message: String::new(),
+            }],
             now_ms: 2,
         };
-        let CommandResponse::Session(s) = st.apply(ok, &mut t) else { panic!() };
-        assert_eq!(s.phase, SessionPhase::Running);
+        st.apply(other, &mut t);
+        assert_eq!(st.sessions["a"].phase, SessionPhase::Pending, "another node's report is ignored");
+        st.apply(report(1), &mut t);
+        assert_eq!(st.sessions["a"].phase, SessionPhase::Running);
     }
 
     #[test]
@@ -922,10 +927,7 @@ mod tests {
         assert_eq!(st.expired_at(99), Vec::<String>::new());
         assert_eq!(st.expired_at(100), ["a", "b"]);
 
-        st.apply(
-            Command::PlaceSession { id: "a".into(), node_id: "n1".into(), expected_generation: 0, now_ms: 2 },
-            &mut t,
-        );
+        st.apply(place("a", "n1", 0, 2), &mut t);
         assert!(st.unplaced.is_empty());
         st.apply(Command::RenewSession { id: "a".into(), expires_at_ms: 500, now_ms: 3 }, &mut t);
         assert_eq!(st.expired_at(100), ["b"]);
@@ -1049,21 +1051,16 @@ mod tests {
         let r = st.apply(Command::CreateSession { session: session("a", "r1", Some("n1"), 100) }, &mut t);
         let CommandResponse::Session(a) = r else { panic!("{r:?}") };
         assert_eq!((a.node_id.as_deref(), a.generation), (None, 0));
-        assert_eq!(a.pending_reason, crate::leader::PAUSED_REASON);
+        assert_eq!(a.pending_reason, PendingReason::Paused);
         assert_eq!(st.allocated_on("n1").cpu_millis, 0);
-        let r = st.apply(
-            Command::PlaceSession { id: "a".into(), node_id: "n1".into(), expected_generation: 0, now_ms: 2 },
-            &mut t,
-        );
-        assert!(matches!(r, CommandResponse::Rejected(_)), "{r:?}");
+        let r = st.apply(place("a", "n1", 0, 2), &mut t);
+        assert_eq!(r, CommandResponse::Sessions(vec![]), "nothing is placed while paused");
+        assert_eq!(st.sessions["a"].node_id, None);
         let before = st.digest();
         st.apply(Command::SetSchedulerPaused { paused: false }, &mut t);
         assert_ne!(st.digest(), before, "the pause is part of the replicated state");
-        let r = st.apply(
-            Command::PlaceSession { id: "a".into(), node_id: "n1".into(), expected_generation: 0, now_ms: 3 },
-            &mut t,
-        );
-        let CommandResponse::Session(a) = r else { panic!("{r:?}") };
+        st.apply(place("a", "n1", 0, 3), &mut t);
+        let a = &st.sessions["a"];
         assert_eq!((a.node_id.as_deref(), a.generation), (Some("n1"), 1));
     }
 }

@@ -5,9 +5,11 @@
 //! Reconciliation is level-based: every assignment message carries the full
 //! set, so a missed message is repaired by the next one. A session runs only
 //! at the newest generation assigned to this node; anything else the runtime
-//! holds is destroyed.
+//! holds is destroyed. What to start, keep and stop, and what a cut-off agent
+//! stops by itself, are decided by the pure planners of [`plan`]; this module
+//! carries their decisions out.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -21,6 +23,8 @@ use tonic::transport::{Channel, Endpoint};
 use crate::runtime::{Runtime, SandboxSpec};
 use crate::store::sync::Syncer;
 use crate::store::StoreError;
+
+pub mod plan;
 
 /// Deadline of each control-plane call.
 const CALL_TIMEOUT: Duration = Duration::from_secs(5);
@@ -37,7 +41,7 @@ pub enum LocalPhase {
 }
 
 /// A session this agent holds.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct LocalSession {
     pub generation: u64,
     pub phase: LocalPhase,
@@ -62,10 +66,6 @@ impl LocalSession {
         }
     }
 }
-
-/// How long past its end a cut-off agent lets a session run before it ends
-/// it itself (the coordinators' clocks may differ a little from ours).
-const SELF_EXPIRY_GRACE_MS: i64 = 1000;
 
 /// State shared by the control loop and the data plane.
 pub struct AgentState {
@@ -280,55 +280,25 @@ impl AgentState {
     /// live copies must never run; and a session past its TTL or idle timeout
     /// is ended, as the coordinators would have done.
     async fn fence_if_cut_off(self: &Arc<Self>) {
-        let node_fence = self.fence_after_ms.load(std::sync::atomic::Ordering::SeqCst);
-        if node_fence == 0 {
-            return; // not registered yet
-        }
-        let silent = self.last_contact.lock().unwrap_or_else(|p| p.into_inner()).elapsed();
-        let silent_ms = silent.as_millis() as u64;
-        let heartbeat_ms = self.heartbeat_ms.load(std::sync::atomic::Ordering::SeqCst);
-        // Connected: the coordinators enforce lifetimes and placements.
-        if silent_ms < heartbeat_ms.saturating_mul(2) {
-            return;
-        }
-        let now = sandfleet_common::time::now_ms();
-        let due: Vec<(String, &'static str)> = {
-            let sessions = self.sessions.lock().unwrap_or_else(|p| p.into_inner());
-            sessions
-                .iter()
-                .filter_map(|(id, s)| {
-                    let fence = if s.fence_after_ms == 0 { node_fence } else { s.fence_after_ms };
-                    let why = if silent_ms >= fence {
-                        "cut off from a coordinator quorum (fencing)"
-                    } else if s.expires_at_ms > 0 && now > s.expires_at_ms + SELF_EXPIRY_GRACE_MS {
-                        "past its ttl while cut off"
-                    } else if s.idle_timeout_ms > 0
-                        && now - s.last_active_ms > s.idle_timeout_ms as i64 + SELF_EXPIRY_GRACE_MS
-                    {
-                        "past its idle timeout while cut off"
-                    } else {
-                        return None;
-                    };
-                    Some((id.clone(), why))
-                })
-                .collect()
+        let silent_ms = self.last_contact.lock().unwrap_or_else(|p| p.into_inner()).elapsed().as_millis() as u64;
+        let contact = plan::Contact {
+            node_fence_ms: self.fence_after_ms.load(std::sync::atomic::Ordering::SeqCst),
+            heartbeat_ms: self.heartbeat_ms.load(std::sync::atomic::Ordering::SeqCst),
+            silent_ms,
+            fenced: self.is_fenced(),
         };
-        // Past the node's fence time (or having fenced any session), assignment
-        // pushes from a possibly stale coordinator are ignored until a heartbeat
-        // that a quorum backs succeeds.
-        let fence = silent_ms >= node_fence || due.iter().any(|(_, why)| why.ends_with("(fencing)"));
-        if due.is_empty() && (!fence || self.is_fenced()) {
-            return;
-        }
+        let now = sandfleet_common::time::now_ms();
+        let decided = plan::plan_fence(&self.sessions.lock().unwrap_or_else(|p| p.into_inner()), contact, now);
+        let Some(fence) = decided else { return };
         let _guard = self.reconcile_lock.lock().await;
-        if fence && !self.fenced.swap(true, std::sync::atomic::Ordering::SeqCst) {
+        if fence.enter && !self.fenced.swap(true, std::sync::atomic::Ordering::SeqCst) {
             tracing::error!(
                 silent_ms,
                 "cut off from a coordinator quorum; fencing: ignoring assignment pushes until a heartbeat succeeds"
             );
         }
         let mut leaving = Vec::new();
-        for (id, why) in due {
+        for (id, why) in fence.stop {
             if self.sessions.lock().unwrap_or_else(|p| p.into_inner()).remove(&id).is_none() {
                 continue;
             }
@@ -391,45 +361,33 @@ impl AgentState {
     /// `pushed` sets (from a watch stream) are also ignored while fenced.
     pub async fn reconcile(self: &Arc<Self>, assignments: Vec<pb::Assignment>, version: u64, pushed: bool) {
         let _guard = self.reconcile_lock.lock().await;
-        if pushed && self.is_fenced() {
-            return;
-        }
-        let seen = self.assignments_version.load(std::sync::atomic::Ordering::SeqCst);
-        if version < seen {
-            tracing::debug!(version, seen, "ignoring an older assignment set");
-            return;
-        }
-        self.assignments_version.store(version, std::sync::atomic::Ordering::SeqCst);
-        let desired: BTreeMap<String, pb::Assignment> =
-            assignments.into_iter().map(|a| (a.session_id.clone(), a)).collect();
+        let followed = self.assignments_version.load(std::sync::atomic::Ordering::SeqCst);
         let (to_start, to_stop) = {
             let mut sessions = self.sessions.lock().unwrap_or_else(|p| p.into_inner());
-            let to_stop: Vec<String> =
-                sessions.iter().filter(|(id, _)| !desired.contains_key(*id)).map(|(id, _)| id.clone()).collect();
-            let mut to_start = Vec::new();
             let now = sandfleet_common::time::now_ms();
-            for (id, a) in &desired {
-                match sessions.get_mut(id) {
-                    Some(local) if local.generation == a.generation => {
-                        if local.expires_at_ms != a.expires_at_ms {
-                            // Renewed: renewal also restarts the idle clock.
-                            local.last_active_ms = local.last_active_ms.max(now);
-                        }
-                        let fresh = LocalSession::new(a, now);
-                        local.expires_at_ms = a.expires_at_ms;
-                        local.fence_after_ms = fresh.fence_after_ms;
-                        local.idle_timeout_ms = fresh.idle_timeout_ms;
-                        continue;
+            let fenced = pushed && self.is_fenced();
+            let Some(actions) = plan::plan_reconcile(&assignments, version, followed, fenced, &sessions, now) else {
+                if !fenced {
+                    tracing::debug!(version, followed, "ignoring an older assignment set");
+                }
+                return;
+            };
+            self.assignments_version.store(version, std::sync::atomic::Ordering::SeqCst);
+            let (mut to_start, mut to_stop) = (Vec::new(), Vec::new());
+            for action in actions {
+                match action {
+                    plan::Action::Stop(id) => {
+                        sessions.remove(&id);
+                        to_stop.push(id);
                     }
-                    Some(local) if local.generation > a.generation => continue, // stale assignment message
-                    _ => {
-                        sessions.insert(id.clone(), LocalSession::new(a, now));
-                        to_start.push(a.clone());
+                    plan::Action::Update(id, local) => {
+                        sessions.insert(id, local);
+                    }
+                    plan::Action::Start(a) => {
+                        sessions.insert(a.session_id.clone(), LocalSession::new(&a, now));
+                        to_start.push(a);
                     }
                 }
-            }
-            for id in &to_stop {
-                sessions.remove(id);
             }
             (to_start, to_stop)
         };

@@ -5,9 +5,74 @@
 //! - [`node`]: NodeService (node listing for operators).
 //! - [`cluster`]: ClusterService (membership and status).
 //! - [`raft`]: RaftService (Raft transport, write forwarding, read-index).
+//!
+//! The one mapping of the core's [`CoreError`] and of refused commands to
+//! gRPC statuses lives here.
 
 pub mod agent;
 pub mod cluster;
 pub mod node;
 pub mod raft;
 pub mod session;
+
+use tonic::Status;
+
+use crate::error::CoreError;
+use crate::state::CommandResponse;
+
+impl From<CoreError> for Status {
+    fn from(e: CoreError) -> Self {
+        let message = e.to_string();
+        match e {
+            CoreError::NoLeader
+            | CoreError::NotLeader
+            | CoreError::WriteTimeout(_)
+            | CoreError::ReadTimeout(_)
+            | CoreError::Unavailable(_)
+            | CoreError::Lagging(_)
+            | CoreError::RaftStopped(_) => Status::unavailable(message),
+            CoreError::Membership(_) => Status::failed_precondition(message),
+            CoreError::Internal(_) => Status::internal(message),
+        }
+    }
+}
+
+/// Maps an apply result that is not the expected success to a status.
+pub fn response_status(r: CommandResponse) -> Status {
+    match r {
+        CommandResponse::NotFound(id) => Status::not_found(format!("session {id} not found")),
+        CommandResponse::Rejected(why) => Status::failed_precondition(why),
+        other => Status::internal(format!("unexpected apply result {other:?}")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn core_errors_keep_their_status_codes_and_text() {
+        let cases = [
+            (CoreError::NoLeader, tonic::Code::Unavailable),
+            (CoreError::NotLeader, tonic::Code::Unavailable),
+            (CoreError::WriteTimeout(std::time::Duration::from_secs(5)), tonic::Code::Unavailable),
+            (CoreError::ReadTimeout(std::time::Duration::from_secs(5)), tonic::Code::Unavailable),
+            (CoreError::Unavailable("leadership moved while forwarding; retry".into()), tonic::Code::Unavailable),
+            (CoreError::Lagging("timeout".into()), tonic::Code::Unavailable),
+            (CoreError::RaftStopped("panicked".into()), tonic::Code::Unavailable),
+            (CoreError::Membership("a change is in progress".into()), tonic::Code::FailedPrecondition),
+            (CoreError::Internal("bad leader address x: y".into()), tonic::Code::Internal),
+        ];
+        for (e, code) in cases {
+            let text = e.to_string();
+            let status = Status::from(e);
+            assert_eq!((status.code(), status.message()), (code, text.as_str()));
+        }
+        let s = Status::from(CoreError::WriteTimeout(std::time::Duration::from_secs(5)));
+        assert!(s.message().starts_with("the write did not commit within 5s"), "{}", s.message());
+        assert_eq!(
+            Status::from(CoreError::NoLeader).message(),
+            "no coordinator leader is elected right now; retry shortly"
+        );
+    }
+}

@@ -14,9 +14,10 @@ use tokio::sync::broadcast::error::RecvError;
 use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status};
 
-use crate::core::{phase_to_proto, response_status, Core, Tunables};
+use crate::core::{phase_to_proto, Core, Tunables};
 use crate::scheduler::{self, Unplaceable};
-use crate::state::{Command, CommandResponse, SessionPhase, SessionRecord, SpecRecord};
+use crate::service::response_status;
+use crate::state::{Command, CommandResponse, PendingReason, SessionPhase, SessionRecord, SpecRecord};
 
 /// The SessionService implementation.
 pub struct SessionApi {
@@ -85,10 +86,10 @@ impl SessionService for SessionApi {
         let (placement, paused) =
             self.core.state.read(|st| (scheduler::place(st, &spec, self.core.tunables.placement), st.scheduler_paused));
         let (node_id, pending_reason) = match placement {
-            Err(Unplaceable::Never(why)) => return Err(Status::resource_exhausted(why)),
-            _ if paused => (None, crate::leader::PAUSED_REASON.to_string()),
-            Ok(node) if self.core.is_leader() => (Some(node), "starting on its node".to_string()),
-            Ok(_) => (None, "waiting for the leader to place it".to_string()),
+            Err(Unplaceable::Never(why)) => return Err(Status::resource_exhausted(why.to_string())),
+            _ if paused => (None, PendingReason::Paused),
+            Ok(node) if self.core.is_leader() => (Some(node), PendingReason::Starting),
+            Ok(_) => (None, PendingReason::AwaitingLeader),
             Err(Unplaceable::Wait(why)) => (None, why),
         };
         let now = crate::now_ms();
