@@ -9,6 +9,7 @@
 //! - [`ids`]: validation of session ids, node ids, templates, request ids, labels and env keys.
 //! - [`limits`]: defaults and hard limits (sizes, counts, durations).
 //! - [`quantity`]: parsing `256Mi` / `0.5` / `500m` style resource quantities.
+//! - [`ready`]: the JSON ready line a process prints once it serves.
 //! - [`token`]: Ed25519-signed, session-scoped data-plane tokens.
 //! - [`telemetry`]: `tracing` subscriber set from `RUST_LOG`, with optional OTLP export.
 //! - [`signal`]: the SIGINT/SIGTERM shutdown signal of the daemons.
@@ -17,6 +18,7 @@
 pub mod ids;
 pub mod limits;
 pub mod quantity;
+pub mod ready;
 pub mod signal;
 pub mod telemetry;
 pub mod time;
