@@ -39,9 +39,9 @@ use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context, Result};
 use sandfleet::Client;
-use sandfleet_chaos::testkit::percentile;
-use sandfleet_chaos::{Cluster, ClusterBuilder};
 use sandfleet_proto::v1::{self as pb, agent_service_client::AgentServiceClient};
+use sandfleet_testkit::helpers::percentile;
+use sandfleet_testkit::{Cluster, ClusterBuilder};
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 use tonic::transport::{Channel, Endpoint};
@@ -420,7 +420,7 @@ pub async fn run(settings: &Settings) -> Result<Report> {
     eprintln!("    cpu in steady state: {}", steady_cpu.line());
 
     // The cluster's own view: every session RUNNING.
-    let running = sandfleet_chaos::testkit::list_all_sessions(&client, &[], &[pb::SessionState::Running]).await?;
+    let running = sandfleet_testkit::helpers::list_all_sessions(&client, &[], &[pb::SessionState::Running]).await?;
     let want = pool.tracker.expected.get().ok_or_else(|| anyhow!("no sessions"))?;
     let verified_running = running.iter().filter(|s| want.contains(&s.id)).count();
     eprintln!("  ListSessions: {verified_running} of {} RUNNING", want.len());

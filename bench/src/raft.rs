@@ -22,9 +22,9 @@ use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context, Result};
 use sandfleet::{Backoff, Client, CreateSession};
-use sandfleet_chaos::testkit::percentile;
-use sandfleet_chaos::{ClusterBuilder, Target};
 use sandfleet_proto::v1 as pb;
+use sandfleet_testkit::helpers::percentile;
+use sandfleet_testkit::{ClusterBuilder, Target};
 use tokio::process::{Child, Command};
 use tonic::transport::{Channel, Endpoint};
 

@@ -27,7 +27,7 @@ pub const BWRAP: &str = "/usr/bin/bwrap";
 ///
 /// ```no_run
 /// # async fn t() {
-/// if !sandfleet_chaos::require_sandbox_facilities() {
+/// if !sandfleet_testkit::require_sandbox_facilities() {
 ///     return;
 /// }
 /// # }
