@@ -37,6 +37,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use anyhow::{anyhow, bail, Context, Result};
 use clap::{Parser, Subcommand};
 use sandfleet::{CreateSession, ExecRequest};
+use sandfleet_testkit::facilities::BWRAP_TRUE_ARGS;
 use sandfleet_testkit::helpers::percentile;
 use sandfleet_testkit::{bins, require_sandbox_facilities, ClusterBuilder};
 
@@ -193,29 +194,6 @@ enum Cmd {
         write: Option<PathBuf>,
     },
 }
-
-/// The raw bubblewrap invocation the exec path is compared with.
-const BWRAP_ARGS: &[&str] = &[
-    "--unshare-all",
-    "--die-with-parent",
-    "--ro-bind",
-    "/usr",
-    "/usr",
-    "--symlink",
-    "usr/bin",
-    "/bin",
-    "--symlink",
-    "usr/lib",
-    "/lib",
-    "--symlink",
-    "usr/lib64",
-    "/lib64",
-    "--proc",
-    "/proc",
-    "--dev",
-    "/dev",
-    "true",
-];
 
 const EXEC_GOAL_RATIO: f64 = 2.0;
 const RUNNING_GOAL: Duration = Duration::from_millis(20);
@@ -492,7 +470,7 @@ fn raw_bwrap(runs: usize, warmup: usize) -> Result<Series> {
     for i in 0..warmup + runs {
         let t = Instant::now();
         let status = Command::new(bwrap)
-            .args(BWRAP_ARGS)
+            .args(BWRAP_TRUE_ARGS)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::null())
@@ -500,7 +478,7 @@ fn raw_bwrap(runs: usize, warmup: usize) -> Result<Series> {
             .with_context(|| format!("running {bwrap}"))?;
         let d = t.elapsed();
         if !status.success() {
-            bail!("{bwrap} {} failed: {status}", BWRAP_ARGS.join(" "));
+            bail!("{bwrap} {} failed: {status}", BWRAP_TRUE_ARGS.join(" "));
         }
         if i >= warmup {
             s.samples.push(d);
