@@ -9,11 +9,11 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use sandfleet::{proto, Client, ExecRequest};
 use sandfleet_testkit::helpers::{list_all_sessions, state_of};
-use sandfleet_testkit::linearizability::{Call, History, Outcome, Ret};
+use sandfleet_testkit::linearizability::{Call, History};
 use sandfleet_testkit::{Cluster, Target};
 
 use crate::args::Settings;
-use crate::workload::{is_terminal, outcome_of, spec, Shared, ANCHOR_TTL, RUN_LABEL};
+use crate::workload::{create_outcome, is_terminal, spec, Shared, ANCHOR_TTL, RUN_LABEL};
 
 /// One fault of the schedule.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
@@ -333,13 +333,7 @@ pub async fn ensure_anchors(ctx: &NemesisCtx<'_>, node: &str, counter: &mut u64)
         let rid = format!("chaos-{}-anchor-{counter}", ctx.seed);
         let op = ctx.history.invoke(NEMESIS_CLIENT, Call::Create { request_id: rid.clone() });
         let r = ctx.client.create_session_full(spec(&rid, ctx.run).ttl(ANCHOR_TTL)).await;
-        match &r {
-            Ok(resp) => match &resp.session {
-                Some(s) => ctx.history.complete(op, Outcome::Ok(Ret::Created { session_id: s.id.clone() })),
-                None => ctx.history.complete(op, Outcome::Unknown),
-            },
-            Err(e) => ctx.history.complete(op, outcome_of(e)),
-        }
+        ctx.history.complete(op, create_outcome(&r));
         let sid = {
             let mut l = ctx.ledger.lock().unwrap();
             l.op("anchor-create", r.is_ok());

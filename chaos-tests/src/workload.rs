@@ -57,7 +57,7 @@ pub const ANCHOR_TTL: Duration = Duration::from_secs(90);
 
 /// How a failed call goes into the history: `Failed` only when the server
 /// definitely rejected it (so it cannot have taken effect), else `Unknown`.
-pub fn outcome_of(e: &sandfleet::Error) -> Outcome {
+fn outcome_of(e: &sandfleet::Error) -> Outcome {
     use tonic::Code::*;
     match e.code() {
         Some(
@@ -71,6 +71,18 @@ pub fn outcome_of(e: &sandfleet::Error) -> Outcome {
 /// Whether the session has ended (TERMINATED or FAILED).
 pub fn is_terminal(s: &proto::Session) -> bool {
     matches!(state_of(s), proto::SessionState::Terminated | proto::SessionState::Failed)
+}
+
+/// How a create goes into the history: `Created` with the session it
+/// answered, `Unknown` for an answer without one, else as [`outcome_of`].
+pub fn create_outcome(r: &Result<proto::CreateSessionResponse, sandfleet::Error>) -> Outcome {
+    match r {
+        Ok(resp) => match &resp.session {
+            Some(s) => Outcome::Ok(Ret::Created { session_id: s.id.clone() }),
+            None => Outcome::Unknown,
+        },
+        Err(e) => outcome_of(e),
+    }
 }
 
 /// How a get or a delete goes into the history: `answered(ended)` with the
@@ -122,13 +134,7 @@ pub async fn worker(id: usize, ctx: WorkerCtx) {
             let rid = format!("chaos-{seed}-w{id}-{n}");
             let op = history.invoke(me, Call::Create { request_id: rid.clone() });
             let r = client.create_session_full(spec(&rid, &run)).await;
-            match &r {
-                Ok(resp) => match &resp.session {
-                    Some(s) => history.complete(op, Outcome::Ok(Ret::Created { session_id: s.id.clone() })),
-                    None => history.complete(op, Outcome::Unknown),
-                },
-                Err(e) => history.complete(op, outcome_of(e)),
-            }
+            history.complete(op, create_outcome(&r));
             match r {
                 Ok(resp) => {
                     let mut l = ledger.lock().unwrap();
@@ -166,13 +172,7 @@ pub async fn worker(id: usize, ctx: WorkerCtx) {
             let (rid, sid) = mine[rng.random_range(0..mine.len())].clone();
             let op = history.invoke(me, Call::Create { request_id: rid.clone() });
             let r = client.create_session_full(spec(&rid, &run)).await;
-            match &r {
-                Ok(resp) => match &resp.session {
-                    Some(s) => history.complete(op, Outcome::Ok(Ret::Created { session_id: s.id.clone() })),
-                    None => history.complete(op, Outcome::Unknown),
-                },
-                Err(e) => history.complete(op, outcome_of(e)),
-            }
+            history.complete(op, create_outcome(&r));
             let mut l = ledger.lock().unwrap();
             l.op("retry-create", r.is_ok());
             if let Ok(resp) = r {
