@@ -20,8 +20,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context, Result};
 use sandfleet::{CreateSession, ExecRequest};
-use sandfleet_chaos::testkit::percentile;
-use sandfleet_chaos::ClusterBuilder;
+use sandfleet_testkit::helpers::percentile;
+use sandfleet_testkit::ClusterBuilder;
 
 /// What to run.
 #[derive(Debug, Clone)]
@@ -100,7 +100,7 @@ fn docker(args: &[&str]) -> Result<String> {
 
 /// Builds (or finds, by content hash) the sandbox image with this build's executor.
 fn image() -> Result<String> {
-    sandfleet_chaos::facilities::build_sandbox_image().map_err(anyhow::Error::msg)
+    sandfleet_testkit::facilities::build_sandbox_image().map_err(anyhow::Error::msg)
 }
 
 fn spec(i: usize, tag: &str) -> CreateSession {

@@ -27,9 +27,9 @@ use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Result};
 use sandfleet::{Client, CreateSession};
-use sandfleet_chaos::testkit::{list_all_sessions, percentile, state_of};
-use sandfleet_chaos::{ClusterBuilder, Target};
 use sandfleet_proto::v1 as pb;
+use sandfleet_testkit::helpers::{list_all_sessions, percentile, state_of};
+use sandfleet_testkit::{ClusterBuilder, Target};
 
 /// Kubernetes, not measured: node-monitor-grace-period (40 s) before the node is
 /// NotReady, then the default 300 s not-ready/unreachable toleration before its

@@ -37,8 +37,9 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use anyhow::{anyhow, bail, Context, Result};
 use clap::{Parser, Subcommand};
 use sandfleet::{CreateSession, ExecRequest};
-use sandfleet_chaos::testkit::percentile;
-use sandfleet_chaos::{bins, require_sandbox_facilities, ClusterBuilder};
+use sandfleet_testkit::facilities::BWRAP_TRUE_ARGS;
+use sandfleet_testkit::helpers::percentile;
+use sandfleet_testkit::{bins, require_sandbox_facilities, ClusterBuilder};
 
 mod docker;
 mod failover;
@@ -193,29 +194,6 @@ enum Cmd {
         write: Option<PathBuf>,
     },
 }
-
-/// The raw bubblewrap invocation the exec path is compared with.
-const BWRAP_ARGS: &[&str] = &[
-    "--unshare-all",
-    "--die-with-parent",
-    "--ro-bind",
-    "/usr",
-    "/usr",
-    "--symlink",
-    "usr/bin",
-    "/bin",
-    "--symlink",
-    "usr/lib",
-    "/lib",
-    "--symlink",
-    "usr/lib64",
-    "/lib64",
-    "--proc",
-    "/proc",
-    "--dev",
-    "/dev",
-    "true",
-];
 
 const EXEC_GOAL_RATIO: f64 = 2.0;
 const RUNNING_GOAL: Duration = Duration::from_millis(20);
@@ -487,12 +465,12 @@ async fn skeleton(runs: usize, warmup: usize, write: Option<&Path>) -> Result<()
 }
 
 fn raw_bwrap(runs: usize, warmup: usize) -> Result<Series> {
-    let bwrap = sandfleet_chaos::facilities::BWRAP;
+    let bwrap = sandfleet_testkit::facilities::BWRAP;
     let mut s = Series { name: "raw `bwrap --unshare-all ... true`", samples: Vec::with_capacity(runs) };
     for i in 0..warmup + runs {
         let t = Instant::now();
         let status = Command::new(bwrap)
-            .args(BWRAP_ARGS)
+            .args(BWRAP_TRUE_ARGS)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::null())
@@ -500,7 +478,7 @@ fn raw_bwrap(runs: usize, warmup: usize) -> Result<Series> {
             .with_context(|| format!("running {bwrap}"))?;
         let d = t.elapsed();
         if !status.success() {
-            bail!("{bwrap} {} failed: {status}", BWRAP_ARGS.join(" "));
+            bail!("{bwrap} {} failed: {status}", BWRAP_TRUE_ARGS.join(" "));
         }
         if i >= warmup {
             s.samples.push(d);
@@ -579,7 +557,7 @@ fn machine_description() -> Vec<(String, String)> {
         .unwrap_or_else(|| "unknown".into());
     let kernel =
         std::fs::read_to_string("/proc/sys/kernel/osrelease").map(|s| s.trim().to_string()).unwrap_or_default();
-    let bwrap = Command::new(sandfleet_chaos::facilities::BWRAP)
+    let bwrap = Command::new(sandfleet_testkit::facilities::BWRAP)
         .arg("--version")
         .output()
         .ok()
@@ -594,7 +572,7 @@ fn machine_description() -> Vec<(String, String)> {
         ("Memory".into(), mem),
         ("Load average (1/5/15 min) when the table was written".into(), load),
         ("Kernel".into(), kernel),
-        ("cgroups".into(), sandfleet_chaos::host::cgroup_version().into()),
+        ("cgroups".into(), sandfleet_testkit::host::cgroup_version().into()),
         ("bubblewrap".into(), bwrap),
         ("Binaries".into(), format!("`{profile}` profile ({})", bins::bin_dir().display())),
         ("Date".into(), utc_now()),

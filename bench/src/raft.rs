@@ -22,9 +22,9 @@ use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context, Result};
 use sandfleet::{Backoff, Client, CreateSession};
-use sandfleet_chaos::testkit::percentile;
-use sandfleet_chaos::{ClusterBuilder, Target};
 use sandfleet_proto::v1 as pb;
+use sandfleet_testkit::helpers::percentile;
+use sandfleet_testkit::{Cluster, ClusterBuilder, Target};
 use tokio::process::{Child, Command};
 use tonic::transport::{Channel, Endpoint};
 
@@ -131,11 +131,13 @@ pub async fn run(settings: &Settings) -> Result<Report> {
 // Sandfleet
 // ---------------------------------------------------------------------------
 
-async fn sandfleet_side(settings: &Settings) -> Result<(Vec<Load>, Vec<Duration>)> {
-    let child_log = std::env::var("SANDFLEET_CHILD_LOG").unwrap_or_else(|_| "warn".to_string());
-    // The benchmark's node has no agent behind it, so it never heartbeats: a
-    // one-hour node TTL keeps it ready (with the default 5 s it would be
-    // declared down mid-run and creates would turn into PENDING sessions).
+/// A fresh three-coordinator cluster as this benchmark measures it, and a
+/// client that tries its leader first (as an SDK that has found it would).
+///
+/// The cluster's one node has no agent behind it, so it never heartbeats: a
+/// one-hour node TTL keeps it ready (with the default 5 s it would be
+/// declared down mid-run and creates would turn into PENDING sessions).
+pub async fn paper_cluster(child_log: &str) -> Result<(Cluster, Client)> {
     let mut cluster = ClusterBuilder::new()
         .coordinators(3)
         .agents(0)
@@ -151,30 +153,31 @@ async fn sandfleet_side(settings: &Settings) -> Result<(Vec<Load>, Vec<Duration>
         .map(|m| m.address.clone())
         .ok_or_else(|| anyhow!("no leader in {status:?}"))?;
     register_paper_node(&leader).await?;
-
-    // Leader first, as an SDK that has found it would have it.
     let mut endpoints = vec![leader.clone()];
     endpoints.extend(cluster.coordinator_addrs().into_iter().filter(|a| *a != leader));
     let client = Client::builder(endpoints).request_timeout(Duration::from_secs(10)).connect().await?;
+    Ok((cluster, client))
+}
 
+/// `n` clients creating one small session after another for `duration`,
+/// with request ids `<prefix>-<pid>-<n>-<i>`.
+pub async fn drive_creates(client: &Client, prefix: &str, n: usize, duration: Duration) -> Load {
+    let counter = Arc::new(AtomicU64::new(0));
+    let (client, prefix) = (client.clone(), prefix.to_string());
+    let op = move || {
+        let client = client.clone();
+        let rid = format!("{prefix}-{}-{n}-{}", std::process::id(), counter.fetch_add(1, Ordering::Relaxed));
+        async move { client.create_session(spec(rid)).await.map(|_| ()).map_err(|e| anyhow!("{e}")) }
+    };
+    drive(n, duration, op).await
+}
+
+async fn sandfleet_side(settings: &Settings) -> Result<(Vec<Load>, Vec<Duration>)> {
+    let child_log = std::env::var("SANDFLEET_CHILD_LOG").unwrap_or_else(|_| "warn".to_string());
+    let (mut cluster, client) = paper_cluster(&child_log).await?;
     let mut loads = Vec::new();
     for &n in &settings.clients {
-        let counter = Arc::new(AtomicU64::new(0));
-        let op = {
-            let client = client.clone();
-            move || {
-                let client = client.clone();
-                let i = counter.fetch_add(1, Ordering::Relaxed);
-                async move {
-                    client
-                        .create_session(spec(format!("bench-{}-{n}-{i}", std::process::id())))
-                        .await
-                        .map(|_| ())
-                        .map_err(|e| anyhow!("{e}"))
-                }
-            }
-        };
-        let load = drive(n, settings.duration, op).await;
+        let load = drive_creates(&client, "bench", n, settings.duration).await;
         load.print("sandfleet", "creates");
         loads.push(load);
     }

@@ -24,7 +24,7 @@ use sandfleet_agent::store::s3::{S3Config, S3Store};
 use sandfleet_agent::store::sync::{SyncConfig, Syncer};
 use sandfleet_agent::store::WorkspaceStore;
 use sandfleet_agent::workspace::Workspace;
-use sandfleet_chaos::s3::{S3Server, ACCESS_KEY, BUCKET, SECRET_KEY};
+use sandfleet_testkit::s3::{S3Server, ACCESS_KEY, BUCKET, SECRET_KEY};
 use tokio_util::sync::CancellationToken;
 
 /// What to measure.

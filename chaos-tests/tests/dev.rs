@@ -8,8 +8,8 @@ use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use sandfleet_chaos::testkit::{create_running, exec_argv, stdout};
-use sandfleet_chaos::{bin_path, require_docker, require_sandbox_facilities};
+use sandfleet_testkit::helpers::{create_running, exec_argv, stdout};
+use sandfleet_testkit::{bin_path, require_docker, require_sandbox_facilities, DEV_READY_PREFIX};
 
 const EXEC: Duration = Duration::from_secs(60);
 
@@ -46,7 +46,7 @@ impl Dev {
         let endpoint = loop {
             match rx.recv_timeout(Duration::from_millis(200)) {
                 Ok(line) => {
-                    if let Some(e) = line.strip_prefix("sandfleet dev ready: endpoint ") {
+                    if let Some(e) = line.strip_prefix(DEV_READY_PREFIX) {
                         break e.trim_start_matches("http://").to_string();
                     }
                 }
@@ -148,7 +148,7 @@ async fn dev_with_the_docker_runtime_runs_code_in_a_container() {
     }
     // The image `sandfleet dev --runtime docker` uses (sandfleet/sandbox:latest), with this
     // build's executor; cached by content hash, so usually instant.
-    sandfleet_chaos::facilities::sandbox_image();
+    sandfleet_testkit::facilities::sandbox_image();
 
     let mut dev = Dev::start(&["--runtime", "docker"]);
     let client = dev.client().await;
@@ -175,7 +175,7 @@ async fn dev_runs_dozens_of_default_sessions_on_a_small_machine() {
         return;
     }
     const SESSIONS: usize = 30;
-    let node_id = format!("dev-dozens-{}", sandfleet_chaos::host::nonce());
+    let node_id = format!("dev-dozens-{}", sandfleet_testkit::host::nonce());
     let mut dev = Dev::start(&["--node-id", &node_id]);
     let client = dev.client().await;
     let node = client.list_nodes().await.unwrap().into_iter().find(|n| n.id == node_id).expect("the dev node");

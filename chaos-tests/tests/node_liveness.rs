@@ -6,26 +6,19 @@
 //! The coordinators run with a short node TTL (`--agent-heartbeat 500ms
 //! --node-ttl 3s`, so agents fence after 1.5 s) to keep the tests quick.
 
+#[macro_use]
+mod common;
+
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use nix::sys::signal::Signal;
 use sandfleet::{proto, Client};
-use sandfleet_chaos::host;
-use sandfleet_chaos::testkit::{create_running, exec_python, small_session, state_of, stdout};
-use sandfleet_chaos::{require_sandbox_facilities, Cluster, ClusterBuilder, Target};
+use sandfleet_testkit::helpers::{create_running, exec_python, small_session, stdout};
+use sandfleet_testkit::host;
+use sandfleet_testkit::{Cluster, ClusterBuilder, Target};
 
-macro_rules! require_facilities {
-    () => {
-        if !require_sandbox_facilities() {
-            return;
-        }
-    };
-}
-
-const NODE_TTL: Duration = Duration::from_secs(3);
-/// Generous bound for "placed again and RUNNING" after the TTL (debug build, busy CI).
-const MOVE_SLACK: Duration = Duration::from_secs(12);
+use common::{agent_index, node_state, start, wait_moved, MOVE_SLACK, NODE_TTL};
 
 async fn two_nodes() -> Cluster {
     let builder = ClusterBuilder::new().coordinators(1).agents(2).coordinator_args([
@@ -34,10 +27,7 @@ async fn two_nodes() -> Cluster {
         "--node-ttl",
         "3s",
     ]);
-    match builder.start().await {
-        Ok(c) => c,
-        Err(e) => panic!("cluster did not start: {e:#}"),
-    }
+    start(builder).await
 }
 
 /// Four running sessions, spread over both nodes; returns them by node.
@@ -49,39 +39,6 @@ async fn spread_sessions(client: &Client) -> BTreeMap<String, Vec<proto::Session
     }
     assert_eq!(by_node.len(), 2, "spread placement uses both nodes: {:?}", by_node.keys());
     by_node
-}
-
-fn agent_index(cluster: &Cluster, node_id: &str) -> usize {
-    cluster.agents.iter().position(|a| a.id == node_id).expect("a node of this cluster")
-}
-
-/// Waits until every session in `moved` runs on `to` with a newer generation.
-async fn wait_moved(client: &Client, moved: &[proto::Session], to: &str, deadline: Duration) -> Vec<proto::Session> {
-    let until = Instant::now() + deadline;
-    loop {
-        let mut now = Vec::new();
-        for s in moved {
-            now.push(client.get_session(&s.id).await.unwrap());
-        }
-        let done = now.iter().zip(moved).all(|(n, old)| {
-            state_of(n) == proto::SessionState::Running && n.node_id == to && n.generation > old.generation
-        });
-        if done {
-            return now;
-        }
-        assert!(
-            Instant::now() < until,
-            "sessions not running on {to} with a new generation within {deadline:?}: {:?}",
-            now.iter()
-                .map(|s| (s.id.clone(), s.state, s.node_id.clone(), s.generation, s.pending_reason.clone()))
-                .collect::<Vec<_>>()
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-}
-
-async fn node_state(client: &Client, node_id: &str) -> String {
-    client.list_nodes().await.unwrap().into_iter().find(|n| n.id == node_id).map(|n| n.state).unwrap_or_default()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

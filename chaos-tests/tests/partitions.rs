@@ -1,5 +1,5 @@
 //! Network partitions with real processes, each in its own network namespace
-//! (see `sandfleet_chaos::netns`):
+//! (see `sandfleet_testkit::netns`):
 //! - an agent cut off from every coordinator fences itself, is declared down,
 //!   and its sessions run on another node with a newer generation; after the
 //!   heal its old copies are gone and the node is ready again;
@@ -9,30 +9,23 @@
 //! Coordinators run with `--agent-heartbeat 500ms --node-ttl 3s` (agents fence
 //! after 1.5 s).
 
+#[macro_use]
+mod common;
+
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use sandfleet::{proto, Client};
-use sandfleet_chaos::testkit::{create_running, exec_python, small_session, state_of, stdout};
-use sandfleet_chaos::{host, require_sandbox_facilities, Cluster, ClusterBuilder, NetworkChoice, NetworkMode};
+use sandfleet_testkit::helpers::{create_running, exec_python, small_session, state_of, stdout};
+use sandfleet_testkit::{host, Cluster, ClusterBuilder, NetworkChoice, NetworkMode};
 
-macro_rules! require_facilities {
-    () => {
-        if !require_sandbox_facilities() {
-            return;
-        }
-    };
-}
-
-const NODE_TTL: Duration = Duration::from_secs(3);
-/// Generous bound for "placed again and RUNNING" after the TTL (debug build, busy CI).
-const MOVE_SLACK: Duration = Duration::from_secs(12);
+use common::{node_state, wait_moved, MOVE_SLACK, NODE_TTL};
 
 /// A cluster in namespaces. Without root/ip/nsenter/iptables the test is
 /// skipped like other facility-dependent tests (a failure with
 /// `SANDFLEET_REQUIRE_FACILITIES=1`).
 async fn start(coordinators: usize, agents: usize) -> Option<Cluster> {
-    if let Some(why) = sandfleet_chaos::netns::unavailable_reason() {
+    if let Some(why) = sandfleet_testkit::netns::unavailable_reason() {
         let msg = format!("SKIPPED (facility missing): network namespaces for partitions: {why}");
         if std::env::var("SANDFLEET_REQUIRE_FACILITIES").is_ok_and(|v| v == "1") {
             panic!("{msg}");
@@ -48,35 +41,6 @@ async fn start(coordinators: usize, agents: usize) -> Option<Cluster> {
     let cluster = builder.start().await.unwrap_or_else(|e| panic!("cluster did not start: {e:#}"));
     assert_eq!(cluster.network_mode(), NetworkMode::Namespaces);
     Some(cluster)
-}
-
-async fn node_state(client: &Client, node_id: &str) -> String {
-    client.list_nodes().await.unwrap().into_iter().find(|n| n.id == node_id).map(|n| n.state).unwrap_or_default()
-}
-
-/// Waits until every session in `moved` runs on `to` with a newer generation.
-async fn wait_moved(client: &Client, moved: &[proto::Session], to: &str, deadline: Duration) -> Vec<proto::Session> {
-    let until = Instant::now() + deadline;
-    loop {
-        let mut now = Vec::new();
-        for s in moved {
-            now.push(client.get_session(&s.id).await.unwrap());
-        }
-        let done = now.iter().zip(moved).all(|(n, old)| {
-            state_of(n) == proto::SessionState::Running && n.node_id == to && n.generation > old.generation
-        });
-        if done {
-            return now;
-        }
-        assert!(
-            Instant::now() < until,
-            "sessions not running on {to} with a new generation within {deadline:?}: {:?}",
-            now.iter()
-                .map(|s| (s.id.clone(), s.state, s.node_id.clone(), s.generation, s.pending_reason.clone()))
-                .collect::<Vec<_>>()
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -208,7 +172,7 @@ async fn an_isolated_leader_is_replaced_by_the_majority_and_converges_after_the_
         .connect()
         .await
         .unwrap();
-    let rid = sandfleet_chaos::testkit::request_id("minority");
+    let rid = sandfleet_testkit::helpers::request_id("minority");
     let r = lonely.create_session(small_session("x").request_id(rid.clone())).await;
     assert!(r.is_err(), "a write through the isolated old leader succeeded: {r:?}");
 
@@ -229,7 +193,7 @@ async fn an_isolated_leader_is_replaced_by_the_majority_and_converges_after_the_
     assert_eq!(got.request_id, during.request_id);
     assert_eq!(state_of(&client.get_session(&before.id).await.unwrap()), proto::SessionState::Terminated);
     // The write that only reached the minority was never committed.
-    let listed = sandfleet_chaos::testkit::list_all_sessions(&client, &[], &[]).await.unwrap();
+    let listed = sandfleet_testkit::helpers::list_all_sessions(&client, &[], &[]).await.unwrap();
     assert!(listed.iter().all(|s| s.request_id != rid), "the minority write {rid} became a session");
     // Stopped by Drop, like the other tests: `shutdown()` would also demand a
     // clean exit, and a coordinator SIGTERMed right after a partition heals
@@ -252,7 +216,7 @@ async fn cuts_are_exact_iptables_rules_and_everything_is_removed_on_drop() {
     let hosts = net.hosts().to_vec();
     assert_eq!(hosts.len(), 2, "one namespace per process: {hosts:?}");
     let agent_ns = cluster.agents[0].netns.clone().unwrap();
-    let coordinator_ip = cluster.ip(sandfleet_chaos::Target::Coordinator(0)).unwrap();
+    let coordinator_ip = cluster.ip(sandfleet_testkit::Target::Coordinator(0)).unwrap();
     assert!(sh("iptables -w -S FORWARD").contains(&format!("-i {bridge} -o {bridge} -j ACCEPT")));
 
     let rules = || sh(&format!("nsenter --net={} iptables -w -S", agent_ns.ns_path().display()));
@@ -262,7 +226,7 @@ async fn cuts_are_exact_iptables_rules_and_everything_is_removed_on_drop() {
     assert!(cut.contains(&format!("-A OUTPUT -d {coordinator_ip}/32 -j DROP")), "{cut}");
     cluster.isolate_agent(0).await.unwrap();
     assert_eq!(rules(), cut, "cutting twice adds nothing");
-    cluster.heal_target(sandfleet_chaos::Target::Agent(0)).await.unwrap();
+    cluster.heal_target(sandfleet_testkit::Target::Agent(0)).await.unwrap();
     assert!(!rules().contains("DROP"), "healing removes exactly the cut's rules: {}", rules());
     assert!(cluster.partitions().is_empty());
 
@@ -279,5 +243,5 @@ async fn cuts_are_exact_iptables_rules_and_everything_is_removed_on_drop() {
     }
     assert!(!links.contains(&format!("{bridge}:")), "bridge {bridge} left: {links}");
     assert!(!sh("iptables -w -S FORWARD").contains(&bridge), "FORWARD rule of {bridge} left");
-    assert!(!std::path::Path::new(&format!("{}/net-{id}.owner", sandfleet_chaos::netns::STATE_DIR)).exists());
+    assert!(!std::path::Path::new(&format!("{}/net-{id}.owner", sandfleet_testkit::netns::STATE_DIR)).exists());
 }

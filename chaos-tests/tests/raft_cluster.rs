@@ -4,8 +4,11 @@
 //! member (applied index and state digest) at the end of every test.
 //!
 //! Sessions are created against a real agent, so the tests need the same
-//! facilities as the skeleton tests (they print a SKIPPED banner without
+//! facilities as the other end-to-end tests (they print a SKIPPED banner without
 //! them, unless `SANDFLEET_REQUIRE_FACILITIES=1`).
+
+#[macro_use]
+mod common;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -13,28 +16,15 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use sandfleet::{proto, Backoff, Client, CreateSession};
-use sandfleet_chaos::testkit::request_id;
-use sandfleet_chaos::{require_sandbox_facilities, Cluster, ClusterBuilder, Target};
+use sandfleet_testkit::helpers::request_id;
+use sandfleet_testkit::{Cluster, ClusterBuilder, Target};
 use tonic::Code;
 
-macro_rules! require_facilities {
-    () => {
-        if !require_sandbox_facilities() {
-            return;
-        }
-    };
-}
+use common::start;
 
 const CONVERGE: Duration = Duration::from_secs(60);
 /// The bound: after the leader dies, writes succeed again within this.
 const FAILOVER_BOUND: Duration = Duration::from_secs(2);
-
-async fn start(builder: ClusterBuilder) -> Cluster {
-    match builder.start().await {
-        Ok(c) => c,
-        Err(e) => panic!("cluster did not start: {e:#}"),
-    }
-}
 
 /// Three coordinators and one agent with room for many tiny sessions.
 fn three(extra_coordinator_args: &[&str]) -> ClusterBuilder {

@@ -6,13 +6,17 @@
 //! The coordinators run with a short node TTL (`--agent-heartbeat 500ms
 //! --node-ttl 3s`) to keep the tests quick.
 
+mod common;
+
 use std::time::{Duration, Instant};
 
 use nix::sys::signal::Signal;
 use sandfleet::{proto, Client, CreateSession};
-use sandfleet_chaos::host;
-use sandfleet_chaos::testkit::{create_running, exec_python, small_session, state_of, stdout};
-use sandfleet_chaos::{require_sandbox_facilities, Cluster, ClusterBuilder, Target};
+use sandfleet_testkit::helpers::{create_running, exec_python, small_session, state_of, stdout};
+use sandfleet_testkit::host;
+use sandfleet_testkit::{require_sandbox_facilities, Cluster, ClusterBuilder, Target};
+
+use common::agent_index;
 
 macro_rules! require_facilities {
     () => {
@@ -56,10 +60,6 @@ where
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-}
-
-fn agent_index(cluster: &Cluster, node_id: &str) -> usize {
-    cluster.agents.iter().position(|a| a.id == node_id).expect("a node of this cluster")
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -355,7 +355,7 @@ async fn paused_scheduler_queues_sessions_and_resume_places_them() {
     let running = create_running(&client, small_session("before-pause")).await.unwrap();
 
     // Paused through the CLI, as an operator would.
-    let out = tokio::process::Command::new(sandfleet_chaos::bin_path("sandfleet"))
+    let out = tokio::process::Command::new(sandfleet_testkit::bin_path("sandfleet"))
         .args(["--endpoint", &cluster.endpoint(), "--output", "json", "cluster", "scheduler", "pause"])
         .stdin(std::process::Stdio::null())
         .output()

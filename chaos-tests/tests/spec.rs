@@ -7,9 +7,9 @@ use std::time::Duration;
 
 use sandfleet::proto::session_service_client::SessionServiceClient;
 use sandfleet::{proto, CreateSession};
-use sandfleet_chaos::host::nonce;
-use sandfleet_chaos::testkit::{create_running, list_all_sessions, request_id, small_session};
-use sandfleet_chaos::{require_sandbox_facilities, Cluster, ClusterBuilder};
+use sandfleet_testkit::helpers::{create_running, list_all_sessions, request_id, small_session};
+use sandfleet_testkit::host::nonce;
+use sandfleet_testkit::{require_sandbox_facilities, Cluster, ClusterBuilder};
 use tonic::Code;
 
 async fn one_node() -> Cluster {

@@ -6,15 +6,19 @@
 //! and deleting a session removes its prefix (unless retention is on). The
 //! same holds on the docker runtime, whose old copy's commands die with its agent.
 
+mod common;
+
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use sandfleet::{proto, Client};
-use sandfleet_chaos::s3::S3Server;
-use sandfleet_chaos::testkit::{
+use sandfleet_testkit::helpers::{
     create_running, eventually, exec_argv, exec_python, expect_code, small_session, state_of, stdout,
 };
-use sandfleet_chaos::{require_sandbox_facilities, Cluster, ClusterBuilder, NetworkChoice, Target};
+use sandfleet_testkit::s3::S3Server;
+use sandfleet_testkit::{require_sandbox_facilities, Cluster, ClusterBuilder, NetworkChoice, Target};
+
+use common::agent_index;
 
 macro_rules! require_facilities {
     () => {
@@ -100,10 +104,6 @@ async fn wait_moved(client: &Client, s: &proto::Session, deadline: Duration) -> 
     }
 }
 
-fn agent_index(cluster: &Cluster, node: &str) -> usize {
-    cluster.agents.iter().position(|a| a.id == node).unwrap()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn sigkilled_agent_session_resumes_elsewhere_with_every_file() {
     require_facilities!();
@@ -127,7 +127,7 @@ async fn sigkilled_agent_session_resumes_elsewhere_with_every_file() {
         .unwrap();
     let seen = format!("{}{}", stdout(&out), String::from_utf8_lossy(&out.stderr));
     assert!(
-        !seen.contains(sandfleet_chaos::s3::SECRET_KEY) && !seen.contains("AWS_"),
+        !seen.contains(sandfleet_testkit::s3::SECRET_KEY) && !seen.contains("AWS_"),
         "credentials visible in the sandbox: {seen}"
     );
     let synced = t.client.sync_workspace(&s).await.unwrap();
@@ -367,10 +367,10 @@ fn containers(filters: &[String]) -> Vec<String> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn docker_runtime_session_resumes_elsewhere_with_its_files_and_its_old_commands_die() {
     require_facilities!();
-    if !sandfleet_chaos::require_docker() {
+    if !sandfleet_testkit::require_docker() {
         return;
     }
-    let image = sandfleet_chaos::facilities::sandbox_image();
+    let image = sandfleet_testkit::facilities::sandbox_image();
     let mut t = setup(2, &["--runtime", "docker", "--template-image", &format!("default={image}")]).await;
     let s = create_running(&t.client, small_session("ws-docker")).await.unwrap();
     // The killed agent never comes back to remove its container: remove every container of

@@ -12,6 +12,7 @@
 //! - [`limits`]: defaults and hard limits (sizes, counts, durations).
 //! - [`spec`]: the one definition of a session spec: runtimes, templates, defaults, range checks.
 //! - [`quantity`]: parsing `256Mi` / `0.5` / `500m` style resource quantities.
+//! - [`ready`]: the JSON ready line a process prints once it serves.
 //! - [`token`]: Ed25519-signed, session-scoped data-plane tokens.
 //! - [`telemetry`]: `tracing` subscriber set from `RUST_LOG`, with optional OTLP export.
 //! - [`signal`]: the SIGINT/SIGTERM shutdown signal of the daemons.
@@ -22,6 +23,7 @@ pub mod grpc;
 pub mod ids;
 pub mod limits;
 pub mod quantity;
+pub mod ready;
 pub mod signal;
 pub mod spec;
 pub mod telemetry;

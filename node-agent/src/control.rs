@@ -13,21 +13,18 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use rand::Rng;
 use sandfleet_common::token::TokenVerifier;
 use sandfleet_proto::v1::{self as pb, agent_service_client::AgentServiceClient};
 use tokio::sync::{Notify, RwLock};
 use tokio_util::sync::CancellationToken;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Channel;
 
+use crate::coordinator_link::{backoff, CALL_TIMEOUT};
 use crate::runtime::{Runtime, SandboxSpec};
 use crate::store::sync::Syncer;
 use crate::store::StoreError;
 
 pub mod plan;
-
-/// Deadline of each control-plane call.
-const CALL_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Where a local session is in its life.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -524,18 +521,7 @@ pub struct ControlConfig {
 }
 
 fn channel(addr: &str) -> Result<Channel, tonic::transport::Error> {
-    let uri = if addr.contains("://") { addr.to_string() } else { format!("http://{addr}") };
-    Ok(Endpoint::from_shared(uri)?
-        .connect_timeout(Duration::from_secs(2))
-        .tcp_nodelay(true)
-        .http2_keep_alive_interval(Duration::from_secs(5))
-        .keep_alive_timeout(Duration::from_secs(5))
-        .connect_lazy())
-}
-
-fn backoff(attempt: u32) -> Duration {
-    let cap = 2_000u64.min(50 * (1u64 << attempt.min(6)));
-    Duration::from_millis(rand::rng().random_range(cap / 2..=cap))
+    Ok(crate::coordinator_link::endpoint(addr)?.connect_lazy())
 }
 
 /// The control loop. `registered` fires after the first successful registration.

@@ -7,6 +7,7 @@
 //!
 //! # Layout
 //! - [`control`]: registration, heartbeats, the assignment watch and reconciliation.
+//! - [`coordinator_link`]: call deadline, retry backoff and connection settings towards the coordinators.
 //! - [`dataplane`]: ExecService and FileService, with session-token checks.
 //! - [`runtime`]: the `Runtime` trait and its backends (`process`: bubblewrap + cgroups;
 //!   `docker`: a hardened container per session with bubblewrap inside).
@@ -17,6 +18,7 @@
 //!   engine that keeps workspaces durable across nodes.
 
 pub mod control;
+pub mod coordinator_link;
 pub mod dataplane;
 pub mod exec;
 pub mod executor;

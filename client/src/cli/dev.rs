@@ -81,7 +81,7 @@ pub async fn run(args: DevArgs) -> anyhow::Result<i32> {
     };
     tracing::info!(addr = %agent.addr(), runtime = ?args.runtime, "node agent up and registered");
 
-    super::output::out(&format!("sandfleet dev ready: endpoint http://{endpoint}\n"))?;
+    super::output::out(&format!("{}http://{endpoint}\n", sandfleet_common::ready::DEV_READY_PREFIX))?;
     eprintln!("export SANDFLEET_ENDPOINT={endpoint}");
 
     let coordinator_done = coordinator.join();

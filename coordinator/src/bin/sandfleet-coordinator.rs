@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::Parser;
+use sandfleet_common::ready::ReadyLine;
 use sandfleet_coordinator::scheduler::Strategy;
 use sandfleet_coordinator::{serve, CoordinatorConfig};
 use tokio_util::sync::CancellationToken;
@@ -111,7 +112,7 @@ async fn main() -> anyhow::Result<()> {
         ..Default::default()
     };
     let coordinator = serve(config, shutdown.clone()).await.context("failed to start the coordinator")?;
-    println!("{}", serde_json::json!({"ready": "coordinator", "id": args.id, "addr": coordinator.addr().to_string()}));
+    println!("{}", ReadyLine::Coordinator { id: args.id, addr: coordinator.addr().to_string() });
 
     let result = coordinator.join().await.context("coordinator stopped with an error");
     // Everything acknowledged is on disk (the Raft log is fsynced before an

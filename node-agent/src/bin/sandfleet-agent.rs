@@ -10,6 +10,7 @@ use sandfleet_agent::store::s3::S3Config;
 use sandfleet_agent::store::sync::SyncConfig;
 use sandfleet_agent::store::StoreConfig;
 use sandfleet_agent::{serve, AgentConfig, RuntimeKind};
+use sandfleet_common::ready::ReadyLine;
 use sandfleet_common::spec::Template;
 use tokio_util::sync::CancellationToken;
 
@@ -211,7 +212,7 @@ async fn main() -> anyhow::Result<()> {
         ..Default::default()
     };
     let agent = serve(config, shutdown.clone()).await.context("failed to start the agent")?;
-    println!("{}", serde_json::json!({"ready": "agent", "node_id": args.node_id, "addr": agent.addr().to_string()}));
+    println!("{}", ReadyLine::Agent { node_id: args.node_id.clone(), addr: agent.addr().to_string() });
     agent.join().await.context("agent stopped with an error")?;
     Ok(())
 }

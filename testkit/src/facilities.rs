@@ -18,6 +18,31 @@ pub const REQUIRE_ENV: &str = "SANDFLEET_REQUIRE_FACILITIES";
 /// The bubblewrap binary the process runtime uses.
 pub const BWRAP: &str = "/usr/bin/bwrap";
 
+/// The least bubblewrap sandbox that runs `/usr/bin/true`: every namespace
+/// unshared, `/usr` read-only, `/proc` and `/dev`. The facilities check runs
+/// it, and the bench compares the exec path with it.
+pub const BWRAP_TRUE_ARGS: &[&str] = &[
+    "--unshare-all",
+    "--die-with-parent",
+    "--ro-bind",
+    "/usr",
+    "/usr",
+    "--symlink",
+    "usr/bin",
+    "/bin",
+    "--symlink",
+    "usr/lib",
+    "/lib",
+    "--symlink",
+    "usr/lib64",
+    "/lib64",
+    "--proc",
+    "/proc",
+    "--dev",
+    "/dev",
+    "true",
+];
+
 /// Checks that this machine can run real sandboxes.
 ///
 /// Returns `true` when everything is there. Otherwise prints
@@ -27,7 +52,7 @@ pub const BWRAP: &str = "/usr/bin/bwrap";
 ///
 /// ```no_run
 /// # async fn t() {
-/// if !sandfleet_chaos::require_sandbox_facilities() {
+/// if !sandfleet_testkit::require_sandbox_facilities() {
 ///     return;
 /// }
 /// # }
@@ -120,27 +145,7 @@ fn is_executable(p: &Path) -> bool {
 
 fn bwrap_works() -> Result<(), String> {
     let out = Command::new(BWRAP)
-        .args([
-            "--unshare-all",
-            "--die-with-parent",
-            "--ro-bind",
-            "/usr",
-            "/usr",
-            "--symlink",
-            "usr/bin",
-            "/bin",
-            "--symlink",
-            "usr/lib",
-            "/lib",
-            "--symlink",
-            "usr/lib64",
-            "/lib64",
-            "--proc",
-            "/proc",
-            "--dev",
-            "/dev",
-            "true",
-        ])
+        .args(BWRAP_TRUE_ARGS)
         .stdin(Stdio::null())
         .output()
         .map_err(|e| format!("cannot run {BWRAP}: {e}"))?;

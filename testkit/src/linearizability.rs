@@ -94,7 +94,7 @@
 //! # Recording
 //!
 //! ```
-//! use sandfleet_chaos::linearizability::{Call, CheckResult, History, Outcome, Ret};
+//! use sandfleet_testkit::linearizability::{Call, CheckResult, History, Outcome, Ret};
 //!
 //! let history = History::new(); // Clone it into every task.
 //! let op = history.invoke(1, Call::Create { request_id: "r1".into() });

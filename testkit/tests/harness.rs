@@ -10,7 +10,7 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use sandfleet_chaos::{bins, host, ClusterBuilder, Target};
+use sandfleet_testkit::{bins, host, ClusterBuilder, ReadyLine, Target};
 use tempfile::TempDir;
 
 const FAKE: &str = r#"#!/usr/bin/env python3
@@ -102,9 +102,12 @@ async fn starts_kills_terminates_and_restarts_processes() {
         assert!(a.args.windows(2).any(|w| w[0] == "--runtime" && w[1] == "process"), "{:?}", a.args);
     }
     assert!(c.agents[1].id.starts_with("n2-"), "{}", c.agents[1].id);
-    assert_eq!(c.agents[1].ready["node_id"], c.agents[1].id.as_str());
+    assert_eq!(
+        c.agents[1].ready,
+        Some(ReadyLine::Agent { node_id: c.agents[1].id.clone(), addr: c.agents[1].addr.clone() })
+    );
     assert_eq!(&c.agents[0].id[2..], &c.agents[1].id[2..], "one suffix per cluster");
-    let uid_base = |a: &sandfleet_chaos::Proc| {
+    let uid_base = |a: &sandfleet_testkit::Proc| {
         let i = a.args.iter().position(|x| x == "--uid-base").expect("agents get a --uid-base");
         a.args[i + 1].parse::<u32>().unwrap()
     };
@@ -218,9 +221,9 @@ fn binaries_are_looked_up_next_to_the_test_executable() {
 fn sandbox_facility_probe_answers() {
     // Whatever the machine, the probe returns without panicking when not required.
     if std::env::var("SANDFLEET_REQUIRE_FACILITIES").is_ok_and(|v| v == "1") {
-        assert!(sandfleet_chaos::require_sandbox_facilities());
+        assert!(sandfleet_testkit::require_sandbox_facilities());
     } else {
-        let missing = sandfleet_chaos::missing_facilities();
-        assert_eq!(sandfleet_chaos::require_sandbox_facilities(), missing.is_empty());
+        let missing = sandfleet_testkit::missing_facilities();
+        assert_eq!(sandfleet_testkit::require_sandbox_facilities(), missing.is_empty());
     }
 }

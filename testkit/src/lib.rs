@@ -9,9 +9,12 @@
 //!
 //! # Layout
 //! - [`bins`]: where the binaries are ([`bin_path`]).
-//! - [`cluster`]: [`ClusterBuilder`] / [`Cluster`] / [`Proc`]: start coordinators
-//!   and agents, wait until they are ready, kill, terminate and restart them,
-//!   and print their logs when a test fails.
+//! - [`process`]: [`Proc`], one supervised process: start it, wait for its
+//!   typed ready line ([`ReadyLine`], from `sandfleet-common`), signal, kill,
+//!   terminate and restart it, keep its log.
+//! - [`cluster`]: [`ClusterBuilder`] / [`Cluster`]: start coordinators and
+//!   agents as [`Proc`]s, wait until the cluster is ready, partition it, and
+//!   print the logs when a test fails.
 //! - [`facilities`]: [`require_sandbox_facilities`], the skip-or-fail gate for
 //!   machines without root, bubblewrap or writable cgroups.
 //! - [`host`]: looking at the host from the outside: processes in `/proc`,
@@ -21,12 +24,12 @@
 //! - [`s3`]: [`s3::S3Server`], a real S3-compatible server (s3s-fs) in its own
 //!   process, for workspace-store tests, the chaos runner and the benchmarks;
 //!   [`s3fs`] is its storage (s3s-fs that lists by prefix and prunes empty directories).
-//! - [`testkit`]: small async helpers for tests and tools (create a session and
+//! - [`helpers`]: small async helpers for tests and tools (create a session and
 //!   wait for it, run a command, assert a gRPC code, retry until true).
 //!
 //! # Running
 //! Build every binary first (`cargo build --workspace --bins`), then run the
-//! tests (`cargo nextest run -p sandfleet-chaos`). `scripts/test` does both.
+//! tests (`cargo nextest run -p sandfleet-chaos -p sandfleet-testkit`). `scripts/test` does both.
 //! Each test starts its own cluster in a fresh temporary directory; the
 //! processes' stderr goes to `<tmp>/<name>.log`, and when a test panics the
 //! tail of every log is printed and the directory is kept.
@@ -47,14 +50,17 @@
 pub mod bins;
 pub mod cluster;
 pub mod facilities;
+pub mod helpers;
 pub mod host;
 pub mod linearizability;
 pub mod netns;
+pub mod process;
 pub mod s3;
 pub mod s3fs;
-pub mod testkit;
 
 pub use bins::bin_path;
-pub use cluster::{Cluster, ClusterBuilder, Proc, Role, Target};
+pub use cluster::{Cluster, ClusterBuilder, Target};
 pub use facilities::{missing_facilities, require_docker, require_sandbox_facilities};
 pub use netns::{NetworkChoice, NetworkMode, PartitionsUnavailable};
+pub use process::{Proc, Role};
+pub use sandfleet_common::ready::{ReadyLine, DEV_READY_PREFIX};

@@ -1,5 +1,5 @@
 //! `sandfleet-s3-server`: an S3-compatible server on a local directory
-//! (s3s-fs, listing by prefix: see `sandfleet_chaos::s3fs`), for the workspace-store tests, the chaos runner and the
+//! (s3s-fs, listing by prefix: see `sandfleet_testkit::s3fs`), for the workspace-store tests, the chaos runner and the
 //! benchmarks. Test support only: it is not part of a deployment.
 //!
 //! Prints one JSON ready line (`{"ready":"s3","addr":"127.0.0.1:PORT"}`) once
@@ -14,6 +14,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::server::conn::auto::Builder as ConnBuilder;
 use s3s::auth::SimpleAuth;
 use s3s::service::S3ServiceBuilder;
+use sandfleet_common::ready::ReadyLine;
 
 /// An S3-compatible server storing objects under a directory.
 #[derive(Debug, Parser)]
@@ -46,7 +47,7 @@ async fn main() -> anyhow::Result<()> {
         }
         std::fs::create_dir_all(args.root.join(b))?;
     }
-    let fs = sandfleet_chaos::s3fs::PrefixFs::new(&args.root)
+    let fs = sandfleet_testkit::s3fs::PrefixFs::new(&args.root)
         .map_err(|e| anyhow::anyhow!("cannot serve {}: {e}", args.root.display()))?;
     let service = {
         let mut b = S3ServiceBuilder::new(fs);
@@ -57,7 +58,7 @@ async fn main() -> anyhow::Result<()> {
         .await
         .with_context(|| format!("cannot listen on {}", args.listen))?;
     let addr = listener.local_addr()?;
-    println!("{}", serde_json::json!({"ready": "s3", "addr": addr.to_string()}));
+    println!("{}", ReadyLine::S3 { addr: addr.to_string() });
     let http = ConnBuilder::new(TokioExecutor::new());
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     loop {

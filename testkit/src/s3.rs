@@ -8,6 +8,7 @@ use std::process::Stdio;
 use std::time::Duration;
 
 use anyhow::{anyhow, bail, Context, Result};
+use sandfleet_common::ready::ReadyLine;
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
 
@@ -64,8 +65,12 @@ impl S3Server {
             .await
             .map_err(|_| anyhow!("sandfleet-s3-server did not get ready in 20 s; see {}", self.log.display()))??
             .ok_or_else(|| anyhow!("sandfleet-s3-server exited before it was ready; see {}", self.log.display()))?;
-        let v: serde_json::Value = serde_json::from_str(&line).with_context(|| format!("bad ready line {line:?}"))?;
-        let addr: std::net::SocketAddr = v["addr"].as_str().ok_or_else(|| anyhow!("no addr in {line}"))?.parse()?;
+        let ready = match ReadyLine::parse(&line) {
+            Some(Ok(ready @ ReadyLine::S3 { .. })) => ready,
+            Some(Err(e)) => bail!("bad ready line {line:?}: {e}"),
+            _ => bail!("bad ready line {line:?}: expected {{\"ready\":\"s3\",\"addr\":...}}"),
+        };
+        let addr: std::net::SocketAddr = ready.addr().parse()?;
         self.port = addr.port();
         self.listen = format!("0.0.0.0:{}", self.port);
         self.child = Some(child);

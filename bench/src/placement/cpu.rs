@@ -1,0 +1,76 @@
+//! CPU accounting per phase: the CPU time of every coordinator and of the
+//! bench process, read from `/proc`, and who led the cluster meanwhile.
+
+use std::time::Instant;
+
+use sandfleet::Client;
+use sandfleet_testkit::Cluster;
+
+use super::report::Cpu;
+
+/// utime + stime of a process in seconds (`/proc/<pid>/stat`, USER_HZ = 100 on Linux).
+fn cpu_seconds(pid: u32) -> Option<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // Fields after the parenthesised command name; utime and stime are fields 14 and 15.
+    let rest = &stat[stat.rfind(')')? + 2..];
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let utime: u64 = f.get(11)?.parse().ok()?;
+    let stime: u64 = f.get(12)?.parse().ok()?;
+    Some((utime + stime) as f64 / 100.0)
+}
+
+pub(super) struct CpuProbe {
+    /// (Raft id, pid) of every coordinator, then (0, pid) of this process.
+    procs: Vec<(u64, u32)>,
+    client: Client,
+}
+
+pub(super) struct CpuMark {
+    at: Instant,
+    secs: Vec<f64>,
+    leader: (u64, u64),
+}
+
+impl CpuProbe {
+    pub(super) fn new(cluster: &Cluster, client: Client) -> Self {
+        let mut procs: Vec<(u64, u32)> =
+            cluster.coordinators.iter().filter_map(|c| Some((c.id.parse().ok()?, c.pid()?))).collect();
+        procs.push((0, std::process::id()));
+        Self { procs, client }
+    }
+
+    /// (leader id, term) as the cluster reports it; (0, 0) when it does not answer.
+    async fn leader(&self) -> (u64, u64) {
+        match self.client.cluster_status().await {
+            Ok(s) => (s.leader_id, s.members.iter().map(|m| m.term).max().unwrap_or(0)),
+            Err(_) => (0, 0),
+        }
+    }
+
+    pub(super) async fn sample(&self) -> CpuMark {
+        let leader = self.leader().await;
+        CpuMark {
+            at: Instant::now(),
+            secs: self.procs.iter().map(|(_, p)| cpu_seconds(*p).unwrap_or(0.0)).collect(),
+            leader,
+        }
+    }
+
+    pub(super) async fn since(&self, mark: &CpuMark) -> Cpu {
+        let now = self.sample().await;
+        let procs = self
+            .procs
+            .iter()
+            .zip(now.secs.iter().zip(mark.secs.iter()))
+            .map(|((id, _), (a, b))| {
+                let name = match *id {
+                    0 => "bench (sim agents + clients)".to_string(),
+                    id if id == now.leader.0 => format!("coordinator-{id} (leader)"),
+                    id => format!("coordinator-{id}"),
+                };
+                (name, a - b)
+            })
+            .collect();
+        Cpu { wall: now.at - mark.at, procs, leader: (mark.leader, now.leader) }
+    }
+}

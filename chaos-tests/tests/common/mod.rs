@@ -1,0 +1,100 @@
+//! What the end-to-end test files share: the facilities gate, starting a
+//! cluster, and the waits on nodes and moved sessions.
+//!
+//! Every test starts its own cluster (coordinators and agents in a fresh
+//! temporary directory), so tests are independent and safe under nextest's
+//! process-per-test model and under `cargo test`'s threads alike. Host-side
+//! checks (processes, cgroups) are scoped by a per-test nonce or session id,
+//! because other tests run at the same time.
+//!
+//! The tests need the binaries (`cargo build --workspace --bins`) and root,
+//! bubblewrap and writable cgroups; without them each test prints a SKIPPED
+//! banner and returns, unless `SANDFLEET_REQUIRE_FACILITIES=1`.
+
+// Each test file uses its own part of this module.
+#![allow(dead_code, unused_macros)]
+
+use std::time::{Duration, Instant};
+
+use sandfleet::{proto, Client};
+use sandfleet_testkit::helpers::state_of;
+use sandfleet_testkit::{Cluster, ClusterBuilder};
+
+/// Returns early from a test when the machine cannot run sandboxes.
+macro_rules! require_facilities {
+    () => {
+        if !sandfleet_testkit::require_sandbox_facilities() {
+            return;
+        }
+    };
+}
+
+/// The time a single exec or call of a test may take.
+pub const SHORT: Duration = Duration::from_secs(30);
+
+/// The node TTL of the liveness and partition tests' clusters.
+pub const NODE_TTL: Duration = Duration::from_secs(3);
+/// Generous bound for "placed again and RUNNING" after the TTL (debug build, busy CI).
+pub const MOVE_SLACK: Duration = Duration::from_secs(12);
+
+/// Removes a host file when dropped (files a test plants on the host).
+pub struct RemoveOnDrop(pub std::path::PathBuf);
+
+impl Drop for RemoveOnDrop {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+/// Starts the cluster, or fails the test with the reason.
+pub async fn start(builder: ClusterBuilder) -> Cluster {
+    match builder.start().await {
+        Ok(c) => c,
+        Err(e) => panic!("cluster did not start: {e:#}"),
+    }
+}
+
+/// One coordinator and one agent.
+pub async fn one_node() -> Cluster {
+    start(ClusterBuilder::new().coordinators(1).agents(1)).await
+}
+
+/// The index in `cluster.agents` of node `node_id`.
+pub fn agent_index(cluster: &Cluster, node_id: &str) -> usize {
+    cluster.agents.iter().position(|a| a.id == node_id).expect("a node of this cluster")
+}
+
+/// The node's state as `ListNodes` reports it, or "" when the node is not listed.
+pub async fn node_state(client: &Client, node_id: &str) -> String {
+    client.list_nodes().await.unwrap().into_iter().find(|n| n.id == node_id).map(|n| n.state).unwrap_or_default()
+}
+
+/// Waits until every session in `moved` runs on `to` with a newer generation.
+pub async fn wait_moved(
+    client: &Client,
+    moved: &[proto::Session],
+    to: &str,
+    deadline: Duration,
+) -> Vec<proto::Session> {
+    let until = Instant::now() + deadline;
+    loop {
+        let mut now = Vec::new();
+        for s in moved {
+            now.push(client.get_session(&s.id).await.unwrap());
+        }
+        let done = now.iter().zip(moved).all(|(n, old)| {
+            state_of(n) == proto::SessionState::Running && n.node_id == to && n.generation > old.generation
+        });
+        if done {
+            return now;
+        }
+        assert!(
+            Instant::now() < until,
+            "sessions not running on {to} with a new generation within {deadline:?}: {:?}",
+            now.iter()
+                .map(|s| (s.id.clone(), s.state, s.node_id.clone(), s.generation, s.pending_reason.clone()))
+                .collect::<Vec<_>>()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
