@@ -17,6 +17,8 @@
 //! - if the receiver of the output goes away, the tree is killed;
 //! - exit codes 129..=192 (the shell / bwrap convention for "killed by
 //!   signal N") are reported with `signal = code - 128`.
+//! - [`note_limits`] adds what the session's limits did (OOM kills, refused
+//!   forks), and names the signal of a command killed with no limit hit.
 //!
 //! [`command_argv`] and [`plan_command`] turn an API command into an argv and
 //! enforce the argv limits of the API and of the kernel.
@@ -217,8 +219,12 @@ pub fn validate_env(field: &'static str, env: &BTreeMap<String, String>) -> Resu
 
 /// Adds what the session's limits did to a finished exec: `oom_kills` OOM
 /// kills (sets `oom_killed`) and `refused_forks` forks refused at the pids
-/// limit, each with a message naming the limit.
+/// limit, each with a message naming the limit. A command that a signal ended
+/// without any limit of the exec being hit gets a message naming the signal
+/// (see [`signal_message`]): every exec that did not end on its own has one.
 pub fn note_limits(info: &mut ExitInfo, oom_kills: u64, memory_bytes: u64, refused_forks: u64, pids_limit: u32) {
+    // The timeout, the output cap and a caller that went away set their message in `supervise`.
+    let limit_hit = info.timed_out || info.output_truncated || !info.message.is_empty();
     if oom_kills > 0 {
         info.oom_killed = true;
         let msg = format!(
@@ -227,11 +233,31 @@ pub fn note_limits(info: &mut ExitInfo, oom_kills: u64, memory_bytes: u64, refus
             sandfleet_common::quantity::format_memory(memory_bytes)
         );
         info.message = if info.message.is_empty() { msg } else { format!("{}; {msg}", info.message) };
+    } else if info.signal != 0 && !limit_hit {
+        info.message = signal_message(info.signal);
     }
     if refused_forks > 0 {
         let msg =
             format!("{refused_forks} fork(s) refused: the session reached its pids limit of {pids_limit} (pids_limit)");
         info.message = if info.message.is_empty() { msg } else { format!("{}; {msg}", info.message) };
+    }
+}
+
+/// Why a command ended by signal `signal` did not end on its own, when no
+/// limit of the exec sent the signal: a crash (SIGSEGV and the like), or a
+/// signal sent from outside the command (or by the command to itself, which
+/// the agent cannot tell apart).
+pub fn signal_message(signal: i32) -> String {
+    use nix::sys::signal::Signal;
+    let name = Signal::try_from(signal).map(Signal::as_str).unwrap_or("unknown signal");
+    match Signal::try_from(signal) {
+        Ok(Signal::SIGSEGV | Signal::SIGBUS | Signal::SIGILL | Signal::SIGFPE | Signal::SIGABRT | Signal::SIGSYS) => {
+            format!("killed by signal {signal} ({name}), raised by the command itself (a crash or an abort)")
+        }
+        _ => format!(
+            "killed by signal {signal} ({name}) from outside the command: no limit of the exec (timeout, output cap, \
+             memory) sent it, but another process (or the command itself)"
+        ),
     }
 }
 
@@ -533,6 +559,39 @@ mod tests {
         assert_eq!(map_status(ExitStatus::from_raw(9)), (137, 9));
         assert_eq!(format_secs(Duration::from_millis(500)), "0.5s");
         assert_eq!(format_secs(Duration::from_secs(2)), "2s");
+    }
+
+    #[test]
+    fn a_signal_that_no_limit_sent_gets_a_message() {
+        let killed = ExitInfo { exit_code: 137, signal: 9, ..ExitInfo::default() };
+        let mut info = killed.clone();
+        note_limits(&mut info, 0, 1 << 28, 0, 64);
+        assert_eq!(
+            info.message,
+            "killed by signal 9 (SIGKILL) from outside the command: no limit of the exec (timeout, output cap, \
+             memory) sent it, but another process (or the command itself)"
+        );
+        assert!(!info.oom_killed && !info.timed_out);
+        let mut info = ExitInfo { exit_code: 139, signal: 11, ..ExitInfo::default() };
+        note_limits(&mut info, 0, 1 << 28, 2, 64);
+        assert_eq!(
+            info.message,
+            "killed by signal 11 (SIGSEGV), raised by the command itself (a crash or an abort); \
+             2 fork(s) refused: the session reached its pids limit of 64 (pids_limit)"
+        );
+        // The OOM killer's SIGKILL is named as the memory limit, not as a signal from outside.
+        let mut info = killed.clone();
+        note_limits(&mut info, 1, 64 << 20, 0, 64);
+        assert!(info.oom_killed);
+        assert!(info.message.starts_with("out of memory:") && !info.message.contains("outside"), "{}", info.message);
+        // The timeout's and the output cap's messages stand alone.
+        let mut info = ExitInfo { timed_out: true, message: "timed out after 1s (timeout_ms limit)".into(), ..killed };
+        note_limits(&mut info, 0, 1 << 28, 0, 64);
+        assert_eq!(info.message, "timed out after 1s (timeout_ms limit)");
+        // A command that ended on its own has none.
+        let mut info = ExitInfo { exit_code: 3, ..ExitInfo::default() };
+        note_limits(&mut info, 0, 1 << 28, 0, 64);
+        assert_eq!(info.message, "");
     }
 
     #[tokio::test]
