@@ -36,7 +36,7 @@ pub const DATA_DIR_LOCK: &str = "agent.lock";
 pub enum LockError {
     /// Another process holds the lock.
     #[error(
-        "{what} is in use by another sandfleet agent{holder} (it holds the lock {}). Starting would kill \
+        "{what} is in use by another sandfleet agent{holder}, which holds the lock {}. Starting would kill \
          that agent's sessions, so this agent refuses to start: stop the other agent first, or give this one {fix}",
         path.display(),
         holder = holder.map(|p| format!(" (pid {p})")).unwrap_or_default()
