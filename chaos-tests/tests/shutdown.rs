@@ -47,6 +47,20 @@ async fn start_sleep(client: &sandfleet::Client, s: &proto::Session, secs: u32) 
     (stream, arg)
 }
 
+/// The host process of the `sleep` that [`start_sleep`] started (bash
+/// prints "started" just before it execs the sleep).
+fn the_sleep(arg: &str) -> host::HostProcess {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let mut found: Vec<_> = host::processes_matching(arg).into_iter().filter(|p| p.cmdline[0] == "sleep").collect();
+        if found.len() == 1 {
+            return found.remove(0);
+        }
+        assert!(Instant::now() < deadline, "not one `sleep {arg}` on the host: {found:?}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_stops_a_running_exec_and_the_agent_exits_within_seconds() {
     if !require_sandbox_facilities() {
@@ -56,7 +70,7 @@ async fn sigterm_stops_a_running_exec_and_the_agent_exits_within_seconds() {
     let client = cluster.client().await;
     let s = create_running(&client, small_session("stop-exec")).await.unwrap();
     let (mut stream, arg) = start_sleep(&client, &s, 600).await;
-    assert_eq!(host::processes_matching(&arg).len(), 1, "the sleep runs");
+    the_sleep(&arg);
 
     let caller = tokio::spawn(async move { stream.next().await });
     let t = Instant::now();
@@ -193,6 +207,7 @@ async fn a_second_agent_with_the_same_node_id_or_data_dir_refuses_to_start() {
     let client = cluster.client().await;
     let s = create_running(&client, small_session("lock")).await.unwrap();
     let (running, arg) = start_sleep(&client, &s, 600).await;
+    let sleep = the_sleep(&arg);
     let first = cluster.agents[0].args.clone();
     let node_id = cluster.agents[0].id.clone();
     let other_dir = cluster.dir().join("second-agent");
@@ -217,7 +232,7 @@ async fn a_second_agent_with_the_same_node_id_or_data_dir_refuses_to_start() {
     assert!(stderr.contains(&format!("data dir {} is in use", data_dir.display())), "{stderr}");
 
     // The first agent's session lives on: its running exec and a new one.
-    assert_eq!(host::processes_matching(&arg).len(), 1, "the first agent's running exec was killed");
+    assert!(host::is_alive(sleep.pid, sleep.start_time), "the first agent's running exec was killed");
     let out = exec_argv(&client, &s, ["echo", "still here"], Duration::from_secs(30)).await.unwrap();
     assert_eq!(stdout(&out), "still here\n");
     assert!(cluster.proc_mut(Target::Agent(0)).is_running());
