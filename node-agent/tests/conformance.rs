@@ -654,7 +654,15 @@ async fn killed_from_outside(kind: Kind) {
     let task = tokio::spawn(async move { rt.exec(&sid, bash("echo started; exec sleep 313"), tx).await });
     assert!(matches!(rx.recv().await, Some(ExecEvent::Stdout(_))), "the command did not start");
     let reader = tokio::spawn(async move { while rx.recv().await.is_some() {} });
-    let pids = host_procs(uid, &["sleep", "313"]);
+    // bash prints "started" just before it execs the sleep.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let pids = loop {
+        let pids = host_procs(uid, &["sleep", "313"]);
+        if !pids.is_empty() || Instant::now() > deadline {
+            break pids;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
     assert_eq!(pids.len(), 1, "one `sleep 313` of uid {uid} on the host: {pids:?}");
     nix::sys::signal::kill(nix::unistd::Pid::from_raw(pids[0]), nix::sys::signal::Signal::SIGKILL).unwrap();
     let info = tokio::time::timeout(Duration::from_secs(20), task).await.expect("the exec ended").unwrap().unwrap();
