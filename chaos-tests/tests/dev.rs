@@ -1,15 +1,18 @@
 //! `sandfleet dev`: the one-process cluster of the Quickstart, started as the
 //! real binary, with each runtime: it prints its endpoint, runs code in a
 //! sandbox (in a hardened container with `--runtime docker`) and stops cleanly
-//! on SIGTERM.
+//! on SIGTERM, within seconds even while an exec runs; a second `dev` with the
+//! node id of a running one refuses to start.
 
 use std::io::{BufRead, BufReader};
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use futures::StreamExt as _;
+use sandfleet::{ExecEvent, ExecRequest};
 use sandfleet_testkit::helpers::{create_running, exec_argv, stdout};
-use sandfleet_testkit::{bin_path, require_docker, require_sandbox_facilities, DEV_READY_PREFIX};
+use sandfleet_testkit::{bin_path, host, require_docker, require_sandbox_facilities, DEV_READY_PREFIX};
 
 const EXEC: Duration = Duration::from_secs(60);
 
@@ -22,14 +25,20 @@ struct Dev {
 }
 
 impl Dev {
-    /// Starts `sandfleet dev` on free ports and waits for its ready line.
+    /// Starts `sandfleet dev` on free ports and waits for its ready line. Its
+    /// node id is unique unless `extra` names one: tests run at once, and one
+    /// node id per host is all an agent allows.
     fn start(extra: &[&str]) -> Dev {
         let dir = tempfile::tempdir().unwrap();
         let log = dir.path().join("dev.log");
-        let mut child = Command::new(bin_path("sandfleet"))
-            .args(["dev", "--listen", "127.0.0.1:0", "--agent-listen", "127.0.0.1:0", "--data-dir"])
+        let mut cmd = Command::new(bin_path("sandfleet"));
+        cmd.args(["dev", "--listen", "127.0.0.1:0", "--agent-listen", "127.0.0.1:0", "--data-dir"])
             .arg(dir.path().join("data"))
-            .args(extra)
+            .args(extra);
+        if !extra.contains(&"--node-id") {
+            cmd.args(["--node-id", &format!("dev-{}", host::nonce())]);
+        }
+        let mut child = cmd
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(std::fs::File::create(&log).unwrap())
@@ -175,7 +184,7 @@ async fn dev_runs_dozens_of_default_sessions_on_a_small_machine() {
         return;
     }
     const SESSIONS: usize = 30;
-    let node_id = format!("dev-dozens-{}", sandfleet_testkit::host::nonce());
+    let node_id = format!("dev-dozens-{}", host::nonce());
     let mut dev = Dev::start(&["--node-id", &node_id]);
     let client = dev.client().await;
     let node = client.list_nodes().await.unwrap().into_iter().find(|n| n.id == node_id).expect("the dev node");
@@ -203,6 +212,74 @@ async fn dev_runs_dozens_of_default_sessions_on_a_small_machine() {
     for id in &ids {
         client.delete_session(id).await.unwrap();
     }
+    let status = dev.stop();
+    assert!(status.success(), "sandfleet dev exited with {status} after SIGTERM:\n{}", dev.logs());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dev_stops_within_seconds_of_sigterm_while_an_exec_runs() {
+    if !require_sandbox_facilities() {
+        return;
+    }
+    let mut dev = Dev::start(&[]);
+    let client = dev.client().await;
+    let s = create_running(&client, sandfleet::CreateSession::new()).await.unwrap();
+    let arg = format!("600.{}", host::nonce());
+    let req = ExecRequest::argv(["bash", "-c", &format!("echo started; exec sleep {arg}")])
+        .timeout(Duration::from_secs(3600));
+    let mut stream = client.exec(&s, req).await.unwrap();
+    match stream.next().await {
+        Some(Ok(ExecEvent::Stdout(d))) => assert_eq!(d, b"started\n"),
+        other => panic!("expected the command's first output, got {other:?}"),
+    }
+    let caller = tokio::spawn(async move { stream.next().await });
+    let t = Instant::now();
+    let status = tokio::task::block_in_place(|| dev.stop());
+    let took = t.elapsed();
+    assert!(status.success(), "sandfleet dev exited with {status} after SIGTERM:\n{}", dev.logs());
+    assert!(took < Duration::from_secs(15), "sandfleet dev took {took:?} to stop:\n{}", dev.logs());
+    match tokio::time::timeout(Duration::from_secs(5), caller).await.expect("the caller got an answer").unwrap() {
+        Some(Err(e)) => {
+            assert_eq!(e.code(), Some(tonic::Code::Unavailable), "{e}");
+            assert!(e.to_string().contains("the node agent is shutting down; the command was stopped"), "{e}");
+        }
+        other => panic!("expected UNAVAILABLE from the stopped exec, got {other:?}"),
+    }
+    assert!(host::processes_matching(&arg).is_empty(), "the exec's sleep outlived sandfleet dev");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_dev_with_the_same_node_id_refuses_to_start() {
+    if !require_sandbox_facilities() {
+        return;
+    }
+    let node = format!("dev-lock-{}", host::nonce());
+    let mut dev = Dev::start(&["--node-id", &node]);
+    let client = dev.client().await;
+    let s = create_running(&client, sandfleet::CreateSession::new()).await.unwrap();
+
+    let dir = tempfile::tempdir().unwrap();
+    let second = Command::new(bin_path("sandfleet"))
+        .args(["dev", "--listen", "127.0.0.1:0", "--agent-listen", "127.0.0.1:0", "--node-id", &node, "--data-dir"])
+        .arg(dir.path().join("data"))
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("starting a second sandfleet dev");
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(second.wait_with_output());
+    });
+    let out = rx.recv_timeout(Duration::from_secs(60)).expect("the second sandfleet dev exits at once").unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "a second sandfleet dev with node id {node} started:\n{stderr}");
+    for part in [format!("node id {node:?} is in use by another sandfleet agent"), "another --node-id".to_string()] {
+        assert!(stderr.contains(&part), "the refusal does not say {part:?}:\n{stderr}");
+    }
+
+    let out = exec_argv(&client, &s, ["echo", "still here"], EXEC).await.unwrap();
+    assert_eq!(stdout(&out), "still here\n", "the first dev's session was harmed");
     let status = dev.stop();
     assert!(status.success(), "sandfleet dev exited with {status} after SIGTERM:\n{}", dev.logs());
 }

@@ -2,6 +2,11 @@
 //! the session. Every call carries a session token signed by the cluster;
 //! the agent verifies it with the cluster's public key, checks it names this
 //! node, and refuses tokens for older placements.
+//!
+//! At shutdown (the agent's token fires) running execs are killed and their
+//! callers get UNAVAILABLE ([`SHUTDOWN_MESSAGE`]) within [`EXEC_STOP_GRACE`],
+//! so the graceful stop of the gRPC server never waits for an exec's own
+//! timeout.
 
 use std::pin::Pin;
 use std::sync::Arc;
@@ -13,6 +18,7 @@ use sandfleet_common::token::bearer_from_metadata;
 use sandfleet_common::{ids, limits, ValidationError};
 use sandfleet_proto::v1::{self as pb, exec_service_server::ExecService, file_service_server::FileService};
 use tokio::io::AsyncReadExt;
+use tokio_util::sync::CancellationToken;
 use tonic::metadata::MetadataMap;
 use tonic::{Request, Response, Status, Streaming};
 
@@ -20,16 +26,24 @@ use crate::control::{AgentState, LocalPhase};
 use crate::runtime::{Command, ExecEvent, ExecSpec, Language};
 use crate::workspace::{EntryKind, FsError, Workspace};
 
+/// What the caller of an exec that the agent's shutdown stopped gets, with UNAVAILABLE.
+pub const SHUTDOWN_MESSAGE: &str = "the node agent is shutting down; the command was stopped";
+/// How long an exec stopped by the shutdown may take to die and drain its
+/// output before its caller gets [`SHUTDOWN_MESSAGE`] regardless.
+pub const EXEC_STOP_GRACE: Duration = Duration::from_secs(5);
+
 /// Serves ExecService and FileService.
 #[derive(Clone)]
 pub struct DataPlane {
     state: Arc<AgentState>,
     output_cap: u64,
+    shutdown: CancellationToken,
 }
 
 impl DataPlane {
-    pub fn new(state: Arc<AgentState>, output_cap: u64) -> Self {
-        Self { state, output_cap }
+    /// A data plane whose execs are stopped when `shutdown` fires.
+    pub fn new(state: Arc<AgentState>, output_cap: u64, shutdown: CancellationToken) -> Self {
+        Self { state, output_cap, shutdown }
     }
 
     /// Checks the token and that the session is ready here.
@@ -118,6 +132,9 @@ impl ExecService for DataPlane {
 
     #[tracing::instrument(skip_all, fields(session = %req.get_ref().session_id))]
     async fn exec(&self, req: Request<pb::ExecRequest>) -> Result<Response<Self::ExecStream>, Status> {
+        if self.shutdown.is_cancelled() {
+            return Err(Status::unavailable("the node agent is shutting down; the command was not started"));
+        }
         self.authorize(req.metadata(), &req.get_ref().session_id).await?;
         let req = req.into_inner();
         let spec = exec_spec(&req, self.output_cap)?;
@@ -135,8 +152,24 @@ impl ExecService for DataPlane {
             state.trigger_sync(&session_id);
             result
         });
+        let shutdown = self.shutdown.clone();
         tokio::spawn(async move {
-            while let Some(ev) = out_rx.recv().await {
+            loop {
+                let ev = tokio::select! {
+                    ev = out_rx.recv() => ev,
+                    () = shutdown.cancelled() => {
+                        // Dropping `out_rx` makes the runtime kill the command (as when the caller
+                        // hangs up); its end is awaited, boundedly, so nothing of it outlives the agent.
+                        drop(out_rx);
+                        if tokio::time::timeout(EXEC_STOP_GRACE, run).await.is_err() {
+                            tracing::warn!("the exec did not end within {EXEC_STOP_GRACE:?} of the shutdown");
+                        }
+                        tracing::info!("exec stopped by the agent's shutdown");
+                        let _ = tx.send(Err(Status::unavailable(SHUTDOWN_MESSAGE))).await;
+                        return;
+                    }
+                };
+                let Some(ev) = ev else { break };
                 let (stream, data) = match ev {
                     ExecEvent::Stdout(d) => (pb::OutputStream::Stdout, d),
                     ExecEvent::Stderr(d) => (pb::OutputStream::Stderr, d),

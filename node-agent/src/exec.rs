@@ -17,9 +17,15 @@
 //! - if the receiver of the output goes away, the tree is killed;
 //! - exit codes 129..=192 (the shell / bwrap convention for "killed by
 //!   signal N") are reported with `signal = code - 128`.
+//! - [`note_limits`] adds what the session's limits did (OOM kills, refused
+//!   forks), and names the signal of a command killed with no limit hit.
 //!
 //! [`command_argv`] and [`plan_command`] turn an API command into an argv and
 //! enforce the argv limits of the API and of the kernel.
+//!
+//! The exec types of the [`crate::runtime::Runtime`] interface ([`ExecSpec`],
+//! [`Command`], [`ExecEvent`], [`ExitInfo`]) are defined here; this module
+//! depends on no runtime ([`ExecError`] converts into `RuntimeError`).
 
 use std::collections::{BTreeMap, HashMap};
 use std::process::ExitStatus;
@@ -34,8 +40,88 @@ use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tracing::{debug, instrument, warn};
 
-use crate::runtime::{Command, ExecEvent, ExecSpec, ExitInfo, Language, RuntimeError};
 use crate::workspace::{FsError, Workspace};
+
+/// An exec request that breaks a rule of the API or of the kernel.
+#[derive(Debug, thiserror::Error)]
+pub enum ExecError {
+    /// The request is malformed or over a limit; the text says which.
+    #[error("{0}")]
+    InvalidArgument(String),
+    /// Checking the workdir against the workspace failed.
+    #[error(transparent)]
+    Workspace(#[from] FsError),
+}
+
+/// What to run.
+#[derive(Debug, Clone)]
+pub enum Command {
+    /// A plain argv; argv[0] is looked up on the sandbox PATH.
+    Argv(Vec<String>),
+    /// Source code for an interpreter.
+    Code {
+        /// Which interpreter.
+        language: Language,
+        /// The source text.
+        code: String,
+    },
+}
+
+/// The interpreter of [`Command::Code`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Language {
+    /// `python3 -c CODE`
+    Python,
+    /// `node -e CODE`
+    Node,
+    /// `bash -c CODE`
+    Bash,
+}
+
+/// One command run.
+#[derive(Debug, Clone)]
+pub struct ExecSpec {
+    /// What to run.
+    pub command: Command,
+    /// Extra environment for this exec (wins over the session's).
+    pub env: BTreeMap<String, String>,
+    /// Written to stdin, which is then closed.
+    pub stdin: Vec<u8>,
+    /// Working directory relative to the workspace root; "" is the root.
+    pub workdir: String,
+    /// Wall-clock limit; zero means the default (30 s).
+    pub timeout: Duration,
+    /// Output cap (stdout and stderr together) in bytes; zero means the default (16 MiB).
+    pub output_cap: u64,
+}
+
+/// Output of a running command, in the order it was read.
+#[derive(Debug, Clone)]
+pub enum ExecEvent {
+    /// A piece of stdout (at most `OUTPUT_CHUNK_BYTES`).
+    Stdout(bytes::Bytes),
+    /// A piece of stderr (at most `OUTPUT_CHUNK_BYTES`).
+    Stderr(bytes::Bytes),
+}
+
+/// How a command ended.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct ExitInfo {
+    /// The exit code; 128+N when killed by signal N.
+    pub exit_code: i32,
+    /// The signal that ended the command, or 0.
+    pub signal: i32,
+    /// Wall-clock duration.
+    pub duration: Duration,
+    /// The timeout expired and the tree was killed.
+    pub timed_out: bool,
+    /// The kernel OOM killer ended a process of the session during the exec.
+    pub oom_killed: bool,
+    /// Output went past the cap and the command was killed.
+    pub output_truncated: bool,
+    /// Why the command did not end on its own, naming the limit hit.
+    pub message: String,
+}
 
 /// The kernel's limit on one argv or environment string, including its NUL
 /// (`MAX_ARG_STRLEN`, 32 pages).
@@ -53,7 +139,7 @@ const KILL_DRAIN_GRACE: Duration = Duration::from_secs(2);
 /// Errors name the limit that was hit. A code larger than one kernel argv
 /// string ([`MAX_ARG_STRLEN`]) is refused here; [`plan_command`] accepts it by
 /// passing the code as a file instead.
-pub fn command_argv(cmd: &Command) -> Result<Vec<String>, RuntimeError> {
+pub fn command_argv(cmd: &Command) -> Result<Vec<String>, ExecError> {
     let argv = match cmd {
         Command::Argv(argv) => argv.clone(),
         Command::Code { language, code } => {
@@ -80,7 +166,7 @@ pub struct CommandPlan {
 /// [`MAX_CODE_BYTES`]) becomes `python3 CODE_PATH` / `node CODE_PATH` /
 /// `bash CODE_PATH`, with the code returned in [`CommandPlan::code_file`] for
 /// the backend to place at `code_path`.
-pub fn plan_command(cmd: &Command, code_path: &str) -> Result<CommandPlan, RuntimeError> {
+pub fn plan_command(cmd: &Command, code_path: &str) -> Result<CommandPlan, ExecError> {
     if let Command::Code { language, code } = cmd {
         check_code(code)?;
         if code.len() >= MAX_ARG_STRLEN {
@@ -101,28 +187,28 @@ fn interpreter(language: Language) -> (&'static str, &'static str) {
     }
 }
 
-fn check_code(code: &str) -> Result<(), RuntimeError> {
+fn check_code(code: &str) -> Result<(), ExecError> {
     if code.len() > MAX_CODE_BYTES {
-        return Err(RuntimeError::InvalidArgument(format!(
+        return Err(ExecError::InvalidArgument(format!(
             "code exceeds the limit of {MAX_CODE_BYTES} bytes (MAX_CODE_BYTES): got {}",
             code.len()
         )));
     }
     if code.contains('\0') {
-        return Err(RuntimeError::InvalidArgument("code contains a NUL byte".to_string()));
+        return Err(ExecError::InvalidArgument("code contains a NUL byte".to_string()));
     }
     Ok(())
 }
 
-fn check_argv(argv: &[String]) -> Result<(), RuntimeError> {
+fn check_argv(argv: &[String]) -> Result<(), ExecError> {
     if argv.is_empty() {
-        return Err(RuntimeError::InvalidArgument("argv is empty; give at least the program name".to_string()));
+        return Err(ExecError::InvalidArgument("argv is empty; give at least the program name".to_string()));
     }
     if argv[0].is_empty() {
-        return Err(RuntimeError::InvalidArgument("argv[0] is empty".to_string()));
+        return Err(ExecError::InvalidArgument("argv[0] is empty".to_string()));
     }
     if argv.len() > MAX_ARGV {
-        return Err(RuntimeError::InvalidArgument(format!(
+        return Err(ExecError::InvalidArgument(format!(
             "argv exceeds the limit of {MAX_ARGV} arguments (MAX_ARGV): got {}",
             argv.len()
         )));
@@ -131,16 +217,16 @@ fn check_argv(argv: &[String]) -> Result<(), RuntimeError> {
     // Code is counted by MAX_CODE_BYTES, not by the argv budget.
     let code_len = if argv.len() == 3 && matches!(argv[1].as_str(), "-c" | "-e") { argv[2].len() } else { 0 };
     if total - code_len > MAX_ARGV_BYTES {
-        return Err(RuntimeError::InvalidArgument(format!(
+        return Err(ExecError::InvalidArgument(format!(
             "argv exceeds the limit of {MAX_ARGV_BYTES} bytes in all (MAX_ARGV_BYTES): got {total}"
         )));
     }
     for (i, a) in argv.iter().enumerate() {
         if a.contains('\0') {
-            return Err(RuntimeError::InvalidArgument(format!("argv[{i}] contains a NUL byte")));
+            return Err(ExecError::InvalidArgument(format!("argv[{i}] contains a NUL byte")));
         }
         if a.len() >= MAX_ARG_STRLEN {
-            return Err(RuntimeError::InvalidArgument(format!(
+            return Err(ExecError::InvalidArgument(format!(
                 "argv[{i}] exceeds the kernel limit of {} bytes per argument (MAX_ARG_STRLEN): got {}",
                 MAX_ARG_STRLEN - 1,
                 a.len()
@@ -168,11 +254,11 @@ pub struct ValidatedExec {
 /// workdir's lexical rules. `code_path` is where large code is placed
 /// inside the sandbox. Whether the workdir exists is checked by the caller
 /// against the workspace ([`check_workdir`]).
-pub fn validate(spec: &ExecSpec, code_path: &str) -> Result<ValidatedExec, RuntimeError> {
+pub fn validate(spec: &ExecSpec, code_path: &str) -> Result<ValidatedExec, ExecError> {
     let plan = plan_command(&spec.command, code_path)?;
     validate_env("exec env", &spec.env)?;
     if spec.stdin.len() > limits::MAX_STDIN_BYTES {
-        return Err(RuntimeError::InvalidArgument(format!(
+        return Err(ExecError::InvalidArgument(format!(
             "stdin exceeds the limit of {} bytes (MAX_STDIN_BYTES): got {}",
             limits::MAX_STDIN_BYTES,
             spec.stdin.len()
@@ -180,7 +266,7 @@ pub fn validate(spec: &ExecSpec, code_path: &str) -> Result<ValidatedExec, Runti
     }
     let timeout = if spec.timeout.is_zero() { limits::DEFAULT_EXEC_TIMEOUT } else { spec.timeout };
     if timeout > limits::MAX_EXEC_TIMEOUT {
-        return Err(RuntimeError::InvalidArgument(format!(
+        return Err(ExecError::InvalidArgument(format!(
             "timeout exceeds the limit of {} s (MAX_EXEC_TIMEOUT): got {} ms",
             limits::MAX_EXEC_TIMEOUT.as_secs(),
             timeout.as_millis()
@@ -188,37 +274,41 @@ pub fn validate(spec: &ExecSpec, code_path: &str) -> Result<ValidatedExec, Runti
     }
     let output_cap = if spec.output_cap == 0 { limits::DEFAULT_OUTPUT_CAP_BYTES } else { spec.output_cap };
     let workdir = Workspace::check_path(&spec.workdir).map_err(|e| match e {
-        FsError::InvalidPath(m) => RuntimeError::InvalidArgument(format!("workdir: {m}")),
-        other => RuntimeError::Workspace(other),
+        FsError::InvalidPath(m) => ExecError::InvalidArgument(format!("workdir: {m}")),
+        other => ExecError::Workspace(other),
     })?;
     Ok(ValidatedExec { plan, timeout, output_cap, workdir })
 }
 
 /// Checks that `workdir` is a directory inside the workspace (not reached
 /// through an escaping symlink).
-pub async fn check_workdir(ws: &Workspace, workdir: &str) -> Result<(), RuntimeError> {
+pub async fn check_workdir(ws: &Workspace, workdir: &str) -> Result<(), ExecError> {
     match ws.is_dir(workdir).await {
         Ok(true) => Ok(()),
         Ok(false) => {
-            Err(RuntimeError::InvalidArgument(format!("workdir {workdir:?} is not a directory in the workspace")))
+            Err(ExecError::InvalidArgument(format!("workdir {workdir:?} is not a directory in the workspace")))
         }
         Err(FsError::Escape(_)) => {
-            Err(RuntimeError::InvalidArgument(format!("workdir {workdir:?} leads outside the workspace")))
+            Err(ExecError::InvalidArgument(format!("workdir {workdir:?} leads outside the workspace")))
         }
         Err(e) => Err(e.into()),
     }
 }
 
 /// Validates an environment map (names and sizes), naming `field` in errors.
-pub fn validate_env(field: &'static str, env: &BTreeMap<String, String>) -> Result<(), RuntimeError> {
+pub fn validate_env(field: &'static str, env: &BTreeMap<String, String>) -> Result<(), ExecError> {
     let map: HashMap<String, String> = env.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
-    ids::validate_env(field, &map).map_err(|e| RuntimeError::InvalidArgument(e.to_string()))
+    ids::validate_env(field, &map).map_err(|e| ExecError::InvalidArgument(e.to_string()))
 }
 
 /// Adds what the session's limits did to a finished exec: `oom_kills` OOM
 /// kills (sets `oom_killed`) and `refused_forks` forks refused at the pids
-/// limit, each with a message naming the limit.
+/// limit, each with a message naming the limit. A command that a signal ended
+/// without any limit of the exec being hit gets a message naming the signal
+/// (see [`signal_message`]): every exec that did not end on its own has one.
 pub fn note_limits(info: &mut ExitInfo, oom_kills: u64, memory_bytes: u64, refused_forks: u64, pids_limit: u32) {
+    // The timeout, the output cap and a caller that went away set their message in `supervise`.
+    let limit_hit = info.timed_out || info.output_truncated || !info.message.is_empty();
     if oom_kills > 0 {
         info.oom_killed = true;
         let msg = format!(
@@ -227,11 +317,31 @@ pub fn note_limits(info: &mut ExitInfo, oom_kills: u64, memory_bytes: u64, refus
             sandfleet_common::quantity::format_memory(memory_bytes)
         );
         info.message = if info.message.is_empty() { msg } else { format!("{}; {msg}", info.message) };
+    } else if info.signal != 0 && !limit_hit {
+        info.message = signal_message(info.signal);
     }
     if refused_forks > 0 {
         let msg =
             format!("{refused_forks} fork(s) refused: the session reached its pids limit of {pids_limit} (pids_limit)");
         info.message = if info.message.is_empty() { msg } else { format!("{}; {msg}", info.message) };
+    }
+}
+
+/// Why a command ended by signal `signal` did not end on its own, when no
+/// limit of the exec sent the signal: a crash (SIGSEGV and the like), or a
+/// signal sent from outside the command (or by the command to itself, which
+/// the agent cannot tell apart).
+pub fn signal_message(signal: i32) -> String {
+    use nix::sys::signal::Signal;
+    let name = Signal::try_from(signal).map(Signal::as_str).unwrap_or("unknown signal");
+    match Signal::try_from(signal) {
+        Ok(Signal::SIGSEGV | Signal::SIGBUS | Signal::SIGILL | Signal::SIGFPE | Signal::SIGABRT | Signal::SIGSYS) => {
+            format!("killed by signal {signal} ({name}), raised by the command itself (a crash or an abort)")
+        }
+        _ => format!(
+            "killed by signal {signal} ({name}) from outside the command: no limit of the exec (timeout, output cap, \
+             memory) sent it, but another process (or the command itself)"
+        ),
     }
 }
 
@@ -533,6 +643,39 @@ mod tests {
         assert_eq!(map_status(ExitStatus::from_raw(9)), (137, 9));
         assert_eq!(format_secs(Duration::from_millis(500)), "0.5s");
         assert_eq!(format_secs(Duration::from_secs(2)), "2s");
+    }
+
+    #[test]
+    fn a_signal_that_no_limit_sent_gets_a_message() {
+        let killed = ExitInfo { exit_code: 137, signal: 9, ..ExitInfo::default() };
+        let mut info = killed.clone();
+        note_limits(&mut info, 0, 1 << 28, 0, 64);
+        assert_eq!(
+            info.message,
+            "killed by signal 9 (SIGKILL) from outside the command: no limit of the exec (timeout, output cap, \
+             memory) sent it, but another process (or the command itself)"
+        );
+        assert!(!info.oom_killed && !info.timed_out);
+        let mut info = ExitInfo { exit_code: 139, signal: 11, ..ExitInfo::default() };
+        note_limits(&mut info, 0, 1 << 28, 2, 64);
+        assert_eq!(
+            info.message,
+            "killed by signal 11 (SIGSEGV), raised by the command itself (a crash or an abort); \
+             2 fork(s) refused: the session reached its pids limit of 64 (pids_limit)"
+        );
+        // The OOM killer's SIGKILL is named as the memory limit, not as a signal from outside.
+        let mut info = killed.clone();
+        note_limits(&mut info, 1, 64 << 20, 0, 64);
+        assert!(info.oom_killed);
+        assert!(info.message.starts_with("out of memory:") && !info.message.contains("outside"), "{}", info.message);
+        // The timeout's and the output cap's messages stand alone.
+        let mut info = ExitInfo { timed_out: true, message: "timed out after 1s (timeout_ms limit)".into(), ..killed };
+        note_limits(&mut info, 0, 1 << 28, 0, 64);
+        assert_eq!(info.message, "timed out after 1s (timeout_ms limit)");
+        // A command that ended on its own has none.
+        let mut info = ExitInfo { exit_code: 3, ..ExitInfo::default() };
+        note_limits(&mut info, 0, 1 << 28, 0, 64);
+        assert_eq!(info.message, "");
     }
 
     #[tokio::test]

@@ -12,6 +12,7 @@
 //! - [`runtime`]: the `Runtime` trait and its backends (`process`: bubblewrap + cgroups;
 //!   `docker`: a hardened container per session with bubblewrap inside).
 //! - [`executor`]: `sandfleet-executor`, which runs execs inside a container, and its client.
+//! - [`lock`]: the locks that keep a second agent off this one's node id and data dir.
 //! - [`exec`]: the one implementation of exec semantics (timeout, caps, exit, OOM).
 //! - [`workspace`]: safe file operations inside a session's workspace.
 //! - [`store`]: the `WorkspaceStore` trait (local directory, S3) and the sync
@@ -22,6 +23,7 @@ pub mod coordinator_link;
 pub mod dataplane;
 pub mod exec;
 pub mod executor;
+pub mod lock;
 pub mod runtime;
 pub mod store;
 pub mod workspace;
@@ -131,7 +133,13 @@ pub enum AgentError {
     Join(String),
     #[error("workspace store: {0}")]
     Store(#[from] store::StoreError),
+    #[error(transparent)]
+    Lock(#[from] lock::LockError),
 }
+
+/// How long the data-plane server may take to finish its open calls after
+/// the shutdown token fired, before they are cut.
+pub const SERVER_STOP_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// A running agent.
 pub struct Agent {
@@ -141,6 +149,8 @@ pub struct Agent {
     /// Runtime cleanup at shutdown (the docker runtime's idle pool containers).
     cleanup: Option<JoinHandle<()>>,
     syncer: Option<Arc<store::sync::Syncer>>,
+    /// Held until the agent has stopped.
+    _lock: lock::AgentLock,
 }
 
 impl Agent {
@@ -159,7 +169,16 @@ impl Agent {
         if let Some(c) = self.cleanup {
             let _ = c.await;
         }
-        self.server.await.map_err(|e| AgentError::Join(e.to_string()))??;
+        // Execs end at the shutdown (see `dataplane`), but a client may still hold a
+        // stream open (an upload that never ends): the graceful stop gets a bound.
+        let mut server = self.server;
+        match tokio::time::timeout(SERVER_STOP_TIMEOUT, &mut server).await {
+            Ok(r) => r.map_err(|e| AgentError::Join(e.to_string()))??,
+            Err(_) => {
+                tracing::warn!("calls still open {SERVER_STOP_TIMEOUT:?} after the shutdown; closing them");
+                server.abort();
+            }
+        }
         Ok(())
     }
 }
@@ -190,6 +209,8 @@ pub async fn serve(config: AgentConfig, shutdown: CancellationToken) -> Result<A
         .map_err(|e| AgentError::Config(format!("cannot create data dir {}: {e}", config.data_dir.display())))?;
     let data_dir = std::fs::canonicalize(&config.data_dir)
         .map_err(|e| AgentError::Config(format!("cannot resolve data dir {}: {e}", config.data_dir.display())))?;
+    // Before the runtime takes over (and cleans up) what the node id names on this host.
+    let agent_lock = lock::AgentLock::acquire(&config.node_id, &data_dir)?;
 
     let mut cleanup = None;
     let runtime: Arc<dyn Runtime> = match config.runtime {
@@ -239,7 +260,7 @@ pub async fn serve(config: AgentConfig, shutdown: CancellationToken) -> Result<A
     let addr = listener.local_addr().map_err(|source| AgentError::Bind { addr: config.listen, source })?;
     let advertise = config.advertise.clone().unwrap_or_else(|| addr.to_string());
 
-    let plane = dataplane::DataPlane::new(state.clone(), config.output_cap);
+    let plane = dataplane::DataPlane::new(state.clone(), config.output_cap, shutdown.clone());
     let server = tonic::transport::Server::builder()
         .tcp_nodelay(true)
         .trace_fn(|req| tracing::info_span!("grpc", path = %req.uri().path()))
@@ -277,5 +298,5 @@ pub async fn serve(config: AgentConfig, shutdown: CancellationToken) -> Result<A
     };
     let control = tokio::spawn(control.run(interval, shutdown.clone()));
     tracing::info!(node = %config.node_id, %addr, "agent serving");
-    Ok(Agent { addr, server, control, cleanup, syncer })
+    Ok(Agent { addr, server, control, cleanup, syncer, _lock: agent_lock })
 }

@@ -643,6 +643,37 @@ async fn output_cap_and_large_code(kind: Kind) {
     env.cleanup().await;
 }
 
+/// A command killed from the host (no limit of the exec hit) ends with SIGKILL
+/// and a message that says so, not with a bare 137.
+async fn killed_from_outside(kind: Kind) {
+    let Some(env) = setup(kind, "killed", 310_900).await else { return };
+    let id = new_session_id();
+    env.rt.prepare(&sandbox(&id)).await.unwrap();
+    let uid = env.uid(&id);
+    let (tx, mut rx) = mpsc::channel(8);
+    let (rt, sid) = (env.rt.clone(), id.clone());
+    let task = tokio::spawn(async move { rt.exec(&sid, bash("echo started; exec sleep 313"), tx).await });
+    assert!(matches!(rx.recv().await, Some(ExecEvent::Stdout(_))), "the command did not start");
+    let reader = tokio::spawn(async move { while rx.recv().await.is_some() {} });
+    // bash prints "started" just before it execs the sleep.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let pids = loop {
+        let pids = host_procs(uid, &["sleep", "313"]);
+        if !pids.is_empty() || Instant::now() > deadline {
+            break pids;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert_eq!(pids.len(), 1, "one `sleep 313` of uid {uid} on the host: {pids:?}");
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(pids[0]), nix::sys::signal::Signal::SIGKILL).unwrap();
+    let info = tokio::time::timeout(Duration::from_secs(20), task).await.expect("the exec ended").unwrap().unwrap();
+    reader.await.unwrap();
+    assert_eq!((info.exit_code, info.signal), (137, 9), "{info:?}");
+    assert!(!info.timed_out && !info.oom_killed && !info.output_truncated, "{info:?}");
+    assert!(info.message.starts_with("killed by signal 9 (SIGKILL) from outside the command"), "{:?}", info.message);
+    env.cleanup().await;
+}
+
 macro_rules! conformance {
     ($($name:ident),* $(,)?) => {
         mod process {
@@ -673,7 +704,8 @@ conformance!(
     no_host_files,
     file_round_trip,
     traversal_and_symlinks,
-    output_cap_and_large_code
+    output_cap_and_large_code,
+    killed_from_outside
 );
 
 // ---------------------------------------------------------------------------

@@ -3,7 +3,8 @@
 //! process, for local development.
 //!
 //! Prints `sandfleet dev ready: endpoint http://<addr>` on stdout once both are
-//! up; Ctrl-C or SIGTERM stops both and exits 0.
+//! up; Ctrl-C or SIGTERM stops both within seconds (running execs end with
+//! UNAVAILABLE) and exits 0; a second signal exits at once with code 130.
 
 use super::DevArgs;
 
@@ -32,6 +33,10 @@ pub async fn run(args: DevArgs) -> anyhow::Result<i32> {
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     }
     let shutdown = CancellationToken::new();
+    // The first SIGINT/SIGTERM stops both gracefully (running execs end with
+    // UNAVAILABLE); a second one exits at once.
+    let stop = shutdown.clone();
+    sandfleet_common::signal::on_shutdown_signal(move || stop.cancel());
 
     let coordinator = sandfleet_coordinator::serve(
         CoordinatorConfig {
@@ -51,7 +56,7 @@ pub async fn run(args: DevArgs) -> anyhow::Result<i32> {
 
     let agent = sandfleet_agent::serve(
         AgentConfig {
-            node_id: dev_node_id(),
+            node_id: args.node_id.clone().unwrap_or_else(dev_node_id),
             listen: args.agent_listen,
             advertise: None,
             coordinators: vec![endpoint.to_string()],
@@ -88,7 +93,7 @@ pub async fn run(args: DevArgs) -> anyhow::Result<i32> {
     let agent_done = agent.join();
     tokio::pin!(coordinator_done, agent_done);
     tokio::select! {
-        _ = super::shutdown_signal() => tracing::info!("shutting down"),
+        () = shutdown.cancelled() => tracing::info!("shutting down"),
         r = &mut coordinator_done => {
             shutdown.cancel();
             let agent_result = agent_done.await;

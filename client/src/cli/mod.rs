@@ -406,6 +406,11 @@ pub struct DevArgs {
     /// image built by deploy/images/build-sandbox-image).
     #[arg(long, value_enum, default_value = "process")]
     pub runtime: DevRuntime,
+    /// The node agent's node id (lowercase letters, digits and '-') [default:
+    /// this host's name]. Two `sandfleet dev` on one host need different ones:
+    /// the second refuses to start on a node id in use.
+    #[arg(long, value_name = "ID")]
+    pub node_id: Option<String>,
 }
 
 /// `sandfleet dev --runtime`.

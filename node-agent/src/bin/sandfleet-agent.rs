@@ -185,13 +185,9 @@ async fn main() -> anyhow::Result<()> {
     let cpu_millis = args.cpu.as_deref().map(sandfleet_common::quantity::parse_cpu).transpose()?.unwrap_or(0);
     let memory_bytes = args.memory.as_deref().map(sandfleet_common::quantity::parse_memory).transpose()?.unwrap_or(0);
     let shutdown = CancellationToken::new();
-    let signal = sandfleet_common::signal::shutdown_signal();
+    // A second signal exits at once, should the graceful shutdown hang.
     let stop = shutdown.clone();
-    tokio::spawn(async move {
-        signal.await;
-        tracing::info!("shutting down");
-        stop.cancel();
-    });
+    sandfleet_common::signal::on_shutdown_signal(move || stop.cancel());
     let config = AgentConfig {
         node_id: args.node_id.clone(),
         listen: args.listen,

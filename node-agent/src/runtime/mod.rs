@@ -21,7 +21,6 @@ pub mod process;
 pub mod seccomp;
 
 use std::collections::BTreeMap;
-use std::time::Duration;
 
 /// What a session's sandbox must look like.
 #[derive(Debug, Clone)]
@@ -66,75 +65,9 @@ pub fn resolve_spec(
     Ok(r)
 }
 
-/// What to run.
-#[derive(Debug, Clone)]
-pub enum Command {
-    /// A plain argv; argv[0] is looked up on the sandbox PATH.
-    Argv(Vec<String>),
-    /// Source code for an interpreter.
-    Code {
-        /// Which interpreter.
-        language: Language,
-        /// The source text.
-        code: String,
-    },
-}
-
-/// The interpreter of [`Command::Code`].
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Language {
-    /// `python3 -c CODE`
-    Python,
-    /// `node -e CODE`
-    Node,
-    /// `bash -c CODE`
-    Bash,
-}
-
-/// One command run.
-#[derive(Debug, Clone)]
-pub struct ExecSpec {
-    /// What to run.
-    pub command: Command,
-    /// Extra environment for this exec (wins over the session's).
-    pub env: BTreeMap<String, String>,
-    /// Written to stdin, which is then closed.
-    pub stdin: Vec<u8>,
-    /// Working directory relative to the workspace root; "" is the root.
-    pub workdir: String,
-    /// Wall-clock limit; zero means the default (30 s).
-    pub timeout: Duration,
-    /// Output cap (stdout and stderr together) in bytes; zero means the default (16 MiB).
-    pub output_cap: u64,
-}
-
-/// Output of a running command, in the order it was read.
-#[derive(Debug, Clone)]
-pub enum ExecEvent {
-    /// A piece of stdout (at most `OUTPUT_CHUNK_BYTES`).
-    Stdout(bytes::Bytes),
-    /// A piece of stderr (at most `OUTPUT_CHUNK_BYTES`).
-    Stderr(bytes::Bytes),
-}
-
-/// How a command ended.
-#[derive(Debug, Clone, Default, PartialEq)]
-pub struct ExitInfo {
-    /// The exit code; 128+N when killed by signal N.
-    pub exit_code: i32,
-    /// The signal that ended the command, or 0.
-    pub signal: i32,
-    /// Wall-clock duration.
-    pub duration: Duration,
-    /// The timeout expired and the tree was killed.
-    pub timed_out: bool,
-    /// The kernel OOM killer ended a process of the session during the exec.
-    pub oom_killed: bool,
-    /// Output went past the cap and the command was killed.
-    pub output_truncated: bool,
-    /// Why the command did not end on its own, naming the limit hit.
-    pub message: String,
-}
+// The exec types belong to `crate::exec`, which owns exec semantics; they are
+// part of the `Runtime` interface, hence re-exported here.
+pub use crate::exec::{Command, ExecEvent, ExecSpec, ExitInfo, Language};
 
 /// A session a runtime holds.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -170,6 +103,21 @@ pub enum RuntimeError {
     /// A bug or an unexpected state.
     #[error("{0}")]
     Internal(String),
+}
+
+impl From<crate::exec::ExecError> for RuntimeError {
+    fn from(e: crate::exec::ExecError) -> Self {
+        match e {
+            crate::exec::ExecError::InvalidArgument(m) => RuntimeError::InvalidArgument(m),
+            crate::exec::ExecError::Workspace(fs) => RuntimeError::Workspace(fs),
+        }
+    }
+}
+
+impl From<crate::exec::ExecError> for tonic::Status {
+    fn from(e: crate::exec::ExecError) -> Self {
+        RuntimeError::from(e).into()
+    }
 }
 
 impl From<RuntimeError> for tonic::Status {
