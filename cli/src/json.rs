@@ -6,8 +6,8 @@
 
 use serde_json::{json, Value};
 
-use crate::proto;
-use crate::session::state_name;
+use sandfleet::proto;
+use sandfleet::session::state_name;
 
 /// A session spec.
 pub fn spec_to_json(spec: &proto::SessionSpec) -> Value {

@@ -1,11 +1,14 @@
 //! The `sandfleet` command line: argument definitions and dispatch.
 //!
-//! Part of the `sandfleet` binary (compiled into it with `#[path]`), not of
-//! the SDK library, so it may use `anyhow`.
+//! This crate builds the `sandfleet` binary (`src/main.rs`) on the `sandfleet`
+//! SDK crate; this library is its implementation, not an API to build on (use
+//! the SDK for that). With the default `dev` feature it also embeds a
+//! coordinator and a node agent for `sandfleet dev`.
 //!
 //! # Layout
 //! - [`args`]: value parsers (durations, quantities, `K=V`, `ID:PATH`).
 //! - [`output`]: text tables and JSON printing.
+//! - [`json`]: JSON views of API messages (for `--output json`).
 //! - [`exec`]: `run` and `session exec` (streamed output, exit codes, cleanup).
 //! - [`session`]: the other `session` subcommands, including `cp`.
 //! - [`cluster`]: `node list` and `cluster ...`.
@@ -15,6 +18,7 @@ pub mod args;
 pub mod cluster;
 pub mod dev;
 pub mod exec;
+pub mod json;
 pub mod output;
 pub mod session;
 

@@ -5,10 +5,11 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use futures::StreamExt;
-use sandfleet::{exit_code_of, json, proto, CreateSession, ExecEvent, ExecRequest};
+use sandfleet::{exit_code_of, proto, CreateSession, ExecEvent, ExecRequest};
 use serde_json::json;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
+use super::json;
 use super::output::{print_json, OutputFormat};
 use super::{shutdown_signal, Ctx, ExecArgs, ResourceArgs, RunArgs};
 

@@ -1,8 +1,8 @@
 //! `sandfleet node list` and `sandfleet cluster ...`.
 
-use sandfleet::json;
 use serde_json::Value;
 
+use super::json;
 use super::output::{cluster_table, nodes_table, out, print_json, OutputFormat};
 use super::{ClusterCmd, Ctx};
 

@@ -5,12 +5,13 @@ use std::path::{Path, PathBuf};
 use anyhow::Context as _;
 use futures::StreamExt;
 use sandfleet::session::{is_terminal, state_name};
-use sandfleet::{json, proto, CreateSession, Error};
+use sandfleet::{proto, CreateSession, Error};
 use serde_json::{json, Value};
 use tokio::io::AsyncWriteExt;
 
 use super::args::CpSpec;
 use super::exec::{apply_resources, session_exec};
+use super::json;
 use super::output::{
     format_time, now_string, out, print_json, print_json_line, session_text, sessions_table, table, OutputFormat,
 };
