@@ -9,7 +9,6 @@ use sandfleet::{exit_code_of, proto, CreateSession, ExecEvent, ExecRequest};
 use serde_json::json;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-use super::json;
 use super::output::{print_json, OutputFormat};
 use super::{shutdown_signal, Ctx, ExecArgs, ResourceArgs, RunArgs};
 
@@ -114,7 +113,7 @@ pub async fn stream_exec(ctx: &Ctx, session: &proto::Session, req: ExecRequest) 
                         "session_id": session.id,
                         "stdout": String::from_utf8_lossy(&out_buf),
                         "stderr": String::from_utf8_lossy(&err_buf),
-                        "exit": json::exit_status_to_json(&exit),
+                        "exit": serde_json::to_value(&exit)?,
                     }))?;
                 }
                 for note in exit_notes(&exit) {

@@ -7,8 +7,7 @@
 //!
 //! # Layout
 //! - [`args`]: value parsers (durations, quantities, `K=V`, `ID:PATH`).
-//! - [`output`]: text tables and JSON printing.
-//! - [`json`]: JSON views of API messages (for `--output json`).
+//! - [`output`]: text tables, and JSON printing (API messages in the proto3 JSON mapping).
 //! - [`exec`]: `run` and `session exec` (streamed output, exit codes, cleanup).
 //! - [`session`]: the other `session` subcommands, including `cp`.
 //! - [`cluster`]: `node list` and `cluster ...`.
@@ -18,7 +17,6 @@ pub mod args;
 pub mod cluster;
 pub mod dev;
 pub mod exec;
-pub mod json;
 pub mod output;
 pub mod session;
 

@@ -29,6 +29,10 @@
 //! - [`retry`]: the backoff policy ([`Backoff`]).
 //! - [`error`]: the [`Error`] type and gRPC code names.
 //!
+//! # Features
+//! - `serde`: `Serialize`/`Deserialize` for the [`proto`] messages in the
+//!   proto3 JSON mapping (what the CLI's `--output json` prints).
+//!
 //! This crate depends on the API contract (`sandfleet-proto`), the shared
 //! `sandfleet-common` helpers and client-side libraries only: no coordinator,
 //! node agent or storage engine. The `sandfleet` command line is the separate
