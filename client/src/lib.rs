@@ -1,4 +1,4 @@
-//! The Sandfleet Rust SDK (and, with the `cli` feature, the `sandfleet` CLI binary).
+//! The Sandfleet Rust SDK.
 //!
 //! This crate owns the client side of the `sandfleet.v1` API: connecting to
 //! several coordinators with failover, deadlines and jittered retries;
@@ -27,17 +27,21 @@
 //! - [`exec`]: [`ExecRequest`], [`ExecStream`], [`ExecEvent`], [`ExecOutput`] and the exec calls.
 //! - [`files`]: upload, download, list and remove in a session's workspace.
 //! - [`retry`]: the backoff policy ([`Backoff`]).
-//! - [`json`]: JSON views of API messages (for `--output json` and logs).
 //! - [`error`]: the [`Error`] type and gRPC code names.
 //!
-//! The `sandfleet` binary (feature `cli`) lives in `src/bin/sandfleet.rs` with its
-//! helpers in `src/cli/`; they are part of the binary, not of this library.
+//! # Features
+//! - `serde`: `Serialize`/`Deserialize` for the [`proto`] messages in the
+//!   proto3 JSON mapping (what the CLI's `--output json` prints).
+//!
+//! This crate depends on the API contract (`sandfleet-proto`), the shared
+//! `sandfleet-common` helpers and client-side libraries only: no coordinator,
+//! node agent or storage engine. The `sandfleet` command line is the separate
+//! `sandfleet-cli` crate, built on this one.
 
 pub mod client;
 pub mod error;
 pub mod exec;
 pub mod files;
-pub mod json;
 pub mod retry;
 pub mod session;
 

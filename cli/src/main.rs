@@ -4,15 +4,13 @@
 //!
 //! Exit status: 0 on success; the command's own exit code for `run` and
 //! `session exec`; 1 for errors (printed as `error: <message>`); 2 for usage errors.
-//! The implementation lives in `src/cli/` (see its module docs).
-
-#[path = "../cli/mod.rs"]
-mod cli;
+//! The implementation is this crate's library (`src/lib.rs` and its modules).
 
 use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::Parser;
+use sandfleet_cli as cli;
 
 fn main() -> ExitCode {
     let cli = cli::Cli::parse();

@@ -1,11 +1,13 @@
 //! The `sandfleet` command line: argument definitions and dispatch.
 //!
-//! Part of the `sandfleet` binary (compiled into it with `#[path]`), not of
-//! the SDK library, so it may use `anyhow`.
+//! This crate builds the `sandfleet` binary (`src/main.rs`) on the `sandfleet`
+//! SDK crate; this library is its implementation, not an API to build on (use
+//! the SDK for that). With the default `dev` feature it also embeds a
+//! coordinator and a node agent for `sandfleet dev`.
 //!
 //! # Layout
 //! - [`args`]: value parsers (durations, quantities, `K=V`, `ID:PATH`).
-//! - [`output`]: text tables and JSON printing.
+//! - [`output`]: text tables, and JSON printing (API messages in the proto3 JSON mapping).
 //! - [`exec`]: `run` and `session exec` (streamed output, exit codes, cleanup).
 //! - [`session`]: the other `session` subcommands, including `cp`.
 //! - [`cluster`]: `node list` and `cluster ...`.

@@ -1,8 +1,5 @@
 //! `sandfleet node list` and `sandfleet cluster ...`.
 
-use sandfleet::json;
-use serde_json::Value;
-
 use super::output::{cluster_table, nodes_table, out, print_json, OutputFormat};
 use super::{ClusterCmd, Ctx};
 
@@ -10,7 +7,7 @@ use super::{ClusterCmd, Ctx};
 pub async fn node_list(ctx: &Ctx) -> anyhow::Result<i32> {
     let nodes = ctx.client.list_nodes().await?;
     match ctx.output {
-        OutputFormat::Json => print_json(&Value::Array(nodes.iter().map(json::node_to_json).collect()))?,
+        OutputFormat::Json => print_json(&nodes)?,
         OutputFormat::Text => out(&nodes_table(&nodes))?,
     }
     Ok(0)
@@ -20,7 +17,7 @@ pub async fn node_list(ctx: &Ctx) -> anyhow::Result<i32> {
 pub async fn node_cordon(ctx: &Ctx, id: &str, cordoned: bool) -> anyhow::Result<i32> {
     let node = ctx.client.cordon_node(id, cordoned).await?;
     match ctx.output {
-        OutputFormat::Json => print_json(&json::node_to_json(&node))?,
+        OutputFormat::Json => print_json(&node)?,
         OutputFormat::Text => out(&nodes_table(std::slice::from_ref(&node)))?,
     }
     Ok(0)
@@ -72,7 +69,7 @@ pub async fn node_drain(
         };
     };
     match ctx.output {
-        OutputFormat::Json => print_json(&json::node_to_json(&node))?,
+        OutputFormat::Json => print_json(&node)?,
         OutputFormat::Text => out(&nodes_table(std::slice::from_ref(&node)))?,
     }
     Ok(code)
@@ -85,9 +82,7 @@ pub async fn run(ctx: &Ctx, cmd: ClusterCmd) -> anyhow::Result<i32> {
         ClusterCmd::Scheduler(s) => {
             let r = ctx.client.set_scheduler_paused(matches!(s, super::SchedulerCmd::Pause)).await?;
             match ctx.output {
-                OutputFormat::Json => {
-                    print_json(&serde_json::json!({"paused": r.paused, "unplaced_sessions": r.unplaced_sessions}))?
-                }
+                OutputFormat::Json => print_json(&r)?,
                 OutputFormat::Text => out(&format!(
                     "scheduling {}; {} sessions waiting for a node\n",
                     if r.paused { "paused" } else { "resumed" },
@@ -102,7 +97,7 @@ pub async fn run(ctx: &Ctx, cmd: ClusterCmd) -> anyhow::Result<i32> {
         ClusterCmd::Remove { id } => ctx.client.remove_member(id).await?,
     };
     match ctx.output {
-        OutputFormat::Json => print_json(&json::cluster_status_to_json(&status))?,
+        OutputFormat::Json => print_json(&status)?,
         OutputFormat::Text => out(&cluster_table(&status))?,
     }
     Ok(0)

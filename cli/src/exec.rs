@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use futures::StreamExt;
-use sandfleet::{exit_code_of, json, proto, CreateSession, ExecEvent, ExecRequest};
+use sandfleet::{exit_code_of, proto, CreateSession, ExecEvent, ExecRequest};
 use serde_json::json;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
@@ -116,7 +116,7 @@ pub async fn stream_exec(ctx: &Ctx, session: &proto::Session, req: ExecRequest) 
                         "session_id": session.id,
                         "stdout": String::from_utf8_lossy(&out_buf),
                         "stderr": String::from_utf8_lossy(&err_buf),
-                        "exit": json::exit_status_to_json(&exit),
+                        "exit": serde_json::to_value(&exit)?,
                     }))?;
                 }
                 for note in exit_notes(&exit) {

@@ -5,14 +5,15 @@ use std::path::{Path, PathBuf};
 use anyhow::Context as _;
 use futures::StreamExt;
 use sandfleet::session::{is_terminal, state_name};
-use sandfleet::{json, proto, CreateSession, Error};
-use serde_json::{json, Value};
+use sandfleet::{proto, CreateSession, Error};
+use serde_json::json;
 use tokio::io::AsyncWriteExt;
 
 use super::args::CpSpec;
 use super::exec::{apply_resources, session_exec};
 use super::output::{
-    format_time, now_string, out, print_json, print_json_line, session_text, sessions_table, table, OutputFormat,
+    file_kind_name, format_time, now_string, out, print_json, print_json_line, session_text, sessions_table, table,
+    OutputFormat,
 };
 use super::{Ctx, SessionCmd};
 
@@ -61,7 +62,7 @@ pub async fn run(ctx: &Ctx, cmd: SessionCmd) -> anyhow::Result<i32> {
                 (page.sessions, page.next_page_token)
             };
             match ctx.output {
-                OutputFormat::Json => print_json(&Value::Array(sessions.iter().map(json::session_to_json).collect()))?,
+                OutputFormat::Json => print_json(&sessions)?,
                 OutputFormat::Text => out(&sessions_table(&sessions, sandfleet_common::time::now_ms()))?,
             }
             if !next.is_empty() {
@@ -82,14 +83,7 @@ pub async fn run(ctx: &Ctx, cmd: SessionCmd) -> anyhow::Result<i32> {
             let session = ctx.client.get_session(&id).await?;
             let r = ctx.client.sync_workspace(&session).await?;
             match ctx.output {
-                OutputFormat::Json => print_json(&serde_json::json!({
-                    "files": r.files,
-                    "bytes": r.bytes,
-                    "uploaded_files": r.uploaded_files,
-                    "uploaded_bytes": r.uploaded_bytes,
-                    "manifest_version": r.manifest_version,
-                    "store": r.store,
-                }))?,
+                OutputFormat::Json => print_json(&r)?,
                 OutputFormat::Text => out(&format!(
                     "synced {} files ({} bytes) to {}: uploaded {} files ({} bytes), manifest version {}\n",
                     r.files, r.bytes, r.store, r.uploaded_files, r.uploaded_bytes, r.manifest_version
@@ -101,12 +95,7 @@ pub async fn run(ctx: &Ctx, cmd: SessionCmd) -> anyhow::Result<i32> {
             let session = ctx.client.get_session(&id).await?;
             let r = ctx.client.download_url(&session, &path, expires_in).await?;
             match ctx.output {
-                OutputFormat::Json => print_json(&serde_json::json!({
-                    "url": r.url,
-                    "expires_at_ms": r.expires_at_ms,
-                    "size": r.size,
-                    "sha256": r.sha256,
-                }))?,
+                OutputFormat::Json => print_json(&r)?,
                 OutputFormat::Text => out(&format!("{}\n", r.url))?,
             }
             Ok(0)
@@ -115,14 +104,12 @@ pub async fn run(ctx: &Ctx, cmd: SessionCmd) -> anyhow::Result<i32> {
             let session = ctx.client.get_session(&id).await?;
             let entries = ctx.client.list_files(&session, &path).await?;
             match ctx.output {
-                OutputFormat::Json => {
-                    print_json(&Value::Array(entries.iter().map(json::file_entry_to_json).collect()))?
-                }
+                OutputFormat::Json => print_json(&entries)?,
                 OutputFormat::Text => {
                     let rows: Vec<Vec<String>> = entries
                         .iter()
                         .map(|e| {
-                            let kind = json::file_entry_to_json(e)["kind"].as_str().unwrap_or("?").to_lowercase();
+                            let kind = file_kind_name(e.kind);
                             vec![
                                 format!("{:o}", e.mode & 0o7777),
                                 kind,
@@ -142,7 +129,7 @@ pub async fn run(ctx: &Ctx, cmd: SessionCmd) -> anyhow::Result<i32> {
 
 fn print_session(ctx: &Ctx, s: &proto::Session) -> std::io::Result<()> {
     match ctx.output {
-        OutputFormat::Json => print_json(&json::session_to_json(s)),
+        OutputFormat::Json => print_json(s),
         OutputFormat::Text => out(&session_text(s)),
     }
 }
@@ -166,7 +153,7 @@ async fn remove(ctx: &Ctx, ids: &[String]) -> anyhow::Result<i32> {
         }
     }
     if ctx.output == OutputFormat::Json {
-        print_json(&Value::Array(deleted.iter().map(json::session_to_json).collect()))?;
+        print_json(&deleted)?;
     }
     Ok(if failed > 0 { 1 } else { 0 })
 }
@@ -211,7 +198,7 @@ async fn watch(ctx: &Ctx, id: &str) -> anyhow::Result<i32> {
             let key = watch_key(&s);
             if last.as_ref() != Some(&key) {
                 match ctx.output {
-                    OutputFormat::Json => print_json_line(&json::session_to_json(&s))?,
+                    OutputFormat::Json => print_json_line(&s)?,
                     OutputFormat::Text => out(&watch_line(&s))?,
                 }
                 last = Some(key);

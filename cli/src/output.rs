@@ -5,7 +5,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use sandfleet::proto;
 use sandfleet::session::state_name;
-use serde_json::Value;
+use serde::Serialize;
 
 /// How results are printed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -23,15 +23,18 @@ pub fn out(text: &str) -> std::io::Result<()> {
     stdout.flush()
 }
 
-/// Prints a JSON value, pretty.
-pub fn print_json(v: &Value) -> std::io::Result<()> {
+/// Prints a value as pretty JSON. API messages print in the proto3 JSON
+/// mapping (their serde impls come from the proto): the proto's field names,
+/// every field present, enums by value name (`"SESSION_STATE_RUNNING"`) and
+/// 64-bit integers as strings, as grpcurl prints them.
+pub fn print_json(v: &impl Serialize) -> std::io::Result<()> {
     let mut s = serde_json::to_string_pretty(v).map_err(std::io::Error::other)?;
     s.push('\n');
     out(&s)
 }
 
 /// Prints a JSON value on one line (for streams of events).
-pub fn print_json_line(v: &Value) -> std::io::Result<()> {
+pub fn print_json_line(v: &impl Serialize) -> std::io::Result<()> {
     let mut s = serde_json::to_string(v).map_err(std::io::Error::other)?;
     s.push('\n');
     out(&s)
@@ -92,6 +95,13 @@ pub fn format_memory(bytes: u64) -> String {
         }
     }
     exact
+}
+
+/// A file kind's short name, e.g. `directory` (`?` for a kind this CLI does not know).
+pub fn file_kind_name(kind: i32) -> String {
+    proto::FileKind::try_from(kind)
+        .map(|k| k.as_str_name().trim_start_matches("FILE_KIND_").to_lowercase())
+        .unwrap_or_else(|_| "?".into())
 }
 
 /// A short age: `42s`, `5m`, `3h`, `2d`.
@@ -294,6 +304,42 @@ mod tests {
         assert_eq!(format_memory(1000), "1000");
         assert_eq!(format_memory(0), "0");
         assert_eq!(format_time(1_700_000_000_000), "2023-11-14T22:13:20Z");
+    }
+
+    #[test]
+    fn json_is_the_proto3_mapping_with_proto_field_names() {
+        let mut spec = proto::SessionSpec { template: "default".into(), cpu_millis: 500, ..Default::default() };
+        spec.labels.insert("team".into(), "ml".into());
+        let s = proto::Session {
+            id: "0190c8f2-0000-7000-8000-000000000001".into(),
+            spec: Some(spec),
+            state: proto::SessionState::Running as i32,
+            generation: 2,
+            created_at_ms: 1_700_000_000_000,
+            token: "sf1.x.y".into(),
+            ..Default::default()
+        };
+        let v = serde_json::to_value(&s).expect("serializes");
+        assert_eq!(v["id"], s.id);
+        assert_eq!(v["state"], "SESSION_STATE_RUNNING");
+        assert_eq!(v["spec"]["cpu_millis"], 500);
+        assert_eq!(v["spec"]["labels"]["team"], "ml");
+        assert_eq!(v["token"], "sf1.x.y");
+        // 64-bit integers are strings; fields at their defaults are still there.
+        assert_eq!((v["generation"].as_str(), v["created_at_ms"].as_str()), (Some("2"), Some("1700000000000")));
+        assert_eq!((v["node_id"].as_str(), v["restarts"].as_u64()), (Some(""), Some(0)));
+        assert_eq!(v["spec"]["memory_bytes"], "0");
+        assert!(v.get("restart_policy").is_none() && v["spec"].get("restart_policy").is_none(), "{v}");
+        // It reads back as the same message.
+        assert_eq!(serde_json::from_value::<proto::Session>(v).expect("parses"), s);
+
+        let paused = serde_json::to_value(proto::SetSchedulerPausedResponse { paused: true, unplaced_sessions: 3 })
+            .expect("serializes");
+        assert_eq!(paused, serde_json::json!({"paused": true, "unplaced_sessions": "3"}));
+        let e = proto::FileEntry { name: "a".into(), kind: proto::FileKind::Directory as i32, ..Default::default() };
+        assert_eq!(serde_json::to_value(&e).expect("serializes")["kind"], "FILE_KIND_DIRECTORY");
+        assert_eq!(file_kind_name(e.kind), "directory");
+        assert_eq!(file_kind_name(99), "?");
     }
 
     #[test]
