@@ -191,7 +191,7 @@ async fn sandfleet_side(settings: &Settings) -> Result<(Vec<Load>, Vec<Duration>
         let probe = Client::builder(cluster.coordinator_addrs())
             .request_timeout(Duration::from_millis(500))
             .max_retries(10_000)
-            .backoff(Backoff { base: Duration::from_millis(10), cap: Duration::from_millis(50) })
+            .backoff(Backoff::new(Duration::from_millis(10), Duration::from_millis(50)))
             .connect()
             .await?;
         // A write through the probe first, so its connections are warm.

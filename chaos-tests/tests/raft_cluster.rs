@@ -173,7 +173,7 @@ async fn probe_client(addrs: Vec<String>) -> Client {
     Client::builder(addrs)
         .request_timeout(Duration::from_millis(500))
         .max_retries(1000)
-        .backoff(Backoff { base: Duration::from_millis(10), cap: Duration::from_millis(50) })
+        .backoff(Backoff::new(Duration::from_millis(10), Duration::from_millis(50)))
         .connect()
         .await
         .unwrap()

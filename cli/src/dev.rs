@@ -23,7 +23,7 @@ pub fn dev_node_id() -> String {
 #[cfg(feature = "dev")]
 pub async fn run(args: DevArgs) -> anyhow::Result<i32> {
     use anyhow::Context as _;
-    use sandfleet_agent::{AgentConfig, RuntimeKind};
+    use sandfleet_agent::AgentConfig;
     use sandfleet_coordinator::CoordinatorConfig;
     use tokio_util::sync::CancellationToken;
 
@@ -60,10 +60,7 @@ pub async fn run(args: DevArgs) -> anyhow::Result<i32> {
             listen: args.agent_listen,
             advertise: None,
             coordinators: vec![endpoint.to_string()],
-            runtime: match args.runtime {
-                super::DevRuntime::Process => RuntimeKind::Process,
-                super::DevRuntime::Docker => RuntimeKind::Docker,
-            },
+            runtime: args.runtime,
             // A laptop runs dozens of mostly idle sandboxes: offer 4x the cores.
             cpu_overcommit: sandfleet_agent::DEV_CPU_OVERCOMMIT,
             // Workspaces kept in a local store, as the agent binary does by default.
@@ -92,9 +89,19 @@ pub async fn run(args: DevArgs) -> anyhow::Result<i32> {
     let coordinator_done = coordinator.join();
     let agent_done = agent.join();
     tokio::pin!(coordinator_done, agent_done);
+    // A signal cancels `shutdown`, and the coordinator and the agent, which
+    // watch the same token, may finish before this select looks at it: with
+    // the token cancelled, their end is the shutdown, not a failure.
     tokio::select! {
+        biased;
         () = shutdown.cancelled() => tracing::info!("shutting down"),
         r = &mut coordinator_done => {
+            if shutdown.is_cancelled() {
+                let a = agent_done.await;
+                r.map_err(|e| anyhow::anyhow!("the coordinator failed while stopping: {e}"))?;
+                a.map_err(|e| anyhow::anyhow!("the node agent failed while stopping: {e}"))?;
+                return Ok(0);
+            }
             shutdown.cancel();
             let agent_result = agent_done.await;
             if let Err(e) = agent_result {
@@ -106,6 +113,12 @@ pub async fn run(args: DevArgs) -> anyhow::Result<i32> {
             };
         }
         r = &mut agent_done => {
+            if shutdown.is_cancelled() {
+                let c = coordinator_done.await;
+                c.map_err(|e| anyhow::anyhow!("the coordinator failed while stopping: {e}"))?;
+                r.map_err(|e| anyhow::anyhow!("the node agent failed while stopping: {e}"))?;
+                return Ok(0);
+            }
             shutdown.cancel();
             if let Err(e) = coordinator_done.await {
                 tracing::warn!(error = %e, "coordinator stopped with an error");

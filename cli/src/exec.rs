@@ -39,8 +39,8 @@ pub fn apply_resources(mut c: CreateSession, r: &ResourceArgs) -> CreateSession 
     for (k, v) in &r.labels {
         c = c.label(k.clone(), v.clone());
     }
-    if let Some(rt) = &r.runtime {
-        c = c.runtime(rt.clone());
+    if let Some(rt) = r.runtime {
+        c = c.runtime(rt.as_str());
     }
     for (k, v) in &r.node_selector {
         c = c.node_selector(k.clone(), v.clone());

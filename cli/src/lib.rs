@@ -98,8 +98,8 @@ pub struct ResourceArgs {
     #[arg(long = "label", short = 'l', value_parser = parse_key_value, value_name = "KEY=VALUE")]
     pub labels: Vec<(String, String)>,
     /// Runtime to run in: process or docker (default: any offering the template).
-    #[arg(long, value_name = "RUNTIME")]
-    pub runtime: Option<String>,
+    #[arg(long, value_enum, value_name = "RUNTIME")]
+    pub runtime: Option<sandfleet_common::spec::Runtime>,
     /// Run only on nodes carrying this label (repeatable).
     #[arg(long = "node-selector", value_parser = parse_key_value, value_name = "KEY=VALUE")]
     pub node_selector: Vec<(String, String)>,
@@ -407,21 +407,12 @@ pub struct DevArgs {
     /// or a hardened container per session (needs the Docker engine and the
     /// image built by deploy/images/build-sandbox-image).
     #[arg(long, value_enum, default_value = "process")]
-    pub runtime: DevRuntime,
+    pub runtime: sandfleet_common::spec::Runtime,
     /// The node agent's node id (lowercase letters, digits and '-') [default:
     /// this host's name]. Two `sandfleet dev` on one host need different ones:
     /// the second refuses to start on a node id in use.
     #[arg(long, value_name = "ID")]
     pub node_id: Option<String>,
-}
-
-/// `sandfleet dev --runtime`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
-pub enum DevRuntime {
-    /// bubblewrap plus cgroups on the host (the default).
-    Process,
-    /// A hardened container per session, bubblewrap inside it.
-    Docker,
 }
 
 impl Cli {

@@ -8,18 +8,19 @@
 //! Data-plane calls (exec, files; see [`crate::exec`] and [`crate::files`]) go
 //! straight to the node agent in `Session.node_address` with the session token.
 
+use parking_lot::Mutex;
 use std::borrow::Cow;
 use std::collections::HashMap;
 use std::future::Future;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use futures::stream::{self, BoxStream, StreamExt};
 use sandfleet_common::limits::MAX_GRPC_MESSAGE_BYTES;
 use tokio::time::Instant;
 use tonic::metadata::{Ascii, MetadataValue};
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Channel;
 use tracing::{debug, Instrument};
 
 use crate::proto;
@@ -29,6 +30,7 @@ use crate::proto::session_service_client::SessionServiceClient;
 use crate::retry::{self, Backoff, RetryPolicy};
 use crate::session::{ceil_secs, is_terminal, state_name, CreateSession};
 use crate::Error;
+use sandfleet_common::grpc::{self, ChannelOptions};
 
 /// Default per-call deadline of control-plane calls.
 pub const DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
@@ -151,23 +153,14 @@ impl std::fmt::Debug for Client {
     }
 }
 
-/// `host:port` becomes `http://host:port`; URIs with a scheme are kept.
-pub(crate) fn normalize_endpoint(e: &str) -> String {
-    let e = e.trim().trim_end_matches('/');
-    if e.contains("://") {
-        e.to_string()
-    } else {
-        format!("http://{e}")
-    }
-}
+/// `host:port` becomes `http://host:port`; URIs with a scheme are kept (the
+/// rule of `sandfleet_common::grpc`, shared with the servers' own clients).
+pub(crate) use sandfleet_common::grpc::normalize_uri as normalize_endpoint;
 
 fn make_channel(uri: &str, connect_timeout: Duration) -> Result<Channel, Error> {
-    let endpoint = Endpoint::from_shared(uri.to_string())
-        .map_err(|e| Error::Connect { endpoint: uri.to_string(), source: Box::new(e) })?
-        .connect_timeout(connect_timeout)
-        .tcp_nodelay(true)
-        .http2_keep_alive_interval(Duration::from_secs(20))
-        .keep_alive_timeout(Duration::from_secs(10));
+    let opts = ChannelOptions { connect_timeout, ..ChannelOptions::CLIENT };
+    let endpoint =
+        grpc::endpoint(uri, opts).map_err(|e| Error::Connect { endpoint: uri.to_string(), source: Box::new(e) })?;
     Ok(endpoint.connect_lazy())
 }
 
@@ -242,7 +235,7 @@ impl Client {
 
     /// The cached channel to `uri`, made on first use.
     pub(crate) fn channel(&self, uri: &str) -> Result<Channel, Error> {
-        let mut channels = self.inner.channels.lock().unwrap_or_else(|p| p.into_inner());
+        let mut channels = self.inner.channels.lock();
         if let Some(ch) = channels.get(uri) {
             return Ok(ch.clone());
         }

@@ -5,8 +5,9 @@
 //! Uploads are sent in 1 MiB chunks; an upload whose source fails to read is
 //! cancelled, so the agent never commits a partial file.
 
+use parking_lot::Mutex;
 use std::future::Future;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use futures::stream::{self, BoxStream, StreamExt};
@@ -95,7 +96,7 @@ where
             return Some((first, st));
         }
         if st.reader.is_none() {
-            st.reader = st.slot.lock().unwrap_or_else(|p| p.into_inner()).take();
+            st.reader = st.slot.lock().take();
         }
         let reader = st.reader.as_mut()?;
         let mut buf = vec![0u8; MAX_WRITE_CHUNK_BYTES];
@@ -141,7 +142,7 @@ impl Client {
         let session_id = session.id.clone();
         let path_owned = path.to_string();
         self.data_call(session, "write_file", move |t| {
-            let reader = slot.lock().unwrap_or_else(|p| p.into_inner()).take();
+            let reader = slot.lock().take();
             let (tx, rx) = oneshot::channel();
             let header = proto::WriteFileRequest {
                 session_id: session_id.clone(),
@@ -157,7 +158,7 @@ impl Client {
                     ));
                 };
                 // Put the reader back until the stream needs it.
-                *slot.lock().unwrap_or_else(|p| p.into_inner()) = Some(reader);
+                *slot.lock() = Some(reader);
                 let body = upload_stream(Upload { first: Some(header), slot, reader: None, failed: Some(tx) });
                 let req = t.request(body, None);
                 let mut client = file_client(t.channel);

@@ -4,38 +4,9 @@
 //! the SDK sleeps a uniformly random time in `[0, min(cap, base * 2^n)]`, so many
 //! clients failing over at once do not hammer the next coordinator in lockstep.
 
-use std::time::Duration;
-
-/// Exponential backoff with full jitter.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Backoff {
-    /// Ceiling of the first wait.
-    pub base: Duration,
-    /// Largest wait ever.
-    pub cap: Duration,
-}
-
-impl Default for Backoff {
-    /// 50 ms doubling up to 2 s.
-    fn default() -> Self {
-        Self { base: Duration::from_millis(50), cap: Duration::from_secs(2) }
-    }
-}
-
-impl Backoff {
-    /// The upper bound of the wait before retry `attempt` (0-based): `min(cap, base * 2^attempt)`.
-    pub fn ceiling(&self, attempt: u32) -> Duration {
-        let factor = 1u32.checked_shl(attempt.min(31)).unwrap_or(u32::MAX);
-        self.base.saturating_mul(factor).min(self.cap)
-    }
-
-    /// A random wait in `[0, ceiling(attempt)]`.
-    pub fn delay(&self, attempt: u32) -> Duration {
-        let ceiling = self.ceiling(attempt);
-        let nanos = u64::try_from(ceiling.as_nanos()).unwrap_or(u64::MAX);
-        Duration::from_nanos(rand::random_range(0..=nanos))
-    }
-}
+/// Exponential backoff with jitter: the one formula of `sandfleet-common`,
+/// used here with full jitter (50 ms doubling up to 2 s by default).
+pub use sandfleet_common::backoff::Backoff;
 
 /// Whether a failed call may be sent again (to the next coordinator).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -112,6 +83,8 @@ pub(crate) fn describe_transport_failure(status: &tonic::Status) -> String {
 
 #[cfg(test)]
 mod tests {
+    use std::time::Duration;
+
     use super::*;
 
     #[test]
@@ -143,7 +116,7 @@ mod tests {
 
     #[test]
     fn huge_base_does_not_overflow() {
-        let b = Backoff { base: Duration::from_secs(u64::MAX / 2), cap: Duration::MAX };
+        let b = Backoff::new(Duration::from_secs(u64::MAX / 2), Duration::MAX);
         assert_eq!(b.ceiling(10), Duration::MAX);
         let _ = b.delay(10);
     }

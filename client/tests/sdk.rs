@@ -293,7 +293,7 @@ async fn dead_addr() -> SocketAddr {
 
 async fn client(endpoints: Vec<String>) -> Client {
     Client::builder(endpoints)
-        .backoff(Backoff { base: Duration::from_millis(5), cap: Duration::from_millis(20) })
+        .backoff(Backoff::new(Duration::from_millis(5), Duration::from_millis(20)))
         .request_timeout(Duration::from_secs(5))
         .connect()
         .await
@@ -335,7 +335,7 @@ async fn unreachable_cluster_is_a_connect_error() {
     let b = dead_addr().await;
     let c = Client::builder([a.to_string(), b.to_string()])
         .max_retries(2)
-        .backoff(Backoff { base: Duration::from_millis(1), cap: Duration::from_millis(2) })
+        .backoff(Backoff::new(Duration::from_millis(1), Duration::from_millis(2)))
         .connect()
         .await
         .expect("client");

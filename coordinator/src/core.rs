@@ -3,8 +3,8 @@
 //! forwarded to the leader when this member is not it) and
 //! [`Core::read_barrier`] (a linearizable read-index, also through the leader).
 
+use parking_lot::Mutex;
 use std::collections::HashMap;
-use std::sync::Mutex;
 use std::time::Duration;
 
 use openraft::error::{ClientWriteError, RaftError};
@@ -141,7 +141,7 @@ impl Core {
 
     /// A cached, lazily connected channel to another coordinator.
     pub fn peer_channel(&self, addr: &str) -> Result<Channel, CoreError> {
-        let mut peers = self.peers.lock().unwrap_or_else(|p| p.into_inner());
+        let mut peers = self.peers.lock();
         if let Some(c) = peers.get(addr) {
             return Ok(c.clone());
         }

@@ -47,7 +47,7 @@ pub async fn run(core: Arc<Core>, tick: Duration, shutdown: CancellationToken) {
                 let now = crate::now_ms();
                 core.lead_since_ms.store(now, Ordering::Relaxed);
                 let nodes: Vec<String> = core.state.read(|st| st.nodes.keys().cloned().collect());
-                let mut hb = core.heartbeats.lock().unwrap_or_else(|p| p.into_inner());
+                let mut hb = core.heartbeats.lock();
                 for n in nodes {
                     hb.insert(n, now);
                 }
@@ -82,7 +82,7 @@ async fn step(core: &Core) -> Result<(), CoreError> {
     // Each round reads the state as the previous round's commands left it.
     let now = crate::now_ms();
     let planned = {
-        let mut hb = core.heartbeats.lock().unwrap_or_else(|p| p.into_inner());
+        let mut hb = core.heartbeats.lock();
         core.state.read(|st| {
             // A node this leader never heard from gets a full TTL from now.
             for id in st.nodes.keys() {
@@ -96,7 +96,7 @@ async fn step(core: &Core) -> Result<(), CoreError> {
     let now = crate::now_ms();
     let lead_since = core.lead_since_ms.load(Ordering::Relaxed);
     let planned = {
-        let activity = core.activity.lock().unwrap_or_else(|p| p.into_inner());
+        let activity = core.activity.lock();
         core.state.read(|st| plan::plan_lifetimes(st, &activity, lead_since, now))
     };
     propose_all(core, planned).await?;
@@ -128,7 +128,7 @@ async fn propose_all(core: &Core, commands: Vec<Command>) -> Result<(), CoreErro
             }
             // Ended sessions need no activity record any more.
             if !ended.is_empty() {
-                let mut activity = core.activity.lock().unwrap_or_else(|p| p.into_inner());
+                let mut activity = core.activity.lock();
                 for id in &ended {
                     activity.remove(id);
                 }

@@ -9,8 +9,9 @@
 //! stops by itself, are decided by the pure planners of [`plan`]; this module
 //! carries their decisions out.
 
+use parking_lot::Mutex;
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use sandfleet_common::token::TokenVerifier;
@@ -152,7 +153,7 @@ impl AgentState {
         if ids.is_empty() {
             return;
         }
-        self.stopping.lock().unwrap_or_else(|p| p.into_inner()).extend(ids.iter().cloned());
+        self.stopping.lock().extend(ids.iter().cloned());
         // Per id: may the store hold something of it (then an ended session's prefix is removed)?
         let mut stored = vec![false; ids.len()];
         if let Some(syncer) = &self.syncer {
@@ -181,7 +182,7 @@ impl AgentState {
                 Ok(()) => {}
                 Err(e) => tracing::warn!(session = %id, error = %e, "failed to destroy a session"),
             }
-            self.stopping.lock().unwrap_or_else(|p| p.into_inner()).remove(id);
+            self.stopping.lock().remove(id);
         }
         if let (Some(syncer), Leaving::Unassigned) = (&self.syncer, why) {
             let (this, syncer) = (self.clone(), syncer.clone());
@@ -205,9 +206,7 @@ impl AgentState {
     /// Waits (bounded) while an earlier copy of the session is being taken off this node.
     async fn wait_not_stopping(&self, id: &str) {
         let deadline = tokio::time::Instant::now() + FINAL_SYNC_TIMEOUT + Duration::from_secs(30);
-        while self.stopping.lock().unwrap_or_else(|p| p.into_inner()).contains(id)
-            && tokio::time::Instant::now() < deadline
-        {
+        while self.stopping.lock().contains(id) && tokio::time::Instant::now() < deadline {
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }
@@ -242,16 +241,16 @@ impl AgentState {
     /// Records an exec or file call on a session (for idle timeouts).
     pub fn touch(&self, session_id: &str) {
         let now = sandfleet_common::time::now_ms();
-        if let Some(s) = self.sessions.lock().unwrap_or_else(|p| p.into_inner()).get_mut(session_id) {
+        if let Some(s) = self.sessions.lock().get_mut(session_id) {
             s.last_active_ms = now;
         } else {
             return;
         }
-        self.activity.lock().unwrap_or_else(|p| p.into_inner()).insert(session_id.to_string(), now);
+        self.activity.lock().insert(session_id.to_string(), now);
     }
 
     fn take_activity(&self) -> Vec<pb::SessionActivity> {
-        std::mem::take(&mut *self.activity.lock().unwrap_or_else(|p| p.into_inner()))
+        std::mem::take(&mut *self.activity.lock())
             .into_iter()
             .map(|(session_id, last_active_ms)| pb::SessionActivity { session_id, last_active_ms })
             .collect()
@@ -264,7 +263,7 @@ impl AgentState {
 
     /// A leader holding a quorum answered: the agent may run sessions again.
     fn contact(&self) {
-        *self.last_contact.lock().unwrap_or_else(|p| p.into_inner()) = std::time::Instant::now();
+        *self.last_contact.lock() = std::time::Instant::now();
         if self.fenced.swap(false, std::sync::atomic::Ordering::SeqCst) {
             tracing::warn!("back in contact with a leader; following its assignments again");
         }
@@ -277,7 +276,7 @@ impl AgentState {
     /// live copies must never run; and a session past its TTL or idle timeout
     /// is ended, as the coordinators would have done.
     async fn fence_if_cut_off(self: &Arc<Self>) {
-        let silent_ms = self.last_contact.lock().unwrap_or_else(|p| p.into_inner()).elapsed().as_millis() as u64;
+        let silent_ms = self.last_contact.lock().elapsed().as_millis() as u64;
         let contact = plan::Contact {
             node_fence_ms: self.fence_after_ms.load(std::sync::atomic::Ordering::SeqCst),
             heartbeat_ms: self.heartbeat_ms.load(std::sync::atomic::Ordering::SeqCst),
@@ -285,7 +284,7 @@ impl AgentState {
             fenced: self.is_fenced(),
         };
         let now = sandfleet_common::time::now_ms();
-        let decided = plan::plan_fence(&self.sessions.lock().unwrap_or_else(|p| p.into_inner()), contact, now);
+        let decided = plan::plan_fence(&self.sessions.lock(), contact, now);
         let Some(fence) = decided else { return };
         let _guard = self.reconcile_lock.lock().await;
         if fence.enter && !self.fenced.swap(true, std::sync::atomic::Ordering::SeqCst) {
@@ -296,7 +295,7 @@ impl AgentState {
         }
         let mut leaving = Vec::new();
         for (id, why) in fence.stop {
-            if self.sessions.lock().unwrap_or_else(|p| p.into_inner()).remove(&id).is_none() {
+            if self.sessions.lock().remove(&id).is_none() {
                 continue;
             }
             tracing::error!(session = %id, silent_ms, "stopping session: {why}");
@@ -307,11 +306,11 @@ impl AgentState {
 
     /// The local session, if this node holds it.
     pub fn session(&self, id: &str) -> Option<LocalSession> {
-        self.sessions.lock().unwrap_or_else(|p| p.into_inner()).get(id).cloned()
+        self.sessions.lock().get(id).cloned()
     }
 
     fn report(&self, r: pb::SessionReport) {
-        self.reports.lock().unwrap_or_else(|p| p.into_inner()).push(r);
+        self.reports.lock().push(r);
         self.report_ready.notify_one();
     }
 
@@ -320,7 +319,7 @@ impl AgentState {
         let found = self.runtime.list().await?;
         for s in found {
             tracing::info!(session = %s.session_id, generation = s.generation, "rediscovered session");
-            self.sessions.lock().unwrap_or_else(|p| p.into_inner()).insert(
+            self.sessions.lock().insert(
                 s.session_id.clone(),
                 LocalSession {
                     generation: s.generation,
@@ -360,7 +359,7 @@ impl AgentState {
         let _guard = self.reconcile_lock.lock().await;
         let followed = self.assignments_version.load(std::sync::atomic::Ordering::SeqCst);
         let (to_start, to_stop) = {
-            let mut sessions = self.sessions.lock().unwrap_or_else(|p| p.into_inner());
+            let mut sessions = self.sessions.lock();
             let now = sandfleet_common::time::now_ms();
             let fenced = pushed && self.is_fenced();
             let Some(actions) = plan::plan_reconcile(&assignments, version, followed, fenced, &sessions, now) else {
@@ -393,7 +392,7 @@ impl AgentState {
         } else if !to_stop.is_empty() {
             // Final syncs can take a while: off the reconcile lock. Their processes
             // are killed first thing, and a new start of the same id waits for them.
-            self.stopping.lock().unwrap_or_else(|p| p.into_inner()).extend(to_stop.iter().cloned());
+            self.stopping.lock().extend(to_stop.iter().cloned());
             let this = self.clone();
             tokio::spawn(async move { this.leave(to_stop, Leaving::Unassigned).await });
         }
@@ -453,7 +452,7 @@ impl AgentState {
         // node (its final workspace sync): try again as those finish.
         let deadline = tokio::time::Instant::now() + FINAL_SYNC_TIMEOUT + Duration::from_secs(5);
         while matches!(result, Err(crate::runtime::RuntimeError::Unavailable(_)))
-            && !self.stopping.lock().unwrap_or_else(|p| p.into_inner()).is_empty()
+            && !self.stopping.lock().is_empty()
             && tokio::time::Instant::now() < deadline
             && self.session(&a.session_id).is_some_and(|s| s.generation == a.generation)
         {
@@ -468,7 +467,7 @@ impl AgentState {
             Err(e) => LocalPhase::Failed(e.to_string()),
         };
         let removed = {
-            let mut sessions = self.sessions.lock().unwrap_or_else(|p| p.into_inner());
+            let mut sessions = self.sessions.lock();
             match sessions.get_mut(&a.session_id) {
                 Some(local) if local.generation == a.generation => {
                     local.phase = phase.clone();
@@ -483,7 +482,7 @@ impl AgentState {
             // found nothing to destroy yet, so undo the prepare here. Under the
             // reconcile lock, so a newer assignment cannot slip in between.
             let _guard = self.reconcile_lock.lock().await;
-            let reassigned = self.sessions.lock().unwrap_or_else(|p| p.into_inner()).contains_key(&a.session_id);
+            let reassigned = self.sessions.lock().contains_key(&a.session_id);
             if !reassigned {
                 if let Some(syncer) = &self.syncer {
                     let _ = syncer.finish(&a.session_id, false, Duration::ZERO).await;
@@ -615,7 +614,7 @@ impl Control {
             // After a freeze (SIGSTOP, a stalled VM) the fence check comes first: a
             // heartbeat must not revive copies the cluster has already replaced.
             self.state.fence_if_cut_off().await;
-            let reports = std::mem::take(&mut *self.state.reports.lock().unwrap_or_else(|p| p.into_inner()));
+            let reports = std::mem::take(&mut *self.state.reports.lock());
             let activity = self.state.take_activity();
             let mut req = tonic::Request::new(pb::HeartbeatRequest {
                 node_id: self.config.register.node_id.clone(),
@@ -633,9 +632,9 @@ impl Control {
                 }
                 Err(status) => {
                     // Keep the reports and activity for the next attempt.
-                    self.state.reports.lock().unwrap_or_else(|p| p.into_inner()).splice(0..0, reports);
+                    self.state.reports.lock().splice(0..0, reports);
                     {
-                        let mut pending = self.state.activity.lock().unwrap_or_else(|p| p.into_inner());
+                        let mut pending = self.state.activity.lock();
                         for a in activity {
                             let e = pending.entry(a.session_id).or_insert(a.last_active_ms);
                             *e = (*e).max(a.last_active_ms);

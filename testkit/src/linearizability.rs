@@ -105,10 +105,11 @@
 //! assert_eq!(history.check(), CheckResult::Ok);
 //! ```
 
+use parking_lot::Mutex;
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fmt::{self, Debug, Write as _};
 use std::hash::Hash;
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 // ---------------------------------------------------------------------------
@@ -842,8 +843,8 @@ impl History {
     /// The recorded calls. A panic elsewhere while the lock was held cannot
     /// leave them inconsistent (each change is one push or one assignment),
     /// so a poisoned lock is used as is.
-    fn ops(&self) -> std::sync::MutexGuard<'_, Vec<Recorded>> {
-        self.shared.ops.lock().unwrap_or_else(PoisonError::into_inner)
+    fn ops(&self) -> parking_lot::MutexGuard<'_, Vec<Recorded>> {
+        self.shared.ops.lock()
     }
 
     /// Records that `client` is about to make `call`; returns the handle to
@@ -1424,7 +1425,7 @@ mod tests {
                             _ => Call::Delete { session_id },
                         };
                         let op = history.invoke(client, call.clone());
-                        let ret = server.lock().unwrap_or_else(PoisonError::into_inner).apply(&call);
+                        let ret = server.lock().apply(&call);
                         history.complete(op, Outcome::Ok(ret));
                     }
                 })

@@ -42,9 +42,10 @@ mod cpu;
 mod report;
 mod sim;
 
+use parking_lot::Mutex;
 use std::collections::HashSet;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context, Result};
@@ -133,8 +134,7 @@ pub async fn run(settings: &Settings) -> Result<Report> {
     let (all_placed, all_running) = bench.wait_all_running(t0, n_sessions).await?;
     let placing_cpu = bench.cpu.since(&mark).await;
     let placing_beats = bench.pool.beats.window(t0, t0 + all_running);
-    let registered_after =
-        bench.pool.registered_at.lock().unwrap_or_else(|p| p.into_inner()).map(|t| t.saturating_duration_since(t0));
+    let registered_after = bench.pool.registered_at.lock().map(|t| t.saturating_duration_since(t0));
     eprintln!(
         "  all {} placed after {:.3} s ({:.0} placements/s), all RUNNING after {:.3} s",
         n_sessions,
@@ -474,14 +474,14 @@ impl<'a> Bench<'a> {
     /// Stops every simulated agent and collects what the fleet saw.
     async fn stop_fleet(&mut self) -> FleetSummary {
         let pool = &self.pool;
-        let per_node = pool.agents.iter().map(|a| a.held.lock().unwrap_or_else(|p| p.into_inner()).len()).collect();
+        let per_node = pool.agents.iter().map(|a| a.held.lock().len()).collect();
         let (via_watch, via_heartbeat, replaced) = pool.tracker.sources();
         self.stop.cancel();
         for t in self.tasks.drain(..) {
             let _ = t.await;
         }
         let mut beat_failures: Vec<(String, u64)> =
-            pool.beats.reasons.lock().unwrap_or_else(|p| p.into_inner()).iter().map(|(k, v)| (k.clone(), *v)).collect();
+            pool.beats.reasons.lock().iter().map(|(k, v)| (k.clone(), *v)).collect();
         beat_failures.sort_by(|a, b| b.1.cmp(&a.1));
         for (why, n) in &beat_failures {
             eprintln!("    heartbeat failures: {n} x {why}");
@@ -554,7 +554,7 @@ async fn create_pending(client: &Client, settings: &Settings) -> Result<(HashSet
                     if !s.node_id.is_empty() {
                         bail!("session {} was placed at create on {}: a node is registered", s.id, s.node_id);
                     }
-                    ids.lock().unwrap_or_else(|p| p.into_inner()).insert(s.id);
+                    ids.lock().insert(s.id);
                 }
             })
         })
@@ -563,7 +563,7 @@ async fn create_pending(client: &Client, settings: &Settings) -> Result<(HashSet
         t.await??;
     }
     let elapsed = t.elapsed();
-    let ids = std::mem::take(&mut *ids.lock().unwrap_or_else(|p| p.into_inner()));
+    let ids = std::mem::take(&mut *ids.lock());
     if ids.len() != settings.sessions {
         bail!("created {} distinct sessions, expected {}", ids.len(), settings.sessions);
     }

@@ -4,9 +4,10 @@
 //! ([`sandfleet_agent::coordinator_link`]), and runs no sandbox: a session is
 //! "ready" as soon as it is assigned.
 
+use parking_lot::Mutex;
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
@@ -33,16 +34,9 @@ pub(super) struct BeatLog {
 
 impl BeatLog {
     pub(super) fn window(&self, from: Instant, to: Instant) -> Beats {
-        let latencies: Vec<Duration> = self
-            .samples
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .iter()
-            .filter(|(t, _)| *t >= from && *t <= to)
-            .map(|(_, d)| *d)
-            .collect();
-        let failed =
-            self.failures.lock().unwrap_or_else(|p| p.into_inner()).iter().filter(|t| **t >= from && **t <= to).count();
+        let latencies: Vec<Duration> =
+            self.samples.lock().iter().filter(|(t, _)| *t >= from && *t <= to).map(|(_, d)| *d).collect();
+        let failed = self.failures.lock().iter().filter(|t| **t >= from && **t <= to).count();
         Beats { window: to - from, ok: latencies.len() as u64, failed: failed as u64, latencies }
     }
 }
@@ -77,16 +71,16 @@ impl Tracker {
     }
 
     pub(super) fn start(&self, t0: Instant) {
-        self.inner.lock().unwrap_or_else(|p| p.into_inner()).t0 = Some(t0);
+        self.inner.lock().t0 = Some(t0);
     }
 
     pub(super) fn progress(&self) -> (usize, usize, Option<Duration>, Option<Duration>) {
-        let g = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        let g = self.inner.lock();
         (g.placed.len(), g.running.len(), g.all_placed, g.all_running)
     }
 
     pub(super) fn sources(&self) -> (u64, u64, u64) {
-        let g = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        let g = self.inner.lock();
         (g.via_watch, g.via_heartbeat, g.replaced)
     }
 
@@ -94,7 +88,7 @@ impl Tracker {
     fn placed(&self, new: &[(String, u64)], via_watch: bool) {
         let Some(expected) = self.expected.get() else { return };
         let now = Instant::now();
-        let mut g = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        let mut g = self.inner.lock();
         for (id, generation) in new {
             if !expected.contains(id) {
                 continue;
@@ -127,7 +121,7 @@ impl Tracker {
             return;
         }
         let now = Instant::now();
-        let mut g = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        let mut g = self.inner.lock();
         for r in reports {
             if g.placed.get(&r.session_id) == Some(&r.generation) {
                 g.running.insert(r.session_id.clone());
@@ -154,7 +148,7 @@ impl SimAgent {
     fn reconcile(&self, tracker: &Tracker, assignments: Vec<pb::Assignment>, via_watch: bool) {
         let mut new = Vec::new();
         {
-            let mut held = self.held.lock().unwrap_or_else(|p| p.into_inner());
+            let mut held = self.held.lock();
             let desired: HashSet<&str> = assignments.iter().map(|a| a.session_id.as_str()).collect();
             held.retain(|id, _| desired.contains(id.as_str()));
             for a in &assignments {
@@ -171,7 +165,7 @@ impl SimAgent {
             return;
         }
         tracker.placed(&new, via_watch);
-        let mut reports = self.reports.lock().unwrap_or_else(|p| p.into_inner());
+        let mut reports = self.reports.lock();
         reports.extend(new.into_iter().map(|(session_id, generation)| pb::SessionReport {
             session_id,
             generation,
@@ -285,7 +279,7 @@ pub(super) async fn agent_main(pool: Arc<Pool>, i: usize, stop: CancellationToke
     let mut current = pool.first_coordinator(i);
     let Some(mut interval) = register(&pool, i, &mut current, &stop).await else { return };
     if pool.registered.fetch_add(1, Ordering::Relaxed) + 1 == pool.agents.len() {
-        *pool.registered_at.lock().unwrap_or_else(|p| p.into_inner()) = Some(Instant::now());
+        *pool.registered_at.lock() = Some(Instant::now());
     }
     let watcher = tokio::spawn(watch_loop(pool.clone(), i, stop.clone()));
     let agent = &pool.agents[i];
@@ -304,7 +298,7 @@ pub(super) async fn agent_main(pool: Arc<Pool>, i: usize, stop: CancellationToke
             _ = agent.report_ready.notified() => {}
             _ = tokio::time::sleep(interval) => {}
         }
-        let reports = std::mem::take(&mut *agent.reports.lock().unwrap_or_else(|p| p.into_inner()));
+        let reports = std::mem::take(&mut *agent.reports.lock());
         let mut req = tonic::Request::new(pb::HeartbeatRequest {
             node_id: agent.node_id.clone(),
             reports: reports.clone(),
@@ -316,17 +310,17 @@ pub(super) async fn agent_main(pool: Arc<Pool>, i: usize, stop: CancellationToke
             Ok(resp) => {
                 let now = Instant::now();
                 pool.beats.ok.fetch_add(1, Ordering::Relaxed);
-                pool.beats.samples.lock().unwrap_or_else(|p| p.into_inner()).push((now, now - t));
+                pool.beats.samples.lock().push((now, now - t));
                 failures = 0;
                 pool.tracker.acked(&reports);
                 agent.reconcile(&pool.tracker, resp.into_inner().assignments, false);
             }
             Err(status) => {
                 pool.beats.failed.fetch_add(1, Ordering::Relaxed);
-                pool.beats.failures.lock().unwrap_or_else(|p| p.into_inner()).push(Instant::now());
+                pool.beats.failures.lock().push(Instant::now());
                 let reason = format!("{:?}: {}", status.code(), status.message().chars().take(60).collect::<String>());
-                *pool.beats.reasons.lock().unwrap_or_else(|p| p.into_inner()).entry(reason).or_insert(0) += 1;
-                agent.reports.lock().unwrap_or_else(|p| p.into_inner()).splice(0..0, reports);
+                *pool.beats.reasons.lock().entry(reason).or_insert(0) += 1;
+                agent.reports.lock().splice(0..0, reports);
                 failures += 1;
                 if status.code() == tonic::Code::NotFound {
                     match register(&pool, i, &mut current, &stop).await {

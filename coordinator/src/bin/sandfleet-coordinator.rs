@@ -84,14 +84,10 @@ async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     let _telemetry = sandfleet_common::telemetry::init("sandfleet-coordinator");
     let shutdown = CancellationToken::new();
-    // Hooked before anything else, so a SIGTERM at any point shuts down cleanly.
-    let signal = sandfleet_common::signal::shutdown_signal();
+    // Hooked before anything else, so a SIGTERM at any point shuts down
+    // cleanly; a second one exits at once.
     let stop = shutdown.clone();
-    tokio::spawn(async move {
-        signal.await;
-        tracing::info!("shutting down");
-        stop.cancel();
-    });
+    sandfleet_common::signal::on_shutdown_signal(move || stop.cancel());
     let config = CoordinatorConfig {
         id: args.id,
         listen: args.listen,

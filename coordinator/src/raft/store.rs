@@ -16,11 +16,12 @@
 //! from the durable `last_applied`, which is written in the same batch as the
 //! state it describes.
 
+use parking_lot::RwLock;
 use std::fmt::Debug;
 use std::io::Cursor;
 use std::ops::{Bound, RangeBounds};
 use std::path::Path;
-use std::sync::{Arc, RwLock};
+use std::sync::Arc;
 
 use openraft::storage::{LogFlushed, LogState, RaftLogStorage, RaftStateMachine, Snapshot};
 use openraft::{
@@ -297,7 +298,7 @@ pub struct StateHandle {
 impl StateHandle {
     /// Runs `f` with the current state.
     pub fn read<R>(&self, f: impl FnOnce(&ClusterState) -> R) -> R {
-        let g = self.state.read().unwrap_or_else(|p| p.into_inner());
+        let g = self.state.read();
         f(&g)
     }
 }
@@ -461,7 +462,7 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
         let mut replies = Vec::new();
         let mut touched = Touched::default();
         let state_arc = self.handle.state.clone();
-        let mut state = state_arc.write().unwrap_or_else(|p| p.into_inner());
+        let mut state = state_arc.write();
         for entry in entries {
             self.last_applied = Some(entry.log_id);
             match entry.payload {
@@ -514,7 +515,7 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
         self.replace_all(&new_state)?;
         self.save_snapshot(&StoredSnapshot { meta: meta.clone(), data })?;
         let sessions: Vec<SessionRecord> = new_state.sessions.values().cloned().collect();
-        *self.handle.state.write().unwrap_or_else(|p| p.into_inner()) = new_state;
+        *self.handle.state.write() = new_state;
         for s in sessions {
             let _ = self.handle.session_events.send(s);
         }

@@ -46,7 +46,7 @@ impl AgentApi {
     }
 
     fn touch(&self, node_id: &str) {
-        self.core.heartbeats.lock().unwrap_or_else(|p| p.into_inner()).insert(node_id.to_string(), crate::now_ms());
+        self.core.heartbeats.lock().insert(node_id.to_string(), crate::now_ms());
     }
 }
 
@@ -164,7 +164,7 @@ impl AgentService for AgentApi {
         self.confirm_quorum().await?;
         self.touch(&req.node_id);
         if !req.activity.is_empty() {
-            let mut act = self.core.activity.lock().unwrap_or_else(|p| p.into_inner());
+            let mut act = self.core.activity.lock();
             let now = crate::now_ms();
             for a in &req.activity {
                 // An agent's clock may run ahead; never record activity in the future.

@@ -25,7 +25,7 @@ impl NodeApi {
 impl NodeService for NodeApi {
     #[tracing::instrument(skip_all)]
     async fn list_nodes(&self, _req: Request<pb::ListNodesRequest>) -> Result<Response<pb::ListNodesResponse>, Status> {
-        let seen = self.core.heartbeats.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        let seen = self.core.heartbeats.lock().clone();
         let nodes = self.core.state.read(|st| st.nodes.values().map(|n| node_to_proto(st, n, &seen)).collect());
         Ok(Response::new(pb::ListNodesResponse { nodes }))
     }
@@ -45,7 +45,7 @@ impl NodeService for NodeApi {
         }
         self.core.wake.notify_one();
         tracing::info!(node = %req.node_id, cordoned = req.cordoned, "node cordon changed");
-        let seen = self.core.heartbeats.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        let seen = self.core.heartbeats.lock().clone();
         let node = self.core.state.read(|st| st.nodes.get(&req.node_id).map(|n| node_to_proto(st, n, &seen)));
         Ok(Response::new(pb::CordonNodeResponse { node }))
     }
@@ -83,7 +83,7 @@ impl NodeService for NodeApi {
         }
         self.core.wake.notify_one();
         tracing::info!(node = %req.node_id, deadline_seconds, max_parallel, "node drain started");
-        let seen = self.core.heartbeats.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        let seen = self.core.heartbeats.lock().clone();
         let node = self.core.state.read(|st| st.nodes.get(&req.node_id).map(|n| node_to_proto(st, n, &seen)));
         Ok(Response::new(pb::DrainNodeResponse { node }))
     }

@@ -36,13 +36,14 @@
 //! sessions (directories and cgroups) so [`Runtime::list`] rediscovers them;
 //! a session's slot is recovered from its workspace owner.
 
+use parking_lot::Mutex;
 use std::collections::{BTreeMap, HashMap};
 use std::fs;
 use std::io;
 use std::os::unix::fs::{MetadataExt as _, PermissionsExt as _};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use sandfleet_common::ids;
@@ -134,7 +135,7 @@ impl Session {
     }
 
     fn spec(&self) -> ResolvedSpec {
-        self.spec.lock().unwrap_or_else(|p| p.into_inner()).clone()
+        self.spec.lock().clone()
     }
 }
 
@@ -318,8 +319,8 @@ impl ProcessRuntime {
         self.inner.cgroups.destroy(&self.inner.cg_root, CGROUP_KILL_TIMEOUT).await
     }
 
-    fn lock_sessions(&self) -> std::sync::MutexGuard<'_, HashMap<String, Arc<Session>>> {
-        self.inner.sessions.lock().unwrap_or_else(|p| p.into_inner())
+    fn lock_sessions(&self) -> parking_lot::MutexGuard<'_, HashMap<String, Arc<Session>>> {
+        self.inner.sessions.lock()
     }
 
     fn get(&self, session_id: &str) -> Result<Arc<Session>, RuntimeError> {
@@ -620,7 +621,7 @@ impl Runtime for ProcessRuntime {
         let existing = self.lock_sessions().get(&spec.session_id).cloned();
         if let Some(s) = existing {
             s.generation.fetch_max(spec.generation, Ordering::SeqCst);
-            *s.spec.lock().unwrap_or_else(|p| p.into_inner()) = stored.clone();
+            *s.spec.lock() = stored.clone();
             // Repair whatever went missing, then apply the (possibly new) limits.
             ensure_session_dirs(&s)?;
             if !cg.exists(&s.cgroup) {

@@ -14,11 +14,12 @@
 //! generation stops syncing, so a stale copy on a cut-off node cannot
 //! overwrite the workspace of its replacement.
 
+use parking_lot::Mutex;
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::io::Read as _;
 use std::os::fd::AsRawFd as _;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
 use bytes::Bytes;
@@ -142,7 +143,7 @@ impl Syncer {
     }
 
     fn get(&self, session: &str) -> Option<Arc<SessionSync>> {
-        self.sessions.lock().unwrap_or_else(|p| p.into_inner()).get(session).cloned()
+        self.sessions.lock().get(session).cloned()
     }
 
     /// Fills a freshly prepared workspace from the store, claims the workspace
@@ -238,9 +239,7 @@ impl Syncer {
             stop: self.shutdown.child_token(),
             superseded: std::sync::atomic::AtomicBool::new(false),
         });
-        if let Some(old) =
-            self.sessions.lock().unwrap_or_else(|p| p.into_inner()).insert(session.to_string(), s.clone())
-        {
+        if let Some(old) = self.sessions.lock().insert(session.to_string(), s.clone()) {
             old.stop.cancel();
         }
         tokio::spawn(self.clone().sync_loop(session.to_string(), s.clone()));
@@ -256,7 +255,7 @@ impl Syncer {
 
     /// The last outcome of the session's background syncs.
     pub fn status(&self, session: &str) -> Option<SyncStatus> {
-        self.get(session).map(|s| s.status.lock().unwrap_or_else(|p| p.into_inner()).clone())
+        self.get(session).map(|s| s.status.lock().clone())
     }
 
     /// Syncs the session now and returns what it did: a durability barrier
@@ -290,7 +289,7 @@ impl Syncer {
     /// Returns whether the store may hold anything of the session (an empty
     /// workspace that was never synced leaves nothing to seal or delete).
     pub async fn finish(&self, session: &str, seal: bool, timeout: Duration) -> Result<bool, StoreError> {
-        let Some(s) = self.sessions.lock().unwrap_or_else(|p| p.into_inner()).remove(session) else { return Ok(true) };
+        let Some(s) = self.sessions.lock().remove(session) else { return Ok(true) };
         s.stop.cancel();
         if !seal || s.superseded.load(std::sync::atomic::Ordering::SeqCst) {
             return Ok(true);
@@ -309,13 +308,8 @@ impl Syncer {
 
     /// Syncs every session once (agent shutdown), each bounded by `timeout`.
     pub async fn sync_all(&self, timeout: Duration) {
-        let all: Vec<(String, Arc<SessionSync>)> = self
-            .sessions
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .iter()
-            .map(|(k, v)| (k.clone(), v.clone()))
-            .collect();
+        let all: Vec<(String, Arc<SessionSync>)> =
+            self.sessions.lock().iter().map(|(k, v)| (k.clone(), v.clone())).collect();
         futures::future::join_all(all.into_iter().map(|(id, s)| async move {
             match tokio::time::timeout(timeout, self.sync_session(&id, &s, false)).await {
                 Ok(Ok(_)) => {}
@@ -328,7 +322,7 @@ impl Syncer {
 
     /// Removes the session's objects from the store, unless the agent retains them.
     pub async fn delete(&self, session: &str) -> Result<(), StoreError> {
-        if let Some(s) = self.sessions.lock().unwrap_or_else(|p| p.into_inner()).remove(session) {
+        if let Some(s) = self.sessions.lock().remove(session) {
             s.stop.cancel();
         }
         if self.config.retain_on_delete {
@@ -541,8 +535,7 @@ impl Syncer {
             }
             let hash = hex::encode(Sha256::digest(&data));
             let len = data.len() as u64;
-            let fresh =
-                !known.contains(&hash) && uploaded.lock().unwrap_or_else(|p| p.into_inner()).insert(hash.clone());
+            let fresh = !known.contains(&hash) && uploaded.lock().insert(hash.clone());
             if fresh {
                 self.store.put_blob(session, &hash, BlobBody::Bytes(Bytes::from(data))).await?;
             }
@@ -568,7 +561,7 @@ impl Syncer {
         })
         .await
         .map_err(|e| if matches!(e, StoreError::Changed(_)) { StoreError::Changed(path.clone()) } else { e })?;
-        let fresh = !known.contains(&hash) && uploaded.lock().unwrap_or_else(|p| p.into_inner()).insert(hash.clone());
+        let fresh = !known.contains(&hash) && uploaded.lock().insert(hash.clone());
         if fresh {
             self.store.put_blob(session, &hash, BlobBody::File { file, size: meta_size, path: path.clone() }).await?;
         }
@@ -751,7 +744,7 @@ impl Syncer {
 }
 
 fn record(s: &SessionSync, r: &Result<SyncStats, StoreError>) {
-    let mut st = s.status.lock().unwrap_or_else(|p| p.into_inner());
+    let mut st = s.status.lock();
     match r {
         Ok(_) => {
             st.last_ok_ms = now_ms();

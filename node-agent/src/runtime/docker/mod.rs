@@ -41,12 +41,13 @@
 
 pub mod hardening;
 
+use parking_lot::Mutex;
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fs;
 use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, Weak};
+use std::sync::{Arc, Weak};
 use std::time::Duration;
 
 use bollard::models::ContainerUpdateBody;
@@ -140,7 +141,7 @@ impl BoxState {
         self.run_dir().join(SOCKET_NAME)
     }
     fn limits(&self) -> ResolvedSpec {
-        self.limits.lock().unwrap_or_else(|p| p.into_inner()).clone()
+        self.limits.lock().clone()
     }
 }
 
@@ -166,7 +167,7 @@ impl Session {
     }
 
     fn spec(&self) -> ResolvedSpec {
-        self.spec.lock().unwrap_or_else(|p| p.into_inner()).clone()
+        self.spec.lock().clone()
     }
 }
 
@@ -415,12 +416,12 @@ impl DockerRuntime {
         Ok(())
     }
 
-    fn tables(&self) -> std::sync::MutexGuard<'_, Tables> {
-        self.inner.tables.lock().unwrap_or_else(|p| p.into_inner())
+    fn tables(&self) -> parking_lot::MutexGuard<'_, Tables> {
+        self.inner.tables.lock()
     }
 
     fn session_lock(&self, id: &str) -> Arc<tokio::sync::Mutex<()>> {
-        self.inner.locks.lock().unwrap_or_else(|p| p.into_inner()).entry(id.to_string()).or_default().clone()
+        self.inner.locks.lock().entry(id.to_string()).or_default().clone()
     }
 
     fn get(&self, id: &str) -> Result<Arc<Session>, RuntimeError> {
@@ -615,7 +616,7 @@ impl DockerRuntime {
             ..Default::default()
         };
         call("updating the container's limits", self.inner.docker.update_container(&bx.name, body)).await?;
-        *bx.limits.lock().unwrap_or_else(|p| p.into_inner()) = limits.clone();
+        *bx.limits.lock() = limits.clone();
         Ok(())
     }
 
@@ -882,7 +883,7 @@ impl Runtime for DockerRuntime {
                 warn!(old = %s.spec().template, new = %resolved.template, "a session cannot change its template in place; keeping its container");
             }
             self.relimit(&s.bx, &resolved).await?;
-            *s.spec.lock().unwrap_or_else(|p| p.into_inner()) = resolved;
+            *s.spec.lock() = resolved;
             self.persist(&s)?;
             debug!("session already prepared; updated");
             return Ok(());
@@ -1002,7 +1003,7 @@ impl Runtime for DockerRuntime {
             // Freed last: a new box cannot get this uid while files of the old one exist.
             t.slots.remove(&s.bx.slot);
         }
-        self.inner.locks.lock().unwrap_or_else(|p| p.into_inner()).remove(session_id);
+        self.inner.locks.lock().remove(session_id);
         info!(container = %s.bx.name, "session destroyed");
         Ok(())
     }
