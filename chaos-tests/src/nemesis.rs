@@ -77,7 +77,7 @@ pub const ANCHORS_PER_FAULT: usize = 2;
 /// two seeded permutations of every fault kind. Returns the schedule as it happened.
 pub async fn nemesis(cluster: &mut Cluster, ctx: &NemesisCtx<'_>, seed: u64, until: Option<Instant>) -> Schedule {
     let interval = ctx.settings.fault_interval;
-    let mut rng = StdRng::seed_from_u64(seed ^ 0x6E65_6D65_7369_73);
+    let mut rng = StdRng::seed_from_u64(seed ^ 0x006E_656D_6573_6973);
     let start = Instant::now();
     let mut sched = Schedule::default();
     let note = |sched: &mut Schedule, what: String| {

@@ -307,8 +307,7 @@ async fn member_that_missed_a_compaction_catches_up_through_a_snapshot() {
 
     // It serves the state on its own (stale read, so it answers from its own copy).
     let only = Client::connect([cluster.coordinators[lagging].addr.clone()]).await.unwrap();
-    let mut req = proto::ListSessionsRequest::default();
-    req.consistency = proto::ReadConsistency::Stale as i32;
+    let req = proto::ListSessionsRequest { consistency: proto::ReadConsistency::Stale as i32, ..Default::default() };
     let seen: BTreeSet<String> = only.list_all_sessions(req).await.unwrap().into_iter().map(|s| s.id).collect();
     for (rid, id) in &ledger.acked {
         assert!(seen.contains(id), "{rid} ({id}) missing on the restarted member");

@@ -123,7 +123,7 @@ async fn drain_moves_sessions_at_most_max_parallel_at_a_time() {
     let mut most_moving = 0;
     loop {
         let n = node(&client, &a).await;
-        let d = n.drain.clone().expect("drain progress while draining");
+        let d = n.drain.expect("drain progress while draining");
         most_moving = most_moving.max(d.moving);
         assert!(d.moving <= 1, "max_parallel 1 but {} moving", d.moving);
         if d.remaining == 0 && d.moving == 0 {

@@ -59,7 +59,7 @@ pub fn parse_cpu(s: &str) -> Result<u32, QuantityError> {
 /// Formats bytes with a binary unit, as `parse_memory` reads it back.
 pub fn format_memory(bytes: u64) -> String {
     for (unit, m) in [("Ti", 1u64 << 40), ("Gi", 1 << 30), ("Mi", 1 << 20), ("Ki", 1 << 10)] {
-        if bytes >= m && bytes % m == 0 {
+        if bytes >= m && bytes.is_multiple_of(m) {
             return format!("{}{unit}", bytes / m);
         }
     }

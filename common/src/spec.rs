@@ -389,7 +389,7 @@ impl SessionSpec {
             node_selector: self.node_selector.clone().into_iter().collect(),
             runtime: self.runtime.map(|r| r.to_string()).unwrap_or_default(),
             idle_timeout_seconds: self.idle_timeout_seconds,
-            restart_policy: policy.then(|| pb::RestartPolicy {
+            restart_policy: policy.then_some(pb::RestartPolicy {
                 lost_after_ms: self.lost_after_ms,
                 max_attempts: self.max_attempts,
                 backoff_ms: self.backoff_ms,

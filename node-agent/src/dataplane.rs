@@ -280,7 +280,7 @@ impl FileService for DataPlane {
         let req = req.into_inner();
         let ws = workspace(&self.state, &req.session_id)?;
         let file = ws.read_file(&req.path).await?;
-        let mut file = tokio::fs::File::from(file);
+        let mut file = file;
         let (tx, rx) = tokio::sync::mpsc::channel(4);
         tokio::spawn(async move {
             loop {

@@ -18,6 +18,7 @@ pub const SELF_EXPIRY_GRACE_MS: i64 = 1000;
 
 /// One step of bringing the local sessions in line with an assignment set.
 #[derive(Debug, Clone, PartialEq)]
+#[allow(clippy::large_enum_variant)] // a handful per round, consumed at once
 pub enum Action {
     /// Not assigned here any more: remove it and take it off this node.
     Stop(String),

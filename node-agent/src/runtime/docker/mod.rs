@@ -536,7 +536,7 @@ impl DockerRuntime {
             }
             checks += 1;
             // Every ~50 checks, make sure the container has not died.
-            if checks % 50 == 0 {
+            if checks.is_multiple_of(50) {
                 if let Some(c) =
                     call_opt("inspecting the container", self.inner.docker.inspect_container(&bx.name, None)).await?
                 {
