@@ -765,13 +765,6 @@ pub(crate) fn humanize(d: Duration) -> String {
 mod tests {
     use super::*;
 
-    #[test]
-    fn endpoints_are_normalized() {
-        assert_eq!(normalize_endpoint("127.0.0.1:7070"), "http://127.0.0.1:7070");
-        assert_eq!(normalize_endpoint(" http://a:1/ "), "http://a:1");
-        assert_eq!(normalize_endpoint("https://a:1"), "https://a:1");
-    }
-
     #[tokio::test]
     async fn connect_is_lazy_and_checks_input() {
         let c = Client::connect(["127.0.0.1:1", "http://127.0.0.1:2"]).await.expect("lazy connect");
