@@ -6,6 +6,7 @@
 //! up tracing with OpenTelemetry export.
 //!
 //! # Layout
+//! - [`auth`]: identities (SPIFFE ids in certificates), API keys, roles, tenants, the resolved caller.
 //! - [`backoff`]: exponential backoff with jitter, for every retry loop.
 //! - [`grpc`]: the gRPC channel factory (address rule, timeouts per kind of peer).
 //! - [`ids`]: validation of session ids, node ids, templates, request ids, labels and env keys.
@@ -18,6 +19,7 @@
 //! - [`signal`]: the SIGINT/SIGTERM shutdown signal of the daemons.
 //! - [`time`]: wall-clock helpers in Unix milliseconds.
 
+pub mod auth;
 pub mod backoff;
 pub mod grpc;
 pub mod ids;
