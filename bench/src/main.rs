@@ -45,6 +45,7 @@ mod docker;
 mod failover;
 mod placement;
 mod raft;
+mod tls;
 mod workspace;
 
 /// The generated client of the etcd v3 API subset in `proto/etcd_subset.proto`.
@@ -169,6 +170,27 @@ enum Cmd {
         #[arg(long)]
         write: Option<PathBuf>,
     },
+    /// Mutual TLS vs plaintext, same run: exec round trip and create throughput.
+    Tls {
+        /// Measured exec round trips per cluster.
+        #[arg(long, default_value_t = 200)]
+        runs: usize,
+        /// Warm-up exec round trips per cluster.
+        #[arg(long, default_value_t = 10)]
+        warmup: usize,
+        /// Concurrent create clients.
+        #[arg(long, default_value_t = 64)]
+        clients: usize,
+        /// Seconds per create round.
+        #[arg(long, default_value_t = 10)]
+        duration: u64,
+        /// Create rounds per cluster (alternating).
+        #[arg(long, default_value_t = 2)]
+        rounds: usize,
+        /// Replace the `## Mutual TLS overhead` section of this Markdown file.
+        #[arg(long)]
+        write: Option<PathBuf>,
+    },
     /// Agent SIGKILL -> its sessions RUNNING on another node, real binaries.
     Failover {
         /// Agent kills (round-robin over the agents).
@@ -203,6 +225,7 @@ const PLACEMENT_SECTION: &str = "## Placement throughput";
 const FAILOVER_SECTION: &str = "## Agent failover";
 const DOCKER_SECTION: &str = "## Docker runtime vs Docker";
 const WORKSPACE_SECTION: &str = "## Workspace sync vs aws s3 sync";
+const TLS_SECTION: &str = "## Mutual TLS overhead";
 
 #[derive(Debug)]
 struct Series {
@@ -236,6 +259,31 @@ async fn main() -> ExitCode {
                 if let Some(path) = write {
                     write_section(&path, WORKSPACE_SECTION, &section)?;
                     eprintln!("sandfleet-bench: wrote the {WORKSPACE_SECTION:?} section of {}", path.display());
+                }
+                Ok::<_, anyhow::Error>(())
+            }
+            .await;
+            exit_code(result)
+        }
+        Cmd::Tls { runs, warmup, clients, duration, rounds, write } => {
+            let settings = tls::Settings {
+                runs: runs.max(1),
+                warmup,
+                clients: clients.max(1),
+                duration: Duration::from_secs(duration.max(1)),
+                rounds: rounds.max(1),
+            };
+            let child_log = std::env::var("SANDFLEET_CHILD_LOG").unwrap_or_else(|_| "warn".to_string());
+            let result = async {
+                if !require_sandbox_facilities() {
+                    bail!("the tls bench needs root, bubblewrap and cgroups");
+                }
+                let report = tls::run(&settings, &child_log).await?;
+                let section = tls::render(&report, &settings, TLS_SECTION, &machine_description());
+                println!("{section}");
+                if let Some(path) = write {
+                    write_section(&path, TLS_SECTION, &section)?;
+                    eprintln!("sandfleet-bench: wrote the {TLS_SECTION:?} section of {}", path.display());
                 }
                 Ok::<_, anyhow::Error>(())
             }

@@ -138,7 +138,11 @@ pub async fn run(settings: &Settings) -> Result<Report> {
 /// one-hour node TTL keeps it ready (with the default 5 s it would be
 /// declared down mid-run and creates would turn into PENDING sessions).
 pub async fn paper_cluster(child_log: &str) -> Result<(Cluster, Client)> {
+    // Plaintext on loopback: the paper node registers through the raw agent
+    // API without an agent certificate, and the figures stay comparable with
+    // earlier runs; `bench tls` measures what mutual TLS costs.
     let mut cluster = ClusterBuilder::new()
+        .tls(false)
         .coordinators(3)
         .agents(0)
         .coordinator_args(["--node-ttl", "1h"])
@@ -155,7 +159,7 @@ pub async fn paper_cluster(child_log: &str) -> Result<(Cluster, Client)> {
     register_paper_node(&leader).await?;
     let mut endpoints = vec![leader.clone()];
     endpoints.extend(cluster.coordinator_addrs().into_iter().filter(|a| *a != leader));
-    let client = Client::builder(endpoints).request_timeout(Duration::from_secs(10)).connect().await?;
+    let client = cluster.client_for(endpoints).request_timeout(Duration::from_secs(10)).connect().await?;
     Ok((cluster, client))
 }
 
@@ -188,7 +192,8 @@ async fn sandfleet_side(settings: &Settings) -> Result<(Vec<Load>, Vec<Duration>
         let leader = cluster
             .coordinator_index(status.leader_id)
             .ok_or_else(|| anyhow!("leader {} is not ours", status.leader_id))?;
-        let probe = Client::builder(cluster.coordinator_addrs())
+        let probe = cluster
+            .client_for(cluster.coordinator_addrs())
             .request_timeout(Duration::from_millis(500))
             .max_retries(10_000)
             .backoff(Backoff::new(Duration::from_millis(10), Duration::from_millis(50)))

@@ -9,6 +9,7 @@ mod common;
 use std::time::Duration;
 
 use sandfleet::{proto, CreateSession, ExecRequest};
+use sandfleet_common::auth::IdentityKind;
 use sandfleet_testkit::helpers::{
     create_running, describe, exec_argv, expect_code, expect_one_of, list_all_sessions, raw, request_id, small_session,
     state_of, stdout,
@@ -87,7 +88,7 @@ async fn workspace_paths_and_symlinks_cannot_escape() {
     expect_code("list ..", client.list_files(&s, "..").await, Code::InvalidArgument);
     expect_code("remove ../x", client.remove_file(&s, "../x", false).await, Code::InvalidArgument);
     // The agent itself refuses them (not only the SDK).
-    let node = s.node_address.as_str();
+    let node = &cluster.channel(&s.node_address, IdentityKind::Agent).unwrap();
     raw::expect_status(
         "raw read ../etc/passwd",
         raw::read_file(node, &s.id, Some(&s.token), "../etc/passwd").await,
@@ -237,13 +238,13 @@ async fn over_limit_requests_name_the_limit() {
     // A write chunk over 1 MiB, sent raw (the SDK always chunks at 1 MiB).
     let st = raw::expect_one_of(
         "write chunk over 1 MiB",
-        raw::write_file(&s.node_address, &s.id, Some(&s.token), "big.bin", vec![vec![b'x'; (1 << 20) + 1]]).await,
+        raw::write_file(&cluster.channel(&s.node_address, IdentityKind::Agent).unwrap(), &s.id, Some(&s.token), "big.bin", vec![vec![b'x'; (1 << 20) + 1]]).await,
         &[Code::OutOfRange, Code::InvalidArgument],
     );
     assert!(st.message().to_lowercase().contains("limit"), "the error names the limit: {}", st.message());
     raw::expect_status(
         "the refused upload left no file",
-        raw::read_file(&s.node_address, &s.id, Some(&s.token), "big.bin").await,
+        raw::read_file(&cluster.channel(&s.node_address, IdentityKind::Agent).unwrap(), &s.id, Some(&s.token), "big.bin").await,
         Code::NotFound,
     );
 
@@ -269,7 +270,7 @@ async fn wrong_tokens_are_unauthenticated() {
     let b = create_running(&client, small_session("tok-b")).await.unwrap();
     let out = exec_argv(&client, &b, ["sh", "-c", "printf \"b's secret\" > secret.txt"], SHORT).await.unwrap();
     assert_eq!(out.exit.exit_code, 0, "{}", describe(&out));
-    let node = b.node_address.as_str();
+    let node = &cluster.channel(&b.node_address, IdentityKind::Agent).unwrap();
 
     // Straight to the agent: the SDK would fetch a fresh token and retry.
     let tampered = tamper(&b.token);

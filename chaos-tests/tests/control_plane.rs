@@ -126,7 +126,7 @@ async fn three_coordinators_keep_sessions_when_one_dies() {
     }
     // Kill the bootstrap member (often the leader); the other two keep a quorum.
     cluster.kill(Target::Coordinator(0)).await.unwrap();
-    let client = sandfleet::Client::connect(cluster.coordinator_addrs()[1..].to_vec()).await.unwrap();
+    let client = cluster.client_for(cluster.coordinator_addrs()[1..].to_vec()).connect().await.unwrap();
     get_all(&client, &ids, "with coordinator 1 dead").await;
     let rid = request_id("ha-after");
     let s = eventually("create with coordinator 1 dead", Duration::from_secs(30), || {

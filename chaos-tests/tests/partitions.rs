@@ -161,12 +161,13 @@ async fn an_isolated_leader_is_replaced_by_the_majority_and_converges_after_the_
 
     // Writes succeed through the majority.
     let majority_client =
-        Client::connect(majority.iter().map(|i| cluster.coordinators[*i].addr.clone())).await.unwrap();
+        cluster.client_for(majority.iter().map(|i| cluster.coordinators[*i].addr.clone())).connect().await.unwrap();
     let during = create_running(&majority_client, small_session("during")).await.unwrap();
     majority_client.delete_session(&before.id).await.unwrap();
 
     // The isolated old leader cannot commit anything: a write sent only to it fails.
-    let lonely = Client::builder([cluster.coordinators[li].addr.clone()])
+    let lonely = cluster
+        .client_for([cluster.coordinators[li].addr.clone()])
         .request_timeout(Duration::from_secs(4))
         .max_retries(0)
         .connect()

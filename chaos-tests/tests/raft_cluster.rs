@@ -169,8 +169,9 @@ async fn leader_index(cluster: &mut Cluster) -> usize {
 }
 
 /// A client that retries quickly, to measure the cluster rather than SDK backoff.
-async fn probe_client(addrs: Vec<String>) -> Client {
-    Client::builder(addrs)
+async fn probe_client(cluster: &Cluster, addrs: Vec<String>) -> Client {
+    cluster
+        .client_for(addrs)
         .request_timeout(Duration::from_millis(500))
         .max_retries(1000)
         .backoff(Backoff::new(Duration::from_millis(10), Duration::from_millis(50)))
@@ -190,7 +191,7 @@ async fn leader_sigkill_during_creates_loses_nothing_and_fails_over_fast() {
     let writers = Writers::start(&client, 4, "kill");
     writers.wait_acked_at_least(30, Duration::from_secs(30)).await;
 
-    let probe = probe_client(cluster.coordinator_addrs()).await;
+    let probe = probe_client(&cluster, cluster.coordinator_addrs()).await;
     cluster.kill(Target::Coordinator(leader)).await.unwrap();
     let killed = Instant::now();
     let probe_rid = request_id("probe");
@@ -263,7 +264,7 @@ async fn members_are_added_and_removed_while_writes_run() {
         "the new member joined after compaction, so it started from a snapshot"
     );
     let survivors: Vec<String> = converged.members.iter().map(|m| m.address.clone()).collect();
-    let client = Client::connect(survivors).await.unwrap();
+    let client = cluster.client_for(survivors).connect().await.unwrap();
     check_no_loss_no_dup(&client, &ledger, "member").await;
 }
 
@@ -306,7 +307,7 @@ async fn member_that_missed_a_compaction_catches_up_through_a_snapshot() {
     assert!(log.contains("installing snapshot streamed from the leader"), "it caught up through a snapshot");
 
     // It serves the state on its own (stale read, so it answers from its own copy).
-    let only = Client::connect([cluster.coordinators[lagging].addr.clone()]).await.unwrap();
+    let only = cluster.client_for([cluster.coordinators[lagging].addr.clone()]).connect().await.unwrap();
     let req = proto::ListSessionsRequest { consistency: proto::ReadConsistency::Stale as i32, ..Default::default() };
     let seen: BTreeSet<String> = only.list_all_sessions(req).await.unwrap().into_iter().map(|s| s.id).collect();
     for (rid, id) in &ledger.acked {
@@ -320,7 +321,7 @@ async fn init_call_bootstraps_three_members() {
     let mut cluster = start(ClusterBuilder::new().coordinators(3).agents(0).bootstrap(false)).await;
     let addrs = cluster.coordinator_addrs();
     let members: Vec<(u64, String)> = addrs.iter().enumerate().map(|(i, a)| (i as u64 + 1, a.clone())).collect();
-    let client = Client::connect([addrs[1].clone()]).await.unwrap();
+    let client = cluster.client_for([addrs[1].clone()]).connect().await.unwrap();
 
     // Bad input changes nothing.
     let err = client.init_cluster(vec![(1, addrs[0].clone())]).await.unwrap_err();
@@ -365,7 +366,7 @@ async fn membership_bad_input_is_refused_and_changes_nothing() {
     client.remove_member(3).await.unwrap();
     let status = client.remove_member(2).await.unwrap();
     assert_eq!(voters(&status), BTreeSet::from([1]));
-    let only = Client::connect([addrs[0].clone()]).await.unwrap();
+    let only = cluster.client_for([addrs[0].clone()]).connect().await.unwrap();
     let err = only.remove_member(1).await.unwrap_err();
     assert_eq!(err.code(), Some(Code::FailedPrecondition), "{err}");
     assert!(err.to_string().contains("last voter"), "{err}");
@@ -401,7 +402,7 @@ async fn whole_cluster_restores_from_one_members_data_dir() {
 
     let restored = cluster.wait_converged(CONVERGE).await.unwrap();
     assert_eq!(member_ids(&restored), BTreeSet::from([1]), "a new one-member cluster");
-    let only = Client::connect([cluster.coordinators[0].addr.clone()]).await.unwrap();
+    let only = cluster.client_for([cluster.coordinators[0].addr.clone()]).connect().await.unwrap();
     let after = session_keys(&only).await;
     // The agent keeps running and reporting, so compare content, not the digest.
     assert_eq!(after, before, "every session came back");

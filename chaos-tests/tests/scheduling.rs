@@ -356,6 +356,7 @@ async fn paused_scheduler_queues_sessions_and_resume_places_them() {
 
     // Paused through the CLI, as an operator would.
     let out = tokio::process::Command::new(sandfleet_testkit::bin_path("sandfleet"))
+        .envs(cluster.cli_env())
         .args(["--endpoint", &cluster.endpoint(), "--output", "json", "cluster", "scheduler", "pause"])
         .stdin(std::process::Stdio::null())
         .output()

@@ -18,6 +18,7 @@ use nix::sys::signal::Signal;
 use sandfleet::proto::file_service_client::FileServiceClient;
 use sandfleet::{proto, ExecEvent, ExecRequest};
 use sandfleet_testkit::helpers::{create_running, exec_argv, small_session, stdout};
+use sandfleet_common::auth::IdentityKind;
 use sandfleet_testkit::{host, require_sandbox_facilities, Cluster, ClusterBuilder, Target};
 
 /// What the caller of an exec stopped by the agent's shutdown is told.
@@ -96,12 +97,11 @@ async fn sigterm_stops_a_running_exec_and_the_agent_exits_within_seconds() {
 
 /// Opens an upload to the session's agent that sends one chunk and then
 /// never ends, and returns the task waiting for its answer.
-async fn hold_an_upload_open(s: &proto::Session) -> tokio::task::JoinHandle<Result<(), tonic::Status>> {
-    let channel = tonic::transport::Endpoint::from_shared(format!("http://{}", s.node_address))
-        .unwrap()
-        .connect()
-        .await
-        .expect("connecting to the agent");
+async fn hold_an_upload_open(
+    cluster: &Cluster,
+    s: &proto::Session,
+) -> tokio::task::JoinHandle<Result<(), tonic::Status>> {
+    let channel = cluster.channel(&s.node_address, IdentityKind::Agent).expect("a channel to the agent");
     let first = proto::WriteFileRequest {
         session_id: s.id.clone(),
         path: "held-open".into(),
@@ -142,7 +142,7 @@ async fn a_call_held_open_delays_the_stop_boundedly_and_a_second_signal_exits_at
     let mut cluster = one_node().await;
     let client = cluster.client().await;
     let s = create_running(&client, small_session("held-open")).await.unwrap();
-    let upload = hold_an_upload_open(&s).await;
+    let upload = hold_an_upload_open(&cluster, &s).await;
     let t = Instant::now();
     cluster.proc(Target::Agent(0)).signal(Signal::SIGTERM).unwrap();
     let status = exited_within(&mut cluster, Duration::from_secs(18)).await;
@@ -157,7 +157,7 @@ async fn a_call_held_open_delays_the_stop_boundedly_and_a_second_signal_exits_at
     let mut cluster = one_node().await;
     let client = cluster.client().await;
     let s = create_running(&client, small_session("second-signal")).await.unwrap();
-    let _upload = hold_an_upload_open(&s).await;
+    let _upload = hold_an_upload_open(&cluster, &s).await;
     cluster.proc(Target::Agent(0)).signal(Signal::SIGTERM).unwrap();
     assert!(
         exited_within(&mut cluster, Duration::from_secs(2)).await.is_none(),

@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use sandfleet::proto::session_service_client::SessionServiceClient;
 use sandfleet::{proto, CreateSession};
+use sandfleet_common::auth::IdentityKind;
 use sandfleet_testkit::helpers::{create_running, list_all_sessions, request_id, small_session};
 use sandfleet_testkit::host::nonce;
 use sandfleet_testkit::{require_sandbox_facilities, Cluster, ClusterBuilder};
@@ -21,10 +22,11 @@ async fn one_node() -> Cluster {
 
 /// A create sent as raw gRPC, past the SDK's own checks.
 async fn raw_create(
-    endpoint: &str,
+    cluster: &Cluster,
     req: proto::CreateSessionRequest,
 ) -> Result<proto::CreateSessionResponse, tonic::Status> {
-    let mut api = SessionServiceClient::connect(format!("http://{endpoint}")).await.expect("connecting");
+    let endpoint = &cluster.coordinator_addrs()[0];
+    let mut api = SessionServiceClient::new(cluster.channel(endpoint, IdentityKind::Coordinator).expect("a channel"));
     let mut req = tonic::Request::new(req);
     req.set_timeout(Duration::from_secs(30));
     api.create_session(req).await.map(tonic::Response::into_inner)
@@ -37,7 +39,6 @@ async fn one_bad_value_gets_one_code_from_the_sdk_and_the_coordinator_and_create
     }
     let cluster = one_node().await;
     let client = cluster.client().await;
-    let endpoint = cluster.coordinator_addrs()[0].clone();
     let tag = nonce();
     let base = || proto::SessionSpec { labels: [("test".to_string(), tag.clone())].into(), ..Default::default() };
     let cases: Vec<(&str, proto::SessionSpec, Code, &str)> = vec![
@@ -88,7 +89,7 @@ async fn one_bad_value_gets_one_code_from_the_sdk_and_the_coordinator_and_create
         assert_eq!(sdk.code(), Some(code), "{what}: the SDK said {sdk}");
         assert!(sdk.to_string().contains(names), "{what}: {sdk}");
         let server =
-            raw_create(&endpoint, proto::CreateSessionRequest { request_id: request_id("bad"), spec: Some(spec) })
+            raw_create(&cluster, proto::CreateSessionRequest { request_id: request_id("bad"), spec: Some(spec) })
                 .await
                 .expect_err(what);
         assert_eq!(server.code(), code, "{what}: the coordinator said {server:?}");
@@ -139,11 +140,13 @@ async fn an_agent_advertising_an_unknown_runtime_is_refused() {
     }
     let cluster = ClusterBuilder::new().coordinators(1).agents(0).start().await.expect("a coordinator");
     let endpoint = cluster.coordinator_addrs()[0].clone();
-    let mut api = proto::agent_service_client::AgentServiceClient::connect(format!("http://{endpoint}"))
-        .await
-        .expect("connecting");
+    // The node's own agent certificate, so that only the runtime is wrong.
+    let node_id = format!("k8s-{}", nonce());
+    let cert = cluster.pki().map(|pki| pki.issue(IdentityKind::Agent, &node_id, &[]).expect("an agent certificate"));
+    let channel = cluster.channel_as(&endpoint, IdentityKind::Coordinator, cert.as_ref()).expect("a channel");
+    let mut api = proto::agent_service_client::AgentServiceClient::new(channel);
     let req = proto::RegisterNodeRequest {
-        node_id: format!("k8s-{}", nonce()),
+        node_id: node_id.clone(),
         address: "127.0.0.1:1".into(),
         capacity: Some(proto::NodeCapacity { cpu_millis: 1000, memory_bytes: 1 << 30, session_slots: 4 }),
         runtimes: vec!["kubernetes".into()],

@@ -48,6 +48,18 @@ pub struct Cli {
     #[arg(long, short = 'o', value_enum, default_value_t = OutputFormat::Text, global = true)]
     pub output: OutputFormat,
 
+    /// The cluster CA certificate (PEM): speak TLS and verify coordinators and agents with it.
+    #[arg(long, env = "SANDFLEET_TLS_CA", value_name = "FILE", global = true)]
+    pub tls_ca: Option<std::path::PathBuf>,
+
+    /// A client certificate (PEM) for mutual TLS; needs --tls-key and --tls-ca.
+    #[arg(long, env = "SANDFLEET_TLS_CERT", value_name = "FILE", global = true)]
+    pub tls_cert: Option<std::path::PathBuf>,
+
+    /// The client certificate's private key (PEM).
+    #[arg(long, env = "SANDFLEET_TLS_KEY", value_name = "FILE", global = true)]
+    pub tls_key: Option<std::path::PathBuf>,
+
     /// Deadline of each control-plane call (give it before the subcommand).
     #[arg(long = "timeout", value_parser = parse_duration, default_value = "10s", value_name = "DURATION")]
     pub request_timeout: Duration,
@@ -448,8 +460,10 @@ pub async fn run(cli: Cli) -> anyhow::Result<i32> {
     if let Command::Dev(args) = cli.command {
         return dev::run(args).await;
     }
+    let tls = sandfleet::TlsOptions::from_parts(cli.tls_ca.clone(), cli.tls_cert.clone(), cli.tls_key.clone())?;
     let client = Client::builder(cli.endpoint.iter().map(|e| e.trim()).filter(|e| !e.is_empty()))
         .request_timeout(cli.request_timeout)
+        .tls(tls)
         .connect()
         .await?;
     let ctx = Ctx { client, output: cli.output };

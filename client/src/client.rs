@@ -30,7 +30,10 @@ use crate::proto::session_service_client::SessionServiceClient;
 use crate::retry::{self, Backoff, RetryPolicy};
 use crate::session::{ceil_secs, is_terminal, state_name, CreateSession};
 use crate::Error;
+use sandfleet_common::auth::IdentityKind;
 use sandfleet_common::grpc::{self, ChannelOptions};
+use sandfleet_common::tls::{ClientTls, TlsDialer};
+use std::path::PathBuf;
 
 /// Default per-call deadline of control-plane calls.
 pub const DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
@@ -57,7 +60,51 @@ pub struct ClientBuilder {
     request_timeout: Duration,
     max_retries: u32,
     backoff: Backoff,
+    tls: Option<TlsOptions>,
 }
+
+/// How the client authenticates the cluster (and itself) over TLS.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TlsOptions {
+    /// The cluster CA certificate (PEM): coordinators and agents must present
+    /// certificates it signed.
+    pub ca: PathBuf,
+    /// A `client` certificate and key (PEM), for mutual TLS. Optional when the
+    /// client authenticates with an API key.
+    pub cert_and_key: Option<(PathBuf, PathBuf)>,
+}
+
+impl TlsOptions {
+    /// From `SANDFLEET_TLS_CA`, `SANDFLEET_TLS_CERT` and `SANDFLEET_TLS_KEY`;
+    /// `Ok(None)` when none is set.
+    pub fn from_env() -> Result<Option<Self>, Error> {
+        let var = |k: &str| std::env::var_os(k).filter(|v| !v.is_empty()).map(PathBuf::from);
+        Self::from_parts(var(ENV_TLS_CA), var(ENV_TLS_CERT), var(ENV_TLS_KEY))
+    }
+
+    /// From the three optional paths (flags or environment): a certificate
+    /// needs its key and a CA; a CA alone authenticates the server only.
+    pub fn from_parts(ca: Option<PathBuf>, cert: Option<PathBuf>, key: Option<PathBuf>) -> Result<Option<Self>, Error> {
+        match (ca, cert, key) {
+            (None, None, None) => Ok(None),
+            (Some(ca), None, None) => Ok(Some(Self { ca, cert_and_key: None })),
+            (Some(ca), Some(cert), Some(key)) => Ok(Some(Self { ca, cert_and_key: Some((cert, key)) })),
+            (None, _, _) => Err(Error::InvalidArgument(format!(
+                "a TLS client certificate needs the cluster CA too ({ENV_TLS_CA} or --tls-ca)"
+            ))),
+            (Some(_), _, _) => Err(Error::InvalidArgument(format!(
+                "a TLS client certificate and its key go together ({ENV_TLS_CERT}/--tls-cert and {ENV_TLS_KEY}/--tls-key)"
+            ))),
+        }
+    }
+}
+
+/// The environment variable naming the cluster CA certificate.
+pub const ENV_TLS_CA: &str = "SANDFLEET_TLS_CA";
+/// The environment variable naming the client certificate.
+pub const ENV_TLS_CERT: &str = "SANDFLEET_TLS_CERT";
+/// The environment variable naming the client key.
+pub const ENV_TLS_KEY: &str = "SANDFLEET_TLS_KEY";
 
 impl ClientBuilder {
     /// Coordinator endpoints, as `host:port` or `http://host:port`.
@@ -68,7 +115,15 @@ impl ClientBuilder {
             request_timeout: DEFAULT_REQUEST_TIMEOUT,
             max_retries: DEFAULT_MAX_RETRIES,
             backoff: Backoff::default(),
+            tls: None,
         }
+    }
+
+    /// Talk TLS to coordinators and agents (see [`TlsOptions`]); plaintext
+    /// (an `--insecure` loopback cluster) without it.
+    pub fn tls(mut self, tls: Option<TlsOptions>) -> Self {
+        self.tls = tls;
+        self
     }
 
     /// TCP connect timeout for coordinators and agents (default 3 s).
@@ -103,10 +158,16 @@ impl ClientBuilder {
         if coordinators.is_empty() {
             return Err(Error::InvalidArgument("no coordinator endpoint given".into()));
         }
+        let tls = match &self.tls {
+            None => None,
+            Some(t) => Some(ClientTls::new(t.ca.clone(), t.cert_and_key.clone()).map_err(|e| Error::Tls(e.to_string()))?),
+        };
+        let dialers = tls.map(|tls| (tls.dialer(Some(IdentityKind::Coordinator)), tls.dialer(Some(IdentityKind::Agent))));
         let mut channels = HashMap::new();
         for uri in &coordinators {
             if !channels.contains_key(uri) {
-                channels.insert(uri.clone(), make_channel(uri, self.connect_timeout)?);
+                let dialer = dialers.as_ref().map(|(c, _)| c);
+                channels.insert(uri.clone(), make_channel(uri, self.connect_timeout, dialer)?);
             }
         }
         debug!(endpoints = ?coordinators, "sandfleet client ready");
@@ -119,6 +180,7 @@ impl ClientBuilder {
                 request_timeout: self.request_timeout,
                 max_retries: self.max_retries,
                 backoff: self.backoff,
+                dialers,
             }),
         })
     }
@@ -141,6 +203,8 @@ struct Inner {
     request_timeout: Duration,
     max_retries: u32,
     backoff: Backoff,
+    /// TLS dialers toward coordinators and toward agents; `None` for plaintext.
+    dialers: Option<(TlsDialer, TlsDialer)>,
 }
 
 impl std::fmt::Debug for Client {
@@ -157,11 +221,9 @@ impl std::fmt::Debug for Client {
 /// rule of `sandfleet_common::grpc`, shared with the servers' own clients).
 pub(crate) use sandfleet_common::grpc::normalize_uri as normalize_endpoint;
 
-fn make_channel(uri: &str, connect_timeout: Duration) -> Result<Channel, Error> {
+fn make_channel(uri: &str, connect_timeout: Duration, tls: Option<&TlsDialer>) -> Result<Channel, Error> {
     let opts = ChannelOptions { connect_timeout, ..ChannelOptions::CLIENT };
-    let endpoint =
-        grpc::endpoint(uri, opts).map_err(|e| Error::Connect { endpoint: uri.to_string(), source: Box::new(e) })?;
-    Ok(endpoint.connect_lazy())
+    grpc::channel(uri, opts, tls).map_err(|e| Error::Connect { endpoint: uri.to_string(), source: Box::new(e) })
 }
 
 /// Adds the session bearer token to a data-plane request.
@@ -239,7 +301,9 @@ impl Client {
         if let Some(ch) = channels.get(uri) {
             return Ok(ch.clone());
         }
-        let ch = make_channel(uri, self.inner.connect_timeout)?;
+        // Coordinators' channels are made up front; any other address is an agent's.
+        let dialer = self.inner.dialers.as_ref().map(|(_, agent)| agent);
+        let ch = make_channel(uri, self.inner.connect_timeout, dialer)?;
         channels.insert(uri.to_string(), ch.clone());
         Ok(ch)
     }

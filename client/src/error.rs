@@ -42,6 +42,10 @@ pub enum Error {
     /// The server broke the protocol, e.g. an exec stream ended without an exit status.
     #[error("protocol error: {0}")]
     Protocol(String),
+    /// The TLS files given to the client cannot be used (unreadable, not PEM,
+    /// not a Sandfleet certificate).
+    #[error("TLS setup failed: {0}")]
+    Tls(String),
     /// Local I/O failed (reading an upload, for instance).
     #[error("i/o error: {0}")]
     Io(#[from] std::io::Error),
@@ -57,7 +61,7 @@ impl Error {
     /// The gRPC code this error stands for: the server's code for [`Error::Status`],
     /// `UNAVAILABLE` for [`Error::Connect`], `DEADLINE_EXCEEDED` for [`Error::Timeout`],
     /// `FAILED_PRECONDITION` for [`Error::SessionFailed`], `INVALID_ARGUMENT` for
-    /// [`Error::InvalidArgument`], `INTERNAL` for [`Error::Protocol`]; `None` for local I/O errors.
+    /// [`Error::InvalidArgument`], `INTERNAL` for [`Error::Protocol`]; `None` for local TLS and I/O errors.
     pub fn code(&self) -> Option<tonic::Code> {
         match self {
             Error::Status(s) => Some(s.code()),
@@ -66,7 +70,7 @@ impl Error {
             Error::SessionFailed { .. } => Some(tonic::Code::FailedPrecondition),
             Error::InvalidArgument(_) => Some(tonic::Code::InvalidArgument),
             Error::Protocol(_) => Some(tonic::Code::Internal),
-            Error::Io(_) => None,
+            Error::Tls(_) | Error::Io(_) => None,
         }
     }
 

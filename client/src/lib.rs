@@ -48,7 +48,7 @@ pub mod session;
 pub use sandfleet_proto::v1 as proto;
 pub use sandfleet_proto::v1::Language;
 
-pub use client::{Client, ClientBuilder, SessionWatch};
+pub use client::{Client, ClientBuilder, SessionWatch, TlsOptions, ENV_TLS_CA, ENV_TLS_CERT, ENV_TLS_KEY};
 pub use error::Error;
 pub use exec::{exit_code_of, ExecEvent, ExecOutput, ExecRequest, ExecStream};
 pub use files::FileStream;

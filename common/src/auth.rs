@@ -106,6 +106,12 @@ impl fmt::Display for Identity {
     }
 }
 
+/// The verified certificate identity of the peer of a connection: `None` on
+/// plaintext, or when the peer sent no certificate. Set by the transport
+/// ([`crate::tls`]); services read it through [`crate::tls::peer_identity`].
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct PeerIdentity(pub Option<Identity>);
+
 /// What a caller may do.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, PartialOrd, Ord)]
 #[cfg_attr(feature = "clap", derive(clap::ValueEnum))]

@@ -7,6 +7,8 @@ use std::time::Duration;
 
 use tonic::transport::{Channel, Endpoint};
 
+use crate::tls::TlsDialer;
+
 /// `host:port` becomes `http://host:port`; a URI with a scheme is kept as it is.
 pub fn normalize_uri(addr: &str) -> String {
     let addr = addr.trim().trim_end_matches('/');
@@ -54,9 +56,19 @@ pub fn endpoint(addr: &str, opts: ChannelOptions) -> Result<Endpoint, tonic::tra
         .keep_alive_timeout(opts.keep_alive_timeout))
 }
 
-/// A channel to `addr` that connects on first use (and reconnects after a failure).
+/// A plaintext channel to `addr` that connects on first use (and reconnects after a failure).
 pub fn lazy_channel(addr: &str, opts: ChannelOptions) -> Result<Channel, tonic::transport::Error> {
     Ok(endpoint(addr, opts)?.connect_lazy())
+}
+
+/// A channel to `addr` that connects on first use, over TLS through `tls`
+/// when given (`https://` or a bare `host:port`), plaintext otherwise.
+pub fn channel(addr: &str, opts: ChannelOptions, tls: Option<&TlsDialer>) -> Result<Channel, tonic::transport::Error> {
+    let endpoint = endpoint(addr, opts)?;
+    Ok(match tls {
+        Some(dialer) => endpoint.connect_with_connector_lazy(dialer.clone().with_connect_timeout(opts.connect_timeout)),
+        None => endpoint.connect_lazy(),
+    })
 }
 
 #[cfg(test)]

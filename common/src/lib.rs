@@ -14,6 +14,8 @@
 //! - [`spec`]: the one definition of a session spec: runtimes, templates, defaults, range checks.
 //! - [`quantity`]: parsing `256Mi` / `0.5` / `500m` style resource quantities.
 //! - [`ready`]: the JSON ready line a process prints once it serves.
+//! - [`tls`]: mutual TLS for every connection: server/client configs, accept loop, dialer, reload.
+//! - [`x509`]: the Sandfleet identity in a certificate.
 //! - [`token`]: Ed25519-signed, session-scoped data-plane tokens.
 //! - [`telemetry`]: `tracing` subscriber set from `RUST_LOG`, with optional OTLP export.
 //! - [`signal`]: the SIGINT/SIGTERM shutdown signal of the daemons.
@@ -24,12 +26,16 @@ pub mod backoff;
 pub mod grpc;
 pub mod ids;
 pub mod limits;
+#[cfg(feature = "pki")]
+pub mod pki;
 pub mod quantity;
 pub mod ready;
 pub mod signal;
 pub mod spec;
 pub mod telemetry;
 pub mod time;
+pub mod tls;
 pub mod token;
+pub mod x509;
 
 pub use ids::ValidationError;

@@ -8,6 +8,7 @@ use std::collections::HashMap;
 use std::time::Duration;
 
 use openraft::error::{ClientWriteError, RaftError};
+use sandfleet_common::tls::TlsDialer;
 use sandfleet_common::token::{SessionClaims, TokenSigner};
 use sandfleet_proto::v1::{self as pb, raft_service_client::RaftServiceClient, RaftPayload};
 use serde::{Deserialize, Serialize};
@@ -107,11 +108,21 @@ pub struct Core {
     pub quorum_checked: tokio::sync::Mutex<Option<std::time::Instant>>,
     /// Wakes the leader loop (new pending session, new node, deletion).
     pub wake: Notify,
+    /// Dials peers over mutual TLS; `None` on an `--insecure` loopback cluster,
+    /// where callers need no certificate.
+    pub peer_tls: Option<TlsDialer>,
     peers: Mutex<HashMap<String, Channel>>,
 }
 
 impl Core {
-    pub fn new(id: u64, addr: String, raft: Raft, state: StateHandle, tunables: Tunables) -> Self {
+    pub fn new(
+        id: u64,
+        addr: String,
+        raft: Raft,
+        state: StateHandle,
+        tunables: Tunables,
+        peer_tls: Option<TlsDialer>,
+    ) -> Self {
         Self {
             id,
             addr,
@@ -123,8 +134,14 @@ impl Core {
             lead_since_ms: std::sync::atomic::AtomicI64::new(0),
             quorum_checked: tokio::sync::Mutex::new(None),
             wake: Notify::new(),
+            peer_tls,
             peers: Mutex::new(HashMap::new()),
         }
+    }
+
+    /// Whether this cluster runs mutual TLS (every caller must authenticate).
+    pub fn secure(&self) -> bool {
+        self.peer_tls.is_some()
     }
 
     /// True when this member currently believes it leads.
@@ -145,7 +162,7 @@ impl Core {
         if let Some(c) = peers.get(addr) {
             return Ok(c.clone());
         }
-        let ch = network::channel(addr).map_err(|e| CoreError::Internal(format!("bad leader address {addr}: {e}")))?;
+        let ch = network::channel(addr, self.peer_tls.as_ref()).map_err(|e| CoreError::Internal(format!("bad leader address {addr}: {e}")))?;
         peers.insert(addr.to_string(), ch.clone());
         Ok(ch)
     }

@@ -31,7 +31,10 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
+use sandfleet_common::auth::IdentityKind;
 use sandfleet_common::limits::MAX_GRPC_MESSAGE_BYTES;
+use sandfleet_common::tls::{serve_incoming, ClientTls, Reload, ServerTls};
+pub use sandfleet_common::tls::TlsFiles;
 use sandfleet_proto::v1 as pb;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
@@ -78,6 +81,10 @@ pub struct CoordinatorConfig {
     pub placement_candidates: usize,
     /// Most placements per Raft entry.
     pub placement_batch: usize,
+    /// Mutual TLS for every connection (peers, agents, clients). `None` is
+    /// `--insecure`: plaintext, allowed only on a loopback listen address, where
+    /// a caller without a credential acts as the admin of the `default` tenant.
+    pub tls: Option<TlsFiles>,
 }
 
 impl Default for CoordinatorConfig {
@@ -99,6 +106,7 @@ impl Default for CoordinatorConfig {
             placement_strategy: scheduler::Strategy::Spread,
             placement_candidates: 16,
             placement_batch: 1024,
+            tls: None,
         }
     }
 }
@@ -129,6 +137,8 @@ pub struct Coordinator {
     core: Arc<core::Core>,
     server: JoinHandle<Result<(), tonic::transport::Error>>,
     leader_loop: JoinHandle<()>,
+    /// Reloads the TLS files on SIGHUP or change; `None` on plaintext.
+    reloader: Option<JoinHandle<()>>,
     shutdown: CancellationToken,
 }
 
@@ -166,6 +176,9 @@ impl Coordinator {
             }
         };
         let _ = self.leader_loop.await;
+        if let Some(reloader) = self.reloader.take() {
+            let _ = reloader.await;
+        }
         match tokio::time::timeout(SHUTDOWN_DRAIN, self.core.raft.shutdown()).await {
             Ok(r) => r.map_err(|e| CoordinatorError::Raft(e.to_string()))?,
             Err(_) => tracing::warn!("raft did not stop in time; exiting anyway"),
@@ -208,6 +221,30 @@ pub async fn serve(config: CoordinatorConfig, shutdown: CancellationToken) -> Re
     if config.election_timeout < config.heartbeat_interval * 4 {
         return Err(CoordinatorError::Config("the election timeout must be at least four heartbeat intervals".into()));
     }
+    let tls = match &config.tls {
+        Some(files) => {
+            let server = ServerTls::load(files.clone()).map_err(|e| CoordinatorError::Config(e.to_string()))?;
+            let identity = server.identity();
+            if identity.kind != IdentityKind::Coordinator {
+                return Err(CoordinatorError::Config(format!(
+                    "{} holds the identity {identity}; a coordinator needs a coordinator certificate \
+                     (sandfleet pki issue --kind coordinator)",
+                    files.cert.display()
+                )));
+            }
+            let client = ClientTls::load(files).map_err(|e| CoordinatorError::Config(e.to_string()))?;
+            tracing::info!(%identity, "mutual TLS on every connection");
+            Some((server, client))
+        }
+        None if !sandfleet_common::tls::is_loopback(&config.listen) => {
+            return Err(CoordinatorError::Config(sandfleet_common::tls::insecure_refusal(&config.listen)));
+        }
+        None => {
+            tracing::warn!(listen = %config.listen, "--insecure: plaintext on loopback, callers without a credential act as admin");
+            None
+        }
+    };
+    let peer_tls = tls.as_ref().map(|(_, client)| client.dialer(Some(IdentityKind::Coordinator)));
     std::fs::create_dir_all(&config.data_dir)
         .map_err(|e| CoordinatorError::Config(format!("cannot create data dir {}: {e}", config.data_dir.display())))?;
     let db_path = config.data_dir.join("raft.rocksdb");
@@ -247,7 +284,7 @@ pub async fn serve(config: CoordinatorConfig, shutdown: CancellationToken) -> Re
     }
     .validate()
     .map_err(|e| CoordinatorError::Config(e.to_string()))?;
-    let raft = raft::Raft::new(config.id, Arc::new(raft_config), raft::network::NetworkFactory, log_store, sm)
+    let raft = raft::Raft::new(config.id, Arc::new(raft_config), raft::network::NetworkFactory { tls: peer_tls.clone() }, log_store, sm)
         .await
         .map_err(|e| CoordinatorError::Raft(e.to_string()))?;
 
@@ -266,6 +303,7 @@ pub async fn serve(config: CoordinatorConfig, shutdown: CancellationToken) -> Re
             },
             placement_batch: config.placement_batch,
         },
+        peer_tls,
     ));
 
     let session = service::session::SessionApi::new(core.clone(), shutdown.clone());
@@ -289,7 +327,11 @@ pub async fn serve(config: CoordinatorConfig, shutdown: CancellationToken) -> Re
         );
     // Nagle off on accepted connections (the builder's `tcp_nodelay` only applies
     // to listeners tonic binds itself): small responses must not wait for a delayed ACK.
-    let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
+    let incoming = serve_incoming(listener, tls.as_ref().map(|(server, _)| server.clone()), shutdown.clone());
+    let reloader = tls.map(|(server, client)| {
+        let targets: Vec<Arc<dyn Reload>> = vec![server, client];
+        sandfleet_common::tls::spawn_reloader(targets, shutdown.clone())
+    });
     let stop = shutdown.clone();
     let server =
         tokio::spawn(async move { server.serve_with_incoming_shutdown(incoming, stop.cancelled_owned()).await });
@@ -339,5 +381,5 @@ pub async fn serve(config: CoordinatorConfig, shutdown: CancellationToken) -> Re
         }
     }
     tracing::info!(id = config.id, %addr, "coordinator serving");
-    Ok(Coordinator { addr, core, server, leader_loop, shutdown })
+    Ok(Coordinator { addr, core, server, leader_loop, reloader, shutdown })
 }

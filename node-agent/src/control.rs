@@ -15,6 +15,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use sandfleet_common::token::TokenVerifier;
+use sandfleet_common::tls::TlsDialer;
 use sandfleet_proto::v1::{self as pb, agent_service_client::AgentServiceClient};
 use tokio::sync::{Notify, RwLock};
 use tokio_util::sync::CancellationToken;
@@ -517,10 +518,12 @@ impl AgentState {
 pub struct ControlConfig {
     pub coordinators: Vec<String>,
     pub register: pb::RegisterNodeRequest,
+    /// Mutual TLS toward the coordinators; `None` on an `--insecure` loopback cluster.
+    pub tls: Option<TlsDialer>,
 }
 
-fn channel(addr: &str) -> Result<Channel, tonic::transport::Error> {
-    Ok(crate::coordinator_link::endpoint(addr)?.connect_lazy())
+fn channel(addr: &str, tls: Option<&TlsDialer>) -> Result<Channel, tonic::transport::Error> {
+    crate::coordinator_link::channel(addr, tls)
 }
 
 /// The control loop. `registered` fires after the first successful registration.
@@ -534,7 +537,7 @@ pub struct Control {
 impl Control {
     pub fn new(state: Arc<AgentState>, config: ControlConfig) -> Result<Self, tonic::transport::Error> {
         let clients =
-            config.coordinators.iter().map(|a| channel(a).map(AgentServiceClient::new)).collect::<Result<_, _>>()?;
+            config.coordinators.iter().map(|a| channel(a, config.tls.as_ref()).map(AgentServiceClient::new)).collect::<Result<_, _>>()?;
         Ok(Self { state, config, clients, current: 0 })
     }
 
@@ -591,6 +594,7 @@ impl Control {
             self.state.clone(),
             self.config.coordinators.clone(),
             self.config.register.node_id.clone(),
+            self.config.tls.clone(),
             watch_stop.clone(),
         ));
         let fencer = {
@@ -660,14 +664,20 @@ impl Control {
 }
 
 /// Follows WatchAssignments, reconnecting across coordinators.
-async fn watch_loop(state: Arc<AgentState>, coordinators: Vec<String>, node_id: String, shutdown: CancellationToken) {
+async fn watch_loop(
+    state: Arc<AgentState>,
+    coordinators: Vec<String>,
+    node_id: String,
+    tls: Option<TlsDialer>,
+    shutdown: CancellationToken,
+) {
     let mut attempt = 0u32;
     let mut i = 0usize;
     loop {
         let addr = &coordinators[i % coordinators.len()];
         i += 1;
         let result = async {
-            let mut client = AgentServiceClient::new(channel(addr).map_err(|e| tonic::Status::unavailable(e.to_string()))?);
+            let mut client = AgentServiceClient::new(channel(addr, tls.as_ref()).map_err(|e| tonic::Status::unavailable(e.to_string()))?);
             let mut stream = client.watch_assignments(pb::WatchAssignmentsRequest { node_id: node_id.clone() }).await?.into_inner();
             loop {
                 tokio::select! {

@@ -7,7 +7,8 @@ use std::time::Duration;
 
 use sandfleet_common::backoff::Backoff;
 use sandfleet_common::grpc::{self, ChannelOptions};
-use tonic::transport::Endpoint;
+use sandfleet_common::tls::TlsDialer;
+use tonic::transport::{Channel, Endpoint};
 
 /// Deadline of each control-plane call (a heartbeat's is also bounded by two
 /// heartbeat intervals).
@@ -26,6 +27,12 @@ pub fn backoff(attempt: u32) -> Duration {
 /// scheme), with the cluster channel settings of [`ChannelOptions::CLUSTER`].
 pub fn endpoint(addr: &str) -> Result<Endpoint, tonic::transport::Error> {
     grpc::endpoint(addr, ChannelOptions::CLUSTER)
+}
+
+/// A lazily connected channel to the coordinator at `addr`, over mutual TLS
+/// when `tls` is given.
+pub fn channel(addr: &str, tls: Option<&TlsDialer>) -> Result<Channel, tonic::transport::Error> {
+    grpc::channel(addr, ChannelOptions::CLUSTER, tls)
 }
 
 #[cfg(test)]

@@ -33,7 +33,9 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
 
+use sandfleet_common::auth::{Identity, IdentityKind};
 use sandfleet_common::limits::{self, MAX_GRPC_MESSAGE_BYTES};
+use sandfleet_common::tls::{serve_incoming, ClientTls, Reload, ServerTls};
 use sandfleet_proto::v1 as pb;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
@@ -90,6 +92,9 @@ pub struct AgentConfig {
     pub store: store::StoreConfig,
     /// How workspaces are synced to the store.
     pub sync: store::sync::SyncConfig,
+    /// Mutual TLS toward the coordinators and on the data plane; `None` is
+    /// `--insecure`, allowed only on a loopback listen address.
+    pub tls: Option<sandfleet_common::tls::TlsFiles>,
 }
 
 impl Default for AgentConfig {
@@ -112,6 +117,7 @@ impl Default for AgentConfig {
             warm_pool: std::collections::BTreeMap::new(),
             store: store::StoreConfig::None,
             sync: store::sync::SyncConfig::default(),
+            tls: None,
         }
     }
 }
@@ -148,6 +154,8 @@ pub struct Agent {
     control: JoinHandle<()>,
     /// Runtime cleanup at shutdown (the docker runtime's idle pool containers).
     cleanup: Option<JoinHandle<()>>,
+    /// Reloads the TLS files on SIGHUP or change; `None` on plaintext.
+    reloader: Option<JoinHandle<()>>,
     syncer: Option<Arc<store::sync::Syncer>>,
     /// Held until the agent has stopped.
     _lock: lock::AgentLock,
@@ -168,6 +176,9 @@ impl Agent {
         }
         if let Some(c) = self.cleanup {
             let _ = c.await;
+        }
+        if let Some(r) = self.reloader {
+            let _ = r.await;
         }
         // Execs end at the shutdown (see `dataplane`), but a client may still hold a
         // stream open (an upload that never ends): the graceful stop gets a bound.
@@ -205,6 +216,30 @@ pub async fn serve(config: AgentConfig, shutdown: CancellationToken) -> Result<A
     if config.slots == 0 {
         return Err(AgentError::Config("slots must be positive".into()));
     }
+    let tls = match &config.tls {
+        Some(files) => {
+            let server = ServerTls::load(files.clone()).map_err(|e| AgentError::Config(e.to_string()))?;
+            let identity = server.identity();
+            if identity != Identity::new(IdentityKind::Agent, config.node_id.clone()) {
+                return Err(AgentError::Config(format!(
+                    "{} holds the identity {identity}; node {:?} needs the certificate agent/{} \
+                     (sandfleet pki issue --kind agent --name {})",
+                    files.cert.display(),
+                    config.node_id,
+                    config.node_id,
+                    config.node_id
+                )));
+            }
+            let client = ClientTls::load(files).map_err(|e| AgentError::Config(e.to_string()))?;
+            tracing::info!(%identity, "mutual TLS toward the coordinators and on the data plane");
+            Some((server, client))
+        }
+        None if !sandfleet_common::tls::is_loopback(&config.listen) => {
+            return Err(AgentError::Config(sandfleet_common::tls::insecure_refusal(&config.listen)));
+        }
+        None => None,
+    };
+    let coordinator_tls = tls.as_ref().map(|(_, client)| client.dialer(Some(IdentityKind::Coordinator)));
     std::fs::create_dir_all(&config.data_dir)
         .map_err(|e| AgentError::Config(format!("cannot create data dir {}: {e}", config.data_dir.display())))?;
     let data_dir = std::fs::canonicalize(&config.data_dir)
@@ -273,7 +308,11 @@ pub async fn serve(config: AgentConfig, shutdown: CancellationToken) -> Result<A
         );
     // Nagle off on accepted connections (the builder's `tcp_nodelay` only applies
     // to listeners tonic binds itself): small responses must not wait for a delayed ACK.
-    let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
+    let incoming = serve_incoming(listener, tls.as_ref().map(|(server, _)| server.clone()), shutdown.clone());
+    let reloader = tls.map(|(server, client)| {
+        let targets: Vec<Arc<dyn Reload>> = vec![server, client];
+        sandfleet_common::tls::spawn_reloader(targets, shutdown.clone())
+    });
     let stop = shutdown.clone();
     let server =
         tokio::spawn(async move { server.serve_with_incoming_shutdown(incoming, stop.cancelled_owned()).await });
@@ -292,11 +331,11 @@ pub async fn serve(config: AgentConfig, shutdown: CancellationToken) -> Result<A
         labels: config.labels.clone(),
         runtimes: vec![config.runtime.as_str().to_string()],
     };
-    let mut control = Control::new(state, ControlConfig { coordinators: config.coordinators.clone(), register })?;
+    let mut control = Control::new(state, ControlConfig { coordinators: config.coordinators.clone(), register, tls: coordinator_tls })?;
     let Some(interval) = control.register(&shutdown).await else {
         return Err(AgentError::Cancelled);
     };
     let control = tokio::spawn(control.run(interval, shutdown.clone()));
     tracing::info!(node = %config.node_id, %addr, "agent serving");
-    Ok(Agent { addr, server, control, cleanup, syncer, _lock: agent_lock })
+    Ok(Agent { addr, server, control, cleanup, reloader, syncer, _lock: agent_lock })
 }

@@ -981,6 +981,7 @@ async fn killed_agent_process_leaves_no_orphan_after_restart() {
             "127.0.0.1:1",
             "--runtime",
             "docker",
+            "--insecure",
         ])
         .arg("--data-dir")
         .arg(&data_dir)

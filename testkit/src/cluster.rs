@@ -44,6 +44,8 @@ use tempfile::TempDir;
 use crate::bins::{bin_dir, bin_path_in};
 use crate::netns::{NetHost, Network, NetworkChoice, NetworkMode, PartitionsUnavailable};
 use crate::process::{Proc, Role, DEFAULT_READY_TIMEOUT, LOG_TAIL_LINES};
+use crate::tls::{TestPki, TlsPaths};
+use sandfleet_common::auth::IdentityKind;
 
 /// Which process of a [`Cluster`] an operation is aimed at (index into
 /// [`Cluster::coordinators`] or [`Cluster::agents`]).
@@ -95,6 +97,7 @@ pub struct ClusterBuilder {
     bin_dir: Option<PathBuf>,
     tmp_in: Option<PathBuf>,
     network: NetworkChoice,
+    tls: bool,
 }
 
 impl Default for ClusterBuilder {
@@ -119,7 +122,17 @@ impl ClusterBuilder {
             bin_dir: None,
             tmp_in: None,
             network: NetworkChoice::Auto,
+            tls: true,
         }
+    }
+
+    /// Mutual TLS everywhere (the default): a CA per cluster and a
+    /// certificate per process and for the test's own clients. `false` runs
+    /// `--insecure` plaintext, which the daemons allow only on loopback, so it
+    /// also puts the cluster on loopback (no partitions).
+    pub fn tls(mut self, yes: bool) -> Self {
+        self.tls = yes;
+        self
     }
 
     /// How many coordinators (Raft ids 1..=n; the first bootstraps).
@@ -214,6 +227,8 @@ impl ClusterBuilder {
     fn make_network(&self) -> Result<(NetworkMode, Option<Network>, String)> {
         let require = std::env::var(crate::facilities::REQUIRE_ENV).is_ok_and(|v| v == "1");
         let choice = match self.network {
+            // Plaintext is refused on any address that is not loopback.
+            _ if !self.tls => NetworkChoice::Loopback,
             NetworkChoice::Auto => match std::env::var(crate::netns::NETWORK_ENV).as_deref() {
                 Ok("loopback") => NetworkChoice::Loopback,
                 Ok("netns") => NetworkChoice::Namespaces,
@@ -275,7 +290,16 @@ impl ClusterBuilder {
                 .with_context(|| format!("chmod 0711 {}", tmp.path().display()))?;
         }
         let (network_mode, net, loopback_reason) = self.make_network()?;
+        let (pki, client_tls) = if self.tls {
+            let pki = TestPki::create(&tmp.path().join("pki"), "sandfleet test CA")?;
+            let client = pki.issue(IdentityKind::Client, "test-admin", &[])?;
+            (Some(pki), Some(client))
+        } else {
+            (None, None)
+        };
         let mut cluster = Cluster {
+            pki,
+            client_tls,
             coordinators: Vec::new(),
             agents: Vec::new(),
             net,
@@ -337,6 +361,7 @@ impl ClusterBuilder {
                     Some(h) => format!("{}:0", h.ip),
                     None => "127.0.0.1:0".to_string(),
                 };
+                let tls_args = cluster.tls_args(IdentityKind::Agent, &id, &listen)?;
                 let mut args: Vec<String> = vec![
                     "--node-id".into(),
                     id.clone(),
@@ -349,6 +374,7 @@ impl ClusterBuilder {
                     "--runtime".into(),
                     "process".into(),
                 ];
+                args.extend(tls_args);
                 if set_uid_base {
                     let base = 300_000 + (uid_block * 16 + i as u32 % 16) * 1024;
                     args.extend(["--uid-base".to_string(), base.to_string()]);
@@ -397,6 +423,10 @@ pub struct Cluster {
     coordinator_bin: PathBuf,
     coordinator_args: Vec<String>,
     env: Vec<(String, String)>,
+    /// The cluster's CA; `None` for an `--insecure` cluster.
+    pki: Option<TestPki>,
+    /// The test's own `client/test-admin` certificate.
+    client_tls: Option<TlsPaths>,
 }
 
 impl fmt::Debug for Cluster {
@@ -446,9 +476,70 @@ impl Cluster {
 
     /// A connected SDK client for every coordinator.
     pub async fn try_client(&self) -> Result<sandfleet::Client> {
-        sandfleet::Client::connect(self.coordinator_addrs())
-            .await
-            .map_err(|e| anyhow!("connecting the SDK to {}: {e}", self.endpoint()))
+        self.client_builder().connect().await.map_err(|e| anyhow!("connecting the SDK to {}: {e}", self.endpoint()))
+    }
+
+    /// An SDK builder for every coordinator, with the test's client
+    /// certificate when the cluster runs TLS.
+    pub fn client_builder(&self) -> sandfleet::ClientBuilder {
+        self.client_for(self.coordinator_addrs())
+    }
+
+    /// An SDK builder for some coordinators (`host:port`), with the test's
+    /// client certificate when the cluster runs TLS.
+    pub fn client_for(&self, endpoints: impl IntoIterator<Item = impl Into<String>>) -> sandfleet::ClientBuilder {
+        sandfleet::Client::builder(endpoints).tls(self.client_tls.as_ref().map(TlsPaths::sdk_options))
+    }
+
+    /// The CA of a TLS cluster, to issue more certificates (for attacks).
+    pub fn pki(&self) -> Option<&TestPki> {
+        self.pki.as_ref()
+    }
+
+    /// The test's `client/test-admin` certificate files of a TLS cluster.
+    pub fn client_tls(&self) -> Option<&TlsPaths> {
+        self.client_tls.as_ref()
+    }
+
+    /// The environment a `sandfleet` CLI needs to reach this cluster
+    /// (`SANDFLEET_TLS_*`; empty for an `--insecure` cluster).
+    pub fn cli_env(&self) -> Vec<(String, String)> {
+        self.client_tls.as_ref().map(TlsPaths::client_env).unwrap_or_default()
+    }
+
+    /// A raw tonic channel to `addr`, a coordinator (`kind` Coordinator) or
+    /// an agent, over TLS with the test's client certificate when the cluster runs TLS.
+    pub fn channel(&self, addr: &str, kind: IdentityKind) -> Result<tonic::transport::Channel> {
+        self.channel_as(addr, kind, self.client_tls.as_ref())
+    }
+
+    /// A raw tonic channel to `addr` (a server of `kind`) presenting the
+    /// certificate `tls` (plaintext when `None`): to act as another identity.
+    pub fn channel_as(
+        &self,
+        addr: &str,
+        kind: IdentityKind,
+        tls: Option<&TlsPaths>,
+    ) -> Result<tonic::transport::Channel> {
+        let dialer = match tls {
+            Some(t) => Some(t.dialer(kind)?),
+            None => None,
+        };
+        let opts = sandfleet_common::grpc::ChannelOptions {
+            connect_timeout: Duration::from_secs(2),
+            ..sandfleet_common::grpc::ChannelOptions::CLIENT
+        };
+        Ok(sandfleet_common::grpc::channel(addr, opts, dialer.as_ref())?)
+    }
+
+    /// The daemon flags of process `kind/name` listening on `listen`: its
+    /// certificate (issued now, with the listen IP as a SAN) or `--insecure`.
+    fn tls_args(&self, kind: IdentityKind, name: &str, listen: &str) -> Result<Vec<String>> {
+        let Some(pki) = &self.pki else {
+            return Ok(vec!["--insecure".into()]);
+        };
+        let ip = listen.rsplit_once(':').map(|(ip, _)| ip.to_string()).unwrap_or_else(|| listen.to_string());
+        Ok(pki.issue(kind, name, &[ip, "localhost".into()])?.daemon_args())
     }
 
     /// The process `t` names.
@@ -575,13 +666,13 @@ impl Cluster {
         use sandfleet_proto::v1::cluster_service_client::ClusterServiceClient;
         use sandfleet_proto::v1::{AddMemberRequest, ClusterStatusRequest};
 
-        let first = format!("http://{}", self.coordinators[0].addr);
+        let first = self.channel(&self.coordinators[0].addr, IdentityKind::Coordinator)?;
         let deadline = Instant::now() + self.ready_timeout * 2;
         for c in self.coordinators.iter().skip(1) {
             let id: u64 = c.id.parse().expect("coordinator ids are numbers");
             loop {
                 let result = async {
-                    let mut api = ClusterServiceClient::connect(first.clone()).await?;
+                    let mut api = ClusterServiceClient::new(first.clone());
                     api.add_member(AddMemberRequest { id, address: c.addr.clone() }).await?;
                     Ok::<_, anyhow::Error>(())
                 }
@@ -605,7 +696,7 @@ impl Cluster {
         let n = self.coordinators.len();
         loop {
             let status = async {
-                let mut api = ClusterServiceClient::connect(first.clone()).await?;
+                let mut api = ClusterServiceClient::new(first.clone());
                 Ok::<_, anyhow::Error>(api.status(ClusterStatusRequest {}).await?.into_inner())
             }
             .await;
@@ -646,13 +737,14 @@ impl Cluster {
             "--id".into(),
             id.clone(),
             "--listen".into(),
-            listen,
+            listen.clone(),
             "--data-dir".into(),
             data_dir.display().to_string(),
         ];
         if bootstrap {
             args.push("--bootstrap".into());
         }
+        args.extend(self.tls_args(IdentityKind::Coordinator, &format!("c{id}"), &listen)?);
         args.extend(self.coordinator_args.iter().cloned());
         let mut p =
             Proc::new(Role::Coordinator, id, self.coordinator_bin.clone(), args, data_dir, &dir, self.env.clone());
@@ -815,13 +907,15 @@ impl Cluster {
         use sandfleet_proto::v1::cluster_service_client::ClusterServiceClient;
         use sandfleet_proto::v1::ClusterStatusRequest;
         let mut last = anyhow!("no coordinator is running");
-        for c in self.coordinators.iter_mut() {
-            if !c.is_running() {
-                continue;
-            }
-            let addr = format!("http://{}", c.addr);
+        let running: Vec<(String, String)> = self
+            .coordinators
+            .iter_mut()
+            .filter_map(|c| c.is_running().then(|| (c.addr.clone(), c.name.clone())))
+            .collect();
+        for (addr, name) in running {
+            let channel = self.channel(&addr, IdentityKind::Coordinator)?;
             let result = async {
-                let mut api = ClusterServiceClient::connect(addr).await?;
+                let mut api = ClusterServiceClient::new(channel);
                 let mut req = tonic::Request::new(ClusterStatusRequest {});
                 req.set_timeout(Duration::from_secs(5));
                 Ok::<_, anyhow::Error>(api.status(req).await?.into_inner())
@@ -829,7 +923,7 @@ impl Cluster {
             .await;
             match result {
                 Ok(s) => return Ok(s),
-                Err(e) => last = e.context(format!("status from {}", c.name)),
+                Err(e) => last = e.context(format!("status from {name}")),
             }
         }
         Err(last)
@@ -841,10 +935,9 @@ impl Cluster {
         use sandfleet_proto::v1::cluster_service_client::ClusterServiceClient;
         use sandfleet_proto::v1::ClusterStatusRequest;
         let c = self.coordinators.get(i).ok_or_else(|| anyhow!("no coordinator {i}"))?;
-        let endpoint = tonic::transport::Endpoint::from_shared(format!("http://{}", c.addr))?
-            .connect_timeout(Duration::from_secs(2));
+        let channel = self.channel(&c.addr, IdentityKind::Coordinator)?;
         let result = async {
-            let mut api = ClusterServiceClient::new(endpoint.connect().await?);
+            let mut api = ClusterServiceClient::new(channel);
             let mut req = tonic::Request::new(ClusterStatusRequest {});
             req.set_timeout(Duration::from_secs(5));
             Ok::<_, anyhow::Error>(api.status(req).await?.into_inner())

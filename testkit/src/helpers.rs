@@ -191,23 +191,14 @@ pub fn percentile(samples: &[Duration], p: f64) -> Duration {
 /// The SDK heals some failures on its own (it fetches a fresh token and
 /// retries once on `UNAUTHENTICATED`), which is right for users but hides
 /// what the agent answered. Tests that assert the agent's own answer — a
-/// forged token, a path it must refuse — use these.
+/// forged token, a path it must refuse — use these. Each takes a channel to
+/// the agent, from [`crate::Cluster::channel`] (TLS when the cluster runs it).
 pub mod raw {
     use sandfleet::proto;
     use sandfleet::proto::exec_service_client::ExecServiceClient;
     use sandfleet::proto::file_service_client::FileServiceClient;
     use tonic::transport::Channel;
     use tonic::{Request, Status};
-
-    async fn channel(node_address: &str) -> Result<Channel, Status> {
-        let uri =
-            if node_address.contains("://") { node_address.to_string() } else { format!("http://{node_address}") };
-        tonic::transport::Endpoint::from_shared(uri)
-            .map_err(|e| Status::invalid_argument(format!("bad node address {node_address:?}: {e}")))?
-            .connect()
-            .await
-            .map_err(|e| Status::unavailable(format!("cannot connect to {node_address}: {e}")))
-    }
 
     /// `msg` with `authorization: Bearer <token>`, or no such header when `token` is `None`.
     fn authed<T>(msg: T, token: Option<&str>) -> Result<Request<T>, Status> {
@@ -224,12 +215,12 @@ pub mod raw {
 
     /// Runs `argv`; returns every response, or the first error (at the call or in the stream).
     pub async fn exec(
-        node_address: &str,
+        node: &Channel,
         session_id: &str,
         token: Option<&str>,
         argv: &[&str],
     ) -> Result<Vec<proto::ExecResponse>, Status> {
-        let mut api = ExecServiceClient::new(channel(node_address).await?);
+        let mut api = ExecServiceClient::new(node.clone());
         let msg = proto::ExecRequest {
             session_id: session_id.to_string(),
             command: Some(proto::exec_request::Command::Argv(proto::ArgvCommand {
@@ -248,12 +239,12 @@ pub mod raw {
 
     /// Reads a whole file.
     pub async fn read_file(
-        node_address: &str,
+        node: &Channel,
         session_id: &str,
         token: Option<&str>,
         path: &str,
     ) -> Result<Vec<u8>, Status> {
-        let mut api = FileServiceClient::new(channel(node_address).await?);
+        let mut api = FileServiceClient::new(node.clone());
         let msg = proto::ReadFileRequest { session_id: session_id.to_string(), path: path.to_string() };
         let mut stream = api.read_file(authed(msg, token)?).await?.into_inner();
         let mut out = Vec::new();
@@ -265,13 +256,13 @@ pub mod raw {
 
     /// Writes a file in one chunk (or as given: `chunks` are sent in order).
     pub async fn write_file(
-        node_address: &str,
+        node: &Channel,
         session_id: &str,
         token: Option<&str>,
         path: &str,
         chunks: Vec<Vec<u8>>,
     ) -> Result<proto::WriteFileResponse, Status> {
-        let mut api = FileServiceClient::new(channel(node_address).await?);
+        let mut api = FileServiceClient::new(node.clone());
         let mut msgs = Vec::new();
         for (i, data) in chunks.into_iter().enumerate() {
             msgs.push(if i == 0 {
@@ -292,12 +283,12 @@ pub mod raw {
 
     /// Lists a directory.
     pub async fn list_files(
-        node_address: &str,
+        node: &Channel,
         session_id: &str,
         token: Option<&str>,
         path: &str,
     ) -> Result<Vec<proto::FileEntry>, Status> {
-        let mut api = FileServiceClient::new(channel(node_address).await?);
+        let mut api = FileServiceClient::new(node.clone());
         let msg = proto::ListFilesRequest { session_id: session_id.to_string(), path: path.to_string() };
         Ok(api.list_files(authed(msg, token)?).await?.into_inner().entries)
     }

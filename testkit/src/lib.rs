@@ -24,6 +24,8 @@
 //! - [`s3`]: [`s3::S3Server`], a real S3-compatible server (s3s-fs) in its own
 //!   process, for workspace-store tests, the chaos runner and the benchmarks;
 //!   [`s3fs`] is its storage (s3s-fs that lists by prefix and prunes empty directories).
+//! - [`tls`]: [`TestPki`], a CA per cluster and a certificate per process: every
+//!   cluster runs mutual TLS unless built with `.tls(false)` (plaintext on loopback).
 //! - [`helpers`]: small async helpers for tests and tools (create a session and
 //!   wait for it, run a command, assert a gRPC code, retry until true).
 //!
@@ -57,10 +59,12 @@ pub mod netns;
 pub mod process;
 pub mod s3;
 pub mod s3fs;
+pub mod tls;
 
 pub use bins::bin_path;
 pub use cluster::{Cluster, ClusterBuilder, Target};
 pub use facilities::{missing_facilities, require_docker, require_sandbox_facilities};
 pub use netns::{NetworkChoice, NetworkMode, PartitionsUnavailable};
 pub use process::{Proc, Role};
+pub use tls::{TestPki, TlsPaths};
 pub use sandfleet_common::ready::{ReadyLine, DEV_READY_PREFIX};

@@ -226,7 +226,11 @@ struct FleetSummary {
 impl<'a> Bench<'a> {
     /// Starts the three-coordinator placement cluster and connects the fleet (no agent runs yet).
     async fn start(settings: &'a Settings, child_log: String) -> Result<Bench<'a>> {
+        // Plaintext on loopback: the simulated agents share one connection per
+        // coordinator, and an agent certificate binds one node id per
+        // connection; `bench tls` measures what mutual TLS costs.
         let mut cluster = ClusterBuilder::new()
+            .tls(false)
             .coordinators(3)
             .agents(0)
             .coordinator_args(settings.coordinator_args.iter().cloned())
@@ -240,7 +244,7 @@ impl<'a> Bench<'a> {
         let leader = cluster.coordinators[leader_idx].addr.clone();
         let mut endpoints = vec![leader.clone()];
         endpoints.extend(cluster.coordinator_addrs().into_iter().filter(|a| *a != leader));
-        let client = Client::builder(endpoints).request_timeout(Duration::from_secs(30)).connect().await?;
+        let client = cluster.client_for(endpoints).request_timeout(Duration::from_secs(30)).connect().await?;
 
         let cpu = CpuProbe::new(&cluster, client.clone());
         let pool = Pool::connect(&cluster.coordinator_addrs(), settings).await?;

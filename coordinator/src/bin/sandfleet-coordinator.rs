@@ -18,6 +18,8 @@ struct Args {
     /// Raft member id, unique and non-zero.
     #[arg(long)]
     id: u64,
+    #[command(flatten)]
+    tls: sandfleet_common::tls::DaemonTlsArgs,
     /// Address to listen on for gRPC (port 0 picks a free port).
     #[arg(long, default_value = "127.0.0.1:7070")]
     listen: SocketAddr,
@@ -88,8 +90,10 @@ async fn main() -> anyhow::Result<()> {
     // cleanly; a second one exits at once.
     let stop = shutdown.clone();
     sandfleet_common::signal::on_shutdown_signal(move || stop.cancel());
+    let tls = args.tls.files().map_err(anyhow::Error::msg)?;
     let config = CoordinatorConfig {
         id: args.id,
+        tls,
         listen: args.listen,
         advertise: args.advertise,
         data_dir: args.data_dir,

@@ -17,6 +17,7 @@ use sandfleet_proto::v1::raft_service_client::RaftServiceClient;
 use sandfleet_proto::v1::{RaftPayload, SnapshotChunk};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
+use sandfleet_common::tls::TlsDialer;
 use tonic::transport::Channel;
 
 use super::typ::{self, RPCError, RaftError};
@@ -34,20 +35,24 @@ pub struct SnapshotHeader {
     pub size: u64,
 }
 
-/// Dials a coordinator's gRPC address lazily.
-pub fn channel(addr: &str) -> Result<Channel, tonic::transport::Error> {
-    sandfleet_common::grpc::lazy_channel(addr, sandfleet_common::grpc::ChannelOptions::RAFT)
+/// Dials a coordinator's gRPC address lazily, over mutual TLS when `tls` is
+/// given (the peer must then hold a `coordinator` certificate).
+pub fn channel(addr: &str, tls: Option<&TlsDialer>) -> Result<Channel, tonic::transport::Error> {
+    sandfleet_common::grpc::channel(addr, sandfleet_common::grpc::ChannelOptions::RAFT, tls)
 }
 
 /// Creates one [`PeerClient`] per target.
 #[derive(Clone, Default)]
-pub struct NetworkFactory;
+pub struct NetworkFactory {
+    /// `None` on an `--insecure` loopback cluster.
+    pub tls: Option<TlsDialer>,
+}
 
 impl RaftNetworkFactory<TypeConfig> for NetworkFactory {
     type Network = PeerClient;
 
     async fn new_client(&mut self, target: NodeId, node: &Member) -> Self::Network {
-        PeerClient { target, addr: node.addr.clone(), client: channel(&node.addr).ok().map(RaftServiceClient::new) }
+        PeerClient { target, addr: node.addr.clone(), client: channel(&node.addr, self.tls.as_ref()).ok().map(RaftServiceClient::new) }
     }
 }
 

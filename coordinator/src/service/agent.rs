@@ -11,6 +11,7 @@ use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status};
 
 use crate::core::{Core, Tunables};
+use crate::service::require_agent;
 use crate::state::{ClusterState, Command, NodePhase, NodeRecord, Report, Resources, SessionPhase};
 
 /// Deadline of a heartbeat forwarded to the leader.
@@ -78,6 +79,7 @@ impl AgentService for AgentApi {
         &self,
         req: Request<pb::RegisterNodeRequest>,
     ) -> Result<Response<pb::RegisterNodeResponse>, Status> {
+        require_agent(&self.core, &req, &req.get_ref().node_id)?;
         let req = req.into_inner();
         ids::validate_node_id(&req.node_id)?;
         ids::validate_labels("labels", &req.labels)?;
@@ -135,6 +137,7 @@ impl AgentService for AgentApi {
 
     #[tracing::instrument(level = "debug", skip_all, fields(node = %req.get_ref().node_id))]
     async fn heartbeat(&self, req: Request<pb::HeartbeatRequest>) -> Result<Response<pb::HeartbeatResponse>, Status> {
+        require_agent(&self.core, &req, &req.get_ref().node_id)?;
         let req = req.into_inner();
         ids::validate_node_id(&req.node_id)?;
         // Liveness lives in the leader's memory, so heartbeats go there.
@@ -210,6 +213,7 @@ impl AgentService for AgentApi {
         &self,
         req: Request<pb::WatchAssignmentsRequest>,
     ) -> Result<Response<Self::WatchAssignmentsStream>, Status> {
+        require_agent(&self.core, &req, &req.get_ref().node_id)?;
         let node_id = req.into_inner().node_id;
         ids::validate_node_id(&node_id)?;
         let core = self.core.clone();

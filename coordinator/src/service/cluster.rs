@@ -54,7 +54,7 @@ impl ClusterApi {
             let status = if *id == self.core.id {
                 member_status(&self.core)
             } else {
-                match remote_status(&node.addr).await {
+                match remote_status(&self.core, &node.addr).await {
                     Ok(s) => s,
                     Err(_) => pb::ClusterMember {
                         id: *id,
@@ -106,8 +106,8 @@ fn forward_error(s: Status) -> Status {
     }
 }
 
-async fn remote_status(addr: &str) -> Result<pb::ClusterMember, Status> {
-    let ch = network::channel(addr).map_err(|e| Status::invalid_argument(format!("invalid address {addr:?}: {e}")))?;
+async fn remote_status(core: &Core, addr: &str) -> Result<pb::ClusterMember, Status> {
+    let ch = network::channel(addr, core.peer_tls.as_ref()).map_err(|e| Status::invalid_argument(format!("invalid address {addr:?}: {e}")))?;
     let mut req = Request::new(pb::ClusterStatusRequest {});
     req.set_timeout(PEER_TIMEOUT);
     Ok(RaftServiceClient::new(ch).member_status(req).await?.into_inner())
@@ -189,7 +189,7 @@ impl ClusterService for ClusterApi {
             return Err(Status::already_exists(format!("address {} already belongs to a member", req.address)));
         }
         // The new member must answer, and be who it says it is, before anything changes.
-        let status = remote_status(&req.address).await.map_err(|s| {
+        let status = remote_status(&self.core, &req.address).await.map_err(|s| {
             Status::failed_precondition(format!("member {} at {} is unreachable: {}", req.id, req.address, s.message()))
         })?;
         if status.id != req.id {

@@ -15,8 +15,10 @@ pub mod node;
 pub mod raft;
 pub mod session;
 
-use tonic::Status;
+use sandfleet_common::auth::{Identity, IdentityKind};
+use tonic::{Request, Status};
 
+use crate::core::Core;
 use crate::error::CoreError;
 use crate::state::CommandResponse;
 
@@ -34,6 +36,36 @@ impl From<CoreError> for Status {
             CoreError::Membership(_) => Status::failed_precondition(message),
             CoreError::Internal(_) => Status::internal(message),
         }
+    }
+}
+
+/// The certificate identity of a caller of a member-only (RaftService) or
+/// agent-only (AgentService) call, which must be one of `kinds`. On an
+/// `--insecure` loopback cluster there are no certificates: `Ok(None)`.
+/// No certificate is UNAUTHENTICATED; a certificate of another kind (a client
+/// certificate used as an agent) is PERMISSION_DENIED.
+pub fn require_peer<T>(core: &Core, req: &Request<T>, kinds: &[IdentityKind]) -> Result<Option<Identity>, Status> {
+    if !core.secure() {
+        return Ok(None);
+    }
+    let wanted = || kinds.iter().map(|k| k.as_str()).collect::<Vec<_>>().join(" or ");
+    match sandfleet_common::tls::peer_identity(req) {
+        None => Err(Status::unauthenticated(format!("this call needs a {} certificate from the cluster CA", wanted()))),
+        Some(id) if kinds.contains(&id.kind) => Ok(Some(id.clone())),
+        Some(id) => Err(Status::permission_denied(format!("{id} may not make this call; only {} identities may", wanted()))),
+    }
+}
+
+/// Binds an agent call to the node id in the caller's certificate: an agent
+/// whose certificate says `node-a` acts only as `node-a`. A coordinator
+/// identity is a member forwarding a heartbeat it has already checked.
+pub fn require_agent<T>(core: &Core, req: &Request<T>, node_id: &str) -> Result<(), Status> {
+    match require_peer(core, req, &[IdentityKind::Agent, IdentityKind::Coordinator])? {
+        Some(id) if id.kind == IdentityKind::Agent && id.name != node_id => Err(Status::permission_denied(format!(
+            "the certificate of {id} may act only as node {:?}, not {node_id:?}",
+            id.name
+        ))),
+        _ => Ok(()),
     }
 }
 

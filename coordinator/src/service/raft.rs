@@ -6,10 +6,12 @@ use std::sync::Arc;
 use std::io::Cursor;
 
 use sandfleet_proto::v1::{self as pb, raft_service_server::RaftService, RaftPayload, SnapshotChunk};
+use sandfleet_common::auth::IdentityKind;
 use serde::Serialize;
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::core::Core;
+use crate::service::require_peer;
 use crate::raft::network::SnapshotHeader;
 use crate::state::Command;
 
@@ -62,17 +64,20 @@ pub fn member_status(core: &Core) -> pb::ClusterMember {
 #[tonic::async_trait]
 impl RaftService for RaftApi {
     async fn append_entries(&self, req: Request<RaftPayload>) -> Result<Response<RaftPayload>, Status> {
+        require_peer(&self.core, &req, &[IdentityKind::Coordinator])?;
         let rpc = decode(req.get_ref())?;
         encode(&self.core.raft.append_entries(rpc).await)
     }
 
     async fn vote(&self, req: Request<RaftPayload>) -> Result<Response<RaftPayload>, Status> {
+        require_peer(&self.core, &req, &[IdentityKind::Coordinator])?;
         let rpc = decode(req.get_ref())?;
         encode(&self.core.raft.vote(rpc).await)
     }
 
     #[tracing::instrument(skip_all)]
     async fn install_snapshot(&self, req: Request<Streaming<SnapshotChunk>>) -> Result<Response<RaftPayload>, Status> {
+        require_peer(&self.core, &req, &[IdentityKind::Coordinator])?;
         let mut stream = req.into_inner();
         let first = stream.message().await?.ok_or_else(|| Status::invalid_argument("empty snapshot stream"))?;
         let header: SnapshotHeader = serde_json::from_slice(&first.header)
@@ -113,18 +118,21 @@ impl RaftService for RaftApi {
 
     #[tracing::instrument(level = "debug", skip_all)]
     async fn propose(&self, req: Request<RaftPayload>) -> Result<Response<RaftPayload>, Status> {
+        require_peer(&self.core, &req, &[IdentityKind::Coordinator])?;
         let cmd: Command = decode(req.get_ref())?;
         encode(&self.core.handle_forwarded_propose(cmd).await)
     }
 
-    async fn read_index(&self, _req: Request<RaftPayload>) -> Result<Response<RaftPayload>, Status> {
+    async fn read_index(&self, req: Request<RaftPayload>) -> Result<Response<RaftPayload>, Status> {
+        require_peer(&self.core, &req, &[IdentityKind::Coordinator])?;
         encode(&self.core.handle_read_index().await)
     }
 
     async fn member_status(
         &self,
-        _req: Request<pb::ClusterStatusRequest>,
+        req: Request<pb::ClusterStatusRequest>,
     ) -> Result<Response<pb::ClusterMember>, Status> {
+        require_peer(&self.core, &req, &[IdentityKind::Coordinator])?;
         Ok(Response::new(member_status(&self.core)))
     }
 }

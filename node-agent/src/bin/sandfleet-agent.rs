@@ -18,9 +18,12 @@ use tokio_util::sync::CancellationToken;
 #[derive(Debug, Parser)]
 #[command(version, about)]
 struct Args {
-    /// Stable node name (lowercase letters, digits and '-').
+    /// Stable node name (lowercase letters, digits and '-'). With TLS, the
+    /// certificate must be `agent/<node-id>`.
     #[arg(long)]
     node_id: String,
+    #[command(flatten)]
+    tls: sandfleet_common::tls::DaemonTlsArgs,
     /// Data-plane listen address (port 0 picks a free port).
     #[arg(long, default_value = "127.0.0.1:7071")]
     listen: SocketAddr,
@@ -188,7 +191,9 @@ async fn main() -> anyhow::Result<()> {
     // A second signal exits at once, should the graceful shutdown hang.
     let stop = shutdown.clone();
     sandfleet_common::signal::on_shutdown_signal(move || stop.cancel());
+    let tls = args.tls.files().map_err(anyhow::Error::msg)?;
     let config = AgentConfig {
+        tls,
         node_id: args.node_id.clone(),
         listen: args.listen,
         advertise: args.advertise,
