@@ -7,6 +7,10 @@
 //!
 //! Data-plane calls (exec, files; see [`crate::exec`] and [`crate::files`]) go
 //! straight to the node agent in `Session.node_address` with the session token.
+//!
+//! With an API key ([`ClientBuilder::api_key`]) every control-plane call
+//! carries `authorization: Bearer sfk_...`; data-plane calls never do (their
+//! `authorization` is the session token).
 
 use parking_lot::Mutex;
 use std::borrow::Cow;
@@ -57,7 +61,37 @@ pub struct ClientBuilder {
     request_timeout: Duration,
     max_retries: u32,
     backoff: Backoff,
+    api_key: Option<String>,
 }
+
+impl std::fmt::Debug for ApiKeyAuth {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(if self.0.is_some() { "ApiKeyAuth(<key>)" } else { "ApiKeyAuth(None)" })
+    }
+}
+
+/// Adds the API key to every control-plane request.
+#[derive(Clone)]
+pub(crate) struct ApiKeyAuth(Option<MetadataValue<Ascii>>);
+
+impl tonic::service::Interceptor for ApiKeyAuth {
+    fn call(&mut self, mut req: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
+        if let Some(v) = &self.0 {
+            req.metadata_mut().insert("authorization", v.clone());
+        }
+        Ok(req)
+    }
+}
+
+/// A channel to a coordinator plus the credential its calls carry.
+#[derive(Clone)]
+pub(crate) struct ControlChannel {
+    channel: Channel,
+    auth: ApiKeyAuth,
+}
+
+/// The transport of control-plane clients.
+pub(crate) type Ctl = tonic::service::interceptor::InterceptedService<Channel, ApiKeyAuth>;
 
 impl ClientBuilder {
     /// Coordinator endpoints, as `host:port` or `http://host:port`.
@@ -68,7 +102,17 @@ impl ClientBuilder {
             request_timeout: DEFAULT_REQUEST_TIMEOUT,
             max_retries: DEFAULT_MAX_RETRIES,
             backoff: Backoff::default(),
+            api_key: None,
         }
+    }
+
+    /// An API key (`sfk_<id>_<secret>`) sent as `authorization: Bearer <key>`
+    /// with every control-plane call (sessions, nodes, cluster, tenants, keys);
+    /// never with data-plane calls, which carry the session token. `None` or
+    /// an empty key sends none.
+    pub fn api_key(mut self, key: Option<impl Into<String>>) -> Self {
+        self.api_key = key.map(Into::into).filter(|k| !k.trim().is_empty());
+        self
     }
 
     /// TCP connect timeout for coordinators and agents (default 3 s).
@@ -109,7 +153,22 @@ impl ClientBuilder {
                 channels.insert(uri.clone(), make_channel(uri, self.connect_timeout)?);
             }
         }
-        debug!(endpoints = ?coordinators, "sandfleet client ready");
+        let auth = match &self.api_key {
+            None => None,
+            Some(k) => {
+                let k = k.trim();
+                if sandfleet_common::auth::ApiKey::parse(k).is_none() {
+                    return Err(Error::InvalidArgument(
+                        "invalid API key: expected sfk_<16 hex>_<43 base64url characters>".into(),
+                    ));
+                }
+                Some(
+                    MetadataValue::try_from(format!("Bearer {k}"))
+                        .map_err(|_| Error::InvalidArgument("invalid API key: not ASCII".into()))?,
+                )
+            }
+        };
+        debug!(endpoints = ?coordinators, api_key = auth.is_some(), "sandfleet client ready");
         Ok(Client {
             inner: Arc::new(Inner {
                 coordinators,
@@ -119,6 +178,7 @@ impl ClientBuilder {
                 request_timeout: self.request_timeout,
                 max_retries: self.max_retries,
                 backoff: self.backoff,
+                auth: ApiKeyAuth(auth),
             }),
         })
     }
@@ -141,6 +201,7 @@ struct Inner {
     request_timeout: Duration,
     max_retries: u32,
     backoff: Backoff,
+    auth: ApiKeyAuth,
 }
 
 impl std::fmt::Debug for Client {
@@ -183,31 +244,43 @@ impl DataTarget {
     }
 }
 
-fn session_client(ch: Channel) -> SessionServiceClient<Channel> {
-    SessionServiceClient::new(ch)
+pub(crate) fn session_client(ch: ControlChannel) -> SessionServiceClient<Ctl> {
+    SessionServiceClient::with_interceptor(ch.channel, ch.auth)
         .max_decoding_message_size(MAX_GRPC_MESSAGE_BYTES)
         .max_encoding_message_size(MAX_GRPC_MESSAGE_BYTES)
 }
 
-fn cluster_client(ch: Channel) -> ClusterServiceClient<Channel> {
-    ClusterServiceClient::new(ch)
+pub(crate) fn cluster_client(ch: ControlChannel) -> ClusterServiceClient<Ctl> {
+    ClusterServiceClient::with_interceptor(ch.channel, ch.auth)
         .max_decoding_message_size(MAX_GRPC_MESSAGE_BYTES)
         .max_encoding_message_size(MAX_GRPC_MESSAGE_BYTES)
 }
 
-fn node_client(ch: Channel) -> NodeServiceClient<Channel> {
-    NodeServiceClient::new(ch)
+pub(crate) fn node_client(ch: ControlChannel) -> NodeServiceClient<Ctl> {
+    NodeServiceClient::with_interceptor(ch.channel, ch.auth)
         .max_decoding_message_size(MAX_GRPC_MESSAGE_BYTES)
         .max_encoding_message_size(MAX_GRPC_MESSAGE_BYTES)
 }
 
-fn with_timeout<T>(msg: T, timeout: Duration) -> tonic::Request<T> {
+pub(crate) fn tenant_client(ch: ControlChannel) -> crate::proto::tenant_service_client::TenantServiceClient<Ctl> {
+    crate::proto::tenant_service_client::TenantServiceClient::with_interceptor(ch.channel, ch.auth)
+        .max_decoding_message_size(MAX_GRPC_MESSAGE_BYTES)
+        .max_encoding_message_size(MAX_GRPC_MESSAGE_BYTES)
+}
+
+pub(crate) fn api_key_client(ch: ControlChannel) -> crate::proto::api_key_service_client::ApiKeyServiceClient<Ctl> {
+    crate::proto::api_key_service_client::ApiKeyServiceClient::with_interceptor(ch.channel, ch.auth)
+        .max_decoding_message_size(MAX_GRPC_MESSAGE_BYTES)
+        .max_encoding_message_size(MAX_GRPC_MESSAGE_BYTES)
+}
+
+pub(crate) fn with_timeout<T>(msg: T, timeout: Duration) -> tonic::Request<T> {
     let mut req = tonic::Request::new(msg);
     req.set_timeout(timeout);
     req
 }
 
-fn missing(what: &str) -> Error {
+pub(crate) fn missing(what: &str) -> Error {
     Error::Protocol(format!("the server's answer has no {what}"))
 }
 
@@ -249,7 +322,7 @@ impl Client {
     /// `call` gets a channel to one coordinator and the deadline to put on the
     /// request; it is called again (with the next coordinator) when `policy`
     /// allows retrying its failure.
-    async fn control<T, F, Fut>(
+    pub(crate) async fn control<T, F, Fut>(
         &self,
         op: &'static str,
         policy: RetryPolicy,
@@ -257,7 +330,7 @@ impl Client {
         mut call: F,
     ) -> Result<T, Error>
     where
-        F: FnMut(Channel, Duration) -> Fut,
+        F: FnMut(ControlChannel, Duration) -> Fut,
         Fut: Future<Output = Result<T, tonic::Status>>,
     {
         let inner = &self.inner;
@@ -267,7 +340,7 @@ impl Client {
         loop {
             let idx = (start + attempt as usize) % n;
             let uri = &inner.coordinators[idx];
-            let channel = self.channel(uri)?;
+            let channel = ControlChannel { channel: self.channel(uri)?, auth: inner.auth.clone() };
             let result = match tokio::time::timeout(timeout + LOCAL_DEADLINE_SLACK, call(channel, timeout)).await {
                 Ok(r) => r,
                 Err(_) => Err(tonic::Status::deadline_exceeded(format!(
@@ -613,7 +686,7 @@ impl Client {
         &self,
         members: impl IntoIterator<Item = (u64, String)>,
     ) -> Result<proto::ClusterStatusResponse, Error> {
-        let msg = proto::InitClusterRequest { members: members.into_iter().collect() };
+        let msg = proto::InitClusterRequest { members: members.into_iter().collect(), create_admin_key: false };
         let timeout = self.inner.request_timeout.max(MEMBERSHIP_TIMEOUT);
         self.control("init_cluster", RetryPolicy::ConnectOnly, timeout, |ch, t| {
             let msg = msg.clone();

@@ -106,6 +106,13 @@ impl fmt::Display for Identity {
     }
 }
 
+/// The verified client-certificate identity of a connection, which the TLS
+/// transport puts into every request's extensions. `None` when the peer sent
+/// no certificate or the connection is plaintext; a request without the
+/// extension counts as `PeerIdentity(None)`.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct PeerIdentity(pub Option<Identity>);
+
 /// What a caller may do.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, PartialOrd, Ord)]
 #[cfg_attr(feature = "clap", derive(clap::ValueEnum))]
@@ -123,6 +130,11 @@ impl Role {
             Role::User => "user",
             Role::Admin => "admin",
         }
+    }
+
+    /// Parses `user` or `admin`.
+    pub fn parse(s: &str) -> Option<Self> {
+        [Role::User, Role::Admin].into_iter().find(|r| r.as_str() == s)
     }
 }
 

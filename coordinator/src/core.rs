@@ -310,6 +310,7 @@ impl Core {
                         node: s.node_id.clone().unwrap_or_default(),
                         generation: s.generation,
                         exp_ms: s.expires_at_ms.min(crate::now_ms() + TOKEN_TTL_MS),
+                        tenant: s.tenant.clone(),
                     })
                 })
                 .unwrap_or_default()
@@ -332,6 +333,7 @@ impl Core {
             updated_at_ms: s.updated_at_ms,
             restarts: s.restarts,
             not_before_ms: s.not_before_ms,
+            tenant: s.tenant.clone(),
         }
     }
 }

@@ -78,6 +78,13 @@ pub struct CoordinatorConfig {
     pub placement_candidates: usize,
     /// Most placements per Raft entry.
     pub placement_batch: usize,
+    /// A public call without any credential acts as the admin of the default
+    /// tenant (plaintext loopback clusters and `sandfleet dev` only).
+    pub allow_anonymous: bool,
+    /// With `bootstrap`: once the new cluster has a leader, create an admin API
+    /// key of the default tenant and write it to this file (mode 0600, created
+    /// exclusively; an existing file is left alone and no key is created).
+    pub admin_key_file: Option<PathBuf>,
 }
 
 impl Default for CoordinatorConfig {
@@ -99,6 +106,8 @@ impl Default for CoordinatorConfig {
             placement_strategy: scheduler::Strategy::Spread,
             placement_candidates: 16,
             placement_batch: 1024,
+            allow_anonymous: true,
+            admin_key_file: None,
         }
     }
 }
@@ -268,7 +277,8 @@ pub async fn serve(config: CoordinatorConfig, shutdown: CancellationToken) -> Re
         },
     ));
 
-    let session = service::session::SessionApi::new(core.clone(), shutdown.clone());
+    let auth = service::auth::Authenticator::new(core.clone(), config.allow_anonymous);
+    let session = service::session::SessionApi::new(core.clone(), shutdown.clone(), auth.clone());
     let agent = service::agent::AgentApi::new(core.clone(), shutdown.clone());
     let server = tonic::transport::Server::builder()
         .tcp_nodelay(true)
@@ -278,9 +288,21 @@ pub async fn serve(config: CoordinatorConfig, shutdown: CancellationToken) -> Re
                 .max_decoding_message_size(MAX_GRPC_MESSAGE_BYTES),
         )
         .add_service(pb::agent_service_server::AgentServiceServer::new(agent))
-        .add_service(pb::node_service_server::NodeServiceServer::new(service::node::NodeApi::new(core.clone())))
+        .add_service(pb::node_service_server::NodeServiceServer::new(service::node::NodeApi::new(
+            core.clone(),
+            auth.clone(),
+        )))
         .add_service(pb::cluster_service_server::ClusterServiceServer::new(service::cluster::ClusterApi::new(
             core.clone(),
+            auth.clone(),
+        )))
+        .add_service(pb::tenant_service_server::TenantServiceServer::new(service::tenant::TenantApi::new(
+            core.clone(),
+            auth.clone(),
+        )))
+        .add_service(pb::api_key_service_server::ApiKeyServiceServer::new(service::tenant::ApiKeyApi::new(
+            core.clone(),
+            auth.clone(),
         )))
         .add_service(
             pb::raft_service_server::RaftServiceServer::new(service::raft::RaftApi::new(core.clone()))
@@ -338,6 +360,54 @@ pub async fn serve(config: CoordinatorConfig, shutdown: CancellationToken) -> Re
             }
         }
     }
+    if let (true, Some(path)) = (config.bootstrap, &config.admin_key_file) {
+        write_admin_key(&core, path).await?;
+    }
     tracing::info!(id = config.id, %addr, "coordinator serving");
     Ok(Coordinator { addr, core, server, leader_loop, shutdown })
+}
+
+/// `--admin-key-file`: creates the file exclusively with mode 0600, then an
+/// admin key of the default tenant, and writes the key into it. An existing
+/// file is left alone and no key is created.
+async fn write_admin_key(core: &core::Core, path: &std::path::Path) -> Result<(), CoordinatorError> {
+    use std::io::Write as _;
+    use std::os::unix::fs::OpenOptionsExt as _;
+    let mut file = match std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(path) {
+        Ok(f) => f,
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+            tracing::info!(
+                path = %path.display(),
+                "the admin key file exists already; not creating another admin key"
+            );
+            return Ok(());
+        }
+        Err(e) => {
+            return Err(CoordinatorError::Config(format!("cannot create the admin key file {}: {e}", path.display())))
+        }
+    };
+    let created = service::tenant::create_key(
+        core,
+        sandfleet_common::auth::DEFAULT_TENANT,
+        sandfleet_common::auth::Role::Admin,
+        0,
+    )
+    .await;
+    let written = created.map_err(|s| s.message().to_string()).and_then(|(record, text)| {
+        file.write_all(format!("{text}\n").as_bytes())
+            .and_then(|()| file.sync_all())
+            .map(|()| record)
+            .map_err(|e| e.to_string())
+    });
+    match written {
+        Ok(record) => {
+            tracing::info!(key_id = %record.id, path = %path.display(), "wrote the first admin API key");
+            Ok(())
+        }
+        Err(e) => {
+            drop(file);
+            let _ = std::fs::remove_file(path);
+            Err(CoordinatorError::Config(format!("cannot create the admin key for {}: {e}", path.display())))
+        }
+    }
 }

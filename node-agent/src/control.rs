@@ -50,6 +50,9 @@ pub struct LocalSession {
     pub idle_timeout_ms: u64,
     /// Last exec or file call, or when it was assigned or renewed (Unix ms).
     pub last_active_ms: i64,
+    /// The session's tenant, from its assignment; empty while unknown (a
+    /// session rediscovered after a restart, until its assignment arrives).
+    pub tenant: String,
 }
 
 impl LocalSession {
@@ -61,6 +64,12 @@ impl LocalSession {
             fence_after_ms: a.fence_after_ms,
             idle_timeout_ms: a.spec.as_ref().map_or(0, |s| s.idle_timeout_seconds.saturating_mul(1000)),
             last_active_ms: now_ms,
+            // An assignment from a coordinator older than tenants is the default tenant's.
+            tenant: if a.tenant.is_empty() {
+                sandfleet_common::auth::DEFAULT_TENANT.to_string()
+            } else {
+                a.tenant.clone()
+            },
         }
     }
 }
@@ -328,6 +337,7 @@ impl AgentState {
                     fence_after_ms: 0,
                     idle_timeout_ms: 0,
                     last_active_ms: sandfleet_common::time::now_ms(),
+                    tenant: String::new(),
                 },
             );
             if let Some(syncer) = &self.syncer {

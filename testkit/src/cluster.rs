@@ -95,6 +95,7 @@ pub struct ClusterBuilder {
     bin_dir: Option<PathBuf>,
     tmp_in: Option<PathBuf>,
     network: NetworkChoice,
+    anonymous: bool,
 }
 
 impl Default for ClusterBuilder {
@@ -119,7 +120,18 @@ impl ClusterBuilder {
             bin_dir: None,
             tmp_in: None,
             network: NetworkChoice::Auto,
+            anonymous: true,
         }
+    }
+
+    /// Whether a public call without credentials is served as the admin of the
+    /// default tenant (default: yes). With `false` every coordinator refuses
+    /// such calls, and the bootstrap coordinator writes a first admin API key
+    /// (`--admin-key-file`), which [`Cluster::admin_key`] returns and which
+    /// the harness's own calls and [`Cluster::client`] use.
+    pub fn anonymous(mut self, yes: bool) -> Self {
+        self.anonymous = yes;
+        self
     }
 
     /// How many coordinators (Raft ids 1..=n; the first bootstraps).
@@ -286,7 +298,13 @@ impl ClusterBuilder {
             coordinator_bin: self.binaries().0,
             coordinator_args: self.coordinator_args.clone(),
             env: self.env.clone(),
+            admin_key: None,
         };
+        if !self.anonymous {
+            // TEMPORARY: `--no-anonymous` until the TLS transport's `--insecure` replaces it.
+            cluster.coordinator_args.push("--no-anonymous".into());
+            cluster.admin_key = Some(String::new());
+        }
         match self.start_into(&mut cluster).await {
             Ok(()) => Ok(cluster),
             Err(e) => {
@@ -397,6 +415,8 @@ pub struct Cluster {
     coordinator_bin: PathBuf,
     coordinator_args: Vec<String>,
     env: Vec<(String, String)>,
+    /// The first admin API key when anonymous calls are off (empty until bootstrapped).
+    admin_key: Option<String>,
 }
 
 impl fmt::Debug for Cluster {
@@ -444,11 +464,33 @@ impl Cluster {
         }
     }
 
-    /// A connected SDK client for every coordinator.
+    /// A connected SDK client for every coordinator (with the admin key when
+    /// anonymous calls are off).
     pub async fn try_client(&self) -> Result<sandfleet::Client> {
-        sandfleet::Client::connect(self.coordinator_addrs())
+        self.try_client_with_key(self.admin_key()).await
+    }
+
+    /// A connected SDK client for every coordinator that sends `api_key` (none with `None`).
+    pub async fn try_client_with_key(&self, api_key: Option<&str>) -> Result<sandfleet::Client> {
+        sandfleet::Client::builder(self.coordinator_addrs())
+            .api_key(api_key)
+            .connect()
             .await
             .map_err(|e| anyhow!("connecting the SDK to {}: {e}", self.endpoint()))
+    }
+
+    /// The first admin API key, when the cluster was started with `anonymous(false)`.
+    pub fn admin_key(&self) -> Option<&str> {
+        self.admin_key.as_deref().filter(|k| !k.is_empty())
+    }
+
+    /// `msg` as a request carrying the admin key, if there is one.
+    fn authed<T>(&self, msg: T) -> tonic::Request<T> {
+        let mut req = tonic::Request::new(msg);
+        if let Some(Ok(v)) = self.admin_key().map(|k| format!("Bearer {k}").parse()) {
+            req.metadata_mut().insert("authorization", v);
+        }
+        req
     }
 
     /// The process `t` names.
@@ -582,7 +624,7 @@ impl Cluster {
             loop {
                 let result = async {
                     let mut api = ClusterServiceClient::connect(first.clone()).await?;
-                    api.add_member(AddMemberRequest { id, address: c.addr.clone() }).await?;
+                    api.add_member(self.authed(AddMemberRequest { id, address: c.addr.clone() })).await?;
                     Ok::<_, anyhow::Error>(())
                 }
                 .await;
@@ -606,7 +648,7 @@ impl Cluster {
         loop {
             let status = async {
                 let mut api = ClusterServiceClient::connect(first.clone()).await?;
-                Ok::<_, anyhow::Error>(api.status(ClusterStatusRequest {}).await?.into_inner())
+                Ok::<_, anyhow::Error>(api.status(self.authed(ClusterStatusRequest {})).await?.into_inner())
             }
             .await;
             let last = match status {
@@ -652,6 +694,9 @@ impl Cluster {
         ];
         if bootstrap {
             args.push("--bootstrap".into());
+            if self.admin_key.is_some() {
+                args.extend(["--admin-key-file".into(), dir.join("admin.key").display().to_string()]);
+            }
         }
         args.extend(self.coordinator_args.iter().cloned());
         let mut p =
@@ -660,6 +705,11 @@ impl Cluster {
         let started = p.launch(self.ready_timeout).await;
         self.coordinators.push(p);
         started?;
+        if bootstrap && self.admin_key.as_deref() == Some("") {
+            let path = dir.join("admin.key");
+            let key = std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
+            self.admin_key = Some(key.trim().to_string());
+        }
         Ok(index)
     }
 
@@ -820,9 +870,18 @@ impl Cluster {
                 continue;
             }
             let addr = format!("http://{}", c.addr);
+            let authed = {
+                let mut r = tonic::Request::new(ClusterStatusRequest {});
+                if let Some(Ok(v)) =
+                    self.admin_key.as_deref().filter(|k| !k.is_empty()).map(|k| format!("Bearer {k}").parse())
+                {
+                    r.metadata_mut().insert("authorization", v);
+                }
+                r
+            };
             let result = async {
                 let mut api = ClusterServiceClient::connect(addr).await?;
-                let mut req = tonic::Request::new(ClusterStatusRequest {});
+                let mut req = authed;
                 req.set_timeout(Duration::from_secs(5));
                 Ok::<_, anyhow::Error>(api.status(req).await?.into_inner())
             }
@@ -845,7 +904,7 @@ impl Cluster {
             .connect_timeout(Duration::from_secs(2));
         let result = async {
             let mut api = ClusterServiceClient::new(endpoint.connect().await?);
-            let mut req = tonic::Request::new(ClusterStatusRequest {});
+            let mut req = self.authed(ClusterStatusRequest {});
             req.set_timeout(Duration::from_secs(5));
             Ok::<_, anyhow::Error>(api.status(req).await?.into_inner())
         };

@@ -67,6 +67,7 @@ pub fn assignments(st: &ClusterState, tunables: &Tunables, node_id: &str) -> Vec
                 tunables.fence_for(std::time::Duration::from_millis(s.spec.lost_after_ms)).as_millis() as u64
             },
             handoff: s.moved_from.is_some(),
+            tenant: s.tenant.clone(),
         })
         .collect()
 }
