@@ -293,4 +293,107 @@ async fn a_revoked_key_stops_working_on_every_coordinator_within_5s() {
         }
     }
     assert!(revoked_at.elapsed() < Duration::from_secs(5));
+
+    // Membership changes sent to a follower are forwarded with the caller's key.
+    let status = admin.cluster_status().await.unwrap();
+    let follower_id = status.leader_id % 3 + 1;
+    let follower = cluster.coordinator_addrs()[follower_id as usize - 1].clone();
+    let via_follower = keyed_at(&follower, cluster.admin_key().unwrap()).await;
+    // Neither the leader nor the follower asked.
+    let victim = 6 - status.leader_id - follower_id;
+    let after = via_follower.remove_member(victim).await.unwrap();
+    assert_eq!(after.members.iter().filter(|m| m.voter).count(), 2, "{after:?}");
+}
+
+async fn keyed_at(addr: &str, key: &str) -> Client {
+    Client::builder([addr.to_string()]).api_key(Some(key)).connect().await.unwrap()
+}
+
+async fn cli(args: &[&str], api_key: Option<&str>) -> std::process::Output {
+    let mut cmd = tokio::process::Command::new(sandfleet_testkit::bin_path("sandfleet"));
+    cmd.args(args).stdin(std::process::Stdio::null()).env_remove("SANDFLEET_API_KEY").kill_on_drop(true);
+    if let Some(k) = api_key {
+        cmd.env("SANDFLEET_API_KEY", k);
+    }
+    match tokio::time::timeout(Duration::from_secs(120), cmd.output()).await {
+        Ok(Ok(out)) => out,
+        Ok(Err(e)) => panic!("running sandfleet {args:?}: {e}"),
+        Err(_) => panic!("sandfleet {args:?} did not finish within 120 s"),
+    }
+}
+
+fn show(out: &std::process::Output) -> String {
+    format!(
+        "status={} stdout={:?} stderr={:?}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cluster_init_writes_the_first_admin_key_once_and_the_cli_uses_it() {
+    require_facilities!();
+    // Plaintext loopback-style cluster: InitCluster itself needs no credential yet.
+    let cluster = start(ClusterBuilder::new().coordinators(3).agents(0).bootstrap(false)).await;
+    let addrs = cluster.coordinator_addrs();
+    let members: Vec<String> = addrs.iter().enumerate().map(|(i, a)| format!("{}={a}", i + 1)).collect();
+    let key_file = cluster.dir().join("init-admin.key");
+    let key_path = key_file.display().to_string();
+    let mut args = vec!["--endpoint", &addrs[0], "cluster", "init"];
+    args.extend(members.iter().map(String::as_str));
+    args.extend(["--admin-key-file", &key_path]);
+
+    let out = cli(&args, None).await;
+    assert_eq!(out.status.code(), Some(0), "{}", show(&out));
+    let mode = std::os::unix::fs::PermissionsExt::mode(&std::fs::metadata(&key_file).unwrap().permissions());
+    assert_eq!(mode & 0o777, 0o600);
+    let key = std::fs::read_to_string(&key_file).unwrap().trim().to_string();
+    assert!(key.starts_with("sfk_"), "{key:?}");
+    assert!(!String::from_utf8_lossy(&out.stdout).contains(&key), "the key is written to the file, not printed");
+
+    // The key is an admin of "default", through the CLI's SANDFLEET_API_KEY, on any member.
+    let endpoint = cluster.endpoint();
+    let out = cli(&["--endpoint", &endpoint, "tenant", "create", "cli-t", "--max-sessions", "3"], Some(&key)).await;
+    assert_eq!(out.status.code(), Some(0), "{}", show(&out));
+    let out = cli(&["--endpoint", &endpoint, "tenant", "list"], Some(&key)).await;
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(text.lines().any(|l| l.split_whitespace().take(2).eq(["cli-t", "0/3"])), "{}", show(&out));
+    let out =
+        cli(&["--endpoint", &endpoint, "apikey", "create", "--tenant", "cli-t", "--role", "user"], Some(&key)).await;
+    assert_eq!(out.status.code(), Some(0), "{}", show(&out));
+    let user_key = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    assert!(user_key.starts_with("sfk_"), "{}", show(&out));
+    let out = cli(&["--endpoint", &endpoint, "--api-key", &user_key, "node", "list"], None).await;
+    assert_ne!(out.status.code(), Some(0));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("PERMISSION_DENIED"), "{}", show(&out));
+
+    // A second init with the same file: refused before anything is sent, file untouched.
+    let out = cli(&args, None).await;
+    assert_ne!(out.status.code(), Some(0), "{}", show(&out));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("never overwritten"), "{}", show(&out));
+    assert_eq!(std::fs::read_to_string(&key_file).unwrap().trim(), key);
+    let admin = keyed(&cluster, &key).await;
+    assert_eq!(admin.list_api_keys(Some("default")).await.unwrap().len(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_bootstrap_key_is_made_once_and_tenants_survive_restarts() {
+    require_facilities!();
+    let mut cluster = secured(1, 0).await;
+    let admin = cluster.client().await;
+    let key = cluster.admin_key().unwrap().to_string();
+    admin.create_tenant("durable", proto::TenantQuota { max_sessions: 7, ..Default::default() }).await.unwrap();
+    let user = admin.create_api_key("durable", proto::ApiKeyRole::User, None).await.unwrap();
+
+    // Restarted with the same --bootstrap --admin-key-file: the file exists, so no second key.
+    cluster.restart(sandfleet_testkit::Target::Coordinator(0)).await.unwrap();
+    assert_eq!(std::fs::read_to_string(cluster.dir().join("admin.key")).unwrap().trim(), key);
+    let admin = keyed(&cluster, &key).await;
+    let defaults = admin.list_api_keys(Some("default")).await.unwrap();
+    assert_eq!(defaults.len(), 1, "a restart must not create another admin key: {defaults:?}");
+    let t = admin.get_tenant("durable").await.unwrap();
+    assert_eq!(t.quota.unwrap().max_sessions, 7);
+    keyed(&cluster, &user.secret).await.list_sessions(Default::default()).await.unwrap();
+    assert!(coordinator_logs(&cluster).contains("the admin key file exists already"));
 }
