@@ -61,7 +61,17 @@ pub struct ClientBuilder {
     request_timeout: Duration,
     max_retries: u32,
     backoff: Backoff,
-    api_key: Option<String>,
+    api_key: Option<Secret>,
+}
+
+/// A key kept out of `Debug` output.
+#[derive(Clone)]
+struct Secret(String);
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("<redacted>")
+    }
 }
 
 impl std::fmt::Debug for ApiKeyAuth {
@@ -111,7 +121,7 @@ impl ClientBuilder {
     /// never with data-plane calls, which carry the session token. `None` or
     /// an empty key sends none.
     pub fn api_key(mut self, key: Option<impl Into<String>>) -> Self {
-        self.api_key = key.map(Into::into).filter(|k| !k.trim().is_empty());
+        self.api_key = key.map(Into::into).filter(|k: &String| !k.trim().is_empty()).map(Secret);
         self
     }
 
@@ -155,7 +165,7 @@ impl ClientBuilder {
         }
         let auth = match &self.api_key {
             None => None,
-            Some(k) => {
+            Some(Secret(k)) => {
                 let k = k.trim();
                 if sandfleet_common::auth::ApiKey::parse(k).is_none() {
                     return Err(Error::InvalidArgument(
@@ -845,6 +855,17 @@ mod tests {
         let empty: [&str; 0] = [];
         assert!(matches!(Client::connect(empty).await, Err(Error::InvalidArgument(_))));
         assert!(matches!(Client::connect(["http://bad host:1"]).await, Err(Error::Connect { .. })));
+    }
+
+    #[tokio::test]
+    async fn the_api_key_is_checked_and_never_printed() {
+        let key = sandfleet_common::auth::ApiKey::generate().expose();
+        let b = ClientBuilder::new(["127.0.0.1:1"]).api_key(Some(key.clone()));
+        assert!(!format!("{b:?}").contains(&key[4..]), "Debug must not print the key");
+        assert!(b.connect().await.is_ok());
+        let bad = ClientBuilder::new(["127.0.0.1:1"]).api_key(Some("sfk_short")).connect().await;
+        assert!(matches!(bad, Err(Error::InvalidArgument(_))), "{bad:?}");
+        assert!(ClientBuilder::new(["127.0.0.1:1"]).api_key(None::<String>).connect().await.is_ok());
     }
 
     #[test]
