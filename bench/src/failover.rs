@@ -103,7 +103,8 @@ pub async fn run(settings: &Settings) -> Result<Report> {
         .start()
         .await?;
     cluster.wait_converged(Duration::from_secs(60)).await?;
-    let client = cluster.client_for(cluster.coordinator_addrs()).request_timeout(Duration::from_secs(5)).connect().await?;
+    let client =
+        cluster.client_for(cluster.coordinator_addrs()).request_timeout(Duration::from_secs(5)).connect().await?;
 
     let mut kills = Vec::with_capacity(settings.kills);
     let mut created = 0usize;

@@ -113,8 +113,9 @@ fn entry_bytes() -> usize {
         not_before_ms: 0,
         moved_from: None,
         renewed_at_ms: 0,
+        tenant: "default".into(),
     };
-    serde_json::to_vec(&Cmd::CreateSession { session: record }).map(|v| v.len()).unwrap_or(512)
+    serde_json::to_vec(&Cmd::CreateSession { session: record, key_id: None }).map(|v| v.len()).unwrap_or(512)
 }
 
 pub async fn run(settings: &Settings) -> Result<Report> {

@@ -88,7 +88,13 @@ async fn exec_once(client: &Client, session: &sandfleet::proto::Session) -> Resu
 }
 
 /// `clients` clients creating PENDING sessions for `duration`.
-async fn create_load(cluster: &Cluster, clients: usize, duration: Duration, round: usize, side: &mut Side) -> Result<()> {
+async fn create_load(
+    cluster: &Cluster,
+    clients: usize,
+    duration: Duration,
+    round: usize,
+    side: &mut Side,
+) -> Result<()> {
     let mut conns = Vec::with_capacity(clients);
     for _ in 0..clients {
         let c = cluster.client_builder().request_timeout(Duration::from_secs(10)).connect().await?;
@@ -163,11 +169,7 @@ pub async fn run(settings: &Settings, child_log: &str) -> Result<Report> {
             create_load(cluster, settings.clients, settings.duration, round, side).await?;
         }
     }
-    eprintln!(
-        "  creates/s: tls {:.0}, plaintext {:.0}",
-        report.tls.creates_per_s(),
-        report.plain.creates_per_s()
-    );
+    eprintln!("  creates/s: tls {:.0}, plaintext {:.0}", report.tls.creates_per_s(), report.plain.creates_per_s());
     tls_cluster.shutdown().await?;
     plain_cluster.shutdown().await?;
     Ok(report)
@@ -216,7 +218,8 @@ pub fn render(r: &Report, s: &Settings, section: &str, machine: &[(String, Strin
     for (name, p) in [("create latency p50", 50.0), ("create latency p99", 99.0)] {
         let (a, b) = (percentile(&r.plain.create_latencies, p), percentile(&r.tls.create_latencies, p));
         let overhead = b.as_secs_f64() / a.as_secs_f64().max(1e-9) - 1.0;
-        let _ = writeln!(out, "| {name} | {:.2} ms | {:.2} ms | {:+.1}% | (reported) |", ms(a), ms(b), overhead * 100.0);
+        let _ =
+            writeln!(out, "| {name} | {:.2} ms | {:.2} ms | {:+.1}% | (reported) |", ms(a), ms(b), overhead * 100.0);
     }
     let _ = writeln!(
         out,

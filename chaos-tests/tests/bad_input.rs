@@ -238,13 +238,26 @@ async fn over_limit_requests_name_the_limit() {
     // A write chunk over 1 MiB, sent raw (the SDK always chunks at 1 MiB).
     let st = raw::expect_one_of(
         "write chunk over 1 MiB",
-        raw::write_file(&cluster.channel(&s.node_address, IdentityKind::Agent).unwrap(), &s.id, Some(&s.token), "big.bin", vec![vec![b'x'; (1 << 20) + 1]]).await,
+        raw::write_file(
+            &cluster.channel(&s.node_address, IdentityKind::Agent).unwrap(),
+            &s.id,
+            Some(&s.token),
+            "big.bin",
+            vec![vec![b'x'; (1 << 20) + 1]],
+        )
+        .await,
         &[Code::OutOfRange, Code::InvalidArgument],
     );
     assert!(st.message().to_lowercase().contains("limit"), "the error names the limit: {}", st.message());
     raw::expect_status(
         "the refused upload left no file",
-        raw::read_file(&cluster.channel(&s.node_address, IdentityKind::Agent).unwrap(), &s.id, Some(&s.token), "big.bin").await,
+        raw::read_file(
+            &cluster.channel(&s.node_address, IdentityKind::Agent).unwrap(),
+            &s.id,
+            Some(&s.token),
+            "big.bin",
+        )
+        .await,
         Code::NotFound,
     );
 

@@ -8,8 +8,8 @@ mod common;
 use std::time::Duration;
 
 use sandfleet::proto;
-use sandfleet_testkit::{bin_path, Cluster};
 use sandfleet_testkit::helpers::state_of;
+use sandfleet_testkit::{bin_path, Cluster};
 
 use common::one_node;
 
@@ -38,21 +38,24 @@ async fn cli_run_and_session_commands() {
     let cluster = one_node().await;
     let endpoint = cluster.endpoint();
 
-    let out = cli(&cluster, &[
-        "--endpoint",
-        &endpoint,
-        "run",
-        "--memory",
-        "256Mi",
-        "--cpu",
-        "0.5",
-        "--timeout",
-        "30s",
-        "--",
-        "python3",
-        "-c",
-        "print(6*7)",
-    ])
+    let out = cli(
+        &cluster,
+        &[
+            "--endpoint",
+            &endpoint,
+            "run",
+            "--memory",
+            "256Mi",
+            "--cpu",
+            "0.5",
+            "--timeout",
+            "30s",
+            "--",
+            "python3",
+            "-c",
+            "print(6*7)",
+        ],
+    )
     .await;
     assert_eq!(out.status.code(), Some(0), "{}", show(&out));
     assert!(String::from_utf8_lossy(&out.stdout).lines().any(|l| l.trim() == "42"), "{}", show(&out));

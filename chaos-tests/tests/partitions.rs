@@ -15,7 +15,7 @@ mod common;
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
-use sandfleet::{proto, Client};
+use sandfleet::proto;
 use sandfleet_testkit::helpers::{create_running, exec_python, small_session, state_of, stdout};
 use sandfleet_testkit::{host, Cluster, ClusterBuilder, NetworkChoice, NetworkMode};
 

@@ -17,8 +17,8 @@ use futures::StreamExt as _;
 use nix::sys::signal::Signal;
 use sandfleet::proto::file_service_client::FileServiceClient;
 use sandfleet::{proto, ExecEvent, ExecRequest};
-use sandfleet_testkit::helpers::{create_running, exec_argv, small_session, stdout};
 use sandfleet_common::auth::IdentityKind;
+use sandfleet_testkit::helpers::{create_running, exec_argv, small_session, stdout};
 use sandfleet_testkit::{host, require_sandbox_facilities, Cluster, ClusterBuilder, Target};
 
 /// What the caller of an exec stopped by the agent's shutdown is told.

@@ -67,8 +67,7 @@ async fn agent_calls_are_bound_to_the_node_id_in_the_certificate() {
         assert_eq!(st.code(), Code::PermissionDenied, "{other}: {st:?}");
         assert!(st.message().contains(&format!("agent/{mine}")), "{}", st.message());
     }
-    let channel =
-        cluster.channel_as(&cluster.coordinator_addrs()[0], IdentityKind::Coordinator, Some(&cert)).unwrap();
+    let channel = cluster.channel_as(&cluster.coordinator_addrs()[0], IdentityKind::Coordinator, Some(&cert)).unwrap();
     let st = AgentServiceClient::new(channel.clone())
         .heartbeat(proto::HeartbeatRequest { node_id: victim.clone(), ..Default::default() })
         .await
@@ -141,8 +140,11 @@ async fn foreign_certificates_and_plaintext_are_refused_at_the_connection() {
         .connect()
         .await
         .unwrap();
+    // (With TLS 1.3 the client finishes its side of the handshake before the
+    // server has checked its certificate, so the refusal arrives as the
+    // connection's end: UNAVAILABLE or UNKNOWN, "transport error".)
     let err = client.list_nodes().await.unwrap_err();
-    assert_eq!(err.code(), Some(Code::Unavailable), "{err}");
+    assert!(matches!(err.code(), Some(Code::Unavailable | Code::Unknown)), "{err}");
 
     // Another CA altogether: the client refuses the server's certificate.
     let client = sandfleet::Client::builder([addr.clone()])

@@ -1,5 +1,7 @@
 //! `sandfleet node list` and `sandfleet cluster ...`.
 
+use anyhow::Context as _;
+
 use super::output::{cluster_table, nodes_table, out, print_json, OutputFormat};
 use super::{ClusterCmd, Ctx};
 
@@ -92,7 +94,26 @@ pub async fn run(ctx: &Ctx, cmd: ClusterCmd) -> anyhow::Result<i32> {
             return Ok(0);
         }
         ClusterCmd::Status => ctx.client.cluster_status().await?,
-        ClusterCmd::Init { members } => ctx.client.init_cluster(members).await?,
+        ClusterCmd::Init { members, admin_key_file: None } => ctx.client.init_cluster(members).await?,
+        ClusterCmd::Init { members, admin_key_file: Some(path) } => {
+            // Claimed before the call, so an existing file is refused before the cluster changes.
+            let mut file = create_key_file(&path)?;
+            match ctx.client.init_cluster_with_admin_key(members).await {
+                Ok((status, key)) => {
+                    use std::io::Write as _;
+                    file.write_all(format!("{key}\n").as_bytes())
+                        .and_then(|()| file.sync_all())
+                        .with_context(|| format!("writing the admin key to {}", path.display()))?;
+                    eprintln!("wrote the first admin API key to {}", path.display());
+                    status
+                }
+                Err(e) => {
+                    drop(file);
+                    let _ = std::fs::remove_file(&path);
+                    return Err(e.into());
+                }
+            }
+        }
         ClusterCmd::Add { id, address } => ctx.client.add_member(id, &address).await?,
         ClusterCmd::Remove { id } => ctx.client.remove_member(id).await?,
     };
@@ -101,4 +122,12 @@ pub async fn run(ctx: &Ctx, cmd: ClusterCmd) -> anyhow::Result<i32> {
         OutputFormat::Text => out(&cluster_table(&status))?,
     }
     Ok(0)
+}
+
+/// Creates `path` for a secret: exclusively (an existing file is an error) and mode 0600 from the start.
+fn create_key_file(path: &std::path::Path) -> anyhow::Result<std::fs::File> {
+    use std::os::unix::fs::OpenOptionsExt as _;
+    std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(path).with_context(|| {
+        format!("cannot create the admin key file {} (an existing file is never overwritten)", path.display())
+    })
 }

@@ -11,14 +11,17 @@
 //! - [`exec`]: `run` and `session exec` (streamed output, exit codes, cleanup).
 //! - [`session`]: the other `session` subcommands, including `cp`.
 //! - [`cluster`]: `node list` and `cluster ...`.
+//! - [`tenant`], [`apikey`]: `tenant ...` and `apikey ...` (admin).
 //! - [`dev`]: `dev`, a coordinator plus a node agent in this process.
 
+pub mod apikey;
 pub mod args;
 pub mod cluster;
 pub mod dev;
 pub mod exec;
 pub mod output;
 pub mod session;
+pub mod tenant;
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -60,6 +63,10 @@ pub struct Cli {
     #[arg(long, env = "SANDFLEET_TLS_KEY", value_name = "FILE", global = true)]
     pub tls_key: Option<std::path::PathBuf>,
 
+    /// API key (sfk_...) sent with every control-plane call.
+    #[arg(long, env = "SANDFLEET_API_KEY", global = true, value_name = "KEY", hide_env_values = true)]
+    pub api_key: Option<String>,
+
     /// Deadline of each control-plane call (give it before the subcommand).
     #[arg(long = "timeout", value_parser = parse_duration, default_value = "10s", value_name = "DURATION")]
     pub request_timeout: Duration,
@@ -83,6 +90,12 @@ pub enum Command {
     /// Inspect and change the coordinator cluster.
     #[command(subcommand)]
     Cluster(ClusterCmd),
+    /// Manage tenants and their quotas (admin).
+    #[command(subcommand)]
+    Tenant(tenant::TenantCmd),
+    /// Manage API keys (admin).
+    #[command(subcommand)]
+    Apikey(apikey::ApiKeyCmd),
     /// Run a coordinator and a node agent (process runtime) in this process.
     Dev(DevArgs),
 }
@@ -238,6 +251,9 @@ pub enum SessionCmd {
         /// Fetch every page.
         #[arg(long)]
         all: bool,
+        /// Only sessions of this tenant (admins; a user always sees only its own).
+        #[arg(long, value_name = "NAME")]
+        tenant: Option<String>,
     },
     /// Delete sessions.
     #[command(alias = "delete")]
@@ -361,6 +377,10 @@ pub enum ClusterCmd {
         /// The initial voters as ID=HOST:PORT, including the member called.
         #[arg(required = true, value_name = "ID=ADDR", value_parser = parse_member)]
         members: Vec<(u64, String)>,
+        /// Also create the first admin API key and write it to this file
+        /// (mode 0600; refused if the file exists).
+        #[arg(long, value_name = "FILE")]
+        admin_key_file: Option<PathBuf>,
     },
     /// Add a coordinator.
     Add {
@@ -464,6 +484,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<i32> {
     let client = Client::builder(cli.endpoint.iter().map(|e| e.trim()).filter(|e| !e.is_empty()))
         .request_timeout(cli.request_timeout)
         .tls(tls)
+        .api_key(cli.api_key.clone())
         .connect()
         .await?;
     let ctx = Ctx { client, output: cli.output };
@@ -477,6 +498,8 @@ pub async fn run(cli: Cli) -> anyhow::Result<i32> {
             cluster::node_drain(&ctx, &id, deadline, max_parallel, detach, wait_timeout).await
         }
         Command::Cluster(cmd) => cluster::run(&ctx, cmd).await,
+        Command::Tenant(cmd) => tenant::run(&ctx, cmd).await,
+        Command::Apikey(cmd) => apikey::run(&ctx, cmd).await,
         Command::Dev(_) => unreachable!("handled above"),
     }
 }
@@ -610,6 +633,25 @@ mod tests {
         assert!(parse(&["dev", "--listen", "127.0.0.1:0"]).is_ok());
         assert_eq!(parse_mode("755"), Ok(0o755));
         assert!(parse_mode("9").is_err());
+    }
+
+    #[test]
+    fn tenant_and_apikey_subcommands() {
+        let cli = parse(&["--api-key", "sfk_x", "tenant", "create", "team-a", "--max-sessions", "5", "--max-cpu", "2"])
+            .expect("parses");
+        assert_eq!(cli.api_key.as_deref(), Some("sfk_x"));
+        let Command::Tenant(tenant::TenantCmd::Create { name, quota }) = cli.command else { panic!() };
+        assert_eq!(
+            (name.as_str(), quota.max_sessions, quota.max_cpu, quota.max_memory),
+            ("team-a", Some(5), Some(2000), None)
+        );
+        let cli = parse(&["apikey", "create", "--tenant", "a", "--role", "user", "--expires", "30d"]).expect("parses");
+        let Command::Apikey(apikey::ApiKeyCmd::Create { role, expires, .. }) = cli.command else { panic!() };
+        assert_eq!(role, sandfleet_common::auth::Role::User);
+        assert_eq!(expires, Some(Duration::from_secs(30 * 86400)));
+        assert!(parse(&["apikey", "create", "--tenant", "a", "--role", "root"]).is_err());
+        assert!(parse(&["tenant", "update", "a", "--max-memory", "64Gi"]).is_ok());
+        assert!(parse(&["cluster", "init", "1=a:1", "--admin-key-file", "k"]).is_ok());
     }
 
     #[test]

@@ -47,13 +47,14 @@ pub async fn run(ctx: &Ctx, cmd: SessionCmd) -> anyhow::Result<i32> {
             print_session(ctx, &s)?;
             Ok(0)
         }
-        SessionCmd::List { labels, states, page_size, page_token, all } => {
+        SessionCmd::List { labels, states, page_size, page_token, all, tenant } => {
             let req = proto::ListSessionsRequest {
                 label_selector: labels.into_iter().collect(),
                 states: states.into_iter().map(|s| s as i32).collect(),
                 page_size: page_size.unwrap_or(0),
                 page_token: page_token.unwrap_or_default(),
                 consistency: proto::ReadConsistency::Linearizable as i32,
+                tenant: tenant.unwrap_or_default(),
             };
             let (sessions, next) = if all {
                 (ctx.client.list_all_sessions(req).await?, String::new())

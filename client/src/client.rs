@@ -7,6 +7,10 @@
 //!
 //! Data-plane calls (exec, files; see [`crate::exec`] and [`crate::files`]) go
 //! straight to the node agent in `Session.node_address` with the session token.
+//!
+//! With an API key ([`ClientBuilder::api_key`]) every control-plane call
+//! carries `authorization: Bearer sfk_...`; data-plane calls never do (their
+//! `authorization` is the session token).
 
 use parking_lot::Mutex;
 use std::borrow::Cow;
@@ -61,7 +65,47 @@ pub struct ClientBuilder {
     max_retries: u32,
     backoff: Backoff,
     tls: Option<TlsOptions>,
+    api_key: Option<Secret>,
 }
+
+/// A key kept out of `Debug` output.
+#[derive(Clone)]
+struct Secret(String);
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("<redacted>")
+    }
+}
+
+impl std::fmt::Debug for ApiKeyAuth {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(if self.0.is_some() { "ApiKeyAuth(<key>)" } else { "ApiKeyAuth(None)" })
+    }
+}
+
+/// Adds the API key to every control-plane request.
+#[derive(Clone)]
+pub(crate) struct ApiKeyAuth(Option<MetadataValue<Ascii>>);
+
+impl tonic::service::Interceptor for ApiKeyAuth {
+    fn call(&mut self, mut req: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
+        if let Some(v) = &self.0 {
+            req.metadata_mut().insert("authorization", v.clone());
+        }
+        Ok(req)
+    }
+}
+
+/// A channel to a coordinator plus the credential its calls carry.
+#[derive(Clone)]
+pub(crate) struct ControlChannel {
+    channel: Channel,
+    auth: ApiKeyAuth,
+}
+
+/// The transport of control-plane clients.
+pub(crate) type Ctl = tonic::service::interceptor::InterceptedService<Channel, ApiKeyAuth>;
 
 /// How the client authenticates the cluster (and itself) over TLS.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -116,7 +160,17 @@ impl ClientBuilder {
             max_retries: DEFAULT_MAX_RETRIES,
             backoff: Backoff::default(),
             tls: None,
+            api_key: None,
         }
+    }
+
+    /// An API key (`sfk_<id>_<secret>`) sent as `authorization: Bearer <key>`
+    /// with every control-plane call (sessions, nodes, cluster, tenants, keys);
+    /// never with data-plane calls, which carry the session token. `None` or
+    /// an empty key sends none.
+    pub fn api_key(mut self, key: Option<impl Into<String>>) -> Self {
+        self.api_key = key.map(Into::into).filter(|k: &String| !k.trim().is_empty()).map(Secret);
+        self
     }
 
     /// Talk TLS to coordinators and agents (see [`TlsOptions`]); plaintext
@@ -160,9 +214,12 @@ impl ClientBuilder {
         }
         let tls = match &self.tls {
             None => None,
-            Some(t) => Some(ClientTls::new(t.ca.clone(), t.cert_and_key.clone()).map_err(|e| Error::Tls(e.to_string()))?),
+            Some(t) => {
+                Some(ClientTls::new(t.ca.clone(), t.cert_and_key.clone()).map_err(|e| Error::Tls(e.to_string()))?)
+            }
         };
-        let dialers = tls.map(|tls| (tls.dialer(Some(IdentityKind::Coordinator)), tls.dialer(Some(IdentityKind::Agent))));
+        let dialers =
+            tls.map(|tls| (tls.dialer(Some(IdentityKind::Coordinator)), tls.dialer(Some(IdentityKind::Agent))));
         let mut channels = HashMap::new();
         for uri in &coordinators {
             if !channels.contains_key(uri) {
@@ -170,7 +227,22 @@ impl ClientBuilder {
                 channels.insert(uri.clone(), make_channel(uri, self.connect_timeout, dialer)?);
             }
         }
-        debug!(endpoints = ?coordinators, "sandfleet client ready");
+        let auth = match &self.api_key {
+            None => None,
+            Some(Secret(k)) => {
+                let k = k.trim();
+                if sandfleet_common::auth::ApiKey::parse(k).is_none() {
+                    return Err(Error::InvalidArgument(
+                        "invalid API key: expected sfk_<16 hex>_<43 base64url characters>".into(),
+                    ));
+                }
+                Some(
+                    MetadataValue::try_from(format!("Bearer {k}"))
+                        .map_err(|_| Error::InvalidArgument("invalid API key: not ASCII".into()))?,
+                )
+            }
+        };
+        debug!(endpoints = ?coordinators, api_key = auth.is_some(), "sandfleet client ready");
         Ok(Client {
             inner: Arc::new(Inner {
                 coordinators,
@@ -181,6 +253,7 @@ impl ClientBuilder {
                 max_retries: self.max_retries,
                 backoff: self.backoff,
                 dialers,
+                auth: ApiKeyAuth(auth),
             }),
         })
     }
@@ -205,6 +278,7 @@ struct Inner {
     backoff: Backoff,
     /// TLS dialers toward coordinators and toward agents; `None` for plaintext.
     dialers: Option<(TlsDialer, TlsDialer)>,
+    auth: ApiKeyAuth,
 }
 
 impl std::fmt::Debug for Client {
@@ -245,31 +319,43 @@ impl DataTarget {
     }
 }
 
-fn session_client(ch: Channel) -> SessionServiceClient<Channel> {
-    SessionServiceClient::new(ch)
+pub(crate) fn session_client(ch: ControlChannel) -> SessionServiceClient<Ctl> {
+    SessionServiceClient::with_interceptor(ch.channel, ch.auth)
         .max_decoding_message_size(MAX_GRPC_MESSAGE_BYTES)
         .max_encoding_message_size(MAX_GRPC_MESSAGE_BYTES)
 }
 
-fn cluster_client(ch: Channel) -> ClusterServiceClient<Channel> {
-    ClusterServiceClient::new(ch)
+pub(crate) fn cluster_client(ch: ControlChannel) -> ClusterServiceClient<Ctl> {
+    ClusterServiceClient::with_interceptor(ch.channel, ch.auth)
         .max_decoding_message_size(MAX_GRPC_MESSAGE_BYTES)
         .max_encoding_message_size(MAX_GRPC_MESSAGE_BYTES)
 }
 
-fn node_client(ch: Channel) -> NodeServiceClient<Channel> {
-    NodeServiceClient::new(ch)
+pub(crate) fn node_client(ch: ControlChannel) -> NodeServiceClient<Ctl> {
+    NodeServiceClient::with_interceptor(ch.channel, ch.auth)
         .max_decoding_message_size(MAX_GRPC_MESSAGE_BYTES)
         .max_encoding_message_size(MAX_GRPC_MESSAGE_BYTES)
 }
 
-fn with_timeout<T>(msg: T, timeout: Duration) -> tonic::Request<T> {
+pub(crate) fn tenant_client(ch: ControlChannel) -> crate::proto::tenant_service_client::TenantServiceClient<Ctl> {
+    crate::proto::tenant_service_client::TenantServiceClient::with_interceptor(ch.channel, ch.auth)
+        .max_decoding_message_size(MAX_GRPC_MESSAGE_BYTES)
+        .max_encoding_message_size(MAX_GRPC_MESSAGE_BYTES)
+}
+
+pub(crate) fn api_key_client(ch: ControlChannel) -> crate::proto::api_key_service_client::ApiKeyServiceClient<Ctl> {
+    crate::proto::api_key_service_client::ApiKeyServiceClient::with_interceptor(ch.channel, ch.auth)
+        .max_decoding_message_size(MAX_GRPC_MESSAGE_BYTES)
+        .max_encoding_message_size(MAX_GRPC_MESSAGE_BYTES)
+}
+
+pub(crate) fn with_timeout<T>(msg: T, timeout: Duration) -> tonic::Request<T> {
     let mut req = tonic::Request::new(msg);
     req.set_timeout(timeout);
     req
 }
 
-fn missing(what: &str) -> Error {
+pub(crate) fn missing(what: &str) -> Error {
     Error::Protocol(format!("the server's answer has no {what}"))
 }
 
@@ -313,7 +399,7 @@ impl Client {
     /// `call` gets a channel to one coordinator and the deadline to put on the
     /// request; it is called again (with the next coordinator) when `policy`
     /// allows retrying its failure.
-    async fn control<T, F, Fut>(
+    pub(crate) async fn control<T, F, Fut>(
         &self,
         op: &'static str,
         policy: RetryPolicy,
@@ -321,7 +407,7 @@ impl Client {
         mut call: F,
     ) -> Result<T, Error>
     where
-        F: FnMut(Channel, Duration) -> Fut,
+        F: FnMut(ControlChannel, Duration) -> Fut,
         Fut: Future<Output = Result<T, tonic::Status>>,
     {
         let inner = &self.inner;
@@ -331,7 +417,7 @@ impl Client {
         loop {
             let idx = (start + attempt as usize) % n;
             let uri = &inner.coordinators[idx];
-            let channel = self.channel(uri)?;
+            let channel = ControlChannel { channel: self.channel(uri)?, auth: inner.auth.clone() };
             let result = match tokio::time::timeout(timeout + LOCAL_DEADLINE_SLACK, call(channel, timeout)).await {
                 Ok(r) => r,
                 Err(_) => Err(tonic::Status::deadline_exceeded(format!(
@@ -677,7 +763,7 @@ impl Client {
         &self,
         members: impl IntoIterator<Item = (u64, String)>,
     ) -> Result<proto::ClusterStatusResponse, Error> {
-        let msg = proto::InitClusterRequest { members: members.into_iter().collect() };
+        let msg = proto::InitClusterRequest { members: members.into_iter().collect(), create_admin_key: false };
         let timeout = self.inner.request_timeout.max(MEMBERSHIP_TIMEOUT);
         self.control("init_cluster", RetryPolicy::ConnectOnly, timeout, |ch, t| {
             let msg = msg.clone();
@@ -836,6 +922,17 @@ mod tests {
         let empty: [&str; 0] = [];
         assert!(matches!(Client::connect(empty).await, Err(Error::InvalidArgument(_))));
         assert!(matches!(Client::connect(["http://bad host:1"]).await, Err(Error::Connect { .. })));
+    }
+
+    #[tokio::test]
+    async fn the_api_key_is_checked_and_never_printed() {
+        let key = sandfleet_common::auth::ApiKey::generate().expose();
+        let b = ClientBuilder::new(["127.0.0.1:1"]).api_key(Some(key.clone()));
+        assert!(!format!("{b:?}").contains(&key[4..]), "Debug must not print the key");
+        assert!(b.connect().await.is_ok());
+        let bad = ClientBuilder::new(["127.0.0.1:1"]).api_key(Some("sfk_short")).connect().await;
+        assert!(matches!(bad, Err(Error::InvalidArgument(_))), "{bad:?}");
+        assert!(ClientBuilder::new(["127.0.0.1:1"]).api_key(None::<String>).connect().await.is_ok());
     }
 
     #[test]

@@ -26,6 +26,7 @@
 //! - [`session`]: [`CreateSession`] and session-state helpers.
 //! - [`exec`]: [`ExecRequest`], [`ExecStream`], [`ExecEvent`], [`ExecOutput`] and the exec calls.
 //! - [`files`]: upload, download, list and remove in a session's workspace.
+//! - [`tenant`]: tenants, quotas and API keys (admin calls).
 //! - [`retry`]: the backoff policy ([`Backoff`]).
 //! - [`error`]: the [`Error`] type and gRPC code names.
 //!
@@ -44,6 +45,7 @@ pub mod exec;
 pub mod files;
 pub mod retry;
 pub mod session;
+pub mod tenant;
 
 pub use sandfleet_proto::v1 as proto;
 pub use sandfleet_proto::v1::Language;

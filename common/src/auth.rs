@@ -130,6 +130,11 @@ impl Role {
             Role::Admin => "admin",
         }
     }
+
+    /// Parses `user` or `admin`.
+    pub fn parse(s: &str) -> Option<Self> {
+        [Role::User, Role::Admin].into_iter().find(|r| r.as_str() == s)
+    }
 }
 
 impl fmt::Display for Role {

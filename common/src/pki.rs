@@ -665,7 +665,8 @@ mod tests {
             let server = verify(&issued.cert_pem, ca.cert_pem(), webpki::KeyUsage::server_auth());
             assert_eq!(server.is_ok(), kind != IdentityKind::Client, "{kind}: {server:?}");
             // x509-parser's own signature check agrees.
-            let (_, cax) = x509_parser::parse_x509_certificate(&der_of(ca.cert_pem())).unwrap();
+            let ca_der = der_of(ca.cert_pem());
+            let (_, cax) = x509_parser::parse_x509_certificate(&ca_der).unwrap();
             x.verify_signature(Some(cax.public_key())).unwrap();
         }
     }
@@ -691,7 +692,8 @@ mod tests {
         let leaf = other.issue(IdentityKind::Coordinator, "c1", &["127.0.0.1".into()], 1).unwrap();
         assert!(verify(&leaf.cert_pem, ca.cert_pem(), webpki::KeyUsage::server_auth()).is_err());
         assert!(verify(&leaf.cert_pem, ca.cert_pem(), webpki::KeyUsage::client_auth()).is_err());
-        let (_, cax) = x509_parser::parse_x509_certificate(&der_of(ca.cert_pem())).unwrap();
+        let ca_der = der_of(ca.cert_pem());
+        let (_, cax) = x509_parser::parse_x509_certificate(&ca_der).unwrap();
         let der = der_of(&leaf.cert_pem);
         let (_, x) = x509_parser::parse_x509_certificate(&der).unwrap();
         assert!(x.verify_signature(Some(cax.public_key())).is_err());

@@ -84,10 +84,11 @@ impl TlsFiles {
             (None, None, None) => Ok(None),
             (Some(cert), Some(key), Some(ca)) => Ok(Some(Self { cert, key, ca })),
             (cert, key, ca) => {
-                let missing: Vec<&str> = [("--tls-cert", cert.is_none()), ("--tls-key", key.is_none()), ("--tls-ca", ca.is_none())]
-                    .into_iter()
-                    .filter_map(|(flag, missing)| missing.then_some(flag))
-                    .collect();
+                let missing: Vec<&str> =
+                    [("--tls-cert", cert.is_none()), ("--tls-key", key.is_none()), ("--tls-ca", ca.is_none())]
+                        .into_iter()
+                        .filter_map(|(flag, missing)| missing.then_some(flag))
+                        .collect();
                 Err(format!("TLS needs --tls-cert, --tls-key and --tls-ca together; missing {}", missing.join(", ")))
             }
         }
@@ -108,9 +109,11 @@ fn read(what: &'static str, path: &Path) -> Result<Vec<u8>, TlsError> {
 
 fn load_certs(what: &'static str, path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
     let pem = read(what, path)?;
-    let certs = CertificateDer::pem_slice_iter(&pem)
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| TlsError::Pem { what, path: path.to_path_buf(), reason: e.to_string() })?;
+    let certs = CertificateDer::pem_slice_iter(&pem).collect::<Result<Vec<_>, _>>().map_err(|e| TlsError::Pem {
+        what,
+        path: path.to_path_buf(),
+        reason: e.to_string(),
+    })?;
     if certs.is_empty() {
         return Err(TlsError::Empty { what, path: path.to_path_buf(), expected: "CERTIFICATE" });
     }
@@ -130,9 +133,10 @@ fn load_key(path: &Path) -> Result<PrivateKeyDer<'static>, TlsError> {
 fn load_roots(path: &Path) -> Result<Arc<RootCertStore>, TlsError> {
     let mut roots = RootCertStore::empty();
     for cert in load_certs("CA certificate", path)? {
-        roots
-            .add(cert)
-            .map_err(|e| TlsError::Certificate { path: path.to_path_buf(), reason: format!("not a CA certificate: {e}") })?;
+        roots.add(cert).map_err(|e| TlsError::Certificate {
+            path: path.to_path_buf(),
+            reason: format!("not a CA certificate: {e}"),
+        })?;
     }
     Ok(Arc::new(roots))
 }
@@ -325,7 +329,9 @@ pub fn spawn_reloader(targets: Vec<Arc<dyn Reload>>, shutdown: CancellationToken
             for t in &targets {
                 match t.reload() {
                     Ok(()) => tracing::info!(reason = why, files = ?t.files(), "TLS certificates reloaded"),
-                    Err(e) => tracing::warn!(reason = why, error = %e, "TLS reload failed; keeping the certificates in use"),
+                    Err(e) => {
+                        tracing::warn!(reason = why, error = %e, "TLS reload failed; keeping the certificates in use")
+                    }
                 }
             }
         }
@@ -489,7 +495,8 @@ impl TlsDialer {
         &self,
         uri: &tonic::codegen::http::Uri,
     ) -> io::Result<tokio_rustls::client::TlsStream<TcpStream>> {
-        let host = uri.host().ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, format!("no host in {uri}")))?;
+        let host =
+            uri.host().ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, format!("no host in {uri}")))?;
         let host = host.trim_start_matches('[').trim_end_matches(']').to_string();
         let port = uri.port_u16().unwrap_or(443);
         let name = ServerName::try_from(host.clone())
@@ -503,12 +510,8 @@ impl TlsDialer {
             .await
             .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, format!("TLS handshake with {uri} timed out")))??;
         if let Some(expect) = self.expect {
-            let id = conn
-                .get_ref()
-                .1
-                .peer_certificates()
-                .and_then(|c| c.first())
-                .map(|c| crate::x509::identity_of_der(c));
+            let id =
+                conn.get_ref().1.peer_certificates().and_then(|c| c.first()).map(|c| crate::x509::identity_of_der(c));
             match id {
                 Some(Ok(id)) if id.kind == expect => {}
                 Some(Ok(id)) => {
@@ -620,7 +623,8 @@ mod tests {
     #[test]
     fn unreadable_or_empty_files_name_the_file() {
         let dir = tempfile::tempdir().unwrap();
-        let files = TlsFiles { cert: dir.path().join("nope.crt"), key: dir.path().join("k"), ca: dir.path().join("ca") };
+        let files =
+            TlsFiles { cert: dir.path().join("nope.crt"), key: dir.path().join("k"), ca: dir.path().join("ca") };
         let err = ServerTls::load(files.clone()).unwrap_err().to_string();
         assert!(err.contains("nope.crt"), "{err}");
         std::fs::write(&files.cert, "not pem").unwrap();

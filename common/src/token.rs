@@ -26,6 +26,21 @@ pub struct SessionClaims {
     pub generation: u64,
     /// Expiry, Unix milliseconds.
     pub exp_ms: i64,
+    /// The session's tenant. Tokens made before tenants existed have none,
+    /// which means [`crate::auth::DEFAULT_TENANT`] (see [`SessionClaims::tenant`]).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub tenant: String,
+}
+
+impl SessionClaims {
+    /// The tenant the token is for; an empty one is the default tenant.
+    pub fn tenant(&self) -> &str {
+        if self.tenant.is_empty() {
+            crate::auth::DEFAULT_TENANT
+        } else {
+            &self.tenant
+        }
+    }
 }
 
 /// A token was refused. Agents answer `UNAUTHENTICATED` with this text.
@@ -118,6 +133,16 @@ impl TokenVerifier {
 
     /// Verifies the signature and expiry, and that the token is for `session_id`.
     pub fn verify(&self, token: &str, session_id: &str, now_ms: i64) -> Result<SessionClaims, TokenError> {
+        let claims = self.verify_signed(token, now_ms)?;
+        if claims.sid != session_id {
+            return Err(TokenError::WrongSession(session_id.to_string()));
+        }
+        Ok(claims)
+    }
+
+    /// Verifies the signature and expiry only; the caller checks which
+    /// session (and tenant) the claims name.
+    pub fn verify_signed(&self, token: &str, now_ms: i64) -> Result<SessionClaims, TokenError> {
         let (signed, sig) = token.rsplit_once('.').ok_or(TokenError::Malformed)?;
         let (prefix, payload) = signed.split_once('.').ok_or(TokenError::Malformed)?;
         if prefix != PREFIX {
@@ -130,9 +155,6 @@ impl TokenVerifier {
             .map_err(|_| TokenError::Malformed)?;
         if claims.exp_ms <= now_ms {
             return Err(TokenError::Expired);
-        }
-        if claims.sid != session_id {
-            return Err(TokenError::WrongSession(session_id.to_string()));
         }
         Ok(claims)
     }
@@ -150,7 +172,20 @@ mod tests {
     use super::*;
 
     fn claims(exp_ms: i64) -> SessionClaims {
-        SessionClaims { sid: "s1".into(), node: "n1".into(), generation: 1, exp_ms }
+        SessionClaims { sid: "s1".into(), node: "n1".into(), generation: 1, exp_ms, tenant: String::new() }
+    }
+
+    #[test]
+    fn tokens_carry_the_tenant_and_old_ones_mean_the_default_tenant() {
+        let signer = TokenSigner::generate();
+        let verifier = TokenVerifier::from_public_key(&signer.public_key()).unwrap();
+        let t = signer.sign(&SessionClaims { tenant: "team-a".into(), ..claims(2_000) });
+        assert_eq!(verifier.verify(&t, "s1", 1_000).unwrap().tenant(), "team-a");
+        // A token signed before tenants existed has no tenant field at all.
+        let old = signer.sign(&claims(2_000));
+        assert!(!String::from_utf8(B64.decode(old.split('.').nth(1).unwrap()).unwrap()).unwrap().contains("tenant"));
+        assert_eq!(verifier.verify(&old, "s1", 1_000).unwrap().tenant(), crate::auth::DEFAULT_TENANT);
+        assert_eq!(verifier.verify_signed(&t, 1_000).unwrap().sid, "s1");
     }
 
     #[test]

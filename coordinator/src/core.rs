@@ -162,7 +162,8 @@ impl Core {
         if let Some(c) = peers.get(addr) {
             return Ok(c.clone());
         }
-        let ch = network::channel(addr, self.peer_tls.as_ref()).map_err(|e| CoreError::Internal(format!("bad leader address {addr}: {e}")))?;
+        let ch = network::channel(addr, self.peer_tls.as_ref())
+            .map_err(|e| CoreError::Internal(format!("bad leader address {addr}: {e}")))?;
         peers.insert(addr.to_string(), ch.clone());
         Ok(ch)
     }
@@ -327,6 +328,7 @@ impl Core {
                         node: s.node_id.clone().unwrap_or_default(),
                         generation: s.generation,
                         exp_ms: s.expires_at_ms.min(crate::now_ms() + TOKEN_TTL_MS),
+                        tenant: s.tenant.clone(),
                     })
                 })
                 .unwrap_or_default()
@@ -349,6 +351,7 @@ impl Core {
             updated_at_ms: s.updated_at_ms,
             restarts: s.restarts,
             not_before_ms: s.not_before_ms,
+            tenant: s.tenant.clone(),
         }
     }
 }

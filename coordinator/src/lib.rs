@@ -33,8 +33,8 @@ use std::time::Duration;
 
 use sandfleet_common::auth::IdentityKind;
 use sandfleet_common::limits::MAX_GRPC_MESSAGE_BYTES;
-use sandfleet_common::tls::{serve_incoming, ClientTls, Reload, ServerTls};
 pub use sandfleet_common::tls::TlsFiles;
+use sandfleet_common::tls::{serve_incoming, ClientTls, Reload, ServerTls};
 use sandfleet_proto::v1 as pb;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
@@ -85,6 +85,10 @@ pub struct CoordinatorConfig {
     /// `--insecure`: plaintext, allowed only on a loopback listen address, where
     /// a caller without a credential acts as the admin of the `default` tenant.
     pub tls: Option<TlsFiles>,
+    /// With `bootstrap`: once the new cluster has a leader, create an admin API
+    /// key of the default tenant and write it to this file (mode 0600, created
+    /// exclusively; an existing file is left alone and no key is created).
+    pub admin_key_file: Option<PathBuf>,
 }
 
 impl Default for CoordinatorConfig {
@@ -107,6 +111,7 @@ impl Default for CoordinatorConfig {
             placement_candidates: 16,
             placement_batch: 1024,
             tls: None,
+            admin_key_file: None,
         }
     }
 }
@@ -284,9 +289,15 @@ pub async fn serve(config: CoordinatorConfig, shutdown: CancellationToken) -> Re
     }
     .validate()
     .map_err(|e| CoordinatorError::Config(e.to_string()))?;
-    let raft = raft::Raft::new(config.id, Arc::new(raft_config), raft::network::NetworkFactory { tls: peer_tls.clone() }, log_store, sm)
-        .await
-        .map_err(|e| CoordinatorError::Raft(e.to_string()))?;
+    let raft = raft::Raft::new(
+        config.id,
+        Arc::new(raft_config),
+        raft::network::NetworkFactory { tls: peer_tls.clone() },
+        log_store,
+        sm,
+    )
+    .await
+    .map_err(|e| CoordinatorError::Raft(e.to_string()))?;
 
     let core = Arc::new(core::Core::new(
         config.id,
@@ -306,7 +317,8 @@ pub async fn serve(config: CoordinatorConfig, shutdown: CancellationToken) -> Re
         peer_tls,
     ));
 
-    let session = service::session::SessionApi::new(core.clone(), shutdown.clone());
+    let auth = service::auth::Authenticator::new(core.clone(), config.tls.is_none());
+    let session = service::session::SessionApi::new(core.clone(), shutdown.clone(), auth.clone());
     let agent = service::agent::AgentApi::new(core.clone(), shutdown.clone());
     let server = tonic::transport::Server::builder()
         .tcp_nodelay(true)
@@ -316,9 +328,21 @@ pub async fn serve(config: CoordinatorConfig, shutdown: CancellationToken) -> Re
                 .max_decoding_message_size(MAX_GRPC_MESSAGE_BYTES),
         )
         .add_service(pb::agent_service_server::AgentServiceServer::new(agent))
-        .add_service(pb::node_service_server::NodeServiceServer::new(service::node::NodeApi::new(core.clone())))
+        .add_service(pb::node_service_server::NodeServiceServer::new(service::node::NodeApi::new(
+            core.clone(),
+            auth.clone(),
+        )))
         .add_service(pb::cluster_service_server::ClusterServiceServer::new(service::cluster::ClusterApi::new(
             core.clone(),
+            auth.clone(),
+        )))
+        .add_service(pb::tenant_service_server::TenantServiceServer::new(service::tenant::TenantApi::new(
+            core.clone(),
+            auth.clone(),
+        )))
+        .add_service(pb::api_key_service_server::ApiKeyServiceServer::new(service::tenant::ApiKeyApi::new(
+            core.clone(),
+            auth.clone(),
         )))
         .add_service(
             pb::raft_service_server::RaftServiceServer::new(service::raft::RaftApi::new(core.clone()))
@@ -380,6 +404,54 @@ pub async fn serve(config: CoordinatorConfig, shutdown: CancellationToken) -> Re
             }
         }
     }
+    if let (true, Some(path)) = (config.bootstrap, &config.admin_key_file) {
+        write_admin_key(&core, path).await?;
+    }
     tracing::info!(id = config.id, %addr, "coordinator serving");
     Ok(Coordinator { addr, core, server, leader_loop, reloader, shutdown })
+}
+
+/// `--admin-key-file`: creates the file exclusively with mode 0600, then an
+/// admin key of the default tenant, and writes the key into it. An existing
+/// file is left alone and no key is created.
+async fn write_admin_key(core: &core::Core, path: &std::path::Path) -> Result<(), CoordinatorError> {
+    use std::io::Write as _;
+    use std::os::unix::fs::OpenOptionsExt as _;
+    let mut file = match std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(path) {
+        Ok(f) => f,
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+            tracing::info!(
+                path = %path.display(),
+                "the admin key file exists already; not creating another admin key"
+            );
+            return Ok(());
+        }
+        Err(e) => {
+            return Err(CoordinatorError::Config(format!("cannot create the admin key file {}: {e}", path.display())))
+        }
+    };
+    let created = service::tenant::create_key(
+        core,
+        sandfleet_common::auth::DEFAULT_TENANT,
+        sandfleet_common::auth::Role::Admin,
+        0,
+    )
+    .await;
+    let written = created.map_err(|s| s.message().to_string()).and_then(|(record, text)| {
+        file.write_all(format!("{text}\n").as_bytes())
+            .and_then(|()| file.sync_all())
+            .map(|()| record)
+            .map_err(|e| e.to_string())
+    });
+    match written {
+        Ok(record) => {
+            tracing::info!(key_id = %record.id, path = %path.display(), "wrote the first admin API key");
+            Ok(())
+        }
+        Err(e) => {
+            drop(file);
+            let _ = std::fs::remove_file(path);
+            Err(CoordinatorError::Config(format!("cannot create the admin key for {}: {e}", path.display())))
+        }
+    }
 }

@@ -89,10 +89,10 @@ pub fn plan_lifetimes(
         .map(|s| s.id.clone())
         .collect();
     if !expired.is_empty() {
-        out.push(Command::TerminateSessions { ids: expired, message: EXPIRED_TTL.into(), now_ms });
+        out.push(Command::TerminateSessions { ids: expired, message: EXPIRED_TTL.into(), now_ms, tenant: None });
     }
     if !idle.is_empty() {
-        out.push(Command::TerminateSessions { ids: idle, message: EXPIRED_IDLE.into(), now_ms });
+        out.push(Command::TerminateSessions { ids: idle, message: EXPIRED_IDLE.into(), now_ms, tenant: None });
     }
     out
 }
@@ -260,8 +260,9 @@ mod tests {
                 not_before_ms: 0,
                 moved_from: None,
                 renewed_at_ms: 0,
+                tenant: sandfleet_common::auth::DEFAULT_TENANT.into(),
             };
-            let r = self.apply(Command::CreateSession { session });
+            let r = self.apply(Command::CreateSession { session, key_id: None });
             assert!(matches!(r, CommandResponse::Session(_)), "{r:?}");
         }
 
@@ -455,14 +456,14 @@ mod tests {
         assert!(c.lifetimes(9_999).is_empty());
         let cmds = c.lifetimes(10_000);
         assert!(
-            matches!(&cmds[..], [Command::TerminateSessions { ids: ended, message, now_ms: 10_000 }] if *ended == ids(&["a"]) && message == EXPIRED_TTL),
+            matches!(&cmds[..], [Command::TerminateSessions { ids: ended, message, now_ms: 10_000, .. }] if *ended == ids(&["a"]) && message == EXPIRED_TTL),
             "{cmds:?}"
         );
         c.apply_all(cmds);
         assert_eq!(c.st.sessions["a"].phase, SessionPhase::Terminated);
         assert_eq!(c.st.allocated_on("n1").slots, 0);
         // Renewed before its end, b lives on.
-        c.apply(Command::RenewSession { id: "b".into(), expires_at_ms: 30_000, now_ms: 15_000 });
+        c.apply(Command::RenewSession { id: "b".into(), expires_at_ms: 30_000, now_ms: 15_000, tenant: None });
         assert!(c.lifetimes(20_000).is_empty());
         c.apply_all(c.lifetimes(30_000));
         assert_eq!(c.st.sessions["b"].phase, SessionPhase::Terminated);
@@ -477,7 +478,7 @@ mod tests {
             c.session(id, Some("n1"), 0, |s| s.idle_timeout_seconds = if id == "never" { 0 } else { 10 });
         }
         c.activity.insert("used".into(), 8_000);
-        c.apply(Command::RenewSession { id: "renewed".into(), expires_at_ms: 1 << 40, now_ms: 9_000 });
+        c.apply(Command::RenewSession { id: "renewed".into(), expires_at_ms: 1 << 40, now_ms: 9_000, tenant: None });
         assert!(c.lifetimes(10_000).is_empty(), "idle for exactly the timeout is not past it");
         let cmds = c.lifetimes(10_001);
         assert!(
@@ -773,7 +774,12 @@ mod tests {
         let waiting: Vec<&str> = c.st.unplaced.iter().map(|(_, id)| id.as_str()).collect();
         assert_eq!(waiting, ["s10", "s11"]);
         assert!(c.st.sessions["s10"].pending_reason.to_string().starts_with("waiting for capacity"));
-        c.apply(Command::TerminateSessions { ids: vec!["s00".into()], message: "deleted".into(), now_ms: 200 });
+        c.apply(Command::TerminateSessions {
+            ids: vec!["s00".into()],
+            message: "deleted".into(),
+            now_ms: 200,
+            tenant: None,
+        });
         c.round(200);
         assert_eq!(c.phase("s10").1, Some("n1"));
         assert_eq!(c.phase("s11").1, None);

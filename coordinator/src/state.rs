@@ -8,9 +8,17 @@
 //! Capacity accounting is part of the state: placing a session onto a node is
 //! checked again at apply time, so two concurrent placements can never
 //! over-commit a node even though the scheduler decided them in parallel.
+//!
+//! Tenants, their quotas and API keys are replicated state too. A tenant's
+//! quota is checked at apply time in `CreateSession`, against an index of the
+//! tenant's live sessions, so concurrent creates cannot exceed it; the create
+//! also re-checks the API key that made it, so a key revoked meanwhile
+//! creates nothing. The `default` tenant always exists (unlimited unless an
+//! admin gave it quotas).
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
+use sandfleet_common::auth::{ApiKey, Caller, Principal, Role, DEFAULT_TENANT};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
@@ -72,6 +80,99 @@ pub struct SessionRecord {
     /// Last renewal; idle timeouts count from here at the latest.
     #[serde(default)]
     pub renewed_at_ms: i64,
+    /// The owning tenant; sessions created before tenants existed are the default tenant's.
+    #[serde(default = "default_tenant")]
+    pub tenant: String,
+}
+
+fn default_tenant() -> String {
+    DEFAULT_TENANT.to_string()
+}
+
+/// The key of a create's request id in [`ClusterState::request_ids`]:
+/// request ids are scoped per tenant. The default tenant's keys are the bare
+/// request id (as before tenants existed); others are `tenant/request_id`
+/// (neither a DNS label nor a request id contains `/`).
+pub fn request_key(tenant: &str, request_id: &str) -> String {
+    if tenant == DEFAULT_TENANT {
+        request_id.to_string()
+    } else {
+        format!("{tenant}/{request_id}")
+    }
+}
+
+/// A tenant's limits, 0 meaning unlimited, in the units of [`Resources`]
+/// (CPU is the summed *reservation*, `SessionSpec::cpu_reserved_millis`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Quota {
+    #[serde(default)]
+    pub max_sessions: u64,
+    #[serde(default)]
+    pub max_cpu_millis: u64,
+    #[serde(default)]
+    pub max_memory_bytes: u64,
+}
+
+/// A tenant, as stored.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TenantRecord {
+    pub name: String,
+    #[serde(default)]
+    pub quota: Quota,
+    #[serde(default)]
+    pub created_at_ms: i64,
+}
+
+impl TenantRecord {
+    /// The implicit default tenant: unlimited.
+    pub fn implicit_default() -> Self {
+        TenantRecord { name: DEFAULT_TENANT.to_string(), quota: Quota::default(), created_at_ms: 0 }
+    }
+}
+
+/// An API key, as stored: never the secret, only its hash.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ApiKeyRecord {
+    pub id: String,
+    pub tenant: String,
+    pub role: Role,
+    /// Hex SHA-256 of the secret ([`ApiKey::secret_hash`]).
+    pub secret_hash: String,
+    pub created_at_ms: i64,
+    /// 0 = never.
+    #[serde(default)]
+    pub expires_at_ms: i64,
+    /// 0 = not revoked.
+    #[serde(default)]
+    pub revoked_at_ms: i64,
+}
+
+impl ApiKeyRecord {
+    /// Neither revoked nor expired at `now_ms`.
+    pub fn is_active(&self, now_ms: i64) -> bool {
+        self.revoked_at_ms == 0 && (self.expires_at_ms == 0 || now_ms < self.expires_at_ms)
+    }
+}
+
+/// Why an API key was refused. Callers get one undifferentiated
+/// UNAUTHENTICATED; the reason is for the server's own logs and tests.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KeyRefused {
+    Unknown,
+    WrongSecret,
+    Revoked,
+    Expired,
+}
+
+/// A partial tenant update: each `Some` replaces that limit.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct QuotaUpdate {
+    #[serde(default)]
+    pub max_sessions: Option<u64>,
+    #[serde(default)]
+    pub max_cpu_millis: Option<u64>,
+    #[serde(default)]
+    pub max_memory_bytes: Option<u64>,
 }
 
 /// Resources in one unit system.
@@ -177,11 +278,31 @@ pub enum Command {
     InitCluster { signing_seed: Vec<u8> },
     /// Creates a session unless its request id was already seen. When
     /// `session.node_id` is set, the placement is re-checked against capacity.
-    CreateSession { session: SessionRecord },
-    /// Terminates sessions (client delete or expiry).
-    TerminateSessions { ids: Vec<String>, message: String, now_ms: i64 },
-    /// Sets a new expiry.
-    RenewSession { id: String, expires_at_ms: i64, now_ms: i64 },
+    /// `key_id` is the API key that made the create, re-checked at apply
+    /// (at `session.created_at_ms`), so a key revoked meanwhile creates
+    /// nothing; the tenant's quota is checked too.
+    CreateSession {
+        session: SessionRecord,
+        #[serde(default)]
+        key_id: Option<String>,
+    },
+    /// Terminates sessions (client delete or expiry). With `tenant`, a
+    /// session of another tenant counts as missing (a user's delete).
+    TerminateSessions {
+        ids: Vec<String>,
+        message: String,
+        now_ms: i64,
+        #[serde(default)]
+        tenant: Option<String>,
+    },
+    /// Sets a new expiry. With `tenant`, a session of another tenant counts as missing.
+    RenewSession {
+        id: String,
+        expires_at_ms: i64,
+        now_ms: i64,
+        #[serde(default)]
+        tenant: Option<String>,
+    },
     /// Registers or updates a node.
     RegisterNode { node: NodeRecord },
     /// The leader saw no heartbeat for `node_ttl`: the node goes down and its
@@ -218,6 +339,16 @@ pub enum Command {
     MoveSessions { node_id: String, ids: Vec<String>, now_ms: i64 },
     /// An operator pauses (or resumes) placement cluster-wide.
     SetSchedulerPaused { paused: bool },
+    /// Creates a tenant; refused when the name is taken.
+    CreateTenant { tenant: TenantRecord },
+    /// Changes a tenant's quota (the default tenant's record is created on first update).
+    UpdateTenant { name: String, update: QuotaUpdate },
+    /// Deletes a tenant without live sessions or active keys.
+    DeleteTenant { name: String, now_ms: i64 },
+    /// Stores a new API key (its hash) for an existing tenant.
+    CreateApiKey { key: ApiKeyRecord },
+    /// Revokes an API key; idempotent.
+    RevokeApiKey { id: String, now_ms: i64 },
 }
 
 /// What applying a command produced.
@@ -235,6 +366,19 @@ pub enum CommandResponse {
     NotFound(String),
     /// The command was refused; the state is unchanged.
     Rejected(String),
+    /// A tenant after the change.
+    Tenant(TenantRecord),
+    /// An API key after the change.
+    ApiKey(ApiKeyRecord),
+    /// Something other than a session is missing; the text says what.
+    Missing(String),
+    /// The name or id is taken; the text says which.
+    AlreadyExists(String),
+    /// A tenant quota would be exceeded; names the quota, its limit and its use.
+    QuotaExceeded(String),
+    /// The API key that made the command is no longer valid (revoked,
+    /// expired, or gone); nothing changed.
+    KeyRefused,
 }
 
 /// The whole replicated state.
@@ -249,6 +393,18 @@ pub struct ClusterState {
     /// Placement paused by an operator: unplaced sessions wait, drains do not start moves.
     #[serde(default)]
     pub scheduler_paused: bool,
+    /// Tenants by name. `default` is implicit until an admin gives it quotas.
+    #[serde(default)]
+    pub tenants: BTreeMap<String, TenantRecord>,
+    /// API keys by id.
+    #[serde(default)]
+    pub api_keys: BTreeMap<String, ApiKeyRecord>,
+    /// What each tenant's live sessions hold (sessions, CPU reserved, memory).
+    #[serde(skip)]
+    pub tenant_usage: HashMap<String, Resources>,
+    /// The tenant and resources each live session is counted under in `tenant_usage`.
+    #[serde(skip)]
+    usage_index: HashMap<String, (String, Resources)>,
     /// Resources held on each node by its Pending and Running sessions.
     #[serde(skip)]
     pub allocated: HashMap<String, Resources>,
@@ -290,6 +446,8 @@ pub struct Touched {
     pub nodes: Vec<String>,
     pub request_ids: Vec<String>,
     pub meta: bool,
+    /// Tenants or API keys changed.
+    pub auth: bool,
 }
 
 impl ClusterState {
@@ -303,6 +461,8 @@ impl ClusterState {
         self.idle.clear();
         self.moving.clear();
         self.moving_of.clear();
+        self.tenant_usage.clear();
+        self.usage_index.clear();
         let ids: Vec<String> = self.sessions.keys().cloned().collect();
         for id in ids {
             self.reindex(&id);
@@ -327,6 +487,14 @@ impl ClusterState {
             self.expiring.remove(&(expires, id.to_string()));
         }
         self.idle.remove(id);
+        if let Some((tenant, r)) = self.usage_index.remove(id) {
+            if let Some(u) = self.tenant_usage.get_mut(&tenant) {
+                u.sub(&r);
+                if u.slots == 0 {
+                    self.tenant_usage.remove(&tenant);
+                }
+            }
+        }
         if let Some(from) = self.moving_of.remove(id) {
             if let Some(set) = self.moving.get_mut(&from) {
                 set.remove(id);
@@ -342,6 +510,9 @@ impl ClusterState {
         if s.phase.is_terminal() {
             return;
         }
+        let r = Resources::of(&s.spec);
+        self.tenant_usage.entry(s.tenant.clone()).or_default().add(&r);
+        self.usage_index.insert(s.id.clone(), (s.tenant.clone(), r));
         self.expiring.insert((s.expires_at_ms, s.id.clone()));
         if s.node_id.is_none() && matches!(s.phase, SessionPhase::Pending | SessionPhase::Lost) {
             self.unplaced.insert((s.created_at_ms, s.id.clone()));
@@ -402,6 +573,77 @@ impl ClusterState {
         }
     }
 
+    /// A tenant by name; the default tenant always exists.
+    pub fn tenant(&self, name: &str) -> Option<TenantRecord> {
+        match self.tenants.get(name) {
+            Some(t) => Some(t.clone()),
+            None if name == DEFAULT_TENANT => Some(TenantRecord::implicit_default()),
+            None => None,
+        }
+    }
+
+    /// Every tenant, the default one included, by name.
+    pub fn all_tenants(&self) -> Vec<TenantRecord> {
+        let mut out: Vec<TenantRecord> = self.tenants.values().cloned().collect();
+        if !self.tenants.contains_key(DEFAULT_TENANT) {
+            out.push(TenantRecord::implicit_default());
+            out.sort_by(|a, b| a.name.cmp(&b.name));
+        }
+        out
+    }
+
+    /// What a tenant's live sessions hold (`slots` = sessions).
+    pub fn usage_of(&self, tenant: &str) -> Resources {
+        self.tenant_usage.get(tenant).copied().unwrap_or_default()
+    }
+
+    /// Whether one more session needing `need` fits the tenant's quota; the
+    /// error names the quota, its limit and its use.
+    pub fn quota_allows(&self, tenant: &TenantRecord, need: &Resources) -> Result<(), String> {
+        let used = self.usage_of(&tenant.name);
+        let q = &tenant.quota;
+        let name = &tenant.name;
+        if q.max_sessions > 0 && used.slots + need.slots > q.max_sessions {
+            return Err(format!(
+                "tenant {name:?} quota exceeded: sessions {} of {} in use",
+                used.slots, q.max_sessions
+            ));
+        }
+        if q.max_cpu_millis > 0 && used.cpu_millis + need.cpu_millis > q.max_cpu_millis {
+            return Err(format!(
+                "tenant {name:?} quota exceeded: cpu {}m of {}m in use; this session reserves {}m",
+                used.cpu_millis, q.max_cpu_millis, need.cpu_millis
+            ));
+        }
+        if q.max_memory_bytes > 0 && used.memory_bytes + need.memory_bytes > q.max_memory_bytes {
+            return Err(format!(
+                "tenant {name:?} quota exceeded: memory {} of {} bytes in use; this session needs {}",
+                used.memory_bytes, q.max_memory_bytes, need.memory_bytes
+            ));
+        }
+        Ok(())
+    }
+
+    /// Resolves an API key to its caller: the record must exist, hold this
+    /// key's hash, and be neither revoked nor expired at `now_ms`.
+    pub fn authenticate_key(&self, key: &ApiKey, now_ms: i64) -> Result<Caller, KeyRefused> {
+        let rec = self.api_keys.get(&key.id).ok_or(KeyRefused::Unknown)?;
+        if !key.matches(&rec.secret_hash) {
+            return Err(KeyRefused::WrongSecret);
+        }
+        if rec.revoked_at_ms != 0 {
+            return Err(KeyRefused::Revoked);
+        }
+        if rec.expires_at_ms != 0 && now_ms >= rec.expires_at_ms {
+            return Err(KeyRefused::Expired);
+        }
+        Ok(Caller {
+            principal: Principal::ApiKey { key_id: rec.id.clone() },
+            tenant: rec.tenant.clone(),
+            role: rec.role,
+        })
+    }
+
     /// Applies one command. Never fails: a command that cannot apply is
     /// answered with [`CommandResponse::Rejected`] and changes nothing.
     pub fn apply(&mut self, cmd: Command, touched: &mut Touched) -> CommandResponse {
@@ -430,12 +672,27 @@ impl ClusterState {
                 }
                 CommandResponse::Ok
             }
-            Command::CreateSession { mut session } => {
-                if let Some(existing) = self.request_ids.get(&session.request_id).and_then(|id| self.sessions.get(id)) {
+            Command::CreateSession { mut session, key_id } => {
+                let rkey = request_key(&session.tenant, &session.request_id);
+                if let Some(existing) = self.request_ids.get(&rkey).and_then(|id| self.sessions.get(id)) {
                     return CommandResponse::Existing(existing.clone());
                 }
                 if self.sessions.contains_key(&session.id) {
                     return CommandResponse::Rejected(format!("session id {} already exists", session.id));
+                }
+                if let Some(key_id) = &key_id {
+                    let valid = self.api_keys.get(key_id).is_some_and(|k| {
+                        k.is_active(session.created_at_ms) && (k.role == Role::Admin || k.tenant == session.tenant)
+                    });
+                    if !valid {
+                        return CommandResponse::KeyRefused;
+                    }
+                }
+                let Some(tenant) = self.tenant(&session.tenant) else {
+                    return CommandResponse::Rejected(format!("tenant {:?} does not exist", session.tenant));
+                };
+                if let Err(why) = self.quota_allows(&tenant, &Resources::of(&session.spec)) {
+                    return CommandResponse::QuotaExceeded(why);
                 }
                 if let Some(node) = session.node_id.clone() {
                     if self.scheduler_paused {
@@ -450,11 +707,73 @@ impl ClusterState {
                     }
                 }
                 self.hold(&session);
-                self.request_ids.insert(session.request_id.clone(), session.id.clone());
-                touched.request_ids.push(session.request_id.clone());
+                self.request_ids.insert(rkey.clone(), session.id.clone());
+                touched.request_ids.push(rkey);
                 touched.sessions.push(session.id.clone());
                 self.sessions.insert(session.id.clone(), session.clone());
                 CommandResponse::Session(session)
+            }
+            Command::CreateTenant { tenant } => {
+                if tenant.name == DEFAULT_TENANT || self.tenants.contains_key(&tenant.name) {
+                    return CommandResponse::AlreadyExists(format!("tenant {:?} already exists", tenant.name));
+                }
+                touched.auth = true;
+                self.tenants.insert(tenant.name.clone(), tenant.clone());
+                CommandResponse::Tenant(tenant)
+            }
+            Command::UpdateTenant { name, update } => {
+                let Some(mut t) = self.tenant(&name) else {
+                    return CommandResponse::Missing(format!("tenant {name:?} not found"));
+                };
+                let q = &mut t.quota;
+                q.max_sessions = update.max_sessions.unwrap_or(q.max_sessions);
+                q.max_cpu_millis = update.max_cpu_millis.unwrap_or(q.max_cpu_millis);
+                q.max_memory_bytes = update.max_memory_bytes.unwrap_or(q.max_memory_bytes);
+                if self.tenants.get(&name) != Some(&t) {
+                    touched.auth = true;
+                    self.tenants.insert(name, t.clone());
+                }
+                CommandResponse::Tenant(t)
+            }
+            Command::DeleteTenant { name, now_ms } => {
+                if name == DEFAULT_TENANT {
+                    return CommandResponse::Rejected("the default tenant cannot be deleted".into());
+                }
+                if !self.tenants.contains_key(&name) {
+                    return CommandResponse::Missing(format!("tenant {name:?} not found"));
+                }
+                let live = self.tenant_usage.get(&name).map_or(0, |u| u.slots);
+                let keys = self.api_keys.values().filter(|k| k.tenant == name && k.is_active(now_ms)).count();
+                if live > 0 || keys > 0 {
+                    return CommandResponse::Rejected(format!(
+                        "tenant {name:?} still has {live} live sessions and {keys} active API keys; \
+                         delete the sessions and revoke the keys first"
+                    ));
+                }
+                touched.auth = true;
+                self.tenants.remove(&name);
+                CommandResponse::Ok
+            }
+            Command::CreateApiKey { key } => {
+                if self.tenant(&key.tenant).is_none() {
+                    return CommandResponse::Missing(format!("tenant {:?} not found", key.tenant));
+                }
+                if self.api_keys.contains_key(&key.id) {
+                    return CommandResponse::AlreadyExists(format!("API key id {} already exists", key.id));
+                }
+                touched.auth = true;
+                self.api_keys.insert(key.id.clone(), key.clone());
+                CommandResponse::ApiKey(key)
+            }
+            Command::RevokeApiKey { id, now_ms } => {
+                let Some(k) = self.api_keys.get_mut(&id) else {
+                    return CommandResponse::Missing(format!("API key {id} not found"));
+                };
+                if k.revoked_at_ms == 0 {
+                    k.revoked_at_ms = now_ms;
+                    touched.auth = true;
+                }
+                CommandResponse::ApiKey(k.clone())
             }
             Command::PlaceSessions { placements, now_ms } => {
                 let mut placed = Vec::with_capacity(placements.len());
@@ -530,11 +849,12 @@ impl ClusterState {
                 }
                 CommandResponse::Sessions(out)
             }
-            Command::TerminateSessions { ids, message, now_ms } => {
+            Command::TerminateSessions { ids, message, now_ms, tenant } => {
                 let mut out = Vec::with_capacity(ids.len());
                 let single = ids.len() == 1;
                 for id in ids {
-                    let Some(s) = self.sessions.get(&id).cloned() else {
+                    let visible = |s: &SessionRecord| tenant.as_ref().is_none_or(|t| *t == s.tenant);
+                    let Some(s) = self.sessions.get(&id).filter(|s| visible(s)).cloned() else {
                         // A single delete reports NOT_FOUND; batches skip unknown ids.
                         if single {
                             return CommandResponse::NotFound(id);
@@ -557,8 +877,9 @@ impl ClusterState {
                 }
                 CommandResponse::Sessions(out)
             }
-            Command::RenewSession { id, expires_at_ms, now_ms } => {
-                let Some(s) = self.sessions.get_mut(&id) else {
+            Command::RenewSession { id, expires_at_ms, now_ms, tenant } => {
+                let Some(s) = self.sessions.get_mut(&id).filter(|s| tenant.as_ref().is_none_or(|t| *t == s.tenant))
+                else {
                     return CommandResponse::NotFound(id);
                 };
                 if s.phase.is_terminal() {
@@ -754,6 +1075,13 @@ impl ClusterState {
         }
         h.update(&self.signing_seed);
         h.update([u8::from(self.scheduler_paused)]);
+        // Only when present, so a state without tenants keeps its old digest.
+        for t in self.tenants.values() {
+            h.update(serde_json::to_vec(t).unwrap_or_default());
+        }
+        for k in self.api_keys.values() {
+            h.update(serde_json::to_vec(k).unwrap_or_default());
+        }
         hex::encode(h.finalize())
     }
 }
@@ -790,6 +1118,7 @@ mod tests {
             not_before_ms: 0,
             moved_from: None,
             renewed_at_ms: 0,
+            tenant: DEFAULT_TENANT.into(),
         }
     }
 
@@ -818,9 +1147,9 @@ mod tests {
     fn create_is_idempotent_on_request_id() {
         let mut st = ClusterState::default();
         let mut t = Touched::default();
-        let r1 = st.apply(Command::CreateSession { session: session("a", "r", None, 100) }, &mut t);
+        let r1 = st.apply(Command::CreateSession { session: session("a", "r", None, 100), key_id: None }, &mut t);
         assert!(matches!(r1, CommandResponse::Session(_)));
-        let r2 = st.apply(Command::CreateSession { session: session("b", "r", None, 100) }, &mut t);
+        let r2 = st.apply(Command::CreateSession { session: session("b", "r", None, 100), key_id: None }, &mut t);
         match r2 {
             CommandResponse::Existing(s) => assert_eq!(s.id, "a"),
             other => panic!("unexpected {other:?}"),
@@ -845,7 +1174,7 @@ mod tests {
         let mut st = ClusterState::default();
         let mut t = Touched::default();
         st.apply(Command::RegisterNode { node: node("n1", 1000) }, &mut t);
-        st.apply(Command::CreateSession { session: session("a", "r1", Some("n1"), 100) }, &mut t);
+        st.apply(Command::CreateSession { session: session("a", "r1", Some("n1"), 100), key_id: None }, &mut t);
         st.apply(Command::NodeDown { node_id: "n1".into(), now_ms: 10, keep: vec![] }, &mut t);
         let mut back: ClusterState = serde_json::from_slice(&serde_json::to_vec(&st).unwrap()).unwrap();
         back.rebuild_indexes();
@@ -858,15 +1187,18 @@ mod tests {
         let mut st = ClusterState::default();
         let mut t = Touched::default();
         st.apply(Command::RegisterNode { node: node("n1", 1000) }, &mut t);
-        st.apply(Command::CreateSession { session: session("a", "r1", Some("n1"), 800) }, &mut t);
+        st.apply(Command::CreateSession { session: session("a", "r1", Some("n1"), 800), key_id: None }, &mut t);
         // A concurrent placement decided on the same free capacity falls back to pending.
-        let r = st.apply(Command::CreateSession { session: session("b", "r2", Some("n1"), 800) }, &mut t);
+        let r = st.apply(Command::CreateSession { session: session("b", "r2", Some("n1"), 800), key_id: None }, &mut t);
         let CommandResponse::Session(b) = r else { panic!() };
         assert_eq!(b.node_id, None);
         assert_eq!(b.pending_reason, PendingReason::FilledUp { node: "n1".into() });
         assert_eq!(st.allocated_on("n1").cpu_millis, 800);
 
-        st.apply(Command::TerminateSessions { ids: vec!["a".into()], message: "deleted".into(), now_ms: 2 }, &mut t);
+        st.apply(
+            Command::TerminateSessions { ids: vec!["a".into()], message: "deleted".into(), now_ms: 2, tenant: None },
+            &mut t,
+        );
         assert_eq!(st.allocated_on("n1").cpu_millis, 0);
         let r = st.apply(place("b", "n1", 0, 3), &mut t);
         let CommandResponse::Sessions(placed) = r else { panic!("{r:?}") };
@@ -879,7 +1211,7 @@ mod tests {
         let mut st = ClusterState::default();
         let mut t = Touched::default();
         st.apply(Command::RegisterNode { node: node("n1", 1000) }, &mut t);
-        st.apply(Command::CreateSession { session: session("a", "r1", Some("n1"), 100) }, &mut t);
+        st.apply(Command::CreateSession { session: session("a", "r1", Some("n1"), 100), key_id: None }, &mut t);
         let report = |generation| Command::ReportSessions {
             node_id: "n1".into(),
             reports: vec![Report { id: "a".into(), generation, phase: SessionPhase::Running, message: String::new() }],
@@ -908,7 +1240,7 @@ mod tests {
         let mut st = ClusterState::default();
         let mut t = Touched::default();
         st.apply(Command::RegisterNode { node: node("n1", 1000) }, &mut t);
-        st.apply(Command::CreateSession { session: session("a", "r1", Some("n1"), 100) }, &mut t);
+        st.apply(Command::CreateSession { session: session("a", "r1", Some("n1"), 100), key_id: None }, &mut t);
         let json = serde_json::to_vec(&st).unwrap();
         let mut back: ClusterState = serde_json::from_slice(&json).unwrap();
         back.rebuild_indexes();
@@ -921,17 +1253,20 @@ mod tests {
         let mut st = ClusterState::default();
         let mut t = Touched::default();
         st.apply(Command::RegisterNode { node: node("n1", 1000) }, &mut t);
-        st.apply(Command::CreateSession { session: session("a", "r1", None, 100) }, &mut t);
-        st.apply(Command::CreateSession { session: session("b", "r2", Some("n1"), 100) }, &mut t);
+        st.apply(Command::CreateSession { session: session("a", "r1", None, 100), key_id: None }, &mut t);
+        st.apply(Command::CreateSession { session: session("b", "r2", Some("n1"), 100), key_id: None }, &mut t);
         assert_eq!(st.unplaced.iter().map(|(_, id)| id.as_str()).collect::<Vec<_>>(), ["a"]);
         assert_eq!(st.expired_at(99), Vec::<String>::new());
         assert_eq!(st.expired_at(100), ["a", "b"]);
 
         st.apply(place("a", "n1", 0, 2), &mut t);
         assert!(st.unplaced.is_empty());
-        st.apply(Command::RenewSession { id: "a".into(), expires_at_ms: 500, now_ms: 3 }, &mut t);
+        st.apply(Command::RenewSession { id: "a".into(), expires_at_ms: 500, now_ms: 3, tenant: None }, &mut t);
         assert_eq!(st.expired_at(100), ["b"]);
-        st.apply(Command::TerminateSessions { ids: vec!["b".into()], message: "deleted".into(), now_ms: 4 }, &mut t);
+        st.apply(
+            Command::TerminateSessions { ids: vec!["b".into()], message: "deleted".into(), now_ms: 4, tenant: None },
+            &mut t,
+        );
         assert_eq!(st.expired_at(1000), ["a"]);
 
         let json = serde_json::to_vec(&st).unwrap();
@@ -957,7 +1292,7 @@ mod tests {
         let mut a = session("a", "r1", Some("n1"), 100);
         a.spec.max_attempts = 1;
         a.spec.backoff_ms = 400;
-        st.apply(Command::CreateSession { session: a }, &mut t);
+        st.apply(Command::CreateSession { session: a, key_id: None }, &mut t);
         running(&mut st, &mut t, "a", "n1");
 
         let CommandResponse::Sessions(lost) =
@@ -993,8 +1328,8 @@ mod tests {
         let mut st = ClusterState::default();
         let mut t = Touched::default();
         st.apply(Command::RegisterNode { node: node("n1", 1000) }, &mut t);
-        st.apply(Command::CreateSession { session: session("a", "r1", Some("n1"), 100) }, &mut t);
-        st.apply(Command::CreateSession { session: session("b", "r2", Some("n1"), 100) }, &mut t);
+        st.apply(Command::CreateSession { session: session("a", "r1", Some("n1"), 100), key_id: None }, &mut t);
+        st.apply(Command::CreateSession { session: session("b", "r2", Some("n1"), 100), key_id: None }, &mut t);
         st.apply(Command::NodeDown { node_id: "n1".into(), now_ms: 10, keep: vec!["b".into()] }, &mut t);
         assert_eq!(st.sessions["a"].phase, SessionPhase::Lost);
         assert_eq!(st.sessions["b"].phase, SessionPhase::Pending);
@@ -1013,7 +1348,7 @@ mod tests {
         let mut t = Touched::default();
         st.apply(Command::RegisterNode { node: node("n1", 1000) }, &mut t);
         st.apply(Command::RegisterNode { node: node("n2", 1000) }, &mut t);
-        st.apply(Command::CreateSession { session: session("a", "r1", Some("n1"), 100) }, &mut t);
+        st.apply(Command::CreateSession { session: session("a", "r1", Some("n1"), 100), key_id: None }, &mut t);
         let v0 = st.node_version("n1");
         let drain = DrainRecord { started_at_ms: 5, deadline_ms: 100, max_parallel: 1 };
         assert_eq!(st.apply(Command::DrainNode { node_id: "n1".into(), drain }, &mut t), CommandResponse::Ok);
@@ -1048,7 +1383,7 @@ mod tests {
         st.apply(Command::SetSchedulerPaused { paused: true }, &mut t);
         assert!(t.meta, "the pause is persisted with the state machine's meta");
         // A create that the service placed before the pause committed waits instead.
-        let r = st.apply(Command::CreateSession { session: session("a", "r1", Some("n1"), 100) }, &mut t);
+        let r = st.apply(Command::CreateSession { session: session("a", "r1", Some("n1"), 100), key_id: None }, &mut t);
         let CommandResponse::Session(a) = r else { panic!("{r:?}") };
         assert_eq!((a.node_id.as_deref(), a.generation), (None, 0));
         assert_eq!(a.pending_reason, PendingReason::Paused);
@@ -1062,5 +1397,254 @@ mod tests {
         st.apply(place("a", "n1", 0, 3), &mut t);
         let a = &st.sessions["a"];
         assert_eq!((a.node_id.as_deref(), a.generation), (Some("n1"), 1));
+    }
+
+    fn tenant(name: &str, max_sessions: u64, max_cpu_millis: u64, max_memory_bytes: u64) -> Command {
+        Command::CreateTenant {
+            tenant: TenantRecord {
+                name: name.into(),
+                quota: Quota { max_sessions, max_cpu_millis, max_memory_bytes },
+                created_at_ms: 1,
+            },
+        }
+    }
+
+    fn of_tenant(id: &str, rid: &str, tenant: &str, cpu: u32) -> SessionRecord {
+        SessionRecord { tenant: tenant.into(), ..session(id, rid, None, cpu) }
+    }
+
+    fn key_record(key: &ApiKey, tenant: &str, role: Role, expires_at_ms: i64) -> ApiKeyRecord {
+        ApiKeyRecord {
+            id: key.id.clone(),
+            tenant: tenant.into(),
+            role,
+            secret_hash: key.secret_hash(),
+            created_at_ms: 1,
+            expires_at_ms,
+            revoked_at_ms: 0,
+        }
+    }
+
+    fn create(st: &mut ClusterState, s: SessionRecord, key_id: Option<&str>) -> CommandResponse {
+        st.apply(Command::CreateSession { session: s, key_id: key_id.map(Into::into) }, &mut Touched::default())
+    }
+
+    #[test]
+    fn quotas_are_checked_at_apply_against_live_sessions() {
+        let mut st = ClusterState::default();
+        let mut t = Touched::default();
+        st.apply(tenant("a", 2, 0, 0), &mut t);
+        assert!(t.auth, "tenants are written through");
+        // Sequential applies stand for concurrent creates: each sees the ones before.
+        let results: Vec<CommandResponse> =
+            (0..5).map(|i| create(&mut st, of_tenant(&format!("s{i}"), &format!("r{i}"), "a", 100), None)).collect();
+        let ok = results.iter().filter(|r| matches!(r, CommandResponse::Session(_))).count();
+        assert_eq!(ok, 2);
+        assert_eq!(
+            results[2],
+            CommandResponse::QuotaExceeded("tenant \"a\" quota exceeded: sessions 2 of 2 in use".into())
+        );
+        assert_eq!(st.sessions.len(), 2, "a refused create changes nothing");
+        assert!(!st.request_ids.contains_key(&request_key("a", "r2")));
+        // Other tenants are not limited by a's quota.
+        assert!(matches!(
+            create(&mut st, of_tenant("d1", "r9", DEFAULT_TENANT, 100), None),
+            CommandResponse::Session(_)
+        ));
+        // Ending a session frees its place; a retry of a committed create still answers Existing.
+        st.apply(
+            Command::TerminateSessions { ids: vec!["s0".into()], message: "x".into(), now_ms: 3, tenant: None },
+            &mut t,
+        );
+        assert_eq!(st.usage_of("a").slots, 1);
+        assert!(matches!(create(&mut st, of_tenant("s5", "r5", "a", 100), None), CommandResponse::Session(_)));
+        assert!(matches!(create(&mut st, of_tenant("s6", "r5", "a", 100), None), CommandResponse::Existing(_)));
+
+        // CPU (reserved millicores) and memory quotas.
+        st.apply(tenant("b", 0, 1000, 3 << 20), &mut t);
+        assert!(matches!(create(&mut st, of_tenant("b1", "r1", "b", 600), None), CommandResponse::Session(_)));
+        let r = create(&mut st, of_tenant("b2", "r2", "b", 600), None);
+        let CommandResponse::QuotaExceeded(why) = r else { panic!("{r:?}") };
+        assert_eq!(why, "tenant \"b\" quota exceeded: cpu 600m of 1000m in use; this session reserves 600m");
+        assert!(matches!(create(&mut st, of_tenant("b3", "r3", "b", 400), None), CommandResponse::Session(_)));
+        st.apply(
+            Command::UpdateTenant {
+                name: "b".into(),
+                update: QuotaUpdate { max_cpu_millis: Some(0), ..Default::default() },
+            },
+            &mut t,
+        );
+        assert!(matches!(create(&mut st, of_tenant("b4", "r4", "b", 400), None), CommandResponse::Session(_)));
+        let r = create(&mut st, of_tenant("b5", "r5", "b", 400), None);
+        let CommandResponse::QuotaExceeded(why) = r else { panic!("{r:?}") };
+        assert!(why.starts_with("tenant \"b\" quota exceeded: memory 3145728 of 3145728 bytes in use"), "{why}");
+
+        // The usage index survives a reload.
+        let mut back: ClusterState = serde_json::from_slice(&serde_json::to_vec(&st).unwrap()).unwrap();
+        back.rebuild_indexes();
+        assert_eq!(back.tenant_usage, st.tenant_usage);
+        assert_eq!(back.digest(), st.digest());
+    }
+
+    #[test]
+    fn request_ids_are_scoped_per_tenant_and_unknown_tenants_create_nothing() {
+        let mut st = ClusterState::default();
+        st.apply(tenant("a", 0, 0, 0), &mut Touched::default());
+        let CommandResponse::Session(x) = create(&mut st, of_tenant("x", "same", DEFAULT_TENANT, 100), None) else {
+            panic!()
+        };
+        let CommandResponse::Session(y) = create(&mut st, of_tenant("y", "same", "a", 100), None) else { panic!() };
+        assert_ne!(x.id, y.id, "tenant a's request id must not return the default tenant's session");
+        assert_eq!(st.request_ids.get("same"), Some(&x.id));
+        assert_eq!(st.request_ids.get("a/same"), Some(&y.id));
+        let r = create(&mut st, of_tenant("z", "r", "ghost", 100), None);
+        assert!(matches!(r, CommandResponse::Rejected(_)), "{r:?}");
+    }
+
+    #[test]
+    fn keys_authenticate_only_when_known_right_unrevoked_and_unexpired() {
+        let mut st = ClusterState::default();
+        let mut t = Touched::default();
+        st.apply(tenant("a", 0, 0, 0), &mut t);
+        let key = ApiKey::generate();
+        let r = st.apply(Command::CreateApiKey { key: key_record(&key, "ghost", Role::User, 0) }, &mut t);
+        assert_eq!(r, CommandResponse::Missing("tenant \"ghost\" not found".into()));
+        st.apply(Command::CreateApiKey { key: key_record(&key, "a", Role::User, 1000) }, &mut t);
+        let again = st.apply(Command::CreateApiKey { key: key_record(&key, "a", Role::User, 0) }, &mut t);
+        assert!(matches!(again, CommandResponse::AlreadyExists(_)));
+
+        let caller = st.authenticate_key(&key, 10).unwrap();
+        assert_eq!((caller.tenant.as_str(), caller.role, caller.key_id()), ("a", Role::User, Some(key.id.as_str())));
+        let mut wrong = key.clone();
+        wrong.secret = ApiKey::generate().secret;
+        assert_eq!(st.authenticate_key(&wrong, 10), Err(KeyRefused::WrongSecret));
+        assert_eq!(st.authenticate_key(&ApiKey::generate(), 10), Err(KeyRefused::Unknown));
+        assert_eq!(st.authenticate_key(&key, 1000), Err(KeyRefused::Expired));
+        st.apply(Command::RevokeApiKey { id: key.id.clone(), now_ms: 20 }, &mut t);
+        assert_eq!(st.authenticate_key(&key, 10), Err(KeyRefused::Revoked));
+        // Revoking again keeps the first revocation time.
+        let r = st.apply(Command::RevokeApiKey { id: key.id.clone(), now_ms: 30 }, &mut t);
+        let CommandResponse::ApiKey(k) = r else { panic!() };
+        assert_eq!(k.revoked_at_ms, 20);
+        let r = st.apply(Command::RevokeApiKey { id: "0123456789abcdef".into(), now_ms: 30 }, &mut t);
+        assert!(matches!(r, CommandResponse::Missing(_)));
+    }
+
+    #[test]
+    fn a_create_rechecks_its_key_at_apply() {
+        let mut st = ClusterState::default();
+        let mut t = Touched::default();
+        st.apply(tenant("a", 0, 0, 0), &mut t);
+        let key = ApiKey::generate();
+        st.apply(Command::CreateApiKey { key: key_record(&key, "a", Role::User, 0) }, &mut t);
+        assert!(matches!(create(&mut st, of_tenant("s1", "r1", "a", 100), Some(&key.id)), CommandResponse::Session(_)));
+        // A user key cannot create in another tenant, even if a service got that wrong.
+        let r = create(&mut st, of_tenant("s2", "r2", DEFAULT_TENANT, 100), Some(&key.id));
+        assert_eq!(r, CommandResponse::KeyRefused);
+        // Revoked between the service's check and the commit: nothing is created.
+        st.apply(Command::RevokeApiKey { id: key.id.clone(), now_ms: 1 }, &mut t);
+        let before = st.digest();
+        assert_eq!(create(&mut st, of_tenant("s3", "r3", "a", 100), Some(&key.id)), CommandResponse::KeyRefused);
+        assert_eq!(st.digest(), before);
+        assert_eq!(
+            create(&mut st, of_tenant("s4", "r4", "a", 100), Some("0000000000000000")),
+            CommandResponse::KeyRefused
+        );
+    }
+
+    #[test]
+    fn tenants_with_sessions_or_active_keys_are_not_deleted() {
+        let mut st = ClusterState::default();
+        let mut t = Touched::default();
+        st.apply(tenant("a", 0, 0, 0), &mut t);
+        assert!(matches!(st.apply(tenant("a", 0, 0, 0), &mut t), CommandResponse::AlreadyExists(_)));
+        assert!(matches!(st.apply(tenant(DEFAULT_TENANT, 0, 0, 0), &mut t), CommandResponse::AlreadyExists(_)));
+        let del = |st: &mut ClusterState, name: &str| {
+            st.apply(Command::DeleteTenant { name: name.into(), now_ms: 50 }, &mut Touched::default())
+        };
+        assert!(matches!(del(&mut st, DEFAULT_TENANT), CommandResponse::Rejected(_)));
+        assert!(matches!(del(&mut st, "nope"), CommandResponse::Missing(_)));
+
+        create(&mut st, of_tenant("s1", "r1", "a", 100), None);
+        let key = ApiKey::generate();
+        st.apply(Command::CreateApiKey { key: key_record(&key, "a", Role::Admin, 0) }, &mut t);
+        let expired = ApiKey::generate();
+        st.apply(Command::CreateApiKey { key: key_record(&expired, "a", Role::User, 40) }, &mut t);
+        let r = del(&mut st, "a");
+        assert_eq!(
+            r,
+            CommandResponse::Rejected(
+                "tenant \"a\" still has 1 live sessions and 1 active API keys; delete the sessions and revoke the keys first"
+                    .into()
+            )
+        );
+        st.apply(
+            Command::TerminateSessions { ids: vec!["s1".into()], message: "x".into(), now_ms: 2, tenant: None },
+            &mut t,
+        );
+        assert!(matches!(del(&mut st, "a"), CommandResponse::Rejected(_)), "the key is still active");
+        st.apply(Command::RevokeApiKey { id: key.id.clone(), now_ms: 3 }, &mut t);
+        assert_eq!(del(&mut st, "a"), CommandResponse::Ok);
+        assert!(st.tenant("a").is_none());
+        assert_eq!(st.all_tenants().iter().map(|t| t.name.as_str()).collect::<Vec<_>>(), [DEFAULT_TENANT]);
+    }
+
+    #[test]
+    fn scoped_deletes_and_renewals_do_not_see_other_tenants() {
+        let mut st = ClusterState::default();
+        let mut t = Touched::default();
+        st.apply(tenant("a", 0, 0, 0), &mut t);
+        create(&mut st, of_tenant("s1", "r1", "a", 100), None);
+        let other = Some("b".to_string());
+        let r = st.apply(
+            Command::TerminateSessions {
+                ids: vec!["s1".into()],
+                message: "x".into(),
+                now_ms: 2,
+                tenant: other.clone(),
+            },
+            &mut t,
+        );
+        assert_eq!(r, CommandResponse::NotFound("s1".into()));
+        let r = st.apply(Command::RenewSession { id: "s1".into(), expires_at_ms: 9, now_ms: 2, tenant: other }, &mut t);
+        assert_eq!(r, CommandResponse::NotFound("s1".into()));
+        assert_eq!(st.sessions["s1"].phase, SessionPhase::Pending);
+        let own = Some("a".to_string());
+        let r = st.apply(
+            Command::TerminateSessions { ids: vec!["s1".into()], message: "x".into(), now_ms: 2, tenant: own },
+            &mut t,
+        );
+        assert!(matches!(r, CommandResponse::Sessions(v) if v[0].phase == SessionPhase::Terminated));
+    }
+
+    #[test]
+    fn logs_and_snapshots_from_before_tenants_still_load() {
+        // A session, a create command and a whole state as they were written before tenants.
+        let mut old = serde_json::to_value(session("a", "r1", None, 100)).unwrap();
+        old.as_object_mut().unwrap().remove("tenant");
+        let s: SessionRecord = serde_json::from_value(old.clone()).unwrap();
+        assert_eq!(s.tenant, DEFAULT_TENANT);
+        let cmd = serde_json::json!({ "CreateSession": { "session": old } });
+        let Command::CreateSession { session, key_id: None } = serde_json::from_value(cmd).unwrap() else { panic!() };
+        assert_eq!(session.tenant, DEFAULT_TENANT);
+        let cmd = r#"{"TerminateSessions":{"ids":["a"],"message":"m","now_ms":1}}"#;
+        assert!(matches!(serde_json::from_str(cmd).unwrap(), Command::TerminateSessions { tenant: None, .. }));
+        let cmd = r#"{"RenewSession":{"id":"a","expires_at_ms":5,"now_ms":1}}"#;
+        assert!(matches!(serde_json::from_str(cmd).unwrap(), Command::RenewSession { tenant: None, .. }));
+
+        let mut st = ClusterState::default();
+        st.apply(Command::CreateSession { session, key_id: None }, &mut Touched::default());
+        let digest = st.digest();
+        let mut json = serde_json::to_value(&st).unwrap();
+        json.as_object_mut().unwrap().remove("tenants");
+        json.as_object_mut().unwrap().remove("api_keys");
+        for s in json["sessions"].as_object_mut().unwrap().values_mut() {
+            s.as_object_mut().unwrap().remove("tenant");
+        }
+        let mut back: ClusterState = serde_json::from_value(json).unwrap();
+        back.rebuild_indexes();
+        assert_eq!(back.digest(), digest, "a state without tenants keeps its digest");
+        assert_eq!(back.usage_of(DEFAULT_TENANT).slots, 1);
+        assert!(back.request_ids.contains_key("r1"), "default-tenant request ids keep their old keys");
     }
 }

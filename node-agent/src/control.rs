@@ -14,8 +14,8 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use sandfleet_common::token::TokenVerifier;
 use sandfleet_common::tls::TlsDialer;
+use sandfleet_common::token::TokenVerifier;
 use sandfleet_proto::v1::{self as pb, agent_service_client::AgentServiceClient};
 use tokio::sync::{Notify, RwLock};
 use tokio_util::sync::CancellationToken;
@@ -51,6 +51,9 @@ pub struct LocalSession {
     pub idle_timeout_ms: u64,
     /// Last exec or file call, or when it was assigned or renewed (Unix ms).
     pub last_active_ms: i64,
+    /// The session's tenant, from its assignment; empty while unknown (a
+    /// session rediscovered after a restart, until its assignment arrives).
+    pub tenant: String,
 }
 
 impl LocalSession {
@@ -62,6 +65,12 @@ impl LocalSession {
             fence_after_ms: a.fence_after_ms,
             idle_timeout_ms: a.spec.as_ref().map_or(0, |s| s.idle_timeout_seconds.saturating_mul(1000)),
             last_active_ms: now_ms,
+            // An assignment from a coordinator older than tenants is the default tenant's.
+            tenant: if a.tenant.is_empty() {
+                sandfleet_common::auth::DEFAULT_TENANT.to_string()
+            } else {
+                a.tenant.clone()
+            },
         }
     }
 }
@@ -92,6 +101,8 @@ pub struct AgentState {
     pub syncer: Option<Arc<Syncer>>,
     /// Coordinator addresses, to ask whether a session that left this node ended for good.
     pub coordinators: Vec<String>,
+    /// Mutual TLS toward `coordinators`; `None` on an `--insecure` loopback cluster.
+    pub coordinator_tls: Option<TlsDialer>,
     /// Sessions being taken off this node (final sync, destroy) right now.
     stopping: Mutex<std::collections::HashSet<String>>,
     /// Channels to `coordinators`, made on first use.
@@ -131,6 +142,7 @@ impl AgentState {
             assignments_version: std::sync::atomic::AtomicU64::new(0),
             syncer: None,
             coordinators: Vec::new(),
+            coordinator_tls: None,
             stopping: Mutex::new(std::collections::HashSet::new()),
             coordinator_channels: std::sync::OnceLock::new(),
         }
@@ -216,23 +228,18 @@ impl AgentState {
     /// failed) rather than moved. Unknown (no coordinator answers) counts as
     /// moved, so a workspace is never deleted on a guess.
     async fn ended_for_good(&self, id: &str) -> bool {
-        use sandfleet_proto::v1::session_service_client::SessionServiceClient;
         // Lazy channels, made once and reused: this runs for every session that leaves.
-        let channels = self
-            .coordinator_channels
-            .get_or_init(|| self.coordinators.iter().filter_map(|a| channel(a).ok()).collect());
+        let channels = self.coordinator_channels.get_or_init(|| {
+            self.coordinators.iter().filter_map(|a| channel(a, self.coordinator_tls.as_ref()).ok()).collect()
+        });
         for ch in channels.iter().cloned() {
-            let mut req = tonic::Request::new(pb::GetSessionRequest { id: id.to_string(), ..Default::default() });
+            let mut req = tonic::Request::new(pb::SessionEndedRequest {
+                node_id: self.node_id.clone(),
+                session_id: id.to_string(),
+            });
             req.set_timeout(Duration::from_secs(2));
-            match SessionServiceClient::new(ch).get_session(req).await {
-                Ok(resp) => {
-                    let state = resp.into_inner().session.map(|s| s.state).unwrap_or_default();
-                    return matches!(
-                        pb::SessionState::try_from(state),
-                        Ok(pb::SessionState::Terminated | pb::SessionState::Failed)
-                    );
-                }
-                Err(s) if s.code() == tonic::Code::NotFound => return true,
+            match AgentServiceClient::new(ch).session_ended(req).await {
+                Ok(resp) => return resp.into_inner().ended,
                 Err(_) => continue,
             }
         }
@@ -329,6 +336,7 @@ impl AgentState {
                     fence_after_ms: 0,
                     idle_timeout_ms: 0,
                     last_active_ms: sandfleet_common::time::now_ms(),
+                    tenant: String::new(),
                 },
             );
             if let Some(syncer) = &self.syncer {
@@ -536,8 +544,11 @@ pub struct Control {
 
 impl Control {
     pub fn new(state: Arc<AgentState>, config: ControlConfig) -> Result<Self, tonic::transport::Error> {
-        let clients =
-            config.coordinators.iter().map(|a| channel(a, config.tls.as_ref()).map(AgentServiceClient::new)).collect::<Result<_, _>>()?;
+        let clients = config
+            .coordinators
+            .iter()
+            .map(|a| channel(a, config.tls.as_ref()).map(AgentServiceClient::new))
+            .collect::<Result<_, _>>()?;
         Ok(Self { state, config, clients, current: 0 })
     }
 

@@ -1,7 +1,10 @@
 //! The data plane: ExecService and FileService, served by the agent that runs
 //! the session. Every call carries a session token signed by the cluster;
 //! the agent verifies it with the cluster's public key, checks it names this
-//! node, and refuses tokens for older placements.
+//! node, and refuses tokens for older placements. Tokens carry the session's
+//! tenant, which the agent checks against the tenant in the session's
+//! assignment; a token for another tenant's session learns nothing (NOT_FOUND,
+//! as for a session that is not here).
 //!
 //! At shutdown (the agent's token fires) running execs are killed and their
 //! callers get UNAVAILABLE ([`SHUTDOWN_MESSAGE`]) within [`EXEC_STOP_GRACE`],
@@ -14,7 +17,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use futures::{Stream, StreamExt};
-use sandfleet_common::token::bearer_from_metadata;
+use sandfleet_common::token::{bearer_from_metadata, TokenError};
 use sandfleet_common::{ids, limits, ValidationError};
 use sandfleet_proto::v1::{self as pb, exec_service_server::ExecService, file_service_server::FileService};
 use tokio::io::AsyncReadExt;
@@ -47,6 +50,12 @@ impl DataPlane {
     }
 
     /// Checks the token and that the session is ready here.
+    ///
+    /// A valid token for another session gets NOT_FOUND, with the text of a
+    /// session that is not here, unless that session is of the token's own
+    /// tenant: so a tenant cannot learn whether another tenant's session runs
+    /// here. A token whose tenant is not the session's is PERMISSION_DENIED
+    /// (the coordinators never sign one; this is defence in depth).
     async fn authorize(&self, md: &MetadataMap, session_id: &str) -> Result<(), Status> {
         ids::validate_session_id(session_id)?;
         let token = bearer_from_metadata(md)?;
@@ -55,17 +64,32 @@ impl DataPlane {
             let verifier = verifier
                 .as_ref()
                 .ok_or_else(|| Status::unavailable("agent has not registered with the cluster yet"))?;
-            verifier.verify(token, session_id, sandfleet_common::time::now_ms())?
+            verifier.verify_signed(token, sandfleet_common::time::now_ms())?
         };
+        let not_here =
+            || Status::not_found(format!("session {session_id} is not running on node {}", self.state.node_id));
+        let local = self.state.session(session_id);
+        if claims.sid != session_id {
+            return match &local {
+                Some(l) if l.tenant.is_empty() || l.tenant == claims.tenant() => {
+                    Err(TokenError::WrongSession(session_id.to_string()).into())
+                }
+                _ => Err(not_here()),
+            };
+        }
         if claims.node != self.state.node_id {
             return Err(Status::unauthenticated(format!(
                 "session token is for node {:?}, not {}; get the session again for a fresh token",
                 claims.node, self.state.node_id
             )));
         }
-        let local = self.state.session(session_id).ok_or_else(|| {
-            Status::not_found(format!("session {session_id} is not running on node {}", self.state.node_id))
-        })?;
+        let local = local.ok_or_else(not_here)?;
+        if !local.tenant.is_empty() && local.tenant != claims.tenant() {
+            return Err(Status::permission_denied(format!(
+                "session token is for tenant {:?}, not the session's",
+                claims.tenant()
+            )));
+        }
         if claims.generation < local.generation {
             return Err(Status::unauthenticated("session token is for an older placement; get the session again"));
         }

@@ -286,6 +286,7 @@ pub async fn serve(config: AgentConfig, shutdown: CancellationToken) -> Result<A
     let mut state = AgentState::new(config.node_id.clone(), runtime);
     state.syncer = syncer.clone();
     state.coordinators = config.coordinators.clone();
+    state.coordinator_tls = coordinator_tls.clone();
     let state = Arc::new(state);
     state.rediscover().await?;
 
@@ -331,7 +332,10 @@ pub async fn serve(config: AgentConfig, shutdown: CancellationToken) -> Result<A
         labels: config.labels.clone(),
         runtimes: vec![config.runtime.as_str().to_string()],
     };
-    let mut control = Control::new(state, ControlConfig { coordinators: config.coordinators.clone(), register, tls: coordinator_tls })?;
+    let mut control = Control::new(
+        state,
+        ControlConfig { coordinators: config.coordinators.clone(), register, tls: coordinator_tls },
+    )?;
     let Some(interval) = control.register(&shutdown).await else {
         return Err(AgentError::Cancelled);
     };

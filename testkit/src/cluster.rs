@@ -310,7 +310,13 @@ impl ClusterBuilder {
             coordinator_bin: self.binaries().0,
             coordinator_args: self.coordinator_args.clone(),
             env: self.env.clone(),
+            admin_key: None,
         };
+        if self.tls {
+            // A TLS cluster needs a credential on every call: the bootstrap
+            // member writes the first admin API key, for tests of keys and tenants.
+            cluster.admin_key = Some(String::new());
+        }
         match self.start_into(&mut cluster).await {
             Ok(()) => Ok(cluster),
             Err(e) => {
@@ -427,6 +433,8 @@ pub struct Cluster {
     pki: Option<TestPki>,
     /// The test's own `client/test-admin` certificate.
     client_tls: Option<TlsPaths>,
+    /// The first admin API key of a TLS cluster (empty until bootstrapped).
+    admin_key: Option<String>,
 }
 
 impl fmt::Debug for Cluster {
@@ -474,9 +482,23 @@ impl Cluster {
         }
     }
 
-    /// A connected SDK client for every coordinator.
+    /// A connected SDK client for every coordinator, with the test's client
+    /// certificate (cluster admin) on a TLS cluster.
     pub async fn try_client(&self) -> Result<sandfleet::Client> {
         self.client_builder().connect().await.map_err(|e| anyhow!("connecting the SDK to {}: {e}", self.endpoint()))
+    }
+
+    /// A connected SDK client for every coordinator that authenticates with
+    /// `api_key` alone (none with `None`): on a TLS cluster it trusts the
+    /// cluster CA but presents no client certificate.
+    pub async fn try_client_with_key(&self, api_key: Option<&str>) -> Result<sandfleet::Client> {
+        let tls = self.client_tls.as_ref().map(|t| sandfleet::TlsOptions { ca: t.ca.clone(), cert_and_key: None });
+        sandfleet::Client::builder(self.coordinator_addrs())
+            .tls(tls)
+            .api_key(api_key)
+            .connect()
+            .await
+            .map_err(|e| anyhow!("connecting the SDK to {}: {e}", self.endpoint()))
     }
 
     /// An SDK builder for every coordinator, with the test's client
@@ -540,6 +562,12 @@ impl Cluster {
         };
         let ip = listen.rsplit_once(':').map(|(ip, _)| ip.to_string()).unwrap_or_else(|| listen.to_string());
         Ok(pki.issue(kind, name, &[ip, "localhost".into()])?.daemon_args())
+    }
+
+    /// The first admin API key (tenant `default`) of a TLS cluster, written by
+    /// the bootstrap member (`--admin-key-file`).
+    pub fn admin_key(&self) -> Option<&str> {
+        self.admin_key.as_deref().filter(|k| !k.is_empty())
     }
 
     /// The process `t` names.
@@ -743,6 +771,9 @@ impl Cluster {
         ];
         if bootstrap {
             args.push("--bootstrap".into());
+            if self.admin_key.is_some() {
+                args.extend(["--admin-key-file".into(), dir.join("admin.key").display().to_string()]);
+            }
         }
         args.extend(self.tls_args(IdentityKind::Coordinator, &format!("c{id}"), &listen)?);
         args.extend(self.coordinator_args.iter().cloned());
@@ -752,6 +783,11 @@ impl Cluster {
         let started = p.launch(self.ready_timeout).await;
         self.coordinators.push(p);
         started?;
+        if bootstrap && self.admin_key.as_deref() == Some("") {
+            let path = dir.join("admin.key");
+            let key = std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
+            self.admin_key = Some(key.trim().to_string());
+        }
         Ok(index)
     }
 

@@ -66,5 +66,5 @@ pub use cluster::{Cluster, ClusterBuilder, Target};
 pub use facilities::{missing_facilities, require_docker, require_sandbox_facilities};
 pub use netns::{NetworkChoice, NetworkMode, PartitionsUnavailable};
 pub use process::{Proc, Role};
-pub use tls::{TestPki, TlsPaths};
 pub use sandfleet_common::ready::{ReadyLine, DEV_READY_PREFIX};
+pub use tls::{TestPki, TlsPaths};

@@ -75,6 +75,11 @@ struct Args {
     /// Most placements committed in one Raft entry.
     #[arg(long, default_value_t = 1024)]
     placement_batch: usize,
+    /// With --bootstrap: create the first admin API key (tenant "default")
+    /// and write it to this file, mode 0600. If the file exists, nothing is
+    /// written and no key is created.
+    #[arg(long, value_name = "FILE", requires = "bootstrap")]
+    admin_key_file: Option<PathBuf>,
 }
 
 fn humantime_duration(s: &str) -> Result<Duration, String> {
@@ -109,6 +114,7 @@ async fn main() -> anyhow::Result<()> {
         placement_strategy: args.placement,
         placement_candidates: args.placement_candidates,
         placement_batch: args.placement_batch,
+        admin_key_file: args.admin_key_file,
         ..Default::default()
     };
     let coordinator = serve(config, shutdown.clone()).await.context("failed to start the coordinator")?;

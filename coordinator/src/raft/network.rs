@@ -13,11 +13,11 @@ use openraft::error::{
 use openraft::network::{RPCOption, RaftNetwork, RaftNetworkFactory};
 use openraft::raft::SnapshotResponse;
 use openraft::{OptionalSend, Snapshot, SnapshotMeta, Vote};
+use sandfleet_common::tls::TlsDialer;
 use sandfleet_proto::v1::raft_service_client::RaftServiceClient;
 use sandfleet_proto::v1::{RaftPayload, SnapshotChunk};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
-use sandfleet_common::tls::TlsDialer;
 use tonic::transport::Channel;
 
 use super::typ::{self, RPCError, RaftError};
@@ -52,7 +52,11 @@ impl RaftNetworkFactory<TypeConfig> for NetworkFactory {
     type Network = PeerClient;
 
     async fn new_client(&mut self, target: NodeId, node: &Member) -> Self::Network {
-        PeerClient { target, addr: node.addr.clone(), client: channel(&node.addr, self.tls.as_ref()).ok().map(RaftServiceClient::new) }
+        PeerClient {
+            target,
+            addr: node.addr.clone(),
+            client: channel(&node.addr, self.tls.as_ref()).ok().map(RaftServiceClient::new),
+        }
     }
 }
 

@@ -8,7 +8,7 @@
 //! | `sm_sessions` | session id | JSON [`SessionRecord`] |
 //! | `sm_nodes` | node id | JSON [`NodeRecord`] |
 //! | `sm_request_ids` | request id | session id |
-//! | `sm_meta` | `last_applied`, `membership`, `signing_seed`, `scheduler_paused` | JSON |
+//! | `sm_meta` | `last_applied`, `membership`, `signing_seed`, `scheduler_paused`, `tenants`, `api_keys` | JSON |
 //! | `snapshot` | `current` | JSON [`StoredSnapshot`] |
 //!
 //! Log appends, votes and snapshots are fsynced before they are acknowledged.
@@ -333,6 +333,8 @@ impl StateMachineStore {
         }
         state.signing_seed = get_json(&db, CF_SM_META, b"signing_seed")?.unwrap_or_default();
         state.scheduler_paused = get_json(&db, CF_SM_META, b"scheduler_paused")?.unwrap_or_default();
+        state.tenants = get_json(&db, CF_SM_META, b"tenants")?.unwrap_or_default();
+        state.api_keys = get_json(&db, CF_SM_META, b"api_keys")?.unwrap_or_default();
         state.rebuild_indexes();
         let last_applied = get_json::<Option<LogId<NodeId>>>(&db, CF_SM_META, b"last_applied")?.flatten();
         state.applied_index = last_applied.map_or(0, |l| l.index);
@@ -372,6 +374,9 @@ impl StateMachineStore {
             }
         }
         self.put_meta(&mut b, state, touched.meta)?;
+        if touched.auth && !touched.meta {
+            self.put_auth(&mut b, state)?;
+        }
         db.write(b).map_err(|e| io_err(ErrorSubject::StateMachine, ErrorVerb::Write, e))
     }
 
@@ -386,9 +391,18 @@ impl StateMachineStore {
                 b"scheduler_paused",
                 serde_json::to_vec(&state.scheduler_paused).map_err(write_err)?,
             );
+            self.put_auth(b, state)?;
         }
         b.put_cf(cf(db, CF_SM_META), b"last_applied", serde_json::to_vec(&self.last_applied).map_err(write_err)?);
         b.put_cf(cf(db, CF_SM_META), b"membership", serde_json::to_vec(&self.membership).map_err(write_err)?);
+        Ok(())
+    }
+
+    /// Adds the tenants and API keys (small maps, written whole when either changes).
+    fn put_auth(&self, b: &mut WriteBatch, state: &ClusterState) -> StorageResult<()> {
+        let db = &self.db;
+        b.put_cf(cf(db, CF_SM_META), b"tenants", serde_json::to_vec(&state.tenants).map_err(write_err)?);
+        b.put_cf(cf(db, CF_SM_META), b"api_keys", serde_json::to_vec(&state.api_keys).map_err(write_err)?);
         Ok(())
     }
 
@@ -542,6 +556,48 @@ mod tests {
             let db = open_db(dir.path()).map_err(write_err)?;
             Ok((dir, LogStore::new(db.clone()), StateMachineStore::load(db)?))
         }
+    }
+
+    /// Tenants and API keys are written through with the apply and load back
+    /// from the state machine's column families (not only from a log replay).
+    #[tokio::test]
+    async fn tenants_and_keys_are_written_through_and_load_back() {
+        use crate::state::{ApiKeyRecord, Command, Quota, TenantRecord};
+        use sandfleet_common::auth::Role;
+        let dir = tempfile::tempdir().unwrap();
+        let db = open_db(dir.path()).unwrap();
+        let mut sm = StateMachineStore::load(db.clone()).unwrap();
+        let entry = |index: u64, cmd: Command| Entry::<TypeConfig> {
+            log_id: LogId::new(openraft::CommittedLeaderId::new(1, 1), index),
+            payload: EntryPayload::Normal(cmd),
+        };
+        let tenant =
+            TenantRecord { name: "a".into(), quota: Quota { max_sessions: 3, ..Default::default() }, created_at_ms: 5 };
+        let key = ApiKeyRecord {
+            id: "0123456789abcdef".into(),
+            tenant: "a".into(),
+            role: Role::User,
+            secret_hash: "h".into(),
+            created_at_ms: 6,
+            expires_at_ms: 0,
+            revoked_at_ms: 0,
+        };
+        let replies = sm
+            .apply(vec![
+                entry(1, Command::CreateTenant { tenant: tenant.clone() }),
+                entry(2, Command::CreateApiKey { key: key.clone() }),
+                entry(3, Command::RevokeApiKey { id: key.id.clone(), now_ms: 9 }),
+            ])
+            .await
+            .unwrap();
+        assert!(matches!(replies[2], CommandResponse::ApiKey(_)), "{replies:?}");
+        drop(sm);
+        let again = StateMachineStore::load(db).unwrap();
+        let (tenants, keys, applied) =
+            again.handle().read(|st| (st.tenants.clone(), st.api_keys.clone(), st.applied_index));
+        assert_eq!(applied, 3);
+        assert_eq!(tenants.get("a"), Some(&tenant));
+        assert_eq!(keys.get(&key.id).map(|k| k.revoked_at_ms), Some(9));
     }
 
     /// openraft's own storage conformance suite, against RocksDB on disk.

@@ -68,6 +68,7 @@ pub fn assignments(st: &ClusterState, tunables: &Tunables, node_id: &str) -> Vec
                 tunables.fence_for(std::time::Duration::from_millis(s.spec.lost_after_ms)).as_millis() as u64
             },
             handoff: s.moved_from.is_some(),
+            tenant: s.tenant.clone(),
         })
         .collect()
 }
@@ -204,6 +205,20 @@ impl AgentService for AgentApi {
         let (assignments, version) =
             self.core.state.read(|st| (assignments(st, &self.core.tunables, &req.node_id), st.applied_index));
         Ok(Response::new(pb::HeartbeatResponse { assignments, assignments_version: version }))
+    }
+
+    #[tracing::instrument(level = "debug", skip_all, fields(node = %req.get_ref().node_id))]
+    async fn session_ended(
+        &self,
+        req: Request<pb::SessionEndedRequest>,
+    ) -> Result<Response<pb::SessionEndedResponse>, Status> {
+        require_agent(&self.core, &req, &req.get_ref().node_id)?;
+        let req = req.into_inner();
+        ids::validate_node_id(&req.node_id)?;
+        ids::validate_session_id(&req.session_id)?;
+        self.core.read_barrier(pb::ReadConsistency::Linearizable as i32).await?;
+        let ended = self.core.state.read(|st| st.sessions.get(&req.session_id).is_none_or(|s| s.phase.is_terminal()));
+        Ok(Response::new(pb::SessionEndedResponse { ended }))
     }
 
     type WatchAssignmentsStream = Pin<Box<dyn Stream<Item = Result<pb::HeartbeatResponse, Status>> + Send>>;

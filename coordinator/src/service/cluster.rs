@@ -14,7 +14,9 @@ use tonic::{Request, Response, Status};
 use super::raft::member_status;
 use crate::core::Core;
 use crate::raft::{network, Member};
+use crate::service::auth::{audit, require_admin, AuditWho, Authenticator};
 use crate::state::{Command, CommandResponse};
+use sandfleet_common::auth::Role;
 
 const PEER_TIMEOUT: Duration = Duration::from_secs(2);
 /// Deadline of a membership change forwarded to the leader.
@@ -35,14 +37,146 @@ fn validate_address(addr: &str) -> Result<(), Status> {
     }
 }
 
-/// The ClusterService implementation.
+/// The ClusterService implementation. Admin only.
 pub struct ClusterApi {
     core: Arc<Core>,
+    auth: Authenticator,
 }
 
 impl ClusterApi {
-    pub fn new(core: Arc<Core>) -> Self {
-        Self { core }
+    pub fn new(core: Arc<Core>, auth: Authenticator) -> Self {
+        Self { core, auth }
+    }
+
+    async fn init(&self, req: pb::InitClusterRequest) -> Result<Response<pb::InitClusterResponse>, Status> {
+        let create_admin_key = req.create_admin_key;
+        let members = req.members;
+        if members.is_empty() {
+            return Err(Status::invalid_argument("members is empty: list every initial voter as id -> host:port"));
+        }
+        for (id, addr) in &members {
+            if *id == 0 {
+                return Err(Status::invalid_argument("invalid id: member ids start at 1"));
+            }
+            validate_address(addr)?;
+        }
+        if !members.contains_key(&self.core.id) {
+            return Err(Status::invalid_argument(format!(
+                "members must include this coordinator (id {})",
+                self.core.id
+            )));
+        }
+        let mut seen = BTreeSet::new();
+        if let Some((id, addr)) = members.iter().find(|(_, a)| !seen.insert(a.as_str())) {
+            return Err(Status::invalid_argument(format!("address {addr} is given twice (again for member {id})")));
+        }
+        if self.core.raft.is_initialized().await.map_err(|e| Status::unavailable(e.to_string()))? {
+            return Err(Status::failed_precondition("this coordinator already belongs to an initialized cluster"));
+        }
+        let nodes: BTreeMap<u64, Member> = members.into_iter().map(|(id, addr)| (id, Member { addr })).collect();
+        self.core
+            .raft
+            .initialize(nodes)
+            .await
+            .map_err(|e| Status::failed_precondition(format!("cannot initialize: {e}")))?;
+        self.core
+            .raft
+            .wait(Some(INIT_LEADER_TIMEOUT))
+            .metrics(|m| m.current_leader.is_some(), "leader elected")
+            .await
+            .map_err(|_| {
+                Status::deadline_exceeded(
+                    "initialized, but no leader was elected in time; check that a majority of members runs",
+                )
+            })?;
+        tracing::info!("cluster initialized");
+        let admin_key = if create_admin_key { first_admin_key(&self.core).await? } else { String::new() };
+        Ok(Response::new(pb::InitClusterResponse { status: Some(self.status().await), admin_key }))
+    }
+
+    async fn add(&self, req: pb::AddMemberRequest, authz: Authz) -> Result<Response<pb::AddMemberResponse>, Status> {
+        if let Some(mut leader) = self.leader_client()? {
+            return leader.add_member(forwarded(req, authz)).await.map_err(forward_error);
+        }
+        if req.id == 0 {
+            return Err(Status::invalid_argument("invalid id: member ids start at 1"));
+        }
+        validate_address(&req.address)?;
+        let membership = self.core.raft.metrics().borrow().membership_config.membership().clone();
+        if membership.get_node(&req.id).is_some() {
+            return Err(Status::already_exists(format!("member {} is already in the cluster", req.id)));
+        }
+        if membership.nodes().any(|(_, n)| n.addr == req.address) {
+            return Err(Status::already_exists(format!("address {} already belongs to a member", req.address)));
+        }
+        // The new member must answer, and be who it says it is, before anything changes.
+        let status = remote_status(&self.core, &req.address).await.map_err(|s| {
+            Status::failed_precondition(format!("member {} at {} is unreachable: {}", req.id, req.address, s.message()))
+        })?;
+        if status.id != req.id {
+            return Err(Status::failed_precondition(format!(
+                "the coordinator at {} has id {}, not {}",
+                req.address, status.id, req.id
+            )));
+        }
+        self.core
+            .raft
+            .add_learner(req.id, Member { addr: req.address.clone() }, true)
+            .await
+            .map_err(|e| Status::failed_precondition(format!("cannot add learner: {e}")))?;
+        let mut voters: BTreeSet<u64> = membership.voter_ids().collect();
+        voters.insert(req.id);
+        self.core
+            .raft
+            .change_membership(voters, false)
+            .await
+            .map_err(|e| Status::failed_precondition(format!("cannot promote member: {e}")))?;
+        tracing::info!(id = req.id, addr = %req.address, "member added");
+        Ok(Response::new(pb::AddMemberResponse { status: Some(self.status().await) }))
+    }
+
+    async fn remove(
+        &self,
+        req: pb::RemoveMemberRequest,
+        authz: Authz,
+    ) -> Result<Response<pb::RemoveMemberResponse>, Status> {
+        if let Some(mut leader) = self.leader_client()? {
+            return leader.remove_member(forwarded(req, authz)).await.map_err(forward_error);
+        }
+        let id = req.id;
+        let membership = self.core.raft.metrics().borrow().membership_config.membership().clone();
+        if membership.get_node(&id).is_none() {
+            return Err(Status::not_found(format!("member {id} is not in the cluster")));
+        }
+        let mut voters: BTreeSet<u64> = membership.voter_ids().collect();
+        voters.remove(&id);
+        if voters.is_empty() {
+            return Err(Status::failed_precondition(format!(
+                "member {id} is the last voter; add another member first"
+            )));
+        }
+        self.core
+            .raft
+            .change_membership(voters, false)
+            .await
+            .map_err(|e| Status::failed_precondition(format!("cannot remove member: {e}")))?;
+        tracing::info!(id, "member removed");
+        Ok(Response::new(pb::RemoveMemberResponse { status: Some(self.status().await) }))
+    }
+
+    async fn set_paused(
+        &self,
+        req: pb::SetSchedulerPausedRequest,
+    ) -> Result<Response<pb::SetSchedulerPausedResponse>, Status> {
+        let paused = req.paused;
+        match self.core.propose(Command::SetSchedulerPaused { paused }).await? {
+            CommandResponse::Ok => {}
+            other => return Err(Status::internal(format!("unexpected apply result {other:?}"))),
+        }
+        self.core.wake.notify_one();
+        let unplaced = self.core.state.read(|st| st.unplaced.len() as u64);
+        tracing::info!(paused, unplaced, "scheduler {}", if paused { "paused" } else { "resumed" });
+        Ok(Response::new(pb::SetSchedulerPausedResponse { paused, unplaced_sessions: unplaced }))
     }
 
     async fn status(&self) -> pb::ClusterStatusResponse {
@@ -84,16 +218,46 @@ impl ClusterApi {
             .core
             .leader_addr()
             .ok_or_else(|| Status::unavailable("no coordinator leader is elected right now; retry"))?;
-        let ch = network::channel(&addr).map_err(|e| Status::internal(e.to_string()))?;
+        let ch = network::channel(&addr, self.core.peer_tls.as_ref()).map_err(|e| Status::internal(e.to_string()))?;
         Ok(Some(ClusterServiceClient::new(ch)))
     }
 }
 
-/// A membership change forwarded to the leader, with a deadline.
-fn forwarded<T>(msg: T) -> Request<T> {
+/// The caller's `authorization` header, passed on when a call is forwarded.
+type Authz = Option<tonic::metadata::MetadataValue<tonic::metadata::Ascii>>;
+
+/// A membership change forwarded to the leader, with a deadline and the
+/// caller's credential (the leader authenticates the caller again).
+fn forwarded<T>(msg: T, authz: Authz) -> Request<T> {
     let mut req = Request::new(msg);
     req.set_timeout(MEMBERSHIP_FORWARD_TIMEOUT);
+    if let Some(a) = authz {
+        req.metadata_mut().insert("authorization", a);
+    }
     req
+}
+
+/// Creates the first admin key (tenant `default`) of a new cluster, retrying
+/// while its first leader settles.
+async fn first_admin_key(core: &Core) -> Result<String, Status> {
+    let deadline = tokio::time::Instant::now() + INIT_LEADER_TIMEOUT;
+    loop {
+        match super::tenant::create_key(core, sandfleet_common::auth::DEFAULT_TENANT, Role::Admin, 0).await {
+            Ok((record, text)) => {
+                tracing::info!(key_id = %record.id, "created the first admin API key");
+                return Ok(text);
+            }
+            Err(e) if e.code() == tonic::Code::Unavailable && tokio::time::Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+            Err(e) => {
+                return Err(Status::new(
+                    e.code(),
+                    format!("the cluster is initialized, but the admin key could not be created: {}", e.message()),
+                ))
+            }
+        }
+    }
 }
 
 /// The leader's own answers pass through; a leader that cannot be reached is UNAVAILABLE.
@@ -107,7 +271,8 @@ fn forward_error(s: Status) -> Status {
 }
 
 async fn remote_status(core: &Core, addr: &str) -> Result<pb::ClusterMember, Status> {
-    let ch = network::channel(addr, core.peer_tls.as_ref()).map_err(|e| Status::invalid_argument(format!("invalid address {addr:?}: {e}")))?;
+    let ch = network::channel(addr, core.peer_tls.as_ref())
+        .map_err(|e| Status::invalid_argument(format!("invalid address {addr:?}: {e}")))?;
     let mut req = Request::new(pb::ClusterStatusRequest {});
     req.set_timeout(PEER_TIMEOUT);
     Ok(RaftServiceClient::new(ch).member_status(req).await?.into_inner())
@@ -118,8 +283,9 @@ impl ClusterService for ClusterApi {
     #[tracing::instrument(skip_all)]
     async fn status(
         &self,
-        _req: Request<pb::ClusterStatusRequest>,
+        req: Request<pb::ClusterStatusRequest>,
     ) -> Result<Response<pb::ClusterStatusResponse>, Status> {
+        self.auth.admin(&req)?;
         Ok(Response::new(self.status().await))
     }
 
@@ -128,90 +294,31 @@ impl ClusterService for ClusterApi {
         &self,
         req: Request<pb::InitClusterRequest>,
     ) -> Result<Response<pb::InitClusterResponse>, Status> {
-        let members = req.into_inner().members;
-        if members.is_empty() {
-            return Err(Status::invalid_argument("members is empty: list every initial voter as id -> host:port"));
+        let caller = self.auth.caller(&req);
+        let who = AuditWho::of(&req, &caller);
+        let resource = "cluster".to_string();
+        let result = async {
+            require_admin(&caller?)?;
+            self.init(req.into_inner()).await
         }
-        for (id, addr) in &members {
-            if *id == 0 {
-                return Err(Status::invalid_argument("invalid id: member ids start at 1"));
-            }
-            validate_address(addr)?;
-        }
-        if !members.contains_key(&self.core.id) {
-            return Err(Status::invalid_argument(format!(
-                "members must include this coordinator (id {})",
-                self.core.id
-            )));
-        }
-        let mut seen = BTreeSet::new();
-        if let Some((id, addr)) = members.iter().find(|(_, a)| !seen.insert(a.as_str())) {
-            return Err(Status::invalid_argument(format!("address {addr} is given twice (again for member {id})")));
-        }
-        if self.core.raft.is_initialized().await.map_err(|e| Status::unavailable(e.to_string()))? {
-            return Err(Status::failed_precondition("this coordinator already belongs to an initialized cluster"));
-        }
-        let nodes: BTreeMap<u64, Member> = members.into_iter().map(|(id, addr)| (id, Member { addr })).collect();
-        self.core
-            .raft
-            .initialize(nodes)
-            .await
-            .map_err(|e| Status::failed_precondition(format!("cannot initialize: {e}")))?;
-        self.core
-            .raft
-            .wait(Some(INIT_LEADER_TIMEOUT))
-            .metrics(|m| m.current_leader.is_some(), "leader elected")
-            .await
-            .map_err(|_| {
-                Status::deadline_exceeded(
-                    "initialized, but no leader was elected in time; check that a majority of members runs",
-                )
-            })?;
-        tracing::info!("cluster initialized");
-        Ok(Response::new(pb::InitClusterResponse { status: Some(self.status().await) }))
+        .await;
+        audit(&who, "InitCluster", &resource, &result);
+        result
     }
 
     #[tracing::instrument(skip_all, fields(id = req.get_ref().id, addr = %req.get_ref().address))]
     async fn add_member(&self, req: Request<pb::AddMemberRequest>) -> Result<Response<pb::AddMemberResponse>, Status> {
-        if let Some(mut leader) = self.leader_client()? {
-            return leader.add_member(forwarded(req.into_inner())).await.map_err(forward_error);
+        let caller = self.auth.caller(&req);
+        let who = AuditWho::of(&req, &caller);
+        let resource = format!("member/{}", req.get_ref().id);
+        let result = async {
+            require_admin(&caller?)?;
+            let authz = req.metadata().get("authorization").cloned();
+            self.add(req.into_inner(), authz).await
         }
-        let req = req.into_inner();
-        if req.id == 0 {
-            return Err(Status::invalid_argument("invalid id: member ids start at 1"));
-        }
-        validate_address(&req.address)?;
-        let membership = self.core.raft.metrics().borrow().membership_config.membership().clone();
-        if membership.get_node(&req.id).is_some() {
-            return Err(Status::already_exists(format!("member {} is already in the cluster", req.id)));
-        }
-        if membership.nodes().any(|(_, n)| n.addr == req.address) {
-            return Err(Status::already_exists(format!("address {} already belongs to a member", req.address)));
-        }
-        // The new member must answer, and be who it says it is, before anything changes.
-        let status = remote_status(&self.core, &req.address).await.map_err(|s| {
-            Status::failed_precondition(format!("member {} at {} is unreachable: {}", req.id, req.address, s.message()))
-        })?;
-        if status.id != req.id {
-            return Err(Status::failed_precondition(format!(
-                "the coordinator at {} has id {}, not {}",
-                req.address, status.id, req.id
-            )));
-        }
-        self.core
-            .raft
-            .add_learner(req.id, Member { addr: req.address.clone() }, true)
-            .await
-            .map_err(|e| Status::failed_precondition(format!("cannot add learner: {e}")))?;
-        let mut voters: BTreeSet<u64> = membership.voter_ids().collect();
-        voters.insert(req.id);
-        self.core
-            .raft
-            .change_membership(voters, false)
-            .await
-            .map_err(|e| Status::failed_precondition(format!("cannot promote member: {e}")))?;
-        tracing::info!(id = req.id, addr = %req.address, "member added");
-        Ok(Response::new(pb::AddMemberResponse { status: Some(self.status().await) }))
+        .await;
+        audit(&who, "AddMember", &resource, &result);
+        result
     }
 
     #[tracing::instrument(skip_all, fields(id = req.get_ref().id))]
@@ -219,28 +326,17 @@ impl ClusterService for ClusterApi {
         &self,
         req: Request<pb::RemoveMemberRequest>,
     ) -> Result<Response<pb::RemoveMemberResponse>, Status> {
-        if let Some(mut leader) = self.leader_client()? {
-            return leader.remove_member(forwarded(req.into_inner())).await.map_err(forward_error);
+        let caller = self.auth.caller(&req);
+        let who = AuditWho::of(&req, &caller);
+        let resource = format!("member/{}", req.get_ref().id);
+        let result = async {
+            require_admin(&caller?)?;
+            let authz = req.metadata().get("authorization").cloned();
+            self.remove(req.into_inner(), authz).await
         }
-        let id = req.into_inner().id;
-        let membership = self.core.raft.metrics().borrow().membership_config.membership().clone();
-        if membership.get_node(&id).is_none() {
-            return Err(Status::not_found(format!("member {id} is not in the cluster")));
-        }
-        let mut voters: BTreeSet<u64> = membership.voter_ids().collect();
-        voters.remove(&id);
-        if voters.is_empty() {
-            return Err(Status::failed_precondition(format!(
-                "member {id} is the last voter; add another member first"
-            )));
-        }
-        self.core
-            .raft
-            .change_membership(voters, false)
-            .await
-            .map_err(|e| Status::failed_precondition(format!("cannot remove member: {e}")))?;
-        tracing::info!(id, "member removed");
-        Ok(Response::new(pb::RemoveMemberResponse { status: Some(self.status().await) }))
+        .await;
+        audit(&who, "RemoveMember", &resource, &result);
+        result
     }
 
     #[tracing::instrument(skip_all, fields(paused = req.get_ref().paused))]
@@ -248,14 +344,15 @@ impl ClusterService for ClusterApi {
         &self,
         req: Request<pb::SetSchedulerPausedRequest>,
     ) -> Result<Response<pb::SetSchedulerPausedResponse>, Status> {
-        let paused = req.into_inner().paused;
-        match self.core.propose(Command::SetSchedulerPaused { paused }).await? {
-            CommandResponse::Ok => {}
-            other => return Err(Status::internal(format!("unexpected apply result {other:?}"))),
+        let caller = self.auth.caller(&req);
+        let who = AuditWho::of(&req, &caller);
+        let resource = format!("scheduler/paused={}", req.get_ref().paused);
+        let result = async {
+            require_admin(&caller?)?;
+            self.set_paused(req.into_inner()).await
         }
-        self.core.wake.notify_one();
-        let unplaced = self.core.state.read(|st| st.unplaced.len() as u64);
-        tracing::info!(paused, unplaced, "scheduler {}", if paused { "paused" } else { "resumed" });
-        Ok(Response::new(pb::SetSchedulerPausedResponse { paused, unplaced_sessions: unplaced }))
+        .await;
+        audit(&who, "SetSchedulerPaused", &resource, &result);
+        result
     }
 }

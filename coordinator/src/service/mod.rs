@@ -5,15 +5,20 @@
 //! - [`node`]: NodeService (node listing for operators).
 //! - [`cluster`]: ClusterService (membership and status).
 //! - [`raft`]: RaftService (Raft transport, write forwarding, read-index).
+//! - [`tenant`]: TenantService and ApiKeyService (tenants, quotas, API keys).
+//! - [`auth`]: who calls the public services (API key, client certificate,
+//!   anonymous on loopback), role checks, and the audit event.
 //!
 //! The one mapping of the core's [`CoreError`] and of refused commands to
 //! gRPC statuses lives here.
 
 pub mod agent;
+pub mod auth;
 pub mod cluster;
 pub mod node;
 pub mod raft;
 pub mod session;
+pub mod tenant;
 
 use sandfleet_common::auth::{Identity, IdentityKind};
 use tonic::{Request, Status};
@@ -52,7 +57,9 @@ pub fn require_peer<T>(core: &Core, req: &Request<T>, kinds: &[IdentityKind]) ->
     match sandfleet_common::tls::peer_identity(req) {
         None => Err(Status::unauthenticated(format!("this call needs a {} certificate from the cluster CA", wanted()))),
         Some(id) if kinds.contains(&id.kind) => Ok(Some(id.clone())),
-        Some(id) => Err(Status::permission_denied(format!("{id} may not make this call; only {} identities may", wanted()))),
+        Some(id) => {
+            Err(Status::permission_denied(format!("{id} may not make this call; only {} identities may", wanted())))
+        }
     }
 }
 
@@ -74,6 +81,10 @@ pub fn response_status(r: CommandResponse) -> Status {
     match r {
         CommandResponse::NotFound(id) => Status::not_found(format!("session {id} not found")),
         CommandResponse::Rejected(why) => Status::failed_precondition(why),
+        CommandResponse::Missing(why) => Status::not_found(why),
+        CommandResponse::AlreadyExists(why) => Status::already_exists(why),
+        CommandResponse::QuotaExceeded(why) => Status::resource_exhausted(why),
+        CommandResponse::KeyRefused => Status::unauthenticated(auth::KEY_REFUSED),
         other => Status::internal(format!("unexpected apply result {other:?}")),
     }
 }

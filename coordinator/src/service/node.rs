@@ -8,34 +8,21 @@ use tonic::{Request, Response, Status};
 use sandfleet_common::{ids, ValidationError};
 
 use crate::core::Core;
+use crate::service::auth::{audit, require_admin, AuditWho, Authenticator};
 use crate::state::{ClusterState, Command, CommandResponse, DrainRecord, NodeRecord};
 
-/// The NodeService implementation.
+/// The NodeService implementation. Admin only.
 pub struct NodeApi {
     core: Arc<Core>,
+    auth: Authenticator,
 }
 
 impl NodeApi {
-    pub fn new(core: Arc<Core>) -> Self {
-        Self { core }
-    }
-}
-
-#[tonic::async_trait]
-impl NodeService for NodeApi {
-    #[tracing::instrument(skip_all)]
-    async fn list_nodes(&self, _req: Request<pb::ListNodesRequest>) -> Result<Response<pb::ListNodesResponse>, Status> {
-        let seen = self.core.heartbeats.lock().clone();
-        let nodes = self.core.state.read(|st| st.nodes.values().map(|n| node_to_proto(st, n, &seen)).collect());
-        Ok(Response::new(pb::ListNodesResponse { nodes }))
+    pub fn new(core: Arc<Core>, auth: Authenticator) -> Self {
+        Self { core, auth }
     }
 
-    #[tracing::instrument(skip_all, fields(node = %req.get_ref().node_id, cordoned = req.get_ref().cordoned))]
-    async fn cordon_node(
-        &self,
-        req: Request<pb::CordonNodeRequest>,
-    ) -> Result<Response<pb::CordonNodeResponse>, Status> {
-        let req = req.into_inner();
+    async fn cordon(&self, req: pb::CordonNodeRequest) -> Result<Response<pb::CordonNodeResponse>, Status> {
         ids::validate_node_id(&req.node_id)?;
         match self.core.propose(Command::CordonNode { node_id: req.node_id.clone(), cordoned: req.cordoned }).await? {
             CommandResponse::Ok => {}
@@ -50,9 +37,7 @@ impl NodeService for NodeApi {
         Ok(Response::new(pb::CordonNodeResponse { node }))
     }
 
-    #[tracing::instrument(skip_all, fields(node = %req.get_ref().node_id))]
-    async fn drain_node(&self, req: Request<pb::DrainNodeRequest>) -> Result<Response<pb::DrainNodeResponse>, Status> {
-        let req = req.into_inner();
+    async fn drain(&self, req: pb::DrainNodeRequest) -> Result<Response<pb::DrainNodeResponse>, Status> {
         ids::validate_node_id(&req.node_id)?;
         let deadline_seconds = match req.deadline_seconds {
             0 => DEFAULT_DRAIN_DEADLINE_SECONDS,
@@ -86,6 +71,48 @@ impl NodeService for NodeApi {
         let seen = self.core.heartbeats.lock().clone();
         let node = self.core.state.read(|st| st.nodes.get(&req.node_id).map(|n| node_to_proto(st, n, &seen)));
         Ok(Response::new(pb::DrainNodeResponse { node }))
+    }
+}
+
+#[tonic::async_trait]
+impl NodeService for NodeApi {
+    #[tracing::instrument(skip_all)]
+    async fn list_nodes(&self, req: Request<pb::ListNodesRequest>) -> Result<Response<pb::ListNodesResponse>, Status> {
+        self.auth.admin(&req)?;
+        let seen = self.core.heartbeats.lock().clone();
+        let nodes = self.core.state.read(|st| st.nodes.values().map(|n| node_to_proto(st, n, &seen)).collect());
+        Ok(Response::new(pb::ListNodesResponse { nodes }))
+    }
+
+    #[tracing::instrument(skip_all, fields(node = %req.get_ref().node_id, cordoned = req.get_ref().cordoned))]
+    async fn cordon_node(
+        &self,
+        req: Request<pb::CordonNodeRequest>,
+    ) -> Result<Response<pb::CordonNodeResponse>, Status> {
+        let caller = self.auth.caller(&req);
+        let who = AuditWho::of(&req, &caller);
+        let resource = format!("node/{}", req.get_ref().node_id);
+        let result = async {
+            require_admin(&caller?)?;
+            self.cordon(req.into_inner()).await
+        }
+        .await;
+        audit(&who, "CordonNode", &resource, &result);
+        result
+    }
+
+    #[tracing::instrument(skip_all, fields(node = %req.get_ref().node_id))]
+    async fn drain_node(&self, req: Request<pb::DrainNodeRequest>) -> Result<Response<pb::DrainNodeResponse>, Status> {
+        let caller = self.auth.caller(&req);
+        let who = AuditWho::of(&req, &caller);
+        let resource = format!("node/{}", req.get_ref().node_id);
+        let result = async {
+            require_admin(&caller?)?;
+            self.drain(req.into_inner()).await
+        }
+        .await;
+        audit(&who, "DrainNode", &resource, &result);
+        result
     }
 }
 

@@ -5,14 +5,14 @@ use std::sync::Arc;
 
 use std::io::Cursor;
 
-use sandfleet_proto::v1::{self as pb, raft_service_server::RaftService, RaftPayload, SnapshotChunk};
 use sandfleet_common::auth::IdentityKind;
+use sandfleet_proto::v1::{self as pb, raft_service_server::RaftService, RaftPayload, SnapshotChunk};
 use serde::Serialize;
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::core::Core;
-use crate::service::require_peer;
 use crate::raft::network::SnapshotHeader;
+use crate::service::require_peer;
 use crate::state::Command;
 
 /// The largest snapshot a member accepts.

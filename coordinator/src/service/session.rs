@@ -1,4 +1,10 @@
 //! SessionService: the public control plane for sessions.
+//!
+//! Every call resolves its caller first ([`Authenticator`]). Sessions belong
+//! to the creating caller's tenant; a user sees and handles only its own
+//! tenant's sessions, and another tenant's session answers NOT_FOUND with the
+//! very text of a missing one. Request ids are scoped per tenant. Creates,
+//! deletes and renewals log one audit event each.
 
 use std::collections::BTreeMap;
 use std::pin::Pin;
@@ -14,21 +20,35 @@ use tokio::sync::broadcast::error::RecvError;
 use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status};
 
+use sandfleet_common::auth::Caller;
+
 use crate::core::{phase_to_proto, Core, Tunables};
 use crate::scheduler::{self, Unplaceable};
+use crate::service::auth::{audit, AuditWho, Authenticator};
 use crate::service::response_status;
-use crate::state::{Command, CommandResponse, PendingReason, SessionPhase, SessionRecord, SpecRecord};
+use crate::state::{request_key, Command, CommandResponse, PendingReason, SessionPhase, SessionRecord, SpecRecord};
 
 /// The SessionService implementation.
 pub struct SessionApi {
     core: Arc<Core>,
     shutdown: CancellationToken,
+    auth: Authenticator,
 }
 
 impl SessionApi {
-    pub fn new(core: Arc<Core>, shutdown: CancellationToken) -> Self {
-        Self { core, shutdown }
+    pub fn new(core: Arc<Core>, shutdown: CancellationToken, auth: Authenticator) -> Self {
+        Self { core, shutdown, auth }
     }
+}
+
+/// What a missing session, and another tenant's, answers.
+fn not_found(id: &str) -> Status {
+    Status::not_found(format!("session {id} not found"))
+}
+
+/// The tenant a write is scoped to: `None` for admins (every tenant).
+fn scope(caller: &Caller) -> Option<String> {
+    (!caller.is_admin()).then(|| caller.tenant.clone())
 }
 
 /// Checks a client's spec and fills in its defaults, with the cluster's own
@@ -59,26 +79,25 @@ fn state_matches(s: &SessionRecord, states: &[i32]) -> bool {
     states.is_empty() || states.contains(&(phase_to_proto(s.phase) as i32))
 }
 
-#[tonic::async_trait]
-impl SessionService for SessionApi {
-    #[tracing::instrument(skip_all, fields(request_id = %req.get_ref().request_id))]
-    async fn create_session(
+impl SessionApi {
+    async fn create(
         &self,
-        req: Request<pb::CreateSessionRequest>,
-    ) -> Result<Response<pb::CreateSessionResponse>, Status> {
-        let req = req.into_inner();
+        caller: &Caller,
+        req: pb::CreateSessionRequest,
+    ) -> Result<pb::CreateSessionResponse, Status> {
         ids::validate_request_id(&req.request_id)?;
         let spec = validate_spec(req.spec, &self.core.tunables)?;
+        let rkey = request_key(&caller.tenant, &req.request_id);
 
         // A request id this member has already seen answers at once.
         if let Some(existing) =
-            self.core.state.read(|st| st.request_ids.get(&req.request_id).and_then(|id| st.sessions.get(id).cloned()))
+            self.core.state.read(|st| st.request_ids.get(&rkey).and_then(|id| st.sessions.get(id).cloned()))
         {
             existing_answer(&existing, &req.request_id, &spec)?;
-            return Ok(Response::new(pb::CreateSessionResponse {
+            return Ok(pb::CreateSessionResponse {
                 session: Some(self.core.to_proto(&existing, true)),
                 existing: true,
-            }));
+            });
         }
 
         // Place now when this member leads and a node fits; otherwise the
@@ -109,27 +128,108 @@ impl SessionService for SessionApi {
             not_before_ms: 0,
             moved_from: None,
             renewed_at_ms: 0,
+            tenant: caller.tenant.clone(),
         };
-        let resp = self.core.propose(Command::CreateSession { session: record }).await?;
+        let key_id = caller.key_id().map(str::to_string);
+        let resp = self.core.propose(Command::CreateSession { session: record, key_id }).await?;
         self.core.wake.notify_one();
         match resp {
             CommandResponse::Session(s) => {
-                tracing::info!(session = %s.id, node = ?s.node_id, "session created");
-                Ok(Response::new(pb::CreateSessionResponse {
-                    session: Some(self.core.to_proto(&s, true)),
-                    existing: false,
-                }))
+                tracing::info!(session = %s.id, node = ?s.node_id, tenant = %s.tenant, "session created");
+                Ok(pb::CreateSessionResponse { session: Some(self.core.to_proto(&s, true)), existing: false })
             }
             CommandResponse::Existing(s) => {
                 // Another create with this request id committed first.
                 existing_answer(&s, &req.request_id, &spec)?;
-                Ok(Response::new(pb::CreateSessionResponse {
-                    session: Some(self.core.to_proto(&s, true)),
-                    existing: true,
-                }))
+                Ok(pb::CreateSessionResponse { session: Some(self.core.to_proto(&s, true)), existing: true })
             }
             other => Err(response_status(other)),
         }
+    }
+
+    async fn delete(
+        &self,
+        caller: &Caller,
+        req: pb::DeleteSessionRequest,
+    ) -> Result<pb::DeleteSessionResponse, Status> {
+        ids::validate_session_id(&req.id)?;
+        let resp = self
+            .core
+            .propose(Command::TerminateSessions {
+                ids: vec![req.id.clone()],
+                message: "deleted by client".into(),
+                now_ms: crate::now_ms(),
+                tenant: scope(caller),
+            })
+            .await?;
+        self.core.wake.notify_one();
+        match resp {
+            CommandResponse::Sessions(mut v) if !v.is_empty() => {
+                let s = v.remove(0);
+                tracing::info!(session = %s.id, "session deleted");
+                Ok(pb::DeleteSessionResponse { session: Some(self.core.to_proto(&s, false)) })
+            }
+            other => Err(response_status(other)),
+        }
+    }
+
+    async fn renew(&self, caller: &Caller, req: pb::RenewSessionRequest) -> Result<pb::RenewSessionResponse, Status> {
+        ids::validate_session_id(&req.id)?;
+        if req.ttl_seconds > limits::MAX_TTL_SECONDS {
+            return Err(ValidationError::over(
+                "ttl_seconds",
+                format!("{} seconds", limits::MAX_TTL_SECONDS),
+                req.ttl_seconds,
+            )
+            .into());
+        }
+        let ttl = if req.ttl_seconds == 0 {
+            self.core
+                .state
+                .read(|st| {
+                    st.sessions.get(&req.id).filter(|s| caller.may_access_tenant(&s.tenant)).map(|s| s.spec.ttl_seconds)
+                })
+                .ok_or_else(|| not_found(&req.id))?
+        } else {
+            req.ttl_seconds
+        };
+        let now = crate::now_ms();
+        let resp = self
+            .core
+            .propose(Command::RenewSession {
+                id: req.id,
+                expires_at_ms: now + ttl as i64 * 1000,
+                now_ms: now,
+                tenant: scope(caller),
+            })
+            .await?;
+        match resp {
+            CommandResponse::Session(s) => Ok(pb::RenewSessionResponse { session: Some(self.core.to_proto(&s, true)) }),
+            other => Err(response_status(other)),
+        }
+    }
+}
+
+#[tonic::async_trait]
+impl SessionService for SessionApi {
+    #[tracing::instrument(skip_all, fields(request_id = %req.get_ref().request_id))]
+    async fn create_session(
+        &self,
+        req: Request<pb::CreateSessionRequest>,
+    ) -> Result<Response<pb::CreateSessionResponse>, Status> {
+        let caller = self.auth.caller(&req);
+        let who = AuditWho::of(&req, &caller);
+        let rid = req.get_ref().request_id.clone();
+        let result = match caller {
+            Ok(caller) => self.create(&caller, req.into_inner()).await,
+            Err(e) => Err(e),
+        };
+        let resource = match &result {
+            Ok(r) => format!("session/{}", r.session.as_ref().map_or("", |s| s.id.as_str())),
+            Err(_) => format!("request/{rid}"),
+        };
+        audit(&who, "CreateSession", &resource, &result);
+        result.map(Response::new)
     }
 
     #[tracing::instrument(skip_all, fields(session = %req.get_ref().id))]
@@ -137,6 +237,7 @@ impl SessionService for SessionApi {
         &self,
         req: Request<pb::GetSessionRequest>,
     ) -> Result<Response<pb::GetSessionResponse>, Status> {
+        let caller = self.auth.caller(&req)?;
         let req = req.into_inner();
         ids::validate_session_id(&req.id)?;
         self.core.read_barrier(req.consistency).await?;
@@ -144,7 +245,8 @@ impl SessionService for SessionApi {
             .core
             .state
             .read(|st| st.sessions.get(&req.id).cloned())
-            .ok_or_else(|| Status::not_found(format!("session {} not found", req.id)))?;
+            .filter(|s| caller.may_access_tenant(&s.tenant))
+            .ok_or_else(|| not_found(&req.id))?;
         Ok(Response::new(pb::GetSessionResponse { session: Some(self.core.to_proto(&s, true)) }))
     }
 
@@ -153,7 +255,18 @@ impl SessionService for SessionApi {
         &self,
         req: Request<pb::ListSessionsRequest>,
     ) -> Result<Response<pb::ListSessionsResponse>, Status> {
+        let caller = self.auth.caller(&req)?;
         let req = req.into_inner();
+        if !req.tenant.is_empty() {
+            ids::validate_dns_label("tenant", &req.tenant)?;
+        }
+        // Users see their own tenant only; admins every tenant, or the one they name.
+        let tenant = match (caller.is_admin(), req.tenant.as_str()) {
+            (true, "") => None,
+            (true, t) => Some(t.to_string()),
+            (false, _) => Some(caller.tenant.clone()),
+        };
+        let empty = !caller.is_admin() && !req.tenant.is_empty() && req.tenant != caller.tenant;
         let page_size = match req.page_size {
             0 => limits::DEFAULT_PAGE_SIZE,
             n if n > limits::MAX_PAGE_SIZE => {
@@ -184,6 +297,8 @@ impl SessionService for SessionApi {
             };
             let mut it = range
                 .map(|(_, s)| s)
+                .filter(|_| !empty)
+                .filter(|s| tenant.as_ref().is_none_or(|t| *t == s.tenant))
                 .filter(|s| state_matches(s, &req.states))
                 .filter(|s| selector.iter().all(|(k, v)| s.spec.labels.get(k) == Some(v)));
             let page: Vec<SessionRecord> = it.by_ref().take(page_size).cloned().collect();
@@ -202,25 +317,15 @@ impl SessionService for SessionApi {
         &self,
         req: Request<pb::DeleteSessionRequest>,
     ) -> Result<Response<pb::DeleteSessionResponse>, Status> {
-        let req = req.into_inner();
-        ids::validate_session_id(&req.id)?;
-        let resp = self
-            .core
-            .propose(Command::TerminateSessions {
-                ids: vec![req.id.clone()],
-                message: "deleted by client".into(),
-                now_ms: crate::now_ms(),
-            })
-            .await?;
-        self.core.wake.notify_one();
-        match resp {
-            CommandResponse::Sessions(mut v) if !v.is_empty() => {
-                let s = v.remove(0);
-                tracing::info!(session = %s.id, "session deleted");
-                Ok(Response::new(pb::DeleteSessionResponse { session: Some(self.core.to_proto(&s, false)) }))
-            }
-            other => Err(response_status(other)),
-        }
+        let caller = self.auth.caller(&req);
+        let who = AuditWho::of(&req, &caller);
+        let resource = format!("session/{}", req.get_ref().id);
+        let result = match caller {
+            Ok(caller) => self.delete(&caller, req.into_inner()).await,
+            Err(e) => Err(e),
+        };
+        audit(&who, "DeleteSession", &resource, &result);
+        result.map(Response::new)
     }
 
     #[tracing::instrument(skip_all, fields(session = %req.get_ref().id))]
@@ -228,35 +333,15 @@ impl SessionService for SessionApi {
         &self,
         req: Request<pb::RenewSessionRequest>,
     ) -> Result<Response<pb::RenewSessionResponse>, Status> {
-        let req = req.into_inner();
-        ids::validate_session_id(&req.id)?;
-        if req.ttl_seconds > limits::MAX_TTL_SECONDS {
-            return Err(ValidationError::over(
-                "ttl_seconds",
-                format!("{} seconds", limits::MAX_TTL_SECONDS),
-                req.ttl_seconds,
-            )
-            .into());
-        }
-        let ttl = if req.ttl_seconds == 0 {
-            self.core
-                .state
-                .read(|st| st.sessions.get(&req.id).map(|s| s.spec.ttl_seconds))
-                .ok_or_else(|| Status::not_found(format!("session {} not found", req.id)))?
-        } else {
-            req.ttl_seconds
+        let caller = self.auth.caller(&req);
+        let who = AuditWho::of(&req, &caller);
+        let resource = format!("session/{}", req.get_ref().id);
+        let result = match caller {
+            Ok(caller) => self.renew(&caller, req.into_inner()).await,
+            Err(e) => Err(e),
         };
-        let now = crate::now_ms();
-        let resp = self
-            .core
-            .propose(Command::RenewSession { id: req.id, expires_at_ms: now + ttl as i64 * 1000, now_ms: now })
-            .await?;
-        match resp {
-            CommandResponse::Session(s) => {
-                Ok(Response::new(pb::RenewSessionResponse { session: Some(self.core.to_proto(&s, true)) }))
-            }
-            other => Err(response_status(other)),
-        }
+        audit(&who, "RenewSession", &resource, &result);
+        result.map(Response::new)
     }
 
     type WatchSessionStream = Pin<Box<dyn Stream<Item = Result<pb::SessionEvent, Status>> + Send>>;
@@ -266,6 +351,7 @@ impl SessionService for SessionApi {
         &self,
         req: Request<pb::WatchSessionRequest>,
     ) -> Result<Response<Self::WatchSessionStream>, Status> {
+        let caller = self.auth.caller(&req)?;
         let id = req.into_inner().id;
         ids::validate_session_id(&id)?;
         // Subscribe before reading, so no change between the two is missed.
@@ -275,7 +361,8 @@ impl SessionService for SessionApi {
             .core
             .state
             .read(|st| st.sessions.get(&id).cloned())
-            .ok_or_else(|| Status::not_found(format!("session {id} not found")))?;
+            .filter(|s| caller.may_access_tenant(&s.tenant))
+            .ok_or_else(|| not_found(&id))?;
         let core = self.core.clone();
         let shutdown = self.shutdown.clone();
         let (tx, rx) = tokio::sync::mpsc::channel(16);

@@ -66,6 +66,7 @@ pub fn plan_reconcile(
                 next.expires_at_ms = a.expires_at_ms;
                 next.fence_after_ms = fresh.fence_after_ms;
                 next.idle_timeout_ms = fresh.idle_timeout_ms;
+                next.tenant = fresh.tenant;
                 actions.push(Action::Update(id.to_string(), next));
             }
             Some(held) if held.generation > a.generation => {} // stale assignment message
@@ -184,6 +185,7 @@ mod tests {
             fence_after_ms: 0,
             idle_timeout_ms: 0,
             last_active_ms,
+            tenant: sandfleet_common::auth::DEFAULT_TENANT.into(),
         }
     }
 
