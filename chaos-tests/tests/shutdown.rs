@@ -226,7 +226,17 @@ async fn a_second_agent_with_the_same_node_id_or_data_dir_refuses_to_start() {
 
     // Another node id on the same data dir.
     let data_dir = cluster.agents[0].data_dir.clone();
-    let args = with_flag(&with_flag(&first, "--node-id", &format!("{node_id}-b")), "--listen", "127.0.0.1:0");
+    let other = format!("{node_id}-b");
+    let mut args = with_flag(&with_flag(&first, "--node-id", &other), "--listen", "127.0.0.1:0");
+    if let Some(pki) = cluster.pki() {
+        // Its own certificate, so that only the data dir is in the way.
+        let cert = pki.issue(IdentityKind::Agent, &other, &["127.0.0.1".into()]).unwrap();
+        args = with_flag(
+            &with_flag(&args, "--tls-cert", &cert.cert.to_string_lossy()),
+            "--tls-key",
+            &cert.key.to_string_lossy(),
+        );
+    }
     let (status, stderr) = run_agent(args).await;
     assert!(!status.success(), "a second agent on data dir {} started:\n{stderr}", data_dir.display());
     assert!(stderr.contains(&format!("data dir {} is in use", data_dir.display())), "{stderr}");

@@ -783,8 +783,10 @@ impl Cluster {
         let started = p.launch(self.ready_timeout).await;
         self.coordinators.push(p);
         started?;
-        if bootstrap && self.admin_key.as_deref() == Some("") {
-            let path = dir.join("admin.key");
+        // The real coordinator writes the key before its ready line (a stand-in
+        // binary of the harness's own tests writes none).
+        let path = dir.join("admin.key");
+        if bootstrap && self.admin_key.as_deref() == Some("") && path.exists() {
             let key = std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
             self.admin_key = Some(key.trim().to_string());
         }
