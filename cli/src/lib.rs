@@ -12,12 +12,14 @@
 //! - [`session`]: the other `session` subcommands, including `cp`.
 //! - [`cluster`]: `node list` and `cluster ...`.
 //! - [`dev`]: `dev`, a coordinator plus a node agent in this process.
+//! - [`pki`]: `pki init|issue`, the cluster CA and certificates.
 
 pub mod args;
 pub mod cluster;
 pub mod dev;
 pub mod exec;
 pub mod output;
+pub mod pki;
 pub mod session;
 
 use std::path::PathBuf;
@@ -73,6 +75,9 @@ pub enum Command {
     Cluster(ClusterCmd),
     /// Run a coordinator and a node agent (process runtime) in this process.
     Dev(DevArgs),
+    /// Make the cluster CA and issue certificates (files only; no cluster needed).
+    #[command(subcommand)]
+    Pki(pki::PkiCmd),
 }
 
 /// What a session asks for.
@@ -448,6 +453,9 @@ pub async fn run(cli: Cli) -> anyhow::Result<i32> {
     if let Command::Dev(args) = cli.command {
         return dev::run(args).await;
     }
+    if let Command::Pki(cmd) = cli.command {
+        return pki::run(cmd, cli.output);
+    }
     let client = Client::builder(cli.endpoint.iter().map(|e| e.trim()).filter(|e| !e.is_empty()))
         .request_timeout(cli.request_timeout)
         .connect()
@@ -463,7 +471,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<i32> {
             cluster::node_drain(&ctx, &id, deadline, max_parallel, detach, wait_timeout).await
         }
         Command::Cluster(cmd) => cluster::run(&ctx, cmd).await,
-        Command::Dev(_) => unreachable!("handled above"),
+        Command::Dev(_) | Command::Pki(_) => unreachable!("handled above"),
     }
 }
 

@@ -18,12 +18,16 @@
 //! - [`telemetry`]: `tracing` subscriber set from `RUST_LOG`, with optional OTLP export.
 //! - [`signal`]: the SIGINT/SIGTERM shutdown signal of the daemons.
 //! - [`time`]: wall-clock helpers in Unix milliseconds.
+//! - [`x509`]: the Sandfleet identity (SPIFFE URI SAN) of a peer certificate.
+//! - `pki` (feature `pki`): the cluster CA, issuing certificates, writing them with safe modes.
 
 pub mod auth;
 pub mod backoff;
 pub mod grpc;
 pub mod ids;
 pub mod limits;
+#[cfg(feature = "pki")]
+pub mod pki;
 pub mod quantity;
 pub mod ready;
 pub mod signal;
@@ -31,5 +35,6 @@ pub mod spec;
 pub mod telemetry;
 pub mod time;
 pub mod token;
+pub mod x509;
 
 pub use ids::ValidationError;
