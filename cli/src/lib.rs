@@ -13,6 +13,7 @@
 //! - [`cluster`]: `node list` and `cluster ...`.
 //! - [`tenant`], [`apikey`]: `tenant ...` and `apikey ...` (admin).
 //! - [`dev`]: `dev`, a coordinator plus a node agent in this process.
+//! - [`pki`]: `pki init|issue`, the cluster CA and certificates.
 
 pub mod apikey;
 pub mod args;
@@ -20,6 +21,7 @@ pub mod cluster;
 pub mod dev;
 pub mod exec;
 pub mod output;
+pub mod pki;
 pub mod session;
 pub mod tenant;
 
@@ -98,6 +100,9 @@ pub enum Command {
     Apikey(apikey::ApiKeyCmd),
     /// Run a coordinator and a node agent (process runtime) in this process.
     Dev(DevArgs),
+    /// Make the cluster CA and issue certificates (files only; no cluster needed).
+    #[command(subcommand)]
+    Pki(pki::PkiCmd),
 }
 
 /// What a session asks for.
@@ -480,6 +485,9 @@ pub async fn run(cli: Cli) -> anyhow::Result<i32> {
     if let Command::Dev(args) = cli.command {
         return dev::run(args).await;
     }
+    if let Command::Pki(cmd) = cli.command {
+        return pki::run(cmd, cli.output);
+    }
     let tls = sandfleet::TlsOptions::from_parts(cli.tls_ca.clone(), cli.tls_cert.clone(), cli.tls_key.clone())?;
     let client = Client::builder(cli.endpoint.iter().map(|e| e.trim()).filter(|e| !e.is_empty()))
         .request_timeout(cli.request_timeout)
@@ -500,7 +508,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<i32> {
         Command::Cluster(cmd) => cluster::run(&ctx, cmd).await,
         Command::Tenant(cmd) => tenant::run(&ctx, cmd).await,
         Command::Apikey(cmd) => apikey::run(&ctx, cmd).await,
-        Command::Dev(_) => unreachable!("handled above"),
+        Command::Dev(_) | Command::Pki(_) => unreachable!("handled above"),
     }
 }
 

@@ -20,6 +20,8 @@
 //! - [`telemetry`]: `tracing` subscriber set from `RUST_LOG`, with optional OTLP export.
 //! - [`signal`]: the SIGINT/SIGTERM shutdown signal of the daemons.
 //! - [`time`]: wall-clock helpers in Unix milliseconds.
+//! - [`x509`]: the Sandfleet identity (SPIFFE URI SAN) of a peer certificate.
+//! - `pki` (feature `pki`): the cluster CA, issuing certificates, writing them with safe modes.
 
 pub mod auth;
 pub mod backoff;
