@@ -249,7 +249,7 @@ mod tests {
         assert_eq!(c.spec.node_selector["zone"], "b");
         assert_eq!((c.spec.cpu_millis, c.spec.cpu_request_millis), (250, 100));
         assert_eq!(c.spec.idle_timeout_seconds, 90);
-        let p = c.spec.restart_policy.clone().unwrap();
+        let p = c.spec.restart_policy.unwrap();
         assert_eq!((p.lost_after_ms, p.max_attempts, p.backoff_ms), (12_000, 3, 500));
         assert_eq!(c.spec.memory_bytes, 1 << 30);
         assert_eq!(c.spec.cpu_millis, 250);

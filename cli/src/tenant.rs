@@ -72,7 +72,7 @@ pub fn tenants_table(tenants: &[proto::Tenant]) -> String {
     let rows: Vec<Vec<String>> = tenants
         .iter()
         .map(|t| {
-            let q = t.quota.clone().unwrap_or_default();
+            let q = t.quota.unwrap_or_default();
             let u = t.usage.unwrap_or_default();
             vec![
                 t.name.clone(),

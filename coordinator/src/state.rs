@@ -272,6 +272,9 @@ pub struct Report {
 }
 
 /// A state change, proposed through Raft.
+// Commands are built once, serialized into a log entry and applied once:
+// boxing the large session record would buy nothing.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub enum Command {
     /// Sets the cluster's token signing key. Applied once; later ones are ignored.

@@ -486,7 +486,7 @@ impl<'a> Bench<'a> {
         }
         let mut beat_failures: Vec<(String, u64)> =
             pool.beats.reasons.lock().iter().map(|(k, v)| (k.clone(), *v)).collect();
-        beat_failures.sort_by(|a, b| b.1.cmp(&a.1));
+        beat_failures.sort_by_key(|b| std::cmp::Reverse(b.1));
         for (why, n) in &beat_failures {
             eprintln!("    heartbeat failures: {n} x {why}");
         }

@@ -115,7 +115,6 @@ async fn main() -> anyhow::Result<()> {
         placement_candidates: args.placement_candidates,
         placement_batch: args.placement_batch,
         admin_key_file: args.admin_key_file,
-        ..Default::default()
     };
     let coordinator = serve(config, shutdown.clone()).await.context("failed to start the coordinator")?;
     println!("{}", ReadyLine::Coordinator { id: args.id, addr: coordinator.addr().to_string() });

@@ -16,6 +16,10 @@
 //! from the durable `last_applied`, which is written in the same batch as the
 //! state it describes.
 
+// openraft's storage traits return its `StorageError`, a large type; the
+// helpers here return it too rather than boxing and unboxing at every call.
+#![allow(clippy::result_large_err)]
+
 use parking_lot::RwLock;
 use std::fmt::Debug;
 use std::io::Cursor;
