@@ -511,6 +511,49 @@ print(sorted(os.listdir("/sys/class/net")) if os.path.exists("/sys/class/net") e
     env.cleanup().await;
 }
 
+/// Only unix, inet, inet6 and rtnetlink sockets open: vsock (which network
+/// namespaces do not isolate: on a VM host it reaches the hypervisor's
+/// services), packet, alg and other netlink protocols are refused (EPERM).
+async fn only_needed_socket_families(kind: Kind) {
+    let Some(env) = setup(kind, "sockfam", 311_500).await else { return };
+    let rt = env.rt.as_ref();
+    let id = new_session_id();
+    rt.prepare(&sandbox(&id)).await.unwrap();
+    let py = r#"
+import socket
+for name, family, kind, proto in [
+    ("vsock", 40, socket.SOCK_STREAM, 0),
+    ("packet", 17, socket.SOCK_RAW, 0),
+    ("alg", 38, socket.SOCK_SEQPACKET, 0),
+    ("bluetooth", 31, socket.SOCK_STREAM, 0),
+    ("netlink-uevent", 16, socket.SOCK_RAW, 15),
+    ("unix", 1, socket.SOCK_STREAM, 0),
+    ("inet", 2, socket.SOCK_DGRAM, 0),
+    ("inet6", 10, socket.SOCK_DGRAM, 0),
+    ("netlink-route", 16, socket.SOCK_RAW, 0),
+]:
+    try:
+        socket.socket(family, kind, proto).close()
+        print(name, "open")
+    except OSError as e:
+        print(name, "refused", e.errno)
+try:
+    socket.socketpair(40, socket.SOCK_STREAM)
+    print("vsock-pair open")
+except OSError as e:
+    print("vsock-pair refused", e.errno)
+"#;
+    let r = run(rt, &id, code(Language::Python, py)).await.unwrap();
+    let eperm = libc::EPERM;
+    for refused in ["vsock", "packet", "alg", "bluetooth", "netlink-uevent", "vsock-pair"] {
+        assert!(r.stdout.contains(&format!("{refused} refused {eperm}\n")), "{refused}: {} {}", r.stdout, r.stderr);
+    }
+    for open in ["unix", "inet", "inet6", "netlink-route"] {
+        assert!(r.stdout.contains(&format!("{open} open\n")), "{open}: {} {}", r.stdout, r.stderr);
+    }
+    env.cleanup().await;
+}
+
 async fn no_host_files(kind: Kind) {
     let Some(env) = setup(kind, "hostfs", 310_500).await else { return };
     let rt = env.rt.as_ref();
@@ -701,6 +744,7 @@ conformance!(
     oom,
     fork_bomb,
     no_network,
+    only_needed_socket_families,
     no_host_files,
     file_round_trip,
     traversal_and_symlinks,

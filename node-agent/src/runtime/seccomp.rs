@@ -10,6 +10,14 @@
 //! returns `ENOSYS` (its flags live in memory a filter cannot read; libc falls
 //! back to `clone`), and `clone` with any namespace flag returns `EPERM`.
 //!
+//! `socket` and `socketpair` are allowed only for the families a sandbox
+//! needs ([`SOCKET_FAMILIES`]: unix, inet, inet6, and netlink only with
+//! `NETLINK_ROUTE`); every other family (vsock, which network namespaces do
+//! not isolate, packet, bluetooth, alg, xdp, ...) returns `EPERM`. The docker
+//! runtime's container profile takes the same list
+//! ([`crate::runtime::docker::hardening::seccomp_profile`]), so both layers
+//! agree.
+//!
 //! The program is built with [`seccompiler`] and serialized in the raw
 //! `struct sock_filter` layout bubblewrap reads from `--seccomp FD`.
 
@@ -84,6 +92,14 @@ pub fn denied_syscalls() -> Vec<(&'static str, i64)> {
     v
 }
 
+/// The socket families a sandboxed program may open, by name and number:
+/// the one list both seccomp layers are built from.
+pub const SOCKET_FAMILIES: [(&str, i32); 4] =
+    [("AF_UNIX", libc::AF_UNIX), ("AF_INET", libc::AF_INET), ("AF_INET6", libc::AF_INET6), ("AF_NETLINK", libc::AF_NETLINK)];
+/// The only netlink protocol allowed (routes and links: libc's address
+/// lookups and bubblewrap's loopback setup use it).
+pub const NETLINK_PROTOCOL: i32 = libc::NETLINK_ROUTE;
+
 /// Namespace flags `clone` may not use.
 const CLONE_NS_FLAGS: [i32; 7] = [
     libc::CLONE_NEWNS,
@@ -109,6 +125,23 @@ pub fn program() -> Result<BpfProgram, RuntimeError> {
         clone_rules.push(SeccompRule::new(vec![cond]).map_err(|e| err(&e))?);
     }
     rules.insert(libc::SYS_clone, clone_rules);
+    // socket/socketpair(domain, type, protocol): a family outside the list, or
+    // netlink with another protocol, is denied.
+    let family_rules = || -> Result<Vec<SeccompRule>, RuntimeError> {
+        let ne = |v: i32| {
+            SeccompCondition::new(0, SeccompCmpArgLen::Dword, SeccompCmpOp::Ne, v as u32 as u64).map_err(|e| err(&e))
+        };
+        let other_family = SOCKET_FAMILIES.iter().map(|(_, f)| ne(*f)).collect::<Result<Vec<_>, _>>()?;
+        let netlink = vec![
+            SeccompCondition::new(0, SeccompCmpArgLen::Dword, SeccompCmpOp::Eq, libc::AF_NETLINK as u64)
+                .map_err(|e| err(&e))?,
+            SeccompCondition::new(2, SeccompCmpArgLen::Dword, SeccompCmpOp::Ne, NETLINK_PROTOCOL as u32 as u64)
+                .map_err(|e| err(&e))?,
+        ];
+        Ok(vec![SeccompRule::new(other_family).map_err(|e| err(&e))?, SeccompRule::new(netlink).map_err(|e| err(&e))?])
+    };
+    rules.insert(libc::SYS_socket, family_rules()?);
+    rules.insert(libc::SYS_socketpair, family_rules()?);
     let filter = SeccompFilter::new(rules, SeccompAction::Allow, SeccompAction::Errno(libc::EPERM as u32), arch)
         .map_err(|e| err(&e))?;
     let mut prog: BpfProgram = filter.try_into().map_err(|e: seccompiler::BackendError| err(&e))?;
@@ -239,6 +272,42 @@ mod tests {
                         }
                         if libc::syscall(libc::SYS_getpid) <= 0 {
                             return 16;
+                        }
+                        // Socket families: vsock, packet and a netlink protocol other than
+                        // NETLINK_ROUTE are refused; unix, inet, inet6 and rtnetlink open.
+                        for (family, protocol, code) in [
+                            (libc::AF_VSOCK, 0, 17),
+                            (libc::AF_PACKET, 0, 18),
+                            (libc::AF_NETLINK, libc::NETLINK_KOBJECT_UEVENT, 19),
+                            (libc::AF_ALG, 0, 20),
+                        ] {
+                            *libc::__errno_location() = 0;
+                            if libc::socket(family, libc::SOCK_RAW | libc::SOCK_CLOEXEC, protocol) != -1
+                                || *libc::__errno_location() != libc::EPERM
+                            {
+                                return code;
+                            }
+                        }
+                        let mut pair = [0; 2];
+                        if libc::socketpair(libc::AF_VSOCK, libc::SOCK_STREAM, 0, pair.as_mut_ptr()) != -1
+                            || *libc::__errno_location() != libc::EPERM
+                        {
+                            return 21;
+                        }
+                        for (family, kind, protocol, code) in [
+                            (libc::AF_UNIX, libc::SOCK_STREAM, 0, 22),
+                            (libc::AF_INET, libc::SOCK_DGRAM, 0, 23),
+                            (libc::AF_INET6, libc::SOCK_DGRAM, 0, 24),
+                            (libc::AF_NETLINK, libc::SOCK_RAW, libc::NETLINK_ROUTE, 25),
+                        ] {
+                            let fd = libc::socket(family, kind | libc::SOCK_CLOEXEC, protocol);
+                            if fd < 0 {
+                                return code;
+                            }
+                            libc::close(fd);
+                        }
+                        if libc::socketpair(libc::AF_UNIX, libc::SOCK_STREAM, 0, pair.as_mut_ptr()) != 0 {
+                            return 26;
                         }
                     }
                     0

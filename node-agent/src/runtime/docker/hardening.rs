@@ -5,7 +5,8 @@
 //! # The seccomp profile
 //! Docker's default profile (moby `profiles/seccomp/default.json`) as it
 //! applies to a container with every capability dropped: the same allow
-//! list, `socket` except `AF_VSOCK`, the same `personality` values, `clone`
+//! list, `socket` and `socketpair` only for the families of the second layer's
+//! list (unix, inet, inet6, netlink with `NETLINK_ROUTE`), the same `personality` values, `clone`
 //! without namespace flags, `clone3` → `ENOSYS`. On top of it, only what
 //! bubblewrap needs to build its sandbox from an unprivileged user namespace
 //! (each found by removing it and watching bwrap fail in the hardened
@@ -366,7 +367,6 @@ const DEFAULT_ALLOW: &[&str] = &[
     "sigprocmask",
     "sigreturn",
     "socketcall",
-    "socketpair",
     "splice",
     "stat",
     "stat64",
@@ -429,9 +429,16 @@ pub fn seccomp_profile() -> serde_json::Value {
     let mut syscalls = vec![
         json!({"names": DEFAULT_ALLOW, "action": "SCMP_ACT_ALLOW"}),
         json!({"names": ["arch_prctl", "modify_ldt"], "action": "SCMP_ACT_ALLOW", "includes": {"arches": ["amd64", "x32", "x86"]}}),
-        // AF_VSOCK (40) stays denied, as in Docker's default.
-        json!({"names": ["socket"], "action": "SCMP_ACT_ALLOW", "args": [{"index": 0, "value": 40, "op": "SCMP_CMP_NE"}]}),
     ];
+    // socket and socketpair only for the families of the second layer's list
+    // (crate::runtime::seccomp::SOCKET_FAMILIES); netlink only for NETLINK_ROUTE.
+    for (_, family) in crate::runtime::seccomp::SOCKET_FAMILIES {
+        let mut args = vec![json!({"index": 0, "value": family, "op": "SCMP_CMP_EQ"})];
+        if family == libc::AF_NETLINK {
+            args.push(json!({"index": 2, "value": crate::runtime::seccomp::NETLINK_PROTOCOL, "op": "SCMP_CMP_EQ"}));
+        }
+        syscalls.push(json!({"names": ["socket", "socketpair"], "action": "SCMP_ACT_ALLOW", "args": args}));
+    }
     for v in [0u64, 8, 131_072, 131_080, 4_294_967_295] {
         syscalls.push(json!({"names": ["personality"], "action": "SCMP_ACT_ALLOW", "args": [{"index": 0, "value": v, "op": "SCMP_CMP_EQ"}]}));
     }
