@@ -554,6 +554,52 @@ except OSError as e:
     env.cleanup().await;
 }
 
+/// Every process's command line on the host, as `ps -eo args` shows them.
+fn host_command_lines() -> Vec<String> {
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+        if let Ok(raw) = std::fs::read(entry.path().join("cmdline")) {
+            out.push(String::from_utf8_lossy(&raw).replace('\0', " "));
+        }
+    }
+    out
+}
+
+/// The session's and the exec's environment reach the command, but no
+/// command line on the host shows their values while the exec runs (bwrap
+/// reads its arguments from a sealed memfd, `--args FD`).
+async fn secrets_stay_off_command_lines(kind: Kind) {
+    let Some(env) = setup(kind, "secret", 311_600).await else { return };
+    let id = new_session_id();
+    let session_secret = format!("s3cr3t-session-{}", new_session_id());
+    let exec_secret = format!("s3cr3t-exec-{}", new_session_id());
+    let marker = format!("marker-{}", &id[id.len() - 12..]);
+    let mut sb = sandbox(&id);
+    sb.env.insert("SESSION_SECRET".into(), session_secret.clone());
+    env.rt.prepare(&sb).await.unwrap();
+    let mut spec = bash(&format!("echo \"$SESSION_SECRET $EXEC_SECRET\"; sleep 3 # {marker}"));
+    spec.env.insert("EXEC_SECRET".into(), exec_secret.clone());
+    let rt = env.rt.clone();
+    let exec_id = id.clone();
+    let running = tokio::spawn(async move { run(rt.as_ref(), &exec_id, spec).await });
+    // While the command runs (its own command line shows the marker), no
+    // command line on the host holds either value.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let mut seen_running = false;
+    while !running.is_finished() && std::time::Instant::now() < deadline {
+        let lines = host_command_lines();
+        seen_running |= lines.iter().any(|l| l.contains(&marker));
+        for l in &lines {
+            assert!(!l.contains(&session_secret) && !l.contains(&exec_secret), "a command line shows a secret: {l}");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(seen_running, "never saw the exec running");
+    let r = running.await.unwrap().unwrap();
+    assert_eq!(r.stdout, format!("{session_secret} {exec_secret}\n"), "{}", r.stderr);
+    env.cleanup().await;
+}
+
 async fn no_host_files(kind: Kind) {
     let Some(env) = setup(kind, "hostfs", 310_500).await else { return };
     let rt = env.rt.as_ref();
@@ -745,6 +791,7 @@ conformance!(
     fork_bomb,
     no_network,
     only_needed_socket_families,
+    secrets_stay_off_command_lines,
     no_host_files,
     file_round_trip,
     traversal_and_symlinks,

@@ -291,6 +291,18 @@ pub fn sealed_memfd(name: &std::ffi::CStr, data: &[u8]) -> std::io::Result<std::
     Ok(f)
 }
 
+/// Arguments in the form `bwrap --args FD` reads: each followed by a NUL.
+/// (No argument holds a NUL: the exec env and argv are validated first.)
+fn nul_separated(args: &[OsString]) -> Vec<u8> {
+    use std::os::unix::ffi::OsStrExt as _;
+    let mut out = Vec::with_capacity(args.iter().map(|a| a.len() + 1).sum());
+    for a in args {
+        out.extend_from_slice(a.as_bytes());
+        out.push(0);
+    }
+    out
+}
+
 /// Everything needed to start one sandboxed command with [`spawn`].
 pub struct Launch<'a> {
     /// The bubblewrap binary.
@@ -318,8 +330,11 @@ pub struct Launch<'a> {
     pub own_process_group: bool,
 }
 
-/// Spawns bwrap for one command: seccomp (and code) memfds are handed over
-/// by fd number, every other fd is closed on exec, core dumps are off, the
+/// Spawns bwrap for one command: its options (the environment among them)
+/// go through a sealed memfd read with `--args FD`, never on a command line,
+/// where any host user could read them in `/proc/PID/cmdline`;
+/// seccomp (and code) memfds are handed over by fd number, every other fd
+/// is closed on exec, core dumps are off, the
 /// child joins the given cgroups and drops to `run_as`, and its
 /// `oom_score_adj` is raised to 1000 so the OOM killer picks the command,
 /// not its supervisor. Returns the child (with `kill_on_drop`, piped stdio)
@@ -360,8 +375,15 @@ pub fn spawn(l: &Launch<'_>) -> std::io::Result<(tokio::process::Child, Vec<std:
         code_fd,
         argv: l.argv,
     });
+    // The options (the environment among them) go through the memfd; bwrap
+    // takes the command itself only on its command line, and it is the
+    // command's own argv once it runs anyway.
+    let split = args.iter().position(|a| a == "--").unwrap_or(args.len());
+    let args_file = sealed_memfd(c"sandfleet-args", &nul_separated(&args[..split]))?;
+    let args_fd = args_file.as_raw_fd();
+    keep.push(args_file);
     let mut cmd = tokio::process::Command::new(l.bwrap_path);
-    cmd.args(args).env_clear().current_dir("/");
+    cmd.arg("--args").arg(args_fd.to_string()).args(&args[split..]).env_clear().current_dir("/");
     if l.own_process_group {
         cmd.process_group(0);
     }
@@ -377,7 +399,7 @@ pub fn spawn(l: &Launch<'_>) -> std::io::Result<(tokio::process::Child, Vec<std:
             }
             // Nothing the supervisor holds may leak into the sandbox, whatever a library forgot.
             libc::syscall(libc::SYS_close_range, 3u32, u32::MAX, libc::CLOSE_RANGE_CLOEXEC);
-            for fd in [Some(seccomp_fd), code_fd].into_iter().flatten() {
+            for fd in [Some(args_fd), Some(seccomp_fd), code_fd].into_iter().flatten() {
                 if libc::fcntl(fd, libc::F_SETFD, 0) != 0 {
                     return Err(io::Error::last_os_error());
                 }

@@ -94,8 +94,12 @@ pub fn denied_syscalls() -> Vec<(&'static str, i64)> {
 
 /// The socket families a sandboxed program may open, by name and number:
 /// the one list both seccomp layers are built from.
-pub const SOCKET_FAMILIES: [(&str, i32); 4] =
-    [("AF_UNIX", libc::AF_UNIX), ("AF_INET", libc::AF_INET), ("AF_INET6", libc::AF_INET6), ("AF_NETLINK", libc::AF_NETLINK)];
+pub const SOCKET_FAMILIES: [(&str, i32); 4] = [
+    ("AF_UNIX", libc::AF_UNIX),
+    ("AF_INET", libc::AF_INET),
+    ("AF_INET6", libc::AF_INET6),
+    ("AF_NETLINK", libc::AF_NETLINK),
+];
 /// The only netlink protocol allowed (routes and links: libc's address
 /// lookups and bubblewrap's loopback setup use it).
 pub const NETLINK_PROTOCOL: i32 = libc::NETLINK_ROUTE;
