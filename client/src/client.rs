@@ -143,6 +143,13 @@ impl TlsOptions {
     }
 }
 
+/// The environment variable listing coordinator endpoints (comma-separated).
+pub const ENV_ENDPOINT: &str = "SANDFLEET_ENDPOINT";
+/// The environment variable holding an API key.
+pub const ENV_API_KEY: &str = "SANDFLEET_API_KEY";
+/// The endpoint when none is configured: a `sandfleet dev` cluster.
+pub const DEFAULT_ENDPOINT: &str = "127.0.0.1:7070";
+
 /// The environment variable naming the cluster CA certificate.
 pub const ENV_TLS_CA: &str = "SANDFLEET_TLS_CA";
 /// The environment variable naming the client certificate.
@@ -151,6 +158,24 @@ pub const ENV_TLS_CERT: &str = "SANDFLEET_TLS_CERT";
 pub const ENV_TLS_KEY: &str = "SANDFLEET_TLS_KEY";
 
 impl ClientBuilder {
+    /// A builder configured from the environment, as the CLI is:
+    /// `SANDFLEET_ENDPOINT` (comma-separated; default `127.0.0.1:7070`, a
+    /// `sandfleet dev` cluster), `SANDFLEET_API_KEY`, and `SANDFLEET_TLS_CA`,
+    /// `SANDFLEET_TLS_CERT`, `SANDFLEET_TLS_KEY`.
+    pub fn from_env() -> Result<Self, Error> {
+        Self::from_vars(|k| std::env::var(k).ok())
+    }
+
+    fn from_vars(var: impl Fn(&str) -> Option<String>) -> Result<Self, Error> {
+        let var = |k: &str| var(k).filter(|v| !v.trim().is_empty());
+        let endpoints: Vec<String> = var(ENV_ENDPOINT)
+            .map(|e| e.split(',').map(|s| s.trim().to_string()).filter(|s| !s.is_empty()).collect())
+            .unwrap_or_else(|| vec![DEFAULT_ENDPOINT.to_string()]);
+        let path = |k: &str| var(k).map(PathBuf::from);
+        let tls = TlsOptions::from_parts(path(ENV_TLS_CA), path(ENV_TLS_CERT), path(ENV_TLS_KEY))?;
+        Ok(Self::new(endpoints).tls(tls).api_key(var(ENV_API_KEY)))
+    }
+
     /// Coordinator endpoints, as `host:port` or `http://host:port`.
     pub fn new(endpoints: impl IntoIterator<Item = impl Into<String>>) -> Self {
         Self {
@@ -922,6 +947,32 @@ mod tests {
         let empty: [&str; 0] = [];
         assert!(matches!(Client::connect(empty).await, Err(Error::InvalidArgument(_))));
         assert!(matches!(Client::connect(["http://bad host:1"]).await, Err(Error::Connect { .. })));
+    }
+
+    #[test]
+    fn the_environment_configures_a_builder_as_it_does_the_cli() {
+        let env: HashMap<&str, &str> = [
+            (ENV_ENDPOINT, "a:1, b:2"),
+            (ENV_TLS_CA, "/pki/ca.crt"),
+            (ENV_TLS_CERT, "/pki/me.crt"),
+            (ENV_TLS_KEY, "/pki/me.key"),
+            (ENV_API_KEY, " "),
+        ]
+        .into();
+        let b = ClientBuilder::from_vars(|k| env.get(k).map(|v| v.to_string())).unwrap();
+        assert_eq!(b.endpoints, ["a:1", "b:2"]);
+        assert_eq!(
+            b.tls,
+            Some(TlsOptions {
+                ca: "/pki/ca.crt".into(),
+                cert_and_key: Some(("/pki/me.crt".into(), "/pki/me.key".into()))
+            })
+        );
+        assert!(b.api_key.is_none(), "a blank key is no key");
+        let none = ClientBuilder::from_vars(|_| None).unwrap();
+        assert_eq!((none.endpoints, none.tls), (vec![DEFAULT_ENDPOINT.to_string()], None));
+        let half = ClientBuilder::from_vars(|k| (k == ENV_TLS_CERT).then(|| "/c".to_string()));
+        assert!(matches!(half, Err(Error::InvalidArgument(_))));
     }
 
     #[tokio::test]

@@ -22,7 +22,8 @@
 //! ```
 //!
 //! # Layout
-//! - [`client`]: [`ClientBuilder`], [`Client`], connection caching, retries, control-plane calls.
+//! - [`client`]: [`ClientBuilder`] (also `ClientBuilder::from_env`: `SANDFLEET_ENDPOINT`, `SANDFLEET_API_KEY`,
+//!   `SANDFLEET_TLS_*`), [`Client`], TLS, connection caching, retries, control-plane calls.
 //! - [`session`]: [`CreateSession`] and session-state helpers.
 //! - [`exec`]: [`ExecRequest`], [`ExecStream`], [`ExecEvent`], [`ExecOutput`] and the exec calls.
 //! - [`files`]: upload, download, list and remove in a session's workspace.
@@ -50,7 +51,10 @@ pub mod tenant;
 pub use sandfleet_proto::v1 as proto;
 pub use sandfleet_proto::v1::Language;
 
-pub use client::{Client, ClientBuilder, SessionWatch, TlsOptions, ENV_TLS_CA, ENV_TLS_CERT, ENV_TLS_KEY};
+pub use client::{
+    Client, ClientBuilder, SessionWatch, TlsOptions, DEFAULT_ENDPOINT, ENV_API_KEY, ENV_ENDPOINT, ENV_TLS_CA,
+    ENV_TLS_CERT, ENV_TLS_KEY,
+};
 pub use error::Error;
 pub use exec::{exit_code_of, ExecEvent, ExecOutput, ExecRequest, ExecStream};
 pub use files::FileStream;
