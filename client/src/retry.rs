@@ -41,12 +41,17 @@ pub(crate) fn is_connect_failure(status: &tonic::Status) -> bool {
     source_chain(status).any(|e| e.downcast_ref::<tonic::ConnectError>().is_some())
 }
 
-/// The connection broke under the call (peer reset, closed, refused).
+/// The connection broke under the call (peer reset, closed, refused). Over
+/// TLS a peer that dies mid-call ends the stream without a `close_notify`,
+/// which rustls reports as `UnexpectedEof` (tonic: UNKNOWN "transport error").
 fn is_broken_connection(status: &tonic::Status) -> bool {
     use std::io::ErrorKind::*;
     source_chain(status).any(|e| {
         e.downcast_ref::<std::io::Error>().is_some_and(|io| {
-            matches!(io.kind(), ConnectionRefused | ConnectionReset | ConnectionAborted | BrokenPipe | NotConnected)
+            matches!(
+                io.kind(),
+                ConnectionRefused | ConnectionReset | ConnectionAborted | BrokenPipe | NotConnected | UnexpectedEof
+            )
         })
     })
 }
@@ -133,5 +138,14 @@ mod tests {
         assert_eq!(connect.code(), tonic::Code::Unavailable);
         assert!(RetryPolicy::ConnectOnly.allows(&connect));
         assert!(describe_transport_failure(&connect).contains("refused"), "{}", describe_transport_failure(&connect));
+        // A TLS peer killed mid-call: UNKNOWN with an io UnexpectedEof below it;
+        // retried when the call is idempotent, not otherwise.
+        let eof = tonic::Status::from_error(Box::new(std::io::Error::new(
+            std::io::ErrorKind::UnexpectedEof,
+            "peer closed connection without sending TLS close_notify",
+        )));
+        assert_eq!(eof.code(), tonic::Code::Unknown);
+        assert!(RetryPolicy::Idempotent.allows(&eof));
+        assert!(!RetryPolicy::ConnectOnly.allows(&eof));
     }
 }
