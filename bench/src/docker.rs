@@ -277,9 +277,7 @@ pub fn render(r: &Report, s: &Settings, title: &str, machine: &[(String, String)
         ms(r.docker_exec.p50()),
         verdict(exec_ratio <= 0.2)
     );
-    let _ = writeln!(out, "\nMachine:\n");
-    for (k, v) in machine {
-        let _ = writeln!(out, "- {k}: {v}");
-    }
+    out.push('\n');
+    crate::push_machine(&mut out, machine);
     out
 }

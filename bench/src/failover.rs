@@ -25,6 +25,7 @@ use std::collections::HashMap;
 use std::fmt::Write as _;
 use std::time::{Duration, Instant};
 
+use crate::millis as ms;
 use anyhow::{anyhow, bail, Result};
 use sandfleet::{Client, CreateSession};
 use sandfleet_proto::v1 as pb;
@@ -222,10 +223,6 @@ fn per_node(sessions: &HashMap<String, pb::Session>) -> HashMap<String, usize> {
     m
 }
 
-fn ms(d: Duration) -> f64 {
-    d.as_secs_f64() * 1000.0
-}
-
 fn secs(d: Duration) -> String {
     format!("{:.2} s", d.as_secs_f64())
 }
@@ -310,9 +307,6 @@ pub fn render(r: &Report, settings: &Settings, section: &str, machine: &[(String
          allocations are rescheduled.\n",
         NOMAD_REFERENCE.as_secs()
     );
-    let _ = writeln!(out, "Machine:\n");
-    for (k, v) in machine {
-        let _ = writeln!(out, "- {k}: {v}");
-    }
+    crate::push_machine(&mut out, machine);
     out
 }

@@ -8,6 +8,7 @@
 //! sandfleet-bench failover [--kills 20] [--sessions-per-agent 10] [--write bench/RESULTS.md]
 //! sandfleet-bench docker [--creates 20] [--execs 200] [--pool 2] [--write bench/RESULTS.md]
 //! sandfleet-bench workspace [--files 1000] [--total-mib 100] [--runs 3] [--write bench/RESULTS.md]
+//! sandfleet-bench disk [--runs 100] [--write bench/RESULTS.md]
 //! ```
 //!
 //! `workspace` compares the agent's workspace sync and restore with
@@ -41,6 +42,7 @@ use sandfleet_testkit::facilities::BWRAP_TRUE_ARGS;
 use sandfleet_testkit::helpers::percentile;
 use sandfleet_testkit::{bins, require_sandbox_facilities, ClusterBuilder};
 
+mod disk;
 mod docker;
 mod failover;
 mod placement;
@@ -170,6 +172,18 @@ enum Cmd {
         #[arg(long)]
         write: Option<PathBuf>,
     },
+    /// Per-session disk quotas vs none, same run: create -> RUNNING.
+    Disk {
+        /// Measured creates per cluster and size.
+        #[arg(long, default_value_t = 100)]
+        runs: usize,
+        /// Warm-up creates per cluster and size.
+        #[arg(long, default_value_t = 5)]
+        warmup: usize,
+        /// Replace the `## Disk quota cost` section of this Markdown file.
+        #[arg(long)]
+        write: Option<PathBuf>,
+    },
     /// Mutual TLS vs plaintext, same run: exec round trip and create throughput.
     Tls {
         /// Measured exec round trips per cluster.
@@ -226,6 +240,7 @@ const FAILOVER_SECTION: &str = "## Agent failover";
 const DOCKER_SECTION: &str = "## Docker runtime vs Docker";
 const WORKSPACE_SECTION: &str = "## Workspace sync vs aws s3 sync";
 const TLS_SECTION: &str = "## Mutual TLS overhead";
+const DISK_SECTION: &str = "## Disk quota cost";
 
 #[derive(Debug)]
 struct Series {
@@ -259,6 +274,25 @@ async fn main() -> ExitCode {
                 if let Some(path) = write {
                     write_section(&path, WORKSPACE_SECTION, &section)?;
                     eprintln!("sandfleet-bench: wrote the {WORKSPACE_SECTION:?} section of {}", path.display());
+                }
+                Ok::<_, anyhow::Error>(())
+            }
+            .await;
+            exit_code(result)
+        }
+        Cmd::Disk { runs, warmup, write } => {
+            let settings = disk::Settings { runs: runs.max(1), warmup };
+            let child_log = std::env::var("SANDFLEET_CHILD_LOG").unwrap_or_else(|_| "warn".to_string());
+            let result = async {
+                if !require_sandbox_facilities() {
+                    bail!("the disk bench needs root, bubblewrap and cgroups");
+                }
+                let report = disk::run(&settings, &child_log).await?;
+                let section = disk::render(&report, &settings, DISK_SECTION, &machine_description());
+                println!("{section}");
+                if let Some(path) = write {
+                    write_section(&path, DISK_SECTION, &section)?;
+                    eprintln!("sandfleet-bench: wrote the {DISK_SECTION:?} section of {}", path.display());
                 }
                 Ok::<_, anyhow::Error>(())
             }
@@ -579,11 +613,21 @@ fn render(
         ms(running.p50()),
         RUNNING_GOAL.as_millis()
     );
+    crate::push_machine(&mut out, machine);
+    out
+}
+
+/// Appends the machine a result was measured on, as a Markdown list.
+fn push_machine(out: &mut String, machine: &[(String, String)]) {
     let _ = writeln!(out, "Machine:\n");
     for (k, v) in machine {
         let _ = writeln!(out, "- {k}: {v}");
     }
-    out
+}
+
+/// A duration in milliseconds, for tables.
+fn millis(d: Duration) -> f64 {
+    d.as_secs_f64() * 1000.0
 }
 
 fn machine_description() -> Vec<(String, String)> {

@@ -29,6 +29,7 @@ use tokio::process::{Child, Command};
 use tonic::transport::{Channel, Endpoint};
 
 use crate::etcdpb;
+use crate::millis as ms;
 
 /// Settings of one run.
 #[derive(Debug, Clone)]
@@ -501,10 +502,6 @@ fn free_port() -> Result<u16> {
     Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
 }
 
-fn ms(d: Duration) -> f64 {
-    d.as_secs_f64() * 1000.0
-}
-
 /// The Markdown section for `bench/RESULTS.md`.
 pub fn render(r: &Report, settings: &Settings, section: &str, machine: &[(String, String)]) -> String {
     use std::fmt::Write as _;
@@ -565,9 +562,6 @@ pub fn render(r: &Report, settings: &Settings, section: &str, machine: &[(String
     );
     let _ = writeln!(out, "- sandfleet: {}", stat(&r.ours_failover));
     let _ = writeln!(out, "- etcd: {}\n", stat(&r.etcd_failover));
-    let _ = writeln!(out, "Machine:\n");
-    for (k, v) in machine {
-        let _ = writeln!(out, "- {k}: {v}");
-    }
+    crate::push_machine(&mut out, machine);
     out
 }

@@ -18,6 +18,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use crate::millis as ms;
 use anyhow::{anyhow, bail, Result};
 use sandfleet::{Client, CreateSession, ExecRequest};
 use sandfleet_testkit::helpers::percentile;
@@ -175,10 +176,6 @@ pub async fn run(settings: &Settings, child_log: &str) -> Result<Report> {
     Ok(report)
 }
 
-fn ms(d: Duration) -> f64 {
-    d.as_secs_f64() * 1000.0
-}
-
 pub fn render(r: &Report, s: &Settings, section: &str, machine: &[(String, String)]) -> String {
     let mut out = String::new();
     let _ = writeln!(out, "{section}\n");
@@ -226,9 +223,6 @@ pub fn render(r: &Report, s: &Settings, section: &str, machine: &[(String, Strin
         "\nFailed creates: plaintext {}, TLS {}. Overhead of a throughput is plaintext/TLS − 1.\n",
         r.plain.create_errors, r.tls.create_errors
     );
-    let _ = writeln!(out, "Machine:\n");
-    for (k, v) in machine {
-        let _ = writeln!(out, "- {k}: {v}");
-    }
+    crate::push_machine(&mut out, machine);
     out
 }

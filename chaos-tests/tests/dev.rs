@@ -110,6 +110,9 @@ impl Drop for Dev {
             let _ = c.wait();
             eprintln!("--- sandfleet dev log ---\n{}", self.logs());
         }
+        // Sessions outlive `sandfleet dev` (their filesystems stay mounted for the
+        // next start); this test's data dir goes, so they go too.
+        sandfleet_common::mounts::unmount_all_under(self._dir.path());
     }
 }
 

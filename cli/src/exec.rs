@@ -33,6 +33,12 @@ pub fn apply_resources(mut c: CreateSession, r: &ResourceArgs) -> CreateSession 
     if let Some(p) = r.pids {
         c = c.pids_limit(p);
     }
+    if let Some(d) = r.disk {
+        c = c.disk_bytes(d);
+    }
+    if let Some(n) = r.disk_inodes {
+        c = c.disk_inodes(n);
+    }
     if let Some(t) = &r.template {
         c = c.template(t.clone());
     }
@@ -236,6 +242,8 @@ mod tests {
             cpu: Some(250),
             cpu_request: Some(100),
             pids: Some(32),
+            disk: Some(2 << 30),
+            disk_inodes: Some(10_000),
             template: Some("python".into()),
             labels: vec![("a".into(), "b".into())],
             runtime: None,
@@ -254,6 +262,7 @@ mod tests {
         assert_eq!(c.spec.memory_bytes, 1 << 30);
         assert_eq!(c.spec.cpu_millis, 250);
         assert_eq!(c.spec.pids_limit, 32);
+        assert_eq!((c.spec.disk_bytes, c.spec.disk_inodes), (2 << 30, 10_000));
         assert_eq!(c.spec.template, "python");
         assert_eq!(c.spec.labels["a"], "b");
     }

@@ -121,6 +121,14 @@ pub struct ResourceArgs {
     /// Maximum processes and threads.
     #[arg(long, value_name = "N")]
     pub pids: Option<u32>,
+    /// Disk quota, e.g. 256Mi, 10Gi (default 1Gi): the size of the session's
+    /// own filesystem; a write past it fails with ENOSPC.
+    #[arg(long, value_parser = parse_memory, value_name = "QUANTITY")]
+    pub disk: Option<u64>,
+    /// Most files, directories and symlinks on the session's disk (default:
+    /// one per 16 KiB of --disk).
+    #[arg(long, value_name = "N")]
+    pub disk_inodes: Option<u64>,
     /// Sandbox template.
     #[arg(long, value_name = "NAME")]
     pub template: Option<String>,

@@ -150,6 +150,21 @@ fn sorted_pairs(m: &std::collections::HashMap<String, String>) -> String {
     }
 }
 
+/// A session's disk use, as a `disk used` row aligned with [`session_text`].
+pub fn disk_usage_text(u: &proto::GetDiskUsageResponse) -> String {
+    let pct = |used: u64, limit: u64| if limit == 0 { 0.0 } else { used as f64 * 100.0 / limit as f64 };
+    format!(
+        "{:<10}{} of {} ({:.0}%), {} of {} inodes ({:.0}%)\n",
+        "disk use:",
+        format_memory(u.used_bytes),
+        format_memory(u.limit_bytes),
+        pct(u.used_bytes, u.limit_bytes),
+        u.used_inodes,
+        u.limit_inodes,
+        pct(u.used_inodes, u.limit_inodes)
+    )
+}
+
 /// A session as a key/value block.
 pub fn session_text(s: &proto::Session) -> String {
     let spec = s.spec.clone().unwrap_or_default();
@@ -167,6 +182,7 @@ pub fn session_text(s: &proto::Session) -> String {
         ("cpu request", format_cpu(spec.cpu_request_millis)),
         ("memory", format_memory(spec.memory_bytes)),
         ("pids", spec.pids_limit.to_string()),
+        ("disk", format!("{} ({} inodes)", format_memory(spec.disk_bytes), spec.disk_inodes)),
         ("labels", sorted_pairs(&spec.labels)),
         ("created", format_time(s.created_at_ms)),
         ("expires", format_time(s.expires_at_ms)),

@@ -12,8 +12,8 @@ use tokio::io::AsyncWriteExt;
 use super::args::CpSpec;
 use super::exec::{apply_resources, session_exec};
 use super::output::{
-    file_kind_name, format_time, now_string, out, print_json, print_json_line, session_text, sessions_table, table,
-    OutputFormat,
+    disk_usage_text, file_kind_name, format_time, now_string, out, print_json, print_json_line, session_text,
+    sessions_table, table, OutputFormat,
 };
 use super::{Ctx, SessionCmd};
 
@@ -45,6 +45,13 @@ pub async fn run(ctx: &Ctx, cmd: SessionCmd) -> anyhow::Result<i32> {
         SessionCmd::Get { id } => {
             let s = ctx.client.get_session(&id).await?;
             print_session(ctx, &s)?;
+            if ctx.output == OutputFormat::Text && s.state == proto::SessionState::Running as i32 {
+                // The use is the node agent's to tell; the session is shown either way.
+                match ctx.client.disk_usage(&s).await {
+                    Ok(u) => out(&disk_usage_text(&u))?,
+                    Err(e) => eprintln!("sandfleet: disk use unknown: {e}"),
+                }
+            }
             Ok(0)
         }
         SessionCmd::List { labels, states, page_size, page_token, all, tenant } => {

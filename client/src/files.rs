@@ -277,6 +277,24 @@ impl Client {
         Ok(())
     }
 
+    /// How much of its disk and inode quota the session uses now, as the
+    /// kernel counts it. `FailedPrecondition` when its node runs without disk quotas.
+    pub async fn disk_usage(&self, session: &proto::Session) -> Result<proto::GetDiskUsageResponse, Error> {
+        let timeout = self.request_timeout();
+        self.data_call(session, "get_disk_usage", |t| {
+            let msg = proto::GetDiskUsageRequest { session_id: t.session_id.clone() };
+            async move {
+                bounded(timeout, "get_disk_usage", async move {
+                    let req = t.request(msg, Some(timeout));
+                    Ok(file_client(t.channel).get_disk_usage(req).await?.into_inner())
+                })
+                .await
+            }
+        })
+        .instrument(tracing::debug_span!("get_disk_usage", session = %session.id))
+        .await
+    }
+
     /// Copies the workspace's changes to the node's workspace store and
     /// returns when they are durable there (a barrier: what was written
     /// before the call survives the loss of the node). Syncs also happen on

@@ -61,6 +61,18 @@ impl CreateSession {
         self
     }
 
+    /// Sets the disk quota in bytes (the workspace's filesystem size).
+    pub fn disk_bytes(mut self, bytes: u64) -> Self {
+        self.spec.disk_bytes = bytes;
+        self
+    }
+
+    /// Sets the most files, directories and symlinks the session may have.
+    pub fn disk_inodes(mut self, inodes: u64) -> Self {
+        self.spec.disk_inodes = inodes;
+        self
+    }
+
     /// Sets the process/thread limit.
     pub fn pids_limit(mut self, pids: u32) -> Self {
         self.spec.pids_limit = pids;

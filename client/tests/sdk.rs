@@ -270,6 +270,14 @@ impl FileService for Fake {
             ..Default::default()
         }))
     }
+
+    async fn get_disk_usage(
+        &self,
+        req: Request<proto::GetDiskUsageRequest>,
+    ) -> Result<Response<proto::GetDiskUsageResponse>, Status> {
+        self.check_token(&req)?;
+        Err(Status::failed_precondition("this fake node runs without disk quotas"))
+    }
 }
 
 async fn start(fake: Fake) -> SocketAddr {

@@ -28,6 +28,7 @@ pub mod backoff;
 pub mod grpc;
 pub mod ids;
 pub mod limits;
+pub mod mounts;
 #[cfg(feature = "pki")]
 pub mod pki;
 pub mod quantity;

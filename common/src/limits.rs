@@ -18,6 +18,23 @@ pub const DEFAULT_PIDS_LIMIT: u32 = 128;
 /// Default session time to live.
 pub const DEFAULT_TTL_SECONDS: u64 = 3600;
 
+/// Default disk quota of a session, in bytes (1 GiB).
+pub const DEFAULT_DISK_BYTES: u64 = 1024 * 1024 * 1024;
+/// Smallest disk quota (64 MiB).
+pub const MIN_DISK_BYTES: u64 = 64 * 1024 * 1024;
+/// Largest disk quota (1 TiB).
+pub const MAX_DISK_BYTES: u64 = 1024 * 1024 * 1024 * 1024;
+/// Without `disk_inodes`, a session may have one inode per this many bytes of
+/// its disk quota (65,536 for the default 1 GiB).
+pub const DEFAULT_DISK_BYTES_PER_INODE: u64 = 16 * 1024;
+/// A session may ask for at most one inode per this many bytes of disk quota
+/// (the inode table is 256 bytes an inode, taken from the quota).
+pub const MIN_DISK_BYTES_PER_INODE: u64 = 4096;
+/// Fewest inodes a session may have.
+pub const MIN_DISK_INODES: u64 = 1024;
+/// Most inodes a session may have.
+pub const MAX_DISK_INODES: u64 = 4 * 1024 * 1024;
+
 /// Smallest memory a session may ask for (16 MiB): less cannot start an interpreter.
 pub const MIN_MEMORY_BYTES: u64 = 16 * 1024 * 1024;
 /// Largest memory a session may ask for (16 TiB). Below this, a size no node can hold is

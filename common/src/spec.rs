@@ -178,6 +178,13 @@ pub struct SandboxSpec {
     pub pids_limit: u32,
     /// Environment given to every exec.
     pub env: BTreeMap<String, String>,
+    /// Disk quota in bytes. 0 in specs recorded before quotas existed (such a
+    /// session keeps the disk it had).
+    #[serde(default)]
+    pub disk_bytes: u64,
+    /// Inode quota. 0 in specs recorded before quotas existed.
+    #[serde(default)]
+    pub disk_inodes: u64,
 }
 
 impl Default for SandboxSpec {
@@ -189,8 +196,38 @@ impl Default for SandboxSpec {
             memory_bytes: limits::DEFAULT_MEMORY_BYTES,
             pids_limit: limits::DEFAULT_PIDS_LIMIT,
             env: BTreeMap::new(),
+            disk_bytes: limits::DEFAULT_DISK_BYTES,
+            disk_inodes: default_disk_inodes(limits::DEFAULT_DISK_BYTES),
         }
     }
+}
+
+/// The inode quota of a disk quota that gives none: one per
+/// [`limits::DEFAULT_DISK_BYTES_PER_INODE`] bytes, within the inode range.
+pub fn default_disk_inodes(disk_bytes: u64) -> u64 {
+    (disk_bytes / limits::DEFAULT_DISK_BYTES_PER_INODE).clamp(limits::MIN_DISK_INODES, limits::MAX_DISK_INODES)
+}
+
+/// The disk and inode quotas, checked, with their defaults.
+pub fn resolve_disk(disk_bytes: u64, disk_inodes: u64) -> Result<(u64, u64), ValidationError> {
+    let disk_bytes = in_range(
+        "disk_bytes",
+        or_default(disk_bytes, limits::DEFAULT_DISK_BYTES),
+        limits::MIN_DISK_BYTES,
+        limits::MAX_DISK_BYTES,
+        "bytes",
+    )?;
+    let disk_inodes = match disk_inodes {
+        0 => default_disk_inodes(disk_bytes),
+        n => in_range(
+            "disk_inodes",
+            n,
+            limits::MIN_DISK_INODES,
+            (disk_bytes / limits::MIN_DISK_BYTES_PER_INODE).min(limits::MAX_DISK_INODES),
+            "inodes (at most one per 4096 bytes of disk_bytes)",
+        )?,
+    };
+    Ok((disk_bytes, disk_inodes))
 }
 
 impl SandboxSpec {
@@ -202,6 +239,7 @@ impl SandboxSpec {
         memory_bytes: u64,
         pids_limit: u32,
         env: impl IntoIterator<Item = (String, String)>,
+        disk: (u64, u64),
     ) -> Result<Self, ValidationError> {
         let template = parse_template(template)?;
         let cpu_millis = in_range(
@@ -227,7 +265,8 @@ impl SandboxSpec {
         )?;
         let env: BTreeMap<String, String> = env.into_iter().collect();
         ids::validate_env("env", &env)?;
-        Ok(Self { template, cpu_millis, memory_bytes, pids_limit, env })
+        let (disk_bytes, disk_inodes) = resolve_disk(disk.0, disk.1)?;
+        Ok(Self { template, cpu_millis, memory_bytes, pids_limit, env, disk_bytes, disk_inodes })
     }
 
     /// The sandbox part of a wire spec, checked.
@@ -238,6 +277,7 @@ impl SandboxSpec {
             spec.memory_bytes,
             spec.pids_limit,
             spec.env.iter().map(|(k, v)| (k.clone(), v.clone())),
+            (spec.disk_bytes, spec.disk_inodes),
         )
     }
 }
@@ -292,6 +332,13 @@ pub struct SessionSpec {
     /// Delay before the first placement after a loss; doubles per loss.
     #[serde(default)]
     pub backoff_ms: u64,
+    /// Disk quota in bytes; 0 in entries written before quotas existed (the
+    /// default applies to them).
+    #[serde(default)]
+    pub disk_bytes: u64,
+    /// Inode quota; 0 in entries written before quotas existed.
+    #[serde(default)]
+    pub disk_inodes: u64,
 }
 
 impl Default for SessionSpec {
@@ -355,7 +402,7 @@ impl SessionSpec {
             in_range("restart_policy.max_attempts", policy.max_attempts, 0, limits::MAX_RESTART_ATTEMPTS, "attempts")?;
         let backoff_ms =
             in_range("restart_policy.backoff_ms", policy.backoff_ms, 0, limits::MAX_RESTART_BACKOFF_MS, "ms")?;
-        let SandboxSpec { template, cpu_millis, memory_bytes, pids_limit, env } = sandbox;
+        let SandboxSpec { template, cpu_millis, memory_bytes, pids_limit, env, disk_bytes, disk_inodes } = sandbox;
         Ok(Self {
             template,
             cpu_millis,
@@ -371,6 +418,8 @@ impl SessionSpec {
             lost_after_ms,
             max_attempts,
             backoff_ms,
+            disk_bytes,
+            disk_inodes,
         })
     }
 
@@ -394,6 +443,17 @@ impl SessionSpec {
                 max_attempts: self.max_attempts,
                 backoff_ms: self.backoff_ms,
             }),
+            disk_bytes: self.disk().0,
+            disk_inodes: self.disk().1,
+        }
+    }
+
+    /// The disk and inode quotas; the defaults for an entry written before quotas existed.
+    pub fn disk(&self) -> (u64, u64) {
+        if self.disk_bytes == 0 {
+            (limits::DEFAULT_DISK_BYTES, default_disk_inodes(limits::DEFAULT_DISK_BYTES))
+        } else {
+            (self.disk_bytes, self.disk_inodes)
         }
     }
 
@@ -405,6 +465,8 @@ impl SessionSpec {
             memory_bytes: self.memory_bytes,
             pids_limit: self.pids_limit,
             env: self.env.clone(),
+            disk_bytes: self.disk().0,
+            disk_inodes: self.disk().1,
         }
     }
 
@@ -449,13 +511,16 @@ impl SessionSpec {
             max_attempts => "restart_policy.max_attempts",
             backoff_ms => "restart_policy.backoff_ms",
             runtime => "runtime",
+            disk_bytes => "disk_bytes",
+            disk_inodes => "disk_inodes",
         );
         out
     }
 
     /// The same spec with a stored zero request written as the limit it stood for.
     fn normalized(&self) -> SessionSpec {
-        SessionSpec { cpu_request_millis: self.cpu_reserved_millis(), ..self.clone() }
+        let (disk_bytes, disk_inodes) = self.disk();
+        SessionSpec { cpu_request_millis: self.cpu_reserved_millis(), disk_bytes, disk_inodes, ..self.clone() }
     }
 }
 
@@ -527,6 +592,28 @@ mod tests {
     }
 
     #[test]
+    fn disk_quotas_default_and_scale_their_inodes() {
+        let s = resolve(spec()).unwrap();
+        assert_eq!(s.disk(), (limits::DEFAULT_DISK_BYTES, 65_536));
+        let s = resolve(pb::SessionSpec { disk_bytes: limits::MIN_DISK_BYTES, ..spec() }).unwrap();
+        assert_eq!(s.disk(), (limits::MIN_DISK_BYTES, 4096));
+        let s = resolve(pb::SessionSpec { disk_bytes: 256 << 30, ..spec() }).unwrap();
+        assert_eq!(s.disk().1, limits::MAX_DISK_INODES, "the default inode count is capped");
+        let s = resolve(pb::SessionSpec { disk_inodes: 2000, ..spec() }).unwrap();
+        assert_eq!(s.disk(), (limits::DEFAULT_DISK_BYTES, 2000));
+        assert_eq!(s.to_proto().disk_inodes, 2000);
+        assert_eq!(s.sandbox().disk_bytes, limits::DEFAULT_DISK_BYTES);
+        // An entry from before quotas loads with the defaults, and equals a new default spec.
+        let mut old = serde_json::to_value(SessionSpec::default()).unwrap();
+        old.as_object_mut().unwrap().remove("disk_bytes");
+        old.as_object_mut().unwrap().remove("disk_inodes");
+        let old: SessionSpec = serde_json::from_value(old).unwrap();
+        assert_eq!(old.disk_bytes, 0);
+        assert_eq!(old.disk(), SessionSpec::default().disk());
+        assert!(old.differing_fields(&SessionSpec::default()).is_empty());
+    }
+
+    #[test]
     fn a_limit_alone_is_also_the_request_and_a_request_above_the_limit_is_refused() {
         let s = resolve(pb::SessionSpec { cpu_millis: 2000, ..spec() }).unwrap();
         assert_eq!(s.cpu_request_millis, 2000);
@@ -548,6 +635,18 @@ mod tests {
             ("memory_bytes", pb::SessionSpec { memory_bytes: limits::MAX_MEMORY_BYTES + 1, ..spec() }),
             ("pids_limit", pb::SessionSpec { pids_limit: limits::MIN_PIDS_LIMIT - 1, ..spec() }),
             ("pids_limit", pb::SessionSpec { pids_limit: limits::MAX_PIDS_LIMIT + 1, ..spec() }),
+            ("disk_bytes", pb::SessionSpec { disk_bytes: limits::MIN_DISK_BYTES - 1, ..spec() }),
+            ("disk_bytes", pb::SessionSpec { disk_bytes: limits::MAX_DISK_BYTES + 1, ..spec() }),
+            ("disk_inodes", pb::SessionSpec { disk_inodes: limits::MIN_DISK_INODES - 1, ..spec() }),
+            ("disk_inodes", pb::SessionSpec { disk_inodes: limits::MAX_DISK_INODES + 1, ..spec() }),
+            (
+                "disk_inodes",
+                pb::SessionSpec {
+                    disk_bytes: limits::MIN_DISK_BYTES,
+                    disk_inodes: limits::MIN_DISK_BYTES / 4096 + 1,
+                    ..spec()
+                },
+            ),
             ("ttl_seconds", pb::SessionSpec { ttl_seconds: limits::MAX_TTL_SECONDS + 1, ..spec() }),
             ("idle_timeout_seconds", pb::SessionSpec { idle_timeout_seconds: limits::MAX_TTL_SECONDS + 1, ..spec() }),
             (

@@ -424,7 +424,7 @@ impl AgentState {
                     tracing::info!(files = stats.files, bytes = stats.bytes, "workspace restored from the store");
                     return Ok(());
                 }
-                Err(e @ (StoreError::Corrupt(_) | StoreError::Superseded { .. })) => {
+                Err(e @ (StoreError::Corrupt(_) | StoreError::Superseded { .. } | StoreError::TooLarge(_))) => {
                     return Err(crate::runtime::RuntimeError::Internal(format!("cannot restore the workspace: {e}")));
                 }
                 Err(e) => {
@@ -454,6 +454,8 @@ impl AgentState {
             memory_bytes: spec.memory_bytes,
             pids_limit: spec.pids_limit,
             env: spec.env.into_iter().collect(),
+            disk_bytes: spec.disk_bytes,
+            disk_inodes: spec.disk_inodes,
         };
         self.wait_not_stopping(&a.session_id).await;
         let mut result = self.runtime.prepare(&sandbox).await;

@@ -395,6 +395,21 @@ impl FileService for DataPlane {
     }
 
     #[tracing::instrument(skip_all, fields(session = %req.get_ref().session_id))]
+    async fn get_disk_usage(
+        &self,
+        req: Request<pb::GetDiskUsageRequest>,
+    ) -> Result<Response<pb::GetDiskUsageResponse>, Status> {
+        self.authorize(req.metadata(), &req.get_ref().session_id).await?;
+        let u = self.state.runtime.disk_usage(&req.get_ref().session_id)?;
+        Ok(Response::new(pb::GetDiskUsageResponse {
+            used_bytes: u.used_bytes,
+            limit_bytes: u.limit_bytes,
+            used_inodes: u.used_inodes,
+            limit_inodes: u.limit_inodes,
+        }))
+    }
+
+    #[tracing::instrument(skip_all, fields(session = %req.get_ref().session_id))]
     async fn get_download_url(
         &self,
         req: Request<pb::GetDownloadUrlRequest>,

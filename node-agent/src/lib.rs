@@ -87,6 +87,8 @@ pub struct AgentConfig {
     pub docker_templates: std::collections::BTreeMap<sandfleet_common::spec::Template, String>,
     /// Docker runtime: template name → idle containers to keep ready.
     pub warm_pool: std::collections::BTreeMap<sandfleet_common::spec::Template, u32>,
+    /// How sessions get their disk and inode quotas.
+    pub disk_quota: runtime::disk::DiskQuota,
     /// Where workspaces are kept durably (the library default: nowhere; the
     /// `sandfleet-agent` binary and `sandfleet dev` default to a local directory).
     pub store: store::StoreConfig,
@@ -115,6 +117,7 @@ impl Default for AgentConfig {
             output_cap: limits::DEFAULT_OUTPUT_CAP_BYTES,
             docker_templates: std::collections::BTreeMap::new(),
             warm_pool: std::collections::BTreeMap::new(),
+            disk_quota: runtime::disk::DiskQuota::default(),
             store: store::StoreConfig::None,
             sync: store::sync::SyncConfig::default(),
             tls: None,
@@ -152,7 +155,7 @@ pub struct Agent {
     addr: SocketAddr,
     server: JoinHandle<Result<(), tonic::transport::Error>>,
     control: JoinHandle<()>,
-    /// Runtime cleanup at shutdown (the docker runtime's idle pool containers).
+    /// Runtime cleanup at shutdown (warm pool containers, ready filesystems).
     cleanup: Option<JoinHandle<()>>,
     /// Reloads the TLS files on SIGHUP or change; `None` on plaintext.
     reloader: Option<JoinHandle<()>>,
@@ -247,7 +250,6 @@ pub async fn serve(config: AgentConfig, shutdown: CancellationToken) -> Result<A
     // Before the runtime takes over (and cleans up) what the node id names on this host.
     let agent_lock = lock::AgentLock::acquire(&config.node_id, &data_dir)?;
 
-    let mut cleanup = None;
     let runtime: Arc<dyn Runtime> = match config.runtime {
         RuntimeKind::Process => Arc::new(
             ProcessRuntime::new(ProcessRuntimeConfig {
@@ -256,6 +258,7 @@ pub async fn serve(config: AgentConfig, shutdown: CancellationToken) -> Result<A
                 uid_base: config.uid_base,
                 slots: config.slots,
                 bwrap_path: PathBuf::from("/usr/bin/bwrap"),
+                disk_quota: config.disk_quota.clone(),
             })
             .await?,
         ),
@@ -265,17 +268,17 @@ pub async fn serve(config: AgentConfig, shutdown: CancellationToken) -> Result<A
             cfg.slots = config.slots;
             cfg.templates.extend(config.docker_templates.clone());
             cfg.warm_pool = config.warm_pool.clone();
-            let docker = DockerRuntime::new(cfg).await?;
-            let (rt, stop) = (docker.clone(), shutdown.clone());
-            cleanup = Some(tokio::spawn(async move {
-                stop.cancelled().await;
-                if let Err(e) = rt.stop_pool().await {
-                    tracing::warn!(error = %e, "could not remove the warm pool's containers at shutdown");
-                }
-            }));
-            Arc::new(docker)
+            cfg.disk_quota = config.disk_quota.clone();
+            Arc::new(DockerRuntime::new(cfg).await?)
         }
     };
+    let (rt, stop) = (runtime.clone(), shutdown.clone());
+    let cleanup = Some(tokio::spawn(async move {
+        stop.cancelled().await;
+        if let Err(e) = rt.release().await {
+            tracing::warn!(error = %e, "could not release the runtime's ready containers or filesystems at shutdown");
+        }
+    }));
     let syncer = match store::open(&config.store).await? {
         Some(store) => {
             tracing::info!(store = %store.describe(), "keeping workspaces in the store");

@@ -74,6 +74,11 @@ impl From<FsError> for tonic::Status {
             FsError::NotFound(_) => tonic::Status::not_found(msg),
             FsError::DirectoryNotEmpty(_) => tonic::Status::failed_precondition(msg),
             FsError::TooLarge { .. } => tonic::Status::out_of_range(msg),
+            FsError::Io(e) if matches!(e.kind(), io::ErrorKind::StorageFull | io::ErrorKind::QuotaExceeded) => {
+                tonic::Status::resource_exhausted(format!(
+                    "the session's disk is full (its disk_bytes or disk_inodes quota is used up): {e}"
+                ))
+            }
             FsError::Io(_) => tonic::Status::internal(msg),
         }
     }

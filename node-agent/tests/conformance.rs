@@ -92,8 +92,9 @@ struct Env {
 }
 
 impl Drop for Env {
-    /// Best effort when a test failed half way: no container of the test may outlive it.
+    /// Best effort when a test failed half way: no container (or mount) of the test may outlive it.
     fn drop(&mut self) {
+        sandfleet_agent::runtime::disk::unmount_all_under(self._dir.path());
         if let Backend::Docker(d) = &self.backend {
             let prefix = format!("sandfleet-{}", d.config().node_id);
             for name in docker_names("label=sandfleet.node") {
@@ -134,6 +135,9 @@ fn process_missing() -> Option<String> {
         ["memory", "cpu", "pids"].iter().all(|c| Path::new("/sys/fs/cgroup").join(c).join("cgroup.procs").exists());
     if !v1 && !v2 {
         return Some("no cgroup v1 (memory, cpu, pids) or v2 hierarchy at /sys/fs/cgroup".into());
+    }
+    if !Path::new("/dev/loop-control").exists() {
+        return Some("no loop devices (/dev/loop-control) for the per-session disk quotas".into());
     }
     None
 }
@@ -211,6 +215,7 @@ async fn setup(kind: Kind, tag: &str, uid_base: u32) -> Option<Env> {
                 uid_base,
                 slots: 8,
                 bwrap_path: PathBuf::from("/usr/bin/bwrap"),
+                disk_quota: Default::default(),
             };
             let rt =
                 ProcessRuntime::new(cfg).await.expect("ProcessRuntime::new on a host that has root, bwrap and cgroups");
@@ -241,6 +246,8 @@ fn sandbox(id: &str) -> SandboxSpec {
         memory_bytes: 256 << 20,
         pids_limit: 64,
         env: BTreeMap::new(),
+        disk_bytes: 0,
+        disk_inodes: 0,
     }
 }
 
@@ -763,6 +770,103 @@ async fn killed_from_outside(kind: Kind) {
     env.cleanup().await;
 }
 
+/// Free bytes of the filesystem holding `path`.
+fn host_free_bytes(path: &Path) -> u64 {
+    let s = nix::sys::statvfs::statvfs(path).expect("statvfs");
+    s.blocks_available() as u64 * s.fragment_size() as u64
+}
+
+/// Bytes the host's disk holds for the sessions' filesystem images (not the pool's).
+fn image_bytes(data_dir: &Path) -> u64 {
+    let Ok(rd) = std::fs::read_dir(data_dir.join("disks")) else { return 0 };
+    rd.flatten()
+        .filter(|e| e.file_name().to_str().is_some_and(|n| n.ends_with(".img") && !n.starts_with("pool-")))
+        .map(|e| e.metadata().map(|m| m.blocks() * 512).unwrap_or(0))
+        .sum()
+}
+
+/// The count a program printed as `stopped ENOSPC <count>`.
+fn stopped_by_enospc(r: &Ran) -> u64 {
+    let words: Vec<&str> = r.stdout.split_whitespace().collect();
+    assert_eq!(words.get(..2), Some(&["stopped", "ENOSPC"][..]), "{} {}", r.stdout, r.stderr);
+    words[2].parse().expect("a count")
+}
+
+async fn disk_and_inode_quotas(kind: Kind) {
+    let Some(env) = setup(kind, "disk", 311_700).await else { return };
+    let rt = env.rt.as_ref();
+    let quota: u64 = 64 << 20;
+    let small = new_session_id();
+    rt.prepare(&SandboxSpec { disk_bytes: quota, disk_inodes: 2048, ..sandbox(&small) }).await.unwrap();
+    let neighbour = new_session_id();
+    rt.prepare(&sandbox(&neighbour)).await.unwrap();
+    let u = rt.disk_usage(&small).unwrap();
+    assert!(u.limit_bytes <= quota && u.limit_bytes > quota / 2, "{u:?}");
+    assert!(u.limit_inodes >= 2048 && u.limit_inodes < 2048 + 512, "{u:?}");
+    let free_before = host_free_bytes(&env.data_dir);
+    let images_before = image_bytes(&env.data_dir);
+
+    // Bytes: a program that writes 200 MiB gets ENOSPC at the quota.
+    let py = r#"
+import errno, os
+n = 0
+try:
+    with open("/workspace/big", "wb") as f:
+        for _ in range(200):
+            f.write(b"x" * (1 << 20)); f.flush(); os.fsync(f.fileno()); n += 1
+except OSError as e:
+    print("stopped", errno.errorcode[e.errno], n)
+"#;
+    let written = stopped_by_enospc(&run(rt, &small, code(Language::Python, py)).await.unwrap());
+    assert!((32..64).contains(&written), "MiB written before ENOSPC: {written}");
+    let u = rt.disk_usage(&small).unwrap();
+    assert!(u.used_bytes > (written << 20) && u.used_bytes <= u.limit_bytes, "{u:?}");
+    // What the host's disk holds for the session grew by at most the quota;
+    // its free space fell by about that (other tests on this machine write
+    // too, hence the margin there).
+    let grown = image_bytes(&env.data_dir) - images_before;
+    assert!(grown <= quota && grown >= written << 20, "the session's image grew by {grown} bytes, quota {quota}");
+    let dropped = free_before.saturating_sub(host_free_bytes(&env.data_dir));
+    assert!(
+        dropped <= quota + (32 << 20),
+        "the host's free space dropped by {dropped} bytes with a {quota}-byte quota"
+    );
+
+    // The file API hits the same wall.
+    let ws = rt.workspace(&small).unwrap();
+    let chunks = futures::stream::iter((0..16).map(|_| Ok::<_, FsError>(Bytes::from(vec![7u8; 1 << 20]))));
+    let err = ws.write_file("more", 0o644, chunks).await.expect_err("the disk is full");
+    let status = tonic::Status::from(err);
+    assert_eq!(status.code(), tonic::Code::ResourceExhausted, "{status}");
+
+    // Inodes: free the bytes, then make empty files until the kernel refuses.
+    let py = r#"
+import errno, os
+os.remove("/workspace/big")
+n = 0
+try:
+    while n < 100000:
+        open("/workspace/f%d" % n, "w").close(); n += 1
+except OSError as e:
+    print("stopped", errno.errorcode[e.errno], n)
+"#;
+    let files = stopped_by_enospc(&run(rt, &small, code(Language::Python, py)).await.unwrap());
+    let u = rt.disk_usage(&small).unwrap();
+    assert!(files >= 1900 && files <= u.limit_inodes, "files made before ENOSPC: {files}, {u:?}");
+    assert_eq!(u.used_inodes, u.limit_inodes, "{u:?}");
+
+    // The neighbour and the runtime go on.
+    let r = run(rt, &neighbour, bash("echo ok > /workspace/n && cat /workspace/n")).await.unwrap();
+    assert_eq!((r.info.exit_code, r.stdout.as_str()), (0, "ok\n"), "{}", r.stderr);
+    let third = new_session_id();
+    rt.prepare(&sandbox(&third)).await.unwrap();
+    let u = rt.disk_usage(&third).unwrap();
+    assert!(u.limit_bytes > (1 << 30) * 9 / 10 && u.used_inodes < 64, "a default session's disk: {u:?}");
+    rt.destroy(&small).await.unwrap();
+    assert!(!env.data_dir.join("disks").join(format!("{small}.img")).exists() || kind == Kind::Docker);
+    env.cleanup().await;
+}
+
 macro_rules! conformance {
     ($($name:ident),* $(,)?) => {
         mod process {
@@ -796,7 +900,8 @@ conformance!(
     file_round_trip,
     traversal_and_symlinks,
     output_cap_and_large_code,
-    killed_from_outside
+    killed_from_outside,
+    disk_and_inode_quotas
 );
 
 // ---------------------------------------------------------------------------

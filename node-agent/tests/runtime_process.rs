@@ -53,6 +53,7 @@ impl Drop for Env {
     /// Best effort when a test failed half way: no process or cgroup of the
     /// test may outlive it.
     fn drop(&mut self) {
+        sandfleet_agent::runtime::disk::unmount_all_under(self._dir.path());
         let cg = self.rt.cgroups();
         let root = self.rt.cgroup_root();
         for _ in 0..200 {
@@ -79,6 +80,7 @@ async fn setup(tag: &str, uid_base: u32) -> Option<Env> {
         uid_base,
         slots: 8,
         bwrap_path: PathBuf::from("/usr/bin/bwrap"),
+        disk_quota: Default::default(),
     };
     let t = Instant::now();
     let rt =
@@ -96,6 +98,8 @@ fn sandbox(id: &str) -> SandboxSpec {
         memory_bytes: 256 << 20,
         pids_limit: 64,
         env: BTreeMap::new(),
+        disk_bytes: 0,
+        disk_inodes: 0,
     }
 }
 

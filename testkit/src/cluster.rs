@@ -1114,6 +1114,10 @@ impl Drop for Cluster {
                 eprintln!("sandfleet harness: could not remove the cgroups of {}: {e}", p.id);
             }
         }
+        // Agents keep their sessions' filesystems mounted across restarts by
+        // design (and their pool of ready ones until a clean exit); once the
+        // cluster is gone nobody will use them.
+        sandfleet_common::mounts::unmount_all_under(self.tmp.path());
         // Namespaces, veths, bridge and FORWARD rule, once nobody is in them.
         if let Some(mut net) = self.net.take() {
             net.teardown();

@@ -135,6 +135,13 @@ fn probe() -> Vec<String> {
     if let Err(e) = cgroups_writable() {
         missing.push(format!("writable cgroups ({e})"));
     }
+    // Per-session disk quotas (the agents' default): an ext4 filesystem per session on a loop device.
+    if !Path::new("/dev/loop-control").exists() {
+        missing.push("loop devices for disk quotas (/dev/loop-control not found; modprobe loop)".to_string());
+    }
+    if !["/usr/sbin/mkfs.ext4", "/sbin/mkfs.ext4"].iter().any(|p| is_executable(Path::new(p))) {
+        missing.push("mkfs.ext4 for disk quotas (apt-get install e2fsprogs)".to_string());
+    }
     missing
 }
 

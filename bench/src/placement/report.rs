@@ -238,9 +238,6 @@ pub fn render(r: &Report, settings: &Settings, section: &str, machine: &[(String
             changed.join(", ")
         );
     }
-    let _ = writeln!(out, "Machine:\n");
-    for (k, v) in machine {
-        let _ = writeln!(out, "- {k}: {v}");
-    }
+    crate::push_machine(&mut out, machine);
     out
 }

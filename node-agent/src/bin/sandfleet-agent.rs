@@ -6,6 +6,7 @@ use std::path::PathBuf;
 
 use anyhow::{bail, Context};
 use clap::Parser;
+use sandfleet_agent::runtime::disk::DiskQuota;
 use sandfleet_agent::store::s3::S3Config;
 use sandfleet_agent::store::sync::SyncConfig;
 use sandfleet_agent::store::StoreConfig;
@@ -59,6 +60,16 @@ struct Args {
     /// First host uid given to sessions.
     #[arg(long, default_value_t = 200_000)]
     uid_base: u32,
+    /// Per-session disk and inode quotas: `loop` gives each session an ext4
+    /// filesystem of its quota's size (needs loop devices and mkfs.ext4);
+    /// `off` keeps workspaces as plain directories, where one session can fill
+    /// the agent's disk.
+    #[arg(long, value_enum, default_value_t = DiskQuotaArg::Loop, value_name = "MODE")]
+    disk_quota: DiskQuotaArg,
+    /// Filesystems of the default disk quota kept made and mounted, so that
+    /// creating a session does not wait for mkfs.
+    #[arg(long, default_value_t = sandfleet_agent::runtime::disk::DEFAULT_POOL, value_name = "N")]
+    disk_pool: usize,
     /// Docker runtime: keep N idle containers of TEMPLATE ready, TEMPLATE=N (repeatable).
     #[arg(long = "warm-pool", value_name = "TEMPLATE=N")]
     warm_pool: Vec<String>,
@@ -208,6 +219,10 @@ async fn main() -> anyhow::Result<()> {
         uid_base: args.uid_base,
         warm_pool,
         docker_templates,
+        disk_quota: match args.disk_quota {
+            DiskQuotaArg::Loop => DiskQuota::Loop { pool: args.disk_pool },
+            DiskQuotaArg::Off => DiskQuota::Off,
+        },
         store,
         sync,
         ..Default::default()
@@ -216,4 +231,13 @@ async fn main() -> anyhow::Result<()> {
     println!("{}", ReadyLine::Agent { node_id: args.node_id.clone(), addr: agent.addr().to_string() });
     agent.join().await.context("agent stopped with an error")?;
     Ok(())
+}
+
+/// `--disk-quota`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum DiskQuotaArg {
+    /// A filesystem of its quota's size per session.
+    Loop,
+    /// No per-session disk limit.
+    Off,
 }

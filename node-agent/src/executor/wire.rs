@@ -246,7 +246,9 @@ impl From<&RuntimeError> for WireError {
             RuntimeError::Workspace(
                 crate::workspace::FsError::InvalidPath(_) | crate::workspace::FsError::Escape(_),
             ) => "invalid_argument",
-            RuntimeError::Workspace(_) | RuntimeError::Io(_) | RuntimeError::Internal(_) => "internal",
+            RuntimeError::Workspace(_) | RuntimeError::Io(_) | RuntimeError::Internal(_) | RuntimeError::NoQuota(_) => {
+                "internal"
+            }
         };
         Self { kind: kind.to_string(), message: e.to_string() }
     }

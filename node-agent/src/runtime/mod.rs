@@ -11,10 +11,12 @@
 //! - [`docker`]: a hardened container per session, bubblewrap inside it ([`docker::DockerRuntime`]).
 //! - [`cgroup`]: cgroup v1 / v2 management behind one enum.
 //! - [`seccomp`]: the seccomp BPF filter every sandboxed process runs under.
+//! - [`disk`]: a filesystem of its quota's size per session (disk and inode quotas).
 //! - [`bwrap`]: building the bubblewrap argv.
 
 pub mod bwrap;
 pub mod cgroup;
+pub mod disk;
 pub mod docker;
 mod fsutil;
 pub mod process;
@@ -39,6 +41,10 @@ pub struct SandboxSpec {
     pub pids_limit: u32,
     /// Environment given to every exec.
     pub env: BTreeMap<String, String>,
+    /// Disk quota in bytes; 0 means the default.
+    pub disk_bytes: u64,
+    /// Inode quota; 0 means the default for `disk_bytes`.
+    pub disk_inodes: u64,
 }
 
 /// A [`SandboxSpec`] checked against the limits, with defaults filled in:
@@ -54,8 +60,14 @@ pub fn resolve_spec(
     runtime: sandfleet_common::spec::Runtime,
     offers: impl Fn(Template) -> bool,
 ) -> Result<ResolvedSpec, RuntimeError> {
-    let r =
-        ResolvedSpec::resolve(&spec.template, spec.cpu_millis, spec.memory_bytes, spec.pids_limit, spec.env.clone())?;
+    let r = ResolvedSpec::resolve(
+        &spec.template,
+        spec.cpu_millis,
+        spec.memory_bytes,
+        spec.pids_limit,
+        spec.env.clone(),
+        (spec.disk_bytes, spec.disk_inodes),
+    )?;
     if !offers(r.template) {
         return Err(RuntimeError::InvalidArgument(format!(
             "template {} is not offered by the {runtime} runtime of this node",
@@ -100,6 +112,10 @@ pub enum RuntimeError {
     /// An I/O error.
     #[error("io error: {0}")]
     Io(#[from] std::io::Error),
+    /// The session has no disk quota to report on (quotas are off on this
+    /// node, or the session predates them).
+    #[error("{0}")]
+    NoQuota(String),
     /// A bug or an unexpected state.
     #[error("{0}")]
     Internal(String),
@@ -126,6 +142,7 @@ impl From<RuntimeError> for tonic::Status {
             RuntimeError::NotFound(_) => tonic::Status::not_found(e.to_string()),
             RuntimeError::InvalidArgument(_) => tonic::Status::invalid_argument(e.to_string()),
             RuntimeError::Unavailable(_) => tonic::Status::unavailable(e.to_string()),
+            RuntimeError::NoQuota(_) => tonic::Status::failed_precondition(e.to_string()),
             RuntimeError::Validation(v) => v.into(),
             RuntimeError::Workspace(fs) => fs.into(),
             RuntimeError::Io(_) | RuntimeError::Internal(_) => tonic::Status::internal(e.to_string()),
@@ -164,6 +181,12 @@ pub trait Runtime: Send + Sync + 'static {
     async fn list(&self) -> Result<Vec<SessionInfo>, RuntimeError>;
     /// The session's workspace, for the file API. NotFound if not prepared.
     fn workspace(&self, session_id: &str) -> Result<crate::workspace::Workspace, RuntimeError>;
+    /// Releases what the runtime keeps ready for sessions to come (warm
+    /// containers, ready filesystems) at a clean shutdown; sessions stay.
+    async fn release(&self) -> Result<(), RuntimeError>;
+    /// How much of its disk quota the session uses. NotFound if not
+    /// prepared; [`RuntimeError::NoQuota`] when it has no quota.
+    fn disk_usage(&self, session_id: &str) -> Result<disk::DiskUsage, RuntimeError>;
 }
 
 #[cfg(test)]

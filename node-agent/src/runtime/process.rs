@@ -52,6 +52,7 @@ use tracing::{debug, info, instrument, warn};
 
 use super::bwrap::{self, RootLayout};
 use super::cgroup::{AnyCgroupManager, Limits};
+use super::disk::{DiskQuota, DiskUsage, Disks};
 use super::fsutil::{create_dir, invalid, io_ctx, set_mode, write_atomic};
 use super::{seccomp, ExecEvent, ExecSpec, ExitInfo, ResolvedSpec, Runtime, RuntimeError, SandboxSpec, SessionInfo};
 use crate::exec;
@@ -80,6 +81,8 @@ pub struct ProcessRuntimeConfig {
     pub slots: u32,
     /// The bubblewrap binary (default /usr/bin/bwrap).
     pub bwrap_path: PathBuf,
+    /// How sessions get their disk (default: a filesystem of the session's quota).
+    pub disk_quota: DiskQuota,
 }
 
 impl ProcessRuntimeConfig {
@@ -91,6 +94,7 @@ impl ProcessRuntimeConfig {
             uid_base: DEFAULT_UID_BASE,
             slots: DEFAULT_SLOTS,
             bwrap_path: PathBuf::from(DEFAULT_BWRAP_PATH),
+            disk_quota: DiskQuota::default(),
         }
     }
 }
@@ -146,6 +150,7 @@ struct Inner {
     cg_root: String,
     layout: RootLayout,
     filter: Vec<u8>,
+    disks: Disks,
     sessions: Mutex<HashMap<String, Arc<Session>>>,
     /// Serializes prepare and destroy (slot allocation, directory creation).
     admin: tokio::sync::Mutex<()>,
@@ -265,6 +270,7 @@ impl ProcessRuntime {
 
         let layout = RootLayout::detect(&etc_dir)?;
         let filter = seccomp::filter_bytes()?;
+        let disks = Disks::new(&cfg.disk_quota, &data_dir.join("disks")).await?;
         let cfg = ProcessRuntimeConfig { data_dir, ..cfg };
 
         let inner = Inner {
@@ -273,6 +279,7 @@ impl ProcessRuntime {
             cg_root,
             layout,
             filter,
+            disks,
             sessions: Mutex::new(HashMap::new()),
             admin: tokio::sync::Mutex::new(()),
         };
@@ -316,6 +323,7 @@ impl ProcessRuntime {
         for id in ids {
             self.destroy(&id).await?;
         }
+        super::disk::unmount_all_under(&self.sessions_dir());
         self.inner.cgroups.destroy(&self.inner.cg_root, CGROUP_KILL_TIMEOUT).await
     }
 
@@ -376,7 +384,8 @@ impl ProcessRuntime {
             let spec = fs::read(dir.join("spec.json"))
                 .ok()
                 .and_then(|b| serde_json::from_slice::<ResolvedSpec>(&b).ok())
-                .unwrap_or_else(ResolvedSpec::default);
+                // Unknown: no quota is assumed, so nothing is mounted over its files.
+                .unwrap_or_else(|| ResolvedSpec { disk_bytes: 0, disk_inodes: 0, ..ResolvedSpec::default() });
             found.push((id, dir, owner, generation, spec));
         }
         found.sort_by(|a, b| a.0.cmp(&b.0));
@@ -427,6 +436,7 @@ impl ProcessRuntime {
                 cg.destroy(&d, CGROUP_KILL_TIMEOUT).await?;
             }
         }
+        self.inner.disks.retain(&table.keys().cloned().collect());
         info!(sessions = table.len(), "sessions rediscovered");
         *self.lock_sessions() = table;
         Ok(())
@@ -444,6 +454,12 @@ impl ProcessRuntime {
             alive: RwLock::new(true),
             exec_seq: AtomicU64::new(0),
         }
+    }
+
+    /// Mounts the session's own filesystem (its disk and inode quota) on its
+    /// workspace directory.
+    async fn attach_disk(&self, s: &Session, spec: &ResolvedSpec) -> Result<(), RuntimeError> {
+        self.inner.disks.attach(&s.id, &s.workspace_dir(), spec.disk_bytes, spec.disk_inodes, s.uid).await
     }
 
     /// Starts `true` in a sandbox as an unprivileged uid, so a host that
@@ -615,15 +631,25 @@ impl Runtime for ProcessRuntime {
     #[instrument(skip(self, spec), fields(session = %spec.session_id, generation = spec.generation))]
     async fn prepare(&self, spec: &SandboxSpec) -> Result<(), RuntimeError> {
         validate_session_id(&spec.session_id)?;
-        let stored = stored_spec(spec)?;
+        let mut stored = stored_spec(spec)?;
         let _admin = self.inner.admin.lock().await;
         let cg = &self.inner.cgroups;
         let existing = self.lock_sessions().get(&spec.session_id).cloned();
         if let Some(s) = existing {
+            // A recorded quota means the session has a filesystem of its own; a
+            // session prepared without one (quotas off, or before they existed)
+            // keeps its plain directory and its files.
+            let has_disk = s.spec().disk_bytes != 0;
+            if !has_disk {
+                (stored.disk_bytes, stored.disk_inodes) = (0, 0);
+            }
             s.generation.fetch_max(spec.generation, Ordering::SeqCst);
             *s.spec.lock() = stored.clone();
             // Repair whatever went missing, then apply the (possibly new) limits.
             ensure_session_dirs(&s)?;
+            if has_disk {
+                self.attach_disk(&s, &stored).await?;
+            }
             if !cg.exists(&s.cgroup) {
                 cg.create(&s.cgroup).map_err(|e| io_ctx("creating the session cgroup", e))?;
             }
@@ -643,17 +669,23 @@ impl Runtime for ProcessRuntime {
                 self.inner.cfg.slots
             ))
         })?;
+        if !self.inner.disks.enabled() {
+            (stored.disk_bytes, stored.disk_inodes) = (0, 0);
+        }
         let dir = self.sessions_dir().join(&spec.session_id);
         let s = self.session_obj(&spec.session_id, dir, slot, spec.generation, stored.clone());
-        let res = (|| -> Result<(), RuntimeError> {
+        let res = async {
             ensure_session_dirs(&s)?;
+            self.attach_disk(&s, &stored).await?;
             cg.create(&s.cgroup).map_err(|e| io_ctx("creating the session cgroup", e))?;
             cg.set_limits(&s.cgroup, &session_limits(&stored)).map_err(|e| io_ctx("setting session limits", e))?;
             self.persist(&s)
-        })();
+        }
+        .await;
         if let Err(e) = res {
             warn!(error = %e, "prepare failed; rolling back");
             let _ = cg.remove(&s.cgroup);
+            let _ = self.inner.disks.detach(&s.id, &s.workspace_dir()).await;
             let _ = fs::remove_dir_all(&s.dir);
             return Err(e);
         }
@@ -775,6 +807,7 @@ impl Runtime for ProcessRuntime {
         let rel = self.session_cgroup(session_id);
         self.inner.cgroups.destroy(&rel, CGROUP_KILL_TIMEOUT).await?;
         let dir = self.sessions_dir().join(session_id);
+        self.inner.disks.detach(session_id, &dir.join("workspace")).await?;
         match fs::remove_dir_all(&dir) {
             Ok(()) => {}
             Err(e) if e.kind() == io::ErrorKind::NotFound => {}
@@ -803,6 +836,17 @@ impl Runtime for ProcessRuntime {
         let s = self.get(session_id)?;
         Ok(Workspace::new(s.workspace_dir(), s.uid, s.uid))
     }
+
+    async fn release(&self) -> Result<(), RuntimeError> {
+        self.inner.disks.release_pool().await;
+        Ok(())
+    }
+
+    fn disk_usage(&self, session_id: &str) -> Result<DiskUsage, RuntimeError> {
+        validate_session_id(session_id)?;
+        let s = self.get(session_id)?;
+        self.inner.disks.usage(&s.workspace_dir())
+    }
 }
 
 #[cfg(test)]
@@ -818,6 +862,8 @@ mod tests {
             memory_bytes: 0,
             pids_limit: 0,
             env: BTreeMap::new(),
+            disk_bytes: 0,
+            disk_inodes: 0,
         }
     }
 

@@ -63,6 +63,9 @@ pub enum StoreError {
         /// The generation of this copy.
         ours: u64,
     },
+    /// The workspace is over what one session may sync (its disk quota).
+    #[error("{0}")]
+    TooLarge(String),
     /// A local I/O error.
     #[error("io error: {0}")]
     Io(#[from] std::io::Error),
@@ -75,6 +78,7 @@ impl From<StoreError> for tonic::Status {
             StoreError::Unavailable(_) | StoreError::Changed(_) => tonic::Status::unavailable(msg),
             StoreError::NotFound(_) => tonic::Status::not_found(msg),
             StoreError::Unsupported(_) | StoreError::Superseded { .. } => tonic::Status::failed_precondition(msg),
+            StoreError::TooLarge(_) => tonic::Status::resource_exhausted(msg),
             StoreError::Corrupt(_) | StoreError::Io(_) => tonic::Status::internal(msg),
         }
     }

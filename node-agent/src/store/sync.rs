@@ -39,8 +39,72 @@ const SYNC_RETRY: Backoff = Backoff::new(Duration::from_secs(1), Duration::from_
 /// burst of execs or writes becomes one sync.
 const TRIGGER_COALESCE: Duration = Duration::from_millis(200);
 
-/// Most entries one workspace may hold for syncing.
-pub const MAX_ENTRIES: usize = 1_000_000;
+/// Most entries one workspace may hold for syncing, whatever its inode quota:
+/// the sync holds a few hundred bytes an entry in memory.
+pub const MAX_ENTRIES: usize = 250_000;
+/// Most bytes of paths one workspace's manifest may hold (paths are up to 4 KiB each).
+pub const MAX_PATH_BYTES: usize = 16 * 1024 * 1024;
+/// Sessions scanned and uploaded at once: with the per-session bounds, what
+/// the agent holds in memory for syncs stays bounded however many sessions write.
+pub const CONCURRENT_SESSION_SYNCS: usize = 4;
+
+/// What one session's workspace may hold to be synced: its disk quota, so
+/// what the agent writes to the store for a session never exceeds that quota.
+/// File sizes count at their full length, so a sparse file is not amplified
+/// past the quota: a 1 TiB file with holes counts as 1 TiB.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SyncLimits {
+    /// Files, directories and symlinks.
+    pub max_entries: usize,
+    /// The sum of file sizes (logical).
+    pub max_bytes: u64,
+}
+
+impl SyncLimits {
+    /// The limits of the workspace at `root`: the size and inode count of its
+    /// own filesystem (its disk quota), or the default quota's for a workspace
+    /// that has none (quotas off, or a session from before them).
+    pub fn of_workspace(root: &Path) -> Self {
+        use sandfleet_common::limits;
+        let own = (|| {
+            let m = std::fs::metadata(root).ok()?;
+            let p = std::fs::metadata(root.parent()?).ok()?;
+            use std::os::unix::fs::MetadataExt as _;
+            if m.dev() == p.dev() {
+                return None;
+            }
+            let s = nix::sys::statvfs::statvfs(root).ok()?;
+            Some((s.blocks() as u64 * s.fragment_size() as u64, s.files() as u64))
+        })();
+        let (bytes, inodes) = own.unwrap_or((
+            limits::DEFAULT_DISK_BYTES,
+            sandfleet_common::spec::default_disk_inodes(limits::DEFAULT_DISK_BYTES),
+        ));
+        Self { max_entries: usize::try_from(inodes).unwrap_or(usize::MAX).min(MAX_ENTRIES), max_bytes: bytes }
+    }
+
+    /// Checks a running count against the limits.
+    fn check(&self, entries: usize, bytes: u64, path_bytes: usize) -> Result<(), StoreError> {
+        if entries > self.max_entries {
+            return Err(StoreError::TooLarge(format!(
+                "the workspace has more than {} files, directories and symlinks; it is not synced",
+                self.max_entries
+            )));
+        }
+        if bytes > self.max_bytes {
+            return Err(StoreError::TooLarge(format!(
+                "the workspace's files add up to more than {} bytes, its disk quota (sizes count in full: a sparse file counts at its length); it is not synced",
+                self.max_bytes
+            )));
+        }
+        if path_bytes > MAX_PATH_BYTES {
+            return Err(StoreError::TooLarge(format!(
+                "the workspace's paths add up to more than {MAX_PATH_BYTES} bytes; it is not synced"
+            )));
+        }
+        Ok(())
+    }
+}
 
 /// How workspaces are synced.
 #[derive(Debug, Clone)]
@@ -115,6 +179,8 @@ pub struct Syncer {
     config: SyncConfig,
     sessions: Mutex<HashMap<String, Arc<SessionSync>>>,
     shutdown: CancellationToken,
+    /// Bounds how many sessions scan and upload at once.
+    running: tokio::sync::Semaphore,
 }
 
 fn now_ms() -> i64 {
@@ -134,7 +200,13 @@ async fn blocking<T: Send + 'static>(
 impl Syncer {
     /// A syncer over `store`; its background loops end when `shutdown` fires.
     pub fn new(store: Arc<dyn WorkspaceStore>, config: SyncConfig, shutdown: CancellationToken) -> Arc<Self> {
-        Arc::new(Self { store, config, sessions: Mutex::new(HashMap::new()), shutdown })
+        Arc::new(Self {
+            store,
+            config,
+            sessions: Mutex::new(HashMap::new()),
+            shutdown,
+            running: tokio::sync::Semaphore::new(CONCURRENT_SESSION_SYNCS),
+        })
     }
 
     /// The store, for logs and presigning.
@@ -185,6 +257,14 @@ impl Syncer {
                     ours: generation,
                 });
             }
+            // What is written for the session never exceeds its quota, whatever the store holds.
+            let limits = SyncLimits::of_workspace(workspace.root());
+            let bytes: u64 =
+                m.entries.iter().map(|e| if let ManifestEntry::File { size, .. } = e { *size } else { 0 }).sum();
+            let paths: usize = m.entries.iter().map(|e| e.path().len()).sum();
+            limits.check(m.entries.len(), bytes, paths).map_err(|e| {
+                StoreError::TooLarge(format!("the stored workspace does not fit this session's disk quota: {e}"))
+            })?;
             stats = self.download(session, m, &workspace).await?;
         }
         let claimed = if generation <= 1 {
@@ -387,6 +467,8 @@ impl Syncer {
             });
         }
         let mut current = s.current.lock().await;
+        let _running =
+            self.running.acquire().await.map_err(|_| StoreError::Unavailable("the agent is stopping".into()))?;
         if current.is_none() && s.seed.swap(false, std::sync::atomic::Ordering::SeqCst) {
             match self.read_manifest(session).await {
                 Ok(m) => *current = m.filter(|m| m.generation <= s.generation),
@@ -402,7 +484,7 @@ impl Syncer {
         let known: HashSet<String> = current.as_ref().map(blobs_of).unwrap_or_default();
         let root = s.workspace.root().to_path_buf();
         let prev_for_scan = prev.clone();
-        let scanned = blocking(move || scan(&root, &prev_for_scan)).await?;
+        let scanned = blocking(move || scan(&root, &prev_for_scan, SyncLimits::of_workspace(&root))).await?;
 
         let mut stats = SyncStats::default();
         let uploaded: Mutex<HashSet<String>> = Mutex::new(HashSet::new());
@@ -847,11 +929,20 @@ impl Scanned {
 
 /// Walks the workspace without following symlinks. A file whose size and
 /// mtime match the previous manifest keeps its hash (not read again).
-fn scan(root: &Path, prev: &HashMap<String, ManifestEntry>) -> Result<Vec<Scanned>, StoreError> {
+/// Stops with [`StoreError::TooLarge`] as soon as the workspace passes `limits`.
+fn scan(root: &Path, prev: &HashMap<String, ManifestEntry>, limits: SyncLimits) -> Result<Vec<Scanned>, StoreError> {
     let dir = open_root(root)?;
     let mut out = BTreeMap::new();
-    walk(&dir, "", prev, &mut out, 0)?;
+    let mut tally = Tally { limits, bytes: 0, path_bytes: 0 };
+    walk(&dir, "", prev, &mut out, &mut tally, 0)?;
     Ok(out.into_values().collect())
+}
+
+/// What a scan has found so far, against the limits.
+struct Tally {
+    limits: SyncLimits,
+    bytes: u64,
+    path_bytes: usize,
 }
 
 fn walk(
@@ -859,6 +950,7 @@ fn walk(
     base: &str,
     prev: &HashMap<String, ManifestEntry>,
     out: &mut BTreeMap<String, Scanned>,
+    tally: &mut Tally,
     depth: usize,
 ) -> Result<(), StoreError> {
     if depth > 256 {
@@ -875,9 +967,8 @@ fn walk(
             continue; // an upload or restore in progress
         }
         let path = if base.is_empty() { name.to_string() } else { format!("{base}/{name}") };
-        if out.len() >= MAX_ENTRIES {
-            return Err(StoreError::Corrupt(format!("workspace has more than {MAX_ENTRIES} entries; not synced")));
-        }
+        tally.path_bytes += path.len();
+        tally.limits.check(out.len() + 1, tally.bytes, tally.path_bytes)?;
         let ft = match entry.file_type() {
             Ok(t) => t,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
@@ -903,7 +994,7 @@ fn walk(
             };
             let mode = sub.dir_metadata()?.mode() & 0o7777;
             out.insert(path.clone(), Scanned::Dir { path: path.clone(), mode });
-            walk(&sub, &path, prev, out, depth + 1)?;
+            walk(&sub, &path, prev, out, tally, depth + 1)?;
         } else if ft.is_file() {
             let meta = match dir.symlink_metadata(name) {
                 Ok(m) => m,
@@ -912,6 +1003,8 @@ fn walk(
             };
             let mtime_ns = meta.mtime().saturating_mul(1_000_000_000).saturating_add(meta.mtime_nsec());
             let (size, mode) = (meta.len(), meta.mode() & 0o7777);
+            tally.bytes = tally.bytes.saturating_add(size);
+            tally.limits.check(out.len() + 1, tally.bytes, tally.path_bytes)?;
             let hash = match prev.get(&path) {
                 Some(ManifestEntry::File { size: s, mtime_ns: m, mode: md, sha256, .. })
                     if *s == size && *m == mtime_ns && *md == mode =>
@@ -937,6 +1030,64 @@ mod tests {
     fn ws(dir: &Path) -> Workspace {
         std::fs::create_dir_all(dir).unwrap();
         Workspace::new(dir, nix::unistd::getuid().as_raw(), nix::unistd::getgid().as_raw())
+    }
+
+    /// Bytes allocated on disk below `dir`.
+    fn allocated(dir: &Path) -> u64 {
+        use std::os::unix::fs::MetadataExt as _;
+        let mut n = 0;
+        for e in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+            let m = e.metadata().unwrap();
+            n += m.blocks() * 512;
+            if m.is_dir() {
+                n += allocated(&e.path());
+            }
+        }
+        n
+    }
+
+    #[tokio::test]
+    async fn a_sparse_file_is_not_amplified_past_the_quota() {
+        let tmp = tempfile::tempdir().unwrap();
+        let store_dir = tmp.path().join("store");
+        let store: Arc<dyn WorkspaceStore> = Arc::new(LocalStore::new(store_dir.clone()).unwrap());
+        let syncer = Syncer::new(store, SyncConfig::default(), CancellationToken::new());
+        let a = tmp.path().join("a");
+        let wa = ws(&a);
+        syncer.restore(SID, 1, wa.clone(), false).await.unwrap();
+        std::fs::write(a.join("small.txt"), b"kept\n").unwrap();
+        assert!(!syncer.sync_now(SID).await.unwrap().unchanged);
+        // 1 TiB long, a few KiB on disk: counted at its length, over the default 1 GiB quota.
+        let f = std::fs::File::create(a.join("sparse")).unwrap();
+        f.set_len(1 << 40).unwrap();
+        drop(f);
+        let before = allocated(&store_dir);
+        let err = syncer.sync_now(SID).await.unwrap_err();
+        assert!(matches!(err, StoreError::TooLarge(_)), "{err}");
+        assert!(err.to_string().contains("disk quota"), "{err}");
+        assert_eq!(tonic::Status::from(err).code(), tonic::Code::ResourceExhausted);
+        assert!(allocated(&store_dir) <= before + 64 * 1024, "the store grew: {} -> {}", before, allocated(&store_dir));
+        // The last good sync stays the workspace's copy.
+        let m = syncer.read_manifest(SID).await.unwrap().unwrap();
+        assert_eq!(m.entries.iter().map(|e| e.path()).collect::<Vec<_>>(), ["small.txt"]);
+    }
+
+    #[test]
+    fn a_scan_stops_at_the_entry_and_byte_limits() {
+        let tmp = tempfile::tempdir().unwrap();
+        for i in 0..50 {
+            std::fs::write(tmp.path().join(format!("f{i}")), vec![1u8; 100]).unwrap();
+        }
+        let ok = scan(tmp.path(), &HashMap::new(), SyncLimits { max_entries: 50, max_bytes: 5000 }).unwrap();
+        assert_eq!(ok.len(), 50);
+        let e = scan(tmp.path(), &HashMap::new(), SyncLimits { max_entries: 49, max_bytes: 5000 }).unwrap_err();
+        assert!(e.to_string().contains("more than 49 files"), "{e}");
+        let e = scan(tmp.path(), &HashMap::new(), SyncLimits { max_entries: 50, max_bytes: 4999 }).unwrap_err();
+        assert!(e.to_string().contains("more than 4999 bytes"), "{e}");
+        // A plain directory (no filesystem of its own) gets the default quota's limits.
+        let l = SyncLimits::of_workspace(tmp.path());
+        assert_eq!(l.max_bytes, sandfleet_common::limits::DEFAULT_DISK_BYTES);
+        assert_eq!(l.max_entries, 65_536);
     }
 
     #[tokio::test]

@@ -579,6 +579,8 @@ mod tests {
             memory_bytes: 256 << 20,
             pids_limit: 64,
             env: Default::default(),
+            disk_bytes: 1 << 30,
+            disk_inodes: 65_536,
         };
         let b = container_body(&ContainerPlan {
             image: "img",

@@ -61,6 +61,7 @@ use tokio::sync::{mpsc, Notify, RwLock};
 use tracing::{debug, info, instrument, warn};
 
 use self::hardening::{ContainerPlan, LABEL_BOX, LABEL_GENERATION, LABEL_NODE, LABEL_POOL, LABEL_SESSION, LABEL_SLOT};
+use super::disk::{DiskQuota, DiskUsage, Disks};
 use super::fsutil::{create_dir, invalid, io_ctx, write_atomic};
 use super::{
     resolve_spec, ExecEvent, ExecSpec, ExitInfo, ResolvedSpec, Runtime, RuntimeError, SandboxSpec, SessionInfo,
@@ -96,6 +97,8 @@ pub struct DockerRuntimeConfig {
     pub templates: BTreeMap<Template, String>,
     /// Template → idle containers to keep ready.
     pub warm_pool: BTreeMap<Template, u32>,
+    /// How boxes get their disk (default: a filesystem of the session's quota).
+    pub disk_quota: DiskQuota,
 }
 
 impl DockerRuntimeConfig {
@@ -108,6 +111,7 @@ impl DockerRuntimeConfig {
             slots: 256,
             templates: Template::ALL.iter().map(|t| (*t, DEFAULT_IMAGE.to_string())).collect(),
             warm_pool: BTreeMap::new(),
+            disk_quota: DiskQuota::default(),
         }
     }
 }
@@ -186,6 +190,7 @@ struct Inner {
     cfg: DockerRuntimeConfig,
     docker: Docker,
     seccomp_json: String,
+    disks: Disks,
     tables: Mutex<Tables>,
     /// Per-session locks: prepare and destroy of one session never overlap.
     locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
@@ -328,11 +333,13 @@ impl DockerRuntime {
             serde_json::to_string_pretty(&profile).unwrap_or_default().as_bytes(),
             0o644,
         )?;
+        let disks = Disks::new(&cfg.disk_quota, &data_dir.join("disks")).await?;
         let cfg = DockerRuntimeConfig { data_dir, ..cfg };
         let rt = Self {
             inner: Arc::new(Inner {
                 cfg,
                 docker,
+                disks,
                 seccomp_json,
                 tables: Mutex::new(Tables::default()),
                 locks: Mutex::new(HashMap::new()),
@@ -413,6 +420,7 @@ impl DockerRuntime {
         for id in ids {
             self.destroy(&id).await?;
         }
+        super::disk::unmount_all_under(&self.boxes_dir());
         Ok(())
     }
 
@@ -462,13 +470,26 @@ impl DockerRuntime {
         self.tables().slots.remove(&slot);
     }
 
-    fn new_box(&self, slot: u32, limits: ResolvedSpec) -> Result<BoxState, RuntimeError> {
+    async fn new_box(&self, slot: u32, mut limits: ResolvedSpec) -> Result<BoxState, RuntimeError> {
         let name = format!("sandfleet-{}-{}", self.inner.cfg.node_id, random_suffix());
         let dir = self.boxes_dir().join(&name);
         let uid = self.inner.cfg.uid_base + slot;
-        create_dir(&dir, 0o711, None)?;
-        create_dir(&dir.join("workspace"), 0o700, Some(uid))?;
-        create_dir(&dir.join("run"), 0o700, Some(uid))?;
+        if !self.inner.disks.enabled() {
+            // Recorded as "no filesystem of its own" (see `Runtime::prepare`).
+            (limits.disk_bytes, limits.disk_inodes) = (0, 0);
+        }
+        let made = async {
+            create_dir(&dir, 0o711, None)?;
+            create_dir(&dir.join("workspace"), 0o700, Some(uid))?;
+            self.inner.disks.attach(&name, &dir.join("workspace"), limits.disk_bytes, limits.disk_inodes, uid).await?;
+            create_dir(&dir.join("run"), 0o700, Some(uid))
+        }
+        .await;
+        if let Err(e) = made {
+            let _ = self.inner.disks.detach(&name, &dir.join("workspace")).await;
+            let _ = fs::remove_dir_all(&dir);
+            return Err(e);
+        }
         Ok(BoxState { name, slot, uid, dir, limits: Mutex::new(limits) })
     }
 
@@ -581,6 +602,7 @@ impl DockerRuntime {
 
     async fn remove_box(&self, name: &str, dir: &Path) -> Result<(), RuntimeError> {
         self.remove_container(name).await?;
+        self.inner.disks.detach(name, &dir.join("workspace")).await?;
         match fs::remove_dir_all(dir) {
             Ok(()) => Ok(()),
             Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
@@ -630,9 +652,11 @@ impl DockerRuntime {
             memory_bytes: 0,
             pids_limit: 0,
             env: BTreeMap::new(),
+            disk_bytes: 0,
+            disk_inodes: 0,
         })?;
         let slot = self.reserve_slot()?;
-        let bx = match self.new_box(slot, defaults) {
+        let bx = match self.new_box(slot, defaults).await {
             Ok(b) => b,
             Err(e) => {
                 self.release_slot(slot);
@@ -685,6 +709,8 @@ impl DockerRuntime {
                         memory_bytes: 0,
                         pids_limit: 0,
                         env: BTreeMap::new(),
+                        disk_bytes: 0,
+                        disk_inodes: 0,
                     })
                     .ok()?;
                 Some(SessionRecord { session_id: sid.clone(), generation, spec })
@@ -730,6 +756,7 @@ impl DockerRuntime {
                     info!(container = %name, pool = labels.get(LABEL_POOL).map(String::as_str).unwrap_or(""), "removing an orphaned container of this node");
                     self.remove_container(&name).await?;
                     if valid_box {
+                        let _ = self.inner.disks.detach(&name, &dir.join("workspace")).await;
                         let _ = fs::remove_dir_all(&dir);
                     }
                 }
@@ -759,8 +786,11 @@ impl DockerRuntime {
                 }
             }
             warn!(dir = %dir.display(), "removing a box directory without a container");
+            let _ = self.inner.disks.detach(&name, &dir.join("workspace")).await;
             let _ = fs::remove_dir_all(&dir);
         }
+        let boxes: HashSet<String> = self.tables().sessions.values().map(|s| s.bx.name.clone()).collect();
+        self.inner.disks.retain(&boxes);
         info!(sessions = self.tables().sessions.len(), "containers reconciled");
         Ok(())
     }
@@ -790,6 +820,13 @@ impl DockerRuntime {
             limits: Mutex::new(rec.spec.clone()),
         });
         create_dir(&bx.run_dir(), 0o700, Some(bx.uid))?;
+        if rec.spec.disk_bytes != 0 {
+            // Its filesystem again (mounted still, or from its image after a reboot).
+            self.inner
+                .disks
+                .attach(name, &bx.workspace_dir(), rec.spec.disk_bytes, rec.spec.disk_inodes, bx.uid)
+                .await?;
+        }
         let labels = HashMap::from([
             (LABEL_SESSION.to_string(), rec.session_id.clone()),
             (LABEL_GENERATION.to_string(), rec.generation.to_string()),
@@ -873,11 +910,19 @@ impl Runtime for DockerRuntime {
     #[instrument(skip(self, spec), fields(session = %spec.session_id, generation = spec.generation))]
     async fn prepare(&self, spec: &SandboxSpec) -> Result<(), RuntimeError> {
         ids::validate_session_id(&spec.session_id).map_err(|e| invalid(e.to_string()))?;
-        let resolved = self.resolve(spec)?;
+        let mut resolved = self.resolve(spec)?;
+        if !self.inner.disks.enabled() {
+            // Recorded as "no filesystem of its own", so a later agent with
+            // quotas on never mounts an empty one over its files.
+            (resolved.disk_bytes, resolved.disk_inodes) = (0, 0);
+        }
         let lock = self.session_lock(&spec.session_id);
         let _guard = lock.lock().await;
         let existing = self.tables().sessions.get(&spec.session_id).cloned();
         if let Some(s) = existing {
+            // A filesystem does not change its size in place: the disk stays what it was made with.
+            let had = s.spec();
+            (resolved.disk_bytes, resolved.disk_inodes) = (had.disk_bytes, had.disk_inodes);
             s.generation.fetch_max(spec.generation, Ordering::SeqCst);
             if s.spec().template != resolved.template {
                 warn!(old = %s.spec().template, new = %resolved.template, "a session cannot change its template in place; keeping its container");
@@ -889,8 +934,14 @@ impl Runtime for DockerRuntime {
             return Ok(());
         }
 
-        // Warm pool first.
-        let pooled = self.tables().pool.get_mut(&resolved.template).and_then(Vec::pop);
+        // Warm pool first, when its boxes' disk is the one asked for (a
+        // filesystem cannot change its size in place).
+        let pooled = self
+            .tables()
+            .pool
+            .get_mut(&resolved.template)
+            .filter(|p| p.last().is_some_and(|b| same_disk(&b.limits(), &resolved, &self.inner.disks)))
+            .and_then(Vec::pop);
         if let Some(bx) = pooled {
             self.inner.refill.notify_one();
             let s = Session::new(spec, bx.clone(), resolved.clone());
@@ -912,7 +963,7 @@ impl Runtime for DockerRuntime {
 
         // Cold create.
         let slot = self.reserve_slot()?;
-        let bx = match self.new_box(slot, resolved.clone()) {
+        let bx = match self.new_box(slot, resolved.clone()).await {
             Ok(b) => Arc::new(b),
             Err(e) => {
                 self.release_slot(slot);
@@ -1024,4 +1075,22 @@ impl Runtime for DockerRuntime {
         let s = self.get(session_id)?;
         Ok(Workspace::new(s.bx.workspace_dir(), s.bx.uid, s.bx.uid))
     }
+
+    async fn release(&self) -> Result<(), RuntimeError> {
+        // The pool's containers first: their filesystems are the disks' to release too.
+        let res = self.stop_pool().await;
+        self.inner.disks.release_pool().await;
+        res
+    }
+
+    fn disk_usage(&self, session_id: &str) -> Result<DiskUsage, RuntimeError> {
+        ids::validate_session_id(session_id).map_err(|e| invalid(e.to_string()))?;
+        let s = self.get(session_id)?;
+        self.inner.disks.usage(&s.bx.workspace_dir())
+    }
+}
+
+/// Whether a box made with `have` gives a session asking for `want` its disk.
+fn same_disk(have: &ResolvedSpec, want: &ResolvedSpec, disks: &Disks) -> bool {
+    !disks.enabled() || (have.disk_bytes, have.disk_inodes) == (want.disk_bytes, want.disk_inodes)
 }
