@@ -53,6 +53,9 @@ use super::RuntimeError;
 /// Names the pool's images in the disks dir (`pool-<instance>-<n>.img`).
 const POOL_PREFIX: &str = "pool-";
 
+/// Names images of ended sessions that are being removed.
+const GONE_PREFIX: &str = "gone-";
+
 /// Default number of filesystems of the default size kept ready.
 pub const DEFAULT_POOL: usize = 2;
 
@@ -159,9 +162,26 @@ fn is_mountpoint(path: &Path) -> io::Result<bool> {
     Ok(m.dev() != p.dev() || m.ino() == p.ino())
 }
 
+/// How urgently a filesystem is made: for a create waiting on it, or ahead
+/// of time for the pool (at the lowest CPU priority, so that the pool never
+/// slows the sessions it is there to speed up).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Urgency {
+    Now,
+    Ahead,
+}
+
 /// Runs a host tool, turning a failure into an error with its stderr.
-fn run(cmd: &str, args: &[&std::ffi::OsStr]) -> io::Result<()> {
-    let out = std::process::Command::new(cmd).args(args).stdin(std::process::Stdio::null()).output()?;
+fn run(urgency: Urgency, cmd: &str, args: &[&std::ffi::OsStr]) -> io::Result<()> {
+    let mut c = match urgency {
+        Urgency::Now => std::process::Command::new(cmd),
+        Urgency::Ahead => {
+            let mut c = std::process::Command::new("nice");
+            c.args(["-n", "19", cmd]);
+            c
+        }
+    };
+    let out = c.args(args).stdin(std::process::Stdio::null()).output()?;
     if out.status.success() {
         Ok(())
     } else {
@@ -171,7 +191,7 @@ fn run(cmd: &str, args: &[&std::ffi::OsStr]) -> io::Result<()> {
 
 /// Makes a sparse image of `bytes` with an ext4 filesystem of `inodes`
 /// inodes. Nothing is left behind on failure.
-fn make_image(image: &Path, bytes: u64, inodes: u64) -> io::Result<()> {
+fn make_image(urgency: Urgency, image: &Path, bytes: u64, inodes: u64) -> io::Result<()> {
     let res = (|| {
         let f = fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(image)?;
         f.set_len(bytes)?;
@@ -180,6 +200,7 @@ fn make_image(image: &Path, bytes: u64, inodes: u64) -> io::Result<()> {
         // never written reads as zeros already. No reserved blocks, 4 KiB blocks.
         let n = inodes.to_string();
         run(
+            urgency,
             "mkfs.ext4",
             &["-q", "-F", "-b", "4096", "-m", "0", "-N", &n, "-E", "lazy_itable_init=1,lazy_journal_init=1,nodiscard"]
                 .map(std::ffi::OsStr::new)
@@ -195,8 +216,9 @@ fn make_image(image: &Path, bytes: u64, inodes: u64) -> io::Result<()> {
 }
 
 /// Mounts an image at `at` (no devices, no setuid; freed blocks go back to the host).
-fn mount_image(image: &Path, at: &Path) -> io::Result<()> {
+fn mount_image(urgency: Urgency, image: &Path, at: &Path) -> io::Result<()> {
     run(
+        urgency,
         "mount",
         &[
             std::ffi::OsStr::new("-t"),
@@ -265,8 +287,8 @@ impl Disks {
                 let probe = pool_dir.join("probe");
                 let _ = fs::remove_file(&probe_img);
                 fs::create_dir_all(&probe).map_err(|e| io_ctx("creating the probe mount point", e))?;
-                let res = make_image(&probe_img, limits::MIN_DISK_BYTES, limits::MIN_DISK_INODES)
-                    .and_then(|()| mount_image(&probe_img, &probe))
+                let res = make_image(Urgency::Now, &probe_img, limits::MIN_DISK_BYTES, limits::MIN_DISK_INODES)
+                    .and_then(|()| mount_image(Urgency::Now, &probe_img, &probe))
                     .and_then(|()| unmount(&probe));
                 let _ = fs::remove_file(&probe_img);
                 let _ = fs::remove_dir(&probe);
@@ -340,7 +362,7 @@ impl Disks {
             }
             let image = Self::image(&inner, &name);
             if image.exists() {
-                mount_image(&image, &at).map_err(|e| ctx("mounting the session's image", e))?;
+                mount_image(Urgency::Now, &image, &at).map_err(|e| ctx("mounting the session's image", e))?;
                 return Ok("image mounted again");
             }
             let default = bytes == limits::DEFAULT_DISK_BYTES && inodes == default_disk_inodes(bytes);
@@ -365,8 +387,9 @@ impl Disks {
                     "from the pool"
                 }
                 None => {
-                    make_image(&image, bytes, inodes).map_err(|e| ctx("making the session's filesystem", e))?;
-                    if let Err(e) = mount_image(&image, &at) {
+                    make_image(Urgency::Now, &image, bytes, inodes)
+                        .map_err(|e| ctx("making the session's filesystem", e))?;
+                    if let Err(e) = mount_image(Urgency::Now, &image, &at) {
                         let _ = fs::remove_file(&image);
                         return Err(ctx("mounting the session's filesystem", e));
                     }
@@ -398,9 +421,20 @@ impl Disks {
                 Err(e) if e.kind() == io::ErrorKind::NotFound => {}
                 Err(e) => return Err(io_ctx(format!("checking the mount at {}", at.display()), e)),
             }
+            // Renamed at once (a session of the same name made next must not
+            // find it), removed in the background: freeing a large file's
+            // blocks takes a while, and nothing waits for it.
             let image = Self::image(&inner, &name);
-            match fs::remove_file(&image) {
-                Ok(()) => Ok(()),
+            let gone = inner.dir.join(format!("{GONE_PREFIX}{name}-{:08x}.img", rand::random::<u32>()));
+            match fs::rename(&image, &gone) {
+                Ok(()) => {
+                    std::thread::spawn(move || {
+                        if let Err(e) = fs::remove_file(&gone) {
+                            warn!(image = %gone.display(), error = %e, "could not remove a session's disk image");
+                        }
+                    });
+                    Ok(())
+                }
                 Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
                 Err(e) => Err(io_ctx(format!("removing {}", image.display()), e)),
             }
@@ -488,8 +522,8 @@ async fn refill_loop(inner: Weak<Inner>) {
             tokio::task::spawn_blocking(move || -> io::Result<()> {
                 fs::create_dir(&mount)?;
                 let bytes = limits::DEFAULT_DISK_BYTES;
-                make_image(&image, bytes, default_disk_inodes(bytes))?;
-                if let Err(e) = mount_image(&image, &mount) {
+                make_image(Urgency::Ahead, &image, bytes, default_disk_inodes(bytes))?;
+                if let Err(e) = mount_image(Urgency::Ahead, &image, &mount) {
                     let _ = fs::remove_file(&image);
                     let _ = fs::remove_dir(&mount);
                     return Err(e);
