@@ -5,10 +5,11 @@ use std::sync::Arc;
 use sandfleet_proto::v1::{self as pb, node_service_server::NodeService};
 use tonic::{Request, Response, Status};
 
+use sandfleet_common::auth::Role;
 use sandfleet_common::{ids, ValidationError};
 
 use crate::core::Core;
-use crate::service::auth::{audit, require_admin, AuditWho, Authenticator};
+use crate::service::auth::Authenticator;
 use crate::state::{ClusterState, Command, CommandResponse, DrainRecord, NodeRecord};
 
 /// The NodeService implementation. Admin only.
@@ -89,30 +90,14 @@ impl NodeService for NodeApi {
         &self,
         req: Request<pb::CordonNodeRequest>,
     ) -> Result<Response<pb::CordonNodeResponse>, Status> {
-        let caller = self.auth.caller(&req);
-        let who = AuditWho::of(&req, &caller);
         let resource = format!("node/{}", req.get_ref().node_id);
-        let result = async {
-            require_admin(&caller?)?;
-            self.cordon(req.into_inner()).await
-        }
-        .await;
-        audit(&who, "CordonNode", &resource, &result);
-        result
+        self.auth.audited(req, "CordonNode", Role::Admin, |_| resource, |_, req| self.cordon(req.into_inner())).await
     }
 
     #[tracing::instrument(skip_all, fields(node = %req.get_ref().node_id))]
     async fn drain_node(&self, req: Request<pb::DrainNodeRequest>) -> Result<Response<pb::DrainNodeResponse>, Status> {
-        let caller = self.auth.caller(&req);
-        let who = AuditWho::of(&req, &caller);
         let resource = format!("node/{}", req.get_ref().node_id);
-        let result = async {
-            require_admin(&caller?)?;
-            self.drain(req.into_inner()).await
-        }
-        .await;
-        audit(&who, "DrainNode", &resource, &result);
-        result
+        self.auth.audited(req, "DrainNode", Role::Admin, |_| resource, |_, req| self.drain(req.into_inner())).await
     }
 }
 
