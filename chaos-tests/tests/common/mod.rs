@@ -1,5 +1,5 @@
 //! What the end-to-end test files share: the facilities gate, starting a
-//! cluster, and the waits on nodes and moved sessions.
+//! cluster, running the CLI against it, and the waits on nodes and moved sessions.
 //!
 //! Every test starts its own cluster (coordinators and agents in a fresh
 //! temporary directory), so tests are independent and safe under nextest's
@@ -44,6 +44,41 @@ impl Drop for RemoveOnDrop {
     fn drop(&mut self) {
         let _ = std::fs::remove_file(&self.0);
     }
+}
+
+/// Runs the `sandfleet` CLI against `cluster`, for at most 120 s: with
+/// `api_key`, authenticated by the key alone (the CLI trusts the cluster CA
+/// but has no client certificate); without, as the test's client certificate
+/// (cluster admin). A SANDFLEET_API_KEY of the test's own environment is never passed on.
+pub async fn cli(cluster: &Cluster, args: &[&str], api_key: Option<&str>) -> std::process::Output {
+    let mut cmd = tokio::process::Command::new(sandfleet_testkit::bin_path("sandfleet"));
+    cmd.args(args).stdin(std::process::Stdio::null()).env_remove("SANDFLEET_API_KEY").kill_on_drop(true);
+    match api_key {
+        Some(k) => {
+            cmd.env("SANDFLEET_API_KEY", k);
+            if let Some(tls) = cluster.client_tls() {
+                cmd.env(sandfleet::ENV_TLS_CA, &tls.ca);
+            }
+        }
+        None => {
+            cmd.envs(cluster.cli_env());
+        }
+    }
+    match tokio::time::timeout(Duration::from_secs(120), cmd.output()).await {
+        Ok(Ok(out)) => out,
+        Ok(Err(e)) => panic!("running sandfleet {args:?}: {e}"),
+        Err(_) => panic!("sandfleet {args:?} did not finish within 120 s"),
+    }
+}
+
+/// A finished command's status and output, for assertion messages.
+pub fn show(out: &std::process::Output) -> String {
+    format!(
+        "status={} stdout={:?} stderr={:?}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
 }
 
 /// Starts the cluster, or fails the test with the reason.
