@@ -8,7 +8,7 @@ use tonic::{Request, Response, Status};
 use sandfleet_common::auth::Role;
 use sandfleet_common::{ids, ValidationError};
 
-use crate::core::Core;
+use crate::core::{Core, Heard};
 use crate::service::auth::Authenticator;
 use crate::state::{ClusterState, Command, CommandResponse, DrainRecord, NodeRecord};
 
@@ -108,7 +108,7 @@ const MAX_DRAIN_DEADLINE_SECONDS: u64 = 86_400;
 /// Most sessions of one node moving at a time.
 const MAX_DRAIN_PARALLEL: u32 = 1000;
 
-fn node_to_proto(st: &ClusterState, n: &NodeRecord, seen: &std::collections::HashMap<String, i64>) -> pb::Node {
+fn node_to_proto(st: &ClusterState, n: &NodeRecord, seen: &std::collections::HashMap<String, Heard>) -> pb::Node {
     let used = st.allocated_on(&n.id);
     pb::Node {
         id: n.id.clone(),
@@ -125,7 +125,7 @@ fn node_to_proto(st: &ClusterState, n: &NodeRecord, seen: &std::collections::Has
         }),
         labels: n.labels.clone().into_iter().collect(),
         state: n.phase.as_str().to_string(),
-        last_heartbeat_ms: seen.get(&n.id).copied().unwrap_or(0),
+        last_heartbeat_ms: seen.get(&n.id).map_or(0, |h| h.at_ms),
         session_count: st.node_sessions.get(&n.id).map(|s| s.len() as u32).unwrap_or(0),
         runtimes: n.runtimes.iter().map(|r| r.to_string()).collect(),
         drain: n.drain.map(|d| pb::DrainStatus {
