@@ -1169,9 +1169,9 @@ async fn warm_pool_serves_creates_and_never_reuses_a_container() {
     let name_c = d.container_name(&c).unwrap();
     assert_ne!(name_c, name_a);
     assert_ne!(name_c, name_b);
+    // The pool's refill task has ended when remove_all returns.
     d.remove_all().await.unwrap();
     drop(d);
-    tokio::time::sleep(Duration::from_millis(200)).await;
     env.cleanup().await;
 }
 
@@ -1207,9 +1207,9 @@ async fn agent_restart_reconciles_and_leaves_no_orphan() {
         .unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
 
-    // The agent dies (no cleanup runs) and starts again, without a pool this time.
+    // The agent dies (no cleanup runs; dropping the runtime aborts its idle
+    // refill task) and starts again, without a pool this time.
     drop(rt);
-    tokio::time::sleep(Duration::from_millis(100)).await;
     cfg.warm_pool.clear();
     let rt = Arc::new(DockerRuntime::new(cfg.clone()).await.unwrap());
     let listed = rt.list().await.unwrap();

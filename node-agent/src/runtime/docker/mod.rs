@@ -192,6 +192,8 @@ struct Inner {
     refill: Arc<Notify>,
     /// Set by [`DockerRuntime::remove_all`]: the pool stops refilling.
     stopped: std::sync::atomic::AtomicBool,
+    /// The task that keeps the warm pool filled; dropping the runtime aborts it.
+    pool_task: Mutex<Option<tokio_util::task::AbortOnDropHandle<()>>>,
 }
 
 /// The docker runtime. Cheap to clone.
@@ -338,11 +340,13 @@ impl DockerRuntime {
                 locks: Mutex::new(HashMap::new()),
                 refill: Arc::new(Notify::new()),
                 stopped: std::sync::atomic::AtomicBool::new(false),
+                pool_task: Mutex::new(None),
             }),
         };
         rt.rediscover().await?;
         if !rt.inner.cfg.warm_pool.is_empty() {
-            tokio::spawn(pool_task(Arc::downgrade(&rt.inner), rt.inner.refill.clone()));
+            let task = tokio::spawn(pool_task(Arc::downgrade(&rt.inner), rt.inner.refill.clone()));
+            *rt.inner.pool_task.lock() = Some(tokio_util::task::AbortOnDropHandle::new(task));
         }
         Ok(rt)
     }
@@ -392,10 +396,13 @@ impl DockerRuntime {
     pub async fn stop_pool(&self) -> Result<(), RuntimeError> {
         self.inner.stopped.store(true, Ordering::SeqCst);
         self.inner.refill.notify_one();
-        // A pool container being created right now lands in the pool; wait for it.
-        let t = tokio::time::Instant::now();
-        while self.tables().pool_pending.values().any(|n| *n > 0) && t.elapsed() < DOCKER_CALL_TIMEOUT * 2 {
-            tokio::time::sleep(Duration::from_millis(20)).await;
+        // A pool container being created right now lands in the pool: the
+        // refill task ends after it (or is aborted if the engine hangs).
+        let task = self.inner.pool_task.lock().take();
+        if let Some(task) = task {
+            if tokio::time::timeout(DOCKER_CALL_TIMEOUT * 2, task).await.is_err() {
+                warn!("the warm pool's refill task did not stop in time; aborted it");
+            }
         }
         let pool: Vec<Arc<BoxState>> = self.tables().pool.drain().flat_map(|(_, v)| v).collect();
         for bx in pool {
@@ -813,7 +820,7 @@ impl DockerRuntime {
     }
 }
 
-/// Keeps the warm pool filled until the runtime is dropped.
+/// Keeps the warm pool filled until the pool is stopped or the runtime is dropped.
 async fn pool_task(inner: Weak<Inner>, refill: Arc<Notify>) {
     let mut failures = 0u32;
     loop {
