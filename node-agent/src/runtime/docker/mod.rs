@@ -61,7 +61,7 @@ use tokio::sync::{mpsc, Notify, RwLock};
 use tracing::{debug, info, instrument, warn};
 
 use self::hardening::{ContainerPlan, LABEL_BOX, LABEL_GENERATION, LABEL_NODE, LABEL_POOL, LABEL_SESSION, LABEL_SLOT};
-use super::fsutil::{create_dir, invalid, io_ctx, write_atomic};
+use super::fsutil::{check_node_config, create_dir, invalid, io_ctx, no_free_slot, session_list, write_atomic};
 use super::{
     resolve_spec, ExecEvent, ExecSpec, ExitInfo, ResolvedSpec, Runtime, RuntimeError, SandboxSpec, SessionInfo,
 };
@@ -266,16 +266,7 @@ impl DockerRuntime {
     /// reconciles the containers of this node and starts the warm pool.
     #[instrument(skip(cfg), fields(node = %cfg.node_id, data_dir = %cfg.data_dir.display()))]
     pub async fn new(cfg: DockerRuntimeConfig) -> Result<Self, RuntimeError> {
-        ids::validate_node_id(&cfg.node_id).map_err(|e| invalid(e.to_string()))?;
-        if cfg.slots == 0 {
-            return Err(invalid("slots must be at least 1"));
-        }
-        if cfg.uid_base < 1000 || cfg.uid_base.checked_add(cfg.slots).is_none_or(|end| end > u32::MAX - 2) {
-            return Err(invalid(format!(
-                "uid_base {} with {} slots is not a usable unprivileged uid range",
-                cfg.uid_base, cfg.slots
-            )));
-        }
+        check_node_config(&cfg.node_id, cfg.slots, cfg.uid_base)?;
         if cfg.templates.is_empty() {
             return Err(invalid("the docker runtime needs at least one template"));
         }
@@ -455,12 +446,9 @@ impl DockerRuntime {
 
     fn reserve_slot(&self) -> Result<u32, RuntimeError> {
         let mut t = self.tables();
-        let slot = (0..self.inner.cfg.slots).find(|s| !t.slots.contains(s)).ok_or_else(|| {
-            RuntimeError::Unavailable(format!(
-                "no free session slot: all {} slots of this node are in use",
-                self.inner.cfg.slots
-            ))
-        })?;
+        let slot = (0..self.inner.cfg.slots)
+            .find(|s| !t.slots.contains(s))
+            .ok_or_else(|| no_free_slot(self.inner.cfg.slots))?;
         t.slots.insert(slot);
         Ok(slot)
     }
@@ -1016,14 +1004,7 @@ impl Runtime for DockerRuntime {
     }
 
     async fn list(&self) -> Result<Vec<SessionInfo>, RuntimeError> {
-        let mut v: Vec<SessionInfo> = self
-            .tables()
-            .sessions
-            .values()
-            .map(|s| SessionInfo { session_id: s.id.clone(), generation: s.generation.load(Ordering::SeqCst) })
-            .collect();
-        v.sort_by(|a, b| a.session_id.cmp(&b.session_id));
-        Ok(v)
+        Ok(session_list(self.tables().sessions.values().map(|s| (&s.id, &s.generation))))
     }
 
     fn workspace(&self, session_id: &str) -> Result<Workspace, RuntimeError> {
