@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 
 use sandfleet::{proto, Client};
 use sandfleet_testkit::helpers::state_of;
-use sandfleet_testkit::{Cluster, ClusterBuilder};
+use sandfleet_testkit::{host, Cluster, ClusterBuilder};
 
 /// Returns early from a test when the machine cannot run sandboxes.
 macro_rules! require_facilities {
@@ -102,6 +102,46 @@ pub fn agent_index(cluster: &Cluster, node_id: &str) -> usize {
 /// The node's state as `ListNodes` reports it, or "" when the node is not listed.
 pub async fn node_state(client: &Client, node_id: &str) -> String {
     client.list_nodes().await.unwrap().into_iter().find(|n| n.id == node_id).map(|n| n.state).unwrap_or_default()
+}
+
+/// The cgroup directories of `sessions` on node `node` (not empty: each runs there).
+pub fn cgroups_on(sessions: &[proto::Session], node: &str) -> Vec<std::path::PathBuf> {
+    let dirs: Vec<_> = sessions
+        .iter()
+        .flat_map(|s| host::cgroup_dirs_matching(&s.id))
+        .filter(|p| p.to_string_lossy().contains(node))
+        .collect();
+    assert!(!dirs.is_empty(), "the sessions have cgroups on {node}");
+    dirs
+}
+
+/// After `event` (a thaw, a heal) the old agent `node` stops its old copies
+/// at once and is ready again: waits up to 20 s until none of `old` (their
+/// cgroups) is left and the node is ready, then checks that each of `moved`
+/// has its cgroups on `to` and none left on `node`: exactly one copy.
+pub async fn wait_old_copies_gone(
+    client: &Client,
+    old: &[std::path::PathBuf],
+    node: &str,
+    event: &str,
+    moved: &[proto::Session],
+    to: &str,
+) {
+    let until = Instant::now() + Duration::from_secs(20);
+    loop {
+        let left: Vec<_> = old.iter().filter(|p| p.exists()).collect();
+        let state = node_state(client, node).await;
+        if left.is_empty() && state == "ready" {
+            break;
+        }
+        assert!(Instant::now() < until, "after {event}: old copies left {left:?}, node {state}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    for s in moved {
+        let dirs = host::cgroup_dirs_matching(&s.id);
+        assert!(dirs.iter().all(|p| !p.to_string_lossy().contains(node)), "{dirs:?}");
+        assert!(dirs.iter().any(|p| p.to_string_lossy().contains(to)), "{dirs:?}");
+    }
 }
 
 /// Waits until every session in `moved` runs on `to` with a newer generation.
