@@ -34,7 +34,7 @@ use std::time::Duration;
 use sandfleet_common::auth::IdentityKind;
 use sandfleet_common::limits::MAX_GRPC_MESSAGE_BYTES;
 pub use sandfleet_common::tls::TlsFiles;
-use sandfleet_common::tls::{serve_incoming, ClientTls, Reload, ServerTls};
+use sandfleet_common::tls::{spawn_server, ClientTls, ServerTls, Serving};
 use sandfleet_proto::v1 as pb;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::AbortOnDropHandle;
@@ -352,15 +352,7 @@ pub async fn serve(config: CoordinatorConfig, shutdown: CancellationToken) -> Re
         );
     // Nagle off on accepted connections (the builder's `tcp_nodelay` only applies
     // to listeners tonic binds itself): small responses must not wait for a delayed ACK.
-    let incoming = serve_incoming(listener, tls.as_ref().map(|(server, _)| server.clone()), shutdown.clone());
-    let reloader = tls.map(|(server, client)| {
-        let targets: Vec<Arc<dyn Reload>> = vec![server, client];
-        AbortOnDropHandle::new(sandfleet_common::tls::spawn_reloader(targets, shutdown.clone()))
-    });
-    let stop = shutdown.clone();
-    let server = AbortOnDropHandle::new(tokio::spawn(async move {
-        server.serve_with_incoming_shutdown(incoming, stop.cancelled_owned()).await
-    }));
+    let Serving { server, reloader } = spawn_server(server, listener, tls, shutdown.clone());
 
     if config.bootstrap {
         let initialized = raft.is_initialized().await.map_err(|e| CoordinatorError::Raft(e.to_string()))?;

@@ -35,7 +35,7 @@ use std::sync::Arc;
 
 use sandfleet_common::auth::{Identity, IdentityKind};
 use sandfleet_common::limits::{self, MAX_GRPC_MESSAGE_BYTES};
-use sandfleet_common::tls::{serve_incoming, ClientTls, Reload, ServerTls};
+use sandfleet_common::tls::{spawn_server, ClientTls, ServerTls, Serving};
 use sandfleet_proto::v1 as pb;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::AbortOnDropHandle;
@@ -310,15 +310,7 @@ pub async fn serve(config: AgentConfig, shutdown: CancellationToken) -> Result<A
         );
     // Nagle off on accepted connections (the builder's `tcp_nodelay` only applies
     // to listeners tonic binds itself): small responses must not wait for a delayed ACK.
-    let incoming = serve_incoming(listener, tls.as_ref().map(|(server, _)| server.clone()), shutdown.clone());
-    let reloader = tls.map(|(server, client)| {
-        let targets: Vec<Arc<dyn Reload>> = vec![server, client];
-        AbortOnDropHandle::new(sandfleet_common::tls::spawn_reloader(targets, shutdown.clone()))
-    });
-    let stop = shutdown.clone();
-    let server = AbortOnDropHandle::new(tokio::spawn(async move {
-        server.serve_with_incoming_shutdown(incoming, stop.cancelled_owned()).await
-    }));
+    let Serving { server, reloader } = spawn_server(server, listener, tls, shutdown.clone());
 
     let cpu_millis = if config.cpu_millis == 0 {
         let cores = std::thread::available_parallelism().map(|n| n.get() as f64).unwrap_or(1.0);
