@@ -19,7 +19,7 @@
 //! plane (ExecService, FileService on agents) is unaffected: its
 //! `authorization` header carries a session token, checked by the agent.
 //!
-//! [`Authenticator::audited`] runs every mutating control-plane call: it
+//! [`audited`] runs every mutating control-plane call: it
 //! resolves the caller, checks the role the call needs, runs the call and
 //! writes its one structured event (tracing target `audit`), failures
 //! included. The event never holds a secret: a key appears only by its public id.
@@ -73,33 +73,17 @@ impl Authenticator {
         require_admin(&caller)?;
         Ok(caller)
     }
-
-    /// Runs a mutating call and logs its one audit event, failures included.
-    ///
-    /// Resolves the caller of `req`, who must have role `need` (any caller
-    /// has [`Role::User`]), then runs `body` with the caller and the request.
-    /// The event names `method` and the `resource` the call touched: given
-    /// the response when the call succeeded, `None` when it failed (so a
-    /// failed call names what it asked for, computed before the request is
-    /// consumed).
-    pub async fn audited<T, R, Fut>(
-        &self,
-        req: Request<T>,
-        method: &'static str,
-        need: Role,
-        resource: impl FnOnce(Option<&R>) -> String,
-        body: impl FnOnce(Caller, Request<T>) -> Fut,
-    ) -> Result<R, Status>
-    where
-        Fut: Future<Output = Result<R, Status>>,
-    {
-        let caller = self.caller(&req);
-        audited_as(caller, req, method, need, resource, body).await
-    }
 }
 
-/// [`Authenticator::audited`] with the caller resolved.
-async fn audited_as<T, R, Fut>(
+/// Runs a mutating call and logs its one audit event, failures included.
+///
+/// `caller` is the caller of `req` as [`Authenticator::caller`] resolved it;
+/// it must have role `need` (any caller has [`Role::User`]). Then `body`
+/// runs with the caller and the request. The event names `method` and the
+/// `resource` the call touched: given the response when the call succeeded,
+/// `None` when it failed (so a failed call names what it asked for, computed
+/// before the request is consumed).
+pub async fn audited<T, R, Fut>(
     caller: Result<Caller, Status>,
     req: Request<T>,
     method: &'static str,
@@ -264,18 +248,7 @@ mod tests {
 
     fn state_with(key: &ApiKey, tenant: &str, role: Role, expires_at_ms: i64) -> crate::state::ClusterState {
         let mut st = crate::state::ClusterState::default();
-        st.api_keys.insert(
-            key.id.clone(),
-            crate::state::ApiKeyRecord {
-                id: key.id.clone(),
-                tenant: tenant.into(),
-                role,
-                secret_hash: key.secret_hash(),
-                created_at_ms: 1,
-                expires_at_ms,
-                revoked_at_ms: 0,
-            },
-        );
+        st.api_keys.insert(key.id.clone(), crate::state::fixtures::key_record(key, tenant, role, expires_at_ms));
         st
     }
 
@@ -336,20 +309,19 @@ mod tests {
             async move { Ok(req.into_inner() + 1) }
         };
         // A user calling an admin call: refused before the body, named by the request.
-        let e = audited_as(Ok(user.clone()), Request::new(1), "M", Role::Admin, resource, body).await.unwrap_err();
+        let e = audited(Ok(user.clone()), Request::new(1), "M", Role::Admin, resource, body).await.unwrap_err();
         assert_eq!(e.code(), tonic::Code::PermissionDenied);
         assert!(!ran.load(std::sync::atomic::Ordering::SeqCst), "the body ran for a refused caller");
         // No caller at all: the same.
-        let e =
-            audited_as(Err(Status::unauthenticated(NO_CREDENTIAL)), Request::new(1), "M", Role::User, resource, body)
-                .await
-                .unwrap_err();
+        let e = audited(Err(Status::unauthenticated(NO_CREDENTIAL)), Request::new(1), "M", Role::User, resource, body)
+            .await
+            .unwrap_err();
         assert_eq!(e.code(), tonic::Code::Unauthenticated);
         assert!(!ran.load(std::sync::atomic::Ordering::SeqCst));
         // A user call by a user, and an admin call by an admin: the body runs, named by its result.
-        assert_eq!(audited_as(Ok(user), Request::new(1), "M", Role::User, resource, body).await.unwrap(), 2);
+        assert_eq!(audited(Ok(user), Request::new(1), "M", Role::User, resource, body).await.unwrap(), 2);
         let admin = Caller::anonymous_admin();
-        assert_eq!(audited_as(Ok(admin), Request::new(6), "M", Role::Admin, resource, body).await.unwrap(), 7);
+        assert_eq!(audited(Ok(admin), Request::new(6), "M", Role::Admin, resource, body).await.unwrap(), 7);
         assert_eq!(*named.lock().unwrap(), ["request", "request", "made/2", "made/7"]);
     }
 

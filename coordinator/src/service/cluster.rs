@@ -14,7 +14,7 @@ use tonic::{Request, Response, Status};
 use super::raft::member_status;
 use crate::core::Core;
 use crate::raft::{network, Member};
-use crate::service::auth::Authenticator;
+use crate::service::auth::{audited, Authenticator};
 use crate::state::{Command, CommandResponse};
 use sandfleet_common::auth::Role;
 
@@ -302,13 +302,14 @@ impl ClusterService for ClusterApi {
         req: Request<pb::InitClusterRequest>,
     ) -> Result<Response<pb::InitClusterResponse>, Status> {
         let resource = |_: Option<&_>| "cluster".to_string();
-        self.auth.audited(req, "InitCluster", Role::Admin, resource, |_, req| self.init(req.into_inner())).await
+        audited(self.auth.caller(&req), req, "InitCluster", Role::Admin, resource, |_, req| self.init(req.into_inner()))
+            .await
     }
 
     #[tracing::instrument(skip_all, fields(id = req.get_ref().id, addr = %req.get_ref().address))]
     async fn add_member(&self, req: Request<pb::AddMemberRequest>) -> Result<Response<pb::AddMemberResponse>, Status> {
         let resource = format!("member/{}", req.get_ref().id);
-        self.auth.audited(req, "AddMember", Role::Admin, |_| resource, |_, req| self.add(req)).await
+        audited(self.auth.caller(&req), req, "AddMember", Role::Admin, |_| resource, |_, req| self.add(req)).await
     }
 
     #[tracing::instrument(skip_all, fields(id = req.get_ref().id))]
@@ -317,7 +318,7 @@ impl ClusterService for ClusterApi {
         req: Request<pb::RemoveMemberRequest>,
     ) -> Result<Response<pb::RemoveMemberResponse>, Status> {
         let resource = format!("member/{}", req.get_ref().id);
-        self.auth.audited(req, "RemoveMember", Role::Admin, |_| resource, |_, req| self.remove(req)).await
+        audited(self.auth.caller(&req), req, "RemoveMember", Role::Admin, |_| resource, |_, req| self.remove(req)).await
     }
 
     #[tracing::instrument(skip_all, fields(paused = req.get_ref().paused))]
@@ -326,8 +327,14 @@ impl ClusterService for ClusterApi {
         req: Request<pb::SetSchedulerPausedRequest>,
     ) -> Result<Response<pb::SetSchedulerPausedResponse>, Status> {
         let resource = format!("scheduler/paused={}", req.get_ref().paused);
-        self.auth
-            .audited(req, "SetSchedulerPaused", Role::Admin, |_| resource, |_, req| self.set_paused(req.into_inner()))
-            .await
+        audited(
+            self.auth.caller(&req),
+            req,
+            "SetSchedulerPaused",
+            Role::Admin,
+            |_| resource,
+            |_, req| self.set_paused(req.into_inner()),
+        )
+        .await
     }
 }

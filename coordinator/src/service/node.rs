@@ -9,7 +9,7 @@ use sandfleet_common::auth::Role;
 use sandfleet_common::{ids, ValidationError};
 
 use crate::core::{Core, Heard};
-use crate::service::auth::Authenticator;
+use crate::service::auth::{audited, Authenticator};
 use crate::state::{ClusterState, Command, CommandResponse, DrainRecord, NodeRecord};
 
 /// The NodeService implementation. Admin only.
@@ -91,13 +91,29 @@ impl NodeService for NodeApi {
         req: Request<pb::CordonNodeRequest>,
     ) -> Result<Response<pb::CordonNodeResponse>, Status> {
         let resource = format!("node/{}", req.get_ref().node_id);
-        self.auth.audited(req, "CordonNode", Role::Admin, |_| resource, |_, req| self.cordon(req.into_inner())).await
+        audited(
+            self.auth.caller(&req),
+            req,
+            "CordonNode",
+            Role::Admin,
+            |_| resource,
+            |_, req| self.cordon(req.into_inner()),
+        )
+        .await
     }
 
     #[tracing::instrument(skip_all, fields(node = %req.get_ref().node_id))]
     async fn drain_node(&self, req: Request<pb::DrainNodeRequest>) -> Result<Response<pb::DrainNodeResponse>, Status> {
         let resource = format!("node/{}", req.get_ref().node_id);
-        self.auth.audited(req, "DrainNode", Role::Admin, |_| resource, |_, req| self.drain(req.into_inner())).await
+        audited(
+            self.auth.caller(&req),
+            req,
+            "DrainNode",
+            Role::Admin,
+            |_| resource,
+            |_, req| self.drain(req.into_inner()),
+        )
+        .await
     }
 }
 

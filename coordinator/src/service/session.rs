@@ -24,7 +24,7 @@ use sandfleet_common::auth::{Caller, Role};
 
 use crate::core::{phase_to_proto, Core, Tunables};
 use crate::scheduler::{self, Unplaceable};
-use crate::service::auth::Authenticator;
+use crate::service::auth::{audited, Authenticator};
 use crate::service::response_status;
 use crate::state::{request_key, Command, CommandResponse, PendingReason, SessionPhase, SessionRecord, SpecRecord};
 
@@ -222,12 +222,11 @@ impl SessionService for SessionApi {
             Some(r) => format!("session/{}", r.session.as_ref().map_or("", |s| s.id.as_str())),
             None => format!("request/{rid}"),
         };
-        self.auth
-            .audited(req, "CreateSession", Role::User, resource, |caller, req| async move {
-                self.create(&caller, req.into_inner()).await
-            })
-            .await
-            .map(Response::new)
+        audited(self.auth.caller(&req), req, "CreateSession", Role::User, resource, |caller, req| async move {
+            self.create(&caller, req.into_inner()).await
+        })
+        .await
+        .map(Response::new)
     }
 
     #[tracing::instrument(skip_all, fields(session = %req.get_ref().id))]
@@ -316,16 +315,16 @@ impl SessionService for SessionApi {
         req: Request<pb::DeleteSessionRequest>,
     ) -> Result<Response<pb::DeleteSessionResponse>, Status> {
         let resource = format!("session/{}", req.get_ref().id);
-        self.auth
-            .audited(
-                req,
-                "DeleteSession",
-                Role::User,
-                |_| resource,
-                |caller, req| async move { self.delete(&caller, req.into_inner()).await },
-            )
-            .await
-            .map(Response::new)
+        audited(
+            self.auth.caller(&req),
+            req,
+            "DeleteSession",
+            Role::User,
+            |_| resource,
+            |caller, req| async move { self.delete(&caller, req.into_inner()).await },
+        )
+        .await
+        .map(Response::new)
     }
 
     #[tracing::instrument(skip_all, fields(session = %req.get_ref().id))]
@@ -334,16 +333,16 @@ impl SessionService for SessionApi {
         req: Request<pb::RenewSessionRequest>,
     ) -> Result<Response<pb::RenewSessionResponse>, Status> {
         let resource = format!("session/{}", req.get_ref().id);
-        self.auth
-            .audited(
-                req,
-                "RenewSession",
-                Role::User,
-                |_| resource,
-                |caller, req| async move { self.renew(&caller, req.into_inner()).await },
-            )
-            .await
-            .map(Response::new)
+        audited(
+            self.auth.caller(&req),
+            req,
+            "RenewSession",
+            Role::User,
+            |_| resource,
+            |caller, req| async move { self.renew(&caller, req.into_inner()).await },
+        )
+        .await
+        .map(Response::new)
     }
 
     type WatchSessionStream = Pin<Box<dyn Stream<Item = Result<pb::SessionEvent, Status>> + Send>>;

@@ -1,7 +1,7 @@
 //! TenantService and ApiKeyService: tenants with their quotas, and API keys.
 //! Admin only. Writes go through Raft ([`Core::propose`], forwarded to the
 //! leader); reads pass the read barrier first, like every other service.
-//! Every mutating call logs one audit event ([`Authenticator::audited`]).
+//! Every mutating call logs one audit event ([`super::auth::audited`]).
 
 use std::sync::Arc;
 
@@ -10,7 +10,7 @@ use sandfleet_common::{ids, ValidationError};
 use sandfleet_proto::v1::{self as pb, api_key_service_server::ApiKeyService, tenant_service_server::TenantService};
 use tonic::{Request, Response, Status};
 
-use super::auth::Authenticator;
+use super::auth::{audited, Authenticator};
 use crate::core::Core;
 use crate::state::{ApiKeyRecord, ClusterState, Command, CommandResponse, Quota, QuotaUpdate, TenantRecord};
 
@@ -175,10 +175,16 @@ impl TenantService for TenantApi {
         req: Request<pb::CreateTenantRequest>,
     ) -> Result<Response<pb::CreateTenantResponse>, Status> {
         let resource = format!("tenant/{}", req.get_ref().name);
-        self.auth
-            .audited(req, "CreateTenant", Role::Admin, |_| resource, |_, req| self.create(req.into_inner()))
-            .await
-            .map(Response::new)
+        audited(
+            self.auth.caller(&req),
+            req,
+            "CreateTenant",
+            Role::Admin,
+            |_| resource,
+            |_, req| self.create(req.into_inner()),
+        )
+        .await
+        .map(Response::new)
     }
 
     #[tracing::instrument(skip_all, fields(tenant = %req.get_ref().name))]
@@ -212,10 +218,16 @@ impl TenantService for TenantApi {
         req: Request<pb::UpdateTenantRequest>,
     ) -> Result<Response<pb::UpdateTenantResponse>, Status> {
         let resource = format!("tenant/{}", req.get_ref().name);
-        self.auth
-            .audited(req, "UpdateTenant", Role::Admin, |_| resource, |_, req| self.update(req.into_inner()))
-            .await
-            .map(Response::new)
+        audited(
+            self.auth.caller(&req),
+            req,
+            "UpdateTenant",
+            Role::Admin,
+            |_| resource,
+            |_, req| self.update(req.into_inner()),
+        )
+        .await
+        .map(Response::new)
     }
 
     #[tracing::instrument(skip_all, fields(tenant = %req.get_ref().name))]
@@ -224,10 +236,16 @@ impl TenantService for TenantApi {
         req: Request<pb::DeleteTenantRequest>,
     ) -> Result<Response<pb::DeleteTenantResponse>, Status> {
         let resource = format!("tenant/{}", req.get_ref().name);
-        self.auth
-            .audited(req, "DeleteTenant", Role::Admin, |_| resource, |_, req| self.delete(req.into_inner()))
-            .await
-            .map(Response::new)
+        audited(
+            self.auth.caller(&req),
+            req,
+            "DeleteTenant",
+            Role::Admin,
+            |_| resource,
+            |_, req| self.delete(req.into_inner()),
+        )
+        .await
+        .map(Response::new)
     }
 }
 
@@ -308,10 +326,11 @@ impl ApiKeyService for ApiKeyApi {
             Some(r) => format!("apikey/{}", r.key.as_ref().map_or("", |k| k.id.as_str())),
             None => format!("tenant/{tenant}"),
         };
-        self.auth
-            .audited(req, "CreateApiKey", Role::Admin, resource, |_, req| self.create(req.into_inner()))
-            .await
-            .map(Response::new)
+        audited(self.auth.caller(&req), req, "CreateApiKey", Role::Admin, resource, |_, req| {
+            self.create(req.into_inner())
+        })
+        .await
+        .map(Response::new)
     }
 
     #[tracing::instrument(skip_all)]
@@ -337,9 +356,15 @@ impl ApiKeyService for ApiKeyApi {
         req: Request<pb::RevokeApiKeyRequest>,
     ) -> Result<Response<pb::RevokeApiKeyResponse>, Status> {
         let resource = format!("apikey/{}", req.get_ref().id);
-        self.auth
-            .audited(req, "RevokeApiKey", Role::Admin, |_| resource, |_, req| self.revoke(req.into_inner()))
-            .await
-            .map(Response::new)
+        audited(
+            self.auth.caller(&req),
+            req,
+            "RevokeApiKey",
+            Role::Admin,
+            |_| resource,
+            |_, req| self.revoke(req.into_inner()),
+        )
+        .await
+        .map(Response::new)
     }
 }
