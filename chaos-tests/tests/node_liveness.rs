@@ -14,10 +14,13 @@ use std::time::{Duration, Instant};
 
 use nix::sys::signal::Signal;
 use sandfleet::{proto, Client};
-use sandfleet_testkit::helpers::{create_running, exec_python, small_session, stdout};
+use sandfleet_testkit::helpers::{create_running, small_session};
 use sandfleet_testkit::{Cluster, ClusterBuilder, Target};
 
-use common::{agent_index, cgroups_on, node_state, start, wait_moved, wait_old_copies_gone, MOVE_SLACK, NODE_TTL};
+use common::{
+    agent_index, assert_moved_work_and_kept_stay, cgroups_on, node_state, start, wait_moved, wait_old_copies_gone,
+    MOVE_SLACK, NODE_TTL,
+};
 
 async fn two_nodes() -> Cluster {
     let builder = ClusterBuilder::new().coordinators(1).agents(2).coordinator_args([
@@ -57,16 +60,8 @@ async fn sessions_of_a_killed_agent_run_elsewhere_with_a_new_generation() {
     assert!(took >= NODE_TTL - Duration::from_millis(600), "not moved before the node TTL ran out ({took:?})");
     assert_eq!(node_state(&client, &dead).await, "down");
 
-    // The moved sessions work on their new node (fresh token for the new generation).
-    for s in &moved {
-        let out = exec_python(&client, s, "print(6*7)", Duration::from_secs(30)).await.unwrap();
-        assert_eq!(stdout(&out).trim(), "42");
-    }
-    // Sessions of the surviving node were not touched.
-    for s in &kept {
-        let now = client.get_session(&s.id).await.unwrap();
-        assert_eq!((now.node_id.as_str(), now.generation), (alive.as_str(), s.generation));
-    }
+    // The moved sessions work on their new node; those of the surviving node were not touched.
+    assert_moved_work_and_kept_stay(&client, &moved, &kept, &alive).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

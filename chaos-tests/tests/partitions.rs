@@ -16,10 +16,12 @@ use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use sandfleet::proto;
-use sandfleet_testkit::helpers::{create_running, exec_python, small_session, state_of, stdout};
+use sandfleet_testkit::helpers::{create_running, small_session, state_of};
 use sandfleet_testkit::{host, Cluster, ClusterBuilder, NetworkChoice, NetworkMode};
 
-use common::{cgroups_on, node_state, wait_moved, wait_old_copies_gone, MOVE_SLACK, NODE_TTL};
+use common::{
+    assert_moved_work_and_kept_stay, cgroups_on, node_state, wait_moved, wait_old_copies_gone, MOVE_SLACK, NODE_TTL,
+};
 
 /// A cluster in namespaces. Without root/ip/nsenter/iptables the test is
 /// skipped like other facility-dependent tests (a failure with
@@ -96,14 +98,7 @@ async fn an_isolated_agent_loses_its_sessions_to_another_node_and_returns_after_
     assert!(cluster.partitions().is_empty());
     // One copy of each moved session, on the new node.
     wait_old_copies_gone(&client, &old_cgroups, &cut, "the heal", &victims, &alive).await;
-    for s in &moved {
-        let out = exec_python(&client, s, "print(6*7)", Duration::from_secs(30)).await.unwrap();
-        assert_eq!(stdout(&out).trim(), "42");
-    }
-    for s in &kept {
-        let now = client.get_session(&s.id).await.unwrap();
-        assert_eq!((now.node_id.as_str(), now.generation), (alive.as_str(), s.generation));
-    }
+    assert_moved_work_and_kept_stay(&client, &moved, &kept, &alive).await;
     // The healed node takes new sessions again.
     cluster.wait_nodes_ready(Duration::from_secs(20)).await.unwrap();
     cluster.shutdown().await.unwrap();

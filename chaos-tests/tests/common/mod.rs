@@ -17,7 +17,7 @@
 use std::time::{Duration, Instant};
 
 use sandfleet::{proto, Client};
-use sandfleet_testkit::helpers::state_of;
+use sandfleet_testkit::helpers::{exec_python, state_of, stdout};
 use sandfleet_testkit::{host, Cluster, ClusterBuilder};
 
 /// Returns early from a test when the machine cannot run sandboxes.
@@ -141,6 +141,25 @@ pub async fn wait_old_copies_gone(
         let dirs = host::cgroup_dirs_matching(&s.id);
         assert!(dirs.iter().all(|p| !p.to_string_lossy().contains(node)), "{dirs:?}");
         assert!(dirs.iter().any(|p| p.to_string_lossy().contains(to)), "{dirs:?}");
+    }
+}
+
+/// After a node's sessions moved to `alive`: each of `moved` runs code there
+/// (with a fresh token for its new generation), and each of `kept` (already
+/// on `alive`) was not touched.
+pub async fn assert_moved_work_and_kept_stay(
+    client: &Client,
+    moved: &[proto::Session],
+    kept: &[proto::Session],
+    alive: &str,
+) {
+    for s in moved {
+        let out = exec_python(client, s, "print(6*7)", Duration::from_secs(30)).await.unwrap();
+        assert_eq!(stdout(&out).trim(), "42");
+    }
+    for s in kept {
+        let now = client.get_session(&s.id).await.unwrap();
+        assert_eq!((now.node_id.as_str(), now.generation), (alive, s.generation));
     }
 }
 
