@@ -19,9 +19,9 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context, Result};
-use sandfleet::{CreateSession, ExecRequest};
+use sandfleet::{Client, CreateSession, ExecRequest};
 use sandfleet_testkit::helpers::percentile;
-use sandfleet_testkit::ClusterBuilder;
+use sandfleet_testkit::{Cluster, ClusterBuilder};
 
 /// What to run.
 #[derive(Debug, Clone)]
@@ -111,6 +111,36 @@ fn spec(i: usize, tag: &str) -> CreateSession {
         .ttl(Duration::from_secs(600))
 }
 
+/// One coordinator and one agent on the docker runtime with the python
+/// template on `image`, and a warm pool of `pool` when given.
+async fn start_cluster(image: &str, pool: Option<u32>, child_log: &str) -> Result<Cluster> {
+    let mut args = vec!["--runtime".to_string(), "docker".to_string(), "--template-image".to_string()];
+    args.push(format!("python={image}"));
+    if let Some(n) = pool {
+        args.extend(["--warm-pool".to_string(), format!("python={n}")]);
+    }
+    ClusterBuilder::new().coordinators(1).agents(1).agent_args(args).env("RUST_LOG", child_log).start().await
+}
+
+/// Create -> RUNNING of `s.warmup + s.creates` sessions one at a time, each
+/// deleted once RUNNING, with `pause` after each.
+async fn create_series(client: &Client, s: &Settings, name: &str, tag: &str, pause: Duration) -> Result<Series> {
+    let mut series = Series::new(name);
+    for i in 0..s.warmup + s.creates {
+        let t = Instant::now();
+        let c = client.create_session(spec(i, tag)).await.map_err(|e| anyhow!("create: {e}"))?;
+        let sess =
+            client.wait_running(&c.id, Duration::from_secs(60)).await.map_err(|e| anyhow!("wait_running: {e}"))?;
+        let d = t.elapsed();
+        client.delete_session(&sess.id).await.map_err(|e| anyhow!("delete: {e}"))?;
+        if i >= s.warmup {
+            series.samples.push(d);
+        }
+        tokio::time::sleep(pause).await;
+    }
+    Ok(series)
+}
+
 /// Runs every measurement.
 pub async fn run(s: &Settings) -> Result<Report> {
     let engine = docker(&["info", "--format", "{{.ServerVersion}}"]).context("the Docker engine must be running")?;
@@ -134,31 +164,9 @@ pub async fn run(s: &Settings) -> Result<Report> {
     eprintln!("  docker run --rm true: p50 {}", ms(docker_run.p50()));
 
     // Cold creates, then exec round trips, on an agent without a pool.
-    let cluster = ClusterBuilder::new()
-        .coordinators(1)
-        .agents(1)
-        .agent_args([
-            "--runtime".to_string(),
-            "docker".to_string(),
-            "--template-image".to_string(),
-            format!("python={image}"),
-        ])
-        .env("RUST_LOG", child_log.clone())
-        .start()
-        .await?;
+    let cluster = start_cluster(&image, None, &child_log).await?;
     let client = cluster.try_client().await?;
-    let mut cold = Series::new("cold create -> RUNNING (no pool)");
-    for i in 0..s.warmup + s.creates {
-        let t = Instant::now();
-        let c = client.create_session(spec(i, "cold")).await.map_err(|e| anyhow!("create: {e}"))?;
-        let sess =
-            client.wait_running(&c.id, Duration::from_secs(60)).await.map_err(|e| anyhow!("wait_running: {e}"))?;
-        let d = t.elapsed();
-        client.delete_session(&sess.id).await.map_err(|e| anyhow!("delete: {e}"))?;
-        if i >= s.warmup {
-            cold.samples.push(d);
-        }
-    }
+    let cold = create_series(&client, s, "cold create -> RUNNING (no pool)", "cold", Duration::ZERO).await?;
     eprintln!("  cold create:          p50 {}", ms(cold.p50()));
 
     let c = client.create_session(spec(usize::MAX, "exec")).await.map_err(|e| anyhow!("create: {e}"))?;
@@ -194,37 +202,12 @@ pub async fn run(s: &Settings) -> Result<Report> {
     cluster.shutdown().await?;
 
     // Warm creates on an agent with a pool.
-    let cluster = ClusterBuilder::new()
-        .coordinators(1)
-        .agents(1)
-        .agent_args([
-            "--runtime".to_string(),
-            "docker".to_string(),
-            "--template-image".to_string(),
-            format!("python={image}"),
-            "--warm-pool".to_string(),
-            format!("python={}", s.pool),
-        ])
-        .env("RUST_LOG", child_log)
-        .start()
-        .await?;
+    let cluster = start_cluster(&image, Some(s.pool), &child_log).await?;
     let client = cluster.try_client().await?;
     // Let the pool fill, and refill between creates (a container start takes a few hundred ms).
     let refill = Duration::from_millis(400 * u64::from(s.pool.max(1)) + 600);
     tokio::time::sleep(refill * 2).await;
-    let mut warm = Series::new("warm create -> RUNNING (from the pool)");
-    for i in 0..s.warmup + s.creates {
-        let t = Instant::now();
-        let c = client.create_session(spec(i, "warm")).await.map_err(|e| anyhow!("create: {e}"))?;
-        let sess =
-            client.wait_running(&c.id, Duration::from_secs(60)).await.map_err(|e| anyhow!("wait_running: {e}"))?;
-        let d = t.elapsed();
-        client.delete_session(&sess.id).await.map_err(|e| anyhow!("delete: {e}"))?;
-        if i >= s.warmup {
-            warm.samples.push(d);
-        }
-        tokio::time::sleep(refill).await;
-    }
+    let warm = create_series(&client, s, "warm create -> RUNNING (from the pool)", "warm", refill).await?;
     eprintln!("  warm create:          p50 {}", ms(warm.p50()));
     cluster.shutdown().await?;
     Ok(Report { image, docker_run, cold, warm, exec, docker_exec, engine })

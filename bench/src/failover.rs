@@ -27,10 +27,12 @@ use std::time::{Duration, Instant};
 
 use crate::millis as ms;
 use anyhow::{anyhow, bail, Result};
-use sandfleet::{Client, CreateSession};
+use sandfleet::Client;
 use sandfleet_proto::v1 as pb;
 use sandfleet_testkit::helpers::{list_all_sessions, percentile, state_of};
 use sandfleet_testkit::{ClusterBuilder, Target};
+
+use crate::raft::spec;
 
 /// Kubernetes, not measured: node-monitor-grace-period (40 s) before the node is
 /// NotReady, then the default 300 s not-ready/unreachable toleration before its
@@ -75,15 +77,6 @@ impl Report {
     fn series(&self, f: impl Fn(&Kill) -> Duration) -> Vec<Duration> {
         self.kills.iter().map(f).collect()
     }
-}
-
-fn spec(rid: String) -> CreateSession {
-    CreateSession::new()
-        .request_id(rid)
-        .memory_bytes(16 << 20)
-        .cpu_millis(10)
-        .pids_limit(16)
-        .ttl(Duration::from_secs(3600))
 }
 
 const LIVE: &[pb::SessionState] = &[pb::SessionState::Pending, pb::SessionState::Running, pb::SessionState::Lost];

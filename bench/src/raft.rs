@@ -79,6 +79,7 @@ pub struct Report {
     pub etcd_version: String,
 }
 
+/// A small session, as the raft and failover benches create them.
 pub(crate) fn spec(rid: String) -> CreateSession {
     CreateSession::new()
         .request_id(rid)

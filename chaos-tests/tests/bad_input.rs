@@ -234,6 +234,13 @@ async fn over_limit_requests_name_the_limit() {
         &[Code::OutOfRange, Code::InvalidArgument],
     );
     assert!(err.to_string().to_lowercase().contains("stdin"), "the error names stdin: {err}");
+    // Code over one kernel argument (128 KiB) but within its 1 MiB limit runs: the agent passes it as a file.
+    let code = format!("#{}\nprint('big')", "x".repeat(200 * 1024));
+    let out = client
+        .exec_collect(&s, ExecRequest::code(proto::Language::Python, code).timeout(SHORT))
+        .await
+        .expect("code under its 1 MiB limit runs");
+    assert_eq!(stdout(&out), "big\n", "{}", describe(&out));
 
     // A write chunk over 1 MiB, sent raw (the SDK always chunks at 1 MiB).
     let st = raw::expect_one_of(

@@ -5,32 +5,10 @@
 #[macro_use]
 mod common;
 
-use std::time::Duration;
-
 use sandfleet::proto;
 use sandfleet_testkit::helpers::state_of;
-use sandfleet_testkit::{bin_path, Cluster};
 
-use common::one_node;
-
-async fn cli(cluster: &Cluster, args: &[&str]) -> std::process::Output {
-    let mut cmd = tokio::process::Command::new(bin_path("sandfleet"));
-    cmd.envs(cluster.cli_env()).args(args).stdin(std::process::Stdio::null()).kill_on_drop(true);
-    match tokio::time::timeout(Duration::from_secs(120), cmd.output()).await {
-        Ok(Ok(out)) => out,
-        Ok(Err(e)) => panic!("running sandfleet {args:?}: {e}"),
-        Err(_) => panic!("sandfleet {args:?} did not finish within 120 s"),
-    }
-}
-
-fn show(out: &std::process::Output) -> String {
-    format!(
-        "status={} stdout={:?} stderr={:?}",
-        out.status,
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    )
-}
+use common::{cli, one_node, show};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cli_run_and_session_commands() {
@@ -55,15 +33,16 @@ async fn cli_run_and_session_commands() {
             "-c",
             "print(6*7)",
         ],
+        None,
     )
     .await;
     assert_eq!(out.status.code(), Some(0), "{}", show(&out));
     assert!(String::from_utf8_lossy(&out.stdout).lines().any(|l| l.trim() == "42"), "{}", show(&out));
 
-    let out = cli(&cluster, &["--endpoint", &endpoint, "run", "--", "sh", "-c", "exit 7"]).await;
+    let out = cli(&cluster, &["--endpoint", &endpoint, "run", "--", "sh", "-c", "exit 7"], None).await;
     assert_eq!(out.status.code(), Some(7), "run exits with the command's exit code: {}", show(&out));
 
-    let out = cli(&cluster, &["--endpoint", &endpoint, "session", "create", "--output", "json"]).await;
+    let out = cli(&cluster, &["--endpoint", &endpoint, "session", "create", "--output", "json"], None).await;
     assert_eq!(out.status.code(), Some(0), "{}", show(&out));
     let v: serde_json::Value = serde_json::from_slice(&out.stdout)
         .unwrap_or_else(|e| panic!("session create --output json is not JSON ({e}): {}", show(&out)));
@@ -71,18 +50,18 @@ async fn cli_run_and_session_commands() {
     assert!(uuid::Uuid::parse_str(&id).is_ok(), "id is a UUID: {v}");
     assert!(v.get("state").is_some_and(|s| !s.is_null()), "no \"state\": {v}");
 
-    let out = cli(&cluster, &["--endpoint", &endpoint, "session", "get", &id, "--output", "json"]).await;
+    let out = cli(&cluster, &["--endpoint", &endpoint, "session", "get", &id, "--output", "json"], None).await;
     assert_eq!(out.status.code(), Some(0), "{}", show(&out));
     let got: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("{e}: {}", show(&out)));
     assert_eq!(got["id"], serde_json::json!(id), "{got}");
 
-    let out = cli(&cluster, &["--endpoint", &endpoint, "session", "rm", &id]).await;
+    let out = cli(&cluster, &["--endpoint", &endpoint, "session", "rm", &id], None).await;
     assert_eq!(out.status.code(), Some(0), "{}", show(&out));
     let client = cluster.client().await;
     let gone = client.get_session(&id).await.unwrap();
     assert_eq!(state_of(&gone), proto::SessionState::Terminated, "{gone:?}");
 
     let unknown = uuid::Uuid::new_v4().to_string();
-    let out = cli(&cluster, &["--endpoint", &endpoint, "session", "get", &unknown]).await;
+    let out = cli(&cluster, &["--endpoint", &endpoint, "session", "get", &unknown], None).await;
     assert_ne!(out.status.code(), Some(0), "getting an unknown session fails: {}", show(&out));
 }

@@ -10,11 +10,10 @@ mod common;
 
 use std::path::Path;
 
-use sandfleet_testkit::bins::bin_path;
 use sandfleet_testkit::helpers::{create_running, describe, exec_argv, request_id, small_session, stderr, stdout};
 use tonic::Code;
 
-use common::{one_node, SHORT};
+use common::{cli, one_node, show, SHORT};
 
 /// Bytes allocated on disk below `dir`.
 fn allocated(dir: &Path) -> u64 {
@@ -60,13 +59,9 @@ async fn a_session_writes_no_more_than_its_disk_quota() {
     assert!(u.limit_inodes >= 2048, "{u:?}");
 
     // `sandfleet session get` shows the spec and the use.
-    let got = std::process::Command::new(bin_path("sandfleet"))
-        .envs(cluster.cli_env())
-        .args(["--endpoint", &cluster.endpoint(), "session", "get", &s.id])
-        .output()
-        .unwrap();
+    let got = cli(&cluster, &["--endpoint", &cluster.endpoint(), "session", "get", &s.id], None).await;
     let text = String::from_utf8_lossy(&got.stdout);
-    assert!(got.status.success(), "{got:?}");
+    assert!(got.status.success(), "{}", show(&got));
     assert!(text.contains("disk:     64Mi (2048 inodes)"), "{text}");
     assert!(text.lines().any(|l| l.starts_with("disk use:") && l.contains("inodes")), "{text}");
 

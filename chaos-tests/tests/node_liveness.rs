@@ -14,11 +14,13 @@ use std::time::{Duration, Instant};
 
 use nix::sys::signal::Signal;
 use sandfleet::{proto, Client};
-use sandfleet_testkit::helpers::{create_running, exec_python, small_session, stdout};
-use sandfleet_testkit::host;
+use sandfleet_testkit::helpers::{create_running, small_session};
 use sandfleet_testkit::{Cluster, ClusterBuilder, Target};
 
-use common::{agent_index, node_state, start, wait_moved, MOVE_SLACK, NODE_TTL};
+use common::{
+    agent_index, assert_moved_work_and_kept_stay, cgroups_on, node_state, start, wait_moved, wait_old_copies_gone,
+    MOVE_SLACK, NODE_TTL,
+};
 
 async fn two_nodes() -> Cluster {
     let builder = ClusterBuilder::new().coordinators(1).agents(2).coordinator_args([
@@ -58,16 +60,8 @@ async fn sessions_of_a_killed_agent_run_elsewhere_with_a_new_generation() {
     assert!(took >= NODE_TTL - Duration::from_millis(600), "not moved before the node TTL ran out ({took:?})");
     assert_eq!(node_state(&client, &dead).await, "down");
 
-    // The moved sessions work on their new node (fresh token for the new generation).
-    for s in &moved {
-        let out = exec_python(&client, s, "print(6*7)", Duration::from_secs(30)).await.unwrap();
-        assert_eq!(stdout(&out).trim(), "42");
-    }
-    // Sessions of the surviving node were not touched.
-    for s in &kept {
-        let now = client.get_session(&s.id).await.unwrap();
-        assert_eq!((now.node_id.as_str(), now.generation), (alive.as_str(), s.generation));
-    }
+    // The moved sessions work on their new node; those of the surviving node were not touched.
+    assert_moved_work_and_kept_stay(&client, &moved, &kept, &alive).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -79,36 +73,17 @@ async fn a_frozen_agent_loses_its_sessions_and_stops_its_old_copies() {
     let (frozen, victims) = by_node.iter().next().map(|(n, v)| (n.clone(), v.clone())).unwrap();
     let alive = by_node.keys().nth(1).unwrap().clone();
     let idx = agent_index(&cluster, &frozen);
-    let old_cgroups: Vec<_> = victims
-        .iter()
-        .flat_map(|s| host::cgroup_dirs_matching(&s.id))
-        .filter(|p| p.to_string_lossy().contains(&frozen))
-        .collect();
-    assert!(!old_cgroups.is_empty(), "the sessions have cgroups on {frozen}");
+    let old_cgroups = cgroups_on(&victims, &frozen);
 
     cluster.proc(Target::Agent(idx)).signal(Signal::SIGSTOP).unwrap();
     wait_moved(&client, &victims, &alive, NODE_TTL + MOVE_SLACK).await;
     assert_eq!(node_state(&client, &frozen).await, "down");
 
     // Thawed, the old agent finds itself cut off for longer than fence_after:
-    // it stops its copies at once, then heartbeats and is ready again.
+    // it stops its copies at once, then heartbeats and is ready again; each
+    // moved session has exactly one copy, on the new node.
     cluster.proc(Target::Agent(idx)).signal(Signal::SIGCONT).unwrap();
-    let until = Instant::now() + Duration::from_secs(20);
-    loop {
-        let left: Vec<_> = old_cgroups.iter().filter(|p| p.exists()).collect();
-        let state = node_state(&client, &frozen).await;
-        if left.is_empty() && state == "ready" {
-            break;
-        }
-        assert!(Instant::now() < until, "after SIGCONT: old copies left {left:?}, node {state}");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    // Exactly one copy of each moved session: its cgroups exist only on the new node.
-    for s in &victims {
-        let dirs = host::cgroup_dirs_matching(&s.id);
-        assert!(dirs.iter().all(|p| !p.to_string_lossy().contains(&frozen)), "{dirs:?}");
-        assert!(dirs.iter().any(|p| p.to_string_lossy().contains(&alive)), "{dirs:?}");
-    }
+    wait_old_copies_gone(&client, &old_cgroups, &frozen, "SIGCONT", &victims, &alive).await;
     let log = std::fs::read_to_string(&cluster.agents[idx].log_path).unwrap();
     assert!(log.contains("(fencing)"), "the thawed agent fenced itself");
 }

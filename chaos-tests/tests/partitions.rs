@@ -16,10 +16,12 @@ use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use sandfleet::proto;
-use sandfleet_testkit::helpers::{create_running, exec_python, small_session, state_of, stdout};
+use sandfleet_testkit::helpers::{create_running, small_session, state_of};
 use sandfleet_testkit::{host, Cluster, ClusterBuilder, NetworkChoice, NetworkMode};
 
-use common::{node_state, wait_moved, MOVE_SLACK, NODE_TTL};
+use common::{
+    assert_moved_work_and_kept_stay, cgroups_on, node_state, wait_moved, wait_old_copies_gone, MOVE_SLACK, NODE_TTL,
+};
 
 /// A cluster in namespaces. Without root/ip/nsenter/iptables the test is
 /// skipped like other facility-dependent tests (a failure with
@@ -65,12 +67,7 @@ async fn an_isolated_agent_loses_its_sessions_to_another_node_and_returns_after_
     let (cut, victims) = by_node.iter().next().map(|(n, v)| (n.clone(), v.clone())).unwrap();
     let (alive, kept) = by_node.iter().nth(1).map(|(n, v)| (n.clone(), v.clone())).unwrap();
     let idx = cluster.agents.iter().position(|a| a.id == cut).unwrap();
-    let old_cgroups: Vec<_> = victims
-        .iter()
-        .flat_map(|s| host::cgroup_dirs_matching(&s.id))
-        .filter(|p| p.to_string_lossy().contains(&cut))
-        .collect();
-    assert!(!old_cgroups.is_empty(), "the sessions have cgroups on {cut}");
+    let old_cgroups = cgroups_on(&victims, &cut);
     let agent_pid = cluster.agents[idx].pid().unwrap();
     // nsenter execs: the pid the harness signals is the agent itself.
     assert_eq!(host::process(agent_pid as i32).map(|p| p.comm), Some("sandfleet-agent".to_string()));
@@ -99,30 +96,9 @@ async fn an_isolated_agent_loses_its_sessions_to_another_node_and_returns_after_
 
     cluster.heal().await.unwrap();
     assert!(cluster.partitions().is_empty());
-    let until = Instant::now() + Duration::from_secs(20);
-    loop {
-        let left: Vec<_> = old_cgroups.iter().filter(|p| p.exists()).collect();
-        let state = node_state(&client, &cut).await;
-        if left.is_empty() && state == "ready" {
-            break;
-        }
-        assert!(Instant::now() < until, "after the heal: old copies left {left:?}, node {state}");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
     // One copy of each moved session, on the new node.
-    for s in &victims {
-        let dirs = host::cgroup_dirs_matching(&s.id);
-        assert!(dirs.iter().all(|p| !p.to_string_lossy().contains(&cut)), "{dirs:?}");
-        assert!(dirs.iter().any(|p| p.to_string_lossy().contains(&alive)), "{dirs:?}");
-    }
-    for s in &moved {
-        let out = exec_python(&client, s, "print(6*7)", Duration::from_secs(30)).await.unwrap();
-        assert_eq!(stdout(&out).trim(), "42");
-    }
-    for s in &kept {
-        let now = client.get_session(&s.id).await.unwrap();
-        assert_eq!((now.node_id.as_str(), now.generation), (alive.as_str(), s.generation));
-    }
+    wait_old_copies_gone(&client, &old_cgroups, &cut, "the heal", &victims, &alive).await;
+    assert_moved_work_and_kept_stay(&client, &moved, &kept, &alive).await;
     // The healed node takes new sessions again.
     cluster.wait_nodes_ready(Duration::from_secs(20)).await.unwrap();
     cluster.shutdown().await.unwrap();

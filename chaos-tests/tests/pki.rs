@@ -5,6 +5,8 @@
 //! Needs only the `sandfleet` binary (`cargo build --workspace --bins`); no
 //! cluster, no sandbox facilities.
 
+mod common;
+
 use std::collections::BTreeMap;
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
@@ -17,6 +19,8 @@ use sandfleet_common::auth::{Identity, IdentityKind};
 use sandfleet_common::x509::identity_of_der;
 use sandfleet_testkit::bin_path;
 
+use common::show;
+
 fn sandfleet(args: &[&str]) -> Output {
     Command::new(bin_path("sandfleet"))
         .args(args)
@@ -24,15 +28,6 @@ fn sandfleet(args: &[&str]) -> Output {
         .env_remove("RUST_LOG")
         .output()
         .unwrap_or_else(|e| panic!("running sandfleet {args:?}: {e}"))
-}
-
-fn show(out: &Output) -> String {
-    format!(
-        "status={} stdout={:?} stderr={:?}",
-        out.status,
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    )
 }
 
 fn stderr(out: &Output) -> String {

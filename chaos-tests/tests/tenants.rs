@@ -18,7 +18,7 @@ use sandfleet_testkit::helpers::{create_running, exec_argv, expect_code, raw, re
 use sandfleet_testkit::{Cluster, ClusterBuilder};
 use tonic::Code;
 
-use common::{start, SHORT};
+use common::{cli, show, start, SHORT};
 
 /// A cluster of `coordinators` and `agents` that requires a credential.
 async fn secured(coordinators: usize, agents: usize) -> Cluster {
@@ -308,39 +308,6 @@ async fn a_revoked_key_stops_working_on_every_coordinator_within_5s() {
 async fn keyed_at(cluster: &Cluster, addr: &str, key: &str) -> Client {
     let tls = cluster.client_tls().map(|t| sandfleet::TlsOptions { ca: t.ca.clone(), cert_and_key: None });
     Client::builder([addr.to_string()]).tls(tls).api_key(Some(key)).connect().await.unwrap()
-}
-
-/// Runs the CLI against `cluster`: with `api_key`, authenticated by the key
-/// alone (the CLI trusts the cluster CA but has no client certificate);
-/// without, as the test's client certificate (cluster admin).
-async fn cli(cluster: &Cluster, args: &[&str], api_key: Option<&str>) -> std::process::Output {
-    let mut cmd = tokio::process::Command::new(sandfleet_testkit::bin_path("sandfleet"));
-    cmd.args(args).stdin(std::process::Stdio::null()).env_remove("SANDFLEET_API_KEY").kill_on_drop(true);
-    match api_key {
-        Some(k) => {
-            cmd.env("SANDFLEET_API_KEY", k);
-            if let Some(tls) = cluster.client_tls() {
-                cmd.env(sandfleet::ENV_TLS_CA, &tls.ca);
-            }
-        }
-        None => {
-            cmd.envs(cluster.cli_env());
-        }
-    }
-    match tokio::time::timeout(Duration::from_secs(120), cmd.output()).await {
-        Ok(Ok(out)) => out,
-        Ok(Err(e)) => panic!("running sandfleet {args:?}: {e}"),
-        Err(_) => panic!("sandfleet {args:?} did not finish within 120 s"),
-    }
-}
-
-fn show(out: &std::process::Output) -> String {
-    format!(
-        "status={} stdout={:?} stderr={:?}",
-        out.status,
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    )
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

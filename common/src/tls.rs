@@ -20,6 +20,8 @@
 //! - [`spawn_reloader`]: reloads the files on SIGHUP or when they change.
 //!   Connections that are open keep their session; new handshakes use the new
 //!   certificate. A bad new file is logged and the old one kept.
+//! - [`spawn_server`]: both daemons' gRPC server, on [`serve_incoming`] with
+//!   its reloader, as tasks that a drop aborts.
 //!
 //! Only the `ring` provider is used, and only TLS 1.3 and 1.2.
 
@@ -464,6 +466,36 @@ pub fn serve_incoming(
         }
     });
     tokio_stream::wrappers::ReceiverStream::new(rx)
+}
+
+/// A gRPC server running on background tasks, from [`spawn_server`]. Dropping
+/// it aborts them.
+pub struct Serving {
+    /// The server; it ends with the server's result after the shutdown.
+    pub server: tokio_util::task::AbortOnDropHandle<Result<(), tonic::transport::Error>>,
+    /// Reloads the TLS files on SIGHUP or change; `None` on plaintext.
+    pub reloader: Option<tokio_util::task::AbortOnDropHandle<()>>,
+}
+
+/// Serves `router` on the connections of `listener` ([`serve_incoming`],
+/// Nagle off) until `shutdown`, then stops gracefully: mutual TLS with `tls`
+/// (a daemon's server and client configurations, both reloaded by
+/// [`spawn_reloader`]), plaintext without.
+pub fn spawn_server(
+    router: tonic::transport::server::Router,
+    listener: TcpListener,
+    tls: Option<(Arc<ServerTls>, Arc<ClientTls>)>,
+    shutdown: CancellationToken,
+) -> Serving {
+    let incoming = serve_incoming(listener, tls.as_ref().map(|(server, _)| server.clone()), shutdown.clone());
+    let reloader = tls.map(|(server, client)| {
+        let targets: Vec<Arc<dyn Reload>> = vec![server, client];
+        tokio_util::task::AbortOnDropHandle::new(spawn_reloader(targets, shutdown.clone()))
+    });
+    let server = tokio_util::task::AbortOnDropHandle::new(tokio::spawn(async move {
+        router.serve_with_incoming_shutdown(incoming, shutdown.cancelled_owned()).await
+    }));
+    Serving { server, reloader }
 }
 
 /// Dials TLS connections for tonic: checks the server's certificate against

@@ -88,6 +88,23 @@ impl Tunables {
     }
 }
 
+/// When this member last heard from a node.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Heard {
+    /// On the monotonic clock: what node liveness measures silence on, so a
+    /// step of the wall clock can neither mark a node silent nor keep it alive.
+    pub at: tokio::time::Instant,
+    /// On the wall clock (Unix ms), for operators (`ListNodes`).
+    pub at_ms: i64,
+}
+
+impl Heard {
+    /// Now, on both clocks.
+    pub fn now() -> Self {
+        Self { at: tokio::time::Instant::now(), at_ms: crate::now_ms() }
+    }
+}
+
 /// Shared by every service of one coordinator.
 pub struct Core {
     pub id: u64,
@@ -96,7 +113,7 @@ pub struct Core {
     pub state: StateHandle,
     pub tunables: Tunables,
     /// Last heartbeat per node, in memory only (not replicated).
-    pub heartbeats: Mutex<HashMap<String, i64>>,
+    pub heartbeats: Mutex<HashMap<String, Heard>>,
     /// Last data-plane use per session as agents report it, in memory only
     /// (for idle timeouts; a new leader starts everyone at its first term).
     pub activity: Mutex<HashMap<String, i64>>,

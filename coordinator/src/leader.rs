@@ -2,7 +2,9 @@
 //! nodes down and their sessions lost, expires sessions past their TTL or idle
 //! timeout, moves sessions off draining nodes, and places unplaced sessions in
 //! batches. The decisions are the pure planners of [`crate::plan`]; this loop
-//! reads the clock and the state, calls them and proposes what they return.
+//! reads the clocks and the state, calls them and proposes what they return.
+//! Node silence is measured on the monotonic clock ([`Heard`]); the wall
+//! clock stamps the commands and meets the replicated deadlines.
 //! It runs on every member and acts only while that member leads; it
 //! wakes on every state change and at least every `tick`, and stops with the
 //! shutdown token. A step costs what there is to do, not the size of the
@@ -16,7 +18,7 @@ use std::time::Duration;
 use sandfleet_common::token::TokenSigner;
 use tokio_util::sync::CancellationToken;
 
-use crate::core::Core;
+use crate::core::{Core, Heard};
 use crate::error::CoreError;
 use crate::plan;
 use crate::state::{Command, CommandResponse};
@@ -44,8 +46,8 @@ pub async fn run(core: Arc<Core>, tick: Duration, shutdown: CancellationToken) {
                 // TTL from now (the grace after a leader change), and idle
                 // timeouts count from now at the earliest.
                 led_term = Some(term);
-                let now = crate::now_ms();
-                core.lead_since_ms.store(now, Ordering::Relaxed);
+                let now = Heard::now();
+                core.lead_since_ms.store(now.at_ms, Ordering::Relaxed);
                 let nodes: Vec<String> = core.state.read(|st| st.nodes.keys().cloned().collect());
                 let mut hb = core.heartbeats.lock();
                 for n in nodes {
@@ -80,7 +82,8 @@ async fn step(core: &Core) -> Result<(), CoreError> {
         core.propose_as_leader(Command::InitCluster { signing_seed: TokenSigner::generate().seed().to_vec() }).await?;
     }
     // Each round reads the state as the previous round's commands left it.
-    let now = crate::now_ms();
+    // Silence is measured on the monotonic clock; commands carry the wall time.
+    let now = Heard::now();
     let planned = {
         let mut hb = core.heartbeats.lock();
         core.state.read(|st| {
@@ -88,7 +91,7 @@ async fn step(core: &Core) -> Result<(), CoreError> {
             for id in st.nodes.keys() {
                 hb.entry(id.clone()).or_insert(now);
             }
-            plan::plan_liveness(st, &core.tunables, &hb, now)
+            plan::plan_liveness(st, &core.tunables, &hb, now.at, now.at_ms)
         })
     };
     propose_all(core, planned).await?;

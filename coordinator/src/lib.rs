@@ -34,10 +34,10 @@ use std::time::Duration;
 use sandfleet_common::auth::IdentityKind;
 use sandfleet_common::limits::MAX_GRPC_MESSAGE_BYTES;
 pub use sandfleet_common::tls::TlsFiles;
-use sandfleet_common::tls::{serve_incoming, ClientTls, Reload, ServerTls};
+use sandfleet_common::tls::{spawn_server, ClientTls, ServerTls, Serving};
 use sandfleet_proto::v1 as pb;
-use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::AbortOnDropHandle;
 
 pub use sandfleet_common::time::now_ms;
 
@@ -136,14 +136,15 @@ pub enum CoordinatorError {
 /// How long a stopping coordinator lets in-flight calls finish.
 pub const SHUTDOWN_DRAIN: Duration = Duration::from_secs(5);
 
-/// A running coordinator.
+/// A running coordinator. [`Coordinator::join`] awaits its tasks after the
+/// shutdown token fired; dropping it (or a failed start) aborts them.
 pub struct Coordinator {
     addr: SocketAddr,
     core: Arc<core::Core>,
-    server: JoinHandle<Result<(), tonic::transport::Error>>,
-    leader_loop: JoinHandle<()>,
+    server: AbortOnDropHandle<Result<(), tonic::transport::Error>>,
+    leader_loop: AbortOnDropHandle<()>,
     /// Reloads the TLS files on SIGHUP or change; `None` on plaintext.
-    reloader: Option<JoinHandle<()>>,
+    reloader: Option<AbortOnDropHandle<()>>,
     shutdown: CancellationToken,
 }
 
@@ -351,14 +352,7 @@ pub async fn serve(config: CoordinatorConfig, shutdown: CancellationToken) -> Re
         );
     // Nagle off on accepted connections (the builder's `tcp_nodelay` only applies
     // to listeners tonic binds itself): small responses must not wait for a delayed ACK.
-    let incoming = serve_incoming(listener, tls.as_ref().map(|(server, _)| server.clone()), shutdown.clone());
-    let reloader = tls.map(|(server, client)| {
-        let targets: Vec<Arc<dyn Reload>> = vec![server, client];
-        sandfleet_common::tls::spawn_reloader(targets, shutdown.clone())
-    });
-    let stop = shutdown.clone();
-    let server =
-        tokio::spawn(async move { server.serve_with_incoming_shutdown(incoming, stop.cancelled_owned()).await });
+    let Serving { server, reloader } = spawn_server(server, listener, tls, shutdown.clone());
 
     if config.bootstrap {
         let initialized = raft.is_initialized().await.map_err(|e| CoordinatorError::Raft(e.to_string()))?;
@@ -393,7 +387,8 @@ pub async fn serve(config: CoordinatorConfig, shutdown: CancellationToken) -> Re
         );
     }
 
-    let leader_loop = tokio::spawn(leader::run(core.clone(), Duration::from_millis(250), shutdown.clone()));
+    let leader_loop =
+        AbortOnDropHandle::new(tokio::spawn(leader::run(core.clone(), Duration::from_millis(250), shutdown.clone())));
     if config.bootstrap {
         // Wait for the cluster key, so agents can register as soon as we report ready.
         let mut v = core.state.version.subscribe();

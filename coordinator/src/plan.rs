@@ -5,10 +5,17 @@
 //! or proposes anything: [`crate::leader`] is the thin loop that does, and the
 //! tests below drive them with an injected clock against the real state
 //! machine.
+//!
+//! Two clocks: how long a node has been silent is measured on the monotonic
+//! clock (a step of the wall clock marks no node silent); the wall clock
+//! (Unix ms) stamps the commands and is what the replicated deadlines (TTLs,
+//! drains, restart backoffs) are compared with.
 
 use std::collections::{BTreeSet, HashMap};
 
-use crate::core::Tunables;
+use tokio::time::Instant;
+
+use crate::core::{Heard, Tunables};
 use crate::scheduler::{Placer, Unplaceable};
 use crate::state::{ClusterState, Command, NodePhase, PendingReason, Placement};
 
@@ -22,35 +29,38 @@ pub const EXPIRED_IDLE: &str = "expired (idle timeout)";
 /// `lost_after` (the cluster default unless the session set its own): with the
 /// node going down, or later with `SessionsLost`.
 ///
-/// `heartbeats` holds the last heartbeat per node (Unix ms) as this leader
-/// heard it; a node missing from it counts as heard at `now_ms` (the caller
-/// records that, so its grace starts now).
+/// `heartbeats` holds the last heartbeat per node as this leader heard it,
+/// and `now` is the monotonic time of the round: silence is `now` minus the
+/// heartbeat's [`Heard::at`]. A node missing from it counts as heard now (the
+/// caller records that, so its grace starts now). `now_ms` (wall) stamps the
+/// commands.
 pub fn plan_liveness(
     st: &ClusterState,
     tunables: &Tunables,
-    heartbeats: &HashMap<String, i64>,
+    heartbeats: &HashMap<String, Heard>,
+    now: Instant,
     now_ms: i64,
 ) -> Vec<Command> {
-    let ttl = tunables.node_ttl.as_millis() as i64;
+    let ttl = tunables.node_ttl;
     // The shortest silence that can matter: the smallest lost_after allowed.
-    let floor = tunables.min_lost_after().min(tunables.node_ttl).as_millis() as i64;
+    let floor = tunables.min_lost_after().min(tunables.node_ttl);
     let mut out = Vec::new();
     for node in st.nodes.values() {
-        let seen = heartbeats.get(&node.id).copied().unwrap_or(now_ms);
-        let silent_ms = now_ms - seen;
-        if silent_ms <= floor {
+        let seen = heartbeats.get(&node.id).map_or(now, |h| h.at);
+        let silent = now.saturating_duration_since(seen);
+        if silent <= floor {
             continue;
         }
         // Sessions on the node whose own lost_after has not passed yet are kept.
         let (mut due, mut keep) = (Vec::new(), Vec::new());
         for s in st.node_sessions.get(&node.id).into_iter().flatten().filter_map(|id| st.sessions.get(id)) {
-            if silent_ms > tunables.lost_after_of(&s.spec).as_millis() as i64 {
+            if silent > tunables.lost_after_of(&s.spec) {
                 due.push(s.id.clone());
             } else {
                 keep.push(s.id.clone());
             }
         }
-        if node.phase != NodePhase::Down && silent_ms > ttl {
+        if node.phase != NodePhase::Down && silent > ttl {
             out.push(Command::NodeDown { node_id: node.id.clone(), now_ms, keep });
         } else if !due.is_empty() {
             out.push(Command::SessionsLost { node_id: node.id.clone(), ids: due, now_ms });
@@ -175,6 +185,8 @@ mod tests {
     };
 
     const TTL: i64 = 5_000;
+    /// A heartbeat time later than any round of a test: a node that stays alive.
+    const FOREVER: i64 = 1 << 40;
 
     fn tunables() -> Tunables {
         Tunables {
@@ -198,16 +210,31 @@ mod tests {
     }
 
     /// A cluster under test: the state machine and the leader's in-memory inputs.
+    /// Times are milliseconds: heartbeats on the monotonic clock (since `base`),
+    /// everything else on the wall clock; a round passes both (the same number
+    /// unless a test steps the wall clock).
     struct Cluster {
         st: ClusterState,
         heartbeats: HashMap<String, i64>,
         activity: HashMap<String, i64>,
         lead_since: i64,
+        base: Instant,
     }
 
     impl Cluster {
         fn new() -> Self {
-            Cluster { st: ClusterState::default(), heartbeats: HashMap::new(), activity: HashMap::new(), lead_since: 0 }
+            Cluster {
+                st: ClusterState::default(),
+                heartbeats: HashMap::new(),
+                activity: HashMap::new(),
+                lead_since: 0,
+                base: Instant::now(),
+            }
+        }
+
+        /// `ms` on the monotonic clock.
+        fn mono(&self, ms: i64) -> Instant {
+            self.base + Duration::from_millis(ms as u64)
         }
 
         fn apply(&mut self, cmd: Command) -> CommandResponse {
@@ -281,7 +308,14 @@ mod tests {
         }
 
         fn liveness(&self, now: i64) -> Vec<Command> {
-            plan_liveness(&self.st, &tunables(), &self.heartbeats, now)
+            self.liveness_at(now, now)
+        }
+
+        /// Liveness at `mono` on the monotonic clock and `wall` on the wall clock.
+        fn liveness_at(&self, mono: i64, wall: i64) -> Vec<Command> {
+            let heard = |&ms: &i64| Heard { at: self.mono(ms), at_ms: ms };
+            let heartbeats = self.heartbeats.iter().map(|(id, ms)| (id.clone(), heard(ms))).collect();
+            plan_liveness(&self.st, &tunables(), &heartbeats, self.mono(mono), wall)
         }
 
         fn lifetimes(&self, now: i64) -> Vec<Command> {
@@ -357,7 +391,7 @@ mod tests {
         c.session("short", Some("n1"), 0, |s| s.lost_after_ms = min as u64);
         c.session("default", Some("n1"), 0, |_| {});
         c.session("long", Some("n1"), 0, |s| s.lost_after_ms = 3 * TTL as u64);
-        c.heartbeats.insert("n2".into(), i64::MAX / 2);
+        c.heartbeats.insert("n2".into(), FOREVER);
         assert!(c.liveness(min).is_empty());
         let cmds = c.liveness(min + 1);
         assert!(
@@ -441,6 +475,27 @@ mod tests {
         let cmds = c.lifetimes(160_000);
         assert!(
             matches!(&cmds[..], [Command::TerminateSessions { ids: ended, message, .. }] if *ended == ids(&["a"]) && message == EXPIRED_TTL),
+            "{cmds:?}"
+        );
+    }
+
+    #[test]
+    fn a_wall_clock_step_marks_no_node_silent_and_keeps_none_alive() {
+        let mut c = Cluster::new();
+        c.node("n1", 0);
+        c.node("n2", 0);
+        c.session("a", Some("n1"), 0, |_| {});
+        c.running("a");
+        // A second after the last heartbeats, the wall clock steps an hour ahead, or back.
+        for wall in [3_600_000, -3_600_000] {
+            assert!(c.liveness_at(1_000, wall).is_empty(), "wall clock at {wall}");
+        }
+        // Silent past the TTL on the monotonic clock: down, whatever the wall clock says
+        // (the command carries the wall time).
+        c.heartbeats.insert("n2".into(), FOREVER);
+        let cmds = c.liveness_at(TTL + 1, -3_600_000);
+        assert!(
+            matches!(&cmds[..], [Command::NodeDown { node_id, now_ms: -3_600_000, .. }] if node_id == "n1"),
             "{cmds:?}"
         );
     }
@@ -716,7 +771,7 @@ mod tests {
             s.max_attempts = 2;
         });
         c.running("a");
-        c.heartbeats.insert("n2".into(), i64::MAX / 2);
+        c.heartbeats.insert("n2".into(), FOREVER);
         c.round(TTL + 1);
         let a = &c.st.sessions["a"];
         assert_eq!((a.phase, a.restarts, a.not_before_ms), (SessionPhase::Lost, 1, TTL + 1 + 1_000));
@@ -726,7 +781,7 @@ mod tests {
         assert_eq!(c.phase("a"), (SessionPhase::Pending, Some("n2"), 2));
         c.running("a");
         // The second loss doubles the backoff.
-        c.heartbeats.insert("n1".into(), i64::MAX / 2);
+        c.heartbeats.insert("n1".into(), FOREVER);
         c.heartbeats.insert("n2".into(), 10_000);
         c.apply(Command::NodeUp { node_id: "n1".into(), now_ms: 10_000 });
         c.round(10_000 + TTL + 1);

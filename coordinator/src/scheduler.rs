@@ -217,6 +217,7 @@ fn show_labels(labels: &BTreeMap<String, String>) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::state::fixtures::spec;
     use crate::state::{Command, NodeRecord, Touched};
 
     fn node(id: &str, cpu: u64, slots: u64) -> NodeRecord {
@@ -229,17 +230,6 @@ mod tests {
             phase: NodePhase::Ready,
             registered_at_ms: 0,
             drain: None,
-        }
-    }
-
-    fn spec(cpu: u32) -> SpecRecord {
-        SpecRecord {
-            cpu_millis: cpu,
-            cpu_request_millis: cpu,
-            memory_bytes: 1 << 20,
-            pids_limit: 64,
-            ttl_seconds: 60,
-            ..Default::default()
         }
     }
 

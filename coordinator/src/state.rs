@@ -1089,11 +1089,13 @@ impl ClusterState {
     }
 }
 
+/// Records for the unit tests of this crate.
 #[cfg(test)]
-mod tests {
+pub(crate) mod fixtures {
     use super::*;
 
-    fn spec(cpu: u32) -> SpecRecord {
+    /// A small spec of `cpu` millicores (limit and request).
+    pub(crate) fn spec(cpu: u32) -> SpecRecord {
         SpecRecord {
             cpu_millis: cpu,
             cpu_request_millis: cpu,
@@ -1103,6 +1105,25 @@ mod tests {
             ..Default::default()
         }
     }
+
+    /// The record of `key`, created at 1 ms.
+    pub(crate) fn key_record(key: &ApiKey, tenant: &str, role: Role, expires_at_ms: i64) -> ApiKeyRecord {
+        ApiKeyRecord {
+            id: key.id.clone(),
+            tenant: tenant.into(),
+            role,
+            secret_hash: key.secret_hash(),
+            created_at_ms: 1,
+            expires_at_ms,
+            revoked_at_ms: 0,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::fixtures::{key_record, spec};
+    use super::*;
 
     fn session(id: &str, rid: &str, node: Option<&str>, cpu: u32) -> SessionRecord {
         SessionRecord {
@@ -1414,18 +1435,6 @@ mod tests {
 
     fn of_tenant(id: &str, rid: &str, tenant: &str, cpu: u32) -> SessionRecord {
         SessionRecord { tenant: tenant.into(), ..session(id, rid, None, cpu) }
-    }
-
-    fn key_record(key: &ApiKey, tenant: &str, role: Role, expires_at_ms: i64) -> ApiKeyRecord {
-        ApiKeyRecord {
-            id: key.id.clone(),
-            tenant: tenant.into(),
-            role,
-            secret_hash: key.secret_hash(),
-            created_at_ms: 1,
-            expires_at_ms,
-            revoked_at_ms: 0,
-        }
     }
 
     fn create(st: &mut ClusterState, s: SessionRecord, key_id: Option<&str>) -> CommandResponse {

@@ -106,9 +106,12 @@ impl DataPlane {
     }
 }
 
-fn exec_spec(req: &pb::ExecRequest, output_cap: u64) -> Result<ExecSpec, Status> {
-    let command = match &req.command {
-        Some(pb::exec_request::Command::Argv(a)) => Command::Argv(a.argv.clone()),
+/// Turns the wire request into the runtime's [`ExecSpec`]: only its shape
+/// (one command form, a known language). Its limits and rules are checked
+/// once, by the runtime, with [`crate::exec::validate`].
+fn exec_spec(req: pb::ExecRequest, output_cap: u64) -> Result<ExecSpec, Status> {
+    let command = match req.command {
+        Some(pb::exec_request::Command::Argv(a)) => Command::Argv(a.argv),
         Some(pb::exec_request::Command::Code(c)) => {
             let language = match pb::Language::try_from(c.language) {
                 Ok(pb::Language::Python) => Language::Python,
@@ -116,34 +119,17 @@ fn exec_spec(req: &pb::ExecRequest, output_cap: u64) -> Result<ExecSpec, Status>
                 Ok(pb::Language::Bash) => Language::Bash,
                 _ => return Err(Status::invalid_argument("invalid language: use python, node or bash")),
             };
-            Command::Code { language, code: c.code.clone() }
+            Command::Code { language, code: c.code }
         }
         None => return Err(Status::invalid_argument("invalid command: give argv or code")),
     };
-    let timeout = match req.timeout_ms {
-        0 => limits::DEFAULT_EXEC_TIMEOUT,
-        ms => Duration::from_millis(ms),
-    };
-    if timeout > limits::MAX_EXEC_TIMEOUT {
-        return Err(ValidationError::over(
-            "timeout_ms",
-            format!("{} ms", limits::MAX_EXEC_TIMEOUT.as_millis()),
-            req.timeout_ms,
-        )
-        .into());
-    }
-    if req.stdin.len() > limits::MAX_STDIN_BYTES {
-        return Err(
-            ValidationError::over("stdin", format!("{} bytes", limits::MAX_STDIN_BYTES), req.stdin.len()).into()
-        );
-    }
-    ids::validate_env("env", &req.env)?;
     Ok(ExecSpec {
         command,
-        env: req.env.clone().into_iter().collect(),
-        stdin: req.stdin.clone(),
-        workdir: req.workdir.clone(),
-        timeout,
+        env: req.env.into_iter().collect(),
+        stdin: req.stdin,
+        workdir: req.workdir,
+        // Zero is the default, filled in by the validation.
+        timeout: Duration::from_millis(req.timeout_ms),
         output_cap,
     })
 }
@@ -161,12 +147,11 @@ impl ExecService for DataPlane {
         }
         self.authorize(req.metadata(), &req.get_ref().session_id).await?;
         let req = req.into_inner();
-        let spec = exec_spec(&req, self.output_cap)?;
-        crate::exec::command_argv(&spec.command)?;
+        let session_id = req.session_id.clone();
+        let spec = exec_spec(req, self.output_cap)?;
         let (out_tx, mut out_rx) = tokio::sync::mpsc::channel::<ExecEvent>(32);
         let (tx, rx) = tokio::sync::mpsc::channel::<Result<pb::ExecResponse, Status>>(32);
         let runtime = self.state.runtime.clone();
-        let session_id = req.session_id.clone();
         let state = self.state.clone();
         let run = tokio::spawn(async move {
             let result = runtime.exec(&session_id, spec, out_tx).await;

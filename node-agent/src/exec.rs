@@ -27,13 +27,13 @@
 //! [`Command`], [`ExecEvent`], [`ExitInfo`]) are defined here; this module
 //! depends on no runtime ([`ExecError`] converts into `RuntimeError`).
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::process::ExitStatus;
 use std::time::Duration;
 
 use bytes::Bytes;
-use sandfleet_common::ids;
 use sandfleet_common::limits::{self, MAX_ARGV, MAX_ARGV_BYTES, MAX_CODE_BYTES, OUTPUT_CHUNK_BYTES};
+use sandfleet_common::{ids, ValidationError};
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use tokio::process::{Child, ChildStderr, ChildStdout};
 use tokio::sync::mpsc;
@@ -45,9 +45,13 @@ use crate::workspace::{FsError, Workspace};
 /// An exec request that breaks a rule of the API or of the kernel.
 #[derive(Debug, thiserror::Error)]
 pub enum ExecError {
-    /// The request is malformed or over a limit; the text says which.
+    /// The command is malformed or over an argv or code limit; the text says which.
     #[error("{0}")]
     InvalidArgument(String),
+    /// A field of the request is malformed or over its documented limit
+    /// (INVALID_ARGUMENT or OUT_OF_RANGE, as everywhere in the API).
+    #[error(transparent)]
+    Validation(#[from] ValidationError),
     /// Checking the workdir against the workspace failed.
     #[error(transparent)]
     Workspace(#[from] FsError),
@@ -249,29 +253,32 @@ pub struct ValidatedExec {
     pub workdir: std::path::PathBuf,
 }
 
-/// Validates an exec request the same way for every backend: the command
-/// (argv and code limits), the exec env, stdin size, timeout and the
-/// workdir's lexical rules. `code_path` is where large code is placed
-/// inside the sandbox. Whether the workdir exists is checked by the caller
-/// against the workspace ([`check_workdir`]).
+/// Validates an exec request the same way for every backend: the timeout,
+/// stdin size, the exec env, the command (argv and code limits) and the
+/// workdir's lexical rules, in that order. This is the one place the data
+/// plane checks an exec request: the agent's ExecService only turns the wire
+/// request into an [`ExecSpec`], and the runtime it calls checks it here.
+/// Limits answer OUT_OF_RANGE and malformed fields INVALID_ARGUMENT, with the
+/// proto's field names. `code_path` is where large code is placed inside the
+/// sandbox. Whether the workdir exists is checked by the caller against the
+/// workspace ([`check_workdir`]).
 pub fn validate(spec: &ExecSpec, code_path: &str) -> Result<ValidatedExec, ExecError> {
-    let plan = plan_command(&spec.command, code_path)?;
-    validate_env("exec env", &spec.env)?;
-    if spec.stdin.len() > limits::MAX_STDIN_BYTES {
-        return Err(ExecError::InvalidArgument(format!(
-            "stdin exceeds the limit of {} bytes (MAX_STDIN_BYTES): got {}",
-            limits::MAX_STDIN_BYTES,
-            spec.stdin.len()
-        )));
-    }
     let timeout = if spec.timeout.is_zero() { limits::DEFAULT_EXEC_TIMEOUT } else { spec.timeout };
     if timeout > limits::MAX_EXEC_TIMEOUT {
-        return Err(ExecError::InvalidArgument(format!(
-            "timeout exceeds the limit of {} s (MAX_EXEC_TIMEOUT): got {} ms",
-            limits::MAX_EXEC_TIMEOUT.as_secs(),
-            timeout.as_millis()
-        )));
+        return Err(ValidationError::over(
+            "timeout_ms",
+            format!("{} ms", limits::MAX_EXEC_TIMEOUT.as_millis()),
+            timeout.as_millis(),
+        )
+        .into());
     }
+    if spec.stdin.len() > limits::MAX_STDIN_BYTES {
+        return Err(
+            ValidationError::over("stdin", format!("{} bytes", limits::MAX_STDIN_BYTES), spec.stdin.len()).into()
+        );
+    }
+    ids::validate_env("env", &spec.env)?;
+    let plan = plan_command(&spec.command, code_path)?;
     let output_cap = if spec.output_cap == 0 { limits::DEFAULT_OUTPUT_CAP_BYTES } else { spec.output_cap };
     let workdir = Workspace::check_path(&spec.workdir).map_err(|e| match e {
         FsError::InvalidPath(m) => ExecError::InvalidArgument(format!("workdir: {m}")),
@@ -293,12 +300,6 @@ pub async fn check_workdir(ws: &Workspace, workdir: &str) -> Result<(), ExecErro
         }
         Err(e) => Err(e.into()),
     }
-}
-
-/// Validates an environment map (names and sizes), naming `field` in errors.
-pub fn validate_env(field: &'static str, env: &BTreeMap<String, String>) -> Result<(), ExecError> {
-    let map: HashMap<String, String> = env.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
-    ids::validate_env(field, &map).map_err(|e| ExecError::InvalidArgument(e.to_string()))
 }
 
 /// Adds what the session's limits did to a finished exec: `oom_kills` OOM
@@ -632,6 +633,52 @@ mod tests {
         assert_eq!(p.code_file.unwrap().len(), 200_000);
         let p = plan_command(&Command::Argv(vec!["true".into()]), "/run/code").unwrap();
         assert_eq!(p, CommandPlan { argv: vec!["true".into()], code_file: None });
+    }
+
+    /// The codes and texts the data plane answers for an exec over a limit
+    /// (chaos-tests' bad_input checks them end to end).
+    #[test]
+    fn validate_names_the_field_with_the_api_codes() {
+        let ok = ExecSpec {
+            command: Command::Argv(vec!["true".into()]),
+            env: BTreeMap::new(),
+            stdin: Vec::new(),
+            workdir: String::new(),
+            timeout: Duration::ZERO,
+            output_cap: 0,
+        };
+        let v = validate(&ok, "/run/code").unwrap();
+        assert_eq!((v.timeout, v.output_cap), (limits::DEFAULT_EXEC_TIMEOUT, limits::DEFAULT_OUTPUT_CAP_BYTES));
+        let status = |spec: ExecSpec| tonic::Status::from(validate(&spec, "/run/code").unwrap_err());
+
+        let s = status(ExecSpec { timeout: limits::MAX_EXEC_TIMEOUT + Duration::from_millis(1), ..ok.clone() });
+        assert_eq!(s.code(), tonic::Code::OutOfRange);
+        assert_eq!(s.message(), "timeout_ms exceeds the limit of 3600000 ms: got 3600001");
+        let s = status(ExecSpec { stdin: vec![0; limits::MAX_STDIN_BYTES + 1], ..ok.clone() });
+        assert_eq!(s.code(), tonic::Code::OutOfRange);
+        assert_eq!(s.message(), "stdin exceeds the limit of 1048576 bytes: got 1048577");
+        let s = status(ExecSpec { env: [("1X".to_string(), "v".to_string())].into(), ..ok.clone() });
+        assert_eq!(s.code(), tonic::Code::InvalidArgument);
+        assert!(s.message().starts_with("invalid env: key \"1X\""), "{}", s.message());
+        let many = (0..=limits::MAX_ENV_ENTRIES).map(|i| (format!("K{i}"), String::new())).collect();
+        assert_eq!(status(ExecSpec { env: many, ..ok.clone() }).code(), tonic::Code::OutOfRange);
+        let s = status(ExecSpec { command: Command::Argv(vec![]), ..ok.clone() });
+        assert_eq!(s.code(), tonic::Code::InvalidArgument);
+        assert_eq!(s.message(), "argv is empty; give at least the program name");
+        let s = status(ExecSpec { workdir: "../x".into(), ..ok.clone() });
+        assert_eq!(s.code(), tonic::Code::InvalidArgument);
+        assert!(s.message().starts_with("workdir: "), "{}", s.message());
+        // The first rule broken is the one named: the timeout before stdin before the command.
+        let s = status(ExecSpec {
+            command: Command::Argv(vec![]),
+            stdin: vec![0; limits::MAX_STDIN_BYTES + 1],
+            timeout: Duration::from_secs(7200),
+            ..ok.clone()
+        });
+        assert!(s.message().starts_with("timeout_ms"), "{}", s.message());
+        // Code too large for one kernel argument is accepted: it runs as a file.
+        let big = ExecSpec { command: Command::Code { language: Language::Python, code: "#".repeat(200_000) }, ..ok };
+        assert_eq!(validate(&big, "/run/code").unwrap().plan.argv, ["python3", "/run/code"]);
     }
 
     #[test]

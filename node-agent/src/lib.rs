@@ -35,10 +35,10 @@ use std::sync::Arc;
 
 use sandfleet_common::auth::{Identity, IdentityKind};
 use sandfleet_common::limits::{self, MAX_GRPC_MESSAGE_BYTES};
-use sandfleet_common::tls::{serve_incoming, ClientTls, Reload, ServerTls};
+use sandfleet_common::tls::{spawn_server, ClientTls, ServerTls, Serving};
 use sandfleet_proto::v1 as pb;
-use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::AbortOnDropHandle;
 
 use crate::control::{AgentState, Control, ControlConfig};
 use crate::runtime::docker::{DockerRuntime, DockerRuntimeConfig};
@@ -150,15 +150,16 @@ pub enum AgentError {
 /// the shutdown token fired, before they are cut.
 pub const SERVER_STOP_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 
-/// A running agent.
+/// A running agent. [`Agent::join`] awaits its tasks after the shutdown
+/// token fired; dropping it (or a failed start) aborts them.
 pub struct Agent {
     addr: SocketAddr,
-    server: JoinHandle<Result<(), tonic::transport::Error>>,
-    control: JoinHandle<()>,
+    server: AbortOnDropHandle<Result<(), tonic::transport::Error>>,
+    control: AbortOnDropHandle<()>,
     /// Runtime cleanup at shutdown (warm pool containers, ready filesystems).
-    cleanup: Option<JoinHandle<()>>,
+    cleanup: Option<AbortOnDropHandle<()>>,
     /// Reloads the TLS files on SIGHUP or change; `None` on plaintext.
-    reloader: Option<JoinHandle<()>>,
+    reloader: Option<AbortOnDropHandle<()>>,
     syncer: Option<Arc<store::sync::Syncer>>,
     /// Held until the agent has stopped.
     _lock: lock::AgentLock,
@@ -273,12 +274,12 @@ pub async fn serve(config: AgentConfig, shutdown: CancellationToken) -> Result<A
         }
     };
     let (rt, stop) = (runtime.clone(), shutdown.clone());
-    let cleanup = Some(tokio::spawn(async move {
+    let cleanup = Some(AbortOnDropHandle::new(tokio::spawn(async move {
         stop.cancelled().await;
         if let Err(e) = rt.release().await {
             tracing::warn!(error = %e, "could not release the runtime's ready containers or filesystems at shutdown");
         }
-    }));
+    })));
     let syncer = match store::open(&config.store).await? {
         Some(store) => {
             tracing::info!(store = %store.describe(), "keeping workspaces in the store");
@@ -312,14 +313,7 @@ pub async fn serve(config: AgentConfig, shutdown: CancellationToken) -> Result<A
         );
     // Nagle off on accepted connections (the builder's `tcp_nodelay` only applies
     // to listeners tonic binds itself): small responses must not wait for a delayed ACK.
-    let incoming = serve_incoming(listener, tls.as_ref().map(|(server, _)| server.clone()), shutdown.clone());
-    let reloader = tls.map(|(server, client)| {
-        let targets: Vec<Arc<dyn Reload>> = vec![server, client];
-        sandfleet_common::tls::spawn_reloader(targets, shutdown.clone())
-    });
-    let stop = shutdown.clone();
-    let server =
-        tokio::spawn(async move { server.serve_with_incoming_shutdown(incoming, stop.cancelled_owned()).await });
+    let Serving { server, reloader } = spawn_server(server, listener, tls, shutdown.clone());
 
     let cpu_millis = if config.cpu_millis == 0 {
         let cores = std::thread::available_parallelism().map(|n| n.get() as f64).unwrap_or(1.0);
@@ -342,7 +336,7 @@ pub async fn serve(config: AgentConfig, shutdown: CancellationToken) -> Result<A
     let Some(interval) = control.register(&shutdown).await else {
         return Err(AgentError::Cancelled);
     };
-    let control = tokio::spawn(control.run(interval, shutdown.clone()));
+    let control = AbortOnDropHandle::new(tokio::spawn(control.run(interval, shutdown.clone())));
     tracing::info!(node = %config.node_id, %addr, "agent serving");
     Ok(Agent { addr, server, control, cleanup, reloader, syncer, _lock: agent_lock })
 }

@@ -5,9 +5,13 @@
 //!
 //! Cases: exit codes, timeout, OOM, fork bomb, no network, no host files, a
 //! file round trip, path traversal and symlink escape (plus seccomp and the
-//! output cap). The docker-only tests at the end check every hardening field
-//! with `docker inspect`, that bwrap runs inside the hardened container, the
-//! warm pool, and that restarting the agent leaves no orphaned container.
+//! output cap). On the process runtime they also check that no process and no
+//! exec cgroup of the session is left behind. The process-only tests after
+//! them check sessions' uids against each other, idempotent prepare and
+//! destroy, and a restart over a crashed agent's leftovers. The docker-only
+//! tests at the end check every hardening field with `docker inspect`, that
+//! bwrap runs inside the hardened container, the warm pool, and that
+//! restarting the agent leaves no orphaned container.
 //!
 //! Facilities: the process runtime needs root, /usr/bin/bwrap and writable
 //! cgroups; the docker runtime needs a Docker engine and the sandbox image,
@@ -92,14 +96,28 @@ struct Env {
 }
 
 impl Drop for Env {
-    /// Best effort when a test failed half way: no container (or mount) of the test may outlive it.
+    /// Best effort when a test failed half way: no process, cgroup, mount or
+    /// container of the test may outlive it.
     fn drop(&mut self) {
         sandfleet_agent::runtime::disk::unmount_all_under(self._dir.path());
-        if let Backend::Docker(d) = &self.backend {
-            let prefix = format!("sandfleet-{}", d.config().node_id);
-            for name in docker_names("label=sandfleet.node") {
-                if name.starts_with(&prefix) {
-                    let _ = std::process::Command::new("docker").args(["rm", "-f", &name]).output();
+        match &self.backend {
+            Backend::Process(p) => {
+                let (cg, root) = (p.cgroups(), p.cgroup_root());
+                for _ in 0..200 {
+                    cg.kill_once(root);
+                    if cg.remove(root).is_ok() {
+                        return;
+                    }
+                    std::thread::sleep(Duration::from_millis(10));
+                }
+                eprintln!("could not remove cgroup {root}");
+            }
+            Backend::Docker(d) => {
+                let prefix = format!("sandfleet-{}", d.config().node_id);
+                for name in docker_names("label=sandfleet.node") {
+                    if name.starts_with(&prefix) {
+                        let _ = std::process::Command::new("docker").args(["rm", "-f", &name]).output();
+                    }
                 }
             }
         }
@@ -118,6 +136,24 @@ impl Env {
         match &self.backend {
             Backend::Process(p) => p.remove_all().await.expect("remove_all"),
             Backend::Docker(d) => d.remove_all().await.expect("remove_all"),
+        }
+    }
+
+    /// On the process runtime: within `grace` (zero: at once), no process is
+    /// left in the session's cgroup and no exec cgroup under it. (What a
+    /// docker session leaves is in its container, and `host_procs` sees it.)
+    async fn assert_exec_cleaned_up(&self, id: &str, grace: Duration) {
+        let Backend::Process(p) = &self.backend else { return };
+        let cg = p.session_cgroup(id);
+        let t = Instant::now();
+        loop {
+            let pids = p.cgroups().pids_recursive(&cg).unwrap();
+            let leaves = p.cgroups().descendants(&cg);
+            if pids.is_empty() && leaves.is_empty() {
+                return;
+            }
+            assert!(t.elapsed() <= grace, "processes {pids:?} or exec cgroups {leaves:?} left in the session cgroup");
+            tokio::time::sleep(Duration::from_millis(20)).await;
         }
     }
 }
@@ -409,6 +445,19 @@ async fn timeout(kind: Kind) {
     assert_eq!(r.info.message, "timed out after 0.5s (timeout_ms limit)");
     assert!(took < Duration::from_secs(5), "took {took:?}");
     assert!(host_procs(uid, &["sleep", "100"]).is_empty(), "a `sleep 100` of uid {uid} survived the timeout");
+    env.assert_exec_cleaned_up(&id, Duration::ZERO).await;
+
+    // A caller gone before the command starts: it is killed at once, and the end says why.
+    let (tx, rx) = mpsc::channel(1);
+    drop(rx);
+    let t = Instant::now();
+    let why = match rt.exec(&id, bash("sleep 100"), tx).await {
+        Ok(info) => info.message,
+        Err(e) => e.to_string(),
+    };
+    assert!(t.elapsed() < Duration::from_secs(5), "took {:?}", t.elapsed());
+    assert!(why.contains("cancelled"), "{why}");
+    assert!(host_procs(uid, &["sleep", "100"]).is_empty(), "an exec without a caller left its process behind");
 
     // The caller going away kills the command too.
     let (tx, mut rx) = mpsc::channel(8);
@@ -420,6 +469,7 @@ async fn timeout(kind: Kind) {
     task.abort();
     let _ = task.await;
     assert!(host_procs(uid, &["sleep", "100"]).is_empty(), "a cancelled exec left its process behind");
+    env.assert_exec_cleaned_up(&id, Duration::from_secs(5)).await;
     env.cleanup().await;
 }
 
@@ -462,6 +512,14 @@ async fn fork_bomb(kind: Kind) {
         "pids.max never refused a fork: {}",
         r.info.message
     );
+    if let Backend::Process(p) = &env.backend {
+        let peak = p.cgroups().dir("pids", &p.session_cgroup(&id)).join("pids.peak");
+        if let Ok(peak) = std::fs::read_to_string(&peak) {
+            let peak: u64 = peak.trim().parse().unwrap();
+            assert!(peak <= 16, "pids.peak {peak} exceeded the limit");
+        }
+    }
+    env.assert_exec_cleaned_up(&id, Duration::ZERO).await;
     // The session runs commands again at once.
     let t = Instant::now();
     loop {
@@ -478,6 +536,9 @@ async fn fork_bomb(kind: Kind) {
         }
     }
     eprintln!("{kind:?}: recovered after {:?}", t.elapsed());
+    if kind == Kind::Process {
+        assert!(t.elapsed() < Duration::from_secs(5), "the node took {:?} to run a command again", t.elapsed());
+    }
     env.cleanup().await;
 }
 
@@ -613,9 +674,13 @@ async fn no_host_files(kind: Kind) {
     let id = new_session_id();
     rt.prepare(&sandbox(&id)).await.unwrap();
     let data_dir = env.data_dir.display().to_string();
+    // A file in the host's /tmp (the sandbox's /tmp is its own).
+    let host_tmp = std::env::temp_dir().join(format!("sandfleet-host-file-{id}"));
+    std::fs::write(&host_tmp, b"host").unwrap();
+    let host_tmp_path = host_tmp.display().to_string();
     let script = format!(
         r#"
-for p in /root /home /var /run/user /sys /etc/shadow /etc/sudoers /etc/ssh "{data_dir}" /work /sandfleet /proc/1/root/etc/shadow; do
+for p in /root /home /var /run/user /sys /etc/shadow /etc/sudoers /etc/ssh "{data_dir}" /work /sandfleet "{host_tmp_path}" /proc/1/root/etc/shadow; do
   if [ -e "$p" ] || ls "$p" >/dev/null 2>&1; then echo "VISIBLE $p"; fi
 done
 cat /etc/shadow 2>/dev/null && echo READ-SHADOW
@@ -624,7 +689,15 @@ cat /proc/self/status | grep -E '^(CapEff|NoNewPrivs|Seccomp):'
 echo "fds: $(ls /proc/self/fd | tr '\n' ' ')"
 "#
     );
-    let r = run(rt, &id, bash(&script)).await.unwrap();
+    // An fd the agent forgot to mark close-on-exec must not reach the sandbox.
+    // SAFETY: open with a valid C string; the fd is closed below.
+    let leak = unsafe { libc::open(c"/etc/hostname".as_ptr(), libc::O_RDONLY) };
+    assert!(leak >= 0);
+    let r = run(rt, &id, bash(&script)).await;
+    // SAFETY: closing the fd opened above.
+    unsafe { libc::close(leak) };
+    let _ = std::fs::remove_file(&host_tmp);
+    let r = r.unwrap();
     assert!(r.stdout.contains("fds: 0 1 2 3 \n"), "fds leaked into the sandbox: {}", r.stdout);
     assert!(!r.stdout.contains("VISIBLE") && !r.stdout.contains("READ-SHADOW"), "{}", r.stdout);
     assert_eq!(r.stdout.lines().next(), Some("3"), "the sandbox /etc/passwd is not the agent's: {}", r.stdout);
@@ -633,7 +706,7 @@ echo "fds: $(ls /proc/self/fd | tr '\n' ' ')"
     assert!(r.stdout.contains("Seccomp:\t2"), "{}", r.stdout);
     // Dangerous syscalls are refused by the inner filter.
     let py = r#"
-import ctypes
+import ctypes, os
 libc = ctypes.CDLL(None, use_errno=True)
 def call(name, *args):
     ctypes.set_errno(0)
@@ -642,11 +715,16 @@ def call(name, *args):
 print("ptrace", *call("ptrace", 0, 0, None, None))
 print("unshare", *call("unshare", 0x10000000))
 print("mount", *call("mount", b"none", b"/tmp", b"tmpfs", 0, None))
+print("keyctl", *call("syscall", 250 if os.uname().machine == "x86_64" else 219, 0, 0, 0, 0))
 "#;
     let r = run(rt, &id, code(Language::Python, py)).await.unwrap();
-    for name in ["ptrace", "unshare", "mount"] {
+    for name in ["ptrace", "unshare", "mount", "keyctl"] {
         assert!(r.stdout.contains(&format!("{name} -1 {}\n", libc::EPERM)), "{name}: {} {}", r.stdout, r.stderr);
     }
+    // Threads still work (clone3 -> ENOSYS falls back to clone).
+    let threads = "import threading\nt=threading.Thread(target=print, args=('thread ok',))\nt.start(); t.join()";
+    let r = run(rt, &id, code(Language::Python, threads)).await.unwrap();
+    assert_eq!(r.stdout, "thread ok\n", "{}", r.stderr);
     env.cleanup().await;
 }
 
@@ -680,6 +758,9 @@ async fn file_round_trip(kind: Kind) {
     ws.remove("src", true).await.unwrap();
     let r = run(rt, &id, bash("ls -A")).await.unwrap();
     assert_eq!(r.stdout, "");
+    // Only the workspace (and /tmp) take writes.
+    let r = run(rt, &id, bash("touch /usr/x 2>/dev/null || echo ro")).await.unwrap();
+    assert_eq!(r.stdout, "ro\n", "{}", r.stderr);
     env.cleanup().await;
 }
 
@@ -711,13 +792,12 @@ async fn traversal_and_symlinks(kind: Kind) {
     assert!(ws.write_file("passwd", 0o644, chunks).await.is_err(), "wrote through a final symlink");
     // A symlink that stays inside is followed.
     assert_eq!(sandfleet_agent::workspace::read_to_vec(&ws, "inside/f").await.unwrap(), b"ok\n");
-    // workdir through an escaping symlink.
-    let mut spec = bash("pwd");
-    spec.workdir = "root".into();
-    assert!(matches!(run(rt, &id, spec).await, Err(RuntimeError::InvalidArgument(_))));
-    let mut spec = bash("pwd");
-    spec.workdir = "../".into();
-    assert!(matches!(run(rt, &id, spec).await, Err(RuntimeError::InvalidArgument(_))));
+    // A workdir through an escaping symlink, outside, absolute, missing, or a file.
+    for bad in ["root", "../", "/etc", "nope", "d/f"] {
+        let mut spec = bash("pwd");
+        spec.workdir = bad.into();
+        assert!(matches!(run(rt, &id, spec).await, Err(RuntimeError::InvalidArgument(_))), "workdir {bad}");
+    }
     env.cleanup().await;
 }
 
@@ -733,6 +813,7 @@ async fn output_cap_and_large_code(kind: Kind) {
     assert!(r.chunks >= 2);
     assert!(r.info.output_truncated);
     assert_eq!(r.info.message, "output exceeded the limit of 100000 bytes");
+    env.assert_exec_cleaned_up(&id, Duration::ZERO).await;
     let big = format!("#{}\nprint('big', len(open('/run/sandfleet/code').read()))\n", "x".repeat(200_000));
     let r = run(rt, &id, code(Language::Python, &big)).await.unwrap();
     assert_eq!(r.stdout, format!("big {}\n", big.len()), "{}", r.stderr);
@@ -905,6 +986,133 @@ conformance!(
 );
 
 // ---------------------------------------------------------------------------
+// Process only
+// ---------------------------------------------------------------------------
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn process_sessions_cannot_read_each_other() {
+    let Some(env) = setup(Kind::Process, "cross", 300_700).await else { return };
+    let Backend::Process(rt) = &env.backend else { unreachable!() };
+    let a = new_session_id();
+    let b = new_session_id();
+    rt.prepare(&sandbox(&a)).await.unwrap();
+    rt.prepare(&sandbox(&b)).await.unwrap();
+    let (ua, ub) = (rt.session_uid(&a).unwrap(), rt.session_uid(&b).unwrap());
+    assert_ne!(ua, ub);
+    let r = run(rt, &a, bash("echo secret-of-a > secret.txt; chmod 644 secret.txt; echo ok")).await.unwrap();
+    assert_eq!(r.stdout, "ok\n");
+    let ws_a = rt.workspace(&a).unwrap().root().to_path_buf();
+    let meta = std::fs::metadata(&ws_a).unwrap();
+    assert_eq!((meta.uid(), meta.mode() & 0o777), (ua, 0o700));
+
+    // Inside B's sandbox, A's workspace does not exist at all.
+    let script = format!("cat {}/secret.txt 2>&1; ls /workspace", ws_a.display());
+    let r = run(rt, &b, bash(&script)).await.unwrap();
+    assert!(!r.stdout.contains("secret-of-a"), "{}", r.stdout);
+    // And even on the host, B's uid cannot read it (what an escape would land as).
+    let out = std::process::Command::new("setpriv")
+        .args(["--reuid", &ub.to_string(), "--regid", &ub.to_string(), "--clear-groups", "cat"])
+        .arg(ws_a.join("secret.txt"))
+        .output();
+    if let Ok(out) = out {
+        assert!(!out.status.success(), "uid {ub} read session A's file on the host");
+        assert!(!String::from_utf8_lossy(&out.stdout).contains("secret-of-a"));
+    }
+    env.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn process_prepare_is_idempotent_and_destroy_removes_everything() {
+    let Some(env) = setup(Kind::Process, "destroy", 301_000).await else { return };
+    let Backend::Process(rt) = &env.backend else { unreachable!() };
+    let id = new_session_id();
+    let mut spec = sandbox(&id);
+    rt.prepare(&spec).await.unwrap();
+    let uid = rt.session_uid(&id).unwrap();
+    spec.generation = 5;
+    rt.prepare(&spec).await.unwrap();
+    spec.generation = 3;
+    rt.prepare(&spec).await.unwrap();
+    let l = rt.list().await.unwrap();
+    assert_eq!(l.len(), 1);
+    assert_eq!((l[0].session_id.as_str(), l[0].generation), (id.as_str(), 5));
+    assert_eq!(rt.session_uid(&id), Some(uid), "re-prepare kept the slot");
+
+    let cg = rt.session_cgroup(&id);
+    let dirs: Vec<PathBuf> = ["memory", "cpu", "pids"].iter().map(|c| rt.cgroups().dir(c, &cg)).collect();
+    assert!(dirs.iter().all(|d| d.is_dir()));
+    let ws = rt.workspace(&id).unwrap().root().to_path_buf();
+    let session_dir = ws.parent().unwrap().to_path_buf();
+    // A background process must not survive destroy either.
+    let (tx, mut rx) = mpsc::channel(8);
+    let rt2 = rt.clone();
+    let id2 = id.clone();
+    let running = tokio::spawn(async move { rt2.exec(&id2, bash("echo started; sleep 100"), tx).await });
+    assert!(matches!(rx.recv().await, Some(ExecEvent::Stdout(_))));
+
+    rt.destroy(&id).await.unwrap();
+    let info = tokio::time::timeout(Duration::from_secs(10), running).await.unwrap().unwrap().unwrap();
+    assert_ne!(info.exit_code, 0);
+    assert!(dirs.iter().all(|d| !d.exists()), "cgroup left behind");
+    assert!(!session_dir.exists(), "session dir left behind");
+    assert!(host_procs(uid, &["sleep", "100"]).is_empty());
+    assert!(rt.list().await.unwrap().is_empty());
+    assert!(matches!(rt.workspace(&id), Err(RuntimeError::NotFound(_))));
+    assert!(matches!(run(rt, &id, bash("true")).await, Err(RuntimeError::NotFound(_))));
+    rt.destroy(&id).await.unwrap();
+
+    // The slot is free again.
+    let other = new_session_id();
+    rt.prepare(&sandbox(&other)).await.unwrap();
+    assert_eq!(rt.session_uid(&other), Some(uid));
+    env.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn process_restart_kills_leftovers_and_rediscovers_sessions() {
+    let Some(env) = setup(Kind::Process, "p-restart", 301_100).await else { return };
+    let Backend::Process(first) = &env.backend else { unreachable!() };
+    let cfg = first.config().clone();
+    let rt = first.clone();
+    let id = new_session_id();
+    let mut spec = sandbox(&id);
+    spec.generation = 7;
+    spec.env.insert("FROM_SESSION".into(), "yes".into());
+    rt.prepare(&spec).await.unwrap();
+    let uid = rt.session_uid(&id).unwrap();
+    let r = run(&rt, &id, bash("echo keep > kept.txt; echo ok")).await.unwrap();
+    assert_eq!(r.stdout, "ok\n");
+
+    // Simulate a crash in the middle of an exec: a process stuck in an exec
+    // cgroup of the session that no agent supervises any more.
+    let cg = rt.session_cgroup(&id);
+    let leaf = format!("{cg}/exec-99");
+    rt.cgroups().create(&leaf).unwrap();
+    let mut leaked = std::process::Command::new("sleep").arg("1000").spawn().unwrap();
+    for procs in rt.cgroups().procs_files(&leaf) {
+        std::fs::write(procs, leaked.id().to_string()).unwrap();
+    }
+    assert_eq!(rt.cgroups().pids_recursive(&cg).unwrap(), vec![leaked.id() as i32]);
+    drop(rt);
+
+    let t = Instant::now();
+    let rt = ProcessRuntime::new(cfg).await.unwrap();
+    eprintln!("restart took {:?}", t.elapsed());
+    let st = leaked.wait().unwrap();
+    use std::os::unix::process::ExitStatusExt as _;
+    assert_eq!(st.signal(), Some(9), "the leftover process was not killed");
+    assert!(!rt.cgroups().exists(&leaf), "exec cgroup left behind");
+    let l = rt.list().await.unwrap();
+    assert_eq!(l.len(), 1);
+    assert_eq!((l[0].session_id.as_str(), l[0].generation), (id.as_str(), 7));
+    assert_eq!(rt.session_uid(&id), Some(uid));
+    let r = run(&rt, &id, bash("cat kept.txt; echo $FROM_SESSION")).await.unwrap();
+    assert_eq!(r.stdout, "keep\nyes\n", "{}", r.stderr);
+    rt.remove_all().await.unwrap();
+    assert!(!rt.cgroups().exists(rt.cgroup_root()));
+}
+
+// ---------------------------------------------------------------------------
 // Docker only
 // ---------------------------------------------------------------------------
 
@@ -1066,9 +1274,9 @@ async fn warm_pool_serves_creates_and_never_reuses_a_container() {
     let name_c = d.container_name(&c).unwrap();
     assert_ne!(name_c, name_a);
     assert_ne!(name_c, name_b);
+    // The pool's refill task has ended when remove_all returns.
     d.remove_all().await.unwrap();
     drop(d);
-    tokio::time::sleep(Duration::from_millis(200)).await;
     env.cleanup().await;
 }
 
@@ -1104,9 +1312,9 @@ async fn agent_restart_reconciles_and_leaves_no_orphan() {
         .unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
 
-    // The agent dies (no cleanup runs) and starts again, without a pool this time.
+    // The agent dies (no cleanup runs; dropping the runtime aborts its idle
+    // refill task) and starts again, without a pool this time.
     drop(rt);
-    tokio::time::sleep(Duration::from_millis(100)).await;
     cfg.warm_pool.clear();
     let rt = Arc::new(DockerRuntime::new(cfg.clone()).await.unwrap());
     let listed = rt.list().await.unwrap();

@@ -1,5 +1,5 @@
 //! What the end-to-end test files share: the facilities gate, starting a
-//! cluster, and the waits on nodes and moved sessions.
+//! cluster, running the CLI against it, and the waits on nodes and moved sessions.
 //!
 //! Every test starts its own cluster (coordinators and agents in a fresh
 //! temporary directory), so tests are independent and safe under nextest's
@@ -17,8 +17,8 @@
 use std::time::{Duration, Instant};
 
 use sandfleet::{proto, Client};
-use sandfleet_testkit::helpers::state_of;
-use sandfleet_testkit::{Cluster, ClusterBuilder};
+use sandfleet_testkit::helpers::{exec_python, state_of, stdout};
+use sandfleet_testkit::{host, Cluster, ClusterBuilder};
 
 /// Returns early from a test when the machine cannot run sandboxes.
 macro_rules! require_facilities {
@@ -46,6 +46,41 @@ impl Drop for RemoveOnDrop {
     }
 }
 
+/// Runs the `sandfleet` CLI against `cluster`, for at most 120 s: with
+/// `api_key`, authenticated by the key alone (the CLI trusts the cluster CA
+/// but has no client certificate); without, as the test's client certificate
+/// (cluster admin). A SANDFLEET_API_KEY of the test's own environment is never passed on.
+pub async fn cli(cluster: &Cluster, args: &[&str], api_key: Option<&str>) -> std::process::Output {
+    let mut cmd = tokio::process::Command::new(sandfleet_testkit::bin_path("sandfleet"));
+    cmd.args(args).stdin(std::process::Stdio::null()).env_remove("SANDFLEET_API_KEY").kill_on_drop(true);
+    match api_key {
+        Some(k) => {
+            cmd.env("SANDFLEET_API_KEY", k);
+            if let Some(tls) = cluster.client_tls() {
+                cmd.env(sandfleet::ENV_TLS_CA, &tls.ca);
+            }
+        }
+        None => {
+            cmd.envs(cluster.cli_env());
+        }
+    }
+    match tokio::time::timeout(Duration::from_secs(120), cmd.output()).await {
+        Ok(Ok(out)) => out,
+        Ok(Err(e)) => panic!("running sandfleet {args:?}: {e}"),
+        Err(_) => panic!("sandfleet {args:?} did not finish within 120 s"),
+    }
+}
+
+/// A finished command's status and output, for assertion messages.
+pub fn show(out: &std::process::Output) -> String {
+    format!(
+        "status={} stdout={:?} stderr={:?}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
 /// Starts the cluster, or fails the test with the reason.
 pub async fn start(builder: ClusterBuilder) -> Cluster {
     match builder.start().await {
@@ -67,6 +102,65 @@ pub fn agent_index(cluster: &Cluster, node_id: &str) -> usize {
 /// The node's state as `ListNodes` reports it, or "" when the node is not listed.
 pub async fn node_state(client: &Client, node_id: &str) -> String {
     client.list_nodes().await.unwrap().into_iter().find(|n| n.id == node_id).map(|n| n.state).unwrap_or_default()
+}
+
+/// The cgroup directories of `sessions` on node `node` (not empty: each runs there).
+pub fn cgroups_on(sessions: &[proto::Session], node: &str) -> Vec<std::path::PathBuf> {
+    let dirs: Vec<_> = sessions
+        .iter()
+        .flat_map(|s| host::cgroup_dirs_matching(&s.id))
+        .filter(|p| p.to_string_lossy().contains(node))
+        .collect();
+    assert!(!dirs.is_empty(), "the sessions have cgroups on {node}");
+    dirs
+}
+
+/// After `event` (a thaw, a heal) the old agent `node` stops its old copies
+/// at once and is ready again: waits up to 20 s until none of `old` (their
+/// cgroups) is left and the node is ready, then checks that each of `moved`
+/// has its cgroups on `to` and none left on `node`: exactly one copy.
+pub async fn wait_old_copies_gone(
+    client: &Client,
+    old: &[std::path::PathBuf],
+    node: &str,
+    event: &str,
+    moved: &[proto::Session],
+    to: &str,
+) {
+    let until = Instant::now() + Duration::from_secs(20);
+    loop {
+        let left: Vec<_> = old.iter().filter(|p| p.exists()).collect();
+        let state = node_state(client, node).await;
+        if left.is_empty() && state == "ready" {
+            break;
+        }
+        assert!(Instant::now() < until, "after {event}: old copies left {left:?}, node {state}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    for s in moved {
+        let dirs = host::cgroup_dirs_matching(&s.id);
+        assert!(dirs.iter().all(|p| !p.to_string_lossy().contains(node)), "{dirs:?}");
+        assert!(dirs.iter().any(|p| p.to_string_lossy().contains(to)), "{dirs:?}");
+    }
+}
+
+/// After a node's sessions moved to `alive`: each of `moved` runs code there
+/// (with a fresh token for its new generation), and each of `kept` (already
+/// on `alive`) was not touched.
+pub async fn assert_moved_work_and_kept_stay(
+    client: &Client,
+    moved: &[proto::Session],
+    kept: &[proto::Session],
+    alive: &str,
+) {
+    for s in moved {
+        let out = exec_python(client, s, "print(6*7)", Duration::from_secs(30)).await.unwrap();
+        assert_eq!(stdout(&out).trim(), "42");
+    }
+    for s in kept {
+        let now = client.get_session(&s.id).await.unwrap();
+        assert_eq!((now.node_id.as_str(), now.generation), (alive, s.generation));
+    }
 }
 
 /// Waits until every session in `moved` runs on `to` with a newer generation.

@@ -47,7 +47,7 @@ impl AgentApi {
     }
 
     fn touch(&self, node_id: &str) {
-        self.core.heartbeats.lock().insert(node_id.to_string(), crate::now_ms());
+        self.core.heartbeats.lock().insert(node_id.to_string(), crate::core::Heard::now());
     }
 }
 

@@ -19,10 +19,12 @@
 //! plane (ExecService, FileService on agents) is unaffected: its
 //! `authorization` header carries a session token, checked by the agent.
 //!
-//! [`audit`] writes the one structured event (tracing target `audit`) that
-//! every mutating control-plane call logs, failures included. It never logs a
-//! secret: a key appears only by its public id.
+//! [`audited`] runs every mutating control-plane call: it
+//! resolves the caller, checks the role the call needs, runs the call and
+//! writes its one structured event (tracing target `audit`), failures
+//! included. The event never holds a secret: a key appears only by its public id.
 
+use std::future::Future;
 use std::sync::Arc;
 
 use sandfleet_common::auth::{ApiKey, Caller, IdentityKind, PeerIdentity, Principal, Role, API_KEY_PREFIX};
@@ -71,6 +73,40 @@ impl Authenticator {
         require_admin(&caller)?;
         Ok(caller)
     }
+}
+
+/// Runs a mutating call and logs its one audit event, failures included.
+///
+/// `caller` is the caller of `req` as [`Authenticator::caller`] resolved it;
+/// it must have role `need` (any caller has [`Role::User`]). Then `body`
+/// runs with the caller and the request. The event names `method` and the
+/// `resource` the call touched: given the response when the call succeeded,
+/// `None` when it failed (so a failed call names what it asked for, computed
+/// before the request is consumed).
+pub async fn audited<T, R, Fut>(
+    caller: Result<Caller, Status>,
+    req: Request<T>,
+    method: &'static str,
+    need: Role,
+    resource: impl FnOnce(Option<&R>) -> String,
+    body: impl FnOnce(Caller, Request<T>) -> Fut,
+) -> Result<R, Status>
+where
+    Fut: Future<Output = Result<R, Status>>,
+{
+    let who = AuditWho::of(&req, &caller);
+    let allowed = caller.and_then(|c| {
+        if need == Role::Admin {
+            require_admin(&c)?;
+        }
+        Ok(c)
+    });
+    let result = match allowed {
+        Ok(caller) => body(caller, req).await,
+        Err(e) => Err(e),
+    };
+    audit(&who, method, &resource(result.as_ref().ok()), &result);
+    result
 }
 
 /// The rules of the module docs, with the key lookup given (the replicated
@@ -146,14 +182,14 @@ pub fn claimed_principal<T>(req: &Request<T>) -> String {
 
 /// What an audit event says about who called, resolved before the request is consumed.
 #[derive(Debug, Clone)]
-pub struct AuditWho {
-    pub principal: String,
-    pub tenant: String,
+struct AuditWho {
+    principal: String,
+    tenant: String,
 }
 
 impl AuditWho {
     /// From the authentication result of `req`.
-    pub fn of<T>(req: &Request<T>, caller: &Result<Caller, Status>) -> Self {
+    fn of<T>(req: &Request<T>, caller: &Result<Caller, Status>) -> Self {
         match caller {
             Ok(c) => AuditWho { principal: c.principal.to_string(), tenant: c.tenant.clone() },
             Err(_) => AuditWho { principal: claimed_principal(req), tenant: String::new() },
@@ -162,7 +198,7 @@ impl AuditWho {
 }
 
 /// The one audit event of a mutating control-plane call.
-pub fn audit<T>(who: &AuditWho, method: &'static str, resource: &str, result: &Result<T, Status>) {
+fn audit<T>(who: &AuditWho, method: &'static str, resource: &str, result: &Result<T, Status>) {
     let code = match result {
         Ok(_) => tonic::Code::Ok,
         Err(s) => s.code(),
@@ -212,18 +248,7 @@ mod tests {
 
     fn state_with(key: &ApiKey, tenant: &str, role: Role, expires_at_ms: i64) -> crate::state::ClusterState {
         let mut st = crate::state::ClusterState::default();
-        st.api_keys.insert(
-            key.id.clone(),
-            crate::state::ApiKeyRecord {
-                id: key.id.clone(),
-                tenant: tenant.into(),
-                role,
-                secret_hash: key.secret_hash(),
-                created_at_ms: 1,
-                expires_at_ms,
-                revoked_at_ms: 0,
-            },
-        );
+        st.api_keys.insert(key.id.clone(), crate::state::fixtures::key_record(key, tenant, role, expires_at_ms));
         st
     }
 
@@ -266,6 +291,38 @@ mod tests {
             assert_eq!(e.code(), tonic::Code::Unauthenticated, "{bad}");
             assert!(!e.message().contains("nope") && !e.message().contains("abc"), "{}", e.message());
         }
+    }
+
+    #[tokio::test]
+    async fn audited_checks_the_role_before_the_body_and_names_the_resource() {
+        let user =
+            Caller { principal: Principal::ApiKey { key_id: "k1".into() }, tenant: "a".into(), role: Role::User };
+        let named = std::sync::Mutex::new(Vec::new());
+        let resource = |r: Option<&u32>| {
+            let name = r.map_or("request".to_string(), |n| format!("made/{n}"));
+            named.lock().unwrap().push(name.clone());
+            name
+        };
+        let ran = std::sync::atomic::AtomicBool::new(false);
+        let body = |_: Caller, req: Request<u32>| {
+            ran.store(true, std::sync::atomic::Ordering::SeqCst);
+            async move { Ok(req.into_inner() + 1) }
+        };
+        // A user calling an admin call: refused before the body, named by the request.
+        let e = audited(Ok(user.clone()), Request::new(1), "M", Role::Admin, resource, body).await.unwrap_err();
+        assert_eq!(e.code(), tonic::Code::PermissionDenied);
+        assert!(!ran.load(std::sync::atomic::Ordering::SeqCst), "the body ran for a refused caller");
+        // No caller at all: the same.
+        let e = audited(Err(Status::unauthenticated(NO_CREDENTIAL)), Request::new(1), "M", Role::User, resource, body)
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), tonic::Code::Unauthenticated);
+        assert!(!ran.load(std::sync::atomic::Ordering::SeqCst));
+        // A user call by a user, and an admin call by an admin: the body runs, named by its result.
+        assert_eq!(audited(Ok(user), Request::new(1), "M", Role::User, resource, body).await.unwrap(), 2);
+        let admin = Caller::anonymous_admin();
+        assert_eq!(audited(Ok(admin), Request::new(6), "M", Role::Admin, resource, body).await.unwrap(), 7);
+        assert_eq!(*named.lock().unwrap(), ["request", "request", "made/2", "made/7"]);
     }
 
     #[test]

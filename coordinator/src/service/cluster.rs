@@ -14,7 +14,7 @@ use tonic::{Request, Response, Status};
 use super::raft::member_status;
 use crate::core::Core;
 use crate::raft::{network, Member};
-use crate::service::auth::{audit, require_admin, AuditWho, Authenticator};
+use crate::service::auth::{audited, Authenticator};
 use crate::state::{Command, CommandResponse};
 use sandfleet_common::auth::Role;
 
@@ -94,7 +94,8 @@ impl ClusterApi {
         Ok(Response::new(pb::InitClusterResponse { status: Some(self.status().await), admin_key }))
     }
 
-    async fn add(&self, req: pb::AddMemberRequest, authz: Authz) -> Result<Response<pb::AddMemberResponse>, Status> {
+    async fn add(&self, req: Request<pb::AddMemberRequest>) -> Result<Response<pb::AddMemberResponse>, Status> {
+        let (req, authz) = with_authz(req);
         if let Some(mut leader) = self.leader_client()? {
             return leader.add_member(forwarded(req, authz)).await.map_err(forward_error);
         }
@@ -137,9 +138,9 @@ impl ClusterApi {
 
     async fn remove(
         &self,
-        req: pb::RemoveMemberRequest,
-        authz: Authz,
+        req: Request<pb::RemoveMemberRequest>,
     ) -> Result<Response<pb::RemoveMemberResponse>, Status> {
+        let (req, authz) = with_authz(req);
         if let Some(mut leader) = self.leader_client()? {
             return leader.remove_member(forwarded(req, authz)).await.map_err(forward_error);
         }
@@ -226,6 +227,12 @@ impl ClusterApi {
 /// The caller's `authorization` header, passed on when a call is forwarded.
 type Authz = Option<tonic::metadata::MetadataValue<tonic::metadata::Ascii>>;
 
+/// A request's message and its `authorization` header.
+fn with_authz<T>(req: Request<T>) -> (T, Authz) {
+    let authz = req.metadata().get("authorization").cloned();
+    (req.into_inner(), authz)
+}
+
 /// A membership change forwarded to the leader, with a deadline and the
 /// caller's credential (the leader authenticates the caller again).
 fn forwarded<T>(msg: T, authz: Authz) -> Request<T> {
@@ -294,31 +301,15 @@ impl ClusterService for ClusterApi {
         &self,
         req: Request<pb::InitClusterRequest>,
     ) -> Result<Response<pb::InitClusterResponse>, Status> {
-        let caller = self.auth.caller(&req);
-        let who = AuditWho::of(&req, &caller);
-        let resource = "cluster".to_string();
-        let result = async {
-            require_admin(&caller?)?;
-            self.init(req.into_inner()).await
-        }
-        .await;
-        audit(&who, "InitCluster", &resource, &result);
-        result
+        let resource = |_: Option<&_>| "cluster".to_string();
+        audited(self.auth.caller(&req), req, "InitCluster", Role::Admin, resource, |_, req| self.init(req.into_inner()))
+            .await
     }
 
     #[tracing::instrument(skip_all, fields(id = req.get_ref().id, addr = %req.get_ref().address))]
     async fn add_member(&self, req: Request<pb::AddMemberRequest>) -> Result<Response<pb::AddMemberResponse>, Status> {
-        let caller = self.auth.caller(&req);
-        let who = AuditWho::of(&req, &caller);
         let resource = format!("member/{}", req.get_ref().id);
-        let result = async {
-            require_admin(&caller?)?;
-            let authz = req.metadata().get("authorization").cloned();
-            self.add(req.into_inner(), authz).await
-        }
-        .await;
-        audit(&who, "AddMember", &resource, &result);
-        result
+        audited(self.auth.caller(&req), req, "AddMember", Role::Admin, |_| resource, |_, req| self.add(req)).await
     }
 
     #[tracing::instrument(skip_all, fields(id = req.get_ref().id))]
@@ -326,17 +317,8 @@ impl ClusterService for ClusterApi {
         &self,
         req: Request<pb::RemoveMemberRequest>,
     ) -> Result<Response<pb::RemoveMemberResponse>, Status> {
-        let caller = self.auth.caller(&req);
-        let who = AuditWho::of(&req, &caller);
         let resource = format!("member/{}", req.get_ref().id);
-        let result = async {
-            require_admin(&caller?)?;
-            let authz = req.metadata().get("authorization").cloned();
-            self.remove(req.into_inner(), authz).await
-        }
-        .await;
-        audit(&who, "RemoveMember", &resource, &result);
-        result
+        audited(self.auth.caller(&req), req, "RemoveMember", Role::Admin, |_| resource, |_, req| self.remove(req)).await
     }
 
     #[tracing::instrument(skip_all, fields(paused = req.get_ref().paused))]
@@ -344,15 +326,15 @@ impl ClusterService for ClusterApi {
         &self,
         req: Request<pb::SetSchedulerPausedRequest>,
     ) -> Result<Response<pb::SetSchedulerPausedResponse>, Status> {
-        let caller = self.auth.caller(&req);
-        let who = AuditWho::of(&req, &caller);
         let resource = format!("scheduler/paused={}", req.get_ref().paused);
-        let result = async {
-            require_admin(&caller?)?;
-            self.set_paused(req.into_inner()).await
-        }
-        .await;
-        audit(&who, "SetSchedulerPaused", &resource, &result);
-        result
+        audited(
+            self.auth.caller(&req),
+            req,
+            "SetSchedulerPaused",
+            Role::Admin,
+            |_| resource,
+            |_, req| self.set_paused(req.into_inner()),
+        )
+        .await
     }
 }

@@ -5,10 +5,11 @@ use std::sync::Arc;
 use sandfleet_proto::v1::{self as pb, node_service_server::NodeService};
 use tonic::{Request, Response, Status};
 
+use sandfleet_common::auth::Role;
 use sandfleet_common::{ids, ValidationError};
 
-use crate::core::Core;
-use crate::service::auth::{audit, require_admin, AuditWho, Authenticator};
+use crate::core::{Core, Heard};
+use crate::service::auth::{audited, Authenticator};
 use crate::state::{ClusterState, Command, CommandResponse, DrainRecord, NodeRecord};
 
 /// The NodeService implementation. Admin only.
@@ -89,30 +90,30 @@ impl NodeService for NodeApi {
         &self,
         req: Request<pb::CordonNodeRequest>,
     ) -> Result<Response<pb::CordonNodeResponse>, Status> {
-        let caller = self.auth.caller(&req);
-        let who = AuditWho::of(&req, &caller);
         let resource = format!("node/{}", req.get_ref().node_id);
-        let result = async {
-            require_admin(&caller?)?;
-            self.cordon(req.into_inner()).await
-        }
-        .await;
-        audit(&who, "CordonNode", &resource, &result);
-        result
+        audited(
+            self.auth.caller(&req),
+            req,
+            "CordonNode",
+            Role::Admin,
+            |_| resource,
+            |_, req| self.cordon(req.into_inner()),
+        )
+        .await
     }
 
     #[tracing::instrument(skip_all, fields(node = %req.get_ref().node_id))]
     async fn drain_node(&self, req: Request<pb::DrainNodeRequest>) -> Result<Response<pb::DrainNodeResponse>, Status> {
-        let caller = self.auth.caller(&req);
-        let who = AuditWho::of(&req, &caller);
         let resource = format!("node/{}", req.get_ref().node_id);
-        let result = async {
-            require_admin(&caller?)?;
-            self.drain(req.into_inner()).await
-        }
-        .await;
-        audit(&who, "DrainNode", &resource, &result);
-        result
+        audited(
+            self.auth.caller(&req),
+            req,
+            "DrainNode",
+            Role::Admin,
+            |_| resource,
+            |_, req| self.drain(req.into_inner()),
+        )
+        .await
     }
 }
 
@@ -123,7 +124,7 @@ const MAX_DRAIN_DEADLINE_SECONDS: u64 = 86_400;
 /// Most sessions of one node moving at a time.
 const MAX_DRAIN_PARALLEL: u32 = 1000;
 
-fn node_to_proto(st: &ClusterState, n: &NodeRecord, seen: &std::collections::HashMap<String, i64>) -> pb::Node {
+fn node_to_proto(st: &ClusterState, n: &NodeRecord, seen: &std::collections::HashMap<String, Heard>) -> pb::Node {
     let used = st.allocated_on(&n.id);
     pb::Node {
         id: n.id.clone(),
@@ -140,7 +141,7 @@ fn node_to_proto(st: &ClusterState, n: &NodeRecord, seen: &std::collections::Has
         }),
         labels: n.labels.clone().into_iter().collect(),
         state: n.phase.as_str().to_string(),
-        last_heartbeat_ms: seen.get(&n.id).copied().unwrap_or(0),
+        last_heartbeat_ms: seen.get(&n.id).map_or(0, |h| h.at_ms),
         session_count: st.node_sessions.get(&n.id).map(|s| s.len() as u32).unwrap_or(0),
         runtimes: n.runtimes.iter().map(|r| r.to_string()).collect(),
         drain: n.drain.map(|d| pb::DrainStatus {

@@ -20,11 +20,11 @@ use tokio::sync::broadcast::error::RecvError;
 use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status};
 
-use sandfleet_common::auth::Caller;
+use sandfleet_common::auth::{Caller, Role};
 
 use crate::core::{phase_to_proto, Core, Tunables};
 use crate::scheduler::{self, Unplaceable};
-use crate::service::auth::{audit, AuditWho, Authenticator};
+use crate::service::auth::{audited, Authenticator};
 use crate::service::response_status;
 use crate::state::{request_key, Command, CommandResponse, PendingReason, SessionPhase, SessionRecord, SpecRecord};
 
@@ -217,19 +217,16 @@ impl SessionService for SessionApi {
         &self,
         req: Request<pb::CreateSessionRequest>,
     ) -> Result<Response<pb::CreateSessionResponse>, Status> {
-        let caller = self.auth.caller(&req);
-        let who = AuditWho::of(&req, &caller);
         let rid = req.get_ref().request_id.clone();
-        let result = match caller {
-            Ok(caller) => self.create(&caller, req.into_inner()).await,
-            Err(e) => Err(e),
+        let resource = |r: Option<&pb::CreateSessionResponse>| match r {
+            Some(r) => format!("session/{}", r.session.as_ref().map_or("", |s| s.id.as_str())),
+            None => format!("request/{rid}"),
         };
-        let resource = match &result {
-            Ok(r) => format!("session/{}", r.session.as_ref().map_or("", |s| s.id.as_str())),
-            Err(_) => format!("request/{rid}"),
-        };
-        audit(&who, "CreateSession", &resource, &result);
-        result.map(Response::new)
+        audited(self.auth.caller(&req), req, "CreateSession", Role::User, resource, |caller, req| async move {
+            self.create(&caller, req.into_inner()).await
+        })
+        .await
+        .map(Response::new)
     }
 
     #[tracing::instrument(skip_all, fields(session = %req.get_ref().id))]
@@ -317,15 +314,17 @@ impl SessionService for SessionApi {
         &self,
         req: Request<pb::DeleteSessionRequest>,
     ) -> Result<Response<pb::DeleteSessionResponse>, Status> {
-        let caller = self.auth.caller(&req);
-        let who = AuditWho::of(&req, &caller);
         let resource = format!("session/{}", req.get_ref().id);
-        let result = match caller {
-            Ok(caller) => self.delete(&caller, req.into_inner()).await,
-            Err(e) => Err(e),
-        };
-        audit(&who, "DeleteSession", &resource, &result);
-        result.map(Response::new)
+        audited(
+            self.auth.caller(&req),
+            req,
+            "DeleteSession",
+            Role::User,
+            |_| resource,
+            |caller, req| async move { self.delete(&caller, req.into_inner()).await },
+        )
+        .await
+        .map(Response::new)
     }
 
     #[tracing::instrument(skip_all, fields(session = %req.get_ref().id))]
@@ -333,15 +332,17 @@ impl SessionService for SessionApi {
         &self,
         req: Request<pb::RenewSessionRequest>,
     ) -> Result<Response<pb::RenewSessionResponse>, Status> {
-        let caller = self.auth.caller(&req);
-        let who = AuditWho::of(&req, &caller);
         let resource = format!("session/{}", req.get_ref().id);
-        let result = match caller {
-            Ok(caller) => self.renew(&caller, req.into_inner()).await,
-            Err(e) => Err(e),
-        };
-        audit(&who, "RenewSession", &resource, &result);
-        result.map(Response::new)
+        audited(
+            self.auth.caller(&req),
+            req,
+            "RenewSession",
+            Role::User,
+            |_| resource,
+            |caller, req| async move { self.renew(&caller, req.into_inner()).await },
+        )
+        .await
+        .map(Response::new)
     }
 
     type WatchSessionStream = Pin<Box<dyn Stream<Item = Result<pb::SessionEvent, Status>> + Send>>;

@@ -1,7 +1,7 @@
 //! TenantService and ApiKeyService: tenants with their quotas, and API keys.
 //! Admin only. Writes go through Raft ([`Core::propose`], forwarded to the
 //! leader); reads pass the read barrier first, like every other service.
-//! Every mutating call logs one audit event ([`super::auth::audit`]).
+//! Every mutating call logs one audit event ([`super::auth::audited`]).
 
 use std::sync::Arc;
 
@@ -10,7 +10,7 @@ use sandfleet_common::{ids, ValidationError};
 use sandfleet_proto::v1::{self as pb, api_key_service_server::ApiKeyService, tenant_service_server::TenantService};
 use tonic::{Request, Response, Status};
 
-use super::auth::{audit, require_admin, AuditWho, Authenticator};
+use super::auth::{audited, Authenticator};
 use crate::core::Core;
 use crate::state::{ApiKeyRecord, ClusterState, Command, CommandResponse, Quota, QuotaUpdate, TenantRecord};
 
@@ -174,16 +174,17 @@ impl TenantService for TenantApi {
         &self,
         req: Request<pb::CreateTenantRequest>,
     ) -> Result<Response<pb::CreateTenantResponse>, Status> {
-        let caller = self.auth.caller(&req);
-        let who = AuditWho::of(&req, &caller);
         let resource = format!("tenant/{}", req.get_ref().name);
-        let result = async {
-            require_admin(&caller?)?;
-            self.create(req.into_inner()).await
-        }
-        .await;
-        audit(&who, "CreateTenant", &resource, &result);
-        result.map(Response::new)
+        audited(
+            self.auth.caller(&req),
+            req,
+            "CreateTenant",
+            Role::Admin,
+            |_| resource,
+            |_, req| self.create(req.into_inner()),
+        )
+        .await
+        .map(Response::new)
     }
 
     #[tracing::instrument(skip_all, fields(tenant = %req.get_ref().name))]
@@ -216,16 +217,17 @@ impl TenantService for TenantApi {
         &self,
         req: Request<pb::UpdateTenantRequest>,
     ) -> Result<Response<pb::UpdateTenantResponse>, Status> {
-        let caller = self.auth.caller(&req);
-        let who = AuditWho::of(&req, &caller);
         let resource = format!("tenant/{}", req.get_ref().name);
-        let result = async {
-            require_admin(&caller?)?;
-            self.update(req.into_inner()).await
-        }
-        .await;
-        audit(&who, "UpdateTenant", &resource, &result);
-        result.map(Response::new)
+        audited(
+            self.auth.caller(&req),
+            req,
+            "UpdateTenant",
+            Role::Admin,
+            |_| resource,
+            |_, req| self.update(req.into_inner()),
+        )
+        .await
+        .map(Response::new)
     }
 
     #[tracing::instrument(skip_all, fields(tenant = %req.get_ref().name))]
@@ -233,16 +235,17 @@ impl TenantService for TenantApi {
         &self,
         req: Request<pb::DeleteTenantRequest>,
     ) -> Result<Response<pb::DeleteTenantResponse>, Status> {
-        let caller = self.auth.caller(&req);
-        let who = AuditWho::of(&req, &caller);
         let resource = format!("tenant/{}", req.get_ref().name);
-        let result = async {
-            require_admin(&caller?)?;
-            self.delete(req.into_inner()).await
-        }
-        .await;
-        audit(&who, "DeleteTenant", &resource, &result);
-        result.map(Response::new)
+        audited(
+            self.auth.caller(&req),
+            req,
+            "DeleteTenant",
+            Role::Admin,
+            |_| resource,
+            |_, req| self.delete(req.into_inner()),
+        )
+        .await
+        .map(Response::new)
     }
 }
 
@@ -318,20 +321,16 @@ impl ApiKeyService for ApiKeyApi {
         &self,
         req: Request<pb::CreateApiKeyRequest>,
     ) -> Result<Response<pb::CreateApiKeyResponse>, Status> {
-        let caller = self.auth.caller(&req);
-        let who = AuditWho::of(&req, &caller);
         let tenant = req.get_ref().tenant.clone();
-        let result = async {
-            require_admin(&caller?)?;
-            self.create(req.into_inner()).await
-        }
-        .await;
-        let resource = match &result {
-            Ok(r) => format!("apikey/{}", r.key.as_ref().map_or("", |k| k.id.as_str())),
-            Err(_) => format!("tenant/{tenant}"),
+        let resource = |r: Option<&pb::CreateApiKeyResponse>| match r {
+            Some(r) => format!("apikey/{}", r.key.as_ref().map_or("", |k| k.id.as_str())),
+            None => format!("tenant/{tenant}"),
         };
-        audit(&who, "CreateApiKey", &resource, &result);
-        result.map(Response::new)
+        audited(self.auth.caller(&req), req, "CreateApiKey", Role::Admin, resource, |_, req| {
+            self.create(req.into_inner())
+        })
+        .await
+        .map(Response::new)
     }
 
     #[tracing::instrument(skip_all)]
@@ -356,15 +355,16 @@ impl ApiKeyService for ApiKeyApi {
         &self,
         req: Request<pb::RevokeApiKeyRequest>,
     ) -> Result<Response<pb::RevokeApiKeyResponse>, Status> {
-        let caller = self.auth.caller(&req);
-        let who = AuditWho::of(&req, &caller);
         let resource = format!("apikey/{}", req.get_ref().id);
-        let result = async {
-            require_admin(&caller?)?;
-            self.revoke(req.into_inner()).await
-        }
-        .await;
-        audit(&who, "RevokeApiKey", &resource, &result);
-        result.map(Response::new)
+        audited(
+            self.auth.caller(&req),
+            req,
+            "RevokeApiKey",
+            Role::Admin,
+            |_| resource,
+            |_, req| self.revoke(req.into_inner()),
+        )
+        .await
+        .map(Response::new)
     }
 }

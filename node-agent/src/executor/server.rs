@@ -167,7 +167,7 @@ impl Server {
 
     async fn exec(&self, x: WireExec, out: mpsc::Sender<ExecEvent>) -> Result<ExitInfo, RuntimeError> {
         let spec = x.spec()?;
-        crate::exec::validate_env("session env", &x.session_env)?;
+        sandfleet_common::ids::validate_env("session env", &x.session_env)?;
         let v = crate::exec::validate(&spec, bwrap::CODE_PATH)?;
         let ws = Workspace::new(&self.cfg.workspace, self.uid, self.gid);
         crate::exec::check_workdir(&ws, &spec.workdir).await?;

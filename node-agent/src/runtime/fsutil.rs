@@ -1,13 +1,44 @@
 //! Filesystem and error helpers shared by the runtimes: directories with an
-//! exact mode (and owner), atomic writes, and I/O errors that say what was
-//! being done.
+//! exact mode (and owner), atomic writes, I/O errors that say what was
+//! being done, and the checks and answers that every runtime's slots share.
 
 use std::fs;
 use std::io::{self, Write as _};
 use std::os::unix::fs::PermissionsExt as _;
 use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
 
-use super::RuntimeError;
+use super::{RuntimeError, SessionInfo};
+
+/// Checks what every runtime's configuration shares: a valid node id, at
+/// least one session slot, and a uid per slot (from `uid_base`) that is
+/// unprivileged and below the kernel's reserved ids.
+pub(crate) fn check_node_config(node_id: &str, slots: u32, uid_base: u32) -> Result<(), RuntimeError> {
+    sandfleet_common::ids::validate_node_id(node_id).map_err(|e| invalid(e.to_string()))?;
+    if slots == 0 {
+        return Err(invalid("slots must be at least 1"));
+    }
+    if uid_base < 1000 || uid_base.checked_add(slots).is_none_or(|end| end > u32::MAX - 2) {
+        return Err(invalid(format!(
+            "uid_base {uid_base} with {slots} slots is not a usable unprivileged uid range (need 1000 <= uid_base and uid_base + slots < 2^32 - 2)"
+        )));
+    }
+    Ok(())
+}
+
+/// The answer to a new session when all `slots` of the node hold one.
+pub(crate) fn no_free_slot(slots: u32) -> RuntimeError {
+    RuntimeError::Unavailable(format!("no free session slot: all {slots} slots of this node are in use"))
+}
+
+/// What [`super::Runtime::list`] answers: the sessions held, by id.
+pub(crate) fn session_list<'a>(held: impl Iterator<Item = (&'a String, &'a AtomicU64)>) -> Vec<SessionInfo> {
+    let mut v: Vec<SessionInfo> = held
+        .map(|(id, generation)| SessionInfo { session_id: id.clone(), generation: generation.load(Ordering::SeqCst) })
+        .collect();
+    v.sort_by(|a, b| a.session_id.cmp(&b.session_id));
+    v
+}
 
 /// A malformed request.
 pub(crate) fn invalid(msg: impl Into<String>) -> RuntimeError {
@@ -75,5 +106,24 @@ mod tests {
         assert!(matches!(create_dir(&f, 0o700, None), Err(RuntimeError::Internal(_))));
         std::os::unix::fs::symlink(&p, d.path().join("link")).unwrap();
         assert!(create_dir(&d.path().join("link"), 0o700, None).is_err(), "a symlink is not a directory");
+    }
+
+    #[test]
+    fn node_configs_need_a_node_id_a_slot_and_an_unprivileged_uid_range() {
+        assert!(check_node_config("n1", 1, 1000).is_ok());
+        for (node, slots, uid_base, says) in [
+            ("N_1", 1, 1000, "node id"),
+            ("n1", 0, 1000, "slots must be at least 1"),
+            ("n1", 1, 999, "not a usable unprivileged uid range"),
+            ("n1", 2, u32::MAX - 3, "not a usable unprivileged uid range"),
+        ] {
+            let e = check_node_config(node, slots, uid_base).unwrap_err();
+            assert!(matches!(e, RuntimeError::InvalidArgument(_)) && e.to_string().contains(says), "{e}");
+        }
+        let listed = session_list(
+            [("b".to_string(), AtomicU64::new(2)), ("a".to_string(), AtomicU64::new(1))].iter().map(|(id, g)| (id, g)),
+        );
+        let ids: Vec<(&str, u64)> = listed.iter().map(|s| (s.session_id.as_str(), s.generation)).collect();
+        assert_eq!(ids, [("a", 1), ("b", 2)]);
     }
 }

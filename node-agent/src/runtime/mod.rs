@@ -125,6 +125,7 @@ impl From<crate::exec::ExecError> for RuntimeError {
     fn from(e: crate::exec::ExecError) -> Self {
         match e {
             crate::exec::ExecError::InvalidArgument(m) => RuntimeError::InvalidArgument(m),
+            crate::exec::ExecError::Validation(v) => RuntimeError::Validation(v),
             crate::exec::ExecError::Workspace(fs) => RuntimeError::Workspace(fs),
         }
     }

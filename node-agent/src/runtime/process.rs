@@ -53,7 +53,9 @@ use tracing::{debug, info, instrument, warn};
 use super::bwrap::{self, RootLayout};
 use super::cgroup::{AnyCgroupManager, Limits};
 use super::disk::{DiskQuota, DiskUsage, Disks};
-use super::fsutil::{create_dir, invalid, io_ctx, set_mode, write_atomic};
+use super::fsutil::{
+    check_node_config, create_dir, invalid, io_ctx, no_free_slot, session_list, set_mode, write_atomic,
+};
 use super::{seccomp, ExecEvent, ExecSpec, ExitInfo, ResolvedSpec, Runtime, RuntimeError, SandboxSpec, SessionInfo};
 use crate::exec;
 use crate::workspace::Workspace;
@@ -229,16 +231,7 @@ impl ProcessRuntime {
     /// agent, rediscovers sessions and proves a sandbox can start.
     #[instrument(skip(cfg), fields(node = %cfg.node_id, data_dir = %cfg.data_dir.display()))]
     pub async fn new(cfg: ProcessRuntimeConfig) -> Result<Self, RuntimeError> {
-        ids::validate_node_id(&cfg.node_id).map_err(|e| invalid(e.to_string()))?;
-        if cfg.slots == 0 {
-            return Err(invalid("slots must be at least 1"));
-        }
-        if cfg.uid_base < 1000 || cfg.uid_base.checked_add(cfg.slots).is_none_or(|end| end > u32::MAX - 2) {
-            return Err(invalid(format!(
-                "uid_base {} with {} slots is not a usable unprivileged uid range (need 1000 <= uid_base and uid_base + slots < 2^32 - 2)",
-                cfg.uid_base, cfg.slots
-            )));
-        }
+        check_node_config(&cfg.node_id, cfg.slots, cfg.uid_base)?;
         // SAFETY: geteuid has no preconditions.
         if unsafe { libc::geteuid() } != 0 {
             return Err(RuntimeError::Unavailable(
@@ -663,12 +656,7 @@ impl Runtime for ProcessRuntime {
             let sessions = self.lock_sessions();
             self.free_slot(&sessions)
         }
-        .ok_or_else(|| {
-            RuntimeError::Unavailable(format!(
-                "no free session slot: all {} slots of this node are in use",
-                self.inner.cfg.slots
-            ))
-        })?;
+        .ok_or_else(|| no_free_slot(self.inner.cfg.slots))?;
         if !self.inner.disks.enabled() {
             (stored.disk_bytes, stored.disk_inodes) = (0, 0);
         }
@@ -822,13 +810,7 @@ impl Runtime for ProcessRuntime {
     }
 
     async fn list(&self) -> Result<Vec<SessionInfo>, RuntimeError> {
-        let mut v: Vec<SessionInfo> = self
-            .lock_sessions()
-            .values()
-            .map(|s| SessionInfo { session_id: s.id.clone(), generation: s.generation.load(Ordering::SeqCst) })
-            .collect();
-        v.sort_by(|a, b| a.session_id.cmp(&b.session_id));
-        Ok(v)
+        Ok(session_list(self.lock_sessions().values().map(|s| (&s.id, &s.generation))))
     }
 
     fn workspace(&self, session_id: &str) -> Result<Workspace, RuntimeError> {

@@ -171,6 +171,20 @@ struct SessionSync {
     seed: std::sync::atomic::AtomicBool,
     /// The store may hold something of this session (so an ended session's prefix must be removed).
     stored: std::sync::atomic::AtomicBool,
+    /// The background loop ([`Syncer::sync_loop`]), awaited when syncing stops.
+    task: Mutex<Option<tokio::task::JoinHandle<()>>>,
+}
+
+impl SessionSync {
+    /// Stops the background loop and waits until it has ended: a sync it
+    /// has in flight finishes first, and none starts after.
+    async fn stop_loop(&self) {
+        self.stop.cancel();
+        let task = self.task.lock().take();
+        if let Some(task) = task {
+            let _ = task.await;
+        }
+    }
 }
 
 /// Syncs every session of this agent to one store.
@@ -318,11 +332,12 @@ impl Syncer {
             status: Mutex::new(SyncStatus::default()),
             stop: self.shutdown.child_token(),
             superseded: std::sync::atomic::AtomicBool::new(false),
+            task: Mutex::new(None),
         });
         if let Some(old) = self.sessions.lock().insert(session.to_string(), s.clone()) {
             old.stop.cancel();
         }
-        tokio::spawn(self.clone().sync_loop(session.to_string(), s.clone()));
+        *s.task.lock() = Some(tokio::spawn(self.clone().sync_loop(session.to_string(), s.clone())));
         s
     }
 
@@ -363,9 +378,10 @@ impl Syncer {
             .ok_or_else(|| StoreError::NotFound(format!("regular file {path:?} in the workspace")))
     }
 
-    /// Stops syncing a session that leaves this node. With `seal`, a final
-    /// sync (bounded by `timeout`) writes a sealed manifest first, for the
-    /// copy that replaces it. Returns the final sync's error, if any.
+    /// Stops syncing a session that leaves this node. With `seal`, the
+    /// background loop is awaited and a final sync (both bounded by `timeout`)
+    /// writes a sealed manifest, for the copy that replaces it. Returns the
+    /// final sync's error, if any.
     /// Returns whether the store may hold anything of the session (an empty
     /// workspace that was never synced leaves nothing to seal or delete).
     pub async fn finish(&self, session: &str, seal: bool, timeout: Duration) -> Result<bool, StoreError> {
@@ -374,7 +390,11 @@ impl Syncer {
         if !seal || s.superseded.load(std::sync::atomic::Ordering::SeqCst) {
             return Ok(true);
         }
-        match tokio::time::timeout(timeout, self.sync_session(session, &s, true)).await {
+        let last = async {
+            s.stop_loop().await;
+            self.sync_session(session, &s, true).await
+        };
+        match tokio::time::timeout(timeout, last).await {
             Ok(Ok(stats)) => {
                 if !stats.unchanged {
                     info!(session, version = stats.version, files = stats.files, "final workspace sync done (sealed)");
@@ -386,12 +406,17 @@ impl Syncer {
         }
     }
 
-    /// Syncs every session once (agent shutdown), each bounded by `timeout`.
+    /// Stops every session's background loop and syncs each once more (agent
+    /// shutdown), each bounded by `timeout`.
     pub async fn sync_all(&self, timeout: Duration) {
         let all: Vec<(String, Arc<SessionSync>)> =
             self.sessions.lock().iter().map(|(k, v)| (k.clone(), v.clone())).collect();
         futures::future::join_all(all.into_iter().map(|(id, s)| async move {
-            match tokio::time::timeout(timeout, self.sync_session(&id, &s, false)).await {
+            let last = async {
+                s.stop_loop().await;
+                self.sync_session(&id, &s, false).await
+            };
+            match tokio::time::timeout(timeout, last).await {
                 Ok(Ok(_)) => {}
                 Ok(Err(e)) => warn!(session = %id, error = %e, "workspace sync at shutdown failed"),
                 Err(_) => warn!(session = %id, "workspace sync at shutdown timed out"),
@@ -400,10 +425,12 @@ impl Syncer {
         .await;
     }
 
-    /// Removes the session's objects from the store, unless the agent retains them.
+    /// Removes the session's objects from the store, unless the agent retains
+    /// them, once its background loop has ended (no sync writes after the removal).
     pub async fn delete(&self, session: &str) -> Result<(), StoreError> {
-        if let Some(s) = self.sessions.lock().remove(session) {
-            s.stop.cancel();
+        let removed = self.sessions.lock().remove(session);
+        if let Some(s) = removed {
+            s.stop_loop().await;
         }
         if self.config.retain_on_delete {
             info!(session, "session ended; keeping its workspace in the store (retention on)");
@@ -1145,6 +1172,32 @@ mod tests {
         syncer2.delete(SID).await.unwrap();
         assert!(!tmp.path().join("store").join(SID).exists());
         stop.cancel();
+    }
+
+    /// Finishing, deleting and the shutdown's last sync end a session's
+    /// background loop before they return: nothing syncs after them.
+    #[tokio::test]
+    async fn stopping_a_session_awaits_its_background_loop() {
+        let tmp = tempfile::tempdir().unwrap();
+        let store: Arc<dyn WorkspaceStore> = Arc::new(LocalStore::new(tmp.path().join("store")).unwrap());
+        let cfg = SyncConfig { interval: Duration::from_millis(10), ..Default::default() };
+        let syncer = Syncer::new(store, cfg, CancellationToken::new());
+        let ids = ["0190b8f2-1c3d-7e4f-8a9b-000000000001", "0190b8f2-1c3d-7e4f-8a9b-000000000002", SID];
+        for (i, id) in ids.iter().enumerate() {
+            syncer.restore(id, 1, ws(&tmp.path().join(format!("w{i}"))), false).await.unwrap();
+        }
+        let held: Vec<Arc<SessionSync>> = ids.iter().map(|id| syncer.get(id).unwrap()).collect();
+        // The loops sync every 10 ms meanwhile.
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        syncer.finish(ids[0], true, Duration::from_secs(10)).await.unwrap();
+        syncer.delete(ids[1]).await.unwrap();
+        syncer.sync_all(Duration::from_secs(10)).await;
+        for (id, s) in ids.iter().zip(&held) {
+            assert!(s.task.lock().is_none(), "{id}: the loop was not awaited");
+            // Held here, and by the syncer's table until the session is finished or deleted.
+            let tracked = usize::from(syncer.sessions.lock().contains_key(*id));
+            assert_eq!(Arc::strong_count(s), 1 + tracked, "{id}: the loop still holds the session");
+        }
     }
 
     #[tokio::test]

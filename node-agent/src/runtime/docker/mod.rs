@@ -62,7 +62,7 @@ use tracing::{debug, info, instrument, warn};
 
 use self::hardening::{ContainerPlan, LABEL_BOX, LABEL_GENERATION, LABEL_NODE, LABEL_POOL, LABEL_SESSION, LABEL_SLOT};
 use super::disk::{DiskQuota, DiskUsage, Disks};
-use super::fsutil::{create_dir, invalid, io_ctx, write_atomic};
+use super::fsutil::{check_node_config, create_dir, invalid, io_ctx, no_free_slot, session_list, write_atomic};
 use super::{
     resolve_spec, ExecEvent, ExecSpec, ExitInfo, ResolvedSpec, Runtime, RuntimeError, SandboxSpec, SessionInfo,
 };
@@ -197,6 +197,8 @@ struct Inner {
     refill: Arc<Notify>,
     /// Set by [`DockerRuntime::remove_all`]: the pool stops refilling.
     stopped: std::sync::atomic::AtomicBool,
+    /// The task that keeps the warm pool filled; dropping the runtime aborts it.
+    pool_task: Mutex<Option<tokio_util::task::AbortOnDropHandle<()>>>,
 }
 
 /// The docker runtime. Cheap to clone.
@@ -269,16 +271,7 @@ impl DockerRuntime {
     /// reconciles the containers of this node and starts the warm pool.
     #[instrument(skip(cfg), fields(node = %cfg.node_id, data_dir = %cfg.data_dir.display()))]
     pub async fn new(cfg: DockerRuntimeConfig) -> Result<Self, RuntimeError> {
-        ids::validate_node_id(&cfg.node_id).map_err(|e| invalid(e.to_string()))?;
-        if cfg.slots == 0 {
-            return Err(invalid("slots must be at least 1"));
-        }
-        if cfg.uid_base < 1000 || cfg.uid_base.checked_add(cfg.slots).is_none_or(|end| end > u32::MAX - 2) {
-            return Err(invalid(format!(
-                "uid_base {} with {} slots is not a usable unprivileged uid range",
-                cfg.uid_base, cfg.slots
-            )));
-        }
+        check_node_config(&cfg.node_id, cfg.slots, cfg.uid_base)?;
         if cfg.templates.is_empty() {
             return Err(invalid("the docker runtime needs at least one template"));
         }
@@ -345,11 +338,13 @@ impl DockerRuntime {
                 locks: Mutex::new(HashMap::new()),
                 refill: Arc::new(Notify::new()),
                 stopped: std::sync::atomic::AtomicBool::new(false),
+                pool_task: Mutex::new(None),
             }),
         };
         rt.rediscover().await?;
         if !rt.inner.cfg.warm_pool.is_empty() {
-            tokio::spawn(pool_task(Arc::downgrade(&rt.inner), rt.inner.refill.clone()));
+            let task = tokio::spawn(pool_task(Arc::downgrade(&rt.inner), rt.inner.refill.clone()));
+            *rt.inner.pool_task.lock() = Some(tokio_util::task::AbortOnDropHandle::new(task));
         }
         Ok(rt)
     }
@@ -399,10 +394,13 @@ impl DockerRuntime {
     pub async fn stop_pool(&self) -> Result<(), RuntimeError> {
         self.inner.stopped.store(true, Ordering::SeqCst);
         self.inner.refill.notify_one();
-        // A pool container being created right now lands in the pool; wait for it.
-        let t = tokio::time::Instant::now();
-        while self.tables().pool_pending.values().any(|n| *n > 0) && t.elapsed() < DOCKER_CALL_TIMEOUT * 2 {
-            tokio::time::sleep(Duration::from_millis(20)).await;
+        // A pool container being created right now lands in the pool: the
+        // refill task ends after it (or is aborted if the engine hangs).
+        let task = self.inner.pool_task.lock().take();
+        if let Some(task) = task {
+            if tokio::time::timeout(DOCKER_CALL_TIMEOUT * 2, task).await.is_err() {
+                warn!("the warm pool's refill task did not stop in time; aborted it");
+            }
         }
         let pool: Vec<Arc<BoxState>> = self.tables().pool.drain().flat_map(|(_, v)| v).collect();
         for bx in pool {
@@ -456,12 +454,9 @@ impl DockerRuntime {
 
     fn reserve_slot(&self) -> Result<u32, RuntimeError> {
         let mut t = self.tables();
-        let slot = (0..self.inner.cfg.slots).find(|s| !t.slots.contains(s)).ok_or_else(|| {
-            RuntimeError::Unavailable(format!(
-                "no free session slot: all {} slots of this node are in use",
-                self.inner.cfg.slots
-            ))
-        })?;
+        let slot = (0..self.inner.cfg.slots)
+            .find(|s| !t.slots.contains(s))
+            .ok_or_else(|| no_free_slot(self.inner.cfg.slots))?;
         t.slots.insert(slot);
         Ok(slot)
     }
@@ -850,7 +845,7 @@ impl DockerRuntime {
     }
 }
 
-/// Keeps the warm pool filled until the runtime is dropped.
+/// Keeps the warm pool filled until the pool is stopped or the runtime is dropped.
 async fn pool_task(inner: Weak<Inner>, refill: Arc<Notify>) {
     let mut failures = 0u32;
     loop {
@@ -1060,14 +1055,7 @@ impl Runtime for DockerRuntime {
     }
 
     async fn list(&self) -> Result<Vec<SessionInfo>, RuntimeError> {
-        let mut v: Vec<SessionInfo> = self
-            .tables()
-            .sessions
-            .values()
-            .map(|s| SessionInfo { session_id: s.id.clone(), generation: s.generation.load(Ordering::SeqCst) })
-            .collect();
-        v.sort_by(|a, b| a.session_id.cmp(&b.session_id));
-        Ok(v)
+        Ok(session_list(self.tables().sessions.values().map(|s| (&s.id, &s.generation))))
     }
 
     fn workspace(&self, session_id: &str) -> Result<Workspace, RuntimeError> {
