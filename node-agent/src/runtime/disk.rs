@@ -56,6 +56,9 @@ const POOL_PREFIX: &str = "pool-";
 /// Names images of ended sessions that are being removed.
 const GONE_PREFIX: &str = "gone-";
 
+/// How long after a take the pool starts making a replacement.
+const REFILL_DELAY: std::time::Duration = std::time::Duration::from_millis(100);
+
 /// Default number of filesystems of the default size kept ready.
 pub const DEFAULT_POOL: usize = 2;
 
@@ -237,14 +240,18 @@ fn unmount(at: &Path) -> io::Result<()> {
     nix::mount::umount2(at, nix::mount::MntFlags::MNT_DETACH).map_err(io::Error::from)
 }
 
+/// Removes mkfs's `lost+found` (e2fsck makes it again should it need it).
+fn remove_lost_found(at: &Path) -> io::Result<()> {
+    match fs::remove_dir(at.join("lost+found")) {
+        Err(e) if e.kind() != io::ErrorKind::NotFound => Err(e),
+        _ => Ok(()),
+    }
+}
+
 /// Gives the filesystem root at `at` to the session uid, mode 0700, without
 /// the `lost+found` directory (the session sees an empty workspace).
 fn hand_over(at: &Path, uid: u32) -> io::Result<()> {
-    match fs::remove_dir(at.join("lost+found")) {
-        Ok(()) => {}
-        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-        Err(e) => return Err(e),
-    }
+    remove_lost_found(at)?;
     std::os::unix::fs::lchown(at, Some(uid), Some(uid))?;
     fs::set_permissions(at, fs::Permissions::from_mode(0o700))
 }
@@ -369,7 +376,6 @@ impl Disks {
             let ready = if default { inner.pool.lock().pop() } else { None };
             let how = match ready {
                 Some(r) => {
-                    inner.refill.notify_one();
                     fs::rename(&r.image, &image).map_err(|e| ctx("taking a pool image", e))?;
                     let moved = nix::mount::mount(
                         Some(&r.mount),
@@ -400,6 +406,10 @@ impl Disks {
                 let _ = unmount(&at);
                 let _ = fs::remove_file(&image);
                 return Err(ctx("handing the filesystem to the session", e));
+            }
+            if how == "from the pool" {
+                // After the work above: the refill's mkfs and mount never race this create.
+                inner.refill.notify_one();
             }
             Ok(how)
         })
@@ -508,7 +518,12 @@ async fn refill_loop(inner: Weak<Inner>) {
         let Some(i) = inner.upgrade() else { return };
         if i.pool.lock().len() >= i.pool_target {
             // Woken by a take; the 1 s tick also ends this loop once the disks are dropped.
-            let _ = tokio::time::timeout(std::time::Duration::from_secs(1), i.refill.notified()).await;
+            if tokio::time::timeout(std::time::Duration::from_secs(1), i.refill.notified()).await.is_ok() {
+                // A burst of creates is not slowed by mkfs and mount (the
+                // kernel serializes mounts): refill once it has passed.
+                drop(i);
+                tokio::time::sleep(REFILL_DELAY).await;
+            }
             continue;
         }
         let n = i.seq.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
@@ -528,7 +543,8 @@ async fn refill_loop(inner: Weak<Inner>) {
                     let _ = fs::remove_dir(&mount);
                     return Err(e);
                 }
-                Ok(())
+                // What a take would do first, done ahead.
+                remove_lost_found(&mount)
             })
             .await
         };
