@@ -269,12 +269,30 @@ impl AgentState {
         self.fenced.load(std::sync::atomic::Ordering::SeqCst)
     }
 
-    /// A leader holding a quorum answered: the agent may run sessions again.
-    fn contact(&self) {
-        *self.last_contact.lock() = std::time::Instant::now();
+    /// A leader holding a quorum answered a call sent at `sent`: the contact
+    /// dates from the send (as a lease does), not from the answer, which may
+    /// have waited in the socket through a freeze. Returns whether the answer
+    /// is fresh enough to act on (sent within the node's fence time); only
+    /// then may the agent run sessions again.
+    fn contact(&self, sent: std::time::Instant) -> bool {
+        {
+            let mut last = self.last_contact.lock();
+            if sent > *last {
+                *last = sent;
+            }
+        }
+        let fence_ms = self.fence_after_ms.load(std::sync::atomic::Ordering::SeqCst);
+        if fence_ms > 0 && sent.elapsed().as_millis() as u64 >= fence_ms {
+            tracing::warn!(
+                age_ms = sent.elapsed().as_millis() as u64,
+                "a coordinator's answer arrived after the fence time (the agent was frozen?); not acting on it"
+            );
+            return false;
+        }
         if self.fenced.swap(false, std::sync::atomic::Ordering::SeqCst) {
             tracing::warn!("back in contact with a leader; following its assignments again");
         }
+        true
     }
 
     /// Enforces what the cluster cannot while this agent is cut off from a
@@ -445,17 +463,10 @@ impl AgentState {
 
     #[tracing::instrument(skip_all, fields(session = %a.session_id, generation = a.generation))]
     async fn start(self: Arc<Self>, a: pb::Assignment) {
-        let spec = a.spec.clone().unwrap_or_default();
         let sandbox = SandboxSpec {
             session_id: a.session_id.clone(),
             generation: a.generation,
-            template: spec.template,
-            cpu_millis: spec.cpu_millis,
-            memory_bytes: spec.memory_bytes,
-            pids_limit: spec.pids_limit,
-            env: spec.env.into_iter().collect(),
-            disk_bytes: spec.disk_bytes,
-            disk_inodes: spec.disk_inodes,
+            spec: a.spec.clone().unwrap_or_default(),
         };
         self.wait_not_stopping(&a.session_id).await;
         let mut result = self.runtime.prepare(&sandbox).await;
@@ -568,6 +579,7 @@ impl Control {
         loop {
             let mut req = tonic::Request::new(self.config.register.clone());
             req.set_timeout(CALL_TIMEOUT);
+            let sent = std::time::Instant::now();
             match self.client().register_node(req).await {
                 Ok(resp) => {
                     let resp = resp.into_inner();
@@ -579,7 +591,7 @@ impl Control {
                     self.state
                         .heartbeat_ms
                         .store(resp.heartbeat_interval_ms.max(100), std::sync::atomic::Ordering::SeqCst);
-                    self.state.contact();
+                    self.state.contact(sent);
                     tracing::info!(
                         node = %self.config.register.node_id,
                         fence_after_ms = resp.fence_after_ms,
@@ -640,12 +652,18 @@ impl Control {
             });
             // Two intervals at most: the cluster's fence_after assumes it.
             req.set_timeout(CALL_TIMEOUT.min(interval * 2));
+            let sent = std::time::Instant::now();
             match self.client().heartbeat(req).await {
                 Ok(resp) => {
                     failures = 0;
-                    self.state.contact();
-                    let resp = resp.into_inner();
-                    self.state.reconcile(resp.assignments, resp.assignments_version, false).await;
+                    if self.state.contact(sent) {
+                        let resp = resp.into_inner();
+                        self.state.reconcile(resp.assignments, resp.assignments_version, false).await;
+                    } else {
+                        // Too old to act on; the reports it carried were delivered. The
+                        // fence check decides, and the next heartbeat is fresh.
+                        self.state.fence_if_cut_off().await;
+                    }
                 }
                 Err(status) => {
                     // Keep the reports and activity for the next attempt.
@@ -690,15 +708,25 @@ async fn watch_loop(
         let addr = &coordinators[i % coordinators.len()];
         i += 1;
         let result = async {
-            let mut client = AgentServiceClient::new(channel(addr, tls.as_ref()).map_err(|e| tonic::Status::unavailable(e.to_string()))?);
-            let mut stream = client.watch_assignments(pb::WatchAssignmentsRequest { node_id: node_id.clone() }).await?.into_inner();
+            let mut client = AgentServiceClient::new(
+                channel(addr, tls.as_ref()).map_err(|e| tonic::Status::unavailable(e.to_string()))?,
+            );
+            let mut stream =
+                client.watch_assignments(pb::WatchAssignmentsRequest { node_id: node_id.clone() }).await?.into_inner();
             loop {
                 tokio::select! {
                     _ = shutdown.cancelled() => return Ok::<(), tonic::Status>(()),
                     msg = stream.message() => match msg? {
-                        // While fenced, only a heartbeat (answered with a quorum) may restart sessions.
-                        Some(m) if !state.is_fenced() => state.reconcile(m.assignments, m.assignments_version, true).await,
-                        Some(_) => {}
+                        Some(m) => {
+                            // A push read right after a freeze (SIGSTOP, a stalled VM) may
+                            // have waited in the socket: the fence check comes first, as it
+                            // does before a heartbeat. While fenced, only a heartbeat
+                            // (answered with a quorum) may restart sessions.
+                            state.fence_if_cut_off().await;
+                            if !state.is_fenced() {
+                                state.reconcile(m.assignments, m.assignments_version, true).await;
+                            }
+                        }
                         None => return Err(tonic::Status::unavailable("assignment stream ended")),
                     },
                 }

@@ -277,13 +277,13 @@ fn sandbox(id: &str) -> SandboxSpec {
     SandboxSpec {
         session_id: id.to_string(),
         generation: 1,
-        template: "default".into(),
-        cpu_millis: 1000,
-        memory_bytes: 256 << 20,
-        pids_limit: 64,
-        env: BTreeMap::new(),
-        disk_bytes: 0,
-        disk_inodes: 0,
+        spec: sandfleet_proto::v1::SessionSpec {
+            template: "default".into(),
+            cpu_millis: 1000,
+            memory_bytes: 256 << 20,
+            pids_limit: 64,
+            ..Default::default()
+        },
     }
 }
 
@@ -423,7 +423,7 @@ async fn exit_codes(kind: Kind) {
         Err(RuntimeError::InvalidArgument(_))
     ));
     let mut bad = sandbox(&new_session_id());
-    bad.template = "gpu".into();
+    bad.spec.template = "gpu".into();
     let e = rt.prepare(&bad).await.unwrap_err();
     assert!(e.to_string().contains("unknown template"), "{e}");
     env.cleanup().await;
@@ -478,7 +478,7 @@ async fn oom(kind: Kind) {
     let rt = env.rt.as_ref();
     let id = new_session_id();
     let mut spec = sandbox(&id);
-    spec.memory_bytes = 64 << 20;
+    spec.spec.memory_bytes = 64 << 20;
     rt.prepare(&spec).await.unwrap();
     let r = run(rt, &id, code(Language::Python, "x = b'a' * (300 * 1024 * 1024)\nprint('survived', len(x))"))
         .await
@@ -498,7 +498,7 @@ async fn fork_bomb(kind: Kind) {
     let rt = env.rt.as_ref();
     let id = new_session_id();
     let mut spec = sandbox(&id);
-    spec.pids_limit = 16;
+    spec.spec.pids_limit = 16;
     rt.prepare(&spec).await.unwrap();
     let mut spec = bash("bomb() { bomb | bomb & }; bomb; sleep 100");
     spec.timeout = Duration::from_secs(3);
@@ -643,7 +643,7 @@ async fn secrets_stay_off_command_lines(kind: Kind) {
     let exec_secret = format!("s3cr3t-exec-{}", new_session_id());
     let marker = format!("marker-{}", &id[id.len() - 12..]);
     let mut sb = sandbox(&id);
-    sb.env.insert("SESSION_SECRET".into(), session_secret.clone());
+    sb.spec.env.insert("SESSION_SECRET".into(), session_secret.clone());
     env.rt.prepare(&sb).await.unwrap();
     let mut spec = bash(&format!("echo \"$SESSION_SECRET $EXEC_SECRET\"; sleep 3 # {marker}"));
     spec.env.insert("EXEC_SECRET".into(), exec_secret.clone());
@@ -878,7 +878,9 @@ async fn disk_and_inode_quotas(kind: Kind) {
     let rt = env.rt.as_ref();
     let quota: u64 = 64 << 20;
     let small = new_session_id();
-    rt.prepare(&SandboxSpec { disk_bytes: quota, disk_inodes: 2048, ..sandbox(&small) }).await.unwrap();
+    let mut spec = sandbox(&small);
+    (spec.spec.disk_bytes, spec.spec.disk_inodes) = (quota, 2048);
+    rt.prepare(&spec).await.unwrap();
     let neighbour = new_session_id();
     rt.prepare(&sandbox(&neighbour)).await.unwrap();
     let u = rt.disk_usage(&small).unwrap();
@@ -1077,7 +1079,7 @@ async fn process_restart_kills_leftovers_and_rediscovers_sessions() {
     let id = new_session_id();
     let mut spec = sandbox(&id);
     spec.generation = 7;
-    spec.env.insert("FROM_SESSION".into(), "yes".into());
+    spec.spec.env.insert("FROM_SESSION".into(), "yes".into());
     rt.prepare(&spec).await.unwrap();
     let uid = rt.session_uid(&id).unwrap();
     let r = run(&rt, &id, bash("echo keep > kept.txt; echo ok")).await.unwrap();
@@ -1141,9 +1143,9 @@ async fn docker_inspect_shows_every_hardening_field() {
     let id = new_session_id();
     let mut spec = sandbox(&id);
     spec.generation = 4;
-    spec.cpu_millis = 500;
-    spec.memory_bytes = 128 << 20;
-    spec.pids_limit = 50;
+    spec.spec.cpu_millis = 500;
+    spec.spec.memory_bytes = 128 << 20;
+    spec.spec.pids_limit = 50;
     d.prepare(&spec).await.unwrap();
     let name = d.container_name(&id).unwrap();
     let uid = d.session_uid(&id).unwrap();
@@ -1242,10 +1244,10 @@ async fn warm_pool_serves_creates_and_never_reuses_a_container() {
 
     let a = new_session_id();
     let mut spec = sandbox(&a);
-    spec.template = "python".into();
-    spec.memory_bytes = 0;
-    spec.cpu_millis = 0;
-    spec.pids_limit = 0;
+    spec.spec.template = "python".into();
+    spec.spec.memory_bytes = 0;
+    spec.spec.cpu_millis = 0;
+    spec.spec.pids_limit = 0;
     let t = Instant::now();
     d.prepare(&spec).await.unwrap();
     let warm = t.elapsed();
@@ -1258,7 +1260,7 @@ async fn warm_pool_serves_creates_and_never_reuses_a_container() {
     let b = new_session_id();
     let mut spec_b = spec.clone();
     spec_b.session_id = b.clone();
-    spec_b.memory_bytes = 96 << 20;
+    spec_b.spec.memory_bytes = 96 << 20;
     d.prepare(&spec_b).await.unwrap();
     let name_b = d.container_name(&b).unwrap();
     assert_eq!(docker_inspect(&name_b)["HostConfig"]["Memory"], 96 << 20);
@@ -1293,7 +1295,7 @@ async fn agent_restart_reconciles_and_leaves_no_orphan() {
     let gone = new_session_id();
     let mut spec = sandbox(&keep);
     spec.generation = 7;
-    spec.env.insert("FROM_SESSION".into(), "yes".into());
+    spec.spec.env.insert("FROM_SESSION".into(), "yes".into());
     rt.prepare(&spec).await.unwrap();
     rt.prepare(&sandbox(&gone)).await.unwrap();
     let r = run(&rt, &keep, bash("echo keep > kept.txt; echo ok")).await.unwrap();

@@ -22,29 +22,18 @@ mod fsutil;
 pub mod process;
 pub mod seccomp;
 
-use std::collections::BTreeMap;
-
-/// What a session's sandbox must look like.
+/// A session a runtime must run: which placement, and the spec as the
+/// cluster assigned it. The runtime takes the sandbox part of the spec
+/// through [`resolve_spec`] (the one definition in [`sandfleet_common::spec`]),
+/// so a new spec field reaches a runtime without being copied here.
 #[derive(Debug, Clone)]
 pub struct SandboxSpec {
     /// The session id (a lowercase hyphenated UUID).
     pub session_id: String,
     /// Placement generation; the agent runs only the newest.
     pub generation: u64,
-    /// Template name (one of [`Template::ALL`]); empty means the default.
-    pub template: String,
-    /// CPU limit in millicores; 0 means the default.
-    pub cpu_millis: u32,
-    /// Memory limit in bytes, swap never allowed; 0 means the default.
-    pub memory_bytes: u64,
-    /// Maximum processes and threads; 0 means the default.
-    pub pids_limit: u32,
-    /// Environment given to every exec.
-    pub env: BTreeMap<String, String>,
-    /// Disk quota in bytes; 0 means the default.
-    pub disk_bytes: u64,
-    /// Inode quota; 0 means the default for `disk_bytes`.
-    pub disk_inodes: u64,
+    /// The session's spec (zero values mean the defaults).
+    pub spec: sandfleet_proto::v1::SessionSpec,
 }
 
 /// A [`SandboxSpec`] checked against the limits, with defaults filled in:
@@ -60,14 +49,7 @@ pub fn resolve_spec(
     runtime: sandfleet_common::spec::Runtime,
     offers: impl Fn(Template) -> bool,
 ) -> Result<ResolvedSpec, RuntimeError> {
-    let r = ResolvedSpec::resolve(
-        &spec.template,
-        spec.cpu_millis,
-        spec.memory_bytes,
-        spec.pids_limit,
-        spec.env.clone(),
-        (spec.disk_bytes, spec.disk_inodes),
-    )?;
+    let r = ResolvedSpec::from_proto(&spec.spec)?;
     if !offers(r.template) {
         return Err(RuntimeError::InvalidArgument(format!(
             "template {} is not offered by the {runtime} runtime of this node",

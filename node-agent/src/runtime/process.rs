@@ -836,17 +836,7 @@ mod tests {
     use super::*;
 
     fn spec(id: &str) -> SandboxSpec {
-        SandboxSpec {
-            session_id: id.to_string(),
-            generation: 1,
-            template: String::new(),
-            cpu_millis: 0,
-            memory_bytes: 0,
-            pids_limit: 0,
-            env: BTreeMap::new(),
-            disk_bytes: 0,
-            disk_inodes: 0,
-        }
+        SandboxSpec { session_id: id.to_string(), generation: 1, spec: Default::default() }
     }
 
     #[test]
@@ -854,22 +844,22 @@ mod tests {
         let s = stored_spec(&spec("x")).unwrap();
         assert_eq!(s, ResolvedSpec::default());
         let mut bad = spec("x");
-        bad.memory_bytes = 1024;
+        bad.spec.memory_bytes = 1024;
         assert!(stored_spec(&bad).unwrap_err().to_string().contains("memory_bytes"));
         let mut bad = spec("x");
-        bad.template = "gpu".into();
+        bad.spec.template = "gpu".into();
         assert!(stored_spec(&bad).unwrap_err().to_string().contains("unknown template"));
         let mut bad = spec("x");
-        bad.env.insert("1X".into(), "v".into());
+        bad.spec.env.insert("1X".into(), "v".into());
         let e = tonic::Status::from(stored_spec(&bad).unwrap_err());
         assert_eq!(e.code(), tonic::Code::InvalidArgument, "{e}");
         let mut bad = spec("x");
-        bad.pids_limit = 1_000_000;
+        bad.spec.pids_limit = 1_000_000;
         let e = tonic::Status::from(stored_spec(&bad).unwrap_err());
         assert_eq!(e.code(), tonic::Code::OutOfRange, "the coordinator's code for the same value: {e}");
         let mut ok = spec("x");
-        ok.template = "python".into();
-        ok.pids_limit = 64;
+        ok.spec.template = "python".into();
+        ok.spec.pids_limit = 64;
         assert_eq!(stored_spec(&ok).unwrap().pids_limit, 64);
     }
 }

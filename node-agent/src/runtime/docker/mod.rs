@@ -642,13 +642,7 @@ impl DockerRuntime {
         let defaults = self.resolve(&SandboxSpec {
             session_id: String::new(),
             generation: 0,
-            template: template.to_string(),
-            cpu_millis: 0,
-            memory_bytes: 0,
-            pids_limit: 0,
-            env: BTreeMap::new(),
-            disk_bytes: 0,
-            disk_inodes: 0,
+            spec: sandfleet_proto::v1::SessionSpec { template: template.to_string(), ..Default::default() },
         })?;
         let slot = self.reserve_slot()?;
         let bx = match self.new_box(slot, defaults).await {
@@ -699,13 +693,7 @@ impl DockerRuntime {
                     .resolve(&SandboxSpec {
                         session_id: sid.clone(),
                         generation,
-                        template,
-                        cpu_millis: 0,
-                        memory_bytes: 0,
-                        pids_limit: 0,
-                        env: BTreeMap::new(),
-                        disk_bytes: 0,
-                        disk_inodes: 0,
+                        spec: sandfleet_proto::v1::SessionSpec { template, ..Default::default() },
                     })
                     .ok()?;
                 Some(SessionRecord { session_id: sid.clone(), generation, spec })
