@@ -335,11 +335,17 @@ impl Disks {
             let _ = t.await;
         }
         let ready: Vec<Ready> = inner.pool.lock().drain(..).collect();
+        let pool_dir = inner.pool_dir.clone();
         let _ = tokio::task::spawn_blocking(move || {
             for r in ready {
                 let _ = unmount(&r.mount);
                 let _ = fs::remove_file(&r.image);
                 let _ = fs::remove_dir(&r.mount);
+            }
+            // The pool dir's own bind mount too: a stopped agent leaves only its
+            // sessions' filesystems mounted (the next start binds it again).
+            if sandfleet_common::mounts::mounts_under(&pool_dir) == [pool_dir.clone()] {
+                let _ = unmount(&pool_dir);
             }
         })
         .await;
