@@ -269,18 +269,13 @@ impl AgentState {
         self.fenced.load(std::sync::atomic::Ordering::SeqCst)
     }
 
-    /// A leader holding a quorum answered a call sent at `sent`: the contact
-    /// dates from the send (as a lease does), not from the answer, which may
-    /// have waited in the socket through a freeze. Returns whether the answer
-    /// is fresh enough to act on (sent within the node's fence time); only
-    /// then may the agent run sessions again.
+    /// A leader holding a quorum answered a call sent at `sent`. An answer to
+    /// a call sent longer ago than the node's fence time (it waited in the
+    /// socket through a freeze: SIGSTOP, a stalled VM) is not contact: it
+    /// describes the cluster as it was before the fence, and acting on it
+    /// could revive copies placed elsewhere since. Returns whether the answer
+    /// counts; only then may the agent run sessions again.
     fn contact(&self, sent: std::time::Instant) -> bool {
-        {
-            let mut last = self.last_contact.lock();
-            if sent > *last {
-                *last = sent;
-            }
-        }
         let fence_ms = self.fence_after_ms.load(std::sync::atomic::Ordering::SeqCst);
         if fence_ms > 0 && sent.elapsed().as_millis() as u64 >= fence_ms {
             tracing::warn!(
@@ -289,6 +284,7 @@ impl AgentState {
             );
             return false;
         }
+        *self.last_contact.lock() = std::time::Instant::now();
         if self.fenced.swap(false, std::sync::atomic::Ordering::SeqCst) {
             tracing::warn!("back in contact with a leader; following its assignments again");
         }

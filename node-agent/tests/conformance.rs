@@ -30,6 +30,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
+use sandfleet_agent::runtime::disk::DiskQuota;
 use sandfleet_agent::runtime::docker::{DockerRuntime, DockerRuntimeConfig};
 use sandfleet_agent::runtime::process::{ProcessRuntime, ProcessRuntimeConfig};
 use sandfleet_agent::runtime::{Command, ExecEvent, ExecSpec, ExitInfo, Language, Runtime, RuntimeError, SandboxSpec};
@@ -950,6 +951,41 @@ except OSError as e:
     env.cleanup().await;
 }
 
+/// After a host reboot the processes and the mounts are gone and the images
+/// stay: a new runtime mounts each session's filesystem again before anything
+/// reads it, and the session finds its files.
+async fn disk_mounted_again_after_a_reboot(kind: Kind) {
+    let Some(env) = setup(kind, "reboot", 311_800).await else { return };
+    let id = new_session_id();
+    env.rt.prepare(&sandbox(&id)).await.unwrap();
+    let r = run(env.rt.as_ref(), &id, bash("echo kept > /workspace/f")).await.unwrap();
+    assert_eq!(r.info.exit_code, 0, "{}", r.stderr);
+    let ws = env.rt.workspace(&id).unwrap().root().to_path_buf();
+    if let Backend::Docker(d) = &env.backend {
+        let name = d.container_name(&id).unwrap();
+        let out = std::process::Command::new("docker").args(["stop", "-t", "1", &name]).output().unwrap();
+        assert!(out.status.success(), "{out:?}");
+    }
+    sandfleet_agent::runtime::disk::unmount_all_under(&ws);
+    assert!(!ws.join("f").exists(), "the reboot took the mount");
+    // An agent without quotas cannot serve sessions that have filesystems of their own.
+    if let Backend::Process(p) = &env.backend {
+        let off = ProcessRuntimeConfig { disk_quota: DiskQuota::Off, ..p.config().clone() };
+        let e = ProcessRuntime::new(off).await.expect_err("refused while sessions have their own filesystems");
+        assert!(e.to_string().contains("--disk-quota loop"), "{e}");
+    }
+    let rt2: Arc<dyn Runtime> = match &env.backend {
+        Backend::Process(p) => Arc::new(ProcessRuntime::new(p.config().clone()).await.unwrap()),
+        Backend::Docker(d) => Arc::new(DockerRuntime::new(d.config().clone()).await.unwrap()),
+    };
+    assert_eq!(std::fs::read_to_string(rt2.workspace(&id).unwrap().root().join("f")).unwrap(), "kept\n");
+    let r = run(rt2.as_ref(), &id, bash("cat /workspace/f")).await.unwrap();
+    assert_eq!((r.info.exit_code, r.stdout.as_str()), (0, "kept\n"), "{}", r.stderr);
+    assert!(rt2.disk_usage(&id).unwrap().limit_bytes > 0);
+    rt2.destroy(&id).await.unwrap();
+    env.cleanup().await;
+}
+
 macro_rules! conformance {
     ($($name:ident),* $(,)?) => {
         mod process {
@@ -984,7 +1020,8 @@ conformance!(
     traversal_and_symlinks,
     output_cap_and_large_code,
     killed_from_outside,
-    disk_and_inode_quotas
+    disk_and_inode_quotas,
+    disk_mounted_again_after_a_reboot
 );
 
 // ---------------------------------------------------------------------------

@@ -266,7 +266,20 @@ impl Disks {
     /// host can make them, clears a pool left by an earlier agent, and starts
     /// filling the pool.
     pub async fn new(mode: &DiskQuota, dir: &Path) -> Result<Self, RuntimeError> {
-        let DiskQuota::Loop { pool } = *mode else { return Ok(Self::off()) };
+        let DiskQuota::Loop { pool } = *mode else {
+            // Sessions that have filesystems of their own need them mounted,
+            // unmounted and removed: an agent without quotas cannot serve them.
+            let held = session_images(dir);
+            if !held.is_empty() {
+                return Err(RuntimeError::Unavailable(format!(
+                    "{} session(s) on this node have filesystems of their own ({} in {}); run the agent with --disk-quota loop until they have ended",
+                    held.len(),
+                    held.iter().take(3).cloned().collect::<Vec<_>>().join(", "),
+                    dir.display()
+                )));
+            }
+            return Ok(Self::off());
+        };
         if !Path::new("/dev/loop-control").exists() {
             return Err(RuntimeError::Unavailable(
                 "disk quotas need loop devices and /dev/loop-control is missing (load the loop module, or run the agent with --disk-quota off to give up per-session disk limits)".into(),
@@ -382,7 +395,10 @@ impl Disks {
             let ready = if default { inner.pool.lock().pop() } else { None };
             let how = match ready {
                 Some(r) => {
-                    fs::rename(&r.image, &image).map_err(|e| ctx("taking a pool image", e))?;
+                    if let Err(e) = fs::rename(&r.image, &image) {
+                        discard(&r.mount, &r.image);
+                        return Err(ctx("taking a pool image", e));
+                    }
                     let moved = nix::mount::mount(
                         Some(&r.mount),
                         &at,
@@ -391,8 +407,7 @@ impl Disks {
                         None::<&str>,
                     );
                     if let Err(e) = moved {
-                        let _ = unmount(&r.mount);
-                        let _ = fs::remove_file(&image);
+                        discard(&r.mount, &image);
                         return Err(ctx("moving a pool filesystem", e.into()));
                     }
                     let _ = fs::remove_dir(&r.mount);
@@ -423,6 +438,30 @@ impl Disks {
         .map_err(|e| RuntimeError::Internal(format!("disk attach task: {e}")))??;
         debug!(how, bytes, inodes, elapsed_us = started.elapsed().as_micros() as u64, "session filesystem attached");
         Ok(())
+    }
+
+    /// Mounts the session's existing filesystem at `at` again when its mount is
+    /// gone (a host reboot); never makes one. `Ok(true)` when the session has
+    /// its filesystem mounted at `at` afterwards, `Ok(false)` when it has none
+    /// (a session from before quotas, or one whose image is lost). Idempotent.
+    pub async fn remount(&self, name: &str, at: &Path) -> Result<bool, RuntimeError> {
+        let Some(inner) = self.inner.clone() else { return Ok(has_own_filesystem(at)) };
+        let (name, at) = (name.to_string(), at.to_path_buf());
+        tokio::task::spawn_blocking(move || -> Result<bool, RuntimeError> {
+            if is_mountpoint(&at).map_err(|e| io_ctx(format!("checking the mount at {}", at.display()), e))? {
+                return Ok(true);
+            }
+            let image = Self::image(&inner, &name);
+            if !image.exists() {
+                return Ok(false);
+            }
+            mount_image(Urgency::Now, &image, &at)
+                .map_err(|e| io_ctx(format!("mounting the session's image again at {}", at.display()), e))?;
+            info!(at = %at.display(), "mounted a session's filesystem again (its mount was gone)");
+            Ok(true)
+        })
+        .await
+        .map_err(|e| RuntimeError::Internal(format!("disk remount task: {e}")))?
     }
 
     /// Unmounts the session's filesystem from `at` (if mounted) and removes its
@@ -494,6 +533,27 @@ impl Disks {
             }
         }
     }
+}
+
+/// Unmounts a pool filesystem that could not be taken, and removes it.
+fn discard(mount: &Path, image: &Path) {
+    let _ = unmount(mount);
+    let _ = fs::remove_file(image);
+    let _ = fs::remove_dir(mount);
+}
+
+/// Whether `at` is the root of a filesystem of its own (a session's disk).
+pub fn has_own_filesystem(at: &Path) -> bool {
+    is_mountpoint(at).unwrap_or(false)
+}
+
+/// The session images in `dir` (not the pool's, not those being removed).
+fn session_images(dir: &Path) -> Vec<String> {
+    let Ok(rd) = fs::read_dir(dir) else { return Vec::new() };
+    rd.flatten()
+        .filter_map(|e| e.file_name().to_str().and_then(|n| n.strip_suffix(".img")).map(str::to_string))
+        .filter(|n| !n.starts_with(POOL_PREFIX) && !n.starts_with(GONE_PREFIX))
+        .collect()
 }
 
 /// Unmounts and removes everything in the pool dir, and the pool's images (a

@@ -367,6 +367,7 @@ impl ProcessRuntime {
                 Ok(m) if m.is_dir() => m.uid(),
                 _ => {
                     warn!(session = %id, "session has no workspace; removing it");
+                    let _ = self.inner.disks.detach(&id, &ws).await;
                     let _ = fs::remove_dir_all(&dir);
                     cg.destroy(&format!("{}/{id}", self.inner.cg_root), CGROUP_KILL_TIMEOUT).await?;
                     continue;
@@ -398,6 +399,7 @@ impl ProcessRuntime {
         for (id, dir, owner, generation, spec) in need_slot {
             let Some(slot) = self.free_slot(&table) else {
                 warn!(session = %id, "no free slot for a rediscovered session; removing it");
+                let _ = self.inner.disks.detach(&id, &dir.join("workspace")).await;
                 let _ = fs::remove_dir_all(&dir);
                 cg.destroy(&format!("{}/{id}", self.inner.cg_root), CGROUP_KILL_TIMEOUT).await?;
                 continue;
@@ -406,6 +408,30 @@ impl ProcessRuntime {
             warn!(session = %id, old_uid = owner, new_uid = uid, "session workspace has an unexpected owner; moving it to a free slot");
             chown_tree(&dir.join("workspace"), uid).map_err(|e| io_ctx(format!("re-owning {}", dir.display()), e))?;
             table.insert(id.clone(), Arc::new(self.session_obj(&id, dir, slot, generation, spec)));
+        }
+
+        // Filesystems whose mount is gone (a host reboot) are mounted again before
+        // anything reads or syncs the workspace; one that cannot be is left on
+        // disk, untouched, and its session is not taken over (a later prepare
+        // mounts it).
+        let mut unmountable = Vec::new();
+        for s in table.values() {
+            if s.spec().disk_bytes == 0 {
+                continue;
+            }
+            match self.inner.disks.remount(&s.id, &s.workspace_dir()).await {
+                Ok(true) => {}
+                Ok(false) => {
+                    warn!(session = %s.id, "the session's filesystem image is gone; its workspace is a plain directory now")
+                }
+                Err(e) => {
+                    tracing::error!(session = %s.id, error = %e, "cannot mount the session's filesystem again; leaving the session alone");
+                    unmountable.push(s.id.clone());
+                }
+            }
+        }
+        for id in unmountable {
+            table.remove(&id);
         }
 
         // cgroups: keep the sessions', drop exec leaves and orphans.
@@ -632,16 +658,17 @@ impl Runtime for ProcessRuntime {
             // A recorded quota means the session has a filesystem of its own; a
             // session prepared without one (quotas off, or before they existed)
             // keeps its plain directory and its files.
-            let has_disk = s.spec().disk_bytes != 0;
-            if !has_disk {
-                (stored.disk_bytes, stored.disk_inodes) = (0, 0);
-            }
+            // A filesystem does not change its size in place: the disk stays
+            // what it was made with (none for a session without one).
+            let had = s.spec();
+            let has_disk = had.disk_bytes != 0;
+            (stored.disk_bytes, stored.disk_inodes) = (had.disk_bytes, had.disk_inodes);
             s.generation.fetch_max(spec.generation, Ordering::SeqCst);
             *s.spec.lock() = stored.clone();
             // Repair whatever went missing, then apply the (possibly new) limits.
             ensure_session_dirs(&s)?;
-            if has_disk {
-                self.attach_disk(&s, &stored).await?;
+            if has_disk && !self.inner.disks.remount(&s.id, &s.workspace_dir()).await? {
+                warn!("the session's filesystem image is gone; its workspace is a plain directory now");
             }
             if !cg.exists(&s.cgroup) {
                 cg.create(&s.cgroup).map_err(|e| io_ctx("creating the session cgroup", e))?;

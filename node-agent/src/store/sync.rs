@@ -507,8 +507,13 @@ impl Syncer {
             });
         }
         let mut current = s.current.lock().await;
-        let _running =
-            self.running.acquire().await.map_err(|_| StoreError::Unavailable("the agent is stopping".into()))?;
+        // Routine syncs take a permit; a session's final (sealed) sync and the
+        // syncs at shutdown do not wait behind them (each is bounded per session).
+        let _running = if seal || self.shutdown.is_cancelled() {
+            None
+        } else {
+            Some(self.running.acquire().await.map_err(|_| StoreError::Unavailable("the agent is stopping".into()))?)
+        };
         if current.is_none() && s.seed.swap(false, std::sync::atomic::Ordering::SeqCst) {
             match self.read_manifest(session).await {
                 Ok(m) => *current = m.filter(|m| m.generation <= s.generation),

@@ -689,13 +689,18 @@ impl DockerRuntime {
                 let sid = labels.get(LABEL_SESSION)?;
                 let generation = labels.get(LABEL_GENERATION)?.parse().ok()?;
                 let template = labels.get("sandfleet.template").cloned().unwrap_or_else(|| "default".into());
-                let spec = self
+                let mut spec = self
                     .resolve(&SandboxSpec {
                         session_id: sid.clone(),
                         generation,
                         spec: sandfleet_proto::v1::SessionSpec { template, ..Default::default() },
                     })
                     .ok()?;
+                if !super::disk::has_own_filesystem(&dir.join("workspace")) {
+                    // Not known to have a filesystem of its own: recorded as none, so
+                    // nothing is ever mounted over its files.
+                    (spec.disk_bytes, spec.disk_inodes) = (0, 0);
+                }
                 Some(SessionRecord { session_id: sid.clone(), generation, spec })
             });
             let usable = valid_box && dir.join("workspace").is_dir();
@@ -710,6 +715,14 @@ impl DockerRuntime {
                         dir,
                         limits: Mutex::new(rec.spec.clone()),
                     };
+                    // Its filesystem first (mounted again after a host reboot): the
+                    // container binds whatever is at the workspace path when it starts.
+                    if rec.spec.disk_bytes != 0 {
+                        if let Err(e) = self.inner.disks.remount(&name, &bx.workspace_dir()).await {
+                            tracing::error!(container = %name, error = %e, "cannot mount the session's filesystem again; leaving its box alone");
+                            continue;
+                        }
+                    }
                     if !running {
                         info!(container = %name, session = %rec.session_id, "restarting a stopped session container");
                         let restarted = match call("starting the container", d.start_container(&name, None)).await {
@@ -804,11 +817,9 @@ impl DockerRuntime {
         });
         create_dir(&bx.run_dir(), 0o700, Some(bx.uid))?;
         if rec.spec.disk_bytes != 0 {
-            // Its filesystem again (mounted still, or from its image after a reboot).
-            self.inner
-                .disks
-                .attach(name, &bx.workspace_dir(), rec.spec.disk_bytes, rec.spec.disk_inodes, bx.uid)
-                .await?;
+            // Its filesystem again (mounted still, or from its image after a
+            // reboot); never a new one over its files.
+            self.inner.disks.remount(name, &bx.workspace_dir()).await?;
         }
         let labels = HashMap::from([
             (LABEL_SESSION.to_string(), rec.session_id.clone()),
