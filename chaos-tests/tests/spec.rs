@@ -66,7 +66,7 @@ async fn one_bad_value_gets_one_code_from_the_sdk_and_the_coordinator_and_create
             "a runtime that does not exist",
             proto::SessionSpec { runtime: "kubernetes".into(), ..base() },
             Code::InvalidArgument,
-            "process, docker",
+            "process, docker, cri",
         ),
         (
             "an unknown template",

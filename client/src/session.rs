@@ -98,7 +98,7 @@ impl CreateSession {
         self
     }
 
-    /// Requires a runtime ("process" or "docker", see
+    /// Requires a runtime ("process", "docker" or "cri", see
     /// [`sandfleet_common::spec::Runtime`]); by default any runtime offering
     /// the template will do.
     pub fn runtime(mut self, runtime: impl Into<String>) -> Self {

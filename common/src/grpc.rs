@@ -89,3 +89,36 @@ mod tests {
         assert!(lazy_channel("127.0.0.1:1", ChannelOptions::RAFT).is_ok());
     }
 }
+
+/// Dials a Unix socket for tonic (the URI is ignored).
+#[derive(Debug, Clone)]
+struct UnixConnector(std::path::PathBuf);
+
+impl tower_service::Service<tonic::transport::Uri> for UnixConnector {
+    type Response = hyper_util::rt::TokioIo<tokio::net::UnixStream>;
+    type Error = std::io::Error;
+    type Future = std::pin::Pin<Box<dyn std::future::Future<Output = Result<Self::Response, Self::Error>> + Send>>;
+
+    fn poll_ready(&mut self, _cx: &mut std::task::Context<'_>) -> std::task::Poll<Result<(), Self::Error>> {
+        std::task::Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, _uri: tonic::transport::Uri) -> Self::Future {
+        let path = self.0.clone();
+        Box::pin(async move { Ok(hyper_util::rt::TokioIo::new(tokio::net::UnixStream::connect(path).await?)) })
+    }
+}
+
+/// A channel to a gRPC server on the Unix socket `path` (a CRI runtime's),
+/// connected now; `timeout` bounds the connect and every call.
+pub async fn unix_channel(
+    path: impl Into<std::path::PathBuf>,
+    timeout: std::time::Duration,
+) -> Result<Channel, tonic::transport::Error> {
+    // The URI only names the HTTP/2 authority: the connector dials the socket.
+    Endpoint::from_static("http://localhost")
+        .connect_timeout(timeout)
+        .timeout(timeout)
+        .connect_with_connector(UnixConnector(path.into()))
+        .await
+}

@@ -39,17 +39,21 @@ pub enum Runtime {
     Process,
     /// A hardened container per session through the Docker engine, bubblewrap inside it.
     Docker,
+    /// A pod sandbox and a hardened container per session through the node's
+    /// CRI socket (containerd), as a kubelet drives it; bubblewrap inside it.
+    Cri,
 }
 
 impl Runtime {
     /// Every runtime, in the order error messages list them.
-    pub const ALL: [Runtime; 2] = [Runtime::Process, Runtime::Docker];
+    pub const ALL: [Runtime; 3] = [Runtime::Process, Runtime::Docker, Runtime::Cri];
 
     /// The name on the wire and on command lines.
     pub const fn as_str(self) -> &'static str {
         match self {
             Runtime::Process => "process",
             Runtime::Docker => "docker",
+            Runtime::Cri => "cri",
         }
     }
 
@@ -484,6 +488,7 @@ impl SessionSpec {
         match self.runtime {
             Some(Runtime::Process) => &[Runtime::Process],
             Some(Runtime::Docker) => &[Runtime::Docker],
+            Some(Runtime::Cri) => &[Runtime::Cri],
             None => self.template.runtimes(),
         }
     }
@@ -716,7 +721,7 @@ mod tests {
             tonic::Code::InvalidArgument
         );
         let e = resolve(pb::SessionSpec { runtime: "kubernetes".into(), ..spec() }).unwrap_err();
-        assert_eq!(e.to_string(), "invalid runtime: unknown runtime \"kubernetes\"; use one of process, docker");
+        assert_eq!(e.to_string(), "invalid runtime: unknown runtime \"kubernetes\"; use one of process, docker, cri");
         let s = resolve(pb::SessionSpec { template: "python".into(), runtime: "docker".into(), ..spec() }).unwrap();
         assert_eq!((s.template, s.runtime), (Template::Python, Some(Runtime::Docker)));
         assert_eq!(s.runtimes(), &[Runtime::Docker]);

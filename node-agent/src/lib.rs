@@ -41,6 +41,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::AbortOnDropHandle;
 
 use crate::control::{AgentState, Control, ControlConfig};
+use crate::runtime::cri::{CriConfig, CriRuntime, CriRuntimeConfig};
 use crate::runtime::docker::{DockerRuntime, DockerRuntimeConfig};
 use crate::runtime::process::{ProcessRuntime, ProcessRuntimeConfig};
 use crate::runtime::Runtime;
@@ -83,10 +84,12 @@ pub struct AgentConfig {
     pub uid_base: u32,
     /// Output cap per exec.
     pub output_cap: u64,
-    /// Docker runtime: template name → image (empty: every template on the default image).
+    /// Container runtimes (docker, cri): template name → image (empty: every template on the default image).
     pub docker_templates: std::collections::BTreeMap<sandfleet_common::spec::Template, String>,
-    /// Docker runtime: template name → idle containers to keep ready.
+    /// Container runtimes (docker, cri): template name → idle containers to keep ready.
     pub warm_pool: std::collections::BTreeMap<sandfleet_common::spec::Template, u32>,
+    /// CRI runtime: the socket, runtime handler, pull policy and cgroup parent.
+    pub cri: CriConfig,
     /// How sessions get their disk and inode quotas.
     pub disk_quota: runtime::disk::DiskQuota,
     /// Where workspaces are kept durably (the library default: nowhere; the
@@ -117,6 +120,7 @@ impl Default for AgentConfig {
             output_cap: limits::DEFAULT_OUTPUT_CAP_BYTES,
             docker_templates: std::collections::BTreeMap::new(),
             warm_pool: std::collections::BTreeMap::new(),
+            cri: CriConfig::default(),
             disk_quota: runtime::disk::DiskQuota::default(),
             store: store::StoreConfig::None,
             sync: store::sync::SyncConfig::default(),
@@ -272,6 +276,15 @@ pub async fn serve(config: AgentConfig, shutdown: CancellationToken) -> Result<A
             cfg.disk_quota = config.disk_quota.clone();
             Arc::new(DockerRuntime::new(cfg).await?)
         }
+        RuntimeKind::Cri => {
+            let mut cfg = CriRuntimeConfig::new(data_dir.join("cri"), config.node_id.clone());
+            cfg.uid_base = config.uid_base;
+            cfg.slots = config.slots;
+            cfg.templates.extend(config.docker_templates.clone());
+            cfg.warm_pool = config.warm_pool.clone();
+            cfg.disk_quota = config.disk_quota.clone();
+            Arc::new(CriRuntime::new(cfg, config.cri.clone()).await?)
+        }
     };
     let (rt, stop) = (runtime.clone(), shutdown.clone());
     let cleanup = Some(AbortOnDropHandle::new(tokio::spawn(async move {
@@ -315,13 +328,25 @@ pub async fn serve(config: AgentConfig, shutdown: CancellationToken) -> Result<A
     // to listeners tonic binds itself): small responses must not wait for a delayed ACK.
     let Serving { server, reloader } = spawn_server(server, listener, tls, shutdown.clone());
 
-    let cpu_millis = if config.cpu_millis == 0 {
-        let cores = std::thread::available_parallelism().map(|n| n.get() as f64).unwrap_or(1.0);
-        (cores * 1000.0 * config.cpu_overcommit.max(1.0)) as u32
-    } else {
-        config.cpu_millis
+    // Under Kubernetes (the CRI runtime) the agent's pod is what the kubelet
+    // accounts sessions to: its resource limits are the node's capacity.
+    let (pod_cpu, pod_memory) = match config.runtime {
+        RuntimeKind::Cri => runtime::cri::agent_pod_limits(),
+        _ => (None, None),
     };
-    let memory_bytes = if config.memory_bytes == 0 { host_memory_bytes() } else { config.memory_bytes };
+    let cpu_millis = match (config.cpu_millis, pod_cpu) {
+        (0, Some(pod)) => pod,
+        (0, None) => {
+            let cores = std::thread::available_parallelism().map(|n| n.get() as f64).unwrap_or(1.0);
+            (cores * 1000.0 * config.cpu_overcommit.max(1.0)) as u32
+        }
+        (c, _) => c,
+    };
+    let memory_bytes = match (config.memory_bytes, pod_memory) {
+        (0, Some(pod)) => pod,
+        (0, None) => host_memory_bytes(),
+        (m, _) => m,
+    };
     let register = pb::RegisterNodeRequest {
         node_id: config.node_id.clone(),
         address: advertise,

@@ -1,22 +1,27 @@
-//! One conformance suite, run against both runtimes: the process runtime
-//! (bubblewrap + cgroups on the host) and the docker runtime (a hardened
-//! container per session, bubblewrap inside it). Each case is written once
-//! and instantiated in `mod process` and `mod docker`.
+//! One conformance suite, run against every runtime: the process runtime
+//! (bubblewrap + cgroups on the host), the docker runtime (a hardened
+//! container per session, bubblewrap inside it) and the CRI runtime (a pod
+//! sandbox and a hardened container per session through a real containerd,
+//! bubblewrap inside it). Each case is written once and instantiated in
+//! `mod process`, `mod docker` and `mod cri`.
 //!
 //! Cases: exit codes, timeout, OOM, fork bomb, no network, no host files, a
 //! file round trip, path traversal and symlink escape (plus seccomp and the
 //! output cap). On the process runtime they also check that no process and no
 //! exec cgroup of the session is left behind. The process-only tests after
 //! them check sessions' uids against each other, idempotent prepare and
-//! destroy, and a restart over a crashed agent's leftovers. The docker-only
-//! tests at the end check every hardening field with `docker inspect`, that
-//! bwrap runs inside the hardened container, the warm pool, and that
+//! destroy, and a restart over a crashed agent's leftovers. The container
+//! tests at the end check every hardening field with `docker inspect` and
+//! the CRI's container status, that bwrap runs inside the hardened
+//! container, the warm pool, and (on both container runtimes) that
 //! restarting the agent leaves no orphaned container.
 //!
 //! Facilities: the process runtime needs root, /usr/bin/bwrap and writable
 //! cgroups; the docker runtime needs a Docker engine and the sandbox image,
 //! which the tests build with deploy/images/build-sandbox-image (cached by
-//! content hash). When one is missing a test prints `SKIPPED` and passes,
+//! content hash); the CRI runtime needs that image too, and containerd, runc,
+//! the CNI plugins and gcc: each test starts its own containerd
+//! ([`sandfleet_testkit::containerd`]). When one is missing a test prints `SKIPPED` and passes,
 //! unless SANDFLEET_REQUIRE_FACILITIES=1 (CI), which makes it fail.
 //!
 //! The tests of this file run one at a time, across processes too (nextest
@@ -30,6 +35,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
+use sandfleet_agent::runtime::cri::{CriConfig, CriRuntime};
 use sandfleet_agent::runtime::disk::DiskQuota;
 use sandfleet_agent::runtime::docker::{DockerRuntime, DockerRuntimeConfig};
 use sandfleet_agent::runtime::process::{ProcessRuntime, ProcessRuntimeConfig};
@@ -45,6 +51,7 @@ const REQUIRE_ENV: &str = "SANDFLEET_REQUIRE_FACILITIES";
 enum Kind {
     Process,
     Docker,
+    Cri,
 }
 
 /// Skips (prints a banner, returns None) or, under SANDFLEET_REQUIRE_FACILITIES=1, fails.
@@ -86,6 +93,7 @@ async fn serial() -> SerialLock {
 enum Backend {
     Process(ProcessRuntime),
     Docker(DockerRuntime),
+    Cri(CriRuntime, CriConfig, sandfleet_testkit::containerd::Containerd),
 }
 
 struct Env {
@@ -121,6 +129,9 @@ impl Drop for Env {
                     }
                 }
             }
+            // The test containerd removes every pod sandbox when dropped; the
+            // pod cgroups' parent goes after it (see `cri_cgroup_parent`).
+            Backend::Cri(..) => {}
         }
     }
 }
@@ -130,6 +141,7 @@ impl Env {
         match &self.backend {
             Backend::Process(p) => p.session_uid(id).expect("session uid"),
             Backend::Docker(d) => d.session_uid(id).expect("session uid"),
+            Backend::Cri(c, ..) => c.session_uid(id).expect("session uid"),
         }
     }
 
@@ -137,6 +149,39 @@ impl Env {
         match &self.backend {
             Backend::Process(p) => p.remove_all().await.expect("remove_all"),
             Backend::Docker(d) => d.remove_all().await.expect("remove_all"),
+            Backend::Cri(c, cfg, _) => {
+                c.remove_all().await.expect("remove_all");
+                remove_cgroup_parent(cfg);
+            }
+        }
+    }
+
+    /// A new runtime over the same data dir and node (an agent restart).
+    async fn restarted(&self) -> Arc<dyn Runtime> {
+        match &self.backend {
+            Backend::Process(p) => Arc::new(ProcessRuntime::new(p.config().clone()).await.unwrap()),
+            Backend::Docker(d) => Arc::new(DockerRuntime::new(d.config().clone()).await.unwrap()),
+            Backend::Cri(c, cfg, _) => Arc::new(CriRuntime::new(c.config().clone(), cfg.clone()).await.unwrap()),
+        }
+    }
+
+    /// Stops a session's container from outside the runtime (what a host
+    /// reboot does to it).
+    async fn stop_container_behind_its_back(&self, id: &str) {
+        match &self.backend {
+            Backend::Process(_) => {}
+            Backend::Docker(d) => {
+                let name = d.container_name(id).unwrap();
+                let out = std::process::Command::new("docker").args(["stop", "-t", "1", &name]).output().unwrap();
+                assert!(out.status.success(), "{out:?}");
+            }
+            Backend::Cri(c, _, containerd) => {
+                let name = c.container_name(id).unwrap();
+                for pod in cri_pods(containerd, &[("sandfleet.box", &name)]).await {
+                    let mut cri = sandfleet_testkit::containerd::cri_client(&containerd.endpoint()).await.unwrap();
+                    cri.stop_pod_sandbox(k8s_cri::v1::StopPodSandboxRequest { pod_sandbox_id: pod.id }).await.unwrap();
+                }
+            }
         }
     }
 
@@ -269,9 +314,66 @@ async fn setup(kind: Kind, tag: &str, uid_base: u32) -> Option<Env> {
             let data_dir = rt.config().data_dir.clone();
             (Arc::new(rt.clone()), Backend::Docker(rt), data_dir)
         }
+        Kind::Cri => {
+            let image = match docker_image() {
+                Ok(i) => i,
+                Err(why) => return missing(&why),
+            };
+            let lacking = sandfleet_testkit::containerd::missing();
+            if !lacking.is_empty() {
+                return missing(&format!("the CRI runtime's tests need {}", lacking.join(", ")));
+            }
+            let containerd = tokio::task::spawn_blocking(move || {
+                // `:latest` too (the build script tags it): the default of the templates an agent is not told about.
+                sandfleet_testkit::containerd::Containerd::start(&[image.as_str(), "sandfleet/sandbox:latest"])
+                    .map(|c| (c, image))
+            })
+            .await
+            .expect("containerd start task");
+            let (containerd, image) = containerd.unwrap_or_else(|e| panic!("starting the test containerd: {e}"));
+            let mut cfg = docker_config(dir.path(), tag, uid_base + 450_000, &image);
+            cfg.data_dir = dir.path().join("cri-data");
+            let cri = cri_config(&containerd, &cfg.node_id);
+            let rt = CriRuntime::new(cfg, cri.clone()).await.expect("CriRuntime::new with containerd and the image");
+            let data_dir = rt.config().data_dir.clone();
+            (Arc::new(rt.clone()), Backend::Cri(rt, cri, containerd), data_dir)
+        }
     };
     eprintln!("{kind:?} runtime ready in {:?}", t.elapsed());
     Some(Env { rt, backend, data_dir, _dir: dir, _lock: lock })
+}
+
+/// The CRI runtime's configuration for the test containerd, with a cgroup
+/// parent of the node's own.
+fn cri_config(containerd: &sandfleet_testkit::containerd::Containerd, node_id: &str) -> CriConfig {
+    CriConfig {
+        endpoint: containerd.endpoint(),
+        cgroup_parent: Some(format!("/sandfleet-test-cri/{node_id}")),
+        ..Default::default()
+    }
+}
+
+/// Removes the test's cgroup parent (every pod cgroup under it is gone by then).
+fn remove_cgroup_parent(cfg: &CriConfig) {
+    let Some(parent) = &cfg.cgroup_parent else { return };
+    for root in std::fs::read_dir("/sys/fs/cgroup").into_iter().flatten().flatten() {
+        let _ = std::fs::remove_dir(root.path().join(parent.trim_start_matches('/')));
+        let _ = std::fs::remove_dir(root.path().join("sandfleet-test-cri"));
+    }
+    let _ = std::fs::remove_dir(Path::new("/sys/fs/cgroup").join(parent.trim_start_matches('/')));
+}
+
+/// The test containerd's pod sandboxes carrying every label of `labels`.
+async fn cri_pods(
+    containerd: &sandfleet_testkit::containerd::Containerd,
+    labels: &[(&str, &str)],
+) -> Vec<k8s_cri::v1::PodSandbox> {
+    let mut cri = sandfleet_testkit::containerd::cri_client(&containerd.endpoint()).await.unwrap();
+    let filter = k8s_cri::v1::PodSandboxFilter {
+        label_selector: labels.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
+        ..Default::default()
+    };
+    cri.list_pod_sandbox(k8s_cri::v1::ListPodSandboxRequest { filter: Some(filter) }).await.unwrap().into_inner().items
 }
 
 fn sandbox(id: &str) -> SandboxSpec {
@@ -574,7 +676,7 @@ print(sorted(os.listdir("/sys/class/net")) if os.path.exists("/sys/class/net") e
     let r = run(rt, &id, bash("for t in curl wget nc ping; do command -v $t && echo HAS-$t; done; echo done"))
         .await
         .unwrap();
-    if kind == Kind::Docker {
+    if kind != Kind::Process {
         assert_eq!(r.stdout, "done\n", "network tools in the image: {}", r.stdout);
     }
     env.cleanup().await;
@@ -947,7 +1049,7 @@ except OSError as e:
     let u = rt.disk_usage(&third).unwrap();
     assert!(u.limit_bytes > (1 << 30) * 9 / 10 && u.used_inodes < 64, "a default session's disk: {u:?}");
     rt.destroy(&small).await.unwrap();
-    assert!(!env.data_dir.join("disks").join(format!("{small}.img")).exists() || kind == Kind::Docker);
+    assert!(!env.data_dir.join("disks").join(format!("{small}.img")).exists() || kind != Kind::Process);
     env.cleanup().await;
 }
 
@@ -961,11 +1063,7 @@ async fn disk_mounted_again_after_a_reboot(kind: Kind) {
     let r = run(env.rt.as_ref(), &id, bash("echo kept > /workspace/f")).await.unwrap();
     assert_eq!(r.info.exit_code, 0, "{}", r.stderr);
     let ws = env.rt.workspace(&id).unwrap().root().to_path_buf();
-    if let Backend::Docker(d) = &env.backend {
-        let name = d.container_name(&id).unwrap();
-        let out = std::process::Command::new("docker").args(["stop", "-t", "1", &name]).output().unwrap();
-        assert!(out.status.success(), "{out:?}");
-    }
+    env.stop_container_behind_its_back(&id).await;
     sandfleet_agent::runtime::disk::unmount_all_under(&ws);
     assert!(!ws.join("f").exists(), "the reboot took the mount");
     // An agent without quotas cannot serve sessions that have filesystems of their own.
@@ -974,10 +1072,7 @@ async fn disk_mounted_again_after_a_reboot(kind: Kind) {
         let e = ProcessRuntime::new(off).await.expect_err("refused while sessions have their own filesystems");
         assert!(e.to_string().contains("--disk-quota loop"), "{e}");
     }
-    let rt2: Arc<dyn Runtime> = match &env.backend {
-        Backend::Process(p) => Arc::new(ProcessRuntime::new(p.config().clone()).await.unwrap()),
-        Backend::Docker(d) => Arc::new(DockerRuntime::new(d.config().clone()).await.unwrap()),
-    };
+    let rt2 = env.restarted().await;
     assert_eq!(std::fs::read_to_string(rt2.workspace(&id).unwrap().root().join("f")).unwrap(), "kept\n");
     let r = run(rt2.as_ref(), &id, bash("cat /workspace/f")).await.unwrap();
     assert_eq!((r.info.exit_code, r.stdout.as_str()), (0, "kept\n"), "{}", r.stderr);
@@ -1001,6 +1096,14 @@ macro_rules! conformance {
                 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
                 async fn $name() {
                     super::$name(super::Kind::Docker).await
+                }
+            )*
+        }
+        mod cri {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() {
+                    super::$name(super::Kind::Cri).await
                 }
             )*
         }
@@ -1319,15 +1422,128 @@ async fn warm_pool_serves_creates_and_never_reuses_a_container() {
     env.cleanup().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn agent_restart_reconciles_and_leaves_no_orphan() {
-    let Some(env) = setup(Kind::Docker, "restart", 311_200).await else { return };
-    let Backend::Docker(first) = &env.backend else { unreachable!() };
-    let mut cfg = first.config().clone();
+/// The boxes (docker: containers; CRI: pod sandboxes) of `node`, by name,
+/// with `label=value` too when given.
+async fn boxes(env: &Env, node: &str, label: Option<(&str, &str)>) -> Vec<String> {
+    match &env.backend {
+        Backend::Process(_) => vec![],
+        Backend::Docker(_) => {
+            let mut f = format!("label=sandfleet.node={node}");
+            if let Some((k, v)) = label {
+                f.push_str(&format!("&label={k}={v}"));
+            }
+            docker_names(&f)
+        }
+        Backend::Cri(_, _, containerd) => {
+            let mut labels = vec![("sandfleet.node", node)];
+            labels.extend(label);
+            cri_pods(containerd, &labels).await.into_iter().filter_map(|p| Some(p.metadata?.name)).collect()
+        }
+    }
+}
+
+/// Removes a box behind the runtime's back.
+async fn remove_box_behind_its_back(env: &Env, name: &str) {
+    match &env.backend {
+        Backend::Process(_) => {}
+        Backend::Docker(_) => {
+            let out = std::process::Command::new("docker").args(["rm", "-f", name]).output().unwrap();
+            assert!(out.status.success());
+        }
+        Backend::Cri(_, _, containerd) => {
+            let mut cri = sandfleet_testkit::containerd::cri_client(&containerd.endpoint()).await.unwrap();
+            for pod in cri_pods(containerd, &[("sandfleet.box", name)]).await {
+                cri.stop_pod_sandbox(k8s_cri::v1::StopPodSandboxRequest { pod_sandbox_id: pod.id.clone() })
+                    .await
+                    .unwrap();
+                cri.remove_pod_sandbox(k8s_cri::v1::RemovePodSandboxRequest { pod_sandbox_id: pod.id }).await.unwrap();
+            }
+        }
+    }
+}
+
+/// A box of `node` that no session owns: what an agent that died between
+/// create and start leaves.
+async fn stray_box(env: &Env, node: &str, image: &str) {
+    let stray = format!("sandfleet-{node}-stray");
+    match &env.backend {
+        Backend::Process(_) => {}
+        Backend::Docker(_) => {
+            let out = std::process::Command::new("docker")
+                .args(["create", "--name", &stray, "--label", &format!("sandfleet.node={node}"), "--network", "none"])
+                .arg(image)
+                .arg("true")
+                .output()
+                .unwrap();
+            assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        }
+        Backend::Cri(_, cfg, containerd) => {
+            let mut cri = sandfleet_testkit::containerd::cri_client(&containerd.endpoint()).await.unwrap();
+            let labels = std::collections::HashMap::from([
+                ("sandfleet.node".to_string(), node.to_string()),
+                ("sandfleet.box".to_string(), stray.clone()),
+            ]);
+            let config = k8s_cri::v1::PodSandboxConfig {
+                metadata: Some(k8s_cri::v1::PodSandboxMetadata {
+                    name: stray.clone(),
+                    uid: stray.clone(),
+                    namespace: "sandfleet".into(),
+                    attempt: 0,
+                }),
+                labels,
+                linux: Some(k8s_cri::v1::LinuxPodSandboxConfig {
+                    cgroup_parent: format!("{}/{stray}", cfg.cgroup_parent.as_deref().unwrap()),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            };
+            cri.run_pod_sandbox(k8s_cri::v1::RunPodSandboxRequest {
+                config: Some(config),
+                runtime_handler: String::new(),
+            })
+            .await
+            .unwrap();
+        }
+    }
+}
+
+/// A new container runtime of `env`'s kind over `cfg`.
+async fn container_runtime(env: &Env, cfg: DockerRuntimeConfig) -> Arc<dyn Runtime> {
+    match &env.backend {
+        Backend::Cri(_, cri, _) => Arc::new(CriRuntime::new(cfg, cri.clone()).await.unwrap()),
+        _ => Arc::new(DockerRuntime::new(cfg).await.unwrap()),
+    }
+}
+
+/// The configuration of `env`'s container runtime.
+fn container_config(env: &Env) -> DockerRuntimeConfig {
+    match &env.backend {
+        Backend::Docker(d) => d.config().clone(),
+        Backend::Cri(c, ..) => c.config().clone(),
+        Backend::Process(_) => unreachable!("a container runtime"),
+    }
+}
+
+/// Waits until `node` has `want` idle pool boxes of the default template.
+async fn pool_full(env: &Env, node: &str, want: usize) -> bool {
+    let t = Instant::now();
+    while boxes(env, node, Some(("sandfleet.pool", "default"))).await.len() < want {
+        if t.elapsed() > Duration::from_secs(60) {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    true
+}
+
+async fn agent_restart_reconciles_and_leaves_no_orphan(kind: Kind) {
+    let Some(env) = setup(kind, "restart", 311_200).await else { return };
+    let mut cfg = container_config(&env);
     cfg.warm_pool = BTreeMap::from([(Template::Default, 1)]);
     let node = cfg.node_id.clone();
-    let rt = DockerRuntime::new(cfg.clone()).await.unwrap();
-    assert!(rt.wait_pool_full(Duration::from_secs(60)).await);
+    let image = cfg.templates.values().next().cloned().expect("an image");
+    let rt = container_runtime(&env, cfg.clone()).await;
+    assert!(pool_full(&env, &node, 1).await, "the pool never filled");
     let keep = new_session_id();
     let gone = new_session_id();
     let mut spec = sandbox(&keep);
@@ -1335,37 +1551,34 @@ async fn agent_restart_reconciles_and_leaves_no_orphan() {
     spec.spec.env.insert("FROM_SESSION".into(), "yes".into());
     rt.prepare(&spec).await.unwrap();
     rt.prepare(&sandbox(&gone)).await.unwrap();
-    let r = run(&rt, &keep, bash("echo keep > kept.txt; echo ok")).await.unwrap();
+    let r = run(rt.as_ref(), &keep, bash("echo keep > kept.txt; echo ok")).await.unwrap();
     assert_eq!(r.stdout, "ok\n");
-    // One container was claimed from the pool, which refills: 3 containers of this node.
-    assert!(rt.wait_pool_full(Duration::from_secs(60)).await);
-    let before = docker_names(&format!("label=sandfleet.node={node}"));
+    // One box was claimed from the pool, which refills: 3 boxes of this node.
+    let t = Instant::now();
+    while boxes(&env, &node, None).await.len() < 3 {
+        assert!(t.elapsed() < Duration::from_secs(60), "the pool did not refill");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let before = boxes(&env, &node, None).await;
     assert_eq!(before.len(), 3, "{before:?}");
-    // A half-created container (the agent died between create and start).
-    let stray = format!("sandfleet-{node}-stray");
-    let out = std::process::Command::new("docker")
-        .args(["create", "--name", &stray, "--label", &format!("sandfleet.node={node}"), "--network", "none"])
-        .arg(d_image(first))
-        .arg("true")
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    // A half-created box (the agent died between create and start).
+    stray_box(&env, &node, &image).await;
 
     // The agent dies (no cleanup runs; dropping the runtime aborts its idle
     // refill task) and starts again, without a pool this time.
     drop(rt);
     cfg.warm_pool.clear();
-    let rt = Arc::new(DockerRuntime::new(cfg.clone()).await.unwrap());
+    let rt = container_runtime(&env, cfg.clone()).await;
     let listed = rt.list().await.unwrap();
     let ids: Vec<&str> = listed.iter().map(|s| s.session_id.as_str()).collect();
     assert_eq!(listed.len(), 2, "{listed:?}");
     assert!(ids.contains(&keep.as_str()) && ids.contains(&gone.as_str()));
     assert_eq!(listed.iter().find(|s| s.session_id == keep).unwrap().generation, 7);
-    let after = docker_names(&format!("label=sandfleet.node={node}"));
-    assert_eq!(after.len(), 2, "the pool container and the stray one must be removed: {after:?}");
+    let after = boxes(&env, &node, None).await;
+    assert_eq!(after.len(), 2, "the pool box and the stray one must be removed: {after:?}");
 
     // The agent's reconcile: the cluster assigns only `keep`; `gone` is an orphan.
-    let state = Arc::new(sandfleet_agent::control::AgentState::new(node.clone(), rt.clone() as Arc<dyn Runtime>));
+    let state = Arc::new(sandfleet_agent::control::AgentState::new(node.clone(), rt.clone()));
     state.rediscover().await.unwrap();
     let assignment = sandfleet_proto::v1::Assignment {
         session_id: keep.clone(),
@@ -1375,93 +1588,234 @@ async fn agent_restart_reconciles_and_leaves_no_orphan() {
     };
     state.reconcile(vec![assignment], 1, false).await;
     let t = Instant::now();
-    while docker_names(&format!("label=sandfleet.node={node}")).len() != 1 {
-        assert!(t.elapsed() < Duration::from_secs(30), "the orphaned session's container was not removed");
+    while boxes(&env, &node, None).await.len() != 1 {
+        assert!(t.elapsed() < Duration::from_secs(30), "the orphaned session's box was not removed");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     let r = run(rt.as_ref(), &keep, bash("cat kept.txt; echo $FROM_SESSION")).await.unwrap();
     assert_eq!(r.stdout, "keep\nyes\n", "{}", r.stderr);
 
-    // The container is removed behind the agent's back; at the next start the
-    // session gets a new container over the same workspace.
-    let name = rt.container_name(&keep).unwrap();
-    let out = std::process::Command::new("docker").args(["rm", "-f", &name]).output().unwrap();
-    assert!(out.status.success());
+    // The box is removed behind the agent's back; at the next start the
+    // session gets a new one over the same workspace.
+    let name = boxes(&env, &node, None).await.pop().unwrap();
+    remove_box_behind_its_back(&env, &name).await;
     drop(state);
     drop(rt);
-    let rt = Arc::new(DockerRuntime::new(cfg.clone()).await.unwrap());
+    let rt = container_runtime(&env, cfg.clone()).await;
     assert_eq!(rt.list().await.unwrap().len(), 1);
     let r = run(rt.as_ref(), &keep, bash("cat kept.txt; echo $FROM_SESSION")).await.unwrap();
     assert_eq!(r.stdout, "keep\nyes\n", "{}", r.stderr);
-    rt.remove_all().await.unwrap();
-    assert!(docker_names(&format!("label=sandfleet.node={node}")).is_empty());
+    rt.destroy(&keep).await.unwrap();
+    assert!(boxes(&env, &node, None).await.is_empty());
     env.cleanup().await;
-}
-
-fn d_image(d: &DockerRuntime) -> String {
-    d.config().templates.values().next().cloned().expect("an image")
 }
 
 /// The real `sandfleet-agent` process, SIGKILLed: its warm-pool containers are
 /// orphans when it starts again (without a pool), and are removed.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn killed_agent_process_leaves_no_orphan_after_restart() {
-    let Some(env) = setup(Kind::Docker, "kill", 311_300).await else { return };
-    let Backend::Docker(first) = &env.backend else { unreachable!() };
-    let node = format!("{}-proc", first.config().node_id);
+async fn killed_agent_process_leaves_no_orphan_after_restart(kind: Kind) {
+    let Some(env) = setup(kind, "kill", 311_300).await else { return };
+    let cfg = container_config(&env);
+    let node = format!("{}-proc", cfg.node_id);
     let data_dir = env._dir.path().join("agent-data");
-    let image = d_image(first);
+    let log = env._dir.path().join("agent.log");
+    let image = cfg.templates.values().next().cloned().expect("an image");
+    let runtime_args: Vec<String> = match &env.backend {
+        Backend::Cri(_, cri, _) => vec![
+            "--runtime".into(),
+            "cri".into(),
+            "--cri-endpoint".into(),
+            cri.endpoint.clone(),
+            "--cri-cgroup-parent".into(),
+            cri.cgroup_parent.clone().unwrap(),
+        ],
+        _ => vec!["--runtime".into(), "docker".into()],
+    };
     // No coordinator answers at this address: the agent starts its runtime (and pool)
     // and keeps trying to register, which is all this test needs.
     let start = |pool: bool| {
         let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_sandfleet-agent"));
-        cmd.args([
-            "--node-id",
-            &node,
-            "--listen",
-            "127.0.0.1:0",
-            "--coordinators",
-            "127.0.0.1:1",
-            "--runtime",
-            "docker",
-            "--insecure",
-        ])
-        .arg("--data-dir")
-        .arg(&data_dir)
-        .args(["--uid-base", "712000", "--slots", "4"])
-        .args(["--template-image", &format!("default={image}")])
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null());
+        cmd.args(["--node-id", &node, "--listen", "127.0.0.1:0", "--coordinators", "127.0.0.1:1", "--insecure"])
+            .args(&runtime_args)
+            .arg("--data-dir")
+            .arg(&data_dir)
+            .args(["--uid-base", "712000", "--slots", "4"])
+            .args(["--template-image", &format!("default={image}")])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::fs::File::create(&log).expect("agent log"));
         if pool {
             cmd.args(["--warm-pool", "default=2"]);
         }
         cmd.spawn().expect("spawning sandfleet-agent")
     };
-    let filter = format!("label=sandfleet.node={node}");
     let mut agent = start(true);
     let t = Instant::now();
-    while docker_names(&filter).len() < 2 {
-        assert!(t.elapsed() < Duration::from_secs(60), "the agent's warm pool never filled");
+    while boxes(&env, &node, None).await.len() < 2 {
+        assert!(
+            t.elapsed() < Duration::from_secs(60),
+            "the agent's warm pool never filled; its log:\n{}",
+            std::fs::read_to_string(&log).unwrap_or_default()
+        );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     agent.kill().unwrap(); // SIGKILL: no cleanup runs
     agent.wait().unwrap();
-    assert_eq!(docker_names(&filter).len(), 2, "the pool containers outlive a killed agent (until it restarts)");
+    assert_eq!(boxes(&env, &node, None).await.len(), 2, "the pool boxes outlive a killed agent (until it restarts)");
 
     let mut agent = start(false);
     let t = Instant::now();
-    while !docker_names(&filter).is_empty() {
+    while !boxes(&env, &node, None).await.is_empty() {
         assert!(
             t.elapsed() < Duration::from_secs(60),
-            "the restarted agent left orphaned containers: {:?}",
-            docker_names(&filter)
+            "the restarted agent left orphaned boxes: {:?}",
+            boxes(&env, &node, None).await
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     agent.kill().unwrap();
     agent.wait().unwrap();
-    for name in docker_names(&filter) {
-        let _ = std::process::Command::new("docker").args(["rm", "-f", &name]).output();
+    for name in boxes(&env, &node, None).await {
+        remove_box_behind_its_back(&env, &name).await;
     }
+    env.cleanup().await;
+}
+
+/// The cases for both container runtimes.
+macro_rules! containers {
+    ($($name:ident),* $(,)?) => {
+        mod containers {
+            mod docker {
+                $(
+                    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                    async fn $name() {
+                        super::super::$name(super::super::Kind::Docker).await
+                    }
+                )*
+            }
+            mod cri {
+                $(
+                    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                    async fn $name() {
+                        super::super::$name(super::super::Kind::Cri).await
+                    }
+                )*
+            }
+        }
+    };
+}
+
+containers!(agent_restart_reconciles_and_leaves_no_orphan, killed_agent_process_leaves_no_orphan_after_restart);
+
+// ---------------------------------------------------------------------------
+// CRI only
+// ---------------------------------------------------------------------------
+
+/// What containerd made of a session's pod sandbox and container, read back
+/// through the CRI (the OCI spec runc received, the pod cgroup), and how the
+/// container really runs (`ExecSync` inside it).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cri_status_shows_every_hardening_field() {
+    let Some(env) = setup(Kind::Cri, "inspect", 311_900).await else { return };
+    let Backend::Cri(c, cfg, containerd) = &env.backend else { unreachable!() };
+    let id = new_session_id();
+    let mut spec = sandbox(&id);
+    spec.generation = 4;
+    spec.spec.cpu_millis = 500;
+    spec.spec.memory_bytes = 128 << 20;
+    spec.spec.pids_limit = 50;
+    c.prepare(&spec).await.unwrap();
+    let name = c.container_name(&id).unwrap();
+    let uid = c.session_uid(&id).unwrap();
+    let mut cri = sandfleet_testkit::containerd::cri_client(&containerd.endpoint()).await.unwrap();
+    let pods = cri_pods(containerd, &[("sandfleet.box", &name)]).await;
+    assert_eq!(pods.len(), 1, "{pods:?}");
+    let pod = &pods[0];
+    assert_eq!(pod.labels["sandfleet.session"], id);
+    assert_eq!(pod.labels["sandfleet.generation"], "4");
+    assert_eq!(pod.labels["sandfleet.node"], c.config().node_id);
+    assert_eq!(pod.metadata.as_ref().unwrap().namespace, "sandfleet");
+    let filter = k8s_cri::v1::ContainerFilter { pod_sandbox_id: pod.id.clone(), ..Default::default() };
+    let ctrs = cri
+        .list_containers(k8s_cri::v1::ListContainersRequest { filter: Some(filter) })
+        .await
+        .unwrap()
+        .into_inner()
+        .containers;
+    assert_eq!(ctrs.len(), 1, "{ctrs:?}");
+    assert_eq!(ctrs[0].state, k8s_cri::v1::ContainerState::ContainerRunning as i32);
+    let cid = ctrs[0].id.clone();
+    let status = cri
+        .container_status(k8s_cri::v1::ContainerStatusRequest { container_id: cid.clone(), verbose: true })
+        .await
+        .unwrap()
+        .into_inner();
+    let info: serde_json::Value = serde_json::from_str(&status.info["info"]).expect("verbose info json");
+    let oci = &info["runtimeSpec"];
+    eprintln!("OCI spec: {}", serde_json::to_string(oci).unwrap().chars().take(3000).collect::<String>());
+    assert_eq!(oci["process"]["user"]["uid"], uid);
+    assert_eq!(oci["process"]["user"]["gid"], uid);
+    assert_ne!(uid, 0);
+    assert_eq!(oci["process"]["noNewPrivileges"], true);
+    for set in ["bounding", "effective", "permitted"] {
+        let caps = &oci["process"]["capabilities"][set];
+        assert!(caps.is_null() || caps == &serde_json::json!([]), "{set} capabilities: {caps}");
+    }
+    assert_eq!(oci["root"]["readonly"], true);
+    let res = &oci["linux"]["resources"];
+    assert_eq!(res["memory"]["limit"], 128 << 20);
+    assert_eq!(res["memory"]["swap"], 128 << 20, "memory+swap must equal memory (no swap)");
+    assert_eq!(res["cpu"]["quota"], 50_000);
+    assert_eq!(res["cpu"]["period"], 100_000);
+    assert_eq!(oci["linux"]["seccomp"]["defaultAction"], "SCMP_ACT_ERRNO");
+    assert!(!oci["linux"]["seccomp"].to_string().contains("\"ptrace\""));
+    let ns = oci["linux"]["namespaces"].as_array().unwrap();
+    for kind in ["pid", "network", "ipc"] {
+        let n = ns.iter().find(|n| n["type"] == kind).unwrap_or_else(|| panic!("no {kind} namespace: {ns:?}"));
+        assert!(n["path"].as_str().is_some_and(|p| !p.is_empty()), "the {kind} namespace is not the pod's: {n}");
+    }
+    let mounts = oci["mounts"].as_array().unwrap();
+    for dest in ["/workspace", "/sandfleet"] {
+        assert!(mounts.iter().any(|m| m["destination"] == dest), "no {dest} mount: {mounts:?}");
+    }
+    // CRI has no pids field: the pod cgroup carries the limit.
+    let parent = cfg.cgroup_parent.as_deref().unwrap().trim_start_matches('/');
+    let pids_max = ["/sys/fs/cgroup/pids", "/sys/fs/cgroup"]
+        .iter()
+        .find_map(|r| std::fs::read_to_string(Path::new(r).join(parent).join(&name).join("pids.max")).ok())
+        .expect("the pod cgroup's pids.max");
+    assert_eq!(pids_max.trim(), (50 + 32).to_string());
+
+    // The container really runs that way.
+    let out = cri
+        .exec_sync(k8s_cri::v1::ExecSyncRequest {
+            container_id: cid.clone(),
+            cmd: vec![
+                "sh".into(),
+                "-c".into(),
+                "id -u; grep -E '^(CapEff|NoNewPrivs|Seccomp):' /proc/self/status; tr '\\0' ' ' </proc/1/cmdline; echo; touch /x 2>&1 || true; ls /sys/class/net".into(),
+            ],
+            timeout: 10,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let text = String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+    eprintln!("inside the container: {text}");
+    assert!(text.starts_with(&format!("{uid}\n")), "{text}");
+    assert!(
+        text.contains("CapEff:\t0000000000000000") && text.contains("NoNewPrivs:\t1") && text.contains("Seccomp:\t2"),
+        "{text}"
+    );
+    assert!(text.contains("/pause"), "pid 1 is not the pod's pause process: {text}");
+    assert!(text.contains("Read-only file system"), "{text}");
+    assert_eq!(text.lines().last(), Some("lo"), "the pod has a network interface besides lo: {text}");
+
+    // bwrap works inside it: a nested sandbox with its own pid namespace.
+    let r = run(c, &id, bash("echo $$; echo kept > kept.txt")).await.unwrap();
+    assert!(r.stdout.starts_with("2\n") || r.stdout.starts_with("1\n"), "not in a fresh pid namespace: {}", r.stdout);
+
+    // A container stopped from outside is replaced on the next exec, with its workspace.
+    cri.stop_container(k8s_cri::v1::StopContainerRequest { container_id: cid, timeout: 0 }).await.unwrap();
+    let r = run(c, &id, bash("cat kept.txt")).await.unwrap();
+    assert_eq!(r.stdout, "kept\n", "{}", r.stderr);
     env.cleanup().await;
 }

@@ -15,6 +15,8 @@
 //! - [`cluster`]: [`ClusterBuilder`] / [`Cluster`]: start coordinators and
 //!   agents as [`Proc`]s, wait until the cluster is ready, partition it, and
 //!   print the logs when a test fails.
+//! - [`containerd`]: [`containerd::Containerd`], a real containerd with its CRI plugin
+//!   on its own socket and state, with the pause and sandbox images imported offline.
 //! - [`facilities`]: [`require_sandbox_facilities`], the skip-or-fail gate for
 //!   machines without root, bubblewrap or writable cgroups.
 //! - [`host`]: looking at the host from the outside: processes in `/proc`,
@@ -51,6 +53,7 @@
 
 pub mod bins;
 pub mod cluster;
+pub mod containerd;
 pub mod facilities;
 pub mod helpers;
 pub mod host;

@@ -6,6 +6,7 @@ use std::path::PathBuf;
 
 use anyhow::{bail, Context};
 use clap::Parser;
+use sandfleet_agent::runtime::cri::{CriConfig, PullPolicy};
 use sandfleet_agent::runtime::disk::DiskQuota;
 use sandfleet_agent::store::s3::S3Config;
 use sandfleet_agent::store::sync::SyncConfig;
@@ -70,13 +71,27 @@ struct Args {
     /// creating a session does not wait for mkfs.
     #[arg(long, default_value_t = sandfleet_agent::runtime::disk::DEFAULT_POOL, value_name = "N")]
     disk_pool: usize,
-    /// Docker runtime: keep N idle containers of TEMPLATE ready, TEMPLATE=N (repeatable).
+    /// Docker and CRI runtimes: keep N idle containers of TEMPLATE ready, TEMPLATE=N (repeatable).
     #[arg(long = "warm-pool", value_name = "TEMPLATE=N")]
     warm_pool: Vec<String>,
-    /// Docker runtime: run TEMPLATE on IMAGE, TEMPLATE=IMAGE (repeatable; default: every
+    /// Docker and CRI runtimes: run TEMPLATE on IMAGE, TEMPLATE=IMAGE (repeatable; default: every
     /// template on sandfleet/sandbox:latest, built by deploy/images/build-sandbox-image).
     #[arg(long = "template-image", value_name = "TEMPLATE=IMAGE")]
     template_images: Vec<String>,
+    /// CRI runtime: the node's CRI socket.
+    #[arg(long, default_value = sandfleet_agent::runtime::cri::DEFAULT_ENDPOINT, value_name = "unix:///PATH")]
+    cri_endpoint: String,
+    /// CRI runtime: the runtime handler of session sandboxes (a RuntimeClass's
+    /// handler, e.g. runsc for gVisor or kata); default: the runtime's default.
+    #[arg(long, value_name = "NAME")]
+    cri_runtime_handler: Option<String>,
+    /// CRI runtime: the cgroupfs path under which each session's pod cgroup is made
+    /// [default: sandfleet-sessions beside the agent's container, in its pod's cgroup].
+    #[arg(long, value_name = "PATH")]
+    cri_cgroup_parent: Option<String>,
+    /// CRI runtime: whether a missing sandbox image is pulled through the CRI's ImageService.
+    #[arg(long, value_enum, default_value_t = PullPolicyArg::Never, value_name = "POLICY")]
+    image_pull_policy: PullPolicyArg,
     /// Where session workspaces are kept durably, so a session placed again
     /// on another node finds its files: a local directory (shared mounts
     /// work), S3, or none.
@@ -159,8 +174,20 @@ async fn main() -> anyhow::Result<()> {
         let t: Template = t.parse().with_context(|| format!("invalid --template-image {w:?}"))?;
         docker_templates.insert(t, img.to_string());
     }
-    if args.runtime != RuntimeKind::Docker && (!warm_pool.is_empty() || !docker_templates.is_empty()) {
-        bail!("--warm-pool and --template-image apply to --runtime docker only");
+    if args.runtime == RuntimeKind::Process && (!warm_pool.is_empty() || !docker_templates.is_empty()) {
+        bail!("--warm-pool and --template-image apply to --runtime docker and cri only");
+    }
+    let cri_flags = args.cri_runtime_handler.is_some()
+        || args.cri_cgroup_parent.is_some()
+        || args.cri_endpoint != sandfleet_agent::runtime::cri::DEFAULT_ENDPOINT
+        || args.image_pull_policy != PullPolicyArg::Never;
+    if args.runtime != RuntimeKind::Cri && cri_flags {
+        bail!("--cri-endpoint, --cri-runtime-handler, --cri-cgroup-parent and --image-pull-policy apply to --runtime cri only");
+    }
+    if let Some(h) = &args.cri_runtime_handler {
+        if h.is_empty() || !h.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_' || c == '.') {
+            bail!("invalid --cri-runtime-handler {h:?}: expected a runtime handler name such as runsc or kata");
+        }
     }
     let s3_flags = args.s3_endpoint.is_some() || args.s3_bucket.is_some() || args.s3_path_style;
     let store = match args.workspace_store {
@@ -219,6 +246,15 @@ async fn main() -> anyhow::Result<()> {
         uid_base: args.uid_base,
         warm_pool,
         docker_templates,
+        cri: CriConfig {
+            endpoint: args.cri_endpoint.clone(),
+            runtime_handler: args.cri_runtime_handler.clone().unwrap_or_default(),
+            pull_policy: match args.image_pull_policy {
+                PullPolicyArg::Never => PullPolicy::Never,
+                PullPolicyArg::IfNotPresent => PullPolicy::IfNotPresent,
+            },
+            cgroup_parent: args.cri_cgroup_parent.clone(),
+        },
         disk_quota: match args.disk_quota {
             DiskQuotaArg::Loop => DiskQuota::Loop { pool: args.disk_pool },
             DiskQuotaArg::Off => DiskQuota::Off,
@@ -231,6 +267,15 @@ async fn main() -> anyhow::Result<()> {
     println!("{}", ReadyLine::Agent { node_id: args.node_id.clone(), addr: agent.addr().to_string() });
     agent.join().await.context("agent stopped with an error")?;
     Ok(())
+}
+
+/// `--image-pull-policy`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum PullPolicyArg {
+    /// A missing image is an error (images are imported offline).
+    Never,
+    /// A missing image is pulled.
+    IfNotPresent,
 }
 
 /// `--disk-quota`.

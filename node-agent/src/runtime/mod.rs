@@ -8,7 +8,9 @@
 //!
 //! # Layout
 //! - [`process`]: the bubblewrap + cgroups backend ([`process::ProcessRuntime`]).
-//! - [`docker`]: a hardened container per session, bubblewrap inside it ([`docker::DockerRuntime`]).
+//! - [`container`]: a hardened container per session, bubblewrap inside it, over an [`container::Engine`]:
+//!   - [`docker`]: the Docker engine ([`docker::DockerRuntime`]);
+//!   - [`cri`]: the node's CRI socket, as a kubelet drives it ([`cri::CriRuntime`]).
 //! - [`cgroup`]: cgroup v1 / v2 management behind one enum.
 //! - [`seccomp`]: the seccomp BPF filter every sandboxed process runs under.
 //! - [`disk`]: a filesystem of its quota's size per session (disk and inode quotas).
@@ -16,6 +18,8 @@
 
 pub mod bwrap;
 pub mod cgroup;
+pub mod container;
+pub mod cri;
 pub mod disk;
 pub mod docker;
 mod fsutil;

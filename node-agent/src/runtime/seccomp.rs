@@ -15,7 +15,7 @@
 //! `NETLINK_ROUTE`); every other family (vsock, which network namespaces do
 //! not isolate, packet, bluetooth, alg, xdp, ...) returns `EPERM`. The docker
 //! runtime's container profile takes the same list
-//! ([`crate::runtime::docker::hardening::seccomp_profile`]), so both layers
+//! ([`crate::runtime::container::hardening::seccomp_profile`]), so both layers
 //! agree.
 //!
 //! The program is built with [`seccompiler`] and serialized in the raw

@@ -1,12 +1,17 @@
-//! The docker runtime: one hardened container per session, and inside it
+//! The container runtimes: one hardened container per session, and inside it
 //! `sandfleet-executor` running every exec under bubblewrap (two layers).
+//! The docker runtime ([`crate::runtime::docker`]) and the CRI runtime
+//! ([`crate::runtime::cri`]) are this one [`ContainerRuntime`] over two
+//! [`Engine`]s: what differs is only how a container is created, started,
+//! listed, re-limited and removed.
 //!
-//! This module owns the containers' lifecycle through bollard: creating and
-//! starting them ([`hardening`] builds the create body), the optional warm
-//! pool, finding them again by label after an agent restart, removing
-//! orphans, and forwarding execs to the executor over the Unix socket in the
-//! session's run directory ([`crate::executor`]). File operations use the
-//! same [`Workspace`] code as the process runtime on the host side of the
+//! This module owns the boxes' lifecycle: slots and uids, workspaces and
+//! their disks, the optional warm pool, finding boxes again by label after an
+//! agent restart, removing orphans, and forwarding execs to the executor over
+//! the Unix socket in the session's run directory ([`crate::executor`]).
+//! [`hardening`] is the one definition of what a session's container may do,
+//! rendered by each engine into its own configuration. File operations use
+//! the same [`Workspace`] code as the process runtime on the host side of the
 //! workspace bind mount.
 //!
 //! # On disk
@@ -24,12 +29,12 @@
 //! # Warm pool
 //! `warm_pool` keeps, per template, that many idle started containers with
 //! the template's default limits. A create takes one (recording the claim in
-//! `session.json` and changing the limits with `docker update` only when the
+//! `session.json` and changing the limits through the engine only when the
 //! session asks for others); a claimed container is never handed out again:
 //! it is removed with its session. A background task refills the pool.
 //!
 //! # Restarts
-//! [`DockerRuntime::new`] lists the containers labelled with this node: a
+//! [`ContainerRuntime::with_engine`] lists the containers labelled with this node: a
 //! container whose box records a session (or that carries a session label)
 //! is that session again (started if it had stopped); every other one (an
 //! unclaimed pool container, a half-created box) is removed. A session's box
@@ -50,9 +55,6 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Weak};
 use std::time::Duration;
 
-use bollard::models::ContainerUpdateBody;
-use bollard::query_parameters::{CreateContainerOptions, ListContainersOptions, RemoveContainerOptions};
-use bollard::Docker;
 use sandfleet_common::backoff::Backoff;
 use sandfleet_common::ids;
 use sandfleet_common::spec::Template;
@@ -60,7 +62,9 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, Notify, RwLock};
 use tracing::{debug, info, instrument, warn};
 
-use self::hardening::{ContainerPlan, LABEL_BOX, LABEL_GENERATION, LABEL_NODE, LABEL_POOL, LABEL_SESSION, LABEL_SLOT};
+use self::hardening::{
+    ContainerPlan, LABEL_BOX, LABEL_GENERATION, LABEL_NODE, LABEL_POOL, LABEL_SESSION, LABEL_SLOT, LABEL_TEMPLATE,
+};
 use super::disk::{DiskQuota, DiskUsage, Disks};
 use super::fsutil::{check_node_config, create_dir, invalid, io_ctx, no_free_slot, session_list, write_atomic};
 use super::{
@@ -73,8 +77,8 @@ use crate::workspace::Workspace;
 pub const DEFAULT_IMAGE: &str = "sandfleet/sandbox:latest";
 /// The command that builds the image.
 pub const BUILD_IMAGE_HINT: &str = "deploy/images/build-sandbox-image (from the repository root, after cargo build)";
-/// Timeout of one Docker API call.
-pub const DOCKER_CALL_TIMEOUT: Duration = Duration::from_secs(30);
+/// Timeout of one engine call (Docker API or CRI).
+pub const ENGINE_CALL_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long a started container may take until its executor answers.
 const EXECUTOR_READY_TIMEOUT: Duration = Duration::from_secs(20);
 /// Waits between failed warm-pool container creates: 200 ms doubling to 5 s.
@@ -82,9 +86,60 @@ const POOL_RETRY: Backoff = Backoff::new(Duration::from_millis(200), Duration::f
 /// Grace on top of an exec's timeout before the agent gives up on the executor.
 const EXEC_GRACE: Duration = Duration::from_secs(30);
 
-/// Configuration of [`DockerRuntime`].
+/// What an engine reports of one container.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ContainerState {
+    /// Whether its process runs.
+    pub running: bool,
+    /// Its exit code when it has stopped (-1 when unknown).
+    pub exit_code: i64,
+}
+
+/// A container of this node, as an engine lists it.
 #[derive(Debug, Clone)]
-pub struct DockerRuntimeConfig {
+pub struct Listed {
+    /// The container's (and box's) name.
+    pub name: String,
+    /// Its labels.
+    pub labels: HashMap<String, String>,
+    /// Whether it runs.
+    pub running: bool,
+}
+
+/// How a [`ContainerRuntime`] drives one container engine: the only part
+/// that differs between the docker and the CRI runtime. Every call has its
+/// own deadline ([`ENGINE_CALL_TIMEOUT`]); a container that does not exist
+/// is not an error for [`Engine::remove`] and is `None` for [`Engine::state`].
+#[async_trait::async_trait]
+pub trait Engine: Send + Sync + 'static {
+    /// The runtime this engine serves.
+    fn kind(&self) -> sandfleet_common::spec::Runtime;
+    /// Prepares the engine's files under the runtime's data dir (the
+    /// seccomp profile, ...). Called once, before any other call.
+    async fn init(&mut self, data_dir: &Path) -> Result<(), RuntimeError>;
+    /// Whether `image` is present (or made present, as the engine's pull
+    /// policy allows); `Err` with a hint when it cannot be.
+    async fn ensure_image(&self, image: &str) -> Result<(), RuntimeError>;
+    /// Creates and starts the container of `plan`.
+    async fn run(&self, plan: &ContainerPlan<'_>) -> Result<(), RuntimeError>;
+    /// Starts the container of `plan` again after it stopped (the engine
+    /// may make a new one in its place).
+    async fn start_again(&self, plan: &ContainerPlan<'_>) -> Result<(), RuntimeError>;
+    /// The container's state; `None` when it does not exist.
+    async fn state(&self, name: &str) -> Result<Option<ContainerState>, RuntimeError>;
+    /// Applies new limits to a running container.
+    async fn update(&self, name: &str, limits: &ResolvedSpec) -> Result<(), RuntimeError>;
+    /// Removes the container and everything the engine made for it. Ok if absent.
+    async fn remove(&self, name: &str) -> Result<(), RuntimeError>;
+    /// Every container labelled with this node.
+    async fn list(&self, node_id: &str) -> Result<Vec<Listed>, RuntimeError>;
+    /// The command an operator runs to read a container's output.
+    fn logs_hint(&self, name: &str) -> String;
+}
+
+/// Configuration of a [`ContainerRuntime`].
+#[derive(Debug, Clone)]
+pub struct ContainerRuntimeConfig {
     /// Where boxes live.
     pub data_dir: PathBuf,
     /// This node's id; labels its containers.
@@ -101,7 +156,7 @@ pub struct DockerRuntimeConfig {
     pub disk_quota: DiskQuota,
 }
 
-impl DockerRuntimeConfig {
+impl ContainerRuntimeConfig {
     /// Defaults: every template on [`DEFAULT_IMAGE`], no warm pool.
     pub fn new(data_dir: impl Into<PathBuf>, node_id: impl Into<String>) -> Self {
         Self {
@@ -132,6 +187,8 @@ struct BoxState {
     dir: PathBuf,
     /// The limits the container currently has.
     limits: Mutex<ResolvedSpec>,
+    /// Its labels besides the node, box and slot ones.
+    labels: HashMap<String, String>,
 }
 
 impl BoxState {
@@ -186,71 +243,54 @@ struct Tables {
     pool_pending: HashMap<Template, u32>,
 }
 
-struct Inner {
-    cfg: DockerRuntimeConfig,
-    docker: Docker,
-    seccomp_json: String,
+struct Inner<E> {
+    cfg: ContainerRuntimeConfig,
+    engine: E,
     disks: Disks,
     tables: Mutex<Tables>,
     /// Per-session locks: prepare and destroy of one session never overlap.
     locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
     refill: Arc<Notify>,
-    /// Set by [`DockerRuntime::remove_all`]: the pool stops refilling.
+    /// Set by [`ContainerRuntime::remove_all`]: the pool stops refilling.
     stopped: std::sync::atomic::AtomicBool,
     /// The task that keeps the warm pool filled; dropping the runtime aborts it.
     pool_task: Mutex<Option<tokio_util::task::AbortOnDropHandle<()>>>,
 }
 
-/// The docker runtime. Cheap to clone.
-#[derive(Clone)]
-pub struct DockerRuntime {
-    inner: Arc<Inner>,
+/// A runtime of one hardened container per session on engine `E`. Cheap to clone.
+pub struct ContainerRuntime<E> {
+    inner: Arc<Inner<E>>,
 }
 
-impl std::fmt::Debug for DockerRuntime {
+impl<E> Clone for ContainerRuntime<E> {
+    fn clone(&self) -> Self {
+        Self { inner: self.inner.clone() }
+    }
+}
+
+impl<E: Engine> std::fmt::Debug for ContainerRuntime<E> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("DockerRuntime")
+        f.debug_struct("ContainerRuntime")
+            .field("engine", &self.inner.engine.kind())
             .field("data_dir", &self.inner.cfg.data_dir)
             .field("node_id", &self.inner.cfg.node_id)
             .finish()
     }
 }
 
-fn engine(what: &str, e: bollard::errors::Error) -> RuntimeError {
-    RuntimeError::Unavailable(format!("docker engine: {what}: {e}"))
-}
-
-fn is_not_found(e: &bollard::errors::Error) -> bool {
-    matches!(e, bollard::errors::Error::DockerResponseServerError { status_code: 404, .. })
-}
-
-/// Runs one Docker call with [`DOCKER_CALL_TIMEOUT`].
-async fn call<T>(
+/// Runs one engine call with [`ENGINE_CALL_TIMEOUT`]; `engine` names the
+/// engine in the error ("docker engine", "CRI runtime").
+pub(crate) async fn with_deadline<T, Err: std::fmt::Display>(
+    engine: &str,
     what: &str,
-    fut: impl std::future::Future<Output = Result<T, bollard::errors::Error>>,
+    fut: impl std::future::Future<Output = Result<T, Err>>,
 ) -> Result<T, RuntimeError> {
-    match tokio::time::timeout(DOCKER_CALL_TIMEOUT, fut).await {
+    match tokio::time::timeout(ENGINE_CALL_TIMEOUT, fut).await {
         Ok(Ok(v)) => Ok(v),
-        Ok(Err(e)) => Err(engine(what, e)),
+        Ok(Err(e)) => Err(RuntimeError::Unavailable(format!("{engine}: {what}: {e}"))),
         Err(_) => Err(RuntimeError::Unavailable(format!(
-            "docker engine: {what}: no answer within {} s",
-            DOCKER_CALL_TIMEOUT.as_secs()
-        ))),
-    }
-}
-
-/// Like [`call`], but a 404 is `Ok(None)`.
-async fn call_opt<T>(
-    what: &str,
-    fut: impl std::future::Future<Output = Result<T, bollard::errors::Error>>,
-) -> Result<Option<T>, RuntimeError> {
-    match tokio::time::timeout(DOCKER_CALL_TIMEOUT, fut).await {
-        Ok(Ok(v)) => Ok(Some(v)),
-        Ok(Err(e)) if is_not_found(&e) => Ok(None),
-        Ok(Err(e)) => Err(engine(what, e)),
-        Err(_) => Err(RuntimeError::Unavailable(format!(
-            "docker engine: {what}: no answer within {} s",
-            DOCKER_CALL_TIMEOUT.as_secs()
+            "{engine}: {what}: no answer within {} s",
+            ENGINE_CALL_TIMEOUT.as_secs()
         ))),
     }
 }
@@ -266,14 +306,15 @@ fn random_suffix() -> String {
     format!("{n:016x}")
 }
 
-impl DockerRuntime {
-    /// Connects to the engine, checks the images, writes the seccomp profile,
+impl<E: Engine> ContainerRuntime<E> {
+    /// Checks the configuration and the images, prepares the engine's files,
     /// reconciles the containers of this node and starts the warm pool.
-    #[instrument(skip(cfg), fields(node = %cfg.node_id, data_dir = %cfg.data_dir.display()))]
-    pub async fn new(cfg: DockerRuntimeConfig) -> Result<Self, RuntimeError> {
+    #[instrument(skip(cfg, engine), fields(node = %cfg.node_id, data_dir = %cfg.data_dir.display(), engine = %engine.kind()))]
+    pub async fn with_engine(cfg: ContainerRuntimeConfig, mut engine: E) -> Result<Self, RuntimeError> {
+        let kind = engine.kind();
         check_node_config(&cfg.node_id, cfg.slots, cfg.uid_base)?;
         if cfg.templates.is_empty() {
-            return Err(invalid("the docker runtime needs at least one template"));
+            return Err(invalid(format!("the {kind} runtime needs at least one template")));
         }
         for (t, n) in &cfg.warm_pool {
             if !cfg.templates.contains_key(t) {
@@ -285,55 +326,26 @@ impl DockerRuntime {
         }
         // SAFETY: geteuid has no preconditions.
         if unsafe { libc::geteuid() } != 0 {
-            return Err(RuntimeError::Unavailable(
-                "the docker runtime must run as root (it gives each session's files their own host uid)".to_string(),
-            ));
+            return Err(RuntimeError::Unavailable(format!(
+                "the {kind} runtime must run as root (it gives each session's files their own host uid)"
+            )));
         }
-        let docker = Docker::connect_with_local_defaults()
-            .map_err(|e| {
-                RuntimeError::Unavailable(format!(
-                    "cannot reach the Docker engine: {e} (is dockerd running? DOCKER_HOST?)"
-                ))
-            })?
-            .with_timeout(DOCKER_CALL_TIMEOUT);
-        let docker = match tokio::time::timeout(DOCKER_CALL_TIMEOUT, docker.negotiate_version()).await {
-            Ok(Ok(d)) => d,
-            Ok(Err(e)) => {
-                return Err(RuntimeError::Unavailable(format!(
-                    "the Docker engine does not answer: {e} (is dockerd running?)"
-                )))
-            }
-            Err(_) => return Err(RuntimeError::Unavailable("the Docker engine did not answer within 30 s".into())),
-        };
-        call("ping", docker.ping()).await?;
         let images: HashSet<&String> = cfg.templates.values().collect();
         for image in images {
-            if call_opt("inspecting the sandbox image", docker.inspect_image(image)).await?.is_none() {
-                return Err(RuntimeError::Unavailable(format!(
-                    "sandbox image {image} is not present in the Docker engine; build it with {BUILD_IMAGE_HINT}"
-                )));
-            }
+            engine.ensure_image(image).await?;
         }
-
         fs::create_dir_all(&cfg.data_dir).map_err(|e| io_ctx(format!("creating {}", cfg.data_dir.display()), e))?;
         let data_dir =
             fs::canonicalize(&cfg.data_dir).map_err(|e| io_ctx(format!("resolving {}", cfg.data_dir.display()), e))?;
         create_dir(&data_dir.join("boxes"), 0o711, None)?;
-        let profile = hardening::seccomp_profile();
-        let seccomp_json = profile.to_string();
-        write_atomic(
-            &data_dir.join("seccomp.json"),
-            serde_json::to_string_pretty(&profile).unwrap_or_default().as_bytes(),
-            0o644,
-        )?;
+        engine.init(&data_dir).await?;
         let disks = Disks::new(&cfg.disk_quota, &data_dir.join("disks")).await?;
-        let cfg = DockerRuntimeConfig { data_dir, ..cfg };
+        let cfg = ContainerRuntimeConfig { data_dir, ..cfg };
         let rt = Self {
             inner: Arc::new(Inner {
                 cfg,
-                docker,
+                engine,
                 disks,
-                seccomp_json,
                 tables: Mutex::new(Tables::default()),
                 locks: Mutex::new(HashMap::new()),
                 refill: Arc::new(Notify::new()),
@@ -350,13 +362,13 @@ impl DockerRuntime {
     }
 
     /// The configuration in use.
-    pub fn config(&self) -> &DockerRuntimeConfig {
+    pub fn config(&self) -> &ContainerRuntimeConfig {
         &self.inner.cfg
     }
 
-    /// The bollard client (tests inspect containers with it).
-    pub fn docker(&self) -> &Docker {
-        &self.inner.docker
+    /// The engine (tests inspect containers through it).
+    pub fn engine(&self) -> &E {
+        &self.inner.engine
     }
 
     /// The container name of a session held here.
@@ -398,7 +410,7 @@ impl DockerRuntime {
         // refill task ends after it (or is aborted if the engine hangs).
         let task = self.inner.pool_task.lock().take();
         if let Some(task) = task {
-            if tokio::time::timeout(DOCKER_CALL_TIMEOUT * 2, task).await.is_err() {
+            if tokio::time::timeout(ENGINE_CALL_TIMEOUT * 2, task).await.is_err() {
                 warn!("the warm pool's refill task did not stop in time; aborted it");
             }
         }
@@ -439,17 +451,17 @@ impl DockerRuntime {
     }
 
     fn image_of(&self, template: Template) -> Result<&str, RuntimeError> {
-        self.inner
-            .cfg
-            .templates
-            .get(&template)
-            .map(String::as_str)
-            .ok_or_else(|| invalid(format!("template {template} is not offered by the docker runtime of this node")))
+        self.inner.cfg.templates.get(&template).map(String::as_str).ok_or_else(|| {
+            invalid(format!(
+                "template {template} is not offered by the {} runtime of this node",
+                self.inner.engine.kind()
+            ))
+        })
     }
 
     /// Checks a sandbox spec against the shared rules and this node's templates.
     fn resolve(&self, spec: &SandboxSpec) -> Result<ResolvedSpec, RuntimeError> {
-        resolve_spec(spec, sandfleet_common::spec::Runtime::Docker, |t| self.inner.cfg.templates.contains_key(&t))
+        resolve_spec(spec, self.inner.engine.kind(), |t| self.inner.cfg.templates.contains_key(&t))
     }
 
     fn reserve_slot(&self) -> Result<u32, RuntimeError> {
@@ -465,7 +477,12 @@ impl DockerRuntime {
         self.tables().slots.remove(&slot);
     }
 
-    async fn new_box(&self, slot: u32, mut limits: ResolvedSpec) -> Result<BoxState, RuntimeError> {
+    async fn new_box(
+        &self,
+        slot: u32,
+        mut limits: ResolvedSpec,
+        labels: HashMap<String, String>,
+    ) -> Result<BoxState, RuntimeError> {
         let name = format!("sandfleet-{}-{}", self.inner.cfg.node_id, random_suffix());
         let dir = self.boxes_dir().join(&name);
         let uid = self.inner.cfg.uid_base + slot;
@@ -485,40 +502,31 @@ impl DockerRuntime {
             let _ = fs::remove_dir_all(&dir);
             return Err(e);
         }
-        Ok(BoxState { name, slot, uid, dir, limits: Mutex::new(limits) })
+        Ok(BoxState { name, slot, uid, dir, limits: Mutex::new(limits), labels })
     }
 
-    /// Creates and starts the container of `bx` and waits for its executor.
-    async fn start_box(&self, bx: &BoxState, labels: HashMap<String, String>) -> Result<(), RuntimeError> {
-        let limits = bx.limits();
+    /// The container of `bx` as the engine makes it.
+    fn plan<'a>(&self, bx: &'a BoxState, limits: &'a ResolvedSpec) -> Result<ContainerPlan<'a>, RuntimeError> {
         let image = self.image_of(limits.template)?.to_string();
-        let mut labels = labels;
+        let mut labels = bx.labels.clone();
         labels.insert(LABEL_NODE.into(), self.inner.cfg.node_id.clone());
         labels.insert(LABEL_BOX.into(), bx.name.clone());
         labels.insert(LABEL_SLOT.into(), bx.slot.to_string());
-        let body = hardening::container_body(&ContainerPlan {
-            image: &image,
+        Ok(ContainerPlan {
+            name: &bx.name,
+            image,
             uid: bx.uid,
-            limits: &limits,
-            workspace_dir: &bx.workspace_dir(),
-            run_dir: &bx.run_dir(),
+            limits,
+            workspace_dir: bx.workspace_dir(),
+            run_dir: bx.run_dir(),
             labels,
-            seccomp_json: &self.inner.seccomp_json,
-        });
-        let d = &self.inner.docker;
-        let created = call(
-            "creating the container",
-            d.create_container(
-                Some(CreateContainerOptions { name: Some(bx.name.clone()), ..Default::default() }),
-                body,
-            ),
-        )
-        .await?;
-        for w in &created.warnings {
-            // An option the engine did not apply is a hardening gap: say so loudly.
-            warn!(container = %bx.name, warning = %w, "the Docker engine warned about the container configuration");
-        }
-        call("starting the container", d.start_container(&bx.name, None)).await?;
+        })
+    }
+
+    /// Creates and starts the container of `bx` and waits for its executor.
+    async fn start_box(&self, bx: &BoxState) -> Result<(), RuntimeError> {
+        let limits = bx.limits();
+        self.inner.engine.run(&self.plan(bx, &limits)?).await?;
         self.wait_ready(bx).await
     }
 
@@ -542,10 +550,10 @@ impl DockerRuntime {
                 Err(e) => {
                     if started.elapsed() > EXECUTOR_READY_TIMEOUT {
                         return Err(RuntimeError::Unavailable(format!(
-                            "the executor of container {} did not answer within {} s: {e} (see `docker logs {}`)",
+                            "the executor of container {} did not answer within {} s: {e} (see `{}`)",
                             bx.name,
                             EXECUTOR_READY_TIMEOUT.as_secs(),
-                            bx.name
+                            self.inner.engine.logs_hint(&bx.name)
                         )));
                     }
                 }
@@ -553,16 +561,13 @@ impl DockerRuntime {
             checks += 1;
             // Every ~50 checks, make sure the container has not died.
             if checks.is_multiple_of(50) {
-                if let Some(c) =
-                    call_opt("inspecting the container", self.inner.docker.inspect_container(&bx.name, None)).await?
-                {
-                    let st = c.state.unwrap_or_default();
-                    if st.running != Some(true) {
+                if let Some(st) = self.inner.engine.state(&bx.name).await? {
+                    if !st.running {
                         return Err(RuntimeError::Unavailable(format!(
-                            "container {} exited (code {}) before its executor answered; see `docker logs {}`",
+                            "container {} exited (code {}) before its executor answered; see `{}`",
                             bx.name,
-                            st.exit_code.unwrap_or(-1),
-                            bx.name
+                            st.exit_code,
+                            self.inner.engine.logs_hint(&bx.name)
                         )));
                     }
                 }
@@ -574,25 +579,22 @@ impl DockerRuntime {
 
     /// Starts the box's container again if the engine says it is not running.
     async fn ensure_running(&self, bx: &BoxState) -> Result<(), RuntimeError> {
-        let c = call_opt("inspecting the container", self.inner.docker.inspect_container(&bx.name, None))
+        let st = self
+            .inner
+            .engine
+            .state(&bx.name)
             .await?
             .ok_or_else(|| RuntimeError::Unavailable(format!("container {} no longer exists", bx.name)))?;
-        if c.state.and_then(|s| s.running) != Some(true) {
+        if !st.running {
             info!(container = %bx.name, "session container is not running; starting it again");
-            call("starting the container", self.inner.docker.start_container(&bx.name, None)).await?;
+            let limits = bx.limits();
+            self.inner.engine.start_again(&self.plan(bx, &limits)?).await?;
         }
         self.wait_ready(bx).await
     }
 
     async fn remove_container(&self, name: &str) -> Result<(), RuntimeError> {
-        call_opt(
-            "removing a container",
-            self.inner
-                .docker
-                .remove_container(name, Some(RemoveContainerOptions { force: true, v: true, ..Default::default() })),
-        )
-        .await?;
-        Ok(())
+        self.inner.engine.remove(name).await
     }
 
     async fn remove_box(&self, name: &str, dir: &Path) -> Result<(), RuntimeError> {
@@ -621,18 +623,7 @@ impl DockerRuntime {
         {
             return Ok(());
         }
-        let (memory, period, quota, pids) = hardening::resources(limits);
-        // Raising memory must raise memory+swap first and lowering must lower memory first;
-        // the engine applies both in the right order when given together.
-        let body = ContainerUpdateBody {
-            memory: Some(memory),
-            memory_swap: Some(memory),
-            cpu_period: Some(period),
-            cpu_quota: Some(quota),
-            pids_limit: Some(pids),
-            ..Default::default()
-        };
-        call("updating the container's limits", self.inner.docker.update_container(&bx.name, body)).await?;
+        self.inner.engine.update(&bx.name, limits).await?;
         *bx.limits.lock() = limits.clone();
         Ok(())
     }
@@ -645,15 +636,15 @@ impl DockerRuntime {
             spec: sandfleet_proto::v1::SessionSpec { template: template.to_string(), ..Default::default() },
         })?;
         let slot = self.reserve_slot()?;
-        let bx = match self.new_box(slot, defaults).await {
+        let labels = HashMap::from([(LABEL_POOL.to_string(), template.to_string())]);
+        let bx = match self.new_box(slot, defaults, labels).await {
             Ok(b) => b,
             Err(e) => {
                 self.release_slot(slot);
                 return Err(e);
             }
         };
-        let labels = HashMap::from([(LABEL_POOL.to_string(), template.to_string())]);
-        if let Err(e) = self.start_box(&bx, labels).await {
+        if let Err(e) = self.start_box(&bx).await {
             let _ = self.remove_box(&bx.name, &bx.dir).await;
             self.release_slot(slot);
             return Err(e);
@@ -665,20 +656,10 @@ impl DockerRuntime {
 
     /// Rebuilds the tables from the containers labelled with this node.
     async fn rediscover(&self) -> Result<(), RuntimeError> {
-        let d = &self.inner.docker;
-        let filters = HashMap::from([("label".to_string(), vec![format!("{LABEL_NODE}={}", self.inner.cfg.node_id)])]);
-        let list = call(
-            "listing this node's containers",
-            d.list_containers(Some(ListContainersOptions { all: true, filters: Some(filters), ..Default::default() })),
-        )
-        .await?;
+        let list = self.inner.engine.list(&self.inner.cfg.node_id).await?;
         let mut kept: HashSet<String> = HashSet::new();
         for c in list {
-            let labels = c.labels.clone().unwrap_or_default();
-            let Some(name) = c.names.as_ref().and_then(|n| n.first()).map(|n| n.trim_start_matches('/').to_string())
-            else {
-                continue;
-            };
+            let (name, labels) = (c.name.clone(), c.labels.clone());
             let box_name = labels.get(LABEL_BOX).cloned().unwrap_or_default();
             let valid_box = box_name == name && name.starts_with(&format!("sandfleet-{}-", self.inner.cfg.node_id));
             let dir = self.boxes_dir().join(&name);
@@ -688,7 +669,7 @@ impl DockerRuntime {
                 // A cold-created container whose record was lost: its labels still say which session.
                 let sid = labels.get(LABEL_SESSION)?;
                 let generation = labels.get(LABEL_GENERATION)?.parse().ok()?;
-                let template = labels.get("sandfleet.template").cloned().unwrap_or_else(|| "default".into());
+                let template = labels.get(LABEL_TEMPLATE).cloned().unwrap_or_else(|| "default".into());
                 let mut spec = self
                     .resolve(&SandboxSpec {
                         session_id: sid.clone(),
@@ -707,13 +688,15 @@ impl DockerRuntime {
             let slot_free = slot.is_some_and(|s| !self.tables().slots.contains(&s));
             match (record, slot) {
                 (Some(rec), Some(slot)) if usable && slot_free && ids::validate_session_id(&rec.session_id).is_ok() => {
-                    let running = c.state == Some(bollard::models::ContainerSummaryStateEnum::RUNNING);
+                    let running = c.running;
+                    let own = [LABEL_NODE, LABEL_BOX, LABEL_SLOT];
                     let bx = BoxState {
                         name: name.clone(),
                         slot,
                         uid: self.inner.cfg.uid_base + slot,
                         dir,
                         limits: Mutex::new(rec.spec.clone()),
+                        labels: labels.into_iter().filter(|(k, _)| !own.contains(&k.as_str())).collect(),
                     };
                     // Its filesystem first (mounted again after a host reboot): the
                     // container binds whatever is at the workspace path when it starts.
@@ -725,8 +708,11 @@ impl DockerRuntime {
                     }
                     if !running {
                         info!(container = %name, session = %rec.session_id, "restarting a stopped session container");
-                        let restarted = match call("starting the container", d.start_container(&name, None)).await {
-                            Ok(()) => self.wait_ready(&bx).await,
+                        let restarted = match self.plan(&bx, &rec.spec) {
+                            Ok(plan) => match self.inner.engine.start_again(&plan).await {
+                                Ok(()) => self.wait_ready(&bx).await,
+                                Err(e) => Err(e),
+                            },
                             Err(e) => Err(e),
                         };
                         if let Err(e) = restarted {
@@ -749,7 +735,7 @@ impl DockerRuntime {
                     kept.insert(name);
                 }
                 _ => {
-                    info!(container = %name, pool = labels.get(LABEL_POOL).map(String::as_str).unwrap_or(""), "removing an orphaned container of this node");
+                    info!(container = %name, pool = c.labels.get(LABEL_POOL).map(String::as_str).unwrap_or(""), "removing an orphaned container of this node");
                     self.remove_container(&name).await?;
                     if valid_box {
                         let _ = self.inner.disks.detach(&name, &dir.join("workspace")).await;
@@ -792,7 +778,7 @@ impl DockerRuntime {
     }
 }
 
-impl DockerRuntime {
+impl<E: Engine> ContainerRuntime<E> {
     /// Creates a new container for a session whose box directory survived but
     /// whose container did not; its slot comes from the workspace's owner.
     /// `Ok(false)` when the box cannot be reused.
@@ -814,6 +800,7 @@ impl DockerRuntime {
             uid: self.inner.cfg.uid_base + slot,
             dir: dir.to_path_buf(),
             limits: Mutex::new(rec.spec.clone()),
+            labels: session_labels(&rec.session_id, rec.generation, rec.spec.template),
         });
         create_dir(&bx.run_dir(), 0o700, Some(bx.uid))?;
         if rec.spec.disk_bytes != 0 {
@@ -821,12 +808,7 @@ impl DockerRuntime {
             // reboot); never a new one over its files.
             self.inner.disks.remount(name, &bx.workspace_dir()).await?;
         }
-        let labels = HashMap::from([
-            (LABEL_SESSION.to_string(), rec.session_id.clone()),
-            (LABEL_GENERATION.to_string(), rec.generation.to_string()),
-            ("sandfleet.template".to_string(), rec.spec.template.to_string()),
-        ]);
-        if let Err(e) = self.start_box(&bx, labels).await {
+        if let Err(e) = self.start_box(&bx).await {
             let _ = self.remove_container(name).await;
             // The slot stays reserved: its uid still owns the kept workspace.
             return Err(e);
@@ -844,15 +826,24 @@ impl DockerRuntime {
     }
 }
 
+/// The labels of a session's cold-created container (besides the node, box and slot).
+fn session_labels(session_id: &str, generation: u64, template: Template) -> HashMap<String, String> {
+    HashMap::from([
+        (LABEL_SESSION.to_string(), session_id.to_string()),
+        (LABEL_GENERATION.to_string(), generation.to_string()),
+        (LABEL_TEMPLATE.to_string(), template.to_string()),
+    ])
+}
+
 /// Keeps the warm pool filled until the pool is stopped or the runtime is dropped.
-async fn pool_task(inner: Weak<Inner>, refill: Arc<Notify>) {
+async fn pool_task<E: Engine>(inner: Weak<Inner<E>>, refill: Arc<Notify>) {
     let mut failures = 0u32;
     loop {
         let Some(strong) = inner.upgrade() else { return };
         if strong.stopped.load(Ordering::SeqCst) {
             return;
         }
-        let rt = DockerRuntime { inner: strong };
+        let rt = ContainerRuntime { inner: strong };
         let wanted: Vec<(Template, u32)> = rt.inner.cfg.warm_pool.iter().map(|(t, n)| (*t, *n)).collect();
         let mut next: Option<Template> = None;
         {
@@ -896,9 +887,9 @@ async fn pool_task(inner: Weak<Inner>, refill: Arc<Notify>) {
 }
 
 #[async_trait::async_trait]
-impl Runtime for DockerRuntime {
+impl<E: Engine> Runtime for ContainerRuntime<E> {
     fn kind(&self) -> sandfleet_common::spec::Runtime {
-        sandfleet_common::spec::Runtime::Docker
+        self.inner.engine.kind()
     }
 
     #[instrument(skip(self, spec), fields(session = %spec.session_id, generation = spec.generation))]
@@ -957,7 +948,8 @@ impl Runtime for DockerRuntime {
 
         // Cold create.
         let slot = self.reserve_slot()?;
-        let bx = match self.new_box(slot, resolved.clone()).await {
+        let labels = session_labels(&spec.session_id, spec.generation, resolved.template);
+        let bx = match self.new_box(slot, resolved.clone(), labels).await {
             Ok(b) => Arc::new(b),
             Err(e) => {
                 self.release_slot(slot);
@@ -965,14 +957,9 @@ impl Runtime for DockerRuntime {
             }
         };
         let s = Session::new(spec, bx.clone(), resolved.clone());
-        let labels = HashMap::from([
-            (LABEL_SESSION.to_string(), spec.session_id.clone()),
-            (LABEL_GENERATION.to_string(), spec.generation.to_string()),
-            ("sandfleet.template".to_string(), resolved.template.to_string()),
-        ]);
         let res = async {
             self.persist(&s)?;
-            self.start_box(&bx, labels).await
+            self.start_box(&bx).await
         }
         .await;
         if let Err(e) = res {

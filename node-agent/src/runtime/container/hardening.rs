@@ -1,6 +1,9 @@
-//! The first layer of the docker runtime: what a session's container looks
-//! like to the engine. Owns the container create body (every hardening
-//! option of the HostConfig) and the seccomp profile the agent writes.
+//! The first layer of the container runtimes: what a session's container may
+//! do, decided once ([`hardening`]) for both engines, which render it into
+//! their own configuration (the docker runtime's HostConfig, the CRI
+//! runtime's pod sandbox and container configs); and the seccomp profile the
+//! agent writes, in Docker's format ([`seccomp_profile`]) and the OCI format
+//! containerd reads ([`oci_seccomp_profile`]).
 //!
 //! # The seccomp profile
 //! Docker's default profile (moby `profiles/seccomp/default.json`) as it
@@ -28,9 +31,9 @@
 //! again to the command bwrap runs.
 
 use std::collections::HashMap;
-use std::path::Path;
 
-use bollard::models::{ContainerCreateBody, HostConfig, HostConfigLogConfig, RestartPolicy, RestartPolicyNameEnum};
+use std::path::PathBuf;
+
 use serde_json::json;
 
 use crate::executor::{CONTAINER_RUN_DIR, CONTAINER_WORKSPACE};
@@ -49,19 +52,14 @@ pub const LABEL_POOL: &str = "sandfleet.pool";
 pub const LABEL_BOX: &str = "sandfleet.box";
 /// Label: the session slot (host uid = uid_base + slot).
 pub const LABEL_SLOT: &str = "sandfleet.slot";
+/// Label: the template of a session's container.
+pub const LABEL_TEMPLATE: &str = "sandfleet.template";
 
 /// CFS period of every container (100 ms).
 pub const CPU_PERIOD_US: i64 = 100_000;
 /// pids on top of the session's `pids_limit`: tini, the executor's threads,
 /// and the two bwrap processes of each exec.
 pub const EXECUTOR_PIDS_HEADROOM: u32 = 32;
-/// Size of the container's own `/tmp` (the executor's files; each exec gets
-/// its own tmpfs `/tmp` from bwrap).
-pub const CONTAINER_TMP: &str = "rw,noexec,nosuid,nodev,size=64m";
-/// json-file log cap.
-pub const LOG_MAX_SIZE: &str = "10m";
-/// json-file log files kept.
-pub const LOG_MAX_FILE: &str = "3";
 
 /// Docker's default allow list (the entries without conditions), as of moby
 /// 20.10–27; names unknown to the host's libseccomp are ignored by the engine.
@@ -464,23 +462,153 @@ pub fn seccomp_profile() -> serde_json::Value {
     })
 }
 
-/// What one container is made of.
+/// Architectures of the profile: the host's with its compatibility ones.
+const ARCH_MAP: [(&str, &[&str]); 2] =
+    [("SCMP_ARCH_X86_64", &["SCMP_ARCH_X86", "SCMP_ARCH_X32"]), ("SCMP_ARCH_AARCH64", &["SCMP_ARCH_ARM"])];
+
+/// The same profile as [`seccomp_profile`] in the OCI runtime-spec format
+/// (`LinuxSeccomp`), which containerd's CRI reads from a `Localhost` profile
+/// file: Docker's `archMap` becomes the host architecture's list, and a rule
+/// restricted to other architectures (`includes.arches`) is dropped.
+pub fn oci_seccomp_profile() -> serde_json::Value {
+    let docker = seccomp_profile();
+    let (host_arch, docker_arch) = match std::env::consts::ARCH {
+        "aarch64" => (ARCH_MAP[1], "arm64"),
+        _ => (ARCH_MAP[0], "amd64"),
+    };
+    let mut architectures = vec![host_arch.0];
+    architectures.extend_from_slice(host_arch.1);
+    let syscalls: Vec<serde_json::Value> = docker["syscalls"]
+        .as_array()
+        .map(Vec::as_slice)
+        .unwrap_or_default()
+        .iter()
+        .filter(|r| {
+            r["includes"]["arches"]
+                .as_array()
+                .is_none_or(|arches| arches.iter().any(|a| a.as_str() == Some(docker_arch)))
+        })
+        .map(|r| {
+            let mut rule = json!({"names": r["names"], "action": r["action"]});
+            if let Some(args) = r.get("args") {
+                rule["args"] = args.clone();
+            }
+            if let Some(errno) = r.get("errnoRet") {
+                rule["errnoRet"] = errno.clone();
+            }
+            rule
+        })
+        .collect();
+    json!({
+        "defaultAction": docker["defaultAction"],
+        "defaultErrnoRet": docker["defaultErrnoRet"],
+        "architectures": architectures,
+        "syscalls": syscalls,
+    })
+}
+
+/// What one container is made of: which box, which image, which limits.
 #[derive(Debug, Clone)]
 pub struct ContainerPlan<'a> {
+    /// The container's (and box's) name.
+    pub name: &'a str,
     /// The image (from the template).
-    pub image: &'a str,
+    pub image: String,
     /// Host uid (and gid) the container's processes run as.
     pub uid: u32,
     /// Limits (memory, CPU, pids).
     pub limits: &'a ResolvedSpec,
     /// Host directory bound at `/workspace`.
-    pub workspace_dir: &'a Path,
+    pub workspace_dir: PathBuf,
     /// Host directory bound at `/sandfleet` (the executor's socket).
-    pub run_dir: &'a Path,
+    pub run_dir: PathBuf,
     /// Labels for reconciliation.
     pub labels: HashMap<String, String>,
-    /// The seccomp profile (JSON text).
-    pub seccomp_json: &'a str,
+}
+
+/// A bind mount of a host directory into the container.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Bind {
+    /// Host path.
+    pub host: PathBuf,
+    /// Path in the container.
+    pub container: &'static str,
+}
+
+/// Every hardening option of a session's container, decided once here and
+/// rendered by each engine into its own configuration (the docker runtime's
+/// HostConfig, the CRI runtime's pod sandbox and container configs).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Hardening {
+    /// uid and gid of every process (non-root: the session's host uid).
+    pub uid: u32,
+    /// Capabilities dropped: all of them.
+    pub cap_drop: Vec<&'static str>,
+    /// `no_new_privs`: nothing in the container gains privileges by exec.
+    pub no_new_privileges: bool,
+    /// The image's filesystem is read-only.
+    pub read_only_root: bool,
+    /// Memory limit in bytes; memory + swap is the same number (no swap).
+    pub memory_bytes: i64,
+    /// CFS period (us).
+    pub cpu_period_us: i64,
+    /// CFS quota (us per period): the session's CPU limit.
+    pub cpu_quota_us: i64,
+    /// Process limit: the session's plus [`EXECUTOR_PIDS_HEADROOM`].
+    pub pids_limit: i64,
+    /// No network: docker's `none`; under CRI the pod's network namespace
+    /// (and each exec gets an empty one of its own from bwrap).
+    pub network_none: bool,
+    /// Paths of `/proc` and `/sys` masked or made read-only by the engine:
+    /// none, because the kernel refuses bwrap a fresh `/proc` for its pid
+    /// namespace while anything is mounted over the container's
+    /// (`mount_too_revealing`); bwrap's `/proc` shows only the exec's own
+    /// processes, and the container runs as a non-root uid with no
+    /// capabilities (see docs/security.md).
+    pub masked_paths: Vec<&'static str>,
+    /// See [`Hardening::masked_paths`].
+    pub readonly_paths: Vec<&'static str>,
+    /// The workspace and the executor's run directory.
+    pub binds: Vec<Bind>,
+    /// The container's hostname.
+    pub hostname: &'static str,
+    /// Working directory.
+    pub workdir: &'static str,
+    /// Arguments of the image's entrypoint (`sandfleet-executor`): its
+    /// generated `/etc` lives in the run directory, which both engines bind
+    /// writable (CRI has no tmpfs mounts).
+    pub args: Vec<String>,
+    /// Environment of the executor.
+    pub env: Vec<(&'static str, &'static str)>,
+}
+
+/// The directory of the executor's generated `/etc` files inside the container.
+pub const EXECUTOR_ETC_DIR: &str = "/sandfleet/etc";
+
+/// The hardening of the container of `p`.
+pub fn hardening(p: &ContainerPlan<'_>) -> Hardening {
+    let (memory_bytes, cpu_period_us, cpu_quota_us, pids_limit) = resources(p.limits);
+    Hardening {
+        uid: p.uid,
+        cap_drop: vec!["ALL"],
+        no_new_privileges: true,
+        read_only_root: true,
+        memory_bytes,
+        cpu_period_us,
+        cpu_quota_us,
+        pids_limit,
+        network_none: true,
+        masked_paths: vec![],
+        readonly_paths: vec![],
+        binds: vec![
+            Bind { host: p.workspace_dir.clone(), container: CONTAINER_WORKSPACE },
+            Bind { host: p.run_dir.clone(), container: CONTAINER_RUN_DIR },
+        ],
+        hostname: "sandbox",
+        workdir: CONTAINER_WORKSPACE,
+        args: vec!["--etc-dir".into(), EXECUTOR_ETC_DIR.into()],
+        env: vec![("SANDFLEET_LOG", "info")],
+    }
 }
 
 /// The resources part of the HostConfig (also used to re-limit a claimed pool container).
@@ -491,61 +619,8 @@ pub fn resources(limits: &ResolvedSpec) -> (i64, i64, i64, i64) {
     (memory, CPU_PERIOD_US, quota, pids)
 }
 
-/// The container create body: every hardening option of the docker runtime.
-pub fn container_body(p: &ContainerPlan<'_>) -> ContainerCreateBody {
-    let (memory, period, quota, pids) = resources(p.limits);
-    let host = HostConfig {
-        // Memory with memory+swap equal to it: no swap.
-        memory: Some(memory),
-        memory_swap: Some(memory),
-        cpu_period: Some(period),
-        cpu_quota: Some(quota),
-        pids_limit: Some(pids),
-        network_mode: Some("none".to_string()),
-        cap_drop: Some(vec!["ALL".to_string()]),
-        security_opt: Some(vec!["no-new-privileges:true".to_string(), format!("seccomp={}", p.seccomp_json)]),
-        readonly_rootfs: Some(true),
-        tmpfs: Some(HashMap::from([("/tmp".to_string(), CONTAINER_TMP.to_string())])),
-        binds: Some(vec![
-            format!("{}:{}:rw", p.workspace_dir.display(), CONTAINER_WORKSPACE),
-            format!("{}:{}:rw", p.run_dir.display(), CONTAINER_RUN_DIR),
-        ]),
-        log_config: Some(HostConfigLogConfig {
-            typ: Some("json-file".to_string()),
-            config: Some(HashMap::from([
-                ("max-size".to_string(), LOG_MAX_SIZE.to_string()),
-                ("max-file".to_string(), LOG_MAX_FILE.to_string()),
-            ])),
-        }),
-        // docker-init (tini) as pid 1 reaps every child.
-        init: Some(true),
-        ipc_mode: Some("private".to_string()),
-        restart_policy: Some(RestartPolicy { name: Some(RestartPolicyNameEnum::NO), maximum_retry_count: None }),
-        // bwrap mounts a fresh procfs for its pid namespace; the kernel refuses
-        // that while the container's /proc has Docker's masking mounts on it
-        // ("Can't mount proc on /newroot/proc: Operation not permitted"). The
-        // masked files stay root-only and the container runs as a non-root uid
-        // with no capabilities (see docs/security.md).
-        masked_paths: Some(vec![]),
-        readonly_paths: Some(vec![]),
-        ..Default::default()
-    };
-    ContainerCreateBody {
-        image: Some(p.image.to_string()),
-        user: Some(format!("{}:{}", p.uid, p.uid)),
-        hostname: Some("sandbox".to_string()),
-        working_dir: Some(CONTAINER_WORKSPACE.to_string()),
-        network_disabled: Some(true),
-        labels: Some(p.labels.clone()),
-        env: Some(vec!["SANDFLEET_LOG=info".to_string()]),
-        stop_timeout: Some(1),
-        host_config: Some(host),
-        ..Default::default()
-    }
-}
-
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
     #[test]
@@ -571,9 +646,8 @@ mod tests {
         }
     }
 
-    #[test]
-    fn body_has_every_hardening_option() {
-        let limits = ResolvedSpec {
+    pub(crate) fn limits() -> ResolvedSpec {
+        ResolvedSpec {
             template: sandfleet_common::spec::Template::Python,
             cpu_millis: 500,
             memory_bytes: 256 << 20,
@@ -581,25 +655,53 @@ mod tests {
             env: Default::default(),
             disk_bytes: 1 << 30,
             disk_inodes: 65_536,
-        };
-        let b = container_body(&ContainerPlan {
-            image: "img",
+        }
+    }
+
+    pub(crate) fn plan(limits: &ResolvedSpec) -> ContainerPlan<'_> {
+        ContainerPlan {
+            name: "sandfleet-n-0123456789abcdef",
+            image: "img".into(),
             uid: 200_001,
-            limits: &limits,
-            workspace_dir: Path::new("/d/ws"),
-            run_dir: Path::new("/d/run"),
+            limits,
+            workspace_dir: PathBuf::from("/d/ws"),
+            run_dir: PathBuf::from("/d/run"),
             labels: HashMap::from([(LABEL_NODE.to_string(), "n".to_string())]),
-            seccomp_json: "{}",
-        });
-        let h = b.host_config.unwrap();
-        assert_eq!(h.memory, h.memory_swap);
-        assert_eq!(h.cpu_quota, Some(50_000));
-        assert_eq!(h.pids_limit, Some(64 + i64::from(EXECUTOR_PIDS_HEADROOM)));
-        assert_eq!(h.network_mode.as_deref(), Some("none"));
-        assert_eq!(h.cap_drop, Some(vec!["ALL".to_string()]));
-        assert_eq!(h.readonly_rootfs, Some(true));
-        assert_eq!(h.init, Some(true));
-        assert!(h.security_opt.unwrap().contains(&"no-new-privileges:true".to_string()));
-        assert_eq!(b.user.as_deref(), Some("200001:200001"));
+        }
+    }
+
+    #[test]
+    fn hardening_of_a_plan() {
+        let l = limits();
+        let h = hardening(&plan(&l));
+        assert_eq!(h.uid, 200_001);
+        assert_eq!(h.cap_drop, vec!["ALL"]);
+        assert!(h.no_new_privileges && h.read_only_root && h.network_none);
+        assert_eq!((h.memory_bytes, h.cpu_period_us, h.cpu_quota_us), (256 << 20, 100_000, 50_000));
+        assert_eq!(h.pids_limit, 64 + i64::from(EXECUTOR_PIDS_HEADROOM));
+        assert_eq!(h.binds.len(), 2);
+        assert_eq!(h.args, vec!["--etc-dir".to_string(), EXECUTOR_ETC_DIR.to_string()]);
+    }
+
+    #[test]
+    fn oci_profile_is_the_docker_profile_for_this_arch() {
+        let d = seccomp_profile();
+        let o = oci_seccomp_profile();
+        assert_eq!(o["defaultAction"], d["defaultAction"]);
+        assert!(o.get("archMap").is_none());
+        let arch = o["architectures"].as_array().unwrap();
+        assert!(arch.len() >= 2, "{arch:?}");
+        let rules = o["syscalls"].as_array().unwrap();
+        assert!(rules.iter().all(|r| r.get("includes").is_none() && r.get("comment").is_none()));
+        // Every rule of the docker profile for this architecture is there, in order.
+        let kept = d["syscalls"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|r| r["includes"].is_null() || cfg!(any(target_arch = "x86_64", target_arch = "x86")))
+            .count();
+        assert_eq!(rules.len(), kept);
+        let clone3 = rules.iter().find(|r| r["names"] == json!(["clone3"])).unwrap();
+        assert_eq!(clone3["errnoRet"], libc::ENOSYS);
     }
 }
