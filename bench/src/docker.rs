@@ -46,7 +46,7 @@ pub struct Series {
 }
 
 impl Series {
-    fn new(name: &str) -> Self {
+    pub(crate) fn new(name: &str) -> Self {
         Self { name: name.to_string(), samples: Vec::new() }
     }
     /// Median.
@@ -82,11 +82,11 @@ pub struct Report {
     pub engine: String,
 }
 
-fn ms(d: Duration) -> String {
+pub(crate) fn ms(d: Duration) -> String {
     format!("{:.2} ms", d.as_secs_f64() * 1000.0)
 }
 
-fn docker(args: &[&str]) -> Result<String> {
+pub(crate) fn docker(args: &[&str]) -> Result<String> {
     let out = Command::new("docker")
         .args(args)
         .stdin(Stdio::null())

@@ -7,6 +7,7 @@
 //! sandfleet-bench placement [--sessions 20000] [--agents 1000] [--write bench/RESULTS.md]
 //! sandfleet-bench failover [--kills 20] [--sessions-per-agent 10] [--write bench/RESULTS.md]
 //! sandfleet-bench docker [--creates 20] [--execs 200] [--pool 2] [--write bench/RESULTS.md]
+//! sandfleet-bench cri [--creates 20] [--execs 200] [--pool 2] [--write bench/RESULTS.md]
 //! sandfleet-bench workspace [--files 1000] [--total-mib 100] [--runs 3] [--write bench/RESULTS.md]
 //! sandfleet-bench disk [--runs 100] [--write bench/RESULTS.md]
 //! ```
@@ -42,6 +43,7 @@ use sandfleet_testkit::facilities::BWRAP_TRUE_ARGS;
 use sandfleet_testkit::helpers::percentile;
 use sandfleet_testkit::{bins, require_sandbox_facilities, ClusterBuilder};
 
+mod cri;
 mod disk;
 mod docker;
 mod failover;
@@ -83,6 +85,25 @@ enum Cmd {
     /// Docker runtime vs plain Docker: cold create vs `docker run --rm IMAGE true`, warm-pool
     /// create, exec round trip vs `docker exec CONTAINER true`.
     Docker {
+        /// Measured creates of each kind.
+        #[arg(long, default_value_t = 20)]
+        creates: usize,
+        /// Measured exec round trips.
+        #[arg(long, default_value_t = 200)]
+        execs: usize,
+        /// Warm-up runs before each measurement.
+        #[arg(long, default_value_t = 3)]
+        warmup: usize,
+        /// Warm pool size of the warm-create agent.
+        #[arg(long, default_value_t = 2)]
+        pool: u32,
+        /// Replace the section in this results file (e.g. bench/RESULTS.md).
+        #[arg(long)]
+        write: Option<PathBuf>,
+    },
+    /// CRI runtime vs raw CRI calls: cold and warm create vs RunPodSandbox + CreateContainer +
+    /// StartContainer, exec round trip vs ExecSync, against a containerd started for the run.
+    Cri {
         /// Measured creates of each kind.
         #[arg(long, default_value_t = 20)]
         creates: usize,
@@ -238,6 +259,7 @@ const RAFT_SECTION: &str = "## Raft cluster vs etcd";
 const PLACEMENT_SECTION: &str = "## Placement throughput";
 const FAILOVER_SECTION: &str = "## Agent failover";
 const DOCKER_SECTION: &str = "## Docker runtime vs Docker";
+const CRI_SECTION: &str = "## CRI runtime vs raw CRI calls";
 const WORKSPACE_SECTION: &str = "## Workspace sync vs aws s3 sync";
 const TLS_SECTION: &str = "## Mutual TLS overhead";
 const DISK_SECTION: &str = "## Disk quota cost";
@@ -334,6 +356,22 @@ async fn main() -> ExitCode {
                 if let Some(path) = write {
                     write_section(&path, DOCKER_SECTION, &section)?;
                     eprintln!("sandfleet-bench: wrote the {DOCKER_SECTION:?} section of {}", path.display());
+                }
+                Ok::<_, anyhow::Error>(())
+            }
+            .await;
+            exit_code(result)
+        }
+        Cmd::Cri { creates, execs, warmup, pool, write } => {
+            loopback_unless_chosen();
+            let settings = cri::Settings { creates: creates.max(1), execs: execs.max(1), warmup, pool: pool.max(1) };
+            let result = async {
+                let report = cri::run(&settings).await?;
+                let section = cri::render(&report, &settings, CRI_SECTION, &machine_description());
+                println!("{section}");
+                if let Some(path) = write {
+                    write_section(&path, CRI_SECTION, &section)?;
+                    eprintln!("sandfleet-bench: wrote the {CRI_SECTION:?} section of {}", path.display());
                 }
                 Ok::<_, anyhow::Error>(())
             }

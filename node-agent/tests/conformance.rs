@@ -357,6 +357,14 @@ fn cri_config(containerd: &sandfleet_testkit::containerd::Containerd, node_id: &
 fn remove_cgroup_parent(cfg: &CriConfig) {
     let Some(parent) = &cfg.cgroup_parent else { return };
     for root in std::fs::read_dir("/sys/fs/cgroup").into_iter().flatten().flatten() {
+        // Pod cgroups a test made behind the runtime's back, and what containerd left in them.
+        let dir = root.path().join(parent.trim_start_matches('/'));
+        for pod in std::fs::read_dir(&dir).into_iter().flatten().flatten().filter(|e| e.path().is_dir()) {
+            for c in std::fs::read_dir(pod.path()).into_iter().flatten().flatten().filter(|e| e.path().is_dir()) {
+                let _ = std::fs::remove_dir(c.path());
+            }
+            let _ = std::fs::remove_dir(pod.path());
+        }
         let _ = std::fs::remove_dir(root.path().join(parent.trim_start_matches('/')));
         let _ = std::fs::remove_dir(root.path().join("sandfleet-test-cri"));
     }
@@ -1817,5 +1825,46 @@ async fn cri_status_shows_every_hardening_field() {
     cri.stop_container(k8s_cri::v1::StopContainerRequest { container_id: cid, timeout: 0 }).await.unwrap();
     let r = run(c, &id, bash("cat kept.txt")).await.unwrap();
     assert_eq!(r.stdout, "kept\n", "{}", r.stderr);
+    env.cleanup().await;
+}
+
+/// A CRI runtime that a kubelet drives (it holds a sandbox the kubelet made)
+/// is refused at start: the kubelet would kill every session's sandbox.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cri_refuses_a_kubelets_runtime() {
+    let Some(env) = setup(Kind::Cri, "kubelet", 312_000).await else { return };
+    let Backend::Cri(c, cri_cfg, containerd) = &env.backend else { unreachable!() };
+    let mut cri = sandfleet_testkit::containerd::cri_client(&containerd.endpoint()).await.unwrap();
+    // What a kubelet's pod sandbox looks like to the CRI: its labels.
+    let name = "coredns-5d78c9869d-abcde";
+    let config = k8s_cri::v1::PodSandboxConfig {
+        metadata: Some(k8s_cri::v1::PodSandboxMetadata {
+            name: name.into(),
+            uid: "8c3f2f57-5b4e-4d1e-9d59-4b0c6c1a2b3c".into(),
+            namespace: "kube-system".into(),
+            attempt: 0,
+        }),
+        labels: std::collections::HashMap::from([
+            ("io.kubernetes.pod.uid".to_string(), "8c3f2f57-5b4e-4d1e-9d59-4b0c6c1a2b3c".to_string()),
+            ("io.kubernetes.pod.name".to_string(), name.to_string()),
+        ]),
+        linux: Some(k8s_cri::v1::LinuxPodSandboxConfig {
+            cgroup_parent: format!("{}/kubelet-pod", cri_cfg.cgroup_parent.as_deref().unwrap()),
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    let pod = cri
+        .run_pod_sandbox(k8s_cri::v1::RunPodSandboxRequest { config: Some(config), runtime_handler: String::new() })
+        .await
+        .unwrap()
+        .into_inner()
+        .pod_sandbox_id;
+    let err = CriRuntime::new(c.config().clone(), cri_cfg.clone()).await.expect_err("a kubelet's CRI is refused");
+    let msg = err.to_string();
+    assert!(msg.contains("kubelet") && msg.contains(&format!("kube-system/{name}")), "{msg}");
+    assert_eq!(tonic::Status::from(err).code(), tonic::Code::Unavailable);
+    cri.stop_pod_sandbox(k8s_cri::v1::StopPodSandboxRequest { pod_sandbox_id: pod.clone() }).await.unwrap();
+    cri.remove_pod_sandbox(k8s_cri::v1::RemovePodSandboxRequest { pod_sandbox_id: pod }).await.unwrap();
     env.cleanup().await;
 }

@@ -78,7 +78,8 @@ struct Args {
     /// template on sandfleet/sandbox:latest, built by deploy/images/build-sandbox-image).
     #[arg(long = "template-image", value_name = "TEMPLATE=IMAGE")]
     template_images: Vec<String>,
-    /// CRI runtime: the node's CRI socket.
+    /// CRI runtime: the CRI socket of the node's containerd for sessions (its own, never
+    /// the kubelet's: a kubelet kills the sandboxes it did not make).
     #[arg(long, default_value = sandfleet_agent::runtime::cri::DEFAULT_ENDPOINT, value_name = "unix:///PATH")]
     cri_endpoint: String,
     /// CRI runtime: the runtime handler of session sandboxes (a RuntimeClass's

@@ -19,6 +19,14 @@
 //! CRI cannot start an exited container again: [`Engine::start_again`]
 //! replaces the pod sandbox (the workspace is on the host and survives).
 //!
+//! **Never the kubelet's CRI.** A kubelet terminates every running pod
+//! sandbox of its CRI runtime that it does not know (its housekeeping,
+//! "Clean up orphaned pod containers", every 2 s), so sessions' sandboxes
+//! on the kubelet's own containerd would be killed at once. The agent drives
+//! a containerd of its own on the node (the DaemonSet runs it in the agent's
+//! pod, see docs/kubernetes.md) and refuses a CRI runtime that holds
+//! kubelet-made sandboxes ([`kubelet_managed`]).
+//!
 //! The cgroup parent must be a cgroupfs path (containerd's
 //! `SystemdCgroup = false`); under Kubernetes it defaults to the agent
 //! pod's own cgroup, so the kubelet counts sessions once, against the agent
@@ -43,8 +51,12 @@ use super::{ResolvedSpec, RuntimeError};
 /// The CRI runtime.
 pub type CriRuntime = ContainerRuntime<CriEngine>;
 
-/// containerd's CRI socket on a node.
-pub const DEFAULT_ENDPOINT: &str = "unix:///run/containerd/containerd.sock";
+/// The socket of the node's dedicated containerd for sessions (the
+/// DaemonSet runs it beside the agent; never the kubelet's, see
+/// [`kubelet_managed`]).
+pub const DEFAULT_ENDPOINT: &str = "unix:///run/sandfleet/containerd/containerd.sock";
+/// The label a kubelet puts on every pod sandbox it makes.
+pub const KUBELET_POD_UID_LABEL: &str = "io.kubernetes.pod.uid";
 /// The CRI namespace (`PodSandboxMetadata.namespace`) of session sandboxes.
 pub const POD_NAMESPACE: &str = "sandfleet";
 /// The container's name in its pod sandbox.
@@ -178,6 +190,14 @@ pub fn agent_pod_limits() -> (Option<u32>, Option<u64>) {
         Some(pod) if pod != Path::new("/") => cgroup_limits(&pod.to_string_lossy()),
         _ => (None, None),
     }
+}
+
+/// The first pod sandbox a kubelet made (`namespace/name`), if any: then the
+/// CRI runtime is a kubelet's, which kills every sandbox it does not know.
+pub fn kubelet_managed(pods: &[cri::PodSandbox]) -> Option<String> {
+    pods.iter()
+        .find(|p| p.labels.contains_key(KUBELET_POD_UID_LABEL))
+        .map(|p| p.metadata.as_ref().map(|m| format!("{}/{}", m.namespace, m.name)).unwrap_or_else(|| p.id.clone()))
 }
 
 /// The pod sandbox config of a box.
@@ -340,6 +360,22 @@ impl CriEngine {
         if !not_ready.is_empty() {
             return Err(RuntimeError::Unavailable(format!("the CRI runtime is not ready: {}", not_ready.join("; "))));
         }
+        let pods = with_deadline(
+            ENGINE,
+            "ListPodSandbox",
+            runtime.list_pod_sandbox(cri::ListPodSandboxRequest { filter: None }),
+        )
+        .await?
+        .into_inner()
+        .items;
+        if let Some(pod) = kubelet_managed(&pods) {
+            return Err(RuntimeError::Unavailable(format!(
+                "the CRI runtime at {} is a kubelet's (it holds the pod sandbox of {pod}): the kubelet kills every \
+                 sandbox it did not make, so sessions cannot run there; give the agent a containerd of its own \
+                 (docs/kubernetes.md, \"The sessions' containerd\")",
+                cfg.endpoint
+            )));
+        }
         info!(runtime = %v.runtime_name, version = %v.runtime_version, api = %v.runtime_api_version, %cgroup_parent, handler = %cfg.runtime_handler, "connected to the CRI runtime");
         Ok(Self {
             runtime,
@@ -484,6 +520,7 @@ impl Engine for CriEngine {
         create_dir(&log_dir, 0o700, None)?;
         let pod = pod_config(plan, &h, &self.cgroup_parent, &log_dir);
         let mut c = self.runtime.clone();
+        let started = std::time::Instant::now();
         let pod_id = with_deadline(
             ENGINE,
             "RunPodSandbox",
@@ -495,6 +532,7 @@ impl Engine for CriEngine {
         .await?
         .into_inner()
         .pod_sandbox_id;
+        let pod_ms = started.elapsed().as_secs_f64() * 1000.0;
         let config = container_config(plan, &h, &self.seccomp_path);
         let id = with_deadline(
             ENGINE,
@@ -508,13 +546,15 @@ impl Engine for CriEngine {
         .await?
         .into_inner()
         .container_id;
+        let created_ms = started.elapsed().as_secs_f64() * 1000.0;
         with_deadline(
             ENGINE,
             "StartContainer",
             c.start_container(cri::StartContainerRequest { container_id: id.clone() }),
         )
         .await?;
-        debug!(box_name = %plan.name, pod = %pod_id, container = %id, "pod sandbox running");
+        let started_ms = started.elapsed().as_secs_f64() * 1000.0;
+        debug!(box_name = %plan.name, pod = %pod_id, container = %id, pod_ms, created_ms, started_ms, "pod sandbox running");
         Ok(())
     }
 
@@ -670,6 +710,25 @@ mod tests {
         assert_eq!(c.mounts.len(), 2);
         assert_eq!(c.args, h.args);
         assert_eq!(h.pids_limit, 64 + i64::from(EXECUTOR_PIDS_HEADROOM));
+    }
+
+    #[test]
+    fn a_kubelets_cri_is_refused() {
+        let ours = cri::PodSandbox {
+            labels: HashMap::from([(LABEL_NODE.to_string(), "n".to_string())]),
+            ..Default::default()
+        };
+        assert_eq!(kubelet_managed(&[ours.clone()]), None);
+        let kubelets = cri::PodSandbox {
+            metadata: Some(cri::PodSandboxMetadata {
+                name: "sandfleet-agent-x2".into(),
+                namespace: "sandfleet".into(),
+                ..Default::default()
+            }),
+            labels: HashMap::from([(KUBELET_POD_UID_LABEL.to_string(), "0b1c".to_string())]),
+            ..Default::default()
+        };
+        assert_eq!(kubelet_managed(&[ours, kubelets]).as_deref(), Some("sandfleet/sandfleet-agent-x2"));
     }
 
     #[test]
