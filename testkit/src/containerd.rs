@@ -35,23 +35,8 @@ pub const PAUSE_IMAGE: &str = "docker.io/sandfleet/pause:1";
 /// The CNI plugins' directory (Debian's containernetworking-plugins).
 pub const CNI_BIN_DIR: &str = "/usr/lib/cni";
 
-const PAUSE_C: &str = r#"
-#include <signal.h>
-#include <sys/wait.h>
-#include <unistd.h>
-static void stop(int s) { (void)s; _exit(0); }
-static void reap(int s) { (void)s; while (waitpid(-1, 0, WNOHANG) > 0) {} }
-int main(void) {
-  struct sigaction term = {0}, chld = {0};
-  term.sa_handler = stop;
-  sigaction(SIGTERM, &term, 0);
-  sigaction(SIGINT, &term, 0);
-  chld.sa_handler = reap;
-  chld.sa_flags = SA_NOCLDSTOP | SA_RESTART;
-  sigaction(SIGCHLD, &chld, 0);
-  for (;;) pause();
-}
-"#;
+/// The pause program (deploy/images/pause/pause.c), built statically.
+const PAUSE_C: &str = include_str!("../../deploy/images/pause/pause.c");
 
 /// What the CRI runtime's tests need that may be missing on a machine,
 /// one item each; empty when nothing is.
