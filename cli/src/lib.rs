@@ -388,7 +388,7 @@ pub enum ClusterCmd {
     /// Send it to one of them (with --endpoint); every listed member becomes a voter.
     Init {
         /// The initial voters as ID=HOST:PORT, including the member called.
-        #[arg(required = true, value_name = "ID=ADDR", value_parser = parse_member)]
+        #[arg(required = true, value_name = "ID=ADDR", value_parser = sandfleet_common::ids::parse_member)]
         members: Vec<(u64, String)>,
         /// Also create the first admin API key and write it to this file
         /// (mode 0600; refused if the file exists).
@@ -420,20 +420,6 @@ pub enum SchedulerCmd {
     Pause,
     /// Place again; waiting sessions are placed at once.
     Resume,
-}
-
-/// `ID=HOST:PORT` of `cluster init`.
-fn parse_member(s: &str) -> Result<(u64, String), String> {
-    let (id, addr) = s.split_once('=').ok_or_else(|| format!("{s:?} is not ID=HOST:PORT"))?;
-    let id: u64 = id.trim().parse().map_err(|_| format!("member id {id:?} is not a positive integer"))?;
-    if id == 0 {
-        return Err("member ids start at 1".into());
-    }
-    let addr = addr.trim();
-    if addr.is_empty() {
-        return Err(format!("member {id} has an empty address"));
-    }
-    Ok((id, addr.to_string()))
 }
 
 /// `sandfleet dev`.

@@ -188,6 +188,22 @@ fn truncate(s: &str) -> String {
     s.chars().take(80).collect()
 }
 
+/// One initial member, `ID=HOST:PORT`, as `sandfleet cluster init` and
+/// `sandfleet-coordinator --initial-members` take it: a non-zero Raft id and
+/// a non-empty address (the servers check the address further).
+pub fn parse_member(s: &str) -> Result<(u64, String), String> {
+    let (id, addr) = s.split_once('=').ok_or_else(|| format!("{s:?} is not ID=HOST:PORT"))?;
+    let id: u64 = id.trim().parse().map_err(|_| format!("member id {id:?} is not a positive integer"))?;
+    if id == 0 {
+        return Err("member ids start at 1".into());
+    }
+    let addr = addr.trim();
+    if addr.is_empty() {
+        return Err(format!("member {id} has an empty address"));
+    }
+    Ok((id, addr.to_string()))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

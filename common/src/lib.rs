@@ -9,6 +9,7 @@
 //! - [`auth`]: identities (SPIFFE ids in certificates), API keys, roles, tenants, the resolved caller.
 //! - [`backoff`]: exponential backoff with jitter, for every retry loop.
 //! - [`grpc`]: the gRPC channel factory (address rule, timeouts per kind of peer).
+//! - `health` (feature `health`): the daemons' `grpc.health.v1` service and its plaintext listener.
 //! - [`ids`]: validation of session ids, node ids, templates, request ids, labels and env keys.
 //! - [`limits`]: defaults and hard limits (sizes, counts, durations).
 //! - [`spec`]: the one definition of a session spec: runtimes, templates, defaults, range checks.
@@ -26,6 +27,8 @@
 pub mod auth;
 pub mod backoff;
 pub mod grpc;
+#[cfg(feature = "health")]
+pub mod health;
 pub mod ids;
 pub mod limits;
 pub mod mounts;

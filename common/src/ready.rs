@@ -4,6 +4,7 @@
 //!
 //! ```text
 //! {"ready":"coordinator","id":1,"addr":"127.0.0.1:41234"}
+//! {"ready":"coordinator","id":2,"addr":"10.0.0.2:7070","health":"10.0.0.2:7079"}
 //! {"ready":"agent","node_id":"n1","addr":"127.0.0.1:41235"}
 //! {"ready":"s3","addr":"127.0.0.1:41236"}
 //! ```
@@ -21,10 +22,22 @@ pub const DEV_READY_PREFIX: &str = "sandfleet dev ready: endpoint ";
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "ready", rename_all = "lowercase")]
 pub enum ReadyLine {
-    /// `sandfleet-coordinator`: its Raft id and the gRPC address it serves on.
-    Coordinator { id: u64, addr: String },
-    /// `sandfleet-agent`: its node id and the gRPC address it serves on.
-    Agent { node_id: String, addr: String },
+    /// `sandfleet-coordinator`: its Raft id, the gRPC address it serves on,
+    /// and its `--health-listen` address if it has one.
+    Coordinator {
+        id: u64,
+        addr: String,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        health: Option<String>,
+    },
+    /// `sandfleet-agent`: its node id, the gRPC address it serves on, and its
+    /// `--health-listen` address if it has one.
+    Agent {
+        node_id: String,
+        addr: String,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        health: Option<String>,
+    },
     /// `sandfleet-s3-server` (test support): the address of its S3 endpoint.
     S3 { addr: String },
 }
@@ -59,6 +72,14 @@ impl ReadyLine {
             ReadyLine::Coordinator { addr, .. } | ReadyLine::Agent { addr, .. } | ReadyLine::S3 { addr } => addr,
         }
     }
+
+    /// The plaintext health listener's address (`--health-listen`), if any.
+    pub fn health(&self) -> Option<&str> {
+        match self {
+            ReadyLine::Coordinator { health, .. } | ReadyLine::Agent { health, .. } => health.as_deref(),
+            ReadyLine::S3 { .. } => None,
+        }
+    }
 }
 
 impl std::fmt::Display for ReadyLine {
@@ -75,11 +96,15 @@ mod tests {
     fn lines_round_trip_with_the_documented_shape() {
         let lines = [
             (
-                ReadyLine::Coordinator { id: 1, addr: "127.0.0.1:1".into() },
+                ReadyLine::Coordinator { id: 1, addr: "127.0.0.1:1".into(), health: None },
                 r#"{"ready":"coordinator","id":1,"addr":"127.0.0.1:1"}"#,
             ),
             (
-                ReadyLine::Agent { node_id: "n1".into(), addr: "10.0.0.2:7".into() },
+                ReadyLine::Coordinator { id: 2, addr: "10.0.0.1:7070".into(), health: Some("10.0.0.1:7079".into()) },
+                r#"{"ready":"coordinator","id":2,"addr":"10.0.0.1:7070","health":"10.0.0.1:7079"}"#,
+            ),
+            (
+                ReadyLine::Agent { node_id: "n1".into(), addr: "10.0.0.2:7".into(), health: None },
                 r#"{"ready":"agent","node_id":"n1","addr":"10.0.0.2:7"}"#,
             ),
             (ReadyLine::S3 { addr: "127.0.0.1:9".into() }, r#"{"ready":"s3","addr":"127.0.0.1:9"}"#),

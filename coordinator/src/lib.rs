@@ -14,24 +14,30 @@
 //! - [`pending`]: why a session waits, as stored and as clients read it.
 //! - [`plan`]: the leader's decisions (liveness, lifetimes, drains, placement) as pure functions.
 //! - [`leader`]: the leader loop that runs the planners and proposes what they decide.
+//! - [`formation`]: member ids from StatefulSet hostnames, and the automatic `cluster init`.
+//! - [`readiness`]: when the member reports SERVING on `grpc.health.v1`.
 //! - [`service`]: the gRPC services.
 
 pub mod core;
 pub mod error;
+pub mod formation;
 pub mod leader;
 pub mod pending;
 pub mod plan;
 pub mod raft;
+pub mod readiness;
 pub mod scheduler;
 pub mod service;
 pub mod state;
 
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
 use sandfleet_common::auth::IdentityKind;
+use sandfleet_common::health::Health;
 use sandfleet_common::limits::MAX_GRPC_MESSAGE_BYTES;
 pub use sandfleet_common::tls::TlsFiles;
 use sandfleet_common::tls::{spawn_server, ClientTls, ServerTls, Serving};
@@ -88,7 +94,15 @@ pub struct CoordinatorConfig {
     /// With `bootstrap`: once the new cluster has a leader, create an admin API
     /// key of the default tenant and write it to this file (mode 0600, created
     /// exclusively; an existing file is left alone and no key is created).
+    /// With `initial_members`: the same, by the member that initializes the cluster.
     pub admin_key_file: Option<PathBuf>,
+    /// `--initial-members`: every initial voter, id -> `host:port` (this member
+    /// included). The cluster forms by itself: the lowest id initializes it
+    /// once every member answers (see [`formation`]). Empty: no automatic init.
+    pub initial_members: BTreeMap<u64, String>,
+    /// `--health-listen`: also serve `grpc.health.v1` alone, in plaintext, here
+    /// (for Kubernetes probes, which speak no TLS).
+    pub health_listen: Option<SocketAddr>,
 }
 
 impl Default for CoordinatorConfig {
@@ -112,6 +126,8 @@ impl Default for CoordinatorConfig {
             placement_batch: 1024,
             tls: None,
             admin_key_file: None,
+            initial_members: BTreeMap::new(),
+            health_listen: None,
         }
     }
 }
@@ -143,6 +159,13 @@ pub struct Coordinator {
     core: Arc<core::Core>,
     server: AbortOnDropHandle<Result<(), tonic::transport::Error>>,
     leader_loop: AbortOnDropHandle<()>,
+    /// The automatic init of `--initial-members` (ends once done).
+    formation: Option<AbortOnDropHandle<()>>,
+    /// Keeps the health statuses up to date.
+    readiness: AbortOnDropHandle<()>,
+    health: Arc<Health>,
+    /// The `--health-listen` server (stopped last, in [`Coordinator::join`]).
+    health_server: Option<sandfleet_common::health::Listener>,
     /// Reloads the TLS files on SIGHUP or change; `None` on plaintext.
     reloader: Option<AbortOnDropHandle<()>>,
     shutdown: CancellationToken,
@@ -157,6 +180,16 @@ impl Coordinator {
     /// The shared core (for tests and embedding).
     pub fn core(&self) -> &Arc<core::Core> {
         &self.core
+    }
+
+    /// The bound `--health-listen` address, if any.
+    pub fn health_addr(&self) -> Option<SocketAddr> {
+        self.health_server.as_ref().map(|l| l.addr())
+    }
+
+    /// The health statuses (SERVING once ready, see [`readiness`]).
+    pub fn health(&self) -> &Arc<Health> {
+        &self.health
     }
 
     /// Waits until the server has stopped (after the shutdown token fired), then stops Raft.
@@ -182,13 +215,25 @@ impl Coordinator {
             }
         };
         let _ = self.leader_loop.await;
+        if let Some(formation) = self.formation.take() {
+            let _ = formation.await;
+        }
+        let _ = self.readiness.await;
         if let Some(reloader) = self.reloader.take() {
             let _ = reloader.await;
         }
-        match tokio::time::timeout(SHUTDOWN_DRAIN, self.core.raft.shutdown()).await {
-            Ok(r) => r.map_err(|e| CoordinatorError::Raft(e.to_string()))?,
-            Err(_) => tracing::warn!("raft did not stop in time; exiting anyway"),
+        let stopped = match tokio::time::timeout(SHUTDOWN_DRAIN, self.core.raft.shutdown()).await {
+            Ok(r) => r.map_err(|e| CoordinatorError::Raft(e.to_string())),
+            Err(_) => {
+                tracing::warn!("raft did not stop in time; exiting anyway");
+                Ok(())
+            }
+        };
+        // Probes saw NOT_SERVING on the health listener until now.
+        if let Some(listener) = self.health_server.take() {
+            listener.stop(SHUTDOWN_DRAIN).await;
         }
+        stopped?;
         served?;
         Ok(())
     }
@@ -227,6 +272,32 @@ pub async fn serve(config: CoordinatorConfig, shutdown: CancellationToken) -> Re
     if config.election_timeout < config.heartbeat_interval * 4 {
         return Err(CoordinatorError::Config("the election timeout must be at least four heartbeat intervals".into()));
     }
+    let mut config = config;
+    if !config.initial_members.is_empty() {
+        if config.bootstrap || config.force_new_cluster {
+            return Err(CoordinatorError::Config(
+                "--initial-members forms a cluster of several members; it excludes --bootstrap and --force-new-cluster"
+                    .into(),
+            ));
+        }
+        service::cluster::check_members(config.id, &config.initial_members)
+            .map_err(|s| CoordinatorError::Config(format!("--initial-members: {}", s.message())))?;
+        // Peers reach this member at the address the list gives it.
+        let own = config.initial_members[&config.id].clone();
+        match &config.advertise {
+            None => config.advertise = Some(own),
+            Some(a) if *a == own => {}
+            Some(a) => {
+                return Err(CoordinatorError::Config(format!(
+                    "--advertise {a} differs from this member's address in --initial-members ({own}); \
+                     drop --advertise or make them equal"
+                )))
+            }
+        }
+    }
+    if config.admin_key_file.is_some() && !config.bootstrap && config.initial_members.is_empty() {
+        return Err(CoordinatorError::Config("--admin-key-file needs --bootstrap or --initial-members".into()));
+    }
     let tls = match &config.tls {
         Some(files) => {
             let server = ServerTls::load(files.clone()).map_err(|e| CoordinatorError::Config(e.to_string()))?;
@@ -256,7 +327,6 @@ pub async fn serve(config: CoordinatorConfig, shutdown: CancellationToken) -> Re
     let db_path = config.data_dir.join("raft.rocksdb");
     let db =
         raft::store::open_db(&db_path).map_err(|source| CoordinatorError::Storage { path: db_path.clone(), source })?;
-    let mut config = config;
     if config.force_new_cluster {
         tracing::warn!(
             id = config.id,
@@ -318,12 +388,32 @@ pub async fn serve(config: CoordinatorConfig, shutdown: CancellationToken) -> Re
         peer_tls,
     ));
 
+    let health = Health::new(&[
+        pb::session_service_server::SERVICE_NAME,
+        pb::agent_service_server::SERVICE_NAME,
+        pb::node_service_server::SERVICE_NAME,
+        pb::cluster_service_server::SERVICE_NAME,
+        pb::tenant_service_server::SERVICE_NAME,
+        pb::api_key_service_server::SERVICE_NAME,
+        pb::raft_service_server::SERVICE_NAME,
+    ])
+    .await;
+    let health_server = match config.health_listen {
+        Some(at) => Some(
+            sandfleet_common::health::Listener::bind(at, &health)
+                .await
+                .map_err(|source| CoordinatorError::Bind { addr: at, source })?,
+        ),
+        None => None,
+    };
+
     let auth = service::auth::Authenticator::new(core.clone(), config.tls.is_none());
     let session = service::session::SessionApi::new(core.clone(), shutdown.clone(), auth.clone());
     let agent = service::agent::AgentApi::new(core.clone(), shutdown.clone());
     let server = tonic::transport::Server::builder()
         .tcp_nodelay(true)
         .trace_fn(|req| tracing::info_span!("grpc", path = %req.uri().path()))
+        .add_service(health.service())
         .add_service(
             pb::session_service_server::SessionServiceServer::new(session)
                 .max_decoding_message_size(MAX_GRPC_MESSAGE_BYTES),
@@ -389,6 +479,16 @@ pub async fn serve(config: CoordinatorConfig, shutdown: CancellationToken) -> Re
 
     let leader_loop =
         AbortOnDropHandle::new(tokio::spawn(leader::run(core.clone(), Duration::from_millis(250), shutdown.clone())));
+    let readiness =
+        AbortOnDropHandle::new(tokio::spawn(readiness::run(core.clone(), health.clone(), shutdown.clone())));
+    let formation = (!config.initial_members.is_empty()).then(|| {
+        AbortOnDropHandle::new(tokio::spawn(formation::run(
+            core.clone(),
+            config.initial_members.clone(),
+            config.admin_key_file.clone(),
+            shutdown.clone(),
+        )))
+    });
     if config.bootstrap {
         // Wait for the cluster key, so agents can register as soon as we report ready.
         let mut v = core.state.version.subscribe();
@@ -403,13 +503,14 @@ pub async fn serve(config: CoordinatorConfig, shutdown: CancellationToken) -> Re
         write_admin_key(&core, path).await?;
     }
     tracing::info!(id = config.id, %addr, "coordinator serving");
-    Ok(Coordinator { addr, core, server, leader_loop, reloader, shutdown })
+    Ok(Coordinator { addr, core, server, leader_loop, formation, readiness, health, health_server, reloader, shutdown })
 }
 
 /// `--admin-key-file`: creates the file exclusively with mode 0600, then an
-/// admin key of the default tenant, and writes the key into it. An existing
-/// file is left alone and no key is created.
-async fn write_admin_key(core: &core::Core, path: &std::path::Path) -> Result<(), CoordinatorError> {
+/// admin key of the default tenant (retrying while a new cluster's first
+/// leader settles), and writes the key into it. An existing file is left
+/// alone and no key is created.
+pub(crate) async fn write_admin_key(core: &core::Core, path: &std::path::Path) -> Result<(), CoordinatorError> {
     use std::io::Write as _;
     use std::os::unix::fs::OpenOptionsExt as _;
     let mut file = match std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(path) {
@@ -425,22 +526,13 @@ async fn write_admin_key(core: &core::Core, path: &std::path::Path) -> Result<()
             return Err(CoordinatorError::Config(format!("cannot create the admin key file {}: {e}", path.display())))
         }
     };
-    let created = service::tenant::create_key(
-        core,
-        sandfleet_common::auth::DEFAULT_TENANT,
-        sandfleet_common::auth::Role::Admin,
-        0,
-    )
-    .await;
-    let written = created.map_err(|s| s.message().to_string()).and_then(|(record, text)| {
-        file.write_all(format!("{text}\n").as_bytes())
-            .and_then(|()| file.sync_all())
-            .map(|()| record)
-            .map_err(|e| e.to_string())
+    let created = service::cluster::first_admin_key(core).await;
+    let written = created.map_err(|s| s.message().to_string()).and_then(|text| {
+        file.write_all(format!("{text}\n").as_bytes()).and_then(|()| file.sync_all()).map_err(|e| e.to_string())
     });
     match written {
-        Ok(record) => {
-            tracing::info!(key_id = %record.id, path = %path.display(), "wrote the first admin API key");
+        Ok(()) => {
+            tracing::info!(path = %path.display(), "wrote the first admin API key");
             Ok(())
         }
         Err(e) => {

@@ -107,6 +107,9 @@ pub struct AgentState {
     stopping: Mutex<std::collections::HashSet<String>>,
     /// Channels to `coordinators`, made on first use.
     coordinator_channels: std::sync::OnceLock<Vec<Channel>>,
+    /// The agent's `grpc.health.v1` statuses: SERVING while registered and
+    /// the last heartbeat was answered by a leader with a quorum.
+    pub health: Option<Arc<sandfleet_common::health::Health>>,
 }
 
 /// Longest a stopping session's final workspace sync may hold up its stop.
@@ -145,6 +148,14 @@ impl AgentState {
             coordinator_tls: None,
             stopping: Mutex::new(std::collections::HashSet::new()),
             coordinator_channels: std::sync::OnceLock::new(),
+            health: None,
+        }
+    }
+
+    /// Ready (`Ok`) or not (`Err` with the reason), for the health service.
+    async fn set_ready(&self, ready: Result<(), String>) {
+        if let Some(h) = &self.health {
+            h.set_ready(ready).await;
         }
     }
 
@@ -587,7 +598,9 @@ impl Control {
                     self.state
                         .heartbeat_ms
                         .store(resp.heartbeat_interval_ms.max(100), std::sync::atomic::Ordering::SeqCst);
-                    self.state.contact(sent);
+                    if self.state.contact(sent) {
+                        self.state.set_ready(Ok(())).await;
+                    }
                     tracing::info!(
                         node = %self.config.register.node_id,
                         fence_after_ms = resp.fence_after_ms,
@@ -597,6 +610,7 @@ impl Control {
                 }
                 Err(status) => {
                     tracing::warn!(error = %status, "registration failed; retrying");
+                    self.state.set_ready(Err(format!("not registered: {}", status.message()))).await;
                     self.rotate();
                 }
             }
@@ -653,11 +667,13 @@ impl Control {
                 Ok(resp) => {
                     failures = 0;
                     if self.state.contact(sent) {
+                        self.state.set_ready(Ok(())).await;
                         let resp = resp.into_inner();
                         self.state.reconcile(resp.assignments, resp.assignments_version, false).await;
                     } else {
                         // Too old to act on; the reports it carried were delivered. The
                         // fence check decides, and the next heartbeat is fresh.
+                        self.state.set_ready(Err("the last heartbeat's answer came too late".into())).await;
                         self.state.fence_if_cut_off().await;
                     }
                 }
@@ -673,6 +689,7 @@ impl Control {
                     }
                     failures += 1;
                     tracing::warn!(error = %status, failures, "heartbeat failed");
+                    self.state.set_ready(Err(format!("the last heartbeat failed: {}", status.message()))).await;
                     if status.code() == tonic::Code::NotFound {
                         if let Some(i) = self.register(&shutdown).await {
                             interval = i;

@@ -100,6 +100,9 @@ pub struct AgentConfig {
     /// Mutual TLS toward the coordinators and on the data plane; `None` is
     /// `--insecure`, allowed only on a loopback listen address.
     pub tls: Option<sandfleet_common::tls::TlsFiles>,
+    /// `--health-listen`: also serve `grpc.health.v1` alone, in plaintext, here
+    /// (for Kubernetes probes, which speak no TLS).
+    pub health_listen: Option<SocketAddr>,
 }
 
 impl Default for AgentConfig {
@@ -125,6 +128,7 @@ impl Default for AgentConfig {
             store: store::StoreConfig::None,
             sync: store::sync::SyncConfig::default(),
             tls: None,
+            health_listen: None,
         }
     }
 }
@@ -165,6 +169,10 @@ pub struct Agent {
     /// Reloads the TLS files on SIGHUP or change; `None` on plaintext.
     reloader: Option<AbortOnDropHandle<()>>,
     syncer: Option<Arc<store::sync::Syncer>>,
+    /// Sets the health statuses NOT_SERVING when the shutdown begins.
+    _health_watch: AbortOnDropHandle<()>,
+    /// The `--health-listen` server (stopped last, in [`Agent::join`]).
+    health_server: Option<sandfleet_common::health::Listener>,
     /// Held until the agent has stopped.
     _lock: lock::AgentLock,
 }
@@ -175,8 +183,14 @@ impl Agent {
         self.addr
     }
 
+    /// The bound `--health-listen` address, if any.
+    pub fn health_addr(&self) -> Option<SocketAddr> {
+        self.health_server.as_ref().map(|l| l.addr())
+    }
+
     /// Waits until the agent has stopped after the shutdown token fired.
-    pub async fn join(self) -> Result<(), AgentError> {
+    pub async fn join(mut self) -> Result<(), AgentError> {
+        let health_server = self.health_server.take();
         let _ = self.control.await;
         if let Some(s) = &self.syncer {
             // Sessions outlive the agent process; their latest changes go to the store first.
@@ -191,14 +205,19 @@ impl Agent {
         // Execs end at the shutdown (see `dataplane`), but a client may still hold a
         // stream open (an upload that never ends): the graceful stop gets a bound.
         let mut server = self.server;
-        match tokio::time::timeout(SERVER_STOP_TIMEOUT, &mut server).await {
-            Ok(r) => r.map_err(|e| AgentError::Join(e.to_string()))??,
+        let served = match tokio::time::timeout(SERVER_STOP_TIMEOUT, &mut server).await {
+            Ok(r) => r.map_err(|e| AgentError::Join(e.to_string())).and_then(|r| r.map_err(AgentError::from)),
             Err(_) => {
                 tracing::warn!("calls still open {SERVER_STOP_TIMEOUT:?} after the shutdown; closing them");
                 server.abort();
+                Ok(())
             }
+        };
+        // Probes saw NOT_SERVING on the health listener until now.
+        if let Some(listener) = health_server {
+            listener.stop(SERVER_STOP_TIMEOUT).await;
         }
-        Ok(())
+        served
     }
 }
 
@@ -300,7 +319,22 @@ pub async fn serve(config: AgentConfig, shutdown: CancellationToken) -> Result<A
         }
         None => None,
     };
+    let health = sandfleet_common::health::Health::new(&[
+        pb::exec_service_server::SERVICE_NAME,
+        pb::file_service_server::SERVICE_NAME,
+    ])
+    .await;
+    let health_watch = AbortOnDropHandle::new(health.spawn_shutdown_watch(shutdown.clone()));
+    let health_server = match config.health_listen {
+        Some(at) => Some(
+            sandfleet_common::health::Listener::bind(at, &health)
+                .await
+                .map_err(|source| AgentError::Bind { addr: at, source })?,
+        ),
+        None => None,
+    };
     let mut state = AgentState::new(config.node_id.clone(), runtime);
+    state.health = Some(health.clone());
     state.syncer = syncer.clone();
     state.coordinators = config.coordinators.clone();
     state.coordinator_tls = coordinator_tls.clone();
@@ -317,6 +351,7 @@ pub async fn serve(config: AgentConfig, shutdown: CancellationToken) -> Result<A
     let server = tonic::transport::Server::builder()
         .tcp_nodelay(true)
         .trace_fn(|req| tracing::info_span!("grpc", path = %req.uri().path()))
+        .add_service(health.service())
         .add_service(
             pb::exec_service_server::ExecServiceServer::new(plane.clone())
                 .max_decoding_message_size(MAX_GRPC_MESSAGE_BYTES),
@@ -363,5 +398,15 @@ pub async fn serve(config: AgentConfig, shutdown: CancellationToken) -> Result<A
     };
     let control = AbortOnDropHandle::new(tokio::spawn(control.run(interval, shutdown.clone())));
     tracing::info!(node = %config.node_id, %addr, "agent serving");
-    Ok(Agent { addr, server, control, cleanup, reloader, syncer, _lock: agent_lock })
+    Ok(Agent {
+        addr,
+        server,
+        control,
+        cleanup,
+        reloader,
+        syncer,
+        _health_watch: health_watch,
+        health_server,
+        _lock: agent_lock,
+    })
 }

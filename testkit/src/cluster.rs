@@ -74,6 +74,26 @@ fn target_of(key: &str) -> Option<Target> {
     }
 }
 
+/// The port of every self-forming coordinator in its own namespace.
+pub const SELF_FORMING_PORT: u16 = 7070;
+/// The StatefulSet name self-forming coordinators take their hostnames from:
+/// coordinator `i` is `sandfleet-coordinator-<i>`.
+pub const SELF_FORMING_NAME: &str = "sandfleet-coordinator";
+
+/// A free loopback port, for addresses that must be known before the process starts.
+fn free_loopback_port() -> Result<u16> {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").context("finding a free loopback port")?;
+    Ok(l.local_addr()?.port())
+}
+
+/// `--health-listen`'s value for a process in `netns` (or on loopback): its address, any port.
+fn health_listen(netns: &Option<NetHost>) -> String {
+    match netns {
+        Some(h) => format!("{}:0", h.ip),
+        None => "127.0.0.1:0".to_string(),
+    }
+}
+
 /// Five random characters of `[a-z0-9]`, for node ids.
 fn random_suffix() -> String {
     use rand::Rng;
@@ -98,6 +118,9 @@ pub struct ClusterBuilder {
     tmp_in: Option<PathBuf>,
     network: NetworkChoice,
     tls: bool,
+    self_forming: bool,
+    started_coordinators: Option<usize>,
+    health_listeners: bool,
 }
 
 impl Default for ClusterBuilder {
@@ -123,7 +146,40 @@ impl ClusterBuilder {
             tmp_in: None,
             network: NetworkChoice::Auto,
             tls: true,
+            self_forming: false,
+            started_coordinators: None,
+            health_listeners: false,
         }
+    }
+
+    /// Coordinators that form the cluster by themselves, as a Kubernetes
+    /// StatefulSet runs them (default: no): coordinator `i` starts with
+    /// `--id-from-hostname --hostname sandfleet-coordinator-<i>` (so Raft id
+    /// `i + 1`) and `--initial-members` listing every coordinator at an address
+    /// fixed in advance (port [`SELF_FORMING_PORT`] of its namespace, or a free
+    /// loopback port). Nobody calls `InitCluster` or `AddMember`; `start` waits
+    /// until the cluster has formed, and reads the admin key the initializing
+    /// member writes (`--admin-key-file`, given to every member).
+    pub fn self_forming(mut self, yes: bool) -> Self {
+        self.self_forming = yes;
+        self
+    }
+
+    /// With [`ClusterBuilder::self_forming`]: start only the first `k`
+    /// coordinators; the others are prepared (arguments, addresses,
+    /// certificates) and started later with [`Cluster::restart`]. `start` then
+    /// neither waits for the cluster to form nor starts agents.
+    pub fn start_coordinators(mut self, k: usize) -> Self {
+        self.started_coordinators = Some(k);
+        self
+    }
+
+    /// Give every coordinator and agent a plaintext health listener
+    /// (`--health-listen <its address>:0`); its address is in the process's
+    /// ready line ([`Cluster::health_addr`]). Default: no.
+    pub fn health_listeners(mut self, yes: bool) -> Self {
+        self.health_listeners = yes;
+        self
     }
 
     /// Mutual TLS everywhere (the default): a CA per cluster and a
@@ -311,6 +367,7 @@ impl ClusterBuilder {
             coordinator_args: self.coordinator_args.clone(),
             env: self.env.clone(),
             admin_key: None,
+            health_listeners: self.health_listeners,
         };
         if self.tls {
             // A TLS cluster needs a credential on every call: the bootstrap
@@ -338,14 +395,28 @@ impl ClusterBuilder {
         let dir = cluster.tmp.path().to_path_buf();
         let (_, agent_bin) = self.binaries();
 
-        for i in 0..self.coordinators {
-            cluster.launch_coordinator(i == 0 && self.bootstrap).await?;
+        if self.self_forming {
+            anyhow::ensure!(self.bootstrap, "a self-forming cluster initializes itself; do not turn bootstrap off");
+            cluster.prepare_self_forming(self.coordinators)?;
+            let k = self.started_coordinators.unwrap_or(self.coordinators).min(self.coordinators);
+            for i in 0..k {
+                cluster.restart(Target::Coordinator(i)).await?;
+            }
+            if k < self.coordinators {
+                anyhow::ensure!(self.agents == 0, "agents need a formed cluster; start them after every coordinator");
+                return Ok(());
+            }
+            cluster.wait_formed(self.ready_timeout * 2).await?;
+        } else {
+            for i in 0..self.coordinators {
+                cluster.launch_coordinator(i == 0 && self.bootstrap).await?;
+            }
         }
         if !self.bootstrap {
             anyhow::ensure!(self.agents == 0, "agents need an initialized cluster; start them after InitCluster");
             return Ok(());
         }
-        if self.coordinators > 1 && self.join_with_add_member {
+        if self.coordinators > 1 && self.join_with_add_member && !self.self_forming {
             cluster.join_coordinators().await?;
         }
 
@@ -381,6 +452,9 @@ impl ClusterBuilder {
                     "process".into(),
                 ];
                 args.extend(tls_args);
+                if self.health_listeners {
+                    args.extend(["--health-listen".to_string(), health_listen(&netns)]);
+                }
                 if set_uid_base {
                     let base = 300_000 + (uid_block * 16 + i as u32 % 16) * 1024;
                     args.extend(["--uid-base".to_string(), base.to_string()]);
@@ -435,6 +509,8 @@ pub struct Cluster {
     client_tls: Option<TlsPaths>,
     /// The first admin API key of a TLS cluster (empty until bootstrapped).
     admin_key: Option<String>,
+    /// Every process gets `--health-listen`.
+    health_listeners: bool,
 }
 
 impl fmt::Debug for Cluster {
@@ -692,7 +768,7 @@ impl Cluster {
     /// waits until every member is a voter and a leader is known.
     async fn join_coordinators(&mut self) -> Result<()> {
         use sandfleet_proto::v1::cluster_service_client::ClusterServiceClient;
-        use sandfleet_proto::v1::{AddMemberRequest, ClusterStatusRequest};
+        use sandfleet_proto::v1::AddMemberRequest;
 
         let first = self.channel(&self.coordinators[0].addr, IdentityKind::Coordinator)?;
         let deadline = Instant::now() + self.ready_timeout * 2;
@@ -721,11 +797,21 @@ impl Cluster {
                 }
             }
         }
+        self.wait_voters(deadline).await
+    }
+
+    /// Waits until coordinator 1 sees a leader and every coordinator as a voter.
+    async fn wait_voters(&self, deadline: Instant) -> Result<()> {
+        use sandfleet_proto::v1::cluster_service_client::ClusterServiceClient;
+        use sandfleet_proto::v1::ClusterStatusRequest;
+        let first = self.channel(&self.coordinators[0].addr, IdentityKind::Coordinator)?;
         let n = self.coordinators.len();
         loop {
             let status = async {
                 let mut api = ClusterServiceClient::new(first.clone());
-                Ok::<_, anyhow::Error>(api.status(ClusterStatusRequest {}).await?.into_inner())
+                let mut req = tonic::Request::new(ClusterStatusRequest {});
+                req.set_timeout(Duration::from_secs(5));
+                Ok::<_, anyhow::Error>(api.status(req).await?.into_inner())
             }
             .await;
             let last = match status {
@@ -738,6 +824,81 @@ impl Cluster {
             }
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
+    }
+
+    /// Prepares `n` self-forming coordinators (see [`ClusterBuilder::self_forming`])
+    /// without starting them: namespaces, fixed addresses, certificates, arguments.
+    fn prepare_self_forming(&mut self, n: usize) -> Result<()> {
+        let dir = self.tmp.path().to_path_buf();
+        let mut hosts = Vec::new();
+        for i in 0..n {
+            let netns = self.add_netns(Target::Coordinator(i))?;
+            let addr = match &netns {
+                Some(h) => format!("{}:{SELF_FORMING_PORT}", h.ip),
+                None => format!("127.0.0.1:{}", free_loopback_port()?),
+            };
+            hosts.push((netns, addr));
+        }
+        let members: Vec<String> = hosts.iter().enumerate().map(|(i, (_, addr))| format!("{}={addr}", i + 1)).collect();
+        let members = members.join(",");
+        for (i, (netns, listen)) in hosts.into_iter().enumerate() {
+            let id = (i + 1).to_string();
+            let data_dir = dir.join(format!("coordinator-{id}"));
+            std::fs::create_dir_all(&data_dir)?;
+            let mut args: Vec<String> = vec![
+                "--id-from-hostname".into(),
+                "--hostname".into(),
+                format!("{SELF_FORMING_NAME}-{i}"),
+                "--initial-members".into(),
+                members.clone(),
+                "--listen".into(),
+                listen.clone(),
+                "--data-dir".into(),
+                data_dir.display().to_string(),
+            ];
+            if self.admin_key.is_some() {
+                args.extend(["--admin-key-file".into(), dir.join("admin.key").display().to_string()]);
+            }
+            if self.health_listeners {
+                args.extend(["--health-listen".to_string(), health_listen(&netns)]);
+            }
+            args.extend(self.tls_args(IdentityKind::Coordinator, &format!("c{id}"), &listen)?);
+            args.extend(self.coordinator_args.iter().cloned());
+            let mut p =
+                Proc::new(Role::Coordinator, id, self.coordinator_bin.clone(), args, data_dir, &dir, self.env.clone());
+            p.netns = netns;
+            self.coordinators.push(p);
+        }
+        Ok(())
+    }
+
+    /// Waits until the self-forming coordinators have formed a cluster of
+    /// them all, then reads the admin key the initializing member wrote.
+    pub async fn wait_formed(&mut self, timeout: Duration) -> Result<()> {
+        let deadline = Instant::now() + timeout;
+        self.wait_voters(deadline).await?;
+        if self.admin_key.as_deref() == Some("") {
+            let path = self.tmp.path().join("admin.key");
+            loop {
+                match std::fs::read_to_string(&path) {
+                    Ok(key) if key.ends_with('\n') => {
+                        self.admin_key = Some(key.trim().to_string());
+                        break;
+                    }
+                    _ if Instant::now() >= deadline => {
+                        bail!("no admin key in {} within {timeout:?}\n{}", path.display(), self.logs(LOG_TAIL_LINES))
+                    }
+                    _ => tokio::time::sleep(Duration::from_millis(100)).await,
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// The plaintext health listener of process `t` (`--health-listen`, see
+    /// [`ClusterBuilder::health_listeners`]), from its latest ready line.
+    pub fn health_addr(&self, t: Target) -> Option<String> {
+        self.proc(t).ready.as_ref()?.health().map(str::to_string)
     }
 
     /// Starts one more coordinator with the next free Raft id, the builder's
@@ -774,6 +935,9 @@ impl Cluster {
             if self.admin_key.is_some() {
                 args.extend(["--admin-key-file".into(), dir.join("admin.key").display().to_string()]);
             }
+        }
+        if self.health_listeners {
+            args.extend(["--health-listen".to_string(), health_listen(&netns)]);
         }
         args.extend(self.tls_args(IdentityKind::Coordinator, &format!("c{id}"), &listen)?);
         args.extend(self.coordinator_args.iter().cloned());

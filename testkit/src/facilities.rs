@@ -221,3 +221,43 @@ pub fn build_sandbox_image() -> Result<String, String> {
 pub fn sandbox_image() -> String {
     build_sandbox_image().unwrap_or_else(|e| panic!("{e}"))
 }
+
+/// Builds (or finds, by content hash) the daemon image `image` (`coordinator`
+/// or `agent`) with this build's binary through
+/// `deploy/images/build-daemon-images`, which also tags it
+/// `sandfleet/<image>:latest`. Returns its tag, or the error with the command
+/// to rerun by hand. Built once per process and image.
+pub fn build_daemon_image(image: &str) -> Result<String, String> {
+    static TAGS: OnceLock<parking_lot::Mutex<std::collections::HashMap<String, Result<String, String>>>> =
+        OnceLock::new();
+    let tags = TAGS.get_or_init(Default::default);
+    let mut tags = tags.lock();
+    if let Some(done) = tags.get(image) {
+        return done.clone();
+    }
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/images/build-daemon-images");
+    let bins = crate::bins::bin_dir();
+    let how = format!("{} --only {image} --bin-dir {}", script.display(), bins.display());
+    let built = Command::new(&script)
+        .args(["--only", image, "--print-tags", "--bin-dir"])
+        .arg(&bins)
+        .stdin(Stdio::null())
+        .output()
+        .map_err(|e| format!("cannot run {how}: {e}"))
+        .and_then(|out| {
+            let tag = String::from_utf8_lossy(&out.stdout).trim().to_string();
+            if out.status.success() && !tag.is_empty() {
+                Ok(tag)
+            } else {
+                Err(format!("building the {image} image failed ({how}):\n{}", String::from_utf8_lossy(&out.stderr)))
+            }
+        });
+    tags.insert(image.to_string(), built.clone());
+    built
+}
+
+/// [`build_daemon_image`] for tests (call [`require_docker`] first): a failed
+/// build fails the test.
+pub fn daemon_image(image: &str) -> String {
+    build_daemon_image(image).unwrap_or_else(|e| panic!("{e}"))
+}

@@ -28,6 +28,7 @@
 //!   [`s3fs`] is its storage (s3s-fs that lists by prefix and prunes empty directories).
 //! - [`tls`]: [`TestPki`], a CA per cluster and a certificate per process: every
 //!   cluster runs mutual TLS unless built with `.tls(false)` (plaintext on loopback).
+//! - [`health`]: asking a daemon's `grpc.health.v1` service (Check, Watch), as a probe does.
 //! - [`helpers`]: small async helpers for tests and tools (create a session and
 //!   wait for it, run a command, assert a gRPC code, retry until true).
 //!
@@ -55,6 +56,7 @@ pub mod bins;
 pub mod cluster;
 pub mod containerd;
 pub mod facilities;
+pub mod health;
 pub mod helpers;
 pub mod host;
 pub mod linearizability;

@@ -7,6 +7,7 @@ use std::time::Duration;
 use anyhow::Context;
 use clap::Parser;
 use sandfleet_common::ready::ReadyLine;
+use sandfleet_coordinator::formation::{hostname, id_from_hostname};
 use sandfleet_coordinator::scheduler::Strategy;
 use sandfleet_coordinator::{serve, CoordinatorConfig};
 use tokio_util::sync::CancellationToken;
@@ -14,10 +15,36 @@ use tokio_util::sync::CancellationToken;
 /// A Sandfleet coordinator: Raft-replicated cluster state and the public gRPC API.
 #[derive(Debug, Parser)]
 #[command(version, about)]
+#[command(group(clap::ArgGroup::new("member_id").required(true).args(["id", "id_from_hostname"])))]
+#[command(group(clap::ArgGroup::new("init").args(["bootstrap", "initial_members"])))]
 struct Args {
     /// Raft member id, unique and non-zero.
     #[arg(long)]
-    id: u64,
+    id: Option<u64>,
+    /// Take the member id from this host's name, a StatefulSet pod name
+    /// <statefulset>-<ordinal>: id = ordinal + 1 (sandfleet-coordinator-0 is
+    /// member 1). Excludes --id.
+    #[arg(long, conflicts_with = "id")]
+    id_from_hostname: bool,
+    /// With --id-from-hostname: read the ordinal from NAME instead of this
+    /// host's name.
+    #[arg(long, value_name = "NAME", requires = "id_from_hostname")]
+    hostname: Option<String>,
+    /// Every initial voter of a cluster that forms by itself, ID=HOST:PORT,
+    /// comma-separated, this member included (in a StatefulSet: id = ordinal + 1
+    /// and the pods' DNS names under the headless Service). Once every member
+    /// answers with its id, the member with the lowest id initializes the
+    /// cluster, as `sandfleet cluster init` would; a member or cluster that is
+    /// initialized already is left alone. The advertised address defaults to
+    /// this member's entry. Excludes --bootstrap.
+    #[arg(long, value_delimiter = ',', value_name = "ID=HOST:PORT", value_parser = sandfleet_common::ids::parse_member)]
+    initial_members: Vec<(u64, String)>,
+    /// Also serve the standard gRPC health service (grpc.health.v1) alone, in
+    /// plaintext, on this address, for probes that speak no TLS (Kubernetes
+    /// grpc probes). Service "" is SERVING once this member is ready, "liveness"
+    /// while it runs. Port 0 picks a free port.
+    #[arg(long, value_name = "ADDR")]
+    health_listen: Option<SocketAddr>,
     #[command(flatten)]
     tls: sandfleet_common::tls::DaemonTlsArgs,
     /// Address to listen on for gRPC (port 0 picks a free port).
@@ -30,7 +57,7 @@ struct Args {
     #[arg(long)]
     data_dir: PathBuf,
     /// Start a new one-member cluster if this member has no state yet.
-    #[arg(long)]
+    #[arg(long, conflicts_with = "initial_members")]
     bootstrap: bool,
     /// Disaster recovery: start a new one-member cluster from this data dir's
     /// applied state, forgetting the old membership. Implies --bootstrap. Use
@@ -75,10 +102,11 @@ struct Args {
     /// Most placements committed in one Raft entry.
     #[arg(long, default_value_t = 1024)]
     placement_batch: usize,
-    /// With --bootstrap: create the first admin API key (tenant "default")
-    /// and write it to this file, mode 0600. If the file exists, nothing is
-    /// written and no key is created.
-    #[arg(long, value_name = "FILE", requires = "bootstrap")]
+    /// With --bootstrap, or on the member of --initial-members that initializes
+    /// the cluster: create the first admin API key (tenant "default") and write
+    /// it to this file, mode 0600. If the file exists, nothing is written and
+    /// no key is created.
+    #[arg(long, value_name = "FILE", requires = "init")]
     admin_key_file: Option<PathBuf>,
 }
 
@@ -96,8 +124,28 @@ async fn main() -> anyhow::Result<()> {
     let stop = shutdown.clone();
     sandfleet_common::signal::on_shutdown_signal(move || stop.cancel());
     let tls = args.tls.files().map_err(anyhow::Error::msg)?;
+    let id = match (args.id, args.id_from_hostname) {
+        (Some(id), _) => id,
+        (None, _) => {
+            let hostname = match args.hostname {
+                Some(h) => h,
+                None => hostname().map_err(anyhow::Error::msg)?,
+            };
+            let id = id_from_hostname(&hostname).map_err(anyhow::Error::msg)?;
+            tracing::info!(%hostname, id, "member id from the hostname");
+            id
+        }
+    };
+    let mut initial_members = std::collections::BTreeMap::new();
+    for (member, addr) in args.initial_members {
+        if let Some(before) = initial_members.insert(member, addr.clone()) {
+            anyhow::bail!("--initial-members names member {member} twice ({before} and {addr})");
+        }
+    }
     let config = CoordinatorConfig {
-        id: args.id,
+        id,
+        initial_members,
+        health_listen: args.health_listen,
         tls,
         listen: args.listen,
         advertise: args.advertise,
@@ -117,7 +165,8 @@ async fn main() -> anyhow::Result<()> {
         admin_key_file: args.admin_key_file,
     };
     let coordinator = serve(config, shutdown.clone()).await.context("failed to start the coordinator")?;
-    println!("{}", ReadyLine::Coordinator { id: args.id, addr: coordinator.addr().to_string() });
+    let health = coordinator.health_addr().map(|a| a.to_string());
+    println!("{}", ReadyLine::Coordinator { id, addr: coordinator.addr().to_string(), health });
 
     let result = coordinator.join().await.context("coordinator stopped with an error");
     // Everything acknowledged is on disk (the Raft log is fsynced before an

@@ -18,11 +18,12 @@ use crate::service::auth::{audited, Authenticator};
 use crate::state::{Command, CommandResponse};
 use sandfleet_common::auth::Role;
 
-const PEER_TIMEOUT: Duration = Duration::from_secs(2);
+/// Deadline of a call to another member's MemberStatus.
+pub(crate) const PEER_TIMEOUT: Duration = Duration::from_secs(2);
 /// Deadline of a membership change forwarded to the leader.
 const MEMBERSHIP_FORWARD_TIMEOUT: Duration = Duration::from_secs(60);
 /// How long InitCluster waits for the new cluster's first leader.
-const INIT_LEADER_TIMEOUT: Duration = Duration::from_secs(15);
+pub const INIT_LEADER_TIMEOUT: Duration = Duration::from_secs(15);
 
 /// A member address must be `host:port`.
 fn validate_address(addr: &str) -> Result<(), Status> {
@@ -37,6 +38,55 @@ fn validate_address(addr: &str) -> Result<(), Status> {
     }
 }
 
+/// Checks a new cluster's initial voters (id -> `host:port`) for the member
+/// `own_id`, which must be one of them: ids start at 1, addresses are
+/// `host:port`, no address is given twice. The one rule of `InitCluster` and
+/// of `--initial-members`.
+pub fn check_members(own_id: u64, members: &BTreeMap<u64, String>) -> Result<(), Status> {
+    if members.is_empty() {
+        return Err(Status::invalid_argument("members is empty: list every initial voter as id -> host:port"));
+    }
+    for (id, addr) in members {
+        if *id == 0 {
+            return Err(Status::invalid_argument("invalid id: member ids start at 1"));
+        }
+        validate_address(addr)?;
+    }
+    if !members.contains_key(&own_id) {
+        return Err(Status::invalid_argument(format!("members must include this coordinator (id {own_id})")));
+    }
+    let mut seen = BTreeSet::new();
+    if let Some((id, addr)) = members.iter().find(|(_, a)| !seen.insert(a.as_str())) {
+        return Err(Status::invalid_argument(format!("address {addr} is given twice (again for member {id})")));
+    }
+    Ok(())
+}
+
+/// Initializes a new cluster of `members` from this (never initialized)
+/// member and waits for its first leader: what `InitCluster` and the
+/// automatic init of `--initial-members` ([`crate::formation`]) both run.
+///
+/// FAILED_PRECONDITION when this member already belongs to a cluster;
+/// DEADLINE_EXCEEDED when the cluster was initialized but elected no leader
+/// within [`INIT_LEADER_TIMEOUT`].
+pub async fn initialize(core: &Core, members: &BTreeMap<u64, String>) -> Result<(), Status> {
+    check_members(core.id, members)?;
+    if core.raft.is_initialized().await.map_err(|e| Status::unavailable(e.to_string()))? {
+        return Err(Status::failed_precondition("this coordinator already belongs to an initialized cluster"));
+    }
+    let nodes: BTreeMap<u64, Member> = members.iter().map(|(id, addr)| (*id, Member { addr: addr.clone() })).collect();
+    core.raft.initialize(nodes).await.map_err(|e| Status::failed_precondition(format!("cannot initialize: {e}")))?;
+    core.raft.wait(Some(INIT_LEADER_TIMEOUT)).metrics(|m| m.current_leader.is_some(), "leader elected").await.map_err(
+        |_| {
+            Status::deadline_exceeded(
+                "initialized, but no leader was elected in time; check that a majority of members runs",
+            )
+        },
+    )?;
+    tracing::info!(?members, "cluster initialized");
+    Ok(())
+}
+
 /// The ClusterService implementation. Admin only.
 pub struct ClusterApi {
     core: Arc<Core>,
@@ -49,48 +99,9 @@ impl ClusterApi {
     }
 
     async fn init(&self, req: pb::InitClusterRequest) -> Result<Response<pb::InitClusterResponse>, Status> {
-        let create_admin_key = req.create_admin_key;
-        let members = req.members;
-        if members.is_empty() {
-            return Err(Status::invalid_argument("members is empty: list every initial voter as id -> host:port"));
-        }
-        for (id, addr) in &members {
-            if *id == 0 {
-                return Err(Status::invalid_argument("invalid id: member ids start at 1"));
-            }
-            validate_address(addr)?;
-        }
-        if !members.contains_key(&self.core.id) {
-            return Err(Status::invalid_argument(format!(
-                "members must include this coordinator (id {})",
-                self.core.id
-            )));
-        }
-        let mut seen = BTreeSet::new();
-        if let Some((id, addr)) = members.iter().find(|(_, a)| !seen.insert(a.as_str())) {
-            return Err(Status::invalid_argument(format!("address {addr} is given twice (again for member {id})")));
-        }
-        if self.core.raft.is_initialized().await.map_err(|e| Status::unavailable(e.to_string()))? {
-            return Err(Status::failed_precondition("this coordinator already belongs to an initialized cluster"));
-        }
-        let nodes: BTreeMap<u64, Member> = members.into_iter().map(|(id, addr)| (id, Member { addr })).collect();
-        self.core
-            .raft
-            .initialize(nodes)
-            .await
-            .map_err(|e| Status::failed_precondition(format!("cannot initialize: {e}")))?;
-        self.core
-            .raft
-            .wait(Some(INIT_LEADER_TIMEOUT))
-            .metrics(|m| m.current_leader.is_some(), "leader elected")
-            .await
-            .map_err(|_| {
-                Status::deadline_exceeded(
-                    "initialized, but no leader was elected in time; check that a majority of members runs",
-                )
-            })?;
-        tracing::info!("cluster initialized");
-        let admin_key = if create_admin_key { first_admin_key(&self.core).await? } else { String::new() };
+        let members: BTreeMap<u64, String> = req.members.into_iter().collect();
+        initialize(&self.core, &members).await?;
+        let admin_key = if req.create_admin_key { first_admin_key(&self.core).await? } else { String::new() };
         Ok(Response::new(pb::InitClusterResponse { status: Some(self.status().await), admin_key }))
     }
 
@@ -246,7 +257,7 @@ fn forwarded<T>(msg: T, authz: Authz) -> Request<T> {
 
 /// Creates the first admin key (tenant `default`) of a new cluster, retrying
 /// while its first leader settles.
-async fn first_admin_key(core: &Core) -> Result<String, Status> {
+pub(crate) async fn first_admin_key(core: &Core) -> Result<String, Status> {
     let deadline = tokio::time::Instant::now() + INIT_LEADER_TIMEOUT;
     loop {
         match super::tenant::create_key(core, sandfleet_common::auth::DEFAULT_TENANT, Role::Admin, 0).await {
@@ -277,7 +288,9 @@ fn forward_error(s: Status) -> Status {
     }
 }
 
-async fn remote_status(core: &Core, addr: &str) -> Result<pb::ClusterMember, Status> {
+/// What the member at `addr` says about itself (RaftService.MemberStatus),
+/// within [`PEER_TIMEOUT`].
+pub(crate) async fn remote_status(core: &Core, addr: &str) -> Result<pb::ClusterMember, Status> {
     let ch = network::channel(addr, core.peer_tls.as_ref())
         .map_err(|e| Status::invalid_argument(format!("invalid address {addr:?}: {e}")))?;
     let mut req = Request::new(pb::ClusterStatusRequest {});

@@ -58,7 +58,15 @@ pub fn member_status(core: &Core) -> pb::ClusterMember {
         snapshot_index: m.snapshot.map(|l| l.index).unwrap_or(0),
         purged_index: m.purged.map(|l| l.index).unwrap_or(0),
         voter: m.membership_config.membership().voter_ids().any(|v| v == core.id),
+        initialized: initialized(&m),
     }
+}
+
+/// Whether a member belongs to an initialized cluster, by openraft's own rule
+/// (`Raft::is_initialized`): it has a log (the initial membership is entry 0)
+/// or it has voted (a peer of an initialized cluster asked it for its vote).
+pub fn initialized(m: &crate::raft::typ::Metrics) -> bool {
+    m.last_log_index.is_some() || m.vote != openraft::Vote::default()
 }
 
 #[tonic::async_trait]

@@ -32,6 +32,12 @@ struct Args {
     /// Address clients reach this agent at (defaults to the bound address).
     #[arg(long)]
     advertise: Option<String>,
+    /// Also serve the standard gRPC health service (grpc.health.v1) alone, in
+    /// plaintext, on this address, for probes that speak no TLS (Kubernetes
+    /// grpc probes). Service "" is SERVING while the agent is registered and its
+    /// last heartbeat was answered, "liveness" while it runs. Port 0 picks a free port.
+    #[arg(long, value_name = "ADDR")]
+    health_listen: Option<SocketAddr>,
     /// Directory for workspaces and runtime state.
     #[arg(long)]
     data_dir: PathBuf,
@@ -262,10 +268,12 @@ async fn main() -> anyhow::Result<()> {
         },
         store,
         sync,
+        health_listen: args.health_listen,
         ..Default::default()
     };
     let agent = serve(config, shutdown.clone()).await.context("failed to start the agent")?;
-    println!("{}", ReadyLine::Agent { node_id: args.node_id.clone(), addr: agent.addr().to_string() });
+    let health = agent.health_addr().map(|a| a.to_string());
+    println!("{}", ReadyLine::Agent { node_id: args.node_id.clone(), addr: agent.addr().to_string(), health });
     agent.join().await.context("agent stopped with an error")?;
     Ok(())
 }
