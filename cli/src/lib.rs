@@ -135,7 +135,7 @@ pub struct ResourceArgs {
     /// Session label (repeatable).
     #[arg(long = "label", short = 'l', value_parser = parse_key_value, value_name = "KEY=VALUE")]
     pub labels: Vec<(String, String)>,
-    /// Runtime to run in: process or docker (default: any offering the template).
+    /// Runtime to run in: process, docker or cri (default: any offering the template).
     #[arg(long, value_enum, value_name = "RUNTIME")]
     pub runtime: Option<sandfleet_common::spec::Runtime>,
     /// Run only on nodes carrying this label (repeatable).
@@ -435,8 +435,10 @@ pub struct DevArgs {
     #[arg(long, default_value = "127.0.0.1:7071", value_name = "ADDR")]
     pub agent_listen: std::net::SocketAddr,
     /// How the node agent runs sessions: bubblewrap and cgroups on this host,
-    /// or a hardened container per session (needs the Docker engine and the
-    /// image built by deploy/images/build-sandbox-image).
+    /// or a hardened container per session (docker: needs the Docker engine
+    /// and the image built by deploy/images/build-sandbox-image; cri: needs a
+    /// containerd of its own at /run/sandfleet/containerd/containerd.sock with
+    /// that image imported, see docs/kubernetes.md).
     #[arg(long, value_enum, default_value = "process")]
     pub runtime: sandfleet_common::spec::Runtime,
     /// The node agent's node id (lowercase letters, digits and '-') [default:

@@ -1868,3 +1868,37 @@ async fn cri_refuses_a_kubelets_runtime() {
     cri.remove_pod_sandbox(k8s_cri::v1::RemovePodSandboxRequest { pod_sandbox_id: pod }).await.unwrap();
     env.cleanup().await;
 }
+
+/// `--cri-runtime-handler`: sessions' pod sandboxes run under the handler
+/// named (gVisor's or Kata's where a node has them; here a second runc
+/// handler of the test containerd), and a handler the runtime lacks fails
+/// the session's prepare with the runtime's reason.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cri_runtime_handler_is_used_and_a_missing_one_is_refused() {
+    let Some(env) = setup(Kind::Cri, "handler", 312_100).await else { return };
+    let Backend::Cri(c, cri_cfg, containerd) = &env.backend else { unreachable!() };
+    let mut cfg = c.config().clone();
+    cfg.node_id = format!("{}-h", cfg.node_id);
+    cfg.data_dir = env._dir.path().join("handler-data");
+    cfg.uid_base += 100;
+    let with = |handler: &str| CriConfig { runtime_handler: handler.to_string(), ..cri_cfg.clone() };
+    let rt = CriRuntime::new(cfg.clone(), with(sandfleet_testkit::containerd::ALT_HANDLER)).await.unwrap();
+    let id = new_session_id();
+    rt.prepare(&sandbox(&id)).await.unwrap();
+    let r = run(&rt, &id, bash("echo under-the-handler")).await.unwrap();
+    assert_eq!(r.stdout, "under-the-handler\n", "{}", r.stderr);
+    let name = rt.container_name(&id).unwrap();
+    let pods = cri_pods(containerd, &[("sandfleet.box", &name)]).await;
+    assert_eq!(pods.len(), 1);
+    assert_eq!(pods[0].runtime_handler, sandfleet_testkit::containerd::ALT_HANDLER);
+    rt.remove_all().await.unwrap();
+    drop(rt);
+
+    let rt = CriRuntime::new(cfg, with("runsc")).await.unwrap();
+    let err = rt.prepare(&sandbox(&new_session_id())).await.expect_err("no runsc handler here");
+    assert!(err.to_string().contains("runsc"), "{err}");
+    assert_eq!(tonic::Status::from(err).code(), tonic::Code::Unavailable);
+    assert!(rt.list().await.unwrap().is_empty(), "a failed prepare leaves nothing");
+    rt.remove_all().await.unwrap();
+    env.cleanup().await;
+}

@@ -32,6 +32,9 @@ pub const ROOT: &str = "/var/lib/sandfleet-test-containerd";
 pub const STATE: &str = "/run/sandfleet-test-containerd";
 /// The pause image the test containerd's CRI uses for pod sandboxes.
 pub const PAUSE_IMAGE: &str = "docker.io/sandfleet/pause:1";
+/// A second runtime handler of the test containerd (runc under another
+/// name), for `--cri-runtime-handler`.
+pub const ALT_HANDLER: &str = "sandfleet-test-handler";
 /// The CNI plugins' directory (Debian's containernetworking-plugins).
 pub const CNI_BIN_DIR: &str = "/usr/lib/cni";
 
@@ -346,6 +349,14 @@ oom_score = 0
         [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.runc.options]
           BinaryName = "/usr/sbin/runc"
           Root = "{STATE}/runc"
+          SystemdCgroup = false
+      # A second handler (runc again), for the tests of --cri-runtime-handler:
+      # where a node has gVisor or Kata, this is where they would be.
+      [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.{ALT_HANDLER}]
+        runtime_type = "io.containerd.runc.v2"
+        [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.{ALT_HANDLER}.options]
+          BinaryName = "/usr/sbin/runc"
+          Root = "{STATE}/runc-alt"
           SystemdCgroup = false
     [plugins."io.containerd.grpc.v1.cri".cni]
       bin_dir = "{CNI_BIN_DIR}"
