@@ -4,7 +4,8 @@
 //! other's files, symlinks that point outside are stored as links and never
 //! followed, an S3 outage is reported and retried without losing anything,
 //! and deleting a session removes its prefix (unless retention is on). The
-//! same holds on the docker runtime, whose old copy's commands die with its agent.
+//! same holds on the docker runtime, whose old copy's commands die with its
+//! agent, and on the CRI runtime (against a containerd the test starts).
 
 mod common;
 
@@ -437,4 +438,110 @@ async fn docker_runtime_session_resumes_elsewhere_with_its_files_and_its_old_com
         containers(&[format!("label=sandfleet.session={}", s.id), format!("label=sandfleet.node={}", moved.node_id)]);
     assert_eq!(new_container.len(), 1, "{new_container:?}");
     let _ = long.await;
+}
+
+/// The CRI runtime end to end, with the real binaries and a real containerd:
+/// two agents with `--runtime cri` on one containerd; a session's pod
+/// sandbox runs code, keeps its files through the API and an exec, and when
+/// its agent is SIGKILLed the session comes back RUNNING in a pod sandbox of
+/// the other node with its files; deleting it removes that sandbox.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn cri_runtime_session_resumes_elsewhere_with_its_files() {
+    require_facilities!();
+    if !sandfleet_testkit::require_docker() {
+        return;
+    }
+    let missing = sandfleet_testkit::containerd::missing();
+    if !missing.is_empty() {
+        assert!(
+            std::env::var(sandfleet_testkit::facilities::REQUIRE_ENV).as_deref() != Ok("1"),
+            "the CRI runtime's end-to-end test needs {}",
+            missing.join(", ")
+        );
+        eprintln!("SKIPPED (facility missing): {}", missing.join(", "));
+        return;
+    }
+    let image = sandfleet_testkit::facilities::sandbox_image();
+    let img = image.clone();
+    let containerd = tokio::task::spawn_blocking(move || {
+        sandfleet_testkit::containerd::Containerd::start(&[img.as_str(), "sandfleet/sandbox:latest"])
+    })
+    .await
+    .unwrap()
+    .unwrap_or_else(|e| panic!("starting the test containerd: {e}"));
+    let endpoint = containerd.endpoint();
+    let mut t = setup(
+        2,
+        &[
+            "--runtime",
+            "cri",
+            "--cri-endpoint",
+            &endpoint,
+            "--cri-cgroup-parent",
+            "/sandfleet-e2e-cri",
+            "--template-image",
+            &format!("default={image}"),
+        ],
+    )
+    .await;
+    let s = create_running(&t.client, small_session("ws-cri").runtime("cri")).await.unwrap();
+    let out = exec_argv(&t.client, &s, ["python3", "-c", "print(6*7)"], EXEC).await.unwrap();
+    assert_eq!(stdout(&out), "42\n", "{out:?}");
+    t.client.write_file_bytes(&s, "api.txt", b"through the API\n".to_vec()).await.unwrap();
+    let out = exec_argv(&t.client, &s, ["sh", "-c", "echo from-the-pod > exec.txt"], EXEC).await.unwrap();
+    assert!(out.success(), "{out:?}");
+    t.client.sync_workspace(&s).await.unwrap();
+    // The session's pod sandbox, as the CRI lists it.
+    let cri = sandfleet_testkit::containerd::cri_client(&endpoint).await.unwrap();
+    let pods_of = |node: String| {
+        let mut cri = cri.clone();
+        let id = s.id.clone();
+        async move {
+            let filter = k8s_cri::v1::PodSandboxFilter {
+                label_selector: [("sandfleet.session".to_string(), id), ("sandfleet.node".to_string(), node)].into(),
+                state: Some(k8s_cri::v1::PodSandboxStateValue {
+                    state: k8s_cri::v1::PodSandboxState::SandboxReady as i32,
+                }),
+                ..Default::default()
+            };
+            cri.list_pod_sandbox(k8s_cri::v1::ListPodSandboxRequest { filter: Some(filter) })
+                .await
+                .unwrap()
+                .into_inner()
+                .items
+        }
+    };
+    assert_eq!(pods_of(s.node_id.clone()).await.len(), 1, "one ready pod sandbox of the session on its node");
+
+    let old = agent_index(&t.cluster, &s.node_id);
+    t.cluster.kill_agent(old).await.unwrap();
+    let moved = wait_moved(&t.client, &s, Duration::from_secs(30)).await;
+    assert_eq!(t.client.read_file_bytes(&moved, "api.txt").await.unwrap(), b"through the API\n");
+    let out = exec_argv(&t.client, &moved, ["sh", "-c", "cat exec.txt; id -u"], EXEC).await.unwrap();
+    let text = stdout(&out);
+    let lines: Vec<&str> = text.lines().collect();
+    assert_eq!(lines.first(), Some(&"from-the-pod"), "{out:?}");
+    assert_ne!(lines.get(1), Some(&"0"), "runs as a non-root user: {out:?}");
+    assert_eq!(pods_of(moved.node_id.clone()).await.len(), 1, "the session runs in a pod sandbox of the new node");
+    t.client.delete_session(&moved.id).await.unwrap();
+    eventually("the new node removes the session's pod sandbox", Duration::from_secs(20), || async {
+        let n = pods_of(moved.node_id.clone()).await.len();
+        anyhow::ensure!(n == 0, "{n} pod sandboxes left");
+        Ok(())
+    })
+    .await
+    .unwrap();
+    drop(t);
+    // The killed agent's pod sandbox (its old copy) goes with the test containerd.
+    drop(containerd);
+    for root in std::fs::read_dir("/sys/fs/cgroup").into_iter().flatten().flatten() {
+        let dir = root.path().join("sandfleet-e2e-cri");
+        for pod in std::fs::read_dir(&dir).into_iter().flatten().flatten().filter(|e| e.path().is_dir()) {
+            for c in std::fs::read_dir(pod.path()).into_iter().flatten().flatten().filter(|e| e.path().is_dir()) {
+                let _ = std::fs::remove_dir(c.path());
+            }
+            let _ = std::fs::remove_dir(pod.path());
+        }
+        let _ = std::fs::remove_dir(dir);
+    }
 }
