@@ -718,7 +718,7 @@ mod tests {
             labels: HashMap::from([(LABEL_NODE.to_string(), "n".to_string())]),
             ..Default::default()
         };
-        assert_eq!(kubelet_managed(&[ours.clone()]), None);
+        assert_eq!(kubelet_managed(std::slice::from_ref(&ours)), None);
         let kubelets = cri::PodSandbox {
             metadata: Some(cri::PodSandboxMetadata {
                 name: "sandfleet-agent-x2".into(),
