@@ -197,8 +197,10 @@ async fn daemonset_rehearsal_runs_cri_sessions_and_moves_them_when_a_node_dies()
     for n in &nodes {
         let ip = r.state["nodes"][&n.id]["ip"].as_str().unwrap_or_default();
         assert_eq!(n.address, format!("{ip}:7071"), "advertised HOST_IP:7071");
-        let cap = n.capacity.clone().unwrap_or_default();
+        let cap = n.capacity.unwrap_or_default();
         eprintln!("node {} at {}: capacity {cap:?}", n.id, n.address);
+        // --cpu and --memory from the downward API: the dev overlay's agent limits.
+        assert_eq!((cap.cpu_millis, cap.memory_bytes), (2000, 4 << 30), "{}", n.id);
     }
 
     // A session on node A (B cordoned for the placement), on the cri runtime.
