@@ -139,7 +139,7 @@ pub const MAX_LABEL_NAME: usize = 63;
 
 /// True for a DNS subdomain: at most 253 characters, dot-separated labels of
 /// 1-63 of `[a-z0-9-]`, each starting and ending with a letter or digit.
-fn is_dns_subdomain(s: &str) -> bool {
+pub fn is_dns_subdomain(s: &str) -> bool {
     !s.is_empty()
         && s.len() <= MAX_LABEL_PREFIX
         && s.split('.').all(|l| {
@@ -192,6 +192,18 @@ pub fn validate_labels(field: &'static str, labels: &HashMap<String, String>) ->
     for (k, v) in labels {
         validate_label_key(field, k)?;
         validate_label_value(field, k, v)?;
+    }
+    Ok(())
+}
+
+/// The reason of a node's hold: at most [`limits::MAX_HOLD_REASON_BYTES`]
+/// bytes, without control characters.
+pub fn validate_hold_reason(reason: &str) -> Result<(), ValidationError> {
+    if reason.len() > limits::MAX_HOLD_REASON_BYTES {
+        return Err(ValidationError::over("reason", format!("{} bytes", limits::MAX_HOLD_REASON_BYTES), reason.len()));
+    }
+    if reason.chars().any(char::is_control) {
+        return Err(ValidationError::invalid("reason", "must not contain control characters"));
     }
     Ok(())
 }
@@ -310,6 +322,15 @@ mod tests {
         l.insert("topology.kubernetes.io/zone".to_string(), "a".to_string());
         l.insert("kubernetes.io/arch".to_string(), "amd64".to_string());
         assert!(validate_labels("node_selector", &l).is_ok());
+    }
+
+    #[test]
+    fn hold_reasons() {
+        assert!(validate_hold_reason("kubernetes: NoExecute taint node.kubernetes.io/unreachable").is_ok());
+        assert!(validate_hold_reason("").is_ok());
+        assert!(validate_hold_reason(&"r".repeat(256)).is_ok());
+        assert!(matches!(validate_hold_reason(&"r".repeat(257)), Err(ValidationError::OverLimit { .. })));
+        assert!(validate_hold_reason("a\nb").is_err());
     }
 
     #[test]

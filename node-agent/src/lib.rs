@@ -353,6 +353,7 @@ pub async fn serve(config: AgentConfig, shutdown: CancellationToken) -> Result<A
         capacity: Some(pb::NodeCapacity { cpu_millis, memory_bytes, session_slots: config.slots }),
         labels: config.labels.clone(),
         runtimes: vec![config.runtime.as_str().to_string()],
+        hold: None,
     };
     let mut control = Control::new(
         state,
