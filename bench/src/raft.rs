@@ -227,6 +227,7 @@ pub(crate) async fn register_paper_node(addr: &str) -> Result<()> {
         capacity: Some(pb::NodeCapacity { cpu_millis: u32::MAX, memory_bytes: 1 << 60, session_slots: u32::MAX }),
         labels: Default::default(),
         runtimes: vec!["process".into()],
+        hold: None,
     });
     req.set_timeout(Duration::from_secs(10));
     api.register_node(req).await.context("registering the benchmark's node")?;

@@ -2,7 +2,7 @@
 
 use anyhow::Context as _;
 
-use super::output::{cluster_table, nodes_table, out, print_json, OutputFormat};
+use super::output::{cluster_table, node_text, nodes_table, out, print_json, OutputFormat};
 use super::{ClusterCmd, Ctx};
 
 /// `node list`.
@@ -11,6 +11,19 @@ pub async fn node_list(ctx: &Ctx) -> anyhow::Result<i32> {
     match ctx.output {
         OutputFormat::Json => print_json(&nodes)?,
         OutputFormat::Text => out(&nodes_table(&nodes))?,
+    }
+    Ok(0)
+}
+
+/// `node get ID`: NOT_FOUND-like exit (1) with a message when no such node is registered.
+pub async fn node_get(ctx: &Ctx, id: &str) -> anyhow::Result<i32> {
+    let Some(node) = ctx.client.list_nodes().await?.into_iter().find(|n| n.id == id) else {
+        eprintln!("node {id:?} is not registered");
+        return Ok(1);
+    };
+    match ctx.output {
+        OutputFormat::Json => print_json(&node)?,
+        OutputFormat::Text => out(&node_text(&node))?,
     }
     Ok(0)
 }

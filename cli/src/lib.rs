@@ -349,6 +349,12 @@ pub enum NodeCmd {
     /// List node agents.
     #[command(alias = "ls")]
     List,
+    /// Show one node: its state, resources, labels, and who holds it out of
+    /// placement (an operator's cordon or drain, its agent's) and why.
+    Get {
+        /// Node id.
+        id: String,
+    },
     /// Stop placing new sessions on a node (running sessions stay).
     Cordon {
         /// Node id.
@@ -496,6 +502,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<i32> {
         Command::Run(args) => exec::run(&ctx, args).await,
         Command::Session(cmd) => session::run(&ctx, cmd).await,
         Command::Node(NodeCmd::List) => cluster::node_list(&ctx).await,
+        Command::Node(NodeCmd::Get { id }) => cluster::node_get(&ctx, &id).await,
         Command::Node(NodeCmd::Cordon { id }) => cluster::node_cordon(&ctx, &id, true).await,
         Command::Node(NodeCmd::Uncordon { id }) => cluster::node_cordon(&ctx, &id, false).await,
         Command::Node(NodeCmd::Drain { id, deadline, max_parallel, detach, wait_timeout }) => {

@@ -235,6 +235,46 @@ pub fn sessions_table(sessions: &[proto::Session], now_ms: i64) -> String {
     table(&["ID", "STATE", "NODE", "TEMPLATE", "CPU", "MEMORY", "AGE"], &rows)
 }
 
+/// A node as a key/value block (`node get`): what `node list` shows, and
+/// its labels, runtimes and who holds it out of placement, and why.
+pub fn node_text(n: &proto::Node) -> String {
+    let cap = n.capacity.unwrap_or_default();
+    let used = n.allocated.unwrap_or_default();
+    let mut rows: Vec<(&str, String)> = vec![
+        ("id", n.id.clone()),
+        ("state", or_dash(&n.state).to_string()),
+        ("address", or_dash(&n.address).to_string()),
+        ("cpu", format!("{}/{}", format_cpu(used.cpu_millis), format_cpu(cap.cpu_millis))),
+        ("memory", format!("{}/{}", format_memory(used.memory_bytes), format_memory(cap.memory_bytes))),
+        ("sessions", format!("{}/{}", n.session_count, cap.session_slots)),
+        ("runtimes", if n.runtimes.is_empty() { "-".into() } else { n.runtimes.join(",") }),
+        ("labels", sorted_pairs(&n.labels)),
+        ("heartbeat", format_time(n.last_heartbeat_ms)),
+    ];
+    for h in &n.holds {
+        let what = if h.drain { "drained" } else { "cordoned" };
+        let why = if h.reason.is_empty() { String::new() } else { format!(": {}", h.reason) };
+        rows.push(("hold", format!("{what} by the {}{why} (since {})", h.by, format_time(h.since_ms))));
+    }
+    if let Some(d) = &n.drain {
+        rows.push((
+            "drain",
+            format!(
+                "{} left, {} moving, {} at a time, deadline {}",
+                d.remaining,
+                d.moving,
+                d.max_parallel,
+                format_time(d.deadline_ms)
+            ),
+        ));
+    }
+    let mut out = String::new();
+    for (k, v) in rows {
+        out.push_str(&format!("{:<11}{v}\n", format!("{k}:")));
+    }
+    out
+}
+
 /// The `node list` table; CPU and MEM are `allocated/capacity`.
 pub fn nodes_table(nodes: &[proto::Node]) -> String {
     let rows: Vec<Vec<String>> = nodes
@@ -356,6 +396,35 @@ mod tests {
         assert_eq!(serde_json::to_value(&e).expect("serializes")["kind"], "FILE_KIND_DIRECTORY");
         assert_eq!(file_kind_name(e.kind), "directory");
         assert_eq!(file_kind_name(99), "?");
+    }
+
+    #[test]
+    fn node_text_names_each_hold_and_its_reason() {
+        let n = proto::Node {
+            id: "node-a".into(),
+            state: "draining".into(),
+            labels: [("topology.kubernetes.io/zone".to_string(), "a".to_string())].into(),
+            holds: vec![
+                proto::NodeHold { by: "operator".into(), drain: false, reason: String::new(), since_ms: 0 },
+                proto::NodeHold {
+                    by: "agent".into(),
+                    drain: true,
+                    reason: "kubernetes: NoExecute taint example.com/maintenance".into(),
+                    since_ms: 1_700_000_000_000,
+                },
+            ],
+            ..Default::default()
+        };
+        let text = node_text(&n);
+        assert!(text.contains("state:     draining\n"), "{text}");
+        assert!(text.contains("labels:    topology.kubernetes.io/zone=a\n"), "{text}");
+        assert!(text.contains("hold:      cordoned by the operator (since -)\n"), "{text}");
+        assert!(
+            text.contains(
+                "hold:      drained by the agent: kubernetes: NoExecute taint example.com/maintenance (since 2023-11-14T22:13:20Z)\n"
+            ),
+            "{text}"
+        );
     }
 
     #[test]

@@ -132,21 +132,78 @@ fn is_label_char(b: u8) -> bool {
     b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-')
 }
 
-/// Labels: at most [`limits::MAX_LABELS`]; keys 1-63 and values 0-63 of `[A-Za-z0-9._-]`.
+/// Longest label key prefix (a DNS subdomain, as in Kubernetes).
+pub const MAX_LABEL_PREFIX: usize = 253;
+/// Longest label name (the key after its prefix) and label value.
+pub const MAX_LABEL_NAME: usize = 63;
+
+/// True for a DNS subdomain: at most 253 characters, dot-separated labels of
+/// 1-63 of `[a-z0-9-]`, each starting and ending with a letter or digit.
+pub fn is_dns_subdomain(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= MAX_LABEL_PREFIX
+        && s.split('.').all(|l| {
+            !l.is_empty()
+                && l.len() <= 63
+                && l.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+                && !l.starts_with('-')
+                && !l.ends_with('-')
+        })
+}
+
+/// One label key: an optional prefix and `/`, then a name. The prefix is a
+/// DNS subdomain of at most 253 characters (`topology.kubernetes.io`); the
+/// name is 1-63 of `[A-Za-z0-9._-]`. This is Kubernetes' label key syntax
+/// (whose names must also start and end with a letter or digit), so every
+/// Kubernetes label key is a Sandfleet label key.
+pub fn validate_label_key(field: &'static str, k: &str) -> Result<(), ValidationError> {
+    let (prefix, name) = match k.split_once('/') {
+        Some((p, n)) => (Some(p), n),
+        None => (None, k),
+    };
+    let name_ok = !name.is_empty() && name.len() <= MAX_LABEL_NAME && name.bytes().all(is_label_char);
+    if !name_ok || prefix.is_some_and(|p| !is_dns_subdomain(p)) {
+        return Err(ValidationError::invalid(
+            field,
+            format!(
+                "key {:?} must be an optional DNS subdomain prefix of at most 253 characters and '/', \
+                 then 1-63 of [A-Za-z0-9._-]",
+                truncate(k)
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// One label value: 0-63 of `[A-Za-z0-9._-]` (every Kubernetes label value fits).
+pub fn validate_label_value(field: &'static str, k: &str, v: &str) -> Result<(), ValidationError> {
+    if v.len() > MAX_LABEL_NAME || !v.bytes().all(is_label_char) {
+        return Err(ValidationError::invalid(field, format!("value of {k:?} must be 0-63 of [A-Za-z0-9._-]")));
+    }
+    Ok(())
+}
+
+/// Labels: at most [`limits::MAX_LABELS`]; keys as [`validate_label_key`]
+/// (`team`, `topology.kubernetes.io/zone`), values 0-63 of `[A-Za-z0-9._-]`.
 pub fn validate_labels(field: &'static str, labels: &HashMap<String, String>) -> Result<(), ValidationError> {
     if labels.len() > limits::MAX_LABELS {
         return Err(ValidationError::over(field, format!("{} labels", limits::MAX_LABELS), labels.len()));
     }
     for (k, v) in labels {
-        if k.is_empty() || k.len() > 63 || !k.bytes().all(is_label_char) {
-            return Err(ValidationError::invalid(
-                field,
-                format!("key {:?} must be 1-63 of [A-Za-z0-9._-]", truncate(k)),
-            ));
-        }
-        if v.len() > 63 || !v.bytes().all(is_label_char) {
-            return Err(ValidationError::invalid(field, format!("value of {k:?} must be 0-63 of [A-Za-z0-9._-]")));
-        }
+        validate_label_key(field, k)?;
+        validate_label_value(field, k, v)?;
+    }
+    Ok(())
+}
+
+/// The reason of a node's hold: at most [`limits::MAX_HOLD_REASON_BYTES`]
+/// bytes, without control characters.
+pub fn validate_hold_reason(reason: &str) -> Result<(), ValidationError> {
+    if reason.len() > limits::MAX_HOLD_REASON_BYTES {
+        return Err(ValidationError::over("reason", format!("{} bytes", limits::MAX_HOLD_REASON_BYTES), reason.len()));
+    }
+    if reason.chars().any(char::is_control) {
+        return Err(ValidationError::invalid("reason", "must not contain control characters"));
     }
     Ok(())
 }
@@ -228,6 +285,68 @@ mod tests {
         assert!(validate_labels("labels", &l).is_ok());
         l.insert("bad key".to_string(), "x".to_string());
         assert!(validate_labels("labels", &l).is_err());
+    }
+
+    #[test]
+    fn label_keys_follow_kubernetes_syntax() {
+        let ok = [
+            "team",
+            "_x.y-z",
+            "topology.kubernetes.io/zone",
+            "kubernetes.io/hostname",
+            "node-role.kubernetes.io/control-plane",
+            "a/b",
+            "feature.node.kubernetes.io/cpu-cpuid.AVX512F",
+        ];
+        for k in ok {
+            assert_eq!(validate_label_key("labels", k), Ok(()), "{k}");
+        }
+        let prefix = |last: usize| {
+            format!("{}.io", ["a".repeat(63), "b".repeat(63), "c".repeat(63), "d".repeat(last)].join("."))
+        };
+        assert_eq!(prefix(58).len(), 253);
+        assert!(validate_label_key("labels", &format!("{}/zone", prefix(58))).is_ok());
+        assert!(validate_label_key("labels", &format!("{}/zone", prefix(59))).is_err(), "prefix over 253");
+        assert!(validate_label_key("labels", &format!("{}.io/zone", "a".repeat(64))).is_err(), "DNS label over 63");
+        assert!(validate_label_key("labels", &format!("x/{}", "n".repeat(63))).is_ok());
+        let bad = [
+            "",
+            "/zone",                       // empty prefix
+            "topology.kubernetes.io/",     // empty name
+            "a/b/c",                       // two slashes
+            "Topology.kubernetes.io/zone", // upper case in the prefix
+            "-x.io/zone",                  // a prefix label starting with '-'
+            "x..io/zone",                  // an empty prefix label
+            "x_y.io/zone",                 // '_' in the prefix
+            "x.io/zo ne",                  // space in the name
+            "x.io/zone=a",                 // '=' in the name
+        ];
+        for k in bad {
+            let e = validate_label_key("labels", k).unwrap_err();
+            assert!(e.to_string().contains("DNS subdomain prefix"), "{k}: {e}");
+        }
+        assert!(validate_label_key("labels", &"n".repeat(64)).is_err(), "name over 63");
+        assert!(validate_label_key("labels", &format!("x.io/{}", "n".repeat(64))).is_err(), "name over 63");
+        // Values: what Kubernetes allows, and Sandfleet's own (which may start with '.', '-' or '_').
+        assert!(validate_label_value("labels", "k", "").is_ok());
+        assert!(validate_label_value("labels", "k", "eu-west-1a").is_ok());
+        assert!(validate_label_value("labels", "k", "-x_").is_ok());
+        assert!(validate_label_value("labels", "k", &"v".repeat(63)).is_ok());
+        assert!(validate_label_value("labels", "k", &"v".repeat(64)).is_err());
+        assert!(validate_label_value("labels", "k", "a/b").is_err());
+        let mut l = HashMap::new();
+        l.insert("topology.kubernetes.io/zone".to_string(), "a".to_string());
+        l.insert("kubernetes.io/arch".to_string(), "amd64".to_string());
+        assert!(validate_labels("node_selector", &l).is_ok());
+    }
+
+    #[test]
+    fn hold_reasons() {
+        assert!(validate_hold_reason("kubernetes: NoExecute taint node.kubernetes.io/unreachable").is_ok());
+        assert!(validate_hold_reason("").is_ok());
+        assert!(validate_hold_reason(&"r".repeat(256)).is_ok());
+        assert!(matches!(validate_hold_reason(&"r".repeat(257)), Err(ValidationError::OverLimit { .. })));
+        assert!(validate_hold_reason("a\nb").is_err());
     }
 
     #[test]

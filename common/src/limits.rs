@@ -62,6 +62,8 @@ pub const MAX_ENV_ENTRIES: usize = 128;
 pub const MAX_ENV_VALUE_BYTES: usize = 32 * 1024;
 /// Most labels on a session or a node.
 pub const MAX_LABELS: usize = 64;
+/// Longest reason of a node's hold (why its agent cordons or drains it), in bytes.
+pub const MAX_HOLD_REASON_BYTES: usize = 256;
 
 /// Largest page of ListSessions.
 pub const MAX_PAGE_SIZE: u32 = 1000;

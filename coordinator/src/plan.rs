@@ -262,6 +262,8 @@ mod tests {
                 phase: NodePhase::Ready,
                 registered_at_ms: at,
                 drain: None,
+                operator_hold: None,
+                agent_hold: None,
             };
             self.apply(Command::RegisterNode { node });
             self.heartbeats.insert(id.into(), at);
@@ -579,7 +581,7 @@ mod tests {
 
     fn drain(c: &mut Cluster, node: &str, deadline_ms: i64, max_parallel: u32) {
         let drain = DrainRecord { started_at_ms: 0, deadline_ms, max_parallel };
-        assert_eq!(c.apply(Command::DrainNode { node_id: node.into(), drain }), CommandResponse::Ok);
+        assert_eq!(c.apply(Command::drain(node.into(), drain)), CommandResponse::Ok);
     }
 
     /// Places what can be placed and reports every placed session running.
@@ -661,7 +663,7 @@ mod tests {
             "the same decision as the old leader"
         );
         // An uncordon (by an operator, on any leader) ends the drain.
-        c.apply(Command::CordonNode { node_id: "n1".into(), cordoned: false });
+        c.apply(Command::cordon("n1".into(), false));
         assert!(plan_drains(&c.st, 2_000).is_empty());
     }
 
@@ -743,14 +745,14 @@ mod tests {
         c.node("plain", 0);
         c.session("pinned", None, 0, |s| s.node_selector = [("zone".to_string(), "mars".to_string())].into());
         c.session("nowhere", None, 1, |s| s.node_selector = [("zone".to_string(), "venus".to_string())].into());
-        c.apply(Command::CordonNode { node_id: "plain".into(), cordoned: true });
+        c.apply(Command::cordon("plain".into(), true));
         c.session("any", None, 2, |_| {});
         c.round(10);
         assert_eq!(c.phase("pinned").1, Some("mars"));
         assert_eq!(c.phase("any").1, Some("mars"), "a cordoned node gets no new sessions");
         assert_eq!(c.phase("nowhere").1, None);
         assert!(c.st.sessions["nowhere"].pending_reason.to_string().contains("carries the labels zone=venus"));
-        c.apply(Command::CordonNode { node_id: "mars".into(), cordoned: true });
+        c.apply(Command::cordon("mars".into(), true));
         c.session("later", None, 3, |_| {});
         c.round(20);
         assert_eq!(c.phase("later").1, None);

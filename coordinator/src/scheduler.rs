@@ -230,6 +230,8 @@ mod tests {
             phase: NodePhase::Ready,
             registered_at_ms: 0,
             drain: None,
+            operator_hold: None,
+            agent_hold: None,
         }
     }
 
@@ -286,7 +288,7 @@ mod tests {
         assert!(
             matches!(place(&st, &s, ALL), Err(Unplaceable::Wait(r)) if r.to_string().contains("carries the labels zone=c"))
         );
-        st.apply(Command::CordonNode { node_id: "plain".into(), cordoned: true }, &mut t);
+        st.apply(Command::cordon("plain".into(), true), &mut t);
         st.apply(Command::NodeDown { node_id: "gpu".into(), now_ms: 1, keep: vec![] }, &mut t);
         assert!(
             matches!(place(&st, &spec(100), ALL), Err(Unplaceable::Wait(r)) if r.to_string().starts_with("no node is ready") && r.to_string().contains("1 are down") && r.to_string().contains("1 are cordoned"))

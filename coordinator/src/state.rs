@@ -239,9 +239,112 @@ pub struct NodeRecord {
     pub runtimes: Vec<sandfleet_common::spec::Runtime>,
     pub phase: NodePhase,
     pub registered_at_ms: i64,
-    /// Set while the node drains.
+    /// Set while the node drains: the drain in effect, from `operator_hold`
+    /// or else `agent_hold` (none while the node is down).
     #[serde(default)]
     pub drain: Option<DrainRecord>,
+    /// An operator's cordon or drain (NodeService). Kept while the node is
+    /// down and across registrations; only an operator removes it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub operator_hold: Option<NodeHold>,
+    /// The node's own agent's cordon or drain (it follows its Kubernetes
+    /// Node): set by its registration and by AgentService.SetNodeSchedulable,
+    /// and removed only by them.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub agent_hold: Option<NodeHold>,
+}
+
+impl NodeRecord {
+    /// The hold of `by`.
+    pub fn hold(&self, by: HoldBy) -> Option<&NodeHold> {
+        match by {
+            HoldBy::Operator => self.operator_hold.as_ref(),
+            HoldBy::Agent => self.agent_hold.as_ref(),
+        }
+    }
+
+    fn hold_mut(&mut self, by: HoldBy) -> &mut Option<NodeHold> {
+        match by {
+            HoldBy::Operator => &mut self.operator_hold,
+            HoldBy::Agent => &mut self.agent_hold,
+        }
+    }
+
+    /// Derives the phase and the drain in effect from the holds: the
+    /// strongest of them (a drain over a cordon over none; an operator's
+    /// drain parameters over the agent's). A down node stays down, its holds
+    /// kept for when it is back.
+    fn settle(&mut self) {
+        if self.phase == NodePhase::Down {
+            self.drain = None;
+            return;
+        }
+        let holds = [self.operator_hold.as_ref(), self.agent_hold.as_ref()];
+        self.drain = holds.iter().flatten().find_map(|h| h.drain);
+        self.phase = if self.drain.is_some() {
+            NodePhase::Draining
+        } else if holds.iter().any(Option::is_some) {
+            NodePhase::Cordoned
+        } else {
+            NodePhase::Ready
+        };
+    }
+
+    /// Sets the hold of `by` (None removes it) and settles the phase. A
+    /// hold of the same kind keeps its start; a repeated drain keeps its
+    /// start time, and an operator's updates its deadline and parallelism
+    /// (the agent's keeps them: it sends the same drain again after each
+    /// registration). Returns whether anything changed.
+    fn set_hold(&mut self, by: HoldBy, new: Option<NodeHold>) -> bool {
+        let before = self.clone();
+        let slot = self.hold_mut(by);
+        *slot = match (slot.take(), new) {
+            (_, None) => None,
+            (Some(old), Some(new)) if old.drain.is_some() == new.drain.is_some() => Some(NodeHold {
+                drain: match (old.drain, new.drain) {
+                    (Some(o), Some(_)) if by == HoldBy::Agent => Some(o),
+                    (Some(o), Some(n)) => Some(DrainRecord { started_at_ms: o.started_at_ms, ..n }),
+                    _ => None,
+                },
+                reason: new.reason,
+                since_ms: old.since_ms,
+            }),
+            (_, Some(new)) => Some(new),
+        };
+        self.settle();
+        *self != before
+    }
+}
+
+/// Who holds a node out of placement.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub enum HoldBy {
+    /// An operator, through NodeService (cordon, drain, uncordon).
+    #[default]
+    Operator,
+    /// The node's own agent (following its Kubernetes Node).
+    Agent,
+}
+
+impl HoldBy {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            HoldBy::Operator => "operator",
+            HoldBy::Agent => "agent",
+        }
+    }
+}
+
+/// One source's hold on a node: a cordon (no new sessions), or a drain
+/// (its sessions move off too).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeHold {
+    /// Set for a drain.
+    pub drain: Option<DrainRecord>,
+    /// Why (empty for an operator's).
+    pub reason: String,
+    /// Since when, Unix ms.
+    pub since_ms: i64,
 }
 
 /// A drain in progress.
@@ -320,9 +423,21 @@ pub enum Command {
     },
     /// A down node heartbeats again: it is ready for new placements.
     NodeUp { node_id: String, now_ms: i64 },
-    /// An operator stops (or resumes) new placements on a node. Uncordoning
-    /// also ends a drain.
-    CordonNode { node_id: String, cordoned: bool },
+    /// An operator (or the node's own agent, `by`) stops or resumes new
+    /// placements on a node: sets or removes that source's hold, which for
+    /// an operator also ends its drain. The other source's hold stays.
+    /// Refused for a down node when an operator asks; the agent's hold is
+    /// kept for when the node is back.
+    CordonNode {
+        node_id: String,
+        cordoned: bool,
+        #[serde(default)]
+        by: HoldBy,
+        #[serde(default)]
+        reason: String,
+        #[serde(default)]
+        now_ms: i64,
+    },
     /// Places sessions onto nodes, each with a new generation if it still
     /// fits and the session's generation is still `expected_generation`; the
     /// others are skipped.
@@ -335,8 +450,16 @@ pub enum Command {
     /// Sessions on `node_id` whose own `lost_after` passed: LOST (or FAILED
     /// when out of attempts), to be placed again.
     SessionsLost { node_id: String, ids: Vec<String>, now_ms: i64 },
-    /// Starts (or updates) a drain: no new placements, sessions move off.
-    DrainNode { node_id: String, drain: DrainRecord },
+    /// Starts (or updates) a drain of an operator (or of the node's own
+    /// agent, `by`): no new placements, sessions move off.
+    DrainNode {
+        node_id: String,
+        drain: DrainRecord,
+        #[serde(default)]
+        by: HoldBy,
+        #[serde(default)]
+        reason: String,
+    },
     /// Moves sessions off a draining node: they become unplaced and are placed
     /// elsewhere with a new generation, which stops the old copy.
     MoveSessions { node_id: String, ids: Vec<String>, now_ms: i64 },
@@ -352,6 +475,19 @@ pub enum Command {
     CreateApiKey { key: ApiKeyRecord },
     /// Revokes an API key; idempotent.
     RevokeApiKey { id: String, now_ms: i64 },
+}
+
+#[cfg(test)]
+impl Command {
+    /// An operator's cordon (or uncordon) of `node_id`, for tests.
+    pub(crate) fn cordon(node_id: String, cordoned: bool) -> Self {
+        Command::CordonNode { node_id, cordoned, by: HoldBy::Operator, reason: String::new(), now_ms: 0 }
+    }
+
+    /// An operator's drain of `node_id`, for tests.
+    pub(crate) fn drain(node_id: String, drain: DrainRecord) -> Self {
+        Command::DrainNode { node_id, drain, by: HoldBy::Operator, reason: String::new() }
+    }
 }
 
 /// What applying a command produced.
@@ -456,6 +592,18 @@ pub struct Touched {
 impl ClusterState {
     /// Rebuilds derived indexes after loading from disk or a snapshot.
     pub fn rebuild_indexes(&mut self) {
+        // A cordon or drain stored before holds existed was an operator's.
+        for n in self.nodes.values_mut() {
+            if n.operator_hold.is_none() && n.agent_hold.is_none() {
+                n.operator_hold = match n.phase {
+                    NodePhase::Cordoned => Some(NodeHold { drain: None, reason: String::new(), since_ms: 0 }),
+                    NodePhase::Draining => {
+                        n.drain.map(|d| NodeHold { drain: Some(d), reason: String::new(), since_ms: d.started_at_ms })
+                    }
+                    NodePhase::Ready | NodePhase::Down => None,
+                };
+            }
+        }
         self.allocated.clear();
         self.node_sessions.clear();
         self.unplaced.clear();
@@ -815,17 +963,16 @@ impl ClusterState {
                 }
                 CommandResponse::Sessions(out)
             }
-            Command::DrainNode { node_id, drain } => match self.nodes.get_mut(&node_id) {
+            Command::DrainNode { node_id, drain, by, reason } => match self.nodes.get_mut(&node_id) {
                 None => CommandResponse::NotFound(node_id),
-                Some(n) if n.phase == NodePhase::Down => CommandResponse::Rejected(format!(
+                Some(n) if n.phase == NodePhase::Down && by == HoldBy::Operator => CommandResponse::Rejected(format!(
                     "node {node_id} is down; its sessions are placed elsewhere already"
                 )),
                 Some(n) => {
-                    // A repeated drain keeps its start time and updates the rest.
-                    let started_at_ms = n.drain.map_or(drain.started_at_ms, |d| d.started_at_ms);
-                    n.phase = NodePhase::Draining;
-                    n.drain = Some(DrainRecord { started_at_ms, ..drain });
-                    touched.nodes.push(node_id);
+                    let hold = NodeHold { drain: Some(drain), reason, since_ms: drain.started_at_ms };
+                    if n.set_hold(by, Some(hold)) {
+                        touched.nodes.push(node_id);
+                    }
                     CommandResponse::Ok
                 }
             },
@@ -896,13 +1043,17 @@ impl ClusterState {
             }
             Command::RegisterNode { node } => {
                 let id = node.id.clone();
-                let phase = self.nodes.get(&id).map(|n| n.phase);
                 let mut node = node;
-                // Re-registration keeps an operator's cordon or drain; a down node comes back ready.
-                if let Some(p @ (NodePhase::Cordoned | NodePhase::Draining)) = phase {
-                    node.phase = p;
-                    node.drain = self.nodes.get(&id).and_then(|n| n.drain);
+                // Re-registration keeps an operator's cordon or drain and takes the
+                // agent's hold it carries (a repeated one keeps its start); a down
+                // node comes back.
+                let agent_hold = node.agent_hold.take();
+                if let Some(old) = self.nodes.get(&id) {
+                    node.operator_hold = old.operator_hold.clone();
+                    node.agent_hold = old.agent_hold.clone();
                 }
+                node.phase = NodePhase::Ready;
+                node.set_hold(HoldBy::Agent, agent_hold);
                 if self.nodes.get(&id) != Some(&node) {
                     touched.nodes.push(id.clone());
                     self.nodes.insert(id, node);
@@ -929,16 +1080,14 @@ impl ClusterState {
                 }
                 CommandResponse::Sessions(lost)
             }
-            Command::CordonNode { node_id, cordoned } => match self.nodes.get_mut(&node_id) {
+            Command::CordonNode { node_id, cordoned, by, reason, now_ms } => match self.nodes.get_mut(&node_id) {
                 None => CommandResponse::NotFound(node_id),
-                Some(n) if n.phase == NodePhase::Down => {
+                Some(n) if n.phase == NodePhase::Down && by == HoldBy::Operator => {
                     CommandResponse::Rejected(format!("node {node_id} is down; cordon or uncordon it once it is back"))
                 }
                 Some(n) => {
-                    let phase = if cordoned { NodePhase::Cordoned } else { NodePhase::Ready };
-                    if n.phase != phase || n.drain.is_some() {
-                        n.phase = phase;
-                        n.drain = None;
+                    let hold = cordoned.then_some(NodeHold { drain: None, reason, since_ms: now_ms });
+                    if n.set_hold(by, hold) {
                         touched.nodes.push(node_id);
                     }
                     CommandResponse::Ok
@@ -948,7 +1097,9 @@ impl ClusterState {
                 None => CommandResponse::Rejected(format!("node {node_id} is not registered")),
                 Some(n) if n.phase != NodePhase::Down => CommandResponse::Ok,
                 Some(n) => {
+                    // Back with the holds it had: cordoned or draining if one still holds it.
                     n.phase = NodePhase::Ready;
+                    n.settle();
                     touched.nodes.push(node_id);
                     CommandResponse::Ok
                 }
@@ -1156,6 +1307,8 @@ mod tests {
             phase: NodePhase::Ready,
             registered_at_ms: 0,
             drain: None,
+            operator_hold: None,
+            agent_hold: None,
         }
     }
 
@@ -1366,6 +1519,156 @@ mod tests {
         assert_eq!(st.sessions["b"].phase, SessionPhase::Lost);
     }
 
+    fn agent_cordon(node: &str, cordoned: bool, reason: &str, now_ms: i64) -> Command {
+        Command::CordonNode { node_id: node.into(), cordoned, by: HoldBy::Agent, reason: reason.into(), now_ms }
+    }
+
+    fn agent_drain(node: &str, reason: &str, now_ms: i64) -> Command {
+        let drain = DrainRecord { started_at_ms: now_ms, deadline_ms: now_ms + 3_600_000, max_parallel: 1 };
+        Command::DrainNode { node_id: node.into(), drain, by: HoldBy::Agent, reason: reason.into() }
+    }
+
+    fn phase_of(st: &ClusterState, node: &str) -> (NodePhase, bool) {
+        (st.nodes[node].phase, st.nodes[node].drain.is_some())
+    }
+
+    #[test]
+    fn operator_and_agent_holds_are_kept_apart() {
+        let mut st = ClusterState::default();
+        let mut t = Touched::default();
+        st.apply(Command::RegisterNode { node: node("n1", 1000) }, &mut t);
+        // The agent cordons; an operator's uncordon does not lift the agent's hold.
+        assert_eq!(st.apply(agent_cordon("n1", true, "kubernetes: node cordoned", 10), &mut t), CommandResponse::Ok);
+        assert_eq!(phase_of(&st, "n1"), (NodePhase::Cordoned, false));
+        let h = st.nodes["n1"].agent_hold.clone().unwrap();
+        assert_eq!((h.reason.as_str(), h.since_ms, h.drain), ("kubernetes: node cordoned", 10, None));
+        st.apply(Command::cordon("n1".into(), false), &mut t);
+        assert_eq!(phase_of(&st, "n1"), (NodePhase::Cordoned, false), "the agent's hold stays");
+        // An operator's cordon is not undone by the agent lifting its own.
+        st.apply(Command::cordon("n1".into(), true), &mut t);
+        st.apply(agent_cordon("n1", false, "", 20), &mut t);
+        assert_eq!(phase_of(&st, "n1"), (NodePhase::Cordoned, false), "the operator's cordon stays");
+        assert!(st.nodes["n1"].agent_hold.is_none());
+        // The agent drains an operator-cordoned node: draining; when the agent lifts its drain,
+        // the operator's cordon is what is left.
+        assert_eq!(st.apply(agent_drain("n1", "kubernetes: NoExecute taint t", 30), &mut t), CommandResponse::Ok);
+        assert_eq!(phase_of(&st, "n1"), (NodePhase::Draining, true));
+        assert_eq!(st.nodes["n1"].drain.unwrap().started_at_ms, 30);
+        st.apply(agent_cordon("n1", false, "", 40), &mut t);
+        assert_eq!(phase_of(&st, "n1"), (NodePhase::Cordoned, false));
+        st.apply(Command::cordon("n1".into(), false), &mut t);
+        assert_eq!(phase_of(&st, "n1"), (NodePhase::Ready, false));
+        // An operator's drain wins over the agent's for the drain's parameters.
+        st.apply(agent_drain("n1", "taint", 50), &mut t);
+        let op = DrainRecord { started_at_ms: 60, deadline_ms: 70, max_parallel: 4 };
+        st.apply(Command::drain("n1".into(), op), &mut t);
+        assert_eq!(st.nodes["n1"].drain, Some(op));
+        st.apply(Command::cordon("n1".into(), false), &mut t);
+        assert_eq!(st.nodes["n1"].drain.map(|d| d.started_at_ms), Some(50), "the agent's drain goes on");
+    }
+
+    #[test]
+    fn holds_are_idempotent_and_keep_their_start() {
+        let mut st = ClusterState::default();
+        let mut t = Touched::default();
+        st.apply(Command::RegisterNode { node: node("n1", 1000) }, &mut t);
+        st.apply(agent_drain("n1", "taint a", 10), &mut t);
+        let before = st.nodes["n1"].clone();
+        let mut t2 = Touched::default();
+        st.apply(agent_drain("n1", "taint a", 99), &mut t2);
+        assert_eq!(st.nodes["n1"], before, "the agent's repeated drain keeps its deadline");
+        assert!(t2.nodes.is_empty(), "nothing to write");
+        // A new reason is recorded; the drain keeps its start.
+        st.apply(agent_drain("n1", "taint b", 120), &mut t);
+        let h = st.nodes["n1"].agent_hold.clone().unwrap();
+        assert_eq!((h.reason.as_str(), h.since_ms, h.drain.unwrap().started_at_ms), ("taint b", 10, 10));
+        // An operator's repeated drain keeps its start and updates the rest.
+        let d1 = DrainRecord { started_at_ms: 200, deadline_ms: 300, max_parallel: 1 };
+        let d2 = DrainRecord { started_at_ms: 250, deadline_ms: 900, max_parallel: 3 };
+        st.apply(Command::drain("n1".into(), d1), &mut t);
+        st.apply(Command::drain("n1".into(), d2), &mut t);
+        assert_eq!(st.nodes["n1"].drain, Some(DrainRecord { started_at_ms: 200, deadline_ms: 900, max_parallel: 3 }));
+    }
+
+    #[test]
+    fn holds_survive_the_node_going_down_and_registering_again() {
+        let mut st = ClusterState::default();
+        let mut t = Touched::default();
+        st.apply(Command::RegisterNode { node: node("n1", 1000) }, &mut t);
+        st.apply(Command::cordon("n1".into(), true), &mut t);
+        st.apply(Command::NodeDown { node_id: "n1".into(), now_ms: 5, keep: vec![] }, &mut t);
+        assert_eq!(phase_of(&st, "n1"), (NodePhase::Down, false));
+        // While down: an operator is refused (as before), the agent's hold is recorded.
+        assert!(matches!(st.apply(Command::cordon("n1".into(), false), &mut t), CommandResponse::Rejected(_)));
+        assert_eq!(st.apply(agent_drain("n1", "taint", 6), &mut t), CommandResponse::Ok);
+        assert_eq!(phase_of(&st, "n1"), (NodePhase::Down, false));
+        st.apply(Command::NodeUp { node_id: "n1".into(), now_ms: 7 }, &mut t);
+        assert_eq!(phase_of(&st, "n1"), (NodePhase::Draining, true), "back with its holds");
+        // A registration carries the agent's hold: without one, the agent's hold goes,
+        // the operator's stays.
+        st.apply(Command::RegisterNode { node: node("n1", 1000) }, &mut t);
+        assert_eq!(phase_of(&st, "n1"), (NodePhase::Cordoned, false));
+        assert!(st.nodes["n1"].agent_hold.is_none() && st.nodes["n1"].operator_hold.is_some());
+        // With one, the same hold keeps its start.
+        let mut n = node("n1", 1000);
+        n.agent_hold = Some(NodeHold { drain: None, reason: "kubernetes: node cordoned".into(), since_ms: 8 });
+        st.apply(Command::RegisterNode { node: n.clone() }, &mut t);
+        n.agent_hold.as_mut().unwrap().since_ms = 9;
+        st.apply(Command::RegisterNode { node: n }, &mut t);
+        assert_eq!(st.nodes["n1"].agent_hold.as_ref().map(|h| h.since_ms), Some(8));
+        st.apply(Command::cordon("n1".into(), false), &mut t);
+        assert_eq!(phase_of(&st, "n1"), (NodePhase::Cordoned, false), "the agent's cordon");
+        // A down node that registers again comes back, with its holds.
+        st.apply(Command::NodeDown { node_id: "n1".into(), now_ms: 10, keep: vec![] }, &mut t);
+        st.apply(Command::RegisterNode { node: node("n1", 1000) }, &mut t);
+        assert_eq!(phase_of(&st, "n1"), (NodePhase::Ready, false));
+    }
+
+    #[test]
+    fn a_cordon_stored_before_holds_is_an_operators() {
+        let mut st = ClusterState::default();
+        let mut t = Touched::default();
+        st.apply(Command::RegisterNode { node: node("c", 1000) }, &mut t);
+        st.apply(Command::RegisterNode { node: node("d", 1000) }, &mut t);
+        st.apply(Command::RegisterNode { node: node("r", 1000) }, &mut t);
+        // As an older version stored them: phase and drain, no holds.
+        let drain = DrainRecord { started_at_ms: 5, deadline_ms: 100, max_parallel: 2 };
+        let mut json = serde_json::to_value(&st).unwrap();
+        json["nodes"]["c"]["phase"] = serde_json::json!("Cordoned");
+        json["nodes"]["d"]["phase"] = serde_json::json!("Draining");
+        json["nodes"]["d"]["drain"] = serde_json::to_value(drain).unwrap();
+        assert!(json["nodes"]["c"].get("operator_hold").is_none(), "no hold is stored without one");
+        let mut back: ClusterState = serde_json::from_value(json).unwrap();
+        back.rebuild_indexes();
+        assert_eq!(back.nodes["c"].operator_hold.as_ref().map(|h| h.drain), Some(None));
+        assert_eq!(back.nodes["d"].operator_hold.as_ref().and_then(|h| h.drain), Some(drain));
+        assert!(back.nodes["r"].operator_hold.is_none());
+        // Commands logged before holds existed are an operator's.
+        let old: Command = serde_json::from_str(r#"{"CordonNode":{"node_id":"c","cordoned":true}}"#).unwrap();
+        assert!(
+            matches!(old, Command::CordonNode { by: HoldBy::Operator, ref reason, now_ms: 0, .. } if reason.is_empty())
+        );
+        let old: Command = serde_json::from_str(
+            r#"{"DrainNode":{"node_id":"c","drain":{"started_at_ms":1,"deadline_ms":2,"max_parallel":1}}}"#,
+        )
+        .unwrap();
+        assert!(matches!(old, Command::DrainNode { by: HoldBy::Operator, .. }));
+        // Uncordoning works on them as before.
+        back.apply(Command::cordon("c".into(), false), &mut t);
+        back.apply(Command::cordon("d".into(), false), &mut t);
+        assert_eq!(
+            (phase_of(&back, "c"), phase_of(&back, "d")),
+            ((NodePhase::Ready, false), (NodePhase::Ready, false))
+        );
+        // Holds round-trip with the digest.
+        back.apply(agent_drain("c", "taint", 3), &mut t);
+        back.apply(Command::cordon("d".into(), true), &mut t);
+        let mut again: ClusterState = serde_json::from_slice(&serde_json::to_vec(&back).unwrap()).unwrap();
+        again.rebuild_indexes();
+        assert_eq!(again.digest(), back.digest());
+        assert_eq!(again.nodes, back.nodes);
+    }
+
     #[test]
     fn drain_moves_sessions_and_tracks_them_until_running_elsewhere() {
         let mut st = ClusterState::default();
@@ -1375,7 +1678,7 @@ mod tests {
         st.apply(Command::CreateSession { session: session("a", "r1", Some("n1"), 100), key_id: None }, &mut t);
         let v0 = st.node_version("n1");
         let drain = DrainRecord { started_at_ms: 5, deadline_ms: 100, max_parallel: 1 };
-        assert_eq!(st.apply(Command::DrainNode { node_id: "n1".into(), drain }, &mut t), CommandResponse::Ok);
+        assert_eq!(st.apply(Command::drain("n1".into(), drain), &mut t), CommandResponse::Ok);
         assert!(!st.node_fits("n1", &spec(1)), "a draining node takes no new sessions");
         st.apply(Command::MoveSessions { node_id: "n1".into(), ids: vec!["a".into()], now_ms: 6 }, &mut t);
         assert!(st.node_version("n1") > v0, "the old node's watch must see the session go");
@@ -1395,7 +1698,7 @@ mod tests {
         // Re-registering keeps the drain; uncordoning ends it.
         st.apply(Command::RegisterNode { node: node("n1", 2000) }, &mut t);
         assert_eq!(st.nodes["n1"].drain.map(|d| d.started_at_ms), Some(5));
-        st.apply(Command::CordonNode { node_id: "n1".into(), cordoned: false }, &mut t);
+        st.apply(Command::cordon("n1".into(), false), &mut t);
         assert_eq!((st.nodes["n1"].phase, st.nodes["n1"].drain), (NodePhase::Ready, None));
     }
 

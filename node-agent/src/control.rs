@@ -110,6 +110,12 @@ pub struct AgentState {
     /// The agent's `grpc.health.v1` statuses: SERVING while registered and
     /// the last heartbeat was answered by a leader with a quorum.
     pub health: Option<Arc<sandfleet_common::health::Health>>,
+    /// What the agent itself asks of placement on its node (it follows its
+    /// Kubernetes Node): carried by each registration, and sent to the
+    /// coordinators when it changes (see [`hold_loop`]).
+    pub hold: tokio::sync::watch::Sender<Option<pb::AgentHold>>,
+    /// Bumped after each successful registration.
+    registrations: tokio::sync::watch::Sender<u64>,
 }
 
 /// Longest a stopping session's final workspace sync may hold up its stop.
@@ -149,6 +155,8 @@ impl AgentState {
             stopping: Mutex::new(std::collections::HashSet::new()),
             coordinator_channels: std::sync::OnceLock::new(),
             health: None,
+            hold: tokio::sync::watch::Sender::new(None),
+            registrations: tokio::sync::watch::Sender::new(0),
         }
     }
 
@@ -157,6 +165,11 @@ impl AgentState {
         if let Some(h) = &self.health {
             h.set_ready(ready).await;
         }
+    }
+
+    /// Sessions ready for exec and file calls on this node.
+    pub fn running_sessions(&self) -> usize {
+        self.sessions.lock().values().filter(|s| s.phase == LocalPhase::Ready).count()
     }
 
     /// Asks for a workspace sync of the session soon (after an exec or a file change).
@@ -548,6 +561,9 @@ pub struct ControlConfig {
     pub register: pb::RegisterNodeRequest,
     /// Mutual TLS toward the coordinators; `None` on an `--insecure` loopback cluster.
     pub tls: Option<TlsDialer>,
+    /// Send the agent's hold on its node ([`AgentState::hold`]) to the
+    /// coordinators when it changes (with `--kube-node-name`).
+    pub report_hold: bool,
 }
 
 fn channel(addr: &str, tls: Option<&TlsDialer>) -> Result<Channel, tonic::transport::Error> {
@@ -584,7 +600,9 @@ impl Control {
     pub async fn register(&mut self, shutdown: &CancellationToken) -> Option<Duration> {
         let mut attempt = 0;
         loop {
-            let mut req = tonic::Request::new(self.config.register.clone());
+            let mut register = self.config.register.clone();
+            register.hold = self.state.hold.borrow().clone();
+            let mut req = tonic::Request::new(register);
             req.set_timeout(CALL_TIMEOUT);
             let sent = std::time::Instant::now();
             match self.client().register_node(req).await {
@@ -601,6 +619,7 @@ impl Control {
                     if self.state.contact(sent) {
                         self.state.set_ready(Ok(())).await;
                     }
+                    self.state.registrations.send_modify(|n| *n += 1);
                     tracing::info!(
                         node = %self.config.register.node_id,
                         fence_after_ms = resp.fence_after_ms,
@@ -632,6 +651,15 @@ impl Control {
             self.config.tls.clone(),
             watch_stop.clone(),
         ));
+        let holder = self.config.report_hold.then(|| {
+            tokio::spawn(hold_loop(
+                self.clients.clone(),
+                self.config.register.node_id.clone(),
+                self.state.hold.subscribe(),
+                self.state.registrations.subscribe(),
+                watch_stop.clone(),
+            ))
+        });
         let fencer = {
             let (state, stop) = (self.state.clone(), watch_stop.clone());
             tokio::spawn(async move {
@@ -704,6 +732,79 @@ impl Control {
         watch_stop.cancel();
         let _ = watcher.await;
         let _ = fencer.await;
+        if let Some(h) = holder {
+            let _ = h.await;
+        }
+    }
+}
+
+/// Sends the agent's hold on its node to the coordinators
+/// (AgentService.SetNodeSchedulable) whenever it changes, and again after
+/// each registration (a registration carries the hold it read, which a
+/// change that raced it may have overtaken). A failed call is retried across
+/// coordinators with backoff until it succeeds or a newer hold replaces it.
+/// Ends with `shutdown`.
+pub async fn hold_loop(
+    clients: Vec<AgentServiceClient<Channel>>,
+    node_id: String,
+    mut hold: tokio::sync::watch::Receiver<Option<pb::AgentHold>>,
+    mut registrations: tokio::sync::watch::Receiver<u64>,
+    shutdown: CancellationToken,
+) {
+    if clients.is_empty() {
+        return;
+    }
+    // What the cluster was last told; None: nothing yet (the registration's is sent again).
+    let mut sent: Option<Option<pb::AgentHold>> = None;
+    let mut current = 0usize;
+    let mut failures = 0u32;
+    loop {
+        let want = hold.borrow_and_update().clone();
+        registrations.borrow_and_update();
+        if sent.as_ref() != Some(&want) {
+            let mut req =
+                tonic::Request::new(pb::SetNodeSchedulableRequest { node_id: node_id.clone(), hold: want.clone() });
+            req.set_timeout(CALL_TIMEOUT);
+            let mut client = clients[current % clients.len()].clone();
+            let result = tokio::select! {
+                _ = shutdown.cancelled() => return,
+                r = client.set_node_schedulable(req) => r,
+            };
+            match result {
+                Ok(resp) => {
+                    let state = resp.into_inner().node.map(|n| n.state).unwrap_or_default();
+                    tracing::info!(
+                        cordoned = want.as_ref().is_some_and(|h| h.cordoned),
+                        drain = want.as_ref().is_some_and(|h| h.drain),
+                        reason = want.as_ref().map_or("", |h| h.reason.as_str()),
+                        %state,
+                        "the coordinators took this node's own hold"
+                    );
+                    sent = Some(want);
+                    failures = 0;
+                }
+                Err(status) => {
+                    failures = failures.saturating_add(1);
+                    current += 1;
+                    tracing::warn!(error = %status, failures, "cannot set this node's own hold on the coordinators yet; retrying");
+                    tokio::select! {
+                        _ = shutdown.cancelled() => return,
+                        _ = tokio::time::sleep(backoff(failures)) => {}
+                    }
+                    continue;
+                }
+            }
+        }
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            changed = hold.changed() => if changed.is_err() { return },
+            changed = registrations.changed() => {
+                if changed.is_err() {
+                    return;
+                }
+                sent = None;
+            }
+        }
     }
 }
 
@@ -757,5 +858,138 @@ async fn watch_loop(
             _ = shutdown.cancelled() => return,
             _ = tokio::time::sleep(backoff(attempt.min(6))) => {}
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use sandfleet_proto::v1::agent_service_server::{AgentService, AgentServiceServer};
+    use std::pin::Pin;
+
+    /// A coordinator that only takes SetNodeSchedulable: records each call, and
+    /// refuses the first `fail` of them with UNAVAILABLE.
+    #[derive(Clone, Default)]
+    struct FakeCoordinator {
+        calls: Arc<Mutex<Vec<pb::SetNodeSchedulableRequest>>>,
+        fail: Arc<std::sync::atomic::AtomicUsize>,
+    }
+
+    #[tonic::async_trait]
+    impl AgentService for FakeCoordinator {
+        async fn register_node(
+            &self,
+            _: tonic::Request<pb::RegisterNodeRequest>,
+        ) -> Result<tonic::Response<pb::RegisterNodeResponse>, tonic::Status> {
+            Err(tonic::Status::unimplemented("fake"))
+        }
+        async fn heartbeat(
+            &self,
+            _: tonic::Request<pb::HeartbeatRequest>,
+        ) -> Result<tonic::Response<pb::HeartbeatResponse>, tonic::Status> {
+            Err(tonic::Status::unimplemented("fake"))
+        }
+        type WatchAssignmentsStream =
+            Pin<Box<dyn futures::Stream<Item = Result<pb::HeartbeatResponse, tonic::Status>> + Send>>;
+        async fn watch_assignments(
+            &self,
+            _: tonic::Request<pb::WatchAssignmentsRequest>,
+        ) -> Result<tonic::Response<Self::WatchAssignmentsStream>, tonic::Status> {
+            Err(tonic::Status::unimplemented("fake"))
+        }
+        async fn session_ended(
+            &self,
+            _: tonic::Request<pb::SessionEndedRequest>,
+        ) -> Result<tonic::Response<pb::SessionEndedResponse>, tonic::Status> {
+            Err(tonic::Status::unimplemented("fake"))
+        }
+        async fn set_node_schedulable(
+            &self,
+            req: tonic::Request<pb::SetNodeSchedulableRequest>,
+        ) -> Result<tonic::Response<pb::SetNodeSchedulableResponse>, tonic::Status> {
+            self.calls.lock().push(req.into_inner());
+            let refuse = self
+                .fail
+                .fetch_update(std::sync::atomic::Ordering::SeqCst, std::sync::atomic::Ordering::SeqCst, |n| {
+                    n.checked_sub(1)
+                })
+                .is_ok();
+            if refuse {
+                return Err(tonic::Status::unavailable("no leader right now"));
+            }
+            Ok(tonic::Response::new(pb::SetNodeSchedulableResponse {
+                node: Some(pb::Node { state: "cordoned".into(), ..Default::default() }),
+            }))
+        }
+    }
+
+    async fn wait_calls(fake: &FakeCoordinator, n: usize) -> Vec<pb::SetNodeSchedulableRequest> {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            let calls = fake.calls.lock().clone();
+            if calls.len() >= n {
+                return calls;
+            }
+            assert!(tokio::time::Instant::now() < deadline, "{} of {n} calls after 10 s: {calls:?}", calls.len());
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    #[tokio::test]
+    async fn the_agents_hold_reaches_the_coordinators_again_after_failures_and_registrations() {
+        let fake = FakeCoordinator::default();
+        fake.fail.store(2, std::sync::atomic::Ordering::SeqCst);
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let stop = CancellationToken::new();
+        let server = tokio::spawn({
+            let (svc, stop) = (AgentServiceServer::new(fake.clone()), stop.clone());
+            tonic::transport::Server::builder().add_service(svc).serve_with_incoming_shutdown(
+                tokio_stream::wrappers::TcpListenerStream::new(listener),
+                stop.cancelled_owned(),
+            )
+        });
+        let clients = vec![AgentServiceClient::new(channel(&addr.to_string(), None).unwrap())];
+        let hold = tokio::sync::watch::Sender::new(Some(pb::AgentHold {
+            cordoned: true,
+            drain: false,
+            reason: "kubernetes: node cordoned".into(),
+        }));
+        let registrations = tokio::sync::watch::Sender::new(1u64);
+        let task = tokio::spawn(hold_loop(
+            clients,
+            "node-a".into(),
+            hold.subscribe(),
+            registrations.subscribe(),
+            stop.clone(),
+        ));
+        // Sent at start (the registration's hold is sent again), retried through two refusals.
+        let calls = wait_calls(&fake, 3).await;
+        for c in &calls {
+            assert_eq!(c.node_id, "node-a");
+            let h = c.hold.clone().unwrap();
+            assert!(h.cordoned && !h.drain && h.reason == "kubernetes: node cordoned", "{c:?}");
+        }
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert_eq!(fake.calls.lock().len(), 3, "nothing more once the coordinators took it");
+        // A taint: a drain.
+        hold.send_replace(Some(pb::AgentHold {
+            cordoned: true,
+            drain: true,
+            reason: "kubernetes: NoExecute taint t".into(),
+        }));
+        let calls = wait_calls(&fake, 4).await;
+        assert!(calls[3].hold.as_ref().is_some_and(|h| h.drain));
+        // After a registration, the current hold is sent again.
+        registrations.send_modify(|n| *n += 1);
+        let calls = wait_calls(&fake, 5).await;
+        assert_eq!(calls[4].hold, calls[3].hold);
+        // Lifted: no hold.
+        hold.send_replace(None);
+        let calls = wait_calls(&fake, 6).await;
+        assert_eq!(calls[5].hold, None);
+        stop.cancel();
+        tokio::time::timeout(Duration::from_secs(2), task).await.expect("ends on shutdown").unwrap();
+        let _ = server.await;
     }
 }

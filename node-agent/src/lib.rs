@@ -15,6 +15,8 @@
 //! - [`lock`]: the locks that keep a second agent off this one's node id and data dir.
 //! - [`exec`]: the one implementation of exec semantics (timeout, caps, exit, OOM).
 //! - [`workspace`]: safe file operations inside a session's workspace.
+//! - [`kubernetes`]: with `--kube-node-name`, the agent's Kubernetes Node: its labels,
+//!   cordon and NoExecute taints (the agent's own hold on its node), the session count annotation.
 //! - [`store`]: the `WorkspaceStore` trait (local directory, S3) and the sync
 //!   engine that keeps workspaces durable across nodes.
 
@@ -23,6 +25,7 @@ pub mod coordinator_link;
 pub mod dataplane;
 pub mod exec;
 pub mod executor;
+pub mod kubernetes;
 pub mod lock;
 pub mod runtime;
 pub mod store;
@@ -103,6 +106,9 @@ pub struct AgentConfig {
     /// `--health-listen`: also serve `grpc.health.v1` alone, in plaintext, here
     /// (for Kubernetes probes, which speak no TLS).
     pub health_listen: Option<SocketAddr>,
+    /// Follow this Kubernetes Node (`--kube-node-name`); `None`: nothing
+    /// Kubernetes-related runs.
+    pub kube: Option<kubernetes::KubeNodeConfig>,
 }
 
 impl Default for AgentConfig {
@@ -129,6 +135,7 @@ impl Default for AgentConfig {
             sync: store::sync::SyncConfig::default(),
             tls: None,
             health_listen: None,
+            kube: None,
         }
     }
 }
@@ -152,7 +159,12 @@ pub enum AgentError {
     Store(#[from] store::StoreError),
     #[error(transparent)]
     Lock(#[from] lock::LockError),
+    #[error("Kubernetes: {0}")]
+    Kube(String),
 }
+
+/// How long the agent tries to read its Kubernetes Node at start before it gives up.
+pub const KUBE_START_PATIENCE: std::time::Duration = std::time::Duration::from_secs(30);
 
 /// How long the data-plane server may take to finish its open calls after
 /// the shutdown token fired, before they are cut.
@@ -168,6 +180,8 @@ pub struct Agent {
     cleanup: Option<AbortOnDropHandle<()>>,
     /// Reloads the TLS files on SIGHUP or change; `None` on plaintext.
     reloader: Option<AbortOnDropHandle<()>>,
+    /// Follows the Kubernetes Node and writes its annotation (`--kube-node-name`).
+    kube: Option<AbortOnDropHandle<()>>,
     syncer: Option<Arc<store::sync::Syncer>>,
     /// Sets the health statuses NOT_SERVING when the shutdown begins.
     _health_watch: AbortOnDropHandle<()>,
@@ -192,6 +206,9 @@ impl Agent {
     pub async fn join(mut self) -> Result<(), AgentError> {
         let health_server = self.health_server.take();
         let _ = self.control.await;
+        if let Some(k) = self.kube {
+            let _ = k.await;
+        }
         if let Some(s) = &self.syncer {
             // Sessions outlive the agent process; their latest changes go to the store first.
             s.sync_all(std::time::Duration::from_secs(10)).await;
@@ -273,6 +290,27 @@ pub async fn serve(config: AgentConfig, shutdown: CancellationToken) -> Result<A
         .map_err(|e| AgentError::Config(format!("cannot resolve data dir {}: {e}", config.data_dir.display())))?;
     // Before the runtime takes over (and cleans up) what the node id names on this host.
     let agent_lock = lock::AgentLock::acquire(&config.node_id, &data_dir)?;
+    // The Kubernetes Node is read before anything starts: a missing config or an
+    // unreadable Node is a startup error, and its labels and hold go with the registration.
+    let kube = match &config.kube {
+        None => None,
+        Some(k) => {
+            let client =
+                kubernetes::client(std::env::var_os("KUBECONFIG"), std::env::var_os("KUBERNETES_SERVICE_HOST"))
+                    .await
+                    .map_err(AgentError::Config)?;
+            let follower = kubernetes::NodeFollower::new(client, k, kubernetes::Timing::default());
+            match follower.get_at_start(KUBE_START_PATIENCE, &shutdown).await {
+                None => return Err(AgentError::Cancelled),
+                Some(Err(e)) => {
+                    return Err(AgentError::Kube(format!(
+                        "cannot read this agent's Node (the service account needs get, watch and patch on nodes): {e}"
+                    )))
+                }
+                Some(Ok(node)) => Some((follower, node)),
+            }
+        }
+    };
 
     let runtime: Arc<dyn Runtime> = match config.runtime {
         RuntimeKind::Process => Arc::new(
@@ -338,6 +376,25 @@ pub async fn serve(config: AgentConfig, shutdown: CancellationToken) -> Result<A
     state.syncer = syncer.clone();
     state.coordinators = config.coordinators.clone();
     state.coordinator_tls = coordinator_tls.clone();
+    let mut labels = config.labels.clone();
+    if let Some((follower, node)) = &kube {
+        let (from_node, skipped) = kubernetes::node_labels(node);
+        for why in skipped {
+            tracing::warn!(node = %follower.name(), "skipping a label of the Kubernetes Node: {why}");
+        }
+        let (merged, left_out) = kubernetes::merge_labels(&labels, &from_node);
+        if !left_out.is_empty() {
+            tracing::warn!(
+                node = %follower.name(),
+                ?left_out,
+                "skipping labels of the Kubernetes Node: a node has at most {} labels",
+                limits::MAX_LABELS
+            );
+        }
+        labels = merged;
+        state.hold.send_replace(follower.hold_of(node));
+        tracing::info!(node = %follower.name(), labels = labels.len(), "following the Kubernetes Node");
+    }
     let state = Arc::new(state);
     state.rediscover().await?;
 
@@ -386,17 +443,33 @@ pub async fn serve(config: AgentConfig, shutdown: CancellationToken) -> Result<A
         node_id: config.node_id.clone(),
         address: advertise,
         capacity: Some(pb::NodeCapacity { cpu_millis, memory_bytes, session_slots: config.slots }),
-        labels: config.labels.clone(),
+        labels,
         runtimes: vec![config.runtime.as_str().to_string()],
+        hold: None,
     };
     let mut control = Control::new(
-        state,
-        ControlConfig { coordinators: config.coordinators.clone(), register, tls: coordinator_tls },
+        state.clone(),
+        ControlConfig {
+            coordinators: config.coordinators.clone(),
+            register,
+            tls: coordinator_tls,
+            report_hold: kube.is_some(),
+        },
     )?;
     let Some(interval) = control.register(&shutdown).await else {
         return Err(AgentError::Cancelled);
     };
     let control = AbortOnDropHandle::new(tokio::spawn(control.run(interval, shutdown.clone())));
+    let kube = kube.map(|(follower, _)| {
+        let (state, stop) = (state.clone(), shutdown.clone());
+        AbortOnDropHandle::new(tokio::spawn(async move {
+            let count = {
+                let state = state.clone();
+                move || state.running_sessions()
+            };
+            tokio::join!(follower.clone().follow(&state.hold, stop.clone()), follower.annotate(count, stop));
+        }))
+    });
     tracing::info!(node = %config.node_id, %addr, "agent serving");
     Ok(Agent {
         addr,
@@ -404,6 +477,7 @@ pub async fn serve(config: AgentConfig, shutdown: CancellationToken) -> Result<A
         control,
         cleanup,
         reloader,
+        kube,
         syncer,
         _health_watch: health_watch,
         health_server,

@@ -11,8 +11,11 @@ use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status};
 
 use crate::core::{Core, Tunables};
-use crate::service::require_agent;
-use crate::state::{ClusterState, Command, NodePhase, NodeRecord, Report, Resources, SessionPhase};
+use crate::service::node::{drain_record, node_to_proto};
+use crate::service::{require_agent, response_status};
+use crate::state::{
+    ClusterState, Command, CommandResponse, HoldBy, NodeHold, NodePhase, NodeRecord, Report, Resources, SessionPhase,
+};
 
 /// Deadline of a heartbeat forwarded to the leader.
 const HEARTBEAT_FORWARD_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2);
@@ -48,6 +51,38 @@ impl AgentApi {
 
     fn touch(&self, node_id: &str) {
         self.core.heartbeats.lock().insert(node_id.to_string(), crate::core::Heard::now());
+    }
+}
+
+/// The agent's hold on its node as stored, from its request, starting at
+/// `now_ms` (None: no hold). A drain has the default parameters of
+/// NodeService's (one hour, one session at a time).
+fn agent_hold(h: Option<&pb::AgentHold>, now_ms: i64) -> Result<Option<NodeHold>, Status> {
+    let Some(h) = h.filter(|h| h.cordoned || h.drain) else { return Ok(None) };
+    ids::validate_hold_reason(&h.reason)?;
+    let drain = if h.drain { Some(drain_record(now_ms, 0, 0)?) } else { None };
+    Ok(Some(NodeHold { drain, reason: h.reason.clone(), since_ms: now_ms }))
+}
+
+/// Whether two holds ask the same (the same kind and reason), whatever their start.
+fn same_hold(a: Option<&NodeHold>, b: Option<&NodeHold>) -> bool {
+    match (a, b) {
+        (None, None) => true,
+        (Some(a), Some(b)) => a.drain.is_some() == b.drain.is_some() && a.reason == b.reason,
+        _ => false,
+    }
+}
+
+/// The command that sets the agent's hold on `node_id` (a cordon, a drain, or none).
+fn agent_hold_command(node_id: String, hold: Option<NodeHold>, now_ms: i64) -> Command {
+    match hold {
+        Some(NodeHold { drain: Some(drain), reason, .. }) => {
+            Command::DrainNode { node_id, drain, by: HoldBy::Agent, reason }
+        }
+        Some(NodeHold { drain: None, reason, .. }) => {
+            Command::CordonNode { node_id, cordoned: true, by: HoldBy::Agent, reason, now_ms }
+        }
+        None => Command::CordonNode { node_id, cordoned: false, by: HoldBy::Agent, reason: String::new(), now_ms },
     }
 }
 
@@ -98,6 +133,7 @@ impl AgentService for AgentApi {
         let Some(signer) = self.core.signer() else {
             return Err(Status::unavailable("the cluster is still initializing; retry shortly"));
         };
+        let hold = agent_hold(req.hold.as_ref(), crate::now_ms())?;
         let node = NodeRecord {
             id: req.node_id.clone(),
             address: req.address,
@@ -111,6 +147,8 @@ impl AgentService for AgentApi {
             phase: NodePhase::Ready,
             registered_at_ms: 0,
             drain: None,
+            operator_hold: None,
+            agent_hold: hold,
         };
         let unchanged = self.core.state.read(|st| {
             st.nodes.get(&node.id).is_some_and(|n| {
@@ -118,6 +156,7 @@ impl AgentService for AgentApi {
                     && n.capacity == node.capacity
                     && n.labels == node.labels
                     && n.runtimes == node.runtimes
+                    && same_hold(n.agent_hold.as_ref(), node.agent_hold.as_ref())
             })
         });
         if !unchanged {
@@ -219,6 +258,41 @@ impl AgentService for AgentApi {
         self.core.read_barrier(pb::ReadConsistency::Linearizable as i32).await?;
         let ended = self.core.state.read(|st| st.sessions.get(&req.session_id).is_none_or(|s| s.phase.is_terminal()));
         Ok(Response::new(pb::SessionEndedResponse { ended }))
+    }
+
+    #[tracing::instrument(skip_all, fields(node = %req.get_ref().node_id))]
+    async fn set_node_schedulable(
+        &self,
+        req: Request<pb::SetNodeSchedulableRequest>,
+    ) -> Result<Response<pb::SetNodeSchedulableResponse>, Status> {
+        require_agent(&self.core, &req, &req.get_ref().node_id)?;
+        let req = req.into_inner();
+        ids::validate_node_id(&req.node_id)?;
+        let now = crate::now_ms();
+        let hold = agent_hold(req.hold.as_ref(), now)?;
+        let what = match &hold {
+            None => "none".to_string(),
+            Some(h) => format!("{} ({})", if h.drain.is_some() { "drain" } else { "cordon" }, h.reason),
+        };
+        let result = match self.core.propose(agent_hold_command(req.node_id.clone(), hold, now)).await? {
+            CommandResponse::Ok => Ok(()),
+            CommandResponse::NotFound(id) => {
+                Err(Status::not_found(format!("node {id} is not registered; register first")))
+            }
+            other => Err(response_status(other)),
+        };
+        crate::service::auth::audit_agent(
+            &req.node_id,
+            "SetNodeSchedulable",
+            &format!("node/{}: {what}", req.node_id),
+            &result,
+        );
+        result?;
+        self.core.wake.notify_one();
+        tracing::info!(node = %req.node_id, hold = %what, "the node's agent set its hold");
+        let seen = self.core.heartbeats.lock().clone();
+        let node = self.core.state.read(|st| st.nodes.get(&req.node_id).map(|n| node_to_proto(st, n, &seen)));
+        Ok(Response::new(pb::SetNodeSchedulableResponse { node }))
     }
 
     type WatchAssignmentsStream = Pin<Box<dyn Stream<Item = Result<pb::HeartbeatResponse, Status>> + Send>>;

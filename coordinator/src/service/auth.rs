@@ -197,6 +197,13 @@ impl AuditWho {
     }
 }
 
+/// The audit event of a node agent's call that changes replicated state
+/// (its own node's hold): the agent acts as `agent/<node>`, bound to its certificate.
+pub fn audit_agent<T>(node_id: &str, method: &'static str, resource: &str, result: &Result<T, Status>) {
+    let who = AuditWho { principal: format!("agent/{node_id}"), tenant: String::new() };
+    audit(&who, method, resource, result);
+}
+
 /// The one audit event of a mutating control-plane call.
 fn audit<T>(who: &AuditWho, method: &'static str, resource: &str, result: &Result<T, Status>) {
     let code = match result {

@@ -10,7 +10,7 @@ use sandfleet_common::{ids, ValidationError};
 
 use crate::core::{Core, Heard};
 use crate::service::auth::{audited, Authenticator};
-use crate::state::{ClusterState, Command, CommandResponse, DrainRecord, NodeRecord};
+use crate::state::{ClusterState, Command, CommandResponse, DrainRecord, HoldBy, NodeRecord};
 
 /// The NodeService implementation. Admin only.
 pub struct NodeApi {
@@ -25,7 +25,14 @@ impl NodeApi {
 
     async fn cordon(&self, req: pb::CordonNodeRequest) -> Result<Response<pb::CordonNodeResponse>, Status> {
         ids::validate_node_id(&req.node_id)?;
-        match self.core.propose(Command::CordonNode { node_id: req.node_id.clone(), cordoned: req.cordoned }).await? {
+        let cmd = Command::CordonNode {
+            node_id: req.node_id.clone(),
+            cordoned: req.cordoned,
+            by: HoldBy::Operator,
+            reason: String::new(),
+            now_ms: crate::now_ms(),
+        };
+        match self.core.propose(cmd).await? {
             CommandResponse::Ok => {}
             CommandResponse::NotFound(id) => return Err(Status::not_found(format!("node {id} is not registered"))),
             CommandResponse::Rejected(why) => return Err(Status::failed_precondition(why)),
@@ -40,28 +47,11 @@ impl NodeApi {
 
     async fn drain(&self, req: pb::DrainNodeRequest) -> Result<Response<pb::DrainNodeResponse>, Status> {
         ids::validate_node_id(&req.node_id)?;
-        let deadline_seconds = match req.deadline_seconds {
-            0 => DEFAULT_DRAIN_DEADLINE_SECONDS,
-            n if n > MAX_DRAIN_DEADLINE_SECONDS => {
-                return Err(ValidationError::over(
-                    "deadline_seconds",
-                    format!("{MAX_DRAIN_DEADLINE_SECONDS} seconds"),
-                    n,
-                )
-                .into())
-            }
-            n => n,
-        };
-        let max_parallel = match req.max_parallel {
-            0 => 1,
-            n if n > MAX_DRAIN_PARALLEL => {
-                return Err(ValidationError::over("max_parallel", MAX_DRAIN_PARALLEL, n).into())
-            }
-            n => n,
-        };
-        let now = crate::now_ms();
-        let drain = DrainRecord { started_at_ms: now, deadline_ms: now + deadline_seconds as i64 * 1000, max_parallel };
-        match self.core.propose(Command::DrainNode { node_id: req.node_id.clone(), drain }).await? {
+        let drain = drain_record(crate::now_ms(), req.deadline_seconds, req.max_parallel)?;
+        let (deadline_seconds, max_parallel) = ((drain.deadline_ms - drain.started_at_ms) / 1000, drain.max_parallel);
+        let cmd =
+            Command::DrainNode { node_id: req.node_id.clone(), drain, by: HoldBy::Operator, reason: String::new() };
+        match self.core.propose(cmd).await? {
             CommandResponse::Ok => {}
             CommandResponse::NotFound(id) => return Err(Status::not_found(format!("node {id} is not registered"))),
             CommandResponse::Rejected(why) => return Err(Status::failed_precondition(why)),
@@ -124,7 +114,33 @@ const MAX_DRAIN_DEADLINE_SECONDS: u64 = 86_400;
 /// Most sessions of one node moving at a time.
 const MAX_DRAIN_PARALLEL: u32 = 1000;
 
-fn node_to_proto(st: &ClusterState, n: &NodeRecord, seen: &std::collections::HashMap<String, Heard>) -> pb::Node {
+/// A drain starting at `now_ms`, from a request's parameters (0: the
+/// defaults, one hour and one session at a time): the one definition of a
+/// drain's parameters, for an operator's drain and the agent's alike.
+pub(crate) fn drain_record(now_ms: i64, deadline_seconds: u64, max_parallel: u32) -> Result<DrainRecord, Status> {
+    let deadline_seconds = match deadline_seconds {
+        0 => DEFAULT_DRAIN_DEADLINE_SECONDS,
+        n if n > MAX_DRAIN_DEADLINE_SECONDS => {
+            return Err(
+                ValidationError::over("deadline_seconds", format!("{MAX_DRAIN_DEADLINE_SECONDS} seconds"), n).into()
+            )
+        }
+        n => n,
+    };
+    let max_parallel = match max_parallel {
+        0 => 1,
+        n if n > MAX_DRAIN_PARALLEL => return Err(ValidationError::over("max_parallel", MAX_DRAIN_PARALLEL, n).into()),
+        n => n,
+    };
+    Ok(DrainRecord { started_at_ms: now_ms, deadline_ms: now_ms + deadline_seconds as i64 * 1000, max_parallel })
+}
+
+/// A node as the API shows it.
+pub(crate) fn node_to_proto(
+    st: &ClusterState,
+    n: &NodeRecord,
+    seen: &std::collections::HashMap<String, Heard>,
+) -> pb::Node {
     let used = st.allocated_on(&n.id);
     pb::Node {
         id: n.id.clone(),
@@ -151,5 +167,16 @@ fn node_to_proto(st: &ClusterState, n: &NodeRecord, seen: &std::collections::Has
             remaining: st.node_sessions.get(&n.id).map_or(0, |s| s.len() as u32),
             moving: st.moving.get(&n.id).map_or(0, |s| s.len() as u32),
         }),
+        holds: [HoldBy::Operator, HoldBy::Agent]
+            .into_iter()
+            .filter_map(|by| {
+                n.hold(by).map(|h| pb::NodeHold {
+                    by: by.as_str().to_string(),
+                    drain: h.drain.is_some(),
+                    reason: h.reason.clone(),
+                    since_ms: h.since_ms,
+                })
+            })
+            .collect(),
     }
 }

@@ -6,6 +6,7 @@ use std::path::PathBuf;
 
 use anyhow::{bail, Context};
 use clap::Parser;
+use sandfleet_agent::kubernetes::KubeNodeConfig;
 use sandfleet_agent::runtime::cri::{CriConfig, PullPolicy};
 use sandfleet_agent::runtime::disk::DiskQuota;
 use sandfleet_agent::store::s3::S3Config;
@@ -131,6 +132,18 @@ struct Args {
     /// Keep a deleted session's workspace in the store instead of removing it.
     #[arg(long)]
     retain_workspaces: bool,
+    /// Follow this Kubernetes Node (pass the downward API's spec.nodeName): its
+    /// labels become node labels (under --label), `kubectl cordon` cordons this
+    /// node and a NoExecute taint drains it, and its annotation
+    /// sandfleet.io/sessions holds the running session count. Needs the pod's
+    /// service account (or KUBECONFIG) with get, watch and patch on nodes.
+    #[arg(long, value_name = "NAME")]
+    kube_node_name: Option<String>,
+    /// With --kube-node-name: a NoExecute taint KEY that does not drain this
+    /// node, e.g. one that keeps other pods off nodes dedicated to Sandfleet
+    /// (repeatable).
+    #[arg(long = "kube-ignore-taint", value_name = "KEY")]
+    kube_ignore_taints: Vec<String>,
 }
 
 /// `--workspace-store` values.
@@ -230,6 +243,19 @@ async fn main() -> anyhow::Result<()> {
     }
     let sync =
         SyncConfig { interval: args.sync_interval, retain_on_delete: args.retain_workspaces, ..Default::default() };
+    let kube = match &args.kube_node_name {
+        None if !args.kube_ignore_taints.is_empty() => bail!("--kube-ignore-taint needs --kube-node-name"),
+        None => None,
+        Some(name) if !sandfleet_common::ids::is_dns_subdomain(name) => {
+            bail!("invalid --kube-node-name {name:?}: expected a Kubernetes node name (a DNS subdomain)")
+        }
+        Some(name) => {
+            for key in &args.kube_ignore_taints {
+                sandfleet_common::ids::validate_label_key("--kube-ignore-taint", key)?;
+            }
+            Some(KubeNodeConfig { node_name: name.clone(), ignore_taints: args.kube_ignore_taints.clone() })
+        }
+    };
     let cpu_millis = args.cpu.as_deref().map(sandfleet_common::quantity::parse_cpu).transpose()?.unwrap_or(0);
     let memory_bytes = args.memory.as_deref().map(sandfleet_common::quantity::parse_memory).transpose()?.unwrap_or(0);
     let shutdown = CancellationToken::new();
@@ -269,6 +295,7 @@ async fn main() -> anyhow::Result<()> {
         store,
         sync,
         health_listen: args.health_listen,
+        kube,
         ..Default::default()
     };
     let agent = serve(config, shutdown.clone()).await.context("failed to start the agent")?;
