@@ -60,15 +60,18 @@ async fn bad_template_and_request_id_create_nothing() {
         client.create_session(CreateSession::new().request_id("has space").label("test", tag.clone())).await,
         Code::InvalidArgument,
     );
-    expect_code(
-        "label key with a slash",
-        client
-            .create_session(
-                CreateSession::new().request_id(request_id("lbl")).label("a/b", "v").label("test", tag.clone()),
-            )
-            .await,
-        Code::InvalidArgument,
-    );
+    // Label keys follow Kubernetes' syntax: an optional DNS-subdomain prefix and one '/'.
+    for bad in ["a/b/c", "Not_A_Domain/x", "/x", "x/"] {
+        expect_code(
+            &format!("label key {bad:?}"),
+            client
+                .create_session(
+                    CreateSession::new().request_id(request_id("lbl")).label(bad, "v").label("test", tag.clone()),
+                )
+                .await,
+            Code::InvalidArgument,
+        );
+    }
     let listed = list_all_sessions(&client, &[("test", &tag)], &[]).await.unwrap();
     assert!(listed.is_empty(), "rejected creates must create nothing: {listed:?}");
 }
