@@ -26,7 +26,7 @@ use sandfleet::{Client, CreateSession, ExecRequest};
 use sandfleet_testkit::containerd::{cri_client, Containerd};
 use sandfleet_testkit::{Cluster, ClusterBuilder};
 
-use crate::docker::{ms, Series};
+use crate::docker::{create_series, ms, Series};
 
 /// What to run.
 #[derive(Debug, Clone)]
@@ -91,24 +91,6 @@ async fn start_cluster(containerd: &Containerd, image: &str, pool: Option<u32>, 
         args.extend(["--warm-pool".to_string(), format!("python={n}")]);
     }
     ClusterBuilder::new().coordinators(1).agents(1).agent_args(args).env("RUST_LOG", child_log).start().await
-}
-
-/// Create -> RUNNING, one at a time, each deleted once RUNNING.
-async fn create_series(client: &Client, s: &Settings, name: &str, tag: &str, pause: Duration) -> Result<Series> {
-    let mut series = Series::new(name);
-    for i in 0..s.warmup + s.creates {
-        let t = Instant::now();
-        let c = client.create_session(spec(i, tag)).await.map_err(|e| anyhow!("create: {e}"))?;
-        let sess =
-            client.wait_running(&c.id, Duration::from_secs(60)).await.map_err(|e| anyhow!("wait_running: {e}"))?;
-        let d = t.elapsed();
-        client.delete_session(&sess.id).await.map_err(|e| anyhow!("delete: {e}"))?;
-        if i >= s.warmup {
-            series.samples.push(d);
-        }
-        tokio::time::sleep(pause).await;
-    }
-    Ok(series)
 }
 
 /// The raw calls a kubelet makes for one pod of one container: the anchor.
@@ -223,8 +205,11 @@ pub async fn run(s: &Settings) -> Result<Report> {
     let client = cluster.try_client().await?;
     // A pause after each create: the deleted session's pod is torn down before the next create,
     // as the raw anchor's is (untimed there too).
-    let cold =
-        create_series(&client, s, "cold create -> RUNNING (no pool)", "cold", Duration::from_millis(500)).await?;
+    let runs = (s.warmup, s.creates);
+    let cold = create_series(&client, runs, "cold create -> RUNNING (no pool)", Duration::from_millis(500), |i| {
+        spec(i, "cold")
+    })
+    .await?;
     eprintln!("  cold create:          p50 {}", ms(cold.p50()));
     let created = client.create_session(spec(usize::MAX, "exec")).await.map_err(|e| anyhow!("create: {e}"))?;
     let sess =
@@ -272,7 +257,8 @@ pub async fn run(s: &Settings) -> Result<Report> {
     let client = cluster.try_client().await?;
     let refill = Duration::from_millis(400 * u64::from(s.pool.max(1)) + 600);
     tokio::time::sleep(refill * 2).await;
-    let warm = create_series(&client, s, "warm create -> RUNNING (from the pool)", "warm", refill).await?;
+    let warm =
+        create_series(&client, runs, "warm create -> RUNNING (from the pool)", refill, |i| spec(i, "warm")).await?;
     eprintln!("  warm create:          p50 {}", ms(warm.p50()));
     cluster.shutdown().await?;
     drop(containerd);

@@ -122,18 +122,25 @@ async fn start_cluster(image: &str, pool: Option<u32>, child_log: &str) -> Resul
     ClusterBuilder::new().coordinators(1).agents(1).agent_args(args).env("RUST_LOG", child_log).start().await
 }
 
-/// Create -> RUNNING of `s.warmup + s.creates` sessions one at a time, each
-/// deleted once RUNNING, with `pause` after each.
-async fn create_series(client: &Client, s: &Settings, name: &str, tag: &str, pause: Duration) -> Result<Series> {
+/// Create -> RUNNING of `warmup + creates` sessions one at a time (the
+/// `i`th made by `spec(i)`), each deleted once RUNNING, with `pause` after
+/// each; the first `warmup` are not measured. Shared by the container benches.
+pub(crate) async fn create_series(
+    client: &Client,
+    (warmup, creates): (usize, usize),
+    name: &str,
+    pause: Duration,
+    spec: impl Fn(usize) -> CreateSession,
+) -> Result<Series> {
     let mut series = Series::new(name);
-    for i in 0..s.warmup + s.creates {
+    for i in 0..warmup + creates {
         let t = Instant::now();
-        let c = client.create_session(spec(i, tag)).await.map_err(|e| anyhow!("create: {e}"))?;
+        let c = client.create_session(spec(i)).await.map_err(|e| anyhow!("create: {e}"))?;
         let sess =
             client.wait_running(&c.id, Duration::from_secs(60)).await.map_err(|e| anyhow!("wait_running: {e}"))?;
         let d = t.elapsed();
         client.delete_session(&sess.id).await.map_err(|e| anyhow!("delete: {e}"))?;
-        if i >= s.warmup {
+        if i >= warmup {
             series.samples.push(d);
         }
         tokio::time::sleep(pause).await;
@@ -166,7 +173,9 @@ pub async fn run(s: &Settings) -> Result<Report> {
     // Cold creates, then exec round trips, on an agent without a pool.
     let cluster = start_cluster(&image, None, &child_log).await?;
     let client = cluster.try_client().await?;
-    let cold = create_series(&client, s, "cold create -> RUNNING (no pool)", "cold", Duration::ZERO).await?;
+    let runs = (s.warmup, s.creates);
+    let cold =
+        create_series(&client, runs, "cold create -> RUNNING (no pool)", Duration::ZERO, |i| spec(i, "cold")).await?;
     eprintln!("  cold create:          p50 {}", ms(cold.p50()));
 
     let c = client.create_session(spec(usize::MAX, "exec")).await.map_err(|e| anyhow!("create: {e}"))?;
@@ -207,7 +216,8 @@ pub async fn run(s: &Settings) -> Result<Report> {
     // Let the pool fill, and refill between creates (a container start takes a few hundred ms).
     let refill = Duration::from_millis(400 * u64::from(s.pool.max(1)) + 600);
     tokio::time::sleep(refill * 2).await;
-    let warm = create_series(&client, s, "warm create -> RUNNING (from the pool)", "warm", refill).await?;
+    let warm =
+        create_series(&client, runs, "warm create -> RUNNING (from the pool)", refill, |i| spec(i, "warm")).await?;
     eprintln!("  warm create:          p50 {}", ms(warm.p50()));
     cluster.shutdown().await?;
     Ok(Report { image, docker_run, cold, warm, exec, docker_exec, engine })
