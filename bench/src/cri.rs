@@ -22,7 +22,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context, Result};
 use k8s_cri::v1 as cri;
-use sandfleet::{Client, CreateSession, ExecRequest};
+use sandfleet::{CreateSession, ExecRequest};
 use sandfleet_testkit::containerd::{cri_client, Containerd};
 use sandfleet_testkit::{Cluster, ClusterBuilder};
 
