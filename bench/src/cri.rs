@@ -26,7 +26,7 @@ use sandfleet::{CreateSession, ExecRequest};
 use sandfleet_testkit::containerd::{cri_client, Containerd};
 use sandfleet_testkit::{Cluster, ClusterBuilder};
 
-use crate::docker::{create_series, ms, Series};
+use crate::docker::{create_series, ms, series_table, Series};
 
 /// What to run.
 #[derive(Debug, Clone)]
@@ -283,19 +283,7 @@ pub fn render(r: &Report, s: &Settings, title: &str, machine: &[(String, String)
          makes for a one-container pod of the same image (a plain `sleep`, no hardening), timed at the client.\n",
         s.creates, s.execs, s.pool, r.runtime, r.image
     );
-    let _ = writeln!(out, "| measurement | p50 | p99 | max | runs |");
-    let _ = writeln!(out, "|---|---:|---:|---:|---:|");
-    for series in [&r.raw_create, &r.cold, &r.warm, &r.docker_run, &r.exec, &r.exec_sync] {
-        let _ = writeln!(
-            out,
-            "| {} | {} | {} | {} | {} |",
-            series.name,
-            ms(series.p50()),
-            ms(series.p99()),
-            ms(series.max()),
-            series.samples.len()
-        );
-    }
+    series_table(&mut out, &[&r.raw_create, &r.cold, &r.warm, &r.docker_run, &r.exec, &r.exec_sync]);
     let _ = writeln!(out);
     let _ = writeln!(out, "| goal | measured | verdict |");
     let _ = writeln!(out, "|---|---|---|");

@@ -223,6 +223,16 @@ pub async fn run(s: &Settings) -> Result<Report> {
     Ok(Report { image, docker_run, cold, warm, exec, docker_exec, engine })
 }
 
+/// The table of measured series (p50, p99, max, runs) of a results section.
+pub(crate) fn series_table(out: &mut String, series: &[&Series]) {
+    let _ = writeln!(out, "| measurement | p50 | p99 | max | runs |");
+    let _ = writeln!(out, "|---|---:|---:|---:|---:|");
+    for s in series {
+        let _ =
+            writeln!(out, "| {} | {} | {} | {} | {} |", s.name, ms(s.p50()), ms(s.p99()), ms(s.max()), s.samples.len());
+    }
+}
+
 /// The results section.
 pub fn render(r: &Report, s: &Settings, title: &str, machine: &[(String, String)]) -> String {
     let verdict = |ok: bool| if ok { "met" } else { "MISSED" };
@@ -239,19 +249,7 @@ pub fn render(r: &Report, s: &Settings, title: &str, machine: &[(String, String)
          RUNNING), so it includes the Raft commit, the assignment push and the agent's report.\n",
         s.creates, s.execs, s.pool, r.engine, r.image
     );
-    let _ = writeln!(out, "| measurement | p50 | p99 | max | runs |");
-    let _ = writeln!(out, "|---|---:|---:|---:|---:|");
-    for series in [&r.docker_run, &r.cold, &r.warm, &r.exec, &r.docker_exec] {
-        let _ = writeln!(
-            out,
-            "| {} | {} | {} | {} | {} |",
-            series.name,
-            ms(series.p50()),
-            ms(series.p99()),
-            ms(series.max()),
-            series.samples.len()
-        );
-    }
+    series_table(&mut out, &[&r.docker_run, &r.cold, &r.warm, &r.exec, &r.docker_exec]);
     let _ = writeln!(out);
     let _ = writeln!(out, "| goal | measured | verdict |");
     let _ = writeln!(out, "|---|---|---|");

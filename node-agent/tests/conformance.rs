@@ -1266,6 +1266,20 @@ async fn process_restart_kills_leftovers_and_rediscovers_sessions() {
 // Docker only
 // ---------------------------------------------------------------------------
 
+/// What a container's own processes print of themselves (`id -u` first, then
+/// their status lines): the session's uid, no capabilities, no_new_privs and
+/// a seccomp filter. Returns stdout and stderr together.
+fn assert_hardened_inside(stdout: &[u8], stderr: &[u8], uid: u32) -> String {
+    let text = String::from_utf8_lossy(stdout).into_owned() + &String::from_utf8_lossy(stderr);
+    eprintln!("inside the container: {text}");
+    assert!(text.starts_with(&format!("{uid}\n")), "{text}");
+    assert!(
+        text.contains("CapEff:\t0000000000000000") && text.contains("NoNewPrivs:\t1") && text.contains("Seccomp:\t2"),
+        "{text}"
+    );
+    text
+}
+
 fn docker_inspect(name: &str) -> serde_json::Value {
     let out = std::process::Command::new("docker").args(["inspect", name]).output().expect("docker inspect");
     assert!(out.status.success(), "docker inspect {name}: {}", String::from_utf8_lossy(&out.stderr));
@@ -1351,13 +1365,7 @@ async fn docker_inspect_shows_every_hardening_field() {
         ])
         .output()
         .unwrap();
-    let text = String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
-    eprintln!("inside the container: {text}");
-    assert!(text.starts_with(&format!("{uid}\n")), "{text}");
-    assert!(
-        text.contains("CapEff:\t0000000000000000") && text.contains("NoNewPrivs:\t1") && text.contains("Seccomp:\t2"),
-        "{text}"
-    );
+    let text = assert_hardened_inside(&out.stdout, &out.stderr, uid);
     assert!(text.contains("Read-only file system"), "{text}");
     assert!(!text.contains("eth0"), "the container has a network interface: {text}");
 
@@ -1806,13 +1814,7 @@ async fn cri_status_shows_every_hardening_field() {
         .await
         .unwrap()
         .into_inner();
-    let text = String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
-    eprintln!("inside the container: {text}");
-    assert!(text.starts_with(&format!("{uid}\n")), "{text}");
-    assert!(
-        text.contains("CapEff:\t0000000000000000") && text.contains("NoNewPrivs:\t1") && text.contains("Seccomp:\t2"),
-        "{text}"
-    );
+    let text = assert_hardened_inside(&out.stdout, &out.stderr, uid);
     assert!(text.contains("/pause"), "pid 1 is not the pod's pause process: {text}");
     assert!(text.contains("Read-only file system"), "{text}");
     assert_eq!(text.lines().last(), Some("lo"), "the pod has a network interface besides lo: {text}");
