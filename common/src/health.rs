@@ -49,6 +49,8 @@ pub struct Health {
     names: Vec<String>,
     /// The last readiness set (`None` before the first), to log changes only.
     ready: Mutex<Option<bool>>,
+    /// Why the daemon is not ready, from the last [`Health::set_ready`].
+    reason: Mutex<String>,
     /// Fired when the shutdown begins: everything is NOT_SERVING from then on.
     stopping: CancellationToken,
 }
@@ -68,7 +70,13 @@ impl Health {
             reporter.set_service_status(name, ServingStatus::NotServing).await;
         }
         reporter.set_service_status(LIVENESS, ServingStatus::Serving).await;
-        Arc::new(Self { reporter, names, ready: Mutex::new(None), stopping: CancellationToken::new() })
+        Arc::new(Self {
+            reporter,
+            names,
+            ready: Mutex::new(None),
+            reason: Mutex::new("starting".into()),
+            stopping: CancellationToken::new(),
+        })
     }
 
     /// The gRPC service, to add to a server.
@@ -87,6 +95,7 @@ impl Health {
             return;
         }
         let now = ready.is_ok();
+        *self.reason.lock() = ready.as_ref().err().cloned().unwrap_or_default();
         let before = self.ready.lock().replace(now);
         if before == Some(now) {
             return;
@@ -104,6 +113,24 @@ impl Health {
     /// Whether the daemon last said it was ready.
     pub fn is_ready(&self) -> bool {
         *self.ready.lock() == Some(true) && !self.stopping.is_cancelled()
+    }
+
+    /// `Ok` when ready, else why not (the reason last given to
+    /// [`Health::set_ready`], "starting" before it, or "shutting down").
+    pub fn readiness(&self) -> Result<(), String> {
+        if self.stopping.is_cancelled() {
+            return Err("shutting down".into());
+        }
+        if *self.ready.lock() == Some(true) {
+            Ok(())
+        } else {
+            Err(self.reason.lock().clone())
+        }
+    }
+
+    /// Whether the shutdown has begun ([`LIVENESS`] is NOT_SERVING then).
+    pub fn is_shutting_down(&self) -> bool {
+        self.stopping.is_cancelled()
     }
 
     /// The shutdown has begun: everything, [`LIVENESS`] included, is

@@ -22,6 +22,8 @@
 //! - [`signal`]: the SIGINT/SIGTERM shutdown signal of the daemons.
 //! - [`time`]: wall-clock helpers in Unix milliseconds.
 //! - [`x509`]: the Sandfleet identity (SPIFFE URI SAN) of a peer certificate.
+//! - `metrics` (feature `metrics`): OpenTelemetry instruments read as Prometheus text on
+//!   `--metrics-listen` (`/metrics`, `/healthz`, `/readyz`) and pushed over OTLP.
 //! - `pki` (feature `pki`): the cluster CA, issuing certificates, writing them with safe modes.
 
 pub mod auth;
@@ -31,6 +33,8 @@ pub mod grpc;
 pub mod health;
 pub mod ids;
 pub mod limits;
+#[cfg(feature = "metrics")]
+pub mod metrics;
 pub mod mounts;
 #[cfg(feature = "pki")]
 pub mod pki;
