@@ -10,6 +10,8 @@
 //! sandfleet-bench cri [--creates 20] [--execs 200] [--pool 2] [--write bench/RESULTS.md]
 //! sandfleet-bench workspace [--files 1000] [--total-mib 100] [--runs 3] [--write bench/RESULTS.md]
 //! sandfleet-bench disk [--runs 100] [--write bench/RESULTS.md]
+//! sandfleet-bench tls [--runs 200] [--clients 64] [--write bench/RESULTS.md]
+//! sandfleet-bench telemetry [--runs 200] [--clients 64] [--write bench/RESULTS.md]
 //! ```
 //!
 //! `workspace` compares the agent's workspace sync and restore with
@@ -47,8 +49,10 @@ mod cri;
 mod disk;
 mod docker;
 mod failover;
+mod pair;
 mod placement;
 mod raft;
+mod telemetry;
 mod tls;
 mod workspace;
 
@@ -226,6 +230,28 @@ enum Cmd {
         #[arg(long)]
         write: Option<PathBuf>,
     },
+    /// Metrics and trace propagation at their defaults vs off, same run: exec
+    /// round trip and create throughput.
+    Telemetry {
+        /// Measured exec round trips per cluster.
+        #[arg(long, default_value_t = 300)]
+        runs: usize,
+        /// Warm-up exec round trips per cluster.
+        #[arg(long, default_value_t = 10)]
+        warmup: usize,
+        /// Concurrent create clients.
+        #[arg(long, default_value_t = 64)]
+        clients: usize,
+        /// Seconds per create round.
+        #[arg(long, default_value_t = 10)]
+        duration: u64,
+        /// Create rounds per cluster (alternating).
+        #[arg(long, default_value_t = 4)]
+        rounds: usize,
+        /// Replace the `## Telemetry cost` section of this Markdown file.
+        #[arg(long)]
+        write: Option<PathBuf>,
+    },
     /// Agent SIGKILL -> its sessions RUNNING on another node, real binaries.
     Failover {
         /// Agent kills (round-robin over the agents).
@@ -262,6 +288,7 @@ const DOCKER_SECTION: &str = "## Docker runtime vs Docker";
 const CRI_SECTION: &str = "## CRI runtime vs raw CRI calls";
 const WORKSPACE_SECTION: &str = "## Workspace sync vs aws s3 sync";
 const TLS_SECTION: &str = "## Mutual TLS overhead";
+const TELEMETRY_SECTION: &str = "## Telemetry cost";
 const DISK_SECTION: &str = "## Disk quota cost";
 
 #[derive(Debug)]
@@ -322,7 +349,7 @@ async fn main() -> ExitCode {
             exit_code(result)
         }
         Cmd::Tls { runs, warmup, clients, duration, rounds, write } => {
-            let settings = tls::Settings {
+            let settings = pair::Settings {
                 runs: runs.max(1),
                 warmup,
                 clients: clients.max(1),
@@ -340,6 +367,32 @@ async fn main() -> ExitCode {
                 if let Some(path) = write {
                     write_section(&path, TLS_SECTION, &section)?;
                     eprintln!("sandfleet-bench: wrote the {TLS_SECTION:?} section of {}", path.display());
+                }
+                Ok::<_, anyhow::Error>(())
+            }
+            .await;
+            exit_code(result)
+        }
+        Cmd::Telemetry { runs, warmup, clients, duration, rounds, write } => {
+            let settings = pair::Settings {
+                runs: runs.max(1),
+                warmup,
+                clients: clients.max(1),
+                duration: Duration::from_secs(duration.max(1)),
+                rounds: rounds.max(1),
+            };
+            let child_log = std::env::var("SANDFLEET_CHILD_LOG").unwrap_or_else(|_| "warn".to_string());
+            let result = async {
+                if !require_sandbox_facilities() {
+                    bail!("the telemetry bench needs root, bubblewrap and cgroups");
+                }
+                let (report, scrapes) = telemetry::run(&settings, &child_log).await?;
+                let section =
+                    telemetry::render(&report, &scrapes, &settings, TELEMETRY_SECTION, &machine_description());
+                println!("{section}");
+                if let Some(path) = write {
+                    write_section(&path, TELEMETRY_SECTION, &section)?;
+                    eprintln!("sandfleet-bench: wrote the {TELEMETRY_SECTION:?} section of {}", path.display());
                 }
                 Ok::<_, anyhow::Error>(())
             }

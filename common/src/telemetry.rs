@@ -8,6 +8,9 @@
 //! provider whose Prometheus reader `--metrics-listen` serves
 //! ([`crate::metrics`]).
 //!
+//! `SANDFLEET_TELEMETRY=off` ([`TELEMETRY_ENV`]) leaves out everything but
+//! the logs: no OTLP export, no meter provider, no propagator.
+//!
 //! The W3C trace-context propagator (`traceparent`, `tracestate`) is installed
 //! as the global one, so a span's context can cross gRPC calls.
 
@@ -52,10 +55,28 @@ pub fn init(service_name: &'static str) -> TelemetryGuard {
     init_with(service_name, filter)
 }
 
+/// The environment variable that turns metrics and trace propagation off
+/// (`off`): logs only. For measuring what they cost (`sandfleet-bench
+/// telemetry`), and as an escape hatch; `/metrics` then serves nothing.
+pub const TELEMETRY_ENV: &str = "SANDFLEET_TELEMETRY";
+
+/// Whether [`TELEMETRY_ENV`] is `off`.
+pub fn disabled() -> bool {
+    std::env::var(TELEMETRY_ENV).is_ok_and(|v| v.eq_ignore_ascii_case("off"))
+}
+
 /// [`init`] with an explicit log filter (the CLI logs warnings only).
 pub fn init_with(service_name: &'static str, filter: EnvFilter) -> TelemetryGuard {
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
     let fmt = tracing_subscriber::fmt::layer().with_writer(std::io::stderr).with_ansi(ansi).with_target(true);
+    if disabled() {
+        let _ = tracing_subscriber::registry().with(filter).with(fmt).try_init();
+        return TelemetryGuard {
+            provider: None,
+            #[cfg(feature = "metrics")]
+            meters: None,
+        };
+    }
     opentelemetry::global::set_text_map_propagator(opentelemetry_sdk::propagation::TraceContextPropagator::new());
 
     let otlp = std::env::var_os("OTEL_EXPORTER_OTLP_ENDPOINT").is_some_and(|v| !v.is_empty());

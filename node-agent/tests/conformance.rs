@@ -1015,15 +1015,17 @@ except OSError as e:
     assert!((32..64).contains(&written), "MiB written before ENOSPC: {written}");
     let u = rt.disk_usage(&small).unwrap();
     assert!(u.used_bytes > (written << 20) && u.used_bytes <= u.limit_bytes, "{u:?}");
-    // What the host's disk holds for the session grew by at most the quota;
-    // its free space fell by about that (other tests on this machine write
-    // too, hence the margin there).
+    // What the host's disk holds for the session grew by at most the quota,
+    // and its free space fell by less than the 200 MiB the program tried to
+    // write. (The host-wide figure is only a cross-check: builds and other
+    // tests on this machine write too, so it gets a wide margin; the image's
+    // allocated size is the exact measure.)
     let grown = image_bytes(&env.data_dir) - images_before;
     assert!(grown <= quota && grown >= written << 20, "the session's image grew by {grown} bytes, quota {quota}");
     let dropped = free_before.saturating_sub(host_free_bytes(&env.data_dir));
     assert!(
-        dropped <= quota + (32 << 20),
-        "the host's free space dropped by {dropped} bytes with a {quota}-byte quota"
+        dropped < 200 << 20,
+        "the host's free space dropped by {dropped} bytes: the 200 MiB write was not held to the {quota}-byte quota"
     );
 
     // The file API hits the same wall.
