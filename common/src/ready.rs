@@ -29,6 +29,9 @@ pub enum ReadyLine {
         addr: String,
         #[serde(default, skip_serializing_if = "Option::is_none")]
         health: Option<String>,
+        /// Its `--metrics-listen` address, if it has one.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        metrics: Option<String>,
     },
     /// `sandfleet-agent`: its node id, the gRPC address it serves on, and its
     /// `--health-listen` address if it has one.
@@ -37,6 +40,9 @@ pub enum ReadyLine {
         addr: String,
         #[serde(default, skip_serializing_if = "Option::is_none")]
         health: Option<String>,
+        /// Its `--metrics-listen` address, if it has one.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        metrics: Option<String>,
     },
     /// `sandfleet-s3-server` (test support): the address of its S3 endpoint.
     S3 { addr: String },
@@ -73,6 +79,14 @@ impl ReadyLine {
         }
     }
 
+    /// The metrics listener's address (`--metrics-listen`), if any.
+    pub fn metrics(&self) -> Option<&str> {
+        match self {
+            ReadyLine::Coordinator { metrics, .. } | ReadyLine::Agent { metrics, .. } => metrics.as_deref(),
+            ReadyLine::S3 { .. } => None,
+        }
+    }
+
     /// The plaintext health listener's address (`--health-listen`), if any.
     pub fn health(&self) -> Option<&str> {
         match self {
@@ -96,15 +110,20 @@ mod tests {
     fn lines_round_trip_with_the_documented_shape() {
         let lines = [
             (
-                ReadyLine::Coordinator { id: 1, addr: "127.0.0.1:1".into(), health: None },
+                ReadyLine::Coordinator { id: 1, addr: "127.0.0.1:1".into(), health: None, metrics: None },
                 r#"{"ready":"coordinator","id":1,"addr":"127.0.0.1:1"}"#,
             ),
             (
-                ReadyLine::Coordinator { id: 2, addr: "10.0.0.1:7070".into(), health: Some("10.0.0.1:7079".into()) },
+                ReadyLine::Coordinator {
+                    id: 2,
+                    addr: "10.0.0.1:7070".into(),
+                    health: Some("10.0.0.1:7079".into()),
+                    metrics: None,
+                },
                 r#"{"ready":"coordinator","id":2,"addr":"10.0.0.1:7070","health":"10.0.0.1:7079"}"#,
             ),
             (
-                ReadyLine::Agent { node_id: "n1".into(), addr: "10.0.0.2:7".into(), health: None },
+                ReadyLine::Agent { node_id: "n1".into(), addr: "10.0.0.2:7".into(), health: None, metrics: None },
                 r#"{"ready":"agent","node_id":"n1","addr":"10.0.0.2:7"}"#,
             ),
             (ReadyLine::S3 { addr: "127.0.0.1:9".into() }, r#"{"ready":"s3","addr":"127.0.0.1:9"}"#),

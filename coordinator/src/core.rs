@@ -195,6 +195,13 @@ impl Core {
     /// the command is forwarded to the leader, so callers never hunt for it.
     #[tracing::instrument(level = "debug", skip_all)]
     pub async fn propose(&self, cmd: Command) -> Result<CommandResponse, CoreError> {
+        let started = std::time::Instant::now();
+        let result = self.propose_uncounted(cmd).await;
+        crate::metrics::metrics().proposal.record(started.elapsed().as_secs_f64(), &[]);
+        result
+    }
+
+    async fn propose_uncounted(&self, cmd: Command) -> Result<CommandResponse, CoreError> {
         match self.write_here(cmd.clone()).await? {
             Ok(resp) => Ok(resp.data),
             Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f))) => {
@@ -215,7 +222,10 @@ impl Core {
     /// rest on the leader's own in-memory view and must not be carried out by
     /// another leader after this one was deposed.
     pub async fn propose_as_leader(&self, cmd: Command) -> Result<CommandResponse, CoreError> {
-        match self.write_here(cmd).await? {
+        let started = std::time::Instant::now();
+        let result = self.write_here(cmd).await;
+        crate::metrics::metrics().proposal.record(started.elapsed().as_secs_f64(), &[]);
+        match result? {
             Ok(resp) => Ok(resp.data),
             Err(RaftError::APIError(ClientWriteError::ForwardToLeader(_))) => Err(CoreError::NotLeader),
             Err(RaftError::APIError(ClientWriteError::ChangeMembershipError(e))) => {

@@ -108,13 +108,27 @@ async fn step(core: &Core) -> Result<(), CoreError> {
     propose_all(core, core.state.read(|st| plan::plan_drains(st, now))).await?;
 
     let now = crate::now_ms();
-    propose_all(core, core.state.read(|st| plan::plan_placement(st, &core.tunables, now))).await
+    let started = std::time::Instant::now();
+    let planned = core.state.read(|st| plan::plan_placement(st, &core.tunables, now));
+    if planned.is_empty() {
+        return Ok(());
+    }
+    let placed = propose_all(core, planned).await;
+    let m = crate::metrics::metrics();
+    m.placement_round.record(started.elapsed().as_secs_f64(), &[]);
+    let count = *placed.as_ref().unwrap_or(&0);
+    m.placement_round_placements.record(count, &[]);
+    m.placements.add(count, &[]);
+    placed.map(|_| ())
 }
 
 /// Proposes planned commands in order, stopping at the first that fails, and
-/// logs what each did.
-async fn propose_all(core: &Core, commands: Vec<Command>) -> Result<(), CoreError> {
+/// logs what each did. Returns how many sessions the committed PlaceSessions
+/// entries placed.
+async fn propose_all(core: &Core, commands: Vec<Command>) -> Result<u64, CoreError> {
+    let mut placed = 0;
     for cmd in commands {
+        let placing = matches!(cmd, Command::PlaceSessions { .. });
         log_planned(&cmd);
         let ended = match &cmd {
             Command::TerminateSessions { ids, .. } => ids.clone(),
@@ -125,6 +139,9 @@ async fn propose_all(core: &Core, commands: Vec<Command>) -> Result<(), CoreErro
             _ => None,
         };
         let response = core.propose_as_leader(cmd).await?;
+        if let (true, CommandResponse::Sessions(sessions)) = (placing, &response) {
+            placed += sessions.len() as u64;
+        }
         if let CommandResponse::Sessions(sessions) = response {
             if let Some(node) = node_down.filter(|_| !sessions.is_empty()) {
                 tracing::warn!(node = %node, sessions = sessions.len(), "sessions lost with their node; placing them again");
@@ -138,7 +155,7 @@ async fn propose_all(core: &Core, commands: Vec<Command>) -> Result<(), CoreErro
             }
         }
     }
-    Ok(())
+    Ok(placed)
 }
 
 fn log_planned(cmd: &Command) {

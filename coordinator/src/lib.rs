@@ -22,6 +22,7 @@ pub mod core;
 pub mod error;
 pub mod formation;
 pub mod leader;
+pub mod metrics;
 pub mod pending;
 pub mod plan;
 pub mod raft;
@@ -103,6 +104,9 @@ pub struct CoordinatorConfig {
     /// `--health-listen`: also serve `grpc.health.v1` alone, in plaintext, here
     /// (for Kubernetes probes, which speak no TLS).
     pub health_listen: Option<SocketAddr>,
+    /// `--metrics-listen`: serve `/metrics` (Prometheus text), `/healthz` and
+    /// `/readyz` in plaintext HTTP here.
+    pub metrics_listen: Option<SocketAddr>,
 }
 
 impl Default for CoordinatorConfig {
@@ -128,6 +132,7 @@ impl Default for CoordinatorConfig {
             admin_key_file: None,
             initial_members: BTreeMap::new(),
             health_listen: None,
+            metrics_listen: None,
         }
     }
 }
@@ -166,6 +171,10 @@ pub struct Coordinator {
     health: Arc<Health>,
     /// The `--health-listen` server (stopped last, in [`Coordinator::join`]).
     health_server: Option<sandfleet_common::health::Listener>,
+    /// The `--metrics-listen` server (stopped last, with the health listener).
+    metrics_server: Option<sandfleet_common::metrics::Listener>,
+    /// The gauges read at collection time (they hold the core weakly).
+    _observers: metrics::Observers,
     /// Reloads the TLS files on SIGHUP or change; `None` on plaintext.
     reloader: Option<AbortOnDropHandle<()>>,
     shutdown: CancellationToken,
@@ -185,6 +194,11 @@ impl Coordinator {
     /// The bound `--health-listen` address, if any.
     pub fn health_addr(&self) -> Option<SocketAddr> {
         self.health_server.as_ref().map(|l| l.addr())
+    }
+
+    /// The bound `--metrics-listen` address, if any.
+    pub fn metrics_addr(&self) -> Option<SocketAddr> {
+        self.metrics_server.as_ref().map(|l| l.addr())
     }
 
     /// The health statuses (SERVING once ready, see [`readiness`]).
@@ -231,6 +245,9 @@ impl Coordinator {
         };
         // Probes saw NOT_SERVING on the health listener until now.
         if let Some(listener) = self.health_server.take() {
+            listener.stop(SHUTDOWN_DRAIN).await;
+        }
+        if let Some(listener) = self.metrics_server.take() {
             listener.stop(SHUTDOWN_DRAIN).await;
         }
         stopped?;
@@ -336,8 +353,11 @@ pub async fn serve(config: CoordinatorConfig, shutdown: CancellationToken) -> Re
             .map_err(|source| CoordinatorError::Storage { path: db_path.clone(), source })?;
         config.bootstrap = true;
     }
-    let log_store = raft::store::LogStore::new(db.clone());
-    let sm = raft::store::StateMachineStore::load(db).map_err(|e| CoordinatorError::StateMachine(e.to_string()))?;
+    let raft_stats = Arc::new(metrics::RaftStats::default());
+    let log_store = raft::store::LogStore::new(db.clone()).with_stats(raft_stats.clone());
+    let sm = raft::store::StateMachineStore::load(db)
+        .map_err(|e| CoordinatorError::StateMachine(e.to_string()))?
+        .with_stats(raft_stats.clone());
     let state = sm.handle();
 
     let listener = tokio::net::TcpListener::bind(config.listen)
@@ -401,6 +421,15 @@ pub async fn serve(config: CoordinatorConfig, shutdown: CancellationToken) -> Re
     let health_server = match config.health_listen {
         Some(at) => Some(
             sandfleet_common::health::Listener::bind(at, &health)
+                .await
+                .map_err(|source| CoordinatorError::Bind { addr: at, source })?,
+        ),
+        None => None,
+    };
+    let observers = metrics::observe(&core, raft_stats);
+    let metrics_server = match config.metrics_listen {
+        Some(at) => Some(
+            sandfleet_common::metrics::Listener::bind(at, health.clone())
                 .await
                 .map_err(|source| CoordinatorError::Bind { addr: at, source })?,
         ),
@@ -503,7 +532,20 @@ pub async fn serve(config: CoordinatorConfig, shutdown: CancellationToken) -> Re
         write_admin_key(&core, path).await?;
     }
     tracing::info!(id = config.id, %addr, "coordinator serving");
-    Ok(Coordinator { addr, core, server, leader_loop, formation, readiness, health, health_server, reloader, shutdown })
+    Ok(Coordinator {
+        addr,
+        core,
+        server,
+        leader_loop,
+        formation,
+        readiness,
+        health,
+        health_server,
+        metrics_server,
+        _observers: observers,
+        reloader,
+        shutdown,
+    })
 }
 
 /// `--admin-key-file`: creates the file exclusively with mode 0600, then an

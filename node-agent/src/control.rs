@@ -167,6 +167,11 @@ impl AgentState {
         }
     }
 
+    /// Whether the health statuses say ready (registered, last heartbeat acknowledged).
+    pub fn is_ready(&self) -> bool {
+        self.health.as_ref().is_some_and(|h| h.is_ready())
+    }
+
     /// Sessions ready for exec and file calls on this node.
     pub fn running_sessions(&self) -> usize {
         self.sessions.lock().values().filter(|s| s.phase == LocalPhase::Ready).count()
@@ -347,6 +352,11 @@ impl AgentState {
             tracing::error!(session = %id, silent_ms, "stopping session: {why}");
             leaving.push(id);
         }
+        if !leaving.is_empty() {
+            crate::metrics::metrics()
+                .fenced
+                .add(leaving.len() as u64, &[opentelemetry::KeyValue::new("reason", "self_fenced")]);
+        }
         self.leave(leaving, Leaving::Fenced).await;
     }
 
@@ -404,6 +414,7 @@ impl AgentState {
     /// `pushed` sets (from a watch stream) are also ignored while fenced.
     pub async fn reconcile(self: &Arc<Self>, assignments: Vec<pb::Assignment>, version: u64, pushed: bool) {
         let _guard = self.reconcile_lock.lock().await;
+        let started = std::time::Instant::now();
         let followed = self.assignments_version.load(std::sync::atomic::Ordering::SeqCst);
         let (to_start, to_stop) = {
             let mut sessions = self.sessions.lock();
@@ -420,7 +431,13 @@ impl AgentState {
             for action in actions {
                 match action {
                     plan::Action::Stop(id) => {
-                        sessions.remove(&id);
+                        let old = sessions.remove(&id).map(|s| s.generation);
+                        // A newer generation of it in the set: this copy is fenced off.
+                        if assignments.iter().any(|a| a.session_id == id && Some(a.generation) > old) {
+                            crate::metrics::metrics()
+                                .fenced
+                                .add(1, &[opentelemetry::KeyValue::new("reason", "superseded")]);
+                        }
                         to_stop.push(id);
                     }
                     plan::Action::Update(id, local) => {
@@ -447,6 +464,7 @@ impl AgentState {
             let this = self.clone();
             tokio::spawn(async move { this.start(a).await });
         }
+        crate::metrics::metrics().reconcile.record(started.elapsed().as_secs_f64(), &[]);
     }
 
     /// Fills the new sandbox's workspace from the store before the session
@@ -488,7 +506,10 @@ impl AgentState {
             generation: a.generation,
             spec: a.spec.clone().unwrap_or_default(),
         };
+        let started = std::time::Instant::now();
+        let runtime = [opentelemetry::KeyValue::new("runtime", self.runtime.kind().as_str())];
         self.wait_not_stopping(&a.session_id).await;
+        let prepare_started = std::time::Instant::now();
         let mut result = self.runtime.prepare(&sandbox).await;
         // The slot it needs may be held by a session still being taken off this
         // node (its final workspace sync): try again as those finish.
@@ -500,6 +521,9 @@ impl AgentState {
         {
             tokio::time::sleep(Duration::from_millis(50)).await;
             result = self.runtime.prepare(&sandbox).await;
+        }
+        if result.is_ok() {
+            crate::metrics::metrics().prepare.record(prepare_started.elapsed().as_secs_f64(), &runtime);
         }
         if let (Ok(()), Some(syncer)) = (&result, &self.syncer) {
             result = self.restore(syncer, &a).await;
@@ -538,6 +562,7 @@ impl AgentState {
         }
         let (state, message) = match result {
             Ok(()) => {
+                crate::metrics::metrics().start.record(started.elapsed().as_secs_f64(), &runtime);
                 tracing::info!("session ready");
                 (pb::SessionState::Running, String::new())
             }
@@ -691,7 +716,12 @@ impl Control {
             // Two intervals at most: the cluster's fence_after assumes it.
             req.set_timeout(CALL_TIMEOUT.min(interval * 2));
             let sent = std::time::Instant::now();
-            match self.client().heartbeat(req).await {
+            let answered = self.client().heartbeat(req).await;
+            match &answered {
+                Ok(_) => crate::metrics::metrics().heartbeat_rtt.record(sent.elapsed().as_secs_f64(), &[]),
+                Err(_) => crate::metrics::metrics().heartbeat_failures.add(1, &[]),
+            }
+            match answered {
                 Ok(resp) => {
                     failures = 0;
                     if self.state.contact(sent) {

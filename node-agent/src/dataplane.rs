@@ -155,6 +155,7 @@ impl ExecService for DataPlane {
         let state = self.state.clone();
         let run = tokio::spawn(async move {
             let result = runtime.exec(&session_id, spec, out_tx).await;
+            crate::metrics::record_exec(runtime.kind().as_str(), &result);
             // A long exec counts as activity until it ends.
             state.touch(&session_id);
             // Whatever the command wrote goes to the workspace store soon.

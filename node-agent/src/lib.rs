@@ -27,6 +27,7 @@ pub mod exec;
 pub mod executor;
 pub mod kubernetes;
 pub mod lock;
+pub mod metrics;
 pub mod runtime;
 pub mod store;
 pub mod workspace;
@@ -106,6 +107,9 @@ pub struct AgentConfig {
     /// `--health-listen`: also serve `grpc.health.v1` alone, in plaintext, here
     /// (for Kubernetes probes, which speak no TLS).
     pub health_listen: Option<SocketAddr>,
+    /// `--metrics-listen`: serve `/metrics` (Prometheus text), `/healthz` and
+    /// `/readyz` in plaintext HTTP here.
+    pub metrics_listen: Option<SocketAddr>,
     /// Follow this Kubernetes Node (`--kube-node-name`); `None`: nothing
     /// Kubernetes-related runs.
     pub kube: Option<kubernetes::KubeNodeConfig>,
@@ -135,6 +139,7 @@ impl Default for AgentConfig {
             sync: store::sync::SyncConfig::default(),
             tls: None,
             health_listen: None,
+            metrics_listen: None,
             kube: None,
         }
     }
@@ -187,6 +192,10 @@ pub struct Agent {
     _health_watch: AbortOnDropHandle<()>,
     /// The `--health-listen` server (stopped last, in [`Agent::join`]).
     health_server: Option<sandfleet_common::health::Listener>,
+    /// The `--metrics-listen` server (stopped last, with the health listener).
+    metrics_server: Option<sandfleet_common::metrics::Listener>,
+    /// The gauges read at collection time (they hold the state weakly).
+    _observers: metrics::Observers,
     /// Held until the agent has stopped.
     _lock: lock::AgentLock,
 }
@@ -202,9 +211,15 @@ impl Agent {
         self.health_server.as_ref().map(|l| l.addr())
     }
 
+    /// The bound `--metrics-listen` address, if any.
+    pub fn metrics_addr(&self) -> Option<SocketAddr> {
+        self.metrics_server.as_ref().map(|l| l.addr())
+    }
+
     /// Waits until the agent has stopped after the shutdown token fired.
     pub async fn join(mut self) -> Result<(), AgentError> {
         let health_server = self.health_server.take();
+        let metrics_server = self.metrics_server.take();
         let _ = self.control.await;
         if let Some(k) = self.kube {
             let _ = k.await;
@@ -232,6 +247,9 @@ impl Agent {
         };
         // Probes saw NOT_SERVING on the health listener until now.
         if let Some(listener) = health_server {
+            listener.stop(SERVER_STOP_TIMEOUT).await;
+        }
+        if let Some(listener) = metrics_server {
             listener.stop(SERVER_STOP_TIMEOUT).await;
         }
         served
@@ -397,6 +415,15 @@ pub async fn serve(config: AgentConfig, shutdown: CancellationToken) -> Result<A
     }
     let state = Arc::new(state);
     state.rediscover().await?;
+    let observers = metrics::observe(&state);
+    let metrics_server = match config.metrics_listen {
+        Some(at) => Some(
+            sandfleet_common::metrics::Listener::bind(at, health.clone())
+                .await
+                .map_err(|source| AgentError::Bind { addr: at, source })?,
+        ),
+        None => None,
+    };
 
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await
@@ -481,6 +508,8 @@ pub async fn serve(config: AgentConfig, shutdown: CancellationToken) -> Result<A
         syncer,
         _health_watch: health_watch,
         health_server,
+        metrics_server,
+        _observers: observers,
         _lock: agent_lock,
     })
 }

@@ -104,7 +104,12 @@ async fn starts_kills_terminates_and_restarts_processes() {
     assert!(c.agents[1].id.starts_with("n2-"), "{}", c.agents[1].id);
     assert_eq!(
         c.agents[1].ready,
-        Some(ReadyLine::Agent { node_id: c.agents[1].id.clone(), addr: c.agents[1].addr.clone(), health: None })
+        Some(ReadyLine::Agent {
+            node_id: c.agents[1].id.clone(),
+            addr: c.agents[1].addr.clone(),
+            health: None,
+            metrics: None
+        })
     );
     assert_eq!(&c.agents[0].id[2..], &c.agents[1].id[2..], "one suffix per cluster");
     let uid_base = |a: &sandfleet_testkit::Proc| {

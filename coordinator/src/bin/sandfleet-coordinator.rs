@@ -45,6 +45,11 @@ struct Args {
     /// while it runs. Port 0 picks a free port.
     #[arg(long, value_name = "ADDR")]
     health_listen: Option<SocketAddr>,
+    /// Serve metrics in plaintext HTTP on this address: `/metrics` (Prometheus
+    /// text format), `/healthz` (200 while running) and `/readyz` (200 once this
+    /// member is ready, else 503 and why). Port 0 picks a free port.
+    #[arg(long, value_name = "ADDR")]
+    metrics_listen: Option<SocketAddr>,
     #[command(flatten)]
     tls: sandfleet_common::tls::DaemonTlsArgs,
     /// Address to listen on for gRPC (port 0 picks a free port).
@@ -146,6 +151,7 @@ async fn main() -> anyhow::Result<()> {
         id,
         initial_members,
         health_listen: args.health_listen,
+        metrics_listen: args.metrics_listen,
         tls,
         listen: args.listen,
         advertise: args.advertise,
@@ -166,7 +172,8 @@ async fn main() -> anyhow::Result<()> {
     };
     let coordinator = serve(config, shutdown.clone()).await.context("failed to start the coordinator")?;
     let health = coordinator.health_addr().map(|a| a.to_string());
-    println!("{}", ReadyLine::Coordinator { id, addr: coordinator.addr().to_string(), health });
+    let metrics = coordinator.metrics_addr().map(|a| a.to_string());
+    println!("{}", ReadyLine::Coordinator { id, addr: coordinator.addr().to_string(), health, metrics });
 
     let result = coordinator.join().await.context("coordinator stopped with an error");
     // Everything acknowledged is on disk (the Raft log is fsynced before an

@@ -37,6 +37,7 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::{broadcast, watch};
 
 use super::{Member, NodeId, TypeConfig};
+use crate::metrics::{metrics, RaftStats};
 use crate::state::{ClusterState, CommandResponse, SessionRecord, Touched};
 
 type StorageResult<T> = Result<T, StorageError<NodeId>>;
@@ -126,6 +127,7 @@ fn get_json<T: for<'de> Deserialize<'de>>(db: &DB, cf_name: &str, key: &[u8]) ->
 pub struct LogStore {
     db: Arc<DB>,
     syncer: Arc<WalSyncer>,
+    stats: Arc<RaftStats>,
 }
 
 /// The WAL syncer thread's queue, shared by every clone of a [`LogStore`].
@@ -159,7 +161,9 @@ impl LogStore {
                 while let Ok(first) = pending.recv() {
                     let mut flushed = vec![first];
                     flushed.extend(pending.try_iter());
+                    let started = std::time::Instant::now();
                     let result = wal.flush_wal(true);
+                    metrics().fsync.record(started.elapsed().as_secs_f64(), &[]);
                     for callback in flushed {
                         callback.log_io_completed(match &result {
                             Ok(()) => Ok(()),
@@ -169,7 +173,13 @@ impl LogStore {
                 }
             })
             .expect("spawning the raft WAL sync thread");
-        Self { db, syncer: Arc::new(WalSyncer { queue: Some(syncer), thread: Some(thread) }) }
+        Self { db, syncer: Arc::new(WalSyncer { queue: Some(syncer), thread: Some(thread) }), stats: Arc::default() }
+    }
+
+    /// Shares `stats` with the metrics: this store keeps its `committed` up to date.
+    pub fn with_stats(mut self, stats: Arc<RaftStats>) -> Self {
+        self.stats = stats;
+        self
     }
 
     fn put_meta_sync<T: Serialize>(&self, key: &[u8], v: &T) -> StorageResult<()> {
@@ -233,6 +243,9 @@ impl RaftLogStorage<TypeConfig> for LogStore {
 
     async fn save_committed(&mut self, committed: Option<LogId<NodeId>>) -> StorageResult<()> {
         // Not fsynced: a lost commit index is recomputed by the leader.
+        if let Some(c) = committed {
+            self.stats.committed.fetch_max(c.index, std::sync::atomic::Ordering::Relaxed);
+        }
         let bytes = serde_json::to_vec(&committed).map_err(write_err)?;
         self.db.put_cf(cf(&self.db, CF_META), b"committed", bytes).map_err(write_err)
     }
@@ -313,6 +326,7 @@ pub struct StateMachineStore {
     handle: StateHandle,
     last_applied: Option<LogId<NodeId>>,
     membership: StoredMembership<NodeId, Member>,
+    stats: Arc<RaftStats>,
 }
 
 impl StateMachineStore {
@@ -350,10 +364,20 @@ impl StateMachineStore {
             handle: StateHandle { state: Arc::new(RwLock::new(state)), session_events, version },
             last_applied,
             membership,
+            stats: Arc::default(),
         })
     }
 
     /// The read handle for the API layer.
+    /// Shares `stats` with the metrics: this store keeps its `snapshot_bytes` up to date.
+    pub fn with_stats(mut self, stats: Arc<RaftStats>) -> Self {
+        if let Ok(Some(current)) = self.db.get_pinned_cf(cf(&self.db, CF_SNAPSHOT), b"current") {
+            stats.snapshot_bytes.store(current.len() as u64, std::sync::atomic::Ordering::Relaxed);
+        }
+        self.stats = stats;
+        self
+    }
+
     pub fn handle(&self) -> StateHandle {
         self.handle.clone()
     }
@@ -445,6 +469,9 @@ pub struct SnapshotBuilder {
     state_json: Vec<u8>,
     last_applied: Option<LogId<NodeId>>,
     membership: StoredMembership<NodeId, Member>,
+    stats: Arc<RaftStats>,
+    /// When the state was serialized: the build's duration counts from here.
+    started: std::time::Instant,
 }
 
 impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder {
@@ -457,10 +484,13 @@ impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder {
             SnapshotMeta { last_log_id: self.last_applied, last_membership: self.membership.clone(), snapshot_id };
         let stored = StoredSnapshot { meta: meta.clone(), data: std::mem::take(&mut self.state_json) };
         let bytes = serde_json::to_vec(&stored).map_err(write_err)?;
+        let size = bytes.len();
         self.db
             .put_cf_opt(cf(&self.db, CF_SNAPSHOT), b"current", bytes, &sync_opts())
             .map_err(|e| io_err(ErrorSubject::Snapshot(Some(meta.signature())), ErrorVerb::Write, e))?;
-        tracing::info!(snapshot = %meta.snapshot_id, "built snapshot");
+        self.stats.snapshot_bytes.store(size as u64, std::sync::atomic::Ordering::Relaxed);
+        metrics().snapshot_build.record(self.started.elapsed().as_secs_f64(), &[]);
+        tracing::info!(snapshot = %meta.snapshot_id, bytes = size, "built snapshot");
         Ok(Snapshot { meta, snapshot: Box::new(Cursor::new(stored.data)) })
     }
 }
@@ -505,12 +535,15 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
     }
 
     async fn get_snapshot_builder(&mut self) -> Self::SnapshotBuilder {
+        let started = std::time::Instant::now();
         let state_json = self.handle.read(|s| serde_json::to_vec(s).unwrap_or_default());
         SnapshotBuilder {
             db: self.db.clone(),
             state_json,
             last_applied: self.last_applied,
             membership: self.membership.clone(),
+            stats: self.stats.clone(),
+            started,
         }
     }
 
@@ -531,6 +564,7 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
         self.last_applied = meta.last_log_id;
         self.membership = meta.last_membership.clone();
         self.replace_all(&new_state)?;
+        self.stats.snapshot_bytes.store(data.len() as u64, std::sync::atomic::Ordering::Relaxed);
         self.save_snapshot(&StoredSnapshot { meta: meta.clone(), data })?;
         let sessions: Vec<SessionRecord> = new_state.sessions.values().cloned().collect();
         *self.handle.state.write() = new_state;

@@ -50,7 +50,15 @@ impl AgentApi {
     }
 
     fn touch(&self, node_id: &str) {
-        self.core.heartbeats.lock().insert(node_id.to_string(), crate::core::Heard::now());
+        let now = crate::core::Heard::now();
+        let at = now.at;
+        let before = self.core.heartbeats.lock().insert(node_id.to_string(), now);
+        let m = crate::metrics::metrics();
+        m.heartbeats.add(1, &[]);
+        if let Some(before) = before {
+            let late = at.saturating_duration_since(before.at).saturating_sub(self.core.tunables.agent_heartbeat);
+            m.heartbeat_lateness.record(late.as_secs_f64(), &[]);
+        }
     }
 }
 
@@ -238,8 +246,30 @@ impl AgentService for AgentApi {
         if !reports.is_empty() {
             // One entry for all of them. Stale reports are fenced off by the
             // state machine one by one; that is not an error for the agent.
+            // First starts (generation 1) this entry turns RUNNING, for the
+            // create -> RUNNING histogram.
+            let starting: Vec<(i64, &'static str)> = self.core.state.read(|st| {
+                reports
+                    .iter()
+                    .filter(|r| r.phase == SessionPhase::Running && r.generation == 1)
+                    .filter_map(|r| st.sessions.get(&r.id))
+                    .filter(|s| {
+                        s.phase == SessionPhase::Pending
+                            && s.generation == 1
+                            && s.node_id.as_deref() == Some(&req.node_id)
+                    })
+                    .map(|s| (s.created_at_ms, crate::metrics::runtime_label(s.spec.runtime)))
+                    .collect()
+            });
             let cmd = Command::ReportSessions { node_id: req.node_id.clone(), reports, now_ms: crate::now_ms() };
             self.core.propose(cmd).await?;
+            let now = crate::now_ms();
+            for (created, runtime) in starting {
+                crate::metrics::metrics().create_to_running.record(
+                    (now - created).max(0) as f64 / 1000.0,
+                    &[opentelemetry::KeyValue::new("runtime", runtime)],
+                );
+            }
         }
         let (assignments, version) =
             self.core.state.read(|st| (assignments(st, &self.core.tunables, &req.node_id), st.applied_index));

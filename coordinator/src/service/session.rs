@@ -23,6 +23,7 @@ use tonic::{Request, Response, Status};
 use sandfleet_common::auth::{Caller, Role};
 
 use crate::core::{phase_to_proto, Core, Tunables};
+use crate::metrics::CountRequest as _;
 use crate::scheduler::{self, Unplaceable};
 use crate::service::auth::{audited, Authenticator};
 use crate::service::response_status;
@@ -226,6 +227,7 @@ impl SessionService for SessionApi {
             self.create(&caller, req.into_inner()).await
         })
         .await
+        .counted("create")
         .map(Response::new)
     }
 
@@ -324,6 +326,7 @@ impl SessionService for SessionApi {
             |caller, req| async move { self.delete(&caller, req.into_inner()).await },
         )
         .await
+        .counted("delete")
         .map(Response::new)
     }
 
@@ -342,6 +345,7 @@ impl SessionService for SessionApi {
             |caller, req| async move { self.renew(&caller, req.into_inner()).await },
         )
         .await
+        .counted("renew")
         .map(Response::new)
     }
 

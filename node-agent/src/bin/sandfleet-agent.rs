@@ -39,6 +39,12 @@ struct Args {
     /// last heartbeat was answered, "liveness" while it runs. Port 0 picks a free port.
     #[arg(long, value_name = "ADDR")]
     health_listen: Option<SocketAddr>,
+    /// Serve metrics in plaintext HTTP on this address: `/metrics` (Prometheus
+    /// text format), `/healthz` (200 while running) and `/readyz` (200 once
+    /// registered with its last heartbeat acknowledged, else 503 and why).
+    /// Port 0 picks a free port.
+    #[arg(long, value_name = "ADDR")]
+    metrics_listen: Option<SocketAddr>,
     /// Directory for workspaces and runtime state.
     #[arg(long)]
     data_dir: PathBuf,
@@ -295,12 +301,14 @@ async fn main() -> anyhow::Result<()> {
         store,
         sync,
         health_listen: args.health_listen,
+        metrics_listen: args.metrics_listen,
         kube,
         ..Default::default()
     };
     let agent = serve(config, shutdown.clone()).await.context("failed to start the agent")?;
     let health = agent.health_addr().map(|a| a.to_string());
-    println!("{}", ReadyLine::Agent { node_id: args.node_id.clone(), addr: agent.addr().to_string(), health });
+    let metrics = agent.metrics_addr().map(|a| a.to_string());
+    println!("{}", ReadyLine::Agent { node_id: args.node_id.clone(), addr: agent.addr().to_string(), health, metrics });
     agent.join().await.context("agent stopped with an error")?;
     Ok(())
 }

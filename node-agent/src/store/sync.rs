@@ -258,6 +258,19 @@ impl Syncer {
         handoff: bool,
     ) -> Result<SyncStats, StoreError> {
         let started = Instant::now();
+        let result = self.restore_once(session, generation, workspace, handoff).await;
+        crate::metrics::record_transfer("restore", started.elapsed(), &result);
+        result
+    }
+
+    async fn restore_once(
+        self: &Arc<Self>,
+        session: &str,
+        generation: u64,
+        workspace: Workspace,
+        handoff: bool,
+    ) -> Result<SyncStats, StoreError> {
+        let started = Instant::now();
         let mut stats = SyncStats::default();
         // Generation 1 is the first placement: nothing can be in the store yet.
         let manifest = if generation <= 1 {
@@ -499,6 +512,13 @@ impl Syncer {
 
     /// One sync of one session (serialized per session by the `current` lock).
     async fn sync_session(&self, session: &str, s: &SessionSync, seal: bool) -> Result<SyncStats, StoreError> {
+        let started = Instant::now();
+        let result = self.sync_session_once(session, s, seal).await;
+        crate::metrics::record_transfer("sync", started.elapsed(), &result);
+        result
+    }
+
+    async fn sync_session_once(&self, session: &str, s: &SessionSync, seal: bool) -> Result<SyncStats, StoreError> {
         if s.superseded.load(std::sync::atomic::Ordering::SeqCst) {
             return Err(StoreError::Superseded {
                 session: session.into(),
