@@ -94,6 +94,21 @@ fn health_listen(netns: &Option<NetHost>) -> String {
     }
 }
 
+/// The port of every metrics listener in its own namespace (the OpenTelemetry
+/// Prometheus exporter's customary port; the Kubernetes manifests use it too).
+pub const METRICS_PORT: u16 = 9464;
+
+/// `--metrics-listen`'s value for a process in `netns` (or on loopback): its
+/// address and a port fixed before the start ([`METRICS_PORT`] in its
+/// namespace, else a free loopback port), so that a scraper configured up
+/// front finds it, across restarts too.
+fn metrics_listen(netns: &Option<NetHost>) -> Result<String> {
+    Ok(match netns {
+        Some(h) => format!("{}:{METRICS_PORT}", h.ip),
+        None => format!("127.0.0.1:{}", free_loopback_port()?),
+    })
+}
+
 /// Five random characters of `[a-z0-9]`, for node ids.
 fn random_suffix() -> String {
     use rand::Rng;
@@ -121,6 +136,7 @@ pub struct ClusterBuilder {
     self_forming: bool,
     started_coordinators: Option<usize>,
     health_listeners: bool,
+    metrics_listeners: bool,
 }
 
 impl Default for ClusterBuilder {
@@ -149,6 +165,7 @@ impl ClusterBuilder {
             self_forming: false,
             started_coordinators: None,
             health_listeners: false,
+            metrics_listeners: false,
         }
     }
 
@@ -179,6 +196,15 @@ impl ClusterBuilder {
     /// ready line ([`Cluster::health_addr`]). Default: no.
     pub fn health_listeners(mut self, yes: bool) -> Self {
         self.health_listeners = yes;
+        self
+    }
+
+    /// Give every coordinator and agent a metrics listener
+    /// (`--metrics-listen <its address>:<port>`: `/metrics`, `/healthz`,
+    /// `/readyz`), at an address fixed before it starts and kept across
+    /// restarts ([`Cluster::metrics_addr`]). Default: no.
+    pub fn metrics_listeners(mut self, yes: bool) -> Self {
+        self.metrics_listeners = yes;
         self
     }
 
@@ -368,6 +394,7 @@ impl ClusterBuilder {
             env: self.env.clone(),
             admin_key: None,
             health_listeners: self.health_listeners,
+            metrics_listeners: self.metrics_listeners,
         };
         if self.tls {
             // A TLS cluster needs a credential on every call: the bootstrap
@@ -455,6 +482,9 @@ impl ClusterBuilder {
                 if self.health_listeners {
                     args.extend(["--health-listen".to_string(), health_listen(&netns)]);
                 }
+                if self.metrics_listeners {
+                    args.extend(["--metrics-listen".to_string(), metrics_listen(&netns)?]);
+                }
                 if set_uid_base {
                     let base = 300_000 + (uid_block * 16 + i as u32 % 16) * 1024;
                     args.extend(["--uid-base".to_string(), base.to_string()]);
@@ -511,6 +541,8 @@ pub struct Cluster {
     admin_key: Option<String>,
     /// Every process gets `--health-listen`.
     health_listeners: bool,
+    /// Every process gets `--metrics-listen`.
+    metrics_listeners: bool,
 }
 
 impl fmt::Debug for Cluster {
@@ -862,6 +894,9 @@ impl Cluster {
             if self.health_listeners {
                 args.extend(["--health-listen".to_string(), health_listen(&netns)]);
             }
+            if self.metrics_listeners {
+                args.extend(["--metrics-listen".to_string(), metrics_listen(&netns)?]);
+            }
             args.extend(self.tls_args(IdentityKind::Coordinator, &format!("c{id}"), &listen)?);
             args.extend(self.coordinator_args.iter().cloned());
             let mut p =
@@ -901,6 +936,24 @@ impl Cluster {
         self.proc(t).ready.as_ref()?.health().map(str::to_string)
     }
 
+    /// The metrics listener of process `t` (`--metrics-listen`, see
+    /// [`ClusterBuilder::metrics_listeners`]): `host:port`, reachable from
+    /// the host, the same across restarts.
+    pub fn metrics_addr(&self, t: Target) -> Option<String> {
+        let args = &self.proc(t).args;
+        let at = args.iter().position(|a| a == "--metrics-listen")?;
+        args.get(at + 1).cloned()
+    }
+
+    /// The metrics listeners of every coordinator, then of every agent, with
+    /// the process each belongs to (empty without
+    /// [`ClusterBuilder::metrics_listeners`]).
+    pub fn metrics_addrs(&self) -> Vec<(Target, String)> {
+        let coordinators = (0..self.coordinators.len()).map(Target::Coordinator);
+        let agents = (0..self.agents.len()).map(Target::Agent);
+        coordinators.chain(agents).filter_map(|t| Some((t, self.metrics_addr(t)?))).collect()
+    }
+
     /// Starts one more coordinator with the next free Raft id, the builder's
     /// coordinator arguments and no `--bootstrap`. It is not a member until
     /// someone calls `AddMember`. Returns its index in `coordinators`.
@@ -938,6 +991,9 @@ impl Cluster {
         }
         if self.health_listeners {
             args.extend(["--health-listen".to_string(), health_listen(&netns)]);
+        }
+        if self.metrics_listeners {
+            args.extend(["--metrics-listen".to_string(), metrics_listen(&netns)?]);
         }
         args.extend(self.tls_args(IdentityKind::Coordinator, &format!("c{id}"), &listen)?);
         args.extend(self.coordinator_args.iter().cloned());

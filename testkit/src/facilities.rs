@@ -93,6 +93,29 @@ pub fn require_docker() -> bool {
     }
 }
 
+/// Checks that a real Prometheus server can be run: the `prometheus` binary
+/// (Debian's `prometheus` package, or `SANDFLEET_PROMETHEUS_BIN`) answers
+/// `--version`. Same contract as [`require_sandbox_facilities`]: a loud banner
+/// and `false`, or a panic under `SANDFLEET_REQUIRE_FACILITIES=1`.
+pub fn require_prometheus() -> bool {
+    static MISSING: OnceLock<Option<String>> = OnceLock::new();
+    let missing = MISSING.get_or_init(|| {
+        let bin = crate::prometheus::prometheus_bin();
+        match Command::new(&bin).arg("--version").stdin(Stdio::null()).output() {
+            Ok(o) if o.status.success() => None,
+            Ok(o) => Some(format!("a working {bin} ({bin} --version: {})", String::from_utf8_lossy(&o.stderr).trim())),
+            Err(e) => Some(format!("the Prometheus server ({bin}: {e}; apt-get install prometheus)")),
+        }
+    });
+    match missing {
+        None => true,
+        Some(what) => skip_or_fail(
+            what,
+            "This test scrapes the cluster with a real Prometheus server; scripts/setup installs it.",
+        ),
+    }
+}
+
 /// Prints the SKIPPED banner and returns `false`, or panics with it when
 /// `SANDFLEET_REQUIRE_FACILITIES=1`.
 fn skip_or_fail(what: &str, help: &str) -> bool {

@@ -29,6 +29,9 @@
 //! - [`tls`]: [`TestPki`], a CA per cluster and a certificate per process: every
 //!   cluster runs mutual TLS unless built with `.tls(false)` (plaintext on loopback).
 //! - [`health`]: asking a daemon's `grpc.health.v1` service (Check, Watch), as a probe does.
+//! - [`prometheus`]: [`prometheus::Prometheus`], a real Prometheus server scraping
+//!   the cluster's `--metrics-listen` listeners, asked through its HTTP API;
+//!   [`require_prometheus`] is its skip-or-fail gate.
 //! - [`helpers`]: small async helpers for tests and tools (create a session and
 //!   wait for it, run a command, assert a gRPC code, retry until true).
 //!
@@ -62,13 +65,14 @@ pub mod host;
 pub mod linearizability;
 pub mod netns;
 pub mod process;
+pub mod prometheus;
 pub mod s3;
 pub mod s3fs;
 pub mod tls;
 
 pub use bins::bin_path;
 pub use cluster::{Cluster, ClusterBuilder, Target};
-pub use facilities::{missing_facilities, require_docker, require_sandbox_facilities};
+pub use facilities::{missing_facilities, require_docker, require_prometheus, require_sandbox_facilities};
 pub use netns::{NetworkChoice, NetworkMode, PartitionsUnavailable};
 pub use process::{Proc, Role};
 pub use sandfleet_common::ready::{ReadyLine, DEV_READY_PREFIX};

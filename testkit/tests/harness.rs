@@ -232,3 +232,47 @@ fn sandbox_facility_probe_answers() {
         assert_eq!(sandfleet_testkit::require_sandbox_facilities(), missing.is_empty());
     }
 }
+
+#[tokio::test]
+async fn metrics_listeners_get_an_address_each_that_restarts_keep() {
+    if !python_available() {
+        return;
+    }
+    let fakes = fake_bins();
+    let start = |metrics: bool| {
+        ClusterBuilder::new()
+            .coordinators(2)
+            .agents(2)
+            .bin_dir(fakes.path())
+            .tmp_in(fakes.path())
+            .join_with_add_member(false)
+            .wait_for_nodes(false)
+            .metrics_listeners(metrics)
+            .ready_timeout(Duration::from_secs(20))
+            .start()
+    };
+    let plain = start(false).await.unwrap_or_else(|e| panic!("{e:#}"));
+    assert!(plain.metrics_addrs().is_empty());
+    assert!(plain.coordinators.iter().chain(plain.agents.iter()).all(|p| !p.args.contains(&"--metrics-listen".into())));
+    drop(plain);
+
+    let mut c = start(true).await.unwrap_or_else(|e| panic!("{e:#}"));
+    let addrs = c.metrics_addrs();
+    let targets: Vec<Target> = addrs.iter().map(|(t, _)| *t).collect();
+    assert_eq!(targets, [Target::Coordinator(0), Target::Coordinator(1), Target::Agent(0), Target::Agent(1)]);
+    let mut distinct: Vec<&String> = addrs.iter().map(|(_, a)| a).collect();
+    distinct.sort();
+    distinct.dedup();
+    assert_eq!(distinct.len(), 4, "one metrics address per process: {addrs:?}");
+    for (t, addr) in &addrs {
+        let p = c.proc(*t);
+        let (ip, port) = addr.rsplit_once(':').expect("host:port");
+        assert_ne!(port, "0", "fixed before the start, so a scraper can be configured: {addr}");
+        assert_eq!(ip, p.addr.rsplit_once(':').unwrap().0, "on the process's own address: {p:?}");
+        assert!(p.args.windows(2).any(|w| w[0] == "--metrics-listen" && &w[1] == addr), "{:?}", p.args);
+    }
+    let before = c.metrics_addr(Target::Agent(1));
+    c.kill(Target::Agent(1)).await.unwrap();
+    c.restart(Target::Agent(1)).await.unwrap();
+    assert_eq!(c.metrics_addr(Target::Agent(1)), before, "a restart keeps the metrics address");
+}
