@@ -4,6 +4,7 @@
 //! (deposed in its own eyes only after it fails to confirm a read index) and
 //! a follower are cut off in turn.
 
+#[macro_use]
 mod common;
 
 use std::time::Duration;

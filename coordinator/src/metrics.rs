@@ -277,7 +277,7 @@ pub fn observe(core: &Arc<Core>, stats: Arc<RaftStats>) -> Observers {
         gauge("sandfleet.raft.applied_index", "Last applied log index", raft(|m, _| applied(m))),
         gauge("sandfleet.raft.last_log_index", "Last log index", raft(|m, _| m.last_log_index.unwrap_or(0))),
         gauge(
-            "sandfleet.raft.apply_lag",
+            "sandfleet.raft.apply_lag_entries",
             "Committed entries this member has not applied yet",
             raft(|m, s| commit_index(m, s).saturating_sub(applied(m))),
         ),
