@@ -214,6 +214,13 @@ async fn leader_sigkill_during_creates_loses_nothing_and_fails_over_fast() {
     assert_eq!(converged.members.len(), 3);
     check_no_loss_no_dup(&client, &ledger, "kill").await;
     eprintln!("acked {} creates, {} with unknown outcome", ledger.acked.len(), ledger.unknown.len());
+    // The create counter is replicated state: the new leader counted every create, before and after the kill.
+    let created = converged.sessions_created - before.sessions_created;
+    let (acked, unknown) = (ledger.acked.len() as u64, ledger.unknown.len() as u64);
+    assert!(
+        (acked..=acked + unknown).contains(&created),
+        "sessions_created grew by {created}; {acked} creates were acknowledged and {unknown} have an unknown outcome"
+    );
     assert!(
         failover <= FAILOVER_BOUND,
         "writes resumed {failover:?} after the leader died; the bound is {FAILOVER_BOUND:?}"
@@ -313,6 +320,10 @@ async fn member_that_missed_a_compaction_catches_up_through_a_snapshot() {
     for (rid, id) in &ledger.acked {
         assert!(seen.contains(id), "{rid} ({id}) missing on the restarted member");
     }
+    // The create counter came with the snapshot: the member's own count is the leader's.
+    let own = only.cluster_status().await.unwrap();
+    assert!(own.sessions_created >= ledger.acked.len() as u64, "{own:?}");
+    assert_eq!(own.sessions_created, client.cluster_status().await.unwrap().sessions_created);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -11,6 +11,8 @@
 //! - [`exec`]: `run` and `session exec` (streamed output, exit codes, cleanup).
 //! - [`session`]: the other `session` subcommands, including `cp`.
 //! - [`cluster`]: `node list` and `cluster ...`.
+//! - [`top`]: `top`, the live view of the cluster and its nodes.
+//! - [`progress`]: progress of long operations, on a terminal only.
 //! - [`tenant`], [`apikey`]: `tenant ...` and `apikey ...` (admin).
 //! - [`dev`]: `dev`, a coordinator plus a node agent in this process.
 //! - [`pki`]: `pki init|issue`, the cluster CA and certificates.
@@ -22,8 +24,10 @@ pub mod dev;
 pub mod exec;
 pub mod output;
 pub mod pki;
+pub mod progress;
 pub mod session;
 pub mod tenant;
+pub mod top;
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -92,6 +96,19 @@ pub enum Command {
     /// Inspect and change the coordinator cluster.
     #[command(subcommand)]
     Cluster(ClusterCmd),
+    /// A live view of the cluster (leader, term, members, pending and running
+    /// sessions, creates per second) and of each node (state, sessions, CPU
+    /// and memory: used, allocated of capacity, free), redrawn in place.
+    ///
+    /// On a terminal the view refreshes every --interval until Ctrl-C. When
+    /// stdout is not a terminal, frames are printed one after another (like
+    /// `top -b`); --once prints one frame and exits. With --output json each
+    /// frame is one JSON object (numbers as numbers, unknowns as null).
+    /// USED is what the node's sandboxes use now (their cgroups, as the
+    /// node's agent last reported; `-` when the answering coordinator has no
+    /// report); FREE is capacity less what placed sessions reserve. Needs an
+    /// admin API key on a cluster with keys.
+    Top(TopArgs),
     /// Manage tenants and their quotas (admin).
     #[command(subcommand)]
     Tenant(tenant::TenantCmd),
@@ -218,6 +235,20 @@ pub struct RunArgs {
     pub exec: ExecArgs,
 }
 
+/// `sandfleet top`.
+#[derive(Debug, Args)]
+pub struct TopArgs {
+    /// Time between refreshes.
+    #[arg(long, short = 'd', value_parser = parse_duration, default_value = "2s", value_name = "DURATION")]
+    pub interval: Duration,
+    /// Print one frame and exit (creates per second needs two frames: unknown here).
+    #[arg(long, conflicts_with = "count")]
+    pub once: bool,
+    /// Stop after this many frames (default: until Ctrl-C).
+    #[arg(long, short = 'n', value_name = "N")]
+    pub count: Option<u64>,
+}
+
 /// `sandfleet session ...`.
 #[derive(Debug, Subcommand)]
 pub enum SessionCmd {
@@ -234,7 +265,8 @@ pub enum SessionCmd {
         /// Environment variable for every exec in the session (repeatable).
         #[arg(long = "env", short = 'E', value_parser = parse_key_value, value_name = "KEY=VALUE")]
         env: Vec<(String, String)>,
-        /// Wait until the session is running.
+        /// Wait until the session is running (on a terminal, a spinner shows
+        /// its state and why it waits).
         #[arg(long)]
         wait: bool,
         /// How long --wait waits.
@@ -366,7 +398,8 @@ pub enum NodeCmd {
         id: String,
     },
     /// Move every session off a node, a few at a time, and place no new ones
-    /// on it. Follows progress until the node is empty.
+    /// on it. Follows progress until the node is empty (on a terminal, a bar
+    /// shows the sessions moved off out of the total).
     Drain {
         /// Node id.
         id: String,
@@ -401,7 +434,8 @@ pub enum ClusterCmd {
         #[arg(long, value_name = "FILE")]
         admin_key_file: Option<PathBuf>,
     },
-    /// Add a coordinator.
+    /// Add a coordinator; returns once it has caught up and joined (on a
+    /// terminal, a bar shows its applied index against the leader's log).
     Add {
         /// Raft id of the new member.
         id: u64,
@@ -458,6 +492,12 @@ impl Cli {
     /// Checks rules clap cannot express; the error exits with status 2 like clap's own.
     pub fn validate(&self) -> Result<(), clap::Error> {
         use clap::CommandFactory;
+        if let Command::Top(t) = &self.command {
+            if t.interval < Duration::from_millis(100) {
+                return Err(Cli::command()
+                    .error(clap::error::ErrorKind::ValueValidation, "top --interval must be at least 100ms"));
+            }
+        }
         if let Command::Session(SessionCmd::Cp { src, dst, .. }) = &self.command {
             if let Err(msg) = args::check_cp_pair(src, dst) {
                 return Err(Cli::command().error(clap::error::ErrorKind::ArgumentConflict, msg));
@@ -509,6 +549,10 @@ pub async fn run(cli: Cli) -> anyhow::Result<i32> {
             cluster::node_drain(&ctx, &id, deadline, max_parallel, detach, wait_timeout).await
         }
         Command::Cluster(cmd) => cluster::run(&ctx, cmd).await,
+        Command::Top(args) => {
+            let opts = top::TopOptions { interval: args.interval, once: args.once, count: args.count.unwrap_or(0) };
+            top::run(&ctx, opts).await
+        }
         Command::Tenant(cmd) => tenant::run(&ctx, cmd).await,
         Command::Apikey(cmd) => apikey::run(&ctx, cmd).await,
         Command::Dev(_) | Command::Pki(_) => unreachable!("handled above"),
@@ -642,6 +686,14 @@ mod tests {
         assert!(parse(&["session", "create", "--ttl", "1h", "--wait", "--env", "K=V"]).is_ok());
         assert!(parse(&["cluster", "add", "2", "10.0.0.2:7070"]).is_ok());
         assert!(parse(&["dev", "--listen", "127.0.0.1:0"]).is_ok());
+        let cli = parse(&["-o", "json", "top", "--once"]).expect("parses");
+        let Command::Top(t) = cli.command else { panic!() };
+        assert_eq!((t.once, t.interval, t.count), (true, Duration::from_secs(2), None));
+        let cli = parse(&["top", "--interval", "500ms", "-n", "3"]).expect("parses");
+        let Command::Top(t) = cli.command else { panic!() };
+        assert_eq!((t.once, t.interval, t.count), (false, Duration::from_millis(500), Some(3)));
+        assert!(parse(&["top", "--once", "--count", "2"]).is_err());
+        assert_eq!(parse(&["top", "--interval", "10ms"]).err().map(|e| e.exit_code()), Some(2));
         assert_eq!(parse_mode("755"), Ok(0o755));
         assert!(parse_mode("9").is_err());
     }

@@ -247,6 +247,7 @@ pub fn node_text(n: &proto::Node) -> String {
         ("cpu", format!("{}/{}", format_cpu(used.cpu_millis), format_cpu(cap.cpu_millis))),
         ("memory", format!("{}/{}", format_memory(used.memory_bytes), format_memory(cap.memory_bytes))),
         ("sessions", format!("{}/{}", n.session_count, cap.session_slots)),
+        ("in use", usage_text(n.usage.as_ref())),
         ("runtimes", if n.runtimes.is_empty() { "-".into() } else { n.runtimes.join(",") }),
         ("labels", sorted_pairs(&n.labels)),
         ("heartbeat", format_time(n.last_heartbeat_ms)),
@@ -275,7 +276,22 @@ pub fn node_text(n: &proto::Node) -> String {
     out
 }
 
-/// The `node list` table; CPU and MEM are `allocated/capacity`.
+/// What a node's sandboxes use now, e.g. `250m CPU, 300Mi memory (12.5 CPU
+/// seconds since the agent started)`; `-` without a report.
+pub fn usage_text(u: Option<&proto::NodeUsage>) -> String {
+    match u {
+        None => "-".into(),
+        Some(u) => format!(
+            "{} CPU, {} memory ({:.1} CPU seconds since the agent started)",
+            format_cpu(u32::try_from(u.cpu_millis).unwrap_or(u32::MAX)),
+            format_memory(u.memory_bytes),
+            u.cpu_seconds_total
+        ),
+    }
+}
+
+/// The `node list` table; CPU and MEM are `allocated/capacity`, CPU USED and
+/// MEM USED what the node's sandboxes use now (`-` without a report).
 pub fn nodes_table(nodes: &[proto::Node]) -> String {
     let rows: Vec<Vec<String>> = nodes
         .iter()
@@ -296,12 +312,14 @@ pub fn nodes_table(nodes: &[proto::Node]) -> String {
                 state,
                 or_dash(&n.address).to_string(),
                 format!("{}/{}", format_cpu(used.cpu_millis), format_cpu(cap.cpu_millis)),
+                n.usage.map_or("-".into(), |u| format_cpu(u32::try_from(u.cpu_millis).unwrap_or(u32::MAX))),
                 format!("{}/{}", format_memory(used.memory_bytes), format_memory(cap.memory_bytes)),
+                n.usage.map_or("-".into(), |u| format_memory(u.memory_bytes)),
                 sessions,
             ]
         })
         .collect();
-    table(&["ID", "STATE", "ADDRESS", "CPU", "MEM", "SESSIONS"], &rows)
+    table(&["ID", "STATE", "ADDRESS", "CPU", "CPU USED", "MEM", "MEM USED", "SESSIONS"], &rows)
 }
 
 /// The `cluster status` table; the leader's id carries a `*`.
@@ -418,6 +436,19 @@ mod tests {
         let text = node_text(&n);
         assert!(text.contains("state:     draining\n"), "{text}");
         assert!(text.contains("labels:    topology.kubernetes.io/zone=a\n"), "{text}");
+        assert!(text.contains("in use:    -\n"), "{text}");
+        let used = proto::Node {
+            usage: Some(proto::NodeUsage { cpu_millis: 1500, memory_bytes: 64 << 20, cpu_seconds_total: 3.25 }),
+            ..n.clone()
+        };
+        assert!(
+            node_text(&used).contains("in use:    1500m CPU, 64Mi memory (3.2 CPU seconds since the agent started)\n"),
+            "{}",
+            node_text(&used)
+        );
+        let t = nodes_table(std::slice::from_ref(&used));
+        assert!(t.starts_with("ID      STATE     ADDRESS  CPU  CPU USED  MEM  MEM USED  SESSIONS\n"), "{t}");
+        assert!(t.contains("1500m     0/0  64Mi"), "{t}");
         assert!(text.contains("hold:      cordoned by the operator (since -)\n"), "{text}");
         assert!(
             text.contains(

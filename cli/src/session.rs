@@ -15,6 +15,7 @@ use super::output::{
     disk_usage_text, file_kind_name, format_time, now_string, out, print_json, print_json_line, session_text,
     sessions_table, table, OutputFormat,
 };
+use super::progress::Progress;
 use super::{Ctx, SessionCmd};
 
 /// Dispatches `session` subcommands.
@@ -37,7 +38,7 @@ pub async fn run(ctx: &Ctx, cmd: SessionCmd) -> anyhow::Result<i32> {
                 eprintln!("sandfleet: this request id already created session {}", session.id);
             }
             if wait {
-                session = ctx.client.wait_running(&session.id, wait_timeout).await?;
+                session = wait_running_shown(ctx, &session, wait_timeout).await?;
             }
             print_session(ctx, &session)?;
             Ok(0)
@@ -343,6 +344,44 @@ async fn local_target(local: &Path, remote: &str) -> anyhow::Result<PathBuf> {
 fn temp_sibling(target: &Path) -> PathBuf {
     let name = target.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "download".into());
     target.with_file_name(format!(".{name}.sandfleet-{}.tmp", std::process::id()))
+}
+
+/// `ctx.client.wait_running`, with a spinner showing the session's state and
+/// why it waits, on a terminal only ([`crate::progress`]).
+async fn wait_running_shown(
+    ctx: &Ctx,
+    session: &proto::Session,
+    timeout: std::time::Duration,
+) -> anyhow::Result<proto::Session> {
+    let progress = Progress::spinner(ctx.output, waiting_text(session));
+    if !progress.is_shown() {
+        return Ok(ctx.client.wait_running(&session.id, timeout).await?);
+    }
+    let wait = ctx.client.wait_running(&session.id, timeout);
+    tokio::pin!(wait);
+    let mut poll = tokio::time::interval(std::time::Duration::from_millis(500));
+    loop {
+        tokio::select! {
+            done = &mut wait => {
+                progress.finish();
+                return Ok(done?);
+            }
+            _ = poll.tick() => {
+                if let Ok(now) = ctx.client.get_session(&session.id).await {
+                    progress.set_message(waiting_text(&now));
+                }
+            }
+        }
+    }
+}
+
+/// `session ID: PENDING (why)`, the spinner's text while waiting for RUNNING.
+pub fn waiting_text(s: &proto::Session) -> String {
+    let mut text = format!("session {}: {}", s.id, state_name(s.state));
+    if !s.pending_reason.is_empty() {
+        text.push_str(&format!(" ({})", s.pending_reason));
+    }
+    text
 }
 
 #[cfg(test)]

@@ -114,6 +114,9 @@ pub struct Core {
     pub tunables: Tunables,
     /// Last heartbeat per node, in memory only (not replicated).
     pub heartbeats: Mutex<HashMap<String, Heard>>,
+    /// What each node's sandboxes used at its last heartbeat through this
+    /// member (forwarded or not), in memory only: `Node.usage` in ListNodes.
+    pub node_usage: Mutex<HashMap<String, pb::NodeUsage>>,
     /// Last data-plane use per session as agents report it, in memory only
     /// (for idle timeouts; a new leader starts everyone at its first term).
     pub activity: Mutex<HashMap<String, i64>>,
@@ -147,6 +150,7 @@ impl Core {
             state,
             tunables,
             heartbeats: Mutex::new(HashMap::new()),
+            node_usage: Mutex::new(HashMap::new()),
             activity: Mutex::new(HashMap::new()),
             lead_since_ms: std::sync::atomic::AtomicI64::new(0),
             quorum_checked: tokio::sync::Mutex::new(None),

@@ -538,6 +538,11 @@ pub struct ClusterState {
     /// API keys by id.
     #[serde(default)]
     pub api_keys: BTreeMap<String, ApiKeyRecord>,
+    /// Creates that made a new session since the cluster began (an idempotent
+    /// replay is not one): ClusterStatus's `sessions_created`. Replicated, so it
+    /// survives leader changes and snapshots; a snapshot from before it reads as 0.
+    #[serde(default)]
+    pub sessions_created: u64,
     /// What each tenant's live sessions hold (sessions, CPU reserved, memory).
     #[serde(skip)]
     pub tenant_usage: HashMap<String, Resources>,
@@ -686,6 +691,16 @@ impl ClusterState {
     /// Live sessions whose expiry is at or before `now_ms`.
     pub fn expired_at(&self, now_ms: i64) -> Vec<String> {
         self.expiring.range(..(now_ms.saturating_add(1), String::new())).map(|(_, id)| id.clone()).collect()
+    }
+
+    /// Live sessions in RUNNING: those placed on a node whose agent reported
+    /// them started (walks the placed sessions, not every record).
+    pub fn running_sessions(&self) -> u64 {
+        self.node_sessions
+            .values()
+            .flatten()
+            .filter(|id| self.sessions.get(*id).is_some_and(|s| s.phase == SessionPhase::Running))
+            .count() as u64
     }
 
     /// Resources held on a node.
@@ -858,6 +873,7 @@ impl ClusterState {
                     }
                 }
                 self.hold(&session);
+                self.sessions_created += 1;
                 self.request_ids.insert(rkey.clone(), session.id.clone());
                 touched.request_ids.push(rkey);
                 touched.sessions.push(session.id.clone());
@@ -1332,6 +1348,31 @@ mod tests {
             other => panic!("unexpected {other:?}"),
         }
         assert_eq!(st.sessions.len(), 1);
+    }
+
+    #[test]
+    fn sessions_created_counts_new_sessions_only_and_old_snapshots_load() {
+        let mut st = ClusterState::default();
+        let mut t = Touched::default();
+        st.apply(Command::CreateSession { session: session("a", "r1", None, 100), key_id: None }, &mut t);
+        // A replay of the same request id is not a new create; a refused one neither.
+        st.apply(Command::CreateSession { session: session("b", "r1", None, 100), key_id: None }, &mut t);
+        st.apply(Command::CreateSession { session: session("a", "r2", None, 100), key_id: None }, &mut t);
+        st.apply(Command::CreateSession { session: session("c", "r3", None, 100), key_id: None }, &mut t);
+        assert_eq!(st.sessions_created, 2);
+        // Deleting does not lower it.
+        st.apply(
+            Command::TerminateSessions { ids: vec!["a".into()], message: "x".into(), now_ms: 2, tenant: None },
+            &mut t,
+        );
+        assert_eq!(st.sessions_created, 2);
+        // It travels in a snapshot; a snapshot from before the counter reads as 0.
+        let mut json = serde_json::to_value(&st).unwrap();
+        let back: ClusterState = serde_json::from_value(json.clone()).unwrap();
+        assert_eq!(back.sessions_created, 2);
+        json.as_object_mut().unwrap().remove("sessions_created");
+        let old: ClusterState = serde_json::from_value(json).unwrap();
+        assert_eq!(old.sessions_created, 0);
     }
 
     #[test]

@@ -697,6 +697,7 @@ impl Control {
             })
         };
         let mut failures = 0u32;
+        let mut usage_rate = crate::runtime::usage::UsageRate::default();
         loop {
             tokio::select! {
                 _ = shutdown.cancelled() => break,
@@ -712,6 +713,7 @@ impl Control {
                 node_id: self.config.register.node_id.clone(),
                 reports: reports.clone(),
                 activity: activity.clone(),
+                usage: usage_rate.measure(self.state.runtime.as_ref(), interval / 4).await,
             });
             // Two intervals at most: the cluster's fence_after assumes it.
             req.set_timeout(CALL_TIMEOUT.min(interval * 2));

@@ -7,7 +7,7 @@
 //!
 //! Cases: exit codes, timeout, OOM, fork bomb, no network, no host files, a
 //! file round trip, path traversal and symlink escape (plus seccomp and the
-//! output cap). On the process runtime they also check that no process and no
+//! output cap), and what the sandboxes use (`Runtime::usage`). On the process runtime they also check that no process and no
 //! exec cgroup of the session is left behind. The process-only tests after
 //! them check sessions' uids against each other, idempotent prepare and
 //! destroy, and a restart over a crashed agent's leftovers. The container
@@ -1091,6 +1091,48 @@ async fn disk_mounted_again_after_a_reboot(kind: Kind) {
     env.cleanup().await;
 }
 
+/// `Runtime::usage` sums what the sessions use: memory while a session
+/// holds it, CPU time that only grows, also after the session ended.
+async fn usage_counts_cpu_and_memory(kind: Kind) {
+    let Some(env) = setup(kind, "usage", 312_400).await else { return };
+    let rt = env.rt.clone();
+    let id = new_session_id();
+    rt.prepare(&sandbox(&id)).await.unwrap();
+    let before = rt.usage().await;
+    // About a second of CPU, then 96 MiB held for a few seconds.
+    let script = "import time\nt = time.process_time()\nwhile time.process_time() - t < 1.2: pass\n\
+                  b = bytearray(96 << 20)\nfor i in range(0, len(b), 4096): b[i] = 1\ntime.sleep(4)\nprint('done')";
+    let exec = {
+        let (rt, id) = (rt.clone(), id.clone());
+        tokio::spawn(async move { run(rt.as_ref(), &id, code(Language::Python, script)).await })
+    };
+    let until = Instant::now() + Duration::from_secs(15);
+    let held = loop {
+        let u = rt.usage().await;
+        if u.memory_bytes >= 64 << 20 {
+            break u;
+        }
+        assert!(Instant::now() < until, "the session's 96 MiB never showed: {u:?} (before {before:?})");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let r = exec.await.unwrap().unwrap();
+    assert_eq!(r.stdout, "done\n", "{}", r.stderr);
+    let after = rt.usage().await;
+    assert!(after.cpu_seconds_total >= held.cpu_seconds_total, "{held:?} then {after:?}");
+    let cpu_accounted = after.cpu_seconds_total > 0.0;
+    if cpu_accounted {
+        assert!(after.cpu_seconds_total - before.cpu_seconds_total >= 1.0, "{before:?} then {after:?}");
+    } else {
+        eprintln!("this host accounts no CPU time for the sandboxes (cgroup v1 without cpuacct)");
+    }
+    // Ended: its memory goes, its CPU time stays.
+    rt.destroy(&id).await.unwrap();
+    let gone = rt.usage().await;
+    assert_eq!(gone.memory_bytes, 0, "{gone:?}");
+    assert!(gone.cpu_seconds_total >= after.cpu_seconds_total, "{after:?} then {gone:?}");
+    env.cleanup().await;
+}
+
 macro_rules! conformance {
     ($($name:ident),* $(,)?) => {
         mod process {
@@ -1134,7 +1176,8 @@ conformance!(
     output_cap_and_large_code,
     killed_from_outside,
     disk_and_inode_quotas,
-    disk_mounted_again_after_a_reboot
+    disk_mounted_again_after_a_reboot,
+    usage_counts_cpu_and_memory
 );
 
 // ---------------------------------------------------------------------------

@@ -8,7 +8,7 @@
 //! | `sm_sessions` | session id | JSON [`SessionRecord`] |
 //! | `sm_nodes` | node id | JSON [`NodeRecord`] |
 //! | `sm_request_ids` | request id | session id |
-//! | `sm_meta` | `last_applied`, `membership`, `signing_seed`, `scheduler_paused`, `tenants`, `api_keys` | JSON |
+//! | `sm_meta` | `last_applied`, `membership`, `signing_seed`, `scheduler_paused`, `tenants`, `api_keys`, `sessions_created` | JSON |
 //! | `snapshot` | `current` | JSON [`StoredSnapshot`] |
 //!
 //! Log appends, votes and snapshots are fsynced before they are acknowledged.
@@ -353,6 +353,7 @@ impl StateMachineStore {
         state.scheduler_paused = get_json(&db, CF_SM_META, b"scheduler_paused")?.unwrap_or_default();
         state.tenants = get_json(&db, CF_SM_META, b"tenants")?.unwrap_or_default();
         state.api_keys = get_json(&db, CF_SM_META, b"api_keys")?.unwrap_or_default();
+        state.sessions_created = get_json(&db, CF_SM_META, b"sessions_created")?.unwrap_or_default();
         state.rebuild_indexes();
         let last_applied = get_json::<Option<LogId<NodeId>>>(&db, CF_SM_META, b"last_applied")?.flatten();
         state.applied_index = last_applied.map_or(0, |l| l.index);
@@ -421,6 +422,12 @@ impl StateMachineStore {
             );
             self.put_auth(b, state)?;
         }
+        // A few bytes, written with every apply: a create changes it.
+        b.put_cf(
+            cf(db, CF_SM_META),
+            b"sessions_created",
+            serde_json::to_vec(&state.sessions_created).map_err(write_err)?,
+        );
         b.put_cf(cf(db, CF_SM_META), b"last_applied", serde_json::to_vec(&self.last_applied).map_err(write_err)?);
         b.put_cf(cf(db, CF_SM_META), b"membership", serde_json::to_vec(&self.membership).map_err(write_err)?);
         Ok(())

@@ -49,6 +49,16 @@ impl AgentApi {
         Ok(())
     }
 
+    /// Keeps the node's reported usage for ListNodes on this member, which
+    /// may be a follower forwarding the heartbeat (registered nodes only, so
+    /// the map stays as small as the cluster).
+    fn record_usage(&self, req: &pb::HeartbeatRequest) {
+        let Some(usage) = req.usage else { return };
+        if self.core.state.read(|st| st.nodes.contains_key(&req.node_id)) {
+            self.core.node_usage.lock().insert(req.node_id.clone(), usage);
+        }
+    }
+
     fn touch(&self, node_id: &str) {
         let now = crate::core::Heard::now();
         let at = now.at;
@@ -188,6 +198,7 @@ impl AgentService for AgentApi {
         require_agent(&self.core, &req, &req.get_ref().node_id)?;
         let req = req.into_inner();
         ids::validate_node_id(&req.node_id)?;
+        self.record_usage(&req);
         // Liveness lives in the leader's memory, so heartbeats go there.
         if !self.core.is_leader() {
             let leader = self

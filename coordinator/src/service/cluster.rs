@@ -213,12 +213,17 @@ impl ClusterApi {
             };
             members.push(pb::ClusterMember { voter: voters.contains(id), ..status });
         }
-        let (scheduler_paused, unplaced) = self.core.state.read(|st| (st.scheduler_paused, st.unplaced.len() as u64));
+        let (scheduler_paused, unplaced, sessions_created, running_sessions) = self
+            .core
+            .state
+            .read(|st| (st.scheduler_paused, st.unplaced.len() as u64, st.sessions_created, st.running_sessions()));
         pb::ClusterStatusResponse {
             leader_id: m.current_leader.unwrap_or(0),
             members,
             scheduler_paused,
             unplaced_sessions: unplaced,
+            sessions_created,
+            running_sessions,
         }
     }
 

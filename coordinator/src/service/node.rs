@@ -71,7 +71,13 @@ impl NodeService for NodeApi {
     async fn list_nodes(&self, req: Request<pb::ListNodesRequest>) -> Result<Response<pb::ListNodesResponse>, Status> {
         self.auth.admin(&req)?;
         let seen = self.core.heartbeats.lock().clone();
-        let nodes = self.core.state.read(|st| st.nodes.values().map(|n| node_to_proto(st, n, &seen)).collect());
+        let mut nodes: Vec<pb::Node> =
+            self.core.state.read(|st| st.nodes.values().map(|n| node_to_proto(st, n, &seen)).collect());
+        let usage = self.core.node_usage.lock();
+        for n in &mut nodes {
+            n.usage = usage.get(&n.id).copied();
+        }
+        drop(usage);
         Ok(Response::new(pb::ListNodesResponse { nodes }))
     }
 
@@ -178,5 +184,7 @@ pub(crate) fn node_to_proto(
                 })
             })
             .collect(),
+        // ListNodes adds the node's last report from this member's memory.
+        usage: None,
     }
 }

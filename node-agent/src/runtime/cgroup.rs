@@ -46,6 +46,20 @@ pub struct V1Manager {
     memory: PathBuf,
     cpu: PathBuf,
     pids: PathBuf,
+    /// The cpuacct hierarchy when it is mounted apart from cpu (the usual
+    /// layout co-mounts them, and then `cpu` has the cpuacct files): sessions
+    /// join it too, so their CPU time can be read ([`AnyCgroupManager::usage`]).
+    cpuacct: Option<PathBuf>,
+}
+
+/// What a cgroup (with its descendants) uses, as [`AnyCgroupManager::usage`] reads it.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct CgroupUsage {
+    /// CPU time used since the cgroup was made, nanoseconds; `None` when this
+    /// host's cgroups do not account it (v1 without a cpuacct controller).
+    pub cpu_nanos: Option<u64>,
+    /// Memory in use now, bytes: the charge less the inactive file cache.
+    pub memory_bytes: u64,
 }
 
 /// cgroup v2: one unified hierarchy.
@@ -162,6 +176,23 @@ fn kill_if_member(pid: i32, rel: &str) -> bool {
     sent
 }
 
+/// A process's cgroup from its `/proc/PID/cgroup` text: the v1 memory
+/// hierarchy's path, else the v2 line's (as written there, with a leading `/`).
+pub fn proc_cgroup_path(text: &str) -> Option<String> {
+    let mut v2 = None;
+    for line in text.lines() {
+        let mut parts = line.splitn(3, ':');
+        let (_, controllers, path) = (parts.next(), parts.next().unwrap_or(""), parts.next().unwrap_or(""));
+        if controllers.split(',').any(|c| c == "memory") {
+            return Some(path.to_string());
+        }
+        if controllers.is_empty() {
+            v2 = Some(path.to_string());
+        }
+    }
+    v2
+}
+
 impl AnyCgroupManager {
     /// Detects the host's cgroup layout under [`CGROUP_ROOT`].
     pub fn detect() -> Result<Self, RuntimeError> {
@@ -201,7 +232,12 @@ impl AnyCgroupManager {
         }
         let [memory, cpu, pids]: [PathBuf; 3] =
             dirs.try_into().map_err(|_| RuntimeError::Internal("controller count".into()))?;
-        Ok(Self::V1(V1Manager { memory, cpu, pids }))
+        let cpuacct = root.join("cpuacct");
+        let cpuacct = (!cpu.join("cpuacct.usage").exists()
+            && cpuacct.join("cpuacct.usage").exists()
+            && cpuacct.join("cgroup.procs").exists())
+        .then_some(cpuacct);
+        Ok(Self::V1(V1Manager { memory, cpu, pids, cpuacct }))
     }
 
     /// 1 or 2.
@@ -215,7 +251,9 @@ impl AnyCgroupManager {
     /// The hierarchy roots (one per v1 controller, or the v2 root).
     fn bases(&self) -> Vec<&Path> {
         match self {
-            Self::V1(m) => vec![&m.memory, &m.cpu, &m.pids],
+            Self::V1(m) => {
+                [&m.memory, &m.cpu, &m.pids].into_iter().map(PathBuf::as_path).chain(m.cpuacct.as_deref()).collect()
+            }
             Self::V2(m) => vec![&m.root],
         }
     }
@@ -238,8 +276,8 @@ impl AnyCgroupManager {
     pub fn ensure_root(&self, rel: &str) -> Result<(), RuntimeError> {
         match self {
             Self::V1(m) => {
-                for base in [&m.memory, &m.cpu, &m.pids] {
-                    let mut p = base.clone();
+                for base in self.bases() {
+                    let mut p = base.to_path_buf();
                     for comp in rel.split('/').filter(|c| !c.is_empty()) {
                         p.push(comp);
                         mkdir(&p).map_err(|e| unavailable(format!("cgroups are not writable: {e}")))?;
@@ -456,6 +494,44 @@ impl AnyCgroupManager {
         read_key(&path, "oom_kill").unwrap_or(0)
     }
 
+    /// What `rel` and its descendants use now: their CPU time so far and
+    /// their memory. Err (NotFound) when `rel` does not exist. On v1 the CPU
+    /// time is the cpuacct controller's (co-mounted with cpu, or apart);
+    /// memory is `usage_in_bytes` (v1) or `memory.current` (v2) less the
+    /// inactive file cache, as `docker stats` counts it.
+    pub fn usage(&self, rel: &str) -> io::Result<CgroupUsage> {
+        let read_u64 = |path: PathBuf| -> io::Result<u64> {
+            let text = fs::read_to_string(&path).map_err(|e| ctx(&path, "reading", e))?;
+            text.trim()
+                .parse()
+                .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, format!("{}: {e}", path.display())))
+        };
+        match self {
+            Self::V1(m) => {
+                let mem = m.memory.join(rel);
+                let charged = read_u64(mem.join("memory.usage_in_bytes"))?;
+                let inactive = read_key(&mem.join("memory.stat"), "total_inactive_file").unwrap_or(0);
+                let acct = m.cpuacct.as_ref().unwrap_or(&m.cpu).join(rel).join("cpuacct.usage");
+                let cpu_nanos = match read_u64(acct) {
+                    Ok(n) => Some(n),
+                    Err(e) if e.kind() == io::ErrorKind::NotFound => None,
+                    Err(e) => return Err(e),
+                };
+                Ok(CgroupUsage { cpu_nanos, memory_bytes: charged.saturating_sub(inactive) })
+            }
+            Self::V2(m) => {
+                let d = m.root.join(rel);
+                let usage_usec = read_key(&d.join("cpu.stat"), "usage_usec")?;
+                let charged = read_u64(d.join("memory.current"))?;
+                let inactive = read_key(&d.join("memory.stat"), "inactive_file").unwrap_or(0);
+                Ok(CgroupUsage {
+                    cpu_nanos: Some(usage_usec.saturating_mul(1000)),
+                    memory_bytes: charged.saturating_sub(inactive),
+                })
+            }
+        }
+    }
+
     /// `pids.events` "max" of `rel`: on v2 the forks refused because `rel`
     /// (or a descendant) was at its limit; on v1 the forks refused to
     /// processes *in* `rel`, whichever ancestor's limit was hit.
@@ -524,6 +600,48 @@ mod tests {
         assert_eq!(m.version(), 1);
         assert_eq!(m.procs_files("x").len(), 3);
         assert_eq!(m.dir("pids", "x"), t.path().join("pids/x"));
+    }
+
+    #[test]
+    fn reads_usage_on_v1_with_cpuacct_apart_and_on_v2() {
+        let t = tempfile::tempdir().unwrap();
+        for c in V1_CONTROLLERS.into_iter().chain(["cpuacct"]) {
+            fs::create_dir_all(t.path().join(c).join("s")).unwrap();
+            fs::write(t.path().join(c).join("cgroup.procs"), "").unwrap();
+        }
+        fs::write(t.path().join("cpuacct/cpuacct.usage"), "0\n").unwrap();
+        let m = AnyCgroupManager::detect_at(t.path()).unwrap();
+        // Sessions join cpuacct too, so their CPU time is accounted.
+        assert_eq!(m.procs_files("s").len(), 4);
+        fs::write(t.path().join("memory/s/memory.usage_in_bytes"), "10000\n").unwrap();
+        fs::write(t.path().join("memory/s/memory.stat"), "cache 5\ninactive_file 1\ntotal_inactive_file 4000\n")
+            .unwrap();
+        fs::write(t.path().join("cpuacct/s/cpuacct.usage"), "2500000000\n").unwrap();
+        assert_eq!(m.usage("s").unwrap(), CgroupUsage { cpu_nanos: Some(2_500_000_000), memory_bytes: 6000 });
+        // No cpuacct file: memory only.
+        fs::remove_file(t.path().join("cpuacct/s/cpuacct.usage")).unwrap();
+        assert_eq!(m.usage("s").unwrap(), CgroupUsage { cpu_nanos: None, memory_bytes: 6000 });
+        assert_eq!(m.usage("gone").unwrap_err().kind(), io::ErrorKind::NotFound);
+
+        let t = tempfile::tempdir().unwrap();
+        fs::write(t.path().join("cgroup.controllers"), "cpu memory pids\n").unwrap();
+        fs::create_dir(t.path().join("s")).unwrap();
+        fs::write(t.path().join("s/cpu.stat"), "usage_usec 1500000\nuser_usec 1000000\n").unwrap();
+        fs::write(t.path().join("s/memory.current"), "8192\n").unwrap();
+        fs::write(t.path().join("s/memory.stat"), "anon 4096\ninactive_file 4096\n").unwrap();
+        let m = AnyCgroupManager::detect_at(t.path()).unwrap();
+        assert_eq!(m.usage("s").unwrap(), CgroupUsage { cpu_nanos: Some(1_500_000_000), memory_bytes: 4096 });
+    }
+
+    #[test]
+    fn finds_a_process_cgroup() {
+        let v1 = "12:pids:/docker/abc\n4:memory:/docker/abc\n1:name=systemd:/docker/abc\n0::/\n";
+        assert_eq!(proc_cgroup_path(v1).as_deref(), Some("/docker/abc"));
+        assert_eq!(
+            proc_cgroup_path("0::/system.slice/docker-abc.scope\n").as_deref(),
+            Some("/system.slice/docker-abc.scope")
+        );
+        assert_eq!(proc_cgroup_path(""), None);
     }
 
     #[test]

@@ -128,18 +128,8 @@ fn socket_path(endpoint: &str) -> Result<PathBuf, RuntimeError> {
 /// v2 line, else the v1 memory hierarchy's.
 fn own_cgroup() -> Result<String, RuntimeError> {
     let text = std::fs::read_to_string("/proc/self/cgroup").map_err(|e| io_ctx("reading /proc/self/cgroup", e))?;
-    let mut v2 = None;
-    for line in text.lines() {
-        let mut parts = line.splitn(3, ':');
-        let (_, controllers, path) = (parts.next(), parts.next().unwrap_or(""), parts.next().unwrap_or(""));
-        if controllers.split(',').any(|c| c == "memory") {
-            return Ok(path.to_string());
-        }
-        if controllers.is_empty() {
-            v2 = Some(path.to_string());
-        }
-    }
-    v2.ok_or_else(|| RuntimeError::Unavailable("no memory or v2 cgroup in /proc/self/cgroup".into()))
+    super::cgroup::proc_cgroup_path(&text)
+        .ok_or_else(|| RuntimeError::Unavailable("no memory or v2 cgroup in /proc/self/cgroup".into()))
 }
 
 /// The default cgroup parent of session sandboxes: [`SESSIONS_CGROUP`]
@@ -466,6 +456,11 @@ impl CriEngine {
 impl Engine for CriEngine {
     fn kind(&self) -> sandfleet_common::spec::Runtime {
         sandfleet_common::spec::Runtime::Cri
+    }
+
+    /// The pod cgroup the agent made for the box (its containers are under it).
+    async fn cgroup(&self, name: &str) -> Option<String> {
+        Some(self.pod_cgroup(name))
     }
 
     async fn init(&mut self, data_dir: &Path) -> Result<(), RuntimeError> {

@@ -213,6 +213,17 @@ impl Engine for DockerEngine {
         }))
     }
 
+    /// Where the engine put the container: read from its init's
+    /// `/proc/PID/cgroup` (the engine's cgroup driver decides the path). This
+    /// assumes the agent shares the host's cgroup namespace, as it must to
+    /// manage cgroups; a container that is not running has none.
+    async fn cgroup(&self, name: &str) -> Option<String> {
+        let c = call_opt("inspecting the container", self.docker.inspect_container(name, None)).await.ok()??;
+        let pid = c.state.and_then(|s| s.pid).filter(|p| *p > 0)?;
+        let text = tokio::fs::read_to_string(format!("/proc/{pid}/cgroup")).await.ok()?;
+        super::cgroup::proc_cgroup_path(&text).map(|p| p.trim_start_matches('/').to_string())
+    }
+
     async fn update(&self, name: &str, limits: &ResolvedSpec) -> Result<(), RuntimeError> {
         let (memory, period, quota, pids) = resources(limits);
         // Raising memory must raise memory+swap first and lowering must lower memory first;

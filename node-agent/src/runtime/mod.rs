@@ -15,6 +15,7 @@
 //! - [`seccomp`]: the seccomp BPF filter every sandboxed process runs under.
 //! - [`disk`]: a filesystem of its quota's size per session (disk and inode quotas).
 //! - [`bwrap`]: building the bubblewrap argv.
+//! - [`usage`]: what the sandboxes use (CPU time, memory), summed per node.
 
 pub mod bwrap;
 pub mod cgroup;
@@ -25,6 +26,7 @@ pub mod docker;
 mod fsutil;
 pub mod process;
 pub mod seccomp;
+pub mod usage;
 
 /// A session a runtime must run: which placement, and the spec as the
 /// cluster assigned it. The runtime takes the sandbox part of the spec
@@ -174,6 +176,14 @@ pub trait Runtime: Send + Sync + 'static {
     /// How much of its disk quota the session uses. NotFound if not
     /// prepared; [`RuntimeError::NoQuota`] when it has no quota.
     fn disk_usage(&self, session_id: &str) -> Result<disk::DiskUsage, RuntimeError>;
+    /// What this runtime's sandboxes use now, summed: their memory, and the
+    /// CPU time they used since the agent started, which never decreases
+    /// (ended sandboxes' time stays in it, see [`usage::UsageMeter`]). The
+    /// one definition behind the heartbeat's `NodeUsage` and the agent's
+    /// sandbox CPU and memory gauges. A sandbox whose cgroup cannot be read
+    /// counts with what was last read of it; what a runtime cannot measure
+    /// at all is 0 (its implementation says which).
+    async fn usage(&self) -> usage::Usage;
 }
 
 #[cfg(test)]

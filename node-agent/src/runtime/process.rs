@@ -56,6 +56,7 @@ use super::disk::{DiskQuota, DiskUsage, Disks};
 use super::fsutil::{
     check_node_config, create_dir, invalid, io_ctx, no_free_slot, session_list, set_mode, write_atomic,
 };
+use super::usage::{Usage, UsageMeter};
 use super::{seccomp, ExecEvent, ExecSpec, ExitInfo, ResolvedSpec, Runtime, RuntimeError, SandboxSpec, SessionInfo};
 use crate::exec;
 use crate::workspace::Workspace;
@@ -156,6 +157,8 @@ struct Inner {
     sessions: Mutex<HashMap<String, Arc<Session>>>,
     /// Serializes prepare and destroy (slot allocation, directory creation).
     admin: tokio::sync::Mutex<()>,
+    /// Sums the session cgroups' use ([`Runtime::usage`]).
+    usage: UsageMeter,
 }
 
 /// The bubblewrap + cgroups runtime. Cheap to clone.
@@ -275,6 +278,7 @@ impl ProcessRuntime {
             disks,
             sessions: Mutex::new(HashMap::new()),
             admin: tokio::sync::Mutex::new(()),
+            usage: UsageMeter::new(),
         };
         let rt = Self { inner: Arc::new(inner) };
         // Execs never survive a restart: whatever is still running is a leak.
@@ -855,6 +859,16 @@ impl Runtime for ProcessRuntime {
         validate_session_id(session_id)?;
         let s = self.get(session_id)?;
         self.inner.disks.usage(&s.workspace_dir())
+    }
+
+    /// The session cgroups' use (each with its exec leaves). On cgroup v1
+    /// sessions join the cpuacct hierarchy for this; a host without cpuacct
+    /// reports memory only.
+    async fn usage(&self) -> Usage {
+        let cgroups: Vec<(String, String)> =
+            self.lock_sessions().values().map(|s| (s.id.clone(), s.cgroup.clone())).collect();
+        let cg = &self.inner.cgroups;
+        self.inner.usage.observe(cgroups.into_iter().map(|(id, rel)| (id, cg.usage(&rel).ok())))
     }
 }
 

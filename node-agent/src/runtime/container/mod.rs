@@ -65,8 +65,10 @@ use tracing::{debug, info, instrument, warn};
 use self::hardening::{
     ContainerPlan, LABEL_BOX, LABEL_GENERATION, LABEL_NODE, LABEL_POOL, LABEL_SESSION, LABEL_SLOT, LABEL_TEMPLATE,
 };
+use super::cgroup::AnyCgroupManager;
 use super::disk::{DiskQuota, DiskUsage, Disks};
 use super::fsutil::{check_node_config, create_dir, invalid, io_ctx, no_free_slot, session_list, write_atomic};
+use super::usage::{Usage, UsageMeter};
 use super::{
     resolve_spec, ExecEvent, ExecSpec, ExitInfo, ResolvedSpec, Runtime, RuntimeError, SandboxSpec, SessionInfo,
 };
@@ -135,6 +137,9 @@ pub trait Engine: Send + Sync + 'static {
     async fn list(&self, node_id: &str) -> Result<Vec<Listed>, RuntimeError>;
     /// The command an operator runs to read a container's output.
     fn logs_hint(&self, name: &str) -> String;
+    /// The container's cgroup, relative to the cgroup root, for reading what
+    /// it uses; `None` when the engine cannot tell now (not running).
+    async fn cgroup(&self, name: &str) -> Option<String>;
 }
 
 /// Configuration of a [`ContainerRuntime`].
@@ -255,6 +260,13 @@ struct Inner<E> {
     stopped: std::sync::atomic::AtomicBool,
     /// The task that keeps the warm pool filled; dropping the runtime aborts it.
     pool_task: Mutex<Option<tokio_util::task::AbortOnDropHandle<()>>>,
+    /// The host's cgroups, for reading what the boxes use; `None` when they
+    /// cannot be read here (then [`Runtime::usage`] reports nothing).
+    cgroups: Option<AnyCgroupManager>,
+    /// Each session box's cgroup as its engine told it, by box name.
+    box_cgroups: Mutex<HashMap<String, String>>,
+    /// Sums the boxes' use ([`Runtime::usage`]).
+    usage: UsageMeter,
 }
 
 /// A runtime of one hardened container per session on engine `E`. Cheap to clone.
@@ -351,6 +363,11 @@ impl<E: Engine> ContainerRuntime<E> {
                 refill: Arc::new(Notify::new()),
                 stopped: std::sync::atomic::AtomicBool::new(false),
                 pool_task: Mutex::new(None),
+                cgroups: AnyCgroupManager::detect()
+                    .inspect_err(|e| warn!(error = %e, "cannot read cgroups; sandbox usage is not reported"))
+                    .ok(),
+                box_cgroups: Mutex::new(HashMap::new()),
+                usage: UsageMeter::new(),
             }),
         };
         rt.rediscover().await?;
@@ -1061,6 +1078,37 @@ impl<E: Engine> Runtime for ContainerRuntime<E> {
         ids::validate_session_id(session_id).map_err(|e| invalid(e.to_string()))?;
         let s = self.get(session_id)?;
         self.inner.disks.usage(&s.bx.workspace_dir())
+    }
+
+    /// The session boxes' cgroups, read on the host (idle warm-pool boxes are
+    /// not counted). The engine names each container's cgroup: the CRI
+    /// runtime's pod cgroup, or the Docker container's as its init's
+    /// `/proc/PID/cgroup` says. A box whose cgroup is unknown counts with its
+    /// last reading; without readable host cgroups everything is 0.
+    async fn usage(&self) -> Usage {
+        let boxes: Vec<String> = self.tables().sessions.values().map(|s| s.bx.name.clone()).collect();
+        let Some(cg) = &self.inner.cgroups else { return self.inner.usage.observe([]) };
+        self.inner.box_cgroups.lock().retain(|name, _| boxes.contains(name));
+        let mut samples = Vec::with_capacity(boxes.len());
+        for name in boxes {
+            let known = self.inner.box_cgroups.lock().get(&name).cloned();
+            let rel = match known {
+                Some(rel) => Some(rel),
+                None => {
+                    let found = self.inner.engine.cgroup(&name).await;
+                    if let Some(rel) = &found {
+                        self.inner.box_cgroups.lock().insert(name.clone(), rel.clone());
+                    }
+                    found
+                }
+            };
+            let sample = rel.and_then(|rel| {
+                // Unreadable (the container was made again elsewhere?): ask the engine next time.
+                cg.usage(&rel).inspect_err(|_| drop(self.inner.box_cgroups.lock().remove(&name))).ok()
+            });
+            samples.push((name, sample));
+        }
+        self.inner.usage.observe(samples)
     }
 }
 
