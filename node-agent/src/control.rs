@@ -114,6 +114,8 @@ pub struct AgentState {
     /// Kubernetes Node): carried by each registration, and sent to the
     /// coordinators when it changes (see [`hold_loop`]).
     pub hold: tokio::sync::watch::Sender<Option<pb::AgentHold>>,
+    /// The sandboxes' usage as last measured for a heartbeat (for the metrics).
+    pub last_usage: Mutex<Option<pb::NodeUsage>>,
     /// Bumped after each successful registration.
     registrations: tokio::sync::watch::Sender<u64>,
 }
@@ -156,6 +158,7 @@ impl AgentState {
             coordinator_channels: std::sync::OnceLock::new(),
             health: None,
             hold: tokio::sync::watch::Sender::new(None),
+            last_usage: Mutex::new(None),
             registrations: tokio::sync::watch::Sender::new(0),
         }
     }
@@ -713,7 +716,13 @@ impl Control {
                 node_id: self.config.register.node_id.clone(),
                 reports: reports.clone(),
                 activity: activity.clone(),
-                usage: usage_rate.measure(self.state.runtime.as_ref(), interval / 4).await,
+                usage: {
+                    let usage = usage_rate.measure(self.state.runtime.as_ref(), interval / 4).await;
+                    if usage.is_some() {
+                        *self.state.last_usage.lock() = usage;
+                    }
+                    usage
+                },
             });
             // Two intervals at most: the cluster's fence_after assumes it.
             req.set_timeout(CALL_TIMEOUT.min(interval * 2));

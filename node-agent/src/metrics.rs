@@ -12,7 +12,7 @@
 use std::sync::{Arc, LazyLock, Weak};
 use std::time::Duration;
 
-use opentelemetry::metrics::{Counter, Histogram, ObservableGauge};
+use opentelemetry::metrics::{Counter, Histogram, ObservableCounter, ObservableGauge};
 use opentelemetry::KeyValue;
 use sandfleet_common::metrics::{meter, LATENCY_BUCKETS_S};
 
@@ -156,6 +156,7 @@ pub fn record_transfer(
 /// reference to it and observe nothing once it is gone.
 pub struct Observers {
     _gauges: Vec<ObservableGauge<u64>>,
+    _cpu: ObservableCounter<f64>,
 }
 
 impl std::fmt::Debug for Observers {
@@ -181,8 +182,42 @@ pub fn observe(state: &Arc<AgentState>) -> Observers {
             })
             .build()
     };
+    // The sandboxes' cgroups as last measured for a heartbeat (Runtime::usage):
+    // measuring here would make a scrape wait on the container engine.
+    let cpu = {
+        let weak = weak.clone();
+        m.f64_observable_counter("sandfleet.agent.sandbox.cpu")
+            .with_unit("s")
+            .with_description(
+                "CPU time used by the sandboxes' cgroups since the agent started (ended sessions included)",
+            )
+            .with_callback(move |o| {
+                if let Some(state) = weak.upgrade() {
+                    if let Some(u) = state.last_usage.lock().as_ref() {
+                        o.observe(u.cpu_seconds_total, &[KeyValue::new("runtime", state.runtime.kind().as_str())]);
+                    }
+                }
+            })
+            .build()
+    };
+    let memory = {
+        let weak = weak.clone();
+        m.u64_observable_gauge("sandfleet.agent.sandbox.memory")
+            .with_unit("By")
+            .with_description("Memory the sandboxes' cgroups use now (less inactive file cache)")
+            .with_callback(move |o| {
+                if let Some(state) = weak.upgrade() {
+                    if let Some(u) = state.last_usage.lock().as_ref() {
+                        o.observe(u.memory_bytes, &[KeyValue::new("runtime", state.runtime.kind().as_str())]);
+                    }
+                }
+            })
+            .build()
+    };
     Observers {
+        _cpu: cpu,
         _gauges: vec![
+            memory,
             gauge(
                 "sandfleet.agent.sandboxes.running",
                 "Sandboxes this agent runs (sessions ready for exec and file calls)",
