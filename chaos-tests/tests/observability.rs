@@ -10,7 +10,12 @@
 //! - SIGKILLing an agent makes `sandfleet_nodes{state="down"}` on the leader
 //!   rise to 1, and the `SandfleetNodeDown` alert of
 //!   `deploy/observability/alerts.yml` become pending;
-//! - the metrics listener answers `/healthz` and `/readyz`.
+//! - every metric `docs/operations.md` lists is exported under that name (but
+//!   those only rare events create), and nothing else;
+//! - the metrics listener answers `/healthz` and `/readyz`, and the ready line
+//!   names it;
+//! - every query of the Grafana dashboard (`deploy/observability`) runs on
+//!   the real series without an error (promtool only parses them).
 //!
 //! The coordinators run with a short node TTL (`--agent-heartbeat 500ms
 //! --node-ttl 3s`) to keep the test quick.
@@ -22,7 +27,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use sandfleet::proto::SessionState;
-use sandfleet_testkit::helpers::{create_running, list_all_sessions, small_session};
+use sandfleet_testkit::helpers::{create_running, describe, exec_argv, list_all_sessions, small_session};
 use sandfleet_testkit::prometheus::{http_get, Prometheus, PrometheusConfig, Sample};
 use sandfleet_testkit::{Cluster, ClusterBuilder, Target};
 
@@ -67,6 +72,41 @@ fn single(samples: &[Sample]) -> Option<f64> {
 
 fn alerts_file() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../deploy/observability/alerts.yml")
+}
+
+/// The metric names and types of `docs/operations.md`'s tables (rows
+/// `` | `sandfleet_x` | gauge | ... | ``), as `scripts/check-observability` reads them.
+fn documented_metrics() -> Vec<(String, String)> {
+    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../docs/operations.md");
+    let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    let mut metrics = Vec::new();
+    for line in text.lines() {
+        let cells: Vec<&str> = line.split('|').map(str::trim).collect();
+        if let [_, name, kind, ..] = cells.as_slice() {
+            let name = name.trim_matches('`');
+            if name.starts_with("sandfleet_") && ["counter", "gauge", "histogram"].contains(kind) {
+                metrics.push((name.to_string(), kind.to_string()));
+            }
+        }
+    }
+    assert!(metrics.len() > 30, "{}: only {} metrics in its tables", path.display(), metrics.len());
+    metrics
+}
+
+/// Every query of the dashboard, with Grafana's variables filled in as "All".
+fn dashboard_queries() -> Vec<(String, String)> {
+    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../deploy/observability/sandfleet-dashboard.json");
+    let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    let dashboard: serde_json::Value = serde_json::from_str(&text).unwrap();
+    let mut queries = Vec::new();
+    for panel in dashboard["panels"].as_array().expect("panels") {
+        for target in panel["targets"].as_array().into_iter().flatten() {
+            let expr = target["expr"].as_str().unwrap_or_default();
+            let expr = expr.replace("$__rate_interval", "1m").replace("$job", ".*").replace("$instance", ".*");
+            queries.push((panel["title"].as_str().unwrap_or_default().to_string(), expr));
+        }
+    }
+    queries
 }
 
 /// Prometheus over the metrics listeners of every process of `cluster`: job
@@ -172,6 +212,86 @@ async fn prometheus_sees_the_cluster_its_sessions_and_a_dead_node() {
     let (code, text) = http_get(&coordinator, "/metrics").await.unwrap();
     assert_eq!(code, 200);
     assert!(text.contains("# TYPE sandfleet_raft_is_leader gauge"), "Prometheus text on /metrics:\n{text}");
+
+    // One exec, for the agents' exec series.
+    let session = list_all_sessions(&client, &[], &[SessionState::Running]).await.unwrap().remove(0);
+    let out = exec_argv(&client, &session, ["true"], Duration::from_secs(30)).await.unwrap();
+    assert!(out.success(), "{}", describe(&out));
+    wait(
+        &prom,
+        r#"sum(sandfleet_agent_execs_total{result="ok"})"#,
+        |s| single(s).is_some_and(|v| v >= 1.0),
+        SCRAPE_SLACK,
+    )
+    .await;
+
+    // Every series is one docs/operations.md lists (the contract's names, units and
+    // suffixes included), and every metric it lists is there, but for those that
+    // only an event this test does not cause creates.
+    let documented = documented_metrics();
+    let is_documented = |name: &str| {
+        documented.iter().any(|(n, kind)| {
+            name == n
+                || (kind == "histogram"
+                    && ["_bucket", "_sum", "_count"].iter().any(|suffix| name.strip_suffix(suffix) == Some(n)))
+        })
+    };
+    let event_only = [
+        // A session that fits is placed by its create; placement rounds place waiting ones.
+        "sandfleet_placement_round_duration_seconds",
+        "sandfleet_placement_round_placements",
+        "sandfleet_placements_total",
+        "sandfleet_raft_snapshot_build_duration_seconds",
+        "sandfleet_agent_exec_output_capped_total",
+        "sandfleet_agent_heartbeat_failures_total",
+        "sandfleet_agent_sessions_fenced_total",
+        "sandfleet_agent_workspace_transfer_failures_total",
+    ];
+    let required: Vec<String> = documented
+        .iter()
+        .filter(|(n, _)| !event_only.contains(&n.as_str()))
+        .map(|(n, kind)| if kind == "histogram" { format!("{n}_count") } else { n.clone() })
+        .collect();
+    let names_of = |samples: &[Sample]| -> Vec<String> {
+        samples.iter().filter_map(|(labels, _)| labels.get("__name__").cloned()).collect()
+    };
+    let all_names = r#"group by (__name__) ({__name__=~"sandfleet_.+"})"#;
+    let seen =
+        match prom.wait_until(all_names, |s| required.iter().all(|r| names_of(s).contains(r)), SCRAPE_SLACK).await {
+            Ok(s) => s,
+            Err(_) => prom.query(all_names).await.unwrap(),
+        };
+    let names = names_of(&seen);
+    let undocumented: Vec<&String> = names.iter().filter(|n| !is_documented(n)).collect();
+    let missing: Vec<&String> = required.iter().filter(|r| !names.contains(r)).collect();
+    eprintln!("series names: {names:?}");
+    assert!(
+        undocumented.is_empty() && missing.is_empty(),
+        "the metrics differ from docs/operations.md's tables:\n  exported but not listed (misnamed?): \
+         {undocumented:?}\n  listed but not exported: {missing:?}"
+    );
+
+    // The ready lines name the metrics listeners the harness chose.
+    for (t, addr) in cluster.metrics_addrs() {
+        let ready = cluster.proc(t).ready.clone().expect("started");
+        assert_eq!(ready.metrics(), Some(addr.as_str()), "{t:?}'s ready line: {ready}");
+    }
+
+    // Every dashboard query runs on the real series (joins and group modifiers included).
+    let queries = dashboard_queries();
+    assert!(queries.len() > 40, "{} queries", queries.len());
+    let mut empty = Vec::new();
+    for (panel, expr) in &queries {
+        match prom.query(expr).await {
+            Ok(samples) if samples.is_empty() => empty.push(panel.as_str()),
+            Ok(_) => {}
+            Err(e) => panic!("the dashboard's panel {panel:?}: {e}"),
+        }
+    }
+    eprintln!("dashboard: {} queries ran; no data yet for: {empty:?}", queries.len());
+    for core in ["Leader", "Sessions by state", "Nodes by state", "Commit and applied index", "Sandboxes running"] {
+        assert!(!empty.contains(&core), "the dashboard's {core:?} panel has data: {empty:?}");
+    }
 
     // Nothing is down yet, and no alert of deploy/observability fires or waits.
     wait_value(&prom, &on_leader_or_zero(r#"sandfleet_nodes{state="down"}"#), 0.0, SCRAPE_SLACK).await;

@@ -52,6 +52,8 @@
 //! - `SANDFLEET_KEEP_TMP=1`: keep every cluster directory, not only failed ones.
 //! - `SANDFLEET_TEST_TMPDIR`: where cluster directories are created (default: the
 //!   system temporary directory).
+//! - `SANDFLEET_PROMETHEUS_BIN`: the Prometheus server [`prometheus::Prometheus`]
+//!   runs (default: `prometheus` on the `PATH`, Debian's package).
 //! - `SANDFLEET_NETWORK=loopback|netns`: force the network of every cluster
 //!   (default: namespaces where possible, else loopback with a warning; see [`netns`]).
 
