@@ -180,6 +180,9 @@ const PHASES: [SessionPhase; 5] =
 const NODE_PHASES: [NodePhase; 4] = [NodePhase::Ready, NodePhase::Cordoned, NodePhase::Draining, NodePhase::Down];
 const RAFT_STATES: [&str; 5] = ["leader", "follower", "candidate", "learner", "shutdown"];
 
+/// Reads one gauge's points (value, labels) from a coordinator.
+type Read = Box<dyn Fn(&Core) -> Vec<(u64, Vec<KeyValue>)> + Send + Sync>;
+
 /// The observed instruments of one coordinator; their callbacks hold only a
 /// weak reference to it and observe nothing once it is gone.
 pub struct Observers {
@@ -192,9 +195,7 @@ pub struct Observers {
 pub fn observe(core: &Arc<Core>, stats: Arc<RaftStats>) -> Observers {
     let m = meter();
     let weak = Arc::downgrade(core);
-    let gauge = |name: &'static str,
-                 description: &'static str,
-                 f: Box<dyn Fn(&Core) -> Vec<(u64, Vec<KeyValue>)> + Send + Sync>| {
+    let gauge = |name: &'static str, description: &'static str, f: Read| {
         let weak: Weak<Core> = weak.clone();
         m.u64_observable_gauge(name)
             .with_description(description)
@@ -212,7 +213,7 @@ pub fn observe(core: &Arc<Core>, stats: Arc<RaftStats>) -> Observers {
         Box::new(move |core: &Core| {
             let m = core.raft.metrics().borrow().clone();
             vec![(f(&m, &stats), vec![])]
-        }) as Box<dyn Fn(&Core) -> Vec<(u64, Vec<KeyValue>)> + Send + Sync>
+        }) as Read
     };
     let mut gauges = vec![
         gauge(
@@ -269,11 +270,7 @@ pub fn observe(core: &Arc<Core>, stats: Arc<RaftStats>) -> Observers {
             raft(|m, _| u64::from(m.current_leader == Some(m.id))),
         ),
         gauge("sandfleet.raft.term", "Current Raft term", raft(|m, _| m.current_term)),
-        gauge(
-            "sandfleet.raft.commit_index",
-            "Highest committed log index this member knows",
-            raft(|m, s| commit_index(m, s)),
-        ),
+        gauge("sandfleet.raft.commit_index", "Highest committed log index this member knows", raft(commit_index)),
         gauge("sandfleet.raft.applied_index", "Last applied log index", raft(|m, _| applied(m))),
         gauge("sandfleet.raft.last_log_index", "Last log index", raft(|m, _| m.last_log_index.unwrap_or(0))),
         gauge(

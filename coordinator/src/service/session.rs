@@ -136,6 +136,10 @@ impl SessionApi {
         self.core.wake.notify_one();
         match resp {
             CommandResponse::Session(s) => {
+                if s.node_id.is_some() {
+                    // Placed by the create itself (this member leads and a node fit).
+                    crate::metrics::metrics().placements.add(1, &[]);
+                }
                 tracing::info!(session = %s.id, node = ?s.node_id, tenant = %s.tenant, "session created");
                 Ok(pb::CreateSessionResponse { session: Some(self.core.to_proto(&s, true)), existing: false })
             }
