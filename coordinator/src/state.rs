@@ -83,6 +83,12 @@ pub struct SessionRecord {
     /// The owning tenant; sessions created before tenants existed are the default tenant's.
     #[serde(default = "default_tenant")]
     pub tenant: String,
+    /// The W3C trace parent of the create that made it (its span in the
+    /// coordinator), so later work on the session (placement, the agent's
+    /// start) joins that trace; empty when the create was not traced. Absent
+    /// from older logs and snapshots, and not written when empty.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub traceparent: String,
 }
 
 fn default_tenant() -> String {
@@ -1294,6 +1300,7 @@ mod tests {
             moved_from: None,
             renewed_at_ms: 0,
             tenant: DEFAULT_TENANT.into(),
+            traceparent: String::new(),
         }
     }
 
