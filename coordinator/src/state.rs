@@ -1940,6 +1940,18 @@ mod tests {
     }
 
     #[test]
+    fn the_creates_trace_parent_is_kept_and_written_only_when_set() {
+        let mut s = session("a", "r1", None, 100);
+        assert!(serde_json::to_value(&s).unwrap().get("traceparent").is_none(), "an empty one is not written");
+        s.traceparent = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01".into();
+        let back: SessionRecord = serde_json::from_value(serde_json::to_value(&s).unwrap()).unwrap();
+        assert_eq!(back.traceparent, s.traceparent);
+        let mut st = ClusterState::default();
+        st.apply(Command::CreateSession { session: s.clone(), key_id: None }, &mut Touched::default());
+        assert_eq!(st.sessions["a"].traceparent, s.traceparent, "the record keeps the create's trace parent");
+    }
+
+    #[test]
     fn logs_and_snapshots_from_before_tenants_still_load() {
         // A session, a create command and a whole state as they were written before tenants.
         let mut old = serde_json::to_value(session("a", "r1", None, 100)).unwrap();
