@@ -67,11 +67,39 @@ async fn one_run_is_one_trace_across_the_cli_coordinator_agent_and_executor() {
     if !sandfleet_testkit::require_docker() {
         return;
     }
+    traced_run(1, false).await;
+}
+
+/// Through a follower: the create is forwarded to the leader (the forward
+/// carries the context) and the leader loop places the session later, from
+/// the traceparent kept in the session record.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn through_a_follower_the_forward_and_the_leaders_placement_join_the_trace() {
+    require_facilities!();
+    if !sandfleet_testkit::require_docker() {
+        return;
+    }
+    let spans = traced_run(3, true).await;
+    let tree = render(&spans);
+    let placements = spans.iter().filter(|s| s.service == "sandfleet-coordinator" && s.name == "placement").count();
+    assert!(placements >= 2, "the follower's placement try and the leader loop's placement: {tree}");
+    assert!(
+        spans.iter().any(|s| s.service == "sandfleet-coordinator"
+            && s.name == "grpc"
+            && parent_of(&spans, s).is_some_and(|p| p.name == "raft.commit")),
+        "the leader's span of the forwarded proposal is a child of the follower's raft.commit: {tree}"
+    );
+}
+
+/// One `sandfleet run --verbose` against a cluster of `coordinators` (through
+/// a follower when `via_follower`) whose processes all export to a test
+/// receiver; checks the trace and returns its spans.
+async fn traced_run(coordinators: usize, via_follower: bool) -> Vec<ReceivedSpan> {
     let image = sandfleet_testkit::facilities::sandbox_image();
     let otlp = OtlpReceiver::start().await.expect("the OTLP receiver starts");
     let cluster = start(
         ClusterBuilder::new()
-            .coordinators(1)
+            .coordinators(coordinators)
             .agents(1)
             .agent_args(["--runtime", "docker", "--template-image", &format!("default={image}")])
             // Every daemon exports to the receiver, as it reaches the host.
@@ -80,25 +108,21 @@ async fn one_run_is_one_trace_across_the_cli_coordinator_agent_and_executor() {
     )
     .await;
 
+    let endpoint = if via_follower {
+        let status = cluster.client().await.cluster_status().await.expect("cluster status");
+        let follower = status.members.iter().find(|m| m.id != status.leader_id && m.id != 0).expect("a follower");
+        follower.address.clone()
+    } else {
+        cluster.endpoint()
+    };
     let mut cmd = tokio::process::Command::new(sandfleet_testkit::bin_path("sandfleet"));
-    cmd.args([
-        "--endpoint",
-        &cluster.endpoint(),
-        "--verbose",
-        "run",
-        "--timeout",
-        "30s",
-        "--",
-        "sh",
-        "-c",
-        "echo traced",
-    ])
-    .envs(cluster.cli_env())
-    .env_remove("SANDFLEET_API_KEY")
-    .env_remove("RUST_LOG")
-    .env("OTEL_EXPORTER_OTLP_ENDPOINT", otlp.endpoint_for("127.0.0.1"))
-    .stdin(std::process::Stdio::null())
-    .kill_on_drop(true);
+    cmd.args(["--endpoint", &endpoint, "--verbose", "run", "--timeout", "30s", "--", "sh", "-c", "echo traced"])
+        .envs(cluster.cli_env())
+        .env_remove("SANDFLEET_API_KEY")
+        .env_remove("RUST_LOG")
+        .env("OTEL_EXPORTER_OTLP_ENDPOINT", otlp.endpoint_for("127.0.0.1"))
+        .stdin(std::process::Stdio::null())
+        .kill_on_drop(true);
     let out = tokio::time::timeout(Duration::from_secs(120), cmd.output())
         .await
         .expect("sandfleet run finishes within 120 s")
@@ -164,4 +188,5 @@ async fn one_run_is_one_trace_across_the_cli_coordinator_agent_and_executor() {
     );
     let delete = find(&spans, "sandfleet-coordinator", "delete_session");
     assert!(descends_from(&spans, delete, "sandfleet-cli", "delete_session"), "{tree}");
+    spans
 }
