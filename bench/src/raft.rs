@@ -116,6 +116,7 @@ fn entry_bytes() -> usize {
         moved_from: None,
         renewed_at_ms: 0,
         tenant: "default".into(),
+        traceparent: String::new(),
     };
     serde_json::to_vec(&Cmd::CreateSession { session: record, key_id: None }).map(|v| v.len()).unwrap_or(512)
 }

@@ -8,6 +8,7 @@ use futures::StreamExt;
 use sandfleet::{exit_code_of, proto, CreateSession, ExecEvent, ExecRequest};
 use serde_json::json;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tracing::Instrument as _;
 
 use super::output::{print_json, OutputFormat};
 use super::{shutdown_signal, Ctx, ExecArgs, ResourceArgs, RunArgs};
@@ -157,8 +158,20 @@ pub fn exit_notes(exit: &proto::ExitStatus) -> Vec<String> {
     notes
 }
 
-/// `sandfleet run`.
+/// `sandfleet run`, in one root span (`run`), so the create, the exec and
+/// the delete, and all they cause in the coordinators, the agent and the
+/// executor, are one trace; `--verbose` prints its id.
 pub async fn run(ctx: &Ctx, args: RunArgs) -> anyhow::Result<i32> {
+    let span = tracing::info_span!(parent: None, "run");
+    if ctx.verbose {
+        if let Some(id) = span.in_scope(sandfleet_common::trace_context::current_trace_id) {
+            eprintln!("trace id: {id}");
+        }
+    }
+    run_traced(ctx, args).instrument(span).await
+}
+
+async fn run_traced(ctx: &Ctx, args: RunArgs) -> anyhow::Result<i32> {
     let req = build_request(&args.exec).await?;
     let exec_timeout = args.exec.timeout.unwrap_or(sandfleet_common::limits::DEFAULT_EXEC_TIMEOUT);
     let ttl = args.ttl.unwrap_or(exec_timeout + args.wait_timeout + RUN_TTL_SLACK);

@@ -73,6 +73,12 @@ pub struct Cli {
     #[arg(long, env = "SANDFLEET_API_KEY", global = true, value_name = "KEY", hide_env_values = true)]
     pub api_key: Option<String>,
 
+    /// Print more about what happens, on stderr: `run` prints its trace id
+    /// (`trace id: <32 hex>`) when spans are exported (OTEL_EXPORTER_OTLP_ENDPOINT),
+    /// for an operator to find the whole run in the tracing backend.
+    #[arg(long, short = 'v', global = true)]
+    pub verbose: bool,
+
     /// Deadline of each control-plane call (give it before the subcommand).
     #[arg(long = "timeout", value_parser = parse_duration, default_value = "10s", value_name = "DURATION")]
     pub request_timeout: Duration,
@@ -520,6 +526,8 @@ impl Cli {
 pub struct Ctx {
     pub client: Client,
     pub output: OutputFormat,
+    /// `--verbose`.
+    pub verbose: bool,
 }
 
 /// Runs the parsed command; returns the process exit code.
@@ -537,7 +545,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<i32> {
         .api_key(cli.api_key.clone())
         .connect()
         .await?;
-    let ctx = Ctx { client, output: cli.output };
+    let ctx = Ctx { client, output: cli.output, verbose: cli.verbose };
     match cli.command {
         Command::Run(args) => exec::run(&ctx, args).await,
         Command::Session(cmd) => session::run(&ctx, cmd).await,

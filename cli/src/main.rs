@@ -32,7 +32,14 @@ fn main() -> ExitCode {
         // The OTLP exporter (when configured) needs the runtime while it is
         // built and when the guard flushes it on drop.
         let _enter = runtime.enter();
-        let _telemetry = sandfleet_common::telemetry::init("sandfleet");
+        // Logs at the level above (warnings by default); spans at info are
+        // exported when OTEL_EXPORTER_OTLP_ENDPOINT is set, flushed when the
+        // guard drops.
+        let _telemetry = sandfleet_common::telemetry::init_with_traces(
+            "sandfleet-cli",
+            tracing_subscriber::EnvFilter::from_default_env(),
+            tracing_subscriber::EnvFilter::new("info,openraft=warn"),
+        );
         match runtime.block_on(cli::run(cli)) {
             Ok(code) => code,
             Err(e) if is_broken_pipe(&e) => 0,

@@ -11,6 +11,10 @@
 //! With an API key ([`ClientBuilder::api_key`]) every control-plane call
 //! carries `authorization: Bearer sfk_...`; data-plane calls never do (their
 //! `authorization` is the session token).
+//!
+//! Every call, control and data plane, carries the current `tracing` span's
+//! W3C trace context (`traceparent`; [`sandfleet_common::trace_context`]) when
+//! the process exports spans, so the servers' spans join the caller's trace.
 
 use parking_lot::Mutex;
 use std::borrow::Cow;
@@ -84,7 +88,8 @@ impl std::fmt::Debug for ApiKeyAuth {
     }
 }
 
-/// Adds the API key to every control-plane request.
+/// Adds the API key to every control-plane request, and the current span's
+/// trace context (`traceparent`, see [`sandfleet_common::trace_context`]).
 #[derive(Clone)]
 pub(crate) struct ApiKeyAuth(Option<MetadataValue<Ascii>>);
 
@@ -93,6 +98,7 @@ impl tonic::service::Interceptor for ApiKeyAuth {
         if let Some(v) = &self.0 {
             req.metadata_mut().insert("authorization", v.clone());
         }
+        sandfleet_common::trace_context::inject(req.metadata_mut());
         Ok(req)
     }
 }
@@ -333,10 +339,12 @@ pub(crate) struct DataTarget {
 }
 
 impl DataTarget {
-    /// A request with the `authorization` header and, if given, a deadline.
+    /// A request with the `authorization` header, the current span's trace
+    /// context and, if given, a deadline.
     pub(crate) fn request<T>(&self, msg: T, timeout: Option<Duration>) -> tonic::Request<T> {
         let mut req = tonic::Request::new(msg);
         req.metadata_mut().insert("authorization", self.auth.clone());
+        sandfleet_common::trace_context::inject(req.metadata_mut());
         if let Some(t) = timeout {
             req.set_timeout(t);
         }
@@ -493,7 +501,7 @@ impl Client {
     /// response, whose `existing` says whether this request id had already
     /// created the session.
     pub async fn create_session_full(&self, req: CreateSession) -> Result<proto::CreateSessionResponse, Error> {
-        let span = tracing::debug_span!("create_session", request_id = %req.request_id);
+        let span = tracing::info_span!("create_session", request_id = %req.request_id);
         // The server's own checks, so a bad spec fails here with the code the
         // server would give, without a round trip.
         req.validate()?;
@@ -550,7 +558,7 @@ impl Client {
             let msg = msg.clone();
             async move { Ok(session_client(ch).delete_session(with_timeout(msg, t)).await?.into_inner()) }
         })
-        .instrument(tracing::debug_span!("delete_session", id))
+        .instrument(tracing::info_span!("delete_session", id))
         .await?
         .session
         .ok_or_else(|| missing("session"))

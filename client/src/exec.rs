@@ -237,7 +237,7 @@ impl Client {
         let deadline = req.effective_timeout().saturating_add(EXEC_DEADLINE_SLACK);
         let mut msg = req.into_proto();
         msg.session_id = session.id.clone();
-        let span = tracing::debug_span!("exec", session = %session.id);
+        let span = tracing::info_span!("exec", session = %session.id);
         let inner = self
             .data_call(session, "exec", |t| {
                 let msg = msg.clone();

@@ -19,6 +19,7 @@
 //! - [`x509`]: the Sandfleet identity in a certificate.
 //! - [`token`]: Ed25519-signed, session-scoped data-plane tokens.
 //! - [`telemetry`]: `tracing` subscriber set from `RUST_LOG`, with optional OTLP export.
+//! - [`trace_context`]: W3C `traceparent` across gRPC calls, Raft entries and the executor's socket.
 //! - [`signal`]: the SIGINT/SIGTERM shutdown signal of the daemons.
 //! - [`time`]: wall-clock helpers in Unix milliseconds.
 //! - [`x509`]: the Sandfleet identity (SPIFFE URI SAN) of a peer certificate.
@@ -46,6 +47,7 @@ pub mod telemetry;
 pub mod time;
 pub mod tls;
 pub mod token;
+pub mod trace_context;
 pub mod x509;
 
 pub use ids::ValidationError;

@@ -197,7 +197,9 @@ impl Core {
 
     /// Commits a command and returns what applying it produced. On a follower
     /// the command is forwarded to the leader, so callers never hunt for it.
-    #[tracing::instrument(level = "debug", skip_all)]
+    /// Its span, `raft.commit`, is the proposal's in a request's trace (the
+    /// forward carries the trace context to the leader).
+    #[tracing::instrument(name = "raft.commit", skip_all)]
     pub async fn propose(&self, cmd: Command) -> Result<CommandResponse, CoreError> {
         let started = std::time::Instant::now();
         let result = self.propose_uncounted(cmd).await;
@@ -257,6 +259,7 @@ impl Core {
         let data = serde_json::to_vec(cmd).map_err(|e| CoreError::Internal(e.to_string()))?;
         let mut req = tonic::Request::new(RaftPayload { data });
         req.set_timeout(FORWARD_TIMEOUT);
+        sandfleet_common::trace_context::inject(req.metadata_mut());
         let resp = client
             .propose(req)
             .await

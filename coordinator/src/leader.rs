@@ -138,6 +138,7 @@ async fn propose_all(core: &Core, commands: Vec<Command>) -> Result<u64, CoreErr
             Command::NodeDown { node_id, .. } => Some(node_id.clone()),
             _ => None,
         };
+        let _placement_spans = placement_spans(core, &cmd);
         let response = core.propose_as_leader(cmd).await?;
         if let (true, CommandResponse::Sessions(sessions)) = (placing, &response) {
             placed += sessions.len() as u64;
@@ -156,6 +157,28 @@ async fn propose_all(core: &Core, commands: Vec<Command>) -> Result<u64, CoreErr
         }
     }
     Ok(placed)
+}
+
+/// One `placement` span per traced session of a placement batch, each in the
+/// trace of the session's create (its stored `traceparent`): a round places
+/// sessions of many traces, so no span of the round could be their parent.
+/// They last while the batch is proposed. None when spans are not exported.
+fn placement_spans(core: &Core, cmd: &Command) -> Vec<tracing::Span> {
+    let Command::PlaceSessions { placements, .. } = cmd else { return Vec::new() };
+    if !sandfleet_common::trace_context::enabled() {
+        return Vec::new();
+    }
+    core.state.read(|st| {
+        placements
+            .iter()
+            .filter_map(|p| {
+                let s = st.sessions.get(&p.id).filter(|s| !s.traceparent.is_empty())?;
+                let span = tracing::info_span!(parent: None, "placement", session = %p.id, node = %p.node_id);
+                sandfleet_common::trace_context::set_parent(&span, &s.traceparent);
+                Some(span)
+            })
+            .collect()
+    })
 }
 
 fn log_planned(cmd: &Command) {

@@ -441,7 +441,7 @@ pub async fn serve(config: CoordinatorConfig, shutdown: CancellationToken) -> Re
     let agent = service::agent::AgentApi::new(core.clone(), shutdown.clone());
     let server = tonic::transport::Server::builder()
         .tcp_nodelay(true)
-        .trace_fn(|req| tracing::info_span!("grpc", path = %req.uri().path()))
+        .trace_fn(sandfleet_common::trace_context::server_span)
         .add_service(health.service())
         .add_service(
             pb::session_service_server::SessionServiceServer::new(session)

@@ -290,6 +290,7 @@ mod tests {
                 moved_from: None,
                 renewed_at_ms: 0,
                 tenant: sandfleet_common::auth::DEFAULT_TENANT.into(),
+                traceparent: String::new(),
             };
             let r = self.apply(Command::CreateSession { session, key_id: None });
             assert!(matches!(r, CommandResponse::Session(_)), "{r:?}");

@@ -83,6 +83,12 @@ pub struct SessionRecord {
     /// The owning tenant; sessions created before tenants existed are the default tenant's.
     #[serde(default = "default_tenant")]
     pub tenant: String,
+    /// The W3C trace parent of the create that made it (its span in the
+    /// coordinator), so later work on the session (placement, the agent's
+    /// start) joins that trace; empty when the create was not traced. Absent
+    /// from older logs and snapshots, and not written when empty.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub traceparent: String,
 }
 
 fn default_tenant() -> String {
@@ -1310,6 +1316,7 @@ mod tests {
             moved_from: None,
             renewed_at_ms: 0,
             tenant: DEFAULT_TENANT.into(),
+            traceparent: String::new(),
         }
     }
 
@@ -1971,6 +1978,18 @@ mod tests {
             &mut t,
         );
         assert!(matches!(r, CommandResponse::Sessions(v) if v[0].phase == SessionPhase::Terminated));
+    }
+
+    #[test]
+    fn the_creates_trace_parent_is_kept_and_written_only_when_set() {
+        let mut s = session("a", "r1", None, 100);
+        assert!(serde_json::to_value(&s).unwrap().get("traceparent").is_none(), "an empty one is not written");
+        s.traceparent = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01".into();
+        let back: SessionRecord = serde_json::from_value(serde_json::to_value(&s).unwrap()).unwrap();
+        assert_eq!(back.traceparent, s.traceparent);
+        let mut st = ClusterState::default();
+        st.apply(Command::CreateSession { session: s.clone(), key_id: None }, &mut Touched::default());
+        assert_eq!(st.sessions["a"].traceparent, s.traceparent, "the record keeps the create's trace parent");
     }
 
     #[test]

@@ -16,12 +16,13 @@ use std::time::Duration;
 
 use sandfleet_common::tls::TlsDialer;
 use sandfleet_common::token::TokenVerifier;
-use sandfleet_proto::v1::{self as pb, agent_service_client::AgentServiceClient};
+use sandfleet_proto::v1 as pb;
 use tokio::sync::{Notify, RwLock};
 use tokio_util::sync::CancellationToken;
 use tonic::transport::Channel;
+use tracing::Instrument as _;
 
-use crate::coordinator_link::{backoff, CALL_TIMEOUT};
+use crate::coordinator_link::{backoff, CoordinatorClient, CALL_TIMEOUT};
 use crate::runtime::{Runtime, SandboxSpec};
 use crate::store::sync::Syncer;
 use crate::store::StoreError;
@@ -270,7 +271,7 @@ impl AgentState {
                 session_id: id.to_string(),
             });
             req.set_timeout(Duration::from_secs(2));
-            match AgentServiceClient::new(ch).session_ended(req).await {
+            match crate::coordinator_link::client(ch).session_ended(req).await {
                 Ok(resp) => return resp.into_inner().ended,
                 Err(_) => continue,
             }
@@ -465,7 +466,11 @@ impl AgentState {
         }
         for a in to_start {
             let this = self.clone();
-            tokio::spawn(async move { this.start(a).await });
+            // In the trace of the session's create, when it was traced.
+            let span =
+                tracing::info_span!(parent: None, "session.start", session = %a.session_id, generation = a.generation);
+            sandfleet_common::trace_context::set_parent(&span, &a.traceparent);
+            tokio::spawn(async move { this.start(a).await }.instrument(span));
         }
         crate::metrics::metrics().reconcile.record(started.elapsed().as_secs_f64(), &[]);
     }
@@ -502,7 +507,8 @@ impl AgentState {
         }
     }
 
-    #[tracing::instrument(skip_all, fields(session = %a.session_id, generation = a.generation))]
+    /// Prepares the sandbox and restores its workspace, then reports the session
+    /// RUNNING or FAILED; runs in the `session.start` span the reconcile made.
     async fn start(self: Arc<Self>, a: pb::Assignment) {
         let sandbox = SandboxSpec {
             session_id: a.session_id.clone(),
@@ -513,7 +519,7 @@ impl AgentState {
         let runtime = [opentelemetry::KeyValue::new("runtime", self.runtime.kind().as_str())];
         self.wait_not_stopping(&a.session_id).await;
         let prepare_started = std::time::Instant::now();
-        let mut result = self.runtime.prepare(&sandbox).await;
+        let mut result = self.runtime.prepare(&sandbox).instrument(tracing::info_span!("sandbox.prepare")).await;
         // The slot it needs may be held by a session still being taken off this
         // node (its final workspace sync): try again as those finish.
         let deadline = tokio::time::Instant::now() + FINAL_SYNC_TIMEOUT + Duration::from_secs(5);
@@ -523,13 +529,13 @@ impl AgentState {
             && self.session(&a.session_id).is_some_and(|s| s.generation == a.generation)
         {
             tokio::time::sleep(Duration::from_millis(50)).await;
-            result = self.runtime.prepare(&sandbox).await;
+            result = self.runtime.prepare(&sandbox).instrument(tracing::info_span!("sandbox.prepare")).await;
         }
         if result.is_ok() {
             crate::metrics::metrics().prepare.record(prepare_started.elapsed().as_secs_f64(), &runtime);
         }
         if let (Ok(()), Some(syncer)) = (&result, &self.syncer) {
-            result = self.restore(syncer, &a).await;
+            result = self.restore(syncer, &a).instrument(tracing::info_span!("workspace.restore")).await;
         }
         let phase = match &result {
             Ok(()) => LocalPhase::Ready,
@@ -602,7 +608,7 @@ fn channel(addr: &str, tls: Option<&TlsDialer>) -> Result<Channel, tonic::transp
 pub struct Control {
     state: Arc<AgentState>,
     config: ControlConfig,
-    clients: Vec<AgentServiceClient<Channel>>,
+    clients: Vec<CoordinatorClient>,
     current: usize,
 }
 
@@ -611,12 +617,12 @@ impl Control {
         let clients = config
             .coordinators
             .iter()
-            .map(|a| channel(a, config.tls.as_ref()).map(AgentServiceClient::new))
+            .map(|a| channel(a, config.tls.as_ref()).map(crate::coordinator_link::client))
             .collect::<Result<_, _>>()?;
         Ok(Self { state, config, clients, current: 0 })
     }
 
-    fn client(&self) -> AgentServiceClient<Channel> {
+    fn client(&self) -> CoordinatorClient {
         self.clients[self.current % self.clients.len()].clone()
     }
 
@@ -786,7 +792,7 @@ impl Control {
 /// coordinators with backoff until it succeeds or a newer hold replaces it.
 /// Ends with `shutdown`.
 pub async fn hold_loop(
-    clients: Vec<AgentServiceClient<Channel>>,
+    clients: Vec<CoordinatorClient>,
     node_id: String,
     mut hold: tokio::sync::watch::Receiver<Option<pb::AgentHold>>,
     mut registrations: tokio::sync::watch::Receiver<u64>,
@@ -863,7 +869,7 @@ async fn watch_loop(
         let addr = &coordinators[i % coordinators.len()];
         i += 1;
         let result = async {
-            let mut client = AgentServiceClient::new(
+            let mut client = crate::coordinator_link::client(
                 channel(addr, tls.as_ref()).map_err(|e| tonic::Status::unavailable(e.to_string()))?,
             );
             let mut stream =
@@ -990,7 +996,7 @@ mod tests {
                 stop.cancelled_owned(),
             )
         });
-        let clients = vec![AgentServiceClient::new(channel(&addr.to_string(), None).unwrap())];
+        let clients = vec![crate::coordinator_link::client(channel(&addr.to_string(), None).unwrap())];
         let hold = tokio::sync::watch::Sender::new(Some(pb::AgentHold {
             cordoned: true,
             drain: false,

@@ -1,6 +1,7 @@
 //! How an agent reaches the coordinators, apart from what it says to them:
 //! the deadline of a control-plane call, the retry backoff, and the
-//! connection settings. The control loop ([`crate::control`]) uses them, and
+//! connection settings, and the client that carries the current span's trace
+//! context to them. The control loop ([`crate::control`]) uses them, and
 //! so does the placement bench's simulated fleet, so that both behave alike.
 
 use std::time::Duration;
@@ -8,7 +9,19 @@ use std::time::Duration;
 use sandfleet_common::backoff::Backoff;
 use sandfleet_common::grpc::{self, ChannelOptions};
 use sandfleet_common::tls::TlsDialer;
+use sandfleet_common::trace_context::Propagate;
+use sandfleet_proto::v1::agent_service_client::AgentServiceClient;
+use tonic::service::interceptor::InterceptedService;
 use tonic::transport::{Channel, Endpoint};
+
+/// The agent's AgentService client: every call carries the current span's
+/// trace context (`traceparent`).
+pub type CoordinatorClient = AgentServiceClient<InterceptedService<Channel, Propagate>>;
+
+/// A [`CoordinatorClient`] on `channel`.
+pub fn client(channel: Channel) -> CoordinatorClient {
+    AgentServiceClient::with_interceptor(channel, Propagate)
+}
 
 /// Deadline of each control-plane call (a heartbeat's is also bounded by two
 /// heartbeat intervals).

@@ -24,6 +24,7 @@ use tokio::io::AsyncReadExt;
 use tokio_util::sync::CancellationToken;
 use tonic::metadata::MetadataMap;
 use tonic::{Request, Response, Status, Streaming};
+use tracing::Instrument as _;
 
 use crate::control::{AgentState, LocalPhase};
 use crate::runtime::{Command, ExecEvent, ExecSpec, Language};
@@ -153,15 +154,19 @@ impl ExecService for DataPlane {
         let (tx, rx) = tokio::sync::mpsc::channel::<Result<pb::ExecResponse, Status>>(32);
         let runtime = self.state.runtime.clone();
         let state = self.state.clone();
-        let run = tokio::spawn(async move {
-            let result = runtime.exec(&session_id, spec, out_tx).await;
-            crate::metrics::record_exec(runtime.kind().as_str(), &result);
-            // A long exec counts as activity until it ends.
-            state.touch(&session_id);
-            // Whatever the command wrote goes to the workspace store soon.
-            state.trigger_sync(&session_id);
-            result
-        });
+        // In the handler's span, so the runtime's exec (and the executor's) join the caller's trace.
+        let run = tokio::spawn(
+            async move {
+                let result = runtime.exec(&session_id, spec, out_tx).await;
+                crate::metrics::record_exec(runtime.kind().as_str(), &result);
+                // A long exec counts as activity until it ends.
+                state.touch(&session_id);
+                // Whatever the command wrote goes to the workspace store soon.
+                state.trigger_sync(&session_id);
+                result
+            }
+            .in_current_span(),
+        );
         let shutdown = self.shutdown.clone();
         tokio::spawn(async move {
             loop {

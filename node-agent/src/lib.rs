@@ -434,7 +434,7 @@ pub async fn serve(config: AgentConfig, shutdown: CancellationToken) -> Result<A
     let plane = dataplane::DataPlane::new(state.clone(), config.output_cap, shutdown.clone());
     let server = tonic::transport::Server::builder()
         .tcp_nodelay(true)
-        .trace_fn(|req| tracing::info_span!("grpc", path = %req.uri().path()))
+        .trace_fn(sandfleet_common::trace_context::server_span)
         .add_service(health.service())
         .add_service(
             pb::exec_service_server::ExecServiceServer::new(plane.clone())

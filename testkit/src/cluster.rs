@@ -250,7 +250,8 @@ impl ClusterBuilder {
         self
     }
 
-    /// An environment variable for every started process.
+    /// An environment variable for every started process; `{host}` in the
+    /// value stands for the host's address as the processes reach it.
     pub fn env(mut self, key: impl Into<String>, value: impl Into<String>) -> Self {
         self.env.push((key.into(), value.into()));
         self
@@ -379,6 +380,10 @@ impl ClusterBuilder {
         } else {
             (None, None)
         };
+        // `{host}` in an environment value stands for the host's address as the
+        // processes reach it (as in agent flags): for servers a test runs.
+        let host = net.as_ref().map(|n| n.gateway()).unwrap_or(std::net::Ipv4Addr::LOCALHOST).to_string();
+        let env = self.env.iter().map(|(k, v)| (k.clone(), v.replace("{host}", &host))).collect();
         let mut cluster = Cluster {
             pki,
             client_tls,
@@ -391,7 +396,7 @@ impl ClusterBuilder {
             ready_timeout: self.ready_timeout,
             coordinator_bin: self.binaries().0,
             coordinator_args: self.coordinator_args.clone(),
-            env: self.env.clone(),
+            env,
             admin_key: None,
             health_listeners: self.health_listeners,
             metrics_listeners: self.metrics_listeners,
@@ -501,7 +506,7 @@ impl ClusterBuilder {
                 // bridge's gateway in namespaces, else loopback): for servers a test runs.
                 let host = cluster.host_ip().to_string();
                 args.extend(self.agent_args.iter().map(|a| a.replace("{host}", &host)));
-                let mut p = Proc::new(Role::Agent, id, agent_bin.clone(), args, data_dir, &dir, self.env.clone());
+                let mut p = Proc::new(Role::Agent, id, agent_bin.clone(), args, data_dir, &dir, cluster.env.clone());
                 p.netns = netns;
                 let started = p.launch(self.ready_timeout).await;
                 cluster.agents.push(p);

@@ -26,6 +26,8 @@
 //! - [`s3`]: [`s3::S3Server`], a real S3-compatible server (s3s-fs) in its own
 //!   process, for workspace-store tests, the chaos runner and the benchmarks;
 //!   [`s3fs`] is its storage (s3s-fs that lists by prefix and prunes empty directories).
+//! - [`otlp`]: [`otlp::OtlpReceiver`], a test OTLP receiver (TraceService/Export) that
+//!   keeps the spans the processes export, with their service names.
 //! - [`tls`]: [`TestPki`], a CA per cluster and a certificate per process: every
 //!   cluster runs mutual TLS unless built with `.tls(false)` (plaintext on loopback).
 //! - [`health`]: asking a daemon's `grpc.health.v1` service (Check, Watch), as a probe does.
@@ -66,6 +68,7 @@ pub mod helpers;
 pub mod host;
 pub mod linearizability;
 pub mod netns;
+pub mod otlp;
 pub mod process;
 pub mod prometheus;
 pub mod s3;

@@ -122,6 +122,7 @@ pub fn assignments(st: &ClusterState, tunables: &Tunables, node_id: &str) -> Vec
             },
             handoff: s.moved_from.is_some(),
             tenant: s.tenant.clone(),
+            traceparent: s.traceparent.clone(),
         })
         .collect()
 }

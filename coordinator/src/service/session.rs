@@ -103,8 +103,9 @@ impl SessionApi {
 
         // Place now when this member leads and a node fits; otherwise the
         // session is stored unplaced and the leader loop places it.
-        let (placement, paused) =
-            self.core.state.read(|st| (scheduler::place(st, &spec, self.core.tunables.placement), st.scheduler_paused));
+        let (placement, paused) = tracing::info_span!("placement").in_scope(|| {
+            self.core.state.read(|st| (scheduler::place(st, &spec, self.core.tunables.placement), st.scheduler_paused))
+        });
         let (node_id, pending_reason) = match placement {
             Err(Unplaceable::Never(why)) => return Err(Status::resource_exhausted(why.to_string())),
             _ if paused => (None, PendingReason::Paused),
@@ -130,6 +131,8 @@ impl SessionApi {
             moved_from: None,
             renewed_at_ms: 0,
             tenant: caller.tenant.clone(),
+            // This create's span: the leader's placement and the agent's start join its trace.
+            traceparent: sandfleet_common::trace_context::current_traceparent(),
         };
         let key_id = caller.key_id().map(str::to_string);
         let resp = self.core.propose(Command::CreateSession { session: record, key_id }).await?;

@@ -78,16 +78,23 @@ pub async fn exec(
     exec_on(connect(path).await?, req, out, deadline).await
 }
 
-/// Like [`exec`], on a connection from [`connect`].
+/// The service name the executor's spans are exported under (by the agent).
+pub const EXECUTOR_SERVICE_NAME: &str = "sandfleet-executor";
+
+/// Like [`exec`], on a connection from [`connect`]. The request carries the
+/// current span's trace context; the executor's spans that come back with the
+/// exit are exported as its children ([`sandfleet_common::telemetry::relay`]).
 pub async fn exec_on(
     mut conn: Connection,
-    req: WireExec,
+    mut req: WireExec,
     out: mpsc::Sender<ExecEvent>,
     deadline: Duration,
 ) -> Result<ExitInfo, RuntimeError> {
     let io_err =
         |e: io::Error| RuntimeError::Unavailable(format!("lost the connection to the session's executor: {e}"));
     let cancelled = || RuntimeError::Internal("cancelled: the caller stopped reading the output".into());
+    req.traceparent = sandfleet_common::trace_context::current_traceparent();
+    let traceparent = req.traceparent.clone();
     conn.send(Message::Request(Request::Exec(req))).await.map_err(io_err)?;
     let run = async {
         loop {
@@ -98,7 +105,11 @@ pub async fn exec_on(
             let ev = match msg {
                 Some(Message::Stdout(b)) => ExecEvent::Stdout(b),
                 Some(Message::Stderr(b)) => ExecEvent::Stderr(b),
-                Some(Message::Exit(w)) => return Ok(ExitInfo::from(w)),
+                Some(Message::Exit(mut w)) => {
+                    let spans = std::mem::take(&mut w.spans);
+                    sandfleet_common::telemetry::relay(EXECUTOR_SERVICE_NAME, &traceparent, &spans);
+                    return Ok(ExitInfo::from(w));
+                }
                 Some(Message::Error(w)) => return Err(w.into()),
                 Some(other) => {
                     return Err(RuntimeError::Internal(format!("unexpected message from the executor: {other:?}")))

@@ -12,6 +12,12 @@
 //! - if the client closes the connection, the command is killed (the same
 //!   "caller went away" rule as everywhere).
 //!
+//! An exec request carries the `traceparent` of the agent's exec span; the
+//! executor times its own span (`executor.exec`, spawn under bwrap to exit)
+//! and returns it in the exit, and the agent exports it as
+//! `sandfleet-executor` ([`sandfleet_common::telemetry::relay`]): the
+//! container has no network to export it itself.
+//!
 //! Exec semantics are not re-implemented here: the request is validated by
 //! [`crate::exec::validate`], the workdir is checked by
 //! [`crate::workspace::Workspace`], bwrap is started by

@@ -18,6 +18,7 @@ use crate::runtime::bwrap::{self, RootLayout};
 use crate::runtime::cgroup::AnyCgroupManager;
 use crate::runtime::{seccomp, ExecEvent, ExitInfo, RuntimeError};
 use crate::workspace::Workspace;
+use sandfleet_common::trace_context::MeasuredSpan;
 
 /// How the executor is set up.
 #[derive(Debug, Clone)]
@@ -130,6 +131,8 @@ impl Server {
         match req {
             Request::Ping => tx.send(Message::Pong(Pong { protocol: PROTOCOL_VERSION })).await,
             Request::Exec(x) => {
+                // Timed here, returned with the exit: this container has no network to export it.
+                let measuring = MeasuredSpan::start("executor.exec", &x.traceparent);
                 let (out_tx, mut out_rx) = mpsc::channel::<ExecEvent>(32);
                 let run = self.exec(x, out_tx);
                 tokio::pin!(run);
@@ -158,7 +161,19 @@ impl Server {
                     tx.send(output(ev)).await?;
                 }
                 match result {
-                    Ok(info) => tx.send(Message::Exit(WireExit::from(&info))).await,
+                    Ok(info) => {
+                        let mut exit = WireExit::from(&info);
+                        exit.spans = measuring
+                            .map(|m| {
+                                m.finish(vec![
+                                    ("exit_code".into(), info.exit_code.to_string()),
+                                    ("timed_out".into(), info.timed_out.to_string()),
+                                ])
+                            })
+                            .into_iter()
+                            .collect();
+                        tx.send(Message::Exit(exit)).await
+                    }
                     Err(e) => tx.send(Message::Error(WireError::from(&e))).await,
                 }
             }

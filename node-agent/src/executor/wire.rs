@@ -15,6 +15,7 @@ use serde::{Deserialize, Serialize};
 use tokio_util::codec::{Decoder, Encoder, LengthDelimitedCodec};
 
 use crate::runtime::{Command, ExecSpec, ExitInfo, Language, RuntimeError};
+use sandfleet_common::trace_context::MeasuredSpan;
 
 /// Version of the wire protocol; the image carries an executor of the same crate.
 /// 2: length-delimited frames (the length first, then the kind).
@@ -100,6 +101,11 @@ pub struct WireExec {
     pub memory_bytes: u64,
     /// The session's pids limit (named in refused-fork messages).
     pub pids_limit: u32,
+    /// The W3C trace parent of the agent's exec span: the executor measures its
+    /// spans in that trace and returns them in [`WireExit::spans`] (it has no
+    /// network to export them). Empty when the exec is not traced.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub traceparent: String,
 }
 
 /// How an exec ended, on the wire.
@@ -119,6 +125,10 @@ pub struct WireExit {
     pub output_truncated: bool,
     /// Why it did not end on its own.
     pub message: String,
+    /// The executor's spans of this exec (`executor.exec`), when the request
+    /// had a `traceparent`; the agent exports them.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub spans: Vec<MeasuredSpan>,
 }
 
 /// An error, on the wire: the [`RuntimeError`] variant and its text.
@@ -176,6 +186,7 @@ impl WireExec {
             output_cap: spec.output_cap,
             memory_bytes,
             pids_limit,
+            traceparent: String::new(),
         }
     }
 
@@ -219,6 +230,7 @@ impl From<&ExitInfo> for WireExit {
             oom_killed: i.oom_killed,
             output_truncated: i.output_truncated,
             message: i.message.clone(),
+            spans: Vec::new(),
         }
     }
 }
@@ -350,6 +362,13 @@ mod tests {
             oom_killed: false,
             output_truncated: false,
             message: "timed out".into(),
+            spans: vec![MeasuredSpan {
+                name: "executor.exec".into(),
+                span_id: "00f067aa0ba902b7".into(),
+                start_unix_nanos: 1,
+                end_unix_nanos: 2,
+                attributes: vec![("exit_code".into(), "137".into())],
+            }],
         };
         let sent = vec![
             Message::Request(Request::Ping),
