@@ -45,6 +45,20 @@ pub const COUNT_BUCKETS: &[f64] = &[0.0, 1.0, 2.0, 5.0, 10.0, 20.0, 50.0, 100.0,
 /// The content type of the Prometheus text exposition format.
 pub const PROMETHEUS_TEXT: &str = "text/plain; version=0.0.4; charset=utf-8";
 
+/// A latency histogram in seconds with [`LATENCY_BUCKETS_S`].
+pub fn latency_histogram(
+    meter: &Meter,
+    name: &'static str,
+    description: &'static str,
+) -> opentelemetry::metrics::Histogram<f64> {
+    meter
+        .f64_histogram(name)
+        .with_unit("s")
+        .with_description(description)
+        .with_boundaries(LATENCY_BUCKETS_S.to_vec())
+        .build()
+}
+
 /// The Prometheus registry the global meter provider's Prometheus reader
 /// writes into; set once by [`crate::telemetry::init`].
 static REGISTRY: OnceLock<prometheus::Registry> = OnceLock::new();

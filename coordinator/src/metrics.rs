@@ -18,7 +18,7 @@ use std::time::Duration;
 
 use opentelemetry::metrics::{Counter, Histogram, ObservableGauge};
 use opentelemetry::KeyValue;
-use sandfleet_common::metrics::{meter, COUNT_BUCKETS, LATENCY_BUCKETS_S};
+use sandfleet_common::metrics::{latency_histogram, meter, COUNT_BUCKETS};
 use sandfleet_common::spec::Runtime;
 
 use crate::core::Core;
@@ -52,13 +52,7 @@ pub struct Metrics {
 
 static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
     let m = meter();
-    let seconds = |name: &'static str, description: &'static str| {
-        m.f64_histogram(name)
-            .with_unit("s")
-            .with_description(description)
-            .with_boundaries(LATENCY_BUCKETS_S.to_vec())
-            .build()
-    };
+    let seconds = |name: &'static str, description: &'static str| latency_histogram(&m, name, description);
     Metrics {
         session_requests: m
             .u64_counter("sandfleet.session.requests")
@@ -114,7 +108,10 @@ pub fn count_request<T>(operation: &'static str, result: &Result<T, tonic::Statu
         Ok(_) => tonic::Code::Ok,
         Err(s) => s.code(),
     };
-    metrics().session_requests.add(1, &[KeyValue::new("operation", operation), KeyValue::new("code", code_name(code))]);
+    metrics().session_requests.add(
+        1,
+        &[KeyValue::new("operation", operation), KeyValue::new("code", sandfleet_common::grpc::code_name(code))],
+    );
 }
 
 /// Counts a session call's answer in `sandfleet_session_requests_total`.
@@ -127,30 +124,6 @@ impl<T> CountRequest for Result<T, tonic::Status> {
     fn counted(self, operation: &'static str) -> Self {
         count_request(operation, &self);
         self
-    }
-}
-
-/// The canonical name of a gRPC code (`OK`, `INVALID_ARGUMENT`, ...).
-pub fn code_name(code: tonic::Code) -> &'static str {
-    use tonic::Code::*;
-    match code {
-        Ok => "OK",
-        Cancelled => "CANCELLED",
-        Unknown => "UNKNOWN",
-        InvalidArgument => "INVALID_ARGUMENT",
-        DeadlineExceeded => "DEADLINE_EXCEEDED",
-        NotFound => "NOT_FOUND",
-        AlreadyExists => "ALREADY_EXISTS",
-        PermissionDenied => "PERMISSION_DENIED",
-        ResourceExhausted => "RESOURCE_EXHAUSTED",
-        FailedPrecondition => "FAILED_PRECONDITION",
-        Aborted => "ABORTED",
-        OutOfRange => "OUT_OF_RANGE",
-        Unimplemented => "UNIMPLEMENTED",
-        Internal => "INTERNAL",
-        Unavailable => "UNAVAILABLE",
-        DataLoss => "DATA_LOSS",
-        Unauthenticated => "UNAUTHENTICATED",
     }
 }
 

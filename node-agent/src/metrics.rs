@@ -14,7 +14,7 @@ use std::time::Duration;
 
 use opentelemetry::metrics::{Counter, Histogram, ObservableCounter, ObservableGauge};
 use opentelemetry::KeyValue;
-use sandfleet_common::metrics::{meter, LATENCY_BUCKETS_S};
+use sandfleet_common::metrics::{latency_histogram, meter};
 
 use crate::control::AgentState;
 use crate::runtime::ExitInfo;
@@ -49,13 +49,7 @@ pub struct Metrics {
 
 static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
     let m = meter();
-    let seconds = |name: &'static str, description: &'static str| {
-        m.f64_histogram(name)
-            .with_unit("s")
-            .with_description(description)
-            .with_boundaries(LATENCY_BUCKETS_S.to_vec())
-            .build()
-    };
+    let seconds = |name: &'static str, description: &'static str| latency_histogram(&m, name, description);
     Metrics {
         prepare: seconds(
             "sandfleet.agent.sandbox.prepare.duration",
