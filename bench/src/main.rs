@@ -349,38 +349,20 @@ async fn main() -> ExitCode {
             exit_code(result)
         }
         Cmd::Tls { runs, warmup, clients, duration, rounds, write } => {
-            let settings = pair::Settings {
-                runs: runs.max(1),
-                warmup,
-                clients: clients.max(1),
-                duration: Duration::from_secs(duration.max(1)),
-                rounds: rounds.max(1),
-            };
+            let settings = pair::Settings::new(runs, warmup, clients, duration, rounds);
             let child_log = std::env::var("SANDFLEET_CHILD_LOG").unwrap_or_else(|_| "warn".to_string());
             let result = async {
                 if !require_sandbox_facilities() {
                     bail!("the tls bench needs root, bubblewrap and cgroups");
                 }
                 let report = tls::run(&settings, &child_log).await?;
-                let section = tls::render(&report, &settings, TLS_SECTION, &machine_description());
-                println!("{section}");
-                if let Some(path) = write {
-                    write_section(&path, TLS_SECTION, &section)?;
-                    eprintln!("sandfleet-bench: wrote the {TLS_SECTION:?} section of {}", path.display());
-                }
-                Ok::<_, anyhow::Error>(())
+                publish(TLS_SECTION, &tls::render(&report, &settings, TLS_SECTION, &machine_description()), write)
             }
             .await;
             exit_code(result)
         }
         Cmd::Telemetry { runs, warmup, clients, duration, rounds, write } => {
-            let settings = pair::Settings {
-                runs: runs.max(1),
-                warmup,
-                clients: clients.max(1),
-                duration: Duration::from_secs(duration.max(1)),
-                rounds: rounds.max(1),
-            };
+            let settings = pair::Settings::new(runs, warmup, clients, duration, rounds);
             let child_log = std::env::var("SANDFLEET_CHILD_LOG").unwrap_or_else(|_| "warn".to_string());
             let result = async {
                 if !require_sandbox_facilities() {
@@ -389,12 +371,7 @@ async fn main() -> ExitCode {
                 let (report, scrapes) = telemetry::run(&settings, &child_log).await?;
                 let section =
                     telemetry::render(&report, &scrapes, &settings, TELEMETRY_SECTION, &machine_description());
-                println!("{section}");
-                if let Some(path) = write {
-                    write_section(&path, TELEMETRY_SECTION, &section)?;
-                    eprintln!("sandfleet-bench: wrote the {TELEMETRY_SECTION:?} section of {}", path.display());
-                }
-                Ok::<_, anyhow::Error>(())
+                publish(TELEMETRY_SECTION, &section, write)
             }
             .await;
             exit_code(result)
@@ -782,6 +759,16 @@ fn utc_now() -> String {
 
 /// Replaces the section headed `title` (up to the next `## ` heading)
 /// of `path`, or appends it; other sections stay as they are.
+/// Prints a report's section and, with `--write`, replaces its section of that file.
+fn publish(title: &str, section: &str, write: Option<PathBuf>) -> Result<()> {
+    println!("{section}");
+    if let Some(path) = write {
+        write_section(&path, title, section)?;
+        eprintln!("sandfleet-bench: wrote the {title:?} section of {}", path.display());
+    }
+    Ok(())
+}
+
 fn write_section(path: &Path, title: &str, section: &str) -> Result<()> {
     let existing = match std::fs::read_to_string(path) {
         Ok(s) => s,

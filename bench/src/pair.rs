@@ -46,6 +46,42 @@ impl Side {
     }
 }
 
+impl Settings {
+    /// The settings of the command line, each count at least 1.
+    pub fn new(runs: usize, warmup: usize, clients: usize, duration_s: u64, rounds: usize) -> Self {
+        Self {
+            runs: runs.max(1),
+            warmup,
+            clients: clients.max(1),
+            duration: Duration::from_secs(duration_s.max(1)),
+            rounds: rounds.max(1),
+        }
+    }
+
+    /// The command line that produced a report: `sandfleet-bench {command} --runs ...`.
+    pub fn command_line(&self, command: &str) -> String {
+        format!(
+            "sandfleet-bench {command} --runs {} --clients {} --duration {}s --rounds {}",
+            self.runs,
+            self.clients,
+            self.duration.as_secs(),
+            self.rounds
+        )
+    }
+
+    /// How both sides were measured, for a report's text.
+    pub fn method(&self) -> String {
+        format!(
+            "Exec: `true` in a warm session, the clusters alternating run by run. Creates: {} clients, each with \
+             its own connections, creating sessions that stay PENDING (no node matches), {} rounds of {}s per \
+             cluster, alternating.",
+            self.clients,
+            self.rounds,
+            self.duration.as_secs()
+        )
+    }
+}
+
 /// The figures of both sides.
 #[derive(Debug, Default)]
 pub struct Report {

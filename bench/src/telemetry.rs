@@ -81,19 +81,12 @@ pub fn render(r: &Report, scrapes: &Scrapes, s: &Settings, section: &str, machin
     let _ = writeln!(out, "{section}\n");
     let _ = writeln!(
         out,
-        "Produced by `sandfleet-bench telemetry --runs {} --clients {} --duration {}s --rounds {}`: two clusters of \
-         3 coordinators and 1 process-runtime agent on loopback with mutual TLS, measured in the same run. \
-         \"defaults\": metrics on (`--metrics-listen` on every process, each `/metrics` scraped every second) and \
-         the W3C trace propagator, no OTLP endpoint. \"off\": `{TELEMETRY_ENV}=off` (no meter provider, no \
-         propagator; logs only). Exec: `true` in a warm session, the clusters alternating run by run. Creates: {} \
-         clients creating sessions that stay PENDING, {} rounds of {}s per cluster, alternating.\n",
-        s.runs,
-        s.clients,
-        s.duration.as_secs(),
-        s.rounds,
-        s.clients,
-        s.rounds,
-        s.duration.as_secs()
+        "Produced by `{}`: two clusters of 3 coordinators and 1 process-runtime agent on loopback with mutual \
+         TLS, measured in the same run. \"defaults\": metrics on (`--metrics-listen` on every process, each \
+         `/metrics` scraped every second) and the W3C trace propagator, no OTLP endpoint. \"off\": \
+         `{TELEMETRY_ENV}=off` (no meter provider, no propagator; logs only). {}\n",
+        s.command_line("telemetry"),
+        s.method()
     );
     let _ = writeln!(out, "| measurement | off | defaults | overhead | goal (≤ 3%) |");
     let _ = writeln!(out, "|---|---:|---:|---:|---|");

@@ -29,18 +29,11 @@ pub fn render(r: &Report, s: &Settings, section: &str, machine: &[(String, Strin
     let _ = writeln!(out, "{section}\n");
     let _ = writeln!(
         out,
-        "Produced by `sandfleet-bench tls --runs {} --clients {} --duration {}s --rounds {}`: two clusters of \
-         3 coordinators and 1 process-runtime agent on loopback, one with mutual TLS on every connection \
-         (a certificate per process) and one `--insecure`, measured in the same run. Exec: `true` in a warm \
-         session, the clusters alternating run by run. Creates: {} clients, each with its own connections, \
-         creating sessions that stay PENDING (no node matches), {} rounds of {}s per cluster, alternating.\n",
-        s.runs,
-        s.clients,
-        s.duration.as_secs(),
-        s.rounds,
-        s.clients,
-        s.rounds,
-        s.duration.as_secs()
+        "Produced by `{}`: two clusters of 3 coordinators and 1 process-runtime agent on loopback, one with \
+         mutual TLS on every connection (a certificate per process) and one `--insecure`, measured in the same \
+         run. {}\n",
+        s.command_line("tls"),
+        s.method()
     );
     let _ = writeln!(out, "| measurement | plaintext | mutual TLS | TLS overhead | goal (≤ 10%) |");
     let _ = writeln!(out, "|---|---:|---:|---:|---|");
