@@ -96,6 +96,9 @@ pub struct AgentConfig {
     pub cri: CriConfig,
     /// How sessions get their disk and inode quotas.
     pub disk_quota: runtime::disk::DiskQuota,
+    /// Process runtime: the `sandfleet-executor` binary started per session
+    /// (`None`: [`runtime::process::locate_executor`]).
+    pub executor_path: Option<PathBuf>,
     /// Where workspaces are kept durably (the library default: nowhere; the
     /// `sandfleet-agent` binary and `sandfleet dev` default to a local directory).
     pub store: store::StoreConfig,
@@ -135,6 +138,7 @@ impl Default for AgentConfig {
             warm_pool: std::collections::BTreeMap::new(),
             cri: CriConfig::default(),
             disk_quota: runtime::disk::DiskQuota::default(),
+            executor_path: None,
             store: store::StoreConfig::None,
             sync: store::sync::SyncConfig::default(),
             tls: None,
@@ -339,6 +343,7 @@ pub async fn serve(config: AgentConfig, shutdown: CancellationToken) -> Result<A
                 slots: config.slots,
                 bwrap_path: PathBuf::from("/usr/bin/bwrap"),
                 disk_quota: config.disk_quota.clone(),
+                executor_path: config.executor_path.clone().unwrap_or_else(runtime::process::locate_executor),
             })
             .await?,
         ),

@@ -193,12 +193,15 @@ impl Env {
         let cg = p.session_cgroup(id);
         let t = Instant::now();
         loop {
-            let pids = p.cgroups().pids_recursive(&cg).unwrap();
+            // The session's executor stays; nothing else may.
+            let executor = p.executor_pid(id).await.map(|p| p as i32);
+            let pids: Vec<i32> =
+                p.cgroups().pids_recursive(&cg).unwrap().into_iter().filter(|&p| Some(p) != executor).collect();
             let leaves = p.cgroups().descendants(&cg);
             if pids.is_empty() && leaves.is_empty() {
                 return;
             }
-            assert!(t.elapsed() <= grace, "processes {pids:?} or exec cgroups {leaves:?} left in the session cgroup");
+            assert!(t.elapsed() <= grace, "processes {pids:?} or cgroups {leaves:?} left in the session cgroup");
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
     }
@@ -298,6 +301,7 @@ async fn setup(kind: Kind, tag: &str, uid_base: u32) -> Option<Env> {
                 slots: 8,
                 bwrap_path: PathBuf::from("/usr/bin/bwrap"),
                 disk_quota: Default::default(),
+                executor_path: sandfleet_agent::runtime::process::locate_executor(),
             };
             let rt =
                 ProcessRuntime::new(cfg).await.expect("ProcessRuntime::new on a host that has root, bwrap and cgroups");
@@ -626,8 +630,10 @@ async fn fork_bomb(kind: Kind) {
     if let Backend::Process(p) = &env.backend {
         let peak = p.cgroups().dir("pids", &p.session_cgroup(&id)).join("pids.peak");
         if let Ok(peak) = std::fs::read_to_string(&peak) {
+            // The session cgroup holds the executor too: it has the same headroom as a container.
             let peak: u64 = peak.trim().parse().unwrap();
-            assert!(peak <= 16, "pids.peak {peak} exceeded the limit");
+            let max = 16 + u64::from(sandfleet_agent::executor::EXECUTOR_PIDS_HEADROOM);
+            assert!(peak <= max, "pids.peak {peak} exceeded the limit of {max}");
         }
     }
     env.assert_exec_cleaned_up(&id, Duration::ZERO).await;
@@ -1246,8 +1252,11 @@ async fn process_prepare_is_idempotent_and_destroy_removes_everything() {
     assert!(matches!(rx.recv().await, Some(ExecEvent::Stdout(_))));
 
     rt.destroy(&id).await.unwrap();
-    let info = tokio::time::timeout(Duration::from_secs(10), running).await.unwrap().unwrap().unwrap();
-    assert_ne!(info.exit_code, 0);
+    let ended = tokio::time::timeout(Duration::from_secs(10), running).await.unwrap().unwrap();
+    match ended {
+        Err(RuntimeError::Unavailable(m)) => assert!(m.contains("stopped or deleted while the command ran"), "{m}"),
+        other => panic!("an exec cut off by destroy must end with UNAVAILABLE: {other:?}"),
+    }
     assert!(dirs.iter().all(|d| !d.exists()), "cgroup left behind");
     assert!(!session_dir.exists(), "session dir left behind");
     assert!(host_procs(uid, &["sleep", "100"]).is_empty());
@@ -1287,7 +1296,12 @@ async fn process_restart_kills_leftovers_and_rediscovers_sessions() {
     for procs in rt.cgroups().procs_files(&leaf) {
         std::fs::write(procs, leaked.id().to_string()).unwrap();
     }
-    assert_eq!(rt.cgroups().pids_recursive(&cg).unwrap(), vec![leaked.id() as i32]);
+    let executor = rt.executor_pid(&id).await.expect("the session's executor runs") as i32;
+    let mut pids = rt.cgroups().pids_recursive(&cg).unwrap();
+    pids.sort();
+    let mut want = vec![leaked.id() as i32, executor];
+    want.sort();
+    assert_eq!(pids, want);
     drop(rt);
 
     let t = Instant::now();
@@ -1297,6 +1311,7 @@ async fn process_restart_kills_leftovers_and_rediscovers_sessions() {
     use std::os::unix::process::ExitStatusExt as _;
     assert_eq!(st.signal(), Some(9), "the leftover process was not killed");
     assert!(!rt.cgroups().exists(&leaf), "exec cgroup left behind");
+    assert!(!process_runs(executor), "the old agent's executor survived the restart");
     let l = rt.list().await.unwrap();
     assert_eq!(l.len(), 1);
     assert_eq!((l[0].session_id.as_str(), l[0].generation), (id.as_str(), 7));
@@ -1305,6 +1320,68 @@ async fn process_restart_kills_leftovers_and_rediscovers_sessions() {
     assert_eq!(r.stdout, "keep\nyes\n", "{}", r.stderr);
     rt.remove_all().await.unwrap();
     assert!(!rt.cgroups().exists(rt.cgroup_root()));
+}
+
+/// Whether `pid` is a process that has not exited (a zombie has).
+fn process_runs(pid: i32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|s| s.rsplit_once(')').map(|(_, rest)| rest.trim_start().to_string()))
+        .is_some_and(|rest| !rest.starts_with('Z') && !rest.starts_with('X'))
+}
+
+/// Each session's execs go through its own executor: on the host as the
+/// session's uid, inside the session's cgroups (so no exec pays a cgroup
+/// migration), with its socket in a directory only that uid can enter. One
+/// that dies is started again by the next exec, and it goes with the session.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn process_execs_go_through_the_sessions_own_executor() {
+    let Some(env) = setup(Kind::Process, "executor", 301_200).await else { return };
+    let Backend::Process(rt) = &env.backend else { unreachable!() };
+    let id = new_session_id();
+    rt.prepare(&sandbox(&id)).await.unwrap();
+    let uid = rt.session_uid(&id).unwrap();
+    let r = run(rt, &id, bash("echo $$")).await.unwrap();
+    assert_eq!(r.info.exit_code, 0, "{}", r.stderr);
+    let pid = rt.executor_pid(&id).await.expect("the executor runs after an exec") as i32;
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let ids = |key: &str| {
+        status
+            .lines()
+            .find(|l| l.starts_with(key))
+            .unwrap()
+            .split_whitespace()
+            .skip(1)
+            .map(str::to_string)
+            .collect::<Vec<_>>()
+    };
+    assert!(ids("Uid:").iter().all(|u| *u == uid.to_string()), "executor uids {:?}", ids("Uid:"));
+    assert!(ids("Gid:").iter().all(|g| *g == uid.to_string()), "executor gids {:?}", ids("Gid:"));
+    assert!(ids("Groups:").is_empty(), "executor groups {:?}", ids("Groups:"));
+    assert_eq!(ids("CapEff:"), vec!["0000000000000000"]);
+    let cg = rt.session_cgroup(&id);
+    assert!(rt.cgroups().pids(&cg).unwrap().contains(&pid), "the executor is not in the session's cgroups");
+    let ws = rt.workspace(&id).unwrap().root().to_path_buf();
+    let run_dir = ws.parent().unwrap().join("run");
+    let meta = std::fs::metadata(&run_dir).unwrap();
+    assert_eq!((meta.uid(), meta.mode() & 0o777), (uid, 0o700));
+
+    // Killed (an OOM kill, an operator): the next exec starts it again.
+    // SAFETY: kill with a plain pid and signal.
+    assert_eq!(unsafe { libc::kill(pid, libc::SIGKILL) }, 0);
+    let t = Instant::now();
+    while process_runs(pid) {
+        assert!(t.elapsed() < Duration::from_secs(5));
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let r = run(rt, &id, bash("echo again")).await.unwrap();
+    assert_eq!(r.stdout, "again\n", "{}", r.stderr);
+    let second = rt.executor_pid(&id).await.unwrap() as i32;
+    assert_ne!(second, pid);
+
+    rt.destroy(&id).await.unwrap();
+    assert!(!process_runs(second), "the executor outlived its session");
+    env.cleanup().await;
 }
 
 // ---------------------------------------------------------------------------

@@ -84,6 +84,10 @@ struct Args {
     /// creating a session does not wait for mkfs.
     #[arg(long, default_value_t = sandfleet_agent::runtime::disk::DEFAULT_POOL, value_name = "N")]
     disk_pool: usize,
+    /// Process runtime: the sandfleet-executor binary each session's execs go
+    /// through (default: next to this binary, else on PATH).
+    #[arg(long, env = "SANDFLEET_EXECUTOR", value_name = "PATH")]
+    executor_path: Option<PathBuf>,
     /// Docker and CRI runtimes: keep N idle containers of TEMPLATE ready, TEMPLATE=N (repeatable).
     #[arg(long = "warm-pool", value_name = "TEMPLATE=N")]
     warm_pool: Vec<String>,
@@ -298,6 +302,7 @@ async fn main() -> anyhow::Result<()> {
             DiskQuotaArg::Loop => DiskQuota::Loop { pool: args.disk_pool },
             DiskQuotaArg::Off => DiskQuota::Off,
         },
+        executor_path: args.executor_path.clone(),
         store,
         sync,
         health_listen: args.health_listen,

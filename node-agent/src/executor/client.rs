@@ -116,8 +116,8 @@ pub async fn exec_on(
                 }
                 None => {
                     return Err(RuntimeError::Unavailable(
-                        "the session's executor closed the connection before the command ended (was the container \
-                         killed, e.g. by its memory limit?)"
+                        "the session's executor closed the connection before the command ended (was it killed, \
+                         e.g. with its sandbox by the memory limit?)"
                             .into(),
                     ))
                 }

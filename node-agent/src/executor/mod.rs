@@ -40,6 +40,14 @@ pub use client::{connect, exec, exec_on, ping, Connection};
 pub use server::{serve, ExecutorConfig};
 pub use wire::{Message, Request, WireExec, PROTOCOL_VERSION};
 
+/// pids on top of a session's `pids_limit` in the cgroup that holds its
+/// executor: the executor's threads (and tini in a container), the two bwrap
+/// processes of each exec, and the charges of exited sandbox processes that
+/// the kernel releases a little late.
+pub const EXECUTOR_PIDS_HEADROOM: u32 = 32;
+/// Grace on top of an exec's timeout before the agent gives up on the executor.
+pub const EXEC_GRACE: std::time::Duration = std::time::Duration::from_secs(30);
+
 /// The socket's file name in the per-session run directory.
 pub const SOCKET_NAME: &str = "executor.sock";
 /// Where the per-session run directory is mounted inside the container.

@@ -1,5 +1,7 @@
-//! The executor's side, inside the container: serving the agent's requests,
-//! each exec under bubblewrap.
+//! The executor's side: serving the agent's requests, each exec under
+//! bubblewrap. It runs inside a session's container (docker, cri), or on the
+//! host as the session's uid inside the session's cgroups (process runtime,
+//! see [`crate::runtime::process`]).
 
 use std::io;
 use std::path::{Path, PathBuf};
@@ -31,6 +33,13 @@ pub struct ExecutorConfig {
     pub bwrap_path: PathBuf,
     /// Where the sandbox's `/etc` files are written (container tmpfs).
     pub etc_dir: PathBuf,
+    /// `etc_dir` was prepared by the agent (process runtime): use it as it is,
+    /// write nothing (the executor's uid cannot write there).
+    pub etc_prepared: bool,
+    /// The cgroup whose OOM kills and refused forks are reported, relative to
+    /// the hierarchy root as the executor sees it: `""` in a container (its
+    /// cgroup namespace), the session's cgroup on the host.
+    pub cgroup: String,
 }
 
 impl Default for ExecutorConfig {
@@ -40,6 +49,8 @@ impl Default for ExecutorConfig {
             workspace: PathBuf::from(CONTAINER_WORKSPACE),
             bwrap_path: PathBuf::from("/usr/bin/bwrap"),
             etc_dir: PathBuf::from("/tmp/sandfleet-etc"),
+            etc_prepared: false,
+            cgroup: String::new(),
         }
     }
 }
@@ -61,9 +72,13 @@ pub async fn serve(
     shutdown: tokio_util::sync::CancellationToken,
     ready: impl FnOnce(&Path),
 ) -> Result<(), RuntimeError> {
-    bwrap::write_etc_files(&cfg.etc_dir)
-        .map_err(|e| RuntimeError::Unavailable(format!("writing {}: {e}", cfg.etc_dir.display())))?;
-    let layout = RootLayout::detect(&cfg.etc_dir)?;
+    let layout = if cfg.etc_prepared {
+        RootLayout::prepared(&cfg.etc_dir)?
+    } else {
+        bwrap::write_etc_files(&cfg.etc_dir)
+            .map_err(|e| RuntimeError::Unavailable(format!("writing {}: {e}", cfg.etc_dir.display())))?;
+        RootLayout::detect(&cfg.etc_dir)?
+    };
     let filter = seccomp::filter_bytes()?;
     let cgroups = match AnyCgroupManager::detect() {
         Ok(c) => Some(c),
@@ -190,8 +205,9 @@ impl Server {
         env.extend(x.session_env.clone());
         env.extend(spec.env.clone());
 
-        let oom_before = self.cgroups.as_ref().map_or(0, |c| c.oom_kills(""));
-        let forks_before = self.cgroups.as_ref().map_or(0, |c| c.pids_max_events(""));
+        let cg = self.cfg.cgroup.as_str();
+        let oom_before = self.cgroups.as_ref().map_or(0, |c| c.oom_kills(cg));
+        let forks_before = self.cgroups.as_ref().map_or(0, |c| c.pids_max_events(cg));
         let started = tokio::time::Instant::now();
         let (child, fds) = bwrap::spawn(&bwrap::Launch {
             bwrap_path: &self.cfg.bwrap_path,
@@ -202,7 +218,6 @@ impl Server {
             env: &env,
             argv: &v.plan.argv,
             code: v.plan.code_file.as_deref(),
-            procs_files: &[],
             run_as: None,
             own_process_group: true,
         })
@@ -238,7 +253,7 @@ impl Server {
                 if info.signal == libc::SIGKILL && !info.timed_out {
                     tokio::time::sleep(Duration::from_millis(5)).await;
                 }
-                (c.oom_kills("").saturating_sub(oom_before), c.pids_max_events("").saturating_sub(forks_before))
+                (c.oom_kills(cg).saturating_sub(oom_before), c.pids_max_events(cg).saturating_sub(forks_before))
             }
             None => (0, 0),
         };

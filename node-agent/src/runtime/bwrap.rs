@@ -76,8 +76,15 @@ impl RootLayout {
         Self::detect_from(Path::new("/"), etc_dir)
     }
 
-    /// Like [`RootLayout::detect`] with another host root (tests).
-    pub fn detect_from(host_root: &Path, etc_dir: &Path) -> Result<Self, RuntimeError> {
+    /// The layout over an `etc_dir` that [`RootLayout::detect`] already
+    /// filled (by the agent, for the process runtime's executors): nothing
+    /// is copied or written.
+    pub fn prepared(etc_dir: &Path) -> Result<Self, RuntimeError> {
+        let system = Self::system_entries(Path::new("/"))?;
+        Ok(Self { system, etc_dir: etc_dir.to_path_buf(), etc_names: etc_names(etc_dir)? })
+    }
+
+    fn system_entries(host_root: &Path) -> Result<Vec<RootEntry>, RuntimeError> {
         let usr = host_root.join("usr");
         if !usr.is_dir() {
             return Err(RuntimeError::Unavailable(format!(
@@ -97,20 +104,31 @@ impl RootLayout {
                 _ => {}
             }
         }
+        Ok(system)
+    }
+
+    /// Like [`RootLayout::detect`] with another host root (tests).
+    pub fn detect_from(host_root: &Path, etc_dir: &Path) -> Result<Self, RuntimeError> {
+        let system = Self::system_entries(host_root)?;
         for n in HOST_ETC_FILES {
             let src = host_root.join("etc").join(n);
             if std::fs::symlink_metadata(&src).is_ok() && !ETC_FILES.iter().any(|(have, _)| *have == n) {
                 copy_etc_entry(&src, &etc_dir.join(n))?;
             }
         }
-        let mut etc_names: Vec<String> = std::fs::read_dir(etc_dir)?
-            .filter_map(|e| e.ok())
-            .filter_map(|e| e.file_name().into_string().ok())
-            .filter(|n| !n.starts_with('.'))
-            .collect();
-        etc_names.sort();
-        Ok(Self { system, etc_dir: etc_dir.to_path_buf(), etc_names })
+        Ok(Self { system, etc_dir: etc_dir.to_path_buf(), etc_names: etc_names(etc_dir)? })
     }
+}
+
+/// What an `/etc` directory holds, sorted, without the temporary dot files.
+fn etc_names(etc_dir: &Path) -> std::io::Result<Vec<String>> {
+    let mut names: Vec<String> = std::fs::read_dir(etc_dir)?
+        .filter_map(|e| e.ok())
+        .filter_map(|e| e.file_name().into_string().ok())
+        .filter(|n| !n.starts_with('.'))
+        .collect();
+    names.sort();
+    Ok(names)
 }
 
 /// Copies a host `/etc` entry into the sandbox's `/etc` directory, replacing
@@ -303,6 +321,80 @@ fn nul_separated(args: &[OsString]) -> Vec<u8> {
     out
 }
 
+/// What a child of the agent does between fork and exec ([`ChildSetup::install`]).
+#[derive(Debug, Clone, Default)]
+pub struct ChildSetup {
+    /// Open `cgroup.procs` files the child writes "0" to: it joins those
+    /// cgroups (needs root, hence before the uid changes).
+    pub procs_fds: Vec<RawFd>,
+    /// The only descriptors above 2 that survive the exec; every other one
+    /// is marked close-on-exec, whatever a library forgot.
+    pub inherit: Vec<RawFd>,
+    /// Become this uid/gid, with no supplementary groups.
+    pub run_as: Option<u32>,
+    /// Raise `oom_score_adj` to 1000, so a memory-cgroup OOM kill picks
+    /// this process (a sandboxed command) before its supervisor.
+    pub oom_victim: bool,
+}
+
+impl ChildSetup {
+    /// Installs the setup as `cmd`'s `pre_exec` hook; core dumps are off too.
+    /// The hook makes async-signal-safe syscalls only.
+    pub fn install(self, cmd: &mut tokio::process::Command) {
+        use std::io;
+        let Self { procs_fds, inherit, run_as, oom_victim } = self;
+        let hook = move || -> io::Result<()> {
+            // Only async-signal-safe calls from here on: we are between fork and exec.
+            // SAFETY: every call takes plain integers or pointers to static data.
+            unsafe {
+                for &fd in &procs_fds {
+                    if libc::write(fd, b"0".as_ptr().cast(), 1) != 1 {
+                        return Err(io::Error::last_os_error());
+                    }
+                }
+                libc::syscall(libc::SYS_close_range, 3u32, u32::MAX, libc::CLOSE_RANGE_CLOEXEC);
+                for &fd in &inherit {
+                    if libc::fcntl(fd, libc::F_SETFD, 0) != 0 {
+                        return Err(io::Error::last_os_error());
+                    }
+                }
+                let no_core = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+                if libc::setrlimit(libc::RLIMIT_CORE, &no_core) != 0 {
+                    return Err(io::Error::last_os_error());
+                }
+                if oom_victim {
+                    // Best effort: raising the score needs no privilege.
+                    let adj = libc::open(c"/proc/self/oom_score_adj".as_ptr(), libc::O_WRONLY | libc::O_CLOEXEC);
+                    if adj >= 0 {
+                        libc::write(adj, b"1000".as_ptr().cast(), 4);
+                        libc::close(adj);
+                    }
+                }
+                if let Some(uid) = run_as {
+                    let gid = uid;
+                    if libc::setgroups(0, std::ptr::null()) != 0 {
+                        return Err(io::Error::last_os_error());
+                    }
+                    if libc::setgid(gid) != 0 {
+                        return Err(io::Error::last_os_error());
+                    }
+                    if libc::setuid(uid) != 0 {
+                        return Err(io::Error::last_os_error());
+                    }
+                    if libc::getuid() != uid || libc::geteuid() != uid || libc::getegid() != gid {
+                        return Err(io::Error::from_raw_os_error(libc::EPERM));
+                    }
+                }
+            }
+            Ok(())
+        };
+        // SAFETY: the hook only makes async-signal-safe syscalls and touches no allocator or lock.
+        unsafe {
+            cmd.pre_exec(hook);
+        }
+    }
+}
+
 /// Everything needed to start one sandboxed command with [`spawn`].
 pub struct Launch<'a> {
     /// The bubblewrap binary.
@@ -321,8 +413,6 @@ pub struct Launch<'a> {
     pub argv: &'a [String],
     /// Code to place read-only at [`CODE_PATH`].
     pub code: Option<&'a [u8]>,
-    /// `cgroup.procs` files the child writes itself into before exec (needs root).
-    pub procs_files: &'a [PathBuf],
     /// Become this uid/gid (no supplementary groups) before exec; `None`
     /// keeps the caller's ids (the executor already runs unprivileged).
     pub run_as: Option<u32>,
@@ -334,26 +424,16 @@ pub struct Launch<'a> {
 /// go through a sealed memfd read with `--args FD`, never on a command line,
 /// where any host user could read them in `/proc/PID/cmdline`;
 /// seccomp (and code) memfds are handed over by fd number, every other fd
-/// is closed on exec, core dumps are off, the
-/// child joins the given cgroups and drops to `run_as`, and its
-/// `oom_score_adj` is raised to 1000 so the OOM killer picks the command,
-/// not its supervisor. Returns the child (with `kill_on_drop`, piped stdio)
+/// is closed on exec, core dumps are off, the child drops to `run_as`, and
+/// its `oom_score_adj` is raised to 1000 so the OOM killer picks the
+/// command, not its supervisor ([`ChildSetup`]). The child stays in the
+/// caller's cgroups: joining one costs a cgroup v1 migration an RCU grace
+/// period (12–15 ms), so execs start from a supervisor already inside the
+/// session's cgroups. Returns the child (with `kill_on_drop`, piped stdio)
 /// and the fds that must stay open until it has started.
-///
-/// The `pre_exec` hook makes async-signal-safe syscalls only.
 pub fn spawn(l: &Launch<'_>) -> std::io::Result<(tokio::process::Child, Vec<std::fs::File>)> {
-    use std::io;
     use std::os::fd::AsRawFd as _;
     let mut keep = Vec::new();
-    let mut procs_fds: Vec<RawFd> = Vec::new();
-    for p in l.procs_files {
-        let f = std::fs::OpenOptions::new()
-            .write(true)
-            .open(p)
-            .map_err(|e| io::Error::new(e.kind(), format!("opening {}: {e}", p.display())))?;
-        procs_fds.push(f.as_raw_fd());
-        keep.push(f);
-    }
     let seccomp = sealed_memfd(c"sandfleet-seccomp", l.filter)?;
     let seccomp_fd = seccomp.as_raw_fd();
     keep.push(seccomp);
@@ -387,55 +467,9 @@ pub fn spawn(l: &Launch<'_>) -> std::io::Result<(tokio::process::Child, Vec<std:
     if l.own_process_group {
         cmd.process_group(0);
     }
-    let run_as = l.run_as;
-    let hook = move || -> io::Result<()> {
-        // Only async-signal-safe calls from here on: we are between fork and exec.
-        // SAFETY: every call takes plain integers or pointers to static data.
-        unsafe {
-            for &fd in &procs_fds {
-                if libc::write(fd, b"0".as_ptr().cast(), 1) != 1 {
-                    return Err(io::Error::last_os_error());
-                }
-            }
-            // Nothing the supervisor holds may leak into the sandbox, whatever a library forgot.
-            libc::syscall(libc::SYS_close_range, 3u32, u32::MAX, libc::CLOSE_RANGE_CLOEXEC);
-            for fd in [Some(args_fd), Some(seccomp_fd), code_fd].into_iter().flatten() {
-                if libc::fcntl(fd, libc::F_SETFD, 0) != 0 {
-                    return Err(io::Error::last_os_error());
-                }
-            }
-            let no_core = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
-            if libc::setrlimit(libc::RLIMIT_CORE, &no_core) != 0 {
-                return Err(io::Error::last_os_error());
-            }
-            // Best effort: raising the score needs no privilege.
-            let adj = libc::open(c"/proc/self/oom_score_adj".as_ptr(), libc::O_WRONLY | libc::O_CLOEXEC);
-            if adj >= 0 {
-                libc::write(adj, b"1000".as_ptr().cast(), 4);
-                libc::close(adj);
-            }
-            if let Some(uid) = run_as {
-                let gid = uid;
-                if libc::setgroups(0, std::ptr::null()) != 0 {
-                    return Err(io::Error::last_os_error());
-                }
-                if libc::setgid(gid) != 0 {
-                    return Err(io::Error::last_os_error());
-                }
-                if libc::setuid(uid) != 0 {
-                    return Err(io::Error::last_os_error());
-                }
-                if libc::getuid() != uid || libc::geteuid() != uid || libc::getegid() != gid {
-                    return Err(io::Error::from_raw_os_error(libc::EPERM));
-                }
-            }
-        }
-        Ok(())
-    };
-    // SAFETY: the hook only makes async-signal-safe syscalls and touches no allocator or lock.
-    unsafe {
-        cmd.pre_exec(hook);
-    }
+    let mut inherit = vec![args_fd, seccomp_fd];
+    inherit.extend(code_fd);
+    ChildSetup { procs_fds: Vec::new(), inherit, run_as: l.run_as, oom_victim: true }.install(&mut cmd);
     let child = crate::exec::spawn(cmd)?;
     Ok((child, keep))
 }

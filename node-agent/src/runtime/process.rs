@@ -12,15 +12,36 @@
 //!   no network, no host processes, a read-only minimal root.
 //! - **seccomp** ([`super::seccomp`]) denies the syscalls with kernel attack surface.
 //! - **cgroups** ([`super::cgroup`]): memory without swap, CPU quota and a
-//!   pids limit per session; each exec runs in its own leaf
-//!   `…/<session>/exec-<n>` so a timeout kills exactly that exec's tree.
+//!   pids limit per session (`pids_limit` plus
+//!   [`crate::executor::EXECUTOR_PIDS_HEADROOM`], as for containers).
 //!
-//! # Spawning
-//! std applies `Command::uid` before `pre_exec` hooks, so joining the cgroup
-//! (which needs root) and dropping privileges are both done in our own
-//! `pre_exec` hook, with async-signal-safe calls only: write "0" to the
-//! pre-opened `cgroup.procs` fds, mark every other fd close-on-exec, keep
-//! the seccomp (and code) memfds open, then `setgroups(0)`, `setgid`, `setuid`.
+//! # The exec path: one executor per session
+//! Each session has its own `sandfleet-executor` ([`crate::executor`]) on the
+//! host, running as the session's uid inside the session's cgroups; every
+//! exec is a request on its Unix socket (`sessions/<sid>/run/executor.sock`,
+//! in a 0700 directory of the session uid), and the executor starts bwrap
+//! as its own child. Exec semantics are the docker and CRI runtimes' very
+//! code: the executor validates, starts bwrap, supervises (timeout, output
+//! cap, a caller that went away) and reads OOM kills and refused forks from
+//! the session cgroup.
+//!
+//! Why a process that already lives in the cgroups: moving a process into a
+//! cgroup (a `cgroup.procs` write) takes the kernel's threadgroup rwsem for
+//! writing, which on cgroup v1 waits an RCU grace period, measured at
+//! 12–15 ms here, per isolated migration. A fork inherits its parent's
+//! cgroups for free, so only the executor pays that once, when it starts.
+//! A timeout kills the exec's process group and with it bwrap, whose pid
+//! namespace init dies with it (`--die-with-parent`) and takes every process
+//! of the exec along; whatever the session leaves behind dies with the session
+//! cgroup.
+//!
+//! The executor starts when the session is prepared (in the background, so
+//! RUNNING is not delayed; the first exec waits for it), is started again by
+//! the next exec if it died, and exits when the agent's end of its lifeline
+//! socket closes: an agent that dies takes its executors along. It is
+//! started as root into the session's cgroups (a pre-opened `cgroup.procs`
+//! write in the `pre_exec` hook, [`super::bwrap::ChildSetup`]) and drops to
+//! the session uid itself before anything else (`--uid`).
 //!
 //! # On disk
 //! `<data_dir>/sessions/<sid>/workspace` (0700, session uid),
@@ -48,7 +69,7 @@ use std::time::Duration;
 
 use sandfleet_common::ids;
 use tokio::sync::{mpsc, RwLock};
-use tracing::{debug, info, instrument, warn};
+use tracing::{debug, info, instrument, warn, Instrument as _};
 
 use super::bwrap::{self, RootLayout};
 use super::cgroup::{AnyCgroupManager, Limits};
@@ -59,6 +80,7 @@ use super::fsutil::{
 use super::usage::{Usage, UsageMeter};
 use super::{seccomp, ExecEvent, ExecSpec, ExitInfo, ResolvedSpec, Runtime, RuntimeError, SandboxSpec, SessionInfo};
 use crate::exec;
+use crate::executor::{self, WireExec, EXECUTOR_PIDS_HEADROOM, EXEC_GRACE, SOCKET_NAME};
 use crate::workspace::Workspace;
 
 /// Default first host uid of session slots.
@@ -70,6 +92,10 @@ pub const DEFAULT_BWRAP_PATH: &str = "/usr/bin/bwrap";
 
 /// How long killing and removing a cgroup may take.
 const CGROUP_KILL_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a session's executor may take to start serving.
+const EXECUTOR_START_TIMEOUT: Duration = Duration::from_secs(20);
+/// The executor binary's file name.
+pub const EXECUTOR_BINARY: &str = "sandfleet-executor";
 
 /// Configuration of [`ProcessRuntime`].
 #[derive(Debug, Clone)]
@@ -86,6 +112,27 @@ pub struct ProcessRuntimeConfig {
     pub bwrap_path: PathBuf,
     /// How sessions get their disk (default: a filesystem of the session's quota).
     pub disk_quota: DiskQuota,
+    /// The `sandfleet-executor` binary started per session (default: see
+    /// [`locate_executor`]).
+    pub executor_path: PathBuf,
+}
+
+/// Where `sandfleet-executor` is: `$SANDFLEET_EXECUTOR`, else next to the
+/// running binary (or one level up, for test binaries in `deps/`), else
+/// `sandfleet-executor` on `PATH`.
+pub fn locate_executor() -> PathBuf {
+    if let Some(p) = std::env::var_os("SANDFLEET_EXECUTOR").filter(|p| !p.is_empty()) {
+        return PathBuf::from(p);
+    }
+    if let Ok(exe) = std::env::current_exe() {
+        for dir in exe.ancestors().skip(1).take(2) {
+            let candidate = dir.join(EXECUTOR_BINARY);
+            if candidate.is_file() {
+                return candidate;
+            }
+        }
+    }
+    PathBuf::from(EXECUTOR_BINARY)
 }
 
 impl ProcessRuntimeConfig {
@@ -98,29 +145,26 @@ impl ProcessRuntimeConfig {
             slots: DEFAULT_SLOTS,
             bwrap_path: PathBuf::from(DEFAULT_BWRAP_PATH),
             disk_quota: DiskQuota::default(),
+            executor_path: locate_executor(),
         }
     }
 }
 
-/// Extra pids.max on the session cgroup, above `pids_limit`.
-///
-/// Measured on this kernel (6.18, cgroup v1): the pids charge of a process that
-/// ran in a pid namespace (bwrap --unshare-pid) is released some seconds after
-/// the process was reaped, even once its cgroup is removed. Back-to-back execs
-/// of `true` accumulated 40 such charges in the session cgroup with no task
-/// left, and at pids_limit 64 the 65th quick exec could not fork. The per-exec
-/// leaf keeps the exact `pids_limit` (a fork bomb in one exec stops there); the
-/// session level only absorbs the lingering charges.
-const PIDS_TEARDOWN_HEADROOM: u32 = 512;
-
-/// The session cgroup's limits. Its pids.max has [`PIDS_TEARDOWN_HEADROOM`]
-/// on top of `pids_limit`; each exec's leaf gets `pids_limit` itself.
+/// The session cgroup's limits: its pids.max is `pids_limit` plus
+/// [`EXECUTOR_PIDS_HEADROOM`] for the executor, as in a container.
 fn session_limits(spec: &ResolvedSpec) -> Limits {
     Limits {
         memory_bytes: spec.memory_bytes,
         cpu_millis: spec.cpu_millis,
-        pids_limit: spec.pids_limit.saturating_add(PIDS_TEARDOWN_HEADROOM),
+        pids_limit: spec.pids_limit.saturating_add(EXECUTOR_PIDS_HEADROOM),
     }
+}
+
+/// A session's running executor.
+struct Executor {
+    child: tokio::process::Child,
+    /// The agent's end of the lifeline: closing it (drop) ends the executor.
+    _lifeline: tokio::net::UnixStream,
 }
 
 struct Session {
@@ -133,12 +177,18 @@ struct Session {
     spec: Mutex<ResolvedSpec>,
     /// `true` while the session may start execs; destroy takes the write lock.
     alive: RwLock<bool>,
-    exec_seq: AtomicU64,
+    /// Its executor, once started; the lock serializes (re)starts.
+    executor: tokio::sync::Mutex<Option<Executor>>,
 }
 
 impl Session {
     fn workspace_dir(&self) -> PathBuf {
         self.dir.join("workspace")
+    }
+
+    /// The executor's directory (0700, the session uid): its socket.
+    fn run_dir(&self) -> PathBuf {
+        self.dir.join("run")
     }
 
     fn spec(&self) -> ResolvedSpec {
@@ -194,6 +244,7 @@ fn chown_tree(path: &Path, uid: u32) -> io::Result<()> {
 /// (0700, owned by the session uid).
 fn ensure_session_dirs(s: &Session) -> Result<(), RuntimeError> {
     create_dir(&s.dir, 0o711, None)?;
+    create_dir(&s.run_dir(), 0o700, Some(s.uid))?;
     let ws = s.workspace_dir();
     match fs::create_dir(&ws) {
         Ok(()) => {}
@@ -242,6 +293,7 @@ impl ProcessRuntime {
             ));
         }
         check_bwrap(&cfg.bwrap_path)?;
+        check_executor(&cfg.executor_path).await?;
         warn_on_uid_overlap(cfg.uid_base, cfg.slots);
 
         let cgroups = AnyCgroupManager::detect()?;
@@ -438,7 +490,8 @@ impl ProcessRuntime {
             table.remove(&id);
         }
 
-        // cgroups: keep the sessions', drop exec leaves and orphans.
+        // cgroups: keep the sessions', drop leaves (exec leaves of older agents) and orphans.
+        // Executors start again with the first exec.
         for s in table.values() {
             if !cg.exists(&s.cgroup) {
                 cg.create(&s.cgroup).map_err(|e| io_ctx("recreating a session cgroup", e))?;
@@ -475,7 +528,7 @@ impl ProcessRuntime {
             generation: AtomicU64::new(generation),
             spec: Mutex::new(spec),
             alive: RwLock::new(true),
-            exec_seq: AtomicU64::new(0),
+            executor: tokio::sync::Mutex::new(None),
         }
     }
 
@@ -502,10 +555,9 @@ impl ProcessRuntime {
             err
         });
         let uid = self.inner.cfg.uid_base;
-        let res =
-            self.spawn_sandbox(&probe_dir, Path::new(""), &bwrap::base_env(), &argv, None, &[], uid).map_err(|e| {
-                RuntimeError::Unavailable(format!("cannot start bwrap {}: {e}", self.inner.cfg.bwrap_path.display()))
-            })?;
+        let res = self.spawn_sandbox(&probe_dir, Path::new(""), &bwrap::base_env(), &argv, None, uid).map_err(|e| {
+            RuntimeError::Unavailable(format!("cannot start bwrap {}: {e}", self.inner.cfg.bwrap_path.display()))
+        })?;
         let (child, _fds) = res;
         let info =
             exec::supervise(child, tokio::time::Instant::now(), vec![], Duration::from_secs(20), 64 * 1024, tx, || {})
@@ -523,8 +575,8 @@ impl ProcessRuntime {
         Ok(())
     }
 
-    /// Spawns bwrap for `argv` as host `uid`, joining the cgroups whose
-    /// `cgroup.procs` are given (see [`bwrap::spawn`]).
+    /// Spawns bwrap for `argv` as host `uid` (see [`bwrap::spawn`]); only the
+    /// startup probe does this itself, execs go through the session's executor.
     #[allow(clippy::too_many_arguments)]
     fn spawn_sandbox(
         &self,
@@ -533,7 +585,6 @@ impl ProcessRuntime {
         env: &BTreeMap<String, String>,
         argv: &[String],
         code: Option<&[u8]>,
-        procs_files: &[PathBuf],
         uid: u32,
     ) -> io::Result<(tokio::process::Child, Vec<fs::File>)> {
         bwrap::spawn(&bwrap::Launch {
@@ -545,42 +596,155 @@ impl ProcessRuntime {
             env,
             argv,
             code,
-            procs_files,
             run_as: Some(uid),
             own_process_group: false,
         })
     }
-}
 
-/// Removes an exec's leaf cgroup when the exec future is dropped before its
-/// own cleanup ran.
-struct LeafGuard {
-    cg: AnyCgroupManager,
-    leaf: String,
-    armed: bool,
-}
-
-impl Drop for LeafGuard {
-    fn drop(&mut self) {
-        if !self.armed {
-            return;
-        }
-        let cg = self.cg.clone();
-        let leaf = std::mem::take(&mut self.leaf);
-        match tokio::runtime::Handle::try_current() {
-            Ok(h) => {
-                h.spawn(async move {
-                    if let Err(e) = cg.destroy(&leaf, CGROUP_KILL_TIMEOUT).await {
-                        warn!(error = %e, cgroup = %leaf, "could not clean up the exec cgroup");
-                    }
-                });
-            }
-            Err(_) => {
-                cg.kill_once(&leaf);
-                let _ = cg.remove(&leaf);
+    /// The socket of `s`'s executor, started first if it is not running.
+    async fn executor_socket(&self, s: &Session) -> Result<PathBuf, RuntimeError> {
+        let mut slot = s.executor.lock().await;
+        if let Some(e) = slot.as_mut() {
+            match e.child.try_wait() {
+                Ok(None) => return Ok(s.run_dir().join(SOCKET_NAME)),
+                Ok(Some(status)) => warn!(%status, "the session's executor had exited; starting it again"),
+                Err(e) => warn!(error = %e, "cannot check the session's executor; starting it again"),
             }
         }
+        *slot = None;
+        *slot = Some(self.start_executor(s).await?);
+        Ok(s.run_dir().join(SOCKET_NAME))
     }
+
+    /// Starts `s`'s executor: as root into the session's cgroups, where it
+    /// drops to the session uid itself, and waits for its "ready".
+    #[instrument(skip_all, fields(session = %s.id))]
+    async fn start_executor(&self, s: &Session) -> Result<Executor, RuntimeError> {
+        use std::os::fd::AsRawFd as _;
+        use tokio::io::AsyncReadExt as _;
+        let started = std::time::Instant::now();
+        let cfg = &self.inner.cfg;
+        let unavailable = |what: String| RuntimeError::Unavailable(format!("the session's executor: {what}"));
+        let mut procs = Vec::new();
+        for p in self.inner.cgroups.procs_files(&s.cgroup) {
+            procs.push(
+                fs::OpenOptions::new()
+                    .write(true)
+                    .open(&p)
+                    .map_err(|e| io_ctx(format!("opening {}", p.display()), e))?,
+            );
+        }
+        let (ours, theirs) =
+            std::os::unix::net::UnixStream::pair().map_err(|e| io_ctx("creating the executor's lifeline", e))?;
+        let mut cmd = tokio::process::Command::new(&cfg.executor_path);
+        // Relative socket path: the run dir's absolute path may exceed sun_path's 108 bytes.
+        cmd.arg("--run-dir")
+            .arg(".")
+            .arg("--workspace")
+            .arg(s.workspace_dir())
+            .arg("--bwrap")
+            .arg(&cfg.bwrap_path)
+            .arg("--etc-dir")
+            .arg(&self.inner.layout.etc_dir)
+            .arg("--etc-prepared")
+            .arg("--cgroup")
+            .arg(&s.cgroup)
+            .arg("--uid")
+            .arg(s.uid.to_string())
+            .arg("--lifeline-fd")
+            .arg(theirs.as_raw_fd().to_string())
+            .env_clear()
+            .env("SANDFLEET_LOG", "warn")
+            .current_dir(s.run_dir())
+            .process_group(0)
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::inherit())
+            .kill_on_drop(true);
+        bwrap::ChildSetup {
+            procs_fds: procs.iter().map(|f| f.as_raw_fd()).collect(),
+            inherit: vec![theirs.as_raw_fd()],
+            run_as: None,
+            oom_victim: false,
+        }
+        .install(&mut cmd);
+        let mut child =
+            cmd.spawn().map_err(|e| unavailable(format!("cannot start {}: {e}", cfg.executor_path.display())))?;
+        drop((theirs, procs));
+        ours.set_nonblocking(true).map_err(|e| io_ctx("setting up the executor's lifeline", e))?;
+        let mut lifeline =
+            tokio::net::UnixStream::from_std(ours).map_err(|e| io_ctx("setting up the executor's lifeline", e))?;
+        let mut line = Vec::new();
+        let ready = tokio::time::timeout(EXECUTOR_START_TIMEOUT, async {
+            let mut buf = [0u8; 16];
+            while !line.ends_with(b"\n") && line.len() < 64 {
+                match lifeline.read(&mut buf).await {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => line.extend_from_slice(&buf[..n]),
+                }
+            }
+        })
+        .await;
+        if ready.is_err() || line != b"ready\n" {
+            let _ = child.start_kill();
+            let status = child.wait().await.ok();
+            return Err(unavailable(match (ready, status) {
+                (Err(_), _) => format!("did not start within {} s", EXECUTOR_START_TIMEOUT.as_secs()),
+                (Ok(()), Some(st)) => format!("exited before serving ({st}); see the agent's log above"),
+                (Ok(()), None) => "exited before serving".to_string(),
+            }));
+        }
+        debug!(pid = child.id(), elapsed_us = started.elapsed().as_micros() as u64, "executor ready");
+        Ok(Executor { child, _lifeline: lifeline })
+    }
+
+    /// Starts `s`'s executor in the background, so the first exec finds it
+    /// ready; an exec started meanwhile waits for it.
+    fn warm_executor(&self, s: Arc<Session>) {
+        let rt = self.clone();
+        tokio::spawn(
+            async move {
+                let alive = s.alive.read().await;
+                if *alive {
+                    if let Err(e) = rt.executor_socket(&s).await {
+                        warn!(error = %e, "could not start the session's executor; the next exec tries again");
+                    }
+                }
+            }
+            .in_current_span(),
+        );
+    }
+
+    /// The pid of the session's executor, when it runs (for tests).
+    pub async fn executor_pid(&self, session_id: &str) -> Option<u32> {
+        let s = self.get(session_id).ok()?;
+        let e = s.executor.lock().await;
+        e.as_ref().and_then(|e| e.child.id())
+    }
+}
+
+/// Runs `sandfleet-executor --version`, so a missing or broken executor is
+/// reported at startup rather than by the first exec.
+async fn check_executor(path: &Path) -> Result<(), RuntimeError> {
+    let hint = "build it with `cargo build --bins`, install it next to sandfleet-agent, or name it with --executor-path / SANDFLEET_EXECUTOR";
+    let out = tokio::time::timeout(
+        Duration::from_secs(20),
+        tokio::process::Command::new(path).arg("--version").env_clear().kill_on_drop(true).output(),
+    )
+    .await
+    .map_err(|_| RuntimeError::Unavailable(format!("{} --version did not answer within 20 s", path.display())))?
+    .map_err(|e| {
+        RuntimeError::Unavailable(format!("cannot run the session executor {}: {e}; {hint}", path.display()))
+    })?;
+    if !out.status.success() {
+        return Err(RuntimeError::Unavailable(format!(
+            "{} --version failed ({}): {}; {hint}",
+            path.display(),
+            out.status,
+            String::from_utf8_lossy(&out.stderr).trim()
+        )));
+    }
+    Ok(())
 }
 
 fn check_bwrap(path: &Path) -> Result<(), RuntimeError> {
@@ -679,6 +843,7 @@ impl Runtime for ProcessRuntime {
             }
             cg.set_limits(&s.cgroup, &session_limits(&stored)).map_err(|e| io_ctx("setting session limits", e))?;
             self.persist(&s)?;
+            self.warm_executor(s);
             debug!("session already prepared; updated");
             return Ok(());
         }
@@ -709,7 +874,9 @@ impl Runtime for ProcessRuntime {
             return Err(e);
         }
         info!(slot, uid = s.uid, "session prepared");
-        self.lock_sessions().insert(spec.session_id.clone(), Arc::new(s));
+        let s = Arc::new(s);
+        self.lock_sessions().insert(spec.session_id.clone(), s.clone());
+        self.warm_executor(s);
         Ok(())
     }
 
@@ -721,88 +888,33 @@ impl Runtime for ProcessRuntime {
         out: mpsc::Sender<ExecEvent>,
     ) -> Result<ExitInfo, RuntimeError> {
         validate_session_id(session_id)?;
-        let exec::ValidatedExec { plan, timeout, output_cap, workdir } = exec::validate(&spec, bwrap::CODE_PATH)?;
-
+        // Checked here too, so a bad request gets its precise error without a round trip.
+        let v = exec::validate(&spec, bwrap::CODE_PATH)?;
         let s = self.get(session_id)?;
-        let ws = Workspace::new(s.workspace_dir(), s.uid, s.uid);
-        exec::check_workdir(&ws, &spec.workdir).await?;
-        let stored = s.spec();
-        let mut env = bwrap::base_env();
-        env.extend(stored.env.clone());
-        env.extend(spec.env.clone());
-
-        let cg = self.inner.cgroups.clone();
         let alive = s.alive.read().await;
         if !*alive {
             return Err(RuntimeError::NotFound(session_id.to_string()));
         }
-        let n = s.exec_seq.fetch_add(1, Ordering::SeqCst);
-        let leaf = format!("{}/exec-{n}", s.cgroup);
-        cg.create(&leaf).map_err(|e| io_ctx("creating the exec cgroup", e))?;
-        if let Err(e) = cg.set_pids_max(&leaf, u64::from(stored.pids_limit)) {
-            // Without it the session-level limit (with its headroom) still holds.
-            warn!(error = %e, cgroup = %leaf, "could not set the exec's pids limit");
-        }
-        // If this future is dropped mid-exec (the caller went away), kill_on_drop
-        // kills bwrap and the guard removes the leaf in the background.
-        let mut leaf_guard = LeafGuard { cg: cg.clone(), leaf: leaf.clone(), armed: true };
-        let oom_before = cg.oom_kills(&s.cgroup);
-        let forkfail_before = cg.pids_max_events(&s.cgroup);
-        let started = tokio::time::Instant::now();
-        let spawned = self.spawn_sandbox(
-            &s.workspace_dir(),
-            &workdir,
-            &env,
-            &plan.argv,
-            plan.code_file.as_deref(),
-            &cg.procs_files(&leaf),
-            s.uid,
-        );
-        // The child is in the leaf (or failed): destroy may proceed and will kill it.
-        drop(alive);
-        let (child, fds) = match spawned {
+        let stored = s.spec();
+        let req = WireExec::new(&spec, &stored.env, stored.memory_bytes, stored.pids_limit);
+        let sock = self.executor_socket(&s).await?;
+        let conn = match executor::connect(&sock).await {
             Ok(c) => c,
-            Err(e) => {
-                let _ = cg.remove(&leaf);
-                leaf_guard.armed = false;
-                if e.raw_os_error() == Some(libc::E2BIG) {
-                    return Err(invalid("argv and environment together are too large for the kernel (E2BIG)"));
-                }
-                return Err(io_ctx("starting bwrap", e));
+            Err(first) => {
+                // Nothing was sent yet: starting the executor again and retrying is safe.
+                warn!(error = %first, "the session's executor is not reachable; starting it again");
+                *s.executor.lock().await = None;
+                let sock = self.executor_socket(&s).await?;
+                executor::connect(&sock).await?
             }
         };
-        drop(fds);
-        debug!(pid = child.id(), cgroup = %leaf, "exec started");
-        let kill_cg = cg.clone();
-        let kill_leaf = leaf.clone();
-        let kill_tree = move || {
-            for _ in 0..3 {
-                if kill_cg.kill_once(&kill_leaf) == 0 {
-                    break;
-                }
-            }
-        };
-        let result = exec::supervise(child, started, spec.stdin, timeout, output_cap, out, kill_tree).await;
-
-        // Whatever happened, nothing of this exec may outlive it.
-        // v1 counts OOM kills and refused forks in the leaf only; v2 also in the session.
-        let (leaf_oom, leaf_forkfail) =
-            if cg.version() == 1 { (cg.oom_kills(&leaf), cg.pids_max_events(&leaf)) } else { (0, 0) };
-        if let Err(e) = cg.destroy(&leaf, CGROUP_KILL_TIMEOUT).await {
-            warn!(error = %e, cgroup = %leaf, "could not clean up the exec cgroup");
+        // Destroy may proceed now: it kills the executor with the session's cgroups.
+        drop(alive);
+        let res = executor::exec_on(conn, req, out, v.timeout + EXEC_GRACE).await;
+        if matches!(res, Err(RuntimeError::Unavailable(_))) && !*s.alive.read().await {
+            return Err(RuntimeError::Unavailable("the session was stopped or deleted while the command ran".into()));
         }
-        leaf_guard.armed = false;
-        let mut info = result.map_err(|e| io_ctx("supervising the command", e))?;
-        let oom = cg.oom_kills(&s.cgroup).saturating_sub(oom_before) + leaf_oom;
-        let forkfail = cg.pids_max_events(&s.cgroup).saturating_sub(forkfail_before) + leaf_forkfail;
-        exec::note_limits(&mut info, oom, stored.memory_bytes, forkfail, stored.pids_limit);
-        debug!(
-            exit_code = info.exit_code,
-            signal = info.signal,
-            duration_ms = info.duration.as_millis() as u64,
-            "exec ended"
-        );
-        Ok(info)
+        res
     }
 
     #[instrument(skip(self), fields(session = %session_id))]
@@ -810,10 +922,14 @@ impl Runtime for ProcessRuntime {
         validate_session_id(session_id)?;
         let _admin = self.inner.admin.lock().await;
         let s = self.lock_sessions().get(session_id).cloned();
-        if let Some(s) = s {
+        if let Some(s) = &s {
             *s.alive.write().await = false;
         }
-        self.inner.cgroups.destroy(&self.session_cgroup(session_id), CGROUP_KILL_TIMEOUT).await
+        self.inner.cgroups.destroy(&self.session_cgroup(session_id), CGROUP_KILL_TIMEOUT).await?;
+        if let Some(s) = s {
+            *s.executor.lock().await = None;
+        }
+        Ok(())
     }
 
     async fn destroy(&self, session_id: &str) -> Result<(), RuntimeError> {
@@ -825,6 +941,9 @@ impl Runtime for ProcessRuntime {
         }
         let rel = self.session_cgroup(session_id);
         self.inner.cgroups.destroy(&rel, CGROUP_KILL_TIMEOUT).await?;
+        if let Some(s) = &s {
+            *s.executor.lock().await = None;
+        }
         let dir = self.sessions_dir().join(session_id);
         self.inner.disks.detach(session_id, &dir.join("workspace")).await?;
         match fs::remove_dir_all(&dir) {

@@ -57,9 +57,7 @@ pub const LABEL_TEMPLATE: &str = "sandfleet.template";
 
 /// CFS period of every container (100 ms).
 pub const CPU_PERIOD_US: i64 = 100_000;
-/// pids on top of the session's `pids_limit`: tini, the executor's threads,
-/// and the two bwrap processes of each exec.
-pub const EXECUTOR_PIDS_HEADROOM: u32 = 32;
+pub use crate::executor::EXECUTOR_PIDS_HEADROOM;
 
 /// Docker's default allow list (the entries without conditions), as of moby
 /// 20.10–27; names unknown to the host's libseccomp are ignored by the engine.

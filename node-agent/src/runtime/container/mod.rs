@@ -72,7 +72,7 @@ use super::usage::{Usage, UsageMeter};
 use super::{
     resolve_spec, ExecEvent, ExecSpec, ExitInfo, ResolvedSpec, Runtime, RuntimeError, SandboxSpec, SessionInfo,
 };
-use crate::executor::{self, WireExec, SOCKET_NAME};
+use crate::executor::{self, WireExec, EXEC_GRACE, SOCKET_NAME};
 use crate::workspace::Workspace;
 
 /// The image every template uses unless configured otherwise.
@@ -85,8 +85,6 @@ pub const ENGINE_CALL_TIMEOUT: Duration = Duration::from_secs(30);
 const EXECUTOR_READY_TIMEOUT: Duration = Duration::from_secs(20);
 /// Waits between failed warm-pool container creates: 200 ms doubling to 5 s.
 const POOL_RETRY: Backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(5)).with_floor_percent(50);
-/// Grace on top of an exec's timeout before the agent gives up on the executor.
-const EXEC_GRACE: Duration = Duration::from_secs(30);
 
 /// What an engine reports of one container.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
