@@ -428,3 +428,66 @@ async fn whole_cluster_restores_from_one_members_data_dir() {
     let converged = cluster.wait_converged(CONVERGE).await.unwrap();
     assert_eq!(member_ids(&converged), BTreeSet::from([1, 4]));
 }
+
+/// Group commit: many concurrent creates, some of them the same request id
+/// twice at once, become fewer Raft entries than creates, and every caller
+/// still gets its own answer. Idempotency holds inside a batch (a request id
+/// yields one session, both callers see it), and every member applies the
+/// batches to the same state.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_creates_are_group_committed_and_answered_one_by_one() {
+    require_facilities!();
+    // No agent: the sessions stay PENDING; this is the commit path only.
+    let mut cluster = start(ClusterBuilder::new().coordinators(3).agents(0)).await;
+    let client = cluster.client().await;
+    let leader = leader_index(&mut cluster).await;
+    let before = cluster.status().await.unwrap();
+    let log_before = before.members.iter().map(|m| m.last_log_index).max().unwrap_or(0);
+
+    const UNIQUE: usize = 240;
+    const TWICE: usize = 60;
+    let rids: Vec<String> = (0..UNIQUE).map(|i| request_id(&format!("group{i}"))).collect();
+    // The first TWICE request ids are sent twice, concurrently.
+    let calls: Vec<String> = rids.iter().cloned().chain(rids[..TWICE].iter().cloned()).collect();
+    let answers = futures::future::join_all(calls.iter().map(|rid| {
+        let client = client.clone();
+        let rid = rid.clone();
+        async move {
+            let resp = client.create_session(tiny(&rid)).await.unwrap_or_else(|e| panic!("create {rid}: {e}"));
+            (rid, resp)
+        }
+    }))
+    .await;
+
+    let mut by_rid: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
+    for (rid, session) in &answers {
+        assert_eq!(&session.request_id, rid, "each caller gets the session of its own request id");
+        by_rid.entry(rid.clone()).or_default().insert(session.id.clone());
+    }
+    assert_eq!(by_rid.len(), UNIQUE);
+    for (rid, ids) in &by_rid {
+        assert_eq!(ids.len(), 1, "request id {rid} was answered with more than one session: {ids:?}");
+    }
+    let converged = cluster.wait_converged(CONVERGE).await.unwrap();
+    assert_eq!(
+        converged.sessions_created - before.sessions_created,
+        UNIQUE as u64,
+        "one session per request id, however the creates were batched"
+    );
+    let listed = client.list_all_sessions(proto::ListSessionsRequest::default()).await.unwrap();
+    assert_eq!(listed.len(), UNIQUE);
+
+    let log_after = converged.members.iter().map(|m| m.last_log_index).max().unwrap_or(0);
+    let entries = log_after - log_before;
+    eprintln!(
+        "{} creates ({} of them repeats) took {entries} log entries on leader {}",
+        calls.len(),
+        TWICE,
+        leader + 1
+    );
+    assert!(
+        entries < calls.len() as u64,
+        "{} concurrent creates took {entries} entries: they were not group-committed",
+        calls.len()
+    );
+}

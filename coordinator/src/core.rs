@@ -15,6 +15,7 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::Notify;
 use tonic::transport::Channel;
 
+use crate::commit::{Committed, Committer};
 use crate::error::CoreError;
 use crate::raft::store::StateHandle;
 use crate::raft::{network, typ, Raft};
@@ -128,6 +129,8 @@ pub struct Core {
     pub quorum_checked: tokio::sync::Mutex<Option<std::time::Instant>>,
     /// Wakes the leader loop (new pending session, new node, deletion).
     pub wake: Notify,
+    /// The group-commit queue every write of this member goes through.
+    committer: Committer,
     /// Dials peers over mutual TLS; `None` on an `--insecure` loopback cluster,
     /// where callers need no certificate.
     pub peer_tls: Option<TlsDialer>,
@@ -143,6 +146,7 @@ impl Core {
         tunables: Tunables,
         peer_tls: Option<TlsDialer>,
     ) -> Self {
+        let committer = Committer::start(raft.clone(), QUORUM_TIMEOUT);
         Self {
             id,
             addr,
@@ -155,6 +159,7 @@ impl Core {
             lead_since_ms: std::sync::atomic::AtomicI64::new(0),
             quorum_checked: tokio::sync::Mutex::new(None),
             wake: Notify::new(),
+            committer,
             peer_tls,
             peers: Mutex::new(HashMap::new()),
         }
@@ -209,7 +214,7 @@ impl Core {
 
     async fn propose_uncounted(&self, cmd: Command) -> Result<CommandResponse, CoreError> {
         match self.write_here(cmd.clone()).await? {
-            Ok(resp) => Ok(resp.data),
+            Ok(resp) => Ok(resp),
             Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f))) => {
                 let Some(node) = f.leader_node else {
                     return Err(CoreError::NoLeader);
@@ -232,7 +237,7 @@ impl Core {
         let result = self.write_here(cmd).await;
         crate::metrics::metrics().proposal.record(started.elapsed().as_secs_f64(), &[]);
         match result? {
-            Ok(resp) => Ok(resp.data),
+            Ok(resp) => Ok(resp),
             Err(RaftError::APIError(ClientWriteError::ForwardToLeader(_))) => Err(CoreError::NotLeader),
             Err(RaftError::APIError(ClientWriteError::ChangeMembershipError(e))) => {
                 Err(CoreError::Membership(e.to_string()))
@@ -241,17 +246,12 @@ impl Core {
         }
     }
 
-    /// `client_write` bounded by [`QUORUM_TIMEOUT`].
-    async fn write_here(
-        &self,
-        cmd: Command,
-    ) -> Result<
-        Result<openraft::raft::ClientWriteResponse<crate::raft::TypeConfig>, typ::RaftError<typ::ClientWriteError>>,
-        CoreError,
-    > {
-        tokio::time::timeout(QUORUM_TIMEOUT, self.raft.client_write(cmd))
+    /// Commits through the group-commit queue ([`crate::commit`]), bounded by
+    /// [`QUORUM_TIMEOUT`].
+    async fn write_here(&self, cmd: Command) -> Result<Committed, CoreError> {
+        tokio::time::timeout(QUORUM_TIMEOUT, self.committer.commit(cmd))
             .await
-            .map_err(|_| CoreError::WriteTimeout(QUORUM_TIMEOUT))
+            .map_err(|_| CoreError::WriteTimeout(QUORUM_TIMEOUT))?
     }
 
     async fn forward_propose(&self, leader: &str, cmd: &Command) -> Result<CommandResponse, CoreError> {
@@ -281,7 +281,7 @@ impl Core {
             Err(e) => return ForwardResult::Err(e.to_string()),
         };
         match written {
-            Ok(r) => ForwardResult::Ok(r.data),
+            Ok(r) => ForwardResult::Ok(r),
             Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f))) => {
                 ForwardResult::NotLeader { leader: f.leader_node.map(|n| n.addr) }
             }

@@ -18,6 +18,7 @@
 //! - [`readiness`]: when the member reports SERVING on `grpc.health.v1`.
 //! - [`service`]: the gRPC services.
 
+pub mod commit;
 pub mod core;
 pub mod error;
 pub mod formation;
@@ -376,6 +377,8 @@ pub async fn serve(config: CoordinatorConfig, shutdown: CancellationToken) -> Re
         snapshot_policy: openraft::SnapshotPolicy::LogsSinceLast(config.snapshot_after_entries),
         max_in_snapshot_log_to_keep: config.keep_log_entries,
         purge_batch_size: 1,
+        // Group-committed entries are up to commit::MAX_BYTES each.
+        max_payload_entries: commit::MAX_PAYLOAD_ENTRIES,
         ..Default::default()
     }
     .validate()

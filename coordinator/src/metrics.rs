@@ -44,6 +44,8 @@ pub struct Metrics {
     pub leader_changes: Counter<u64>,
     /// `sandfleet_raft_proposal_duration_seconds`.
     pub proposal: Histogram<f64>,
+    /// `sandfleet_raft_commit_batch_commands`.
+    pub commit_batch: Histogram<u64>,
     /// `sandfleet_raft_fsync_duration_seconds`.
     pub fsync: Histogram<f64>,
     /// `sandfleet_raft_snapshot_build_duration_seconds`.
@@ -85,6 +87,11 @@ static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
             "sandfleet.raft.proposal.duration",
             "A proposal of this member: from proposing to committed and applied",
         ),
+        commit_batch: m
+            .u64_histogram("sandfleet.raft.commit.batch.commands")
+            .with_description("Commands group-committed in one Raft entry by this member")
+            .with_boundaries(COUNT_BUCKETS.to_vec())
+            .build(),
         fsync: seconds("sandfleet.raft.fsync.duration", "One fsync of the Raft log's WAL"),
         snapshot_build: seconds("sandfleet.raft.snapshot.build.duration", "Building a snapshot of the state machine"),
     }

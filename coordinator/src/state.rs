@@ -481,6 +481,10 @@ pub enum Command {
     CreateApiKey { key: ApiKeyRecord },
     /// Revokes an API key; idempotent.
     RevokeApiKey { id: String, now_ms: i64 },
+    /// Concurrent proposals group-committed as one Raft entry (see
+    /// `commit.rs`): applied one after another, exactly as if each had been
+    /// its own entry, with one response each. Never nested.
+    Batch { commands: Vec<Command> },
 }
 
 #[cfg(test)]
@@ -524,6 +528,8 @@ pub enum CommandResponse {
     /// The API key that made the command is no longer valid (revoked,
     /// expired, or gone); nothing changed.
     KeyRefused,
+    /// The responses of a [`Command::Batch`], in its order.
+    Batch(Vec<CommandResponse>),
 }
 
 /// The whole replicated state.
@@ -819,6 +825,9 @@ impl ClusterState {
     /// Applies one command. Never fails: a command that cannot apply is
     /// answered with [`CommandResponse::Rejected`] and changes nothing.
     pub fn apply(&mut self, cmd: Command, touched: &mut Touched) -> CommandResponse {
+        if let Command::Batch { commands } = cmd {
+            return CommandResponse::Batch(commands.into_iter().map(|c| self.apply(c, touched)).collect());
+        }
         let first = touched.sessions.len();
         let response = self.apply_inner(cmd, touched);
         for i in first..touched.sessions.len() {
@@ -830,6 +839,10 @@ impl ClusterState {
 
     fn apply_inner(&mut self, cmd: Command, touched: &mut Touched) -> CommandResponse {
         match cmd {
+            // Unwrapped by `apply`.
+            Command::Batch { commands } => {
+                CommandResponse::Batch(commands.into_iter().map(|c| self.apply(c, touched)).collect())
+            }
             Command::InitCluster { signing_seed } => {
                 if self.signing_seed.is_empty() {
                     self.signing_seed = signing_seed;
@@ -1355,6 +1368,38 @@ mod tests {
             other => panic!("unexpected {other:?}"),
         }
         assert_eq!(st.sessions.len(), 1);
+    }
+
+    /// A group-committed batch applies its commands in order, each as if it
+    /// were its own entry: same responses, same state, same digest, and the
+    /// capacity re-check and idempotency work between commands of one batch.
+    #[test]
+    fn a_batch_applies_like_its_commands_one_by_one() {
+        let commands = vec![
+            Command::RegisterNode { node: node("n1", 1000) },
+            Command::CreateSession { session: session("a", "r1", Some("n1"), 800), key_id: None },
+            // The same request id again, in the same batch: the first session.
+            Command::CreateSession { session: session("b", "r1", Some("n1"), 800), key_id: None },
+            // Placed on capacity the first create took: falls back to pending.
+            Command::CreateSession { session: session("c", "r2", Some("n1"), 800), key_id: None },
+            Command::RenewSession { id: "missing".into(), expires_at_ms: 9, now_ms: 2, tenant: None },
+        ];
+        let mut one_by_one = ClusterState::default();
+        let mut t1 = Touched::default();
+        let expected: Vec<CommandResponse> = commands.iter().cloned().map(|c| one_by_one.apply(c, &mut t1)).collect();
+
+        let mut batched = ClusterState::default();
+        let mut t2 = Touched::default();
+        let r = batched.apply(Command::Batch { commands }, &mut t2);
+        let CommandResponse::Batch(responses) = r else { panic!("{r:?}") };
+        assert_eq!(responses, expected);
+        assert!(matches!(&responses[2], CommandResponse::Existing(s) if s.id == "a"), "{:?}", responses[2]);
+        assert!(matches!(&responses[3], CommandResponse::Session(s) if s.node_id.is_none()), "{:?}", responses[3]);
+        assert!(matches!(&responses[4], CommandResponse::NotFound(_)), "{:?}", responses[4]);
+        assert_eq!(batched, one_by_one);
+        assert_eq!(batched.digest(), one_by_one.digest());
+        assert_eq!(t2.sessions, t1.sessions);
+        assert_eq!(batched.sessions_created, 2);
     }
 
     #[test]

@@ -3,7 +3,9 @@
 //!
 //! - [`store`]: the RocksDB log store and state machine (column families).
 //! - [`network`]: the Raft transport over tonic (client and server side).
+//! - [`codec`]: the versioned binary encoding of log entries and peer messages.
 
+pub mod codec;
 pub mod network;
 pub mod store;
 

@@ -1,6 +1,10 @@
 //! The Raft transport over tonic: a client per peer (dialled lazily, so a peer
 //! that comes back is reached again) with a deadline on every RPC. Messages are
-//! openraft's own types, JSON-encoded inside `RaftPayload`; snapshots are
+//! openraft's own types inside `RaftPayload`, in the versioned binary
+//! [`codec`](super::codec); a peer that answers that it cannot read them (a
+//! member from before the codec, during a rolling upgrade) is spoken to in
+//! JSON from then on, and every member answers in the format it was asked
+//! in. Snapshots are
 //! streamed as raw bytes in [`SNAPSHOT_CHUNK_BYTES`] chunks over one
 //! client-streaming call, and installed only once the whole stream arrived.
 
@@ -20,6 +24,7 @@ use serde::de::DeserializeOwned;
 use serde::Serialize;
 use tonic::transport::Channel;
 
+use super::codec::{self, Format};
 use super::typ::{self, RPCError, RaftError};
 use super::{Member, NodeId, TypeConfig};
 
@@ -56,6 +61,7 @@ impl RaftNetworkFactory<TypeConfig> for NetworkFactory {
             target,
             addr: node.addr.clone(),
             client: channel(&node.addr, self.tls.as_ref()).ok().map(RaftServiceClient::new),
+            format: Format::Binary,
         }
     }
 }
@@ -65,10 +71,16 @@ pub struct PeerClient {
     target: NodeId,
     addr: String,
     client: Option<RaftServiceClient<Channel>>,
+    /// What this peer reads: binary until it says it cannot.
+    format: Format,
 }
 
-fn encode<T: Serialize>(v: &T) -> Result<RaftPayload, serde_json::Error> {
-    Ok(RaftPayload { data: serde_json::to_vec(v)? })
+/// The error text with which every member, old or new, refuses a payload it cannot decode.
+pub const MALFORMED_PAYLOAD: &str = "malformed raft payload";
+
+/// Whether `status` is a peer refusing a payload it cannot decode.
+fn unreadable(status: &tonic::Status) -> bool {
+    status.code() == tonic::Code::InvalidArgument && status.message().starts_with(MALFORMED_PAYLOAD)
 }
 
 impl PeerClient {
@@ -87,12 +99,22 @@ impl PeerClient {
             let e = std::io::Error::other(format!("invalid peer address {}", self.addr));
             return Err(openraft::error::RPCError::Unreachable(Unreachable::new(&e)));
         };
-        let payload = encode(req).map_err(|e| openraft::error::RPCError::Network(NetworkError::new(&e)))?;
-        let mut request = tonic::Request::new(payload);
-        request.set_timeout(timeout);
-        let result = match which {
-            "append" => client.append_entries(request).await,
-            _ => client.vote(request).await,
+        let result = loop {
+            let data =
+                self.format.encode(req).map_err(|e| openraft::error::RPCError::Network(NetworkError::new(&e)))?;
+            let mut request = tonic::Request::new(RaftPayload { data });
+            request.set_timeout(timeout);
+            let result = match which {
+                "append" => client.append_entries(request).await,
+                _ => client.vote(request).await,
+            };
+            match result {
+                Err(status) if self.format == Format::Binary && unreadable(&status) => {
+                    tracing::info!(peer = %self.addr, "peer cannot read the binary encoding; speaking JSON to it");
+                    self.format = Format::Json;
+                }
+                other => break other,
+            }
         };
         let response = match result {
             Ok(r) => r.into_inner(),
@@ -106,8 +128,8 @@ impl PeerClient {
                 });
             }
         };
-        let decoded: Result<Resp, RaftError<E>> = serde_json::from_slice(&response.data)
-            .map_err(|e| openraft::error::RPCError::Network(NetworkError::new(&e)))?;
+        let decoded: Result<Resp, RaftError<E>> =
+            codec::decode(&response.data).map_err(|e| openraft::error::RPCError::Network(NetworkError::new(&e)))?;
         decoded.map_err(|e| openraft::error::RPCError::RemoteError(RemoteError::new(self.target, e)))
     }
 }
@@ -183,7 +205,7 @@ impl RaftNetwork<TypeConfig> for PeerClient {
             }
         };
         let decoded: Result<SnapshotResponse<NodeId>, Fatal<NodeId>> =
-            serde_json::from_slice(&response.data).map_err(|e| StreamingError::Network(NetworkError::new(&e)))?;
+            codec::decode(&response.data).map_err(|e| StreamingError::Network(NetworkError::new(&e)))?;
         decoded.map_err(|e| StreamingError::RemoteError(RemoteError::new(self.target, e)))
     }
 

@@ -3,7 +3,7 @@
 //!
 //! | column family | key | value |
 //! |---|---|---|
-//! | `raft_log` | log index (u64 BE) | JSON entry |
+//! | `raft_log` | log index (u64 BE) | entry, in the versioned [`codec`](super::codec) (older ones JSON) |
 //! | `raft_meta` | `vote`, `committed`, `last_purged` | JSON |
 //! | `sm_sessions` | session id | JSON [`SessionRecord`] |
 //! | `sm_nodes` | node id | JSON [`NodeRecord`] |
@@ -36,7 +36,7 @@ use rocksdb::{ColumnFamilyDescriptor, Direction, IteratorMode, Options, WriteBat
 use serde::{Deserialize, Serialize};
 use tokio::sync::{broadcast, watch};
 
-use super::{Member, NodeId, TypeConfig};
+use super::{codec, Member, NodeId, TypeConfig};
 use crate::metrics::{metrics, RaftStats};
 use crate::state::{ClusterState, CommandResponse, SessionRecord, Touched};
 
@@ -207,7 +207,7 @@ impl RaftLogReader<TypeConfig> for LogStore {
             if !range.contains(&idx) {
                 break;
             }
-            out.push(serde_json::from_slice(&v).map_err(|e| io_err(ErrorSubject::Logs, ErrorVerb::Read, e))?);
+            out.push(codec::decode(&v).map_err(|e| io_err(ErrorSubject::Logs, ErrorVerb::Read, e))?);
         }
         Ok(out)
     }
@@ -221,7 +221,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
             None => None,
             Some(item) => {
                 let (_, v) = item.map_err(read_err)?;
-                let e: Entry<TypeConfig> = serde_json::from_slice(&v).map_err(read_err)?;
+                let e: Entry<TypeConfig> = codec::decode(&v).map_err(read_err)?;
                 Some(e.log_id)
             }
         };
@@ -262,7 +262,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         let mut batch = WriteBatch::default();
         let log_cf = cf(&self.db, CF_LOG);
         for entry in entries {
-            let bytes = serde_json::to_vec(&entry).map_err(|e| io_err(ErrorSubject::Logs, ErrorVerb::Write, e))?;
+            let bytes = codec::encode(&entry).map_err(|e| io_err(ErrorSubject::Logs, ErrorVerb::Write, e))?;
             batch.put_cf(log_cf, idx_key(entry.log_id.index), bytes);
         }
         // Readable now; durable once the syncer has synced the WAL past it.

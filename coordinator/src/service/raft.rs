@@ -11,7 +11,8 @@ use serde::Serialize;
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::core::Core;
-use crate::raft::network::SnapshotHeader;
+use crate::raft::codec::{self, Format};
+use crate::raft::network::{SnapshotHeader, MALFORMED_PAYLOAD};
 use crate::service::require_peer;
 use crate::state::Command;
 
@@ -29,12 +30,15 @@ impl RaftApi {
     }
 }
 
-fn decode<T: for<'de> serde::Deserialize<'de>>(p: &RaftPayload) -> Result<T, Status> {
-    serde_json::from_slice(&p.data).map_err(|e| Status::invalid_argument(format!("malformed raft payload: {e}")))
+/// Decodes a payload in any encoding; returns its format too, so the answer
+/// goes back in kind (a member from before the binary codec reads only JSON).
+fn decode<T: for<'de> serde::Deserialize<'de>>(p: &RaftPayload) -> Result<(T, Format), Status> {
+    let v = codec::decode(&p.data).map_err(|e| Status::invalid_argument(format!("{MALFORMED_PAYLOAD}: {e}")))?;
+    Ok((v, Format::of(&p.data)))
 }
 
-fn encode<T: Serialize>(v: &T) -> Result<Response<RaftPayload>, Status> {
-    Ok(Response::new(RaftPayload { data: serde_json::to_vec(v).map_err(|e| Status::internal(e.to_string()))? }))
+fn encode<T: Serialize>(v: &T, format: Format) -> Result<Response<RaftPayload>, Status> {
+    Ok(Response::new(RaftPayload { data: format.encode(v).map_err(|e| Status::internal(e.to_string()))? }))
 }
 
 /// This member's status, as ClusterService reports it.
@@ -73,14 +77,14 @@ pub fn initialized(m: &crate::raft::typ::Metrics) -> bool {
 impl RaftService for RaftApi {
     async fn append_entries(&self, req: Request<RaftPayload>) -> Result<Response<RaftPayload>, Status> {
         require_peer(&self.core, &req, &[IdentityKind::Coordinator])?;
-        let rpc = decode(req.get_ref())?;
-        encode(&self.core.raft.append_entries(rpc).await)
+        let (rpc, format) = decode(req.get_ref())?;
+        encode(&self.core.raft.append_entries(rpc).await, format)
     }
 
     async fn vote(&self, req: Request<RaftPayload>) -> Result<Response<RaftPayload>, Status> {
         require_peer(&self.core, &req, &[IdentityKind::Coordinator])?;
-        let rpc = decode(req.get_ref())?;
-        encode(&self.core.raft.vote(rpc).await)
+        let (rpc, format) = decode(req.get_ref())?;
+        encode(&self.core.raft.vote(rpc).await, format)
     }
 
     #[tracing::instrument(skip_all)]
@@ -121,19 +125,21 @@ impl RaftService for RaftApi {
             "installing snapshot streamed from the leader"
         );
         let snapshot = openraft::Snapshot { meta: header.meta, snapshot: Box::new(Cursor::new(data)) };
-        encode(&self.core.raft.install_full_snapshot(header.vote, snapshot).await)
+        // Snapshot headers stay JSON; so does the answer.
+        encode(&self.core.raft.install_full_snapshot(header.vote, snapshot).await, Format::Json)
     }
 
     #[tracing::instrument(level = "debug", skip_all)]
     async fn propose(&self, req: Request<RaftPayload>) -> Result<Response<RaftPayload>, Status> {
         require_peer(&self.core, &req, &[IdentityKind::Coordinator])?;
-        let cmd: Command = decode(req.get_ref())?;
-        encode(&self.core.handle_forwarded_propose(cmd).await)
+        let (cmd, format): (Command, _) = decode(req.get_ref())?;
+        encode(&self.core.handle_forwarded_propose(cmd).await, format)
     }
 
     async fn read_index(&self, req: Request<RaftPayload>) -> Result<Response<RaftPayload>, Status> {
         require_peer(&self.core, &req, &[IdentityKind::Coordinator])?;
-        encode(&self.core.handle_read_index().await)
+        let format = Format::of(&req.get_ref().data);
+        encode(&self.core.handle_read_index().await, format)
     }
 
     async fn member_status(
