@@ -51,6 +51,7 @@ mod docker;
 mod failover;
 mod pair;
 mod placement;
+mod profile;
 mod raft;
 mod telemetry;
 mod tls;
@@ -65,6 +66,14 @@ mod etcdpb {
 #[derive(Debug, Parser)]
 #[command(name = "sandfleet-bench", about = "Sandfleet latency benchmarks against real processes")]
 struct Cli {
+    /// Which cargo profile's binaries to measure. The bench builds them first
+    /// (`cargo build --profile ... --workspace --bins`) and runs that
+    /// profile's own `sandfleet-bench`; `SANDFLEET_BIN_DIR` overrides both.
+    #[arg(long, global = true, value_enum, default_value_t = profile::Profile::Release)]
+    profile: profile::Profile,
+    /// Do not build: measure the binaries already built in that profile.
+    #[arg(long, global = true)]
+    no_build: bool,
     #[command(subcommand)]
     cmd: Cmd,
 }
@@ -309,9 +318,21 @@ impl Series {
     }
 }
 
-#[tokio::main]
-async fn main() -> ExitCode {
+fn main() -> ExitCode {
     let cli = Cli::parse();
+    if let Some(code) = profile::prepare(cli.profile, !cli.no_build) {
+        return code;
+    }
+    match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(rt) => rt.block_on(run(cli)),
+        Err(e) => {
+            eprintln!("sandfleet-bench: cannot start the async runtime: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(cli: Cli) -> ExitCode {
     match cli.cmd {
         Cmd::Workspace { files, total_mib, runs, write } => {
             let settings =
