@@ -9,10 +9,14 @@ use sandfleet_testkit::Cluster;
 use super::report::Cpu;
 
 /// utime + stime of a process in seconds (`/proc/<pid>/stat`, USER_HZ = 100 on Linux).
-fn cpu_seconds(pid: u32) -> Option<f64> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+pub(crate) fn cpu_seconds(pid: u32) -> Option<f64> {
+    parse_cpu_seconds(&std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?)
+}
+
+/// utime + stime in seconds from the text of `/proc/<pid>/stat`.
+fn parse_cpu_seconds(stat: &str) -> Option<f64> {
     // Fields after the parenthesised command name; utime and stime are fields 14 and 15.
-    let rest = &stat[stat.rfind(')')? + 2..];
+    let rest = stat.get(stat.rfind(')')? + 2..)?;
     let f: Vec<&str> = rest.split_whitespace().collect();
     let utime: u64 = f.get(11)?.parse().ok()?;
     let stime: u64 = f.get(12)?.parse().ok()?;
@@ -72,5 +76,23 @@ impl CpuProbe {
             })
             .collect();
         Cpu { wall: now.at - mark.at, procs, leader: (mark.leader, now.leader) }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reads_cpu_time_after_a_command_name_with_spaces_and_parentheses() {
+        let stat = "4242 (sandfleet (co) x) S 1 4242 4242 0 -1 4194560 5000 0 0 0 250 75 0 0 20 0 12 0 100 0 0";
+        assert_eq!(parse_cpu_seconds(stat), Some(3.25));
+        assert_eq!(parse_cpu_seconds("4242 (x"), None);
+        assert_eq!(parse_cpu_seconds(""), None);
+    }
+
+    #[test]
+    fn this_process_has_cpu_time() {
+        assert!(cpu_seconds(std::process::id()).is_some());
     }
 }
