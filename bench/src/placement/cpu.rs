@@ -23,6 +23,22 @@ fn parse_cpu_seconds(stat: &str) -> Option<f64> {
     Some((utime + stime) as f64 / 100.0)
 }
 
+/// The resident set size of a process in bytes (`VmRSS` of `/proc/<pid>/status`).
+pub(crate) fn rss_bytes(pid: u32) -> Option<u64> {
+    parse_vm_rss(&std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?)
+}
+
+/// `VmRSS` in bytes from the text of `/proc/<pid>/status` (`VmRSS:   1234 kB`).
+fn parse_vm_rss(status: &str) -> Option<u64> {
+    let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
+    let mut f = line["VmRSS:".len()..].split_whitespace();
+    let n: u64 = f.next()?.parse().ok()?;
+    match f.next() {
+        Some("kB") | None => Some(n * 1024),
+        Some(_) => None,
+    }
+}
+
 pub(super) struct CpuProbe {
     /// (Raft id, pid) of every coordinator, then (0, pid) of this process.
     procs: Vec<(u64, u32)>,
@@ -92,7 +108,15 @@ mod tests {
     }
 
     #[test]
-    fn this_process_has_cpu_time() {
+    fn reads_vm_rss_in_bytes() {
+        let status = "Name:\tsandfleet-coord\nVmPeak:\t  900000 kB\nVmRSS:\t  123456 kB\nThreads:\t12\n";
+        assert_eq!(parse_vm_rss(status), Some(123_456 * 1024));
+        assert_eq!(parse_vm_rss("Name:\tzombie\n"), None);
+    }
+
+    #[test]
+    fn this_process_has_cpu_time_and_memory() {
         assert!(cpu_seconds(std::process::id()).is_some());
+        assert!(rss_bytes(std::process::id()).is_some_and(|b| b > 0));
     }
 }

@@ -32,6 +32,13 @@ pub(crate) struct BeatLog {
 }
 
 impl BeatLog {
+    /// Forgets the samples and failure times kept so far (the counters and
+    /// reasons stay), so that a long run does not keep every heartbeat.
+    pub(crate) fn forget(&self) {
+        self.samples.lock().clear();
+        self.failures.lock().clear();
+    }
+
     pub(crate) fn window(&self, from: Instant, to: Instant) -> Beats {
         let latencies: Vec<Duration> =
             self.samples.lock().iter().filter(|(t, _)| *t >= from && *t <= to).map(|(_, d)| *d).collect();
