@@ -6,6 +6,7 @@
 //! sandfleet-bench raft [--duration 10] [--clients 1,64] [--kills 10] [--write bench/RESULTS.md]
 //! sandfleet-bench placement [--sessions 20000] [--agents 1000] [--write bench/RESULTS.md]
 //! sandfleet-bench failover [--kills 20] [--sessions-per-agent 10] [--write bench/RESULTS.md]
+//! sandfleet-bench scale [--agents 10000] [--sessions 100000] [--baseline-fraction 0.1] [--write bench/RESULTS.md]
 //! sandfleet-bench docker [--creates 20] [--execs 200] [--pool 2] [--write bench/RESULTS.md]
 //! sandfleet-bench cri [--creates 20] [--execs 200] [--pool 2] [--write bench/RESULTS.md]
 //! sandfleet-bench workspace [--files 1000] [--total-mib 100] [--runs 3] [--write bench/RESULTS.md]
@@ -21,6 +22,11 @@
 //! against the cluster's raw commit rate; see [`placement`]. `failover`
 //! measures SIGKILL of an agent -> its sessions RUNNING elsewhere; see
 //! [`failover`].
+//!
+//! `scale` measures a three-coordinator cluster with 10,000 simulated agents
+//! and 100,000 RUNNING sessions (CPU, memory, heartbeats, RocksDB size,
+//! snapshot build and install, cold restart, filtered `ListSessions`), and
+//! the same at a tenth of that for the growth check; see [`scale`].
 //!
 //! `raft` compares a three-coordinator cluster with a three-member etcd
 //! cluster on the same machine in the same run; see [`raft`].
@@ -53,6 +59,7 @@ mod pair;
 mod placement;
 mod profile;
 mod raft;
+mod scale;
 mod telemetry;
 mod tls;
 mod workspace;
@@ -206,6 +213,53 @@ enum Cmd {
         #[arg(long)]
         write: Option<PathBuf>,
     },
+    /// Scale: 10,000 simulated agents and 100,000 RUNNING sessions on three coordinators (CPU, memory,
+    /// heartbeats, RocksDB size, snapshot build/install, cold restart, filtered ListSessions), and a
+    /// baseline at a tenth of that for the growth check.
+    Scale {
+        /// Simulated node agents (in this process, real AgentService protocol, no sandboxes).
+        #[arg(long, default_value_t = 10_000)]
+        agents: usize,
+        /// Sessions, all RUNNING before anything is measured.
+        #[arg(long, default_value_t = 100_000)]
+        sessions: usize,
+        /// First measure at this fraction of the agents and sessions, on a fresh cluster, for the growth check (0: no baseline).
+        #[arg(long, default_value_t = 0.1)]
+        baseline_fraction: f64,
+        /// Seconds of the steady window (CPU, RSS, heartbeats).
+        #[arg(long, default_value_t = 30)]
+        steady: u64,
+        /// Concurrent clients creating the sessions.
+        #[arg(long, default_value_t = 64)]
+        create_clients: usize,
+        /// HTTP/2 connections per coordinator shared by the simulated agents.
+        #[arg(long, default_value_t = 16)]
+        connections: usize,
+        /// Session slots of each simulated node (default: twice the even share, at least 64).
+        #[arg(long)]
+        slots: Option<u32>,
+        /// Filtered ListSessions calls timed.
+        #[arg(long, default_value_t = 200)]
+        list_calls: usize,
+        /// Page size of those calls.
+        #[arg(long, default_value_t = 100)]
+        list_page_size: u32,
+        /// Concurrent renew clients that drive the leader to its next snapshot.
+        #[arg(long, default_value_t = 32)]
+        renew_clients: usize,
+        /// Give up on any one phase (registration, all RUNNING, a snapshot, a catch-up) after this many seconds.
+        #[arg(long, default_value_t = 3600)]
+        timeout: u64,
+        /// Start agent i with coordinator i mod 3 instead of the leader.
+        #[arg(long)]
+        spread: bool,
+        /// An extra argument for every coordinator (repeatable), e.g. `--coordinator-arg=--snapshot-after-entries=20000`.
+        #[arg(long = "coordinator-arg", allow_hyphen_values = true)]
+        coordinator_args: Vec<String>,
+        /// Replace the `## Scale` section of this Markdown file.
+        #[arg(long)]
+        write: Option<PathBuf>,
+    },
     /// Per-session disk quotas vs none, same run: create -> RUNNING.
     Disk {
         /// Measured creates per cluster and size.
@@ -299,6 +353,7 @@ const WORKSPACE_SECTION: &str = "## Workspace sync vs aws s3 sync";
 const TLS_SECTION: &str = "## Mutual TLS overhead";
 const TELEMETRY_SECTION: &str = "## Telemetry cost";
 const DISK_SECTION: &str = "## Disk quota cost";
+const SCALE_SECTION: &str = "## Scale";
 
 #[derive(Debug)]
 struct Series {
@@ -468,6 +523,46 @@ async fn run(cli: Cli) -> ExitCode {
                     eprintln!("sandfleet-bench: wrote the {PLACEMENT_SECTION:?} section of {}", path.display());
                 }
                 Ok::<_, anyhow::Error>(())
+            }
+            .await;
+            exit_code(result)
+        }
+        Cmd::Scale {
+            agents,
+            sessions,
+            baseline_fraction,
+            steady,
+            create_clients,
+            connections,
+            slots,
+            list_calls,
+            list_page_size,
+            renew_clients,
+            timeout,
+            spread,
+            coordinator_args,
+            write,
+        } => {
+            loopback_unless_chosen();
+            let settings = scale::Settings {
+                agents: agents.max(1),
+                sessions: sessions.max(1),
+                baseline_fraction: if baseline_fraction.is_finite() { baseline_fraction.clamp(0.0, 1.0) } else { 0.0 },
+                steady: Duration::from_secs(steady.max(1)),
+                create_clients: create_clients.max(1),
+                connections: connections.max(1),
+                slots: slots.map(|s| s.max(1)),
+                list_calls: list_calls.max(1),
+                list_page_size: list_page_size.clamp(1, 1000),
+                renew_clients: renew_clients.max(1),
+                timeout: Duration::from_secs(timeout.max(1)),
+                spread,
+                coordinator_args,
+            };
+            let result = async {
+                let report = scale::run(&settings).await?;
+                let section = scale::render(&report, &settings, SCALE_SECTION, &machine_description());
+                publish(SCALE_SECTION, &section, write)
             }
             .await;
             exit_code(result)

@@ -38,9 +38,9 @@
 //! - `cpu`: CPU time per process and phase, from `/proc`;
 //! - `report`: what a run measured and its Markdown section ([`render`]).
 
-mod cpu;
+pub(crate) mod cpu;
 mod report;
-mod sim;
+pub(crate) mod sim;
 
 use parking_lot::Mutex;
 use std::collections::HashSet;
@@ -59,7 +59,7 @@ use tokio_util::sync::CancellationToken;
 use self::cpu::CpuProbe;
 use self::report::ms;
 pub use self::report::{render, Beats, Cpu, Report};
-use self::sim::{agent_main, Pool};
+use self::sim::{agent_main, FleetShape, Pool};
 use crate::raft;
 
 /// Nomad's C1M (2016): one million containers placed at about 3,750 per second.
@@ -86,6 +86,13 @@ pub struct Settings {
     pub slots: u32,
     /// Extra arguments for the placement cluster's coordinators (not the anchor's).
     pub coordinator_args: Vec<String>,
+}
+
+impl Settings {
+    /// The simulated fleet these settings describe.
+    fn fleet(&self) -> FleetShape {
+        FleetShape { agents: self.agents, connections: self.connections, slots: self.slots, spread: self.spread }
+    }
 }
 
 /// What starts the clock.
@@ -247,7 +254,7 @@ impl<'a> Bench<'a> {
         let client = cluster.client_for(endpoints).request_timeout(Duration::from_secs(30)).connect().await?;
 
         let cpu = CpuProbe::new(&cluster, client.clone());
-        let pool = Pool::connect(&cluster.coordinator_addrs(), settings).await?;
+        let pool = Pool::connect(&cluster.coordinator_addrs(), &settings.fleet()).await?;
         let nodes = pool.agents.iter().map(|a| a.node_id.clone()).collect();
         Ok(Bench { settings, cluster, client, cpu, pool, nodes, stop: CancellationToken::new(), tasks: Vec::new() })
     }

@@ -18,22 +18,28 @@ use tokio_util::sync::CancellationToken;
 use tonic::transport::Channel;
 
 use super::report::Beats;
-use super::Settings;
 
 /// Heartbeat accounting shared by every agent.
 #[derive(Default)]
-pub(super) struct BeatLog {
-    pub(super) ok: AtomicU64,
-    pub(super) failed: AtomicU64,
+pub(crate) struct BeatLog {
+    pub(crate) ok: AtomicU64,
+    pub(crate) failed: AtomicU64,
     /// (answered at, latency) of every answered heartbeat; (failed at) of every failure.
-    pub(super) samples: Mutex<Vec<(Instant, Duration)>>,
-    pub(super) failures: Mutex<Vec<Instant>>,
+    pub(crate) samples: Mutex<Vec<(Instant, Duration)>>,
+    pub(crate) failures: Mutex<Vec<Instant>>,
     /// Why heartbeats failed: gRPC code and the start of the message -> count.
-    pub(super) reasons: Mutex<HashMap<String, u64>>,
+    pub(crate) reasons: Mutex<HashMap<String, u64>>,
 }
 
 impl BeatLog {
-    pub(super) fn window(&self, from: Instant, to: Instant) -> Beats {
+    /// Forgets the samples and failure times kept so far (the counters and
+    /// reasons stay), so that a long run does not keep every heartbeat.
+    pub(crate) fn forget(&self) {
+        self.samples.lock().clear();
+        self.failures.lock().clear();
+    }
+
+    pub(crate) fn window(&self, from: Instant, to: Instant) -> Beats {
         let latencies: Vec<Duration> =
             self.samples.lock().iter().filter(|(t, _)| *t >= from && *t <= to).map(|(_, d)| *d).collect();
         let failed = self.failures.lock().iter().filter(|t| **t >= from && **t <= to).count();
@@ -42,27 +48,27 @@ impl BeatLog {
 }
 
 /// What the agents have seen of the sessions being measured.
-pub(super) struct Tracker {
-    pub(super) expected: std::sync::OnceLock<HashSet<String>>,
-    pub(super) inner: Mutex<TrackInner>,
+pub(crate) struct Tracker {
+    pub(crate) expected: std::sync::OnceLock<HashSet<String>>,
+    pub(crate) inner: Mutex<TrackInner>,
 }
 
 #[derive(Default)]
-pub(super) struct TrackInner {
-    pub(super) t0: Option<Instant>,
+pub(crate) struct TrackInner {
+    pub(crate) t0: Option<Instant>,
     /// Session -> newest generation seen assigned.
-    pub(super) placed: HashMap<String, u64>,
+    pub(crate) placed: HashMap<String, u64>,
     /// Sessions whose newest generation was reported RUNNING and answered.
-    pub(super) running: HashSet<String>,
-    pub(super) all_placed: Option<Duration>,
-    pub(super) all_running: Option<Duration>,
-    pub(super) via_watch: u64,
-    pub(super) via_heartbeat: u64,
-    pub(super) replaced: u64,
+    pub(crate) running: HashSet<String>,
+    pub(crate) all_placed: Option<Duration>,
+    pub(crate) all_running: Option<Duration>,
+    pub(crate) via_watch: u64,
+    pub(crate) via_heartbeat: u64,
+    pub(crate) replaced: u64,
 }
 
 impl Tracker {
-    pub(super) fn expect(&self, ids: HashSet<String>) {
+    pub(crate) fn expect(&self, ids: HashSet<String>) {
         let _ = self.expected.set(ids);
     }
 
@@ -70,16 +76,16 @@ impl Tracker {
         self.expected.get().map_or(usize::MAX, |e| e.len())
     }
 
-    pub(super) fn start(&self, t0: Instant) {
+    pub(crate) fn start(&self, t0: Instant) {
         self.inner.lock().t0 = Some(t0);
     }
 
-    pub(super) fn progress(&self) -> (usize, usize, Option<Duration>, Option<Duration>) {
+    pub(crate) fn progress(&self) -> (usize, usize, Option<Duration>, Option<Duration>) {
         let g = self.inner.lock();
         (g.placed.len(), g.running.len(), g.all_placed, g.all_running)
     }
 
-    pub(super) fn sources(&self) -> (u64, u64, u64) {
+    pub(crate) fn sources(&self) -> (u64, u64, u64) {
         let g = self.inner.lock();
         (g.via_watch, g.via_heartbeat, g.replaced)
     }
@@ -133,12 +139,12 @@ impl Tracker {
     }
 }
 
-pub(super) struct SimAgent {
-    pub(super) node_id: String,
+pub(crate) struct SimAgent {
+    pub(crate) node_id: String,
     /// Session -> generation this agent "runs".
-    pub(super) held: Mutex<HashMap<String, u64>>,
-    pub(super) reports: Mutex<Vec<pb::SessionReport>>,
-    pub(super) report_ready: Notify,
+    pub(crate) held: Mutex<HashMap<String, u64>>,
+    pub(crate) reports: Mutex<Vec<pb::SessionReport>>,
+    pub(crate) report_ready: Notify,
 }
 
 impl SimAgent {
@@ -177,23 +183,35 @@ impl SimAgent {
     }
 }
 
-pub(super) struct Pool {
+/// The shape of a simulated fleet: how many agents, how they connect, what each offers.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct FleetShape {
+    pub(crate) agents: usize,
+    /// HTTP/2 connections per coordinator shared by the agents.
+    pub(crate) connections: usize,
+    /// Session slots of each simulated node.
+    pub(crate) slots: u32,
+    /// Start agent i with coordinator i mod n instead of the first one listed.
+    pub(crate) spread: bool,
+}
+
+pub(crate) struct Pool {
     /// channels[coordinator][k]: `connections` HTTP/2 connections per coordinator.
-    pub(super) channels: Vec<Vec<Channel>>,
-    pub(super) agents: Vec<SimAgent>,
-    pub(super) tracker: Tracker,
-    pub(super) beats: BeatLog,
-    pub(super) registered: AtomicUsize,
-    pub(super) registered_at: Mutex<Option<Instant>>,
-    pub(super) watch_reconnects: AtomicU64,
-    pub(super) interval_ms: AtomicU64,
-    pub(super) ttl_ms: AtomicU64,
-    pub(super) spread: bool,
-    pub(super) capacity: pb::NodeCapacity,
+    pub(crate) channels: Vec<Vec<Channel>>,
+    pub(crate) agents: Vec<SimAgent>,
+    pub(crate) tracker: Tracker,
+    pub(crate) beats: BeatLog,
+    pub(crate) registered: AtomicUsize,
+    pub(crate) registered_at: Mutex<Option<Instant>>,
+    pub(crate) watch_reconnects: AtomicU64,
+    pub(crate) interval_ms: AtomicU64,
+    pub(crate) ttl_ms: AtomicU64,
+    pub(crate) spread: bool,
+    pub(crate) capacity: pb::NodeCapacity,
 }
 
 impl Pool {
-    pub(super) async fn connect(coordinators: &[String], settings: &Settings) -> Result<Arc<Pool>> {
+    pub(crate) async fn connect(coordinators: &[String], settings: &FleetShape) -> Result<Arc<Pool>> {
         let mut channels = Vec::new();
         for addr in coordinators {
             let mut per = Vec::new();
@@ -275,7 +293,7 @@ async fn register(pool: &Pool, i: usize, current: &mut usize, stop: &Cancellatio
 }
 
 /// One simulated agent: register, watch, heartbeat with reports; like `Control::run`.
-pub(super) async fn agent_main(pool: Arc<Pool>, i: usize, stop: CancellationToken) {
+pub(crate) async fn agent_main(pool: Arc<Pool>, i: usize, stop: CancellationToken) {
     let mut current = pool.first_coordinator(i);
     let Some(mut interval) = register(&pool, i, &mut current, &stop).await else { return };
     if pool.registered.fetch_add(1, Ordering::Relaxed) + 1 == pool.agents.len() {
