@@ -491,3 +491,25 @@ async fn concurrent_creates_are_group_committed_and_answered_one_by_one() {
         calls.len()
     );
 }
+
+/// `--group-commit 1` (for a rolling upgrade from a version without group
+/// commit): every command is its own entry again, as older members expect.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn group_commit_1_writes_one_entry_per_command() {
+    require_facilities!();
+    let mut cluster =
+        start(ClusterBuilder::new().coordinators(3).agents(0).coordinator_args(["--group-commit", "1"])).await;
+    let client = cluster.client().await;
+    let before = cluster.status().await.unwrap();
+    let log_before = before.members.iter().map(|m| m.last_log_index).max().unwrap_or(0);
+    const CREATES: usize = 60;
+    let created = futures::future::join_all((0..CREATES).map(|i| {
+        let client = client.clone();
+        async move { client.create_session(tiny(&request_id(&format!("single{i}")))).await }
+    }))
+    .await;
+    assert!(created.iter().all(Result::is_ok), "{created:?}");
+    let converged = cluster.wait_converged(CONVERGE).await.unwrap();
+    let entries = converged.members.iter().map(|m| m.last_log_index).max().unwrap_or(0) - log_before;
+    assert!(entries >= CREATES as u64, "{CREATES} creates took only {entries} entries with --group-commit 1");
+}

@@ -27,7 +27,7 @@ use crate::error::CoreError;
 use crate::raft::{typ, Raft};
 use crate::state::{Command, CommandResponse};
 
-/// Most commands in one entry.
+/// Most commands in one entry (the default and the largest `--group-commit`).
 pub const MAX_COMMANDS: usize = 256;
 /// Most encoded bytes of commands in one entry (a single larger command goes
 /// alone). With [`MAX_PAYLOAD_ENTRIES`] this keeps an AppendEntries message
@@ -66,11 +66,12 @@ pub struct Committer {
 }
 
 impl Committer {
-    /// Starts the group-commit task for `raft`. Each entry's commit is
+    /// Starts the group-commit task for `raft`: at most `max_commands` (1 to
+    /// [`MAX_COMMANDS`]; 1 never batches) per entry, each entry's commit
     /// bounded by `timeout`.
-    pub fn start(raft: Raft, timeout: Duration) -> Self {
+    pub fn start(raft: Raft, timeout: Duration, max_commands: usize) -> Self {
         let (queue, rx) = mpsc::channel(QUEUE);
-        tokio::spawn(run(raft, rx, timeout));
+        tokio::spawn(run(raft, rx, timeout, max_commands.clamp(1, MAX_COMMANDS)));
         Self { queue }
     }
 
@@ -107,11 +108,16 @@ fn encoded_len(cmd: &Command) -> usize {
 struct Batch {
     proposals: Vec<Proposal>,
     bytes: usize,
+    max_commands: usize,
 }
 
 impl Batch {
+    fn new(max_commands: usize) -> Self {
+        Self { proposals: Vec::new(), bytes: 0, max_commands }
+    }
+
     fn full(&self) -> bool {
-        self.proposals.len() >= MAX_COMMANDS || self.bytes >= MAX_BYTES
+        self.proposals.len() >= self.max_commands || self.bytes >= MAX_BYTES
     }
 
     /// Adds `p` if it fits; gives it back otherwise.
@@ -140,7 +146,7 @@ impl Batch {
     }
 }
 
-async fn run(raft: Raft, mut queue: mpsc::Receiver<Proposal>, timeout: Duration) {
+async fn run(raft: Raft, mut queue: mpsc::Receiver<Proposal>, timeout: Duration, max_commands: usize) {
     let slots = Arc::new(Semaphore::new(MAX_IN_FLIGHT));
     // A proposal that did not fit the previous batch starts the next one.
     let mut carried: Option<Proposal> = None;
@@ -154,7 +160,7 @@ async fn run(raft: Raft, mut queue: mpsc::Receiver<Proposal>, timeout: Duration)
         };
         // Waits while MAX_IN_FLIGHT entries are being committed; proposals queue meanwhile.
         let Ok(slot) = slots.clone().acquire_owned().await else { return };
-        let mut batch = Batch { proposals: Vec::new(), bytes: 0 };
+        let mut batch = Batch::new(max_commands);
         batch.add(first);
         carried = batch.take_queued(&mut queue);
         if carried.is_none() && !batch.full() && slots.available_permits() + 1 < MAX_IN_FLIGHT {
@@ -227,21 +233,25 @@ mod tests {
 
     #[test]
     fn a_batch_stops_at_its_command_and_byte_bounds() {
-        let mut b = Batch { proposals: Vec::new(), bytes: 0 };
+        let mut b = Batch::new(MAX_COMMANDS);
         for _ in 0..MAX_COMMANDS {
             assert!(b.add(proposal(10)).is_none());
         }
         assert!(b.full());
         assert!(b.add(proposal(10)).is_some(), "a full batch takes no more");
 
-        let mut b = Batch { proposals: Vec::new(), bytes: 0 };
+        let mut b = Batch::new(MAX_COMMANDS);
         assert!(b.add(proposal(MAX_BYTES - 100)).is_none());
         assert!(b.add(proposal(200)).is_some(), "a proposal that would overflow the bytes waits for the next");
         assert!(b.add(proposal(100)).is_none());
 
-        let mut b = Batch { proposals: Vec::new(), bytes: 0 };
+        let mut b = Batch::new(MAX_COMMANDS);
         assert!(b.add(proposal(MAX_BYTES * 3)).is_none(), "an oversized command still goes, alone");
         assert!(b.add(proposal(1)).is_some());
+
+        let mut b = Batch::new(1);
+        assert!(b.add(proposal(1)).is_none());
+        assert!(b.add(proposal(1)).is_some(), "--group-commit 1 never batches");
     }
 
     #[test]

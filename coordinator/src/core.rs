@@ -55,6 +55,9 @@ pub struct Tunables {
     pub placement: crate::scheduler::PlacementOptions,
     /// Most placements per Raft entry.
     pub placement_batch: usize,
+    /// Most commands group-committed in one Raft entry (1: no batching, the
+    /// entries older members can apply; see `commit.rs`).
+    pub group_commit: usize,
 }
 
 impl Tunables {
@@ -146,7 +149,7 @@ impl Core {
         tunables: Tunables,
         peer_tls: Option<TlsDialer>,
     ) -> Self {
-        let committer = Committer::start(raft.clone(), QUORUM_TIMEOUT);
+        let committer = Committer::start(raft.clone(), QUORUM_TIMEOUT, tunables.group_commit);
         Self {
             id,
             addr,

@@ -89,6 +89,9 @@ pub struct CoordinatorConfig {
     pub placement_candidates: usize,
     /// Most placements per Raft entry.
     pub placement_batch: usize,
+    /// Most commands group-committed in one Raft entry; 1 turns group commit
+    /// off (for a rolling upgrade from a version without it).
+    pub group_commit: usize,
     /// Mutual TLS for every connection (peers, agents, clients). `None` is
     /// `--insecure`: plaintext, allowed only on a loopback listen address, where
     /// a caller without a credential acts as the admin of the `default` tenant.
@@ -129,6 +132,7 @@ impl Default for CoordinatorConfig {
             placement_strategy: scheduler::Strategy::Spread,
             placement_candidates: 16,
             placement_batch: 1024,
+            group_commit: commit::MAX_COMMANDS,
             tls: None,
             admin_key_file: None,
             initial_members: BTreeMap::new(),
@@ -284,6 +288,13 @@ pub async fn serve(config: CoordinatorConfig, shutdown: CancellationToken) -> Re
             "--lost-after must be at least three agent heartbeat intervals plus 500ms (agents must fence themselves first)".into(),
         ));
     }
+    if !(1..=commit::MAX_COMMANDS).contains(&config.group_commit) {
+        return Err(CoordinatorError::Config(format!(
+            "--group-commit must be between 1 and {} (got {})",
+            commit::MAX_COMMANDS,
+            config.group_commit
+        )));
+    }
     if config.placement_batch == 0 {
         return Err(CoordinatorError::Config("--placement-batch must be at least 1".into()));
     }
@@ -407,6 +418,7 @@ pub async fn serve(config: CoordinatorConfig, shutdown: CancellationToken) -> Re
                 candidates: config.placement_candidates,
             },
             placement_batch: config.placement_batch,
+            group_commit: config.group_commit,
         },
         peer_tls,
     ));

@@ -195,6 +195,7 @@ mod tests {
             lost_after: Duration::from_millis(TTL as u64),
             placement: PlacementOptions { strategy: Strategy::Spread, candidates: 0 },
             placement_batch: 1024,
+            group_commit: crate::commit::MAX_COMMANDS,
         }
     }
 

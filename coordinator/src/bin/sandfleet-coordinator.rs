@@ -107,6 +107,11 @@ struct Args {
     /// Most placements committed in one Raft entry.
     #[arg(long, default_value_t = 1024)]
     placement_batch: usize,
+    /// Most concurrent writes group-committed in one Raft entry. 1 turns group
+    /// commit off: run every member with `--group-commit 1` while a cluster is
+    /// rolled from a version without it, then roll again without the flag.
+    #[arg(long, default_value_t = sandfleet_coordinator::commit::MAX_COMMANDS)]
+    group_commit: usize,
     /// With --bootstrap, or on the member of --initial-members that initializes
     /// the cluster: create the first admin API key (tenant "default") and write
     /// it to this file, mode 0600. If the file exists, nothing is written and
@@ -168,6 +173,7 @@ async fn main() -> anyhow::Result<()> {
         placement_strategy: args.placement,
         placement_candidates: args.placement_candidates,
         placement_batch: args.placement_batch,
+        group_commit: args.group_commit,
         admin_key_file: args.admin_key_file,
     };
     let coordinator = serve(config, shutdown.clone()).await.context("failed to start the coordinator")?;
