@@ -50,9 +50,11 @@ async def test_async_shape_mirrors_the_sync_client(dev: harness.Dev) -> None:
             assert hashlib.sha256(data).digest() == hashlib.sha256(b"\x00" * 3_000_001).digest()
             assert [e.name for e in await s.files.list("d")] == ["a.txt", "t.txt", "x.bin"]
             assert b"".join([p async for p in s.files.iter_read("d/a.txt")]) == b"async"
+            await s.files.remove("d/x.bin")
+            synced = await s.sync()
+            assert (synced.files, synced.bytes) == (2, 9) and synced.store
             await s.files.remove("d", recursive=True)
             assert not await s.files.exists("d")
-            assert (await s.sync()).manifest_version >= 1
 
             got = await sf.sessions.get(s.id)
             assert got.id == s.id and got.labels == {"a": run}

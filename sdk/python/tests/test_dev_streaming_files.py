@@ -47,11 +47,12 @@ def test_stderr_and_stdout_interleave_in_order(sf: Sandfleet) -> None:
 
 def test_leaving_a_stream_early_kills_the_command(sf: Sandfleet) -> None:
     with sf.sessions.create(memory="64Mi", ttl="10m") as s:
-        with s.exec_stream("bash", "-c", "echo started; sleep 3; echo late > late.txt") as stream:
+        script = "echo started; for i in $(seq 30); do echo tick; sleep 0.1; done; echo late > late.txt"
+        with s.exec_stream("bash", "-c", script) as stream:
             first = next(iter(stream))
             assert isinstance(first, Stdout) and first.data == b"started\n"
-        # The call was cancelled: the agent killed the command before it wrote the file.
-        time.sleep(4)
+        # The call was cancelled: the agent killed the command (at its next output) before it wrote the file.
+        time.sleep(4.5)
         assert not s.files.exists("late.txt")
 
 

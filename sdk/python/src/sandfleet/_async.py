@@ -178,6 +178,10 @@ class AsyncSandfleet:
         n = len(self._config.endpoints)
         start = self._preferred % n
         attempt = 0
+        # Whether some coordinator answered (UNAVAILABLE: no leader yet, say):
+        # the cluster is alive, so the call keeps trying until its deadline;
+        # when none can even be reached, it gives up after max_retries.
+        answered = False
         while True:
             idx = (start + attempt) % n
             stub = self._control_stub(idx)
@@ -188,7 +192,9 @@ class AsyncSandfleet:
                 result = await fn(stub, attempt_timeout)
             except grpc.RpcError as e:
                 retry = c.control_retryable(e, deadline_left=deadline.left() > 0.01)
-                if not retry or attempt >= self._config.max_retries or deadline.left() <= 0.01:
+                answered = answered or not c.is_connect_failure(e)
+                out_of_retries = attempt >= self._config.max_retries and not answered
+                if not retry or out_of_retries or deadline.left() <= 0.01:
                     raise self._control_error(e, op, idx, deadline) from None
                 self._preferred = (idx + 1) % n
                 await asyncio.sleep(min(self._backoff.delay(attempt), deadline.left()))
@@ -512,6 +518,8 @@ class AsyncSession(SessionFields):
         same_place = 0
         attempt = 0
         while True:
+            if deadline.expired():
+                raise DeadlineExceeded(f"{op}: no time left of its {deadline.total:g}s deadline", from_server=False)
             stub = self._client._data_stub(info.node_address)
             md = (("authorization", f"Bearer {info.token}"),)
             try:
@@ -647,7 +655,8 @@ class AsyncExecStream:
     """The events of a running exec, for ``async for``; ``result`` holds the :class:`ExecResult` at the end.
 
     ``await stream.wait()`` runs it to the end; ``await stream.close()`` (or
-    leaving ``async with``) cancels the call, and the agent kills the command.
+    leaving ``async with``) cancels the call, and the agent kills the command
+    (when it next writes output).
     """
 
     def __init__(self, session: AsyncSession, req: pb.ExecRequest, grpc_timeout: float) -> None:
@@ -682,7 +691,7 @@ class AsyncExecStream:
         await self.close()
 
     async def close(self) -> None:
-        """Cancels the call if it is still running (the agent kills the command)."""
+        """Cancels the call if it is still running (the agent kills the command when it next writes output)."""
         self._cancelled = True
         if self._call is not None and self.result is None:
             self._call.cancel()

@@ -9,7 +9,11 @@ Retry rules (the Rust SDK's, ``client/src/retry.rs`` and ``client.rs``):
   (full jitter, 50 ms doubling up to 2 s), within the call's own deadline. The
   coordinators forward writes to the Raft leader themselves; a coordinator that
   cannot (no leader yet, or the leader just died) answers UNAVAILABLE, and the
-  SDK moves on. Every other answer is returned at once.
+  SDK moves on. Every other answer is returned at once. Where the Rust SDK stops
+  after ``max_retries`` in every case, this one stops after ``max_retries`` only
+  while no coordinator can be reached at all; while some answer (an election in
+  progress) it keeps trying until the call's deadline, so a leader crash costs
+  a create time, never its outcome.
 * Data-plane calls go straight to the agent in ``Session.node_address`` with the
   session token. When the agent refuses the token (UNAUTHENTICATED), does not
   have the session (NOT_FOUND "not running on node"), or cannot be reached

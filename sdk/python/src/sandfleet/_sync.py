@@ -75,7 +75,9 @@ class Sandfleet:
         tls_key: The client certificate's key (PEM file).
         timeout: Default deadline of control-plane calls, retries included (30 s).
         attempt_timeout: Deadline of each attempt on one coordinator (10 s).
-        max_retries: How often a call that may be repeated is retried (8).
+        max_retries: How often a call that may be repeated is retried when no
+            coordinator can be reached at all (8). While some coordinator answers
+            (UNAVAILABLE during a leader election, say) it is retried until its deadline.
 
     Connections are made lazily: constructing a client never blocks.
     ``with Sandfleet() as sf:`` closes its channels on exit.
@@ -187,6 +189,10 @@ class Sandfleet:
         n = len(self._config.endpoints)
         start = self._preferred % n
         attempt = 0
+        # Whether some coordinator answered (UNAVAILABLE: no leader yet, say):
+        # the cluster is alive, so the call keeps trying until its deadline;
+        # when none can even be reached, it gives up after max_retries.
+        answered = False
         while True:
             idx = (start + attempt) % n
             stub = self._control_stub(idx)
@@ -197,7 +203,9 @@ class Sandfleet:
                 result = fn(stub, attempt_timeout)
             except grpc.RpcError as e:
                 retry = c.control_retryable(e, deadline_left=deadline.left() > 0.01)
-                if not retry or attempt >= self._config.max_retries or deadline.left() <= 0.01:
+                answered = answered or not c.is_connect_failure(e)
+                out_of_retries = attempt >= self._config.max_retries and not answered
+                if not retry or out_of_retries or deadline.left() <= 0.01:
                     raise self._control_error(e, op, idx, deadline) from None
                 self._preferred = (idx + 1) % n
                 time.sleep(min(self._backoff.delay(attempt), deadline.left()))
@@ -534,6 +542,8 @@ class Session(SessionFields):
         same_place = 0
         attempt = 0
         while True:
+            if deadline.expired():
+                raise DeadlineExceeded(f"{op}: no time left of its {deadline.total:g}s deadline", from_server=False)
             stub = self._client._data_stub(info.node_address)
             md = (("authorization", f"Bearer {info.token}"),)
             try:
@@ -610,7 +620,8 @@ class Session(SessionFields):
         """Starts a command; iterate the result for :class:`Stdout`, :class:`Stderr` and :class:`Exit` events.
 
         Events arrive as the command produces output. Breaking out of the loop
-        (or ``close()``) cancels the call, and the agent kills the command.
+        (or ``close()``) cancels the call, and the agent kills the command (at the
+        latest when it next writes output).
         """
         req, grpc_timeout = c.exec_request(self.id, argv, timeout=timeout, env=env, stdin=stdin, workdir=workdir)
         return ExecStream(self, req, grpc_timeout)
@@ -695,7 +706,7 @@ class ExecStream:
     The call starts on the first ``next()``. ``result`` holds the whole
     :class:`ExecResult` once the stream ended; :meth:`wait` runs it to the end.
     ``close()`` (or leaving a ``with`` block) cancels the call, and the agent
-    kills the command.
+    kills the command (when it next writes output).
     """
 
     def __init__(self, session: Session, req: pb.ExecRequest, grpc_timeout: float) -> None:
@@ -730,7 +741,7 @@ class ExecStream:
         self.close()
 
     def close(self) -> None:
-        """Cancels the call if it is still running (the agent kills the command)."""
+        """Cancels the call if it is still running (the agent kills the command when it next writes output)."""
         self._cancelled = True
         if self._call is not None and self.result is None:
             self._call.cancel()
