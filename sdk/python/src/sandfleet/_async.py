@@ -182,17 +182,21 @@ class AsyncSandfleet:
         # the cluster is alive, so the call keeps trying until its deadline;
         # when none can even be reached, it gives up after max_retries.
         answered = False
+        last: tuple[grpc.RpcError, int] | None = None
         while True:
             idx = (start + attempt) % n
             stub = self._control_stub(idx)
             attempt_timeout = min(deadline.left(), self._config.attempt_timeout)
-            if attempt_timeout <= 0:
-                raise DeadlineExceeded(f"{op}: no answer within {deadline.total:.1f}s")
+            if attempt_timeout <= 0.01:
+                if last is not None:
+                    raise self._control_error(last[0], op, last[1], deadline) from None
+                raise DeadlineExceeded(f"{op}: no time left of its {deadline.total:g}s deadline", from_server=False)
             try:
                 result = await fn(stub, attempt_timeout)
             except grpc.RpcError as e:
                 retry = c.control_retryable(e, deadline_left=deadline.left() > 0.01)
                 answered = answered or not c.is_connect_failure(e)
+                last = (e, idx)
                 out_of_retries = attempt >= self._config.max_retries and not answered
                 if not retry or out_of_retries or deadline.left() <= 0.01:
                     raise self._control_error(e, op, idx, deadline) from None
@@ -248,20 +252,30 @@ class AsyncSandfleet:
 
         return await self._call("list_sessions", call, timeout)
 
-    async def _running(self, s: pb.Session, timeout: float) -> pb.Session | None:
-        """The session with a token once RUNNING; raises once terminal; None to keep waiting."""
+    async def _running(self, s: pb.Session, timeout: float, known: pb.Session | None) -> pb.Session | None:
+        """The session with a token once RUNNING; raises once terminal; None to keep waiting.
+
+        Watch events carry no token. A token the caller already holds for the
+        same placement (node and generation: a create's, placed at once) is
+        valid for it; otherwise the session is read again for a fresh one.
+        """
         state = SessionState.from_proto(s.state)
         if state.terminal:
             raise SessionEnded(s.id, state.value, s.message)
         if state is not SessionState.RUNNING:
             return None
+        if not s.token and known is not None and known.token and c.same_placement(known, s):
+            full = pb.Session()
+            full.CopyFrom(s)
+            full.token = known.token
+            return full if full.node_address else None
         full = s if s.token else await self._get(s.id, timeout=max(timeout, 0.5))
         state = SessionState.from_proto(full.state)
         if state.terminal:
             raise SessionEnded(full.id, state.value, full.message)
         return full if state is SessionState.RUNNING and full.node_address else None
 
-    async def _wait_running(self, session_id: str, timeout: float) -> pb.Session:
+    async def _wait_running(self, session_id: str, timeout: float, known: pb.Session | None = None) -> pb.Session:
         """Follows WatchSession until the session is RUNNING (GetSession polling on older servers)."""
         deadline = c.Deadline(timeout)
         last: pb.Session | None = None
@@ -273,7 +287,7 @@ class AsyncSandfleet:
                 raise DeadlineExceeded(c.waiting_message(session_id, deadline.total, last), from_server=False)
             if poll:
                 s = await self._get(session_id, timeout=min(deadline.left(), self._config.attempt_timeout))
-                done = await self._running(s, deadline.left())
+                done = await self._running(s, deadline.left(), known)
                 if done is not None:
                     return done
                 last = s
@@ -285,7 +299,7 @@ class AsyncSandfleet:
             try:
                 async for ev in call:
                     attempt = 0
-                    done = await self._running(ev.session, deadline.left())
+                    done = await self._running(ev.session, deadline.left(), known)
                     if done is not None:
                         call.cancel()
                         return done
@@ -469,7 +483,7 @@ class AsyncSession(SessionFields):
     async def wait(self, timeout: _units.Duration | None = None) -> AsyncSession:
         """Waits until the session is RUNNING (default at most 120 s); returns ``self``."""
         t = c.timeout_of(timeout, c.DEFAULT_WAIT_TIMEOUT, "wait_timeout")
-        self._set_info(await self._client._wait_running(self.id, t))
+        self._set_info(await self._client._wait_running(self.id, t, known=self._info))
         return self
 
     async def delete(self, *, timeout: _units.Duration | None = None) -> None:

@@ -154,6 +154,11 @@ def placement(s: pb.Session) -> tuple[str, str, int]:
     return (s.node_id, s.node_address, s.generation)
 
 
+def same_placement(a: pb.Session, b: pb.Session) -> bool:
+    """Whether two records of a session are of the same placement (a token of one is valid for the other)."""
+    return a.id == b.id and bool(a.node_id) and a.node_id == b.node_id and a.generation == b.generation
+
+
 def new_request_id() -> str:
     """A fresh request id, ``sdk-<uuid4>`` (as the Rust SDK makes them)."""
     return f"sdk-{uuid.uuid4()}"

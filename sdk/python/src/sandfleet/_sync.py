@@ -193,17 +193,21 @@ class Sandfleet:
         # the cluster is alive, so the call keeps trying until its deadline;
         # when none can even be reached, it gives up after max_retries.
         answered = False
+        last: tuple[grpc.RpcError, int] | None = None
         while True:
             idx = (start + attempt) % n
             stub = self._control_stub(idx)
             attempt_timeout = min(deadline.left(), self._config.attempt_timeout)
-            if attempt_timeout <= 0:
-                raise DeadlineExceeded(f"{op}: no answer within {deadline.total:.1f}s")
+            if attempt_timeout <= 0.01:
+                if last is not None:
+                    raise self._control_error(last[0], op, last[1], deadline) from None
+                raise DeadlineExceeded(f"{op}: no time left of its {deadline.total:g}s deadline", from_server=False)
             try:
                 result = fn(stub, attempt_timeout)
             except grpc.RpcError as e:
                 retry = c.control_retryable(e, deadline_left=deadline.left() > 0.01)
                 answered = answered or not c.is_connect_failure(e)
+                last = (e, idx)
                 out_of_retries = attempt >= self._config.max_retries and not answered
                 if not retry or out_of_retries or deadline.left() <= 0.01:
                     raise self._control_error(e, op, idx, deadline) from None
@@ -244,20 +248,30 @@ class Sandfleet:
     def _list_page(self, req: pb.ListSessionsRequest, timeout: float | None) -> pb.ListSessionsResponse:
         return self._call("list_sessions", lambda s, t: s.list(req, timeout=t, metadata=self._md), timeout)
 
-    def _running(self, s: pb.Session, timeout: float) -> pb.Session | None:
-        """The session with a token once RUNNING; raises once terminal; None to keep waiting."""
+    def _running(self, s: pb.Session, timeout: float, known: pb.Session | None) -> pb.Session | None:
+        """The session with a token once RUNNING; raises once terminal; None to keep waiting.
+
+        Watch events carry no token. A token the caller already holds for the
+        same placement (node and generation: a create's, placed at once) is
+        valid for it; otherwise the session is read again for a fresh one.
+        """
         state = SessionState.from_proto(s.state)
         if state.terminal:
             raise SessionEnded(s.id, state.value, s.message)
         if state is not SessionState.RUNNING:
             return None
+        if not s.token and known is not None and known.token and c.same_placement(known, s):
+            full = pb.Session()
+            full.CopyFrom(s)
+            full.token = known.token
+            return full if full.node_address else None
         full = s if s.token else self._get(s.id, timeout=max(timeout, 0.5))
         state = SessionState.from_proto(full.state)
         if state.terminal:
             raise SessionEnded(full.id, state.value, full.message)
         return full if state is SessionState.RUNNING and full.node_address else None
 
-    def _wait_running(self, session_id: str, timeout: float) -> pb.Session:
+    def _wait_running(self, session_id: str, timeout: float, known: pb.Session | None = None) -> pb.Session:
         """Follows WatchSession until the session is RUNNING (GetSession polling on older servers)."""
         deadline = c.Deadline(timeout)
         last: pb.Session | None = None
@@ -269,7 +283,7 @@ class Sandfleet:
                 raise DeadlineExceeded(c.waiting_message(session_id, deadline.total, last), from_server=False)
             if poll:
                 s = self._get(session_id, timeout=min(deadline.left(), self._config.attempt_timeout))
-                done = self._running(s, deadline.left())
+                done = self._running(s, deadline.left(), known)
                 if done is not None:
                     return done
                 last = s
@@ -281,7 +295,7 @@ class Sandfleet:
             try:
                 for ev in call:
                     attempt = 0
-                    done = self._running(ev.session, deadline.left())
+                    done = self._running(ev.session, deadline.left(), known)
                     if done is not None:
                         call.cancel()
                         return done
@@ -491,7 +505,8 @@ class Session(SessionFields):
         :class:`~sandfleet.errors.DeadlineExceeded` (naming the last state and
         pending reason) after ``timeout`` (default 120 s).
         """
-        info = self._client._wait_running(self.id, c.timeout_of(timeout, c.DEFAULT_WAIT_TIMEOUT, "wait_timeout"))
+        t = c.timeout_of(timeout, c.DEFAULT_WAIT_TIMEOUT, "wait_timeout")
+        info = self._client._wait_running(self.id, t, known=self._info)
         self._set_info(info)
         return self
 
