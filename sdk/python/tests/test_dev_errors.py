@@ -87,15 +87,28 @@ def test_unauthenticated(dev) -> None:  # type: ignore[no-untyped-def]
         assert e.value.from_server and e.value.message
 
 
-def test_unavailable(dev) -> None:  # type: ignore[no-untyped-def]
-    # The agent's port answers; a coordinator's SessionService is not there... so use a dead port.
+def test_unavailable(dev, tmp_path) -> None:  # type: ignore[no-untyped-def]
     import harness
 
+    # Nobody listens: the transport's UNAVAILABLE, after max_retries.
     port = harness.free_port()
     with Sandfleet([f"127.0.0.1:{port}"], max_retries=1) as dead:
         with pytest.raises(errors.Unavailable) as e:
             dead.sessions.create(wait=False)
-        assert f"127.0.0.1:{port}" in e.value.message
+        assert f"127.0.0.1:{port}" in e.value.message and not e.value.from_server
+    # A coordinator that is up but belongs to no cluster yet answers UNAVAILABLE
+    # itself; the SDK keeps trying until the call's deadline, then raises its answer.
+    argv = [str(harness.binary("sandfleet-coordinator")), "--id", "1", "--listen", "127.0.0.1:0"]
+    argv += ["--data-dir", str(tmp_path / "lonely"), "--insecure"]
+    lonely = harness.Proc("lonely-coordinator", argv, tmp_path, "coordinator")
+    lonely.start()
+    try:
+        with Sandfleet(lonely.addr) as sf:
+            with pytest.raises(errors.Unavailable) as e:
+                sf.sessions.create(wait=False, timeout=2)
+            assert e.value.from_server and e.value.message
+    finally:
+        lonely.kill()
 
 
 def test_deadline_exceeded(sf: Sandfleet) -> None:
