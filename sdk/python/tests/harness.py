@@ -489,22 +489,19 @@ class Cluster(_Base):
         """Every coordinator, comma-separated."""
         return ",".join(p.addr or p.argv[p.argv.index("--listen") + 1] for p in self.coordinators)
 
-    def cluster_stub(self, idx: int = 0):  # type: ignore[no-untyped-def]
-        """A raw ClusterService stub on coordinator ``idx`` (the SDK has no cluster calls)."""
-        from sandfleet._proto import sandfleet_pb2_grpc
-
-        addr = self.coordinators[idx].argv[self.coordinators[idx].argv.index("--listen") + 1]
-        return sandfleet_pb2_grpc.ClusterServiceStub(self.channel(addr))
-
     def status(self, idx: int | None = None, timeout: float = 5.0):  # type: ignore[no-untyped-def]
         """ClusterService.Status from coordinator ``idx`` (or the first running one that answers)."""
         from sandfleet._proto import sandfleet_pb2 as pb
+        from sandfleet._proto import sandfleet_pb2_grpc
 
         order = [idx] if idx is not None else [i for i, p in enumerate(self.coordinators) if p.running()]
         last: Exception | None = None
         for i in order:
+            p = self.coordinators[i]
             try:
-                return self.cluster_stub(i).Status(pb.ClusterStatusRequest(), timeout=timeout)
+                with self.channel(p.argv[p.argv.index("--listen") + 1]) as ch:
+                    stub = sandfleet_pb2_grpc.ClusterServiceStub(ch)
+                    return stub.Status(pb.ClusterStatusRequest(), timeout=timeout)
             except Exception as e:
                 last = e
         raise RuntimeError(f"no coordinator answered Status: {last}")
@@ -549,8 +546,8 @@ class Cluster(_Base):
                 if not c.running():
                     continue
                 try:
-                    stub = sandfleet_pb2_grpc.NodeServiceStub(self.channel(c.addr))
-                    nodes = stub.ListNodes(pb.ListNodesRequest(), timeout=5).nodes
+                    with self.channel(c.addr) as ch:
+                        nodes = sandfleet_pb2_grpc.NodeServiceStub(ch).ListNodes(pb.ListNodesRequest(), timeout=5).nodes
                     ready = {n.id for n in nodes if n.state == "ready"}
                     if want <= ready:
                         return

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import sys
 import threading
 import time
 import uuid
@@ -29,7 +30,7 @@ TINY = {"memory": "32Mi", "cpu": "100m", "cpu_request": "10m", "pids": 32, "ttl"
 
 
 @pytest.fixture(scope="module")
-def cluster() -> Iterator[harness.Cluster]:
+def cluster(request: pytest.FixtureRequest) -> Iterator[harness.Cluster]:
     need_facilities(("sandfleet-coordinator", "sandfleet-agent"))
     c = harness.Cluster(
         coordinators=3,
@@ -38,6 +39,8 @@ def cluster() -> Iterator[harness.Cluster]:
         agent_args=["--slots", "256", "--cpu", "64", "--memory", "64Gi", "--disk-quota", "off"],
     )
     yield c
+    if request.session.testsfailed:
+        sys.__stderr__.write(f"\n===== cluster logs (tails) =====\n{c.logs(60)}\n")
     c.close()
 
 
@@ -176,7 +179,8 @@ def test_agent_sigkill_moves_the_session_and_the_same_object_follows_it(cluster:
 def test_a_drained_node_hands_the_session_over_and_calls_follow(cluster: harness.Cluster) -> None:
     with Sandfleet(cluster.endpoint) as sf:
         s = sf.sessions.create(**TINY, labels={"move": "drain"})  # type: ignore[arg-type]
-        nodes = sandfleet_pb2_grpc.NodeServiceStub(cluster.channel(cluster.coordinators[0].addr))
+        channel = cluster.channel(cluster.coordinators[0].addr)
+        nodes = sandfleet_pb2_grpc.NodeServiceStub(channel)
         old_node, old_gen = s.node_id, s.generation
         try:
             s.files.write("d.txt", b"drained")
@@ -192,4 +196,5 @@ def test_a_drained_node_hands_the_session_over_and_calls_follow(cluster: harness
             assert s.node_id != old_node and s.generation > old_gen
         finally:
             nodes.CordonNode(pb.CordonNodeRequest(node_id=old_node, cordoned=False), timeout=10)
+            channel.close()
             s.delete()

@@ -4,6 +4,7 @@ credential errors (Unauthenticated, PermissionDenied) from the real servers."""
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Iterator
 
 import harness
@@ -14,10 +15,12 @@ from sandfleet import Sandfleet, SessionState, errors
 
 
 @pytest.fixture(scope="module")
-def tls_cluster() -> Iterator[harness.Cluster]:
+def tls_cluster(request: pytest.FixtureRequest) -> Iterator[harness.Cluster]:
     need_facilities(("sandfleet", "sandfleet-coordinator", "sandfleet-agent"))
     c = harness.Cluster(coordinators=1, agents=1, tls=True, agent_args=["--slots", "8"])
     yield c
+    if request.session.testsfailed:
+        sys.__stderr__.write(f"\n===== cluster logs (tails) =====\n{c.logs(60)}\n")
     c.close()
 
 
