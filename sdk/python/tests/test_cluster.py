@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import os
+import signal
 import sys
 import threading
 import time
@@ -22,7 +24,7 @@ import harness
 import pytest
 from conftest import need_facilities
 
-from sandfleet import AsyncSandfleet, Sandfleet, SessionState
+from sandfleet import AsyncSandfleet, Sandfleet, SessionState, errors
 from sandfleet._proto import sandfleet_pb2 as pb
 from sandfleet._proto import sandfleet_pb2_grpc
 
@@ -150,6 +152,37 @@ def test_leader_sigkill_during_50_concurrent_creates_loses_and_doubles_nothing(c
         cluster.restart(cluster.coordinators[leader])
         cluster.wait_formed(60)
         delete_labelled(sf, {"lk": run})
+
+
+def test_a_hung_coordinator_costs_one_attempt_and_doubles_nothing(cluster: harness.Cluster) -> None:
+    # A coordinator frozen with SIGSTOP accepts connections but never answers: the
+    # create's attempt runs into its deadline, and the retry goes to the next
+    # coordinator with the same request id. When the frozen one wakes up and
+    # handles the request it had, the create is de-duplicated on that id.
+    leader = cluster.leader_index()
+    frozen = (leader + 1) % len(cluster.coordinators)
+    addrs = [p.addr for p in cluster.coordinators]
+    endpoints = [addrs[frozen]] + [a for i, a in enumerate(addrs) if i != frozen]
+    run = uuid.uuid4().hex[:10]
+    with Sandfleet(endpoints, attempt_timeout=1.0) as sf:
+        # Connected before the freeze, as a long-lived client is.
+        with pytest.raises(errors.NotFound):
+            sf.sessions.get("0190c8f2-0000-7000-8000-000000000001")
+        os.kill(cluster.coordinators[frozen].pid, signal.SIGSTOP)
+        try:
+            t0 = time.monotonic()
+            s = sf.sessions.create(**TINY, labels={"hung": run}, request_id=f"hung-{run}", wait=False)  # type: ignore[arg-type]
+            took = time.monotonic() - t0
+        finally:
+            os.kill(cluster.coordinators[frozen].pid, signal.SIGCONT)
+        assert 1.0 <= took < 10, took
+        # The thawed coordinator catches up; still exactly one session for the request id.
+        time.sleep(2)
+        again = sf.sessions.create(**TINY, labels={"hung": run}, request_id=f"hung-{run}", wait=False)  # type: ignore[arg-type]
+        assert again.id == s.id and again.existing
+        assert [x.id for x in sf.sessions.list(labels={"hung": run})] == [s.id]
+        print(f"create through a frozen coordinator took {took:.2f}s")
+        s.delete()
 
 
 def test_agent_sigkill_moves_the_session_and_the_same_object_follows_it(cluster: harness.Cluster) -> None:

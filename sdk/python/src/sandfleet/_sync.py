@@ -310,7 +310,9 @@ class Sandfleet:
                     raise DeadlineExceeded(
                         c.waiting_message(session_id, deadline.total, last), from_server=False
                     ) from None
-                if not c.control_retryable(e, deadline_left=True) or attempt >= self._config.max_retries:
+                # As for other calls: give up after max_retries only when no coordinator can be reached.
+                unreachable = attempt >= self._config.max_retries and c.is_connect_failure(e)
+                if not c.control_retryable(e, deadline_left=True) or unreachable:
                     raise from_rpc_error(e, f"coordinator {self._config.endpoints[idx]}") from None
                 self._preferred = (idx + 1) % n
             time.sleep(min(self._backoff.delay(attempt), deadline.left()))
