@@ -6,6 +6,10 @@ import os
 import sys
 from collections.abc import Iterator, Sequence
 
+# The harness forks processes (preexec_fn) while gRPC threads run; gRPC's fork
+# handlers are not needed for that, and would log a line per fork.
+os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "0")
+
 import harness
 import pytest
 
