@@ -194,14 +194,31 @@ def test_agent_sigkill_moves_the_session_and_the_same_object_follows_it(cluster:
             assert s.exec("true").ok
             old_node, old_gen = s.node_id, s.generation
             victim = cluster.agents[cluster.node_ids.index(old_node)]
+            # An exec running when its agent dies may have done anything: it is
+            # never sent again, its caller gets UNAVAILABLE.
+            outcome: list[object] = []
+
+            def long_exec() -> None:
+                try:
+                    outcome.append(s.exec("sleep", "30", timeout=60))
+                except errors.SandfleetError as e:
+                    outcome.append(e)
+
+            runner = threading.Thread(target=long_exec)
+            runner.start()
+            time.sleep(1.0)
             victim.kill()
-            t0 = time.monotonic()
+            killed = time.monotonic()
+            runner.join(30)
+            assert len(outcome) == 1 and isinstance(outcome[0], errors.Unavailable), outcome
+            # The next call through the same Session object follows the session to its new node.
             r = s.exec("cat", "keep.txt", timeout=30)
-            took = time.monotonic() - t0
+            took = time.monotonic() - killed
             assert r.ok and r.stdout == "kept across the move", r
             assert s.node_id != old_node and s.node_id in cluster.node_ids
             assert s.generation > old_gen and s.state is SessionState.RUNNING
             print(f"exec through the same Session object answered from {s.node_id} {took:.1f}s after SIGKILL")
+            print(f"the exec in flight at the kill raised: {outcome[0]}")
             assert s.files.read("keep.txt") == b"kept across the move"
             cluster.restart(victim)
             cluster.wait_nodes_ready(60)
