@@ -115,10 +115,11 @@ def missing_facilities(binaries: Sequence[str] = ("sandfleet",)) -> list[str]:
 
 
 def banner(what: str) -> str:
-    """The loud SKIPPED text."""
+    """The loud SKIPPED (or, in CI, FAILED) text."""
     line = "=" * 78
+    verdict = f"FAILED ({REQUIRE_ENV}=1 or CI is set)" if require_facilities() else "SKIPPED"
     return (
-        f"\n{line}\nSKIPPED (facility missing): {what}\n"
+        f"\n{line}\n{verdict} (facility missing): {what}\n"
         "The Python SDK tests need the Sandfleet binaries, root, /usr/bin/bwrap with working namespaces,\n"
         f"/usr/bin/python3, writable cgroups, loop devices and mkfs.ext4. Run scripts/setup as root.\n"
         f"Set {REQUIRE_ENV}=1 (or CI) to make this a failure.\n{line}\n"
