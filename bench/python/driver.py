@@ -27,11 +27,13 @@ import time
 
 
 def main() -> int:
+    """Serves the bench's commands until it says quit."""
+    # Imported here so that a missing SDK is reported to the bench as an answer.
     try:
-        import grpc
+        import grpc  # noqa: PLC0415
 
-        import sandfleet
-        from sandfleet import Sandfleet
+        import sandfleet  # noqa: PLC0415
+        from sandfleet import Sandfleet  # noqa: PLC0415
     except ImportError as e:
         print(json.dumps({"error": f"cannot import the Python SDK ({e}); install it: pip install ./sdk/python"}))
         return 1
@@ -70,7 +72,7 @@ def main() -> int:
                     break
                 else:
                     print(json.dumps({"error": f"unknown op {op!r}"}), flush=True)
-            except Exception as e:  # noqa: BLE001  (reported to the bench, which stops)
+            except Exception as e:  # reported to the bench, which stops
                 print(json.dumps({"error": f"{type(e).__name__}: {e}"}), flush=True)
         warm.delete()
     return 0
