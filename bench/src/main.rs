@@ -13,7 +13,11 @@
 //! sandfleet-bench disk [--runs 100] [--write bench/RESULTS.md]
 //! sandfleet-bench tls [--runs 200] [--clients 64] [--write bench/RESULTS.md]
 //! sandfleet-bench telemetry [--runs 200] [--clients 64] [--write bench/RESULTS.md]
+//! sandfleet-bench python [--runs 200] [--creates 100] [--python PATH] [--write bench/RESULTS.md]
 //! ```
+//!
+//! `python` compares the Python SDK (`sdk/python`, driven by
+//! `bench/python/driver.py`) with the Rust SDK on the same cluster; see [`python`].
 //!
 //! `workspace` compares the agent's workspace sync and restore with
 //! `aws s3 sync` on the same S3 server; see [`workspace`].
@@ -58,6 +62,7 @@ mod failover;
 mod pair;
 mod placement;
 mod profile;
+mod python;
 mod raft;
 mod scale;
 mod telemetry;
@@ -315,6 +320,29 @@ enum Cmd {
         #[arg(long)]
         write: Option<PathBuf>,
     },
+    /// The Python SDK vs the Rust SDK, same run, same cluster: exec round trip and create -> RUNNING.
+    Python {
+        /// Measured exec round trips per SDK.
+        #[arg(long, default_value_t = 200)]
+        runs: usize,
+        /// Unmeasured exec round trips per SDK first.
+        #[arg(long, default_value_t = 10)]
+        warmup: usize,
+        /// Measured create -> RUNNING per SDK.
+        #[arg(long, default_value_t = 100)]
+        creates: usize,
+        /// Batches per measurement and SDK; the SDKs alternate batch by batch.
+        #[arg(long, default_value_t = 4)]
+        rounds: usize,
+        /// The Python interpreter that runs bench/python/driver.py; it must import the SDK
+        /// [default: the virtualenv scripts/test-python makes, $SANDFLEET_VENV or
+        /// ~/.cache/sandfleet-venv-py, else python3].
+        #[arg(long, value_name = "PATH")]
+        python: Option<PathBuf>,
+        /// Replace the `## Python SDK vs Rust SDK` section of this Markdown file.
+        #[arg(long)]
+        write: Option<PathBuf>,
+    },
     /// Agent SIGKILL -> its sessions RUNNING on another node, real binaries.
     Failover {
         /// Agent kills (round-robin over the agents).
@@ -354,6 +382,7 @@ const TLS_SECTION: &str = "## Mutual TLS overhead";
 const TELEMETRY_SECTION: &str = "## Telemetry cost";
 const DISK_SECTION: &str = "## Disk quota cost";
 const SCALE_SECTION: &str = "## Scale";
+const PYTHON_SECTION: &str = "## Python SDK vs Rust SDK";
 
 #[derive(Debug)]
 struct Series {
@@ -448,6 +477,29 @@ async fn run(cli: Cli) -> ExitCode {
                 let section =
                     telemetry::render(&report, &scrapes, &settings, TELEMETRY_SECTION, &machine_description());
                 publish(TELEMETRY_SECTION, &section, write)
+            }
+            .await;
+            exit_code(result)
+        }
+        Cmd::Python { runs, warmup, creates, rounds, python, write } => {
+            let settings = python::Settings {
+                runs: runs.max(1),
+                warmup,
+                creates: creates.max(1),
+                rounds: rounds.max(1),
+                python: python.unwrap_or_else(python::default_python),
+            };
+            let child_log = std::env::var("SANDFLEET_CHILD_LOG").unwrap_or_else(|_| "warn".to_string());
+            let result = async {
+                if !require_sandbox_facilities() {
+                    bail!("the python bench needs root, bubblewrap and cgroups");
+                }
+                let report = python::run(&settings, &child_log).await?;
+                publish(
+                    PYTHON_SECTION,
+                    &python::render(&report, &settings, PYTHON_SECTION, &machine_description()),
+                    write,
+                )
             }
             .await;
             exit_code(result)
