@@ -397,3 +397,34 @@ async fn paused_scheduler_queues_sessions_and_resume_places_them() {
     let status = client.cluster_status().await.unwrap();
     assert_eq!((status.scheduler_paused, status.unplaced_sessions), (false, 0));
 }
+
+/// Concurrent creates spread over equal nodes: each create's placement counts
+/// the creates placed before it that have not committed yet (group commit
+/// commits many creates at once, so without that they would all choose the
+/// node that was emptiest before any of them).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_creates_spread_over_equal_nodes() {
+    require_facilities!();
+    let cluster = cluster(2).await;
+    let client = cluster.client().await;
+    const CREATES: usize = 24;
+    let created = futures::future::join_all((0..CREATES).map(|i| {
+        let client = client.clone();
+        let spec = small_session(&format!("spread{i}")).cpu_millis(10).memory_bytes(32 << 20);
+        async move { client.create_session(spec).await }
+    }))
+    .await;
+    let mut per_node = std::collections::BTreeMap::<String, usize>::new();
+    for s in created {
+        let s = s.expect("create");
+        *per_node.entry(s.node_id).or_default() += 1;
+    }
+    let ids: Vec<String> = cluster.agents.iter().map(|a| a.id.clone()).collect();
+    for id in &ids {
+        let n = per_node.get(id).copied().unwrap_or(0);
+        assert!(
+            (CREATES / 2 - 2..=CREATES / 2 + 2).contains(&n),
+            "{CREATES} concurrent creates placed {per_node:?} on nodes {ids:?}: not spread"
+        );
+    }
+}

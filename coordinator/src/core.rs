@@ -134,6 +134,9 @@ pub struct Core {
     pub wake: Notify,
     /// The group-commit queue every write of this member goes through.
     committer: Committer,
+    /// Resources of the creates this leader placed that are not applied yet,
+    /// per node: the next create's placement counts them as taken.
+    reserved: Mutex<HashMap<String, crate::state::Resources>>,
     /// Dials peers over mutual TLS; `None` on an `--insecure` loopback cluster,
     /// where callers need no certificate.
     pub peer_tls: Option<TlsDialer>,
@@ -163,6 +166,7 @@ impl Core {
             quorum_checked: tokio::sync::Mutex::new(None),
             wake: Notify::new(),
             committer,
+            reserved: Mutex::new(HashMap::new()),
             peer_tls,
             peers: Mutex::new(HashMap::new()),
         }
@@ -344,6 +348,26 @@ impl Core {
         }
     }
 
+    /// Create-time placement: picks a node for `spec` against the applied
+    /// state plus the creates still in flight, and reserves its resources
+    /// there until the returned guard drops (after the create is applied).
+    /// Also returns whether placement is paused.
+    pub fn place_and_reserve(
+        &self,
+        spec: &crate::state::SpecRecord,
+    ) -> (Result<(String, Reservation<'_>), crate::scheduler::Unplaceable>, bool) {
+        let mut reserved = self.reserved.lock();
+        let (placed, paused) = self
+            .state
+            .read(|st| (crate::scheduler::place(st, spec, self.tunables.placement, &reserved), st.scheduler_paused));
+        let placed = placed.map(|node| {
+            let need = crate::state::Resources::of(spec);
+            reserved.entry(node.clone()).or_default().add(&need);
+            (node.clone(), Reservation { core: self, node, need })
+        });
+        (placed, paused)
+    }
+
     /// The token signer, once the cluster has its key.
     pub fn signer(&self) -> Option<TokenSigner> {
         self.state
@@ -389,6 +413,26 @@ impl Core {
             restarts: s.restarts,
             not_before_ms: s.not_before_ms,
             tenant: s.tenant.clone(),
+        }
+    }
+}
+
+/// A create's hold on a node's resources while its entry commits (see
+/// [`Core::place_and_reserve`]); released when dropped.
+pub struct Reservation<'a> {
+    core: &'a Core,
+    node: String,
+    need: crate::state::Resources,
+}
+
+impl Drop for Reservation<'_> {
+    fn drop(&mut self) {
+        let mut reserved = self.core.reserved.lock();
+        if let Some(r) = reserved.get_mut(&self.node) {
+            r.sub(&self.need);
+            if *r == crate::state::Resources::default() {
+                reserved.remove(&self.node);
+            }
         }
     }
 }

@@ -59,9 +59,23 @@ impl Default for PlacementOptions {
     }
 }
 
-/// Places one session (create-time placement).
-pub fn place(state: &ClusterState, spec: &SpecRecord, opts: PlacementOptions) -> Result<String, Unplaceable> {
-    Placer::new(state, opts).place(spec)
+/// Places one session (create-time placement), counting `reserved` (what the
+/// creates placed but not yet applied hold, per node) as taken, so concurrent
+/// creates spread instead of all choosing the node that was emptiest before
+/// any of them committed.
+pub fn place(
+    state: &ClusterState,
+    spec: &SpecRecord,
+    opts: PlacementOptions,
+    reserved: &HashMap<String, Resources>,
+) -> Result<String, Unplaceable> {
+    let mut placer = Placer::new(state, opts);
+    if !reserved.is_empty() {
+        let held: Vec<(&str, Resources)> =
+            placer.ready.iter().filter_map(|n| reserved.get(&n.id).map(|r| (n.id.as_str(), *r))).collect();
+        placer.given.extend(held);
+    }
+    placer.place(spec)
 }
 
 /// Places sessions against one view of the state, remembering what it
@@ -240,19 +254,43 @@ mod tests {
     #[test]
     fn spreads_waits_and_refuses() {
         let mut st = ClusterState::default();
-        assert!(matches!(place(&st, &spec(100), ALL), Err(Unplaceable::Wait(_))));
+        assert!(matches!(place(&st, &spec(100), ALL, &HashMap::new()), Err(Unplaceable::Wait(_))));
         let mut t = Touched::default();
         st.apply(Command::RegisterNode { node: node("a", 2000, 4) }, &mut t);
         st.apply(Command::RegisterNode { node: node("b", 2000, 4) }, &mut t);
-        assert!(matches!(place(&st, &spec(4000), ALL), Err(Unplaceable::Never(_))));
-        let first = place(&st, &spec(1500), ALL).unwrap();
+        assert!(matches!(place(&st, &spec(4000), ALL, &HashMap::new()), Err(Unplaceable::Never(_))));
+        let first = place(&st, &spec(1500), ALL, &HashMap::new()).unwrap();
         st.allocated.insert(first.clone(), Resources { cpu_millis: 1500, memory_bytes: 1 << 20, slots: 1 });
-        let second = place(&st, &spec(100), ALL).unwrap();
+        let second = place(&st, &spec(100), ALL, &HashMap::new()).unwrap();
         assert_ne!(first, second, "spread places on the emptier node");
         st.allocated.insert(second, Resources { cpu_millis: 1500, memory_bytes: 1 << 20, slots: 1 });
         assert!(
-            matches!(place(&st, &spec(1000), ALL), Err(Unplaceable::Wait(r)) if r.to_string().contains("waiting for capacity") && r.to_string().contains("2 lack free capacity"))
+            matches!(place(&st, &spec(1000), ALL, &HashMap::new()), Err(Unplaceable::Wait(r)) if r.to_string().contains("waiting for capacity") && r.to_string().contains("2 lack free capacity"))
         );
+    }
+
+    /// Creates in flight (reserved, not yet applied) count as taken, so
+    /// concurrent creates spread over equal nodes instead of piling onto one.
+    #[test]
+    fn reserved_resources_of_creates_in_flight_count_as_taken() {
+        let mut st = ClusterState::default();
+        let mut t = Touched::default();
+        st.apply(Command::RegisterNode { node: node("a", 2000, 4) }, &mut t);
+        st.apply(Command::RegisterNode { node: node("b", 2000, 4) }, &mut t);
+        let mut reserved: HashMap<String, Resources> = HashMap::new();
+        let mut got = Vec::new();
+        for _ in 0..4 {
+            let n = place(&st, &spec(500), ALL, &reserved).unwrap();
+            reserved.entry(n.clone()).or_default().add(&Resources::of(&spec(500)));
+            got.push(n);
+        }
+        got.sort();
+        assert_eq!(got, ["a", "a", "b", "b"]);
+        // A full reservation makes a node unfit, as an applied allocation would.
+        let full = HashMap::from([("a".to_string(), Resources { cpu_millis: 2000, memory_bytes: 0, slots: 0 })]);
+        for _ in 0..4 {
+            assert_eq!(place(&st, &spec(500), ALL, &full).unwrap(), "b");
+        }
     }
 
     #[test]
@@ -282,16 +320,16 @@ mod tests {
         let mut s = spec(100);
         s.node_selector.insert("zone".into(), "b".into());
         for _ in 0..10 {
-            assert_eq!(place(&st, &s, ALL).unwrap(), "gpu");
+            assert_eq!(place(&st, &s, ALL, &HashMap::new()).unwrap(), "gpu");
         }
         s.node_selector.insert("zone".into(), "c".into());
         assert!(
-            matches!(place(&st, &s, ALL), Err(Unplaceable::Wait(r)) if r.to_string().contains("carries the labels zone=c"))
+            matches!(place(&st, &s, ALL, &HashMap::new()), Err(Unplaceable::Wait(r)) if r.to_string().contains("carries the labels zone=c"))
         );
         st.apply(Command::cordon("plain".into(), true), &mut t);
         st.apply(Command::NodeDown { node_id: "gpu".into(), now_ms: 1, keep: vec![] }, &mut t);
         assert!(
-            matches!(place(&st, &spec(100), ALL), Err(Unplaceable::Wait(r)) if r.to_string().starts_with("no node is ready") && r.to_string().contains("1 are down") && r.to_string().contains("1 are cordoned"))
+            matches!(place(&st, &spec(100), ALL, &HashMap::new()), Err(Unplaceable::Wait(r)) if r.to_string().starts_with("no node is ready") && r.to_string().contains("1 are down") && r.to_string().contains("1 are cordoned"))
         );
     }
 

@@ -202,13 +202,13 @@ impl Resources {
             && used.slots + need.slots <= self.slots
     }
 
-    fn add(&mut self, r: &Resources) {
+    pub fn add(&mut self, r: &Resources) {
         self.cpu_millis += r.cpu_millis;
         self.memory_bytes += r.memory_bytes;
         self.slots += r.slots;
     }
 
-    fn sub(&mut self, r: &Resources) {
+    pub fn sub(&mut self, r: &Resources) {
         self.cpu_millis = self.cpu_millis.saturating_sub(r.cpu_millis);
         self.memory_bytes = self.memory_bytes.saturating_sub(r.memory_bytes);
         self.slots = self.slots.saturating_sub(r.slots);

@@ -24,7 +24,7 @@ use sandfleet_common::auth::{Caller, Role};
 
 use crate::core::{phase_to_proto, Core, Tunables};
 use crate::metrics::CountRequest as _;
-use crate::scheduler::{self, Unplaceable};
+use crate::scheduler::Unplaceable;
 use crate::service::auth::{audited, Authenticator};
 use crate::service::response_status;
 use crate::state::{request_key, Command, CommandResponse, PendingReason, SessionPhase, SessionRecord, SpecRecord};
@@ -103,13 +103,17 @@ impl SessionApi {
 
         // Place now when this member leads and a node fits; otherwise the
         // session is stored unplaced and the leader loop places it.
-        let (placement, paused) = tracing::info_span!("placement").in_scope(|| {
-            self.core.state.read(|st| (scheduler::place(st, &spec, self.core.tunables.placement), st.scheduler_paused))
-        });
+        // The node's resources stay reserved until the create is applied, so
+        // concurrent creates see each other's placements.
+        let (placement, paused) = tracing::info_span!("placement").in_scope(|| self.core.place_and_reserve(&spec));
+        let mut _reservation = None;
         let (node_id, pending_reason) = match placement {
             Err(Unplaceable::Never(why)) => return Err(Status::resource_exhausted(why.to_string())),
             _ if paused => (None, PendingReason::Paused),
-            Ok(node) if self.core.is_leader() => (Some(node), PendingReason::Starting),
+            Ok((node, held)) if self.core.is_leader() => {
+                _reservation = Some(held);
+                (Some(node), PendingReason::Starting)
+            }
             Ok(_) => (None, PendingReason::AwaitingLeader),
             Err(Unplaceable::Wait(why)) => (None, why),
         };
