@@ -156,6 +156,11 @@ async fn run(args: &Args, seed: u64) -> Result<bool> {
         .agents(settings.agents)
         .agent_args(args.agent_args.clone())
         .coordinator_args(settings.coordinator_args.clone());
+    // The move check expects every session of a killed node to run elsewhere:
+    // one node must have room for the whole workload, whatever the host's cores.
+    if !args.agent_args.iter().any(|a| a == "--cpu" || a.starts_with("--cpu=")) {
+        builder = builder.agent_args(["--cpu".to_string(), format!("{}m", workload::cpu_for_all(&settings))]);
+    }
     if let Some(s3) = &s3 {
         builder = builder.agent_args(s3.agent_args("chaos"));
         for (k, v) in S3Server::env() {

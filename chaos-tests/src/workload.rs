@@ -41,11 +41,23 @@ pub type Shared = Arc<Mutex<Ledger>>;
 
 pub const RUN_LABEL: &str = "chaos-run";
 
+/// The CPU each session of the workload asks for (and reserves on its node).
+pub const SESSION_CPU_MILLIS: u32 = 100;
+
+/// Millicores an agent offers so that it alone has room for every session the
+/// runner keeps alive (each worker's, and the anchors of every node), twice
+/// over: the move check requires the sessions of a killed node to run on the
+/// survivors, which a host with few cores would otherwise not have room for.
+pub fn cpu_for_all(settings: &crate::args::Settings) -> u64 {
+    let live = settings.workers * settings.max_live + settings.agents * crate::nemesis::ANCHORS_PER_FAULT;
+    (live as u64 * 2).max(16) * u64::from(SESSION_CPU_MILLIS)
+}
+
 pub fn spec(request_id: &str, run: &str) -> CreateSession {
     CreateSession::new()
         .request_id(request_id.to_string())
         .memory_bytes(64 << 20)
-        .cpu_millis(100)
+        .cpu_millis(SESSION_CPU_MILLIS)
         .pids_limit(64)
         .ttl(Duration::from_secs(900))
         .label(RUN_LABEL, run.to_string())
