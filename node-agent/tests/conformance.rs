@@ -608,6 +608,32 @@ async fn oom(kind: Kind) {
     env.cleanup().await;
 }
 
+/// Execs back to back in a session with a small pids limit all run: what a
+/// command leaves behind (bwrap's pid-namespace init, orphaned for a moment)
+/// is reaped by the session's executor at once, not left a zombie charged to
+/// the session's pids until the host's init gets to it.
+async fn quick_execs_do_not_use_up_the_pids_limit(kind: Kind) {
+    let Some(env) = setup(kind, "quick", 312_700).await else { return };
+    let rt = env.rt.as_ref();
+    let id = new_session_id();
+    let mut spec = sandbox(&id);
+    spec.spec.pids_limit = 8;
+    rt.prepare(&spec).await.unwrap();
+    const EXECS: usize = 120;
+    for i in 0..EXECS {
+        let r = run(rt, &id, ExecSpec { command: Command::Argv(vec!["true".into()]), ..bash("") }).await.unwrap();
+        assert_eq!(
+            (r.info.exit_code, r.info.message.as_str()),
+            (0, ""),
+            "exec {i} of {EXECS} back to back failed: {} {}",
+            r.stderr,
+            r.info.message
+        );
+    }
+    rt.destroy(&id).await.unwrap();
+    env.cleanup().await;
+}
+
 async fn fork_bomb(kind: Kind) {
     let Some(env) = setup(kind, "bomb", 310_300).await else { return };
     let rt = env.rt.as_ref();
@@ -1173,6 +1199,7 @@ conformance!(
     timeout,
     oom,
     fork_bomb,
+    quick_execs_do_not_use_up_the_pids_limit,
     no_network,
     only_needed_socket_families,
     secrets_stay_off_command_lines,

@@ -33,6 +33,7 @@
 //! - [`server`]: the executor's side ([`serve`]).
 
 pub mod client;
+pub mod reaper;
 pub mod server;
 pub mod wire;
 

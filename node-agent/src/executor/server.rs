@@ -14,6 +14,7 @@ use tokio::sync::mpsc;
 use tokio_util::codec::Framed;
 use tracing::{debug, info, warn};
 
+use super::reaper::Reaper;
 use super::wire::{ExecutorCodec, Message, Pong, Request, WireError, WireExec, WireExit, PROTOCOL_VERSION};
 use super::{CONTAINER_RUN_DIR, CONTAINER_WORKSPACE, SOCKET_NAME};
 use crate::runtime::bwrap::{self, RootLayout};
@@ -63,6 +64,8 @@ struct Server {
     cgroups: Option<AnyCgroupManager>,
     uid: u32,
     gid: u32,
+    /// Reaps the orphans its commands leave (see [`super::reaper`]).
+    reaper: Arc<Reaper>,
 }
 
 /// Prepares the sandbox root and the seccomp filter, binds the socket and
@@ -97,9 +100,18 @@ pub async fn serve(
     }
     let listener =
         UnixListener::bind(&sock).map_err(|e| RuntimeError::Unavailable(format!("binding {}: {e}", sock.display())))?;
-    let server = Arc::new(Server { cfg, layout, filter, cgroups, uid, gid });
+    let reaper = Arc::new(
+        Reaper::new()
+            .map_err(|e| RuntimeError::Unavailable(format!("becoming the reaper of the commands' orphans: {e}")))?,
+    );
+    let reaping = {
+        let (reaper, shutdown) = (reaper.clone(), shutdown.clone());
+        tokio_util::task::AbortOnDropHandle::new(tokio::spawn(async move { reaper.run(shutdown).await }))
+    };
+    let server = Arc::new(Server { cfg, layout, filter, cgroups, uid, gid, reaper });
     info!(socket = %sock.display(), uid, "executor serving");
     ready(&sock);
+    let _reaping = reaping;
     loop {
         tokio::select! {
             () = shutdown.cancelled() => return Ok(()),
@@ -209,27 +221,32 @@ impl Server {
         let oom_before = self.cgroups.as_ref().map_or(0, |c| c.oom_kills(cg));
         let forks_before = self.cgroups.as_ref().map_or(0, |c| c.pids_max_events(cg));
         let started = tokio::time::Instant::now();
-        let (child, fds) = bwrap::spawn(&bwrap::Launch {
-            bwrap_path: &self.cfg.bwrap_path,
-            layout: &self.layout,
-            filter: &self.filter,
-            workspace: &self.cfg.workspace,
-            workdir: &v.workdir,
-            env: &env,
-            argv: &v.plan.argv,
-            code: v.plan.code_file.as_deref(),
-            run_as: None,
-            own_process_group: true,
-        })
-        .map_err(|e| {
-            if e.raw_os_error() == Some(libc::E2BIG) {
-                RuntimeError::InvalidArgument(
-                    "argv and environment together are too large for the kernel (E2BIG)".into(),
-                )
-            } else {
-                RuntimeError::Unavailable(format!("starting bwrap: {e}"))
-            }
-        })?;
+        // Registered with the reaper until supervised to the end (`_own` drops last).
+        let (child, fds, _own) = self
+            .reaper
+            .spawn(|| {
+                bwrap::spawn(&bwrap::Launch {
+                    bwrap_path: &self.cfg.bwrap_path,
+                    layout: &self.layout,
+                    filter: &self.filter,
+                    workspace: &self.cfg.workspace,
+                    workdir: &v.workdir,
+                    env: &env,
+                    argv: &v.plan.argv,
+                    code: v.plan.code_file.as_deref(),
+                    run_as: None,
+                    own_process_group: true,
+                })
+            })
+            .map_err(|e| {
+                if e.raw_os_error() == Some(libc::E2BIG) {
+                    RuntimeError::InvalidArgument(
+                        "argv and environment together are too large for the kernel (E2BIG)".into(),
+                    )
+                } else {
+                    RuntimeError::Unavailable(format!("starting bwrap: {e}"))
+                }
+            })?;
         drop(fds);
         let pgid = child.id().map(|p| p as i32);
         // bwrap runs the command in a new pid namespace whose init dies with
