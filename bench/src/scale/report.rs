@@ -14,13 +14,17 @@ use crate::placement::Beats;
 /// than linearly (issue 18: such a figure is a bug).
 pub const GROWTH_LIMIT: f64 = 1.5;
 
-// Goals at the full size; `None` means no goal is set yet.
-//
-// PROVISIONAL: these were set before the first run at 10,000 agents, from
-// issue 18's heartbeat goal (p99 under 250 ms, none failing) and a rough
-// estimate of the rest; they are to be set from the measured figures.
-/// Whether the goals below are still the provisional ones (the section says so).
-pub const GOALS_PROVISIONAL: bool = true;
+// Goals at the full size (10,000 agents, 100,000 sessions); `None` means no
+// goal is set. Set from the first run at this size (bench/RESULTS.md, 2026-12-01,
+// 2 cores): the heartbeat goals are issue 18's (missed there: p99 471 ms, and
+// timeouts while creating); memory was 5.15 KiB per session and linear, so the
+// goal holds it there; RocksDB was 2.15 KiB per session at 10,000 sessions and
+// 8.8 KiB at 100,000 (old snapshot versions and log churn not yet compacted:
+// the goal is the small size's cost); a JSON snapshot of 100,000 sessions took
+// 3.0 s to build; a restart caught up in 8.2 s; a filtered ListSessions page
+// took 145 ms at p99 (the filter walks every session: a label index is due).
+/// Whether the goals below are still provisional (the section says so).
+pub const GOALS_PROVISIONAL: bool = false;
 /// Leader CPU in the steady window, % of one core.
 pub const GOAL_LEADER_CPU_PCT: Option<f64> = Some(50.0);
 /// Heartbeat latency as the agents see it, steady window.
@@ -29,7 +33,7 @@ pub const GOAL_HEARTBEAT_P99: Option<Duration> = Some(Duration::from_millis(250)
 /// Heartbeats that failed in the steady window.
 pub const GOAL_HEARTBEAT_FAILED: Option<u64> = Some(0);
 /// Leader RSS growth per RUNNING session, bytes.
-pub const GOAL_MEMORY_PER_SESSION: Option<f64> = Some(4096.0);
+pub const GOAL_MEMORY_PER_SESSION: Option<f64> = Some(6144.0);
 /// Leader data-dir growth per RUNNING session, bytes.
 pub const GOAL_DISK_PER_SESSION: Option<f64> = Some(4096.0);
 /// Building one snapshot of the whole state.
@@ -814,7 +818,7 @@ mod tests {
         assert!(text.contains("--coordinator-arg=--snapshot-after-entries=20000"), "{text}");
         assert!(text.contains("| 1000 agents / 10000 sessions | 10000 agents / 100000 sessions |"), "{text}");
         assert!(text.contains("**Faster than linear: coordinator memory per session**"), "{text}");
-        assert!(text.contains("goal: <= 4.00 KiB — MISSED"), "{text}");
+        assert!(text.contains("goal: <= 6.00 KiB — met"), "{text}");
         assert!(text.contains("goal: <= 250 ms — met"), "{text}");
         assert!(text.contains("failed: AddMember(4, 127.0.0.1:1): deadline exceeded"), "{text}");
         // One section: nothing in it starts another `## ` heading.
