@@ -737,26 +737,32 @@ async fn cold_restart(cluster: &mut Cluster, timeout: Duration) -> Result<Restar
     }
 }
 
+/// The default settings at a given size, for the unit tests of this module and of `report`.
+#[cfg(test)]
+fn test_settings(agents: usize, sessions: usize, fraction: f64) -> Settings {
+    Settings {
+        agents,
+        sessions,
+        baseline_fraction: fraction,
+        steady: Duration::from_secs(30),
+        create_clients: 64,
+        connections: 16,
+        slots: None,
+        list_calls: 200,
+        list_page_size: 100,
+        renew_clients: 32,
+        timeout: Duration::from_secs(3600),
+        spread: false,
+        coordinator_args: Vec::new(),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
     fn settings(agents: usize, sessions: usize, fraction: f64) -> Settings {
-        Settings {
-            agents,
-            sessions,
-            baseline_fraction: fraction,
-            steady: Duration::from_secs(30),
-            create_clients: 64,
-            connections: 16,
-            slots: None,
-            list_calls: 200,
-            list_page_size: 100,
-            renew_clients: 32,
-            timeout: Duration::from_secs(3600),
-            spread: false,
-            coordinator_args: Vec::new(),
-        }
+        test_settings(agents, sessions, fraction)
     }
 
     #[test]

@@ -784,19 +784,8 @@ mod tests {
 
     fn settings() -> Settings {
         Settings {
-            agents: 10_000,
-            sessions: 100_000,
-            baseline_fraction: 0.1,
-            steady: Duration::from_secs(30),
-            create_clients: 64,
-            connections: 16,
-            slots: None,
-            list_calls: 200,
-            list_page_size: 100,
-            renew_clients: 32,
-            timeout: Duration::from_secs(3600),
-            spread: false,
             coordinator_args: vec!["--snapshot-after-entries=20000".into()],
+            ..super::super::test_settings(10_000, 100_000, 0.1)
         }
     }
 
