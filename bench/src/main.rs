@@ -14,7 +14,11 @@
 //! sandfleet-bench tls [--runs 200] [--clients 64] [--write bench/RESULTS.md]
 //! sandfleet-bench telemetry [--runs 200] [--clients 64] [--write bench/RESULTS.md]
 //! sandfleet-bench python [--runs 200] [--creates 100] [--python PATH] [--write bench/RESULTS.md]
+//! sandfleet-bench batch [--size 100] [--runs 5] [--sim-size 1000] [--sim-agents 1000] [--write bench/RESULTS.md]
 //! ```
+//!
+//! `batch` compares one `CreateSessions` batch with as many single creates,
+//! on real sandboxes and on a simulated fleet; see [`batch`].
 //!
 //! `python` compares the Python SDK (`sdk/python`, driven by
 //! `bench/python/driver.py`) with the Rust SDK on the same cluster; see [`python`].
@@ -55,6 +59,7 @@ use sandfleet_testkit::facilities::BWRAP_TRUE_ARGS;
 use sandfleet_testkit::helpers::percentile;
 use sandfleet_testkit::{bins, require_sandbox_facilities, ClusterBuilder};
 
+mod batch;
 mod cri;
 mod disk;
 mod docker;
@@ -343,6 +348,28 @@ enum Cmd {
         #[arg(long)]
         write: Option<PathBuf>,
     },
+    /// A batch of N (CreateSessions) vs N concurrent single creates -> all RUNNING, same run:
+    /// real sandboxes (one agent) and a simulated fleet (three coordinators).
+    Batch {
+        /// Replicas of the real-sandbox batch.
+        #[arg(long, default_value_t = 100)]
+        size: usize,
+        /// Rounds of each measurement (batch and singles alternate).
+        #[arg(long, default_value_t = 5)]
+        runs: usize,
+        /// Replicas of the simulated-fleet batch.
+        #[arg(long, default_value_t = 1000)]
+        sim_size: usize,
+        /// Simulated agents.
+        #[arg(long, default_value_t = 1000)]
+        sim_agents: usize,
+        /// Concurrent clients of the single creates.
+        #[arg(long, default_value_t = 64)]
+        clients: usize,
+        /// Replace the `## Batches` section of this Markdown file.
+        #[arg(long)]
+        write: Option<PathBuf>,
+    },
     /// Agent SIGKILL -> its sessions RUNNING on another node, real binaries.
     Failover {
         /// Agent kills (round-robin over the agents).
@@ -383,6 +410,7 @@ const TELEMETRY_SECTION: &str = "## Telemetry cost";
 const DISK_SECTION: &str = "## Disk quota cost";
 const SCALE_SECTION: &str = "## Scale";
 const PYTHON_SECTION: &str = "## Python SDK vs Rust SDK";
+const BATCH_SECTION: &str = "## Batches";
 
 #[derive(Debug)]
 struct Series {
@@ -477,6 +505,25 @@ async fn run(cli: Cli) -> ExitCode {
                 let section =
                     telemetry::render(&report, &scrapes, &settings, TELEMETRY_SECTION, &machine_description());
                 publish(TELEMETRY_SECTION, &section, write)
+            }
+            .await;
+            exit_code(result)
+        }
+        Cmd::Batch { size, runs, sim_size, sim_agents, clients, write } => {
+            let settings = batch::Settings {
+                size: size.max(1),
+                runs: runs.max(1),
+                sim_size: sim_size.max(1),
+                sim_agents: sim_agents.max(1),
+                clients: clients.max(1),
+            };
+            let child_log = std::env::var("SANDFLEET_CHILD_LOG").unwrap_or_else(|_| "warn".to_string());
+            let result = async {
+                if !require_sandbox_facilities() {
+                    bail!("the batch bench needs root, bubblewrap and cgroups");
+                }
+                let report = batch::run(&settings, &child_log).await?;
+                publish(BATCH_SECTION, &batch::render(&report, &settings, BATCH_SECTION, &machine_description()), write)
             }
             .await;
             exit_code(result)

@@ -10,6 +10,7 @@
 //! - [`output`]: text tables, and JSON printing (API messages in the proto3 JSON mapping).
 //! - [`exec`]: `run` and `session exec` (streamed output, exit codes, cleanup).
 //! - [`session`]: the other `session` subcommands, including `cp`.
+//! - [`batch`]: `session create --count N` and `batch get|list|wait|rm`.
 //! - [`cluster`]: `node list` and `cluster ...`.
 //! - [`top`]: `top`, the live view of the cluster and its nodes.
 //! - [`progress`]: progress of long operations, on a terminal only.
@@ -19,6 +20,7 @@
 
 pub mod apikey;
 pub mod args;
+pub mod batch;
 pub mod cluster;
 pub mod dev;
 pub mod exec;
@@ -115,6 +117,9 @@ pub enum Command {
     /// report); FREE is capacity less what placed sessions reserve. Needs an
     /// admin API key on a cluster with keys.
     Top(TopArgs),
+    /// Inspect and delete batches of sessions (made by `session create --count N`).
+    #[command(subcommand)]
+    Batch(batch::BatchCmd),
     /// Manage tenants and their quotas (admin).
     #[command(subcommand)]
     Tenant(tenant::TenantCmd),
@@ -256,6 +261,8 @@ pub struct TopArgs {
 }
 
 /// `sandfleet session ...`.
+// Parsed once per process: boxing `Create`'s arguments would buy nothing.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Subcommand)]
 pub enum SessionCmd {
     /// Create a session.
@@ -271,8 +278,18 @@ pub enum SessionCmd {
         /// Environment variable for every exec in the session (repeatable).
         #[arg(long = "env", short = 'E', value_parser = parse_key_value, value_name = "KEY=VALUE")]
         env: Vec<(String, String)>,
+        /// Create N sessions as one batch, whole or not at all (prints the
+        /// batch; see `sandfleet batch`). Each carries the label
+        /// sandfleet.io/batch=<batch id>.
+        #[arg(long, value_name = "N")]
+        count: Option<u32>,
+        /// With --count: a JSON Lines file whose line i sets replica i's env
+        /// and labels, e.g. {"env": {"SHARD": "0"}, "labels": {"shard": "0"}}
+        /// (without --count, one replica per line).
+        #[arg(long, value_name = "FILE")]
+        patch_file: Option<PathBuf>,
         /// Wait until the session is running (on a terminal, a spinner shows
-        /// its state and why it waits).
+        /// its state and why it waits; for a batch, a bar of running replicas).
         #[arg(long)]
         wait: bool,
         /// How long --wait waits.
@@ -561,6 +578,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<i32> {
             let opts = top::TopOptions { interval: args.interval, once: args.once, count: args.count.unwrap_or(0) };
             top::run(&ctx, opts).await
         }
+        Command::Batch(cmd) => batch::run(&ctx, cmd).await,
         Command::Tenant(cmd) => tenant::run(&ctx, cmd).await,
         Command::Apikey(cmd) => apikey::run(&ctx, cmd).await,
         Command::Dev(_) | Command::Pki(_) => unreachable!("handled above"),

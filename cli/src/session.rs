@@ -21,16 +21,26 @@ use super::{Ctx, SessionCmd};
 /// Dispatches `session` subcommands.
 pub async fn run(ctx: &Ctx, cmd: SessionCmd) -> anyhow::Result<i32> {
     match cmd {
-        SessionCmd::Create { request_id, resources, ttl, env, wait, wait_timeout } => {
+        SessionCmd::Create { request_id, resources, ttl, env, count, patch_file, wait, wait_timeout } => {
             let mut c = apply_resources(CreateSession::new(), &resources);
-            if let Some(id) = request_id {
-                c = c.request_id(id);
-            }
             if let Some(ttl) = ttl {
                 c = c.ttl(ttl);
             }
             for (k, v) in env {
                 c = c.env(k, v);
+            }
+            if count.is_some() || patch_file.is_some() {
+                let patches = match &patch_file {
+                    Some(path) => super::batch::read_patch_file(path)?,
+                    None => Vec::new(),
+                };
+                // Without --count, a patch file makes one replica per line.
+                let count = count.unwrap_or(patches.len() as u32);
+                let wait = wait.then_some(wait_timeout);
+                return super::batch::create(ctx, count, request_id, c, patches, wait).await;
+            }
+            if let Some(id) = request_id {
+                c = c.request_id(id);
             }
             let resp = ctx.client.create_session_full(c).await?;
             let mut session = resp.session.ok_or_else(|| Error::Protocol("the answer has no session".into()))?;

@@ -36,6 +36,19 @@ pub enum Error {
         /// The server's explanation (`Session.message`).
         message: String,
     },
+    /// A replica of a batch reached a terminal state (or the batch was
+    /// deleted) while the caller waited for all of them to run.
+    #[error("batch {id} will not be all running: {failed} replicas failed, {terminated} terminated{}", if *.deleted { " (the batch was deleted)" } else { "" })]
+    BatchFailed {
+        /// The batch id.
+        id: String,
+        /// Replicas FAILED.
+        failed: u32,
+        /// Replicas TERMINATED.
+        terminated: u32,
+        /// Whether the batch was deleted.
+        deleted: bool,
+    },
     /// The caller passed something the SDK refuses before sending it.
     #[error("invalid argument: {0}")]
     InvalidArgument(String),
@@ -67,7 +80,7 @@ impl Error {
             Error::Status(s) => Some(s.code()),
             Error::Connect { .. } => Some(tonic::Code::Unavailable),
             Error::Timeout(_) => Some(tonic::Code::DeadlineExceeded),
-            Error::SessionFailed { .. } => Some(tonic::Code::FailedPrecondition),
+            Error::SessionFailed { .. } | Error::BatchFailed { .. } => Some(tonic::Code::FailedPrecondition),
             Error::InvalidArgument(_) => Some(tonic::Code::InvalidArgument),
             Error::Protocol(_) => Some(tonic::Code::Internal),
             Error::Tls(_) | Error::Io(_) => None,

@@ -25,6 +25,7 @@
 //! - [`client`]: [`ClientBuilder`] (also `ClientBuilder::from_env`: `SANDFLEET_ENDPOINT`, `SANDFLEET_API_KEY`,
 //!   `SANDFLEET_TLS_*`), [`Client`], TLS, connection caching, retries, control-plane calls.
 //! - [`session`]: [`CreateSession`] and session-state helpers.
+//! - [`batch`]: [`CreateBatch`] and the batch calls (create whole or not at all, get, list, delete, wait).
 //! - [`exec`]: [`ExecRequest`], [`ExecStream`], [`ExecEvent`], [`ExecOutput`] and the exec calls.
 //! - [`files`]: upload, download, list and remove in a session's workspace.
 //! - [`tenant`]: tenants, quotas and API keys (admin calls).
@@ -40,6 +41,7 @@
 //! node agent or storage engine. The `sandfleet` command line is the separate
 //! `sandfleet-cli` crate, built on this one.
 
+pub mod batch;
 pub mod client;
 pub mod error;
 pub mod exec;
@@ -51,6 +53,7 @@ pub mod tenant;
 pub use sandfleet_proto::v1 as proto;
 pub use sandfleet_proto::v1::Language;
 
+pub use batch::CreateBatch;
 pub use client::{
     Client, ClientBuilder, SessionWatch, TlsOptions, DEFAULT_ENDPOINT, ENV_API_KEY, ENV_ENDPOINT, ENV_TLS_CA,
     ENV_TLS_CERT, ENV_TLS_KEY,

@@ -12,7 +12,7 @@ use futures::stream::{self, BoxStream, StreamExt};
 use sandfleet::proto::exec_service_server::{ExecService, ExecServiceServer};
 use sandfleet::proto::file_service_server::{FileService, FileServiceServer};
 use sandfleet::proto::session_service_server::{SessionService, SessionServiceServer};
-use sandfleet::{proto, Backoff, Client, CreateSession, Error, ExecRequest};
+use sandfleet::{proto, Backoff, Client, CreateBatch, CreateSession, Error, ExecRequest};
 use tokio::io::{AsyncRead, ReadBuf};
 use tokio::net::TcpListener;
 use tokio_stream::wrappers::TcpListenerStream;
@@ -101,6 +101,48 @@ impl SessionService for Fake {
             session: Some(session(proto::SessionState::Pending, "t0", "")),
             existing,
         }))
+    }
+
+    async fn create_sessions(
+        &self,
+        req: Request<proto::CreateSessionsRequest>,
+    ) -> Result<Response<proto::CreateSessionsResponse>, Status> {
+        let fail = self.with(|s| {
+            s.create_ids.push(req.get_ref().request_id.clone());
+            if s.fail_creates > 0 {
+                s.fail_creates -= 1;
+                true
+            } else {
+                false
+            }
+        });
+        if fail {
+            return Err(Status::unavailable("no leader yet"));
+        }
+        let r = req.into_inner();
+        let batch = proto::Batch { id: "b1".into(), request_id: r.request_id, desired: r.count, ..Default::default() };
+        Ok(Response::new(proto::CreateSessionsResponse { batch: Some(batch), existing: false }))
+    }
+
+    async fn get_batch(
+        &self,
+        _req: Request<proto::GetBatchRequest>,
+    ) -> Result<Response<proto::GetBatchResponse>, Status> {
+        Err(Status::unimplemented("get batch"))
+    }
+
+    async fn list_batches(
+        &self,
+        _req: Request<proto::ListBatchesRequest>,
+    ) -> Result<Response<proto::ListBatchesResponse>, Status> {
+        Err(Status::unimplemented("list batches"))
+    }
+
+    async fn delete_batch(
+        &self,
+        _req: Request<proto::DeleteBatchRequest>,
+    ) -> Result<Response<proto::DeleteBatchResponse>, Status> {
+        Err(Status::unimplemented("delete batch"))
     }
 
     async fn get_session(
@@ -324,6 +366,18 @@ async fn create_fails_over_and_retries_with_the_same_request_id() {
     let (ids, deadlines) = fake.with(|s| (s.create_ids.clone(), s.create_deadlines.clone()));
     assert_eq!(ids, ["req-42", "req-42", "req-42"]);
     assert!(deadlines.iter().all(|d| d.is_some()), "every attempt carries grpc-timeout: {deadlines:?}");
+}
+
+#[tokio::test]
+async fn a_batch_create_is_retried_with_the_same_request_id() {
+    let fake = Fake::default();
+    fake.with(|s| s.fail_creates = 2);
+    let live = start(fake.clone()).await;
+    let c = client(vec![format!("http://{live}")]).await;
+    let req = CreateBatch::new(3, CreateSession::new()).request_id("batch-7").patch(2, [("K", "v")], [("shard", "2")]);
+    let batch = c.create_batch(req).await.expect("create succeeds after retries").batch.expect("a batch");
+    assert_eq!((batch.request_id.as_str(), batch.desired), ("batch-7", 3));
+    assert_eq!(fake.with(|s| s.create_ids.clone()), ["batch-7", "batch-7", "batch-7"]);
 }
 
 #[tokio::test]

@@ -39,6 +39,14 @@ pub enum ValidationError {
         /// The value given.
         got: String,
     },
+    /// A batch's patch for one replica makes that replica's spec invalid.
+    #[error("patches[{index}]: {source}")]
+    InPatch {
+        /// Which replica.
+        index: usize,
+        /// What is wrong with its patched spec.
+        source: Box<ValidationError>,
+    },
 }
 
 impl ValidationError {
@@ -64,6 +72,10 @@ impl From<ValidationError> for tonic::Status {
             ValidationError::Invalid { .. } => tonic::Status::invalid_argument(e.to_string()),
             ValidationError::OverLimit { .. } | ValidationError::OutOfRange { .. } => {
                 tonic::Status::out_of_range(e.to_string())
+            }
+            ValidationError::InPatch { ref source, .. } => {
+                let code = tonic::Status::from((**source).clone()).code();
+                tonic::Status::new(code, e.to_string())
             }
         }
     }

@@ -65,6 +65,12 @@ pub const MAX_LABELS: usize = 64;
 /// Longest reason of a node's hold (why its agent cordons or drains it), in bytes.
 pub const MAX_HOLD_REASON_BYTES: usize = 256;
 
+/// Most sessions in one batch (CreateSessions).
+pub const MAX_BATCH_REPLICAS: u32 = 10_000;
+/// Most bytes of keys and values in all the patches of one batch (1 MiB), so
+/// the batch's Raft entry stays well under a gRPC message.
+pub const MAX_BATCH_PATCH_BYTES: usize = 1024 * 1024;
+
 /// Largest page of ListSessions.
 pub const MAX_PAGE_SIZE: u32 = 1000;
 /// Page size when the client gives none.

@@ -529,6 +529,120 @@ impl SessionSpec {
     }
 }
 
+/// The label every replica of a batch carries: `sandfleet.io/batch=<batch id>`.
+pub const BATCH_LABEL: &str = "sandfleet.io/batch";
+/// Label keys under this prefix are the cluster's own; clients cannot set them.
+pub const RESERVED_LABEL_PREFIX: &str = "sandfleet.io/";
+
+/// Refuses labels under [`RESERVED_LABEL_PREFIX`] (INVALID_ARGUMENT), so no
+/// client can make a session look like a member of a batch.
+pub fn check_reserved_labels<'a>(
+    field: &'static str,
+    mut keys: impl Iterator<Item = &'a String>,
+) -> Result<(), ValidationError> {
+    match keys.find(|k| k.starts_with(RESERVED_LABEL_PREFIX)) {
+        Some(k) => Err(ValidationError::invalid(
+            field,
+            format!("label key {k:?} is under the reserved prefix {RESERVED_LABEL_PREFIX:?}"),
+        )),
+        None => Ok(()),
+    }
+}
+
+/// What one replica of a batch changes in the batch's spec (OpenSandbox's
+/// `shardTaskPatches`): its env and labels are merged over the spec's, a key
+/// here replacing the spec's value. Stored in the batch's Raft entry.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReplicaPatch {
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub env: BTreeMap<String, String>,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub labels: BTreeMap<String, String>,
+}
+
+impl ReplicaPatch {
+    /// The patch from the wire (checked with the spec it patches, by [`check_batch`]).
+    pub fn from_proto(p: &pb::ReplicaPatch) -> Self {
+        ReplicaPatch {
+            env: p.env.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
+            labels: p.labels.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
+        }
+    }
+
+    /// Keys and values in bytes, counted against [`limits::MAX_BATCH_PATCH_BYTES`].
+    pub fn bytes(&self) -> usize {
+        self.env.iter().chain(&self.labels).map(|(k, v)| k.len() + v.len()).sum()
+    }
+}
+
+impl SessionSpec {
+    /// Replica `spec` of batch `batch_id`: this spec with `patch` merged over
+    /// it and the batch label added. The one definition of a replica's spec,
+    /// used when the batch is checked and when it is applied.
+    pub fn patched(&self, patch: Option<&ReplicaPatch>, batch_id: &str) -> SessionSpec {
+        let mut spec = self.clone();
+        if let Some(p) = patch {
+            spec.env.extend(p.env.iter().map(|(k, v)| (k.clone(), v.clone())));
+            spec.labels.extend(p.labels.iter().map(|(k, v)| (k.clone(), v.clone())));
+        }
+        spec.labels.insert(BATCH_LABEL.to_string(), batch_id.to_string());
+        spec
+    }
+}
+
+/// Checks a batch of `count` replicas of `spec` (already resolved by
+/// [`SessionSpec::from_proto`]) with `patches`: the count (0 is
+/// INVALID_ARGUMENT, above [`limits::MAX_BATCH_REPLICAS`] OUT_OF_RANGE), no
+/// more patches than replicas, their total size, no reserved label, and each
+/// patched spec against every rule of a spec ([`ValidationError::InPatch`]
+/// names the replica). Returns the patches as stored.
+pub fn check_batch(
+    spec: &SessionSpec,
+    count: u32,
+    patches: &[pb::ReplicaPatch],
+    bounds: &ClusterBounds,
+) -> Result<Vec<ReplicaPatch>, ValidationError> {
+    if count == 0 {
+        return Err(ValidationError::invalid("count", "a batch needs at least 1 replica"));
+    }
+    if count > limits::MAX_BATCH_REPLICAS {
+        return Err(ValidationError::out_of_range(
+            "count",
+            format!("1..={} replicas", limits::MAX_BATCH_REPLICAS),
+            count,
+        ));
+    }
+    if patches.len() > count as usize {
+        return Err(ValidationError::invalid(
+            "patches",
+            format!("{} patches for {count} replicas: patch {count} and later have no replica", patches.len()),
+        ));
+    }
+    check_reserved_labels("labels", spec.labels.keys())?;
+    let patches: Vec<ReplicaPatch> = patches.iter().map(ReplicaPatch::from_proto).collect();
+    let bytes: usize = patches.iter().map(ReplicaPatch::bytes).sum();
+    if bytes > limits::MAX_BATCH_PATCH_BYTES {
+        return Err(ValidationError::over(
+            "patches",
+            format!("{} bytes of keys and values in all", limits::MAX_BATCH_PATCH_BYTES),
+            bytes,
+        ));
+    }
+    // A placeholder id of the real one's length: the batch label is checked with the rest.
+    let placeholder = "00000000-0000-0000-0000-000000000000";
+    SessionSpec::from_proto(spec.patched(None, placeholder).to_proto(), bounds)?;
+    for (index, patch) in patches.iter().enumerate() {
+        let in_patch = |e: ValidationError| ValidationError::InPatch { index, source: Box::new(e) };
+        check_reserved_labels("labels", patch.labels.keys()).map_err(in_patch)?;
+        // The replica's spec must pass every check a spec passes, and mean the
+        // same after the round trip (nothing the patch set was dropped).
+        let replica = spec.patched(Some(patch), placeholder);
+        let checked = SessionSpec::from_proto(replica.to_proto(), bounds).map_err(in_patch)?;
+        debug_assert_eq!(checked.env, replica.env);
+    }
+    Ok(patches)
+}
+
 /// A zero means the default.
 fn or_default<T: PartialEq + Default>(v: T, default: T) -> T {
     if v == T::default() {
@@ -570,6 +684,52 @@ mod optional_runtime {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn patch(env: &[(&str, &str)], labels: &[(&str, &str)]) -> pb::ReplicaPatch {
+        pb::ReplicaPatch {
+            env: env.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
+            labels: labels.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
+        }
+    }
+
+    #[test]
+    fn batches_are_checked_whole_with_the_spec_rules() {
+        let b = ClusterBounds::default();
+        let base = SessionSpec::from_proto(pb::SessionSpec::default(), &b).unwrap();
+        let code = |count: u32, patches: &[pb::ReplicaPatch]| {
+            tonic::Status::from(check_batch(&base, count, patches, &b).unwrap_err()).code()
+        };
+        assert_eq!(code(0, &[]), tonic::Code::InvalidArgument);
+        assert_eq!(code(limits::MAX_BATCH_REPLICAS + 1, &[]), tonic::Code::OutOfRange);
+        assert_eq!(code(1, &[patch(&[], &[]), patch(&[], &[])]), tonic::Code::InvalidArgument);
+        // A bad key, a reserved label, and too many labels once merged: each names its replica.
+        let e = check_batch(&base, 3, &[patch(&[], &[]), patch(&[("1BAD", "x")], &[])], &b).unwrap_err();
+        assert!(matches!(e, ValidationError::InPatch { index: 1, .. }), "{e}");
+        assert!(e.to_string().starts_with("patches[1]: invalid env"), "{e}");
+        let e = check_batch(&base, 1, &[patch(&[], &[("sandfleet.io/batch", "x")])], &b).unwrap_err();
+        assert_eq!(tonic::Status::from(e.clone()).code(), tonic::Code::InvalidArgument);
+        assert!(e.to_string().contains("reserved prefix"), "{e}");
+        let many: Vec<(String, String)> = (0..limits::MAX_LABELS).map(|i| (format!("k{i}"), "v".into())).collect();
+        let many: Vec<(&str, &str)> = many.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+        let e = check_batch(&base, 1, &[patch(&[], &many)], &b).unwrap_err();
+        assert_eq!(tonic::Status::from(e).code(), tonic::Code::OutOfRange, "64 labels and the batch label are 65");
+        let big = "x".repeat(limits::MAX_ENV_VALUE_BYTES);
+        let patches: Vec<pb::ReplicaPatch> = (0..40).map(|_| patch(&[("V", &big)], &[])).collect();
+        assert_eq!(code(40, &patches), tonic::Code::OutOfRange, "more than 1 MiB of patches");
+        // A good batch: patches kept in order, merged over the spec by `patched`.
+        let spec = SessionSpec::from_proto(
+            pb::SessionSpec { env: [("A".into(), "1".into())].into(), ..Default::default() },
+            &b,
+        )
+        .unwrap();
+        let stored = check_batch(&spec, 3, &[patch(&[("A", "2"), ("B", "3")], &[("shard", "0")])], &b).unwrap();
+        assert_eq!(stored.len(), 1);
+        let r0 = spec.patched(stored.first(), "b1");
+        assert_eq!((r0.env["A"].as_str(), r0.env["B"].as_str(), r0.labels["shard"].as_str()), ("2", "3", "0"));
+        assert_eq!(r0.labels[BATCH_LABEL], "b1");
+        let r2 = spec.patched(stored.get(2), "b1");
+        assert_eq!((r2.env.len(), r2.labels.len()), (1, 1), "an unpatched replica has the spec and the batch label");
+    }
 
     fn spec() -> pb::SessionSpec {
         pb::SessionSpec::default()

@@ -356,16 +356,33 @@ impl Core {
         &self,
         spec: &crate::state::SpecRecord,
     ) -> (Result<(String, Reservation<'_>), crate::scheduler::Unplaceable>, bool) {
+        let (mut placed, reservation, paused) = self.place_and_reserve_many(spec, 1);
+        let placed =
+            placed.pop().unwrap_or(Err(crate::scheduler::Unplaceable::Wait(crate::state::PendingReason::NoNodes)));
+        (placed.map(|node| (node, reservation)), paused)
+    }
+
+    /// Places `count` sessions of one spec (a batch's replicas) against one
+    /// view of the state, as [`Core::place_and_reserve`] places one: each gets
+    /// a node or why it waits (once one fails, the rest of the same shape fail
+    /// the same way). The nodes stay reserved until the reservation drops.
+    pub fn place_and_reserve_many(
+        &self,
+        spec: &crate::state::SpecRecord,
+        count: usize,
+    ) -> (Vec<Result<String, crate::scheduler::Unplaceable>>, Reservation<'_>, bool) {
         let mut reserved = self.reserved.lock();
-        let (placed, paused) = self
-            .state
-            .read(|st| (crate::scheduler::place(st, spec, self.tunables.placement, &reserved), st.scheduler_paused));
-        let placed = placed.map(|node| {
-            let need = crate::state::Resources::of(spec);
-            reserved.entry(node.clone()).or_default().add(&need);
-            (node.clone(), Reservation { core: self, node, need })
+        let (placed, paused) = self.state.read(|st| {
+            let mut placer = crate::scheduler::Placer::with_reserved(st, self.tunables.placement, &reserved);
+            ((0..count).map(|_| placer.place(spec)).collect::<Vec<_>>(), st.scheduler_paused)
         });
-        (placed, paused)
+        let need = crate::state::Resources::of(spec);
+        let mut held = Vec::new();
+        for node in placed.iter().flatten() {
+            reserved.entry(node.clone()).or_default().add(&need);
+            held.push((node.clone(), need));
+        }
+        (placed, Reservation { core: self, held }, paused)
     }
 
     /// The token signer, once the cluster has its key.
@@ -421,17 +438,18 @@ impl Core {
 /// [`Core::place_and_reserve`]); released when dropped.
 pub struct Reservation<'a> {
     core: &'a Core,
-    node: String,
-    need: crate::state::Resources,
+    held: Vec<(String, crate::state::Resources)>,
 }
 
 impl Drop for Reservation<'_> {
     fn drop(&mut self) {
         let mut reserved = self.core.reserved.lock();
-        if let Some(r) = reserved.get_mut(&self.node) {
-            r.sub(&self.need);
-            if *r == crate::state::Resources::default() {
-                reserved.remove(&self.node);
+        for (node, need) in &self.held {
+            if let Some(r) = reserved.get_mut(node) {
+                r.sub(need);
+                if *r == crate::state::Resources::default() {
+                    reserved.remove(node);
+                }
             }
         }
     }

@@ -69,13 +69,7 @@ pub fn place(
     opts: PlacementOptions,
     reserved: &HashMap<String, Resources>,
 ) -> Result<String, Unplaceable> {
-    let mut placer = Placer::new(state, opts);
-    if !reserved.is_empty() {
-        let held: Vec<(&str, Resources)> =
-            placer.ready.iter().filter_map(|n| reserved.get(&n.id).map(|r| (n.id.as_str(), *r))).collect();
-        placer.given.extend(held);
-    }
-    placer.place(spec)
+    Placer::with_reserved(state, opts, reserved).place(spec)
 }
 
 /// Places sessions against one view of the state, remembering what it
@@ -96,6 +90,22 @@ impl<'a> Placer<'a> {
     pub fn new(state: &'a ClusterState, opts: PlacementOptions) -> Self {
         let ready = state.nodes.values().filter(|n| n.phase == NodePhase::Ready).collect();
         Placer { state, opts, ready, given: HashMap::new(), failed: HashMap::new(), rng: rand::rng() }
+    }
+
+    /// A placer that counts `reserved` (creates placed but not yet applied,
+    /// per node) as already given out.
+    pub fn with_reserved(
+        state: &'a ClusterState,
+        opts: PlacementOptions,
+        reserved: &HashMap<String, Resources>,
+    ) -> Self {
+        let mut placer = Placer::new(state, opts);
+        if !reserved.is_empty() {
+            let held: Vec<(&str, Resources)> =
+                placer.ready.iter().filter_map(|n| reserved.get(&n.id).map(|r| (n.id.as_str(), *r))).collect();
+            placer.given.extend(held);
+        }
+        placer
     }
 
     fn used(&self, node: &str) -> Resources {

@@ -24,6 +24,59 @@ use sha2::{Digest, Sha256};
 
 pub use crate::pending::PendingReason;
 
+/// A batch of sessions made by one `CreateSessions` call, as stored.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BatchRecord {
+    pub id: String,
+    pub request_id: String,
+    pub tenant: String,
+    pub created_at_ms: i64,
+    /// What every replica runs before its patch (defaults filled in).
+    pub spec: SpecRecord,
+    /// SHA-256 of the patches as stored, so a retry with other patches is told apart.
+    pub patches_sha256: String,
+    /// The replicas' session ids, in replica order.
+    pub session_ids: Vec<String>,
+    /// When it was deleted; 0 while not.
+    #[serde(default)]
+    pub deleted_at_ms: i64,
+}
+
+impl BatchRecord {
+    /// The SHA-256 of a batch's patches, hex.
+    pub fn digest(patches: &[sandfleet_common::spec::ReplicaPatch]) -> String {
+        let bytes = serde_json::to_vec(patches).unwrap_or_default();
+        hex::encode(Sha256::digest(&bytes))
+    }
+}
+
+/// Where a batch's replicas stand, counted from their sessions.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct BatchCounts {
+    pub placed: u32,
+    pub running: u32,
+    pub failed: u32,
+    pub pending: u32,
+    pub terminated: u32,
+}
+
+/// What [`Command::CreateBatch`] carries.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct NewBatch {
+    pub batch: BatchRecord,
+    pub patches: Vec<sandfleet_common::spec::ReplicaPatch>,
+    /// The node of each replica, when the leader placed it at create.
+    pub nodes: Vec<Option<String>>,
+    /// Why the replicas without a node wait.
+    pub waiting: PendingReason,
+    /// The API key that made the create, re-checked at apply.
+    #[serde(default)]
+    pub key_id: Option<String>,
+    /// The create's trace parent, kept on each session.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub traceparent: String,
+}
+
 /// A session's lifecycle state, as stored.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub enum SessionPhase {
@@ -481,6 +534,21 @@ pub enum Command {
     CreateApiKey { key: ApiKeyRecord },
     /// Revokes an API key; idempotent.
     RevokeApiKey { id: String, now_ms: i64 },
+    /// Creates a batch of sessions, all or none: `batch.session_ids[i]` is
+    /// replica `i`, running `batch.spec` patched with `patches[i]` (see
+    /// `SpecRecord::patched`), placed on `nodes[i]` when set (re-checked
+    /// against capacity like a create's), else waiting for `waiting`. A request id already used for a
+    /// batch answers that batch; the API key and the tenant's quota are checked
+    /// for the whole batch at once.
+    CreateBatch(NewBatch),
+    /// Deletes a batch: terminates its live sessions. With `tenant`, another
+    /// tenant's batch counts as missing.
+    DeleteBatch {
+        id: String,
+        now_ms: i64,
+        #[serde(default)]
+        tenant: Option<String>,
+    },
     /// Concurrent proposals group-committed as one Raft entry (see
     /// `commit.rs`): applied one after another, exactly as if each had been
     /// its own entry, with one response each. Never nested.
@@ -530,6 +598,10 @@ pub enum CommandResponse {
     KeyRefused,
     /// The responses of a [`Command::Batch`], in its order.
     Batch(Vec<CommandResponse>),
+    /// A batch of sessions after the change (created or deleted).
+    SessionBatch(BatchRecord),
+    /// A batch create whose request id had been seen: the first batch.
+    ExistingBatch(BatchRecord),
 }
 
 /// The whole replicated state.
@@ -555,6 +627,12 @@ pub struct ClusterState {
     /// survives leader changes and snapshots; a snapshot from before it reads as 0.
     #[serde(default)]
     pub sessions_created: u64,
+    /// Batches of sessions by id.
+    #[serde(default)]
+    pub batches: BTreeMap<String, BatchRecord>,
+    /// A batch's request key (as [`request_key`]) → batch id.
+    #[serde(skip)]
+    pub batch_requests: HashMap<String, String>,
     /// What each tenant's live sessions hold (sessions, CPU reserved, memory).
     #[serde(skip)]
     pub tenant_usage: HashMap<String, Resources>,
@@ -604,6 +682,7 @@ pub struct Touched {
     pub meta: bool,
     /// Tenants or API keys changed.
     pub auth: bool,
+    pub batches: Vec<String>,
 }
 
 impl ClusterState {
@@ -631,6 +710,8 @@ impl ClusterState {
         self.moving_of.clear();
         self.tenant_usage.clear();
         self.usage_index.clear();
+        self.batch_requests =
+            self.batches.values().map(|b| (request_key(&b.tenant, &b.request_id), b.id.clone())).collect();
         let ids: Vec<String> = self.sessions.keys().cloned().collect();
         for id in ids {
             self.reindex(&id);
@@ -822,6 +903,95 @@ impl ClusterState {
         })
     }
 
+    /// Counts a batch's replicas by where they stand.
+    pub fn batch_counts(&self, batch: &BatchRecord) -> BatchCounts {
+        let mut c = BatchCounts::default();
+        for s in batch.session_ids.iter().filter_map(|id| self.sessions.get(id)) {
+            match s.phase {
+                SessionPhase::Running => {
+                    c.running += 1;
+                    c.placed += 1;
+                }
+                SessionPhase::Pending if s.node_id.is_some() => c.placed += 1,
+                SessionPhase::Pending | SessionPhase::Lost => c.pending += 1,
+                SessionPhase::Failed => c.failed += 1,
+                SessionPhase::Terminated => c.terminated += 1,
+            }
+        }
+        c
+    }
+
+    fn create_batch(&mut self, new: NewBatch, touched: &mut Touched) -> CommandResponse {
+        let NewBatch { batch, patches, nodes, waiting, key_id, traceparent } = new;
+        let rkey = request_key(&batch.tenant, &batch.request_id);
+        if let Some(existing) = self.batch_requests.get(&rkey).and_then(|id| self.batches.get(id)) {
+            return CommandResponse::ExistingBatch(existing.clone());
+        }
+        if self.batches.contains_key(&batch.id) {
+            return CommandResponse::Rejected(format!("batch id {} already exists", batch.id));
+        }
+        if let Some(id) = batch.session_ids.iter().find(|id| self.sessions.contains_key(*id)) {
+            return CommandResponse::Rejected(format!("session id {id} already exists"));
+        }
+        if nodes.len() != batch.session_ids.len() || patches.len() > batch.session_ids.len() {
+            return CommandResponse::Rejected("a batch entry with mismatched replica lists".into());
+        }
+        if let Some(key_id) = &key_id {
+            let valid = self.api_keys.get(key_id).is_some_and(|k| {
+                k.is_active(batch.created_at_ms) && (k.role == Role::Admin || k.tenant == batch.tenant)
+            });
+            if !valid {
+                return CommandResponse::KeyRefused;
+            }
+        }
+        let Some(tenant) = self.tenant(&batch.tenant) else {
+            return CommandResponse::Rejected(format!("tenant {:?} does not exist", batch.tenant));
+        };
+        let one = Resources::of(&batch.spec);
+        let n = batch.session_ids.len() as u64;
+        let all = Resources { cpu_millis: one.cpu_millis * n, memory_bytes: one.memory_bytes * n, slots: n };
+        if let Err(why) = self.quota_allows(&tenant, &all) {
+            return CommandResponse::QuotaExceeded(format!("a batch of {n} sessions does not fit: {why}"));
+        }
+        let now = batch.created_at_ms;
+        for (i, (id, node)) in batch.session_ids.iter().zip(nodes).enumerate() {
+            let spec = batch.spec.patched(patches.get(i), &batch.id);
+            let (node_id, pending_reason) = match node {
+                _ if self.scheduler_paused => (None, PendingReason::Paused),
+                Some(node) if self.node_fits(&node, &spec) => (Some(node), PendingReason::Starting),
+                Some(node) => (None, PendingReason::FilledUp { node }),
+                None => (None, waiting.clone()),
+            };
+            let session = SessionRecord {
+                id: id.clone(),
+                generation: u64::from(node_id.is_some()),
+                node_id,
+                phase: SessionPhase::Pending,
+                request_id: format!("{}#{i}", batch.request_id),
+                created_at_ms: now,
+                expires_at_ms: now + (spec.ttl_seconds as i64) * 1000,
+                updated_at_ms: now,
+                pending_reason,
+                message: String::new(),
+                spec,
+                restarts: 0,
+                not_before_ms: 0,
+                moved_from: None,
+                renewed_at_ms: 0,
+                tenant: batch.tenant.clone(),
+                traceparent: traceparent.clone(),
+            };
+            self.hold(&session);
+            touched.sessions.push(session.id.clone());
+            self.sessions.insert(session.id.clone(), session);
+        }
+        self.sessions_created += n;
+        self.batch_requests.insert(rkey, batch.id.clone());
+        touched.batches.push(batch.id.clone());
+        self.batches.insert(batch.id.clone(), batch.clone());
+        CommandResponse::SessionBatch(batch)
+    }
+
     /// Applies one command. Never fails: a command that cannot apply is
     /// answered with [`CommandResponse::Rejected`] and changes nothing.
     pub fn apply(&mut self, cmd: Command, touched: &mut Touched) -> CommandResponse {
@@ -898,6 +1068,25 @@ impl ClusterState {
                 touched.sessions.push(session.id.clone());
                 self.sessions.insert(session.id.clone(), session.clone());
                 CommandResponse::Session(session)
+            }
+            Command::CreateBatch(new) => self.create_batch(new, touched),
+            Command::DeleteBatch { id, now_ms, tenant } => {
+                let Some(b) = self.batches.get(&id).filter(|b| tenant.as_ref().is_none_or(|t| *t == b.tenant)) else {
+                    return CommandResponse::Missing(format!("batch {id} not found"));
+                };
+                let ids = b.session_ids.clone();
+                if b.deleted_at_ms == 0 {
+                    if let Some(b) = self.batches.get_mut(&id) {
+                        b.deleted_at_ms = now_ms;
+                    }
+                    touched.batches.push(id.clone());
+                }
+                let message = format!("batch {id} deleted");
+                self.apply_inner(Command::TerminateSessions { ids, message, now_ms, tenant: None }, touched);
+                match self.batches.get(&id) {
+                    Some(b) => CommandResponse::SessionBatch(b.clone()),
+                    None => CommandResponse::Missing(format!("batch {id} not found")),
+                }
             }
             Command::CreateTenant { tenant } => {
                 if tenant.name == DEFAULT_TENANT || self.tenants.contains_key(&tenant.name) {
@@ -1310,6 +1499,7 @@ pub(crate) mod fixtures {
 mod tests {
     use super::fixtures::{key_record, spec};
     use super::*;
+    use sandfleet_common::spec::ReplicaPatch;
 
     fn session(id: &str, rid: &str, node: Option<&str>, cpu: u32) -> SessionRecord {
         SessionRecord {
@@ -1835,6 +2025,104 @@ mod tests {
 
     fn create(st: &mut ClusterState, s: SessionRecord, key_id: Option<&str>) -> CommandResponse {
         st.apply(Command::CreateSession { session: s, key_id: key_id.map(Into::into) }, &mut Touched::default())
+    }
+
+    fn new_batch(id: &str, rid: &str, tenant: &str, nodes: Vec<Option<&str>>, patches: Vec<ReplicaPatch>) -> Command {
+        let n = nodes.len();
+        Command::CreateBatch(NewBatch {
+            batch: BatchRecord {
+                id: id.into(),
+                request_id: rid.into(),
+                tenant: tenant.into(),
+                created_at_ms: 5,
+                spec: spec(300),
+                patches_sha256: BatchRecord::digest(&patches),
+                session_ids: (0..n).map(|i| format!("{id}-{i}")).collect(),
+                deleted_at_ms: 0,
+            },
+            patches,
+            nodes: nodes.into_iter().map(|n| n.map(Into::into)).collect(),
+            waiting: PendingReason::AwaitingLeader,
+            key_id: None,
+            traceparent: String::new(),
+        })
+    }
+
+    /// A batch applies whole: each replica gets the spec, its own patch and
+    /// the batch label; placements past a node's capacity wait (like a
+    /// create's); a retry answers the first batch; delete ends them all.
+    #[test]
+    fn a_batch_is_created_whole_with_its_patches_and_deleted_whole() {
+        let mut st = ClusterState::default();
+        let mut t = Touched::default();
+        st.apply(Command::RegisterNode { node: node("n1", 1000) }, &mut t);
+        let patch = |v: &str| ReplicaPatch {
+            env: [("SHARD".to_string(), v.to_string())].into(),
+            labels: [("shard".to_string(), v.to_string())].into(),
+        };
+        let nodes = vec![Some("n1"), Some("n1"), Some("n1"), Some("n1")];
+        let r = st.apply(new_batch("b", "r1", DEFAULT_TENANT, nodes.clone(), vec![patch("0"), patch("1")]), &mut t);
+        let CommandResponse::SessionBatch(b) = r else { panic!("{r:?}") };
+        assert_eq!(b.session_ids, ["b-0", "b-1", "b-2", "b-3"]);
+        assert_eq!(t.batches, ["b"], "the batch is written through");
+        assert_eq!(st.sessions.len(), 4);
+        assert_eq!(st.sessions_created, 4);
+        for (i, id) in b.session_ids.iter().enumerate() {
+            let s = &st.sessions[id];
+            assert_eq!(s.spec.labels[sandfleet_common::spec::BATCH_LABEL], "b");
+            assert_eq!(s.request_id, format!("r1#{i}"));
+            let shard = s.spec.env.get("SHARD").map(String::as_str);
+            assert_eq!(shard, [Some("0"), Some("1"), None, None][i], "replica {i}'s own env");
+        }
+        // 1000m holds three 300m replicas; the fourth waits, as a create would.
+        let c = st.batch_counts(&b);
+        assert_eq!((c.placed, c.pending), (3, 1));
+        assert_eq!(st.sessions["b-3"].pending_reason, PendingReason::FilledUp { node: "n1".into() });
+        assert!(!st.request_ids.contains_key("r1#0"), "replicas take no single-create request ids");
+
+        // The same request id again (another batch id, other sessions): the first batch.
+        let r = st.apply(new_batch("c", "r1", DEFAULT_TENANT, nodes, vec![]), &mut t);
+        assert!(matches!(r, CommandResponse::ExistingBatch(ref e) if e.id == "b"), "{r:?}");
+        assert_eq!(st.sessions.len(), 4);
+
+        let r = st.apply(Command::DeleteBatch { id: "b".into(), now_ms: 9, tenant: Some("other".into()) }, &mut t);
+        assert_eq!(r, CommandResponse::Missing("batch b not found".into()), "another tenant's batch is missing");
+        let r = st.apply(Command::DeleteBatch { id: "b".into(), now_ms: 9, tenant: None }, &mut t);
+        let CommandResponse::SessionBatch(b) = r else { panic!("{r:?}") };
+        assert_eq!(b.deleted_at_ms, 9);
+        assert_eq!(st.batch_counts(&b).terminated, 4);
+        assert_eq!(st.allocated_on("n1"), Resources::default(), "every replica's hold is released");
+        // Deleting again changes nothing and succeeds.
+        let again = st.apply(Command::DeleteBatch { id: "b".into(), now_ms: 10, tenant: None }, &mut t);
+        assert!(matches!(again, CommandResponse::SessionBatch(ref b) if b.deleted_at_ms == 9), "{again:?}");
+
+        // The batch and its request id survive a snapshot round trip.
+        let mut copy: ClusterState = serde_json::from_slice(&serde_json::to_vec(&st).unwrap()).unwrap();
+        copy.rebuild_indexes();
+        assert_eq!(copy.batch_requests.get("r1").map(String::as_str), Some("b"));
+    }
+
+    /// A batch larger than what its tenant may still hold is refused whole.
+    #[test]
+    fn a_batch_over_a_quota_is_refused_whole() {
+        let mut st = ClusterState::default();
+        let mut t = Touched::default();
+        st.apply(tenant("a", 5, 0, 0), &mut t);
+        assert!(matches!(create(&mut st, of_tenant("s0", "r0", "a", 100), None), CommandResponse::Session(_)));
+        let r = st.apply(new_batch("b", "r1", "a", vec![None; 5], vec![]), &mut t);
+        assert_eq!(
+            r,
+            CommandResponse::QuotaExceeded(
+                "a batch of 5 sessions does not fit: tenant \"a\" quota exceeded: sessions 1 of 5 in use".into()
+            )
+        );
+        assert_eq!(st.sessions.len(), 1, "nothing of the batch was created");
+        assert!(st.batches.is_empty() && st.batch_requests.is_empty());
+        let r = st.apply(new_batch("b", "r1", "a", vec![None; 4], vec![]), &mut t);
+        assert!(matches!(r, CommandResponse::SessionBatch(_)), "{r:?}");
+        assert_eq!(st.usage_of("a").slots, 5);
+        assert_eq!(st.sessions["b-0"].pending_reason, PendingReason::AwaitingLeader);
+        assert_eq!(st.unplaced.len(), 5, "the leader places the unplaced replicas");
     }
 
     #[test]

@@ -230,6 +230,19 @@ struct FleetSummary {
     beat_failures: Vec<(String, u64)>,
 }
 
+/// A client of `cluster` (30 s deadlines) that asks the current leader
+/// first, so reads and writes are not forwarded, once the cluster converged.
+pub(crate) async fn leader_first_client(cluster: &mut Cluster) -> Result<Client> {
+    let status = cluster.wait_converged(Duration::from_secs(60)).await?;
+    let leader_idx = cluster
+        .coordinator_index(status.leader_id)
+        .ok_or_else(|| anyhow!("leader {} is not ours", status.leader_id))?;
+    let leader = cluster.coordinators[leader_idx].addr.clone();
+    let mut endpoints = vec![leader.clone()];
+    endpoints.extend(cluster.coordinator_addrs().into_iter().filter(|a| *a != leader));
+    Ok(cluster.client_for(endpoints).request_timeout(Duration::from_secs(30)).connect().await?)
+}
+
 impl<'a> Bench<'a> {
     /// Starts the three-coordinator placement cluster and connects the fleet (no agent runs yet).
     async fn start(settings: &'a Settings, child_log: String) -> Result<Bench<'a>> {
@@ -244,14 +257,7 @@ impl<'a> Bench<'a> {
             .env("RUST_LOG", child_log)
             .start()
             .await?;
-        let status = cluster.wait_converged(Duration::from_secs(60)).await?;
-        let leader_idx = cluster
-            .coordinator_index(status.leader_id)
-            .ok_or_else(|| anyhow!("leader {} is not ours", status.leader_id))?;
-        let leader = cluster.coordinators[leader_idx].addr.clone();
-        let mut endpoints = vec![leader.clone()];
-        endpoints.extend(cluster.coordinator_addrs().into_iter().filter(|a| *a != leader));
-        let client = cluster.client_for(endpoints).request_timeout(Duration::from_secs(30)).connect().await?;
+        let client = leader_first_client(&mut cluster).await?;
 
         let cpu = CpuProbe::new(&cluster, client.clone());
         let pool = Pool::connect(&cluster.coordinator_addrs(), &settings.fleet()).await?;

@@ -8,6 +8,7 @@
 //! | `sm_sessions` | session id | JSON [`SessionRecord`] |
 //! | `sm_nodes` | node id | JSON [`NodeRecord`] |
 //! | `sm_request_ids` | request id | session id |
+//! | `sm_objects` | `batch/<id>` | JSON [`BatchRecord`](crate::state::BatchRecord) |
 //! | `sm_meta` | `last_applied`, `membership`, `signing_seed`, `scheduler_paused`, `tenants`, `api_keys`, `sessions_created` | JSON |
 //! | `snapshot` | `current` | JSON [`StoredSnapshot`] |
 //!
@@ -48,8 +49,13 @@ const CF_SESSIONS: &str = "sm_sessions";
 const CF_NODES: &str = "sm_nodes";
 const CF_REQUEST_IDS: &str = "sm_request_ids";
 const CF_SM_META: &str = "sm_meta";
+/// Cluster objects other than sessions and nodes, keyed `<kind>/<id>`.
+const CF_OBJECTS: &str = "sm_objects";
 const CF_SNAPSHOT: &str = "snapshot";
-const ALL_CFS: [&str; 7] = [CF_LOG, CF_META, CF_SESSIONS, CF_NODES, CF_REQUEST_IDS, CF_SM_META, CF_SNAPSHOT];
+const ALL_CFS: [&str; 8] =
+    [CF_LOG, CF_META, CF_SESSIONS, CF_NODES, CF_REQUEST_IDS, CF_SM_META, CF_OBJECTS, CF_SNAPSHOT];
+/// The key prefix of batches in `sm_objects`.
+const BATCH_PREFIX: &str = "batch/";
 
 /// Opens (or creates) the database with every column family.
 pub fn open_db(path: &Path) -> Result<Arc<DB>, rocksdb::Error> {
@@ -349,6 +355,13 @@ impl StateMachineStore {
                 .request_ids
                 .insert(String::from_utf8_lossy(&k).into_owned(), String::from_utf8_lossy(&v).into_owned());
         }
+        for item in db.prefix_iterator_cf(cf(&db, CF_OBJECTS), BATCH_PREFIX.as_bytes()) {
+            let (k, v) = item.map_err(read_err)?;
+            let Some(id) = k.strip_prefix(BATCH_PREFIX.as_bytes()) else { break };
+            state
+                .batches
+                .insert(String::from_utf8_lossy(id).into_owned(), serde_json::from_slice(&v).map_err(read_err)?);
+        }
         state.signing_seed = get_json(&db, CF_SM_META, b"signing_seed")?.unwrap_or_default();
         state.scheduler_paused = get_json(&db, CF_SM_META, b"scheduler_paused")?.unwrap_or_default();
         state.tenants = get_json(&db, CF_SM_META, b"tenants")?.unwrap_or_default();
@@ -402,6 +415,15 @@ impl StateMachineStore {
                 b.put_cf(cf(db, CF_REQUEST_IDS), rid, sid);
             }
         }
+        for id in &touched.batches {
+            if let Some(batch) = state.batches.get(id) {
+                b.put_cf(
+                    cf(db, CF_OBJECTS),
+                    format!("{BATCH_PREFIX}{id}"),
+                    serde_json::to_vec(batch).map_err(write_err)?,
+                );
+            }
+        }
         self.put_meta(&mut b, state, touched.meta)?;
         if touched.auth && !touched.meta {
             self.put_auth(&mut b, state)?;
@@ -445,7 +467,7 @@ impl StateMachineStore {
     fn replace_all(&self, state: &ClusterState) -> StorageResult<()> {
         let db = &self.db;
         let mut b = WriteBatch::default();
-        for name in [CF_SESSIONS, CF_NODES, CF_REQUEST_IDS] {
+        for name in [CF_SESSIONS, CF_NODES, CF_REQUEST_IDS, CF_OBJECTS] {
             // Keys are strings; 0xff sorts after every UTF-8 byte sequence.
             b.delete_range_cf(cf(db, name), b"".as_slice(), [0xffu8; 64].as_slice());
         }
@@ -457,6 +479,9 @@ impl StateMachineStore {
         }
         for (rid, sid) in &state.request_ids {
             b.put_cf(cf(db, CF_REQUEST_IDS), rid, sid);
+        }
+        for (id, batch) in &state.batches {
+            b.put_cf(cf(db, CF_OBJECTS), format!("{BATCH_PREFIX}{id}"), serde_json::to_vec(batch).map_err(write_err)?);
         }
         self.put_meta(&mut b, state, true)?;
         db.write_opt(b, &sync_opts()).map_err(|e| io_err(ErrorSubject::StateMachine, ErrorVerb::Write, e))

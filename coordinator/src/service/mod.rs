@@ -1,6 +1,7 @@
 //! The coordinator's gRPC services, one file each.
 //!
 //! - [`session`]: the public SessionService (create, get, list, delete, renew, watch).
+//! - [`batch`]: its batches (CreateSessions, GetBatch, ListBatches, DeleteBatch).
 //! - [`agent`]: AgentService for node agents (register, heartbeat, assignments).
 //! - [`node`]: NodeService (node listing for operators).
 //! - [`cluster`]: ClusterService (membership and status).
@@ -14,6 +15,7 @@
 
 pub mod agent;
 pub mod auth;
+pub mod batch;
 pub mod cluster;
 pub mod node;
 pub mod raft;

@@ -31,7 +31,7 @@ use crate::state::{request_key, Command, CommandResponse, PendingReason, Session
 
 /// The SessionService implementation.
 pub struct SessionApi {
-    core: Arc<Core>,
+    pub(crate) core: Arc<Core>,
     shutdown: CancellationToken,
     auth: Authenticator,
 }
@@ -48,7 +48,7 @@ fn not_found(id: &str) -> Status {
 }
 
 /// The tenant a write is scoped to: `None` for admins (every tenant).
-fn scope(caller: &Caller) -> Option<String> {
+pub(crate) fn scope(caller: &Caller) -> Option<String> {
     (!caller.is_admin()).then(|| caller.tenant.clone())
 }
 
@@ -76,6 +76,22 @@ fn existing_answer(existing: &SessionRecord, request_id: &str, spec: &SpecRecord
     }
 }
 
+/// Which tenant a listing covers, from the caller and the tenant it names:
+/// users see their own tenant only (naming another lists nothing: `true`);
+/// admins every tenant (`None`), or the one they name.
+pub(crate) fn list_scope(caller: &Caller, named: &str) -> Result<(Option<String>, bool), Status> {
+    if !named.is_empty() {
+        ids::validate_dns_label("tenant", named)?;
+    }
+    let tenant = match (caller.is_admin(), named) {
+        (true, "") => None,
+        (true, t) => Some(t.to_string()),
+        (false, _) => Some(caller.tenant.clone()),
+    };
+    let empty = !caller.is_admin() && !named.is_empty() && named != caller.tenant;
+    Ok((tenant, empty))
+}
+
 fn state_matches(s: &SessionRecord, states: &[i32]) -> bool {
     states.is_empty() || states.contains(&(phase_to_proto(s.phase) as i32))
 }
@@ -88,6 +104,7 @@ impl SessionApi {
     ) -> Result<pb::CreateSessionResponse, Status> {
         ids::validate_request_id(&req.request_id)?;
         let spec = validate_spec(req.spec, &self.core.tunables)?;
+        sandfleet_common::spec::check_reserved_labels("labels", spec.labels.keys())?;
         let rkey = request_key(&caller.tenant, &req.request_id);
 
         // A request id this member has already seen answers at once.
@@ -267,16 +284,7 @@ impl SessionService for SessionApi {
     ) -> Result<Response<pb::ListSessionsResponse>, Status> {
         let caller = self.auth.caller(&req)?;
         let req = req.into_inner();
-        if !req.tenant.is_empty() {
-            ids::validate_dns_label("tenant", &req.tenant)?;
-        }
-        // Users see their own tenant only; admins every tenant, or the one they name.
-        let tenant = match (caller.is_admin(), req.tenant.as_str()) {
-            (true, "") => None,
-            (true, t) => Some(t.to_string()),
-            (false, _) => Some(caller.tenant.clone()),
-        };
-        let empty = !caller.is_admin() && !req.tenant.is_empty() && req.tenant != caller.tenant;
+        let (tenant, empty) = list_scope(&caller, &req.tenant)?;
         let page_size = match req.page_size {
             0 => limits::DEFAULT_PAGE_SIZE,
             n if n > limits::MAX_PAGE_SIZE => {
@@ -357,6 +365,58 @@ impl SessionService for SessionApi {
         )
         .await
         .counted("renew")
+        .map(Response::new)
+    }
+
+    #[tracing::instrument(skip_all, fields(request_id = %req.get_ref().request_id, count = req.get_ref().count))]
+    async fn create_sessions(
+        &self,
+        req: Request<pb::CreateSessionsRequest>,
+    ) -> Result<Response<pb::CreateSessionsResponse>, Status> {
+        let rid = req.get_ref().request_id.clone();
+        let resource = |r: Option<&pb::CreateSessionsResponse>| match r {
+            Some(r) => format!("batch/{}", r.batch.as_ref().map_or("", |b| b.id.as_str())),
+            None => format!("request/{rid}"),
+        };
+        audited(self.auth.caller(&req), req, "CreateSessions", Role::User, resource, |caller, req| async move {
+            self.batch_create(&caller, req.into_inner()).await
+        })
+        .await
+        .counted("create_batch")
+        .map(Response::new)
+    }
+
+    #[tracing::instrument(skip_all, fields(batch = %req.get_ref().id))]
+    async fn get_batch(&self, req: Request<pb::GetBatchRequest>) -> Result<Response<pb::GetBatchResponse>, Status> {
+        let caller = self.auth.caller(&req)?;
+        self.batch_get(&caller, req.into_inner()).await.map(Response::new)
+    }
+
+    #[tracing::instrument(skip_all)]
+    async fn list_batches(
+        &self,
+        req: Request<pb::ListBatchesRequest>,
+    ) -> Result<Response<pb::ListBatchesResponse>, Status> {
+        let caller = self.auth.caller(&req)?;
+        self.batch_list(&caller, req.into_inner()).await.map(Response::new)
+    }
+
+    #[tracing::instrument(skip_all, fields(batch = %req.get_ref().id))]
+    async fn delete_batch(
+        &self,
+        req: Request<pb::DeleteBatchRequest>,
+    ) -> Result<Response<pb::DeleteBatchResponse>, Status> {
+        let resource = format!("batch/{}", req.get_ref().id);
+        audited(
+            self.auth.caller(&req),
+            req,
+            "DeleteBatch",
+            Role::User,
+            |_| resource,
+            |caller, req| async move { self.batch_delete(&caller, req.into_inner()).await },
+        )
+        .await
+        .counted("delete_batch")
         .map(Response::new)
     }
 
