@@ -14,7 +14,7 @@
 //! sandfleet-bench tls [--runs 200] [--clients 64] [--write bench/RESULTS.md]
 //! sandfleet-bench telemetry [--runs 200] [--clients 64] [--write bench/RESULTS.md]
 //! sandfleet-bench python [--runs 200] [--creates 100] [--python PATH] [--write bench/RESULTS.md]
-//! sandfleet-bench batch [--size 100] [--runs 5] [--sim-size 1000] [--sim-agents 1000] [--write bench/RESULTS.md]
+//! sandfleet-bench batch [--size 100] [--runs 5] [--sim-size 1000] [--sim-agents 1000] [--claims 200] [--write bench/RESULTS.md]
 //! ```
 //!
 //! `batch` compares one `CreateSessions` batch with as many single creates,
@@ -366,6 +366,9 @@ enum Cmd {
         /// Concurrent clients of the single creates.
         #[arg(long, default_value_t = 64)]
         clients: usize,
+        /// Claims from a warm pool pre-filled with as many idle sandboxes.
+        #[arg(long, default_value_t = 200)]
+        claims: usize,
         /// Replace the `## Batches` section of this Markdown file.
         #[arg(long)]
         write: Option<PathBuf>,
@@ -509,13 +512,14 @@ async fn run(cli: Cli) -> ExitCode {
             .await;
             exit_code(result)
         }
-        Cmd::Batch { size, runs, sim_size, sim_agents, clients, write } => {
+        Cmd::Batch { size, runs, sim_size, sim_agents, clients, claims, write } => {
             let settings = batch::Settings {
                 size: size.max(1),
                 runs: runs.max(1),
                 sim_size: sim_size.max(1),
                 sim_agents: sim_agents.max(1),
                 clients: clients.max(1),
+                claims: claims.max(1),
             };
             let child_log = std::env::var("SANDFLEET_CHILD_LOG").unwrap_or_else(|_| "warn".to_string());
             let result = async {

@@ -117,6 +117,8 @@ fn entry_bytes() -> usize {
         renewed_at_ms: 0,
         tenant: "default".into(),
         traceparent: String::new(),
+        pool: String::new(),
+        claimed_at_ms: 0,
     };
     serde_json::to_vec(&Cmd::CreateSession { session: record, key_id: None }).map(|v| v.len()).unwrap_or(512)
 }

@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use futures::StreamExt as _;
 use sandfleet::proto::session_service_client::SessionServiceClient;
-use sandfleet::{proto, Backoff, Client, CreateBatch, CreateSession};
+use sandfleet::{proto, Client, CreateBatch, CreateSession};
 use sandfleet_common::auth::IdentityKind;
 use sandfleet_common::spec::BATCH_LABEL;
 use sandfleet_testkit::helpers::{exec_argv, expect_code, list_all_sessions, request_id, stdout};
@@ -21,7 +21,7 @@ use sandfleet_testkit::host::nonce;
 use sandfleet_testkit::{Cluster, ClusterBuilder, Target};
 use tonic::Code;
 
-use common::{cli, show, start, SHORT};
+use common::{cli, retrying_client, show, start, SHORT};
 
 /// Room for hundreds of tiny sessions per agent; plain-directory workspaces,
 /// so 200 sessions do not need 200 loop devices.
@@ -109,14 +109,7 @@ async fn a_batch_retried_after_a_leader_kill_is_one_batch() {
     let mut cluster = start(ClusterBuilder::new().coordinators(3).agents(1).agent_args(ROOMY)).await;
     let before = cluster.wait_converged(Duration::from_secs(30)).await.unwrap();
     let leader = cluster.coordinator_index(before.leader_id).expect("the leader is one of ours");
-    let client = cluster
-        .client_builder()
-        .request_timeout(Duration::from_secs(2))
-        .max_retries(1000)
-        .backoff(Backoff::new(Duration::from_millis(20), Duration::from_millis(200)))
-        .connect()
-        .await
-        .unwrap();
+    let client = retrying_client(&cluster).await;
     const N: u32 = 50;
     let rid = request_id("batch-kill");
     let req =

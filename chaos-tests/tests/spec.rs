@@ -83,15 +83,17 @@ async fn one_bad_value_gets_one_code_from_the_sdk_and_the_coordinator_and_create
     ];
     for (what, spec, code, names) in cases {
         let sdk = client
-            .create_session(CreateSession { request_id: request_id("bad"), spec: spec.clone() })
+            .create_session(CreateSession { request_id: request_id("bad"), spec: spec.clone(), pool: None })
             .await
             .expect_err(what);
         assert_eq!(sdk.code(), Some(code), "{what}: the SDK said {sdk}");
         assert!(sdk.to_string().contains(names), "{what}: {sdk}");
-        let server =
-            raw_create(&cluster, proto::CreateSessionRequest { request_id: request_id("bad"), spec: Some(spec) })
-                .await
-                .expect_err(what);
+        let server = raw_create(
+            &cluster,
+            proto::CreateSessionRequest { request_id: request_id("bad"), spec: Some(spec), ..Default::default() },
+        )
+        .await
+        .expect_err(what);
         assert_eq!(server.code(), code, "{what}: the coordinator said {server:?}");
         assert!(server.message().contains(names), "{what}: {}", server.message());
     }

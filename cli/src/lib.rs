@@ -11,6 +11,7 @@
 //! - [`exec`]: `run` and `session exec` (streamed output, exit codes, cleanup).
 //! - [`session`]: the other `session` subcommands, including `cp`.
 //! - [`batch`]: `session create --count N` and `batch get|list|wait|rm`.
+//! - [`pool`]: `pool create|get|list|update|delete` (warm pools; `session create --pool` claims).
 //! - [`cluster`]: `node list` and `cluster ...`.
 //! - [`top`]: `top`, the live view of the cluster and its nodes.
 //! - [`progress`]: progress of long operations, on a terminal only.
@@ -26,6 +27,7 @@ pub mod dev;
 pub mod exec;
 pub mod output;
 pub mod pki;
+pub mod pool;
 pub mod progress;
 pub mod session;
 pub mod tenant;
@@ -120,6 +122,9 @@ pub enum Command {
     /// Inspect and delete batches of sessions (made by `session create --count N`).
     #[command(subcommand)]
     Batch(batch::BatchCmd),
+    /// Manage warm pools (claimed by `session create --pool NAME`).
+    #[command(subcommand)]
+    Pool(pool::PoolCmd),
     /// Manage tenants and their quotas (admin).
     #[command(subcommand)]
     Tenant(tenant::TenantCmd),
@@ -288,6 +293,10 @@ pub enum SessionCmd {
         /// (without --count, one replica per line).
         #[arg(long, value_name = "FILE")]
         patch_file: Option<PathBuf>,
+        /// Claim an idle sandbox of this warm pool (RUNNING at once), or start
+        /// one cold from the pool's spec when none is idle (said on stderr).
+        #[arg(long, value_name = "NAME", conflicts_with_all = ["count", "patch_file"])]
+        pool: Option<String>,
         /// Wait until the session is running (on a terminal, a spinner shows
         /// its state and why it waits; for a batch, a bar of running replicas).
         #[arg(long)]
@@ -579,6 +588,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<i32> {
             top::run(&ctx, opts).await
         }
         Command::Batch(cmd) => batch::run(&ctx, cmd).await,
+        Command::Pool(cmd) => pool::run(&ctx, cmd).await,
         Command::Tenant(cmd) => tenant::run(&ctx, cmd).await,
         Command::Apikey(cmd) => apikey::run(&ctx, cmd).await,
         Command::Dev(_) | Command::Pki(_) => unreachable!("handled above"),

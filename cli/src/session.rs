@@ -21,7 +21,7 @@ use super::{Ctx, SessionCmd};
 /// Dispatches `session` subcommands.
 pub async fn run(ctx: &Ctx, cmd: SessionCmd) -> anyhow::Result<i32> {
     match cmd {
-        SessionCmd::Create { request_id, resources, ttl, env, count, patch_file, wait, wait_timeout } => {
+        SessionCmd::Create { request_id, resources, ttl, env, count, patch_file, pool, wait, wait_timeout } => {
             let mut c = apply_resources(CreateSession::new(), &resources);
             if let Some(ttl) = ttl {
                 c = c.ttl(ttl);
@@ -42,10 +42,18 @@ pub async fn run(ctx: &Ctx, cmd: SessionCmd) -> anyhow::Result<i32> {
             if let Some(id) = request_id {
                 c = c.request_id(id);
             }
+            if let Some(pool) = pool {
+                // The pool's spec is the session's: resource flags do not apply.
+                c = CreateSession { spec: Default::default(), ..c.pool(pool) };
+            }
             let resp = ctx.client.create_session_full(c).await?;
             let mut session = resp.session.ok_or_else(|| Error::Protocol("the answer has no session".into()))?;
             if resp.existing {
                 eprintln!("sandfleet: this request id already created session {}", session.id);
+            }
+            if !session.message.is_empty() && !resp.claimed && session.pool.is_empty() {
+                // A pool with no idle sandbox: say that it started cold.
+                eprintln!("sandfleet: {}", session.message);
             }
             if wait {
                 session = wait_running_shown(ctx, &session, wait_timeout).await?;

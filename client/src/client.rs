@@ -382,6 +382,12 @@ pub(crate) fn api_key_client(ch: ControlChannel) -> crate::proto::api_key_servic
         .max_encoding_message_size(MAX_GRPC_MESSAGE_BYTES)
 }
 
+pub(crate) fn pool_client(ch: ControlChannel) -> crate::proto::pool_service_client::PoolServiceClient<Ctl> {
+    crate::proto::pool_service_client::PoolServiceClient::with_interceptor(ch.channel, ch.auth)
+        .max_decoding_message_size(MAX_GRPC_MESSAGE_BYTES)
+        .max_encoding_message_size(MAX_GRPC_MESSAGE_BYTES)
+}
+
 pub(crate) fn with_timeout<T>(msg: T, timeout: Duration) -> tonic::Request<T> {
     let mut req = tonic::Request::new(msg);
     req.set_timeout(timeout);

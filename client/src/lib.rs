@@ -29,6 +29,7 @@
 //! - [`exec`]: [`ExecRequest`], [`ExecStream`], [`ExecEvent`], [`ExecOutput`] and the exec calls.
 //! - [`files`]: upload, download, list and remove in a session's workspace.
 //! - [`tenant`]: tenants, quotas and API keys (admin calls).
+//! - [`pool`]: warm pools (create, get, list, update, delete); claims are `CreateSession::pool`.
 //! - [`retry`]: the backoff policy ([`Backoff`]).
 //! - [`error`]: the [`Error`] type and gRPC code names.
 //!
@@ -46,6 +47,7 @@ pub mod client;
 pub mod error;
 pub mod exec;
 pub mod files;
+pub mod pool;
 pub mod retry;
 pub mod session;
 pub mod tenant;

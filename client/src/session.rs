@@ -16,6 +16,8 @@ pub struct CreateSession {
     pub request_id: String,
     /// What to run. Zero fields take the server defaults.
     pub spec: proto::SessionSpec,
+    /// Claim an idle sandbox of this warm pool instead (the spec stays empty).
+    pub pool: Option<String>,
 }
 
 impl Default for CreateSession {
@@ -27,7 +29,16 @@ impl Default for CreateSession {
 impl CreateSession {
     /// A create with a fresh random request id (`sdk-<uuid>`) and an all-default spec.
     pub fn new() -> Self {
-        Self { request_id: format!("sdk-{}", uuid::Uuid::new_v4()), spec: proto::SessionSpec::default() }
+        Self { request_id: format!("sdk-{}", uuid::Uuid::new_v4()), spec: proto::SessionSpec::default(), pool: None }
+    }
+
+    /// Claims an idle sandbox of warm pool `name` (of the caller's tenant):
+    /// RUNNING at once, or started cold from the pool's spec when the pool
+    /// has none idle (`CreateSessionResponse.claimed` tells which). The
+    /// spec must stay empty: a pool's sandboxes run the pool's spec.
+    pub fn pool(mut self, name: impl Into<String>) -> Self {
+        self.pool = Some(name.into());
+        self
     }
 
     /// Sets the idempotency key.
@@ -146,6 +157,16 @@ impl CreateSession {
     pub fn validate(&self) -> Result<(), crate::Error> {
         let check = || -> Result<(), sandfleet_common::ValidationError> {
             sandfleet_common::ids::validate_request_id(&self.request_id)?;
+            if let Some(pool) = &self.pool {
+                sandfleet_common::ids::validate_dns_label("pool", pool)?;
+                if self.spec != proto::SessionSpec::default() {
+                    return Err(sandfleet_common::ValidationError::invalid(
+                        "spec",
+                        "give a spec or a pool, not both (a pool's sandboxes run the pool's spec)",
+                    ));
+                }
+                return Ok(());
+            }
             sandfleet_common::spec::SessionSpec::from_proto(self.spec.clone(), &Default::default())?;
             Ok(())
         };
@@ -154,7 +175,11 @@ impl CreateSession {
 
     /// The wire request.
     pub fn into_proto(self) -> proto::CreateSessionRequest {
-        proto::CreateSessionRequest { request_id: self.request_id, spec: Some(self.spec) }
+        proto::CreateSessionRequest {
+            request_id: self.request_id,
+            spec: self.pool.is_none().then_some(self.spec),
+            pool: self.pool.unwrap_or_default(),
+        }
     }
 }
 

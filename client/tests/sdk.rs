@@ -100,6 +100,7 @@ impl SessionService for Fake {
         Ok(Response::new(proto::CreateSessionResponse {
             session: Some(session(proto::SessionState::Pending, "t0", "")),
             existing,
+            claimed: false,
         }))
     }
 

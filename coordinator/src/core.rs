@@ -430,6 +430,8 @@ impl Core {
             restarts: s.restarts,
             not_before_ms: s.not_before_ms,
             tenant: s.tenant.clone(),
+            pool: s.pool.clone(),
+            claimed_at_ms: s.claimed_at_ms,
         }
     }
 }

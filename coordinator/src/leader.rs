@@ -1,7 +1,7 @@
 //! The leader's control loop: initialises the cluster key, declares silent
 //! nodes down and their sessions lost, expires sessions past their TTL or idle
-//! timeout, moves sessions off draining nodes, and places unplaced sessions in
-//! batches. The decisions are the pure planners of [`crate::plan`]; this loop
+//! timeout, moves sessions off draining nodes, keeps warm pools within their
+//! bounds, and places unplaced sessions in batches. The decisions are the pure planners of [`crate::plan`]; this loop
 //! reads the clocks and the state, calls them and proposes what they return.
 //! Node silence is measured on the monotonic clock ([`Heard`]); the wall
 //! clock stamps the commands and meets the replicated deadlines.
@@ -106,6 +106,11 @@ async fn step(core: &Core) -> Result<(), CoreError> {
 
     let now = crate::now_ms();
     propose_all(core, core.state.read(|st| plan::plan_drains(st, now))).await?;
+
+    // Warm pools: refill (placed by this same step's placement round) or shrink.
+    let now = crate::now_ms();
+    let mut new_id = sandfleet_common::ids::new_session_id;
+    propose_all(core, core.state.read(|st| plan::plan_pools(st, now, &mut new_id))).await?;
 
     let now = crate::now_ms();
     let started = std::time::Instant::now();

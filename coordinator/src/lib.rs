@@ -471,6 +471,10 @@ pub async fn serve(config: CoordinatorConfig, shutdown: CancellationToken) -> Re
             core.clone(),
             auth.clone(),
         )))
+        .add_service(pb::pool_service_server::PoolServiceServer::new(service::pool::PoolApi::new(
+            core.clone(),
+            auth.clone(),
+        )))
         .add_service(pb::tenant_service_server::TenantServiceServer::new(service::tenant::TenantApi::new(
             core.clone(),
             auth.clone(),

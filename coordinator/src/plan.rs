@@ -132,6 +132,60 @@ pub fn plan_drains(st: &ClusterState, now_ms: i64) -> Vec<Command> {
         .collect()
 }
 
+/// Message of an idle pool sandbox ended because its pool holds more idle ones than `buffer_max`.
+pub const POOL_SHRUNK: &str = "pool holds more idle sandboxes than its buffer_max";
+
+/// Keeps each warm pool within its bounds (OpenSandbox's): below
+/// `buffer_min` idle sandboxes (starting ones count), refill up to
+/// `buffer_max`; below `min` in all, fill up to it; never above `max`. Above
+/// `buffer_max` idle, end the extra idle ones (the unplaced first, then those
+/// not running yet, then the newest), never below `min` in all. `new_id` names
+/// the sandboxes to make.
+pub fn plan_pools(st: &ClusterState, now_ms: i64, new_id: &mut dyn FnMut() -> String) -> Vec<Command> {
+    let mut out = Vec::new();
+    for (key, pool) in &st.pools {
+        let c = st.pool_counts(key);
+        let idle = c.idle + c.starting;
+        let total = idle + c.claimed;
+        let mut want = 0;
+        if idle < pool.buffer_min {
+            want = pool.buffer_max - idle;
+        }
+        want = want.max(pool.min.saturating_sub(total)).min(pool.max.saturating_sub(total));
+        if want > 0 {
+            out.push(Command::FillPool {
+                tenant: pool.tenant.clone(),
+                name: pool.name.clone(),
+                ids: (0..want).map(|_| new_id()).collect(),
+                now_ms,
+            });
+            continue;
+        }
+        let excess = idle.saturating_sub(pool.buffer_max).min(total.saturating_sub(pool.min));
+        if excess > 0 {
+            let mut idle_ones: Vec<&crate::state::SessionRecord> = st
+                .pool_live
+                .get(key)
+                .into_iter()
+                .flatten()
+                .filter_map(|id| st.sessions.get(id))
+                .filter(|s| s.pool_idle())
+                .collect();
+            // Unplaced first, then not running yet, then the newest.
+            idle_ones.sort_by_key(|s| {
+                (
+                    s.node_id.is_some(),
+                    s.phase == crate::state::SessionPhase::Running,
+                    std::cmp::Reverse(s.created_at_ms),
+                )
+            });
+            let ids = idle_ones.iter().take(excess as usize).map(|s| s.id.clone()).collect();
+            out.push(Command::TerminateSessions { ids, message: POOL_SHRUNK.into(), now_ms, tenant: None });
+        }
+    }
+    out
+}
+
 /// Places unplaced sessions, oldest first (the index is ordered by creation),
 /// in batches of up to `placement_batch` per `PlaceSessions`. Sessions that
 /// fit nowhere get their reason recorded, at most one batch of reasons per
@@ -292,6 +346,8 @@ mod tests {
                 renewed_at_ms: 0,
                 tenant: sandfleet_common::auth::DEFAULT_TENANT.into(),
                 traceparent: String::new(),
+                pool: String::new(),
+                claimed_at_ms: 0,
             };
             let r = self.apply(Command::CreateSession { session, key_id: None });
             assert!(matches!(r, CommandResponse::Session(_)), "{r:?}");

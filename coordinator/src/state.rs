@@ -60,6 +60,70 @@ pub struct BatchCounts {
     pub terminated: u32,
 }
 
+/// A warm pool, as stored (see `proto` `Pool` for the bounds' meanings).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PoolRecord {
+    pub name: String,
+    pub tenant: String,
+    /// What each sandbox runs (with the pool label added).
+    pub spec: SpecRecord,
+    pub min: u32,
+    pub max: u32,
+    pub buffer_min: u32,
+    pub buffer_max: u32,
+    pub created_at_ms: i64,
+}
+
+/// Changes to a pool's bounds; `None` keeps one.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PoolBounds {
+    pub min: Option<u32>,
+    pub max: Option<u32>,
+    pub buffer_min: Option<u32>,
+    pub buffer_max: Option<u32>,
+}
+
+impl PoolRecord {
+    /// The bounds in order: min <= max, buffer_min <= buffer_max <= max.
+    pub fn check_bounds(&self) -> Result<(), String> {
+        if self.min > self.max {
+            return Err(format!("min ({}) is more than max ({})", self.min, self.max));
+        }
+        if self.buffer_min > self.buffer_max {
+            return Err(format!("buffer_min ({}) is more than buffer_max ({})", self.buffer_min, self.buffer_max));
+        }
+        if self.buffer_max > self.max {
+            return Err(format!("buffer_max ({}) is more than max ({})", self.buffer_max, self.max));
+        }
+        Ok(())
+    }
+
+    /// The pool with `b` applied.
+    pub fn with_bounds(&self, b: PoolBounds) -> PoolRecord {
+        PoolRecord {
+            min: b.min.unwrap_or(self.min),
+            max: b.max.unwrap_or(self.max),
+            buffer_min: b.buffer_min.unwrap_or(self.buffer_min),
+            buffer_max: b.buffer_max.unwrap_or(self.buffer_max),
+            ..self.clone()
+        }
+    }
+}
+
+/// A pool's sandboxes by state.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct PoolCounts {
+    pub idle: u32,
+    pub starting: u32,
+    pub claimed: u32,
+    pub failed: u32,
+}
+
+/// The key of a pool: pools are named per tenant.
+pub fn pool_key(tenant: &str, name: &str) -> String {
+    format!("{tenant}/{name}")
+}
+
 /// What [`Command::CreateBatch`] carries.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct NewBatch {
@@ -142,6 +206,23 @@ pub struct SessionRecord {
     /// from older logs and snapshots, and not written when empty.
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub traceparent: String,
+    /// The warm pool it belongs to; empty for other sessions.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub pool: String,
+    /// When a client claimed it from its pool; 0 while idle (and for other sessions).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub claimed_at_ms: i64,
+}
+
+fn is_zero(v: &i64) -> bool {
+    *v == 0
+}
+
+impl SessionRecord {
+    /// An idle sandbox of a warm pool: made by the pool, not claimed yet.
+    pub fn pool_idle(&self) -> bool {
+        !self.pool.is_empty() && self.claimed_at_ms == 0
+    }
 }
 
 fn default_tenant() -> String {
@@ -549,6 +630,26 @@ pub enum Command {
         #[serde(default)]
         tenant: Option<String>,
     },
+    /// Creates a warm pool; refused when the tenant has one of that name.
+    CreatePool { pool: PoolRecord },
+    /// Changes a pool's bounds (checked again in order at apply).
+    UpdatePool { tenant: String, name: String, bounds: PoolBounds },
+    /// Deletes a pool and ends its idle sandboxes (claimed ones stay).
+    DeletePool { tenant: String, name: String, now_ms: i64 },
+    /// The leader refills a pool: one idle sandbox per id (unplaced, for the
+    /// placement round), as many as its `max` and the tenant's quota allow.
+    FillPool { tenant: String, name: String, ids: Vec<String>, now_ms: i64 },
+    /// A client claims an idle RUNNING sandbox of a pool: it becomes the
+    /// client's session under `request_id` (idempotent like a create), with
+    /// its TTL counted from now. Answers `PoolEmpty` when none is idle.
+    ClaimSession {
+        tenant: String,
+        pool: String,
+        request_id: String,
+        now_ms: i64,
+        #[serde(default)]
+        key_id: Option<String>,
+    },
     /// Concurrent proposals group-committed as one Raft entry (see
     /// `commit.rs`): applied one after another, exactly as if each had been
     /// its own entry, with one response each. Never nested.
@@ -602,6 +703,10 @@ pub enum CommandResponse {
     SessionBatch(BatchRecord),
     /// A batch create whose request id had been seen: the first batch.
     ExistingBatch(BatchRecord),
+    /// A pool after the change.
+    Pool(PoolRecord),
+    /// A claim found no idle RUNNING sandbox in the pool; nothing changed.
+    PoolEmpty,
 }
 
 /// The whole replicated state.
@@ -633,6 +738,21 @@ pub struct ClusterState {
     /// A batch's request key (as [`request_key`]) → batch id.
     #[serde(skip)]
     pub batch_requests: HashMap<String, String>,
+    /// Warm pools by [`pool_key`].
+    #[serde(default)]
+    pub pools: BTreeMap<String, PoolRecord>,
+    /// Per pool key: its live sessions (idle and claimed).
+    #[serde(skip)]
+    pub pool_live: HashMap<String, BTreeSet<String>>,
+    /// Per pool key: its idle RUNNING sessions, what a claim hands out (lowest id first).
+    #[serde(skip)]
+    pub pool_ready: HashMap<String, BTreeSet<String>>,
+    /// Per pool key: its idle sessions that FAILED.
+    #[serde(skip)]
+    pub pool_failed: HashMap<String, BTreeSet<String>>,
+    /// Session → the pool key it is indexed under.
+    #[serde(skip)]
+    pool_of: HashMap<String, String>,
     /// What each tenant's live sessions hold (sessions, CPU reserved, memory).
     #[serde(skip)]
     pub tenant_usage: HashMap<String, Resources>,
@@ -683,6 +803,8 @@ pub struct Touched {
     /// Tenants or API keys changed.
     pub auth: bool,
     pub batches: Vec<String>,
+    /// Pool keys written (or, when gone from the state, deleted).
+    pub pools: Vec<String>,
 }
 
 impl ClusterState {
@@ -712,6 +834,10 @@ impl ClusterState {
         self.usage_index.clear();
         self.batch_requests =
             self.batches.values().map(|b| (request_key(&b.tenant, &b.request_id), b.id.clone())).collect();
+        self.pool_live.clear();
+        self.pool_ready.clear();
+        self.pool_failed.clear();
+        self.pool_of.clear();
         let ids: Vec<String> = self.sessions.keys().cloned().collect();
         for id in ids {
             self.reindex(&id);
@@ -752,9 +878,31 @@ impl ClusterState {
                 }
             }
         }
+        if let Some(key) = self.pool_of.remove(id) {
+            for index in [&mut self.pool_live, &mut self.pool_ready, &mut self.pool_failed] {
+                if let Some(set) = index.get_mut(&key) {
+                    set.remove(id);
+                }
+            }
+        }
         let Some(s) = self.sessions.get(id) else { return };
         if let Some(node) = &s.node_id {
             *self.node_versions.entry(node.clone()).or_default() += 1;
+        }
+        if !s.pool.is_empty() {
+            let key = pool_key(&s.tenant, &s.pool);
+            let index = match s.phase {
+                SessionPhase::Failed if s.pool_idle() => Some(&mut self.pool_failed),
+                SessionPhase::Terminated | SessionPhase::Failed => None,
+                _ => Some(&mut self.pool_live),
+            };
+            if let Some(index) = index {
+                index.entry(key.clone()).or_default().insert(s.id.clone());
+                if s.pool_idle() && s.phase == SessionPhase::Running {
+                    self.pool_ready.entry(key.clone()).or_default().insert(s.id.clone());
+                }
+                self.pool_of.insert(s.id.clone(), key);
+            }
         }
         if s.phase.is_terminal() {
             return;
@@ -766,7 +914,8 @@ impl ClusterState {
         if s.node_id.is_none() && matches!(s.phase, SessionPhase::Pending | SessionPhase::Lost) {
             self.unplaced.insert((s.created_at_ms, s.id.clone()));
         }
-        if s.spec.idle_timeout_seconds > 0 {
+        // An idle pool sandbox is unused by design: its idle timeout starts at its claim.
+        if s.spec.idle_timeout_seconds > 0 && !s.pool_idle() {
             self.idle.insert(s.id.clone());
         }
         if let (Some(from), false) = (&s.moved_from, s.phase == SessionPhase::Running) {
@@ -903,6 +1052,109 @@ impl ClusterState {
         })
     }
 
+    /// Counts a pool's sandboxes by state.
+    pub fn pool_counts(&self, key: &str) -> PoolCounts {
+        let mut c =
+            PoolCounts { failed: self.pool_failed.get(key).map_or(0, |s| s.len() as u32), ..Default::default() };
+        for s in self.pool_live.get(key).into_iter().flatten().filter_map(|id| self.sessions.get(id)) {
+            match (s.pool_idle(), s.phase) {
+                (false, _) => c.claimed += 1,
+                (true, SessionPhase::Running) => c.idle += 1,
+                (true, _) => c.starting += 1,
+            }
+        }
+        c
+    }
+
+    fn fill_pool(&mut self, key: &str, ids: Vec<String>, now_ms: i64, touched: &mut Touched) -> CommandResponse {
+        let Some(pool) = self.pools.get(key).cloned() else {
+            return CommandResponse::Missing(format!("pool {key} not found"));
+        };
+        let Some(tenant) = self.tenant(&pool.tenant) else {
+            return CommandResponse::Rejected(format!("tenant {:?} does not exist", pool.tenant));
+        };
+        let live = self.pool_live.get(key).map_or(0, |s| s.len());
+        let room = (pool.max as usize).saturating_sub(live);
+        let mut made = Vec::new();
+        for id in ids.into_iter().take(room) {
+            if self.sessions.contains_key(&id) {
+                continue;
+            }
+            if self.quota_allows(&tenant, &Resources::of(&pool.spec)).is_err() {
+                break;
+            }
+            let session = SessionRecord {
+                id: id.clone(),
+                spec: pool.spec.clone(),
+                phase: SessionPhase::Pending,
+                node_id: None,
+                generation: 0,
+                request_id: format!("pool:{}:{id}", pool.name),
+                created_at_ms: now_ms,
+                // Idle sandboxes do not expire; a claim sets the expiry from its TTL.
+                expires_at_ms: now_ms + (sandfleet_common::limits::MAX_TTL_SECONDS as i64) * 1000,
+                updated_at_ms: now_ms,
+                pending_reason: PendingReason::AwaitingLeader,
+                message: String::new(),
+                restarts: 0,
+                not_before_ms: 0,
+                moved_from: None,
+                renewed_at_ms: 0,
+                tenant: pool.tenant.clone(),
+                traceparent: String::new(),
+                pool: pool.name.clone(),
+                claimed_at_ms: 0,
+            };
+            touched.sessions.push(id.clone());
+            self.sessions.insert(id.clone(), session.clone());
+            // Counted at once, so the next quota check of this loop sees it.
+            self.reindex(&id);
+            made.push(session);
+        }
+        self.sessions_created += made.len() as u64;
+        CommandResponse::Sessions(made)
+    }
+
+    fn claim(
+        &mut self,
+        key: &str,
+        request_id: &str,
+        now_ms: i64,
+        key_id: Option<&str>,
+        touched: &mut Touched,
+    ) -> CommandResponse {
+        let Some(pool) = self.pools.get(key).cloned() else {
+            return CommandResponse::Missing(format!("pool {:?} not found", key.split_once('/').map_or(key, |k| k.1)));
+        };
+        let rkey = request_key(&pool.tenant, request_id);
+        if let Some(existing) = self.request_ids.get(&rkey).and_then(|id| self.sessions.get(id)) {
+            return CommandResponse::Existing(existing.clone());
+        }
+        if let Some(key_id) = key_id {
+            let valid = self
+                .api_keys
+                .get(key_id)
+                .is_some_and(|k| k.is_active(now_ms) && (k.role == Role::Admin || k.tenant == pool.tenant));
+            if !valid {
+                return CommandResponse::KeyRefused;
+            }
+        }
+        let Some(id) = self.pool_ready.get(key).and_then(|s| s.iter().next().cloned()) else {
+            return CommandResponse::PoolEmpty;
+        };
+        let Some(s) = self.sessions.get_mut(&id) else { return CommandResponse::PoolEmpty };
+        s.claimed_at_ms = now_ms;
+        s.request_id = request_id.to_string();
+        s.expires_at_ms = now_ms + (s.spec.ttl_seconds as i64) * 1000;
+        s.renewed_at_ms = now_ms;
+        s.updated_at_ms = now_ms;
+        let s = s.clone();
+        self.request_ids.insert(rkey.clone(), id.clone());
+        touched.request_ids.push(rkey);
+        touched.sessions.push(id);
+        CommandResponse::Session(s)
+    }
+
     /// Counts a batch's replicas by where they stand.
     pub fn batch_counts(&self, batch: &BatchRecord) -> BatchCounts {
         let mut c = BatchCounts::default();
@@ -980,6 +1232,8 @@ impl ClusterState {
                 renewed_at_ms: 0,
                 tenant: batch.tenant.clone(),
                 traceparent: traceparent.clone(),
+                pool: String::new(),
+                claimed_at_ms: 0,
             };
             self.hold(&session);
             touched.sessions.push(session.id.clone());
@@ -1087,6 +1341,58 @@ impl ClusterState {
                     Some(b) => CommandResponse::SessionBatch(b.clone()),
                     None => CommandResponse::Missing(format!("batch {id} not found")),
                 }
+            }
+            Command::CreatePool { pool } => {
+                let key = pool_key(&pool.tenant, &pool.name);
+                if self.pools.contains_key(&key) {
+                    return CommandResponse::AlreadyExists(format!("pool {:?} already exists", pool.name));
+                }
+                if self.tenant(&pool.tenant).is_none() {
+                    return CommandResponse::Rejected(format!("tenant {:?} does not exist", pool.tenant));
+                }
+                if let Err(why) = pool.check_bounds() {
+                    return CommandResponse::Rejected(why);
+                }
+                touched.pools.push(key.clone());
+                self.pools.insert(key, pool.clone());
+                CommandResponse::Pool(pool)
+            }
+            Command::UpdatePool { tenant, name, bounds } => {
+                let key = pool_key(&tenant, &name);
+                let Some(pool) = self.pools.get(&key) else {
+                    return CommandResponse::Missing(format!("pool {name:?} not found"));
+                };
+                let updated = pool.with_bounds(bounds);
+                if let Err(why) = updated.check_bounds() {
+                    return CommandResponse::Rejected(why);
+                }
+                touched.pools.push(key.clone());
+                self.pools.insert(key, updated.clone());
+                CommandResponse::Pool(updated)
+            }
+            Command::DeletePool { tenant, name, now_ms } => {
+                let key = pool_key(&tenant, &name);
+                if self.pools.remove(&key).is_none() {
+                    return CommandResponse::Missing(format!("pool {name:?} not found"));
+                }
+                touched.pools.push(key.clone());
+                let idle: Vec<String> = self
+                    .pool_live
+                    .get(&key)
+                    .into_iter()
+                    .flatten()
+                    .filter(|id| self.sessions.get(*id).is_some_and(SessionRecord::pool_idle))
+                    .cloned()
+                    .collect();
+                let message = format!("pool {name} deleted");
+                self.apply_inner(Command::TerminateSessions { ids: idle, message, now_ms, tenant: None }, touched);
+                CommandResponse::Ok
+            }
+            Command::FillPool { tenant, name, ids, now_ms } => {
+                self.fill_pool(&pool_key(&tenant, &name), ids, now_ms, touched)
+            }
+            Command::ClaimSession { tenant, pool, request_id, now_ms, key_id } => {
+                self.claim(&pool_key(&tenant, &pool), &request_id, now_ms, key_id.as_deref(), touched)
             }
             Command::CreateTenant { tenant } => {
                 if tenant.name == DEFAULT_TENANT || self.tenants.contains_key(&tenant.name) {
@@ -1520,6 +1826,8 @@ mod tests {
             renewed_at_ms: 0,
             tenant: DEFAULT_TENANT.into(),
             traceparent: String::new(),
+            pool: String::new(),
+            claimed_at_ms: 0,
         }
     }
 
@@ -2100,6 +2408,113 @@ mod tests {
         let mut copy: ClusterState = serde_json::from_slice(&serde_json::to_vec(&st).unwrap()).unwrap();
         copy.rebuild_indexes();
         assert_eq!(copy.batch_requests.get("r1").map(String::as_str), Some("b"));
+    }
+
+    fn pool_record(max: u32, buffer: (u32, u32)) -> PoolRecord {
+        PoolRecord {
+            name: "py".into(),
+            tenant: DEFAULT_TENANT.into(),
+            spec: spec(100),
+            min: 0,
+            max,
+            buffer_min: buffer.0,
+            buffer_max: buffer.1,
+            created_at_ms: 1,
+        }
+    }
+
+    /// Places the pool's unplaced sandboxes on `node` and has its agent report them RUNNING.
+    fn start_all(st: &mut ClusterState, node: &str, t: &mut Touched) {
+        let ids: Vec<String> = st.unplaced.iter().map(|(_, id)| id.clone()).collect();
+        let placements =
+            ids.iter().map(|id| Placement { id: id.clone(), node_id: node.into(), expected_generation: 0 }).collect();
+        st.apply(Command::PlaceSessions { placements, now_ms: 2 }, t);
+        let reports = ids
+            .iter()
+            .map(|id| Report { id: id.clone(), generation: 1, phase: SessionPhase::Running, message: String::new() })
+            .collect();
+        st.apply(Command::ReportSessions { node_id: node.into(), reports, now_ms: 3 }, t);
+    }
+
+    /// The leader fills a pool to its buffer, claims hand out each idle
+    /// RUNNING sandbox once (idempotent on the request id), an empty pool
+    /// answers PoolEmpty, and the planner refills after claims, never past `max`.
+    #[test]
+    fn a_pool_is_filled_claimed_once_per_sandbox_and_refilled() {
+        let mut st = ClusterState::default();
+        let mut t = Touched::default();
+        st.apply(Command::RegisterNode { node: node("n1", 10_000) }, &mut t);
+        st.apply(Command::CreatePool { pool: pool_record(4, (2, 3)) }, &mut t);
+        assert_eq!(t.pools, ["default/py"]);
+        let mut n = 0;
+        let mut next = || {
+            n += 1;
+            format!("p{n}")
+        };
+        let plan = crate::plan::plan_pools(&st, 10, &mut next);
+        assert!(matches!(&plan[..], [Command::FillPool { ids, .. }] if ids.len() == 3), "{plan:?}");
+        for c in plan {
+            st.apply(c, &mut t);
+        }
+        assert_eq!(st.pool_counts("default/py"), PoolCounts { starting: 3, ..Default::default() });
+        assert!(crate::plan::plan_pools(&st, 11, &mut next).is_empty(), "starting sandboxes count as idle");
+        let claim = |rid: &str| Command::ClaimSession {
+            tenant: DEFAULT_TENANT.into(),
+            pool: "py".into(),
+            request_id: rid.into(),
+            now_ms: 20,
+            key_id: None,
+        };
+        assert_eq!(st.apply(claim("c0"), &mut t), CommandResponse::PoolEmpty, "none is RUNNING yet");
+        start_all(&mut st, "n1", &mut t);
+        assert_eq!(st.pool_counts("default/py").idle, 3);
+        let CommandResponse::Session(a) = st.apply(claim("c1"), &mut t) else { panic!() };
+        assert_eq!((a.claimed_at_ms, a.request_id.as_str(), a.phase), (20, "c1", SessionPhase::Running));
+        assert_eq!(a.expires_at_ms, 20 + 60_000, "the TTL counts from the claim");
+        assert!(matches!(st.apply(claim("c1"), &mut t), CommandResponse::Existing(ref e) if e.id == a.id));
+        let CommandResponse::Session(b) = st.apply(claim("c2"), &mut t) else { panic!() };
+        assert_ne!(a.id, b.id, "each idle sandbox goes to one claim");
+        assert_eq!(st.pool_counts("default/py"), PoolCounts { idle: 1, claimed: 2, ..Default::default() });
+        // Below buffer_min (2): refill to buffer_max (3), but the pool holds at most 4 in all.
+        let plan = crate::plan::plan_pools(&st, 30, &mut next);
+        assert!(matches!(&plan[..], [Command::FillPool { ids, .. }] if ids.len() == 1), "{plan:?}");
+        // FillPool itself never passes max, whatever it is asked.
+        let r = st.apply(
+            Command::FillPool {
+                tenant: DEFAULT_TENANT.into(),
+                name: "py".into(),
+                ids: vec!["x1".into(), "x2".into()],
+                now_ms: 30,
+            },
+            &mut t,
+        );
+        assert!(matches!(r, CommandResponse::Sessions(ref v) if v.len() == 1), "{r:?}");
+        assert_eq!(st.pool_live["default/py"].len(), 4);
+        // Shrinking the buffer ends the extra idle ones, the unstarted first.
+        st.apply(
+            Command::UpdatePool {
+                tenant: DEFAULT_TENANT.into(),
+                name: "py".into(),
+                bounds: PoolBounds { buffer_min: Some(0), buffer_max: Some(0), ..Default::default() },
+            },
+            &mut t,
+        );
+        let plan = crate::plan::plan_pools(&st, 40, &mut next);
+        let [Command::TerminateSessions { ids, .. }] = &plan[..] else { panic!("{plan:?}") };
+        assert_eq!(ids, &["x1".to_string(), st.pool_ready["default/py"].iter().next().unwrap().clone()]);
+        // Deleting the pool ends its idle sandboxes; claimed ones stay.
+        st.apply(Command::DeletePool { tenant: DEFAULT_TENANT.into(), name: "py".into(), now_ms: 50 }, &mut t);
+        assert!(st.pools.is_empty());
+        assert_eq!(st.sessions[&a.id].phase, SessionPhase::Running);
+        assert_eq!(st.sessions.values().filter(|s| s.phase == SessionPhase::Terminated).count(), 2);
+        let r = st.apply(claim("c3"), &mut t);
+        assert_eq!(r, CommandResponse::Missing("pool \"py\" not found".into()));
+        // Bounds out of order are refused at apply too.
+        let bad = st.apply(Command::CreatePool { pool: pool_record(1, (2, 3)) }, &mut t);
+        assert!(
+            matches!(bad, CommandResponse::Rejected(ref why) if why.contains("buffer_max (3) is more than max (1)")),
+            "{bad:?}"
+        );
     }
 
     /// A batch larger than what its tenant may still hold is refused whole.

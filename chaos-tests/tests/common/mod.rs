@@ -46,6 +46,19 @@ impl Drop for RemoveOnDrop {
     }
 }
 
+/// A client that retries for as long as a leader change takes, quickly (2 s
+/// deadlines, backoff 20-200 ms): for calls that must succeed across a kill.
+pub async fn retrying_client(cluster: &Cluster) -> Client {
+    cluster
+        .client_builder()
+        .request_timeout(Duration::from_secs(2))
+        .max_retries(1000)
+        .backoff(sandfleet::Backoff::new(Duration::from_millis(20), Duration::from_millis(200)))
+        .connect()
+        .await
+        .unwrap()
+}
+
 /// Runs the `sandfleet` CLI against `cluster`, for at most 120 s: with
 /// `api_key`, authenticated by the key alone (the CLI trusts the cluster CA
 /// but has no client certificate); without, as the test's client certificate

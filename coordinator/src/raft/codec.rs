@@ -111,6 +111,8 @@ mod tests {
             renewed_at_ms: 5,
             tenant: DEFAULT_TENANT.into(),
             traceparent: "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01".into(),
+            pool: String::new(),
+            claimed_at_ms: 0,
         }
     }
 

@@ -8,7 +8,7 @@
 //! | `sm_sessions` | session id | JSON [`SessionRecord`] |
 //! | `sm_nodes` | node id | JSON [`NodeRecord`] |
 //! | `sm_request_ids` | request id | session id |
-//! | `sm_objects` | `batch/<id>` | JSON [`BatchRecord`](crate::state::BatchRecord) |
+//! | `sm_objects` | `batch/<id>`, `pool/<tenant>/<name>` | JSON [`BatchRecord`](crate::state::BatchRecord), [`PoolRecord`](crate::state::PoolRecord) |
 //! | `sm_meta` | `last_applied`, `membership`, `signing_seed`, `scheduler_paused`, `tenants`, `api_keys`, `sessions_created` | JSON |
 //! | `snapshot` | `current` | JSON [`StoredSnapshot`] |
 //!
@@ -56,6 +56,8 @@ const ALL_CFS: [&str; 8] =
     [CF_LOG, CF_META, CF_SESSIONS, CF_NODES, CF_REQUEST_IDS, CF_SM_META, CF_OBJECTS, CF_SNAPSHOT];
 /// The key prefix of batches in `sm_objects`.
 const BATCH_PREFIX: &str = "batch/";
+/// The key prefix of pools in `sm_objects` (then the pool key, `<tenant>/<name>`).
+const POOL_PREFIX: &str = "pool/";
 
 /// Opens (or creates) the database with every column family.
 pub fn open_db(path: &Path) -> Result<Arc<DB>, rocksdb::Error> {
@@ -362,6 +364,13 @@ impl StateMachineStore {
                 .batches
                 .insert(String::from_utf8_lossy(id).into_owned(), serde_json::from_slice(&v).map_err(read_err)?);
         }
+        for item in db.prefix_iterator_cf(cf(&db, CF_OBJECTS), POOL_PREFIX.as_bytes()) {
+            let (k, v) = item.map_err(read_err)?;
+            let Some(key) = k.strip_prefix(POOL_PREFIX.as_bytes()) else { break };
+            state
+                .pools
+                .insert(String::from_utf8_lossy(key).into_owned(), serde_json::from_slice(&v).map_err(read_err)?);
+        }
         state.signing_seed = get_json(&db, CF_SM_META, b"signing_seed")?.unwrap_or_default();
         state.scheduler_paused = get_json(&db, CF_SM_META, b"scheduler_paused")?.unwrap_or_default();
         state.tenants = get_json(&db, CF_SM_META, b"tenants")?.unwrap_or_default();
@@ -424,6 +433,13 @@ impl StateMachineStore {
                 );
             }
         }
+        for key in &touched.pools {
+            let k = format!("{POOL_PREFIX}{key}");
+            match state.pools.get(key) {
+                Some(pool) => b.put_cf(cf(db, CF_OBJECTS), k, serde_json::to_vec(pool).map_err(write_err)?),
+                None => b.delete_cf(cf(db, CF_OBJECTS), k),
+            }
+        }
         self.put_meta(&mut b, state, touched.meta)?;
         if touched.auth && !touched.meta {
             self.put_auth(&mut b, state)?;
@@ -482,6 +498,9 @@ impl StateMachineStore {
         }
         for (id, batch) in &state.batches {
             b.put_cf(cf(db, CF_OBJECTS), format!("{BATCH_PREFIX}{id}"), serde_json::to_vec(batch).map_err(write_err)?);
+        }
+        for (key, pool) in &state.pools {
+            b.put_cf(cf(db, CF_OBJECTS), format!("{POOL_PREFIX}{key}"), serde_json::to_vec(pool).map_err(write_err)?);
         }
         self.put_meta(&mut b, state, true)?;
         db.write_opt(b, &sync_opts()).map_err(|e| io_err(ErrorSubject::StateMachine, ErrorVerb::Write, e))

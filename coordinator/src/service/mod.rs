@@ -2,6 +2,7 @@
 //!
 //! - [`session`]: the public SessionService (create, get, list, delete, renew, watch).
 //! - [`batch`]: its batches (CreateSessions, GetBatch, ListBatches, DeleteBatch).
+//! - [`pool`]: PoolService (warm pools) and the claim of `CreateSession{pool}`.
 //! - [`agent`]: AgentService for node agents (register, heartbeat, assignments).
 //! - [`node`]: NodeService (node listing for operators).
 //! - [`cluster`]: ClusterService (membership and status).
@@ -18,6 +19,7 @@ pub mod auth;
 pub mod batch;
 pub mod cluster;
 pub mod node;
+pub mod pool;
 pub mod raft;
 pub mod session;
 pub mod tenant;

@@ -103,18 +103,33 @@ impl SessionApi {
         req: pb::CreateSessionRequest,
     ) -> Result<pb::CreateSessionResponse, Status> {
         ids::validate_request_id(&req.request_id)?;
+        if !req.pool.is_empty() {
+            return self.claim(caller, req).await;
+        }
         let spec = validate_spec(req.spec, &self.core.tunables)?;
         sandfleet_common::spec::check_reserved_labels("labels", spec.labels.keys())?;
-        let rkey = request_key(&caller.tenant, &req.request_id);
+        self.create_spec(caller, &req.request_id, spec, String::new()).await
+    }
+
+    /// Creates a session of `spec` (checked) under `request_id`, with `message`.
+    pub(crate) async fn create_spec(
+        &self,
+        caller: &Caller,
+        request_id: &str,
+        spec: SpecRecord,
+        message: String,
+    ) -> Result<pb::CreateSessionResponse, Status> {
+        let rkey = request_key(&caller.tenant, request_id);
 
         // A request id this member has already seen answers at once.
         if let Some(existing) =
             self.core.state.read(|st| st.request_ids.get(&rkey).and_then(|id| st.sessions.get(id).cloned()))
         {
-            existing_answer(&existing, &req.request_id, &spec)?;
+            existing_answer(&existing, request_id, &spec)?;
             return Ok(pb::CreateSessionResponse {
                 session: Some(self.core.to_proto(&existing, true)),
                 existing: true,
+                claimed: false,
             });
         }
 
@@ -140,12 +155,12 @@ impl SessionApi {
             generation: u64::from(node_id.is_some()),
             node_id,
             phase: SessionPhase::Pending,
-            request_id: req.request_id.clone(),
+            request_id: request_id.to_string(),
             created_at_ms: now,
             expires_at_ms: now + (spec.ttl_seconds as i64) * 1000,
             updated_at_ms: now,
             pending_reason,
-            message: String::new(),
+            message,
             spec: spec.clone(),
             restarts: 0,
             not_before_ms: 0,
@@ -154,6 +169,8 @@ impl SessionApi {
             tenant: caller.tenant.clone(),
             // This create's span: the leader's placement and the agent's start join its trace.
             traceparent: sandfleet_common::trace_context::current_traceparent(),
+            pool: String::new(),
+            claimed_at_ms: 0,
         };
         let key_id = caller.key_id().map(str::to_string);
         let resp = self.core.propose(Command::CreateSession { session: record, key_id }).await?;
@@ -165,12 +182,20 @@ impl SessionApi {
                     crate::metrics::metrics().placements.add(1, &[]);
                 }
                 tracing::info!(session = %s.id, node = ?s.node_id, tenant = %s.tenant, "session created");
-                Ok(pb::CreateSessionResponse { session: Some(self.core.to_proto(&s, true)), existing: false })
+                Ok(pb::CreateSessionResponse {
+                    session: Some(self.core.to_proto(&s, true)),
+                    existing: false,
+                    claimed: false,
+                })
             }
             CommandResponse::Existing(s) => {
                 // Another create with this request id committed first.
-                existing_answer(&s, &req.request_id, &spec)?;
-                Ok(pb::CreateSessionResponse { session: Some(self.core.to_proto(&s, true)), existing: true })
+                existing_answer(&s, request_id, &spec)?;
+                Ok(pb::CreateSessionResponse {
+                    session: Some(self.core.to_proto(&s, true)),
+                    existing: true,
+                    claimed: false,
+                })
             }
             other => Err(response_status(other)),
         }
