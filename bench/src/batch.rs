@@ -69,6 +69,8 @@ pub struct Report {
     pub cold_claims: usize,
     /// The anchor: cold create -> RUNNING, one at a time, same cluster.
     pub cold: Vec<Duration>,
+    /// A batch of `size` from the pool (pre-filled with at least `size` idle) -> all RUNNING, per round.
+    pub pooled_batch: Vec<Duration>,
 }
 
 fn tiny(memory: u64, cpu: u32) -> CreateSession {
@@ -270,17 +272,7 @@ async fn claims(client: &Client, settings: &Settings, report: &mut Report) -> Re
         ..Default::default()
     };
     client.create_pool(pool).await.map_err(|e| anyhow!("create pool: {e}"))?;
-    let deadline = Instant::now() + Duration::from_secs(300);
-    loop {
-        let p = client.get_pool("bench").await.map_err(|e| anyhow!("get pool: {e}"))?;
-        if p.idle >= n {
-            break;
-        }
-        if Instant::now() > deadline {
-            bail!("the pool holds {} idle sandboxes after 300 s, not {n}", p.idle);
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    wait_idle(client, n).await?;
     // The pool refills as claims take from it; the clock runs per claim.
     for _ in 0..n {
         let t = Instant::now();
@@ -292,6 +284,19 @@ async fn claims(client: &Client, settings: &Settings, report: &mut Report) -> Re
             client.wait_running(&s.id, Duration::from_secs(60)).await.map_err(|e| anyhow!("wait: {e}"))?;
         }
         report.claims.push(t.elapsed());
+    }
+    // Batches from the pool, each once it holds a batch's worth of idle sandboxes again.
+    for _ in 0..settings.runs {
+        wait_idle(client, settings.size as u32).await?;
+        let t = Instant::now();
+        let req = CreateBatch::from_pool(settings.size as u32, "bench");
+        let resp = client.create_batch(req).await.map_err(|e| anyhow!("batch from the pool: {e}"))?;
+        let b = resp.batch.ok_or_else(|| anyhow!("no batch in the answer"))?;
+        if b.running != b.desired {
+            client.wait_batch(&b.id, Duration::from_secs(120), |_| {}).await.map_err(|e| anyhow!("wait: {e}"))?;
+        }
+        report.pooled_batch.push(t.elapsed());
+        client.delete_batch(&b.id).await.map_err(|e| anyhow!("delete batch: {e}"))?;
     }
     client.delete_pool("bench").await.map_err(|e| anyhow!("delete pool: {e}"))?;
     clear(client, Duration::from_secs(3)).await?;
@@ -310,6 +315,21 @@ async fn claims(client: &Client, settings: &Settings, report: &mut Report) -> Re
         ms(percentile(&report.cold, 50.0)),
     );
     Ok(())
+}
+
+/// Waits until the bench pool holds at least `n` idle RUNNING sandboxes.
+async fn wait_idle(client: &Client, n: u32) -> Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(300);
+    loop {
+        let p = client.get_pool("bench").await.map_err(|e| anyhow!("get pool: {e}"))?;
+        if p.idle >= n {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            bail!("the pool holds {} idle sandboxes after 300 s, not {n}", p.idle);
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 }
 
 /// Waits until no more than `n` sessions run (after a clear).
@@ -373,21 +393,28 @@ pub fn render(r: &Report, s: &Settings, section: &str, machine: &[(String, Strin
          claim's answer. Anchor: cold create -> RUNNING, one at a time ({cold} runs).\n\n\
          | measurement | p50 | p99 | goal |\n|---|---:|---:|---|\n\
          | claim -> RUNNING ({n} claims, {cold_claims} found the pool empty) | {:.2} ms | {:.2} ms | p99 <= 30 ms: {} |\n\
-         | cold create -> RUNNING (anchor) | {:.2} ms | {:.2} ms | |\n",
+         | cold create -> RUNNING (anchor) | {:.2} ms | {:.2} ms | |\n\
+         | batch of {size} from the pool -> all RUNNING ({runs} runs, p50 / max) | {:.0} ms | {:.0} ms | <= 300 ms: {} |\n",
         ms(c50),
         ms(c99),
         if c99 <= Duration::from_millis(30) { "met" } else { "MISSED" },
         ms(percentile(&r.cold, 50.0)),
         ms(percentile(&r.cold, 99.0)),
+        ms(percentile(&r.pooled_batch, 50.0)),
+        ms(r.pooled_batch.iter().max().copied().unwrap_or_default()),
+        if percentile(&r.pooled_batch, 50.0) <= Duration::from_millis(300) { "met" } else { "MISSED" },
+        size = s.size,
+        runs = r.pooled_batch.len(),
         n = s.claims,
         cold = r.cold.len(),
         cold_claims = r.cold_claims,
     );
     let _ = writeln!(
         out,
-        "\nThe issue's goal for a batch of 100 *from a warm pool* is 0.3 s (OpenSandbox publishes {OPENSANDBOX_POOLED_100_SECS} s \
-         for 100 pooled sandboxes, a published figure, not measured here). A batch cannot claim from a pool yet \
-         (`CreateSessions` takes a spec), so that goal is not measured; the batch figure above is cold.\n"
+        "\nThe goal for a batch of 100 from a warm pool is 0.3 s, against OpenSandbox's published {OPENSANDBOX_POOLED_100_SECS} s \
+         for 100 pooled sandboxes (a published figure, not measured here). A batch from a pool \
+         (`CreateSessions{{pool}}`) claims its replicas in its one Raft entry; the clock runs until the batch counts \
+         every replica RUNNING (GetBatch, polled every 100 ms only when the answer did not already say so).\n"
     );
     crate::push_machine(&mut out, machine);
     out

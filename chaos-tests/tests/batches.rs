@@ -174,6 +174,7 @@ async fn bad_batches_are_refused_whole_and_change_nothing() {
         count,
         spec: Some(spec),
         patches,
+        pool: String::new(),
     };
     let before = cluster.status().await.unwrap().sessions_created;
     let cases: Vec<(&str, proto::CreateSessionsRequest, Code, &str)> = vec![

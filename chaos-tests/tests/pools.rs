@@ -270,3 +270,49 @@ async fn bad_pools_and_claims_are_refused() {
     expect_code("a spec and a pool", client.create_session(both).await, Code::InvalidArgument);
     expect_code("delete unknown", client.delete_pool("nope").await, Code::NotFound);
 }
+
+/// A batch from a pool claims as many idle sandboxes as the pool holds (in
+/// the batch's one entry, RUNNING at once) and starts the rest cold from the
+/// pool's spec; patches set labels; env patches are refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_from_a_pool_claims_what_it_holds_and_starts_the_rest_cold() {
+    require_facilities!();
+    let cluster = start(ClusterBuilder::new().coordinators(1).agents(1).agent_args(ROOMY)).await;
+    let client = cluster.client().await;
+    client.create_pool(pool("jobs", 0, 20, 0, 5)).await.unwrap();
+    client
+        .update_pool(proto::UpdatePoolRequest { name: "jobs".into(), buffer_min: Some(5), ..Default::default() })
+        .await
+        .unwrap();
+    wait_pool(&client, "jobs", "5 idle", |p| p.idle == 5).await;
+    let mut req = sandfleet::CreateBatch::from_pool(7, "jobs").request_id(request_id("from-pool"));
+    for i in 0..7 {
+        req = req.patch(i, Vec::<(String, String)>::new(), [("shard", i.to_string())]);
+    }
+    let batch = client.create_batch(req.clone()).await.unwrap().batch.unwrap();
+    assert_eq!((batch.pool.as_str(), batch.claimed, batch.desired), ("jobs", 5, 7), "{batch:?}");
+    assert_eq!(batch.running, 5, "the claimed replicas run at once");
+    let running = client.wait_batch(&batch.id, Duration::from_secs(60), |_| {}).await.unwrap();
+    assert_eq!(running.running, 7);
+    for (i, id) in batch.session_ids.iter().enumerate() {
+        let s = client.get_session(id).await.unwrap();
+        let spec = s.spec.clone().unwrap();
+        assert_eq!(spec.labels["shard"], i.to_string(), "replica {i}'s own label");
+        assert_eq!(spec.labels[sandfleet_common::spec::BATCH_LABEL], batch.id);
+        assert_eq!(s.pool.is_empty(), i >= 5, "replica {i}: the first 5 come from the pool");
+        let out = exec_argv(&client, &s, ["sh", "-c", "echo $FROM_POOL"], SHORT).await.unwrap();
+        assert_eq!(stdout(&out).trim(), "jobs", "every replica runs the pool's spec");
+    }
+    let again = client.create_batch(req).await.unwrap();
+    assert!(again.existing);
+    assert_eq!(again.batch.unwrap().session_ids, batch.session_ids);
+    let env = sandfleet::CreateBatch::from_pool(2, "jobs").patch(0, [("A", "1")], Vec::<(String, String)>::new());
+    expect_code("an env patch from a pool", client.create_batch(env).await, Code::InvalidArgument);
+    expect_code(
+        "an unknown pool",
+        client.create_batch(sandfleet::CreateBatch::from_pool(2, "nope")).await,
+        Code::NotFound,
+    );
+    // The pool refills behind the batch.
+    wait_pool(&client, "jobs", "refilled", |p| p.idle == 5 && p.claimed == 5).await;
+}

@@ -87,9 +87,13 @@ pub async fn create(
     request_id: Option<String>,
     session: CreateSession,
     patches: Vec<proto::ReplicaPatch>,
+    pool: Option<String>,
     wait: Option<Duration>,
 ) -> anyhow::Result<i32> {
-    let mut req = CreateBatch::new(count, session);
+    let mut req = match pool {
+        Some(pool) => CreateBatch::from_pool(count, pool),
+        None => CreateBatch::new(count, session),
+    };
     if let Some(id) = request_id {
         req = req.request_id(id);
     }
@@ -170,6 +174,9 @@ pub fn batch_text(b: &proto::Batch) -> String {
         ("failed", b.failed.to_string()),
         ("ended", b.terminated.to_string()),
     ];
+    if !b.pool.is_empty() {
+        rows.push(("pool", format!("{} ({} claimed, the rest cold)", b.pool, b.claimed)));
+    }
     if b.deleted_at_ms != 0 {
         rows.push(("deleted", format_time(b.deleted_at_ms)));
     }

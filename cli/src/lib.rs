@@ -295,7 +295,9 @@ pub enum SessionCmd {
         patch_file: Option<PathBuf>,
         /// Claim an idle sandbox of this warm pool (RUNNING at once), or start
         /// one cold from the pool's spec when none is idle (said on stderr).
-        #[arg(long, value_name = "NAME", conflicts_with_all = ["count", "patch_file"])]
+        /// With --count, the batch's replicas come from the pool (patches may
+        /// set labels only).
+        #[arg(long, value_name = "NAME")]
         pool: Option<String>,
         /// Wait until the session is running (on a terminal, a spinner shows
         /// its state and why it waits; for a batch, a bar of running replicas).

@@ -37,7 +37,7 @@ pub async fn run(ctx: &Ctx, cmd: SessionCmd) -> anyhow::Result<i32> {
                 // Without --count, a patch file makes one replica per line.
                 let count = count.unwrap_or(patches.len() as u32);
                 let wait = wait.then_some(wait_timeout);
-                return super::batch::create(ctx, count, request_id, c, patches, wait).await;
+                return super::batch::create(ctx, count, request_id, c, patches, pool, wait).await;
             }
             if let Some(id) = request_id {
                 c = c.request_id(id);

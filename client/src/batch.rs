@@ -33,6 +33,8 @@ pub struct CreateBatch {
     pub spec: proto::SessionSpec,
     /// `patches[i]` changes replica `i`'s env and labels.
     pub patches: Vec<proto::ReplicaPatch>,
+    /// Claim the replicas from this warm pool (the rest start cold from its spec).
+    pub pool: Option<String>,
 }
 
 impl CreateBatch {
@@ -44,7 +46,15 @@ impl CreateBatch {
             count,
             spec: session.spec,
             patches: Vec::new(),
+            pool: None,
         }
+    }
+
+    /// `count` replicas taken from warm pool `pool`: as many idle sandboxes as
+    /// it holds are claimed in the batch's one Raft entry (RUNNING at once), the
+    /// rest start cold from the pool's spec. Patches may set labels only.
+    pub fn from_pool(count: u32, pool: impl Into<String>) -> Self {
+        Self { pool: Some(pool.into()), ..Self::new(count, CreateSession::new()) }
     }
 
     /// Sets the idempotency key.
@@ -76,6 +86,18 @@ impl CreateBatch {
         let check = || -> Result<(), sandfleet_common::ValidationError> {
             sandfleet_common::ids::validate_request_id(&self.request_id)?;
             let bounds = Default::default();
+            if let Some(pool) = &self.pool {
+                sandfleet_common::ids::validate_dns_label("pool", pool)?;
+                if self.spec != proto::SessionSpec::default() {
+                    return Err(sandfleet_common::ValidationError::invalid("spec", "give a spec or a pool, not both"));
+                }
+                if self.patches.iter().any(|p| !p.env.is_empty()) {
+                    return Err(sandfleet_common::ValidationError::invalid(
+                        "patches",
+                        "a pool's sandboxes run with the pool's env; patches of a batch from a pool may set labels only",
+                    ));
+                }
+            }
             let spec = sandfleet_common::spec::SessionSpec::from_proto(self.spec.clone(), &bounds)?;
             sandfleet_common::spec::check_batch(&spec, self.count, &self.patches, &bounds)?;
             Ok(())
@@ -88,8 +110,9 @@ impl CreateBatch {
         proto::CreateSessionsRequest {
             request_id: self.request_id,
             count: self.count,
-            spec: Some(self.spec),
+            spec: self.pool.is_none().then_some(self.spec),
             patches: self.patches,
+            pool: self.pool.unwrap_or_default(),
         }
     }
 }

@@ -40,6 +40,12 @@ pub struct BatchRecord {
     /// When it was deleted; 0 while not.
     #[serde(default)]
     pub deleted_at_ms: i64,
+    /// The warm pool its first replicas were claimed from; empty for none.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub pool: String,
+    /// How many replicas (the first ones) were claimed from the pool.
+    #[serde(default)]
+    pub claimed: u32,
 }
 
 impl BatchRecord {
@@ -139,6 +145,14 @@ pub struct NewBatch {
     /// The create's trace parent, kept on each session.
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub traceparent: String,
+}
+
+impl NewBatch {
+    /// The sessions of a batch from a pool: the first replicas claimed from
+    /// it (idle RUNNING sandboxes, lowest ids first), the rest `cold` ids.
+    fn ids_from_pool(ready: &[String], cold: &[String], count: usize) -> Vec<String> {
+        ready.iter().take(count).chain(cold.iter()).take(count).cloned().collect()
+    }
 }
 
 /// A session's lifecycle state, as stored.
@@ -1174,7 +1188,7 @@ impl ClusterState {
     }
 
     fn create_batch(&mut self, new: NewBatch, touched: &mut Touched) -> CommandResponse {
-        let NewBatch { batch, patches, nodes, waiting, key_id, traceparent } = new;
+        let NewBatch { mut batch, patches, nodes, waiting, key_id, traceparent } = new;
         let rkey = request_key(&batch.tenant, &batch.request_id);
         if let Some(existing) = self.batch_requests.get(&rkey).and_then(|id| self.batches.get(id)) {
             return CommandResponse::ExistingBatch(existing.clone());
@@ -1185,7 +1199,7 @@ impl ClusterState {
         if let Some(id) = batch.session_ids.iter().find(|id| self.sessions.contains_key(*id)) {
             return CommandResponse::Rejected(format!("session id {id} already exists"));
         }
-        if nodes.len() != batch.session_ids.len() || patches.len() > batch.session_ids.len() {
+        if nodes.len() > batch.session_ids.len() || patches.len() > batch.session_ids.len() {
             return CommandResponse::Rejected("a batch entry with mismatched replica lists".into());
         }
         if let Some(key_id) = &key_id {
@@ -1199,14 +1213,41 @@ impl ClusterState {
         let Some(tenant) = self.tenant(&batch.tenant) else {
             return CommandResponse::Rejected(format!("tenant {:?} does not exist", batch.tenant));
         };
+        let count = batch.session_ids.len();
+        // From a pool: its idle RUNNING sandboxes first, as many as there are.
+        let ready: Vec<String> = if batch.pool.is_empty() {
+            Vec::new()
+        } else {
+            let key = pool_key(&batch.tenant, &batch.pool);
+            if !self.pools.contains_key(&key) {
+                return CommandResponse::Missing(format!("pool {:?} not found", batch.pool));
+            }
+            self.pool_ready.get(&key).map(|r| r.iter().take(count).cloned().collect()).unwrap_or_default()
+        };
+        let claimed = ready.len();
         let one = Resources::of(&batch.spec);
-        let n = batch.session_ids.len() as u64;
+        let n = (count - claimed) as u64;
         let all = Resources { cpu_millis: one.cpu_millis * n, memory_bytes: one.memory_bytes * n, slots: n };
         if let Err(why) = self.quota_allows(&tenant, &all) {
-            return CommandResponse::QuotaExceeded(format!("a batch of {n} sessions does not fit: {why}"));
+            return CommandResponse::QuotaExceeded(format!("a batch of {count} sessions does not fit: {why}"));
         }
         let now = batch.created_at_ms;
-        for (i, (id, node)) in batch.session_ids.iter().zip(nodes).enumerate() {
+        batch.session_ids = NewBatch::ids_from_pool(&ready, &batch.session_ids, count);
+        batch.claimed = claimed as u32;
+        for (i, id) in ready.iter().enumerate() {
+            let Some(s) = self.sessions.get_mut(id) else { continue };
+            s.claimed_at_ms = now;
+            s.request_id = format!("{}#{i}", batch.request_id);
+            s.expires_at_ms = now + (s.spec.ttl_seconds as i64) * 1000;
+            s.renewed_at_ms = now;
+            s.updated_at_ms = now;
+            // Labels only (the service refuses env patches for a pool): the sandbox runs already.
+            s.spec = s.spec.patched(patches.get(i), &batch.id);
+            touched.sessions.push(id.clone());
+        }
+        let mut nodes = nodes.into_iter();
+        for (i, id) in batch.session_ids.iter().enumerate().skip(claimed) {
+            let node = nodes.next().flatten();
             let spec = batch.spec.patched(patches.get(i), &batch.id);
             let (node_id, pending_reason) = match node {
                 _ if self.scheduler_paused => (None, PendingReason::Paused),
@@ -2347,6 +2388,8 @@ mod tests {
                 patches_sha256: BatchRecord::digest(&patches),
                 session_ids: (0..n).map(|i| format!("{id}-{i}")).collect(),
                 deleted_at_ms: 0,
+                pool: String::new(),
+                claimed: 0,
             },
             patches,
             nodes: nodes.into_iter().map(|n| n.map(Into::into)).collect(),
@@ -2515,6 +2558,48 @@ mod tests {
             matches!(bad, CommandResponse::Rejected(ref why) if why.contains("buffer_max (3) is more than max (1)")),
             "{bad:?}"
         );
+    }
+
+    /// A batch from a pool claims the pool's idle RUNNING sandboxes for its
+    /// first replicas (with the batch label and their patches' labels) and
+    /// creates the rest; the quota is checked for the created ones only.
+    #[test]
+    fn a_batch_from_a_pool_claims_first_and_creates_the_rest() {
+        let mut st = ClusterState::default();
+        let mut t = Touched::default();
+        st.apply(Command::RegisterNode { node: node("n1", 10_000) }, &mut t);
+        st.apply(Command::CreatePool { pool: pool_record(10, (2, 2)) }, &mut t);
+        let fill = Command::FillPool {
+            tenant: DEFAULT_TENANT.into(),
+            name: "py".into(),
+            ids: vec!["p1".into(), "p2".into()],
+            now_ms: 2,
+        };
+        st.apply(fill, &mut t);
+        start_all(&mut st, "n1", &mut t);
+        let label =
+            |v: &str| ReplicaPatch { env: Default::default(), labels: [("shard".to_string(), v.to_string())].into() };
+        let Command::CreateBatch(mut new) =
+            new_batch("b", "r1", DEFAULT_TENANT, vec![None, None, None], vec![label("0"), label("1"), label("2")])
+        else {
+            unreachable!()
+        };
+        new.batch.pool = "py".into();
+        new.nodes = vec![Some("n1".into())];
+        let r = st.apply(Command::CreateBatch(new), &mut t);
+        let CommandResponse::SessionBatch(b) = r else { panic!("{r:?}") };
+        assert_eq!(b.session_ids, ["p1", "p2", "b-0"], "the pool's sandboxes first, then a created one");
+        assert_eq!(b.claimed, 2);
+        for (i, id) in b.session_ids.iter().enumerate() {
+            let s = &st.sessions[id];
+            assert_eq!(s.spec.labels["shard"], i.to_string());
+            assert_eq!(s.spec.labels[sandfleet_common::spec::BATCH_LABEL], "b");
+            assert_eq!(s.request_id, format!("r1#{i}"));
+        }
+        assert_eq!(st.sessions["p1"].claimed_at_ms, 5);
+        assert_eq!(st.sessions["b-0"].node_id.as_deref(), Some("n1"), "the created replica takes the first node given");
+        assert_eq!(st.pool_counts("default/py"), PoolCounts { claimed: 2, ..Default::default() });
+        assert_eq!(st.sessions_created, 3, "two pool sandboxes and one replica were ever created");
     }
 
     /// A batch larger than what its tenant may still hold is refused whole.

@@ -42,13 +42,48 @@ pub fn batch_to_proto(st: &ClusterState, b: &BatchRecord, with_ids: bool) -> pb:
         terminated: c.terminated,
         deleted_at_ms: b.deleted_at_ms,
         session_ids: if with_ids { b.session_ids.clone() } else { Vec::new() },
+        pool: b.pool.clone(),
+        claimed: b.claimed,
     }
+}
+
+/// The spec of a batch from a pool: the pool's (without its label), when the
+/// request gives no spec and its patches set labels only.
+fn pool_spec(core: &Core, caller: &Caller, req: &pb::CreateSessionsRequest) -> Result<SpecRecord, Status> {
+    ids::validate_dns_label("pool", &req.pool)?;
+    if req.spec.as_ref().is_some_and(|s| *s != pb::SessionSpec::default()) {
+        return Err(Status::invalid_argument(
+            "invalid spec: give a spec or a pool, not both (a pool's sandboxes run the pool's spec)",
+        ));
+    }
+    if let Some(i) = req.patches.iter().position(|p| !p.env.is_empty()) {
+        return Err(Status::invalid_argument(format!(
+            "patches[{i}]: invalid env: a pool's sandboxes run with the pool's env; patches of a batch from a pool \
+             may set labels only"
+        )));
+    }
+    let key = crate::state::pool_key(&caller.tenant, &req.pool);
+    let mut spec = core
+        .state
+        .read(|st| st.pools.get(&key).map(|p| p.spec.clone()))
+        .ok_or_else(|| Status::not_found(format!("pool {:?} not found", req.pool)))?;
+    spec.labels.remove(crate::service::pool::POOL_LABEL);
+    Ok(spec)
 }
 
 /// The answer to a batch create whose request id names an existing batch:
 /// that batch when the request is the same, ALREADY_EXISTS naming what differs.
-fn existing_answer(existing: &BatchRecord, count: u32, spec: &SpecRecord, digest: &str) -> Result<(), Status> {
+fn existing_answer(
+    existing: &BatchRecord,
+    count: u32,
+    spec: &SpecRecord,
+    digest: &str,
+    pool: &str,
+) -> Result<(), Status> {
     let mut differ: Vec<&str> = Vec::new();
+    if existing.pool != pool {
+        differ.push("pool");
+    }
     if existing.session_ids.len() != count as usize {
         differ.push("count");
     }
@@ -81,7 +116,8 @@ impl SessionApi {
     ) -> Result<pb::CreateSessionsResponse, Status> {
         let core: &Core = &self.core;
         ids::validate_request_id(&req.request_id)?;
-        let spec = validate_spec(req.spec, &core.tunables)?;
+        let spec =
+            if req.pool.is_empty() { validate_spec(req.spec, &core.tunables)? } else { pool_spec(core, caller, &req)? };
         let bounds = ClusterBounds { min_lost_after_ms: core.tunables.min_lost_after().as_millis() as u64 };
         let patches = spec_rules::check_batch(&spec, req.count, &req.patches, &bounds)?;
         let digest = BatchRecord::digest(&patches);
@@ -95,15 +131,23 @@ impl SessionApi {
                 .map(|b| (b.clone(), batch_to_proto(st, b, true)))
         });
         if let Some((existing, batch)) = seen {
-            existing_answer(&existing, req.count, &spec, &digest)?;
+            existing_answer(&existing, req.count, &spec, &digest, &req.pool)?;
             return Ok(pb::CreateSessionsResponse { batch: Some(batch), existing: true });
         }
 
         let count = req.count as usize;
-        // Placed whole against one view when this member leads; the nodes
-        // stay reserved until the entry is applied.
+        // The replicas a pool cannot give start cold: placed whole against one
+        // view when this member leads; the nodes stay reserved until the entry
+        // is applied.
+        let idle = if req.pool.is_empty() {
+            0
+        } else {
+            let key = crate::state::pool_key(&caller.tenant, &req.pool);
+            core.state.read(|st| st.pool_ready.get(&key).map_or(0, |r| r.len()))
+        };
+        let cold = count.saturating_sub(idle);
         let (placed, _reservation, paused) =
-            tracing::info_span!("placement", replicas = count).in_scope(|| core.place_and_reserve_many(&spec, count));
+            tracing::info_span!("placement", replicas = cold).in_scope(|| core.place_and_reserve_many(&spec, cold));
         let mut waiting = PendingReason::AwaitingLeader;
         let mut nodes = Vec::with_capacity(count);
         for p in placed {
@@ -130,6 +174,8 @@ impl SessionApi {
             patches_sha256: digest.clone(),
             session_ids: (0..count).map(|_| ids::new_session_id()).collect(),
             deleted_at_ms: 0,
+            pool: req.pool.clone(),
+            claimed: 0,
         };
         let new = NewBatch {
             batch,
@@ -152,7 +198,7 @@ impl SessionApi {
             }
             CommandResponse::ExistingBatch(b) => {
                 // Another create with this request id committed first.
-                existing_answer(&b, req.count, &spec, &digest)?;
+                existing_answer(&b, req.count, &spec, &digest, &req.pool)?;
                 let batch = core.state.read(|st| batch_to_proto(st, &b, true));
                 Ok(pb::CreateSessionsResponse { batch: Some(batch), existing: true })
             }
