@@ -57,10 +57,24 @@ fn claim(name: &str) -> CreateSession {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_pool_fills_hands_out_running_sandboxes_and_refills() {
     require_facilities!();
-    let cluster = start(ClusterBuilder::new().coordinators(1).agents(1).agent_args(ROOMY)).await;
+    let builder = ClusterBuilder::new().coordinators(1).agents(1).agent_args(ROOMY).metrics_listeners(true);
+    let cluster = start(builder).await;
     let client = cluster.client().await;
     client.create_pool(pool("py", 0, 6, 2, 3)).await.unwrap();
     wait_pool(&client, "py", "3 idle", |p| p.idle == 3).await;
+    // The pool's sandboxes on the coordinator's /metrics, as `pool get` counts them.
+    let metrics = cluster.metrics_addr(Target::Coordinator(0)).expect("a metrics listener");
+    let (code, text) = sandfleet_testkit::prometheus::http_get(&metrics, "/metrics").await.unwrap();
+    assert_eq!(code, 200);
+    let line = text.lines().find(|l| l.starts_with("sandfleet_pool_sandboxes{") && l.contains("state=\"idle\""));
+    let line = line.unwrap_or_else(|| panic!("no idle series of sandfleet_pool_sandboxes:\n{text}"));
+    assert!(line.contains("pool=\"py\"") && line.contains("tenant=\"default\"") && line.ends_with(" 3"), "{line}");
+    // Idle sandboxes are listed but carry no token: nobody uses one before its claim.
+    let all = client.list_all_sessions(proto::ListSessionsRequest::default()).await.unwrap();
+    let idle = all.iter().find(|s| s.pool == "py").expect("an idle sandbox");
+    let got = client.get_session(&idle.id).await.unwrap();
+    assert!(got.token.is_empty(), "an idle pool sandbox has no data-plane token");
+    assert!(exec_argv(&client, &got, ["true"], SHORT).await.is_err(), "no exec before a claim");
 
     // Two claims: RUNNING at once, with the pool's spec, each a different sandbox.
     let mut claimed = Vec::new();

@@ -398,7 +398,9 @@ impl Core {
             .as_ref()
             .and_then(|n| self.state.read(|st| st.nodes.get(n).map(|n| n.address.clone())))
             .unwrap_or_default();
-        let token = if with_token && !s.phase.is_terminal() {
+        // An idle pool sandbox gets no token: nobody may use it before its
+        // claim, so what a claim hands out was never used.
+        let token = if with_token && !s.phase.is_terminal() && !s.pool_idle() {
             self.signer()
                 .map(|signer| {
                     signer.sign(&SessionClaims {

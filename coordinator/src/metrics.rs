@@ -219,6 +219,31 @@ pub fn observe(core: &Arc<Core>, stats: Arc<RaftStats>) -> Observers {
             }),
         ),
         gauge(
+            "sandfleet.pool.sandboxes",
+            "Sandboxes of each warm pool, by state (idle, starting, claimed, failed)",
+            Box::new(|core| {
+                core.state.read(|s| {
+                    let mut out = Vec::with_capacity(s.pools.len() * 4);
+                    for (key, p) in &s.pools {
+                        let c = s.pool_counts(key);
+                        for (state, n) in
+                            [("idle", c.idle), ("starting", c.starting), ("claimed", c.claimed), ("failed", c.failed)]
+                        {
+                            out.push((
+                                u64::from(n),
+                                vec![
+                                    KeyValue::new("pool", p.name.clone()),
+                                    KeyValue::new("tenant", p.tenant.clone()),
+                                    KeyValue::new("state", state),
+                                ],
+                            ));
+                        }
+                    }
+                    out
+                })
+            }),
+        ),
+        gauge(
             "sandfleet.pending_sessions",
             "Live sessions waiting for a node",
             Box::new(|core| vec![(core.state.read(|s| s.unplaced.len() as u64), vec![])]),

@@ -132,6 +132,10 @@ pub fn plan_drains(st: &ClusterState, now_ms: i64) -> Vec<Command> {
         .collect()
 }
 
+/// A pool whose sandboxes failed more than its `buffer_max` times within this
+/// window is not refilled until the failures age out of it.
+pub const POOL_FAILURE_WINDOW_MS: i64 = 60_000;
+
 /// Message of an idle pool sandbox ended because its pool holds more idle ones than `buffer_max`.
 pub const POOL_SHRUNK: &str = "pool holds more idle sandboxes than its buffer_max";
 
@@ -141,6 +145,11 @@ pub const POOL_SHRUNK: &str = "pool holds more idle sandboxes than its buffer_ma
 /// `buffer_max` idle, end the extra idle ones (the unplaced first, then those
 /// not running yet, then the newest), never below `min` in all. `new_id` names
 /// the sandboxes to make.
+///
+/// No refill is proposed while it could make nothing: when the tenant's quota
+/// has no room for one more sandbox, or while more of the pool's sandboxes
+/// FAILED in the last [`POOL_FAILURE_WINDOW_MS`] than its `buffer_max` (a
+/// spec that cannot start is retried once a window, not in a tight loop).
 pub fn plan_pools(st: &ClusterState, now_ms: i64, new_id: &mut dyn FnMut() -> String) -> Vec<Command> {
     let mut out = Vec::new();
     for (key, pool) in &st.pools {
@@ -152,6 +161,20 @@ pub fn plan_pools(st: &ClusterState, now_ms: i64, new_id: &mut dyn FnMut() -> St
             want = pool.buffer_max - idle;
         }
         want = want.max(pool.min.saturating_sub(total)).min(pool.max.saturating_sub(total));
+        let quota_room = st
+            .tenant(&pool.tenant)
+            .is_some_and(|t| st.quota_allows(&t, &crate::state::Resources::of(&pool.spec)).is_ok());
+        let recent_failures = st
+            .pool_failed
+            .get(key)
+            .into_iter()
+            .flatten()
+            .filter_map(|id| st.sessions.get(id))
+            .filter(|s| now_ms - s.updated_at_ms < POOL_FAILURE_WINDOW_MS)
+            .count();
+        if want > 0 && (!quota_room || recent_failures > pool.buffer_max.max(1) as usize) {
+            continue;
+        }
         if want > 0 {
             out.push(Command::FillPool {
                 tenant: pool.tenant.clone(),

@@ -2602,6 +2602,49 @@ mod tests {
         assert_eq!(st.sessions_created, 3, "two pool sandboxes and one replica were ever created");
     }
 
+    /// No refill while the tenant's quota is full, nor while the pool's
+    /// sandboxes keep failing (once the failures age out, it tries again).
+    #[test]
+    fn a_pool_is_not_refilled_past_a_full_quota_or_while_its_sandboxes_fail() {
+        let mut st = ClusterState::default();
+        let mut t = Touched::default();
+        st.apply(tenant("a", 1, 0, 0), &mut t);
+        assert!(matches!(create(&mut st, of_tenant("s0", "r0", "a", 100), None), CommandResponse::Session(_)));
+        let pool = PoolRecord { tenant: "a".into(), ..pool_record(4, (2, 2)) };
+        st.apply(Command::CreatePool { pool }, &mut t);
+        let mut next = || "x".to_string();
+        assert!(crate::plan::plan_pools(&st, 10, &mut next).is_empty(), "the quota is full");
+        st.apply(
+            Command::TerminateSessions { ids: vec!["s0".into()], message: String::new(), now_ms: 11, tenant: None },
+            &mut t,
+        );
+        assert_eq!(crate::plan::plan_pools(&st, 12, &mut next).len(), 1, "room again");
+
+        // Three sandboxes fail to start (more than buffer_max = 2) within the window.
+        st.apply(
+            Command::UpdateTenant {
+                name: "a".into(),
+                update: QuotaUpdate { max_sessions: Some(0), ..Default::default() },
+            },
+            &mut t,
+        );
+        for i in 0..3 {
+            let id = format!("f{i}");
+            st.apply(
+                Command::FillPool { tenant: "a".into(), name: "py".into(), ids: vec![id.clone()], now_ms: 20 },
+                &mut t,
+            );
+            let s = st.sessions.get_mut(&id).unwrap();
+            s.phase = SessionPhase::Failed;
+            s.updated_at_ms = 20;
+        }
+        st.rebuild_indexes();
+        assert_eq!(st.pool_counts("a/py").failed, 3);
+        assert!(crate::plan::plan_pools(&st, 30, &mut next).is_empty(), "failing: wait");
+        let later = 20 + crate::plan::POOL_FAILURE_WINDOW_MS;
+        assert_eq!(crate::plan::plan_pools(&st, later, &mut next).len(), 1, "the failures aged out");
+    }
+
     /// A batch larger than what its tenant may still hold is refused whole.
     #[test]
     fn a_batch_over_a_quota_is_refused_whole() {

@@ -7,6 +7,8 @@ import threading
 import time
 import uuid
 
+import grpc
+import harness
 import pytest
 
 from sandfleet import ExecResult, Sandfleet, SessionState, errors
@@ -154,3 +156,39 @@ def test_every_call_takes_a_timeout(sf: Sandfleet) -> None:
         with pytest.raises(errors.DeadlineExceeded):
             s.files.list(timeout=0.000001)
         assert sf.sessions.get(s.id, timeout=5).id == s.id
+
+
+def _create_pool(endpoint: str, name: str, buffer: int) -> None:
+    """A warm pool, made with the PoolService stub (the Python SDK claims from pools; pools are made by operators)."""
+    from sandfleet._proto import sandfleet_pb2 as pb
+
+    with grpc.insecure_channel(endpoint) as ch:
+        create = ch.unary_unary(
+            "/sandfleet.v1.PoolService/CreatePool",
+            request_serializer=pb.CreatePoolRequest.SerializeToString,
+            response_deserializer=pb.CreatePoolResponse.FromString,
+        )
+        spec = pb.SessionSpec(memory_bytes=64 << 20, cpu_millis=100, env={"FROM_POOL": name})
+        pool = pb.Pool(name=name, spec=spec, min=0, max=10, buffer_min=buffer, buffer_max=buffer)
+        create(pb.CreatePoolRequest(pool=pool), timeout=10)
+
+
+def test_a_claim_from_a_warm_pool_runs_at_once(sf: Sandfleet, dev: harness.Dev) -> None:
+    _create_pool(dev.endpoint, "pypool", 2)
+    deadline = time.monotonic() + 60
+    while True:
+        s = sf.sessions.create(pool="pypool", request_id=f"py-claim-{uuid.uuid4().hex}", wait=False)
+        if s.claimed:
+            break
+        # The pool was still filling: this one started cold, and says so.
+        assert "started cold" in s.message and not s.pool
+        s.delete()
+        assert time.monotonic() < deadline, "the pool never held an idle sandbox"
+        time.sleep(0.2)
+    with s:
+        assert s.state is SessionState.RUNNING and s.pool == "pypool"
+        assert s.exec("sh", "-c", "echo $FROM_POOL").stdout == "pypool\n"
+    with pytest.raises(errors.InvalidArgument):
+        sf.sessions.create(pool="pypool", memory="64Mi")
+    with pytest.raises(errors.NotFound):
+        sf.sessions.create(pool="no-such-pool")

@@ -373,6 +373,7 @@ class AsyncSessions:
         lost_after: _units.Duration | None = None,
         max_attempts: int | None = None,
         restart_backoff: _units.Duration | None = None,
+        pool: str | None = None,
         timeout: _units.Duration | None = None,
         wait_timeout: _units.Duration | None = None,
     ) -> _CreateCall:
@@ -401,7 +402,7 @@ class AsyncSessions:
         )
         chosen = request_id is None
         rid = c.new_request_id() if request_id is None else c.check_request_id(request_id)
-        req = pb.CreateSessionRequest(request_id=rid, spec=spec)
+        req = c.create_request(rid, spec, pool)
         client = self._client
         call_timeout = c.timeout_of(timeout, client.timeout)
 

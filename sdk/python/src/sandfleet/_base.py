@@ -50,6 +50,16 @@ class SessionFields:
         return self._existing
 
     @property
+    def pool(self) -> str:
+        """The warm pool this session was claimed from (``""`` for other sessions)."""
+        return self._info.pool
+
+    @property
+    def claimed(self) -> bool:
+        """True when this session is a warm-pool sandbox a client claimed (it ran before the claim)."""
+        return self._info.claimed_at_ms != 0
+
+    @property
     def state(self) -> SessionState:
         """The state when the SDK last read the session (see ``refresh()``)."""
         return SessionState.from_proto(self._info.state)

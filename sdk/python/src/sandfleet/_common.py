@@ -164,6 +164,15 @@ def new_request_id() -> str:
     return f"sdk-{uuid.uuid4()}"
 
 
+def create_request(request_id: str, spec: pb.SessionSpec, pool: str | None) -> pb.CreateSessionRequest:
+    """The CreateSession request: with ``pool``, a claim (the spec must be empty)."""
+    if pool is None:
+        return pb.CreateSessionRequest(request_id=request_id, spec=spec)
+    if spec != pb.SessionSpec():
+        raise InvalidArgument("invalid spec: give a spec or a pool, not both (a pool's sandboxes run the pool's spec)")
+    return pb.CreateSessionRequest(request_id=request_id, pool=pool)
+
+
 def build_spec(
     *,
     template: str | None,

@@ -347,6 +347,7 @@ class Sessions:
         lost_after: _units.Duration | None = None,
         max_attempts: int | None = None,
         restart_backoff: _units.Duration | None = None,
+        pool: str | None = None,
         timeout: _units.Duration | None = None,
         wait_timeout: _units.Duration | None = None,
     ) -> Session:
@@ -379,6 +380,10 @@ class Sessions:
             lost_after: Node silence after which the session is placed elsewhere.
             max_attempts: Placements allowed after losing a node before it fails (0: unlimited).
             restart_backoff: Delay before placing a lost session again.
+            pool: Claim an idle sandbox of this warm pool instead: RUNNING at
+                once (``session.claimed``), or started cold from the pool's spec
+                when the pool has none idle (``session.message`` says so). No
+                spec argument may be given with it.
             timeout: Deadline of the create call, retries included (default: the client's).
             wait_timeout: How long to wait for RUNNING (default 120 s).
 
@@ -412,7 +417,7 @@ class Sessions:
         )
         chosen = request_id is None
         rid = c.new_request_id() if request_id is None else c.check_request_id(request_id)
-        req = pb.CreateSessionRequest(request_id=rid, spec=spec)
+        req = c.create_request(rid, spec, pool)
         resp = client._create(req, c.timeout_of(timeout, client.timeout))
         session = Session(client, resp.session, existing=resp.existing)
         if wait:
