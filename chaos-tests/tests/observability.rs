@@ -246,6 +246,8 @@ async fn prometheus_sees_the_cluster_its_sessions_and_a_dead_node() {
         "sandfleet_agent_heartbeat_failures_total",
         "sandfleet_agent_sessions_fenced_total",
         "sandfleet_agent_workspace_transfer_failures_total",
+        // Series exist only while a pool does (tests/pools.rs reads them).
+        "sandfleet_pool_sandboxes",
     ];
     let required: Vec<String> = documented
         .iter()
