@@ -25,6 +25,12 @@ pub const MAX_POOL_SIZE: u32 = 10_000;
 /// The label every sandbox of a pool carries: `sandfleet.io/pool=<name>`.
 pub const POOL_LABEL: &str = "sandfleet.io/pool";
 
+/// The message of a session started cold because pool `name` had no idle
+/// sandbox; it also tells a retry of that create that it came from the pool.
+fn cold_message(name: &str) -> String {
+    format!("pool {name} had no idle sandbox: started cold")
+}
+
 fn not_found(name: &str) -> Status {
     Status::not_found(format!("pool {name:?} not found"))
 }
@@ -243,7 +249,8 @@ impl SessionApi {
             (st.pools.get(&key).cloned(), st.request_ids.get(&rkey).and_then(|id| st.sessions.get(id)).cloned())
         });
         let answer = |s: &crate::state::SessionRecord, existing: bool| -> Result<pb::CreateSessionResponse, Status> {
-            if s.pool != req.pool && !s.message.contains(&format!("pool {}", req.pool)) {
+            // Claimed from this pool, or started cold for it: the same request.
+            if s.pool != req.pool && s.message != cold_message(&req.pool) {
                 return Err(Status::already_exists(format!(
                     "request_id {:?} was already used to create session {}, not from pool {:?}; use a new request_id",
                     req.request_id, s.id, req.pool
@@ -278,7 +285,7 @@ impl SessionApi {
             CommandResponse::PoolEmpty => {
                 let mut spec = pool.spec.clone();
                 spec.labels.remove(POOL_LABEL);
-                let message = format!("pool {} had no idle sandbox: started cold", req.pool);
+                let message = cold_message(&req.pool);
                 tracing::info!(pool = %req.pool, "the pool is empty; starting cold");
                 self.create_spec(caller, &req.request_id, spec, message).await
             }
