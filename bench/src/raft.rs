@@ -231,6 +231,7 @@ pub(crate) async fn register_paper_node(addr: &str) -> Result<()> {
         labels: Default::default(),
         runtimes: vec!["process".into()],
         hold: None,
+        images: Vec::new(),
     });
     req.set_timeout(Duration::from_secs(10));
     api.register_node(req).await.context("registering the benchmark's node")?;

@@ -12,6 +12,7 @@
 //! - [`session`]: the other `session` subcommands, including `cp`.
 //! - [`batch`]: `session create --count N` and `batch get|list|wait|rm`.
 //! - [`pool`]: `pool create|get|list|update|delete` (warm pools; `session create --pool` claims).
+//! - [`template`]: `template create|get|list|update|delete` (cluster templates).
 //! - [`cluster`]: `node list` and `cluster ...`.
 //! - [`top`]: `top`, the live view of the cluster and its nodes.
 //! - [`progress`]: progress of long operations, on a terminal only.
@@ -30,6 +31,7 @@ pub mod pki;
 pub mod pool;
 pub mod progress;
 pub mod session;
+pub mod template;
 pub mod tenant;
 pub mod top;
 
@@ -125,6 +127,9 @@ pub enum Command {
     /// Manage warm pools (claimed by `session create --pool NAME`).
     #[command(subcommand)]
     Pool(pool::PoolCmd),
+    /// Manage cluster templates (named by --template; writes are admin calls).
+    #[command(subcommand)]
+    Template(template::TemplateCmd),
     /// Manage tenants and their quotas (admin).
     #[command(subcommand)]
     Tenant(tenant::TenantCmd),
@@ -591,6 +596,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<i32> {
         }
         Command::Batch(cmd) => batch::run(&ctx, cmd).await,
         Command::Pool(cmd) => pool::run(&ctx, cmd).await,
+        Command::Template(cmd) => template::run(&ctx, cmd).await,
         Command::Tenant(cmd) => tenant::run(&ctx, cmd).await,
         Command::Apikey(cmd) => apikey::run(&ctx, cmd).await,
         Command::Dev(_) | Command::Pki(_) => unreachable!("handled above"),

@@ -132,7 +132,7 @@ pub fn now_string() -> String {
     humantime::format_rfc3339_seconds(SystemTime::now()).to_string()
 }
 
-fn or_dash(s: &str) -> &str {
+pub fn or_dash(s: &str) -> &str {
     if s.is_empty() {
         "-"
     } else {

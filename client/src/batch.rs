@@ -98,7 +98,7 @@ impl CreateBatch {
                     ));
                 }
             }
-            let spec = sandfleet_common::spec::SessionSpec::from_proto(self.spec.clone(), &bounds)?;
+            let spec = sandfleet_common::spec::SessionSpec::precheck(&self.spec, &bounds)?;
             sandfleet_common::spec::check_batch(&spec, self.count, &self.patches, &bounds)?;
             Ok(())
         };

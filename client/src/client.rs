@@ -388,6 +388,12 @@ pub(crate) fn pool_client(ch: ControlChannel) -> crate::proto::pool_service_clie
         .max_encoding_message_size(MAX_GRPC_MESSAGE_BYTES)
 }
 
+pub(crate) fn template_client(ch: ControlChannel) -> crate::proto::template_service_client::TemplateServiceClient<Ctl> {
+    crate::proto::template_service_client::TemplateServiceClient::with_interceptor(ch.channel, ch.auth)
+        .max_decoding_message_size(MAX_GRPC_MESSAGE_BYTES)
+        .max_encoding_message_size(MAX_GRPC_MESSAGE_BYTES)
+}
+
 pub(crate) fn with_timeout<T>(msg: T, timeout: Duration) -> tonic::Request<T> {
     let mut req = tonic::Request::new(msg);
     req.set_timeout(timeout);

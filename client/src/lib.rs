@@ -30,6 +30,7 @@
 //! - [`files`]: upload, download, list and remove in a session's workspace.
 //! - [`tenant`]: tenants, quotas and API keys (admin calls).
 //! - [`pool`]: warm pools (create, get, list, update, delete); claims are `CreateSession::pool`.
+//! - [`template`]: cluster templates (create, get, list, update, delete).
 //! - [`retry`]: the backoff policy ([`Backoff`]).
 //! - [`error`]: the [`Error`] type and gRPC code names.
 //!
@@ -50,6 +51,7 @@ pub mod files;
 pub mod pool;
 pub mod retry;
 pub mod session;
+pub mod template;
 pub mod tenant;
 
 pub use sandfleet_proto::v1 as proto;

@@ -167,7 +167,7 @@ impl CreateSession {
                 }
                 return Ok(());
             }
-            sandfleet_common::spec::SessionSpec::from_proto(self.spec.clone(), &Default::default())?;
+            sandfleet_common::spec::SessionSpec::precheck(&self.spec, &Default::default())?;
             Ok(())
         };
         check().map_err(|e| crate::Error::Status(e.into()))

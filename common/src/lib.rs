@@ -13,6 +13,7 @@
 //! - [`ids`]: validation of session ids, node ids, templates, request ids, labels and env keys.
 //! - [`limits`]: defaults and hard limits (sizes, counts, durations).
 //! - [`spec`]: the one definition of a session spec: runtimes, templates, defaults, range checks.
+//! - [`template`]: cluster templates and what a session of one may set.
 //! - [`quantity`]: parsing `256Mi` / `0.5` / `500m` style resource quantities.
 //! - [`ready`]: the JSON ready line a process prints once it serves.
 //! - [`tls`]: mutual TLS for every connection: server/client configs, accept loop, dialer, reload.
@@ -44,6 +45,7 @@ pub mod ready;
 pub mod signal;
 pub mod spec;
 pub mod telemetry;
+pub mod template;
 pub mod time;
 pub mod tls;
 pub mod token;

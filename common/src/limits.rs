@@ -64,6 +64,12 @@ pub const MAX_ENV_VALUE_BYTES: usize = 32 * 1024;
 pub const MAX_LABELS: usize = 64;
 /// Longest reason of a node's hold (why its agent cordons or drains it), in bytes.
 pub const MAX_HOLD_REASON_BYTES: usize = 256;
+/// Longest OCI image reference a template or an agent may name, in bytes.
+pub const MAX_IMAGE_REF_BYTES: usize = 512;
+/// Most images one agent may advertise.
+pub const MAX_NODE_IMAGES: usize = 4096;
+/// Most cluster templates (besides the built-in ones).
+pub const MAX_TEMPLATES: usize = 1000;
 
 /// Most sessions in one batch (CreateSessions).
 pub const MAX_BATCH_REPLICAS: u32 = 10_000;

@@ -159,6 +159,24 @@ pub fn parse_template(s: &str) -> Result<Template, ValidationError> {
     s.parse()
 }
 
+/// An OCI image reference, checked and normalized as the Docker and
+/// containerd tools read it (`alpine` is `docker.io/library/alpine:latest`),
+/// so a template's image and the images nodes advertise compare as strings.
+pub fn normalize_image(field: &'static str, image: &str) -> Result<String, ValidationError> {
+    if image.len() > limits::MAX_IMAGE_REF_BYTES {
+        return Err(ValidationError::over(field, format!("{} bytes", limits::MAX_IMAGE_REF_BYTES), image.len()));
+    }
+    oci_spec::distribution::Reference::from_str(image).map(|r| r.whole()).map_err(|e| {
+        ValidationError::invalid(
+            field,
+            format!("{:?} is not an OCI image reference: {e}", image.chars().take(64).collect::<String>()),
+        )
+    })
+}
+
+/// The runtimes that run OCI images: a session whose template names an image runs only in these.
+pub const IMAGE_RUNTIMES: &[Runtime] = &[Runtime::Docker, Runtime::Cri];
+
 /// Parses a runtime name as a client gives it: empty means any runtime.
 pub fn parse_runtime(s: &str) -> Result<Option<Runtime>, ValidationError> {
     if s.is_empty() {
@@ -189,6 +207,9 @@ pub struct SandboxSpec {
     /// Inode quota. 0 in specs recorded before quotas existed.
     #[serde(default)]
     pub disk_inodes: u64,
+    /// The OCI image to run, normalized; empty: the runtime's image for `template`.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub image: String,
 }
 
 impl Default for SandboxSpec {
@@ -202,6 +223,7 @@ impl Default for SandboxSpec {
             env: BTreeMap::new(),
             disk_bytes: limits::DEFAULT_DISK_BYTES,
             disk_inodes: default_disk_inodes(limits::DEFAULT_DISK_BYTES),
+            image: String::new(),
         }
     }
 }
@@ -270,19 +292,24 @@ impl SandboxSpec {
         let env: BTreeMap<String, String> = env.into_iter().collect();
         ids::validate_env("env", &env)?;
         let (disk_bytes, disk_inodes) = resolve_disk(disk.0, disk.1)?;
-        Ok(Self { template, cpu_millis, memory_bytes, pids_limit, env, disk_bytes, disk_inodes })
+        Ok(Self { template, cpu_millis, memory_bytes, pids_limit, env, disk_bytes, disk_inodes, image: String::new() })
     }
 
-    /// The sandbox part of a wire spec, checked.
+    /// The sandbox part of a wire spec, checked: what an agent gets in an
+    /// assignment ([`SessionSpec::sandbox_proto`]), its image included.
     pub fn from_proto(spec: &pb::SessionSpec) -> Result<Self, ValidationError> {
-        Self::resolve(
+        let mut sandbox = Self::resolve(
             &spec.template,
             spec.cpu_millis,
             spec.memory_bytes,
             spec.pids_limit,
             spec.env.iter().map(|(k, v)| (k.clone(), v.clone())),
             (spec.disk_bytes, spec.disk_inodes),
-        )
+        )?;
+        if !spec.image.is_empty() {
+            sandbox.image = normalize_image("image", &spec.image)?;
+        }
+        Ok(sandbox)
     }
 }
 
@@ -299,8 +326,17 @@ pub struct ClusterBounds {
 /// field names, so fields are only ever added, with `#[serde(default)]`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SessionSpec {
-    /// The template.
+    /// The built-in template the sandbox starts from (for a session of a
+    /// cluster template, that template's base).
     pub template: Template,
+    /// The cluster template the session was created from ([`crate::template`]);
+    /// empty for a session of the built-in `template`.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub template_name: String,
+    /// The OCI image it runs, normalized, from its cluster template; empty:
+    /// the runtime's image for `template`.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub image: String,
     /// CPU limit in millicores.
     pub cpu_millis: u32,
     /// CPU reserved on the node for placement, in millicores; at most
@@ -354,9 +390,16 @@ impl Default for SessionSpec {
 }
 
 impl SessionSpec {
-    /// Checks a client's spec and fills in its defaults. Changes nothing; the
-    /// error names the field and the rule.
+    /// Checks a client's spec of a built-in template and fills in its
+    /// defaults. Changes nothing; the error names the field and the rule. (A
+    /// cluster template's spec comes from [`crate::template::TemplateRecord::apply`].)
     pub fn from_proto(spec: pb::SessionSpec, bounds: &ClusterBounds) -> Result<Self, ValidationError> {
+        if !spec.image.is_empty() {
+            return Err(ValidationError::invalid(
+                "image",
+                "is read only: a session runs the image of its template (create a template with the image and name it)",
+            ));
+        }
         let sandbox = SandboxSpec::from_proto(&spec)?;
         let runtime = parse_runtime(&spec.runtime)?;
         if let Some(r) = runtime {
@@ -406,9 +449,12 @@ impl SessionSpec {
             in_range("restart_policy.max_attempts", policy.max_attempts, 0, limits::MAX_RESTART_ATTEMPTS, "attempts")?;
         let backoff_ms =
             in_range("restart_policy.backoff_ms", policy.backoff_ms, 0, limits::MAX_RESTART_BACKOFF_MS, "ms")?;
-        let SandboxSpec { template, cpu_millis, memory_bytes, pids_limit, env, disk_bytes, disk_inodes } = sandbox;
+        let SandboxSpec { template, cpu_millis, memory_bytes, pids_limit, env, disk_bytes, disk_inodes, image: _ } =
+            sandbox;
         Ok(Self {
             template,
+            template_name: String::new(),
+            image: String::new(),
             cpu_millis,
             cpu_request_millis,
             memory_bytes,
@@ -427,11 +473,47 @@ impl SessionSpec {
         })
     }
 
-    /// The spec for the wire, every default shown.
+    /// The checks a client runs before it sends a create, without the
+    /// cluster's templates: the spec of a built-in template is checked whole;
+    /// for a cluster template's name, the name's syntax and every value the
+    /// spec sets (the server then applies the template and its allowed
+    /// overrides). Returns the spec as checked.
+    pub fn precheck(spec: &pb::SessionSpec, bounds: &ClusterBounds) -> Result<Self, ValidationError> {
+        let mut spec = spec.clone();
+        if !spec.template.is_empty() && !Template::ALL.iter().any(|t| t.as_str() == spec.template) {
+            ids::validate_template(&spec.template)?;
+            spec.template = String::new();
+        }
+        Self::from_proto(spec, bounds)
+    }
+
+    /// The spec for the wire, every default shown, named by the template the
+    /// session was created from.
     pub fn to_proto(&self) -> pb::SessionSpec {
+        pb::SessionSpec { template: self.template_shown().to_string(), image: self.image.clone(), ..self.base_proto() }
+    }
+
+    /// The name of the template the session was created from.
+    pub fn template_shown(&self) -> &str {
+        if self.template_name.is_empty() {
+            self.template.as_str()
+        } else {
+            &self.template_name
+        }
+    }
+
+    /// The spec as an agent runs it: the built-in template it starts from and its image.
+    pub fn sandbox_proto(&self) -> pb::SessionSpec {
+        pb::SessionSpec { image: self.image.clone(), ..self.base_proto() }
+    }
+
+    /// The spec of its built-in template, without an image: what
+    /// [`SessionSpec::from_proto`] takes back unchanged but for the two.
+    pub fn base_proto(&self) -> pb::SessionSpec {
         let policy = self.lost_after_ms != 0 || self.max_attempts != 0 || self.backoff_ms != 0;
         pb::SessionSpec {
             template: self.template.to_string(),
+            image: String::new(),
             cpu_millis: self.cpu_millis,
             cpu_request_millis: self.cpu_reserved_millis(),
             memory_bytes: self.memory_bytes,
@@ -471,6 +553,7 @@ impl SessionSpec {
             env: self.env.clone(),
             disk_bytes: self.disk().0,
             disk_inodes: self.disk().1,
+            image: self.image.clone(),
         }
     }
 
@@ -483,12 +566,14 @@ impl SessionSpec {
         }
     }
 
-    /// The runtimes the session may run in: the one it names, or any offering its template.
+    /// The runtimes the session may run in: the one it names, or any offering
+    /// its template (only container runtimes for an image).
     pub fn runtimes(&self) -> &'static [Runtime] {
         match self.runtime {
             Some(Runtime::Process) => &[Runtime::Process],
             Some(Runtime::Docker) => &[Runtime::Docker],
             Some(Runtime::Cri) => &[Runtime::Cri],
+            None if !self.image.is_empty() => IMAGE_RUNTIMES,
             None => self.template.runtimes(),
         }
     }
@@ -503,6 +588,8 @@ impl SessionSpec {
         }
         cmp!(
             template => "template",
+            template_name => "template",
+            image => "image",
             cpu_millis => "cpu_millis",
             cpu_request_millis => "cpu_request_millis",
             memory_bytes => "memory_bytes",
@@ -519,6 +606,7 @@ impl SessionSpec {
             disk_bytes => "disk_bytes",
             disk_inodes => "disk_inodes",
         );
+        out.dedup();
         out
     }
 
@@ -630,14 +718,14 @@ pub fn check_batch(
     }
     // A placeholder id of the real one's length: the batch label is checked with the rest.
     let placeholder = "00000000-0000-0000-0000-000000000000";
-    SessionSpec::from_proto(spec.patched(None, placeholder).to_proto(), bounds)?;
+    SessionSpec::from_proto(spec.patched(None, placeholder).base_proto(), bounds)?;
     for (index, patch) in patches.iter().enumerate() {
         let in_patch = |e: ValidationError| ValidationError::InPatch { index, source: Box::new(e) };
         check_reserved_labels("labels", patch.labels.keys()).map_err(in_patch)?;
         // The replica's spec must pass every check a spec passes, and mean the
         // same after the round trip (nothing the patch set was dropped).
         let replica = spec.patched(Some(patch), placeholder);
-        let checked = SessionSpec::from_proto(replica.to_proto(), bounds).map_err(in_patch)?;
+        let checked = SessionSpec::from_proto(replica.base_proto(), bounds).map_err(in_patch)?;
         debug_assert_eq!(checked.env, replica.env);
     }
     Ok(patches)

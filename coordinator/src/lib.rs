@@ -428,6 +428,8 @@ pub async fn serve(config: CoordinatorConfig, shutdown: CancellationToken) -> Re
         pb::agent_service_server::SERVICE_NAME,
         pb::node_service_server::SERVICE_NAME,
         pb::cluster_service_server::SERVICE_NAME,
+        pb::pool_service_server::SERVICE_NAME,
+        pb::template_service_server::SERVICE_NAME,
         pb::tenant_service_server::SERVICE_NAME,
         pb::api_key_service_server::SERVICE_NAME,
         pb::raft_service_server::SERVICE_NAME,
@@ -472,6 +474,10 @@ pub async fn serve(config: CoordinatorConfig, shutdown: CancellationToken) -> Re
             auth.clone(),
         )))
         .add_service(pb::pool_service_server::PoolServiceServer::new(service::pool::PoolApi::new(
+            core.clone(),
+            auth.clone(),
+        )))
+        .add_service(pb::template_service_server::TemplateServiceServer::new(service::template::TemplateApi::new(
             core.clone(),
             auth.clone(),
         )))

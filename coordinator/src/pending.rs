@@ -34,6 +34,9 @@ pub enum PendingReason {
     NoRuntime { runtimes: String },
     /// Of the `nodes` offering one of `runtimes`, none carries `labels` ("k=v,...").
     NoLabels { nodes: usize, runtimes: String, labels: String },
+    /// Of the `nodes` offering one of `runtimes` (with the labels asked),
+    /// none advertises `image`, the session's template's.
+    NoImage { nodes: usize, runtimes: String, image: String },
     /// No eligible node could hold the session even when empty.
     NeverFits { cpu_millis: u64, memory_bytes: u64, largest_cpu_millis: u64, largest_memory_bytes: u64 },
     /// No eligible node has room now; counts per cause, like the Kubernetes scheduler's.
@@ -92,6 +95,11 @@ impl fmt::Display for PendingReason {
             PendingReason::NoLabels { nodes, runtimes, labels } => {
                 write!(f, "none of the {nodes} nodes with the {runtimes} runtime carries the labels {labels}")
             }
+            PendingReason::NoImage { nodes, runtimes, image } => write!(
+                f,
+                "none of the {nodes} nodes with the {runtimes} runtime has image {image} (nodes never pull: load it \
+                 into a node's engine, and its agent advertises it within seconds)"
+            ),
             PendingReason::NeverFits { cpu_millis, memory_bytes, largest_cpu_millis, largest_memory_bytes } => write!(
                 f,
                 "no node can ever fit {cpu_millis} mCPU and {memory_bytes} bytes of memory; the largest eligible node \

@@ -332,6 +332,7 @@ mod tests {
 
         fn node_with(&mut self, id: &str, at: i64, labels: std::collections::BTreeMap<String, String>) {
             let node = NodeRecord {
+                images: Default::default(),
                 id: id.into(),
                 address: format!("{id}:1"),
                 capacity: Resources { cpu_millis: 1000, memory_bytes: 1 << 30, slots: 10 },

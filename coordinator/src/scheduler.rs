@@ -122,7 +122,7 @@ impl<'a> Placer<'a> {
     pub fn place(&mut self, spec: &SpecRecord) -> Result<String, Unplaceable> {
         let runtime = spec.runtimes();
         let need = Resources::of(spec);
-        let shape = (runtime, selector_hash(&spec.node_selector), need);
+        let shape = (runtime, selector_hash(&spec.node_selector, &spec.image), need);
         // Capacity only shrinks within a round, so a shape that fit nowhere still fits nowhere.
         if let Some(why) = self.failed.get(&shape) {
             return Err(why.clone());
@@ -134,7 +134,7 @@ impl<'a> Placer<'a> {
         let mut feasible = 0;
         for k in 0..n {
             let node = self.ready[(start + k) % n];
-            if !node_matches(node, runtime, &spec.node_selector) {
+            if !node_matches(node, runtime, &spec.node_selector, &spec.image) {
                 continue;
             }
             let used = self.used(&node.id);
@@ -166,7 +166,7 @@ impl<'a> Placer<'a> {
                 Ok(node.id.clone())
             }
             None => {
-                let why = self.explain(runtime, &spec.node_selector, &need);
+                let why = self.explain(runtime, &spec.node_selector, &spec.image, &need);
                 self.failed.insert(shape, why.clone());
                 Err(why)
             }
@@ -174,19 +174,28 @@ impl<'a> Placer<'a> {
     }
 
     /// Why no node fits: a count of nodes per reason, like the Kubernetes scheduler's.
-    fn explain(&self, runtime: &[Runtime], selector: &BTreeMap<String, String>, need: &Resources) -> Unplaceable {
+    fn explain(
+        &self,
+        runtime: &[Runtime],
+        selector: &BTreeMap<String, String>,
+        image: &str,
+        need: &Resources,
+    ) -> Unplaceable {
         let runtimes = runtime.iter().map(|r| r.as_str()).collect::<Vec<_>>().join(" or ");
         let nodes = &self.state.nodes;
         if nodes.is_empty() {
             return Unplaceable::Wait(PendingReason::NoNodes);
         }
-        let eligible: Vec<&NodeRecord> = nodes.values().filter(|n| node_matches(n, runtime, selector)).collect();
+        let eligible: Vec<&NodeRecord> = nodes.values().filter(|n| node_matches(n, runtime, selector, image)).collect();
         if eligible.is_empty() {
             let with_runtime = nodes.values().filter(|n| n.runtimes.iter().any(|r| runtime.contains(r))).count();
+            let with_labels = nodes.values().filter(|n| node_matches(n, runtime, selector, "")).count();
             return Unplaceable::Wait(if with_runtime == 0 {
                 PendingReason::NoRuntime { runtimes }
-            } else {
+            } else if with_labels == 0 {
                 PendingReason::NoLabels { nodes: with_runtime, runtimes, labels: show_labels(selector) }
+            } else {
+                PendingReason::NoImage { nodes: with_labels, runtimes, image: image.to_string() }
             });
         }
         let empty = Resources::default();
@@ -220,18 +229,24 @@ impl<'a> Placer<'a> {
     }
 }
 
-fn selector_hash(selector: &BTreeMap<String, String>) -> u64 {
+/// What besides runtime and resources sets where a session may go: its node selector and image.
+fn selector_hash(selector: &BTreeMap<String, String>, image: &str) -> u64 {
     use std::hash::{Hash, Hasher};
-    if selector.is_empty() {
+    if selector.is_empty() && image.is_empty() {
         return 0;
     }
     let mut h = std::collections::hash_map::DefaultHasher::new();
     selector.hash(&mut h);
+    image.hash(&mut h);
     h.finish()
 }
 
-fn node_matches(node: &NodeRecord, runtimes: &[Runtime], selector: &BTreeMap<String, String>) -> bool {
-    node.runtimes.iter().any(|r| runtimes.contains(r)) && selector.iter().all(|(k, v)| node.labels.get(k) == Some(v))
+/// Whether `node` offers one of `runtimes`, carries every label of
+/// `selector`, and holds `image` (when one is asked).
+fn node_matches(node: &NodeRecord, runtimes: &[Runtime], selector: &BTreeMap<String, String>, image: &str) -> bool {
+    node.runtimes.iter().any(|r| runtimes.contains(r))
+        && selector.iter().all(|(k, v)| node.labels.get(k) == Some(v))
+        && (image.is_empty() || node.images.contains(image))
 }
 
 fn show_labels(labels: &BTreeMap<String, String>) -> String {
@@ -246,6 +261,7 @@ mod tests {
 
     fn node(id: &str, cpu: u64, slots: u64) -> NodeRecord {
         NodeRecord {
+            images: Default::default(),
             id: id.into(),
             address: "x".into(),
             capacity: Resources { cpu_millis: cpu, memory_bytes: 1 << 30, slots },
@@ -317,6 +333,39 @@ mod tests {
         let mut p = Placer::new(&st, ALL);
         let got: Vec<String> = (0..4).map(|_| p.place(&spec(1000)).unwrap()).collect();
         assert_eq!(got.iter().filter(|n| *n == "a").count(), 2, "spread alternates: {got:?}");
+    }
+
+    #[test]
+    fn a_session_with_an_image_goes_only_where_the_image_is() {
+        let mut st = ClusterState::default();
+        let mut t = Touched::default();
+        let mut docker = node("docker", 4000, 10);
+        docker.runtimes = vec![Runtime::Docker];
+        let mut with_image = docker.clone();
+        with_image.id = "with-image".into();
+        with_image.images.insert("docker.io/team/ml:1".into());
+        let mut process = node("process", 4000, 10);
+        process.images.insert("docker.io/team/ml:1".into());
+        for n in [docker, with_image, process] {
+            st.apply(Command::RegisterNode { node: n }, &mut t);
+        }
+        let mut s = spec(100);
+        s.image = "docker.io/team/ml:1".into();
+        for _ in 0..10 {
+            // Not the process node, though it (wrongly) lists the image: it runs no images.
+            assert_eq!(place(&st, &s, ALL, &HashMap::new()).unwrap(), "with-image");
+        }
+        s.image = "docker.io/team/other:2".into();
+        let why = place(&st, &s, ALL, &HashMap::new()).unwrap_err();
+        assert!(
+            matches!(&why, Unplaceable::Wait(r) if r.to_string().contains("none of the 2 nodes with the docker or cri runtime has image docker.io/team/other:2")),
+            "{why:?}"
+        );
+        // The shape cache tells images apart within one round.
+        let mut p = Placer::new(&st, ALL);
+        assert!(p.place(&s).is_err());
+        s.image = "docker.io/team/ml:1".into();
+        assert_eq!(p.place(&s).unwrap(), "with-image");
     }
 
     #[test]

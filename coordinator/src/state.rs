@@ -19,6 +19,7 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use sandfleet_common::auth::{ApiKey, Caller, Principal, Role, DEFAULT_TENANT};
+use sandfleet_common::template::TemplateRecord;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
@@ -391,6 +392,10 @@ pub struct NodeRecord {
     pub capacity: Resources,
     pub labels: BTreeMap<String, String>,
     pub runtimes: Vec<sandfleet_common::spec::Runtime>,
+    /// The OCI images its agent advertised, normalized: where sessions of
+    /// templates with an image may run.
+    #[serde(default, skip_serializing_if = "BTreeSet::is_empty")]
+    pub images: BTreeSet<String>,
     pub phase: NodePhase,
     pub registered_at_ms: i64,
     /// Set while the node drains: the drain in effect, from `operator_hold`
@@ -664,6 +669,15 @@ pub enum Command {
         #[serde(default)]
         key_id: Option<String>,
     },
+    /// An admin creates a cluster template; refused when the name is taken
+    /// or the cluster holds [`sandfleet_common::limits::MAX_TEMPLATES`].
+    CreateTemplate { template: TemplateRecord },
+    /// Replaces a template (its creation time kept); sessions and pools
+    /// made from it keep their spec.
+    UpdateTemplate { template: TemplateRecord },
+    /// Deletes a template; refused while live sessions or pools use it
+    /// unless `force`.
+    DeleteTemplate { name: String, force: bool },
     /// Concurrent proposals group-committed as one Raft entry (see
     /// `commit.rs`): applied one after another, exactly as if each had been
     /// its own entry, with one response each. Never nested.
@@ -721,6 +735,8 @@ pub enum CommandResponse {
     Pool(PoolRecord),
     /// A claim found no idle RUNNING sandbox in the pool; nothing changed.
     PoolEmpty,
+    /// A template after the change.
+    Template(TemplateRecord),
 }
 
 /// The whole replicated state.
@@ -755,6 +771,9 @@ pub struct ClusterState {
     /// Warm pools by [`pool_key`].
     #[serde(default)]
     pub pools: BTreeMap<String, PoolRecord>,
+    /// Cluster templates by name (the built-in ones are not stored).
+    #[serde(default)]
+    pub templates: BTreeMap<String, TemplateRecord>,
     /// Per pool key: its live sessions (idle and claimed).
     #[serde(skip)]
     pub pool_live: HashMap<String, BTreeSet<String>>,
@@ -819,6 +838,8 @@ pub struct Touched {
     pub batches: Vec<String>,
     /// Pool keys written (or, when gone from the state, deleted).
     pub pools: Vec<String>,
+    /// Template names written (or, when gone from the state, deleted).
+    pub templates: Vec<String>,
 }
 
 impl ClusterState {
@@ -1064,6 +1085,19 @@ impl ClusterState {
             tenant: rec.tenant.clone(),
             role: rec.role,
         })
+    }
+
+    /// What uses template `name`: its live sessions, and the pools (by key) whose spec it made.
+    pub fn template_users(&self, name: &str) -> (u32, Vec<String>) {
+        let live = self
+            .sessions
+            .values()
+            .filter(|s| !s.phase.is_terminal() && s.spec.template_name == name)
+            .count()
+            .try_into()
+            .unwrap_or(u32::MAX);
+        let pools = self.pools.iter().filter(|(_, p)| p.spec.template_name == name).map(|(k, _)| k.clone()).collect();
+        (live, pools)
     }
 
     /// Counts a pool's sandboxes by state.
@@ -1427,6 +1461,48 @@ impl ClusterState {
                     .collect();
                 let message = format!("pool {name} deleted");
                 self.apply_inner(Command::TerminateSessions { ids: idle, message, now_ms, tenant: None }, touched);
+                CommandResponse::Ok
+            }
+            Command::CreateTemplate { template } => {
+                if sandfleet_common::template::is_builtin(&template.name) || self.templates.contains_key(&template.name)
+                {
+                    return CommandResponse::AlreadyExists(format!("template {:?} already exists", template.name));
+                }
+                if self.templates.len() >= sandfleet_common::limits::MAX_TEMPLATES {
+                    return CommandResponse::QuotaExceeded(format!(
+                        "the cluster holds its most templates ({})",
+                        sandfleet_common::limits::MAX_TEMPLATES
+                    ));
+                }
+                touched.templates.push(template.name.clone());
+                self.templates.insert(template.name.clone(), template.clone());
+                CommandResponse::Template(template)
+            }
+            Command::UpdateTemplate { mut template } => {
+                let Some(old) = self.templates.get(&template.name) else {
+                    return CommandResponse::Missing(format!("template {:?} not found", template.name));
+                };
+                template.created_at_ms = old.created_at_ms;
+                touched.templates.push(template.name.clone());
+                self.templates.insert(template.name.clone(), template.clone());
+                CommandResponse::Template(template)
+            }
+            Command::DeleteTemplate { name, force } => {
+                if !self.templates.contains_key(&name) {
+                    return CommandResponse::Missing(format!("template {name:?} not found"));
+                }
+                if !force {
+                    let (live, pools) = self.template_users(&name);
+                    if live > 0 || !pools.is_empty() {
+                        return CommandResponse::Rejected(format!(
+                            "template {name} is in use by {live} live sessions and {} pools{}; end them first, or delete with force (they keep their spec)",
+                            pools.len(),
+                            if pools.is_empty() { String::new() } else { format!(" ({})", pools.join(", ")) }
+                        ));
+                    }
+                }
+                self.templates.remove(&name);
+                touched.templates.push(name);
                 CommandResponse::Ok
             }
             Command::FillPool { tenant, name, ids, now_ms } => {
@@ -1874,6 +1950,7 @@ mod tests {
 
     fn node(id: &str, cpu: u64) -> NodeRecord {
         NodeRecord {
+            images: Default::default(),
             id: id.into(),
             address: "a".into(),
             capacity: Resources { cpu_millis: cpu, memory_bytes: 1 << 30, slots: 10 },
@@ -2897,5 +2974,74 @@ mod tests {
         assert_eq!(back.digest(), digest, "a state without tenants keeps its digest");
         assert_eq!(back.usage_of(DEFAULT_TENANT).slots, 1);
         assert!(back.request_ids.contains_key("r1"), "default-tenant request ids keep their old keys");
+    }
+
+    fn template(name: &str) -> TemplateRecord {
+        let wire = sandfleet_proto::v1::Template { name: name.into(), ..Default::default() };
+        TemplateRecord::from_proto(wire, &Default::default(), 1).unwrap()
+    }
+
+    #[test]
+    fn a_template_in_use_is_deleted_only_with_force() {
+        let mut st = ClusterState::default();
+        let mut t = Touched::default();
+        let ml = template("ml");
+        assert_eq!(
+            st.apply(Command::CreateTemplate { template: ml.clone() }, &mut t),
+            CommandResponse::Template(ml.clone())
+        );
+        assert_eq!(t.templates, ["ml"]);
+        assert!(matches!(
+            st.apply(Command::CreateTemplate { template: ml.clone() }, &mut t),
+            CommandResponse::AlreadyExists(_)
+        ));
+        assert!(matches!(
+            st.apply(Command::CreateTemplate { template: template("python") }, &mut t),
+            CommandResponse::AlreadyExists(_)
+        ));
+        // An update keeps the creation time.
+        let mut changed = template("ml");
+        changed.created_at_ms = 99;
+        changed.spec.memory_bytes = 1 << 30;
+        match st.apply(Command::UpdateTemplate { template: changed }, &mut t) {
+            CommandResponse::Template(u) => assert_eq!((u.created_at_ms, u.spec.memory_bytes), (1, 1 << 30)),
+            other => panic!("{other:?}"),
+        }
+        assert!(matches!(
+            st.apply(Command::UpdateTemplate { template: template("nope") }, &mut t),
+            CommandResponse::Missing(_)
+        ));
+        // A live session of it holds the template; a pool too.
+        let mut a = session("a", "r1", None, 100);
+        a.spec = ml.apply(Default::default(), &Default::default()).unwrap();
+        st.apply(Command::CreateSession { session: a, key_id: None }, &mut t);
+        assert_eq!(st.template_users("ml"), (1, vec![]));
+        let del = |force| Command::DeleteTemplate { name: "ml".into(), force };
+        match st.apply(del(false), &mut t) {
+            CommandResponse::Rejected(why) => assert!(why.contains("in use by 1 live sessions"), "{why}"),
+            other => panic!("{other:?}"),
+        }
+        st.apply(
+            Command::TerminateSessions { ids: vec!["a".into()], message: "x".into(), now_ms: 5, tenant: None },
+            &mut t,
+        );
+        let mut pool = pool_record(4, (0, 0));
+        pool.spec = ml.apply(Default::default(), &Default::default()).unwrap();
+        st.apply(Command::CreatePool { pool }, &mut t);
+        match st.apply(del(false), &mut t) {
+            CommandResponse::Rejected(why) => {
+                assert!(why.contains("0 live sessions and 1 pools (default/py)"), "{why}")
+            }
+            other => panic!("{other:?}"),
+        }
+        // Forced: gone, and the pool keeps its spec.
+        assert_eq!(st.apply(del(true), &mut t), CommandResponse::Ok);
+        assert!(st.templates.is_empty());
+        assert_eq!(st.pools["default/py"].spec.template_name, "ml");
+        assert!(matches!(st.apply(del(true), &mut t), CommandResponse::Missing(_)));
+        // Templates survive a snapshot.
+        st.apply(Command::CreateTemplate { template: template("again") }, &mut t);
+        let back: ClusterState = serde_json::from_slice(&serde_json::to_vec(&st).unwrap()).unwrap();
+        assert_eq!(back.templates, st.templates);
     }
 }

@@ -121,6 +121,9 @@ pub struct AgentState {
     registrations: tokio::sync::watch::Sender<u64>,
 }
 
+/// How often the agent reads its runtime's images, to advertise a change.
+const IMAGES_REFRESH: Duration = Duration::from_secs(5);
+
 /// Longest a stopping session's final workspace sync may hold up its stop.
 const FINAL_SYNC_TIMEOUT: Duration = Duration::from_secs(30);
 /// Longest the final sync of a session fenced off a cut-off node may take:
@@ -630,8 +633,42 @@ impl Control {
         self.current = (self.current + 1) % self.clients.len();
     }
 
+    /// Reads the images the runtime holds into the registration, normalized
+    /// and sorted (a name that is not a valid reference is left out); true
+    /// when they changed. On an error the last set stays.
+    async fn refresh_images(&mut self) -> bool {
+        let listed = match self.state.runtime.images().await {
+            Ok(l) => l,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot list the runtime's images; advertising the last set");
+                return false;
+            }
+        };
+        let mut images: Vec<String> = listed
+            .iter()
+            .filter_map(|i| sandfleet_common::spec::normalize_image("images", i).ok())
+            .collect::<std::collections::BTreeSet<_>>()
+            .into_iter()
+            .collect();
+        if images.len() > sandfleet_common::limits::MAX_NODE_IMAGES {
+            tracing::warn!(
+                images = images.len(),
+                advertised = sandfleet_common::limits::MAX_NODE_IMAGES,
+                "the runtime holds more images than an agent may advertise; advertising the first by name"
+            );
+            images.truncate(sandfleet_common::limits::MAX_NODE_IMAGES);
+        }
+        if images == self.config.register.images {
+            return false;
+        }
+        tracing::info!(images = images.len(), "the runtime's images changed");
+        self.config.register.images = images;
+        true
+    }
+
     /// Registers, retrying across coordinators until it works or `shutdown` fires.
     pub async fn register(&mut self, shutdown: &CancellationToken) -> Option<Duration> {
+        self.refresh_images().await;
         let mut attempt = 0;
         loop {
             let mut register = self.config.register.clone();
@@ -707,6 +744,7 @@ impl Control {
         };
         let mut failures = 0u32;
         let mut usage_rate = crate::runtime::usage::UsageRate::default();
+        let mut images_read = std::time::Instant::now();
         loop {
             tokio::select! {
                 _ = shutdown.cancelled() => break,
@@ -716,6 +754,15 @@ impl Control {
             // After a freeze (SIGSTOP, a stalled VM) the fence check comes first: a
             // heartbeat must not revive copies the cluster has already replaced.
             self.state.fence_if_cut_off().await;
+            // Images loaded or removed since: register again with the new set.
+            if images_read.elapsed() >= IMAGES_REFRESH {
+                images_read = std::time::Instant::now();
+                if self.refresh_images().await {
+                    if let Some(i) = self.register(&shutdown).await {
+                        interval = i;
+                    }
+                }
+            }
             let reports = std::mem::take(&mut *self.state.reports.lock());
             let activity = self.state.take_activity();
             let mut req = tonic::Request::new(pb::HeartbeatRequest {

@@ -478,6 +478,8 @@ pub async fn serve(config: AgentConfig, shutdown: CancellationToken) -> Result<A
         labels,
         runtimes: vec![config.runtime.as_str().to_string()],
         hold: None,
+        // Read from the runtime at each registration (`Control::register`).
+        images: Vec::new(),
     };
     let mut control = Control::new(
         state.clone(),

@@ -123,6 +123,8 @@ pub struct ClusterBuilder {
     coordinators: usize,
     agents: usize,
     agent_args: Vec<String>,
+    /// Extra arguments of single agents, by index, after `agent_args`.
+    agent_args_of: std::collections::BTreeMap<usize, Vec<String>>,
     coordinator_args: Vec<String>,
     env: Vec<(String, String)>,
     ready_timeout: Duration,
@@ -152,6 +154,7 @@ impl ClusterBuilder {
             coordinators: 1,
             agents: 1,
             agent_args: Vec::new(),
+            agent_args_of: Default::default(),
             coordinator_args: Vec::new(),
             env: Vec::new(),
             ready_timeout: DEFAULT_READY_TIMEOUT,
@@ -237,6 +240,17 @@ impl ClusterBuilder {
         S: Into<String>,
     {
         self.agent_args.extend(args.into_iter().map(Into::into));
+        self
+    }
+
+    /// Extra arguments for agent `i` only (after those of every agent; a
+    /// repeated option's last value wins), e.g. another runtime.
+    pub fn agent_args_of<I, S>(mut self, i: usize, args: I) -> Self
+    where
+        I: IntoIterator<Item = S>,
+        S: Into<String>,
+    {
+        self.agent_args_of.entry(i).or_default().extend(args.into_iter().map(Into::into));
         self
     }
 
@@ -506,6 +520,7 @@ impl ClusterBuilder {
                 // bridge's gateway in namespaces, else loopback): for servers a test runs.
                 let host = cluster.host_ip().to_string();
                 args.extend(self.agent_args.iter().map(|a| a.replace("{host}", &host)));
+                args.extend(self.agent_args_of.get(&i).into_iter().flatten().map(|a| a.replace("{host}", &host)));
                 let mut p = Proc::new(Role::Agent, id, agent_bin.clone(), args, data_dir, &dir, cluster.env.clone());
                 p.netns = netns;
                 let started = p.launch(self.ready_timeout).await;

@@ -118,6 +118,7 @@ mod tests {
 
     fn node() -> NodeRecord {
         NodeRecord {
+            images: Default::default(),
             id: "n1".into(),
             address: "127.0.0.1:1".into(),
             capacity: Resources { cpu_millis: 2000, memory_bytes: 1 << 30, slots: 10 },

@@ -8,7 +8,7 @@
 //! | `sm_sessions` | session id | JSON [`SessionRecord`] |
 //! | `sm_nodes` | node id | JSON [`NodeRecord`] |
 //! | `sm_request_ids` | request id | session id |
-//! | `sm_objects` | `batch/<id>`, `pool/<tenant>/<name>` | JSON [`BatchRecord`](crate::state::BatchRecord), [`PoolRecord`](crate::state::PoolRecord) |
+//! | `sm_objects` | `batch/<id>`, `pool/<tenant>/<name>`, `template/<name>` | JSON [`BatchRecord`](crate::state::BatchRecord), [`PoolRecord`](crate::state::PoolRecord), [`TemplateRecord`](sandfleet_common::template::TemplateRecord) |
 //! | `sm_meta` | `last_applied`, `membership`, `signing_seed`, `scheduler_paused`, `tenants`, `api_keys`, `sessions_created` | JSON |
 //! | `snapshot` | `current` | JSON [`StoredSnapshot`] |
 //!
@@ -58,6 +58,8 @@ const ALL_CFS: [&str; 8] =
 const BATCH_PREFIX: &str = "batch/";
 /// The key prefix of pools in `sm_objects` (then the pool key, `<tenant>/<name>`).
 const POOL_PREFIX: &str = "pool/";
+/// The key prefix of cluster templates in `sm_objects` (then the name).
+const TEMPLATE_PREFIX: &str = "template/";
 
 /// Opens (or creates) the database with every column family.
 pub fn open_db(path: &Path) -> Result<Arc<DB>, rocksdb::Error> {
@@ -357,20 +359,9 @@ impl StateMachineStore {
                 .request_ids
                 .insert(String::from_utf8_lossy(&k).into_owned(), String::from_utf8_lossy(&v).into_owned());
         }
-        for item in db.prefix_iterator_cf(cf(&db, CF_OBJECTS), BATCH_PREFIX.as_bytes()) {
-            let (k, v) = item.map_err(read_err)?;
-            let Some(id) = k.strip_prefix(BATCH_PREFIX.as_bytes()) else { break };
-            state
-                .batches
-                .insert(String::from_utf8_lossy(id).into_owned(), serde_json::from_slice(&v).map_err(read_err)?);
-        }
-        for item in db.prefix_iterator_cf(cf(&db, CF_OBJECTS), POOL_PREFIX.as_bytes()) {
-            let (k, v) = item.map_err(read_err)?;
-            let Some(key) = k.strip_prefix(POOL_PREFIX.as_bytes()) else { break };
-            state
-                .pools
-                .insert(String::from_utf8_lossy(key).into_owned(), serde_json::from_slice(&v).map_err(read_err)?);
-        }
+        load_objects(&db, BATCH_PREFIX, &mut state.batches)?;
+        load_objects(&db, POOL_PREFIX, &mut state.pools)?;
+        load_objects(&db, TEMPLATE_PREFIX, &mut state.templates)?;
         state.signing_seed = get_json(&db, CF_SM_META, b"signing_seed")?.unwrap_or_default();
         state.scheduler_paused = get_json(&db, CF_SM_META, b"scheduler_paused")?.unwrap_or_default();
         state.tenants = get_json(&db, CF_SM_META, b"tenants")?.unwrap_or_default();
@@ -433,13 +424,8 @@ impl StateMachineStore {
                 );
             }
         }
-        for key in &touched.pools {
-            let k = format!("{POOL_PREFIX}{key}");
-            match state.pools.get(key) {
-                Some(pool) => b.put_cf(cf(db, CF_OBJECTS), k, serde_json::to_vec(pool).map_err(write_err)?),
-                None => b.delete_cf(cf(db, CF_OBJECTS), k),
-            }
-        }
+        put_objects(db, &mut b, POOL_PREFIX, &state.pools, &touched.pools)?;
+        put_objects(db, &mut b, TEMPLATE_PREFIX, &state.templates, &touched.templates)?;
         self.put_meta(&mut b, state, touched.meta)?;
         if touched.auth && !touched.meta {
             self.put_auth(&mut b, state)?;
@@ -502,6 +488,9 @@ impl StateMachineStore {
         for (key, pool) in &state.pools {
             b.put_cf(cf(db, CF_OBJECTS), format!("{POOL_PREFIX}{key}"), serde_json::to_vec(pool).map_err(write_err)?);
         }
+        for (name, t) in &state.templates {
+            b.put_cf(cf(db, CF_OBJECTS), format!("{TEMPLATE_PREFIX}{name}"), serde_json::to_vec(t).map_err(write_err)?);
+        }
         self.put_meta(&mut b, state, true)?;
         db.write_opt(b, &sync_opts()).map_err(|e| io_err(ErrorSubject::StateMachine, ErrorVerb::Write, e))
     }
@@ -512,6 +501,38 @@ impl StateMachineStore {
             .put_cf_opt(cf(&self.db, CF_SNAPSHOT), b"current", bytes, &sync_opts())
             .map_err(|e| io_err(ErrorSubject::Snapshot(Some(snap.meta.signature())), ErrorVerb::Write, e))
     }
+}
+
+/// Reads every object under `prefix` of `sm_objects` into `into`, by the key after the prefix.
+fn load_objects<T: serde::de::DeserializeOwned>(
+    db: &DB,
+    prefix: &str,
+    into: &mut std::collections::BTreeMap<String, T>,
+) -> StorageResult<()> {
+    for item in db.prefix_iterator_cf(cf(db, CF_OBJECTS), prefix.as_bytes()) {
+        let (k, v) = item.map_err(read_err)?;
+        let Some(key) = k.strip_prefix(prefix.as_bytes()) else { break };
+        into.insert(String::from_utf8_lossy(key).into_owned(), serde_json::from_slice(&v).map_err(read_err)?);
+    }
+    Ok(())
+}
+
+/// Adds the objects of `keys` to `b` under `prefix`: written when in `map`, deleted when gone.
+fn put_objects<T: serde::Serialize>(
+    db: &DB,
+    b: &mut WriteBatch,
+    prefix: &str,
+    map: &std::collections::BTreeMap<String, T>,
+    keys: &[String],
+) -> StorageResult<()> {
+    for key in keys {
+        let k = format!("{prefix}{key}");
+        match map.get(key) {
+            Some(v) => b.put_cf(cf(db, CF_OBJECTS), k, serde_json::to_vec(v).map_err(write_err)?),
+            None => b.delete_cf(cf(db, CF_OBJECTS), k),
+        }
+    }
+    Ok(())
 }
 
 /// Builds snapshots from a copy of the state taken under the read lock.

@@ -113,7 +113,8 @@ pub fn assignments(st: &ClusterState, tunables: &Tunables, node_id: &str) -> Vec
         .map(|s| pb::Assignment {
             session_id: s.id.clone(),
             generation: s.generation,
-            spec: Some(s.spec.to_proto()),
+            // The sandbox as the agent builds it: the built-in template it starts from, and its image.
+            spec: Some(s.spec.sandbox_proto()),
             expires_at_ms: s.expires_at_ms,
             fence_after_ms: if s.spec.lost_after_ms == 0 {
                 0
@@ -153,6 +154,19 @@ impl AgentService for AgentApi {
             return Err(Status::unavailable("the cluster is still initializing; retry shortly"));
         };
         let hold = agent_hold(req.hold.as_ref(), crate::now_ms())?;
+        if req.images.len() > sandfleet_common::limits::MAX_NODE_IMAGES {
+            return Err(sandfleet_common::ValidationError::over(
+                "images",
+                sandfleet_common::limits::MAX_NODE_IMAGES,
+                req.images.len(),
+            )
+            .into());
+        }
+        let images = req
+            .images
+            .iter()
+            .map(|i| sandfleet_common::spec::normalize_image("images", i))
+            .collect::<Result<std::collections::BTreeSet<_>, _>>()?;
         let node = NodeRecord {
             id: req.node_id.clone(),
             address: req.address,
@@ -163,6 +177,7 @@ impl AgentService for AgentApi {
             },
             labels: req.labels.into_iter().collect(),
             runtimes,
+            images,
             phase: NodePhase::Ready,
             registered_at_ms: 0,
             drain: None,
@@ -175,6 +190,7 @@ impl AgentService for AgentApi {
                     && n.capacity == node.capacity
                     && n.labels == node.labels
                     && n.runtimes == node.runtimes
+                    && n.images == node.images
                     && same_hold(n.agent_hold.as_ref(), node.agent_hold.as_ref())
             })
         });

@@ -14,8 +14,9 @@
 //!
 //! A key and a client certificate together: the key decides.
 //!
-//! Role rules: `admin` may call everything; `user` only SessionService, on
-//! its own tenant's sessions (the session service scopes that). The data
+//! Role rules: `admin` may call everything; `user` only SessionService and
+//! PoolService, on its own tenant's sessions and pools (the services scope
+//! that), and the reads of TemplateService. The data
 //! plane (ExecService, FileService on agents) is unaffected: its
 //! `authorization` header carries a session token, checked by the agent.
 //!

@@ -11,14 +11,14 @@
 
 use sandfleet_common::auth::Caller;
 use sandfleet_common::ids;
-use sandfleet_common::spec::{self as spec_rules, ClusterBounds};
+use sandfleet_common::spec::{self as spec_rules};
 use sandfleet_proto::v1 as pb;
 use tonic::Status;
 
 use crate::core::Core;
 use crate::scheduler::Unplaceable;
 use crate::service::response_status;
-use crate::service::session::{list_scope, scope, validate_spec, SessionApi};
+use crate::service::session::{cluster_bounds, list_scope, scope, validate_spec, SessionApi};
 use crate::state::{BatchRecord, ClusterState, Command, CommandResponse, NewBatch, PendingReason, SpecRecord};
 
 /// What a missing batch, and another tenant's, answers.
@@ -116,10 +116,19 @@ impl SessionApi {
     ) -> Result<pb::CreateSessionsResponse, Status> {
         let core: &Core = &self.core;
         ids::validate_request_id(&req.request_id)?;
-        let spec =
-            if req.pool.is_empty() { validate_spec(req.spec, &core.tunables)? } else { pool_spec(core, caller, &req)? };
-        let bounds = ClusterBounds { min_lost_after_ms: core.tunables.min_lost_after().as_millis() as u64 };
+        let spec = if req.pool.is_empty() {
+            validate_spec(core, req.spec.clone()).await?
+        } else {
+            pool_spec(core, caller, &req)?
+        };
+        let bounds = cluster_bounds(&core.tunables);
         let patches = spec_rules::check_batch(&spec, req.count, &req.patches, &bounds)?;
+        // A cluster template's rules hold for every replica's patch too.
+        if let Some(t) = core.state.read(|st| st.templates.get(&spec.template_name).cloned()) {
+            for (i, p) in patches.iter().enumerate() {
+                t.check_patch(i, p)?;
+            }
+        }
         let digest = BatchRecord::digest(&patches);
         let rkey = crate::state::request_key(&caller.tenant, &req.request_id);
 

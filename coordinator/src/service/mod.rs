@@ -3,6 +3,7 @@
 //! - [`session`]: the public SessionService (create, get, list, delete, renew, watch).
 //! - [`batch`]: its batches (CreateSessions, GetBatch, ListBatches, DeleteBatch).
 //! - [`pool`]: PoolService (warm pools) and the claim of `CreateSession{pool}`.
+//! - [`template`]: TemplateService (cluster templates).
 //! - [`agent`]: AgentService for node agents (register, heartbeat, assignments).
 //! - [`node`]: NodeService (node listing for operators).
 //! - [`cluster`]: ClusterService (membership and status).
@@ -22,6 +23,7 @@ pub mod node;
 pub mod pool;
 pub mod raft;
 pub mod session;
+pub mod template;
 pub mod tenant;
 
 use sandfleet_common::auth::{Identity, IdentityKind};

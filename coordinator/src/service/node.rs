@@ -166,6 +166,7 @@ pub(crate) fn node_to_proto(
         last_heartbeat_ms: seen.get(&n.id).map_or(0, |h| h.at_ms),
         session_count: st.node_sessions.get(&n.id).map(|s| s.len() as u32).unwrap_or(0),
         runtimes: n.runtimes.iter().map(|r| r.to_string()).collect(),
+        images: n.images.iter().cloned().collect(),
         drain: n.drain.map(|d| pb::DrainStatus {
             started_at_ms: d.started_at_ms,
             deadline_ms: d.deadline_ms,

@@ -80,7 +80,7 @@ impl PoolApi {
     async fn create(&self, caller: &Caller, req: pb::CreatePoolRequest) -> Result<pb::CreatePoolResponse, Status> {
         let p = req.pool.ok_or_else(|| Status::invalid_argument("invalid pool: missing"))?;
         ids::validate_dns_label("name", &p.name)?;
-        let mut spec = validate_spec(p.spec, &self.core.tunables)?;
+        let mut spec = validate_spec(&self.core, p.spec).await?;
         sandfleet_common::spec::check_reserved_labels("spec.labels", spec.labels.keys())?;
         spec.labels.insert(POOL_LABEL.to_string(), p.name.clone());
         if spec.labels.len() > limits::MAX_LABELS {

@@ -52,11 +52,41 @@ pub(crate) fn scope(caller: &Caller) -> Option<String> {
     (!caller.is_admin()).then(|| caller.tenant.clone())
 }
 
+/// The bounds of a spec that come from the cluster's settings.
+pub fn cluster_bounds(tunables: &Tunables) -> ClusterBounds {
+    ClusterBounds { min_lost_after_ms: tunables.min_lost_after().as_millis() as u64 }
+}
+
 /// Checks a client's spec and fills in its defaults, with the cluster's own
-/// bounds: the one definition in [`sandfleet_common::spec`]. Changes nothing.
-pub fn validate_spec(spec: Option<pb::SessionSpec>, tunables: &Tunables) -> Result<SpecRecord, Status> {
-    let bounds = ClusterBounds { min_lost_after_ms: tunables.min_lost_after().as_millis() as u64 };
-    Ok(SpecRecord::from_proto(spec.unwrap_or_default(), &bounds)?)
+/// bounds: the one definition in [`sandfleet_common::spec`], through the
+/// cluster template it names ([`TemplateRecord::apply`]) if any. Changes
+/// nothing. A template this member does not know yet is looked up again
+/// after a read barrier, so one created a moment ago on the leader is found.
+pub async fn validate_spec(core: &Core, spec: Option<pb::SessionSpec>) -> Result<SpecRecord, Status> {
+    let bounds = cluster_bounds(&core.tunables);
+    let spec = spec.unwrap_or_default();
+    if spec.template.is_empty() || sandfleet_common::template::is_builtin(&spec.template) {
+        return Ok(SpecRecord::from_proto(spec, &bounds)?);
+    }
+    ids::validate_template(&spec.template)?;
+    let lookup = || core.state.read(|st| st.templates.get(&spec.template).cloned());
+    let template = match lookup() {
+        Some(t) => t,
+        None => {
+            core.read_barrier(pb::ReadConsistency::Linearizable as i32).await?;
+            lookup().ok_or_else(|| {
+                ValidationError::invalid(
+                    "template",
+                    format!(
+                        "unknown template {:?}; use a built-in one ({}) or a cluster template (TemplateService)",
+                        spec.template,
+                        sandfleet_common::spec::Template::names()
+                    ),
+                )
+            })?
+        }
+    };
+    Ok(template.apply(spec, &bounds)?)
 }
 
 /// The answer to a create whose request id names an existing session: that
@@ -106,7 +136,7 @@ impl SessionApi {
         if !req.pool.is_empty() {
             return self.claim(caller, req).await;
         }
-        let spec = validate_spec(req.spec, &self.core.tunables)?;
+        let spec = validate_spec(&self.core, req.spec).await?;
         sandfleet_common::spec::check_reserved_labels("labels", spec.labels.keys())?;
         self.create_spec(caller, &req.request_id, spec, String::new()).await
     }

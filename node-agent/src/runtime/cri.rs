@@ -629,6 +629,14 @@ impl Engine for CriEngine {
         Ok(())
     }
 
+    async fn images(&self) -> Result<Vec<String>, RuntimeError> {
+        let mut images = self.images.clone();
+        let list = with_deadline(ENGINE, "ListImages", images.list_images(cri::ListImagesRequest { filter: None }))
+            .await?
+            .into_inner();
+        Ok(list.images.into_iter().flat_map(|i| i.repo_tags).collect())
+    }
+
     async fn list(&self, node_id: &str) -> Result<Vec<Listed>, RuntimeError> {
         let mut c = self.runtime.clone();
         let selector = HashMap::from([(LABEL_NODE.to_string(), node_id.to_string())]);

@@ -11,7 +11,9 @@ use bollard::models::{
     ContainerCreateBody, ContainerSummaryStateEnum, ContainerUpdateBody, HostConfig, HostConfigLogConfig,
     RestartPolicy, RestartPolicyNameEnum,
 };
-use bollard::query_parameters::{CreateContainerOptions, ListContainersOptions, RemoveContainerOptions};
+use bollard::query_parameters::{
+    CreateContainerOptions, ListContainersOptions, ListImagesOptions, RemoveContainerOptions,
+};
 use bollard::Docker;
 use tracing::warn;
 
@@ -247,6 +249,12 @@ impl Engine for DockerEngine {
         )
         .await?;
         Ok(())
+    }
+
+    async fn images(&self) -> Result<Vec<String>, RuntimeError> {
+        let list = with_deadline(ENGINE, "listing images", self.docker.list_images(None::<ListImagesOptions>)).await?;
+        // An untagged image is listed as "<none>:<none>": it has no name to advertise.
+        Ok(list.into_iter().flat_map(|i| i.repo_tags).filter(|t| !t.starts_with("<none>")).collect())
     }
 
     async fn list(&self, node_id: &str) -> Result<Vec<Listed>, RuntimeError> {

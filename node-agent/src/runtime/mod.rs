@@ -56,6 +56,9 @@ pub fn resolve_spec(
     offers: impl Fn(Template) -> bool,
 ) -> Result<ResolvedSpec, RuntimeError> {
     let r = ResolvedSpec::from_proto(&spec.spec)?;
+    if !r.image.is_empty() && !sandfleet_common::spec::IMAGE_RUNTIMES.contains(&runtime) {
+        return Err(RuntimeError::InvalidArgument(format!("the {runtime} runtime cannot run image {}", r.image)));
+    }
     if !offers(r.template) {
         return Err(RuntimeError::InvalidArgument(format!(
             "template {} is not offered by the {runtime} runtime of this node",
@@ -144,6 +147,11 @@ impl From<RuntimeError> for tonic::Status {
 pub trait Runtime: Send + Sync + 'static {
     /// The runtime this backend is, as reported to coordinators.
     fn kind(&self) -> sandfleet_common::spec::Runtime;
+    /// The OCI images this runtime holds and can run for a cluster template
+    /// (advertised to the coordinators); none for a runtime that runs no images.
+    async fn images(&self) -> Result<Vec<String>, RuntimeError> {
+        Ok(Vec::new())
+    }
     /// Idempotent: creates the session's cgroup (limits set), its workspace
     /// dir and its uid. Calling again with the same id and a higher
     /// generation updates the recorded generation.

@@ -192,3 +192,30 @@ def test_a_claim_from_a_warm_pool_runs_at_once(sf: Sandfleet, dev: harness.Dev) 
         sf.sessions.create(pool="pypool", memory="64Mi")
     with pytest.raises(errors.NotFound):
         sf.sessions.create(pool="no-such-pool")
+
+
+def _create_template(endpoint: str, name: str) -> None:
+    """A cluster template, made with the TemplateService stub (templates are made by operators)."""
+    from sandfleet._proto import sandfleet_pb2 as pb
+
+    with grpc.insecure_channel(endpoint) as ch:
+        create = ch.unary_unary(
+            "/sandfleet.v1.TemplateService/CreateTemplate",
+            request_serializer=pb.CreateTemplateRequest.SerializeToString,
+            response_deserializer=pb.CreateTemplateResponse.FromString,
+        )
+        spec = pb.SessionSpec(template="python", memory_bytes=64 << 20, cpu_millis=100, env={"MODE": name})
+        template = pb.Template(name=name, spec=spec, allowed_overrides=["env"])
+        create(pb.CreateTemplateRequest(template=template), timeout=10)
+
+
+def test_a_session_of_a_cluster_template_gets_its_spec(sf: Sandfleet, dev: harness.Dev) -> None:
+    _create_template(dev.endpoint, "pytpl")
+    with sf.sessions.create(template="pytpl", env={"SEED": "7"}) as s:
+        assert s.template == "pytpl" and s.memory == 64 << 20
+        assert s.exec("sh", "-c", "echo $MODE:$SEED").stdout == "pytpl:7\n"
+    # The template allows env only: a memory override is refused, naming the field.
+    with pytest.raises(errors.InvalidArgument, match="memory_bytes"):
+        sf.sessions.create(template="pytpl", memory="128Mi")
+    with pytest.raises(errors.InvalidArgument, match="unknown template"):
+        sf.sessions.create(template="no-such-template")

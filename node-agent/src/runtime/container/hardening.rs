@@ -653,6 +653,7 @@ pub(crate) mod tests {
             env: Default::default(),
             disk_bytes: 1 << 30,
             disk_inodes: 65_536,
+            image: String::new(),
         }
     }
 

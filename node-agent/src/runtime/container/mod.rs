@@ -133,6 +133,8 @@ pub trait Engine: Send + Sync + 'static {
     async fn remove(&self, name: &str) -> Result<(), RuntimeError>;
     /// Every container labelled with this node.
     async fn list(&self, node_id: &str) -> Result<Vec<Listed>, RuntimeError>;
+    /// The images the engine holds, by every name (repository:tag) it knows them by.
+    async fn images(&self) -> Result<Vec<String>, RuntimeError>;
     /// The command an operator runs to read a container's output.
     fn logs_hint(&self, name: &str) -> String;
     /// The container's cgroup, relative to the cgroup root, for reading what
@@ -522,7 +524,11 @@ impl<E: Engine> ContainerRuntime<E> {
 
     /// The container of `bx` as the engine makes it.
     fn plan<'a>(&self, bx: &'a BoxState, limits: &'a ResolvedSpec) -> Result<ContainerPlan<'a>, RuntimeError> {
-        let image = self.image_of(limits.template)?.to_string();
+        // A cluster template's image, else this node's image for the built-in template.
+        let image = match limits.image.as_str() {
+            "" => self.image_of(limits.template)?.to_string(),
+            image => image.to_string(),
+        };
         let mut labels = bx.labels.clone();
         labels.insert(LABEL_NODE.into(), self.inner.cfg.node_id.clone());
         labels.insert(LABEL_BOX.into(), bx.name.clone());
@@ -907,6 +913,10 @@ impl<E: Engine> Runtime for ContainerRuntime<E> {
         self.inner.engine.kind()
     }
 
+    async fn images(&self) -> Result<Vec<String>, RuntimeError> {
+        self.inner.engine.images().await
+    }
+
     #[instrument(skip(self, spec), fields(session = %spec.session_id, generation = spec.generation))]
     async fn prepare(&self, spec: &SandboxSpec) -> Result<(), RuntimeError> {
         ids::validate_session_id(&spec.session_id).map_err(|e| invalid(e.to_string()))?;
@@ -935,11 +945,13 @@ impl<E: Engine> Runtime for ContainerRuntime<E> {
         }
 
         // Warm pool first, when its boxes' disk is the one asked for (a
-        // filesystem cannot change its size in place).
+        // filesystem cannot change its size in place) and the session runs
+        // this node's own image (the pool holds no other).
         let pooled = self
             .tables()
             .pool
             .get_mut(&resolved.template)
+            .filter(|_| resolved.image.is_empty())
             .filter(|p| p.last().is_some_and(|b| same_disk(&b.limits(), &resolved, &self.inner.disks)))
             .and_then(Vec::pop);
         if let Some(bx) = pooled {
@@ -961,7 +973,12 @@ impl<E: Engine> Runtime for ContainerRuntime<E> {
             return Ok(());
         }
 
-        // Cold create.
+        // Cold create. A cluster template's image must be here: nodes never
+        // pull for a session (the coordinators place it only where its agent
+        // advertised the image, but it may have been removed since).
+        if !resolved.image.is_empty() {
+            self.inner.engine.ensure_image(&resolved.image).await?;
+        }
         let slot = self.reserve_slot()?;
         let labels = session_labels(&spec.session_id, spec.generation, resolved.template);
         let bx = match self.new_box(slot, resolved.clone(), labels).await {
