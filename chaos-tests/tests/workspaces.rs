@@ -485,6 +485,11 @@ async fn cri_runtime_session_resumes_elsewhere_with_its_files() {
     )
     .await;
     let s = create_running(&t.client, small_session("ws-cri").runtime("cri")).await.unwrap();
+    // Each agent advertises the images of its CRI runtime's store (what a template's image is placed by).
+    let advertised = sandfleet_common::spec::normalize_image("image", &image).unwrap();
+    for node in t.client.list_nodes().await.unwrap() {
+        assert!(node.images.contains(&advertised), "node {} advertises {:?}", node.id, node.images);
+    }
     let out = exec_argv(&t.client, &s, ["python3", "-c", "print(6*7)"], EXEC).await.unwrap();
     assert_eq!(stdout(&out), "42\n", "{out:?}");
     t.client.write_file_bytes(&s, "api.txt", b"through the API\n".to_vec()).await.unwrap();
