@@ -107,6 +107,12 @@ async fn credentials_are_required_and_user_keys_are_not_admins() {
         Code::PermissionDenied,
     );
     expect_code("user: list keys", user.list_api_keys(None).await, Code::PermissionDenied);
+    // Templates: an admin's to write (they choose the images sessions run); anyone's to read.
+    let template = proto::Template { name: "by-user".into(), ..Default::default() };
+    expect_code("user: create template", user.create_template(template.clone()).await, Code::PermissionDenied);
+    expect_code("user: update template", user.update_template(template).await, Code::PermissionDenied);
+    expect_code("user: delete template", user.delete_template("python", true).await, Code::PermissionDenied);
+    assert_eq!(user.list_templates().await.unwrap().len(), 4, "a user reads the built-in templates");
     let own_id = &user_key[4..20];
     expect_code("user: revoke", user.revoke_api_key(own_id).await, Code::PermissionDenied);
     assert!(!admin.cluster_status().await.unwrap().scheduler_paused, "a refused call changes nothing");

@@ -1493,11 +1493,19 @@ impl ClusterState {
                 }
                 if !force {
                     let (live, pools) = self.template_users(&name);
-                    if live > 0 || !pools.is_empty() {
+                    let mut users = Vec::new();
+                    if live > 0 {
+                        users.push(format!("{live} live session{}", if live == 1 { "" } else { "s" }));
+                    }
+                    if !pools.is_empty() {
+                        let n = pools.len();
+                        users.push(format!("{n} pool{} ({})", if n == 1 { "" } else { "s" }, pools.join(", ")));
+                    }
+                    if !users.is_empty() {
                         return CommandResponse::Rejected(format!(
-                            "template {name} is in use by {live} live sessions and {} pools{}; end them first, or delete with force (they keep their spec)",
-                            pools.len(),
-                            if pools.is_empty() { String::new() } else { format!(" ({})", pools.join(", ")) }
+                            "template {name} is in use by {}; end them first, or delete it with force (they keep \
+                             their spec)",
+                            users.join(" and ")
                         ));
                     }
                 }
@@ -3018,7 +3026,7 @@ mod tests {
         assert_eq!(st.template_users("ml"), (1, vec![]));
         let del = |force| Command::DeleteTemplate { name: "ml".into(), force };
         match st.apply(del(false), &mut t) {
-            CommandResponse::Rejected(why) => assert!(why.contains("in use by 1 live sessions"), "{why}"),
+            CommandResponse::Rejected(why) => assert!(why.contains("in use by 1 live session;"), "{why}"),
             other => panic!("{other:?}"),
         }
         st.apply(
@@ -3030,7 +3038,7 @@ mod tests {
         st.apply(Command::CreatePool { pool }, &mut t);
         match st.apply(del(false), &mut t) {
             CommandResponse::Rejected(why) => {
-                assert!(why.contains("0 live sessions and 1 pools (default/py)"), "{why}")
+                assert!(why.contains("in use by 1 pool (default/py);"), "{why}")
             }
             other => panic!("{other:?}"),
         }

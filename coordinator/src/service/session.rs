@@ -78,7 +78,8 @@ pub async fn validate_spec(core: &Core, spec: Option<pb::SessionSpec>) -> Result
                 ValidationError::invalid(
                     "template",
                     format!(
-                        "unknown template {:?}; use a built-in one ({}) or a cluster template (TemplateService)",
+                        "unknown template {:?}; use a built-in one ({}) or a cluster template (TemplateService, \
+                         `sandfleet template list`)",
                         spec.template,
                         sandfleet_common::spec::Template::names()
                     ),
