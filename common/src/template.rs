@@ -231,11 +231,6 @@ impl TemplateRecord {
         }
         Ok(())
     }
-
-    /// True when `spec` was created from this template.
-    pub fn made(&self, spec: &SessionSpec) -> bool {
-        spec.template_name == self.name
-    }
 }
 
 /// A zero or empty field is not set (proto3: it takes the default).
