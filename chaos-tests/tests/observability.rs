@@ -244,6 +244,9 @@ async fn prometheus_sees_the_cluster_its_sessions_and_a_dead_node() {
         "sandfleet_raft_snapshot_build_duration_seconds",
         "sandfleet_agent_exec_output_capped_total",
         "sandfleet_agent_heartbeat_failures_total",
+        // Only while a busy log makes heartbeats answer before their reports commit.
+        "sandfleet_heartbeat_reports_uncommitted_total",
+        "sandfleet_agent_heartbeat_reports_resent_total",
         "sandfleet_agent_sessions_fenced_total",
         "sandfleet_agent_workspace_transfer_failures_total",
         // Series exist only while a pool does (tests/pools.rs reads them).

@@ -58,7 +58,14 @@ pub struct Tunables {
     /// Most commands group-committed in one Raft entry (1: no batching, the
     /// entries older members can apply; see `commit.rs`).
     pub group_commit: usize,
+    /// Longest a heartbeat from an agent that re-sends uncommitted reports
+    /// waits for their commit (see [`crate::reports`]).
+    pub report_wait: Duration,
 }
+
+/// The default of [`Tunables::report_wait`]: a heartbeat is answered within
+/// it (plus the quorum check) however busy the log is.
+pub const DEFAULT_REPORT_WAIT: Duration = Duration::from_millis(150);
 
 impl Tunables {
     /// How long an agent may go without a quorum-confirmed heartbeat before it
@@ -132,6 +139,8 @@ pub struct Core {
     pub quorum_checked: tokio::sync::Mutex<Option<std::time::Instant>>,
     /// Wakes the leader loop (new pending session, new node, deletion).
     pub wake: Notify,
+    /// The heartbeats' report proposals in flight (see [`crate::reports`]).
+    pub reports: crate::reports::InFlight,
     /// The group-commit queue every write of this member goes through.
     committer: Committer,
     /// Resources of the creates this leader placed that are not applied yet,
@@ -165,6 +174,7 @@ impl Core {
             lead_since_ms: std::sync::atomic::AtomicI64::new(0),
             quorum_checked: tokio::sync::Mutex::new(None),
             wake: Notify::new(),
+            reports: Default::default(),
             committer,
             reserved: Mutex::new(HashMap::new()),
             peer_tls,

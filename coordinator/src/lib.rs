@@ -28,6 +28,7 @@ pub mod pending;
 pub mod plan;
 pub mod raft;
 pub mod readiness;
+pub mod reports;
 pub mod scheduler;
 pub mod service;
 pub mod state;
@@ -92,6 +93,11 @@ pub struct CoordinatorConfig {
     /// Most commands group-committed in one Raft entry; 1 turns group commit
     /// off (for a rolling upgrade from a version without it).
     pub group_commit: usize,
+    /// Longest a heartbeat waits for the commit of the session reports it
+    /// carries, from an agent that sends uncommitted reports again
+    /// (`HeartbeatRequest.resend_uncommitted`); past it the answer says they
+    /// are not committed yet. Keeps heartbeats fast while the log is busy.
+    pub report_wait: Duration,
     /// Mutual TLS for every connection (peers, agents, clients). `None` is
     /// `--insecure`: plaintext, allowed only on a loopback listen address, where
     /// a caller without a credential acts as the admin of the `default` tenant.
@@ -133,6 +139,7 @@ impl Default for CoordinatorConfig {
             placement_candidates: 16,
             placement_batch: 1024,
             group_commit: commit::MAX_COMMANDS,
+            report_wait: core::DEFAULT_REPORT_WAIT,
             tls: None,
             admin_key_file: None,
             initial_members: BTreeMap::new(),
@@ -295,6 +302,12 @@ pub async fn serve(config: CoordinatorConfig, shutdown: CancellationToken) -> Re
             config.group_commit
         )));
     }
+    if config.report_wait >= config.agent_heartbeat {
+        return Err(CoordinatorError::Config(format!(
+            "--report-wait ({:?}) must be shorter than the agent heartbeat interval ({:?})",
+            config.report_wait, config.agent_heartbeat
+        )));
+    }
     if config.placement_batch == 0 {
         return Err(CoordinatorError::Config("--placement-batch must be at least 1".into()));
     }
@@ -419,6 +432,7 @@ pub async fn serve(config: CoordinatorConfig, shutdown: CancellationToken) -> Re
             },
             placement_batch: config.placement_batch,
             group_commit: config.group_commit,
+            report_wait: config.report_wait,
         },
         peer_tls,
     ));

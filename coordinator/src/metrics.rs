@@ -40,6 +40,8 @@ pub struct Metrics {
     pub heartbeats: Counter<u64>,
     /// `sandfleet_heartbeat_lateness_seconds`.
     pub heartbeat_lateness: Histogram<f64>,
+    /// `sandfleet_heartbeat_reports_uncommitted_total`.
+    pub reports_uncommitted: Counter<u64>,
     /// `sandfleet_raft_leader_changes_total`.
     pub leader_changes: Counter<u64>,
     /// `sandfleet_raft_proposal_duration_seconds`.
@@ -79,6 +81,13 @@ static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
             "sandfleet.heartbeat.lateness",
             "How much later than the heartbeat interval a node's heartbeat arrived",
         ),
+        reports_uncommitted: m
+            .u64_counter("sandfleet.heartbeat.reports_uncommitted")
+            .with_description(
+                "Heartbeats this member answered as the leader before the session reports they carried were \
+                 committed (the agent sends them again)",
+            )
+            .build(),
         leader_changes: m
             .u64_counter("sandfleet.raft.leader_changes")
             .with_description("Changes of the Raft leader seen by this member")

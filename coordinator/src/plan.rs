@@ -17,7 +17,7 @@ use tokio::time::Instant;
 
 use crate::core::{Heard, Tunables};
 use crate::scheduler::{Placer, Unplaceable};
-use crate::state::{ClusterState, Command, NodePhase, PendingReason, Placement};
+use crate::state::{ClusterState, Command, NodePhase, PendingReason, Placement, Report};
 
 /// Message of a session ended past its TTL.
 pub const EXPIRED_TTL: &str = "expired (ttl)";
@@ -249,6 +249,26 @@ pub fn plan_placement(st: &ClusterState, tunables: &Tunables, now_ms: i64) -> Ve
     out
 }
 
+/// The reports of a heartbeat from `node_id` that may still change the
+/// state, in their order: a report is left out only when applying it is
+/// certainly a no-op, because its session has ended, has moved on to a newer
+/// generation, or is already in the reported phase at that generation on
+/// this node (a report the agent sent again after its first commit). The
+/// rest are proposed; the state machine still fences each one at apply, so
+/// keeping a stale one costs an entry, never a wrong state.
+pub fn plan_reports(st: &ClusterState, node_id: &str, reports: &[Report]) -> Vec<Report> {
+    reports
+        .iter()
+        .filter(|r| match st.sessions.get(&r.id) {
+            // Not applied here yet (or deleted): let the state machine decide.
+            None => true,
+            Some(s) if s.phase.is_terminal() || s.generation > r.generation => false,
+            Some(s) => !(s.generation == r.generation && s.node_id.as_deref() == Some(node_id) && s.phase == r.phase),
+        })
+        .cloned()
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     //! Every case is driven through the real state machine: the state is built
@@ -258,7 +278,7 @@ mod tests {
     use super::*;
     use crate::scheduler::{PlacementOptions, Strategy};
     use crate::state::{
-        CommandResponse, DrainRecord, NodeRecord, Report, Resources, SessionPhase, SessionRecord, SpecRecord, Touched,
+        CommandResponse, DrainRecord, NodeRecord, Resources, SessionPhase, SessionRecord, SpecRecord, Touched,
     };
 
     const TTL: i64 = 5_000;
@@ -273,6 +293,7 @@ mod tests {
             placement: PlacementOptions { strategy: Strategy::Spread, candidates: 0 },
             placement_batch: 1024,
             group_commit: crate::commit::MAX_COMMANDS,
+            report_wait: crate::core::DEFAULT_REPORT_WAIT,
         }
     }
 
@@ -922,5 +943,39 @@ mod tests {
         c.round(200);
         assert_eq!(c.phase("s10").1, Some("n1"));
         assert_eq!(c.phase("s11").1, None);
+    }
+
+    #[test]
+    fn only_reports_that_can_still_change_the_state_are_proposed() {
+        let mut c = Cluster::new();
+        c.node("n1", 0);
+        c.node("n2", 0);
+        for id in ["pending", "running", "failed", "moved"] {
+            c.session(id, Some("n1"), 0, |_| {});
+        }
+        c.running("running");
+        let failed = Report { id: "failed".into(), generation: 1, phase: SessionPhase::Failed, message: "boom".into() };
+        c.apply(Command::ReportSessions { node_id: "n1".into(), reports: vec![failed], now_ms: 0 });
+        c.apply(Command::SessionsLost { node_id: "n1".into(), ids: vec!["moved".into()], now_ms: 0 });
+        // Past any restart backoff.
+        c.apply_all(c.placement(60_000));
+        let moved = &c.st.sessions["moved"];
+        assert_eq!(moved.generation, 2, "placed again: {moved:?}");
+        let report = |id: &str, generation, phase| Report { id: id.into(), generation, phase, message: String::new() };
+        let sent = vec![
+            report("pending", 1, SessionPhase::Running), // not applied yet: proposed
+            report("running", 1, SessionPhase::Running), // sent again after its commit: left out
+            report("running", 1, SessionPhase::Failed),  // a change: proposed
+            report("failed", 1, SessionPhase::Running),  // ended: left out
+            report("moved", 1, SessionPhase::Running),   // superseded generation: left out
+            report("unknown", 1, SessionPhase::Running), // not in this state (yet): proposed
+        ];
+        let kept = plan_reports(&c.st, "n1", &sent);
+        assert_eq!(kept, vec![sent[0].clone(), sent[2].clone(), sent[5].clone()]);
+        // The same report from another node is not this node's to skip.
+        assert_eq!(plan_reports(&c.st, "n2", &sent[1..2]), vec![sent[1].clone()]);
+        // Applying what was kept, then planning the same reports again, keeps nothing but the unknown.
+        c.apply(Command::ReportSessions { node_id: "n1".into(), reports: kept, now_ms: 1 });
+        assert_eq!(plan_reports(&c.st, "n1", &sent), vec![sent[5].clone()]);
     }
 }

@@ -157,7 +157,7 @@ impl NewBatch {
 }
 
 /// A session's lifecycle state, as stored.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub enum SessionPhase {
     Pending,
     Running,

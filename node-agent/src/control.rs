@@ -745,11 +745,14 @@ impl Control {
         let mut failures = 0u32;
         let mut usage_rate = crate::runtime::usage::UsageRate::default();
         let mut images_read = std::time::Instant::now();
+        // Reports sent but not committed yet go again soon, not a whole interval later.
+        let mut resend_soon = false;
         loop {
+            let wait = if resend_soon { interval / 4 } else { interval };
             tokio::select! {
                 _ = shutdown.cancelled() => break,
                 _ = self.state.report_ready.notified() => {}
-                _ = tokio::time::sleep(interval) => {}
+                _ = tokio::time::sleep(wait) => {}
             }
             // After a freeze (SIGSTOP, a stalled VM) the fence check comes first: a
             // heartbeat must not revive copies the cluster has already replaced.
@@ -769,6 +772,8 @@ impl Control {
                 node_id: self.config.register.node_id.clone(),
                 reports: reports.clone(),
                 activity: activity.clone(),
+                // Reports stay here until an answer says they are committed.
+                resend_uncommitted: true,
                 usage: {
                     let usage = usage_rate.measure(self.state.runtime.as_ref(), interval / 4).await;
                     if usage.is_some() {
@@ -788,13 +793,20 @@ impl Control {
             match answered {
                 Ok(resp) => {
                     failures = 0;
+                    let resp = resp.into_inner();
+                    resend_soon = !resp.reports_committed && !reports.is_empty();
+                    if resend_soon {
+                        // Answered before the leader committed them: send them again
+                        // (a report that arrives twice applies once).
+                        self.state.reports.lock().splice(0..0, reports);
+                        crate::metrics::metrics().reports_resent.add(1, &[]);
+                    }
                     if self.state.contact(sent) {
                         self.state.set_ready(Ok(())).await;
-                        let resp = resp.into_inner();
                         self.state.reconcile(resp.assignments, resp.assignments_version, false).await;
                     } else {
-                        // Too old to act on; the reports it carried were delivered. The
-                        // fence check decides, and the next heartbeat is fresh.
+                        // Too old to act on; the reports it carried are committed or kept
+                        // to send again. The fence check decides, and the next heartbeat is fresh.
                         self.state.set_ready(Err("the last heartbeat's answer came too late".into())).await;
                         self.state.fence_if_cut_off().await;
                     }

@@ -35,6 +35,8 @@ pub struct Metrics {
     pub heartbeat_rtt: Histogram<f64>,
     /// `sandfleet_agent_heartbeat_failures_total`.
     pub heartbeat_failures: Counter<u64>,
+    /// `sandfleet_agent_heartbeat_reports_resent_total`.
+    pub reports_resent: Counter<u64>,
     /// `sandfleet_agent_sessions_fenced_total{reason}`.
     pub fenced: Counter<u64>,
     /// `sandfleet_agent_workspace_transfer_bytes_total{direction}`.
@@ -69,6 +71,10 @@ static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
         heartbeat_failures: m
             .u64_counter("sandfleet.agent.heartbeat.failures")
             .with_description("Heartbeats that got no answer or an error")
+            .build(),
+        reports_resent: m
+            .u64_counter("sandfleet.agent.heartbeat.reports_resent")
+            .with_description("Heartbeats answered before the session reports they carried were committed; they go again")
             .build(),
         fenced: m
             .u64_counter("sandfleet.agent.sessions.fenced")

@@ -67,6 +67,8 @@ use crate::raft;
 pub const NOMAD_C1M_PER_SEC: f64 = 3750.0;
 /// The goal.
 pub const GOAL_PER_SEC: f64 = 10_000.0;
+/// The goal for heartbeats answered while a backlog is placed (and none may fail).
+pub const HEARTBEAT_P99_GOAL: std::time::Duration = std::time::Duration::from_millis(250);
 
 /// Settings of one run.
 #[derive(Debug, Clone)]

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use sandfleet_testkit::helpers::percentile;
 
-use super::{Settings, Start, GOAL_PER_SEC, NOMAD_C1M_PER_SEC};
+use super::{Settings, Start, GOAL_PER_SEC, HEARTBEAT_P99_GOAL, NOMAD_C1M_PER_SEC};
 use crate::raft;
 
 /// CPU seconds used by each process in one phase, and who led.
@@ -45,6 +45,8 @@ pub struct Beats {
     pub window: Duration,
     pub ok: u64,
     pub failed: u64,
+    /// Answered before the reports they carried were committed (sent again).
+    pub resent: u64,
     pub latencies: Vec<Duration>,
 }
 
@@ -138,8 +140,9 @@ pub fn render(r: &Report, settings: &Settings, section: &str, machine: &[(String
          reports, a WatchAssignments stream, a \
          RUNNING report per new assignment; {} HTTP/2 connections per coordinator; no sandboxes; {} session slots per \
          node). {how} Placed: an \
-         agent has seen the session assigned (watch stream or heartbeat answer). RUNNING: the heartbeat carrying its \
-         report was answered (the report is committed before the answer).\n",
+         agent has seen the session assigned (watch stream or heartbeat answer). RUNNING: a heartbeat carrying its \
+         report was answered saying its reports are committed (agents set `resend_uncommitted`: the leader answers \
+         within `--report-wait` and an agent sends reports not committed yet again a quarter interval later).\n",
         settings.sessions,
         settings.agents,
         match settings.start {
@@ -187,18 +190,26 @@ pub fn render(r: &Report, settings: &Settings, section: &str, machine: &[(String
         r.max_per_node,
         r.created.div_ceil(settings.agents)
     );
-    let beat_row = |out: &mut String, what: &str, b: &Beats| {
+    let beat_row = |out: &mut String, what: &str, b: &Beats, goal: &str| {
         let _ = writeln!(
             out,
-            "| heartbeats answered {what} | {:.0}/s | p50 {:.1} ms, p99 {:.1} ms, {} failed |",
+            "| heartbeats answered {what} | {:.0}/s | p50 {:.1} ms, p99 {:.1} ms, {} failed, {} answered before their reports were committed{goal} |",
             b.rate(),
             ms(percentile(&b.latencies, 50.0)),
             ms(percentile(&b.latencies, 99.0)),
-            b.failed
+            b.failed,
+            b.resent
         );
     };
-    beat_row(&mut out, "while placing", &r.placing_beats);
-    beat_row(&mut out, &format!("in steady state ({} s)", r.steady_beats.window.as_secs()), &r.steady_beats);
+    let placing = &r.placing_beats;
+    let beats_met = percentile(&placing.latencies, 99.0) < HEARTBEAT_P99_GOAL && placing.failed == 0;
+    let goal = format!(
+        "; goal p99 < {} ms and none failed: {}",
+        HEARTBEAT_P99_GOAL.as_millis(),
+        if beats_met { "met" } else { "MISSED" }
+    );
+    beat_row(&mut out, "while placing", placing, &goal);
+    beat_row(&mut out, &format!("in steady state ({} s)", r.steady_beats.window.as_secs()), &r.steady_beats, "");
     let _ = writeln!(out);
     let _ = writeln!(
         out,

@@ -27,6 +27,9 @@ pub(crate) struct BeatLog {
     /// (answered at, latency) of every answered heartbeat; (failed at) of every failure.
     pub(crate) samples: Mutex<Vec<(Instant, Duration)>>,
     pub(crate) failures: Mutex<Vec<Instant>>,
+    /// When a heartbeat was answered before the reports it carried were
+    /// committed (the agent sends them again).
+    pub(crate) resent: Mutex<Vec<Instant>>,
     /// Why heartbeats failed: gRPC code and the start of the message -> count.
     pub(crate) reasons: Mutex<HashMap<String, u64>>,
 }
@@ -37,13 +40,15 @@ impl BeatLog {
     pub(crate) fn forget(&self) {
         self.samples.lock().clear();
         self.failures.lock().clear();
+        self.resent.lock().clear();
     }
 
     pub(crate) fn window(&self, from: Instant, to: Instant) -> Beats {
         let latencies: Vec<Duration> =
             self.samples.lock().iter().filter(|(t, _)| *t >= from && *t <= to).map(|(_, d)| *d).collect();
         let failed = self.failures.lock().iter().filter(|t| **t >= from && **t <= to).count();
-        Beats { window: to - from, ok: latencies.len() as u64, failed: failed as u64, latencies }
+        let resent = self.resent.lock().iter().filter(|t| **t >= from && **t <= to).count();
+        Beats { window: to - from, ok: latencies.len() as u64, failed: failed as u64, resent: resent as u64, latencies }
     }
 }
 
@@ -121,7 +126,7 @@ impl Tracker {
         }
     }
 
-    /// The heartbeat carrying `reports` was answered: those are committed.
+    /// The heartbeat carrying `reports` was answered, saying they are committed.
     fn acked(&self, reports: &[pb::SessionReport]) {
         if reports.is_empty() {
             return;
@@ -302,6 +307,7 @@ pub(crate) async fn agent_main(pool: Arc<Pool>, i: usize, stop: CancellationToke
     let watcher = tokio::spawn(watch_loop(pool.clone(), i, stop.clone()));
     let agent = &pool.agents[i];
     let mut failures = 0u32;
+    let mut resend_soon = false;
     // A real fleet's agents started at different times, so their heartbeats are
     // spread over the interval; agents that all register in the same second
     // would otherwise beat in lock-step. Spread the first one (golden-ratio
@@ -311,15 +317,18 @@ pub(crate) async fn agent_main(pool: Arc<Pool>, i: usize, stop: CancellationToke
         _ = tokio::time::sleep(interval.mul_f64((i as f64 * 0.618_033_988_75).fract())) => {}
     }
     loop {
+        // Reports answered before their commit go again a quarter interval later, as the agent's do.
+        let wait = if resend_soon { interval / 4 } else { interval };
         tokio::select! {
             _ = stop.cancelled() => break,
             _ = agent.report_ready.notified() => {}
-            _ = tokio::time::sleep(interval) => {}
+            _ = tokio::time::sleep(wait) => {}
         }
         let reports = std::mem::take(&mut *agent.reports.lock());
         let mut req = tonic::Request::new(pb::HeartbeatRequest {
             node_id: agent.node_id.clone(),
             reports: reports.clone(),
+            resend_uncommitted: true,
             ..Default::default()
         });
         req.set_timeout(CALL_TIMEOUT.min(interval * 2));
@@ -330,8 +339,15 @@ pub(crate) async fn agent_main(pool: Arc<Pool>, i: usize, stop: CancellationToke
                 pool.beats.ok.fetch_add(1, Ordering::Relaxed);
                 pool.beats.samples.lock().push((now, now - t));
                 failures = 0;
-                pool.tracker.acked(&reports);
-                agent.reconcile(&pool.tracker, resp.into_inner().assignments, false);
+                let resp = resp.into_inner();
+                resend_soon = !resp.reports_committed && !reports.is_empty();
+                if resend_soon {
+                    pool.beats.resent.lock().push(now);
+                    agent.reports.lock().splice(0..0, reports);
+                } else {
+                    pool.tracker.acked(&reports);
+                }
+                agent.reconcile(&pool.tracker, resp.assignments, false);
             }
             Err(status) => {
                 pool.beats.failed.fetch_add(1, Ordering::Relaxed);

@@ -724,8 +724,13 @@ mod tests {
     /// A made-up run at `agents` and `sessions` whose leader holds
     /// `per_session` bytes per session and answers heartbeats in `beat`.
     fn fake(agents: usize, sessions: usize, per_session: u64, beat: Duration) -> SizeReport {
-        let beats =
-            Beats { window: Duration::from_secs(30), ok: 30 * agents as u64, failed: 0, latencies: vec![beat; 100] };
+        let beats = Beats {
+            window: Duration::from_secs(30),
+            ok: 30 * agents as u64,
+            failed: 0,
+            resent: 0,
+            latencies: vec![beat; 100],
+        };
         SizeReport {
             size: Size { agents, sessions, slots: 64 },
             leader_id: 1,

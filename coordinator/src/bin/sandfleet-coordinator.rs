@@ -112,6 +112,12 @@ struct Args {
     /// rolled from a version without it, then roll again without the flag.
     #[arg(long, default_value_t = sandfleet_coordinator::commit::MAX_COMMANDS)]
     group_commit: usize,
+    /// Longest a heartbeat waits for the commit of the session reports it
+    /// carries (from agents that send uncommitted reports again); past it the
+    /// answer says they are not committed yet and the agent re-sends them.
+    /// Keeps heartbeats fast while the log is busy placing a backlog.
+    #[arg(long, default_value = "150ms", value_parser = humantime_duration)]
+    report_wait: Duration,
     /// With --bootstrap, or on the member of --initial-members that initializes
     /// the cluster: create the first admin API key (tenant "default") and write
     /// it to this file, mode 0600. If the file exists, nothing is written and
@@ -174,6 +180,7 @@ async fn main() -> anyhow::Result<()> {
         placement_candidates: args.placement_candidates,
         placement_batch: args.placement_batch,
         group_commit: args.group_commit,
+        report_wait: args.report_wait,
         admin_key_file: args.admin_key_file,
     };
     let coordinator = serve(config, shutdown.clone()).await.context("failed to start the coordinator")?;

@@ -31,7 +31,8 @@ impl AgentApi {
         Self { core, shutdown }
     }
 
-    /// Confirms that this leader still holds a quorum (read-index). Concurrent
+    /// Confirms that this leader still holds a quorum (openraft's leadership
+    /// check: a heartbeat round answered by a quorum). Concurrent
     /// heartbeats share one check: a check that started after a heartbeat
     /// arrived, or at most 50 ms before, answers for it.
     async fn confirm_quorum(&self) -> Result<(), Status> {
@@ -41,7 +42,12 @@ impl AgentApi {
             return Ok(());
         }
         let started = std::time::Instant::now();
-        tokio::time::timeout(self.core.tunables.agent_heartbeat * 2, self.core.raft.ensure_linearizable())
+        // The first half of a read-index only: leadership confirmed by a
+        // heartbeat round to a quorum. Waiting for the state machine to apply
+        // up to the read index (`ensure_linearizable`) would hold every
+        // heartbeat behind a busy log's applies; a heartbeat reads no state
+        // that must be that fresh (assignment sets carry their version).
+        tokio::time::timeout(self.core.tunables.agent_heartbeat * 2, self.core.raft.get_read_log_id())
             .await
             .map_err(|_| Status::unavailable("this leader could not confirm a quorum in time"))?
             .map_err(|e| Status::unavailable(format!("this leader cannot confirm a quorum: {e}")))?;
@@ -271,13 +277,16 @@ impl AgentService for AgentApi {
             };
             reports.push(Report { id: r.session_id, generation: r.generation, phase, message: r.message });
         }
+        let mut reports_committed = true;
         if !reports.is_empty() {
-            // One entry for all of them. Stale reports are fenced off by the
-            // state machine one by one; that is not an error for the agent.
-            // First starts (generation 1) this entry turns RUNNING, for the
-            // create -> RUNNING histogram.
-            let starting: Vec<(i64, &'static str)> = self.core.state.read(|st| {
-                reports
+            // The ones that can still change the state, in one entry (unless a
+            // proposal of this leader already carries them). Stale reports are
+            // fenced off by the state machine one by one; that is not an error
+            // for the agent. First starts (generation 1) this entry turns
+            // RUNNING, for the create -> RUNNING histogram.
+            let (fresh, starting) = self.core.state.read(|st| {
+                let fresh = crate::plan::plan_reports(st, &req.node_id, &reports);
+                let starting: Vec<(i64, &'static str)> = fresh
                     .iter()
                     .filter(|r| r.phase == SessionPhase::Running && r.generation == 1)
                     .filter_map(|r| st.sessions.get(&r.id))
@@ -287,21 +296,25 @@ impl AgentService for AgentApi {
                             && s.node_id.as_deref() == Some(&req.node_id)
                     })
                     .map(|s| (s.created_at_ms, crate::metrics::runtime_label(s.spec.runtime)))
-                    .collect()
+                    .collect();
+                (fresh, starting)
             });
-            let cmd = Command::ReportSessions { node_id: req.node_id.clone(), reports, now_ms: crate::now_ms() };
-            self.core.propose(cmd).await?;
-            let now = crate::now_ms();
-            for (created, runtime) in starting {
-                crate::metrics::metrics().create_to_running.record(
-                    (now - created).max(0) as f64 / 1000.0,
-                    &[opentelemetry::KeyValue::new("runtime", runtime)],
-                );
+            let outcomes = self.core.reports.submit(&self.core, &req.node_id, fresh, starting);
+            if req.resend_uncommitted {
+                // The agent keeps what is not committed yet and sends it again:
+                // answer within the bound, however busy the log is.
+                reports_committed = crate::reports::committed(outcomes, Some(self.core.tunables.report_wait)).await;
+                if !reports_committed {
+                    crate::metrics::metrics().reports_uncommitted.add(1, &[]);
+                }
+            } else if !crate::reports::committed(outcomes, None).await {
+                // An agent that does not re-send keeps its reports only on an error.
+                return Err(Status::unavailable("the session reports could not be committed; retry"));
             }
         }
         let (assignments, version) =
             self.core.state.read(|st| (assignments(st, &self.core.tunables, &req.node_id), st.applied_index));
-        Ok(Response::new(pb::HeartbeatResponse { assignments, assignments_version: version }))
+        Ok(Response::new(pb::HeartbeatResponse { assignments, assignments_version: version, reports_committed }))
     }
 
     #[tracing::instrument(level = "debug", skip_all, fields(node = %req.get_ref().node_id))]
@@ -385,7 +398,11 @@ impl AgentService for AgentApi {
                 seen_node_version = Some(node_version);
                 let (current, v) = core.state.read(|st| (assignments(st, &core.tunables, &node_id), st.applied_index));
                 if last.as_ref() != Some(&current) {
-                    let msg = pb::HeartbeatResponse { assignments: current.clone(), assignments_version: v };
+                    let msg = pb::HeartbeatResponse {
+                        assignments: current.clone(),
+                        assignments_version: v,
+                        reports_committed: false,
+                    };
                     if tx.send(Ok(msg)).await.is_err() {
                         return;
                     }
