@@ -1338,7 +1338,12 @@ async fn process_restart_kills_leftovers_and_rediscovers_sessions() {
     use std::os::unix::process::ExitStatusExt as _;
     assert_eq!(st.signal(), Some(9), "the leftover process was not killed");
     assert!(!rt.cgroups().exists(&leaf), "exec cgroup left behind");
-    assert!(!process_runs(executor), "the old agent's executor survived the restart");
+    // Killed by the restart (its last threads may still be exiting).
+    let t = Instant::now();
+    while process_runs(executor) {
+        assert!(t.elapsed() < Duration::from_secs(5), "the old agent's executor survived the restart");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
     let l = rt.list().await.unwrap();
     assert_eq!(l.len(), 1);
     assert_eq!((l[0].session_id.as_str(), l[0].generation), (id.as_str(), 7));
@@ -1350,11 +1355,18 @@ async fn process_restart_kills_leftovers_and_rediscovers_sessions() {
 }
 
 /// Whether `pid` is a process that has not exited (a zombie has).
+/// True while any thread of `pid` has not exited. The thread-group leader
+/// shows as a zombie as soon as it exits, while its other threads may still
+/// be exiting and holding the process's files (a listening socket still
+/// queues connections then); a thread that has exited leaves `task/`.
 fn process_runs(pid: i32) -> bool {
-    std::fs::read_to_string(format!("/proc/{pid}/stat"))
-        .ok()
-        .and_then(|s| s.rsplit_once(')').map(|(_, rest)| rest.trim_start().to_string()))
-        .is_some_and(|rest| !rest.starts_with('Z') && !rest.starts_with('X'))
+    let running = |stat: String| {
+        stat.rsplit_once(')')
+            .map(|(_, rest)| rest.trim_start().to_string())
+            .is_some_and(|rest| !rest.starts_with('Z') && !rest.starts_with('X'))
+    };
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else { return false };
+    tasks.flatten().any(|t| std::fs::read_to_string(t.path().join("stat")).is_ok_and(running))
 }
 
 /// Each session's execs go through its own executor: on the host as the
@@ -1407,7 +1419,11 @@ async fn process_execs_go_through_the_sessions_own_executor() {
     assert_ne!(second, pid);
 
     rt.destroy(&id).await.unwrap();
-    assert!(!process_runs(second), "the executor outlived its session");
+    let t = Instant::now();
+    while process_runs(second) {
+        assert!(t.elapsed() < Duration::from_secs(5), "the executor outlived its session");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
     env.cleanup().await;
 }
 
