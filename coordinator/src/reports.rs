@@ -118,16 +118,6 @@ impl InFlight {
         });
         outcomes.into_iter().map(|(_, o)| o).collect()
     }
-
-    /// Reports of proposals in flight (for tests and metrics).
-    pub fn len(&self) -> usize {
-        self.proposals.lock().len()
-    }
-
-    /// True when no report proposal is in flight.
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
 }
 
 /// Waits at most `bound` (`None`: until they end; zero: not at all) for
