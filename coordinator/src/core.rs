@@ -150,6 +150,10 @@ pub struct Core {
     /// where callers need no certificate.
     pub peer_tls: Option<TlsDialer>,
     peers: Mutex<HashMap<String, Channel>>,
+    /// The signer of the cluster key, kept with the seed it was made from:
+    /// making one derives the public key (a scalar multiplication, as costly
+    /// as a signature), which every create's token would otherwise pay.
+    signer: Mutex<Option<(Vec<u8>, TokenSigner)>>,
 }
 
 impl Core {
@@ -179,6 +183,7 @@ impl Core {
             reserved: Mutex::new(HashMap::new()),
             peer_tls,
             peers: Mutex::new(HashMap::new()),
+            signer: Mutex::new(None),
         }
     }
 
@@ -397,8 +402,20 @@ impl Core {
 
     /// The token signer, once the cluster has its key.
     pub fn signer(&self) -> Option<TokenSigner> {
-        self.state
-            .read(|s| (!s.signing_seed.is_empty()).then(|| TokenSigner::from_seed(&s.signing_seed).ok()).flatten())
+        let mut cached = self.signer.lock();
+        self.state.read(|s| {
+            if s.signing_seed.is_empty() {
+                return None;
+            }
+            match &*cached {
+                Some((seed, signer)) if *seed == s.signing_seed => Some(signer.clone()),
+                _ => {
+                    let signer = TokenSigner::from_seed(&s.signing_seed).ok()?;
+                    *cached = Some((s.signing_seed.clone(), signer.clone()));
+                    Some(signer)
+                }
+            }
+        })
     }
 
     /// Converts a record for the wire, with a fresh token when asked.

@@ -9,7 +9,11 @@
 //! wakes on every state change and at least every `tick`, and stops with the
 //! shutdown token. A step costs what there is to do, not the size of the
 //! state: the state keeps ordered indexes of unplaced, expiring, idle-timed
-//! and moving sessions.
+//! and moving sessions. The planners driven by the clocks alone (node
+//! liveness, TTL and idle expiry) run at most once per `tick`: a change to
+//! the state does not make their work due, and their round walks every node
+//! and every idle-timed session, which on every applied entry would make each
+//! write cost the size of the fleet.
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -28,6 +32,8 @@ pub async fn run(core: Arc<Core>, tick: Duration, shutdown: CancellationToken) {
     let mut version = core.state.version.subscribe();
     let mut led_term: Option<u64> = None;
     let mut last_round = std::time::Instant::now();
+    // When the clock-driven planners last ran (None: due now).
+    let mut timed_at: Option<std::time::Instant> = None;
     loop {
         if core.is_leader() {
             let term = core.raft.metrics().borrow().current_term;
@@ -46,6 +52,7 @@ pub async fn run(core: Arc<Core>, tick: Duration, shutdown: CancellationToken) {
                 // TTL from now (the grace after a leader change), and idle
                 // timeouts count from now at the earliest.
                 led_term = Some(term);
+                timed_at = None;
                 let now = Heard::now();
                 core.lead_since_ms.store(now.at_ms, Ordering::Relaxed);
                 let nodes: Vec<String> = core.state.read(|st| st.nodes.keys().cloned().collect());
@@ -55,10 +62,14 @@ pub async fn run(core: Arc<Core>, tick: Duration, shutdown: CancellationToken) {
                 }
                 tracing::info!(term, "leading: node liveness starts with a full TTL of grace");
             }
+            let timed = timed_at.is_none_or(|at| at.elapsed() >= tick);
+            if timed {
+                timed_at = Some(std::time::Instant::now());
+            }
             // A step may wait on a write that cannot commit (lost quorum); shutdown must not.
             tokio::select! {
                 _ = shutdown.cancelled() => return,
-                result = step(&core) => {
+                result = step(&core, timed) => {
                     if let Err(e) = result {
                         tracing::debug!(error = %e, "leader step failed; retrying");
                     }
@@ -66,21 +77,33 @@ pub async fn run(core: Arc<Core>, tick: Duration, shutdown: CancellationToken) {
             }
         } else {
             led_term = None;
+            timed_at = None;
         }
         last_round = std::time::Instant::now();
+        // Until the clock-driven planners are due again, or a change comes.
+        let due_in = timed_at.map_or(tick, |at| tick.saturating_sub(at.elapsed()));
         tokio::select! {
             _ = shutdown.cancelled() => return,
             _ = core.wake.notified() => {}
             _ = version.changed() => {}
-            _ = tokio::time::sleep(tick) => {}
+            _ = tokio::time::sleep(due_in) => {}
         }
     }
 }
 
-async fn step(core: &Core) -> Result<(), CoreError> {
+/// One round of the leader's planners; `timed`: the clock-driven ones too.
+async fn step(core: &Core, timed: bool) -> Result<(), CoreError> {
     if core.state.read(|s| s.signing_seed.is_empty()) {
         core.propose_as_leader(Command::InitCluster { signing_seed: TokenSigner::generate().seed().to_vec() }).await?;
     }
+    if timed {
+        step_timed(core).await?;
+    }
+    step_changes(core).await
+}
+
+/// Node liveness, then TTL and idle expiry: work that only the clocks make due.
+async fn step_timed(core: &Core) -> Result<(), CoreError> {
     // Each round reads the state as the previous round's commands left it.
     // Silence is measured on the monotonic clock; commands carry the wall time.
     let now = Heard::now();
@@ -102,8 +125,11 @@ async fn step(core: &Core) -> Result<(), CoreError> {
         let activity = core.activity.lock();
         core.state.read(|st| plan::plan_lifetimes(st, &activity, lead_since, now))
     };
-    propose_all(core, planned).await?;
+    propose_all(core, planned).await.map(|_| ())
+}
 
+/// Drains, warm pools and placement: work that changes to the state make due.
+async fn step_changes(core: &Core) -> Result<(), CoreError> {
     let now = crate::now_ms();
     propose_all(core, core.state.read(|st| plan::plan_drains(st, now))).await?;
 

@@ -17,7 +17,7 @@ use tokio::time::Instant;
 
 use crate::core::{Heard, Tunables};
 use crate::scheduler::{Placer, Unplaceable};
-use crate::state::{ClusterState, Command, NodePhase, PendingReason, Placement, Report};
+use crate::state::{ClusterState, Command, NodePhase, PendingReason, Placement, Report, SessionRecord};
 
 /// Message of a session ended past its TTL.
 pub const EXPIRED_TTL: &str = "expired (ttl)";
@@ -52,18 +52,16 @@ pub fn plan_liveness(
             continue;
         }
         // Sessions on the node whose own lost_after has not passed yet are kept.
-        let (mut due, mut keep) = (Vec::new(), Vec::new());
-        for s in st.node_sessions.get(&node.id).into_iter().flatten().filter_map(|id| st.sessions.get(id)) {
-            if silent > tunables.lost_after_of(&s.spec) {
-                due.push(s.id.clone());
-            } else {
-                keep.push(s.id.clone());
-            }
-        }
+        // Nothing is copied unless a command comes of it: a silent node in its
+        // grace costs a walk over its sessions, not a copy of their ids.
+        let sessions = || st.node_sessions.get(&node.id).into_iter().flatten().filter_map(|id| st.sessions.get(id));
+        let due = |s: &&SessionRecord| silent > tunables.lost_after_of(&s.spec);
         if node.phase != NodePhase::Down && silent > ttl {
+            let keep = sessions().filter(|s| !due(s)).map(|s| s.id.clone()).collect();
             out.push(Command::NodeDown { node_id: node.id.clone(), now_ms, keep });
-        } else if !due.is_empty() {
-            out.push(Command::SessionsLost { node_id: node.id.clone(), ids: due, now_ms });
+        } else if sessions().any(|s| due(&s)) {
+            let ids = sessions().filter(due).map(|s| s.id.clone()).collect();
+            out.push(Command::SessionsLost { node_id: node.id.clone(), ids, now_ms });
         }
     }
     out
