@@ -515,12 +515,13 @@ pub fn render(r: &Report, settings: &Settings, section: &str, machine: &[(String
     let _ = writeln!(out, "{section}\n");
     let _ = writeln!(
         out,
-        "Produced by `sandfleet-bench raft --duration {}s --kills {}`: three `sandfleet-coordinator` processes and three \
+        "Produced by `sandfleet-bench raft --duration {} --clients {} --kills {}`: three `sandfleet-coordinator` processes and three \
          `etcd` members ({}) on loopback on this machine, in the same run, fsync on, heartbeat 100 ms, election \
          timeout 1 s. Each load point runs {} s after a 1 s warm-up; clients share one HTTP/2 connection to the leader. \
          Ours: `CreateSession` through the SDK (a Raft entry of {} B). etcd: `KV.Put` of a {} B value. No agent runs \
          the sessions (a registered node with no agent, coordinators at `--node-ttl 1h`): this is the commit path only.\n",
         settings.duration.as_secs(),
+        settings.clients.iter().map(|c| c.to_string()).collect::<Vec<_>>().join(","),
         settings.kills,
         r.etcd_version,
         settings.duration.as_secs(),

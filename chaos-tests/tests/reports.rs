@@ -21,18 +21,14 @@ mod common;
 use std::time::{Duration, Instant};
 
 use sandfleet::proto;
-use sandfleet_common::auth::IdentityKind;
 use sandfleet_testkit::helpers::{create_running, exec_argv, small_session, stdout};
 use sandfleet_testkit::host::nonce;
 use sandfleet_testkit::{ClusterBuilder, Target};
-use tonic::Code;
 
-use common::{start, SHORT};
+use common::{raw_agent, start, AgentApi, SHORT};
 
 /// Every heartbeat with new reports is answered before they are committed.
 const NO_WAIT: [&str; 2] = ["--report-wait", "0s"];
-
-type AgentApi = proto::agent_service_client::AgentServiceClient<tonic::transport::Channel>;
 
 async fn heartbeat(
     api: &mut AgentApi,
@@ -88,29 +84,8 @@ async fn counter(cluster: &sandfleet_testkit::Cluster, t: Target, name: &str) ->
 async fn a_report_answered_before_its_commit_is_sent_again_and_applies_once() {
     require_facilities!();
     let cluster = start(ClusterBuilder::new().coordinators(1).agents(0).coordinator_args(NO_WAIT)).await;
-    let endpoint = cluster.coordinator_addrs()[0].clone();
     let node_id = format!("raw-{}", nonce());
-    let cert = cluster.pki().map(|pki| pki.issue(IdentityKind::Agent, &node_id, &[]).expect("an agent certificate"));
-    let channel = cluster.channel_as(&endpoint, IdentityKind::Coordinator, cert.as_ref()).expect("a channel");
-    let mut api = AgentApi::new(channel);
-    let register = proto::RegisterNodeRequest {
-        node_id: node_id.clone(),
-        address: "127.0.0.1:1".into(),
-        capacity: Some(proto::NodeCapacity { cpu_millis: 4000, memory_bytes: 4 << 30, session_slots: 8 }),
-        runtimes: vec!["process".into()],
-        ..Default::default()
-    };
-    // The cluster may still be initialising its signing key; that answer is UNAVAILABLE.
-    let until = Instant::now() + SHORT;
-    loop {
-        match api.register_node(register.clone()).await {
-            Ok(_) => break,
-            Err(s) if s.code() == Code::Unavailable && Instant::now() < until => {
-                tokio::time::sleep(Duration::from_millis(100)).await
-            }
-            Err(s) => panic!("registering: {s:?}"),
-        }
-    }
+    let mut api = raw_agent(&cluster, 0, &node_id).await;
     let client = cluster.client().await;
 
     // A new agent. With no wait, an answer comes before the commit unless the

@@ -79,7 +79,7 @@ async fn agent_calls_are_bound_to_the_node_id_in_the_certificate() {
         .unwrap_err();
     assert_eq!(st.code(), Code::PermissionDenied, "{st:?}");
     let st = AgentServiceClient::new(channel)
-        .watch_assignments(proto::WatchAssignmentsRequest { node_id: victim.clone() })
+        .watch_assignments(proto::WatchAssignmentsRequest { node_id: victim.clone(), deltas: true })
         .await
         .unwrap_err();
     assert_eq!(st.code(), Code::PermissionDenied, "{st:?}");

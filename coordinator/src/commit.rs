@@ -87,7 +87,9 @@ impl Committer {
     }
 }
 
-/// The size of a command as the log encodes it, counted without allocating.
+/// The size of a command in JSON, counted without allocating: the larger of
+/// the two encodings an entry may travel in (a member that does not read the
+/// binary codec yet is sent JSON), so the byte bounds hold for both.
 fn encoded_len(cmd: &Command) -> usize {
     struct Count(usize);
     impl std::io::Write for Count {

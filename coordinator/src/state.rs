@@ -820,10 +820,13 @@ pub struct ClusterState {
     /// come from different coordinators.
     #[serde(skip)]
     pub applied_index: u64,
-    /// Bumped whenever a node's assignment set may have changed, so each
-    /// agent's watch recomputes only its own node's set when it changed.
+    /// (node, session) for every session that may have joined, changed in or
+    /// left a node's assignment set since the last
+    /// [`ClusterState::take_assignment_changes`]: the store hands them to
+    /// that node's watchers after each apply, so a watch wakes only for its
+    /// own node and recomputes only the sessions named.
     #[serde(skip)]
-    pub node_versions: HashMap<String, u64>,
+    assignment_changes: Vec<(String, String)>,
 }
 
 /// The keys an apply touched, so the store can write them through.
@@ -877,6 +880,8 @@ impl ClusterState {
         for id in ids {
             self.reindex(&id);
         }
+        // Whoever rebuilds (a load, a snapshot install) resyncs watchers whole.
+        self.assignment_changes.clear();
         let live: Vec<(String, String, Resources)> = self
             .sessions
             .values()
@@ -922,7 +927,7 @@ impl ClusterState {
         }
         let Some(s) = self.sessions.get(id) else { return };
         if let Some(node) = &s.node_id {
-            *self.node_versions.entry(node.clone()).or_default() += 1;
+            self.assignment_changes.push((node.clone(), s.id.clone()));
         }
         if !s.pool.is_empty() {
             let key = pool_key(&s.tenant, &s.pool);
@@ -960,9 +965,10 @@ impl ClusterState {
         self.expiry_of.insert(s.id.clone(), (s.created_at_ms, s.expires_at_ms));
     }
 
-    /// The version of a node's assignment set (see `node_versions`).
-    pub fn node_version(&self, node: &str) -> u64 {
-        self.node_versions.get(node).copied().unwrap_or_default()
+    /// The (node, session) pairs whose assignment may have changed since the
+    /// last call, in apply order and possibly repeated; the list starts empty.
+    pub fn take_assignment_changes(&mut self) -> Vec<(String, String)> {
+        std::mem::take(&mut self.assignment_changes)
     }
 
     /// Live sessions whose expiry is at or before `now_ms`.
@@ -987,7 +993,7 @@ impl ClusterState {
 
     fn release(&mut self, s: &SessionRecord) {
         if let Some(node) = &s.node_id {
-            *self.node_versions.entry(node.clone()).or_default() += 1;
+            self.assignment_changes.push((node.clone(), s.id.clone()));
         }
         if let (Some(node), true) = (&s.node_id, s.phase.holds_resources()) {
             if let Some(a) = self.allocated.get_mut(node) {
@@ -1912,27 +1918,8 @@ pub(crate) mod fixtures {
         }
     }
 
-    /// The record of `key`, created at 1 ms.
-    pub(crate) fn key_record(key: &ApiKey, tenant: &str, role: Role, expires_at_ms: i64) -> ApiKeyRecord {
-        ApiKeyRecord {
-            id: key.id.clone(),
-            tenant: tenant.into(),
-            role,
-            secret_hash: key.secret_hash(),
-            created_at_ms: 1,
-            expires_at_ms,
-            revoked_at_ms: 0,
-        }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::fixtures::{key_record, spec};
-    use super::*;
-    use sandfleet_common::spec::ReplicaPatch;
-
-    fn session(id: &str, rid: &str, node: Option<&str>, cpu: u32) -> SessionRecord {
+    /// Session `id` (request id `rid`) of `cpu` millicores, placed on `node` at generation 1 or unplaced.
+    pub(crate) fn session(id: &str, rid: &str, node: Option<&str>, cpu: u32) -> SessionRecord {
         SessionRecord {
             id: id.into(),
             spec: spec(cpu),
@@ -1956,7 +1943,8 @@ mod tests {
         }
     }
 
-    fn node(id: &str, cpu: u64) -> NodeRecord {
+    /// A ready node with `cpu` millicores, a GiB and ten slots.
+    pub(crate) fn node(id: &str, cpu: u64) -> NodeRecord {
         NodeRecord {
             images: Default::default(),
             id: id.into(),
@@ -1971,6 +1959,26 @@ mod tests {
             agent_hold: None,
         }
     }
+
+    /// The record of `key`, created at 1 ms.
+    pub(crate) fn key_record(key: &ApiKey, tenant: &str, role: Role, expires_at_ms: i64) -> ApiKeyRecord {
+        ApiKeyRecord {
+            id: key.id.clone(),
+            tenant: tenant.into(),
+            role,
+            secret_hash: key.secret_hash(),
+            created_at_ms: 1,
+            expires_at_ms,
+            revoked_at_ms: 0,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::fixtures::{key_record, node, session, spec};
+    use super::*;
+    use sandfleet_common::spec::ReplicaPatch;
 
     /// A one-placement batch, as the leader proposes it.
     fn place(id: &str, node: &str, expected_generation: u64, now_ms: i64) -> Command {
@@ -2393,12 +2401,16 @@ mod tests {
         st.apply(Command::RegisterNode { node: node("n1", 1000) }, &mut t);
         st.apply(Command::RegisterNode { node: node("n2", 1000) }, &mut t);
         st.apply(Command::CreateSession { session: session("a", "r1", Some("n1"), 100), key_id: None }, &mut t);
-        let v0 = st.node_version("n1");
+        st.take_assignment_changes();
         let drain = DrainRecord { started_at_ms: 5, deadline_ms: 100, max_parallel: 1 };
         assert_eq!(st.apply(Command::drain("n1".into(), drain), &mut t), CommandResponse::Ok);
         assert!(!st.node_fits("n1", &spec(1)), "a draining node takes no new sessions");
         st.apply(Command::MoveSessions { node_id: "n1".into(), ids: vec!["a".into()], now_ms: 6 }, &mut t);
-        assert!(st.node_version("n1") > v0, "the old node's watch must see the session go");
+        let changes = st.take_assignment_changes();
+        assert!(
+            changes.contains(&("n1".into(), "a".into())),
+            "the old node's watch must see the session go: {changes:?}"
+        );
         assert_eq!(st.moving["n1"].len(), 1);
         assert!(st.node_sessions["n1"].is_empty());
         st.apply(

@@ -931,20 +931,24 @@ async fn watch_loop(
             let mut client = crate::coordinator_link::client(
                 channel(addr, tls.as_ref()).map_err(|e| tonic::Status::unavailable(e.to_string()))?,
             );
-            let mut stream =
-                client.watch_assignments(pb::WatchAssignmentsRequest { node_id: node_id.clone() }).await?.into_inner();
+            let request = pb::WatchAssignmentsRequest { node_id: node_id.clone(), deltas: true };
+            let mut stream = client.watch_assignments(request).await?.into_inner();
+            // The set this stream has pushed: its first push, then the deltas.
+            let mut pushed = plan::PushedSet::default();
             loop {
                 tokio::select! {
                     _ = shutdown.cancelled() => return Ok::<(), tonic::Status>(()),
                     msg = stream.message() => match msg? {
                         Some(m) => {
+                            let version = m.assignments_version;
+                            let set = pushed.follow(m).map_err(|e| tonic::Status::internal(e.to_string()))?;
                             // A push read right after a freeze (SIGSTOP, a stalled VM) may
                             // have waited in the socket: the fence check comes first, as it
                             // does before a heartbeat. While fenced, only a heartbeat
                             // (answered with a quorum) may restart sessions.
                             state.fence_if_cut_off().await;
                             if !state.is_fenced() {
-                                state.reconcile(m.assignments, m.assignments_version, true).await;
+                                state.reconcile(set, version, true).await;
                             }
                         }
                         None => return Err(tonic::Status::unavailable("assignment stream ended")),

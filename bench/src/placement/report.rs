@@ -137,7 +137,7 @@ pub fn render(r: &Report, settings: &Settings, section: &str, machine: &[(String
          processes on loopback on this machine at the default agent timings (heartbeat {} ms, node TTL {} ms), and {} \
          simulated node agents in the benchmark process that speak the real `AgentService` protocol as `sandfleet-agent` \
          does (RegisterNode, a heartbeat every interval, phases spread over the interval, and at once when they have \
-         reports, a WatchAssignments stream, a \
+         reports, a WatchAssignments stream of deltas, a \
          RUNNING report per new assignment; {} HTTP/2 connections per coordinator; no sandboxes; {} session slots per \
          node). {how} Placed: an \
          agent has seen the session assigned (watch stream or heartbeat answer). RUNNING: a heartbeat carrying its \

@@ -11,6 +11,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
+use sandfleet_agent::control::plan::PushedSet;
 use sandfleet_agent::coordinator_link::{self, backoff, CALL_TIMEOUT};
 use sandfleet_proto::v1::{self as pb, agent_service_client::AgentServiceClient};
 use tokio::sync::Notify;
@@ -385,15 +386,17 @@ async fn watch_loop(pool: Arc<Pool>, i: usize, stop: CancellationToken) {
         let mut client = pool.client(i, coordinator);
         let opened = tokio::select! {
             _ = stop.cancelled() => return,
-            r = client.watch_assignments(pb::WatchAssignmentsRequest { node_id: agent.node_id.clone() }) => r,
+            r = client.watch_assignments(pb::WatchAssignmentsRequest { node_id: agent.node_id.clone(), deltas: true }) => r,
         };
         if let Ok(resp) = opened {
             let mut stream = resp.into_inner();
+            // As the real agent follows it: the full set, then deltas.
+            let mut pushed = PushedSet::default();
             loop {
                 tokio::select! {
                     _ = stop.cancelled() => return,
-                    msg = stream.message() => match msg {
-                        Ok(Some(m)) => agent.reconcile(&pool.tracker, m.assignments, true),
+                    msg = stream.message() => match msg.map(|m| m.map(|m| pushed.follow(m))) {
+                        Ok(Some(Ok(set))) => agent.reconcile(&pool.tracker, set, true),
                         _ => break,
                     },
                 }

@@ -389,7 +389,7 @@ pub fn render(report: &Report, settings: &Settings, section: &str, machine: &[(S
         "Produced by `{}`: three `sandfleet-coordinator` processes on loopback on this machine (plaintext) at the \
          default agent timings (heartbeat {} ms, node TTL {} ms), a metrics listener each, and {} simulated node \
          agents in the benchmark process that speak the real `AgentService` protocol as `sandfleet-agent` does \
-         (RegisterNode, a heartbeat every interval with phases spread over it, a WatchAssignments stream, a RUNNING \
+         (RegisterNode, a heartbeat every interval with phases spread over it, a WatchAssignments stream of deltas, a RUNNING \
          report per new assignment; {} HTTP/2 connections per coordinator; {}; no sandboxes; {} session slots per \
          node), holding {} RUNNING sessions (10 mCPU, 16 MiB, label `team=t<i mod 100>`) created by {} concurrent \
          clients with their own request ids.{}\n",

@@ -102,6 +102,40 @@ pub async fn start(builder: ClusterBuilder) -> Cluster {
     }
 }
 
+/// The agent API as a raw agent uses it.
+pub type AgentApi = proto::agent_service_client::AgentServiceClient<tonic::transport::Channel>;
+
+/// Registers node `node_id` (8 slots, no agent behind it) on coordinator
+/// `coordinator` with an agent's credentials, and returns that agent's API.
+pub async fn raw_agent(cluster: &Cluster, coordinator: usize, node_id: &str) -> AgentApi {
+    let endpoint = cluster.coordinator_addrs()[coordinator].clone();
+    let cert = cluster
+        .pki()
+        .map(|pki| pki.issue(sandfleet_common::auth::IdentityKind::Agent, node_id, &[]).expect("an agent certificate"));
+    let channel = cluster
+        .channel_as(&endpoint, sandfleet_common::auth::IdentityKind::Coordinator, cert.as_ref())
+        .expect("a channel");
+    let mut api = AgentApi::new(channel);
+    let register = proto::RegisterNodeRequest {
+        node_id: node_id.into(),
+        address: "127.0.0.1:1".into(),
+        capacity: Some(proto::NodeCapacity { cpu_millis: 4000, memory_bytes: 4 << 30, session_slots: 8 }),
+        runtimes: vec!["process".into()],
+        ..Default::default()
+    };
+    // The cluster may still be initialising its signing key; that answer is UNAVAILABLE.
+    let until = Instant::now() + SHORT;
+    loop {
+        match api.register_node(register.clone()).await {
+            Ok(_) => return api,
+            Err(s) if s.code() == tonic::Code::Unavailable && Instant::now() < until => {
+                tokio::time::sleep(Duration::from_millis(100)).await
+            }
+            Err(s) => panic!("registering {node_id}: {s:?}"),
+        }
+    }
+}
+
 /// One coordinator and one agent.
 pub async fn one_node() -> Cluster {
     start(ClusterBuilder::new().coordinators(1).agents(1)).await

@@ -21,7 +21,8 @@
 // helpers here return it too rather than boxing and unboxing at every call.
 #![allow(clippy::result_large_err)]
 
-use parking_lot::RwLock;
+use parking_lot::{Mutex, RwLock};
+use std::collections::HashMap;
 use std::fmt::Debug;
 use std::io::Cursor;
 use std::ops::{Bound, RangeBounds};
@@ -320,13 +321,72 @@ pub struct StateHandle {
     pub session_events: broadcast::Sender<SessionRecord>,
     /// Bumped after every applied batch; watchers re-read the state.
     pub version: watch::Sender<u64>,
+    /// The channel of every node with an assignment watcher (see [`StateHandle::watch_node`]).
+    node_watchers: Arc<Mutex<HashMap<String, broadcast::Sender<NodeChange>>>>,
 }
+
+/// What a node's assignment watchers hear after an apply.
+#[derive(Debug, Clone, PartialEq)]
+pub enum NodeChange {
+    /// The entries applied up to Raft index `index` may have added, changed or
+    /// removed these sessions (sorted, each once) in the node's set.
+    Sessions { index: u64, ids: Vec<String> },
+    /// The whole state was replaced (a snapshot install): recompute the set.
+    Resync,
+}
+
+/// Changes a node's watchers may fall behind by before they must recompute
+/// the node's whole set (a `Lagged` receive).
+const NODE_CHANGES_QUEUED: usize = 64;
 
 impl StateHandle {
     /// Runs `f` with the current state.
     pub fn read<R>(&self, f: impl FnOnce(&ClusterState) -> R) -> R {
         let g = self.state.read();
         f(&g)
+    }
+
+    /// Subscribes to the changes of `node`'s assignment set, from now on.
+    ///
+    /// An apply queues its changes before it releases the state's write lock,
+    /// so inside [`StateHandle::read`] what is queued is exactly what the
+    /// state read there already includes: a watcher drains the queue under
+    /// the read lock and pushes the state of those sessions, labelled with
+    /// the state's `applied_index`.
+    pub fn watch_node(&self, node: &str) -> broadcast::Receiver<NodeChange> {
+        let mut watchers = self.node_watchers.lock();
+        watchers.entry(node.to_string()).or_insert_with(|| broadcast::channel(NODE_CHANGES_QUEUED).0).subscribe()
+    }
+
+    /// Queues each watched node's share of `changes` (called under the write lock).
+    fn notify_nodes(&self, index: u64, changes: Vec<(String, String)>) {
+        if changes.is_empty() {
+            return;
+        }
+        let mut watchers = self.node_watchers.lock();
+        if watchers.is_empty() {
+            return;
+        }
+        let mut by_node: HashMap<String, Vec<String>> = HashMap::new();
+        for (node, id) in changes {
+            if watchers.contains_key(&node) {
+                by_node.entry(node).or_default().push(id);
+            }
+        }
+        for (node, mut ids) in by_node {
+            ids.sort_unstable();
+            ids.dedup();
+            let gone = watchers.get(&node).is_some_and(|tx| tx.send(NodeChange::Sessions { index, ids }).is_err());
+            if gone {
+                // No receiver left: the node's watchers all ended.
+                watchers.remove(&node);
+            }
+        }
+    }
+
+    /// Tells every watcher to recompute its node's whole set (called under the write lock).
+    fn resync_nodes(&self) {
+        self.node_watchers.lock().retain(|_, tx| tx.send(NodeChange::Resync).is_ok());
     }
 }
 
@@ -375,7 +435,12 @@ impl StateMachineStore {
         let (version, _) = watch::channel(0);
         Ok(Self {
             db,
-            handle: StateHandle { state: Arc::new(RwLock::new(state)), session_events, version },
+            handle: StateHandle {
+                state: Arc::new(RwLock::new(state)),
+                session_events,
+                version,
+                node_watchers: Arc::default(),
+            },
             last_applied,
             membership,
             stats: Arc::default(),
@@ -596,6 +661,8 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
         }
         state.applied_index = self.last_applied.map_or(0, |l| l.index);
         self.write_through(&state, &touched)?;
+        let changes = state.take_assignment_changes();
+        self.handle.notify_nodes(state.applied_index, changes);
         let changed: Vec<SessionRecord> =
             touched.sessions.iter().filter_map(|id| state.sessions.get(id).cloned()).collect();
         drop(state);
@@ -639,7 +706,11 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
         self.stats.snapshot_bytes.store(data.len() as u64, std::sync::atomic::Ordering::Relaxed);
         self.save_snapshot(&StoredSnapshot { meta: meta.clone(), data })?;
         let sessions: Vec<SessionRecord> = new_state.sessions.values().cloned().collect();
-        *self.handle.state.write() = new_state;
+        {
+            let mut state = self.handle.state.write();
+            *state = new_state;
+            self.handle.resync_nodes();
+        }
         for s in sessions {
             let _ = self.handle.session_events.send(s);
         }

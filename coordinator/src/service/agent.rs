@@ -1,16 +1,19 @@
 //! AgentService: node agents register, heartbeat with session reports, and
 //! watch their assignment set.
 
+use std::collections::{BTreeMap, BTreeSet};
 use std::pin::Pin;
 use std::sync::Arc;
 
 use futures::Stream;
 use sandfleet_common::ids;
 use sandfleet_proto::v1::{self as pb, agent_service_server::AgentService};
+use tokio::sync::broadcast::error::{RecvError, TryRecvError};
 use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status};
 
 use crate::core::{Core, Tunables};
+use crate::raft::store::NodeChange;
 use crate::service::node::{drain_record, node_to_proto};
 use crate::service::{require_agent, response_status};
 use crate::state::{
@@ -110,28 +113,107 @@ fn agent_hold_command(node_id: String, hold: Option<NodeHold>, now_ms: i64) -> C
     }
 }
 
-/// The full assignment set of a node.
+/// The full assignment set of a node, by session id.
 pub fn assignments(st: &ClusterState, tunables: &Tunables, node_id: &str) -> Vec<pb::Assignment> {
     let Some(ids) = st.node_sessions.get(node_id) else { return Vec::new() };
-    ids.iter()
-        .filter_map(|id| st.sessions.get(id))
-        .filter(|s| s.phase.holds_resources() && s.node_id.as_deref() == Some(node_id))
-        .map(|s| pb::Assignment {
-            session_id: s.id.clone(),
-            generation: s.generation,
-            // The sandbox as the agent builds it: the built-in template it starts from, and its image.
-            spec: Some(s.spec.sandbox_proto()),
-            expires_at_ms: s.expires_at_ms,
-            fence_after_ms: if s.spec.lost_after_ms == 0 {
-                0
-            } else {
-                tunables.fence_for(std::time::Duration::from_millis(s.spec.lost_after_ms)).as_millis() as u64
-            },
-            handoff: s.moved_from.is_some(),
-            tenant: s.tenant.clone(),
-            traceparent: s.traceparent.clone(),
+    ids.iter().filter_map(|id| assignment(st, tunables, node_id, id)).collect()
+}
+
+/// Session `id` as `node_id` must run it, if it is in that node's set.
+fn assignment(st: &ClusterState, tunables: &Tunables, node_id: &str, id: &str) -> Option<pb::Assignment> {
+    let s = st.sessions.get(id)?;
+    if !s.phase.holds_resources() || s.node_id.as_deref() != Some(node_id) {
+        return None;
+    }
+    Some(pb::Assignment {
+        session_id: s.id.clone(),
+        generation: s.generation,
+        // The sandbox as the agent builds it: the built-in template it starts from, and its image.
+        spec: Some(s.spec.sandbox_proto()),
+        expires_at_ms: s.expires_at_ms,
+        fence_after_ms: if s.spec.lost_after_ms == 0 {
+            0
+        } else {
+            tunables.fence_for(std::time::Duration::from_millis(s.spec.lost_after_ms)).as_millis() as u64
+        },
+        handoff: s.moved_from.is_some(),
+        tenant: s.tenant.clone(),
+        traceparent: s.traceparent.clone(),
+    })
+}
+
+/// What one WatchAssignments stream has pushed, and so what its next push is.
+struct Pushes {
+    node_id: String,
+    /// Push deltas after the first (full) push.
+    deltas: bool,
+    /// The set as the watcher has it; None before the first push.
+    sent: Option<BTreeMap<String, pb::Assignment>>,
+}
+
+impl Pushes {
+    /// The push that brings the watcher from what it was sent to the node's
+    /// set in `st`, looking at the sessions `changed` names (None: at the
+    /// whole set). None when nothing the watcher has changed; the first push
+    /// always goes, even empty.
+    fn next(
+        &mut self,
+        st: &ClusterState,
+        tunables: &Tunables,
+        changed: Option<&BTreeSet<String>>,
+    ) -> Option<pb::HeartbeatResponse> {
+        let first = self.sent.is_none();
+        let sent = self.sent.get_or_insert_with(BTreeMap::new);
+        // Each session looked at, with its assignment now (None: not in the set).
+        let now: Vec<(String, Option<pb::Assignment>)> = match changed {
+            Some(ids) => ids.iter().map(|id| (id.clone(), assignment(st, tunables, &self.node_id, id))).collect(),
+            None => {
+                let whole = assignments(st, tunables, &self.node_id);
+                let gone: Vec<(String, Option<pb::Assignment>)> = sent
+                    .keys()
+                    // `assignments` is sorted by id.
+                    .filter(|id| whole.binary_search_by(|a| a.session_id.as_str().cmp(id.as_str())).is_err())
+                    .map(|id| (id.clone(), None))
+                    .collect();
+                gone.into_iter().chain(whole.into_iter().map(|a| (a.session_id.clone(), Some(a)))).collect()
+            }
+        };
+        let (mut upserts, mut removed) = (Vec::new(), Vec::new());
+        for (id, now) in now {
+            match now {
+                Some(a) if sent.get(&id) != Some(&a) => {
+                    sent.insert(id, a.clone());
+                    upserts.push(a);
+                }
+                Some(_) => {}
+                None => {
+                    if sent.remove(&id).is_some() {
+                        removed.push(id);
+                    }
+                }
+            }
+        }
+        if !first && upserts.is_empty() && removed.is_empty() {
+            return None;
+        }
+        removed.sort_unstable();
+        let version = st.applied_index;
+        Some(if first || !self.deltas {
+            pb::HeartbeatResponse {
+                assignments: sent.values().cloned().collect(),
+                assignments_version: version,
+                ..Default::default()
+            }
+        } else {
+            pb::HeartbeatResponse {
+                assignments: upserts,
+                assignments_version: version,
+                reports_committed: false,
+                delta: true,
+                removed_session_ids: removed,
+            }
         })
-        .collect()
+    }
 }
 
 #[tonic::async_trait]
@@ -314,7 +396,12 @@ impl AgentService for AgentApi {
         }
         let (assignments, version) =
             self.core.state.read(|st| (assignments(st, &self.core.tunables, &req.node_id), st.applied_index));
-        Ok(Response::new(pb::HeartbeatResponse { assignments, assignments_version: version, reports_committed }))
+        Ok(Response::new(pb::HeartbeatResponse {
+            assignments,
+            assignments_version: version,
+            reports_committed,
+            ..Default::default()
+        }))
     }
 
     #[tracing::instrument(level = "debug", skip_all, fields(node = %req.get_ref().node_id))]
@@ -374,47 +461,190 @@ impl AgentService for AgentApi {
         req: Request<pb::WatchAssignmentsRequest>,
     ) -> Result<Response<Self::WatchAssignmentsStream>, Status> {
         require_agent(&self.core, &req, &req.get_ref().node_id)?;
-        let node_id = req.into_inner().node_id;
+        let pb::WatchAssignmentsRequest { node_id, deltas } = req.into_inner();
         ids::validate_node_id(&node_id)?;
         let core = self.core.clone();
         let shutdown = self.shutdown.clone();
-        let mut version = core.state.version.subscribe();
+        // Before the first read: every change after it is queued here.
+        let mut changes = core.state.watch_node(&node_id);
         let (tx, rx) = tokio::sync::mpsc::channel(4);
         tokio::spawn(async move {
-            let mut last: Option<Vec<pb::Assignment>> = None;
-            let mut seen_node_version = None;
+            let mut pushes = Pushes { node_id, deltas, sent: None };
+            // What woke this round (None: the first push, of the whole set).
+            let mut woke: Option<NodeChange> = None;
+            let mut first = true;
             loop {
-                // Most changes concern other nodes: recompute only when this node's set may have changed.
-                let node_version = core.state.read(|st| st.node_version(&node_id));
-                let _ = version.borrow_and_update();
-                if seen_node_version == Some(node_version) {
-                    tokio::select! {
-                        _ = shutdown.cancelled() => return,
-                        _ = tx.closed() => return,
-                        changed = version.changed() => if changed.is_err() { return },
-                    }
-                    continue;
-                }
-                seen_node_version = Some(node_version);
-                let (current, v) = core.state.read(|st| (assignments(st, &core.tunables, &node_id), st.applied_index));
-                if last.as_ref() != Some(&current) {
-                    let msg = pb::HeartbeatResponse {
-                        assignments: current.clone(),
-                        assignments_version: v,
-                        reports_committed: false,
+                let push = core.state.read(|st| {
+                    // Under the read lock no apply runs, and what is queued is
+                    // exactly what this state includes (see `watch_node`).
+                    let mut whole = first;
+                    let mut ids = BTreeSet::new();
+                    let mut take = |change: NodeChange| match change {
+                        NodeChange::Sessions { ids: some, .. } => ids.extend(some),
+                        NodeChange::Resync => whole = true,
                     };
+                    if let Some(change) = woke.take() {
+                        take(change);
+                    }
+                    loop {
+                        match changes.try_recv() {
+                            Ok(change) => take(change),
+                            Err(TryRecvError::Lagged(_)) => take(NodeChange::Resync),
+                            Err(TryRecvError::Empty | TryRecvError::Closed) => break,
+                        }
+                    }
+                    if whole {
+                        pushes.next(st, &core.tunables, None)
+                    } else if ids.is_empty() {
+                        None
+                    } else {
+                        pushes.next(st, &core.tunables, Some(&ids))
+                    }
+                });
+                first = false;
+                if let Some(msg) = push {
                     if tx.send(Ok(msg)).await.is_err() {
                         return;
                     }
-                    last = Some(current);
                 }
                 tokio::select! {
                     _ = shutdown.cancelled() => return,
                     _ = tx.closed() => return,
-                    changed = version.changed() => if changed.is_err() { return },
+                    change = changes.recv() => match change {
+                        Ok(change) => woke = Some(change),
+                        // Fell behind: the next round recomputes the whole set.
+                        Err(RecvError::Lagged(_)) => woke = Some(NodeChange::Resync),
+                        Err(RecvError::Closed) => return,
+                    },
                 }
             }
         });
         Ok(Response::new(Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx))))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::scheduler::{PlacementOptions, Strategy};
+    use crate::state::fixtures::{node, session};
+    use crate::state::Touched;
+    use std::time::Duration;
+
+    fn tunables() -> Tunables {
+        Tunables {
+            agent_heartbeat: Duration::from_secs(1),
+            node_ttl: Duration::from_secs(5),
+            lost_after: Duration::from_secs(5),
+            placement: PlacementOptions { strategy: Strategy::Spread, candidates: 0 },
+            placement_batch: 1024,
+            group_commit: crate::commit::MAX_COMMANDS,
+            report_wait: crate::core::DEFAULT_REPORT_WAIT,
+        }
+    }
+
+    /// Applies `cmd` as the store does, and returns the sessions it names for `node_id`'s watchers.
+    fn apply(st: &mut ClusterState, cmd: Command, node_id: &str) -> BTreeSet<String> {
+        st.apply(cmd, &mut Touched::default());
+        st.applied_index += 1;
+        st.take_assignment_changes().into_iter().filter(|(n, _)| n == node_id).map(|(_, id)| id).collect()
+    }
+
+    /// What a delta-following watcher holds after `push`.
+    fn follow(held: &mut BTreeMap<String, pb::Assignment>, push: pb::HeartbeatResponse) {
+        if !push.delta {
+            held.clear();
+        }
+        for id in &push.removed_session_ids {
+            assert!(held.remove(id).is_some(), "{id} removed but never pushed");
+        }
+        held.extend(push.assignments.into_iter().map(|a| (a.session_id.clone(), a)));
+    }
+
+    fn ids(assignments: &[pb::Assignment]) -> Vec<&str> {
+        assignments.iter().map(|a| a.session_id.as_str()).collect()
+    }
+
+    /// A watcher that follows the deltas holds exactly the node's full set
+    /// after every change; unchanged sessions and other nodes' changes push nothing.
+    #[test]
+    fn deltas_rebuild_the_full_set_and_name_only_what_changed() {
+        let t = tunables();
+        let mut st = ClusterState::default();
+        for n in ["n1", "n2"] {
+            apply(&mut st, Command::RegisterNode { node: node(n, 1000) }, "n1");
+        }
+        for id in ["a", "b"] {
+            let create =
+                Command::CreateSession { session: session(id, &format!("r-{id}"), Some("n1"), 100), key_id: None };
+            apply(&mut st, create, "n1");
+        }
+        let mut deltas = Pushes { node_id: "n1".into(), deltas: true, sent: None };
+        let mut full = Pushes { node_id: "n1".into(), deltas: false, sent: None };
+        let mut held = BTreeMap::new();
+
+        let first = deltas.next(&st, &t, None).expect("the first push always goes");
+        assert!(!first.delta, "the first push is the full set");
+        assert_eq!(ids(&first.assignments), ["a", "b"]);
+        assert_eq!(first.assignments_version, st.applied_index);
+        follow(&mut held, first);
+        assert_eq!(full.next(&st, &t, None).map(|p| p.assignments.len()), Some(2));
+        assert_eq!(deltas.next(&st, &t, None), None, "nothing changed: no push");
+
+        // Another node's session is not in this node's changes, and pushes nothing.
+        let other = Command::CreateSession { session: session("c", "r-c", Some("n2"), 100), key_id: None };
+        assert!(apply(&mut st, other, "n1").is_empty());
+
+        // A renewal changes one assignment: the delta carries that one alone.
+        let renew = Command::RenewSession { id: "a".into(), expires_at_ms: 5_000, now_ms: 2, tenant: None };
+        let changed = apply(&mut st, renew, "n1");
+        assert_eq!(changed, BTreeSet::from(["a".to_string()]));
+        let push = deltas.next(&st, &t, Some(&changed)).expect("a changed");
+        assert!(push.delta);
+        assert_eq!(ids(&push.assignments), ["a"]);
+        assert_eq!(push.assignments[0].expires_at_ms, 5_000);
+        assert!(push.removed_session_ids.is_empty());
+        follow(&mut held, push);
+        assert_eq!(held.values().cloned().collect::<Vec<_>>(), assignments(&st, &t, "n1"));
+        assert_eq!(
+            full.next(&st, &t, Some(&changed)).map(|p| ids(&p.assignments).len()),
+            Some(2),
+            "full pushes stay full"
+        );
+
+        // A change that leaves the assignment as it was (a report) pushes nothing.
+        let report = crate::state::Report {
+            id: "a".into(),
+            generation: 1,
+            phase: crate::state::SessionPhase::Running,
+            message: String::new(),
+        };
+        let changed =
+            apply(&mut st, Command::ReportSessions { node_id: "n1".into(), reports: vec![report], now_ms: 3 }, "n1");
+        assert_eq!(changed, BTreeSet::from(["a".to_string()]));
+        assert_eq!(deltas.next(&st, &t, Some(&changed)), None);
+
+        // A terminated session leaves the set.
+        let end = Command::TerminateSessions { ids: vec!["b".into()], message: "done".into(), now_ms: 4, tenant: None };
+        let changed = apply(&mut st, end, "n1");
+        let push = deltas.next(&st, &t, Some(&changed)).expect("b left");
+        assert!(push.delta && push.assignments.is_empty());
+        assert_eq!(push.removed_session_ids, ["b"]);
+        assert_eq!(push.assignments_version, st.applied_index);
+        follow(&mut held, push);
+        assert_eq!(held.values().cloned().collect::<Vec<_>>(), assignments(&st, &t, "n1"));
+        assert_eq!(ids(&full.next(&st, &t, Some(&changed)).expect("b left").assignments), ["a"]);
+
+        // A resync (the whole set) after changes the watcher missed: still a delta, and exact.
+        let late = Command::CreateSession { session: session("d", "r-d", Some("n1"), 100), key_id: None };
+        apply(&mut st, late, "n1");
+        let end = Command::TerminateSessions { ids: vec!["a".into()], message: "done".into(), now_ms: 5, tenant: None };
+        apply(&mut st, end, "n1");
+        let push = deltas.next(&st, &t, None).expect("a left, d came");
+        assert!(push.delta);
+        assert_eq!(ids(&push.assignments), ["d"]);
+        assert_eq!(push.removed_session_ids, ["a"]);
+        follow(&mut held, push);
+        assert_eq!(held.values().cloned().collect::<Vec<_>>(), assignments(&st, &t, "n1"));
     }
 }

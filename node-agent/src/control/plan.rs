@@ -76,6 +76,37 @@ pub fn plan_reconcile(
     Some(actions)
 }
 
+/// The assignment set a WatchAssignments stream has pushed so far: the first
+/// push is the full set, and with `deltas` requested the later ones change it.
+#[derive(Debug, Default)]
+pub struct PushedSet {
+    /// None before the stream's first push.
+    set: Option<BTreeMap<String, pb::Assignment>>,
+}
+
+/// A push that cannot follow the pushes before it (a broken stream).
+#[derive(Debug, thiserror::Error, PartialEq)]
+#[error("assignment stream: a delta came before the first full set")]
+pub struct DeltaBeforeFullSet;
+
+impl PushedSet {
+    /// Follows `push` and returns the node's full set as it now stands (by session id).
+    pub fn follow(&mut self, push: pb::HeartbeatResponse) -> Result<Vec<pb::Assignment>, DeltaBeforeFullSet> {
+        let set = match (&mut self.set, push.delta) {
+            (None, true) => return Err(DeltaBeforeFullSet),
+            (Some(set), true) => {
+                for id in &push.removed_session_ids {
+                    set.remove(id);
+                }
+                set
+            }
+            (slot, false) => slot.insert(BTreeMap::new()),
+        };
+        set.extend(push.assignments.into_iter().map(|a| (a.session_id.clone(), a)));
+        Ok(set.values().cloned().collect())
+    }
+}
+
 /// Why a cut-off agent stops a session by itself.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Cut {
@@ -175,6 +206,31 @@ mod tests {
             spec: Some(pb::SessionSpec { idle_timeout_seconds: 30, ..Default::default() }),
             ..Default::default()
         }
+    }
+
+    /// A full set replaces, a delta changes only what it names, and a delta
+    /// before any full set is refused.
+    #[test]
+    fn a_pushed_set_follows_full_sets_and_deltas() {
+        let push = |delta: bool, assignments: Vec<pb::Assignment>, removed: &[&str]| pb::HeartbeatResponse {
+            assignments,
+            assignments_version: 1,
+            reports_committed: false,
+            delta,
+            removed_session_ids: removed.iter().map(|s| s.to_string()).collect(),
+        };
+        let ids =
+            |set: &[pb::Assignment]| set.iter().map(|a| (a.session_id.clone(), a.expires_at_ms)).collect::<Vec<_>>();
+        let mut set = PushedSet::default();
+        assert_eq!(set.follow(push(true, vec![assignment("a", 1, 5)], &[])), Err(DeltaBeforeFullSet));
+        let full = set.follow(push(false, vec![assignment("b", 1, 5), assignment("a", 1, 5)], &[])).unwrap();
+        assert_eq!(ids(&full), [("a".into(), 5), ("b".into(), 5)]);
+        let changed = set.follow(push(true, vec![assignment("a", 1, 9), assignment("c", 2, 5)], &["b"])).unwrap();
+        assert_eq!(ids(&changed), [("a".into(), 9), ("c".into(), 5)]);
+        let unknown = set.follow(push(true, vec![], &["zz"])).unwrap();
+        assert_eq!(ids(&unknown), ids(&changed), "removing a session the set lacks changes nothing");
+        let replaced = set.follow(push(false, vec![assignment("d", 1, 5)], &[])).unwrap();
+        assert_eq!(ids(&replaced), [("d".into(), 5)], "a full set replaces everything");
     }
 
     fn local_session(generation: u64, expires_at_ms: i64, last_active_ms: i64) -> LocalSession {
